@@ -1,0 +1,177 @@
+"""Simulation partitions (which stays each simulated hospital holds) and the seeded,
+stratified train/validation/test split inside each hospital.
+
+Partitioners live in a registry, so a new scheme is a function and a decorator:
+
+>>> @register_partitioner("by_age")
+... def _by_age(ds, section, seed): ...
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ExperimentConfig, PartitionSection, SplitSection
+from .dataset import Dataset
+
+Partitioner = Callable[[Dataset, PartitionSection, int, ExperimentConfig], list[tuple[str, np.ndarray]]]
+PARTITIONERS: dict[str, Partitioner] = {}
+
+# PhysioNet 2012 ICUType codes.
+ICU_TYPE_NAMES = {"1": "coronary_care", "2": "cardiac_surgery", "3": "medical", "4": "surgical"}
+
+
+def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
+    def decorator(fn: Partitioner) -> Partitioner:
+        PARTITIONERS[name] = fn
+        return fn
+
+    return decorator
+
+
+@dataclass
+class HospitalSplit:
+    """One hospital's stays, as row indices into the full dataset."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @property
+    def all(self) -> np.ndarray:
+        return np.sort(np.concatenate([self.train, self.val, self.test]))
+
+
+def _rng(*parts: int | str) -> np.random.Generator:
+    words = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def _label_key(value: float) -> str:
+    return f"{value:g}"
+
+
+@register_partitioner("column")
+def partition_by_column(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
+    if section.column not in ds.groups:
+        raise ValueError(
+            f"partition.column '{section.column}' is not a categorical entry of features.static"
+        )
+    spec = next(s for s in cfg.features.static if s.name == section.column)
+    values = ds.groups[section.column]
+    out = []
+    for category in spec.categories:
+        key = _label_key(category)
+        name = section.names.get(key, f"{section.column}_{key}")
+        out.append((name, np.flatnonzero(values == category)))
+    return out
+
+
+@register_partitioner("icu_type")
+def partition_by_icu_type(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
+    names = {**ICU_TYPE_NAMES, **section.names}
+    as_column = PartitionSection(scheme="column", column="ICUType", names=names)
+    return partition_by_column(ds, as_column, seed, cfg)
+
+
+@register_partitioner("iid")
+def partition_iid(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
+    rng = _rng(seed, "iid")
+    buckets: list[list[int]] = [[] for _ in range(section.num_hospitals)]
+    offset = 0
+    for k in np.unique(ds.y):
+        members = rng.permutation(np.flatnonzero(ds.y == k))
+        for j, idx in enumerate(members):  # deal like cards: sizes differ by at most 1
+            buckets[(offset + j) % section.num_hospitals].append(int(idx))
+        offset += len(members)
+    return [(f"hospital_{i}", np.sort(np.array(b, dtype=np.int64))) for i, b in enumerate(buckets)]
+
+
+@register_partitioner("dirichlet")
+def partition_dirichlet(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
+    """Label skew (Hsu et al. 2019, arXiv:1909.06335): class k's stays are shared out
+    in proportions drawn from Dirichlet(alpha). Redrawn until every hospital holds at
+    least 10 stays (at most 1000 tries)."""
+    rng = _rng(seed, "dirichlet")
+    n = section.num_hospitals
+    min_size = min(10, len(ds) // max(n, 1))
+    for _ in range(1000):
+        buckets: list[list[int]] = [[] for _ in range(n)]
+        for k in np.unique(ds.y):
+            members = rng.permutation(np.flatnonzero(ds.y == k))
+            shares = rng.dirichlet(np.full(n, section.alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for i, part in enumerate(np.split(members, cuts)):
+                buckets[i].extend(int(x) for x in part)
+        if min(len(b) for b in buckets) >= min_size:
+            break
+    else:
+        raise ValueError("dirichlet partition: could not give every hospital 10 stays; raise partition.alpha")
+    return [(f"hospital_{i}", np.sort(np.array(b, dtype=np.int64))) for i, b in enumerate(buckets)]
+
+
+def stratified_split(indices: np.ndarray, y: np.ndarray, split: SplitSection, rng: np.random.Generator):
+    """Split ``indices`` into train/val/test with each class in the configured shares."""
+    train, val, test = [], [], []
+    for k in np.unique(y[indices]):
+        members = rng.permutation(indices[y[indices] == k])
+        n = len(members)
+        n_val = int(round(n * split.val))
+        n_test = int(round(n * split.test))
+        n_train = max(n - n_val - n_test, 0)
+        train.append(members[:n_train])
+        val.append(members[n_train : n_train + n_val])
+        test.append(members[n_train + n_val :])
+    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(train), cat(val), cat(test)
+
+
+def make_partition(ds: Dataset, cfg: ExperimentConfig) -> list[HospitalSplit]:
+    """The simulated hospitals with their seeded, stratified splits."""
+    scheme = cfg.partition.scheme
+    if scheme not in PARTITIONERS:
+        raise ValueError(f"unknown partition scheme {scheme!r}; known: {', '.join(sorted(PARTITIONERS))}")
+    parts = PARTITIONERS[scheme](ds, cfg.partition, cfg.run.seed, cfg)
+    return [split_hospital(name, idx, ds.y, cfg) for name, idx in parts]
+
+
+def split_hospital(name: str, indices: np.ndarray, y: np.ndarray, cfg: ExperimentConfig) -> HospitalSplit:
+    """A hospital's own split; the seed depends on the hospital's name only."""
+    rng = _rng(cfg.run.seed, cfg.split.seed, "split", name)
+    train, val, test = stratified_split(np.asarray(indices, dtype=np.int64), y, cfg.split, rng)
+    return HospitalSplit(name=name, train=train, val=val, test=test)
+
+
+def partition_table(ds: Dataset, hospitals: list[HospitalSplit], classes: list[str]) -> list[dict]:
+    """Rows (hospital, stays, per-class counts, split sizes) for printing and saving."""
+    rows = []
+    for h in hospitals:
+        idx = h.all
+        row = {"hospital": h.name, "stays": int(len(idx))}
+        for k, cname in enumerate(classes):
+            row[cname] = int((ds.y[idx] == k).sum())
+        row.update({"train": int(len(h.train)), "val": int(len(h.val)), "test": int(len(h.test))})
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no hospitals)"
+    cols = list(rows[0].keys())
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(width[c]) if i == 0 else c.rjust(width[c]) for i, c in enumerate(cols))]
+    for r in rows:
+        lines.append(
+            "  ".join(str(r[c]).ljust(width[c]) if i == 0 else str(r[c]).rjust(width[c]) for i, c in enumerate(cols))
+        )
+    total = {c: sum(r[c] for r in rows) if isinstance(rows[0][c], int) else "total" for c in cols}
+    lines.append(
+        "  ".join(str(total[c]).ljust(width[c]) if i == 0 else str(total[c]).rjust(width[c]) for i, c in enumerate(cols))
+    )
+    return "\n".join(lines)

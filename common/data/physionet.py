@@ -1,0 +1,154 @@
+"""Reader for the PhysioNet/CinC Challenge 2012 format.
+
+Silva et al., "Predicting In-Hospital Mortality of ICU Patients: The PhysioNet/Computing
+in Cardiology Challenge 2012", Computing in Cardiology 2012. Data: Open Data Commons
+Attribution 1.0.
+
+Each stay is a file ``<RecordID>.txt`` with lines ``Time,Parameter,Value``; ``Time`` is
+``HH:MM`` since ICU admission. The first lines at ``00:00`` are descriptors (RecordID,
+Age, Gender, Height, ICUType, Weight; ``-1`` = unknown). A descriptor name seen again
+later (Weight, typically) is an ordinary observation. Input can be the folder of files
+or the ``.tar.gz`` PhysioNet ships, unchanged.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .records import DataError, ReadSummary, Stay
+
+DESCRIPTORS = ("RecordID", "Age", "Gender", "Height", "ICUType", "Weight")
+HEADER = "Time,Parameter,Value"
+
+
+def iter_stay_files(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    """Yield ``(source_name, record_name, raw_bytes)`` for every ``*.txt`` stay file."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        if not files:
+            raise DataError(str(path), "folder holds no <RecordID>.txt stay files")
+        for p in files:
+            yield str(p), p.stem, p.read_bytes()
+        return
+    if not path.exists():
+        raise DataError(str(path), "no such file or folder")
+    if not tarfile.is_tarfile(path):
+        raise DataError(
+            str(path),
+            "unknown format: expected a folder of <RecordID>.txt files or a .tar.gz of them",
+        )
+    found = False
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".txt"):
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:  # pragma: no cover - special members
+                continue
+            found = True
+            yield f"{path}!{member.name}", Path(member.name).stem, handle.read()
+    if not found:
+        raise DataError(str(path), "archive holds no <RecordID>.txt stay files")
+
+
+def parse_time(text: str) -> float:
+    """``HH:MM`` -> hours (raises ValueError on anything else)."""
+    hours, sep, minutes = text.partition(":")
+    if not sep or not hours.isdigit() or not minutes.isdigit() or len(minutes) != 2:
+        raise ValueError("bad time")
+    m = int(minutes)
+    if m >= 60:
+        raise ValueError("bad time")
+    return int(hours) + m / 60.0
+
+
+def parse_stay(
+    source: str,
+    record_name: str,
+    raw: bytes,
+    var_index: dict[str, int],
+    summary: ReadSummary,
+) -> Stay:
+    """Parse one stay file. ``var_index`` maps configured variable names to indices."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(source, "is not UTF-8 text") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(source, "is empty: a stay file needs the header and descriptor lines")
+    if lines[0].strip() != HEADER:
+        raise DataError(source, f"first line must be the header '{HEADER}'", line=1)
+    static: dict[str, float] = {}
+    times: list[float] = []
+    variables: list[int] = []
+    values: list[float] = []
+    record_id: str | None = None
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise DataError(source, f"expected 3 fields (Time,Parameter,Value), found {len(parts)}", line=lineno)
+        t_text, name, v_text = (p.strip() for p in parts)
+        try:
+            t = parse_time(t_text)
+        except ValueError:
+            raise DataError(source, "time is not HH:MM", line=lineno, column="Time") from None
+        if not name:
+            raise DataError(source, "parameter name is empty", line=lineno, column="Parameter")
+        try:
+            v = float(v_text)
+        except ValueError:
+            raise DataError(source, "value is not a number", line=lineno, column="Value") from None
+        # Descriptors: the first occurrence at 00:00. Later ones are observations.
+        if t == 0.0 and name in DESCRIPTORS and name not in static and name != "RecordID":
+            static[name] = v
+            continue
+        if t == 0.0 and name == "RecordID" and record_id is None:
+            record_id = v_text
+            continue
+        idx = var_index.get(name)
+        if idx is None:
+            summary.unknown_parameters[name] += 1
+            continue
+        times.append(t)
+        variables.append(idx)
+        values.append(v)
+    summary.lines += len(lines) - 1
+    summary.files += 1
+    if record_id is not None and record_id != record_name:
+        # Files are named after their RecordID; a mismatch means a mixed-up export.
+        try:
+            same = float(record_id) == float(record_name)
+        except ValueError:
+            same = False
+        if not same:
+            raise DataError(source, "RecordID line does not match the file name", column="RecordID")
+    if not times:
+        summary.stays_without_observations += 1
+    return Stay(
+        stay_id=record_name,
+        static=static,
+        time=np.asarray(times, dtype=np.float32),
+        var=np.asarray(variables, dtype=np.int16),
+        value=np.asarray(values, dtype=np.float32),
+    )
+
+
+def read_physionet(path: Path, variables: list[str], summary: ReadSummary) -> list[Stay]:
+    var_index = {name: i for i, name in enumerate(variables)}
+    stays = [
+        parse_stay(source, name, raw, var_index, summary)
+        for source, name, raw in iter_stay_files(path)
+    ]
+    seen: set[str] = set()
+    for stay in stays:
+        if stay.stay_id in seen:
+            raise DataError(str(path), f"stay id {stay.stay_id} appears in two files")
+        seen.add(stay.stay_id)
+    return stays

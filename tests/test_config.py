@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_loads_and_round_trips():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.task.label_column == "In-hospital_death"
+    assert cfg.is_binary
+    assert len(cfg.features.variables) == 37
+    assert cfg.partition.scheme == "icu_type"
+    again = ExperimentConfig.from_json(cfg.to_json())
+    assert again.to_dict() == {**cfg.to_dict(), "source": again.source}
+
+
+def test_los_config_is_a_config_change_only():
+    cfg = load_config(ROOT / "configs" / "los.yaml")
+    assert cfg.task.label_column == "Length_of_stay"
+    assert cfg.num_classes == 4 and not cfg.is_binary
+    assert cfg.task.bins == [3.0, 7.0, 14.0]
+    # inherited from default.yaml
+    assert len(cfg.features.variables) == 37
+
+
+def test_overrides_parse_values_as_yaml():
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["training.lr=0.5", "model.gru_hidden=[16, 8]", "privacy.delta=1e-6"])
+    assert cfg.training.lr == 0.5
+    assert cfg.model.gru_hidden == [16, 8]
+    assert cfg.privacy.delta == 1e-6
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {ROOT / 'configs' / 'default.yaml'}\ntraining:\n  lr_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "bad.yaml" in msg and "training.lr_rate" in msg and "training.lr" in msg
+
+
+def test_wrong_type_and_choice_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="training.batch_size.*whole number"):
+        load_config(ROOT / "configs" / "default.yaml", ["training.batch_size=abc"])
+    with pytest.raises(ConfigError, match="strategy.name.*fedavg"):
+        load_config(ROOT / "configs" / "default.yaml", ["strategy.name=fedmagic"])
+
+
+def test_privacy_needs_exactly_one_of_sigma_and_target():
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(ROOT / "configs" / "default.yaml", ["privacy.noise_multiplier=1.0"])
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=0"])
+    assert cfg.privacy.noise_multiplier == 1.0
+
+
+def test_torch_gru_is_refused_with_dp():
+    with pytest.raises(ConfigError, match="per-example"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.gru_impl=torch"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("run:\n  rounds: [1,\n")
+    with pytest.raises(ConfigError, match="broken.yaml.*line"):
+        load_config(bad)

@@ -1,0 +1,115 @@
+"""Preprocessing checked by hand on small stays, and on the real data's shapes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import FeatureSection, StaticSpec, VariableSpec
+from common.data.preprocess import PreprocessSummary, channel_names, num_channels, to_tensors
+from common.data.records import Stay
+
+
+def _features(**kw):
+    base = dict(
+        window_hours=6.0,
+        bin_hours=2.0,
+        time_since_last=True,
+        delta_scale_hours=6.0,
+        variables=[
+            VariableSpec("HR", low=1, high=300, center=80, scale=20),
+            VariableSpec("Lactate", low=0.1, high=40, center=1.0, scale=0.5, log=True),
+        ],
+        static=[StaticSpec("Age", center=65, scale=10), StaticSpec("ICUType", kind="categorical", categories=[1, 2])],
+    )
+    base.update(kw)
+    return FeatureSection(**base)
+
+
+def _stay(times, variables, values, static=None):
+    return Stay(
+        stay_id="1",
+        static=static or {"Age": 75.0, "ICUType": 2.0},
+        time=np.asarray(times, np.float32),
+        var=np.asarray(variables, np.int16),
+        value=np.asarray(values, np.float32),
+    )
+
+
+def test_hand_checked_stay():
+    f = _features()
+    # HR: 90 at 0:30, 100 at 1:30 (same 2 h bin: last wins), 0 at 2:30 (implausible),
+    #     70 at exactly 6:00 (window end: joins the last bin), 50 at 6:30 (after the window).
+    # Lactate: 1.0 at 3:00.
+    stay = _stay(
+        [0.5, 1.5, 2.5, 6.0, 6.5, 3.0],
+        [0, 0, 0, 0, 0, 1],
+        [90, 100, 0, 70, 50, 1.0],
+    )
+    summary = PreprocessSummary()
+    X, S = to_tensors([stay], f, summary)
+    assert X.shape == (1, 3, num_channels(f)) == (1, 3, 6)
+    names = channel_names(f)
+    col = {n: X[0, :, i] for i, n in enumerate(names)}
+    # values: last in bin, carried forward, normalised; 0 before the first observation
+    np.testing.assert_allclose(col["HR"], [(100 - 80) / 20, (100 - 80) / 20, (70 - 80) / 20])
+    np.testing.assert_allclose(col["Lactate"], [0.0, 0.0, 0.0])  # log1p(1.0) is the log-space center
+    np.testing.assert_array_equal(col["HR:observed"], [1, 0, 1])
+    np.testing.assert_array_equal(col["Lactate:observed"], [0, 1, 0])
+    # hours since last observation / 6 h: observed -> 0, else +2 h per bin
+    np.testing.assert_allclose(col["HR:hours_since"], [0, 2 / 6, 0])
+    np.testing.assert_allclose(col["Lactate:hours_since"], [2 / 6, 0, 2 / 6])
+    assert summary.out_of_range["HR"] == 1
+    assert summary.after_window == 1
+    assert summary.observed["HR"] == 3 and summary.observed["Lactate"] == 1
+    # static: Age normalised + unknown flag, ICUType one-hot
+    np.testing.assert_allclose(S[0], [1.0, 0.0, 0.0, 1.0])
+
+
+def test_unknown_static_and_no_observations():
+    f = _features()
+    stay = _stay([], [], [], static={"Age": -1.0})
+    summary = PreprocessSummary()
+    X, S = to_tensors([stay], f, summary)
+    assert not X[0, :, :2].any()  # values all at the reference
+    assert not X[0, :, 2:4].any()  # nothing observed
+    np.testing.assert_allclose(X[0, :, 4], [2 / 6, 4 / 6, 1.0])  # hours since admission
+    np.testing.assert_allclose(S[0], [0.0, 1.0, 0.0, 0.0])
+    assert summary.static_unknown["Age"] == 1 and summary.static_unknown["ICUType"] == 1
+
+
+def test_without_time_since_last_channels():
+    f = _features(time_since_last=False)
+    X, _ = to_tensors([_stay([0.5], [0], [80])], f)
+    assert X.shape == (1, 3, 4)
+
+
+def test_real_data_shapes_and_ranges(full_dataset, default_cfg):
+    X, S = full_dataset.X, full_dataset.S
+    assert X.shape == (4000, 48, 37 * 3)
+    assert S.shape == (4000, 2 + 2 + 2 + 4 + 2)
+    assert np.isfinite(X).all() and np.isfinite(S).all()
+    V = 37
+    masks = X[:, :, V : 2 * V]
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    deltas = X[:, :, 2 * V :]
+    assert deltas.min() >= 0 and deltas.max() <= 1.0 + 1e-6
+    # out-of-range values are counted (the facts: 11 pH values outside [6.5, 8], 130 Temp < 25)
+    pre = full_dataset.summary["preprocess"]
+    assert pre["out_of_range"]["pH"] == 11
+    assert pre["out_of_range"]["Temp"] == 130
+    # 48:00 observations are inside the window
+    assert pre["after_window"] == 0
+
+
+def test_window_end_rule_on_real_data(default_cfg, full_dataset):
+    """Every observed bin lies inside 48 h, and at least one stay uses the last bin."""
+    V = len(default_cfg.features.variables)
+    assert full_dataset.X[:, -1, V : 2 * V].sum() > 0
+
+
+def test_bin_hours_must_divide_window():
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="divide"):
+        load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml", ["features.bin_hours=5"])

@@ -1,0 +1,167 @@
+"""Readers on the real PhysioNet files and on generated bad input."""
+
+import tarfile
+
+import numpy as np
+import pytest
+
+from common.data.long_csv import read_long_csv, read_outcomes
+from common.data.physionet import read_physionet
+from common.data.records import DataError, ReadSummary
+
+
+def _var_names(cfg):
+    return [v.name for v in cfg.features.variables]
+
+
+def test_real_set_a_counts(full_dataset):
+    assert full_dataset.summary["stays_read"] == 4000
+    assert len(full_dataset) == 4000
+    assert int(full_dataset.y.sum()) == 554
+    assert full_dataset.summary["class_counts"] == {"survived": 3446, "died": 554}
+    # ICU types as PhysioNet documents them
+    icu = full_dataset.groups["ICUType"]
+    assert [int((icu == k).sum()) for k in (1, 2, 3, 4)] == [577, 874, 1481, 1068]
+
+
+def test_descriptors_and_minus_one(default_cfg, physionet_files, tmp_path):
+    set_a, _ = physionet_files
+    with tarfile.open(set_a) as tar:
+        member = tar.getmember("set-a/132539.txt")
+        tar.extract(member, tmp_path, filter="data")
+    summary = ReadSummary()
+    (stay,) = read_physionet(tmp_path / "set-a", _var_names(default_cfg), summary)
+    # The file opens with: Age 54, Gender 0, Height -1, ICUType 4, Weight -1
+    assert stay.stay_id == "132539"
+    assert stay.static == {"Age": 54.0, "Gender": 0.0, "Height": -1.0, "ICUType": 4.0, "Weight": -1.0}
+    assert "RecordID" not in _var_names(default_cfg)
+    # -1 descriptors become "unknown", not values
+    from common.data.preprocess import PreprocessSummary, static_names, static_tensor
+
+    pre = PreprocessSummary()
+    S = static_tensor([stay], default_cfg.features.static, pre)
+    names = static_names(default_cfg.features)
+    row = dict(zip(names, S[0]))
+    assert row["Height"] == 0.0 and row["Height:unknown"] == 1.0
+    assert row["Weight"] == 0.0 and row["Weight:unknown"] == 1.0
+    assert row["Age:unknown"] == 0.0 and row["Age"] == pytest.approx((54 - 65) / 17)
+    assert row["ICUType=4"] == 1.0 and row["ICUType=1"] == 0.0
+    assert row["Gender=0"] == 1.0 and row["Gender=1"] == 0.0
+    # observations: first HR at 00:07 is 73
+    hr = _var_names(default_cfg).index("HR")
+    first = np.flatnonzero(stay.var == hr)[0]
+    assert stay.time[first] == pytest.approx(7 / 60) and stay.value[first] == 73
+
+
+def test_folder_and_archive_give_the_same_stays(default_cfg, physionet_files, tmp_path):
+    set_a, _ = physionet_files
+    names = [f"set-a/{rid}.txt" for rid in (132539, 132540, 132541, 132543)]
+    with tarfile.open(set_a) as tar:
+        for n in names:
+            tar.extract(tar.getmember(n), tmp_path / "folder", filter="data")
+    archive = tmp_path / "small.tar.gz"
+    with tarfile.open(archive, "w:gz") as out:
+        for n in reversed(names):  # archive order must not matter
+            out.add(tmp_path / "folder" / n, arcname=n)
+    a = read_physionet(tmp_path / "folder" / "set-a", _var_names(default_cfg), ReadSummary())
+    b = sorted(read_physionet(archive, _var_names(default_cfg), ReadSummary()), key=lambda s: s.stay_id)
+    assert [s.stay_id for s in a] == [s.stay_id for s in b]
+    for x, y in zip(a, b):
+        assert x.static == y.static
+        np.testing.assert_array_equal(x.value, y.value)
+
+
+def _write_stay(folder, name, lines):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+HEADER = ["Time,Parameter,Value", "00:00,RecordID,1", "00:00,Age,70", "00:00,Gender,1",
+          "00:00,Height,-1", "00:00,ICUType,3", "00:00,Weight,80"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, line_no, column",
+    [("01:xx,HR,88", 8, "Time"), ("01:00,HR,eighty-eight", 8, "Value"), ("01:00,HR", 8, None), ("01:00,,88", 8, "Parameter")],
+    ids=["time", "value", "fields", "parameter"],
+)
+def test_bad_lines_name_file_line_and_column_but_no_value(default_cfg, tmp_path, bad_line, line_no, column):
+    _write_stay(tmp_path / "d", "1", HEADER + [bad_line])
+    with pytest.raises(DataError) as err:
+        read_physionet(tmp_path / "d", _var_names(default_cfg), ReadSummary())
+    msg = str(err.value)
+    assert "1.txt" in msg and f"line {line_no}" in msg
+    if column:
+        assert f"column '{column}'" in msg
+    for value in ("eighty-eight", "88", "01:xx"):
+        assert value not in msg
+
+
+def test_empty_file_missing_path_and_unknown_format(default_cfg, tmp_path):
+    _write_stay(tmp_path / "e", "7", [])
+    (tmp_path / "e" / "7.txt").write_text("")
+    with pytest.raises(DataError, match="7.txt.*empty"):
+        read_physionet(tmp_path / "e", _var_names(default_cfg), ReadSummary())
+    with pytest.raises(DataError, match="no such file"):
+        read_physionet(tmp_path / "missing.tar.gz", _var_names(default_cfg), ReadSummary())
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01 not an archive")
+    with pytest.raises(DataError, match="unknown format"):
+        read_physionet(junk, _var_names(default_cfg), ReadSummary())
+
+
+def test_stay_with_descriptors_only_is_kept_and_counted(default_cfg, tmp_path):
+    _write_stay(tmp_path / "f", "1", HEADER)
+    summary = ReadSummary()
+    (stay,) = read_physionet(tmp_path / "f", _var_names(default_cfg), summary)
+    assert stay.time.size == 0 and summary.stays_without_observations == 1
+
+
+def test_outcomes_reader_and_errors(physionet_files, tmp_path):
+    _, outcomes = physionet_files
+    labels = read_outcomes(outcomes, "RecordID", "In-hospital_death")
+    assert len(labels) == 4000 and sum(labels.values()) == 554
+    bad = tmp_path / "labels.csv"
+    bad.write_text("stay_id,label\n1,0\n2,maybe\n")
+    with pytest.raises(DataError) as err:
+        read_outcomes(bad, "stay_id", "label")
+    assert "line 3" in str(err.value) and "maybe" not in str(err.value)
+    with pytest.raises(DataError, match="no column 'label'"):
+        read_outcomes(outcomes, "RecordID", "label")
+
+
+def test_long_csv_matches_physionet_reader(default_cfg, physionet_files, tmp_path):
+    """The same stays exported in the generic long format give identical tensors."""
+    from common.data.preprocess import to_tensors
+
+    set_a, _ = physionet_files
+    ids = (132539, 132540, 132541)
+    with tarfile.open(set_a) as tar:
+        for rid in ids:
+            tar.extract(tar.getmember(f"set-a/{rid}.txt"), tmp_path, filter="data")
+    stays = read_physionet(tmp_path / "set-a", _var_names(default_cfg), ReadSummary())
+    rows = ["stay_id,time_hours,variable,value"]
+    for s in stays:
+        for name, v in s.static.items():
+            rows.append(f"{s.stay_id},0,{name},{v}")
+        for t, k, v in zip(s.time, s.var, s.value):
+            rows.append(f"{s.stay_id},{float(t)!r},{default_cfg.features.variables[k].name},{float(v)!r}")
+    csv_path = tmp_path / "events.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    static_names = [x.name for x in default_cfg.features.static]
+    long = read_long_csv(csv_path, _var_names(default_cfg), static_names, ReadSummary())
+    X1, S1 = to_tensors(stays, default_cfg.features)
+    X2, S2 = to_tensors(long, default_cfg.features)
+    np.testing.assert_allclose(X1, X2, atol=1e-6)
+    np.testing.assert_allclose(S1, S2, atol=1e-6)
+
+
+def test_long_csv_errors_name_line_and_column(default_cfg, tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("stay_id,time_hours,variable,value\n1,0.5,HR,80\n1,abc,HR,81\n")
+    with pytest.raises(DataError) as err:
+        read_long_csv(path, _var_names(default_cfg), [], ReadSummary())
+    assert "events.csv, line 3, column 'time_hours'" in str(err.value)
+    path.write_text("id,t,var,val\n")
+    with pytest.raises(DataError, match="header lacks"):
+        read_long_csv(path, _var_names(default_cfg), [], ReadSummary())
