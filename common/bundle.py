@@ -1,0 +1,96 @@
+"""Model bundles: one ``model.pt`` that scores new patients without the training config.
+
+A bundle holds the weights, the network shape and the whole experiment config (whose
+``features``/``task``/``data`` sections are the preprocessing spec: variables,
+normalisation constants, window, bins, descriptors and label set).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .data.dataset import Dataset, load_dataset
+from .data.records import DataError
+from .model import GRUClassifier, ModelSpec
+from .training import predict_proba
+
+BUNDLE_FORMAT = "fedgru-model/1"
+
+
+def save_bundle(path: Path, state_dict: dict, spec: ModelSpec, cfg: ExperimentConfig, info: dict | None = None) -> None:
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "weights": {k: torch.as_tensor(np.asarray(v)).clone() for k, v in state_dict.items()},
+        "model_spec": spec.to_dict(),
+        "config": cfg.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "info": info or {},
+    }
+    atomic_torch_save(bundle, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Bundle:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(str(path), "model bundle not found")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a bundle"
+            raise DataError(str(path), f"is not a fedgru model bundle ({exc.__class__.__name__})") from None
+        if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+            raise DataError(str(path), f"is not a fedgru model bundle (expected format {BUNDLE_FORMAT})")
+        self.path = path
+        self.config = ExperimentConfig.from_dict(raw["config"], origin=str(path))
+        self.config.data.max_stays = 0  # a training-time subset never limits scoring
+        self.spec = ModelSpec(**raw["model_spec"])
+        self.info = raw.get("info", {})
+        self.model = GRUClassifier(self.spec, gru_impl="torch")  # scoring needs no per-example grads
+        self.model.load_state_dict(raw["weights"], strict=True)
+        self.model.eval()
+
+    def load(self, data: str | Path, outcomes: str | Path | None, data_format: str | None = None) -> Dataset:
+        fmt = data_format or guess_format(Path(data))
+        cfg = self.config
+        if outcomes is None:
+            return load_dataset(cfg, data_path=data, outcomes_path=None, data_format=fmt, require_labels=False)
+        id_column = cfg.data.id_column
+        if fmt == "long_csv" and cfg.data.format != "long_csv":
+            id_column = "stay_id"
+        return load_dataset(cfg, data_path=data, outcomes_path=outcomes, data_format=fmt, id_column=id_column)
+
+    def predict(self, ds: Dataset) -> np.ndarray:
+        return predict_proba(self.model, ds.X, ds.S)
+
+
+def guess_format(path: Path) -> str:
+    if path.is_dir() or path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return "physionet2012"
+    if path.suffix.lower() == ".csv":
+        return "long_csv"
+    if not path.exists():
+        raise DataError(str(path), "no such file or folder")
+    raise DataError(
+        str(path),
+        "unknown format: give a PhysioNet folder or .tar.gz, or a long-format .csv "
+        "(stay_id,time_hours,variable,value), or pass --format",
+    )

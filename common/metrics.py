@@ -1,0 +1,201 @@
+"""Classification metrics, exact and from the score histograms hospitals release.
+
+Exact metrics (``exact_metrics``) are for data at hand: a hospital scoring its own
+patients, ``fedgru evaluate``. Federated evaluation instead has each hospital release a
+:class:`ScoreSummary`: per true class, how many patients fall in each bin of each
+class's predicted probability, plus the confusion matrix and the Brier sum. Summaries
+add up across hospitals, so pooled metrics over all hospitals come out without any
+patient-level prediction leaving a hospital. Bins are uniform in logit space, so the
+AUROC from a summary differs from the exact one only by pairs that share a bin.
+
+Metrics (binary; multi-class: one-vs-rest per class, macro-averaged):
+AUROC, AUPRC (average precision), accuracy, sensitivity, specificity, F1, Brier score,
+and the PhysioNet/CinC 2012 event-1 score min(Se, +P).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+LOGIT_RANGE = 8.0  # histogram covers logits in [-8, 8] (p in [3e-4, 0.9997]); beyond: the end bins
+METRIC_KEYS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n")
+
+
+def _auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUROC from per-bin counts (bins in increasing score); ties count one half."""
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def _ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Average precision with a threshold at every bin (highest scores first)."""
+    n_pos = pos.sum()
+    if n_pos == 0:
+        return float("nan")
+    tp = np.cumsum(pos[::-1])
+    fp = np.cumsum(neg[::-1])
+    keep = (pos[::-1] + neg[::-1]) > 0
+    tp, fp = tp[keep], fp[keep]
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / n_pos
+    prev = np.concatenate([[0.0], recall[:-1]])
+    return float(((recall - prev) * precision).sum())
+
+
+def _threshold_metrics(confusion: np.ndarray) -> dict:
+    """From a confusion matrix (rows: true class, columns: predicted class)."""
+    total = confusion.sum()
+    k = confusion.shape[0]
+    classes = [1] if k == 2 else list(range(k))  # binary: positive class only
+    se, sp, ppv, f1 = [], [], [], []
+    for c in classes:
+        tp = confusion[c, c]
+        fn = confusion[c].sum() - tp
+        fp = confusion[:, c].sum() - tp
+        tn = total - tp - fn - fp
+        se.append(tp / (tp + fn) if tp + fn else float("nan"))
+        sp.append(tn / (tn + fp) if tn + fp else float("nan"))
+        ppv.append(tp / (tp + fp) if tp + fp else 0.0)
+        f1.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0)
+    sens, spec, prec = _nanmean(se), _nanmean(sp), _nanmean(ppv)
+    return {
+        "accuracy": float(np.trace(confusion) / total) if total else float("nan"),
+        "sensitivity": float(sens),
+        "specificity": float(spec),
+        "f1": float(_nanmean(f1)),
+        "event1_score": float(min(sens, prec)) if not math.isnan(sens) else float("nan"),
+        "precision": float(prec),
+    }
+
+
+def _nanmean(values: list[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def predicted_class(probs: np.ndarray) -> np.ndarray:
+    """Binary: positive when p1 >= 0.5; multi-class: the most likely class."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= 0.5).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def exact_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """Exact metrics of class probabilities ``probs`` (N, K) against labels ``y``."""
+    y = np.asarray(y, dtype=np.int64)
+    k = probs.shape[1]
+    onehot = np.eye(k)[y]
+    brier = float(((probs - onehot) ** 2).sum(axis=1).mean()) if k > 2 else float(((probs[:, 1] - y) ** 2).mean())
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, predicted_class(probs)), 1)
+    classes = [1] if k == 2 else list(range(k))
+    aurocs, aps = [], []
+    for c in classes:
+        score, is_pos = probs[:, c], y == c
+        order = np.argsort(score, kind="mergesort")
+        s_sorted = score[order]
+        _, inverse, counts = np.unique(s_sorted, return_inverse=True, return_counts=True)
+        pos = np.bincount(inverse, weights=is_pos[order], minlength=len(counts))
+        neg = counts - pos
+        aurocs.append(_auroc_from_counts(pos, neg))
+        aps.append(_ap_from_counts(pos, neg))
+    out = {"auroc": _nanmean(aurocs), "auprc": _nanmean(aps), "brier": brier, "n": int(len(y))}
+    out.update(_threshold_metrics(confusion))
+    return {key: out[key] for key in METRIC_KEYS}
+
+
+@dataclass
+class ScoreSummary:
+    """What a hospital releases about its predictions on an evaluation split."""
+
+    histogram: np.ndarray  # (K_true, K_score, bins) counts; binary: K_score = 1 (p1)
+    confusion: np.ndarray  # (K, K) counts
+    brier_sum: float
+    n: int
+
+    @classmethod
+    def from_predictions(cls, y: np.ndarray, probs: np.ndarray, bins: int) -> ScoreSummary:
+        y = np.asarray(y, dtype=np.int64)
+        k = probs.shape[1]
+        score_cols = [1] if k == 2 else list(range(k))
+        p = np.clip(probs[:, score_cols], 1e-12, 1 - 1e-12)
+        logits = np.log(p) - np.log1p(-p)
+        idx = np.clip(((logits + LOGIT_RANGE) / (2 * LOGIT_RANGE) * bins).astype(np.int64), 0, bins - 1)
+        hist = np.zeros((k, len(score_cols), bins), dtype=np.int64)
+        for j in range(len(score_cols)):
+            np.add.at(hist[:, j, :], (y, idx[:, j]), 1)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (y, predicted_class(probs)), 1)
+        onehot = np.eye(k)[y]
+        brier = ((probs - onehot) ** 2).sum(axis=1).sum() if k > 2 else ((probs[:, 1] - y) ** 2).sum()
+        return cls(histogram=hist, confusion=confusion, brier_sum=float(brier), n=int(len(y)))
+
+    def __add__(self, other: ScoreSummary) -> ScoreSummary:
+        return ScoreSummary(
+            histogram=self.histogram + other.histogram,
+            confusion=self.confusion + other.confusion,
+            brier_sum=self.brier_sum + other.brier_sum,
+            n=self.n + other.n,
+        )
+
+    def metrics(self) -> dict:
+        k = self.confusion.shape[0]
+        classes = [1] if k == 2 else list(range(k))
+        aurocs, aps = [], []
+        for j, c in enumerate(classes):
+            pos = self.histogram[c, j].astype(np.float64)
+            neg = self.histogram[:, j].sum(axis=0).astype(np.float64) - pos
+            aurocs.append(_auroc_from_counts(pos, neg))
+            aps.append(_ap_from_counts(pos, neg))
+        out = {
+            "auroc": _nanmean(aurocs),
+            "auprc": _nanmean(aps),
+            "brier": self.brier_sum / self.n if self.n else float("nan"),
+            "n": int(self.n),
+        }
+        out.update(_threshold_metrics(self.confusion))
+        return {key: out[key] for key in METRIC_KEYS}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "histogram": self.histogram.astype(np.int64),
+            "confusion": self.confusion.astype(np.int64),
+            "brier_sum": np.array([self.brier_sum], dtype=np.float64),
+            "n": np.array([self.n], dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScoreSummary:
+        return cls(
+            histogram=np.asarray(arrays["histogram"], dtype=np.int64),
+            confusion=np.asarray(arrays["confusion"], dtype=np.int64),
+            brier_sum=float(np.asarray(arrays["brier_sum"]).reshape(-1)[0]),
+            n=int(np.asarray(arrays["n"]).reshape(-1)[0]),
+        )
+
+
+def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:
+    if not summaries:
+        return None
+    total = summaries[0]
+    for s in summaries[1:]:
+        total = total + s
+    return total
+
+
+def format_metrics(m: dict) -> str:
+    def f(key: str) -> str:
+        v = m.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    return (
+        f"AUROC {f('auroc')}  AUPRC {f('auprc')}  accuracy {f('accuracy')}  "
+        f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  F1 {f('f1')}  "
+        f"Brier {f('brier')}  event-1 {f('event1_score')}  (n={m.get('n', 0)})"
+    )

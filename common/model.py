@@ -1,0 +1,140 @@
+"""The GRU classifier: stacked GRUs over the hourly channels, descriptors joined in,
+and a dense head with one logit (two classes, sigmoid) or one per class (softmax).
+
+    x (B, T, C) -> GRU(h1) -> dropout -> GRU(h2) -> ... -> last step (B, h_last)
+    [last step, static (B, S)] -> dropout -> Linear(head_hidden) -> ReLU -> Linear(out)
+
+GRU implementations come from a registry: ``fast`` (:class:`~common.dp_gru.FastDPGRU`,
+per-example gradients at near ``nn.GRU`` speed), ``opacus`` (``opacus.layers.DPGRU``)
+and ``torch`` (``nn.GRU``, non-private training and scoring only). All three share
+``nn.GRU``'s state_dict names, so weights trained with one load into another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from opacus.layers import DPGRU
+
+from .dp_gru import FastDPGRU
+
+GRU_IMPLS: dict[str, Callable[..., nn.Module]] = {
+    "fast": FastDPGRU,
+    "opacus": DPGRU,
+    "torch": nn.GRU,
+}
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network (saved in model bundles)."""
+
+    n_channels: int  # input channels per time step
+    n_static: int  # width of the static descriptor vector
+    n_outputs: int  # 1 for binary (sigmoid), else number of classes (softmax)
+    gru_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.2
+    head_hidden: int = 32
+    pool: str = "last"  # last | mean | last_mean
+    input_skip: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self, spec: ModelSpec, gru_impl: str = "fast"):
+        super().__init__()
+        if gru_impl not in GRU_IMPLS:
+            raise ValueError(f"unknown GRU implementation {gru_impl!r}; choose one of {', '.join(GRU_IMPLS)}")
+        self.spec = spec
+        make = GRU_IMPLS[gru_impl]
+        sizes = [spec.n_channels] + list(spec.gru_hidden)
+        self.grus = nn.ModuleList(make(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(spec.gru_hidden)))
+        self.drop = nn.Dropout(spec.dropout)
+        pooled = spec.gru_hidden[-1] * (2 if spec.pool == "last_mean" else 1)
+        head_in = pooled + spec.n_static + (spec.n_channels if spec.input_skip else 0)
+        if spec.head_hidden > 0:
+            self.head = nn.Sequential(
+                nn.Linear(head_in, spec.head_hidden), nn.ReLU(), nn.Linear(spec.head_hidden, spec.n_outputs)
+            )
+        else:
+            self.head = nn.Sequential(nn.Linear(head_in, spec.n_outputs))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, but Opacus DPGRU's internal aliases of the nn.GRU-named
+        parameters do not count as missing (they are the same tensors)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        aliases = {
+            f"{prefix}.{old}" if prefix else old
+            for prefix, module in self.named_modules()
+            for old in getattr(module, "old_to_new", {})
+        }
+        missing = [k for k in result.missing_keys if k not in aliases]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"weights do not fit this model: missing {missing}, unexpected {result.unexpected_keys}"
+            )
+        return type(result)(missing, result.unexpected_keys)
+
+    def forward(self, x: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, gru in enumerate(self.grus):
+            h, _ = gru(h)
+            if i < len(self.grus) - 1:
+                h = self.drop(h)
+        if self.spec.pool == "last":
+            summary = h[:, -1]
+        elif self.spec.pool == "mean":
+            summary = h.mean(dim=1)
+        else:
+            summary = torch.cat([h[:, -1], h.mean(dim=1)], dim=1)
+        parts = [self.drop(summary), static]
+        if self.spec.input_skip:
+            parts.append(x[:, -1])
+        return self.head(torch.cat(parts, dim=1))  # logits: (B, 1) or (B, classes)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1) logits -> (B, 2) [p0, p1]; (B, K) -> softmax. Rows sum to 1."""
+    if logits.shape[1] == 1:
+        p1 = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p1, p1], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
+    """Mean loss over the batch (binary cross-entropy, or cross-entropy)."""
+    if logits.shape[1] == 1:
+        weight = None
+        if positive_weight != 1.0:
+            weight = torch.where(y == 1, positive_weight, 1.0).to(logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype), weight=weight)
+    return nn.functional.cross_entropy(logits, y)
+
+
+def state_to_numpy(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, arrays: dict) -> None:
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=True)
+
+
+def model_spec(cfg) -> ModelSpec:
+    """The network shape a config implies (no data needed: both sides can build it)."""
+    from .data.preprocess import num_channels, static_width
+
+    return ModelSpec(
+        n_channels=num_channels(cfg.features),
+        n_static=static_width(cfg.features),
+        n_outputs=1 if cfg.is_binary else cfg.num_classes,
+        gru_hidden=list(cfg.model.gru_hidden),
+        dropout=cfg.model.dropout,
+        head_hidden=cfg.model.head_hidden,
+        pool=cfg.model.pool,
+        input_skip=cfg.model.input_skip,
+    )

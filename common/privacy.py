@@ -1,0 +1,106 @@
+"""Privacy accounting for DP-SGD at a hospital (the maths; the ledger builds on it).
+
+Every DP-SGD round a hospital runs is recorded as a :class:`DPSGDEntry`
+``(noise_multiplier, sample_rate, steps, max_grad_norm)``. Epsilon is always computed
+from the *whole* history by a fresh Opacus accountant, so it is the epsilon of
+everything released so far, never of one round:
+
+- RDP: Mironov, "Renyi Differential Privacy", CSF 2017; subsampled Gaussian analysis of
+  Mironov, Talwar & Zhang, arXiv:1908.10530 (``opacus.accountants.RDPAccountant``).
+- PRV: Gopi, Lee & Wutschitz, "Numerical Composition of Differential Privacy",
+  NeurIPS 2021 (``opacus.accountants.PRVAccountant``).
+
+Sigma for a target epsilon is calibrated once for the whole planned run
+(``calibrate_noise``), never per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+@dataclass
+class DPSGDEntry:
+    """One round of DP-SGD at one hospital: ``steps`` noisy steps at rate ``sample_rate``."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    run_id: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DPSGDEntry:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def ledger_to_json(noise_multiplier: float, entries: list[DPSGDEntry]) -> str:
+    return json.dumps({"noise_multiplier": noise_multiplier, "history": [e.to_dict() for e in entries]})
+
+
+def ledger_from_json(text: str) -> tuple[float, list[DPSGDEntry]]:
+    d = json.loads(text)
+    return float(d["noise_multiplier"]), [DPSGDEntry.from_dict(e) for e in d["history"]]
+
+
+def make_accountant(name: str) -> IAccountant:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    return ACCOUNTANTS[name]()
+
+
+def accountant_for(entries: list[DPSGDEntry], name: str) -> IAccountant:
+    """A fresh accountant whose history replays ``entries``."""
+    acc = make_accountant(name)
+    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0]
+    return acc
+
+
+def epsilon(entries: list[DPSGDEntry], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of all entries composed (0 when nothing was released)."""
+    if not any(e.steps > 0 for e in entries):
+        return 0.0
+    return float(accountant_for(entries, accountant).get_epsilon(delta=delta))
+
+
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
+    """Sample rate q = B / n and the number of Poisson steps for ``local_epochs`` passes."""
+    if num_examples < 1:
+        raise ValueError("a hospital needs at least one training example")
+    q = min(1.0, batch_size / num_examples)
+    steps = max(1, int(round(local_epochs / q)))
+    return q, steps
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp"
+) -> float:
+    """Smallest sigma (to Opacus's tolerance) that keeps the whole run within epsilon."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+def check_finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is not finite")
+    return value

@@ -1,0 +1,199 @@
+"""Local training and scoring, testable without Flower.
+
+``train_local`` runs one hospital's share of a round: ``steps`` DP-SGD steps (Abadi et
+al., "Deep Learning with Differential Privacy", CCS 2016), each on a Poisson sample of
+the training split (every example joins independently with probability ``q``, which is
+what the accountant assumes; empty samples still take a noise-only step). Per-example
+clipping and Gaussian noise are Opacus's (``GradSampleModule`` + ``DPOptimizer``). The
+FedProx term (Li et al., arXiv:1812.06127) does not depend on data, so it is added to
+the gradient *after* clipping and noise: post-processing, no privacy cost.
+
+Sampling and noise use generators the caller provides. Hospitals pass generators
+seeded from the operating system's entropy (``secret_generator``): a seed the server
+knows would let it subtract the noise.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from .config import TrainingSection
+from .model import GRUClassifier, loss_fn, probabilities
+
+
+@dataclass
+class TensorData:
+    X: torch.Tensor  # (N, T, C)
+    S: torch.Tensor  # (N, static)
+    y: torch.Tensor  # (N,)
+
+    @classmethod
+    def from_numpy(cls, X: np.ndarray, S: np.ndarray, y: np.ndarray, device: torch.device) -> TensorData:
+        return cls(
+            X=torch.as_tensor(X, dtype=torch.float32, device=device),
+            S=torch.as_tensor(S, dtype=torch.float32, device=device),
+            y=torch.as_tensor(y, dtype=torch.long, device=device),
+        )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+
+
+@dataclass
+class LocalResult:
+    steps: int  # optimizer steps taken (each a noisy release under DP)
+    mean_loss: float  # mean training loss over the round's batches
+    seconds: float
+    optimizer_state: bytes  # to carry the optimizer across rounds (stays local)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible to torch")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the OS's entropy (not reproducible by design)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
+def make_optimizer(model: torch.nn.Module, training: TrainingSection) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.lr, weight_decay=training.weight_decay)
+    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_optimizer_bytes(optimizer: torch.optim.Optimizer, blob: bytes, device: torch.device) -> None:
+    state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+    optimizer.load_state_dict(state)
+
+
+def train_local(
+    model: GRUClassifier,
+    data: TensorData,
+    training: TrainingSection,
+    steps: int,
+    dp: DPSettings | None,
+    sample_generator: torch.Generator,
+    noise_generator: torch.Generator | None = None,
+    optimizer_state: bytes | None = None,
+    proximal_mu: float = 0.0,
+) -> LocalResult:
+    """Train ``model`` in place for ``steps`` steps; DP-SGD when ``dp`` is given."""
+    start = time.perf_counter()
+    device = data.X.device
+    model.to(device).train()
+    optimizer = make_optimizer(model, training)
+    if optimizer_state:
+        load_optimizer_bytes(optimizer, optimizer_state, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    n = len(data)
+    losses: list[tuple[float, int]] = []
+
+    if dp is None:
+        order = torch.randperm(n, generator=sample_generator, device="cpu").to(device)
+        cursor = 0
+        for _ in range(steps):
+            if cursor + training.batch_size > n:
+                order = torch.randperm(n, generator=sample_generator, device="cpu").to(device)
+                cursor = 0
+            idx = order[cursor : cursor + training.batch_size]
+            cursor += training.batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
+            loss.backward()
+            _add_proximal(params, anchor, proximal_mu)
+            optimizer.step()
+            losses.append((float(loss.detach()), len(idx)))
+        return LocalResult(steps, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer))
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=max(1, int(round(dp.sample_rate * n))),
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    taken = 0
+    try:
+        for _ in range(steps):
+            dp_optimizer.zero_grad(set_to_none=True)
+            chosen = torch.rand(n, generator=sample_generator, device="cpu") < dp.sample_rate
+            idx = chosen.nonzero().squeeze(1).to(device)
+            if idx.numel() == 0:
+                # Empty Poisson sample: the mechanism still releases pure noise.
+                for p in params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+            else:
+                loss = loss_fn(gsm(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
+                loss.backward()
+                losses.append((float(loss.detach()), int(idx.numel())))
+            if dp_optimizer.pre_step():  # clip, sum, add noise, scale (Opacus)
+                _add_proximal(params, anchor, proximal_mu)
+                optimizer.step()
+                taken += 1
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        gsm._close()  # remove Opacus's hooks so the model can be reused
+    return LocalResult(taken, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer))
+
+
+def _add_proximal(params: list[torch.Tensor], anchor: list[torch.Tensor] | None, mu: float) -> None:
+    if anchor is None:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchor):
+            if p.grad is not None:
+                p.grad.add_(p - a, alpha=mu)
+
+
+def _mean_loss(losses: list[tuple[float, int]]) -> float:
+    total = sum(n for _, n in losses)
+    return sum(l * n for l, n in losses) / total if total else float("nan")
+
+
+@torch.no_grad()
+def predict_proba(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int = 1024) -> np.ndarray:
+    """Class probabilities (N, K) with K >= 2 (binary models give [1 - p, p])."""
+    model.eval()
+    device = next(model.parameters()).device
+    X = torch.as_tensor(X, dtype=torch.float32)
+    S = torch.as_tensor(S, dtype=torch.float32)
+    out = []
+    for i in range(0, X.shape[0], batch):
+        logits = model(X[i : i + batch].to(device), S[i : i + batch].to(device))
+        out.append(probabilities(logits).cpu())
+    if not out:
+        k = max(2, model.spec.n_outputs)
+        return np.zeros((0, k), dtype=np.float64)
+    return torch.cat(out).double().numpy()
