@@ -1,0 +1,85 @@
+"""The coordinator side: a Flower ServerApp.
+
+``flwr run .`` starts it with the run config from ``pyproject.toml``
+(``[tool.flwr.app.config]``); ``fedgru simulate`` builds one with
+:func:`make_server_app` around an already loaded config.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ExperimentConfig, load_config, parse_override_string
+from common.data.dataset import load_dataset
+from common.data.partition import format_table, make_partition, partition_table
+from common.logs import attach_to_flower
+from common.paths import project_root, resolve
+
+from .coordinator import Coordinator
+from .outputs import RunRecorder, make_run_dir
+
+log = logging.getLogger("fedgru.server")
+
+
+def config_from_run_config(run_config: dict) -> ExperimentConfig:
+    """Experiment config from Flower's run config (pyproject keys + --run-config)."""
+    name = str(run_config.get("config-file", "configs/default.yaml"))
+    path = Path(name)
+    if not path.is_absolute():
+        # The app folder Flower installed (it holds configs/), then the project folder.
+        here = Path(__file__).resolve().parent.parent / path
+        path = here if here.is_file() else resolve(path)
+    overrides = parse_override_string(str(run_config.get("set", "")))
+    if str(run_config.get("data-path", "")):
+        overrides.append(f"data.path={run_config['data-path']}")
+    if str(run_config.get("outcomes-path", "")):
+        overrides.append(f"data.outcomes={run_config['outcomes-path']}")
+    if int(run_config.get("rounds", 0) or 0) > 0:
+        overrides.append(f"run.rounds={int(run_config['rounds'])}")
+    return load_config(path, overrides)
+
+
+def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, run_id: str | None = None) -> Path:
+    attach_to_flower()
+    run_id = run_id or secrets.token_hex(6)
+    recorder = RunRecorder(run_dir, cfg, run_id)
+    log.info("run %s: writing to %s", run_id, run_dir)
+    coord = Coordinator(cfg, grid, recorder, run_id)
+    coord.discover()
+    if coord.simulated:
+        # A simulation holds every hospital's data on this machine: the partition
+        # table is the simulation's own description, not something hospitals sent.
+        ds = load_dataset(cfg)
+        hospitals = make_partition(ds, cfg)
+        rows = partition_table(ds, hospitals, cfg.task.classes)
+        log.info("simulated hospitals (%s partition):\n%s", cfg.partition.scheme, format_table(rows))
+        recorder.write_partition(rows, cfg.partition.scheme, ds.summary)
+    coord.run()
+    log.info("done: %s", run_dir / "report.md")
+    return run_dir
+
+
+def make_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(cfg, grid, run_dir)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(dict(context.run_config))
+    out = str(context.run_config.get("out-dir", "")) or cfg.run.out_dir
+    out_dir = Path(out) if Path(out).is_absolute() else project_root() / out
+    run_server(cfg, grid, make_run_dir(out_dir))

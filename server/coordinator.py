@@ -1,0 +1,235 @@
+"""The coordinator's round loop.
+
+1. Find the hospitals: ask every connected node which hospital it is (bounded wait).
+2. Each round: send the global model to every hospital, wait (bounded) for replies,
+   validate each reply (``server.validation``) and drop bad ones with a logged reason,
+   aggregate the rest with the configured Flower strategy, evaluate the new model on
+   every hospital's validation split, print one progress line and checkpoint.
+3. At the end: evaluate on the test splits and write the run folder.
+
+A round with fewer valid replies than ``strategy.min_hospitals`` keeps the previous
+global model and is logged as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import messages as M
+from common.config import ExperimentConfig
+from common.metrics import ScoreSummary, format_metrics, pooled
+from common.model import GRUClassifier, model_spec
+from common.privacy import DPSGDEntry, epsilon, ledger_from_json
+
+from .outputs import RunRecorder
+from .strategies import Aggregator
+from .validation import ReplyRejected, check_eval_reply, check_train_reply, expected_layout, hospital_of
+
+log = logging.getLogger("fedgru.server")
+
+
+@dataclass
+class HospitalView:
+    """What the coordinator knows about one hospital (no patient data)."""
+
+    name: str
+    node_id: int
+    ledger: list[DPSGDEntry] = field(default_factory=list)
+    epsilon: float = 0.0
+    rounds_trained: int = 0
+
+
+def initial_arrays(cfg: ExperimentConfig) -> ArrayRecord:
+    torch.manual_seed(cfg.run.seed)
+    model = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    return ArrayRecord(torch_state_dict=model.state_dict())
+
+
+class Coordinator:
+    def __init__(self, cfg: ExperimentConfig, grid: Grid, recorder: RunRecorder, run_id: str):
+        self.cfg = cfg
+        self.grid = grid
+        self.recorder = recorder
+        self.run_id = run_id
+        self.simulated = False
+        self.aggregator = Aggregator(cfg.strategy)
+        self.hospitals: dict[int, HospitalView] = {}
+        self.arrays = initial_arrays(cfg)
+        self.start_round = 1
+        self.cfg_json = cfg.to_json()
+
+    # -- messaging -------------------------------------------------------------
+    def _config(self, server_round: int, **extra) -> ConfigRecord:
+        return ConfigRecord(
+            {M.EXPERIMENT_JSON: self.cfg_json, M.RUN_ID: self.run_id, M.SERVER_ROUND: server_round, **extra}
+        )
+
+    def _send(self, node_ids: list[int], message_type: str, content_fn) -> list[Message]:
+        messages = [Message(content_fn(), dst_node_id=nid, message_type=message_type) for nid in node_ids]
+        if not messages:
+            return []
+        return list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s))
+
+    # -- discovery -------------------------------------------------------------
+    def discover(self, wait_s: float = 120.0) -> None:
+        """Ask every connected node which hospital it is.
+
+        Stops when all connected nodes have answered and at least
+        ``strategy.min_hospitals`` are hospitals, or after ``wait_s`` seconds.
+        """
+        deadline = time.monotonic() + wait_s
+        answered: set[int] = set()
+        modes: set[str] = set()
+        while True:
+            pending = [n for n in self.grid.get_node_ids() if n not in answered]
+            replies = self._send(pending, MessageType.QUERY, lambda: RecordDict({M.CONFIG: self._config(0)}))
+            for reply in replies:
+                nid = reply.metadata.src_node_id
+                if reply.has_error():
+                    log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
+                    continue
+                answered.add(nid)
+                status = reply.content[M.STATUS]
+                name = str(status.get(M.HOSPITAL, ""))
+                if str(status.get(M.STATE)) != "ready" or not name:
+                    continue
+                if name in {h.name for h in self.hospitals.values()}:
+                    log.warning("two nodes claim hospital %r; keeping the first", name)
+                    continue
+                self.hospitals[nid] = HospitalView(name, nid)
+                modes.add(str(status.get(M.MODE, "")))
+            everyone = set(self.grid.get_node_ids()) <= answered
+            if (everyone and len(self.hospitals) >= self.cfg.strategy.min_hospitals) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        self.simulated = bool(self.hospitals) and modes == {"simulation"}
+        names = ", ".join(sorted(h.name for h in self.hospitals.values())) or "none"
+        log.info("hospitals: %s", names)
+        if len(self.hospitals) < self.cfg.strategy.min_hospitals:
+            raise RuntimeError(
+                f"only {len(self.hospitals)} hospital(s) answered within {wait_s:.0f} s; "
+                f"strategy.min_hospitals is {self.cfg.strategy.min_hospitals}"
+            )
+
+    # -- rounds ----------------------------------------------------------------
+    def train_round(self, server_round: int) -> dict:
+        layout = expected_layout(self.arrays)
+        extra = self.aggregator.train_config()
+        nodes = sorted(self.hospitals)
+        replies = self._send(
+            nodes, MessageType.TRAIN,
+            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **extra)}),
+        )
+        valid, record = [], {"hospitals": {}, "dropped": []}
+        answered = set()
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            answered.add(nid)
+            name = hospital_of(reply, self.hospitals.get(nid, HospitalView(f"node {nid}", nid)).name)
+            try:
+                check_train_reply(reply, layout, self.cfg.strategy.max_examples)
+            except ReplyRejected as exc:
+                log.warning("round %d: dropped the reply of %s: %s", server_round, name, exc)
+                record["dropped"].append({"hospital": name, "reason": str(exc)})
+                continue
+            metrics = dict(reply.content[M.METRICS])
+            record["hospitals"][name] = {k: _num(v) for k, v in metrics.items()}
+            self._note_ledger(nid, reply)
+            valid.append(reply)
+        for nid in nodes:
+            if nid not in answered:
+                name = self.hospitals[nid].name
+                log.warning("round %d: no reply from %s within %.0f s", server_round, name, self.cfg.strategy.round_timeout_s)
+                record["dropped"].append({"hospital": name, "reason": "no reply before the timeout"})
+        if len(valid) < self.cfg.strategy.min_hospitals:
+            log.warning(
+                "round %d skipped: %d valid replies, strategy.min_hospitals is %d",
+                server_round, len(valid), self.cfg.strategy.min_hospitals,
+            )
+            record["skipped"] = True
+            return record
+        new = self.aggregator.aggregate(server_round, self.arrays, valid)
+        if new is None or not all(np.isfinite(a.numpy()).all() for a in new.values()):
+            log.error("round %d: aggregation gave no finite model; keeping the previous one", server_round)
+            record["skipped"] = True
+            return record
+        self.arrays = ArrayRecord({k: v for k, v in new.items()})
+        record["skipped"] = False
+        return record
+
+    def _note_ledger(self, nid: int, reply: Message) -> None:
+        """Keep the hospital's DP history; epsilon is recomputed here from it."""
+        view = self.hospitals[nid]
+        ledger_json = reply.content[M.STATUS].get(M.LEDGER)
+        if ledger_json:
+            _, view.ledger = ledger_from_json(str(ledger_json))
+            view.epsilon = epsilon(view.ledger, self.cfg.privacy.delta, self.cfg.privacy.accountant)
+        view.rounds_trained += 1
+
+    def evaluate(self, server_round: int, split: str) -> dict:
+        nodes = sorted(self.hospitals)
+        replies = self._send(
+            nodes, MessageType.EVALUATE,
+            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **{M.SPLIT: split})}),
+        )
+        summaries, per_hospital, dropped = [], {}, []
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            name = hospital_of(reply, self.hospitals.get(nid, HospitalView(f"node {nid}", nid)).name)
+            try:
+                summary = check_eval_reply(reply, self.cfg.num_classes, self.cfg.evaluation.score_bins, self.cfg.strategy.max_examples)
+            except ReplyRejected as exc:
+                log.warning("round %d: dropped the %s evaluation of %s: %s", server_round, split, name, exc)
+                dropped.append({"hospital": name, "reason": str(exc)})
+                continue
+            summaries.append(summary)
+            per_hospital[name] = summary.metrics()
+        total = pooled(summaries)
+        return {
+            "pooled": total.metrics() if total is not None else {},
+            "hospitals": per_hospital,
+            "dropped": dropped,
+            "summary": total,
+        }
+
+    def max_epsilon(self) -> float:
+        return max((h.epsilon for h in self.hospitals.values()), default=0.0)
+
+    def run(self) -> None:
+        rounds = self.cfg.run.rounds
+        for server_round in range(self.start_round, rounds + 1):
+            t0 = time.perf_counter()
+            train = self.train_round(server_round)
+            val = self.evaluate(server_round, "val") if self.cfg.evaluation.every_round else {"pooled": {}, "hospitals": {}}
+            seconds = time.perf_counter() - t0
+            auroc = val["pooled"].get("auroc", float("nan"))
+            eps = self.max_epsilon() if self.cfg.privacy.enabled else float("inf")
+            log.info(
+                "round %d/%d | pooled val AUROC %s | max epsilon %s | %.1f s%s",
+                server_round, rounds, _fmt(auroc), _fmt(eps, 2), seconds,
+                " | SKIPPED" if train.get("skipped") else "",
+            )
+            self.recorder.add_round(
+                server_round, seconds, train, val, {h.name: h.epsilon for h in self.hospitals.values()}
+            )
+            self.recorder.checkpoint(self, server_round)
+        test = self.evaluate(rounds, "test")
+        log.info("final pooled test: %s", format_metrics(test["pooled"]) if test["pooled"] else "no replies")
+        self.recorder.finish(self, test)
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) else v
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"

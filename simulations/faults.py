@@ -1,0 +1,78 @@
+"""Fault drills for simulations: make chosen hospitals misbehave.
+
+``fedgru simulate --fault medical=nan --fault surgical=crash`` wraps the real ClientApp
+in a Flower mod that corrupts those hospitals' training replies, so the server's
+validation and the round's robustness can be watched on a real run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+
+from client.hospital import node_hospital_name
+from common import messages as M
+from common.config import ExperimentConfig
+
+FaultFn = Callable[[Message], Message]
+FAULTS: dict[str, FaultFn] = {}
+
+
+def register_fault(name: str):
+    def decorator(fn: FaultFn) -> FaultFn:
+        FAULTS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _replace_arrays(reply: Message, change: Callable[[str, np.ndarray], np.ndarray]) -> Message:
+    arrays = reply.content[M.ARRAYS]
+    reply.content[M.ARRAYS] = ArrayRecord({k: Array(change(k, v.numpy().copy())) for k, v in arrays.items()})
+    return reply
+
+
+@register_fault("nan")
+def _nan(reply: Message) -> Message:
+    def poison(key, value):
+        value.flat[0] = np.nan
+        return value
+
+    return _replace_arrays(reply, poison)
+
+
+@register_fault("inf")
+def _inf(reply: Message) -> Message:
+    return _replace_arrays(reply, lambda k, v: np.full_like(v, np.inf))
+
+
+@register_fault("huge_count")
+def _huge_count(reply: Message) -> Message:
+    metrics = dict(reply.content[M.METRICS])
+    metrics[M.NUM_EXAMPLES] = 10**12
+    reply.content[M.METRICS] = MetricRecord(metrics)
+    return reply
+
+
+@register_fault("crash")
+def _crash(reply: Message) -> Message:
+    raise RuntimeError("fault drill: this hospital crashed during training")
+
+
+def fault_mod(faults: dict[str, str]):
+    """A Flower mod applying ``faults`` (hospital -> fault name) to training replies."""
+    unknown = sorted(set(faults.values()) - set(FAULTS))
+    if unknown:
+        raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(sorted(FAULTS))}")
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != "train" or reply.has_error():
+            return reply
+        cfg = ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
+        kind = faults.get(node_hospital_name(cfg, context.node_config))
+        return FAULTS[kind](reply) if kind else reply
+
+    return mod

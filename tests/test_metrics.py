@@ -1,0 +1,66 @@
+"""Metrics against scikit-learn, and the released score summaries against exact metrics."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from common.metrics import ScoreSummary, exact_metrics, pooled
+
+
+def _binary(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.15).astype(int)
+    p1 = 1 / (1 + np.exp(-(rng.normal(size=n) + 1.5 * y - 1.8)))
+    return y, np.stack([1 - p1, p1], axis=1)
+
+
+def test_exact_binary_metrics_match_sklearn_and_definitions():
+    y, probs = _binary()
+    m = exact_metrics(y, probs)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-12)
+    assert m["auprc"] == pytest.approx(average_precision_score(y, probs[:, 1]), abs=1e-12)
+    pred = probs[:, 1] >= 0.5
+    tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
+    fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["accuracy"] == pytest.approx((tp + tn) / len(y))
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["event1_score"] == pytest.approx(min(tp / (tp + fn), tp / (tp + fp)))
+    assert m["brier"] == pytest.approx(np.mean((probs[:, 1] - y) ** 2))
+    assert m["n"] == 500
+
+
+def test_exact_multiclass_matches_sklearn_macro_ovr():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    logits = rng.normal(size=(300, 4)) + np.eye(4)[y] * 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = exact_metrics(y, probs)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert m["accuracy"] == pytest.approx((probs.argmax(1) == y).mean())
+    assert m["brier"] == pytest.approx(((probs - np.eye(4)[y]) ** 2).sum(1).mean())
+
+
+def test_summary_is_additive_and_close_to_exact():
+    parts = [_binary(400, seed) for seed in range(4)]
+    summaries = [ScoreSummary.from_predictions(y, p, bins=400) for y, p in parts]
+    total = pooled(summaries)
+    y_all = np.concatenate([y for y, _ in parts])
+    p_all = np.concatenate([p for _, p in parts])
+    exact = exact_metrics(y_all, p_all)
+    approx = total.metrics()
+    assert approx["n"] == exact["n"] == 1600
+    assert approx["auroc"] == pytest.approx(exact["auroc"], abs=2e-3)
+    assert approx["auprc"] == pytest.approx(exact["auprc"], abs=1e-2)  # ties within a bin
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score", "brier"):
+        assert approx[key] == pytest.approx(exact[key], abs=1e-9)
+    again = ScoreSummary.from_arrays(total.to_arrays())
+    assert again.metrics() == approx
+
+
+def test_undefined_auroc_is_nan_not_an_error():
+    y = np.zeros(10, dtype=int)
+    probs = np.tile([0.9, 0.1], (10, 1))
+    m = exact_metrics(y, probs)
+    assert np.isnan(m["auroc"]) and m["specificity"] == 1.0

@@ -1,0 +1,78 @@
+"""The GRU classifier: shapes, losses, and DP training through Opacus for each GRU."""
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.model import GRUClassifier, ModelSpec, loss_fn, model_spec, probabilities
+from common.training import DPSettings, TensorData, secret_generator, train_local
+from tests.conftest import DEFAULT_CONFIG
+
+
+def _spec(n_outputs):
+    return ModelSpec(n_channels=6, n_static=3, n_outputs=n_outputs, gru_hidden=[8, 5], dropout=0.1, head_hidden=4)
+
+
+@pytest.mark.parametrize("impl", ["fast", "opacus", "torch"])
+@pytest.mark.parametrize("n_outputs, n_classes", [(1, 2), (4, 4)])
+def test_forward_backward(impl, n_outputs, n_classes):
+    torch.manual_seed(0)
+    model = GRUClassifier(_spec(n_outputs), impl)
+    x, s = torch.randn(7, 10, 6), torch.randn(7, 3)
+    y = torch.randint(0, n_classes, (7,))
+    logits = model(x, s)
+    assert logits.shape == (7, n_outputs)
+    probs = probabilities(logits)
+    assert probs.shape == (7, n_classes)
+    torch.testing.assert_close(probs.sum(1), torch.ones(7))
+    loss = loss_fn(logits, y)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_state_dicts_move_between_gru_implementations():
+    torch.manual_seed(0)
+    models = {impl: GRUClassifier(_spec(1), impl) for impl in ("fast", "opacus", "torch")}
+    state = models["fast"].state_dict()
+    x, s = torch.randn(3, 10, 6), torch.randn(3, 3)
+    for m in models.values():
+        m.load_state_dict(state, strict=True)
+        m.eval()
+    ref = models["torch"](x, s)
+    for impl in ("fast", "opacus"):
+        torch.testing.assert_close(models[impl](x, s), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_spec_follows_the_config():
+    cfg = load_config(DEFAULT_CONFIG)
+    spec = model_spec(cfg)
+    assert spec.n_channels == 111 and spec.n_static == 12 and spec.n_outputs == 1
+    los = load_config(DEFAULT_CONFIG.parent / "los.yaml")
+    assert model_spec(los).n_outputs == 4
+
+
+@pytest.mark.parametrize("impl", ["fast", "opacus"])
+def test_dp_training_step_with_head(impl):
+    """Regression for opacus#639 (a GRU followed by a Linear head under DP-SGD)."""
+    torch.manual_seed(0)
+    model = GRUClassifier(_spec(1), impl)
+    data = TensorData(torch.randn(40, 10, 6), torch.randn(40, 3), torch.randint(0, 2, (40,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = load_config(DEFAULT_CONFIG, ["training.batch_size=8"])
+    result = train_local(model, data, cfg.training, steps=3, dp=DPSettings(1.0, 1.0, 0.2), sample_generator=secret_generator(), noise_generator=secret_generator())
+    assert result.steps == 3
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_empty_poisson_batch_still_takes_a_noisy_step():
+    torch.manual_seed(0)
+    model = GRUClassifier(_spec(1), "fast")
+    data = TensorData(torch.randn(5, 10, 6), torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    cfg = load_config(DEFAULT_CONFIG, ["training.optimizer=sgd", "training.lr=1.0"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # sample rate so small that every Poisson sample is empty
+    result = train_local(model, data, cfg.training, steps=2, dp=DPSettings(1.0, 1.0, 1e-9), sample_generator=secret_generator(), noise_generator=secret_generator())
+    assert result.steps == 2  # both steps were noisy releases
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # pure noise moved every weight

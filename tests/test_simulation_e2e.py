@@ -1,0 +1,123 @@
+"""End to end: real Flower simulations on real PhysioNet stays, through the CLI.
+
+Each test runs ``fedgru`` in a subprocess (as a user would), so the Ray workers the
+simulation starts end with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from tests.conftest import OUTCOMES, ROOT, SET_A
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "--set", "data.max_stays=400",
+    "--set", "model.gru_hidden=[16]",
+    "--set", "model.head_hidden=8",
+    "--set", "training.batch_size=32",
+]
+
+
+def fedgru(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedgru.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, physionet_files):
+    run_dir = tmp_path_factory.mktemp("sim") / "run"
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "2", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return run_dir, proc
+
+
+def test_simulation_writes_every_output(small_run):
+    run_dir, proc = small_run
+    for name in ("model.pt", "metrics.json", "privacy.json", "partition.json", "report.md", "auroc.png", "epsilon.png", "config.yaml", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert [h["hospital"] for h in partition["hospitals"]] == ["coronary_care", "cardiac_surgery", "medical", "surgical"]
+    assert sum(h["stays"] for h in partition["hospitals"]) == 400
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert set(metrics["test"]["pooled"]) >= {"auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n"}
+    assert metrics["test"]["pooled"]["n"] == sum(h["test"] for h in partition["hospitals"])
+    # one progress line per round
+    out = proc.stdout + proc.stderr
+    assert out.count("round 1/2 | pooled val AUROC") == 1 and out.count("round 2/2 | pooled val AUROC") == 1
+    report = (run_dir / "report.md").read_text()
+    assert "Silva" in report and "## Privacy" in report
+
+
+def test_epsilon_is_cumulative_and_matches_an_independent_replay(small_run):
+    run_dir, _ = small_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert len(privacy["hospitals"]) == 4
+    for name, h in privacy["hospitals"].items():
+        eps1 = metrics["rounds"][0]["hospitals"][name]["epsilon"]
+        eps2 = metrics["rounds"][1]["hospitals"][name]["epsilon"]
+        assert 0 < eps1 < eps2 == pytest.approx(h["epsilon"])
+        # the hospital's own report of its epsilon equals the server's replay
+        assert metrics["rounds"][1]["hospitals"][name]["train"]["epsilon"] == pytest.approx(h["epsilon"], abs=1e-9)
+        acc = RDPAccountant()
+        for entry in h["history"]:
+            for _ in range(entry["steps"]):
+                acc.step(noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"])
+        assert acc.get_epsilon(delta=h["delta"]) == pytest.approx(h["epsilon"], abs=1e-9)
+        assert [e["round"] for e in h["history"]] == [1, 2]
+        assert h["accountant"] == "rdp" and h["delta"] == 1e-5
+
+
+def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
+    run_dir, _ = small_run
+    proc = fedgru("evaluate", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--outcomes", str(OUTCOMES), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n"}
+    assert result["n"] == 4000 and 0 <= result["auroc"] <= 1
+    out = tmp_path / "risk.csv"
+    proc = fedgru("predict", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "stay_id,risk_died" and len(lines) == 4001
+
+
+def test_evaluate_errors_are_clear(small_run, tmp_path):
+    run_dir, _ = small_run
+    proc = fedgru("evaluate", "--model", str(run_dir / "model.pt"), "--data", str(tmp_path / "nope.tar.gz"), "--outcomes", str(OUTCOMES))
+    assert proc.returncode == 2 and "nope.tar.gz" in proc.stderr and "Traceback" not in proc.stderr
+    folder = tmp_path / "stays"
+    folder.mkdir()
+    (folder / "5.txt").write_text("Time,Parameter,Value\n00:00,RecordID,5\n00:10,HR,12O\n")
+    proc = fedgru("evaluate", "--model", str(run_dir / "model.pt"), "--data", str(folder), "--outcomes", str(OUTCOMES))
+    assert proc.returncode == 2
+    assert "5.txt, line 3, column 'Value'" in proc.stderr and "12O" not in proc.stderr
+
+
+def test_a_hospital_sending_nan_is_dropped_and_the_model_stays_finite(tmp_path, physionet_files):
+    import torch
+
+    run_dir = tmp_path / "hostile"
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "2", "--fault", "medical=nan", "--fault", "surgical=huge_count", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for r in metrics["rounds"]:
+        dropped = {d["hospital"]: d["reason"] for d in r["dropped"]}
+        assert "NaN" in dropped["medical"] and "example count" in dropped["surgical"]
+        assert not r["skipped"]
+    out = proc.stdout + proc.stderr
+    assert "dropped the reply of medical" in out
+    bundle = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in bundle["weights"].values())
