@@ -18,6 +18,7 @@ report needs.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,7 +30,15 @@ from common.config import ExperimentConfig
 from common.metrics import ScoreSummary
 from common.model import GRUClassifier, model_spec
 from common.privacy import DPSGDEntry, calibrate_noise, epsilon, steps_per_round
-from common.training import DPSettings, TensorData, predict_proba, resolve_device, secret_generator, train_local
+from common.training import (
+    DPSettings,
+    TensorData,
+    predict_proba,
+    resolve_device,
+    scheduled_lr,
+    secret_generator,
+    train_local,
+)
 
 from .hospital import UNASSIGNED, HospitalData, LocalState, load_hospital, node_hospital_name
 
@@ -103,8 +112,9 @@ def train(msg: Message, context: Context) -> Message:
             state.noise_multiplier = noise_multiplier_for_run(cfg, sample_rate, steps)
         dp = DPSettings(state.noise_multiplier, cfg.privacy.max_grad_norm, sample_rate)
     mu = float(msg.content[M.CONFIG].get("proximal-mu", 0.0))
+    training = replace(cfg.training, lr=scheduled_lr(cfg, server_round))
     result = train_local(
-        model, data, cfg.training, steps, dp,
+        model, data, training, steps, dp,
         sample_generator=secret_generator(),
         noise_generator=secret_generator(device) if dp else None,
         optimizer_state=state.optimizer if cfg.training.keep_optimizer_state else None,

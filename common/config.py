@@ -109,6 +109,7 @@ class TaskSection:
 class FeatureSection:
     window_hours: float = 48.0  # observation window from admission
     bin_hours: float = 1.0  # width of one time step
+    observed_mask: bool = True  # add observed-in-this-bin channels
     time_since_last: bool = True  # add hours-since-last-observation channels
     delta_scale_hours: float = 48.0  # those hours are divided by this
     variables: list[VariableSpec] = field(default_factory=list)
@@ -141,6 +142,8 @@ class ModelSection:
     gru_hidden: list[int] = field(default_factory=lambda: [128, 64])  # stacked GRUs
     dropout: float = 0.2  # between GRU layers and before the head
     head_hidden: int = 32  # dense layer before the output (0: none)
+    pool: Literal["last", "mean", "last_mean"] = "last"  # how GRU outputs over time feed the head
+    input_skip: bool = False  # also feed the last time step's input channels to the head
     gru_impl: Literal["fast", "opacus", "torch"] = "fast"  # torch: non-private only
 
 
@@ -150,6 +153,7 @@ class TrainingSection:
     batch_size: int = 64  # expected (Poisson) batch size
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # over the planned rounds
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     keep_optimizer_state: bool = True  # carry local optimizer state across rounds

@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+# Opacus warns when the best RDP order is its largest default one (63). For the
+# settings fedgru uses, orders up to 1024 give the same epsilon to 4 decimals (checked
+# when this filter was added), so the warning only alarms users.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 

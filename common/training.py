@@ -16,6 +16,7 @@ knows would let it subtract the noise.
 from __future__ import annotations
 
 import io
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -77,6 +78,15 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
+def scheduled_lr(cfg, server_round: int) -> float:
+    """The local learning rate for a round: constant, or cosine-decayed over
+    ``run.rounds`` (data-independent, so it costs no privacy)."""
+    lr = cfg.training.lr
+    if cfg.training.lr_schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.run.rounds))
+    return lr
+
+
 def make_optimizer(model: torch.nn.Module, training: TrainingSection) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if training.optimizer == "adam":
@@ -113,6 +123,10 @@ def train_local(
     optimizer = make_optimizer(model, training)
     if optimizer_state:
         load_optimizer_bytes(optimizer, optimizer_state, device)
+        for group in optimizer.param_groups:  # carried state, this round's settings
+            group.update(lr=training.lr, weight_decay=training.weight_decay)
+            if "momentum" in group:
+                group["momentum"] = training.momentum
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     n = len(data)

@@ -16,7 +16,8 @@ plausibility range become missing. Both are counted, per variable, in
 :class:`PreprocessSummary`. Descriptors become the static vector: continuous ones are
 normalised (0 when unknown) with an "unknown" indicator, categorical ones are one-hot.
 
-Channel layout: ``[values (V) | masks (V) | deltas (V)]`` along the last axis.
+Channel layout: ``[values (V) | masks (V) | deltas (V)]`` along the last axis (masks
+and deltas only when enabled).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def num_steps(features: FeatureSection) -> int:
 
 
 def num_channels(features: FeatureSection) -> int:
-    return len(features.variables) * (3 if features.time_since_last else 2)
+    return len(features.variables) * (1 + int(features.observed_mask) + int(features.time_since_last))
 
 
 def static_width(features: FeatureSection) -> int:
@@ -67,7 +68,9 @@ def _static_width(spec: StaticSpec) -> int:
 
 def channel_names(features: FeatureSection) -> list[str]:
     names = [v.name for v in features.variables]
-    out = [f"{n}" for n in names] + [f"{n}:observed" for n in names]
+    out = [f"{n}" for n in names]
+    if features.observed_mask:
+        out += [f"{n}:observed" for n in names]
     if features.time_since_last:
         out += [f"{n}:hours_since" for n in names]
     return out
@@ -164,7 +167,7 @@ def to_tensors(
         carry = np.isnan(filled[:, s, :])
         filled[:, s, :][carry] = filled[:, s - 1, :][carry]
     filled = np.nan_to_num(filled, nan=0.0)
-    channels = [filled, observed.astype(np.float32)]
+    channels = [filled] + ([observed.astype(np.float32)] if features.observed_mask else [])
     if features.time_since_last:
         delta = np.zeros_like(raw)
         since = np.zeros((N, V), dtype=np.float32)

@@ -1,0 +1,111 @@
+"""Baselines that show what federation buys, on the same splits as the federated run.
+
+- ``central``: the same model trained on all hospitals' training splits pooled, no DP
+  (what one would get if the data could be shared).
+- ``central-dp``: the same, with DP-SGD at the same per-patient epsilon.
+- ``local``: every hospital trains alone on its own split with DP-SGD at the same
+  epsilon; each is scored on its own test split, and the pooled metrics use each
+  hospital's own model for its own patients.
+
+All train for ``run.rounds x training.local_epochs`` passes over their data with the
+config's optimizer settings, so the compute matches the federated run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import ExperimentConfig
+from common.data.dataset import load_dataset
+from common.data.partition import make_partition
+from common.metrics import exact_metrics
+from common.model import GRUClassifier, model_spec
+from common.privacy import DPSGDEntry, calibrate_noise, epsilon, steps_per_round
+from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local
+
+KINDS = ("central", "central-dp", "local")
+
+
+def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) -> tuple[GRUClassifier, float]:
+    """Train on (X, S, y) for rounds x local_epochs passes; returns the model and epsilon."""
+    device = resolve_device(cfg.training.device)
+    torch.manual_seed(seed)
+    model = GRUClassifier(model_spec(cfg), cfg.model.gru_impl if dp_epsilon else "torch").to(device)
+    data = TensorData.from_numpy(X, S, y, device)
+    q, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs)
+    rounds = cfg.run.rounds
+    dp, history = None, []
+    if dp_epsilon:
+        sigma = calibrate_noise(dp_epsilon, cfg.privacy.delta, q, steps * rounds, cfg.privacy.accountant)
+        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q)
+    gen = torch.Generator().manual_seed(seed)  # a baseline is a local experiment: reproducible is fine
+    state = None
+    for r in range(1, rounds + 1):
+        training = _scheduled(cfg, r)
+        out = train_local(model, data, training, steps, dp, gen, gen if dp else None, optimizer_state=state)
+        state = out.optimizer_state if cfg.training.keep_optimizer_state else None
+        if dp:
+            history.append(DPSGDEntry(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
+    eps = epsilon(history, cfg.privacy.delta, cfg.privacy.accountant) if dp else math.inf
+    return model, eps
+
+
+def _scheduled(cfg: ExperimentConfig, server_round: int):
+    from common.training import scheduled_lr
+
+    return replace(cfg.training, lr=scheduled_lr(cfg, server_round))
+
+
+def run_baseline(cfg: ExperimentConfig, kind: str, out: Path | None = None, target_epsilon: float | None = None, seed: int | None = None) -> dict:
+    if kind not in KINDS:
+        raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
+    seed = cfg.run.seed if seed is None else seed
+    eps_target = target_epsilon if target_epsilon is not None else cfg.privacy.target_epsilon
+    if kind != "central" and not eps_target:
+        raise ValueError("a DP baseline needs a target epsilon (--epsilon or privacy.target_epsilon)")
+    start = time.perf_counter()
+    ds = load_dataset(cfg)
+    hospitals = make_partition(ds, cfg)
+    result: dict = {"kind": kind, "seed": seed, "rounds": cfg.run.rounds, "local_epochs": cfg.training.local_epochs}
+    if kind in ("central", "central-dp"):
+        train = np.concatenate([h.train for h in hospitals])
+        model, eps = _train(cfg, ds.X[train], ds.S[train], ds.y[train], eps_target if kind == "central-dp" else None, seed)
+        per = {}
+        ys, ps = [], []
+        for h in hospitals:
+            p = predict_proba(model, ds.X[h.test], ds.S[h.test])
+            per[h.name] = exact_metrics(ds.y[h.test], p)
+            ys.append(ds.y[h.test])
+            ps.append(p)
+        result["epsilon"] = eps if kind == "central-dp" else None
+    else:
+        per, ys, ps, eps_all = {}, [], [], {}
+        for h in hospitals:
+            model, eps = _train(cfg, ds.X[h.train], ds.S[h.train], ds.y[h.train], eps_target, seed)
+            p = predict_proba(model, ds.X[h.test], ds.S[h.test])
+            per[h.name] = exact_metrics(ds.y[h.test], p)
+            ys.append(ds.y[h.test])
+            ps.append(p)
+            eps_all[h.name] = eps
+        result["epsilon"] = eps_all
+    result["test"] = {"pooled": exact_metrics(np.concatenate(ys), np.concatenate(ps)), "hospitals": per}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(out.read_text()) if out.is_file() else {}
+        existing[kind] = result
+        out.write_text(json.dumps(existing, indent=2, default=_json_default) + "\n")
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(type(value))
