@@ -10,14 +10,13 @@ for each message.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from common.config import ExperimentConfig
 from common.data.dataset import Dataset, load_dataset
 from common.data.partition import HospitalSplit, make_partition, split_hospital
-from common.privacy import DPSGDEntry, ledger_from_json, ledger_to_json
 
 UNASSIGNED = ""
 
@@ -95,21 +94,12 @@ def _partitioned(cfg: ExperimentConfig) -> tuple[Dataset, list[HospitalSplit]]:
 
 @dataclass
 class LocalState:
-    """Cross-round state a hospital keeps for one run (lives in Flower's context.state).
+    """Cross-round state a hospital keeps for one run (in Flower's context.state).
 
     ``noise_multiplier`` is fixed before the first round (calibrated once for the whole
-    planned run when the config gives a target epsilon); ``history`` holds one entry per
-    DP-SGD round and is the source of every epsilon this hospital reports.
+    planned run when the config gives a target epsilon). The privacy history itself is
+    the ledger's (``client.ledger_store``).
     """
 
     noise_multiplier: float = 0.0
-    history: list[DPSGDEntry] = field(default_factory=list)
     optimizer: bytes = b""
-
-    def to_json(self) -> str:
-        return ledger_to_json(self.noise_multiplier, self.history)
-
-    @classmethod
-    def from_json(cls, text: str, optimizer: bytes = b"") -> LocalState:
-        sigma, history = ledger_from_json(text)
-        return cls(noise_multiplier=sigma, history=history, optimizer=optimizer)

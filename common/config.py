@@ -139,7 +139,12 @@ class PartitionSection:
 
 @dataclass
 class ModelSection:
-    gru_hidden: list[int] = field(default_factory=lambda: [128, 64])  # stacked GRUs
+    # stacked: GRUs over all channels of a time step together.
+    # per_variable: one small GRU, shared by every variable, reads each variable's own
+    #   channels (value, mask, hours since) separately; the head sees every variable's
+    #   final state. Far fewer weights, so far less DP noise in the model.
+    architecture: Literal["stacked", "per_variable"] = "stacked"
+    gru_hidden: list[int] = field(default_factory=lambda: [128, 64])  # GRU layer sizes
     dropout: float = 0.2  # between GRU layers and before the head
     head_hidden: int = 32  # dense layer before the output (0: none)
     pool: Literal["last", "mean", "last_mean"] = "last"  # how GRU outputs over time feed the head
@@ -169,9 +174,22 @@ class PrivacySection:
     # whole planned run (sigma calibrated once, before round 1).
     noise_multiplier: float = 0.0
     target_epsilon: float = 1.0
-    delta: float = 1e-5
+    # "auto": min(1e-5, 1 / (10 n)) for each hospital's n, i.e. always below 1/n.
+    delta: Literal["auto"] | float = "auto"
     max_grad_norm: float = 1.0  # per-example clipping norm
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "rdp"  # drives calibration and budget decisions
+    # Each hospital's budget at its delta, over every round and every run on its data.
+    # A hospital stops before a round that would take it past this.
+    max_epsilon: float = 1.0
+    hospital_max_epsilon: dict[str, float] = field(default_factory=dict)  # per-hospital overrides
+
+    def budget_for(self, hospital: str) -> float:
+        return self.hospital_max_epsilon.get(hospital, self.max_epsilon)
+
+    def delta_for(self, num_training_examples: int) -> float:
+        if self.delta == "auto":
+            return min(1e-5, 1.0 / (10 * max(num_training_examples, 1)))
+        return float(self.delta)
 
 
 @dataclass
@@ -445,6 +463,10 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
     m = cfg.model
     if not m.gru_hidden or min(m.gru_hidden) < 1:
         fail("model.gru_hidden", "must list positive layer sizes")
+    if m.architecture == "per_variable" and m.gru_impl == "opacus":
+        fail("model.gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'")
+    if m.architecture == "per_variable" and m.input_skip:
+        fail("model.input_skip", "is for the stacked architecture (per_variable already reads each variable)")
     if not 0 <= m.dropout < 1:
         fail("model.dropout", "must be in [0, 1)")
     t = cfg.training
@@ -464,8 +486,10 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
                 "needs exactly one of noise_multiplier > 0 or target_epsilon > 0 "
                 "(set the other to 0)",
             )
-        if not 0 < pr.delta < 1:
-            fail("privacy.delta", "must be in (0, 1)")
+        if pr.delta != "auto" and not 0 < pr.delta < 1:
+            fail("privacy.delta", "must be 'auto' or a number in (0, 1)")
+        if pr.max_epsilon <= 0 or any(v <= 0 for v in pr.hospital_max_epsilon.values()):
+            fail("privacy.max_epsilon", "budgets must be positive")
         if pr.max_grad_norm <= 0:
             fail("privacy.max_grad_norm", "must be positive")
     s = cfg.strategy

@@ -129,10 +129,13 @@ class _GRULayerFunction(torch.autograd.Function):
 class FastGRULayer(nn.Module):
     """One GRU layer; its per-example gradients come from :class:`_GRULayerFunction`."""
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool, batch_first: bool, device=None, dtype=None):
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool, batch_first: bool, device=None, dtype=None, groups: int = 1
+    ):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.input_size, self.hidden_size, self.batch_first = input_size, hidden_size, batch_first
+        self.groups = groups  # sequences per example sharing these weights (see FastDPGRU)
         self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size, **kw))
         self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size, **kw))
         if bias:
@@ -160,7 +163,15 @@ class FastGRULayer(nn.Module):
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # Inputs come in the container's layout so Opacus finds the batch on its
-        # batch dimension: x (B,T,I) & h0 (B,H) if batch_first, else (T,B,I) & (1,B,H).
+        # batch dimension: x (B,T,I) & h0 (B,H) if batch_first, else (T,B,I) & (1,B,H);
+        # grouped: x (B,G,T,I) & h0 (B,G,H), run as B*G rows.
+        if self.groups > 1:
+            B, G, T, _ = x.shape
+            rows = _GRULayerFunction.apply(
+                x.reshape(B * G, T, -1), h0.reshape(B * G, -1), mask, self,
+                self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            )
+            return rows.reshape(B, G, T, -1)
         if not self.batch_first:
             x = x.transpose(0, 1)
             h0 = h0.squeeze(0)
@@ -178,14 +189,24 @@ def _fast_gru_grad_sampler(layer: FastGRULayer, activations, backprops: torch.Te
     """
     grad_out, dgi, dgh, xt, h_prev = layer.take_stash()
     denom = float((grad_out * grad_out).sum())
-    scale = float((backprops * grad_out).sum()) / denom if denom > 0 else 1.0
-    # (B, 3H, T) @ (B, T, in) summed over time, per example; scale folded in.
-    per_w_ih = torch.bmm(dgi.permute(1, 2, 0), xt.transpose(0, 1))
-    per_w_hh = torch.bmm(dgh.permute(1, 2, 0), h_prev.transpose(0, 1))
-    out = {layer.weight_ih: per_w_ih.mul_(scale), layer.weight_hh: per_w_hh.mul_(scale)}
+    scale = float((backprops.reshape(grad_out.shape) * grad_out).sum()) / denom if denom > 0 else 1.0
+    # Rows are (example, group); an example's gradient sums over time and its groups:
+    # (B, 3H, T*G) @ (B, T*G, in). Without groups this is the plain sum over time.
+    T, R, K = dgi.shape
+    G = layer.groups
+    B = R // G
+
+    def per_example(a: torch.Tensor) -> torch.Tensor:  # (T, B*G, k) -> (B, T*G, k)
+        return a.reshape(T, B, G, a.shape[-1]).permute(1, 0, 2, 3).reshape(B, T * G, a.shape[-1])
+
+    gi, gh = per_example(dgi), per_example(dgh)
+    out = {
+        layer.weight_ih: torch.bmm(gi.transpose(1, 2), per_example(xt)).mul_(scale),
+        layer.weight_hh: torch.bmm(gh.transpose(1, 2), per_example(h_prev)).mul_(scale),
+    }
     if layer.bias_ih is not None:
-        out[layer.bias_ih] = dgi.sum(0).mul_(scale)
-        out[layer.bias_hh] = dgh.sum(0).mul_(scale)
+        out[layer.bias_ih] = gi.sum(1).mul_(scale)
+        out[layer.bias_hh] = gh.sum(1).mul_(scale)
     return out
 
 
@@ -212,6 +233,8 @@ class FastDPGRU(nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        groups: int = 1,
     ):
         super().__init__()
         if bidirectional:
@@ -227,9 +250,12 @@ class FastDPGRU(nn.Module):
             raise ValueError("dropout must be in [0, 1)")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        if groups < 1 or (groups > 1 and not batch_first):
+            raise ValueError("groups must be >= 1, and grouped input needs batch_first=True")
         self.bidirectional = False
+        self.groups = groups
         self.layers = nn.ModuleList(
-            FastGRULayer(input_size if k == 0 else hidden_size, hidden_size, bias, batch_first, device, dtype)
+            FastGRULayer(input_size if k == 0 else hidden_size, hidden_size, bias, batch_first, device, dtype, groups)
             for k in range(num_layers)
         )
         self.reset_parameters()
@@ -257,17 +283,27 @@ class FastDPGRU(nn.Module):
         return [[p for p in (l.weight_ih, l.weight_hh, l.bias_ih, l.bias_hh) if p is not None] for l in self.layers]
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
-        unbatched = input.dim() == 2
+        """``(output, h_n)`` as ``nn.GRU`` returns them.
+
+        With ``groups=G > 1`` the input is ``(B, G, T, I)``: G sequences per example
+        (one per clinical variable, say) that share the weights; ``output`` is
+        ``(B, G, T, H)`` and ``h_n`` is ``(num_layers, B, G, H)``.
+        """
+        grouped = self.groups > 1
+        unbatched = input.dim() == 2 and not grouped
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = hx.unsqueeze(1)
-        if input.dim() != 3:
-            raise ValueError(f"FastDPGRU expects a 2-D or 3-D input, got {input.dim()}-D")
+        want_dim = 4 if grouped else 3
+        if input.dim() != want_dim:
+            raise ValueError(f"FastDPGRU(groups={self.groups}) expects a {want_dim}-D input, got {input.dim()}-D")
+        if grouped and input.shape[1] != self.groups:
+            raise ValueError(f"input has {input.shape[1]} groups, FastDPGRU expects {self.groups}")
         b_dim, t_dim = (0, 1) if self.batch_first else (1, 0)
-        B, T = input.shape[b_dim], input.shape[t_dim]
-        if input.shape[2] != self.input_size:
-            raise ValueError(f"input has {input.shape[2]} features, FastDPGRU expects {self.input_size}")
+        B, T = input.shape[b_dim], input.shape[-2 if grouped else t_dim]
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input has {input.shape[-1]} features, FastDPGRU expects {self.input_size}")
         mask = last = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=input.device).long()
@@ -275,13 +311,16 @@ class FastDPGRU(nn.Module):
                 raise ValueError("lengths must be a 1-D tensor with one entry per sequence")
             if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
                 raise ValueError(f"every length must be between 1 and the padded length {T}")
-            steps = torch.arange(T, device=input.device)
-            mask = (steps.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2).to(input.dtype)  # (B, T, 1)
             last = lengths - 1
+            if grouped:
+                lengths = lengths.repeat_interleave(self.groups)
+            steps = torch.arange(T, device=input.device)
+            mask = (steps.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2).to(input.dtype)  # (rows, T, 1)
+        state_shape = (self.num_layers, B, self.groups, self.hidden_size) if grouped else (self.num_layers, B, self.hidden_size)
         if hx is None:
-            hx = input.new_zeros((self.num_layers, B, self.hidden_size))
-        elif hx.shape != (self.num_layers, B, self.hidden_size):
-            raise ValueError(f"hx must have shape {(self.num_layers, B, self.hidden_size)}, got {tuple(hx.shape)}")
+            hx = input.new_zeros(state_shape)
+        elif hx.shape != state_shape:
+            raise ValueError(f"hx must have shape {state_shape}, got {tuple(hx.shape)}")
         grads_on = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         x = input
         finals = []
@@ -304,15 +343,17 @@ class FastDPGRU(nn.Module):
 
     def _last_state(self, out: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
         # h_n is read off the layer output, so its gradient reaches Opacus as well.
-        seq = out if self.batch_first else out.transpose(0, 1)  # (B, T, H)
+        seq = out if self.batch_first else out.transpose(0, 1)  # (B, [G,] T, H), time second to last
         if last is None:
-            return seq[:, -1]
-        return seq[torch.arange(seq.shape[0], device=seq.device), last]
+            return seq[..., -1, :]
+        index = torch.arange(seq.shape[0], device=seq.device)
+        return seq[index, :, last] if self.groups > 1 else seq[index, last]
 
     def extra_repr(self) -> str:
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.bias}, "
-            f"batch_first={self.batch_first}, dropout={self.dropout}"
+            f"batch_first={self.batch_first}, dropout={self.dropout}{groups}"
         )
 
 

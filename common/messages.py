@@ -26,16 +26,19 @@ SPLIT = "split"  # which split to evaluate: "val" or "test"
 
 # Reply fields, hospital -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key
+UNIT_WEIGHT = "unit-weight"  # constant 1: equal weights when hospital-level DP needs them
 TRAIN_LOSS = "train-loss"
-EPSILON = "epsilon"
+EPSILON = "epsilon"  # cumulative, over everything in the hospital's ledger
 DELTA = "delta"
+BUDGET = "budget"  # the hospital's max epsilon at that delta
 STEPS = "steps"
+REASON = "reason"  # why a hospital refused (no patient data)
 HOSPITAL = "hospital"
-STATE = "state"  # "ready", "trained", "unassigned"
+STATE = "state"  # ready, unassigned, trained, evaluated, budget-exhausted, refused
 MODE = "mode"  # "simulation" (node holds a share of a simulated data set) or "deployment"
 LEDGER = "ledger-json"
 
-TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, STEPS)
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, EPSILON, DELTA, BUDGET, STEPS)
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,12 @@ RELEASES: tuple[Release, ...] = (
         "the mean training loss over the round's Poisson batches of training patients",
     ),
     Release(
-        "privacy accounting (epsilon, delta, steps, sample rate, noise multiplier)", "every training round", False,
-        "the DP-SGD settings; the sample rate is batch size / training stays, so it reveals the same count as num-examples",
+        "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier)",
+        "every training round", False,
+        "the DP-SGD settings and the list of releases; the sample rate is batch size / training stays, "
+        "so it reveals the same count as num-examples",
     ),
+    Release(UNIT_WEIGHT, "every training round", False, "the constant 1; reveals nothing"),
     Release(
         "evaluation score summary", "every round (validation split) and at the end (test split)", False,
         "for the patients of the evaluated split: how many of each outcome class fall in each bin of "

@@ -32,7 +32,7 @@ GRU_IMPLS: dict[str, Callable[..., nn.Module]] = {
 class ModelSpec:
     """Everything needed to rebuild the network (saved in model bundles)."""
 
-    n_channels: int  # input channels per time step
+    n_channels: int  # input channels per time step (per_variable: n_variables x per-variable channels)
     n_static: int  # width of the static descriptor vector
     n_outputs: int  # 1 for binary (sigmoid), else number of classes (softmax)
     gru_hidden: list[int] = field(default_factory=lambda: [128, 64])
@@ -40,6 +40,8 @@ class ModelSpec:
     head_hidden: int = 32
     pool: str = "last"  # last | mean | last_mean
     input_skip: bool = False
+    architecture: str = "stacked"  # stacked | per_variable
+    n_variables: int = 0  # per_variable: channels are [v_1..v_V | masks | deltas], V each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +53,28 @@ class GRUClassifier(nn.Module):
         if gru_impl not in GRU_IMPLS:
             raise ValueError(f"unknown GRU implementation {gru_impl!r}; choose one of {', '.join(GRU_IMPLS)}")
         self.spec = spec
+        self.per_variable = spec.architecture == "per_variable"
         make = GRU_IMPLS[gru_impl]
-        sizes = [spec.n_channels] + list(spec.gru_hidden)
-        self.grus = nn.ModuleList(make(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(spec.gru_hidden)))
+        if self.per_variable:
+            if spec.n_variables < 1 or spec.n_channels % spec.n_variables:
+                raise ValueError("per_variable needs n_channels to be a multiple of n_variables")
+            groups = spec.n_variables
+            sizes = [spec.n_channels // groups] + list(spec.gru_hidden)
+            if gru_impl == "fast":
+                self.grus = nn.ModuleList(
+                    FastDPGRU(sizes[i], sizes[i + 1], batch_first=True, groups=groups) for i in range(len(spec.gru_hidden))
+                )
+            elif gru_impl == "torch":  # scoring / non-private: the rows of all groups at once
+                self.grus = nn.ModuleList(nn.GRU(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(spec.gru_hidden)))
+            else:
+                raise ValueError("the per_variable architecture needs gru_impl 'fast' (or 'torch' without DP)")
+        else:
+            groups = 1
+            sizes = [spec.n_channels] + list(spec.gru_hidden)
+            self.grus = nn.ModuleList(make(sizes[i], sizes[i + 1], batch_first=True) for i in range(len(spec.gru_hidden)))
+        self.gru_impl = gru_impl
         self.drop = nn.Dropout(spec.dropout)
-        pooled = spec.gru_hidden[-1] * (2 if spec.pool == "last_mean" else 1)
+        pooled = groups * spec.gru_hidden[-1] * (2 if spec.pool == "last_mean" else 1)
         head_in = pooled + spec.n_static + (spec.n_channels if spec.input_skip else 0)
         if spec.head_hidden > 0:
             self.head = nn.Sequential(
@@ -81,21 +100,36 @@ class GRUClassifier(nn.Module):
         return type(result)(missing, result.unexpected_keys)
 
     def forward(self, x: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
-        h = x
+        h = self._per_variable_view(x) if self.per_variable else x
         for i, gru in enumerate(self.grus):
-            h, _ = gru(h)
+            h, _ = self._run(gru, h)
             if i < len(self.grus) - 1:
                 h = self.drop(h)
         if self.spec.pool == "last":
-            summary = h[:, -1]
+            summary = h[..., -1, :]
         elif self.spec.pool == "mean":
-            summary = h.mean(dim=1)
+            summary = h.mean(dim=-2)
         else:
-            summary = torch.cat([h[:, -1], h.mean(dim=1)], dim=1)
+            summary = torch.cat([h[..., -1, :], h.mean(dim=-2)], dim=-1)
+        summary = summary.reshape(x.shape[0], -1)  # per_variable: all variables' states side by side
         parts = [self.drop(summary), static]
         if self.spec.input_skip:
             parts.append(x[:, -1])
         return self.head(torch.cat(parts, dim=1))  # logits: (B, 1) or (B, classes)
+
+
+    def _per_variable_view(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, c*V) laid out [values | masks | deltas] -> (B, V, T, c)."""
+        B, T, C = x.shape
+        V = self.spec.n_variables
+        return x.reshape(B, T, C // V, V).permute(0, 3, 1, 2)
+
+    def _run(self, gru: nn.Module, h: torch.Tensor):
+        if self.per_variable and self.gru_impl == "torch":
+            B, V, T, c = h.shape
+            out, h_n = gru(h.reshape(B * V, T, c))
+            return out.reshape(B, V, T, -1), h_n
+        return gru(h)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -137,4 +171,6 @@ def model_spec(cfg) -> ModelSpec:
         head_hidden=cfg.model.head_hidden,
         pool=cfg.model.pool,
         input_skip=cfg.model.input_skip,
+        architecture=cfg.model.architecture,
+        n_variables=len(cfg.features.variables),
     )

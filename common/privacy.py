@@ -101,9 +101,37 @@ def calibrate_noise(
             sample_rate=sample_rate,
             steps=total_steps,
             accountant=accountant,
-            epsilon_tolerance=0.005,
+            epsilon_tolerance=1e-4,
         )
     )
+
+
+@dataclass
+class Plan:
+    """What a planned run costs one hospital (see ``fedgru plan``)."""
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    epsilon_per_round: list[float]
+
+    @property
+    def epsilon(self) -> float:
+        return self.epsilon_per_round[-1] if self.epsilon_per_round else 0.0
+
+
+def plan(
+    examples: int, batch_size: int, local_epochs: float, rounds: int, delta: float,
+    accountant: str = "rdp", target_epsilon: float | None = None, noise_multiplier: float | None = None,
+) -> Plan:
+    """Sigma for a target epsilon over the whole run, or epsilon after each round for a sigma."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+    q, steps = steps_per_round(examples, batch_size, local_epochs)
+    sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(target_epsilon, delta, q, steps * rounds, accountant)
+    entries = [DPSGDEntry(r, sigma, q, steps, 1.0) for r in range(1, rounds + 1)]
+    per_round = [epsilon(entries[:r], delta, accountant) for r in range(1, rounds + 1)]
+    return Plan(q, steps, float(sigma), per_round)
 
 
 def check_finite(value: float, what: str) -> float:

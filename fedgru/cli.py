@@ -4,6 +4,9 @@
     fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--json]
     fedgru predict   --model RUN/model.pt --data PATH --out risks.csv
     fedgru baseline  --config FILE --kind central|central-dp|local [--out DIR]
+    fedgru report    RUN_DIR
+    fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
+    fedgru ledger    init|show --ledger FILE [--data PATH --outcomes FILE --hospital NAME]
 """
 
 from __future__ import annotations
@@ -51,21 +54,20 @@ def cmd_simulate(args) -> int:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from common.metrics import format_metrics
+    from common.report import write_report
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    privacy = json.loads((run_dir / "privacy.json").read_text())
-    print(f"\nRun folder: {run_dir}")
-    if "test" in metrics:
-        print(f"Pooled test: {format_metrics(metrics['test']['pooled'])}")
-    if privacy.get("dp_enabled"):
-        print("Privacy spent (whole run, example-level DP):")
-        for name, h in sorted(privacy["hospitals"].items()):
-            eps = h["epsilon"]
-            print(f"  {name:20s} epsilon {eps:.3f} at delta {h['delta']:g} ({h['accountant']}, {h['rounds_trained']} rounds)")
-    else:
-        print("Privacy: DP was off for this run; no epsilon applies.")
-    print(f"Report: {run_dir / 'report.md'}")
+    print()
+    print(write_report(run_dir))
+
+
+def cmd_report(args) -> int:
+    from common.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise DataError(str(run_dir), "is not a fedgru run folder (no metrics.json)")
+    print(write_report(run_dir))
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -108,6 +110,64 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from common.privacy import plan
+
+    if (args.epsilon is None) == (args.noise_multiplier is None):
+        raise ConfigError("give either --epsilon (to get sigma) or --noise-multiplier (to get epsilon)")
+    p = plan(
+        args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
+        target_epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
+    )
+    if args.json:
+        print(json.dumps({"noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
+                          "steps_per_round": p.steps_per_round, "epsilon_per_round": p.epsilon_per_round}))
+        return 0
+    print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {p.sample_rate:.4f}, "
+          f"{p.steps_per_round} noisy steps per round, {p.steps_per_round * args.rounds} in {args.rounds} rounds")
+    if args.epsilon is not None:
+        print(f"noise multiplier for epsilon {args.epsilon} at delta {args.delta:g} ({args.accountant}): {p.noise_multiplier:.4f}")
+    print(f"{'round':>5}  epsilon (delta {args.delta:g}, {args.accountant})")
+    for r, eps in enumerate(p.epsilon_per_round, start=1):
+        print(f"{r:>5}  {eps:.4f}")
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from common.ledger import Ledger, LedgerError
+
+    path = Path(args.ledger)
+    if args.action == "init":
+        from client.ledger_store import write_ledger
+        from common.bundle import guess_format
+        from common.data.dataset import fingerprint_files, load_dataset
+
+        if path.exists():
+            raise DataError(str(path), "a ledger already exists here; it is never overwritten")
+        cfg = _load(args)
+        fmt = args.format or guess_format(Path(args.data))
+        ds = load_dataset(cfg, data_path=args.data, outcomes_path=args.outcomes, data_format=fmt)
+        delta = float(args.delta) if args.delta != "auto" else min(1e-5, 1.0 / (10 * len(ds)))
+        fingerprint = fingerprint_files(Path(args.data).resolve(), Path(args.outcomes).resolve())
+        write_ledger(path, Ledger(args.hospital, fingerprint, delta, cfg.privacy.accountant))
+        print(f"created an empty ledger for {args.hospital} at {path} (data {fingerprint[:16]}..., {len(ds)} stays, delta {delta:g})")
+        return 0
+    try:
+        ledger = Ledger.from_json(path.read_text(), source=str(path)) if path.is_file() else None
+    except LedgerError as exc:
+        raise DataError(str(path), str(exc)) from None
+    if ledger is None:
+        raise DataError(str(path), "no ledger here")
+    dp = [e for e in ledger.entries if e.mechanism == "dp-sgd"]
+    print(f"ledger of {ledger.hospital}: data {ledger.fingerprint[:16]}..., delta {ledger.delta:g}")
+    print(f"epsilon {ledger.epsilon('rdp'):.4f} (RDP), {ledger.epsilon('prv'):.4f} (PRV), over {len(dp)} DP-SGD rounds in {len(ledger.runs())} run(s)")
+    for run in ledger.runs():
+        rounds = [e for e in dp if e.run_id == run]
+        other = [e for e in ledger.entries if e.run_id == run and e.mechanism != "dp-sgd"]
+        print(f"  run {run}: {len(rounds)} DP-SGD rounds, {sum(e.steps for e in rounds)} steps, {len(other)} non-DP releases")
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from simulations.baselines import run_baseline
 
@@ -146,6 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["physionet2012", "long_csv"])
     p.add_argument("--out", required=True, help="CSV to write")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")
+    p.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")
+    p.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--local-epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, required=True, help="expected (Poisson) batch size")
+    p.add_argument("--examples", type=int, required=True, help="training examples at the hospital")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("ledger", help="a hospital's privacy ledger: create it once, show it any time")
+    p.add_argument("action", choices=["init", "show"])
+    p.add_argument("--ledger", required=True, help="ledger file (the SuperNode's ledger-path)")
+    p.add_argument("--hospital", default="hospital", help="init: the hospital's name")
+    p.add_argument("--data", help="init: the hospital's data (PhysioNet folder/.tar.gz or long CSV)")
+    p.add_argument("--outcomes", help="init: the hospital's outcomes file")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"])
+    p.add_argument("--delta", default="auto", help="init: delta for every epsilon in this ledger (default: below 1/n)")
+    _config_arg(p)
+    p.set_defaults(fn=cmd_ledger)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run")
+    p.add_argument("run_dir", help="a run folder (runs/<timestamp>)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("baseline", help="centralized or local-only training for comparison")
     _config_arg(p)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from common import messages as M
 from common.config import ExperimentConfig
 from common.metrics import ScoreSummary, format_metrics, pooled
 from common.model import GRUClassifier, model_spec
-from common.privacy import DPSGDEntry, epsilon, ledger_from_json
+from common.ledger import Ledger
 
 from .outputs import RunRecorder
 from .strategies import Aggregator
@@ -43,9 +43,16 @@ class HospitalView:
 
     name: str
     node_id: int
-    ledger: list[DPSGDEntry] = field(default_factory=list)
-    epsilon: float = 0.0
+    ledger: Ledger | None = None  # the hospital's ledger as it last reported it
+    epsilon: float = 0.0  # recomputed here from the ledger
+    budget: float = math.inf
     rounds_trained: int = 0
+    state: str = "active"  # active | budget-exhausted | refused
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
 
 
 def initial_arrays(cfg: ExperimentConfig) -> ArrayRecord:
@@ -123,18 +130,18 @@ class Coordinator:
     # -- rounds ----------------------------------------------------------------
     def train_round(self, server_round: int) -> dict:
         layout = expected_layout(self.arrays)
-        extra = self.aggregator.train_config()
-        nodes = sorted(self.hospitals)
-        replies = self._send(
-            nodes, MessageType.TRAIN,
-            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **extra)}),
-        )
-        valid, record = [], {"hospitals": {}, "dropped": []}
+        nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
+        messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round), nodes)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s)) if messages else []
+        valid, record = [], {"hospitals": {}, "dropped": [], "stopped": []}
         answered = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
             answered.add(nid)
-            name = hospital_of(reply, self.hospitals.get(nid, HospitalView(f"node {nid}", nid)).name)
+            view = self.hospitals.get(nid) or HospitalView(f"node {nid}", nid)
+            name = hospital_of(reply, view.name)
+            if self._stopped(reply, view, server_round, record):
+                continue
             try:
                 check_train_reply(reply, layout, self.cfg.strategy.max_examples)
             except ReplyRejected as exc:
@@ -143,7 +150,9 @@ class Coordinator:
                 continue
             metrics = dict(reply.content[M.METRICS])
             record["hospitals"][name] = {k: _num(v) for k, v in metrics.items()}
-            self._note_ledger(nid, reply)
+            self._note_ledger(view, reply)
+            view.budget = float(metrics.get(M.BUDGET, math.inf))
+            view.rounds_trained += 1
             valid.append(reply)
         for nid in nodes:
             if nid not in answered:
@@ -157,7 +166,7 @@ class Coordinator:
             )
             record["skipped"] = True
             return record
-        new = self.aggregator.aggregate(server_round, self.arrays, valid)
+        new = self.aggregator.aggregate(server_round, valid)
         if new is None or not all(np.isfinite(a.numpy()).all() for a in new.values()):
             log.error("round %d: aggregation gave no finite model; keeping the previous one", server_round)
             record["skipped"] = True
@@ -166,14 +175,33 @@ class Coordinator:
         record["skipped"] = False
         return record
 
-    def _note_ledger(self, nid: int, reply: Message) -> None:
-        """Keep the hospital's DP history; epsilon is recomputed here from it."""
-        view = self.hospitals[nid]
-        ledger_json = reply.content[M.STATUS].get(M.LEDGER)
-        if ledger_json:
-            _, view.ledger = ledger_from_json(str(ledger_json))
-            view.epsilon = epsilon(view.ledger, self.cfg.privacy.delta, self.cfg.privacy.accountant)
-        view.rounds_trained += 1
+    def _stopped(self, reply: Message, view: HospitalView, server_round: int, record: dict) -> bool:
+        """A hospital at its budget, or refusing, answers with a status only: a normal outcome."""
+        if reply.has_error() or M.STATUS not in reply.content.config_records:
+            return False
+        status = reply.content[M.STATUS]
+        state = str(status.get(M.STATE, ""))
+        if state == "budget-exhausted":
+            self._note_ledger(view, reply)
+            view.state, view.budget = state, float(status.get(M.BUDGET, view.budget))
+            log.info(
+                "round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
+                server_round, view.name, view.epsilon, view.budget,
+            )
+        elif state == "refused":
+            view.state, view.reason = state, str(status.get(M.REASON, ""))
+            log.error("round %d: %s refuses to train: %s", server_round, view.name, view.reason)
+        else:
+            return False
+        record["stopped"].append({"hospital": view.name, "state": state, "reason": view.reason})
+        return True
+
+    def _note_ledger(self, view: HospitalView, reply: Message) -> None:
+        """Keep the hospital's ledger; epsilon is recomputed here from it."""
+        text = reply.content[M.STATUS].get(M.LEDGER)
+        if text:
+            view.ledger = Ledger.from_json(str(text), source=f"the ledger {view.name} sent")
+            view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
 
     def evaluate(self, server_round: int, split: str) -> dict:
         nodes = sorted(self.hospitals)
@@ -204,9 +232,19 @@ class Coordinator:
     def max_epsilon(self) -> float:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
 
+    def can_continue(self) -> bool:
+        return sum(h.active for h in self.hospitals.values()) >= self.cfg.strategy.min_hospitals
+
     def run(self) -> None:
         rounds = self.cfg.run.rounds
         for server_round in range(self.start_round, rounds + 1):
+            if not self.can_continue():
+                log.info(
+                    "ending the run before round %d: fewer than %d hospitals can still train (%s)",
+                    server_round, self.cfg.strategy.min_hospitals,
+                    ", ".join(f"{h.name}: {h.state}" for h in self.hospitals.values()),
+                )
+                break
             t0 = time.perf_counter()
             train = self.train_round(server_round)
             val = self.evaluate(server_round, "val") if self.cfg.evaluation.every_round else {"pooled": {}, "hospitals": {}}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from common import messages as M
 from common.bundle import atomic_torch_save, save_bundle
 from common.config import ExperimentConfig
 from common.model import model_spec
+
+log = logging.getLogger("fedgru.server")
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -106,34 +109,57 @@ class RunRecorder:
             "round": server_round,
             "arrays": {k: v.numpy().copy() for k, v in coord.arrays.items()},
             "strategy": coord.aggregator.state_dict(),
-            "hospitals": {nid: {"name": h.name, "ledger": [e.to_dict() for e in h.ledger]} for nid, h in coord.hospitals.items()},
+            "hospitals": {
+                nid: {"name": h.name, "state": h.state, "rounds_trained": h.rounds_trained,
+                      "ledger": h.ledger.to_json() if h.ledger else None}
+                for nid, h in coord.hospitals.items()
+            },
             "rounds": self.rounds,
             "config": self.cfg.to_dict(),
         }
         atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
     def privacy(self, coord: Coordinator) -> dict:
+        """Per hospital: epsilon over its whole ledger (RDP and PRV), budget, this run's
+        DP-SGD history, and the ledger itself."""
         cfg = self.cfg
         hospitals = {}
         for h in sorted(coord.hospitals.values(), key=lambda h: h.name):
-            hospitals[h.name] = {
-                "epsilon": h.epsilon if cfg.privacy.enabled else None,
-                "delta": cfg.privacy.delta,
-                "accountant": cfg.privacy.accountant,
-                "rounds_trained": h.rounds_trained,
-                "noise_multiplier": h.ledger[0].noise_multiplier if h.ledger else None,
-                "max_grad_norm": cfg.privacy.max_grad_norm,
-                "history": [
-                    {k: e.to_dict()[k] for k in ("round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm")}
-                    for e in h.ledger
-                ],
-            }
+            ledger = h.ledger
+            entry = {"state": h.state, "rounds_trained": h.rounds_trained, "budget": h.budget if math.isfinite(h.budget) else None}
+            if h.reason:
+                entry["reason"] = h.reason
+            if ledger is not None:
+                eps = {name: ledger.epsilon(name) for name in ("rdp", "prv")} if cfg.privacy.enabled else {}
+                this_run = [e for e in ledger.dp_history() if e.run_id == self.run_id]
+                entry.update(
+                    {
+                        "epsilon": eps.get(cfg.privacy.accountant),
+                        "epsilon_rdp": eps.get("rdp"),
+                        "epsilon_prv": eps.get("prv"),
+                        "delta": ledger.delta,
+                        "accountant": cfg.privacy.accountant,
+                        "remaining": (h.budget - eps[cfg.privacy.accountant]) if eps and math.isfinite(h.budget) else None,
+                        "noise_multiplier": this_run[0].noise_multiplier if this_run else None,
+                        "max_grad_norm": cfg.privacy.max_grad_norm,
+                        "history": [
+                            {"round": e.round, "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate,
+                             "steps": e.steps, "max_grad_norm": e.max_grad_norm}
+                            for e in this_run
+                        ],
+                        "earlier_runs": [r for r in ledger.runs() if r != self.run_id],
+                        "data_fingerprint": ledger.fingerprint,
+                        "ledger": json.loads(ledger.to_json()),
+                    }
+                )
+            hospitals[h.name] = entry
         return {
             "run_id": self.run_id,
             "dp_enabled": cfg.privacy.enabled,
             "guarantee": (
                 "example-level (epsilon, delta)-DP for the patients in each hospital's training split, "
-                "over all rounds of this run"
+                "over every release recorded in the hospital's ledger (all rounds of this run, and earlier "
+                "runs on the same data when the hospital keeps its ledger on disk)"
                 if cfg.privacy.enabled
                 else "none: privacy.enabled is false"
             ),
@@ -153,4 +179,5 @@ class RunRecorder:
         )
         from common.report import write_report
 
-        write_report(self.run_dir)
+        for line in write_report(self.run_dir).splitlines():
+            log.info("%s", line)

@@ -121,3 +121,57 @@ def test_a_hospital_sending_nan_is_dropped_and_the_model_stays_finite(tmp_path, 
     assert "dropped the reply of medical" in out
     bundle = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in bundle["weights"].values())
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("headless Chromium is needed to check the HTML report: apt-get install chromium (.ci/run does)")
+
+
+def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
+    run_dir, _ = small_run
+    proc = fedgru("report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "epsilon" in proc.stdout and "report.html" in proc.stdout
+    page = run_dir / "report.html"
+    assert "<img" in page.read_text() and "data:image/png;base64," in page.read_text()  # self-contained
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    text = dom.stdout
+    for name, h in privacy["hospitals"].items():
+        assert name in text
+        assert f"{h['epsilon_rdp']:.3f}" in text and f"{h['epsilon_prv']:.3f}" in text
+        assert f"For each patient in the training data of hospital {name}" in text
+    assert f"{metrics['test']['pooled']['auroc']:.3f}" in text
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000  # a real page with plots, not a blank one
+
+
+def test_small_budget_stops_every_hospital_before_it_and_ends_cleanly(tmp_path, physionet_files):
+    run_dir = tmp_path / "budget"
+    # sigma is planned for epsilon 1 over 6 rounds; a budget of 0.5 lasts only part of them
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "6", "--set", "privacy.max_epsilon=0.5", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name, h in privacy["hospitals"].items():
+        assert h["state"] == "budget-exhausted", name
+        assert h["rounds_trained"] >= 1 and 0 < h["epsilon"] <= 0.5 and h["budget"] == 0.5
+        for r in metrics["rounds"]:
+            eps = (r["hospitals"].get(name) or {}).get("epsilon")
+            assert eps is None or eps <= 0.5
+    assert len(metrics["rounds"]) < 6  # the run ended when too few hospitals could train
+    assert "test" in metrics and (run_dir / "model.pt").is_file()
+    assert "has reached its privacy budget" in proc.stdout + proc.stderr

@@ -33,7 +33,7 @@ def _small_cfg(*extra):
 
 def _reply(node_id: int, arrays: dict[str, np.ndarray], n=100, hospital="h", metrics=None) -> Message:
     request = Message(RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    m = {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 0.3, M.EPSILON: 0.5, M.DELTA: 1e-5, M.STEPS: 4}
+    m = {M.NUM_EXAMPLES: n, M.UNIT_WEIGHT: 1.0, M.TRAIN_LOSS: 0.3, M.EPSILON: 0.5, M.DELTA: 1e-5, M.BUDGET: 1.0, M.STEPS: 4}
     m.update(metrics or {})
     content = RecordDict(
         {

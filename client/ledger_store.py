@@ -1,0 +1,81 @@
+"""Where a hospital keeps its privacy ledger.
+
+- Deployment: a JSON file on the hospital's own disk (node config ``ledger-path``),
+  created once with ``fedgru ledger init``. A missing file is an error, never a fresh
+  start: a hospital that has trained before must not silently restart from epsilon 0.
+  Writes are atomic (write, fsync, rename) under an exclusive lock.
+- Simulation: the ledger lives in the node's Flower ``context.state`` for the run and
+  is saved with the run by the server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from common.ledger import Ledger, LedgerError
+
+CONTEXT_KEY = "fedgru-ledger"
+
+
+class FileLedgerStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self, fingerprint: str) -> Ledger:
+        if not self.path.is_file():
+            raise LedgerError(
+                f"no privacy ledger at {self.path}. If this hospital has never trained on this "
+                "data, create it with `fedgru ledger init`; if it has, restore the ledger file "
+                "from backup: training without it would restart the privacy budget from zero"
+            )
+        ledger = Ledger.from_json(self.path.read_text(), source=str(self.path))
+        if ledger.fingerprint != fingerprint:
+            raise LedgerError(
+                f"the ledger at {self.path} belongs to other data (fingerprint {ledger.fingerprint[:12]}..., "
+                f"this data {fingerprint[:12]}...). Keep one ledger per patient data set; "
+                "create a new one with `fedgru ledger init` only for data about other patients"
+            )
+        return ledger
+
+    def save(self, ledger: Ledger) -> None:
+        write_ledger(self.path, ledger)
+
+
+def write_ledger(path: Path, ledger: Ledger) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(ledger.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class ContextLedgerStore:
+    """Simulation: one ledger per simulated hospital and run, in ``context.state``."""
+
+    def __init__(self, context: Context, hospital: str, delta: float, accountant: str):
+        self.context = context
+        self.hospital = hospital
+        self.delta = delta
+        self.accountant = accountant
+
+    def load(self, fingerprint: str) -> Ledger:
+        record = self.context.state.get(CONTEXT_KEY)
+        if record is None:
+            return Ledger(self.hospital, fingerprint, self.delta, self.accountant)
+        return Ledger.from_json(str(record["json"]), source="the simulated hospital's ledger")
+
+    def save(self, ledger: Ledger) -> None:
+        self.context.state[CONTEXT_KEY] = ConfigRecord({"json": ledger.to_json()})
