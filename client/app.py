@@ -159,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
     device = _device(cfg, node)
     data = _tensors(hospital, "train", device)
     state = _load_state(context, run_id)
-    sample_rate, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs)
+    sample_rate, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
     dp = None
     budget = node.budget(cfg.privacy.budget_for(hospital.name))
     if cfg.privacy.enabled:

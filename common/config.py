@@ -148,6 +148,7 @@ class ModelSection:
     dropout: float = 0.2  # between GRU layers and before the head
     head_hidden: int = 32  # dense layer before the output (0: none)
     pool: Literal["last", "mean", "last_mean"] = "last"  # how GRU outputs over time feed the head
+    zero_init_head: bool = False  # start the output layer at zero: every patient starts at p = 0.5
     input_skip: bool = False  # also feed the last time step's input channels to the head
     gru_impl: Literal["fast", "opacus", "torch"] = "fast"  # torch: non-private only
 
@@ -156,6 +157,9 @@ class ModelSection:
 class TrainingSection:
     local_epochs: float = 1.0  # passes over the hospital's training split per round
     batch_size: int = 64  # expected (Poisson) batch size
+    # > 0: every hospital samples this fraction of its training split per step instead
+    # (expected batch = sample_rate x its size), so all hospitals share one sample rate.
+    sample_rate: float = 0.0
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = 1e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"  # over the planned rounds
@@ -472,6 +476,8 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
     t = cfg.training
     if t.batch_size < 1:
         fail("training.batch_size", "must be at least 1")
+    if not 0 <= t.sample_rate <= 1:
+        fail("training.sample_rate", "must be in [0, 1] (0: use training.batch_size)")
     if t.local_epochs <= 0:
         fail("training.local_epochs", "must be positive")
     if t.lr <= 0:

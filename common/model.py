@@ -41,6 +41,7 @@ class ModelSpec:
     pool: str = "last"  # last | mean | last_mean
     input_skip: bool = False
     architecture: str = "stacked"  # stacked | per_variable
+    zero_init_head: bool = False
     n_variables: int = 0  # per_variable: channels are [v_1..v_V | masks | deltas], V each
 
     def to_dict(self) -> dict:
@@ -82,6 +83,10 @@ class GRUClassifier(nn.Module):
             )
         else:
             self.head = nn.Sequential(nn.Linear(head_in, spec.n_outputs))
+        if spec.zero_init_head:
+            # Data-independent start: DP noise need not first undo random predictions.
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but Opacus DPGRU's internal aliases of the nn.GRU-named
@@ -173,4 +178,5 @@ def model_spec(cfg) -> ModelSpec:
         input_skip=cfg.model.input_skip,
         architecture=cfg.model.architecture,
         n_variables=len(cfg.features.variables),
+        zero_init_head=cfg.model.zero_init_head,
     )

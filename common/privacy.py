@@ -81,11 +81,11 @@ def epsilon(entries: list[DPSGDEntry], delta: float, accountant: str = "rdp") ->
     return float(accountant_for(entries, accountant).get_epsilon(delta=delta))
 
 
-def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
-    """Sample rate q = B / n and the number of Poisson steps for ``local_epochs`` passes."""
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: float, sample_rate: float = 0.0) -> tuple[float, int]:
+    """Sample rate q (``sample_rate``, or B / n) and the Poisson steps for ``local_epochs`` passes."""
     if num_examples < 1:
         raise ValueError("a hospital needs at least one training example")
-    q = min(1.0, batch_size / num_examples)
+    q = sample_rate if sample_rate > 0 else min(1.0, batch_size / num_examples)
     steps = max(1, int(round(local_epochs / q)))
     return q, steps
 

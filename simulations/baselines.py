@@ -39,7 +39,7 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     torch.manual_seed(seed)
     model = GRUClassifier(model_spec(cfg), cfg.model.gru_impl if dp_epsilon else "torch").to(device)
     data = TensorData.from_numpy(X, S, y, device)
-    q, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs)
+    q, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
     rounds = cfg.run.rounds
     dp, history = None, []
     if dp_epsilon:

@@ -1,0 +1,174 @@
+"""FastDPGRU against nn.GRU (forward), a batch-of-one reference (per-example
+gradients) and Opacus's DPGRU (a whole DP training run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.layers import DPGRU
+from opacus.optimizers import DPOptimizer
+from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
+from opacus.validators import ModuleValidator
+
+from common.dp_gru import FastDPGRU
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_forward_equals_nn_gru(num_layers, batch_first):
+    torch.manual_seed(0)
+    ref = nn.GRU(6, 9, num_layers=num_layers, batch_first=batch_first)
+    fast = FastDPGRU(6, 9, num_layers=num_layers, batch_first=batch_first)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 11, 6) if batch_first else torch.randn(11, 5, 6)
+    h0 = torch.randn(num_layers, 5, 9)
+    for hx in (None, h0):
+        out_ref, h_ref = ref(x, hx)
+        out, h = fast(x, hx)
+        torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_variable_lengths_equal_packed_nn_gru(num_layers):
+    torch.manual_seed(1)
+    ref = nn.GRU(4, 7, num_layers=num_layers, batch_first=True)
+    fast = FastDPGRU(4, 7, num_layers=num_layers, batch_first=True)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 10, 4)
+    lengths = torch.tensor([10, 3, 1, 7, 10, 5])
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out_p, h_ref = ref(packed)
+    out_ref, _ = nn.utils.rnn.pad_packed_sequence(out_p, batch_first=True, total_length=10)
+    out, h = fast(x, lengths=lengths)
+    torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_state_dicts_move_both_ways_and_bidirectional_is_refused():
+    ref = nn.GRU(3, 5, num_layers=2, bias=False)
+    fast = FastDPGRU(3, 5, num_layers=2, bias=False)
+    assert set(fast.state_dict()) == set(ref.state_dict())
+    fast.load_state_dict(ref.state_dict())
+    ref.load_state_dict(fast.state_dict())
+    assert fast.weight_hh_l1.shape == ref.weight_hh_l1.shape
+    with pytest.raises(ValueError, match="bidirectional"):
+        FastDPGRU(3, 5, bidirectional=True)
+
+
+class _Head(nn.Module):
+    """GRU then Linear; reads h_n (the opacus#639 pattern) or the output sequence."""
+
+    def __init__(self, gru: nn.Module, use_h_n: bool, hidden: int = 7):
+        super().__init__()
+        self.gru, self.use_h_n = gru, use_h_n
+        self.fc = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        out, h_n = self.gru(x)
+        return self.fc(h_n[-1] if self.use_h_n else out.mean(dim=1))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("use_h_n", [True, False])
+def test_per_example_gradients_match_opacus_microbatch_reference(num_layers, use_h_n):
+    torch.manual_seed(2)
+    model = _Head(FastDPGRU(5, 7, num_layers=num_layers, batch_first=True), use_h_n)
+    x = torch.randn(8, 6, 5)
+    assert check_per_sample_gradients_are_correct(x, model, batch_first=True, atol=1e-6, rtol=1e-4)
+
+
+def _microbatch(model_fn, inputs, targets, lengths=None):
+    """The slow reference: one example at a time, plain autograd."""
+    grads = {}
+    for i in range(inputs.shape[0]):
+        model = model_fn()
+        out = model(inputs[i : i + 1], None if lengths is None else lengths[i : i + 1])
+        nn.functional.mse_loss(out, targets[i : i + 1], reduction="sum").backward()
+        for name, p in model.named_parameters():
+            grads.setdefault(name, []).append(p.grad.clone())
+    return {k: torch.stack(v) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_per_example_gradients_with_lengths_and_groups(groups):
+    torch.manual_seed(3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = FastDPGRU(3, 4, num_layers=2, batch_first=True, groups=groups)
+            self.fc = nn.Linear(4 * groups, 1)
+
+        def forward(self, x, lengths=None):
+            _, h_n = self.gru(x, lengths=lengths)
+            return self.fc(h_n[-1].reshape(x.shape[0], -1))
+
+    base = Net()
+    shape = (6, groups, 9, 3) if groups > 1 else (6, 9, 3)
+    x, y = torch.randn(*shape), torch.randn(6, 1)
+    lengths = torch.tensor([9, 2, 5, 1, 9, 7])
+
+    def fresh():
+        m = Net()
+        m.load_state_dict(base.state_dict())
+        return m
+
+    ref = _microbatch(fresh, x, y, lengths)
+    gsm = GradSampleModule(fresh(), loss_reduction="sum")
+    nn.functional.mse_loss(gsm(x, lengths), y, reduction="sum").backward()
+    for name, p in gsm._module.named_parameters():
+        torch.testing.assert_close(p.grad_sample, ref[name], atol=1e-6, rtol=1e-4)
+
+
+def test_make_private_accepts_fastdpgru_without_validator_errors():
+    model = _Head(FastDPGRU(5, 7, batch_first=True), use_h_n=True)
+    assert ModuleValidator.validate(model, strict=False) == []
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6, 5), torch.randint(0, 3, (32,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    assert engine.get_epsilon(1e-5) > 0
+
+
+def _ordered_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters in nn.GRU state_dict order, so both GRUs draw the same noise per tensor."""
+    gru = model.gru
+    names = [k for k in nn.GRU(5, 7, num_layers=2, batch_first=True).state_dict()]
+    return [getattr(gru, n) for n in names] + list(model.fc.parameters())
+
+
+def test_dp_training_ends_where_opacus_dpgru_ends():
+    """Same initial weights, same batches, same noise seed: the same parameters."""
+    torch.manual_seed(4)
+    ref_init = nn.GRU(5, 7, num_layers=2, batch_first=True).state_dict()
+    fc_init = nn.Linear(7, 3).state_dict()
+    batches = [(torch.randn(12, 6, 5), torch.randint(0, 3, (12,))) for _ in range(5)]
+    finals = []
+    for cls in (FastDPGRU, DPGRU):
+        model = _Head(cls(5, 7, num_layers=2, batch_first=True), use_h_n=True)
+        model.gru.load_state_dict(ref_init)
+        model.fc.load_state_dict(fc_init)
+        gsm = GradSampleModule(model)
+        opt = DPOptimizer(
+            torch.optim.SGD(_ordered_params(model), lr=0.5), noise_multiplier=0.7, max_grad_norm=0.5,
+            expected_batch_size=12, generator=torch.Generator().manual_seed(99),
+        )
+        for xb, yb in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(gsm(xb), yb).backward()
+            opt.step()
+        finals.append({**{f"gru.{k}": v for k, v in model.gru.state_dict().items()}, **{f"fc.{k}": v for k, v in model.fc.state_dict().items()}})
+    moved = any(not torch.allclose(finals[0][k], ref_init[k.split(".", 1)[1]]) for k in finals[0] if k.startswith("gru."))
+    assert moved
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-5, rtol=1e-4)
