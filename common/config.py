@@ -197,6 +197,22 @@ class PrivacySection:
 
 
 @dataclass
+class HospitalDPSection:
+    """Optional hospital-level (client-level) DP on top of DP-SGD: each hospital's
+    update is clipped and the aggregate is noised by the server (Flower's
+    DifferentialPrivacyServerSideFixedClipping, McMahan et al. arXiv:1710.06963),
+    accounted by Flower's RDP accountant. A second, separate guarantee: it protects
+    whether a hospital took part, against anyone who sees the global models (not
+    against the coordinator, which sees the updates)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # noise std = noise_multiplier x clipping_norm / hospitals
+    clipping_norm: float = 1.0  # L2 bound on each hospital's update (its weights - global)
+    delta: float = 1e-3  # hospital-level delta (few hospitals: keep it well below 1/count)
+    max_epsilon: float = 0.0  # > 0: end the run before a release that would pass it
+
+
+@dataclass
 class StrategySection:
     name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = 0.0  # fedprox
@@ -226,6 +242,7 @@ class ExperimentConfig:
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    hospital_dp: HospitalDPSection = field(default_factory=HospitalDPSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     source: str = ""  # file the config was loaded from (informational)
@@ -498,6 +515,12 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
             fail("privacy.max_epsilon", "budgets must be positive")
         if pr.max_grad_norm <= 0:
             fail("privacy.max_grad_norm", "must be positive")
+    hd = cfg.hospital_dp
+    if hd.enabled:
+        if cfg.strategy.name == "fedadam":
+            fail("hospital_dp", "needs plain weighted averaging (fedavg or fedprox), not fedadam")
+        if hd.noise_multiplier <= 0 or hd.clipping_norm <= 0 or not 0 < hd.delta < 1:
+            fail("hospital_dp", "needs noise_multiplier > 0, clipping_norm > 0 and delta in (0, 1)")
     s = cfg.strategy
     if s.min_hospitals < 1:
         fail("strategy.min_hospitals", "must be at least 1")

@@ -306,6 +306,14 @@ def build(run_dir: Path) -> tuple[str, list[Section], dict]:
             if plot_epsilon(metrics, privacy, run_dir / "epsilon.png"):
                 sec.blocks.append(Image(run_dir / "epsilon.png", "Cumulative epsilon per round (dotted: budgets)"))
         sections.append(sec)
+        level = privacy.get("hospital_level")
+        if level:
+            sections.append(Section("Second guarantee: hospital-level DP", [
+                f"Each hospital's update was clipped to L2 norm {level['clipping_norm']} and the aggregate noised "
+                f"(noise multiplier {level['noise_multiplier']}); over {level.get('releases', 0)} releases this gives "
+                f"epsilon = {_fmt(level.get('epsilon'))} at delta = {_fmt(level.get('delta'))} ({level['accountant']}).",
+                level["guarantee"],
+            ]))
         sections.append(Section("Releases not covered by DP", [
             [f"{r['field']} ({r['when']}): {r['reveals']}" for r in privacy.get("non_dp_releases", [])]
         ]))

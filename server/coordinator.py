@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
@@ -68,11 +69,19 @@ class Coordinator:
         self.recorder = recorder
         self.run_id = run_id
         self.simulated = False
-        self.aggregator = Aggregator(cfg.strategy)
+        self._aggregator: Aggregator | None = None
+        self.hospital_dp_exhausted = False
         self.hospitals: dict[int, HospitalView] = {}
         self.arrays = initial_arrays(cfg)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """Built once the hospitals are known (hospital-level DP noise depends on their count)."""
+        if self._aggregator is None:
+            self._aggregator = Aggregator(self.cfg.strategy, self.cfg.hospital_dp, len(self.hospitals))
+        return self._aggregator
 
     # -- messaging -------------------------------------------------------------
     def _config(self, server_round: int, **extra) -> ConfigRecord:
@@ -131,7 +140,12 @@ class Coordinator:
     def train_round(self, server_round: int) -> dict:
         layout = expected_layout(self.arrays)
         nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
-        messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round), nodes)
+        try:
+            messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round), nodes)
+        except PrivacyBudgetExhausted as exc:
+            log.info("round %d: hospital-level DP budget reached, ending the run (%s)", server_round, exc)
+            self.hospital_dp_exhausted = True
+            return {"hospitals": {}, "dropped": [], "stopped": [], "skipped": True}
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s)) if messages else []
         valid, record = [], {"hospitals": {}, "dropped": [], "stopped": []}
         answered = set()
@@ -143,7 +157,10 @@ class Coordinator:
             if self._stopped(reply, view, server_round, record):
                 continue
             try:
-                check_train_reply(reply, layout, self.cfg.strategy.max_examples)
+                check_train_reply(
+                    reply, layout, self.cfg.strategy.max_examples,
+                    current=self.arrays if self.cfg.hospital_dp.enabled else None,
+                )
             except ReplyRejected as exc:
                 log.warning("round %d: dropped the reply of %s: %s", server_round, name, exc)
                 record["dropped"].append({"hospital": name, "reason": str(exc)})
@@ -233,6 +250,8 @@ class Coordinator:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
 
     def can_continue(self) -> bool:
+        if self.hospital_dp_exhausted:
+            return False
         return sum(h.active for h in self.hospitals.values()) >= self.cfg.strategy.min_hospitals
 
     def run(self) -> None:
@@ -247,6 +266,8 @@ class Coordinator:
                 break
             t0 = time.perf_counter()
             train = self.train_round(server_round)
+            if self.hospital_dp_exhausted:
+                break
             val = self.evaluate(server_round, "val") if self.cfg.evaluation.every_round else {"pooled": {}, "hospitals": {}}
             seconds = time.perf_counter() - t0
             auroc = val["pooled"].get("auroc", float("nan"))

@@ -164,9 +164,28 @@ class RunRecorder:
                 else "none: privacy.enabled is false"
             ),
             "hospitals": hospitals,
+            "hospital_level": self._hospital_level(coord),
             "non_dp_releases": [
                 {"field": r.field, "when": r.when, "reveals": r.reveals} for r in M.RELEASES if not r.dp
             ],
+        }
+
+    def _hospital_level(self, coord: Coordinator) -> dict | None:
+        hd = self.cfg.hospital_dp
+        if not hd.enabled:
+            return None
+        spent = coord.aggregator.hospital_privacy() or {}
+        return {
+            **spent,
+            "noise_multiplier": hd.noise_multiplier,
+            "clipping_norm": hd.clipping_norm,
+            "max_epsilon": hd.max_epsilon or None,
+            "accountant": "Flower RdpAccountant (no sampling amplification)",
+            "guarantee": (
+                "hospital-level (epsilon, delta)-DP: whether any one hospital took part changes the "
+                "released global models only within this bound. It holds against everyone who sees the "
+                "global models, but not against the coordinator, which sees each hospital's clipped update."
+            ),
         }
 
     def finish(self, coord: Coordinator, test: dict) -> None:

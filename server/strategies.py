@@ -14,17 +14,26 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp import PrivacyConfig, RdpAccountant
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
-from common.config import StrategySection
+from common import messages as M
+from common.config import HospitalDPSection, StrategySection
 
 # Every node the coordinator offers takes part: sampling and waiting are its job.
 _ALL = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "min_evaluate_nodes": 0, "min_available_nodes": 1}
 
-STRATEGIES: dict[str, Callable[[StrategySection], Strategy]] = {
-    "fedavg": lambda s: FedAvg(**_ALL),
-    "fedprox": lambda s: FedProx(**_ALL, proximal_mu=s.proximal_mu),
-    "fedadam": lambda s: FedAdam(**_ALL, eta=s.server_lr, eta_l=1.0, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau),
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "fedavg": lambda s, **kw: FedAvg(**_ALL, **kw),
+    "fedprox": lambda s, **kw: FedProx(**_ALL, **kw, proximal_mu=s.proximal_mu),
+    "fedadam": lambda s, **kw: FedAdam(**_ALL, **kw, eta=s.server_lr, eta_l=1.0, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau),
 }
 
 
@@ -39,17 +48,44 @@ class NodeView:
 
 
 class Aggregator:
-    """A Flower strategy, driven by the coordinator."""
+    """A Flower strategy, driven by the coordinator; optionally wrapped in Flower's
+    hospital-level DP (server-side fixed clipping) with its RDP accountant."""
 
-    def __init__(self, section: StrategySection, wrap: Callable[[Strategy], Strategy] | None = None):
+    def __init__(self, section: StrategySection, hospital_dp: HospitalDPSection | None = None, hospitals: int = 1):
         if section.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {section.name!r}; choose one of {', '.join(STRATEGIES)}")
         self.name = section.name
-        self.base = STRATEGIES[section.name](section)
-        self.strategy = wrap(self.base) if wrap else self.base
+        dp = hospital_dp if hospital_dp is not None and hospital_dp.enabled else None
+        # Hospital-level DP accounting assumes an unweighted mean of the updates.
+        self.base = STRATEGIES[section.name](section, **({"weighted_by_key": M.UNIT_WEIGHT} if dp else {}))
+        self.strategy: Strategy = self.base
+        self.accountant = None
+        if dp is not None:
+            self.accountant = RdpAccountant(
+                PrivacyConfig(
+                    target_delta=dp.delta,
+                    population_size=max(hospitals, 1),
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                    max_epsilon=dp.max_epsilon or None,
+                )
+            )
+            self.strategy = DifferentialPrivacyServerSideFixedClipping(
+                self.base, dp.noise_multiplier, dp.clipping_norm, max(hospitals, 1), accountant=self.accountant
+            )
 
     def messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]) -> list[Message]:
+        """The round's training messages. Raises PrivacyBudgetExhausted when hospital-level
+        DP has no budget for another release."""
+        if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
+            self.strategy.num_sampled_clients = len(node_ids)  # noise scales with who takes part
         return list(self.strategy.configure_train(server_round, arrays, config, NodeView(node_ids)))
+
+    def hospital_privacy(self) -> dict | None:
+        if self.accountant is None:
+            return None
+        spent = self.accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
 
     def aggregate(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         arrays, _ = self.strategy.aggregate_train(server_round, replies)

@@ -33,8 +33,17 @@ def expected_layout(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.
     return {k: (tuple(a.shape), np.dtype(a.numpy().dtype)) for k, a in arrays.items()}
 
 
-def check_train_reply(msg: Message, layout: dict[str, tuple[tuple[int, ...], np.dtype]], max_examples: int) -> None:
-    """Raise :class:`ReplyRejected` with the reason when the reply is unusable."""
+def check_train_reply(
+    msg: Message,
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]],
+    max_examples: int,
+    current: ArrayRecord | None = None,
+) -> None:
+    """Raise :class:`ReplyRejected` with the reason when the reply is unusable.
+
+    With ``current`` (the global model sent out), a reply equal to it is rejected too:
+    it carries no update, and Flower's hospital-level DP clipping divides by its norm.
+    """
     if msg.has_error():
         raise ReplyRejected(f"the hospital reported an error ({msg.error.reason})")
     content = msg.content
@@ -53,6 +62,8 @@ def check_train_reply(msg: Message, layout: dict[str, tuple[tuple[int, ...], np.
             raise ReplyRejected(f"weight '{key}' has dtype {arr.dtype}, expected a float type")
         if not np.isfinite(arr).all():
             raise ReplyRejected(f"weight '{key}' contains NaN or infinite values")
+    if current is not None and all(np.array_equal(arrays[k].numpy(), current[k].numpy()) for k in layout):
+        raise ReplyRejected("the update is empty (the weights equal the global model)")
     check_metrics(msg, M.TRAIN_METRIC_KEYS, max_examples)
 
 
