@@ -52,7 +52,6 @@ from .node import NodeSettings
 log = logging.getLogger("fedgru.client")
 
 STATE_KEY = "fedgru-local-state"
-REPLY_KEY = "fedgru-last-reply"
 
 
 def _experiment(msg: Message) -> ExperimentConfig:
@@ -148,11 +147,11 @@ def train(msg: Message, context: Context) -> Message:
 
     # The same round with the same global model again (a resumed server): resend the
     # release already made instead of making, and paying for, a new one.
-    incoming = msg.content[M.ARRAYS].object_id
-    cached = context.state.get(REPLY_KEY)
-    if cached is not None and cached.get("key") == f"{run_id}/{server_round}/{incoming}":
+    reply_key = f"{run_id}/{server_round}/{msg.content[M.ARRAYS].object_id}"
+    cached = store.load_reply(reply_key)
+    if cached is not None:
         log.info("%s round %d: resending the reply already released", hospital.name, server_round)
-        return Message(_unpack_reply(bytes(cached["payload"])), reply_to=msg)
+        return Message(_unpack_reply(cached), reply_to=msg)
 
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
@@ -165,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.enabled:
         if state.noise_multiplier <= 0:
             state.noise_multiplier = noise_multiplier_for_run(cfg, sample_rate, steps, ledger.delta)
-        dp = DPSettings(state.noise_multiplier, cfg.privacy.max_grad_norm, sample_rate)
+        dp = DPSettings(state.noise_multiplier, cfg.privacy.max_grad_norm, sample_rate, cfg.privacy.clipping == "per_layer")
         planned = DPSGDEntry(server_round, dp.noise_multiplier, sample_rate, steps, dp.max_grad_norm, run_id)
         would_be = ledger.epsilon_with(planned)
         if would_be > budget:
@@ -219,7 +218,7 @@ def train(msg: Message, context: Context) -> Message:
     status = _status(hospital.name, "trained", **{M.LEDGER: ledger.to_json()})
     arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     content = RecordDict({M.ARRAYS: arrays, M.METRICS: metrics, M.STATUS: status})
-    context.state[REPLY_KEY] = ConfigRecord({"key": f"{run_id}/{server_round}/{incoming}", "payload": _pack_reply(content)})
+    store.save_reply(reply_key, _pack_reply(content))
     return Message(content, reply_to=msg)
 
 

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context
 from common.ledger import Ledger, LedgerError
 
 CONTEXT_KEY = "fedgru-ledger"
+REPLY_KEY = "fedgru-last-reply"
 
 
 class FileLedgerStore:
@@ -45,15 +46,32 @@ class FileLedgerStore:
     def save(self, ledger: Ledger) -> None:
         write_ledger(self.path, ledger)
 
+    # The last training reply, kept beside the ledger: a restarted SuperNode asked for
+    # the same round again resends it instead of releasing (and paying for) a new one.
+    def save_reply(self, key: str, payload: bytes) -> None:
+        _atomic_write(self.path.with_suffix(self.path.suffix + ".last-reply"), key.encode() + b"\n" + payload)
+
+    def load_reply(self, key: str) -> bytes | None:
+        path = self.path.with_suffix(self.path.suffix + ".last-reply")
+        if not path.is_file():
+            return None
+        stored_key, _, payload = path.read_bytes().partition(b"\n")
+        return payload if stored_key.decode(errors="replace") == key else None
+
 
 def write_ledger(path: Path, ledger: Ledger) -> None:
+    _atomic_write(path, ledger.to_json().encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, under an exclusive lock: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(ledger.to_json())
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -79,3 +97,12 @@ class ContextLedgerStore:
 
     def save(self, ledger: Ledger) -> None:
         self.context.state[CONTEXT_KEY] = ConfigRecord({"json": ledger.to_json()})
+
+    def save_reply(self, key: str, payload: bytes) -> None:
+        self.context.state[REPLY_KEY] = ConfigRecord({"key": key, "payload": payload})
+
+    def load_reply(self, key: str) -> bytes | None:
+        record = self.context.state.get(REPLY_KEY)
+        if record is None or str(record.get("key")) != key:
+            return None
+        return bytes(record["payload"])

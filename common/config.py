@@ -181,6 +181,10 @@ class PrivacySection:
     # "auto": min(1e-5, 1 / (10 n)) for each hospital's n, i.e. always below 1/n.
     delta: Literal["auto"] | float = "auto"
     max_grad_norm: float = 1.0  # per-example clipping norm
+    # flat: clip each example's whole gradient to max_grad_norm. per_layer: clip each
+    # parameter tensor to max_grad_norm / sqrt(tensors), so a large head gradient cannot
+    # crowd out the GRU's share (same sensitivity, same noise).
+    clipping: Literal["flat", "per_layer"] = "flat"
     accountant: Literal["rdp", "prv"] = "rdp"  # drives calibration and budget decisions
     # Each hospital's budget at its delta, over every round and every run on its data.
     # A hospital stops before a round that would take it past this.

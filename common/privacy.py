@@ -68,9 +68,20 @@ def make_accountant(name: str) -> IAccountant:
 
 
 def accountant_for(entries: list[DPSGDEntry], name: str) -> IAccountant:
-    """A fresh accountant whose history replays ``entries``."""
+    """A fresh accountant whose history replays ``entries``.
+
+    Entries with the same noise multiplier and sample rate are one Gaussian mechanism
+    repeated: their steps add up into one history item (composition is additive in the
+    number of steps, which is how Opacus's own accountants merge steps too). This keeps
+    accounting O(distinct settings), not O(rounds).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for e in entries:
+        if e.steps > 0:
+            key = (e.noise_multiplier, e.sample_rate)
+            merged[key] = merged.get(key, 0) + e.steps
     acc = make_accountant(name)
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0]
+    acc.history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
     return acc
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 from .config import TrainingSection
 from .model import GRUClassifier, loss_fn, probabilities
@@ -53,6 +53,7 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
+    per_layer: bool = False  # clip each parameter tensor to max_grad_norm / sqrt(tensors)
 
 
 @dataclass
@@ -150,14 +151,18 @@ def train_local(
         return LocalResult(steps, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer))
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=max(1, int(round(dp.sample_rate * n))),
-        loss_reduction="mean",
-        generator=noise_generator,
-    )
+    common = {
+        "noise_multiplier": dp.noise_multiplier,
+        "expected_batch_size": max(1, int(round(dp.sample_rate * n))),
+        "loss_reduction": "mean",
+        "generator": noise_generator,
+    }
+    if dp.per_layer:
+        # The per-tensor norms add up (in squares) to max_grad_norm: same sensitivity.
+        share = dp.max_grad_norm / math.sqrt(len(params))
+        dp_optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[share] * len(params), **common)
+    else:
+        dp_optimizer = DPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **common)
     taken = 0
     try:
         for _ in range(steps):

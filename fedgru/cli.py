@@ -7,6 +7,7 @@
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
     fedgru ledger    init|show --ledger FILE [--data PATH --outcomes FILE --hospital NAME]
+    fedgru deploy    init --out DIR --hospitals a,b,c [--host HOST --port PORT]
 """
 
 from __future__ import annotations
@@ -168,6 +169,18 @@ def cmd_ledger(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from server.deploy import init_deployment
+
+    try:
+        text = init_deployment(Path(args.out), args.hospitals.split(","), host=args.host, port=args.port)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(text)
+    print(f"\nWrote the keys, certificates and these commands to {args.out} (COMMANDS.md, flwr-config.toml).")
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from simulations.baselines import run_baseline
 
@@ -229,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", default="auto", help="init: delta for every epsilon in this ledger (default: below 1/n)")
     _config_arg(p)
     p.set_defaults(fn=cmd_ledger)
+
+    p = sub.add_parser("deploy", help="create a CA, the SuperLink's certificate and each hospital's key")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("--out", required=True, help="folder for the key material and COMMANDS.md")
+    p.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. a,b,c")
+    p.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as hospitals reach it")
+    p.add_argument("--port", type=int, default=9093)
+    p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run")
     p.add_argument("run_dir", help="a run folder (runs/<timestamp>)")

@@ -21,7 +21,7 @@ from common.logs import attach_to_flower
 from common.paths import project_root, resolve
 
 from .coordinator import Coordinator
-from .outputs import RunRecorder, make_run_dir
+from .outputs import RunRecorder, load_checkpoint, make_run_dir
 
 log = logging.getLogger("fedgru.server")
 
@@ -44,13 +44,15 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     return load_config(path, overrides)
 
 
-def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, run_id: str | None = None) -> Path:
+def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: dict | None = None) -> Path:
     attach_to_flower()
-    run_id = run_id or secrets.token_hex(6)
+    run_id = resume["run_id"] if resume else secrets.token_hex(6)
     recorder = RunRecorder(run_dir, cfg, run_id)
     log.info("run %s: writing to %s", run_id, run_dir)
     coord = Coordinator(cfg, grid, recorder, run_id)
     coord.discover()
+    if resume:
+        coord.restore(resume)
     if coord.simulated:
         # A simulation holds every hospital's data on this machine: the partition
         # table is the simulation's own description, not something hospitals sent.
@@ -79,6 +81,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    resume_dir = str(context.run_config.get("resume", ""))
+    if resume_dir:
+        # Same run, same config: everything comes from the run folder's checkpoint.
+        run_dir = resolve(resume_dir)
+        state = load_checkpoint(run_dir)
+        cfg = ExperimentConfig.from_json(state["config"])
+        run_server(cfg, grid, run_dir, resume=state)
+        return
     cfg = config_from_run_config(dict(context.run_config))
     out = str(context.run_config.get("out-dir", "")) or cfg.run.out_dir
     out_dir = Path(out) if Path(out).is_absolute() else project_root() / out

@@ -13,6 +13,7 @@ global model and is logged as skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -69,12 +70,41 @@ class Coordinator:
         self.recorder = recorder
         self.run_id = run_id
         self.simulated = False
+        self._modes: set[str] = set()
+        self._not_hospitals: set[int] = set()
         self._aggregator: Aggregator | None = None
         self.hospital_dp_exhausted = False
         self.hospitals: dict[int, HospitalView] = {}
         self.arrays = initial_arrays(cfg)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
+
+    def restore(self, state: dict) -> None:
+        """Continue a run from a checkpoint: next round, global model, strategy state,
+        what each hospital has done. Hospitals must have been discovered first."""
+        if self.simulated:
+            raise RuntimeError(
+                "a simulation cannot be resumed: simulated hospitals keep their ledgers in the run's "
+                "memory, so their epsilon would restart from zero. Start the simulation again."
+            )
+        self.start_round = int(state["round"]) + 1
+        self.arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state["arrays"].items()})
+        self.aggregator.load_state_dict({name: {k: v.numpy() for k, v in d.items()} for name, d in state["strategy"].items()})
+        if state.get("hospital_dp") and self.aggregator.accountant is not None:
+            self.aggregator.accountant.load_state_dict(json.loads(state["hospital_dp"]))
+        by_name = {h.name: h for h in self.hospitals.values()}
+        for saved in state["hospitals"]:
+            view = by_name.get(saved["name"])
+            if view is None:
+                log.warning("%s took part before the restart but has not reconnected", saved["name"])
+                continue
+            view.state, view.reason, view.rounds_trained = saved["state"], saved["reason"], int(saved["rounds_trained"])
+            view.budget = float(saved["budget"]) if saved["budget"] >= 0 else math.inf
+            if saved["ledger"]:
+                view.ledger = Ledger.from_json(saved["ledger"], source=f"the checkpointed ledger of {view.name}")
+                view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
+        self.recorder.rounds = json.loads(state["rounds"])
+        log.info("resuming run %s at round %d of %d", self.run_id, self.start_round, self.cfg.run.rounds)
 
     @property
     def aggregator(self) -> Aggregator:
@@ -89,13 +119,47 @@ class Coordinator:
             {M.EXPERIMENT_JSON: self.cfg_json, M.RUN_ID: self.run_id, M.SERVER_ROUND: server_round, **extra}
         )
 
-    def _send(self, node_ids: list[int], message_type: str, content_fn) -> list[Message]:
+    def _send(self, node_ids: list[int], message_type: str, content_fn, timeout: float | None = None) -> list[Message]:
         messages = [Message(content_fn(), dst_node_id=nid, message_type=message_type) for nid in node_ids]
         if not messages:
             return []
-        return list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s))
+        return list(self.grid.send_and_receive(messages, timeout=timeout or self.cfg.strategy.round_timeout_s))
 
     # -- discovery -------------------------------------------------------------
+    def _identify(self, node_ids: list[int], timeout: float) -> set[int]:
+        """Ask nodes which hospital they are; map new ones, remap a hospital that came
+        back on another node. Returns the nodes that answered."""
+        answered: set[int] = set()
+        replies = self._send(node_ids, MessageType.QUERY, lambda: RecordDict({M.CONFIG: self._config(0)}), timeout)
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
+                continue
+            answered.add(nid)
+            status = reply.content[M.STATUS]
+            name = str(status.get(M.HOSPITAL, ""))
+            if str(status.get(M.STATE)) != "ready" or not name:
+                self._not_hospitals.add(nid)
+                continue
+            self._modes.add(str(status.get(M.MODE, "")))
+            previous = next((old for old, h in self.hospitals.items() if h.name == name), None)
+            if previous is None:
+                self.hospitals[nid] = HospitalView(name, nid)
+            elif previous != nid:
+                if previous in self._connected:
+                    log.warning("two nodes claim hospital %r; keeping the first", name)
+                    continue
+                view = self.hospitals.pop(previous)
+                view.node_id = nid
+                self.hospitals[nid] = view
+                log.info("%s rejoined (node %s)", name, nid)
+        return answered
+
+    @property
+    def _connected(self) -> set[int]:
+        return set(self.grid.get_node_ids())
+
     def discover(self, wait_s: float = 120.0) -> None:
         """Ask every connected node which hospital it is.
 
@@ -104,30 +168,14 @@ class Coordinator:
         """
         deadline = time.monotonic() + wait_s
         answered: set[int] = set()
-        modes: set[str] = set()
         while True:
-            pending = [n for n in self.grid.get_node_ids() if n not in answered]
-            replies = self._send(pending, MessageType.QUERY, lambda: RecordDict({M.CONFIG: self._config(0)}))
-            for reply in replies:
-                nid = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
-                    continue
-                answered.add(nid)
-                status = reply.content[M.STATUS]
-                name = str(status.get(M.HOSPITAL, ""))
-                if str(status.get(M.STATE)) != "ready" or not name:
-                    continue
-                if name in {h.name for h in self.hospitals.values()}:
-                    log.warning("two nodes claim hospital %r; keeping the first", name)
-                    continue
-                self.hospitals[nid] = HospitalView(name, nid)
-                modes.add(str(status.get(M.MODE, "")))
-            everyone = set(self.grid.get_node_ids()) <= answered
+            pending = [n for n in self._connected if n not in answered]
+            answered |= self._identify(pending, timeout=max(1.0, deadline - time.monotonic()))
+            everyone = self._connected <= answered
             if (everyone and len(self.hospitals) >= self.cfg.strategy.min_hospitals) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
-        self.simulated = bool(self.hospitals) and modes == {"simulation"}
+        self.simulated = bool(self.hospitals) and self._modes == {"simulation"}
         names = ", ".join(sorted(h.name for h in self.hospitals.values())) or "none"
         log.info("hospitals: %s", names)
         if len(self.hospitals) < self.cfg.strategy.min_hospitals:
@@ -135,6 +183,13 @@ class Coordinator:
                 f"only {len(self.hospitals)} hospital(s) answered within {wait_s:.0f} s; "
                 f"strategy.min_hospitals is {self.cfg.strategy.min_hospitals}"
             )
+
+    def rediscover(self) -> None:
+        """Before a round: identify nodes that connected since (a hospital back from a
+        crash, or a late one). Bounded and quick when nothing is new."""
+        new = [n for n in self._connected if n not in self.hospitals and n not in self._not_hospitals]
+        if new:
+            self._identify(new, timeout=min(60.0, self.cfg.strategy.round_timeout_s))
 
     # -- rounds ----------------------------------------------------------------
     def train_round(self, server_round: int) -> dict:
@@ -265,6 +320,8 @@ class Coordinator:
                 )
                 break
             t0 = time.perf_counter()
+            if not self.simulated:
+                self.rediscover()
             train = self.train_round(server_round)
             if self.hospital_dp_exhausted:
                 break

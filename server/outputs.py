@@ -18,12 +18,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 import yaml
 
 from common import messages as M
 from common.bundle import atomic_torch_save, save_bundle
 from common.config import ExperimentConfig
 from common.model import model_spec
+
+CHECKPOINT_FORMAT = "fedgru-checkpoint/1"
 
 log = logging.getLogger("fedgru.server")
 
@@ -104,18 +108,22 @@ class RunRecorder:
         return out
 
     def checkpoint(self, coord: Coordinator, server_round: int) -> None:
+        """Everything a restarted coordinator needs to continue after this round."""
+        tensors = lambda d: {k: torch.as_tensor(np.asarray(v)).clone() for k, v in d.items()}  # noqa: E731
         state = {
+            "format": CHECKPOINT_FORMAT,
             "run_id": self.run_id,
             "round": server_round,
-            "arrays": {k: v.numpy().copy() for k, v in coord.arrays.items()},
-            "strategy": coord.aggregator.state_dict(),
-            "hospitals": {
-                nid: {"name": h.name, "state": h.state, "rounds_trained": h.rounds_trained,
-                      "ledger": h.ledger.to_json() if h.ledger else None}
-                for nid, h in coord.hospitals.items()
-            },
-            "rounds": self.rounds,
-            "config": self.cfg.to_dict(),
+            "arrays": tensors({k: v.numpy() for k, v in coord.arrays.items()}),
+            "strategy": {name: tensors(value) for name, value in coord.aggregator.state_dict().items()},
+            "hospital_dp": json.dumps(coord.aggregator.accountant.state_dict()) if coord.aggregator.accountant else "",
+            "hospitals": [
+                {"name": h.name, "state": h.state, "reason": h.reason, "rounds_trained": h.rounds_trained,
+                 "budget": h.budget if math.isfinite(h.budget) else -1.0, "ledger": h.ledger.to_json() if h.ledger else ""}
+                for h in coord.hospitals.values()
+            ],
+            "rounds": json.dumps(self.rounds),
+            "config": self.cfg.to_json(),
         }
         atomic_torch_save(state, self.run_dir / "checkpoint.pt")
 
@@ -200,3 +208,13 @@ class RunRecorder:
 
         for line in write_report(self.run_dir).splitlines():
             log.info("%s", line)
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fedgru checkpoint ({CHECKPOINT_FORMAT})")
+    return state

@@ -44,7 +44,7 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     dp, history = None, []
     if dp_epsilon:
         sigma = calibrate_noise(dp_epsilon, cfg.privacy.delta, q, steps * rounds, cfg.privacy.accountant)
-        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q)
+        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
     gen = torch.Generator().manual_seed(seed)  # a baseline is a local experiment: reproducible is fine
     state = None
     for r in range(1, rounds + 1):
