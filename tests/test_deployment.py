@@ -39,7 +39,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 BIN = Path(sys.executable).parent
 HOSPITALS = ("a", "b", "c")
 CANARY = "187.654321"  # a heart rate no log line may ever show
-SMALL = "model.architecture=per_variable model.gru_hidden=[2] model.head_hidden=0 training.batch_size=32 strategy.round_timeout_s=45"
+# Each run plans epsilon 0.4 against the default budget of 1, so run 2 has budget left
+# to spend on top of run 1 (at target 1 run 1 would spend it all and run 2 would,
+# correctly, refuse to train).
+SMALL = ("model.architecture=per_variable model.gru_hidden=[2] model.head_hidden=0 training.batch_size=32 "
+         "strategy.round_timeout_s=45 privacy.target_epsilon=0.4")
 
 
 def free_port() -> int:
@@ -66,7 +70,10 @@ class Federation:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name:
+        # this interpreter's bin folder goes first on PATH even when the venv is not active.
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1", "FEDGRU_PROJECT_ROOT": str(ROOT)}
 
     def fedgru(self, *args: str) -> subprocess.CompletedProcess:

@@ -46,8 +46,11 @@ def superlink(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     bin_dir = Path(sys.executable).parent
+    # The SuperLink spawns flower-superexec and flwr-simulation by name: this
+    # interpreter's bin folder goes first on PATH even when the venv is not active.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     proc = subprocess.Popen(
         [
             str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
