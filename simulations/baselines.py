@@ -42,8 +42,9 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     q, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
     rounds = cfg.run.rounds
     dp, history = None, []
+    delta = cfg.privacy.delta_for(len(data))  # the same rule the hospitals use
     if dp_epsilon:
-        sigma = calibrate_noise(dp_epsilon, cfg.privacy.delta, q, steps * rounds, cfg.privacy.accountant)
+        sigma = calibrate_noise(dp_epsilon, delta, q, steps * rounds, cfg.privacy.accountant)
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
     gen = torch.Generator().manual_seed(seed)  # a baseline is a local experiment: reproducible is fine
     state = None
@@ -53,7 +54,7 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
         state = out.optimizer_state if cfg.training.keep_optimizer_state else None
         if dp:
             history.append(DPSGDEntry(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
-    eps = epsilon(history, cfg.privacy.delta, cfg.privacy.accountant) if dp else math.inf
+    eps = epsilon(history, delta, cfg.privacy.accountant) if dp else math.inf
     return model, eps
 
 
