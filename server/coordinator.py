@@ -39,6 +39,14 @@ from .validation import ReplyRejected, check_eval_reply, check_train_reply, expe
 log = logging.getLogger("fedgru.server")
 
 
+def node_of(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply is about: the one its instruction went to. An error the SuperLink
+    writes itself (say, "node unavailable" for a crashed hospital) comes from the
+    SuperLink's own id, so it is matched to its instruction by the id it answers."""
+    answers = reply.metadata.reply_to_message_id
+    return sent.get(answers, reply.metadata.src_node_id) if answers else reply.metadata.src_node_id
+
+
 @dataclass
 class HospitalView:
     """What the coordinator knows about one hospital (no patient data)."""
@@ -119,11 +127,19 @@ class Coordinator:
             {M.EXPERIMENT_JSON: self.cfg_json, M.RUN_ID: self.run_id, M.SERVER_ROUND: server_round, **extra}
         )
 
-    def _send(self, node_ids: list[int], message_type: str, content_fn, timeout: float | None = None) -> list[Message]:
+    def _send(
+        self, node_ids: list[int], message_type: str, content_fn, timeout: float | None = None
+    ) -> list[tuple[int, Message]]:
         messages = [Message(content_fn(), dst_node_id=nid, message_type=message_type) for nid in node_ids]
+        return self._exchange(messages, timeout)
+
+    def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[tuple[int, Message]]:
+        """Send, wait, and pair every reply with the node it is about."""
         if not messages:
             return []
-        return list(self.grid.send_and_receive(messages, timeout=timeout or self.cfg.strategy.round_timeout_s))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.cfg.strategy.round_timeout_s))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return [(node_of(reply, sent), reply) for reply in replies]
 
     # -- discovery -------------------------------------------------------------
     def _identify(self, node_ids: list[int], timeout: float) -> set[int]:
@@ -131,8 +147,7 @@ class Coordinator:
         back on another node. Returns the nodes that answered."""
         answered: set[int] = set()
         replies = self._send(node_ids, MessageType.QUERY, lambda: RecordDict({M.CONFIG: self._config(0)}), timeout)
-        for reply in replies:
-            nid = reply.metadata.src_node_id
+        for nid, reply in replies:
             if reply.has_error():
                 log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
                 continue
@@ -201,11 +216,10 @@ class Coordinator:
             log.info("round %d: hospital-level DP budget reached, ending the run (%s)", server_round, exc)
             self.hospital_dp_exhausted = True
             return {"hospitals": {}, "dropped": [], "stopped": [], "skipped": True}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout_s)) if messages else []
+        replies = self._exchange(messages)
         valid, record = [], {"hospitals": {}, "dropped": [], "stopped": []}
         answered = set()
-        for reply in replies:
-            nid = reply.metadata.src_node_id
+        for nid, reply in replies:
             answered.add(nid)
             view = self.hospitals.get(nid) or HospitalView(f"node {nid}", nid)
             name = hospital_of(reply, view.name)
@@ -282,8 +296,7 @@ class Coordinator:
             lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **{M.SPLIT: split})}),
         )
         summaries, per_hospital, dropped = [], {}, []
-        for reply in replies:
-            nid = reply.metadata.src_node_id
+        for nid, reply in replies:
             name = hospital_of(reply, self.hospitals.get(nid, HospitalView(f"node {nid}", nid)).name)
             try:
                 summary = check_eval_reply(reply, self.cfg.num_classes, self.cfg.evaluation.score_bins, self.cfg.strategy.max_examples)

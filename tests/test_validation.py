@@ -138,3 +138,19 @@ def test_initial_model_is_seeded():
     cfg = _small_cfg()
     a, b = initial_arrays(cfg), initial_arrays(cfg)
     assert all(torch.equal(torch.as_tensor(a[k].numpy()), torch.as_tensor(b[k].numpy())) for k in a)
+
+
+def test_a_superlink_error_is_matched_to_the_hospital_it_is_about():
+    """A crashed hospital's "node unavailable" error comes from the SuperLink's own id:
+    the coordinator pairs it with the node its instruction went to."""
+    from types import SimpleNamespace
+
+    from server.coordinator import node_of
+
+    sent = {"m-a": 11, "m-c": 13}
+    from_hospital = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m-a", src_node_id=11))
+    from_superlink = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m-c", src_node_id=1))
+    unknown = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="other", src_node_id=42))
+    unmarked = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="", src_node_id=12))
+    replies = (from_hospital, from_superlink, unknown, unmarked)
+    assert [node_of(r, {**sent, "": 99}) for r in replies] == [11, 13, 42, 12]
