@@ -257,7 +257,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _global_model(cfg, msg, device)
     idx = hospital.split(split)
     probs = predict_proba(model, hospital.dataset.X[idx], hospital.dataset.S[idx])
-    summary = ScoreSummary.from_predictions(hospital.dataset.y[idx], probs, cfg.evaluation.score_bins)
+    threshold = float(msg.content[M.CONFIG].get(M.THRESHOLD, 0.5))
+    summary = ScoreSummary.from_predictions(hospital.dataset.y[idx], probs, cfg.evaluation.score_bins, threshold)
     ledger.record(
         LedgerEntry(
             run_id, server_round, NO_DP,

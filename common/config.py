@@ -226,6 +226,7 @@ class StrategySection:
     tau: float = 1e-3  # fedadam
     min_hospitals: int = 2  # fewer usable replies -> the round is skipped
     round_timeout_s: float = 3600.0  # bound on the wait for replies
+    discovery_timeout_s: float = 300.0  # bound on the wait for min_hospitals to say who they are
     max_examples: int = 1_000_000  # replies claiming more examples are rejected
 
 
@@ -233,6 +234,11 @@ class StrategySection:
 class EvaluationSection:
     score_bins: int = 400  # resolution of the score histograms hospitals report
     every_round: bool = True  # evaluate on validation splits each round
+    # Binary tasks: the risk at or above which a patient is flagged (accuracy,
+    # sensitivity, specificity, F1, event-1). "auto": after the last round, the one with
+    # the best event-1 score min(Se, +P) on the pooled validation histograms (already
+    # released, so choosing it releases nothing new); the test split and the bundle use it.
+    threshold: Literal["auto"] | float = "auto"
 
 
 @dataclass
@@ -530,5 +536,9 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
         fail("strategy.min_hospitals", "must be at least 1")
     if s.round_timeout_s <= 0:
         fail("strategy.round_timeout_s", "must be positive")
+    if s.discovery_timeout_s <= 0:
+        fail("strategy.discovery_timeout_s", "must be positive")
     if cfg.evaluation.score_bins < 10:
         fail("evaluation.score_bins", "must be at least 10")
+    if cfg.evaluation.threshold != "auto" and not 0 < cfg.evaluation.threshold < 1:
+        fail("evaluation.threshold", "must be 'auto' or a risk strictly between 0 and 1")

@@ -23,6 +23,7 @@ EXPERIMENT_JSON = "fedgru-config"  # the ExperimentConfig as JSON
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"
 SPLIT = "split"  # which split to evaluate: "val" or "test"
+THRESHOLD = "threshold"  # binary decision threshold for the confusion matrix (default 0.5)
 
 # Reply fields, hospital -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key

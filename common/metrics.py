@@ -79,21 +79,22 @@ def _nanmean(values: list[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
-def predicted_class(probs: np.ndarray) -> np.ndarray:
-    """Binary: positive when p1 >= 0.5; multi-class: the most likely class."""
+def predicted_class(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Binary: positive when p1 >= threshold; multi-class: the most likely class."""
     if probs.shape[1] == 2:
-        return (probs[:, 1] >= 0.5).astype(np.int64)
+        return (probs[:, 1] >= threshold).astype(np.int64)
     return probs.argmax(axis=1)
 
 
-def exact_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
-    """Exact metrics of class probabilities ``probs`` (N, K) against labels ``y``."""
+def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """Exact metrics of class probabilities ``probs`` (N, K) against labels ``y``;
+    binary decisions (accuracy ... event-1) at ``threshold`` on the risk."""
     y = np.asarray(y, dtype=np.int64)
     k = probs.shape[1]
     onehot = np.eye(k)[y]
     brier = float(((probs - onehot) ** 2).sum(axis=1).mean()) if k > 2 else float(((probs[:, 1] - y) ** 2).mean())
     confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y, predicted_class(probs)), 1)
+    np.add.at(confusion, (y, predicted_class(probs, threshold)), 1)
     classes = [1] if k == 2 else list(range(k))
     aurocs, aps = [], []
     for c in classes:
@@ -120,7 +121,7 @@ class ScoreSummary:
     n: int
 
     @classmethod
-    def from_predictions(cls, y: np.ndarray, probs: np.ndarray, bins: int) -> ScoreSummary:
+    def from_predictions(cls, y: np.ndarray, probs: np.ndarray, bins: int, threshold: float = 0.5) -> ScoreSummary:
         y = np.asarray(y, dtype=np.int64)
         k = probs.shape[1]
         score_cols = [1] if k == 2 else list(range(k))
@@ -131,7 +132,7 @@ class ScoreSummary:
         for j in range(len(score_cols)):
             np.add.at(hist[:, j, :], (y, idx[:, j]), 1)
         confusion = np.zeros((k, k), dtype=np.int64)
-        np.add.at(confusion, (y, predicted_class(probs)), 1)
+        np.add.at(confusion, (y, predicted_class(probs, threshold)), 1)
         onehot = np.eye(k)[y]
         brier = ((probs - onehot) ** 2).sum(axis=1).sum() if k > 2 else ((probs[:, 1] - y) ** 2).sum()
         return cls(histogram=hist, confusion=confusion, brier_sum=float(brier), n=int(len(y)))
@@ -178,6 +179,38 @@ class ScoreSummary:
             brier_sum=float(np.asarray(arrays["brier_sum"]).reshape(-1)[0]),
             n=int(np.asarray(arrays["n"]).reshape(-1)[0]),
         )
+
+
+def bin_edge_probability(j: int, bins: int) -> float:
+    """The risk at the lower edge of score bin ``j``: a patient is in bin ``j`` or above
+    exactly when their risk is at least this (bins are uniform in logit)."""
+    logit = -LOGIT_RANGE + 2 * LOGIT_RANGE * j / bins
+    return float(1.0 / (1.0 + math.exp(-logit)))
+
+
+def choose_threshold(summary: ScoreSummary) -> float | None:
+    """The binary decision threshold with the best event-1 score, min(Se, +P), the
+    PhysioNet/CinC 2012 Challenge's score, on a (pooled validation) summary.
+
+    Only bin edges are candidates, so the choice reads nothing but the released
+    histogram, and the hospitals' confusion matrices at the chosen threshold agree
+    exactly with the histogram. Ties go to the lowest threshold (more patients flagged).
+    None for multi-class tasks or a summary without both outcomes.
+    """
+    if summary.confusion.shape[0] != 2:
+        return None
+    pos = summary.histogram[1, 0].astype(np.float64)
+    neg = summary.histogram[0, 0].astype(np.float64)
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    tp = np.cumsum(pos[::-1])[::-1]  # positives at or above each bin edge
+    fp = np.cumsum(neg[::-1])[::-1]
+    sensitivity = tp / pos.sum()
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    score = np.minimum(sensitivity, precision)
+    # Edge 0 would flag everyone (its bin also holds every risk below it): not a choice.
+    best = 1 + int(np.argmax(score[1:]))
+    return bin_edge_probability(best, len(pos))
 
 
 def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:

@@ -267,7 +267,10 @@ def build(run_dir: Path) -> tuple[str, list[Section], dict]:
             Section("Test results (final model)", [
                 Table(header, rows),
                 "Pooled metrics come from the score summaries the hospitals released; AUROC and AUPRC from score "
-                "histograms, so they differ from exact values only through patients whose scores share a bin.",
+                "histograms, so they differ from exact values only through patients whose scores share a bin. "
+                f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of "
+                f"{test.get('threshold', 0.5):.3f} or more (evaluation.threshold; 'auto' picks the best event-1 "
+                "score on the pooled validation histograms).",
             ])
         )
     if baselines:
@@ -345,7 +348,7 @@ def summary_text(run_dir: Path, data: dict) -> str:
     lines = [f"Run folder: {run_dir}"]
     test = data["metrics"].get("test")
     if test:
-        lines.append(f"Pooled test: {format_metrics(test['pooled'])}")
+        lines.append(f"Pooled test: {format_metrics(test['pooled'])}  (flagged at risk >= {test.get('threshold', 0.5):.3f})")
     privacy = data["privacy"]
     if privacy.get("dp_enabled"):
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger):")

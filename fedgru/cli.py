@@ -78,12 +78,23 @@ def cmd_evaluate(args) -> int:
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, args.outcomes, args.format)
     probs = bundle.predict(ds)
-    m = exact_metrics(ds.y, probs)
+    threshold = _threshold(args, bundle)
+    m = exact_metrics(ds.y, probs, threshold)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}))
     else:
-        print(f"{args.data}: {format_metrics(m)}")
+        flagged = f"  (flagged at risk >= {threshold:.3f})" if probs.shape[1] == 2 else ""
+        print(f"{args.data}: {format_metrics(m)}{flagged}")
     return 0
+
+
+def _threshold(args, bundle) -> float:
+    """--threshold, else the one the run chose and saved in the bundle, else 0.5."""
+    if getattr(args, "threshold", None) is not None:
+        if not 0 < args.threshold < 1:
+            raise ConfigError("--threshold must be a risk strictly between 0 and 1")
+        return float(args.threshold)
+    return float(bundle.info.get("threshold", 0.5))
 
 
 def cmd_predict(args) -> int:
@@ -100,9 +111,10 @@ def cmd_predict(args) -> int:
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
-            writer.writerow(["stay_id", f"risk_{classes[1]}"])
+            threshold = _threshold(args, bundle)
+            writer.writerow(["stay_id", f"risk_{classes[1]}", "flagged"])
             for sid, p in zip(ds.stay_ids, probs[:, 1]):
-                writer.writerow([sid, f"{p:.6f}"])
+                writer.writerow([sid, f"{p:.6f}", int(p >= threshold)])
         else:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):
@@ -211,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcomes", required=True, help="outcomes file (PhysioNet Outcomes-*.txt or stay_id,label CSV)")
     p.add_argument("--format", choices=["physionet2012", "long_csv"], help="data format (default: from the path)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threshold", type=float,
+                   help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write per-stay risk scores to a CSV")
@@ -218,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--format", choices=["physionet2012", "long_csv"])
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--threshold", type=float,
+                   help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")

@@ -28,7 +28,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
-from common.metrics import ScoreSummary, format_metrics, pooled
+from common.metrics import ScoreSummary, choose_threshold, format_metrics, pooled
 from common.model import GRUClassifier, model_spec
 from common.ledger import Ledger
 
@@ -86,6 +86,8 @@ class Coordinator:
         self.arrays = initial_arrays(cfg)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
+        self.last_val: ScoreSummary | None = None  # pooled validation summary of the current model
+        self.threshold = 0.5  # binary decision threshold used for the test split
 
     def restore(self, state: dict) -> None:
         """Continue a run from a checkpoint: next round, global model, strategy state,
@@ -175,12 +177,13 @@ class Coordinator:
     def _connected(self) -> set[int]:
         return set(self.grid.get_node_ids())
 
-    def discover(self, wait_s: float = 120.0) -> None:
+    def discover(self, wait_s: float | None = None) -> None:
         """Ask every connected node which hospital it is.
 
         Stops when all connected nodes have answered and at least
         ``strategy.min_hospitals`` are hospitals, or after ``wait_s`` seconds.
         """
+        wait_s = self.cfg.strategy.discovery_timeout_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
         answered: set[int] = set()
         while True:
@@ -289,11 +292,12 @@ class Coordinator:
             view.ledger = Ledger.from_json(str(text), source=f"the ledger {view.name} sent")
             view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
 
-    def evaluate(self, server_round: int, split: str) -> dict:
+    def evaluate(self, server_round: int, split: str, threshold: float = 0.5) -> dict:
         nodes = sorted(self.hospitals)
+        extra = {M.SPLIT: split, M.THRESHOLD: float(threshold)}
         replies = self._send(
             nodes, MessageType.EVALUATE,
-            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **{M.SPLIT: split})}),
+            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **extra)}),
         )
         summaries, per_hospital, dropped = [], {}, []
         for nid, reply in replies:
@@ -313,6 +317,25 @@ class Coordinator:
             "dropped": dropped,
             "summary": total,
         }
+
+    def fixed_threshold(self) -> float:
+        """The configured decision threshold; 0.5 until an "auto" one is chosen."""
+        t = self.cfg.evaluation.threshold
+        return 0.5 if t == "auto" else float(t)
+
+    def decision_threshold(self, server_round: int) -> float:
+        """The threshold for the test split and the bundle: the configured one, or the
+        best event-1 threshold on the final model's pooled validation histograms."""
+        if self.cfg.evaluation.threshold != "auto" or self.cfg.num_classes != 2:
+            return self.fixed_threshold()
+        if self.last_val is None:  # no validation after the last round yet (resumed, every_round off)
+            self.last_val = self.evaluate(server_round, "val").get("summary")
+        chosen = choose_threshold(self.last_val) if self.last_val is not None else None
+        if chosen is None:
+            log.warning("no pooled validation histogram with both outcomes: decision threshold stays 0.5")
+            return 0.5
+        log.info("decision threshold %.3f: the best event-1 score on the pooled validation split", chosen)
+        return chosen
 
     def max_epsilon(self) -> float:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
@@ -338,7 +361,12 @@ class Coordinator:
             train = self.train_round(server_round)
             if self.hospital_dp_exhausted:
                 break
-            val = self.evaluate(server_round, "val") if self.cfg.evaluation.every_round else {"pooled": {}, "hospitals": {}}
+            val = (
+                self.evaluate(server_round, "val", self.fixed_threshold())
+                if self.cfg.evaluation.every_round
+                else {"pooled": {}, "hospitals": {}}
+            )
+            self.last_val = val.get("summary")
             seconds = time.perf_counter() - t0
             auroc = val["pooled"].get("auroc", float("nan"))
             eps = self.max_epsilon() if self.cfg.privacy.enabled else float("inf")
@@ -351,7 +379,9 @@ class Coordinator:
                 server_round, seconds, train, val, {h.name: h.epsilon for h in self.hospitals.values()}
             )
             self.recorder.checkpoint(self, server_round)
-        test = self.evaluate(rounds, "test")
+        self.threshold = self.decision_threshold(rounds)
+        test = self.evaluate(rounds, "test", self.threshold)
+        test["threshold"] = self.threshold
         log.info("final pooled test: %s", format_metrics(test["pooled"]) if test["pooled"] else "no replies")
         self.recorder.finish(self, test)
 

@@ -103,7 +103,8 @@ class RunRecorder:
     def _metrics(self, test: dict | None = None) -> dict:
         out = {"run_id": self.run_id, "rounds": self.rounds}
         if test is not None:
-            out["test"] = {"pooled": test["pooled"], "hospitals": test["hospitals"], "dropped": test["dropped"]}
+            out["test"] = {"pooled": test["pooled"], "hospitals": test["hospitals"], "dropped": test["dropped"],
+                           "threshold": test.get("threshold", 0.5)}
             out["wall_seconds"] = round(time.time() - self.started, 1)
         return out
 
@@ -202,7 +203,8 @@ class RunRecorder:
         state = {k: v.numpy() for k, v in coord.arrays.items()}
         save_bundle(
             self.run_dir / "model.pt", state, model_spec(self.cfg), self.cfg,
-            info={"run_id": self.run_id, "rounds": self.cfg.run.rounds, "test": test["pooled"]},
+            info={"run_id": self.run_id, "rounds": self.cfg.run.rounds, "test": test["pooled"],
+                  "threshold": test.get("threshold", 0.5)},
         )
         from common.report import write_report
 

@@ -64,3 +64,32 @@ def test_undefined_auroc_is_nan_not_an_error():
     probs = np.tile([0.9, 0.1], (10, 1))
     m = exact_metrics(y, probs)
     assert np.isnan(m["auroc"]) and m["specificity"] == 1.0
+
+
+def test_auto_threshold_is_the_best_event1_threshold_among_bin_edges():
+    """Reference: exact event-1 at every bin edge, one by one."""
+    from common.metrics import bin_edge_probability, choose_threshold
+
+    y, probs = _binary(n=700, seed=3)
+    bins = 60
+    chosen = choose_threshold(ScoreSummary.from_predictions(y, probs, bins))
+    scores = [exact_metrics(y, probs, bin_edge_probability(j, bins))["event1_score"] for j in range(1, bins)]
+    assert exact_metrics(y, probs, chosen)["event1_score"] == pytest.approx(max(scores), abs=1e-12)
+    assert chosen == pytest.approx(bin_edge_probability(1 + int(np.argmax(scores)), bins))
+    # a hospital's summary at that threshold agrees with the exact metrics
+    at = ScoreSummary.from_predictions(y, probs, bins, chosen).metrics()
+    exact = exact_metrics(y, probs, chosen)
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score"):
+        assert at[key] == pytest.approx(exact[key], abs=1e-12), key
+    # at 15% prevalence the best event-1 threshold lies well below 0.5
+    assert chosen < 0.5 and exact["sensitivity"] > exact_metrics(y, probs)["sensitivity"]
+
+
+def test_auto_threshold_needs_a_binary_summary_with_both_outcomes():
+    from common.metrics import choose_threshold
+
+    y, probs = _binary()
+    assert choose_threshold(ScoreSummary.from_predictions(np.zeros_like(y), probs, 40)) is None
+    rng = np.random.default_rng(0)
+    p3 = rng.dirichlet(np.ones(3), size=50)
+    assert choose_threshold(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, 40)) is None

@@ -91,7 +91,12 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     proc = fedgru("predict", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
-    assert lines[0] == "stay_id,risk_died" and len(lines) == 4001
+    assert lines[0] == "stay_id,risk_died,flagged" and len(lines) == 4001
+    # The run chose its decision threshold on pooled validation; the bundle carries it.
+    threshold = json.loads((run_dir / "metrics.json").read_text())["test"]["threshold"]
+    assert 0 < threshold < 1
+    rows = [line.split(",") for line in lines[1:]]
+    assert all(int(flag) == (float(risk) >= threshold) for _, risk, flag in rows)
 
 
 def test_evaluate_errors_are_clear(small_run, tmp_path):
