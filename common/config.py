@@ -496,8 +496,6 @@ def validate(cfg: ExperimentConfig, origin: str) -> None:
         fail("model.gru_hidden", "must list positive layer sizes")
     if m.architecture == "per_variable" and m.gru_impl == "opacus":
         fail("model.gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'")
-    if m.architecture == "per_variable" and m.input_skip:
-        fail("model.input_skip", "is for the stacked architecture (per_variable already reads each variable)")
     if not 0 <= m.dropout < 1:
         fail("model.dropout", "must be in [0, 1)")
     t = cfg.training

@@ -76,3 +76,28 @@ def test_empty_poisson_batch_still_takes_a_noisy_step():
     result = train_local(model, data, cfg.training, steps=2, dp=DPSettings(1.0, 1.0, 1e-9), sample_generator=secret_generator(), noise_generator=secret_generator())
     assert result.steps == 2  # both steps were noisy releases
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # pure noise moved every weight
+
+
+@pytest.mark.parametrize("impl", ["fast", "torch"])
+def test_per_variable_input_skip_gives_the_head_the_last_step(impl):
+    """per_variable + input_skip: the head also reads the last step's channels directly,
+    so with every GRU weight at zero the output still follows the last values."""
+    torch.manual_seed(0)
+    spec = ModelSpec(n_channels=6, n_static=3, n_outputs=1, gru_hidden=[2], dropout=0.0, head_hidden=0,
+                     architecture="per_variable", n_variables=2, input_skip=True)
+    model = GRUClassifier(spec, impl).eval()
+    assert model.head[-1].in_features == 2 * 2 + 3 + 6
+    with torch.no_grad():
+        for gru in model.grus:
+            for p in gru.parameters():
+                p.zero_()
+    x, s = torch.randn(4, 10, 6), torch.randn(4, 3)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    assert not torch.allclose(model(x, s), model(changed, s))
+    changed_early = x.clone()
+    changed_early[:, 0] += 1.0
+    torch.testing.assert_close(model(x, s), model(changed_early, s))  # GRUs at zero forget the past
+    model.train()
+    loss_fn(model(x, s), torch.randint(0, 2, (4,))).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
