@@ -239,6 +239,10 @@ class EvaluationSection:
     # the best event-1 score min(Se, +P) on the pooled validation histograms (already
     # released, so choosing it releases nothing new); the test split and the bundle use it.
     threshold: Literal["auto"] | float = "auto"
+    # Binary tasks: after the last round, refit the risk scale (Platt scaling) on the same
+    # pooled validation histograms and fold it into the output layer. Ranking (AUROC)
+    # unchanged; risks become meaningful. Post-processing of released data: no new release.
+    calibrate: bool = True
 
 
 @dataclass

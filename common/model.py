@@ -48,6 +48,12 @@ class ModelSpec:
         return asdict(self)
 
 
+def output_layer_keys(spec: ModelSpec) -> tuple[str, str]:
+    """State-dict keys of the output layer's weight and bias."""
+    index = 2 if spec.head_hidden > 0 else 0
+    return f"head.{index}.weight", f"head.{index}.bias"
+
+
 class GRUClassifier(nn.Module):
     def __init__(self, spec: ModelSpec, gru_impl: str = "fast"):
         super().__init__()

@@ -270,7 +270,10 @@ def build(run_dir: Path) -> tuple[str, list[Section], dict]:
                 "histograms, so they differ from exact values only through patients whose scores share a bin. "
                 f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of "
                 f"{test.get('threshold', 0.5):.3f} or more (evaluation.threshold; 'auto' picks the best event-1 "
-                "score on the pooled validation histograms).",
+                "score on the pooled validation histograms). "
+                + (f"The risks were recalibrated on the pooled validation histograms (Platt scaling: logit -> "
+                   f"{test['calibration']['scale']:.3f} x logit {test['calibration']['shift']:+.3f}), which keeps "
+                   "every patient's rank." if test.get("calibration") else ""),
             ])
         )
     if baselines:

@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
+from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from common.config import ExperimentConfig
 from common.metrics import ScoreSummary, choose_threshold, format_metrics, pooled
-from common.model import GRUClassifier, model_spec
+from common.model import GRUClassifier, model_spec, output_layer_keys
 from common.ledger import Ledger
 
 from .outputs import RunRecorder
@@ -88,6 +89,7 @@ class Coordinator:
         self.cfg_json = cfg.to_json()
         self.last_val: ScoreSummary | None = None  # pooled validation summary of the current model
         self.threshold = 0.5  # binary decision threshold used for the test split
+        self.calibration: dict | None = None  # Platt scaling folded into the final model
 
     def restore(self, state: dict) -> None:
         """Continue a run from a checkpoint: next round, global model, strategy state,
@@ -323,17 +325,43 @@ class Coordinator:
         t = self.cfg.evaluation.threshold
         return 0.5 if t == "auto" else float(t)
 
+    def _final_validation(self, server_round: int) -> ScoreSummary | None:
+        """The final model's pooled validation summary (evaluated now if the last round
+        did not: a resumed run, or every_round off)."""
+        if self.last_val is None:
+            self.last_val = self.evaluate(server_round, "val").get("summary")
+        return self.last_val
+
+    def recalibrate(self, server_round: int) -> dict | None:
+        """Platt scaling fitted on the pooled validation histograms, folded into the
+        global model's output layer (common.calibration). None when off or not possible."""
+        if not self.cfg.evaluation.calibrate or self.cfg.num_classes != 2:
+            return None
+        summary = self._final_validation(server_round)
+        fit = fit_logistic_calibration(summary) if summary is not None else None
+        if fit is None:
+            log.warning("no usable pooled validation histogram: the risks are left uncalibrated")
+            return None
+        scale, shift = fit
+        weight_key, bias_key = output_layer_keys(model_spec(self.cfg))
+        state = fold_into_output_layer(self.arrays.to_torch_state_dict(), weight_key, bias_key, scale, shift)
+        self.arrays = ArrayRecord(torch_state_dict=state)
+        log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
+        return {"scale": scale, "shift": shift}
+
     def decision_threshold(self, server_round: int) -> float:
         """The threshold for the test split and the bundle: the configured one, or the
-        best event-1 threshold on the final model's pooled validation histograms."""
+        best event-1 threshold on the final model's pooled validation histograms (carried
+        through the recalibration, which keeps every patient's rank)."""
         if self.cfg.evaluation.threshold != "auto" or self.cfg.num_classes != 2:
             return self.fixed_threshold()
-        if self.last_val is None:  # no validation after the last round yet (resumed, every_round off)
-            self.last_val = self.evaluate(server_round, "val").get("summary")
-        chosen = choose_threshold(self.last_val) if self.last_val is not None else None
+        summary = self._final_validation(server_round)
+        chosen = choose_threshold(summary) if summary is not None else None
         if chosen is None:
             log.warning("no pooled validation histogram with both outcomes: decision threshold stays 0.5")
             return 0.5
+        if self.calibration:
+            chosen = calibrate_risk(chosen, self.calibration["scale"], self.calibration["shift"])
         log.info("decision threshold %.3f: the best event-1 score on the pooled validation split", chosen)
         return chosen
 
@@ -379,9 +407,11 @@ class Coordinator:
                 server_round, seconds, train, val, {h.name: h.epsilon for h in self.hospitals.values()}
             )
             self.recorder.checkpoint(self, server_round)
+        self.calibration = self.recalibrate(rounds)
         self.threshold = self.decision_threshold(rounds)
         test = self.evaluate(rounds, "test", self.threshold)
         test["threshold"] = self.threshold
+        test["calibration"] = self.calibration
         log.info("final pooled test: %s", format_metrics(test["pooled"]) if test["pooled"] else "no replies")
         self.recorder.finish(self, test)
 

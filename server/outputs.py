@@ -104,7 +104,7 @@ class RunRecorder:
         out = {"run_id": self.run_id, "rounds": self.rounds}
         if test is not None:
             out["test"] = {"pooled": test["pooled"], "hospitals": test["hospitals"], "dropped": test["dropped"],
-                           "threshold": test.get("threshold", 0.5)}
+                           "threshold": test.get("threshold", 0.5), "calibration": test.get("calibration")}
             out["wall_seconds"] = round(time.time() - self.started, 1)
         return out
 
@@ -204,7 +204,7 @@ class RunRecorder:
         save_bundle(
             self.run_dir / "model.pt", state, model_spec(self.cfg), self.cfg,
             info={"run_id": self.run_id, "rounds": self.cfg.run.rounds, "test": test["pooled"],
-                  "threshold": test.get("threshold", 0.5)},
+                  "threshold": test.get("threshold", 0.5), "calibration": test.get("calibration")},
         )
         from common.report import write_report
 

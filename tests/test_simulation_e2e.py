@@ -93,8 +93,11 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "stay_id,risk_died,flagged" and len(lines) == 4001
     # The run chose its decision threshold on pooled validation; the bundle carries it.
-    threshold = json.loads((run_dir / "metrics.json").read_text())["test"]["threshold"]
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    threshold = test["threshold"]
     assert 0 < threshold < 1
+    # the risks were recalibrated on pooled validation, and the bundle is that model
+    assert test["calibration"]["scale"] > 0
     rows = [line.split(",") for line in lines[1:]]
     assert all(int(flag) == (float(risk) >= threshold) for _, risk, flag in rows)
 

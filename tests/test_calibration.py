@@ -1,0 +1,72 @@
+"""Platt scaling from released histograms, against a direct fit on the patients."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
+from common.metrics import ScoreSummary, exact_metrics
+from common.model import GRUClassifier, ModelSpec, output_layer_keys
+
+
+def _miscalibrated(n=4000, seed=0):
+    """True risk sigmoid(z); the model reports sigmoid((z - 2) / 3): ranked right, scaled wrong."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(-1.8, 1.2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    reported = 1 / (1 + np.exp(-(z - 2.0) / 3.0))
+    return y, np.stack([1 - reported, reported], axis=1)
+
+
+def test_fit_from_histograms_recovers_the_true_scale():
+    y, probs = _miscalibrated()
+    fit = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, 400))
+    assert fit is not None
+    scale, shift = fit
+    assert scale == pytest.approx(3.0, rel=0.15) and shift == pytest.approx(2.0, abs=0.35)
+    # Reference: the same two-parameter logistic fit on the exact logits (scikit-learn).
+    from sklearn.linear_model import LogisticRegression
+
+    logits = np.log(probs[:, 1]) - np.log1p(-probs[:, 1])
+    ref = LogisticRegression(C=1e9, max_iter=1000).fit(logits[:, None], y)
+    assert scale == pytest.approx(ref.coef_[0, 0], rel=0.02)
+    assert shift == pytest.approx(ref.intercept_[0], abs=0.05)
+
+
+def test_recalibration_keeps_the_ranking_and_improves_brier():
+    y, probs = _miscalibrated(seed=1)
+    scale, shift = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, 400))
+    p = np.array([calibrate_risk(r, scale, shift) for r in probs[:, 1]])
+    after = exact_metrics(y, np.stack([1 - p, p], axis=1))
+    before = exact_metrics(y, probs)
+    assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-12)
+    assert after["brier"] < before["brier"]
+    assert abs(p.mean() - y.mean()) < 0.01  # calibrated in the large
+
+
+def test_no_fit_without_both_outcomes_or_for_multiclass():
+    y, probs = _miscalibrated()
+    assert fit_logistic_calibration(ScoreSummary.from_predictions(np.zeros_like(y), probs, 100)) is None
+    rng = np.random.default_rng(0)
+    p3 = rng.dirichlet(np.ones(3), size=60)
+    assert fit_logistic_calibration(ScoreSummary.from_predictions(rng.integers(0, 3, 60), p3, 100)) is None
+
+
+@pytest.mark.parametrize("head_hidden", [0, 4])
+def test_folding_into_the_output_layer_is_an_affine_map_of_the_logit(head_hidden):
+    torch.manual_seed(0)
+    spec = ModelSpec(n_channels=6, n_static=3, n_outputs=1, gru_hidden=[5], dropout=0.0, head_hidden=head_hidden)
+    model = GRUClassifier(spec, "torch").eval()
+    x, s = torch.randn(8, 10, 6), torch.randn(8, 3)
+    before = model(x, s)
+    w, b = output_layer_keys(spec)
+    model.load_state_dict(fold_into_output_layer(model.state_dict(), w, b, 2.5, -0.7))
+    torch.testing.assert_close(model(x, s), 2.5 * before - 0.7)
+
+
+def test_degenerate_histograms_are_left_uncalibrated():
+    """Scores crammed into one or two bins identify no slope: no fit, no overflow."""
+    y = np.array([0, 0, 1, 0, 1, 0])
+    crammed = np.full(6, 0.3)
+    assert fit_logistic_calibration(ScoreSummary.from_predictions(y, np.stack([1 - crammed, crammed], 1), 400)) is None
+    assert 0.0 <= calibrate_risk(1e-300, 40.0, 5.0) < 1e-100 and calibrate_risk(1 - 1e-16, 40.0, 5.0) == 1.0
