@@ -96,8 +96,15 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     threshold = test["threshold"]
     assert 0 < threshold < 1
-    # the risks were recalibrated on pooled validation, and the bundle is that model
-    assert test["calibration"]["scale"] > 0
+    # Recalibration on pooled validation: whether this tiny 2-round run gets a usable fit
+    # depends on its (secret) noise, so both outcomes must be recorded consistently; the
+    # fit itself is checked in test_calibration.py.
+    import torch
+
+    calibration = test["calibration"]
+    assert calibration is None or calibration["scale"] > 0
+    assert torch.load(run_dir / "model.pt", weights_only=True)["info"]["calibration"] == calibration
+    assert ("recalibrated" in (run_dir / "report.md").read_text()) == (calibration is not None)
     rows = [line.split(",") for line in lines[1:]]
     assert all(int(flag) == (float(risk) >= threshold) for _, risk, flag in rows)
 
