@@ -36,12 +36,10 @@ def fit_logistic_calibration(summary: ScoreSummary, max_iter: int = 100) -> tupl
     for multi-class tasks, a summary without both outcomes or with (nearly) all patients
     in one bin, or a fit that reverses the ranking or stretches it past ``MAX_SCALE``.
     """
-    if summary.confusion.shape[0] != 2:
+    counts = summary.binary_counts()
+    if counts is None:
         return None
-    pos = summary.histogram[1, 0].astype(np.float64)
-    neg = summary.histogram[0, 0].astype(np.float64)
-    if pos.sum() == 0 or neg.sum() == 0:
-        return None
+    pos, neg = counts
     bins = len(pos)
     centres = -LOGIT_RANGE + 2 * LOGIT_RANGE * (np.arange(bins) + 0.5) / bins
     keep = (pos + neg) > 0

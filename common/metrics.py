@@ -163,6 +163,17 @@ class ScoreSummary:
         out.update(_threshold_metrics(self.confusion))
         return {key: out[key] for key in METRIC_KEYS}
 
+    def binary_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per score bin, how many deaths and how many survivors: (positives, negatives).
+        None for a multi-class summary or one without both outcomes."""
+        if self.confusion.shape[0] != 2:
+            return None
+        pos = self.histogram[1, 0].astype(np.float64)
+        neg = self.histogram[0, 0].astype(np.float64)
+        if pos.sum() == 0 or neg.sum() == 0:
+            return None
+        return pos, neg
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "histogram": self.histogram.astype(np.int64),
@@ -197,12 +208,10 @@ def choose_threshold(summary: ScoreSummary) -> float | None:
     exactly with the histogram. Ties go to the lowest threshold (more patients flagged).
     None for multi-class tasks or a summary without both outcomes.
     """
-    if summary.confusion.shape[0] != 2:
+    counts = summary.binary_counts()
+    if counts is None:
         return None
-    pos = summary.histogram[1, 0].astype(np.float64)
-    neg = summary.histogram[0, 0].astype(np.float64)
-    if pos.sum() == 0 or neg.sum() == 0:
-        return None
+    pos, neg = counts
     tp = np.cumsum(pos[::-1])[::-1]  # positives at or above each bin edge
     fp = np.cumsum(neg[::-1])[::-1]
     sensitivity = tp / pos.sum()

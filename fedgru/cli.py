@@ -90,7 +90,7 @@ def cmd_evaluate(args) -> int:
 
 def _threshold(args, bundle) -> float:
     """--threshold, else the one the run chose and saved in the bundle, else 0.5."""
-    if getattr(args, "threshold", None) is not None:
+    if args.threshold is not None:
         if not 0 < args.threshold < 1:
             raise ConfigError("--threshold must be a risk strictly between 0 and 1")
         return float(args.threshold)
@@ -101,6 +101,7 @@ def cmd_predict(args) -> int:
     import csv
 
     from common.bundle import Bundle
+    from common.metrics import predicted_class
 
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, None, args.format)
@@ -111,10 +112,10 @@ def cmd_predict(args) -> int:
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
-            threshold = _threshold(args, bundle)
+            flagged = predicted_class(probs, _threshold(args, bundle))  # the same rule as the metrics
             writer.writerow(["stay_id", f"risk_{classes[1]}", "flagged"])
-            for sid, p in zip(ds.stay_ids, probs[:, 1]):
-                writer.writerow([sid, f"{p:.6f}", int(p >= threshold)])
+            for sid, p, flag in zip(ds.stay_ids, probs[:, 1], flagged):
+                writer.writerow([sid, f"{p:.6f}", int(flag)])
         else:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):

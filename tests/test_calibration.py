@@ -44,14 +44,6 @@ def test_recalibration_keeps_the_ranking_and_improves_brier():
     assert abs(p.mean() - y.mean()) < 0.01  # calibrated in the large
 
 
-def test_no_fit_without_both_outcomes_or_for_multiclass():
-    y, probs = _miscalibrated()
-    assert fit_logistic_calibration(ScoreSummary.from_predictions(np.zeros_like(y), probs, 100)) is None
-    rng = np.random.default_rng(0)
-    p3 = rng.dirichlet(np.ones(3), size=60)
-    assert fit_logistic_calibration(ScoreSummary.from_predictions(rng.integers(0, 3, 60), p3, 100)) is None
-
-
 @pytest.mark.parametrize("head_hidden", [0, 4])
 def test_folding_into_the_output_layer_is_an_affine_map_of_the_logit(head_hidden):
     torch.manual_seed(0)

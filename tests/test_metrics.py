@@ -85,11 +85,18 @@ def test_auto_threshold_is_the_best_event1_threshold_among_bin_edges():
     assert chosen < 0.5 and exact["sensitivity"] > exact_metrics(y, probs)["sensitivity"]
 
 
-def test_auto_threshold_needs_a_binary_summary_with_both_outcomes():
+@pytest.mark.parametrize("use", ["binary_counts", "choose_threshold", "fit_logistic_calibration"])
+def test_histogram_fits_need_a_binary_summary_with_both_outcomes(use):
+    """The auto threshold and the recalibration read the same binary counts: no answer
+    without deaths and survivors both, or for a multi-class task."""
+    from common.calibration import fit_logistic_calibration
     from common.metrics import choose_threshold
 
+    fn = {"binary_counts": ScoreSummary.binary_counts, "choose_threshold": choose_threshold,
+          "fit_logistic_calibration": fit_logistic_calibration}[use]
     y, probs = _binary()
-    assert choose_threshold(ScoreSummary.from_predictions(np.zeros_like(y), probs, 40)) is None
+    assert fn(ScoreSummary.from_predictions(np.zeros_like(y), probs, 40)) is None
     rng = np.random.default_rng(0)
     p3 = rng.dirichlet(np.ones(3), size=50)
-    assert choose_threshold(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, 40)) is None
+    assert fn(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, 40)) is None
+    assert fn(ScoreSummary.from_predictions(y, probs, 40)) is not None
