@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import fcntl
-import os
-import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from common.files import atomic_write_bytes
 from common.ledger import Ledger, LedgerError
 
 CONTEXT_KEY = "fedgru-ledger"
@@ -49,7 +48,7 @@ class FileLedgerStore:
     # The last training reply, kept beside the ledger: a restarted SuperNode asked for
     # the same round again resends it instead of releasing (and paying for) a new one.
     def save_reply(self, key: str, payload: bytes) -> None:
-        _atomic_write(self.path.with_suffix(self.path.suffix + ".last-reply"), key.encode() + b"\n" + payload)
+        _locked_write(self.path.with_suffix(self.path.suffix + ".last-reply"), key.encode() + b"\n" + payload)
 
     def load_reply(self, key: str) -> bytes | None:
         path = self.path.with_suffix(self.path.suffix + ".last-reply")
@@ -60,24 +59,15 @@ class FileLedgerStore:
 
 
 def write_ledger(path: Path, ledger: Ledger) -> None:
-    _atomic_write(path, ledger.to_json().encode())
+    _locked_write(path, ledger.to_json().encode())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, under an exclusive lock: readers see old or new, never half."""
+def _locked_write(path: Path, data: bytes) -> None:
+    """An atomic write under the file's exclusive lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, data)
 
 
 class ContextLedgerStore:

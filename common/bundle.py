@@ -7,8 +7,6 @@ normalisation constants, window, bins, descriptors and label set).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from .config import ExperimentConfig
 from .data.dataset import Dataset, load_dataset
 from .data.records import DataError
+from .files import atomic_torch_save
 from .model import GRUClassifier, ModelSpec
 from .training import predict_proba
 
@@ -34,18 +33,6 @@ def save_bundle(path: Path, state_dict: dict, spec: ModelSpec, cfg: ExperimentCo
         "info": info or {},
     }
     atomic_torch_save(bundle, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Bundle:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common.config import ConfigError, load_config
 from common.data.records import DataError
+from common.files import to_json
 from common.paths import project_root
 
 
@@ -81,7 +82,7 @@ def cmd_evaluate(args) -> int:
     threshold = _threshold(args, bundle)
     m = exact_metrics(ds.y, probs, threshold)
     if args.json:
-        print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}))
+        print(to_json(m, indent=None))
     else:
         flagged = f"  (flagged at risk >= {threshold:.3f})" if probs.shape[1] == 2 else ""
         print(f"{args.data}: {format_metrics(m)}{flagged}")

@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,9 +28,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from common import messages as M
 from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from common.config import ExperimentConfig
+from common.ledger import Ledger
 from common.metrics import ScoreSummary, choose_threshold, format_metrics, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
-from common.ledger import Ledger
 
 from .outputs import RunRecorder
 from .strategies import Aggregator

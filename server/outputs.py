@@ -23,8 +23,9 @@ import torch
 import yaml
 
 from common import messages as M
-from common.bundle import atomic_torch_save, save_bundle
+from common.bundle import save_bundle
 from common.config import ExperimentConfig
+from common.files import atomic_torch_save, write_json
 from common.model import model_spec
 
 CHECKPOINT_FORMAT = "fedgru-checkpoint/1"
@@ -44,23 +45,6 @@ def make_run_dir(out_dir: Path) -> Path:
         k += 1
     candidate.mkdir(parents=True)
     return candidate
-
-
-def _clean(value):
-    """JSON-safe: NaN/inf become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 class RunRecorder:

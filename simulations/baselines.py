@@ -25,6 +25,7 @@ import torch
 from common.config import ExperimentConfig
 from common.data.dataset import load_dataset
 from common.data.partition import make_partition
+from common.files import write_json
 from common.metrics import exact_metrics
 from common.model import GRUClassifier, model_spec
 from common.privacy import DPSGDEntry, calibrate_noise, epsilon, steps_per_round
@@ -102,11 +103,5 @@ def run_baseline(cfg: ExperimentConfig, kind: str, out: Path | None = None, targ
         out.parent.mkdir(parents=True, exist_ok=True)
         existing = json.loads(out.read_text()) if out.is_file() else {}
         existing[kind] = result
-        out.write_text(json.dumps(existing, indent=2, default=_json_default) + "\n")
+        write_json(out, existing)
     return result
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(type(value))

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DataSection, ExperimentConfig, FeatureSection, TaskSection
+from ..files import atomic_open
 from ..paths import cache_dir, resolve
 from .long_csv import read_long_csv, read_outcomes
 from .physionet import read_physionet
 from .preprocess import PreprocessSummary, to_tensors
-from .records import DataError, ReadSummary, Stay, natural_key
+from .records import DataError, ReadSummary, natural_key
 
 # Bump when preprocessing output changes, so stale caches are not reused.
 PREPROCESS_VERSION = 3
@@ -216,15 +215,8 @@ def _save_npz(ds: Dataset, path: Path) -> None:
     }
     for k, v in ds.groups.items():
         arrays[f"group:{k}"] = v
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent readers never see half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as handle:  # concurrent simulated hospitals read this cache
+        np.savez(handle, **arrays)
 
 
 def _load_npz(path: Path, fingerprint: str) -> Dataset:
