@@ -47,7 +47,7 @@ class Bundle:
         if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
             raise DataError(str(path), f"is not a fedgru model bundle (expected format {BUNDLE_FORMAT})")
         self.path = path
-        self.config = ExperimentConfig.from_dict(raw["config"], origin=str(path))
+        self.config = ExperimentConfig.from_dict(raw["config"], origin=str(path), fill_defaults=True)
         self.config.data.max_stays = 0  # a training-time subset never limits scoring
         self.spec = ModelSpec(**raw["model_spec"])
         self.info = raw.get("info", {})

@@ -13,7 +13,7 @@ and ``torch`` (``nn.GRU``, non-private training and scoring only). All three sha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -30,19 +30,20 @@ GRU_IMPLS: dict[str, Callable[..., nn.Module]] = {
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild the network (saved in model bundles)."""
+    """Everything needed to rebuild the network (saved in model bundles); made from a
+    config by :func:`model_spec`, so the config is the one source of its values."""
 
     n_channels: int  # input channels per time step (per_variable: n_variables x per-variable channels)
     n_static: int  # width of the static descriptor vector
     n_outputs: int  # 1 for binary (sigmoid), else number of classes (softmax)
-    gru_hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.2
-    head_hidden: int = 32
-    pool: str = "last"  # last | mean | last_mean
-    input_skip: bool = False
-    architecture: str = "stacked"  # stacked | per_variable
-    zero_init_head: bool = False
-    n_variables: int = 0  # per_variable: channels are [v_1..v_V | masks | deltas], V each
+    gru_hidden: list[int]
+    dropout: float
+    head_hidden: int
+    pool: str  # last | mean | last_mean
+    input_skip: bool
+    architecture: str  # stacked | per_variable
+    zero_init_head: bool
+    n_variables: int  # per_variable: channels are [v_1..v_V | masks | deltas], V each
 
     def to_dict(self) -> dict:
         return asdict(self)

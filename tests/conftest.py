@@ -45,3 +45,12 @@ def full_dataset(default_cfg):
     from common.data.dataset import load_dataset
 
     return load_dataset(default_cfg)
+
+
+def small_spec(**changes):
+    """A small GRUClassifier shape for unit tests (6 channels, 3 descriptors)."""
+    from common.model import ModelSpec
+
+    fields = dict(n_channels=6, n_static=3, n_outputs=1, gru_hidden=[5], dropout=0.0, head_hidden=0, pool="last",
+                  input_skip=False, architecture="stacked", zero_init_head=False, n_variables=0)
+    return ModelSpec(**{**fields, **changes})

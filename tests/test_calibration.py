@@ -6,7 +6,8 @@ import torch
 
 from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from common.metrics import ScoreSummary, exact_metrics
-from common.model import GRUClassifier, ModelSpec, output_layer_keys
+from common.model import GRUClassifier, output_layer_keys
+from tests.conftest import small_spec
 
 
 def _miscalibrated(n=4000, seed=0):
@@ -47,7 +48,7 @@ def test_recalibration_keeps_the_ranking_and_improves_brier():
 @pytest.mark.parametrize("head_hidden", [0, 4])
 def test_folding_into_the_output_layer_is_an_affine_map_of_the_logit(head_hidden):
     torch.manual_seed(0)
-    spec = ModelSpec(n_channels=6, n_static=3, n_outputs=1, gru_hidden=[5], dropout=0.0, head_hidden=head_hidden)
+    spec = small_spec(head_hidden=head_hidden)
     model = GRUClassifier(spec, "torch").eval()
     x, s = torch.randn(8, 10, 6), torch.randn(8, 3)
     before = model(x, s)

@@ -17,6 +17,32 @@ def test_default_config_loads_and_round_trips():
     assert again.to_dict() == {**cfg.to_dict(), "source": again.source}
 
 
+def test_an_empty_file_is_exactly_the_default(tmp_path):
+    """default.yaml is the one source of defaults: a file with no keys gets all of it."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    got, want = load_config(empty).to_dict(), load_config(ROOT / "configs" / "default.yaml").to_dict()
+    assert got.pop("source") != want.pop("source")
+    assert got == want
+
+
+def test_a_file_sets_only_what_differs(tmp_path):
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("run:\n  rounds: 3\ntraining:\n  lr: 0.25\n")
+    cfg, default = load_config(partial), load_config(ROOT / "configs" / "default.yaml")
+    assert (cfg.run.rounds, cfg.training.lr) == (3, 0.25)
+    assert cfg.run.seed == default.run.seed and cfg.model == default.model and cfg.privacy == default.privacy
+
+
+def test_the_sections_have_no_defaults_of_their_own():
+    """A key missing from the full tree is an error, not a silent second default."""
+    tree = load_config(ROOT / "configs" / "default.yaml").to_dict()
+    del tree["training"]["batch_size"]
+    with pytest.raises(ConfigError, match="'training.batch_size' is missing"):
+        ExperimentConfig.from_dict(tree, origin="msg")
+    assert ExperimentConfig.from_dict(tree, origin="bundle", fill_defaults=True).training.batch_size == 256
+
+
 def test_los_config_is_a_config_change_only():
     cfg = load_config(ROOT / "configs" / "los.yaml")
     assert cfg.task.label_column == "Length_of_stay"

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.model import GRUClassifier, ModelSpec, loss_fn, model_spec, probabilities
+from common.model import GRUClassifier, loss_fn, model_spec, probabilities
 from common.training import DPSettings, TensorData, secret_generator, train_local
-from tests.conftest import DEFAULT_CONFIG
+from tests.conftest import DEFAULT_CONFIG, small_spec
 
 
 def _spec(n_outputs):
-    return ModelSpec(n_channels=6, n_static=3, n_outputs=n_outputs, gru_hidden=[8, 5], dropout=0.1, head_hidden=4)
+    return small_spec(n_outputs=n_outputs, gru_hidden=[8, 5], dropout=0.1, head_hidden=4)
 
 
 @pytest.mark.parametrize("impl", ["fast", "opacus", "torch"])
@@ -83,8 +83,7 @@ def test_per_variable_input_skip_gives_the_head_the_last_step(impl):
     """per_variable + input_skip: the head also reads the last step's channels directly,
     so with every GRU weight at zero the output still follows the last values."""
     torch.manual_seed(0)
-    spec = ModelSpec(n_channels=6, n_static=3, n_outputs=1, gru_hidden=[2], dropout=0.0, head_hidden=0,
-                     architecture="per_variable", n_variables=2, input_skip=True)
+    spec = small_spec(gru_hidden=[2], architecture="per_variable", n_variables=2, input_skip=True)
     model = GRUClassifier(spec, impl).eval()
     assert model.head[-1].in_features == 2 * 2 + 3 + 6
     with torch.no_grad():

@@ -14,6 +14,7 @@ def _features(**kw):
     base = dict(
         window_hours=6.0,
         bin_hours=2.0,
+        observed_mask=True,
         time_since_last=True,
         delta_scale_hours=6.0,
         variables=[

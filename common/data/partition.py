@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def partition_by_column(ds: Dataset, section: PartitionSection, seed: int, cfg: 
 @register_partitioner("icu_type")
 def partition_by_icu_type(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
     names = {**ICU_TYPE_NAMES, **section.names}
-    as_column = PartitionSection(scheme="column", column="ICUType", names=names)
+    as_column = replace(section, scheme="column", column="ICUType", names=names)
     return partition_by_column(ds, as_column, seed, cfg)
 
 
