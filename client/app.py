@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ from flwr.clientapp import ClientApp
 
 from common import messages as M
 from common.config import ExperimentConfig
-from common.ledger import DP_SGD, NO_DP, LedgerEntry, LedgerError
+from common.ledger import LedgerEntry, LedgerError
 from common.logs import attach_to_flower
+from common.messages import Mechanism, NodeMode, ReplyState, Split
 from common.metrics import ScoreSummary
 from common.model import GRUClassifier, model_spec
 from common.privacy import DPSGDEntry, calibrate_noise, steps_per_round
@@ -40,9 +41,9 @@ from common.training import (
     TensorData,
     predict_proba,
     resolve_device,
-    scheduled_lr,
     secret_generator,
     train_local,
+    training_for_round,
 )
 
 from .hospital import UNASSIGNED, HospitalData, LocalState, load_hospital, node_hospital_name
@@ -81,8 +82,8 @@ def _store(cfg: ExperimentConfig, node: NodeSettings, hospital: HospitalData, co
     return ContextLedgerStore(context, hospital.name, delta, cfg.privacy.accountant)
 
 
-def _status(hospital: str, state: str, **extra) -> ConfigRecord:
-    return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state, **extra})
+def _status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
+    return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
 
 
 def _device(cfg: ExperimentConfig, node: NodeSettings) -> torch.device:
@@ -110,8 +111,8 @@ def noise_multiplier_for_run(cfg: ExperimentConfig, sample_rate: float, steps: i
 def query(msg: Message, context: Context) -> Message:
     cfg = _experiment(msg)
     name = node_hospital_name(cfg, context.node_config)
-    mode = "deployment" if NodeSettings.from_node_config(context.node_config).deployed else "simulation"
-    status = _status(name, "ready" if name != UNASSIGNED else "unassigned", **{M.MODE: mode})
+    mode = NodeMode.DEPLOYMENT if NodeSettings.from_node_config(context.node_config).deployed else NodeMode.SIMULATION
+    status = _status(name, ReplyState.READY if name != UNASSIGNED else ReplyState.UNASSIGNED, **{M.MODE: mode.value})
     return Message(RecordDict({M.STATUS: status}), reply_to=msg)
 
 
@@ -134,7 +135,7 @@ class _Request:
 
     def refuse(self, msg: Message, action: str) -> Message:
         log.error("%s refuses to %s: %s", self.hospital.name, action, self.refusal)
-        status = _status(self.hospital.name, "refused", **{M.REASON: self.refusal})
+        status = _status(self.hospital.name, ReplyState.REFUSED, **{M.REASON: self.refusal})
         return Message(RecordDict({M.STATUS: status}), reply_to=msg)
 
 
@@ -142,83 +143,81 @@ def train(msg: Message, context: Context) -> Message:
     req = _Request(msg, context)
     if req.refusal:
         return req.refuse(msg, "train")
-    cfg, run_id, server_round, node, hospital = req.cfg, req.run_id, req.server_round, req.node, req.hospital
-    store, ledger = req.store, req.ledger
 
     # The same round with the same global model again (a resumed server): resend the
     # release already made instead of making, and paying for, a new one.
-    reply_key = f"{run_id}/{server_round}/{msg.content[M.ARRAYS].object_id}"
-    cached = store.load_reply(reply_key)
+    reply_key = f"{req.run_id}/{req.server_round}/{msg.content[M.ARRAYS].object_id}"
+    cached = req.store.load_reply(reply_key)
     if cached is not None:
-        log.info("%s round %d: resending the reply already released", hospital.name, server_round)
+        log.info("%s round %d: resending the reply already released", req.hospital.name, req.server_round)
         return Message(_unpack_reply(cached), reply_to=msg)
 
-    if cfg.training.threads > 0:
-        torch.set_num_threads(cfg.training.threads)
-    device = _device(cfg, node)
-    data = _tensors(hospital, "train", device)
-    state = _load_state(context, run_id)
-    sample_rate, steps = steps_per_round(len(data), cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
+    if req.cfg.training.threads > 0:
+        torch.set_num_threads(req.cfg.training.threads)
+    device = _device(req.cfg, req.node)
+    data = _tensors(req.hospital, Split.TRAIN, device)
+    state = _load_state(context, req.run_id)
+    sample_rate, steps = steps_per_round(len(data), req.cfg.training.batch_size, req.cfg.training.local_epochs, req.cfg.training.sample_rate)
     dp = None
-    budget = node.budget(cfg.privacy.budget_for(hospital.name))
-    if cfg.privacy.enabled:
+    budget = req.node.budget(req.cfg.privacy.budget_for(req.hospital.name))
+    if req.cfg.privacy.enabled:
         if state.noise_multiplier <= 0:
-            state.noise_multiplier = noise_multiplier_for_run(cfg, sample_rate, steps, ledger.delta)
-        dp = DPSettings(state.noise_multiplier, cfg.privacy.max_grad_norm, sample_rate, cfg.privacy.clipping == "per_layer")
-        planned = DPSGDEntry(server_round, dp.noise_multiplier, sample_rate, steps, dp.max_grad_norm, run_id)
-        would_be = ledger.epsilon_with(planned)
+            state.noise_multiplier = noise_multiplier_for_run(req.cfg, sample_rate, steps, req.ledger.delta)
+        dp = DPSettings(state.noise_multiplier, req.cfg.privacy.max_grad_norm, sample_rate, req.cfg.privacy.clipping == "per_layer")
+        planned = DPSGDEntry(req.server_round, dp.noise_multiplier, sample_rate, steps, dp.max_grad_norm, req.run_id)
+        would_be = req.ledger.epsilon_with(planned)
         if would_be > budget:
-            spent = ledger.epsilon()
+            spent = req.ledger.epsilon()
             log.warning(
                 "%s stops before round %d: epsilon would reach %.3f, budget %.3f (spent %.3f)",
-                hospital.name, server_round, would_be, budget, spent,
+                req.hospital.name, req.server_round, would_be, budget, spent,
             )
             status = _status(
-                hospital.name, "budget-exhausted",
-                **{M.EPSILON: spent, M.BUDGET: budget, M.DELTA: ledger.delta, M.LEDGER: ledger.to_json()},
+                req.hospital.name, ReplyState.BUDGET_EXHAUSTED,
+                **{M.EPSILON: spent, M.BUDGET: budget, M.DELTA: req.ledger.delta, M.LEDGER: req.ledger.to_json()},
             )
             return Message(RecordDict({M.STATUS: status}), reply_to=msg)
         # Write-ahead: the release is in the ledger before anything can leave.
-        ledger.record(
+        req.ledger.record(
             LedgerEntry(
-                run_id, server_round, DP_SGD, "model weights after DP-SGD on the training split",
+                req.run_id, req.server_round, Mechanism.DP_SGD, "model weights after DP-SGD on the training split",
                 noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps, max_grad_norm=dp.max_grad_norm,
             )
         )
-        store.save(ledger)
+        req.store.save(req.ledger)
 
-    model = _global_model(cfg, msg, device)
-    training = replace(cfg.training, lr=scheduled_lr(cfg, server_round))
+    model = _global_model(req.cfg, msg, device)
+    training = training_for_round(req.cfg, req.server_round)
     result = train_local(
         model, data, training, steps, dp,
         sample_generator=secret_generator(),
         noise_generator=secret_generator(device) if dp else None,
-        optimizer_state=state.optimizer if cfg.training.keep_optimizer_state else None,
-        proximal_mu=float(msg.content[M.CONFIG].get("proximal-mu", 0.0)),
+        optimizer_state=state.optimizer if req.cfg.training.keep_optimizer_state else None,
+        proximal_mu=float(msg.content[M.CONFIG].get(M.PROXIMAL_MU, 0.0)),
     )
-    ledger.record(
-        LedgerEntry(run_id, server_round, NO_DP, "training example count and the round's mean training loss")
+    req.ledger.record(
+        LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "training example count and the round's mean training loss")
     )
-    store.save(ledger)
-    state.optimizer = result.optimizer_state if cfg.training.keep_optimizer_state else b""
-    _save_state(context, run_id, state)
-    eps = ledger.epsilon() if dp else -1.0
-    log.info("%s round %d: %d steps, loss %.4f, epsilon %.3f", hospital.name, server_round, result.steps, result.mean_loss, eps)
+    req.store.save(req.ledger)
+    state.optimizer = result.optimizer_state if req.cfg.training.keep_optimizer_state else b""
+    _save_state(context, req.run_id, state)
+    eps = req.ledger.epsilon() if dp else -1.0
+    log.info("%s round %d: %d steps, loss %.4f, epsilon %.3f", req.hospital.name, req.server_round, result.steps, result.mean_loss, eps)
     metrics = MetricRecord(
         {
             M.NUM_EXAMPLES: len(data),
             M.UNIT_WEIGHT: 1.0,
             M.TRAIN_LOSS: float(result.mean_loss),
             M.EPSILON: float(eps),
-            M.DELTA: float(ledger.delta),
+            M.DELTA: float(req.ledger.delta),
             M.BUDGET: float(budget),
             M.STEPS: int(result.steps),
         }
     )
-    status = _status(hospital.name, "trained", **{M.LEDGER: ledger.to_json()})
+    status = _status(req.hospital.name, ReplyState.TRAINED, **{M.LEDGER: req.ledger.to_json()})
     arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     content = RecordDict({M.ARRAYS: arrays, M.METRICS: metrics, M.STATUS: status})
-    store.save_reply(reply_key, _pack_reply(content))
+    req.store.save_reply(reply_key, _pack_reply(content))
     return Message(content, reply_to=msg)
 
 
@@ -250,29 +249,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     req = _Request(msg, context)
     if req.refusal:
         return req.refuse(msg, "evaluate")
-    cfg, run_id, server_round, node, hospital = req.cfg, req.run_id, req.server_round, req.node, req.hospital
-    store, ledger = req.store, req.ledger
-    split = str(msg.content[M.CONFIG].get(M.SPLIT, "val"))
-    device = _device(cfg, node)
-    model = _global_model(cfg, msg, device)
-    idx = hospital.split(split)
-    probs = predict_proba(model, hospital.dataset.X[idx], hospital.dataset.S[idx])
+    split = Split(str(msg.content[M.CONFIG].get(M.SPLIT, Split.VAL.value)))
+    device = _device(req.cfg, req.node)
+    model = _global_model(req.cfg, msg, device)
+    idx = req.hospital.split(split)
+    probs = predict_proba(model, req.hospital.dataset.X[idx], req.hospital.dataset.S[idx])
     threshold = float(msg.content[M.CONFIG].get(M.THRESHOLD, 0.5))
-    summary = ScoreSummary.from_predictions(hospital.dataset.y[idx], probs, cfg.evaluation.score_bins, threshold)
-    ledger.record(
+    summary = ScoreSummary.from_predictions(req.hospital.dataset.y[idx], probs, req.cfg.evaluation.score_bins, threshold)
+    req.ledger.record(
         LedgerEntry(
-            run_id, server_round, NO_DP,
-            f"score summary of the {split} split ({cfg.evaluation.score_bins} risk bins per class, "
+            req.run_id, req.server_round, Mechanism.NONE,
+            f"score summary of the {split.value} split ({req.cfg.evaluation.score_bins} risk bins per class, "
             "confusion matrix, Brier sum, count)",
             split=split,
         )
     )
-    store.save(ledger)
+    req.store.save(req.ledger)
     # Metrics derived from the summary (undefined ones, e.g. AUROC without deaths, left out).
-    derived = {k: float(v) for k, v in summary.metrics().items() if np.isfinite(v)}
+    derived = {k: float(v) for k, v in asdict(summary.metrics()).items() if np.isfinite(v)}
     derived[M.NUM_EXAMPLES] = int(len(idx))
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in summary.to_arrays().items()})
-    status = _status(hospital.name, "evaluated", **{M.SPLIT: split})
+    status = _status(req.hospital.name, ReplyState.EVALUATED, **{M.SPLIT: split.value})
     return Message(
         RecordDict({M.EVALUATION: arrays, M.METRICS: MetricRecord(derived), M.STATUS: status}), reply_to=msg
     )

@@ -17,6 +17,7 @@ import numpy as np
 from common.config import ExperimentConfig
 from common.data.dataset import Dataset, load_dataset
 from common.data.partition import HospitalSplit, make_partition, split_hospital
+from common.messages import Split
 
 UNASSIGNED = ""
 
@@ -29,8 +30,8 @@ class HospitalData:
     val: np.ndarray
     test: np.ndarray
 
-    def split(self, which: str) -> np.ndarray:
-        return {"train": self.train, "val": self.val, "test": self.test}[which]
+    def split(self, which: Split) -> np.ndarray:
+        return {Split.TRAIN: self.train, Split.VAL: self.val, Split.TEST: self.test}[which]
 
 
 def node_hospital_name(cfg: ExperimentConfig, node_config: dict) -> str:

@@ -20,11 +20,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from .messages import Mechanism, Split
 from .privacy import DPSGDEntry, epsilon
 
 LEDGER_FORMAT = "fedgru-ledger/1"
-DP_SGD = "dp-sgd"
-NO_DP = "none"
 
 
 class LedgerError(RuntimeError):
@@ -35,9 +34,9 @@ class LedgerError(RuntimeError):
 class LedgerEntry:
     run_id: str
     round: int
-    mechanism: str  # "dp-sgd" or "none"
+    mechanism: Mechanism
     released: str  # what left the hospital, in words
-    split: str = "train"  # whose patients it is about: train / val / test
+    split: Split = Split.TRAIN  # whose patients it is about
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
@@ -58,7 +57,7 @@ class Ledger:
 
     # -- accounting ------------------------------------------------------------
     def dp_history(self) -> list[DPSGDEntry]:
-        return [e.as_dp_sgd() for e in self.entries if e.mechanism == DP_SGD]
+        return [e.as_dp_sgd() for e in self.entries if e.mechanism == Mechanism.DP_SGD]
 
     def epsilon(self, accountant: str | None = None) -> float:
         return epsilon(self.dp_history(), self.delta, accountant or self.accountant)
@@ -66,9 +65,6 @@ class Ledger:
     def epsilon_with(self, planned: DPSGDEntry, accountant: str | None = None) -> float:
         """Epsilon if ``planned`` were released too (for the budget check)."""
         return epsilon(self.dp_history() + [planned], self.delta, accountant or self.accountant)
-
-    def has(self, run_id: str, server_round: int, mechanism: str = DP_SGD) -> bool:
-        return any(e.run_id == run_id and e.round == server_round and e.mechanism == mechanism for e in self.entries)
 
     def runs(self) -> list[str]:
         return sorted({e.run_id for e in self.entries})
@@ -83,13 +79,16 @@ class Ledger:
             "fingerprint": self.fingerprint,
             "delta": self.delta,
             "accountant": self.accountant,
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [{**asdict(e), "mechanism": e.mechanism.value, "split": e.split.value} for e in self.entries],
         }
 
-    def to_json(self) -> str:
+    def to_plain(self) -> dict:
         body = self._body()
         checksum = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        return json.dumps({"format": LEDGER_FORMAT, "checksum": checksum, **body}, indent=1, sort_keys=True)
+        return {"format": LEDGER_FORMAT, "checksum": checksum, **body}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_plain(), indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "ledger") -> Ledger:
@@ -109,12 +108,8 @@ class Ledger:
                 fingerprint=str(data["fingerprint"]),
                 delta=float(data["delta"]),
                 accountant=str(data.get("accountant", "rdp")),
-                entries=[LedgerEntry(**e) for e in data["entries"]],
+                entries=[LedgerEntry(**{**e, "mechanism": Mechanism(e["mechanism"]), "split": Split(e.get("split", "train"))}) for e in data["entries"]],
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise LedgerError(f"{source}: malformed ledger ({exc.__class__.__name__})") from None
 
-
-def default_delta(num_training_examples: int) -> float:
-    """Below 1/n for the hospital's n, and never above 1e-5: ``min(1e-5, 1 / (10 n))``."""
-    return min(1e-5, 1.0 / (10 * max(num_training_examples, 1)))

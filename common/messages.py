@@ -1,31 +1,35 @@
-"""The contract between the coordinator and the hospitals: record keys, reply fields,
-and what each released field reveals.
+"""The contract between the coordinator and the hospitals: every record key, config
+key, reply field and reply state that crosses the wire, and what each released field
+reveals.
 
-Every value a hospital sends is declared in :data:`RELEASES` with its privacy status.
-The server validates replies against these declarations and the privacy report lists
-them, so nothing can leave a hospital without being either covered by DP-SGD or named
-as a non-DP release.
+Nothing that travels in a Flower message is spelled anywhere else: both sides import
+these names. Every value a hospital sends is declared in :data:`RELEASES` with its
+privacy status; the server checks replies against these declarations and the privacy
+report lists them, so nothing can leave a hospital without being either covered by DP
+or named as a non-DP release.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 # RecordDict keys
 ARRAYS = "arrays"  # ArrayRecord: model weights (server -> hospital, hospital -> server)
 CONFIG = "config"  # ConfigRecord: round instructions (server -> hospital)
 METRICS = "metrics"  # MetricRecord: numeric reply fields (hospital -> server)
-STATUS = "status"  # ConfigRecord: hospital identity, status and ledger (hospital -> server)
+STATUS = "status"  # ConfigRecord: hospital identity, state and ledger (hospital -> server)
 EVALUATION = "evaluation"  # ArrayRecord: score summary (hospital -> server)
 
 # ConfigRecord fields, server -> hospital
 EXPERIMENT_JSON = "fedgru-config"  # the ExperimentConfig as JSON
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"
-SPLIT = "split"  # which split to evaluate: "val" or "test"
+SPLIT = "split"  # which split to evaluate (a Split value); replies echo it
 THRESHOLD = "threshold"  # binary decision threshold for the confusion matrix (default 0.5)
+PROXIMAL_MU = "proximal-mu"  # FedProx's mu; Flower's FedProx strategy writes this key
 
-# Reply fields, hospital -> server
+# Reply fields, hospital -> server (MetricRecord and status ConfigRecord)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key
 UNIT_WEIGHT = "unit-weight"  # constant 1: equal weights when hospital-level DP needs them
 TRAIN_LOSS = "train-loss"
@@ -35,11 +39,45 @@ BUDGET = "budget"  # the hospital's max epsilon at that delta
 STEPS = "steps"
 REASON = "reason"  # why a hospital refused (no patient data)
 HOSPITAL = "hospital"
-STATE = "state"  # ready, unassigned, trained, evaluated, budget-exhausted, refused
-MODE = "mode"  # "simulation" (node holds a share of a simulated data set) or "deployment"
+STATE = "state"  # a ReplyState value
+MODE = "mode"  # a NodeMode value
 LEDGER = "ledger-json"
 
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, EPSILON, DELTA, BUDGET, STEPS)
+
+
+class ReplyState(str, Enum):
+    """What a hospital says it did with a message."""
+
+    READY = "ready"  # query: a hospital, ready to take part
+    UNASSIGNED = "unassigned"  # query: a spare simulation node with no hospital
+    TRAINED = "trained"
+    EVALUATED = "evaluated"
+    BUDGET_EXHAUSTED = "budget-exhausted"  # the round would pass the hospital's privacy budget
+    REFUSED = "refused"  # the hospital cannot or will not take part (reason in REASON)
+
+
+class NodeMode(str, Enum):
+    SIMULATION = "simulation"  # the node holds a share of a simulated data set
+    DEPLOYMENT = "deployment"  # a real hospital with its own data and ledger
+
+
+class Split(str, Enum):
+    """A hospital's patients, split once: trained on, validated on, tested on."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class Mechanism(str, Enum):
+    """How a ledger entry's release was made (ledgers travel in replies)."""
+
+    DP_SGD = "dp-sgd"  # model weights after DP-SGD: composes into the hospital's epsilon
+    NONE = "none"  # a release outside the DP guarantee, recorded so nothing leaves unrecorded
+
+
+SUMMARY_FIELDS = ("histogram", "confusion", "brier_sum", "n")  # the evaluation ArrayRecord's arrays
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,31 @@ and the PhysioNet/CinC 2012 event-1 score min(Se, +P).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 LOGIT_RANGE = 8.0  # histogram covers logits in [-8, 8] (p in [3e-4, 0.9997]); beyond: the end bins
-METRIC_KEYS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n")
+
+
+@dataclass
+class Metrics:
+    """The metrics fedgru reports for one set of patients (NaN where undefined, e.g. AUROC
+    without a death). Decisions (accuracy ... event-1) are at the run's threshold."""
+
+    auroc: float
+    auprc: float
+    accuracy: float
+    sensitivity: float
+    specificity: float
+    f1: float
+    brier: float
+    event1_score: float  # PhysioNet/CinC 2012: min(sensitivity, positive predictive value)
+    n: int
+
+    @classmethod
+    def from_parts(cls, ranking: dict, decisions: dict) -> Metrics:
+        return cls(**{f.name: {**ranking, **decisions}[f.name] for f in fields(cls)})
 
 
 def _auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -86,7 +105,7 @@ def predicted_class(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
-def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> Metrics:
     """Exact metrics of class probabilities ``probs`` (N, K) against labels ``y``;
     binary decisions (accuracy ... event-1) at ``threshold`` on the risk."""
     y = np.asarray(y, dtype=np.int64)
@@ -106,9 +125,8 @@ def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> d
         neg = counts - pos
         aurocs.append(_auroc_from_counts(pos, neg))
         aps.append(_ap_from_counts(pos, neg))
-    out = {"auroc": _nanmean(aurocs), "auprc": _nanmean(aps), "brier": brier, "n": int(len(y))}
-    out.update(_threshold_metrics(confusion))
-    return {key: out[key] for key in METRIC_KEYS}
+    ranking = {"auroc": _nanmean(aurocs), "auprc": _nanmean(aps), "brier": brier, "n": int(len(y))}
+    return Metrics.from_parts(ranking, _threshold_metrics(confusion))
 
 
 @dataclass
@@ -145,7 +163,7 @@ class ScoreSummary:
             n=self.n + other.n,
         )
 
-    def metrics(self) -> dict:
+    def metrics(self) -> Metrics:
         k = self.confusion.shape[0]
         classes = [1] if k == 2 else list(range(k))
         aurocs, aps = [], []
@@ -154,14 +172,13 @@ class ScoreSummary:
             neg = self.histogram[:, j].sum(axis=0).astype(np.float64) - pos
             aurocs.append(_auroc_from_counts(pos, neg))
             aps.append(_ap_from_counts(pos, neg))
-        out = {
+        ranking = {
             "auroc": _nanmean(aurocs),
             "auprc": _nanmean(aps),
             "brier": self.brier_sum / self.n if self.n else float("nan"),
             "n": int(self.n),
         }
-        out.update(_threshold_metrics(self.confusion))
-        return {key: out[key] for key in METRIC_KEYS}
+        return Metrics.from_parts(ranking, _threshold_metrics(self.confusion))
 
     def binary_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per score bin, how many deaths and how many survivors: (positives, negatives).
@@ -175,6 +192,7 @@ class ScoreSummary:
         return pos, neg
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the evaluation record (their names are messages.SUMMARY_FIELDS)."""
         return {
             "histogram": self.histogram.astype(np.int64),
             "confusion": self.confusion.astype(np.int64),
@@ -231,13 +249,23 @@ def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:
     return total
 
 
-def format_metrics(m: dict) -> str:
-    def f(key: str) -> str:
-        v = m.get(key)
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def format_number(value: float | int | None, digits: int = 3) -> str:
+    """How fedgru prints a number: fixed digits, tiny values in g-notation, 'n/a' for
+    missing, NaN and infinite values."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
 
+
+def format_metrics(m: Metrics) -> str:
+    f = format_number
     return (
-        f"AUROC {f('auroc')}  AUPRC {f('auprc')}  accuracy {f('accuracy')}  "
-        f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  F1 {f('f1')}  "
-        f"Brier {f('brier')}  event-1 {f('event1_score')}  (n={m.get('n', 0)})"
+        f"AUROC {f(m.auroc)}  AUPRC {f(m.auprc)}  accuracy {f(m.accuracy)}  "
+        f"sensitivity {f(m.sensitivity)}  specificity {f(m.specificity)}  F1 {f(m.f1)}  "
+        f"Brier {f(m.brier)}  event-1 {f(m.event1_score)}  (n={m.n})"
     )

@@ -162,14 +162,6 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, positive_weight: float = 1.0)
     return nn.functional.cross_entropy(logits, y)
 
 
-def state_to_numpy(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def load_numpy_state(model: nn.Module, arrays: dict) -> None:
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=True)
-
-
 def model_spec(cfg) -> ModelSpec:
     """The network shape a config implies (no data needed: both sides can build it)."""
     from .data.preprocess import num_channels, static_width

@@ -16,10 +16,8 @@ Sigma for a target epsilon is calibrated once for the whole planned run
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -43,22 +41,6 @@ class DPSGDEntry:
     steps: int
     max_grad_norm: float
     run_id: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPSGDEntry:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def ledger_to_json(noise_multiplier: float, entries: list[DPSGDEntry]) -> str:
-    return json.dumps({"noise_multiplier": noise_multiplier, "history": [e.to_dict() for e in entries]})
-
-
-def ledger_from_json(text: str) -> tuple[float, list[DPSGDEntry]]:
-    d = json.loads(text)
-    return float(d["noise_multiplier"]), [DPSGDEntry.from_dict(e) for e in d["history"]]
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -144,8 +126,3 @@ def plan(
     per_round = [epsilon(entries[:r], delta, accountant) for r in range(1, rounds + 1)]
     return Plan(q, steps, float(sigma), per_round)
 
-
-def check_finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{what} is not finite")
-    return value

@@ -19,14 +19,14 @@ import io
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
-from .config import TrainingSection
+from .config import ExperimentConfig, TrainingSection
 from .model import GRUClassifier, loss_fn, probabilities
 
 
@@ -79,13 +79,13 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
-def scheduled_lr(cfg, server_round: int) -> float:
-    """The local learning rate for a round: constant, or cosine-decayed over
-    ``run.rounds`` (data-independent, so it costs no privacy)."""
+def training_for_round(cfg: ExperimentConfig, server_round: int) -> TrainingSection:
+    """The training settings of one round: the learning rate constant, or cosine-decayed
+    over ``run.rounds`` (data-independent, so it costs no privacy)."""
     lr = cfg.training.lr
     if cfg.training.lr_schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.run.rounds))
-    return lr
+        lr *= 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.run.rounds))
+    return replace(cfg.training, lr=lr)
 
 
 def make_optimizer(model: torch.nn.Module, training: TrainingSection) -> torch.optim.Optimizer:

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, auto_delta, load_config
 from common.data.records import DataError
 from common.files import to_json
 from common.paths import project_root
@@ -56,14 +56,14 @@ def cmd_simulate(args) -> int:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from common.report import write_report
+    from server.report import write_report
 
     print()
     print(write_report(run_dir))
 
 
 def cmd_report(args) -> int:
-    from common.report import write_report
+    from server.report import write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.json").is_file():
@@ -150,6 +150,7 @@ def cmd_plan(args) -> int:
 
 def cmd_ledger(args) -> int:
     from common.ledger import Ledger, LedgerError
+    from common.messages import Mechanism
 
     path = Path(args.ledger)
     if args.action == "init":
@@ -162,7 +163,7 @@ def cmd_ledger(args) -> int:
         cfg = _load(args)
         fmt = args.format or guess_format(Path(args.data))
         ds = load_dataset(cfg, data_path=args.data, outcomes_path=args.outcomes, data_format=fmt)
-        delta = float(args.delta) if args.delta != "auto" else min(1e-5, 1.0 / (10 * len(ds)))
+        delta = float(args.delta) if args.delta != "auto" else auto_delta(len(ds))
         fingerprint = fingerprint_files(Path(args.data).resolve(), Path(args.outcomes).resolve())
         write_ledger(path, Ledger(args.hospital, fingerprint, delta, cfg.privacy.accountant))
         print(f"created an empty ledger for {args.hospital} at {path} (data {fingerprint[:16]}..., {len(ds)} stays, delta {delta:g})")
@@ -173,12 +174,12 @@ def cmd_ledger(args) -> int:
         raise DataError(str(path), str(exc)) from None
     if ledger is None:
         raise DataError(str(path), "no ledger here")
-    dp = [e for e in ledger.entries if e.mechanism == "dp-sgd"]
+    dp = [e for e in ledger.entries if e.mechanism == Mechanism.DP_SGD]
     print(f"ledger of {ledger.hospital}: data {ledger.fingerprint[:16]}..., delta {ledger.delta:g}")
     print(f"epsilon {ledger.epsilon('rdp'):.4f} (RDP), {ledger.epsilon('prv'):.4f} (PRV), over {len(dp)} DP-SGD rounds in {len(ledger.runs())} run(s)")
     for run in ledger.runs():
         rounds = [e for e in dp if e.run_id == run]
-        other = [e for e in ledger.entries if e.run_id == run and e.mechanism != "dp-sgd"]
+        other = [e for e in ledger.entries if e.run_id == run and e.mechanism != Mechanism.DP_SGD]
         print(f"  run {run}: {len(rounds)} DP-SGD rounds, {sum(e.steps for e in rounds)} steps, {len(other)} non-DP releases")
     return 0
 
@@ -200,7 +201,7 @@ def cmd_baseline(args) -> int:
 
     cfg = _load(args)
     result = run_baseline(cfg, args.kind, Path(args.out) if args.out else None, target_epsilon=args.epsilon)
-    print(json.dumps(result, indent=2))
+    print(to_json(result))
     return 0
 
 

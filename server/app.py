@@ -20,8 +20,10 @@ from common.data.partition import format_table, make_partition, partition_table
 from common.logs import attach_to_flower
 from common.paths import project_root, resolve
 
+from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
-from .outputs import RunRecorder, load_checkpoint, make_run_dir
+from .outputs import RunRecorder, make_run_dir
+from .records import Partition
 
 log = logging.getLogger("fedgru.server")
 
@@ -44,9 +46,9 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     return load_config(path, overrides)
 
 
-def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: dict | None = None) -> Path:
+def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnapshot | None = None) -> Path:
     attach_to_flower()
-    run_id = resume["run_id"] if resume else secrets.token_hex(6)
+    run_id = resume.run_id if resume else secrets.token_hex(6)
     recorder = RunRecorder(run_dir, cfg, run_id)
     log.info("run %s: writing to %s", run_id, run_dir)
     coord = Coordinator(cfg, grid, recorder, run_id)
@@ -60,7 +62,7 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: dict | 
         hospitals = make_partition(ds, cfg)
         rows = partition_table(ds, hospitals, cfg.task.classes)
         log.info("simulated hospitals (%s partition):\n%s", cfg.partition.scheme, format_table(rows))
-        recorder.write_partition(rows, cfg.partition.scheme, ds.summary)
+        recorder.write_partition(Partition(cfg.partition.scheme, rows, ds.summary))
     coord.run()
     log.info("done: %s", run_dir / "report.md")
     return run_dir
@@ -85,9 +87,9 @@ def main(grid: Grid, context: Context) -> None:
     if resume_dir:
         # Same run, same config: everything comes from the run folder's checkpoint.
         run_dir = resolve(resume_dir)
-        state = load_checkpoint(run_dir)
-        cfg = ExperimentConfig.from_json(state["config"])
-        run_server(cfg, grid, run_dir, resume=state)
+        snapshot = load_checkpoint(run_dir / "checkpoint.pt")
+        cfg = ExperimentConfig.from_json(snapshot.config_json)
+        run_server(cfg, grid, run_dir, resume=snapshot)
         return
     cfg = config_from_run_config(dict(context.run_config))
     out = str(context.run_config.get("out-dir", "")) or cfg.run.out_dir

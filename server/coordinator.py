@@ -8,12 +8,12 @@
 3. At the end: evaluate on the test splits and write the run folder.
 
 A round with fewer valid replies than ``strategy.min_hospitals`` keeps the previous
-global model and is logged as skipped.
+global model and is logged as skipped. What the run produces travels as the typed
+records of ``server.records``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,13 +26,28 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
-from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from common.config import ExperimentConfig
 from common.ledger import Ledger
-from common.metrics import ScoreSummary, choose_threshold, format_metrics, pooled
+from common.messages import NodeMode, ReplyState, Split
+from common.metrics import ScoreSummary, choose_threshold, format_metrics, format_number, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
 
+from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
+from .checkpoint import RunSnapshot
 from .outputs import RunRecorder
+from .records import (
+    Calibration,
+    Dropped,
+    Evaluation,
+    HospitalRound,
+    HospitalState,
+    HospitalStatus,
+    RoundRecord,
+    Stopped,
+    TestResult,
+    TrainPhase,
+    TrainReport,
+)
 from .strategies import Aggregator
 from .validation import ReplyRejected, check_eval_reply, check_train_reply, expected_layout, hospital_of
 
@@ -57,12 +72,25 @@ class HospitalView:
     epsilon: float = 0.0  # recomputed here from the ledger
     budget: float = math.inf
     rounds_trained: int = 0
-    state: str = "active"  # active | budget-exhausted | refused
+    state: HospitalState = HospitalState.ACTIVE
     reason: str = ""
 
     @property
     def active(self) -> bool:
-        return self.state == "active"
+        return self.state == HospitalState.ACTIVE
+
+    def status(self) -> HospitalStatus:
+        return HospitalStatus(
+            self.name, self.state, self.reason, self.rounds_trained,
+            self.budget if math.isfinite(self.budget) else None, self.ledger.to_json() if self.ledger else "",
+        )
+
+    def restore(self, saved: HospitalStatus, accountant: str) -> None:
+        self.state, self.reason, self.rounds_trained = saved.state, saved.reason, saved.rounds_trained
+        self.budget = saved.budget if saved.budget is not None else math.inf
+        if saved.ledger_json:
+            self.ledger = Ledger.from_json(saved.ledger_json, source=f"the checkpointed ledger of {self.name}")
+            self.epsilon = self.ledger.epsilon(accountant)
 
 
 def initial_arrays(cfg: ExperimentConfig) -> ArrayRecord:
@@ -87,10 +115,24 @@ class Coordinator:
         self.start_round = 1
         self.cfg_json = cfg.to_json()
         self.last_val: ScoreSummary | None = None  # pooled validation summary of the current model
-        self.threshold = 0.5  # binary decision threshold used for the test split
-        self.calibration: dict | None = None  # Platt scaling folded into the final model
+        self.calibration: Calibration | None = None  # Platt scaling folded into the final model
 
-    def restore(self, state: dict) -> None:
+    # -- checkpoints -------------------------------------------------------------
+    def snapshot(self, server_round: int) -> RunSnapshot:
+        """Everything a restarted coordinator needs to continue after ``server_round``."""
+        accountant = self.aggregator.accountant
+        return RunSnapshot(
+            run_id=self.run_id,
+            round=server_round,
+            config_json=self.cfg_json,
+            arrays={k: v.numpy() for k, v in self.arrays.items()},
+            strategy_state=self.aggregator.state_dict(),
+            hospital_dp_state=accountant.state_dict() if accountant is not None else None,
+            hospitals=[h.status() for h in self.hospitals.values()],
+            rounds=list(self.recorder.rounds),
+        )
+
+    def restore(self, snapshot: RunSnapshot) -> None:
         """Continue a run from a checkpoint: next round, global model, strategy state,
         what each hospital has done. Hospitals must have been discovered first."""
         if self.simulated:
@@ -98,23 +140,19 @@ class Coordinator:
                 "a simulation cannot be resumed: simulated hospitals keep their ledgers in the run's "
                 "memory, so their epsilon would restart from zero. Start the simulation again."
             )
-        self.start_round = int(state["round"]) + 1
-        self.arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state["arrays"].items()})
-        self.aggregator.load_state_dict({name: {k: v.numpy() for k, v in d.items()} for name, d in state["strategy"].items()})
-        if state.get("hospital_dp") and self.aggregator.accountant is not None:
-            self.aggregator.accountant.load_state_dict(json.loads(state["hospital_dp"]))
+        self.start_round = snapshot.round + 1
+        self.arrays = ArrayRecord({k: Array(v) for k, v in snapshot.arrays.items()})
+        self.aggregator.load_state_dict(snapshot.strategy_state)
+        if snapshot.hospital_dp_state is not None and self.aggregator.accountant is not None:
+            self.aggregator.accountant.load_state_dict(snapshot.hospital_dp_state)
         by_name = {h.name: h for h in self.hospitals.values()}
-        for saved in state["hospitals"]:
-            view = by_name.get(saved["name"])
+        for saved in snapshot.hospitals:
+            view = by_name.get(saved.name)
             if view is None:
-                log.warning("%s took part before the restart but has not reconnected", saved["name"])
+                log.warning("%s took part before the restart but has not reconnected", saved.name)
                 continue
-            view.state, view.reason, view.rounds_trained = saved["state"], saved["reason"], int(saved["rounds_trained"])
-            view.budget = float(saved["budget"]) if saved["budget"] >= 0 else math.inf
-            if saved["ledger"]:
-                view.ledger = Ledger.from_json(saved["ledger"], source=f"the checkpointed ledger of {view.name}")
-                view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
-        self.recorder.rounds = json.loads(state["rounds"])
+            view.restore(saved, self.cfg.privacy.accountant)
+        self.recorder.rounds = list(snapshot.rounds)
         log.info("resuming run %s at round %d of %d", self.run_id, self.start_round, self.cfg.run.rounds)
 
     @property
@@ -144,6 +182,9 @@ class Coordinator:
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         return [(node_of(reply, sent), reply) for reply in replies]
 
+    def _view(self, node_id: int) -> HospitalView:
+        return self.hospitals.get(node_id) or HospitalView(f"node {node_id}", node_id)
+
     # -- discovery -------------------------------------------------------------
     def _identify(self, node_ids: list[int], timeout: float) -> set[int]:
         """Ask nodes which hospital they are; map new ones, remap a hospital that came
@@ -157,7 +198,7 @@ class Coordinator:
             answered.add(nid)
             status = reply.content[M.STATUS]
             name = str(status.get(M.HOSPITAL, ""))
-            if str(status.get(M.STATE)) != "ready" or not name:
+            if str(status.get(M.STATE)) != ReplyState.READY or not name:
                 self._not_hospitals.add(nid)
                 continue
             self._modes.add(str(status.get(M.MODE, "")))
@@ -194,9 +235,8 @@ class Coordinator:
             if (everyone and len(self.hospitals) >= self.cfg.strategy.min_hospitals) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
-        self.simulated = bool(self.hospitals) and self._modes == {"simulation"}
-        names = ", ".join(sorted(h.name for h in self.hospitals.values())) or "none"
-        log.info("hospitals: %s", names)
+        self.simulated = bool(self.hospitals) and self._modes == {NodeMode.SIMULATION.value}
+        log.info("hospitals: %s", ", ".join(sorted(h.name for h in self.hospitals.values())) or "none")
         if len(self.hospitals) < self.cfg.strategy.min_hospitals:
             raise RuntimeError(
                 f"only {len(self.hospitals)} hospital(s) answered within {wait_s:.0f} s; "
@@ -211,24 +251,26 @@ class Coordinator:
             self._identify(new, timeout=min(60.0, self.cfg.strategy.round_timeout_s))
 
     # -- rounds ----------------------------------------------------------------
-    def train_round(self, server_round: int) -> dict:
+    def train_round(self, server_round: int) -> TrainPhase:
         layout = expected_layout(self.arrays)
         nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
+        phase = TrainPhase()
         try:
             messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round), nodes)
         except PrivacyBudgetExhausted as exc:
             log.info("round %d: hospital-level DP budget reached, ending the run (%s)", server_round, exc)
             self.hospital_dp_exhausted = True
-            return {"hospitals": {}, "dropped": [], "stopped": [], "skipped": True}
+            phase.skipped = True
+            return phase
         replies = self._exchange(messages)
-        valid, record = [], {"hospitals": {}, "dropped": [], "stopped": []}
+        valid = []
         answered = set()
         for nid, reply in replies:
             answered.add(nid)
-            view = self.hospitals.get(nid) or HospitalView(f"node {nid}", nid)
-            name = hospital_of(reply, view.name)
-            if self._stopped(reply, view, server_round, record):
+            view = self._view(nid)
+            if self._stopped(reply, view, server_round, phase):
                 continue
+            name = hospital_of(reply, view.name)
             try:
                 check_train_reply(
                     reply, layout, self.cfg.strategy.max_examples,
@@ -236,54 +278,57 @@ class Coordinator:
                 )
             except ReplyRejected as exc:
                 log.warning("round %d: dropped the reply of %s: %s", server_round, name, exc)
-                record["dropped"].append({"hospital": name, "reason": str(exc)})
+                phase.dropped.append(Dropped(name, nid, str(exc)))
                 continue
-            metrics = dict(reply.content[M.METRICS])
-            record["hospitals"][name] = {k: _num(v) for k, v in metrics.items()}
+            metrics = reply.content[M.METRICS]
+            phase.hospitals[name] = TrainReport(
+                num_examples=int(metrics[M.NUM_EXAMPLES]), steps=int(metrics[M.STEPS]),
+                train_loss=float(metrics[M.TRAIN_LOSS]), epsilon=float(metrics[M.EPSILON]),
+                delta=float(metrics[M.DELTA]), budget=float(metrics[M.BUDGET]),
+            )
             self._note_ledger(view, reply)
-            view.budget = float(metrics.get(M.BUDGET, math.inf))
+            view.budget = float(metrics[M.BUDGET])
             view.rounds_trained += 1
             valid.append(reply)
         for nid in nodes:
             if nid not in answered:
                 name = self.hospitals[nid].name
                 log.warning("round %d: no reply from %s within %.0f s", server_round, name, self.cfg.strategy.round_timeout_s)
-                record["dropped"].append({"hospital": name, "reason": "no reply before the timeout"})
+                phase.dropped.append(Dropped(name, nid, "no reply before the timeout"))
         if len(valid) < self.cfg.strategy.min_hospitals:
             log.warning(
                 "round %d skipped: %d valid replies, strategy.min_hospitals is %d",
                 server_round, len(valid), self.cfg.strategy.min_hospitals,
             )
-            record["skipped"] = True
-            return record
+            phase.skipped = True
+            return phase
         new = self.aggregator.aggregate(server_round, valid)
         if new is None or not all(np.isfinite(a.numpy()).all() for a in new.values()):
             log.error("round %d: aggregation gave no finite model; keeping the previous one", server_round)
-            record["skipped"] = True
-            return record
+            phase.skipped = True
+            return phase
         self.arrays = ArrayRecord({k: v for k, v in new.items()})
-        record["skipped"] = False
-        return record
+        return phase
 
-    def _stopped(self, reply: Message, view: HospitalView, server_round: int, record: dict) -> bool:
+    def _stopped(self, reply: Message, view: HospitalView, server_round: int, phase: TrainPhase) -> bool:
         """A hospital at its budget, or refusing, answers with a status only: a normal outcome."""
         if reply.has_error() or M.STATUS not in reply.content.config_records:
             return False
         status = reply.content[M.STATUS]
         state = str(status.get(M.STATE, ""))
-        if state == "budget-exhausted":
+        if state == ReplyState.BUDGET_EXHAUSTED:
             self._note_ledger(view, reply)
-            view.state, view.budget = state, float(status.get(M.BUDGET, view.budget))
+            view.state, view.budget = HospitalState.BUDGET_EXHAUSTED, float(status.get(M.BUDGET, view.budget))
             log.info(
                 "round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
                 server_round, view.name, view.epsilon, view.budget,
             )
-        elif state == "refused":
-            view.state, view.reason = state, str(status.get(M.REASON, ""))
+        elif state == ReplyState.REFUSED:
+            view.state, view.reason = HospitalState.REFUSED, str(status.get(M.REASON, ""))
             log.error("round %d: %s refuses to train: %s", server_round, view.name, view.reason)
         else:
             return False
-        record["stopped"].append({"hospital": view.name, "state": state, "reason": view.reason})
+        phase.stopped.append(Stopped(view.name, view.state, view.reason))
         return True
 
     def _note_ledger(self, view: HospitalView, reply: Message) -> None:
@@ -293,31 +338,28 @@ class Coordinator:
             view.ledger = Ledger.from_json(str(text), source=f"the ledger {view.name} sent")
             view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
 
-    def evaluate(self, server_round: int, split: str, threshold: float = 0.5) -> dict:
-        nodes = sorted(self.hospitals)
-        extra = {M.SPLIT: split, M.THRESHOLD: float(threshold)}
+    def evaluate(self, server_round: int, split: Split, threshold: float = 0.5) -> tuple[Evaluation, ScoreSummary | None]:
+        """Every hospital scores the global model on its ``split``; returns the metrics and
+        the pooled score summary they come from."""
+        extra = {M.SPLIT: split.value, M.THRESHOLD: float(threshold)}
         replies = self._send(
-            nodes, MessageType.EVALUATE,
+            sorted(self.hospitals), MessageType.EVALUATE,
             lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **extra)}),
         )
-        summaries, per_hospital, dropped = [], {}, []
+        result, summaries = Evaluation(split.value), []
         for nid, reply in replies:
-            name = hospital_of(reply, self.hospitals.get(nid, HospitalView(f"node {nid}", nid)).name)
+            name = hospital_of(reply, self._view(nid).name)
             try:
                 summary = check_eval_reply(reply, self.cfg.num_classes, self.cfg.evaluation.score_bins, self.cfg.strategy.max_examples)
             except ReplyRejected as exc:
-                log.warning("round %d: dropped the %s evaluation of %s: %s", server_round, split, name, exc)
-                dropped.append({"hospital": name, "reason": str(exc)})
+                log.warning("round %d: dropped the %s evaluation of %s: %s", server_round, split.value, name, exc)
+                result.dropped.append(Dropped(name, nid, str(exc)))
                 continue
             summaries.append(summary)
-            per_hospital[name] = summary.metrics()
+            result.hospitals[name] = summary.metrics()
         total = pooled(summaries)
-        return {
-            "pooled": total.metrics() if total is not None else {},
-            "hospitals": per_hospital,
-            "dropped": dropped,
-            "summary": total,
-        }
+        result.pooled = total.metrics() if total is not None else None
+        return result, total
 
     def fixed_threshold(self) -> float:
         """The configured decision threshold; 0.5 until an "auto" one is chosen."""
@@ -328,12 +370,12 @@ class Coordinator:
         """The final model's pooled validation summary (evaluated now if the last round
         did not: a resumed run, or every_round off)."""
         if self.last_val is None:
-            self.last_val = self.evaluate(server_round, "val").get("summary")
+            _, self.last_val = self.evaluate(server_round, Split.VAL)
         return self.last_val
 
-    def recalibrate(self, server_round: int) -> dict | None:
+    def recalibrate(self, server_round: int) -> Calibration | None:
         """Platt scaling fitted on the pooled validation histograms, folded into the
-        global model's output layer (common.calibration). None when off or not possible."""
+        global model's output layer (server.calibration). None when off or not possible."""
         if not self.cfg.evaluation.calibrate or self.cfg.num_classes != 2:
             return None
         summary = self._final_validation(server_round)
@@ -346,7 +388,7 @@ class Coordinator:
         state = fold_into_output_layer(self.arrays.to_torch_state_dict(), weight_key, bias_key, scale, shift)
         self.arrays = ArrayRecord(torch_state_dict=state)
         log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
-        return {"scale": scale, "shift": shift}
+        return Calibration(scale, shift)
 
     def decision_threshold(self, server_round: int) -> float:
         """The threshold for the test split and the bundle: the configured one, or the
@@ -360,7 +402,7 @@ class Coordinator:
             log.warning("no pooled validation histogram with both outcomes: decision threshold stays 0.5")
             return 0.5
         if self.calibration:
-            chosen = calibrate_risk(chosen, self.calibration["scale"], self.calibration["shift"])
+            chosen = calibrate_risk(chosen, self.calibration.scale, self.calibration.shift)
         log.info("decision threshold %.3f: the best event-1 score on the pooled validation split", chosen)
         return chosen
 
@@ -379,7 +421,7 @@ class Coordinator:
                 log.info(
                     "ending the run before round %d: fewer than %d hospitals can still train (%s)",
                     server_round, self.cfg.strategy.min_hospitals,
-                    ", ".join(f"{h.name}: {h.state}" for h in self.hospitals.values()),
+                    ", ".join(f"{h.name}: {h.state.value}" for h in self.hospitals.values()),
                 )
                 break
             t0 = time.perf_counter()
@@ -388,36 +430,39 @@ class Coordinator:
             train = self.train_round(server_round)
             if self.hospital_dp_exhausted:
                 break
-            val = (
-                self.evaluate(server_round, "val", self.fixed_threshold())
+            val, self.last_val = (
+                self.evaluate(server_round, Split.VAL, self.fixed_threshold())
                 if self.cfg.evaluation.every_round
-                else {"pooled": {}, "hospitals": {}}
+                else (Evaluation(Split.VAL.value), None)
             )
-            self.last_val = val.get("summary")
             seconds = time.perf_counter() - t0
-            auroc = val["pooled"].get("auroc", float("nan"))
-            eps = self.max_epsilon() if self.cfg.privacy.enabled else float("inf")
+            auroc = val.pooled.auroc if val.pooled else None
+            eps = self.max_epsilon() if self.cfg.privacy.enabled else math.inf
             log.info(
                 "round %d/%d | pooled val AUROC %s | max epsilon %s | %.1f s%s",
-                server_round, rounds, _fmt(auroc), _fmt(eps, 2), seconds,
-                " | SKIPPED" if train.get("skipped") else "",
+                server_round, rounds, format_number(auroc), format_number(eps, 2), seconds,
+                " | SKIPPED" if train.skipped else "",
             )
-            self.recorder.add_round(
-                server_round, seconds, train, val, {h.name: h.epsilon for h in self.hospitals.values()}
-            )
-            self.recorder.checkpoint(self, server_round)
+            self.recorder.add_round(self._round_record(server_round, seconds, train, val))
+            self.recorder.checkpoint(self.snapshot(server_round))
         self.calibration = self.recalibrate(rounds)
-        self.threshold = self.decision_threshold(rounds)
-        test = self.evaluate(rounds, "test", self.threshold)
-        test["threshold"] = self.threshold
-        test["calibration"] = self.calibration
-        log.info("final pooled test: %s", format_metrics(test["pooled"]) if test["pooled"] else "no replies")
-        self.recorder.finish(self, test)
+        threshold = self.decision_threshold(rounds)
+        test, _ = self.evaluate(rounds, Split.TEST, threshold)
+        log.info("final pooled test: %s", format_metrics(test.pooled) if test.pooled else "no replies")
+        result = TestResult(test.pooled, test.hospitals, test.dropped, threshold, self.calibration)
+        self.recorder.finish(
+            result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],
+            self.aggregator.hospital_privacy(),
+        )
 
-
-def _num(v):
-    return float(v) if isinstance(v, (int, float)) else v
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    def _round_record(self, server_round: int, seconds: float, train: TrainPhase, val: Evaluation) -> RoundRecord:
+        epsilons = {h.name: h.epsilon for h in self.hospitals.values()}
+        names = sorted(set(train.hospitals) | set(val.hospitals) | set(epsilons))
+        return RoundRecord(
+            round=server_round,
+            seconds=round(seconds, 3),
+            skipped=train.skipped,
+            pooled_val=val.pooled,
+            hospitals={n: HospitalRound(train.hospitals.get(n), val.hospitals.get(n), epsilons.get(n)) for n in names},
+            dropped=train.dropped + val.dropped,
+        )

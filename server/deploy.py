@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.keys import make_ca, make_server_cert, make_supernode_keypair
+from .keys import make_ca, make_server_cert, make_supernode_keypair
 
 CONNECTION = "fedgru"
 

@@ -27,6 +27,8 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMetho
 from common import messages as M
 from common.config import HospitalDPSection, StrategySection
 
+from .records import HospitalLevelPrivacy
+
 # Every node the coordinator offers takes part: sampling and waiting are its job.
 _ALL = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "min_evaluate_nodes": 0, "min_available_nodes": 1}
 
@@ -35,6 +37,13 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedprox": lambda s, **kw: FedProx(**_ALL, **kw, proximal_mu=s.proximal_mu),
     "fedadam": lambda s, **kw: FedAdam(**_ALL, **kw, eta=s.server_lr, eta_l=1.0, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau),
 }
+
+
+HOSPITAL_LEVEL_GUARANTEE = (
+    "hospital-level (epsilon, delta)-DP: whether any one hospital took part changes the released global "
+    "models only within this bound. It holds against everyone who sees the global models, but not against "
+    "the coordinator, which sees each hospital's clipped update."
+)
 
 
 class NodeView:
@@ -56,6 +65,7 @@ class Aggregator:
             raise ValueError(f"unknown strategy {section.name!r}; choose one of {', '.join(STRATEGIES)}")
         self.name = section.name
         dp = hospital_dp if hospital_dp is not None and hospital_dp.enabled else None
+        self.hospital_dp = dp
         # Hospital-level DP accounting assumes an unweighted mean of the updates.
         self.base = STRATEGIES[section.name](section, **({"weighted_by_key": M.UNIT_WEIGHT} if dp else {}))
         self.strategy: Strategy = self.base
@@ -81,11 +91,17 @@ class Aggregator:
             self.strategy.num_sampled_clients = len(node_ids)  # noise scales with who takes part
         return list(self.strategy.configure_train(server_round, arrays, config, NodeView(node_ids)))
 
-    def hospital_privacy(self) -> dict | None:
-        if self.accountant is None:
+    def hospital_privacy(self) -> HospitalLevelPrivacy | None:
+        """What hospital-level DP has spent so far (None when it is off)."""
+        if self.accountant is None or self.hospital_dp is None:
             return None
         spent = self.accountant.get_privacy_spent()
-        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+        hd = self.hospital_dp
+        return HospitalLevelPrivacy(
+            epsilon=spent.epsilon, delta=spent.delta, releases=spent.num_releases,
+            noise_multiplier=hd.noise_multiplier, clipping_norm=hd.clipping_norm, max_epsilon=hd.max_epsilon or None,
+            accountant="Flower RdpAccountant (no sampling amplification)", guarantee=HOSPITAL_LEVEL_GUARANTEE,
+        )
 
     def aggregate(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         arrays, _ = self.strategy.aggregate_train(server_round, replies)

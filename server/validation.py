@@ -95,7 +95,7 @@ def check_eval_reply(msg: Message, num_classes: int, bins: int, max_examples: in
     if M.EVALUATION not in content.array_records:
         raise ReplyRejected("reply lacks the evaluation summary")
     arrays = {k: v.numpy() for k, v in content[M.EVALUATION].items()}
-    if set(arrays) != {"histogram", "confusion", "brier_sum", "n"}:
+    if set(arrays) != set(M.SUMMARY_FIELDS):
         raise ReplyRejected("evaluation summary has unexpected fields")
     k_score = 1 if num_classes == 2 else num_classes
     if arrays["histogram"].shape != (num_classes, k_score, bins):

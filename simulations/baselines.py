@@ -13,10 +13,8 @@ config's optimizer settings, so the compute matches the federated run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,8 @@ from common.files import write_json
 from common.metrics import exact_metrics
 from common.model import GRUClassifier, model_spec
 from common.privacy import DPSGDEntry, calibrate_noise, epsilon, steps_per_round
-from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local
+from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local, training_for_round
+from server.records import BaselineResult, load_records
 
 KINDS = ("central", "central-dp", "local")
 
@@ -50,8 +49,7 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     gen = torch.Generator().manual_seed(seed)  # a baseline is a local experiment: reproducible is fine
     state = None
     for r in range(1, rounds + 1):
-        training = _scheduled(cfg, r)
-        out = train_local(model, data, training, steps, dp, gen, gen if dp else None, optimizer_state=state)
+        out = train_local(model, data, training_for_round(cfg, r), steps, dp, gen, gen if dp else None, optimizer_state=state)
         state = out.optimizer_state if cfg.training.keep_optimizer_state else None
         if dp:
             history.append(DPSGDEntry(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
@@ -59,13 +57,9 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     return model, eps
 
 
-def _scheduled(cfg: ExperimentConfig, server_round: int):
-    from common.training import scheduled_lr
-
-    return replace(cfg.training, lr=scheduled_lr(cfg, server_round))
-
-
-def run_baseline(cfg: ExperimentConfig, kind: str, out: Path | None = None, target_epsilon: float | None = None, seed: int | None = None) -> dict:
+def run_baseline(
+    cfg: ExperimentConfig, kind: str, out: Path | None = None, target_epsilon: float | None = None, seed: int | None = None
+) -> BaselineResult:
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
     seed = cfg.run.seed if seed is None else seed
@@ -75,33 +69,29 @@ def run_baseline(cfg: ExperimentConfig, kind: str, out: Path | None = None, targ
     start = time.perf_counter()
     ds = load_dataset(cfg)
     hospitals = make_partition(ds, cfg)
-    result: dict = {"kind": kind, "seed": seed, "rounds": cfg.run.rounds, "local_epochs": cfg.training.local_epochs}
+    per, ys, ps, spent = {}, [], [], {}
     if kind in ("central", "central-dp"):
         train = np.concatenate([h.train for h in hospitals])
         model, eps = _train(cfg, ds.X[train], ds.S[train], ds.y[train], eps_target if kind == "central-dp" else None, seed)
-        per = {}
-        ys, ps = [], []
-        for h in hospitals:
-            p = predict_proba(model, ds.X[h.test], ds.S[h.test])
-            per[h.name] = exact_metrics(ds.y[h.test], p)
-            ys.append(ds.y[h.test])
-            ps.append(p)
-        result["epsilon"] = eps if kind == "central-dp" else None
+        models = {h.name: model for h in hospitals}
+        if kind == "central-dp":
+            spent["all"] = eps
     else:
-        per, ys, ps, eps_all = {}, [], [], {}
+        models = {}
         for h in hospitals:
-            model, eps = _train(cfg, ds.X[h.train], ds.S[h.train], ds.y[h.train], eps_target, seed)
-            p = predict_proba(model, ds.X[h.test], ds.S[h.test])
-            per[h.name] = exact_metrics(ds.y[h.test], p)
-            ys.append(ds.y[h.test])
-            ps.append(p)
-            eps_all[h.name] = eps
-        result["epsilon"] = eps_all
-    result["test"] = {"pooled": exact_metrics(np.concatenate(ys), np.concatenate(ps)), "hospitals": per}
-    result["seconds"] = round(time.perf_counter() - start, 1)
+            models[h.name], spent[h.name] = _train(cfg, ds.X[h.train], ds.S[h.train], ds.y[h.train], eps_target, seed)
+    for h in hospitals:  # each hospital's test patients, scored by the model it would use
+        p = predict_proba(models[h.name], ds.X[h.test], ds.S[h.test])
+        per[h.name] = exact_metrics(ds.y[h.test], p)
+        ys.append(ds.y[h.test])
+        ps.append(p)
+    result = BaselineResult(
+        kind=kind, seed=seed, rounds=cfg.run.rounds, local_epochs=cfg.training.local_epochs, epsilon=spent,
+        pooled=exact_metrics(np.concatenate(ys), np.concatenate(ps)), hospitals=per,
+        seconds=round(time.perf_counter() - start, 1),
+    )
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        existing = json.loads(out.read_text()) if out.is_file() else {}
+        existing = load_records(out, BaselineResult) or {}
         existing[kind] = result
         write_json(out, existing)
     return result

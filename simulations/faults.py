@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
 
 from client.hospital import node_hospital_name
 from common import messages as M
@@ -69,7 +69,7 @@ def fault_mod(faults: dict[str, str]):
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
-        if msg.metadata.message_type != "train" or reply.has_error():
+        if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
             return reply
         cfg = ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
         kind = faults.get(node_hospital_name(cfg, context.node_config))

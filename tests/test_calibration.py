@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from common.metrics import ScoreSummary, exact_metrics
 from common.model import GRUClassifier, output_layer_keys
+from server.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from tests.conftest import small_spec
 
 
@@ -40,8 +40,8 @@ def test_recalibration_keeps_the_ranking_and_improves_brier():
     p = np.array([calibrate_risk(r, scale, shift) for r in probs[:, 1]])
     after = exact_metrics(y, np.stack([1 - p, p], axis=1))
     before = exact_metrics(y, probs)
-    assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-12)
-    assert after["brier"] < before["brier"]
+    assert after.auroc == pytest.approx(before.auroc, abs=1e-12)
+    assert after.brier < before.brier
     assert abs(p.mean() - y.mean()) < 0.01  # calibrated in the large
 
 

@@ -17,18 +17,18 @@ def _binary(n=500, seed=0):
 def test_exact_binary_metrics_match_sklearn_and_definitions():
     y, probs = _binary()
     m = exact_metrics(y, probs)
-    assert m["auroc"] == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-12)
-    assert m["auprc"] == pytest.approx(average_precision_score(y, probs[:, 1]), abs=1e-12)
+    assert m.auroc == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-12)
+    assert m.auprc == pytest.approx(average_precision_score(y, probs[:, 1]), abs=1e-12)
     pred = probs[:, 1] >= 0.5
     tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
     fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
-    assert m["sensitivity"] == pytest.approx(tp / (tp + fn))
-    assert m["specificity"] == pytest.approx(tn / (tn + fp))
-    assert m["accuracy"] == pytest.approx((tp + tn) / len(y))
-    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-    assert m["event1_score"] == pytest.approx(min(tp / (tp + fn), tp / (tp + fp)))
-    assert m["brier"] == pytest.approx(np.mean((probs[:, 1] - y) ** 2))
-    assert m["n"] == 500
+    assert m.sensitivity == pytest.approx(tp / (tp + fn))
+    assert m.specificity == pytest.approx(tn / (tn + fp))
+    assert m.accuracy == pytest.approx((tp + tn) / len(y))
+    assert m.f1 == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m.event1_score == pytest.approx(min(tp / (tp + fn), tp / (tp + fp)))
+    assert m.brier == pytest.approx(np.mean((probs[:, 1] - y) ** 2))
+    assert m.n == 500
 
 
 def test_exact_multiclass_matches_sklearn_macro_ovr():
@@ -37,9 +37,9 @@ def test_exact_multiclass_matches_sklearn_macro_ovr():
     logits = rng.normal(size=(300, 4)) + np.eye(4)[y] * 1.2
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     m = exact_metrics(y, probs)
-    assert m["auroc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
-    assert m["accuracy"] == pytest.approx((probs.argmax(1) == y).mean())
-    assert m["brier"] == pytest.approx(((probs - np.eye(4)[y]) ** 2).sum(1).mean())
+    assert m.auroc == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert m.accuracy == pytest.approx((probs.argmax(1) == y).mean())
+    assert m.brier == pytest.approx(((probs - np.eye(4)[y]) ** 2).sum(1).mean())
 
 
 def test_summary_is_additive_and_close_to_exact():
@@ -50,11 +50,11 @@ def test_summary_is_additive_and_close_to_exact():
     p_all = np.concatenate([p for _, p in parts])
     exact = exact_metrics(y_all, p_all)
     approx = total.metrics()
-    assert approx["n"] == exact["n"] == 1600
-    assert approx["auroc"] == pytest.approx(exact["auroc"], abs=2e-3)
-    assert approx["auprc"] == pytest.approx(exact["auprc"], abs=1e-2)  # ties within a bin
+    assert approx.n == exact.n == 1600
+    assert approx.auroc == pytest.approx(exact.auroc, abs=2e-3)
+    assert approx.auprc == pytest.approx(exact.auprc, abs=1e-2)  # ties within a bin
     for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score", "brier"):
-        assert approx[key] == pytest.approx(exact[key], abs=1e-9)
+        assert getattr(approx, key) == pytest.approx(getattr(exact, key), abs=1e-9)
     again = ScoreSummary.from_arrays(total.to_arrays())
     assert again.metrics() == approx
 
@@ -63,7 +63,7 @@ def test_undefined_auroc_is_nan_not_an_error():
     y = np.zeros(10, dtype=int)
     probs = np.tile([0.9, 0.1], (10, 1))
     m = exact_metrics(y, probs)
-    assert np.isnan(m["auroc"]) and m["specificity"] == 1.0
+    assert np.isnan(m.auroc) and m.specificity == 1.0
 
 
 def test_auto_threshold_is_the_best_event1_threshold_among_bin_edges():
@@ -73,24 +73,24 @@ def test_auto_threshold_is_the_best_event1_threshold_among_bin_edges():
     y, probs = _binary(n=700, seed=3)
     bins = 60
     chosen = choose_threshold(ScoreSummary.from_predictions(y, probs, bins))
-    scores = [exact_metrics(y, probs, bin_edge_probability(j, bins))["event1_score"] for j in range(1, bins)]
-    assert exact_metrics(y, probs, chosen)["event1_score"] == pytest.approx(max(scores), abs=1e-12)
+    scores = [exact_metrics(y, probs, bin_edge_probability(j, bins)).event1_score for j in range(1, bins)]
+    assert exact_metrics(y, probs, chosen).event1_score == pytest.approx(max(scores), abs=1e-12)
     assert chosen == pytest.approx(bin_edge_probability(1 + int(np.argmax(scores)), bins))
     # a hospital's summary at that threshold agrees with the exact metrics
     at = ScoreSummary.from_predictions(y, probs, bins, chosen).metrics()
     exact = exact_metrics(y, probs, chosen)
     for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score"):
-        assert at[key] == pytest.approx(exact[key], abs=1e-12), key
+        assert getattr(at, key) == pytest.approx(getattr(exact, key), abs=1e-12), key
     # at 15% prevalence the best event-1 threshold lies well below 0.5
-    assert chosen < 0.5 and exact["sensitivity"] > exact_metrics(y, probs)["sensitivity"]
+    assert chosen < 0.5 and exact.sensitivity > exact_metrics(y, probs).sensitivity
 
 
 @pytest.mark.parametrize("use", ["binary_counts", "choose_threshold", "fit_logistic_calibration"])
 def test_histogram_fits_need_a_binary_summary_with_both_outcomes(use):
     """The auto threshold and the recalibration read the same binary counts: no answer
     without deaths and survivors both, or for a multi-class task."""
-    from common.calibration import fit_logistic_calibration
     from common.metrics import choose_threshold
+    from server.calibration import fit_logistic_calibration
 
     fn = {"binary_counts": ScoreSummary.binary_counts, "choose_threshold": choose_threshold,
           "fit_logistic_calibration": fit_logistic_calibration}[use]

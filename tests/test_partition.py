@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.data.partition import PARTITIONERS, make_partition, partition_table, stratified_split
+from common.data.partition import format_table, make_partition, partition_table, stratified_split
 from tests.conftest import DEFAULT_CONFIG
 
 
@@ -17,11 +17,14 @@ def _check_cover(hospitals, n):
 
 def test_icu_type_partition_is_the_natural_four_hospitals(full_dataset, default_cfg):
     hospitals = make_partition(full_dataset, default_cfg)
-    rows = {r["hospital"]: r for r in partition_table(full_dataset, hospitals, default_cfg.task.classes)}
-    assert {k: v["stays"] for k, v in rows.items()} == {
+    rows = {r.hospital: r for r in partition_table(full_dataset, hospitals, default_cfg.task.classes)}
+    assert {k: v.stays for k, v in rows.items()} == {
         "coronary_care": 577, "cardiac_surgery": 874, "medical": 1481, "surgical": 1068,
     }
-    assert sum(r["died"] for r in rows.values()) == 554
+    assert sum(r.classes["died"] for r in rows.values()) == 554
+    table = format_table(list(rows.values())).splitlines()
+    assert table[0].split() == ["hospital", "stays", "survived", "died", "train", "val", "test"]
+    assert table[-1].split()[:4] == ["total", "4000", "3446", "554"]
     _check_cover(hospitals, 4000)
 
 
@@ -64,8 +67,16 @@ def test_dirichlet_partition_skews_labels(full_dataset):
     assert all(np.array_equal(x.all, y.all) for x, y in zip(skewed, again))
 
 
-def test_partitioners_are_a_registry():
-    assert {"icu_type", "column", "iid", "dirichlet"} <= set(PARTITIONERS)
+def test_column_partition_names_hospitals_and_leaves_out_unknown_values(full_dataset):
+    cfg = load_config(DEFAULT_CONFIG, ["partition.scheme=column", "partition.column=Gender",
+                                       "partition.names={0: women, 1: men}"])
+    hospitals = make_partition(full_dataset, cfg)
+    assert [h.name for h in hospitals] == ["women", "men"]
+    gender = full_dataset.groups["Gender"]
+    for h, value in zip(hospitals, (0, 1)):
+        assert (gender[h.all] == value).all()
+    known = int(np.isin(gender, [0, 1]).sum())
+    assert sum(len(h.all) for h in hospitals) == known < 4000  # a few stays have no recorded sex
 
 
 def test_stratified_split_small():

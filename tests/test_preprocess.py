@@ -96,17 +96,40 @@ def test_real_data_shapes_and_ranges(full_dataset, default_cfg):
     deltas = X[:, :, 2 * V :]
     assert deltas.min() >= 0 and deltas.max() <= 1.0 + 1e-6
     # out-of-range values are counted (the facts: 11 pH values outside [6.5, 8], 130 Temp < 25)
-    pre = full_dataset.summary["preprocess"]
-    assert pre["out_of_range"]["pH"] == 11
-    assert pre["out_of_range"]["Temp"] == 130
+    pre = full_dataset.summary.preprocess
+    assert pre.out_of_range["pH"] == 11
+    assert pre.out_of_range["Temp"] == 130
     # 48:00 observations are inside the window
-    assert pre["after_window"] == 0
+    assert pre.after_window == 0
 
 
-def test_window_end_rule_on_real_data(default_cfg, full_dataset):
-    """Every observed bin lies inside 48 h, and at least one stay uses the last bin."""
-    V = len(default_cfg.features.variables)
-    assert full_dataset.X[:, -1, V : 2 * V].sum() > 0
+def test_an_observation_at_48_00_is_the_last_hour_of_a_real_stay(default_cfg, physionet_files, tmp_path):
+    """PhysioNet's times run up to and including 48:00: such a value is the last one of the
+    last hourly bin, not dropped and not a 49th step."""
+    import tarfile
+
+    from common.data.physionet import read_physionet
+    from common.data.records import ReadSummary
+
+    names = [v.name for v in default_cfg.features.variables]
+    with tarfile.open(physionet_files[0]) as tar:
+        for member in tar:
+            if not member.name.endswith(".txt"):
+                continue
+            lines = tar.extractfile(member).read().decode().splitlines()
+            at_end = [line.split(",") for line in lines if line.startswith("48:00,") and line.split(",")[1] in names]
+            if at_end:
+                tar.extract(member, tmp_path, filter="data")
+                break
+    _, name, value = at_end[-1]
+    (stay,) = read_physionet(tmp_path / "set-a", names, ReadSummary())
+    X, _ = to_tensors([stay], default_cfg.features)
+    j = names.index(name)
+    spec = default_cfg.features.variables[j]
+    V = len(names)
+    assert X.shape[1] == 48 and X[0, -1, V + j] == 1.0  # observed in the last hour
+    expected = (np.log1p(float(value)) - np.log1p(spec.center)) / spec.scale if spec.log else (float(value) - spec.center) / spec.scale
+    assert X[0, -1, j] == pytest.approx(expected if not spec.binary else float(value), abs=1e-5)
 
 
 def test_bin_hours_must_divide_window():

@@ -3,7 +3,7 @@
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.privacy import DPSGDEntry, calibrate_noise, epsilon, ledger_from_json, ledger_to_json, steps_per_round
+from common.privacy import DPSGDEntry, calibrate_noise, epsilon, plan, steps_per_round
 
 
 def _replay(history, delta, accountant="rdp"):
@@ -46,6 +46,11 @@ def test_calibrated_sigma_meets_the_target_for_the_whole_run():
     assert epsilon([DPSGDEntry(r, per_round_sigma, q, steps, 1.0) for r in range(1, 21)], 1e-5) > 3.0
 
 
-def test_ledger_json_round_trip():
-    sigma, hist = ledger_from_json(ledger_to_json(2.5, HISTORIES[1]))
-    assert sigma == 2.5 and hist == HISTORIES[1]
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("examples, batch, epochs, rounds, target", [(1000, 64, 1.0, 20, 1.0), (404, 256, 2.0, 10, 3.0), (5000, 128, 0.5, 5, 0.5)])
+def test_plan_round_trips(examples, batch, epochs, rounds, target, accountant):
+    forward = plan(examples, batch, epochs, rounds, 1e-5, accountant, target_epsilon=target)
+    back = plan(examples, batch, epochs, rounds, 1e-5, accountant, noise_multiplier=forward.noise_multiplier)
+    assert back.epsilon == pytest.approx(target, abs=1e-3)
+    assert back.epsilon <= target  # never over the target
+    assert all(b > a for a, b in zip(back.epsilon_per_round, back.epsilon_per_round[1:]))

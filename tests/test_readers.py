@@ -15,10 +15,10 @@ def _var_names(cfg):
 
 
 def test_real_set_a_counts(full_dataset):
-    assert full_dataset.summary["stays_read"] == 4000
+    assert full_dataset.summary.stays_read == 4000
     assert len(full_dataset) == 4000
     assert int(full_dataset.y.sum()) == 554
-    assert full_dataset.summary["class_counts"] == {"survived": 3446, "died": 554}
+    assert full_dataset.summary.class_counts == {"survived": 3446, "died": 554}
     # ICU types as PhysioNet documents them
     icu = full_dataset.groups["ICUType"]
     assert [int((icu == k).sum()) for k in (1, 2, 3, 4)] == [577, 874, 1481, 1068]

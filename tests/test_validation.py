@@ -10,39 +10,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import messages as M
-from common.config import load_config
 from server.coordinator import Coordinator, HospitalView, initial_arrays
 from server.outputs import RunRecorder
 from server.validation import ReplyRejected, check_train_reply, expected_layout
-from tests.conftest import DEFAULT_CONFIG
+from tests.conftest import ReplayGrid, small_cfg, train_reply
 
 
 @pytest.fixture(autouse=True)
 def _identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
-
-
-def _small_cfg(*extra):
-    return load_config(DEFAULT_CONFIG, ["model.gru_hidden=[4]", "model.head_hidden=0", *extra])
-
-
-def _reply(node_id: int, arrays: dict[str, np.ndarray], n=100, hospital="h", metrics=None) -> Message:
-    request = Message(RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    m = {M.NUM_EXAMPLES: n, M.UNIT_WEIGHT: 1.0, M.TRAIN_LOSS: 0.3, M.EPSILON: 0.5, M.DELTA: 1e-5, M.BUDGET: 1.0, M.STEPS: 4}
-    m.update(metrics or {})
-    content = RecordDict(
-        {
-            M.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-            M.METRICS: MetricRecord(m),
-            M.STATUS: ConfigRecord({M.HOSPITAL: hospital, M.STATE: "trained"}),
-        }
-    )
-    return Message(content, reply_to=request)
 
 
 def _bad_variants(good: dict[str, np.ndarray]):
@@ -66,32 +46,19 @@ def _bad_variants(good: dict[str, np.ndarray]):
 
 
 def test_each_kind_of_bad_reply_is_rejected_with_a_reason():
-    cfg = _small_cfg()
+    cfg = small_cfg()
     arrays = initial_arrays(cfg)
     layout = expected_layout(arrays)
     good = {k: v.numpy().copy() for k, v in arrays.items()}
-    check_train_reply(_reply(1, good), layout, cfg.strategy.max_examples)  # the good one passes
+    check_train_reply(train_reply(1, good), layout, cfg.strategy.max_examples)  # the good one passes
     for name, (weights, metrics, reason) in _bad_variants(good).items():
         with pytest.raises(ReplyRejected, match=reason):
-            check_train_reply(_reply(1, weights, metrics=metrics), layout, cfg.strategy.max_examples)
-
-
-class ReplayGrid:
-    """Answers each send_and_receive with prepared replies (no network)."""
-
-    def __init__(self, replies: list[Message]):
-        self.replies = replies
-
-    def get_node_ids(self):
-        return [r.metadata.src_node_id for r in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return list(self.replies)
+            check_train_reply(train_reply(1, weights, metrics=metrics), layout, cfg.strategy.max_examples)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_bad_replies_never_reach_the_global_model(tmp_path, strategy):
-    cfg = _small_cfg(f"strategy.name={strategy}", "strategy.proximal_mu=0.1")
+    cfg = small_cfg(f"strategy.name={strategy}", "strategy.proximal_mu=0.1")
     arrays = initial_arrays(cfg)
     good = {k: v.numpy().copy() for k, v in arrays.items()}
     rng = np.random.default_rng(0)
@@ -100,17 +67,17 @@ def test_bad_replies_never_reach_the_global_model(tmp_path, strategy):
     for _ in range(2):
         update = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in good.items()}
         good_updates.append(update)
-        replies.append(_reply(node, update, n=100, hospital=f"good{node}"))
+        replies.append(train_reply(node, update, n=100, hospital=f"good{node}"))
         node += 1
     for name, (weights, metrics, _) in _bad_variants(good).items():
-        replies.append(_reply(node, weights, metrics=metrics, hospital=f"bad-{name}"))
+        replies.append(train_reply(node, weights, metrics=metrics, hospital=f"bad-{name}"))
         node += 1
     coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, "test"), "test")
     coord.hospitals = {r.metadata.src_node_id: HospitalView(f"n{r.metadata.src_node_id}", r.metadata.src_node_id) for r in replies}
     record = coord.train_round(1)
-    assert not record["skipped"]
-    assert {d["hospital"] for d in record["dropped"]} == {f"bad-{n}" for n in _bad_variants(good)}
-    assert set(record["hospitals"]) == {"good10", "good11"}
+    assert not record.skipped
+    assert {d.hospital for d in record.dropped} == {f"bad-{n}" for n in _bad_variants(good)}
+    assert set(record.hospitals) == {"good10", "good11"}
     result = {k: v.numpy() for k, v in coord.arrays.items()}
     assert all(np.isfinite(v).all() for v in result.values())
     if strategy in ("fedavg", "fedprox"):
@@ -119,23 +86,23 @@ def test_bad_replies_never_reach_the_global_model(tmp_path, strategy):
 
 
 def test_round_is_skipped_when_too_few_valid_replies(tmp_path):
-    cfg = _small_cfg("strategy.min_hospitals=2")
+    cfg = small_cfg("strategy.min_hospitals=2")
     arrays = initial_arrays(cfg)
     good = {k: v.numpy().copy() for k, v in arrays.items()}
     bad = {k: v.copy() for k, v in good.items()}
     next(iter(bad.values())).flat[0] = np.nan
-    replies = [_reply(1, good, hospital="a"), _reply(2, bad, hospital="b")]
+    replies = [train_reply(1, good, hospital="a"), train_reply(2, bad, hospital="b")]
     coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, "t"), "t")
     coord.hospitals = {1: HospitalView("a", 1), 2: HospitalView("b", 2)}
     before = {k: v.numpy().copy() for k, v in coord.arrays.items()}
     record = coord.train_round(1)
-    assert record["skipped"]
+    assert record.skipped
     for k, v in coord.arrays.items():
         np.testing.assert_array_equal(v.numpy(), before[k])
 
 
 def test_initial_model_is_seeded():
-    cfg = _small_cfg()
+    cfg = small_cfg()
     a, b = initial_arrays(cfg), initial_arrays(cfg)
     assert all(torch.equal(torch.as_tensor(a[k].numpy()), torch.as_tensor(b[k].numpy())) for k in a)
 

@@ -10,15 +10,32 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataSection, ExperimentConfig, FeatureSection, TaskSection
-from ..files import atomic_open
+from ..files import atomic_open, to_json
 from ..paths import cache_dir, resolve
+from ..typed import build
 from .long_csv import read_long_csv, read_outcomes
 from .physionet import read_physionet
 from .preprocess import PreprocessSummary, to_tensors
 from .records import DataError, ReadSummary, natural_key
 
 # Bump when preprocessing output changes, so stale caches are not reused.
-PREPROCESS_VERSION = 3
+PREPROCESS_VERSION = 4
+
+
+@dataclass
+class DataSummary:
+    """What reading and preprocessing one data source saw and set aside (counts only)."""
+
+    data: str
+    outcomes: str | None
+    stays_read: int
+    stays_used: int
+    stays_without_outcome: int
+    stays_with_missing_label: int
+    outcomes_without_stay: int
+    class_counts: dict[str, int]
+    read: ReadSummary
+    preprocess: PreprocessSummary
 
 
 @dataclass
@@ -30,7 +47,7 @@ class Dataset:
     S: np.ndarray  # (N, static_width) float32 descriptors
     y: np.ndarray  # (N,) int64 class index
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # raw categorical descriptors
-    summary: dict = field(default_factory=dict)
+    summary: DataSummary | None = None
     fingerprint: str = ""  # sha256 of the source files' bytes
 
     def __len__(self) -> int:
@@ -132,18 +149,18 @@ def read_source(
     for spec in features.static:
         if spec.kind == "categorical":
             groups[spec.name] = np.array([s.static.get(spec.name, np.nan) for s in labelled], dtype=np.float64)
-    summary = {
-        "data": str(data_path),
-        "outcomes": str(outcomes_path) if outcomes_path is not None else None,
-        "stays_read": len(stays),
-        "stays_used": len(labelled),
-        "stays_without_outcome": no_outcome,
-        "stays_with_missing_label": missing_label,
-        "outcomes_without_stay": outcomes_without_stay,
-        "class_counts": {task.classes[k]: int((y == k).sum()) for k in range(len(task.classes))},
-        "read": read_summary.to_dict(),
-        "preprocess": pre.to_dict(),
-    }
+    summary = DataSummary(
+        data=str(data_path),
+        outcomes=str(outcomes_path) if outcomes_path is not None else None,
+        stays_read=len(stays),
+        stays_used=len(labelled),
+        stays_without_outcome=no_outcome,
+        stays_with_missing_label=missing_label,
+        outcomes_without_stay=outcomes_without_stay,
+        class_counts={task.classes[k]: int((y == k).sum()) for k in range(len(task.classes))},
+        read=read_summary,
+        preprocess=pre,
+    )
     return Dataset(stay_ids=np.array([s.stay_id for s in labelled]), X=X, S=S, y=y, groups=groups, summary=summary)
 
 
@@ -197,7 +214,7 @@ def load_dataset(
     if path.is_file():
         try:
             return _load_npz(path, fingerprint)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError):  # TypedDataError is a ValueError
             pass  # a damaged cache is rebuilt below
     ds = read_source(dpath, opath, data, cfg.features, cfg.task)
     ds.fingerprint = fingerprint
@@ -211,7 +228,7 @@ def _save_npz(ds: Dataset, path: Path) -> None:
         "X": ds.X,
         "S": ds.S,
         "y": ds.y,
-        "summary": np.array(json.dumps(ds.summary)),
+        "summary": np.array(to_json(ds.summary, indent=None)),
     }
     for k, v in ds.groups.items():
         arrays[f"group:{k}"] = v
@@ -228,6 +245,6 @@ def _load_npz(path: Path, fingerprint: str) -> Dataset:
             S=z["S"],
             y=z["y"],
             groups=groups,
-            summary=json.loads(str(z["summary"])),
+            summary=build(DataSummary, json.loads(str(z["summary"])), str(path)),
             fingerprint=fingerprint,
         )

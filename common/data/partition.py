@@ -147,31 +147,40 @@ def split_hospital(name: str, indices: np.ndarray, y: np.ndarray, cfg: Experimen
     return HospitalSplit(name=name, train=train, val=val, test=test)
 
 
-def partition_table(ds: Dataset, hospitals: list[HospitalSplit], classes: list[str]) -> list[dict]:
-    """Rows (hospital, stays, per-class counts, split sizes) for printing and saving."""
-    rows = []
-    for h in hospitals:
-        idx = h.all
-        row = {"hospital": h.name, "stays": int(len(idx))}
-        for k, cname in enumerate(classes):
-            row[cname] = int((ds.y[idx] == k).sum())
-        row.update({"train": int(len(h.train)), "val": int(len(h.val)), "test": int(len(h.test))})
-        rows.append(row)
-    return rows
+@dataclass
+class HospitalRow:
+    """One simulated hospital: stays, per-class counts and split sizes (no patient data)."""
+
+    hospital: str
+    stays: int
+    classes: dict[str, int]  # class name -> stays
+    train: int
+    val: int
+    test: int
+
+    def cells(self) -> list[str | int]:
+        return [self.hospital, self.stays, *self.classes.values(), self.train, self.val, self.test]
 
 
-def format_table(rows: list[dict]) -> str:
+def partition_table(ds: Dataset, hospitals: list[HospitalSplit], classes: list[str]) -> list[HospitalRow]:
+    """One row per hospital, for printing and for the run folder."""
+    return [
+        HospitalRow(
+            h.name, int(len(h.all)), {c: int((ds.y[h.all] == k).sum()) for k, c in enumerate(classes)},
+            int(len(h.train)), int(len(h.val)), int(len(h.test)),
+        )
+        for h in hospitals
+    ]
+
+
+def format_table(rows: list[HospitalRow]) -> str:
     if not rows:
         return "(no hospitals)"
-    cols = list(rows[0].keys())
-    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(width[c]) if i == 0 else c.rjust(width[c]) for i, c in enumerate(cols))]
-    for r in rows:
-        lines.append(
-            "  ".join(str(r[c]).ljust(width[c]) if i == 0 else str(r[c]).rjust(width[c]) for i, c in enumerate(cols))
-        )
-    total = {c: sum(r[c] for r in rows) if isinstance(rows[0][c], int) else "total" for c in cols}
-    lines.append(
-        "  ".join(str(total[c]).ljust(width[c]) if i == 0 else str(total[c]).rjust(width[c]) for i, c in enumerate(cols))
+    header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
+    body = [r.cells() for r in rows]
+    body.append(["total", *(sum(r[i] for r in body) for i in range(1, len(header)))])
+    width = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, width)))
+        for row in [header, *body]
     )
-    return "\n".join(lines)

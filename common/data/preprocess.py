@@ -34,20 +34,13 @@ from .records import Stay
 
 @dataclass
 class PreprocessSummary:
-    observed: Counter = field(default_factory=Counter)  # variable -> usable observations
-    out_of_range: Counter = field(default_factory=Counter)  # variable -> count
-    after_window: int = 0  # observations later than the window
-    static_unknown: Counter = field(default_factory=Counter)  # descriptor -> stays
-    static_out_of_range: Counter = field(default_factory=Counter)
+    """What preprocessing set aside, per variable (counts only, no values)."""
 
-    def to_dict(self) -> dict:
-        return {
-            "observed": dict(sorted(self.observed.items())),
-            "out_of_range": dict(sorted(self.out_of_range.items())),
-            "after_window": self.after_window,
-            "static_unknown": dict(sorted(self.static_unknown.items())),
-            "static_out_of_range": dict(sorted(self.static_out_of_range.items())),
-        }
+    observed: dict[str, int] = field(default_factory=Counter)  # variable -> usable observations
+    out_of_range: dict[str, int] = field(default_factory=Counter)  # variable -> count
+    after_window: int = 0  # observations later than the window
+    static_unknown: dict[str, int] = field(default_factory=Counter)  # descriptor -> stays
+    static_out_of_range: dict[str, int] = field(default_factory=Counter)
 
 
 def num_steps(features: FeatureSection) -> int:

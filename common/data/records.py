@@ -55,12 +55,4 @@ class ReadSummary:
     files: int = 0
     lines: int = 0
     stays_without_observations: int = 0
-    unknown_parameters: Counter = field(default_factory=Counter)  # name -> count
-
-    def to_dict(self) -> dict:
-        return {
-            "files": self.files,
-            "lines": self.lines,
-            "stays_without_observations": self.stays_without_observations,
-            "unknown_parameters": dict(sorted(self.unknown_parameters.items())),
-        }
+    unknown_parameters: dict[str, int] = field(default_factory=Counter)  # name -> count

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .metrics import LOGIT_RANGE, ScoreSummary
+from common.metrics import LOGIT_RANGE, ScoreSummary
 
 # A fit that stretches logits more than this comes from scores crammed into a few bins
 # (a barely trained model, a tiny validation split): not trusted, left uncalibrated.

@@ -1,0 +1,248 @@
+"""What a run produces, as typed records.
+
+The coordinator builds them, ``server.outputs`` writes them to the run folder
+(``metrics.json``, ``privacy.json``, ``partition.json``, ``baselines.json``),
+``server.checkpoint`` keeps them across a restart, and ``server.report`` reads them back
+with :func:`load_record`. No module reads these files through string keys of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.data.dataset import DataSummary
+from common.data.partition import HospitalRow
+from common.files import json_safe
+from common.metrics import Metrics
+from common.typed import TypedDataError, build
+
+T = TypeVar("T")
+
+
+class HospitalState(str, Enum):
+    """Where a hospital stands in a run, as the coordinator sees it."""
+
+    ACTIVE = "active"
+    BUDGET_EXHAUSTED = "budget-exhausted"  # stopped at its privacy budget: a normal end
+    REFUSED = "refused"  # declined to take part (its reason is recorded)
+
+
+@dataclass
+class Dropped:
+    """A reply the coordinator did not use, and why."""
+
+    hospital: str  # the name registered for the node at discovery ("node <id>" if none)
+    node_id: int
+    reason: str
+
+
+@dataclass
+class Stopped:
+    """A hospital that answered with a state instead of an update."""
+
+    hospital: str
+    state: HospitalState
+    reason: str
+
+
+@dataclass
+class TrainReport:
+    """What one hospital's accepted training reply said."""
+
+    num_examples: int
+    steps: int
+    train_loss: float
+    epsilon: float  # as the hospital reported it (the coordinator recomputes its own from the ledger)
+    delta: float
+    budget: float
+
+
+@dataclass
+class TrainPhase:
+    """One round's training: who trained, who was dropped or stopped, whether the model moved."""
+
+    hospitals: dict[str, TrainReport] = field(default_factory=dict)
+    dropped: list[Dropped] = field(default_factory=list)
+    stopped: list[Stopped] = field(default_factory=list)
+    skipped: bool = False
+
+
+@dataclass
+class Evaluation:
+    """Pooled and per-hospital metrics of one evaluation (from the released summaries)."""
+
+    split: str
+    pooled: Metrics | None = None
+    hospitals: dict[str, Metrics] = field(default_factory=dict)
+    dropped: list[Dropped] = field(default_factory=list)
+
+
+@dataclass
+class HospitalRound:
+    train: TrainReport | None
+    val: Metrics | None
+    epsilon: float | None  # over the hospital's whole ledger after this round
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    seconds: float
+    skipped: bool
+    pooled_val: Metrics | None
+    hospitals: dict[str, HospitalRound]
+    dropped: list[Dropped]
+
+
+@dataclass
+class Calibration:
+    """Platt scaling folded into the output layer: logit -> scale x logit + shift."""
+
+    scale: float
+    shift: float
+
+
+@dataclass
+class TestResult:
+    pooled: Metrics | None
+    hospitals: dict[str, Metrics]
+    dropped: list[Dropped]
+    threshold: float  # binary tasks: flagged at risk >= threshold
+    calibration: Calibration | None
+
+
+@dataclass
+class RunMetrics:
+    """``metrics.json``."""
+
+    run_id: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+    test: TestResult | None = None
+    wall_seconds: float | None = None
+
+
+@dataclass
+class HospitalStatus:
+    """The coordinator's record of one hospital (no patient data), kept in checkpoints."""
+
+    name: str
+    state: HospitalState
+    reason: str
+    rounds_trained: int
+    budget: float | None  # None: not reported yet
+    ledger_json: str  # the ledger the hospital last sent ("" before its first reply)
+
+
+@dataclass
+class DPRound:
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+
+@dataclass
+class HospitalPrivacy:
+    """One hospital's entry in ``privacy.json``."""
+
+    state: HospitalState
+    rounds_trained: int
+    budget: float | None
+    reason: str = ""
+    epsilon: float | None = None  # by the accountant that drives decisions
+    epsilon_rdp: float | None = None
+    epsilon_prv: float | None = None
+    delta: float | None = None
+    accountant: str | None = None
+    remaining: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    history: list[DPRound] = field(default_factory=list)  # this run's DP-SGD rounds
+    earlier_runs: list[str] = field(default_factory=list)
+    data_fingerprint: str = ""
+    ledger: dict[str, Any] | None = None
+
+
+@dataclass
+class HospitalLevelPrivacy:
+    epsilon: float
+    delta: float
+    releases: int
+    noise_multiplier: float
+    clipping_norm: float
+    max_epsilon: float | None
+    accountant: str
+    guarantee: str
+
+
+@dataclass
+class NonDPRelease:
+    field: str
+    when: str
+    reveals: str
+
+
+@dataclass
+class RunPrivacy:
+    """``privacy.json``."""
+
+    run_id: str
+    dp_enabled: bool
+    guarantee: str
+    hospitals: dict[str, HospitalPrivacy]
+    hospital_level: HospitalLevelPrivacy | None
+    non_dp_releases: list[NonDPRelease]
+
+
+@dataclass
+class Partition:
+    """``partition.json``: the simulation's own description of its hospitals."""
+
+    scheme: str
+    hospitals: list[HospitalRow]
+    data_summary: DataSummary | None
+
+
+@dataclass
+class BaselineResult:
+    """One baseline in ``baselines.json`` (keyed by kind)."""
+
+    kind: str
+    seed: int
+    rounds: int
+    local_epochs: float
+    epsilon: dict[str, float]  # per hospital for `local`, {"all": e} for `central-dp`, {} without DP
+    pooled: Metrics
+    hospitals: dict[str, Metrics]
+    seconds: float
+
+
+def to_plain(record: Any) -> Any:
+    """JSON-ready form of a record (NaN becomes null)."""
+    return json_safe(record)
+
+
+def from_plain(cls: type[T], data: Any, origin: str) -> T:
+    try:
+        return build(cls, data, origin, null_is_nan=True)
+    except TypedDataError as exc:
+        raise ValueError(f"{exc} (written by another fedgru version?)") from None
+
+
+def load_record(path: Path, cls: type[T]) -> T | None:
+    """A record file of a run folder, or None when the run did not write it."""
+    if not path.is_file():
+        return None
+    return from_plain(cls, json.loads(path.read_text()), str(path))
+
+
+def load_records(path: Path, cls: type[T]) -> dict[str, T] | None:
+    """A file holding a mapping of records (``baselines.json``)."""
+    if not path.is_file():
+        return None
+    return {key: from_plain(cls, value, f"{path}: {key}") for key, value in json.loads(path.read_text()).items()}

@@ -1,0 +1,440 @@
+"""Run reports a clinical researcher and a privacy officer can read.
+
+``write_report(run_dir)`` reads a run folder's records (``server.records``) and writes
+``report.md`` (with PNG plots beside it) and ``report.html`` (one self-contained file,
+plots embedded), and returns a short text summary. The privacy part states, per
+hospital: epsilon under both RDP and PRV accounting at the hospital's delta, budget and
+what remains, rounds, steps, noise multiplier, clipping norm and sample rate; which
+releases are not covered by DP; the data fingerprint; and a plain-language statement
+that the hospital's privacy officer can sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.config import ConfigError, ExperimentConfig  # noqa: E402
+from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
+
+from .records import (  # noqa: E402
+    BaselineResult,
+    HospitalPrivacy,
+    Partition,
+    RunMetrics,
+    RunPrivacy,
+    load_record,
+    load_records,
+)
+
+METRIC_LABELS = {
+    "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sensitivity": "sensitivity",
+    "specificity": "specificity", "f1": "F1", "brier": "Brier", "event1_score": "event-1", "n": "n",
+}
+
+PHYSIONET_CITATION = (
+    "Data: PhysioNet/Computing in Cardiology Challenge 2012 (Open Data Commons Attribution 1.0). "
+    "Silva I, Moody G, Scott DJ, Celi LA, Mark RG. Predicting In-Hospital Mortality of ICU Patients: "
+    "The PhysioNet/Computing in Cardiology Challenge 2012. Comput Cardiol 2012;39:245-248."
+)
+
+RNG_NOTE = (
+    "DP noise and Poisson sampling use torch's generator seeded from the operating system's entropy at "
+    "each hospital. It is not a cryptographically secure generator: Opacus's secure mode needs torchcsprng, "
+    "which does not install with current torch. Floating-point Gaussian sampling is also known to leak "
+    "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
+)
+
+
+# ----------------------------------------------------------------------------------
+# A small document model rendered to Markdown and HTML
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list]
+
+
+@dataclass
+class Image:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Statement:
+    """A paragraph to be signed (set apart on the page)."""
+
+    text: str
+
+
+Block = str | Table | Image | Bullets | Statement
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else format_number(value)
+
+
+def _markdown(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    for sec in sections:
+        out += [f"## {sec.title}", ""]
+        for block in sec.blocks:
+            if isinstance(block, Table):
+                out.append("| " + " | ".join(block.header) + " |")
+                out.append("|" + "|".join("---" for _ in block.header) + "|")
+                out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
+            elif isinstance(block, Image):
+                out.append(f"![{block.caption}]({block.path.name})")
+            elif isinstance(block, Bullets):
+                out += [f"- {item}" for item in block.items]
+            elif isinstance(block, Statement):
+                out.append(f"> {block.text}")
+            else:
+                out.append(block)
+            out.append("")
+    return "\n".join(out)
+
+
+def _html(title: str, sections: list[Section]) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+        "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}",
+        ".statement{background:#f7f9fc;border-left:4px solid #3465a4;padding:0.6em 1em}",
+        "</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    for sec in sections:
+        parts.append(f"<h2>{esc(sec.title)}</h2>")
+        for block in sec.blocks:
+            if isinstance(block, Table):
+                parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>")
+                for row in block.rows:
+                    parts.append("<tr>" + "".join(f"<td>{esc(_cell(c))}</td>" for c in row) + "</tr>")
+                parts.append("</table>")
+            elif isinstance(block, Image):
+                data = base64.b64encode(block.path.read_bytes()).decode()
+                parts.append(f"<figure><img alt='{esc(block.caption)}' src='data:image/png;base64,{data}'>"
+                             f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+            elif isinstance(block, Bullets):
+                parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block.items) + "</ul>")
+            elif isinstance(block, Statement):
+                parts.append(f"<p class='statement'>{esc(block.text)}</p>")
+            else:
+                parts.append(f"<p>{esc(block)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------
+
+
+def _finish(fig, ax, path: Path, ylabel: str, title: str) -> None:
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
+    rounds = metrics.rounds
+    if not rounds:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r.round for r in rounds]
+    ax.plot(xs, [r.pooled_val.auroc if r.pooled_val else math.nan for r in rounds], "k-o", lw=2, label="pooled")
+    for name in sorted({n for r in rounds for n in r.hospitals}):
+        ys = [_nan(getattr(r.hospitals[name].val, "auroc", None)) if name in r.hospitals else math.nan for r in rounds]
+        ax.plot(xs, ys, "--", alpha=0.7, label=name)
+    _finish(fig, ax, path, "validation AUROC", "Utility: validation AUROC per round")
+    return True
+
+
+def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
+    if not metrics.rounds or not privacy.dp_enabled:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r.round for r in metrics.rounds]
+    for name, h in sorted(privacy.hospitals.items()):
+        ys = [_nan(r.hospitals[name].epsilon) if name in r.hospitals else math.nan for r in metrics.rounds]
+        line = ax.plot(xs, ys, "-o", ms=3, label=name)[0]
+        if h.budget:
+            ax.axhline(h.budget, color=line.get_color(), ls=":", lw=1)
+    _finish(fig, ax, path, "cumulative epsilon (dotted: budget)", "Privacy spent per hospital")
+    return True
+
+
+# ----------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFolder:
+    """Everything a run folder holds, as records (None where the run did not write it)."""
+
+    path: Path
+    config: ExperimentConfig | None
+    metrics: RunMetrics
+    privacy: RunPrivacy | None
+    partition: Partition | None
+    baselines: dict[str, BaselineResult] | None
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunFolder:
+        return cls(
+            path=run_dir,
+            config=_load_config(run_dir / "config.yaml"),
+            metrics=load_record(run_dir / "metrics.json", RunMetrics) or RunMetrics(run_id="?"),
+            privacy=load_record(run_dir / "privacy.json", RunPrivacy),
+            partition=load_record(run_dir / "partition.json", Partition),
+            baselines=load_records(run_dir / "baselines.json", BaselineResult),
+        )
+
+
+def _load_config(path: Path) -> ExperimentConfig | None:
+    if not path.is_file():
+        return None
+    try:
+        return ExperimentConfig.from_dict(yaml.safe_load(path.read_text()), origin=str(path), fill_defaults=True)
+    except ConfigError:
+        return None  # a config of another version: the report goes on without the settings
+
+
+def _metric_row(label: str, m: Metrics) -> list:
+    return [label] + [getattr(m, f.name) for f in fields(Metrics)]
+
+
+def officer_statement(name: str, h: HospitalPrivacy, dp_enabled: bool) -> str:
+    """The plain-language paragraph a hospital's privacy officer can sign."""
+    if not dp_enabled or h.epsilon is None or h.delta is None or h.accountant is None:
+        return (
+            f"For each patient at hospital {name}: this run trained without differential privacy, so the "
+            "model weights it released carry no formal privacy guarantee."
+        )
+    eps, delta = h.epsilon, h.delta
+    scope = "during this run" + (
+        f" and the {len(h.earlier_runs)} earlier run(s) recorded in its ledger" if h.earlier_runs else ""
+    )
+    other = "PRV" if h.accountant == "rdp" else "RDP"
+    other_eps = h.epsilon_prv if other == "PRV" else h.epsilon_rdp
+    budget_text = (
+        f" The hospital's budget is epsilon = {format_number(h.budget)}; {format_number(h.remaining)} remains."
+        if h.budget else ""
+    )
+    return (
+        f"For each patient in the training data of hospital {name}, everything derived from that data that "
+        f"{name} released {scope} (the model weights of every round) satisfies ({format_number(eps)}, {delta:.0e})-"
+        f"differential privacy ({h.accountant.upper()} accounting; {other} accounting gives epsilon = "
+        f"{format_number(other_eps)}). In plain words: whether or not any one patient's record was used, the "
+        f"probability of anything an outsider can observe changes by at most a factor of {math.exp(eps):.2f} (e to "
+        f"the power epsilon), except with probability {delta:.0e}. The guarantee covers the patients of the "
+        f"training split only. It does not cover the releases listed under 'Releases not covered by DP' (example "
+        f"counts, training loss, and score summaries of the validation and test patients).{budget_text}"
+    )
+
+
+def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None) -> Section:
+    task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
+    sigma = (
+        f"noise multiplier {pr.noise_multiplier}" if pr.noise_multiplier > 0
+        else f"target epsilon {pr.target_epsilon} for the planned run (sigma calibrated once)"
+    )
+    dp = (
+        f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta {pr.delta}, budget {pr.max_epsilon} per hospital, "
+        f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
+    )
+    hospitals = privacy.hospitals.values() if privacy else []
+    fingerprints = sorted({h.data_fingerprint for h in hospitals} - {""})
+    return Section("Settings", [Bullets([
+        f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
+        f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
+        "Data fingerprint (sha256 of the files): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
+        f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
+        f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
+        f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
+        f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
+        f"DP-SGD: {dp}",
+    ])])
+
+
+def _test_section(run: RunFolder) -> Section | None:
+    test = run.metrics.test
+    if test is None:
+        return None
+    header = ["hospital"] + list(METRIC_LABELS.values())
+    rows = [_metric_row("pooled", test.pooled)] if test.pooled else []
+    rows += [_metric_row(n, test.hospitals[n]) for n in sorted(test.hospitals)]
+    calibration = (
+        f"The risks were recalibrated on the pooled validation histograms (Platt scaling: logit -> "
+        f"{test.calibration.scale:.3f} x logit {test.calibration.shift:+.3f}), which keeps every patient's rank."
+        if test.calibration else ""
+    )
+    return Section("Test results (final model)", [
+        Table(header, rows),
+        "Pooled metrics come from the score summaries the hospitals released; AUROC and AUPRC from score "
+        "histograms, so they differ from exact values only through patients whose scores share a bin. "
+        f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
+        "more (evaluation.threshold; 'auto' picks the best event-1 score on the pooled validation histograms). "
+        + calibration,
+    ])
+
+
+def _baseline_section(run: RunFolder) -> Section | None:
+    if not run.baselines:
+        return None
+    rows = []
+    test = run.metrics.test
+    if test is not None and test.pooled is not None:
+        eps = max((h.epsilon or 0 for h in run.privacy.hospitals.values()), default=None) if run.privacy else None
+        rows.append(["federated (this run)", test.pooled.auroc, test.pooled.auprc, eps])
+    for kind, b in run.baselines.items():
+        rows.append([kind, b.pooled.auroc, b.pooled.auprc, max(b.epsilon.values()) if b.epsilon else None])
+    return Section("What federation buys (same splits)", [
+        Table(["model", "pooled test AUROC", "pooled test AUPRC", "epsilon"], rows)
+    ])
+
+
+def _privacy_sections(run: RunFolder) -> list[Section]:
+    privacy = run.privacy
+    if privacy is None:
+        return []
+    sec = Section("Privacy", [f"Guarantee: {privacy.guarantee}."])
+    if privacy.dp_enabled:
+        header = ["hospital", "epsilon (RDP)", "epsilon (PRV)", "delta", "budget", "remaining", "rounds",
+                  "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
+        rows = [
+            [name, h.epsilon_rdp, h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
+             sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
+             h.history[-1].sample_rate if h.history else None, h.state.value]
+            for name, h in sorted(privacy.hospitals.items())
+        ]
+        sec.blocks.append(Table(header, rows))
+        if plot_epsilon(run.metrics, privacy, run.path / "epsilon.png"):
+            sec.blocks.append(Image(run.path / "epsilon.png", "Cumulative epsilon per round (dotted: budgets)"))
+    sections = [sec]
+    level = privacy.hospital_level
+    if level is not None:
+        sections.append(Section("Second guarantee: hospital-level DP", [
+            f"Each hospital's update was clipped to L2 norm {level.clipping_norm} and the aggregate noised "
+            f"(noise multiplier {level.noise_multiplier}); over {level.releases} releases this gives "
+            f"epsilon = {format_number(level.epsilon)} at delta = {format_number(level.delta)} ({level.accountant}).",
+            level.guarantee,
+        ]))
+    sections.append(Section("Releases not covered by DP", [
+        Bullets([f"{r.field} ({r.when}): {r.reveals}" for r in privacy.non_dp_releases])
+    ]))
+    statements = Section("Statements for each hospital's privacy officer")
+    for name, h in sorted(privacy.hospitals.items()):
+        statements.blocks.append(Statement(officer_statement(name, h, privacy.dp_enabled)))
+    statements.blocks.append(RNG_NOTE)
+    sections.append(statements)
+    return sections
+
+
+def _data_section(partition: Partition | None) -> Section | None:
+    s = partition.data_summary if partition else None
+    if s is None:
+        return None
+    return Section("Data summary", [Bullets([
+        f"Stays read: {s.stays_read}, used: {s.stays_used}, without outcome: {s.stays_without_outcome}, "
+        f"with a missing label: {s.stays_with_missing_label}",
+        f"Class counts: {s.class_counts}",
+        f"Stays with no observation in the window: {s.read.stays_without_observations}",
+        f"Values set to missing (outside plausibility range): {dict(sorted(s.preprocess.out_of_range.items()))}",
+        f"Observations after the window: {s.preprocess.after_window}",
+        f"Unknown descriptors: {dict(sorted(s.preprocess.static_unknown.items()))}",
+    ])])
+
+
+def build(run: RunFolder) -> tuple[str, list[Section]]:
+    cfg, metrics = run.config, run.metrics
+    title = f"fedgru run report: {cfg.run.name if cfg else run.path.name}"
+    intro = Section("Run", [f"Run `{metrics.run_id}`, folder `{run.path}`."])
+    if metrics.wall_seconds is not None:
+        intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds.")
+    sections = [intro]
+    if cfg is not None:
+        sections.append(_settings(cfg, run.privacy))
+    if run.partition and run.partition.hospitals:
+        rows = run.partition.hospitals
+        header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
+        sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
+    sections += [s for s in (_test_section(run), _baseline_section(run)) if s is not None]
+    if plot_auroc(metrics, run.path / "auroc.png"):
+        sections.append(Section("Utility per round", [Image(run.path / "auroc.png", "Validation AUROC per round")]))
+    sections += _privacy_sections(run)
+    data = _data_section(run.partition)
+    if data is not None:
+        sections.append(data)
+    if cfg is not None and cfg.data.format == "physionet2012":
+        sections.append(Section("Data source", [PHYSIONET_CITATION]))
+    return title, sections
+
+
+def summary_text(run: RunFolder) -> str:
+    lines = [f"Run folder: {run.path}"]
+    test = run.metrics.test
+    if test is not None and test.pooled is not None:
+        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f})")
+    privacy = run.privacy
+    if privacy is not None and privacy.dp_enabled:
+        lines.append("Privacy spent (example-level DP, everything in each hospital's ledger):")
+        for name, h in sorted(privacy.hospitals.items()):
+            if h.epsilon is None or h.delta is None:
+                lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
+                continue
+            lines.append(
+                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, PRV "
+                f"{format_number(h.epsilon_prv)}) at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
+                f"{h.rounds_trained} rounds, {h.state.value}"
+            )
+    elif privacy is not None:
+        lines.append("Privacy: DP was off for this run; no epsilon applies.")
+    lines.append(f"Report: {run.path / 'report.md'} and {run.path / 'report.html'}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write report.md and report.html; return the text summary."""
+    run = RunFolder.load(Path(run_dir))
+    title, sections = build(run)
+    (run.path / "report.md").write_text(_markdown(title, sections))
+    (run.path / "report.html").write_text(_html(title, sections))
+    return summary_text(run)
