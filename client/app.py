@@ -1,41 +1,49 @@
 """The hospital side: a Flower ClientApp.
 
 - ``query``: says which hospital this node is (nothing about patients).
-- ``train``: checks the privacy budget, writes the round's release into the ledger
-  *before* training (a crash can only over-count), runs DP-SGD on the hospital's
-  training split and replies with the new weights, the example count, the training
-  loss and the hospital's cumulative epsilon over everything in its ledger. A round
-  that would take the hospital past its budget is not trained: the reply says
-  ``budget-exhausted``. A missing or corrupt ledger makes the hospital refuse.
-- ``evaluate``: scores the global model on the hospital's validation or test split and
-  replies with a score summary (``common.metrics.ScoreSummary``) and the metrics
-  derived from it; the release is recorded in the ledger as non-DP.
+- ``train``: checks the request against the hospital's policy (``client.policy``), then,
+  in one ledger transaction, the privacy budget of every group of patients the reply
+  will be about, and records the releases *before* making them (a crash can only
+  over-count). It then scores the model it received on the validation split when the
+  server asks (a noisy score histogram: one message per round carries both), runs
+  DP-SGD on the training split, and replies with the new weights, the training split's
+  size and the training patients' epsilon over everything in the ledger. A round that
+  would pass the budget is not trained: the reply says ``budget-exhausted``.
+- ``evaluate``: the final model's noisy score histograms of the requested splits.
 
-The experiment config arrives with every message from the server; what is specific to
-the hospital (its data, ledger, budget, device) comes from its node config
-(``client.node``). Cross-round state (the calibrated noise multiplier, the optimizer
-state, the last reply) lives in ``context.state`` and never leaves the hospital.
+Every refusal is a reply, never an exception: a request outside the policy gets
+``refused-policy`` and the name of the setting; a missing ledger or unreadable data gets
+``refused`` and the kind of problem. The details (file, line) stay in the hospital's own
+log, because file names can be stay ids and nothing about a patient leaves.
+
+The experiment config arrives with every message; what the hospital allows comes from
+its own folder. Cross-round state (the calibrated noise multiplier, the optimizer state)
+lives in ``context.state`` and never leaves the hospital.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache, wraps
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import messages as M
-from common.config import ExperimentConfig
-from common.ledger import LedgerEntry, LedgerError
+from common.config import ConfigError, ExperimentConfig
+from common.data.records import DataError
+from common.ledger import Ledger, LedgerEntry, LedgerError
 from common.logs import attach_to_flower
 from common.messages import Mechanism, NodeMode, ReplyState, Split
-from common.metrics import ScoreSummary
+from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
-from common.privacy import DPSGDEntry, calibrate_noise, steps_per_round
+from common.privacy import NoisyRelease, calibrate_evaluation_noise, calibrate_noise, epsilon, steps_per_round
 from common.training import (
     DPSettings,
     TensorData,
@@ -46,243 +54,339 @@ from common.training import (
     training_for_round,
 )
 
-from .hospital import UNASSIGNED, HospitalData, LocalState, load_hospital, node_hospital_name
-from .ledger_store import ContextLedgerStore, FileLedgerStore
-from .node import NodeSettings
+from .folder import FolderError
+from .hospital import UNASSIGNED, HospitalData, Node, NodeConfigError
+from .policy import Policy, PolicyRefusal
 
 log = logging.getLogger("fedgru.client")
 
 STATE_KEY = "fedgru-local-state"
 
 
-def _experiment(msg: Message) -> ExperimentConfig:
-    return ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
+class Refused(Exception):
+    """Reply ``state`` with ``reason`` (a setting or a kind of problem, no patient value)."""
 
-
-def _load_state(context: Context, run_id: str) -> LocalState:
-    record = context.state.get(STATE_KEY)
-    if record is None or str(record.get("run-id", "")) != run_id:
-        return LocalState()
-    return LocalState(noise_multiplier=float(record["sigma"]), optimizer=bytes(record.get("optimizer", b"")))
-
-
-def _save_state(context: Context, run_id: str, state: LocalState) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"run-id": run_id, "sigma": state.noise_multiplier, "optimizer": state.optimizer})
-
-
-def _store(cfg: ExperimentConfig, node: NodeSettings, hospital: HospitalData, context: Context):
-    if node.deployed:
-        if not node.ledger_path:
-            raise LedgerError(
-                "this hospital's node config has no ledger-path; a real hospital must keep a privacy "
-                "ledger (create one with `fedgru ledger init` and pass ledger-path in --node-config)"
-            )
-        return FileLedgerStore(node.ledger_path)
-    delta = cfg.privacy.delta_for(len(hospital.train))
-    return ContextLedgerStore(context, hospital.name, delta, cfg.privacy.accountant)
+    def __init__(self, state: ReplyState, reason: str):
+        super().__init__(reason)
+        self.state, self.reason = state, reason
 
 
 def _status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
     return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
 
 
-def _device(cfg: ExperimentConfig, node: NodeSettings) -> torch.device:
-    return resolve_device(node.device or cfg.training.device)
+def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn every failure into a reply the coordinator may read: what went wrong in
+    words it may see; the details only in this hospital's log."""
+
+    @wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        attach_to_flower()
+        name = "hospital"
+        try:
+            return handler(msg, context)
+        except Refused as exc:
+            state, reason = exc.state, exc.reason
+        except PolicyRefusal as exc:
+            state, reason = ReplyState.REFUSED_POLICY, str(exc)
+        except (LedgerError, FolderError, NodeConfigError, ConfigError) as exc:
+            state, reason = ReplyState.REFUSED, str(exc)
+        except DataError as exc:  # names a file and a line: local only (file names can be stay ids)
+            log.error("%s", exc)
+            state, reason = ReplyState.REFUSED, "the hospital's data could not be read; the hospital's log says where"
+        except Exception as exc:  # noqa: BLE001 - never let an exception's text travel to the server
+            log.exception("%s failed", handler.__name__)
+            state, reason = ReplyState.REFUSED, f"the hospital's app failed ({exc.__class__.__name__}); its log says why"
+        try:
+            name = Node(_experiment(msg), context).name
+        except Exception:  # noqa: BLE001 - an unreadable request or node: the reply still goes out
+            pass
+        log.error("%s refuses to %s: %s", name, handler.__name__, reason)
+        return Message(RecordDict({M.STATUS: _status(name, state, **{M.REASON: reason})}), reply_to=msg)
+
+    return wrapped
 
 
-def _global_model(cfg: ExperimentConfig, msg: Message, device: torch.device) -> GRUClassifier:
-    model = GRUClassifier(model_spec(cfg), gru_impl=cfg.model.gru_impl if cfg.privacy.enabled else "torch")
-    model.load_state_dict(msg.content[M.ARRAYS].to_torch_state_dict(), strict=True)
-    return model.to(device)
+def _experiment(msg: Message) -> ExperimentConfig:
+    return ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
 
 
-def _tensors(h: HospitalData, which: str, device: torch.device) -> TensorData:
-    idx = h.split(which)
-    return TensorData.from_numpy(h.dataset.X[idx], h.dataset.S[idx], h.dataset.y[idx], device)
+def _requested_splits(msg: Message) -> list[Split]:
+    text = str(msg.content[M.CONFIG].get(M.EVALUATE, "")).split()
+    try:
+        return [Split(s) for s in text]
+    except ValueError:
+        raise PolicyRefusal("evaluate", "names a split this hospital does not know (only val and test exist)") from None
 
 
-def noise_multiplier_for_run(cfg: ExperimentConfig, sample_rate: float, steps: int, delta: float) -> float:
-    """Fixed sigma, or sigma calibrated once for all ``run.rounds`` planned rounds."""
-    if cfg.privacy.noise_multiplier > 0:
-        return cfg.privacy.noise_multiplier
-    return calibrate_noise(cfg.privacy.target_epsilon, delta, sample_rate, steps * cfg.run.rounds, cfg.privacy.accountant)
+@dataclass
+class LocalState:
+    """Cross-round state a hospital keeps for one run (in Flower's context.state)."""
+
+    run_id: str = ""
+    noise_multiplier: float = 0.0  # DP-SGD sigma, fixed before the run's first round
+    optimizer: bytes = b""
+
+    @classmethod
+    def load(cls, context: Context, run_id: str) -> LocalState:
+        record = context.state.get(STATE_KEY)
+        if record is None or str(record.get("run-id", "")) != run_id:
+            return cls(run_id)
+        return cls(run_id, float(record["sigma"]), bytes(record.get("optimizer", b"")))
+
+    def save(self, context: Context) -> None:
+        context.state[STATE_KEY] = ConfigRecord({"run-id": self.run_id, "sigma": self.noise_multiplier, "optimizer": self.optimizer})
 
 
-def query(msg: Message, context: Context) -> Message:
-    cfg = _experiment(msg)
-    name = node_hospital_name(cfg, context.node_config)
-    mode = NodeMode.DEPLOYMENT if NodeSettings.from_node_config(context.node_config).deployed else NodeMode.SIMULATION
-    status = _status(name, ReplyState.READY if name != UNASSIGNED else ReplyState.UNASSIGNED, **{M.MODE: mode.value})
-    return Message(RecordDict({M.STATUS: status}), reply_to=msg)
-
-
-class _Request:
-    """What every handler needs: the experiment, the round, the hospital and its ledger."""
+class Request:
+    """One message at one hospital: the experiment, the round, the node, its policy."""
 
     def __init__(self, msg: Message, context: Context):
-        attach_to_flower()
+        self.msg, self.context = msg, context
         self.cfg = _experiment(msg)
         self.run_id = str(msg.content[M.CONFIG][M.RUN_ID])
         self.server_round = int(msg.content[M.CONFIG][M.SERVER_ROUND])
-        self.node = NodeSettings.from_node_config(context.node_config)
-        self.hospital = load_hospital(self.cfg, context.node_config)
-        self.refusal: str = ""
-        try:
-            self.store = _store(self.cfg, self.node, self.hospital, context)
-            self.ledger = self.store.load(self.hospital.dataset.fingerprint)
-        except LedgerError as exc:
-            self.refusal = str(exc)
+        self.node = Node(self.cfg, context)
+        if self.node.name == UNASSIGNED:
+            raise Refused(ReplyState.REFUSED, "this simulation node has no hospital")
+        self.splits = _requested_splits(msg)
+        self.final = msg.metadata.message_type == MessageType.EVALUATE
+        self._data: HospitalData | None = None
+        self.policy: Policy | None = None
+        self.store = None
+        if self.node.mode == NodeMode.DEPLOYMENT:
+            # Everything the message names is checked before any patient file is read.
+            self._enter(self.node.folder.policy)
 
-    def refuse(self, msg: Message, action: str) -> Message:
-        log.error("%s refuses to %s: %s", self.hospital.name, action, self.refusal)
-        status = _status(self.hospital.name, ReplyState.REFUSED, **{M.REASON: self.refusal})
-        return Message(RecordDict({M.STATUS: status}), reply_to=msg)
+    def _enter(self, policy: Policy) -> None:
+        self.policy = policy
+        self.store = self.node.store(policy)
+        if not self.final:
+            policy.check_training(self.cfg)
+        released = self.store.read()
+        planned = self.cfg.planned_evaluations()
+        for split in self.splits:
+            policy.check_evaluation(self.cfg, split, planned.get(split.value, 0), released.releases_in_run(self.run_id, split))
+
+    @property
+    def data(self) -> HospitalData:
+        if self._data is None:
+            self._data = self.node.data()
+            if self.policy is None:  # a simulated hospital: its policy depends on its size
+                self._enter(self.node.policy(len(self._data.train)))
+        return self._data
+
+    def reply(self, state: ReplyState, ledger: Ledger, content: dict | None = None, **status) -> Message:
+        records = dict(content or {})
+        records[M.STATUS] = _status(self.node.name, state, **{M.LEDGER: ledger.to_json(), **status})
+        return Message(RecordDict(records), reply_to=self.msg)
 
 
+def query(msg: Message, context: Context) -> Message:
+    node = Node(_experiment(msg), context)
+    state = ReplyState.READY if node.name != UNASSIGNED else ReplyState.UNASSIGNED
+    return Message(RecordDict({M.STATUS: _status(node.name, state, **{M.MODE: node.mode.value})}), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: noisy score histograms (the Gaussian mechanism), budgeted per split
+# ----------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _evaluation_noise(val_epsilon: float, test_epsilon: float, delta: float, progress: int, share: float,
+                      accountant: str) -> dict[tuple[Split, bool], float]:
+    progress_sigma, final_sigma = calibrate_evaluation_noise(val_epsilon, delta, progress, share, accountant)
+    _, test_sigma = calibrate_evaluation_noise(test_epsilon, delta, 0, 1.0, accountant)
+    return {(Split.VAL, False): progress_sigma, (Split.VAL, True): final_sigma, (Split.TEST, True): test_sigma}
+
+
+def _plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[tuple[Split, float]], list[str]]:
+    """Record the requested evaluations that fit their group's budget (write-ahead);
+    returns them with their noise multipliers, and why any others were declined."""
+    cfg, policy, data = req.cfg, req.policy, req.data
+    ev = cfg.evaluation
+    noise = _evaluation_noise(ev.val_epsilon, ev.test_epsilon, policy.delta, len(cfg.validation_rounds()),
+                              ev.final_share, cfg.privacy.accountant)
+    planned, declined = [], []
+    for split in req.splits:
+        if (split, req.final) not in noise:
+            raise PolicyRefusal("evaluate", f"asks for the {split.value} split during training; test is scored once, at the end")
+        n = len(data.split(split))
+        if n == 0:
+            declined.append(f"{split.value}: the split is empty")
+            continue
+        sigma = noise[(split, req.final)] if ev.dp else 0.0
+        mechanism = Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE
+        entry = LedgerEntry(
+            req.run_id, req.server_round, mechanism,
+            f"score histogram of the {split.value} split ({ev.score_bins} bins per class" + (", Gaussian noise)" if ev.dp else ", exact)"),
+            split=split, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0, steps=1 if ev.dp else 0,
+            max_grad_norm=1.0 if ev.dp else 0.0, examples=n, data=data.dataset.fingerprint,
+        )
+        if ev.dp:
+            spent = ledger.epsilon_with([entry])
+            if spent > policy.eval_max_epsilon:
+                declined.append(f"{split.value}: the budget of its patients would be passed "
+                                f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})")
+                continue
+        ledger.record(entry)
+        planned.append((split, sigma))
+    return planned, declined
+
+
+def _score(req: Request, model: GRUClassifier, planned: list[tuple[Split, float]]) -> dict[str, ArrayRecord]:
+    ev, data = req.cfg.evaluation, req.data
+    grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
+    rng = np.random.default_rng(secrets.randbits(128))  # seeded from the OS: the server must not know it
+    records = {}
+    for split, sigma in planned:
+        idx = data.split(split)
+        probs = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx])
+        summary = ScoreSummary.from_predictions(data.dataset.y[idx], probs, grid)
+        if sigma > 0:
+            summary = summary.noised(sigma, rng)
+        records[M.evaluation_key(split)] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in summary.to_arrays().items()})
+    return records
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+
+
+def _global_model(req: Request, device: torch.device) -> GRUClassifier:
+    cfg = req.cfg
+    model = GRUClassifier(model_spec(cfg), gru_impl=cfg.model.gru_impl if cfg.privacy.enabled else "torch")
+    model.load_state_dict(req.msg.content[M.ARRAYS].to_torch_state_dict(), strict=True)
+    return model.to(device)
+
+
+def _noise_multiplier(cfg: ExperimentConfig, state: LocalState, q: float, steps: int, delta: float) -> float:
+    """Fixed sigma, or sigma calibrated once (before the run's first round) for all
+    ``run.rounds`` planned rounds."""
+    if state.noise_multiplier <= 0:
+        state.noise_multiplier = cfg.privacy.noise_multiplier if cfg.privacy.noise_multiplier > 0 else calibrate_noise(
+            cfg.privacy.target_epsilon, delta, q, steps * cfg.run.rounds, cfg.privacy.accountant
+        )
+    return state.noise_multiplier
+
+
+@_refusing
 def train(msg: Message, context: Context) -> Message:
-    req = _Request(msg, context)
-    if req.refusal:
-        return req.refuse(msg, "train")
-
+    req = Request(msg, context)
+    cfg, data = req.cfg, req.data
     # The same round with the same global model again (a resumed server): resend the
     # release already made instead of making, and paying for, a new one.
-    reply_key = f"{req.run_id}/{req.server_round}/{msg.content[M.ARRAYS].object_id}"
+    reply_key = f"{req.run_id}/{req.server_round}/train/{msg.content[M.ARRAYS].object_id}/{' '.join(s.value for s in req.splits)}"
     cached = req.store.load_reply(reply_key)
     if cached is not None:
-        log.info("%s round %d: resending the reply already released", req.hospital.name, req.server_round)
-        return Message(_unpack_reply(cached), reply_to=msg)
+        log.info("%s round %d: resending the reply already released", req.node.name, req.server_round)
+        return Message(_unpack(cached), reply_to=msg)
 
-    if req.cfg.training.threads > 0:
-        torch.set_num_threads(req.cfg.training.threads)
-    device = _device(req.cfg, req.node)
-    data = _tensors(req.hospital, Split.TRAIN, device)
-    state = _load_state(context, req.run_id)
-    sample_rate, steps = steps_per_round(len(data), req.cfg.training.batch_size, req.cfg.training.local_epochs, req.cfg.training.sample_rate)
+    state = LocalState.load(context, req.run_id)
+    q, steps = steps_per_round(len(data.train), cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
+    budget = req.policy.training_budget(cfg, req.node.name)
     dp = None
-    budget = req.node.budget(req.cfg.privacy.budget_for(req.hospital.name))
-    if req.cfg.privacy.enabled:
-        if state.noise_multiplier <= 0:
-            state.noise_multiplier = noise_multiplier_for_run(req.cfg, sample_rate, steps, req.ledger.delta)
-        dp = DPSettings(state.noise_multiplier, req.cfg.privacy.max_grad_norm, sample_rate, req.cfg.privacy.clipping == "per_layer")
-        planned = DPSGDEntry(req.server_round, dp.noise_multiplier, sample_rate, steps, dp.max_grad_norm, req.run_id)
-        would_be = req.ledger.epsilon_with(planned)
-        if would_be > budget:
-            spent = req.ledger.epsilon()
-            log.warning(
-                "%s stops before round %d: epsilon would reach %.3f, budget %.3f (spent %.3f)",
-                req.hospital.name, req.server_round, would_be, budget, spent,
-            )
-            status = _status(
-                req.hospital.name, ReplyState.BUDGET_EXHAUSTED,
-                **{M.EPSILON: spent, M.BUDGET: budget, M.DELTA: req.ledger.delta, M.LEDGER: req.ledger.to_json()},
-            )
-            return Message(RecordDict({M.STATUS: status}), reply_to=msg)
-        # Write-ahead: the release is in the ledger before anything can leave.
-        req.ledger.record(
-            LedgerEntry(
+    with req.store.transaction() as ledger:
+        evaluations, declined = _plan_evaluations(req, ledger)
+        if req.policy.require_dp(cfg) is not None:
+            sigma = _noise_multiplier(cfg, state, q, steps, req.policy.delta)
+            req.policy.check_noise(sigma)
+            req.policy.check_round_cost(epsilon([NoisyRelease(req.server_round, sigma, q, steps, 1.0)], req.policy.delta, cfg.privacy.accountant))
+            dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
+            planned = LedgerEntry(
                 req.run_id, req.server_round, Mechanism.DP_SGD, "model weights after DP-SGD on the training split",
-                noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps, max_grad_norm=dp.max_grad_norm,
+                noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=dp.max_grad_norm,
+                examples=len(data.train), data=data.dataset.fingerprint,
             )
-        )
-        req.store.save(req.ledger)
+            would_be = ledger.epsilon_with([planned])
+            if would_be > budget:
+                spent = ledger.epsilon()
+                log.warning("%s stops before round %d: epsilon would reach %.3f, budget %.3f (spent %.3f)",
+                            req.node.name, req.server_round, would_be, budget, spent)
+                exhausted = (spent, would_be)
+            else:
+                exhausted = None
+                ledger.record(planned)
+        else:
+            exhausted = None
+        if exhausted is None:
+            ledger.record(LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "the training split's size",
+                                      examples=len(data.train), data=data.dataset.fingerprint))
+    device = resolve_device(req.node.device)
+    model = _global_model(req, device)
+    content: dict = _score(req, model, evaluations)
+    not_evaluated = {M.NOT_EVALUATED: "\n".join(declined)} if declined else {}
+    if exhausted is not None:
+        status = {M.EPSILON: exhausted[0], M.BUDGET: budget, M.DELTA: ledger.delta, **not_evaluated}
+        return req.reply(ReplyState.BUDGET_EXHAUSTED, ledger, content, **status)
 
-    model = _global_model(req.cfg, msg, device)
-    training = training_for_round(req.cfg, req.server_round)
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
     result = train_local(
-        model, data, training, steps, dp,
+        model, TensorData.from_numpy(data.dataset.X[data.train], data.dataset.S[data.train], data.dataset.y[data.train], device),
+        training_for_round(cfg, req.server_round), steps, dp,
         sample_generator=secret_generator(),
         noise_generator=secret_generator(device) if dp else None,
-        optimizer_state=state.optimizer if req.cfg.training.keep_optimizer_state else None,
+        optimizer_state=state.optimizer if cfg.training.keep_optimizer_state else None,
         proximal_mu=float(msg.content[M.CONFIG].get(M.PROXIMAL_MU, 0.0)),
     )
-    req.ledger.record(
-        LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "training example count and the round's mean training loss")
-    )
-    req.store.save(req.ledger)
-    state.optimizer = result.optimizer_state if req.cfg.training.keep_optimizer_state else b""
-    _save_state(context, req.run_id, state)
-    eps = req.ledger.epsilon() if dp else -1.0
-    log.info("%s round %d: %d steps, loss %.4f, epsilon %.3f", req.hospital.name, req.server_round, result.steps, result.mean_loss, eps)
-    metrics = MetricRecord(
-        {
-            M.NUM_EXAMPLES: len(data),
-            M.UNIT_WEIGHT: 1.0,
-            M.TRAIN_LOSS: float(result.mean_loss),
-            M.EPSILON: float(eps),
-            M.DELTA: float(req.ledger.delta),
-            M.BUDGET: float(budget),
-            M.STEPS: int(result.steps),
-        }
-    )
-    status = _status(req.hospital.name, ReplyState.TRAINED, **{M.LEDGER: req.ledger.to_json()})
-    arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
-    content = RecordDict({M.ARRAYS: arrays, M.METRICS: metrics, M.STATUS: status})
-    req.store.save_reply(reply_key, _pack_reply(content))
-    return Message(content, reply_to=msg)
+    state.optimizer = result.optimizer_state if cfg.training.keep_optimizer_state else b""
+    state.save(context)
+    eps = ledger.epsilon() if dp else -1.0
+    log.info("%s round %d: %d steps, loss %.4f (kept here), epsilon %.3f",
+             req.node.name, req.server_round, result.steps, result.mean_loss, eps)
+    content[M.ARRAYS] = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    content[M.METRICS] = MetricRecord({
+        M.NUM_EXAMPLES: len(data.train), M.UNIT_WEIGHT: 1.0, M.EPSILON: float(eps),
+        M.DELTA: float(ledger.delta), M.BUDGET: float(budget), M.STEPS: int(result.steps),
+    })
+    reply = req.reply(ReplyState.TRAINED, ledger, content, **not_evaluated)
+    req.store.save_reply(reply_key, _pack(reply.content))
+    return reply
 
 
-def _pack_reply(content: RecordDict) -> bytes:
+@_refusing
+def evaluate(msg: Message, context: Context) -> Message:
+    req = Request(msg, context)
+    req.data  # noqa: B018 - a simulated hospital's policy needs its split sizes
+    with req.store.transaction() as ledger:
+        evaluations, declined = _plan_evaluations(req, ledger)
+    model = _global_model(req, resolve_device(req.node.device))
+    content = _score(req, model, evaluations)
+    not_evaluated = {M.NOT_EVALUATED: "\n".join(declined)} if declined else {}
+    return req.reply(ReplyState.EVALUATED, ledger, content, **not_evaluated)
+
+
+def _pack(content: RecordDict) -> bytes:
     buffer = io.BytesIO()
     torch.save(
         {
-            "arrays": {k: torch.as_tensor(v.numpy()) for k, v in content[M.ARRAYS].items()},
-            "metrics": dict(content[M.METRICS]),
-            "status": dict(content[M.STATUS]),
+            "arrays": {name: {k: torch.as_tensor(v.numpy()) for k, v in rec.items()} for name, rec in content.array_records.items()},
+            "metrics": {name: dict(rec) for name, rec in content.metric_records.items()},
+            "configs": {name: dict(rec) for name, rec in content.config_records.items()},
         },
         buffer,
     )
     return buffer.getvalue()
 
 
-def _unpack_reply(blob: bytes) -> RecordDict:
+def _unpack(blob: bytes) -> RecordDict:
     data = torch.load(io.BytesIO(blob), weights_only=True)
-    return RecordDict(
-        {
-            M.ARRAYS: ArrayRecord(torch_state_dict=data["arrays"]),
-            M.METRICS: MetricRecord(data["metrics"]),
-            M.STATUS: ConfigRecord(data["status"]),
-        }
-    )
-
-
-def evaluate(msg: Message, context: Context) -> Message:
-    req = _Request(msg, context)
-    if req.refusal:
-        return req.refuse(msg, "evaluate")
-    split = Split(str(msg.content[M.CONFIG].get(M.SPLIT, Split.VAL.value)))
-    device = _device(req.cfg, req.node)
-    model = _global_model(req.cfg, msg, device)
-    idx = req.hospital.split(split)
-    probs = predict_proba(model, req.hospital.dataset.X[idx], req.hospital.dataset.S[idx])
-    threshold = float(msg.content[M.CONFIG].get(M.THRESHOLD, 0.5))
-    summary = ScoreSummary.from_predictions(req.hospital.dataset.y[idx], probs, req.cfg.evaluation.score_bins, threshold)
-    req.ledger.record(
-        LedgerEntry(
-            req.run_id, req.server_round, Mechanism.NONE,
-            f"score summary of the {split.value} split ({req.cfg.evaluation.score_bins} risk bins per class, "
-            "confusion matrix, Brier sum, count)",
-            split=split,
-        )
-    )
-    req.store.save(req.ledger)
-    # Metrics derived from the summary (undefined ones, e.g. AUROC without deaths, left out).
-    derived = {k: float(v) for k, v in asdict(summary.metrics()).items() if np.isfinite(v)}
-    derived[M.NUM_EXAMPLES] = int(len(idx))
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in summary.to_arrays().items()})
-    status = _status(req.hospital.name, ReplyState.EVALUATED, **{M.SPLIT: split.value})
-    return Message(
-        RecordDict({M.EVALUATION: arrays, M.METRICS: MetricRecord(derived), M.STATUS: status}), reply_to=msg
-    )
+    records: dict = {name: ArrayRecord({k: Array(v.numpy()) for k, v in rec.items()}) for name, rec in data["arrays"].items()}
+    records.update({name: MetricRecord(rec) for name, rec in data["metrics"].items()})
+    records.update({name: ConfigRecord(rec) for name, rec in data["configs"].items()})
+    return RecordDict(records)
 
 
 def build_client_app(mods: list | None = None) -> ClientApp:
     """The hospital ClientApp; ``mods`` wrap every handler (simulations inject faults so)."""
     client_app = ClientApp(mods=mods or [])
-    client_app.query()(query)
+    client_app.query()(_refusing(query))
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     return client_app
 
 
 app = build_client_app()
-

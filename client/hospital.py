@@ -1,25 +1,38 @@
-"""What a hospital holds: its data split, and the state it keeps across rounds.
+"""What a hospital node is: its name, its policy, its data split, its ledger store.
 
-A node is a real hospital when its node config names a ``data-path`` (deployment), or
-a simulated one (node config ``partition-id``, as Flower's simulation sets it) that
-takes its share of the configured data set. Loaded data is memoised per process: a
-simulation worker serves several simulated hospitals and must not re-read the files
-for each message.
+A node is a real hospital when its node config names a ``hospital-dir`` (a folder made
+by ``fedgru hospital init``: deployment), or a simulated one (``partition-id``, as
+Flower's simulation sets it) that takes its share of the configured data set. Loaded
+data is memoised per process: a simulation worker serves several simulated hospitals,
+and a hospital's long-running app serves every round, without re-reading the files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from flwr.app import Context
 
 from common.config import ExperimentConfig
 from common.data.dataset import Dataset, load_dataset
-from common.data.partition import HospitalSplit, make_partition, split_hospital
-from common.messages import Split
+from common.data.partition import HospitalSplit, make_partition
+from common.messages import NodeMode, Split
+
+from .folder import HospitalFolder, split_of
+from .ledger_store import ContextLedgerStore, FileLedgerStore
+from .policy import Policy
 
 UNASSIGNED = ""
+
+log = logging.getLogger("fedgru.hospital")
+
+
+class NodeConfigError(ValueError):
+    """The SuperNode was started without what a hospital node needs."""
 
 
 @dataclass
@@ -34,43 +47,61 @@ class HospitalData:
         return {Split.TRAIN: self.train, Split.VAL: self.val, Split.TEST: self.test}[which]
 
 
-def node_hospital_name(cfg: ExperimentConfig, node_config: dict) -> str:
-    """The hospital this node is, or ``UNASSIGNED`` for a spare simulation node."""
-    if "data-path" in node_config:
-        return str(node_config.get("hospital") or "hospital")
-    if "partition-id" in node_config:
-        _, hospitals = _partitioned(cfg)
-        pid = int(node_config["partition-id"])
-        return hospitals[pid].name if pid < len(hospitals) else UNASSIGNED
-    raise ValueError(
-        "node config needs 'data-path' (and 'hospital') for a real hospital, "
-        "or 'partition-id' for a simulated one"
-    )
+class Node:
+    """One hospital node: who it is and what it allows, read without any patient data;
+    its data (:meth:`data`) only when a permitted request needs it."""
+
+    def __init__(self, cfg: ExperimentConfig, context: Context):
+        self.cfg = cfg
+        self.context = context
+        node_config = context.node_config
+        self.folder: HospitalFolder | None = None
+        if "hospital-dir" in node_config:
+            self.mode = NodeMode.DEPLOYMENT
+            self.folder = _folder(str(node_config["hospital-dir"]))
+            self.name = self.folder.name
+        elif "partition-id" in node_config:
+            self.mode = NodeMode.SIMULATION
+            _, hospitals = _partitioned(cfg)
+            pid = int(node_config["partition-id"])
+            self.name = hospitals[pid].name if pid < len(hospitals) else UNASSIGNED
+        else:
+            raise NodeConfigError(
+                "the SuperNode's --node-config needs hospital-dir (a folder made by `fedgru hospital init`)"
+            )
+
+    @property
+    def device(self) -> str:
+        return self.folder.settings.device if self.folder else self.cfg.training.device
+
+    def data(self) -> HospitalData:
+        if self.folder is not None:
+            return _deployed_data(self.cfg, self.folder)
+        if self.name == UNASSIGNED:
+            raise NodeConfigError("this simulation node has no hospital assigned")
+        ds, hospitals = _partitioned(self.cfg)
+        h = next(h for h in hospitals if h.name == self.name)
+        return HospitalData(self.name, ds, h.train, h.val, h.test)
+
+    def policy(self, train_examples: int) -> Policy:
+        if self.folder is not None:
+            return self.folder.policy
+        return Policy.for_simulation(self.cfg, self.name, train_examples)
+
+    def store(self, policy: Policy) -> FileLedgerStore | ContextLedgerStore:
+        if self.folder is not None:
+            return FileLedgerStore(self.folder.ledger_file, self.folder.secret("ledger"))
+        return ContextLedgerStore(self.context, self.name, policy.delta, self.cfg.privacy.accountant)
 
 
-def load_hospital(cfg: ExperimentConfig, node_config: dict) -> HospitalData:
-    name = node_hospital_name(cfg, node_config)
-    if "data-path" in node_config:
-        paths = (
-            str(node_config["data-path"]),
-            str(node_config.get("outcomes-path", "")) or None,
-            str(node_config.get("data-format", "")) or None,
-        )
-        key = _key(cfg, ("data", "task", "features", "split"), extra=(name, *map(str, paths)))
-        if key not in _CACHE:
-            ds = load_dataset(cfg, data_path=paths[0], outcomes_path=paths[1], data_format=paths[2])
-            h = split_hospital(name, np.arange(len(ds)), ds.y, cfg)
-            _remember(key, (ds, [h]))
-        ds, (h,) = _CACHE[key]
-        return HospitalData(name, ds, h.train, h.val, h.test)
-    if name == UNASSIGNED:
-        raise ValueError("this simulation node has no hospital assigned")
-    ds, hospitals = _partitioned(cfg)
-    h = next(h for h in hospitals if h.name == name)
-    return HospitalData(name, ds, h.train, h.val, h.test)
-
-
+_FOLDERS: dict[str, HospitalFolder] = {}
 _CACHE: dict[str, tuple[Dataset, list[HospitalSplit]]] = {}
+
+
+def _folder(path: str) -> HospitalFolder:
+    if path not in _FOLDERS:
+        _FOLDERS[path] = HospitalFolder(path)
+    return _FOLDERS[path]
 
 
 def _key(cfg: ExperimentConfig, sections: tuple[str, ...], extra: tuple = ()) -> str:
@@ -84,6 +115,32 @@ def _remember(key: str, value: tuple) -> None:
     _CACHE[key] = value
 
 
+def _deployed_data(cfg: ExperimentConfig, folder: HospitalFolder) -> HospitalData:
+    """The hospital's own stays, split by its secret (never by the run's config)."""
+    src = folder.settings.data
+    paths = (folder.resolve(src.path), folder.resolve(src.outcomes))
+    key = _key(cfg, ("task", "features"), extra=(str(folder.path), src.format, *map(_signature, paths)))
+    if key not in _CACHE:
+        ds = load_dataset(
+            cfg, data_path=paths[0], outcomes_path=paths[1], data_format=src.format,
+            id_column=src.id_column or None, label_column=src.label_column or None,
+        )
+        for note in ds.summary.notes() if ds.summary else []:
+            log.warning("%s data: %s", folder.name, note)  # the hospital's own log only
+        groups = np.array([s.value for s in split_of(list(ds.stay_ids), folder.secret("split"), folder.policy.split)])
+        parts = [np.flatnonzero(groups == s.value) for s in (Split.TRAIN, Split.VAL, Split.TEST)]
+        _remember(key, (ds, [HospitalSplit(folder.name, *parts)]))
+    ds, (h,) = _CACHE[key]
+    return HospitalData(folder.name, ds, h.train, h.val, h.test)
+
+
+def _signature(path: Path) -> str:
+    """Which export a path holds now, cheaply (names, sizes, modification times): a new
+    export is read again, the same one is not."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return f"{path}:" + ";".join(f"{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}" for p in files if p.exists())
+
+
 def _partitioned(cfg: ExperimentConfig) -> tuple[Dataset, list[HospitalSplit]]:
     """The full data set and its simulated hospitals (depends on data settings only)."""
     key = _key(cfg, ("data", "task", "features", "split", "partition"))
@@ -93,14 +150,6 @@ def _partitioned(cfg: ExperimentConfig) -> tuple[Dataset, list[HospitalSplit]]:
     return _CACHE[key]
 
 
-@dataclass
-class LocalState:
-    """Cross-round state a hospital keeps for one run (in Flower's context.state).
-
-    ``noise_multiplier`` is fixed before the first round (calibrated once for the whole
-    planned run when the config gives a target epsilon). The privacy history itself is
-    the ledger's (``client.ledger_store``).
-    """
-
-    noise_multiplier: float = 0.0
-    optimizer: bytes = b""
+def node_hospital_name(cfg: ExperimentConfig, context: Context) -> str:
+    """The hospital a node is (used by simulation fault drills)."""
+    return Node(cfg, context).name

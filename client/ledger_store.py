@@ -1,16 +1,23 @@
-"""Where a hospital keeps its privacy ledger.
+"""Where a hospital keeps its privacy ledger, and the one way to change it.
 
-- Deployment: a JSON file on the hospital's own disk (node config ``ledger-path``),
-  created once with ``fedgru ledger init``. A missing file is an error, never a fresh
-  start: a hospital that has trained before must not silently restart from epsilon 0.
-  Writes are atomic (write, fsync, rename) under an exclusive lock.
-- Simulation: the ledger lives in the node's Flower ``context.state`` for the run and
-  is saved with the run by the server.
+Every release goes through :meth:`LedgerStore.transaction`: the ledger is read (its seal
+checked), the budget checked, the release recorded and the ledger saved, all while one
+exclusive lock is held, so two trainings at once can never lose an entry or both pass
+a budget that only one of them fits.
+
+- Deployment (:class:`FileLedgerStore`): ``ledger.json`` in the hospital's folder, sealed
+  with a key derived from the folder's secret. A missing file is an error, never a
+  fresh start: a hospital that has released before must not restart from epsilon 0.
+- Simulation (:class:`ContextLedgerStore`): the ledger of one simulated hospital for one
+  run, in Flower's ``context.state``, sealed with a key that lives only in that state.
 """
 
 from __future__ import annotations
 
 import fcntl
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -23,51 +30,49 @@ REPLY_KEY = "fedgru-last-reply"
 
 
 class FileLedgerStore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: Path, key: bytes):
         self.path = Path(path)
+        self.key = key
 
-    def load(self, fingerprint: str) -> Ledger:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _read(self) -> Ledger:
         if not self.path.is_file():
             raise LedgerError(
-                f"no privacy ledger at {self.path}. If this hospital has never trained on this "
-                "data, create it with `fedgru ledger init`; if it has, restore the ledger file "
-                "from backup: training without it would restart the privacy budget from zero"
+                f"no privacy ledger at {self.path}. It is made once by `fedgru hospital init`; if this hospital "
+                "has released anything before, restore the file from backup: without it the privacy budget "
+                "would restart from zero"
             )
-        ledger = Ledger.from_json(self.path.read_text(), source=str(self.path))
-        if ledger.fingerprint != fingerprint:
-            raise LedgerError(
-                f"the ledger at {self.path} belongs to other data (fingerprint {ledger.fingerprint[:12]}..., "
-                f"this data {fingerprint[:12]}...). Keep one ledger per patient data set; "
-                "create a new one with `fedgru ledger init` only for data about other patients"
-            )
-        return ledger
+        return Ledger.from_json(self.path.read_text(), source=str(self.path), key=self.key)
 
-    def save(self, ledger: Ledger) -> None:
-        write_ledger(self.path, ledger)
+    def read(self) -> Ledger:
+        with self._locked():
+            return self._read()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Ledger]:
+        """The ledger, locked until the block ends; saved then unless the block raised."""
+        with self._locked():
+            ledger = self._read()
+            yield ledger
+            atomic_write_bytes(self.path, ledger.to_json(self.key).encode())
 
     # The last training reply, kept beside the ledger: a restarted SuperNode asked for
     # the same round again resends it instead of releasing (and paying for) a new one.
     def save_reply(self, key: str, payload: bytes) -> None:
-        _locked_write(self.path.with_suffix(self.path.suffix + ".last-reply"), key.encode() + b"\n" + payload)
+        with self._locked():
+            atomic_write_bytes(self.path.with_name(self.path.name + ".last-reply"), key.encode() + b"\n" + payload)
 
     def load_reply(self, key: str) -> bytes | None:
-        path = self.path.with_suffix(self.path.suffix + ".last-reply")
+        path = self.path.with_name(self.path.name + ".last-reply")
         if not path.is_file():
             return None
         stored_key, _, payload = path.read_bytes().partition(b"\n")
         return payload if stored_key.decode(errors="replace") == key else None
-
-
-def write_ledger(path: Path, ledger: Ledger) -> None:
-    _locked_write(path, ledger.to_json().encode())
-
-
-def _locked_write(path: Path, data: bytes) -> None:
-    """An atomic write under the file's exclusive lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        atomic_write_bytes(path, data)
 
 
 class ContextLedgerStore:
@@ -79,14 +84,22 @@ class ContextLedgerStore:
         self.delta = delta
         self.accountant = accountant
 
-    def load(self, fingerprint: str) -> Ledger:
+    def _key(self) -> bytes:
+        record = self.context.state.get(CONTEXT_KEY)
+        return bytes(record["key"]) if record is not None else secrets.token_bytes(32)
+
+    def read(self) -> Ledger:
         record = self.context.state.get(CONTEXT_KEY)
         if record is None:
-            return Ledger(self.hospital, fingerprint, self.delta, self.accountant)
-        return Ledger.from_json(str(record["json"]), source="the simulated hospital's ledger")
+            return Ledger(self.hospital, self.delta, self.accountant)
+        return Ledger.from_json(str(record["json"]), source="the simulated hospital's ledger", key=bytes(record["key"]))
 
-    def save(self, ledger: Ledger) -> None:
-        self.context.state[CONTEXT_KEY] = ConfigRecord({"json": ledger.to_json()})
+    @contextmanager
+    def transaction(self) -> Iterator[Ledger]:
+        key = self._key()  # a simulation node serves one message at a time: no lock needed
+        ledger = self.read()
+        yield ledger
+        self.context.state[CONTEXT_KEY] = ConfigRecord({"json": ledger.to_json(key), "key": key})
 
     def save_reply(self, key: str, payload: bytes) -> None:
         self.context.state[REPLY_KEY] = ConfigRecord({"key": key, "payload": payload})

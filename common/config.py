@@ -170,11 +170,16 @@ class SplitSection:
     val: float
     test: float
     seed: int  # mixed with run.seed
+    # > 0: the test split is fold `fold` of `folds` stratified folds of each hospital's
+    # stays (so `folds` runs test every stay once); validation is `val` of the rest.
+    folds: int
+    fold: int
 
     def validate(self, check: Check) -> None:
         fractions = (self.train, self.val, self.test)
         check(min(fractions) >= 0 and abs(sum(fractions) - 1) <= 1e-6, "", "fractions must be non-negative and add up to 1")
         check(self.train > 0, "train", "must be positive")
+        check(self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds), "fold", "must be in [0, folds)")
 
 
 @dataclass
@@ -318,21 +323,32 @@ class StrategySection:
     round_timeout_s: float  # bound on the wait for replies
     discovery_timeout_s: float  # bound on the wait for min_hospitals to say who they are
     max_examples: int  # replies claiming more examples are rejected
+    max_update_norm: float  # a reply whose update (its weights - the global model) is longer, in L2, is rejected
 
     def validate(self, check: Check) -> None:
         check(self.min_hospitals >= 1, "min_hospitals", "must be at least 1")
+        check(self.max_update_norm > 0, "max_update_norm", "must be positive")
         check(self.round_timeout_s > 0, "round_timeout_s", "must be positive")
         check(self.discovery_timeout_s > 0, "discovery_timeout_s", "must be positive")
 
 
 @dataclass
 class EvaluationSection:
-    score_bins: int  # resolution of the score histograms hospitals report
-    every_round: bool  # evaluate on validation splits each round
+    """How the global model is scored: every hospital releases, per true class, a count of
+    its validation or test patients in each bin of predicted risk, with Gaussian noise
+    (a DP release about those patients, in the hospital's ledger)."""
+
+    score_bins: int  # bins per class of a released score histogram (a hospital's policy caps it)
+    logit_range: list[float]  # [low, high] of the bins, in log-odds of the predicted risk
+    validate_every: int  # a validation histogram of the global model every N rounds (0: the final model's only)
+    dp: bool  # noisy (DP) histograms; false only in simulations, to compare with exact ones
+    val_epsilon: float  # the validation patients' epsilon for all of one run's validation releases
+    test_epsilon: float  # the test patients' epsilon for the run's one test release
+    final_share: float  # the final model's share of val_epsilon (in rho; the progress releases split the rest)
     # Binary tasks: the risk at or above which a patient is flagged (accuracy,
-    # sensitivity, specificity, F1, event-1). "auto": after the last round, the one with
-    # the best event-1 score min(Se, +P) on the pooled validation histograms (already
-    # released, so choosing it releases nothing new); the test split and the bundle use it.
+    # sensitivity, specificity, F1, event-1). "auto": after the last round, the bin edge
+    # with the best event-1 score min(Se, +P) on the pooled validation histograms (already
+    # released, so choosing it releases nothing new); the test metrics and the bundle use it.
     threshold: Literal["auto"] | float
     # Binary tasks: after the last round, refit the risk scale (Platt scaling) on the same
     # pooled validation histograms and fold it into the output layer. Ranking (AUROC)
@@ -340,7 +356,14 @@ class EvaluationSection:
     calibrate: bool
 
     def validate(self, check: Check) -> None:
-        check(self.score_bins >= 10, "score_bins", "must be at least 10")
+        check(self.score_bins >= 2, "score_bins", "must be at least 2")
+        check(
+            len(self.logit_range) == 2 and self.logit_range[0] < self.logit_range[1],
+            "logit_range", "must be [low, high] with low < high",
+        )
+        check(self.validate_every >= 0, "validate_every", "must be 0 (final model only) or a number of rounds")
+        check(self.val_epsilon > 0 and self.test_epsilon > 0, "val_epsilon", "and evaluation.test_epsilon must be positive")
+        check(0 < self.final_share <= 1, "final_share", "must be in (0, 1]")
         check(self.threshold == "auto" or 0 < self.threshold < 1, "threshold", "must be 'auto' or a risk strictly between 0 and 1")
 
 
@@ -367,6 +390,17 @@ class ExperimentConfig:
     @property
     def is_binary(self) -> bool:
         return self.num_classes == 2
+
+    def validation_rounds(self) -> list[int]:
+        """Rounds whose training message also asks for a validation histogram of the model
+        it carries (the global model after the previous round); the final model's comes after."""
+        every = self.evaluation.validate_every
+        return [r for r in range(2, self.run.rounds + 1) if every > 0 and (r - 1) % every == 0]
+
+    def planned_evaluations(self) -> dict[str, int]:
+        """Score histograms a run plans per split (values of messages.Split): validation
+        during the run and of the final model, test once."""
+        return {"val": len(self.validation_rounds()) + 1, "test": 1}
 
     def validate(self, origin: str) -> None:
         """Each section checks itself; then the checks that span sections."""

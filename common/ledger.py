@@ -1,33 +1,43 @@
 """A hospital's privacy ledger: every release it made, and what it has cost.
 
 Each time a value leaves a hospital, one :class:`LedgerEntry` records it: the run and
-round, the mechanism, the DP-SGD parameters when there are any, and a plain statement
-of what was released. Entries of mechanism ``dp-sgd`` compose into the hospital's
+round, the mechanism, whose patients it is about (the training, validation or test
+split), the noise when there is some, and a plain statement of what was released.
+Entries of one group of patients with a noisy mechanism compose into that group's
 epsilon (all of them, across every round and every run recorded in the ledger);
 entries of mechanism ``none`` are releases outside the DP guarantee, listed so that
 nothing leaves unrecorded.
 
-The ledger is bound to one data set (``fingerprint``: sha256 of the files) and one
-reporting ``delta`` chosen when it was created, so epsilons of different runs compose.
-Its JSON form carries a checksum; a ledger whose checksum does not match is corrupt
-and must not be trusted (``LedgerError``).
+The ledger belongs to the hospital, not to one export of its data: a new export of the
+same patients (more stays, corrected files) continues it, and each entry names the
+export it read (``data``, a fingerprint). Every epsilon in it is stated at the one
+``delta`` fixed when it was created, so the epsilons of different runs compose.
+
+On the hospital's disk the ledger is sealed with an HMAC keyed by a secret that never
+leaves the hospital's folder (:meth:`Ledger.seal`), so an edit by anyone without the
+secret is detected. Copies sent to the coordinator carry the same fields; the
+coordinator cannot check the seal (it has no secret) and checks every value instead
+(:meth:`Ledger.from_plain` with ``key=None``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 from .messages import Mechanism, Split
-from .privacy import DPSGDEntry, epsilon
+from .privacy import NoisyRelease, epsilon
 
-LEDGER_FORMAT = "fedgru-ledger/1"
+LEDGER_FORMAT = "fedgru-ledger/2"
+NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN)
 
 
 class LedgerError(RuntimeError):
-    """The ledger is missing, corrupt, or belongs to other data: do not train."""
+    """The ledger is missing, corrupt, altered or malformed: nothing may be released."""
 
 
 @dataclass
@@ -37,79 +47,124 @@ class LedgerEntry:
     mechanism: Mechanism
     released: str  # what left the hospital, in words
     split: Split = Split.TRAIN  # whose patients it is about
-    noise_multiplier: float = 0.0
-    sample_rate: float = 0.0
-    steps: int = 0
-    max_grad_norm: float = 0.0
+    noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms)
+    sample_rate: float = 0.0  # Poisson rate (DP-SGD); 1 for a release about everyone in the split
+    steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
+    max_grad_norm: float = 0.0  # the sensitivity the noise was scaled to (DP-SGD: clipping norm)
+    examples: int = 0  # patients the release is about (split size)
+    data: str = ""  # fingerprint of the data export the release read
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
-    def as_dp_sgd(self) -> DPSGDEntry:
-        return DPSGDEntry(self.round, self.noise_multiplier, self.sample_rate, self.steps, self.max_grad_norm, self.run_id)
+    def as_release(self) -> NoisyRelease:
+        return NoisyRelease(self.round, self.noise_multiplier, self.sample_rate, self.steps, self.max_grad_norm, self.run_id)
+
+    def check(self, where: str) -> None:
+        """Every value sane: a noisy entry must carry noise that an accountant can use."""
+        if not isinstance(self.round, int) or not isinstance(self.steps, int) or not isinstance(self.examples, int):
+            raise LedgerError(f"{where}: round, steps and examples must be whole numbers")
+        numbers = (self.noise_multiplier, self.sample_rate, self.max_grad_norm)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            raise LedgerError(f"{where}: noise multiplier, sample rate and norm must be finite numbers")
+        if self.mechanism in NOISY:
+            if self.noise_multiplier <= 0 or not 0 < self.sample_rate <= 1 or self.steps < 1 or self.examples < 1:
+                raise LedgerError(
+                    f"{where}: a {self.mechanism.value} release needs noise multiplier > 0, sample rate in (0, 1], "
+                    "at least one step and one patient"
+                )
+        if self.round < 0 or self.steps < 0 or self.examples < 0:
+            raise LedgerError(f"{where}: counts must not be negative")
 
 
 @dataclass
 class Ledger:
     hospital: str
-    fingerprint: str  # of the hospital's data files
     delta: float  # the delta every epsilon in this ledger is stated at
     accountant: str = "rdp"  # the accountant that drives budget decisions
     entries: list[LedgerEntry] = field(default_factory=list)
 
     # -- accounting ------------------------------------------------------------
-    def dp_history(self) -> list[DPSGDEntry]:
-        return [e.as_dp_sgd() for e in self.entries if e.mechanism == Mechanism.DP_SGD]
+    def noisy(self, split: Split = Split.TRAIN) -> list[LedgerEntry]:
+        return [e for e in self.entries if e.mechanism in NOISY and e.split == split]
 
-    def epsilon(self, accountant: str | None = None) -> float:
-        return epsilon(self.dp_history(), self.delta, accountant or self.accountant)
+    def history(self, split: Split = Split.TRAIN) -> list[NoisyRelease]:
+        return [e.as_release() for e in self.noisy(split)]
 
-    def epsilon_with(self, planned: DPSGDEntry, accountant: str | None = None) -> float:
-        """Epsilon if ``planned`` were released too (for the budget check)."""
-        return epsilon(self.dp_history() + [planned], self.delta, accountant or self.accountant)
+    def epsilon(self, split: Split = Split.TRAIN, accountant: str | None = None) -> float:
+        """Epsilon of everything ever released about one group of patients."""
+        return epsilon(self.history(split), self.delta, accountant or self.accountant)
+
+    def epsilon_with(self, planned: list[LedgerEntry], accountant: str | None = None) -> float:
+        """Epsilon of ``planned``'s group if ``planned`` were released too (the budget check)."""
+        split = planned[0].split
+        return epsilon(self.history(split) + [e.as_release() for e in planned], self.delta, accountant or self.accountant)
 
     def runs(self) -> list[str]:
         return sorted({e.run_id for e in self.entries})
+
+    def releases_in_run(self, run_id: str, split: Split) -> int:
+        return sum(1 for e in self.noisy(split) if e.run_id == run_id)
 
     def record(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)
 
     # -- serialisation ---------------------------------------------------------
-    def _body(self) -> dict:
+    def body(self) -> dict:
         return {
+            "format": LEDGER_FORMAT,
             "hospital": self.hospital,
-            "fingerprint": self.fingerprint,
             "delta": self.delta,
             "accountant": self.accountant,
             "entries": [{**asdict(e), "mechanism": e.mechanism.value, "split": e.split.value} for e in self.entries],
         }
 
-    def to_plain(self) -> dict:
-        body = self._body()
-        checksum = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        return {"format": LEDGER_FORMAT, "checksum": checksum, **body}
+    def seal(self, key: bytes) -> dict:
+        """The body with an HMAC-SHA256 over it, keyed by the hospital's secret."""
+        body = self.body()
+        return {**body, "mac": _mac(key, body)}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_plain(), indent=1, sort_keys=True)
+    def to_json(self, key: bytes | None = None) -> str:
+        """JSON for the hospital's disk (sealed, with ``key``) or for the coordinator."""
+        return json.dumps(self.seal(key) if key is not None else self.body(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "ledger") -> Ledger:
+    def from_json(cls, text: str, source: str = "ledger", key: bytes | None = None) -> Ledger:
         try:
             data = json.loads(text)
         except ValueError:
             raise LedgerError(f"{source} is not valid JSON: the ledger is corrupt") from None
+        return cls.from_plain(data, source, key)
+
+    @classmethod
+    def from_plain(cls, data: object, source: str = "ledger", key: bytes | None = None) -> Ledger:
+        """Read and check a ledger. With ``key`` (the hospital) the seal must match; without
+        (the coordinator) every field is checked, which is all anyone without the secret can do."""
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{source} is not a fedgru ledger ({LEDGER_FORMAT})")
-        checksum = data.pop("checksum", None)
-        data.pop("format")
-        if hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() != checksum:
-            raise LedgerError(f"{source}: checksum mismatch, the ledger was altered or damaged")
+        data = dict(data)
+        mac = data.pop("mac", None)
+        if key is not None and (not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, data))):
+            raise LedgerError(f"{source}: its seal does not match: the ledger was altered or damaged")
         try:
-            return cls(
+            ledger = cls(
                 hospital=str(data["hospital"]),
-                fingerprint=str(data["fingerprint"]),
                 delta=float(data["delta"]),
-                accountant=str(data.get("accountant", "rdp")),
-                entries=[LedgerEntry(**{**e, "mechanism": Mechanism(e["mechanism"]), "split": Split(e.get("split", "train"))}) for e in data["entries"]],
+                accountant=str(data["accountant"]),
+                entries=[_entry(e) for e in data["entries"]],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LedgerError(f"{source}: malformed ledger ({exc.__class__.__name__})") from None
+        if not 0 < ledger.delta < 1 or ledger.accountant not in ("rdp", "prv"):
+            raise LedgerError(f"{source}: delta must be in (0, 1) and the accountant rdp or prv")
+        for i, entry in enumerate(ledger.entries):
+            entry.check(f"{source}, entry {i + 1}")
+        return ledger
 
+
+def _entry(raw: dict) -> LedgerEntry:
+    if not isinstance(raw, dict):
+        raise TypeError("entry")
+    return LedgerEntry(**{**raw, "mechanism": Mechanism(raw["mechanism"]), "split": Split(raw["split"])})
+
+
+def _mac(key: bytes, body: dict) -> str:
+    return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()

@@ -19,31 +19,34 @@ ARRAYS = "arrays"  # ArrayRecord: model weights (server -> hospital, hospital ->
 CONFIG = "config"  # ConfigRecord: round instructions (server -> hospital)
 METRICS = "metrics"  # MetricRecord: numeric reply fields (hospital -> server)
 STATUS = "status"  # ConfigRecord: hospital identity, state and ledger (hospital -> server)
-EVALUATION = "evaluation"  # ArrayRecord: score summary (hospital -> server)
+EVALUATION_PREFIX = "evaluation-"  # ArrayRecord "evaluation-<split>": a score summary (hospital -> server)
 
 # ConfigRecord fields, server -> hospital
 EXPERIMENT_JSON = "fedgru-config"  # the ExperimentConfig as JSON
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"
-SPLIT = "split"  # which split to evaluate (a Split value); replies echo it
-THRESHOLD = "threshold"  # binary decision threshold for the confusion matrix (default 0.5)
+EVALUATE = "evaluate"  # space-separated Split values: score the received model on these splits
 PROXIMAL_MU = "proximal-mu"  # FedProx's mu; Flower's FedProx strategy writes this key
 
 # Reply fields, hospital -> server (MetricRecord and status ConfigRecord)
-NUM_EXAMPLES = "num-examples"  # Flower's weighting key
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key: the training split's size
 UNIT_WEIGHT = "unit-weight"  # constant 1: equal weights when hospital-level DP needs them
-TRAIN_LOSS = "train-loss"
-EPSILON = "epsilon"  # cumulative, over everything in the hospital's ledger
+EPSILON = "epsilon"  # the training patients' epsilon, over everything in the hospital's ledger
 DELTA = "delta"
-BUDGET = "budget"  # the hospital's max epsilon at that delta
+BUDGET = "budget"  # the hospital's max epsilon for its training patients, at that delta
 STEPS = "steps"
-REASON = "reason"  # why a hospital refused (no patient data)
+REASON = "reason"  # why a hospital refused: names a setting or a file kind, never a patient value
 HOSPITAL = "hospital"
 STATE = "state"  # a ReplyState value
 MODE = "mode"  # a NodeMode value
 LEDGER = "ledger-json"
+NOT_EVALUATED = "not-evaluated"  # "split: reason" lines for requested evaluations the hospital declined
 
-TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, EPSILON, DELTA, BUDGET, STEPS)
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  # exactly these, nothing else
+
+
+def evaluation_key(split: Split) -> str:
+    return f"{EVALUATION_PREFIX}{split.value}"
 
 
 class ReplyState(str, Enum):
@@ -54,12 +57,13 @@ class ReplyState(str, Enum):
     TRAINED = "trained"
     EVALUATED = "evaluated"
     BUDGET_EXHAUSTED = "budget-exhausted"  # the round would pass the hospital's privacy budget
-    REFUSED = "refused"  # the hospital cannot or will not take part (reason in REASON)
+    REFUSED_POLICY = "refused-policy"  # the message asked for something outside the hospital's policy
+    REFUSED = "refused"  # the hospital cannot take part (no sound ledger, unreadable data, ...)
 
 
 class NodeMode(str, Enum):
     SIMULATION = "simulation"  # the node holds a share of a simulated data set
-    DEPLOYMENT = "deployment"  # a real hospital with its own data and ledger
+    DEPLOYMENT = "deployment"  # a real hospital with its own folder, policy and ledger
 
 
 class Split(str, Enum):
@@ -73,11 +77,12 @@ class Split(str, Enum):
 class Mechanism(str, Enum):
     """How a ledger entry's release was made (ledgers travel in replies)."""
 
-    DP_SGD = "dp-sgd"  # model weights after DP-SGD: composes into the hospital's epsilon
+    DP_SGD = "dp-sgd"  # model weights after DP-SGD: composes into the training patients' epsilon
+    GAUSSIAN = "gaussian"  # a noisy score histogram: composes into its split's epsilon
     NONE = "none"  # a release outside the DP guarantee, recorded so nothing leaves unrecorded
 
 
-SUMMARY_FIELDS = ("histogram", "confusion", "brier_sum", "n")  # the evaluation ArrayRecord's arrays
+SUMMARY_FIELDS = {"histogram", "n", "grid"}  # an evaluation record's arrays (multi-class tasks add "confusion")
 
 
 @dataclass(frozen=True)
@@ -95,28 +100,47 @@ RELEASES: tuple[Release, ...] = (
         "for the patients of the hospital's training split",
     ),
     Release(
-        NUM_EXAMPLES, "every training round", False,
-        "the number of stays in the hospital's training split (used to weight the average)",
+        "score histograms", "validation every few rounds and of the final model; test once, at the end", True,
+        "per true class, a noisy count of patients in each bin of predicted risk: the Gaussian mechanism, "
+        "covered by DP for the patients of the evaluated split (validation or test)",
     ),
-    Release(
-        TRAIN_LOSS, "every training round", False,
-        "the mean training loss over the round's Poisson batches of training patients",
-    ),
-    Release(
-        "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier)",
-        "every training round", False,
-        "the DP-SGD settings and the list of releases; the sample rate is batch size / training stays, "
-        "so it reveals the same count as num-examples",
-    ),
+    Release(NUM_EXAMPLES, "every training round", False, "a count: the stays in the hospital's training split"),
+    Release("evaluated split size (n)", "with every score histogram", False, "a count: the stays in the evaluated split"),
     Release(UNIT_WEIGHT, "every training round", False, "the constant 1; reveals nothing"),
-    Release(
-        "evaluation score summary", "every round (validation split) and at the end (test split)", False,
-        "for the patients of the evaluated split: how many of each outcome class fall in each bin of "
-        "predicted risk, the confusion matrix at the decision threshold, the summed Brier score and "
-        "the split size",
+    LEDGER_RELEASE := Release(
+        "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier, score grid)",
+        "every reply", False,
+        "settings and the list of releases; the sample rate is batch size / training stays, so it reveals the "
+        "same count as num-examples",
     ),
-    Release(
-        HOSPITAL, "when the run starts", False,
-        "the hospital's name as configured on its node (no patient data)",
+    STATE_RELEASE := Release(
+        "reply state and reason", "every reply", False,
+        "settings: whether the hospital trained, stopped at its budget or refused, and which setting of its "
+        "policy a refused message broke",
     ),
+    Release(HOSPITAL, "every reply", False, "a name: the hospital's, as its own folder sets it"),
 )
+
+# What every field a hospital can send is, as a release (each names a Release.field
+# above): the privacy report's list and a test of whole runs both read this.
+_LEDGER_RELEASE = LEDGER_RELEASE.field
+_STATE_RELEASE = STATE_RELEASE.field
+FIELD_RELEASES: dict[str, str] = {
+    ARRAYS: "model weights",
+    "histogram": "score histograms",  # inside an evaluation-<split> record
+    "confusion": "score histograms",  # multi-class tasks: the noisy confusion matrix, same mechanism
+    "n": "evaluated split size (n)",
+    "grid": _LEDGER_RELEASE,  # the score grid: the config's setting echoed
+    NUM_EXAMPLES: NUM_EXAMPLES,
+    UNIT_WEIGHT: UNIT_WEIGHT,
+    EPSILON: _LEDGER_RELEASE,
+    DELTA: _LEDGER_RELEASE,
+    BUDGET: _LEDGER_RELEASE,
+    STEPS: _LEDGER_RELEASE,
+    LEDGER: _LEDGER_RELEASE,
+    STATE: _STATE_RELEASE,
+    REASON: _STATE_RELEASE,
+    NOT_EVALUATED: _STATE_RELEASE,
+    MODE: _STATE_RELEASE,
+    HOSPITAL: HOSPITAL,
+}

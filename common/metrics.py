@@ -2,11 +2,12 @@
 
 Exact metrics (``exact_metrics``) are for data at hand: a hospital scoring its own
 patients, ``fedgru evaluate``. Federated evaluation instead has each hospital release a
-:class:`ScoreSummary`: per true class, how many patients fall in each bin of each
-class's predicted probability, plus the confusion matrix and the Brier sum. Summaries
-add up across hospitals, so pooled metrics over all hospitals come out without any
-patient-level prediction leaving a hospital. Bins are uniform in logit space, so the
-AUROC from a summary differs from the exact one only by pairs that share a bin.
+:class:`ScoreSummary`: per true class, how many patients fall in each bin of predicted
+risk, on a grid the config fixes (:class:`ScoreGrid`), usually with DP noise added.
+Summaries add up across hospitals, so pooled metrics over all hospitals come out without
+any patient-level prediction leaving a hospital. Bins are uniform in logit, so the AUROC
+from an exact summary differs from the exact AUROC only by pairs that share a bin; the
+Brier score is read at the bin centres.
 
 Metrics (binary; multi-class: one-vs-rest per class, macro-averaged):
 AUROC, AUPRC (average precision), accuracy, sensitivity, specificity, F1, Brier score,
@@ -19,8 +20,6 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
-
-LOGIT_RANGE = 8.0  # histogram covers logits in [-8, 8] (p in [3e-4, 0.9997]); beyond: the end bins
 
 
 @dataclass
@@ -129,102 +128,178 @@ def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> M
     return Metrics.from_parts(ranking, _threshold_metrics(confusion))
 
 
+@dataclass(frozen=True)
+class ScoreGrid:
+    """Bins of equal width in logit (log-odds of the predicted risk) over [low, high]; a
+    logit below ``low`` joins the first bin, one above ``high`` the last. Fixed by the
+    config, never by data, so every hospital's histogram has the same bins and they add up."""
+
+    low: float
+    high: float
+    bins: int
+
+    @property
+    def width(self) -> float:
+        return (self.high - self.low) / self.bins
+
+    def index(self, logits: np.ndarray) -> np.ndarray:
+        return np.clip(np.floor((logits - self.low) / self.width), 0, self.bins - 1).astype(np.int64)
+
+    def edge_logit(self, j: int) -> float:
+        """The lower edge of bin ``j`` (``j = bins`` is the upper edge of the last bin)."""
+        return self.low + j * self.width
+
+    def edge_risk(self, j: int) -> float:
+        """A patient is in bin ``j`` or above exactly when their risk is at least this
+        (for 0 < j < bins)."""
+        return float(1.0 / (1.0 + math.exp(-self.edge_logit(j))))
+
+    def edge_for_risk(self, risk: float) -> int:
+        """The inner edge nearest a risk (a decision threshold drawn from the histogram
+        is always an edge)."""
+        logit = math.log(risk) - math.log1p(-risk)
+        return int(np.clip(round((logit - self.low) / self.width), 1, self.bins - 1))
+
+    def centre_logits(self) -> np.ndarray:
+        return self.low + (np.arange(self.bins) + 0.5) * self.width
+
+
+def _logits(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
 @dataclass
 class ScoreSummary:
-    """What a hospital releases about its predictions on an evaluation split."""
+    """What a hospital releases about its predictions on one split: per true class, how
+    many patients fall in each bin of each class's predicted risk (binary tasks: of the
+    risk of the positive class), and the split's size. Multi-class tasks add the
+    confusion matrix of the most likely class, which the histograms cannot give.
 
-    histogram: np.ndarray  # (K_true, K_score, bins) counts; binary: K_score = 1 (p1)
-    confusion: np.ndarray  # (K, K) counts
-    brier_sum: float
-    n: int
+    A summary released under DP carries Gaussian noise (:meth:`noised`): counts may be
+    fractional or negative. Metrics read the counts clipped at zero, which is
+    post-processing. Binary decisions (sensitivity, ...) are read at a bin edge, so a
+    threshold chosen on one summary applies exactly to another on the same grid.
+    """
+
+    histogram: np.ndarray  # (K_true, K_score, bins); binary: K_score = 1
+    confusion: np.ndarray | None  # (K, K) rows true, columns predicted; None for binary tasks
+    n: int  # patients evaluated: an exact count, released outside DP
+    grid: ScoreGrid
 
     @classmethod
-    def from_predictions(cls, y: np.ndarray, probs: np.ndarray, bins: int, threshold: float = 0.5) -> ScoreSummary:
+    def from_predictions(cls, y: np.ndarray, probs: np.ndarray, grid: ScoreGrid) -> ScoreSummary:
         y = np.asarray(y, dtype=np.int64)
         k = probs.shape[1]
         score_cols = [1] if k == 2 else list(range(k))
-        p = np.clip(probs[:, score_cols], 1e-12, 1 - 1e-12)
-        logits = np.log(p) - np.log1p(-p)
-        idx = np.clip(((logits + LOGIT_RANGE) / (2 * LOGIT_RANGE) * bins).astype(np.int64), 0, bins - 1)
-        hist = np.zeros((k, len(score_cols), bins), dtype=np.int64)
+        idx = grid.index(_logits(probs[:, score_cols]))
+        hist = np.zeros((k, len(score_cols), grid.bins), dtype=np.float64)
         for j in range(len(score_cols)):
             np.add.at(hist[:, j, :], (y, idx[:, j]), 1)
-        confusion = np.zeros((k, k), dtype=np.int64)
-        np.add.at(confusion, (y, predicted_class(probs, threshold)), 1)
-        onehot = np.eye(k)[y]
-        brier = ((probs - onehot) ** 2).sum(axis=1).sum() if k > 2 else ((probs[:, 1] - y) ** 2).sum()
-        return cls(histogram=hist, confusion=confusion, brier_sum=float(brier), n=int(len(y)))
+        confusion = None
+        if k > 2:
+            confusion = np.zeros((k, k), dtype=np.float64)
+            np.add.at(confusion, (y, probs.argmax(axis=1)), 1)
+        return cls(histogram=hist, confusion=confusion, n=int(len(y)), grid=grid)
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 norm of one patient's contribution: one cell per score column (and one
+        confusion cell): the Gaussian mechanism's noise is this times its multiplier."""
+        return math.sqrt(self.histogram.shape[1] + (1 if self.confusion is not None else 0))
+
+    def noised(self, noise_multiplier: float, rng: np.random.Generator) -> ScoreSummary:
+        """The Gaussian mechanism (Dwork & Roth 2014, Thm A.1; accounted in RDP, Mironov
+        2017): every count plus N(0, (noise_multiplier x sensitivity)^2)."""
+        std = noise_multiplier * self.sensitivity
+        confusion = None if self.confusion is None else self.confusion + rng.normal(0.0, std, self.confusion.shape)
+        return ScoreSummary(self.histogram + rng.normal(0.0, std, self.histogram.shape), confusion, self.n, self.grid)
 
     def __add__(self, other: ScoreSummary) -> ScoreSummary:
-        return ScoreSummary(
-            histogram=self.histogram + other.histogram,
-            confusion=self.confusion + other.confusion,
-            brier_sum=self.brier_sum + other.brier_sum,
-            n=self.n + other.n,
-        )
+        if self.grid != other.grid or self.histogram.shape != other.histogram.shape:
+            raise ValueError("score summaries on different grids do not add up")
+        confusion = None if self.confusion is None else self.confusion + other.confusion
+        return ScoreSummary(self.histogram + other.histogram, confusion, self.n + other.n, self.grid)
 
-    def metrics(self) -> Metrics:
-        k = self.confusion.shape[0]
-        classes = [1] if k == 2 else list(range(k))
-        aurocs, aps = [], []
-        for j, c in enumerate(classes):
-            pos = self.histogram[c, j].astype(np.float64)
-            neg = self.histogram[:, j].sum(axis=0).astype(np.float64) - pos
-            aurocs.append(_auroc_from_counts(pos, neg))
-            aps.append(_ap_from_counts(pos, neg))
-        ranking = {
-            "auroc": _nanmean(aurocs),
-            "auprc": _nanmean(aps),
-            "brier": self.brier_sum / self.n if self.n else float("nan"),
-            "n": int(self.n),
-        }
-        return Metrics.from_parts(ranking, _threshold_metrics(self.confusion))
+    def counts(self) -> np.ndarray:
+        return np.maximum(self.histogram, 0.0)
 
     def binary_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per score bin, how many deaths and how many survivors: (positives, negatives).
         None for a multi-class summary or one without both outcomes."""
-        if self.confusion.shape[0] != 2:
+        if self.confusion is not None or self.histogram.shape[0] != 2:
             return None
-        pos = self.histogram[1, 0].astype(np.float64)
-        neg = self.histogram[0, 0].astype(np.float64)
-        if pos.sum() == 0 or neg.sum() == 0:
+        counts = self.counts()
+        pos, neg = counts[1, 0], counts[0, 0]
+        if pos.sum() <= 0 or neg.sum() <= 0:
             return None
         return pos, neg
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of the evaluation record (their names are messages.SUMMARY_FIELDS)."""
-        return {
-            "histogram": self.histogram.astype(np.int64),
-            "confusion": self.confusion.astype(np.int64),
-            "brier_sum": np.array([self.brier_sum], dtype=np.float64),
-            "n": np.array([self.n], dtype=np.int64),
+    def metrics(self, threshold_edge: int | None = None, calibration: tuple[float, float] | None = None) -> Metrics:
+        """Metrics from the counts; binary decisions flag bins ``threshold_edge`` and above
+        (default: the edge nearest a risk of 0.5). ``calibration`` (scale, shift): the
+        scores were taken before a recalibration logit -> scale x logit + shift, which
+        changes no rank and no decision at an edge, only the risks the Brier score reads."""
+        counts = self.counts()
+        k = counts.shape[0]
+        classes = [1] if k == 2 else list(range(k))
+        aurocs, aps = [], []
+        for j, c in enumerate(classes):
+            pos = counts[c, j]
+            neg = counts[:, j].sum(axis=0) - pos
+            aurocs.append(_auroc_from_counts(pos, neg))
+            aps.append(_ap_from_counts(pos, neg))
+        centres = self.grid.centre_logits()
+        if calibration is not None:
+            centres = calibration[0] * centres + calibration[1]
+        risks = 1.0 / (1.0 + np.exp(-centres))
+        if k == 2:
+            brier = counts[1, 0] @ (1 - risks) ** 2 + counts[0, 0] @ risks**2
+            edge = self.grid.edge_for_risk(0.5) if threshold_edge is None else threshold_edge
+            pos, neg = counts[1, 0], counts[0, 0]
+            confusion = np.array([[neg[:edge].sum(), neg[edge:].sum()], [pos[:edge].sum(), pos[edge:].sum()]])
+        else:
+            brier = sum(counts[c, j] @ (risks - (j == c)) ** 2 for c in range(k) for j in range(k))
+            confusion = np.maximum(self.confusion, 0.0)
+        ranking = {
+            "auroc": _nanmean(aurocs),
+            "auprc": _nanmean(aps),
+            "brier": float(brier) / self.n if self.n else float("nan"),
+            "n": int(self.n),
         }
+        return Metrics.from_parts(ranking, _threshold_metrics(confusion))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of an evaluation record (their names are messages.SUMMARY_FIELDS)."""
+        arrays = {
+            "histogram": self.histogram.astype(np.float64),
+            "n": np.array([self.n], dtype=np.int64),
+            "grid": np.array([self.grid.low, self.grid.high, self.grid.bins], dtype=np.float64),
+        }
+        if self.confusion is not None:
+            arrays["confusion"] = self.confusion.astype(np.float64)
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScoreSummary:
+        low, high, bins = (float(v) for v in np.asarray(arrays["grid"]).reshape(-1)[:3])
+        confusion = arrays.get("confusion")
         return cls(
-            histogram=np.asarray(arrays["histogram"], dtype=np.int64),
-            confusion=np.asarray(arrays["confusion"], dtype=np.int64),
-            brier_sum=float(np.asarray(arrays["brier_sum"]).reshape(-1)[0]),
+            histogram=np.asarray(arrays["histogram"], dtype=np.float64),
+            confusion=None if confusion is None else np.asarray(confusion, dtype=np.float64),
             n=int(np.asarray(arrays["n"]).reshape(-1)[0]),
+            grid=ScoreGrid(low, high, int(bins)),
         )
 
 
-def bin_edge_probability(j: int, bins: int) -> float:
-    """The risk at the lower edge of score bin ``j``: a patient is in bin ``j`` or above
-    exactly when their risk is at least this (bins are uniform in logit)."""
-    logit = -LOGIT_RANGE + 2 * LOGIT_RANGE * j / bins
-    return float(1.0 / (1.0 + math.exp(-logit)))
-
-
-def choose_threshold(summary: ScoreSummary) -> float | None:
-    """The binary decision threshold with the best event-1 score, min(Se, +P), the
-    PhysioNet/CinC 2012 Challenge's score, on a (pooled validation) summary.
+def choose_threshold(summary: ScoreSummary) -> int | None:
+    """The bin edge with the best event-1 score, min(Se, +P), the PhysioNet/CinC 2012
+    Challenge's score, on a (pooled validation) summary.
 
     Only bin edges are candidates, so the choice reads nothing but the released
-    histogram, and the hospitals' confusion matrices at the chosen threshold agree
-    exactly with the histogram. Ties go to the lowest threshold (more patients flagged).
-    None for multi-class tasks or a summary without both outcomes.
+    histogram, and decisions at it read off any other summary on the same grid exactly.
+    Ties go to the lowest edge (more patients flagged). None for multi-class tasks or a
+    summary without both outcomes.
     """
     counts = summary.binary_counts()
     if counts is None:
@@ -236,8 +311,7 @@ def choose_threshold(summary: ScoreSummary) -> float | None:
     precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
     score = np.minimum(sensitivity, precision)
     # Edge 0 would flag everyone (its bin also holds every risk below it): not a choice.
-    best = 1 + int(np.argmax(score[1:]))
-    return bin_edge_probability(best, len(pos))
+    return 1 + int(np.argmax(score[1:]))
 
 
 def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:

@@ -1,9 +1,12 @@
-"""Privacy accounting for DP-SGD at a hospital (the maths; the ledger builds on it).
+"""Privacy accounting at a hospital (the maths; the ledger builds on it).
 
-Every DP-SGD round a hospital runs is recorded as a :class:`DPSGDEntry`
-``(noise_multiplier, sample_rate, steps, max_grad_norm)``. Epsilon is always computed
-from the *whole* history by a fresh Opacus accountant, so it is the epsilon of
-everything released so far, never of one round:
+Everything a hospital releases under DP is a Gaussian mechanism, recorded as a
+:class:`NoisyRelease` ``(noise_multiplier, sample_rate, steps)``: a DP-SGD round is
+``steps`` subsampled Gaussian steps at rate ``sample_rate`` (Abadi et al., CCS 2016); a
+noisy score histogram of the validation or test patients is one plain Gaussian release
+(``sample_rate`` 1, ``steps`` 1). Epsilon is always computed from the *whole* history of
+one group of patients by a fresh Opacus accountant, so it is the epsilon of everything
+released about them so far, never of one round:
 
 - RDP: Mironov, "Renyi Differential Privacy", CSF 2017; subsampled Gaussian analysis of
   Mironov, Talwar & Zhang, arXiv:1908.10530 (``opacus.accountants.RDPAccountant``).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -32,8 +36,9 @@ ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAcc
 
 
 @dataclass
-class DPSGDEntry:
-    """One round of DP-SGD at one hospital: ``steps`` noisy steps at rate ``sample_rate``."""
+class NoisyRelease:
+    """A Gaussian mechanism used ``steps`` times on Poisson samples of rate ``sample_rate``
+    (a DP-SGD round), or once on everyone (a noisy histogram: rate 1, one step)."""
 
     round: int
     noise_multiplier: float
@@ -49,7 +54,7 @@ def make_accountant(name: str) -> IAccountant:
     return ACCOUNTANTS[name]()
 
 
-def accountant_for(entries: list[DPSGDEntry], name: str) -> IAccountant:
+def accountant_for(entries: list[NoisyRelease], name: str) -> IAccountant:
     """A fresh accountant whose history replays ``entries``.
 
     Entries with the same noise multiplier and sample rate are one Gaussian mechanism
@@ -67,11 +72,12 @@ def accountant_for(entries: list[DPSGDEntry], name: str) -> IAccountant:
     return acc
 
 
-def epsilon(entries: list[DPSGDEntry], delta: float, accountant: str = "rdp") -> float:
+def epsilon(entries: list[NoisyRelease], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of all entries composed (0 when nothing was released)."""
     if not any(e.steps > 0 for e in entries):
         return 0.0
-    return float(accountant_for(entries, accountant).get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf for a plain Gaussian release (q = 1)
+        return float(accountant_for(entries, accountant).get_epsilon(delta=delta))
 
 
 def steps_per_round(num_examples: int, batch_size: int, local_epochs: float, sample_rate: float = 0.0) -> tuple[float, int]:
@@ -122,7 +128,48 @@ def plan(
         raise ValueError("give exactly one of target_epsilon and noise_multiplier")
     q, steps = steps_per_round(examples, batch_size, local_epochs)
     sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(target_epsilon, delta, q, steps * rounds, accountant)
-    entries = [DPSGDEntry(r, sigma, q, steps, 1.0) for r in range(1, rounds + 1)]
+    entries = [NoisyRelease(r, sigma, q, steps, 1.0) for r in range(1, rounds + 1)]
     per_round = [epsilon(entries[:r], delta, accountant) for r in range(1, rounds + 1)]
     return Plan(q, steps, float(sigma), per_round)
 
+
+
+def calibrate_evaluation_noise(
+    target_epsilon: float, delta: float, progress_releases: int, final_share: float, accountant: str = "rdp"
+) -> tuple[float, float]:
+    """Noise multipliers ``(progress, final)`` for one run's releases about one group of
+    patients: ``progress_releases`` histograms during the run and one of the final model,
+    together within ``target_epsilon``.
+
+    The final release, which the calibration and the decision threshold read, gets
+    ``final_share`` of the budget in zero-concentrated DP terms (Bun & Steinke, TCC 2016:
+    a Gaussian release of multiplier s costs rho = 1 / (2 s^2), and rhos add up); the
+    progress releases share the rest equally. The common scale is then found by
+    bisection against the accountant, so the composed epsilon is the target's to 1e-4.
+    """
+    if progress_releases == 0:
+        final_share = 1.0
+    if not 0 < final_share <= 1:
+        raise ValueError("final_share must be in (0, 1]")
+    progress_weight = (1 - final_share) / progress_releases if progress_releases else 0.0
+
+    def multipliers(scale: float) -> tuple[float, float]:
+        progress = scale / np.sqrt(progress_weight) if progress_weight > 0 else float("inf")
+        return float(progress), float(scale / np.sqrt(final_share))
+
+    def spent(scale: float) -> float:
+        progress, final = multipliers(scale)
+        history = [NoisyRelease(0, final, 1.0, 1, 1.0)]
+        if progress_weight > 0:
+            history.append(NoisyRelease(0, progress, 1.0, progress_releases, 1.0))
+        return epsilon(history, delta, accountant)
+
+    low, high = 1e-3, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)
+        if high - low < 1e-6 * high:
+            break
+    return multipliers(high)

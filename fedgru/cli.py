@@ -6,8 +6,9 @@
     fedgru baseline  --config FILE --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
-    fedgru ledger    init|show --ledger FILE [--data PATH --outcomes FILE --hospital NAME]
-    fedgru deploy    init --out DIR --hospitals a,b,c [--host HOST --port PORT]
+    fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
+    fedgru hospital  approve|serve|show --hospital-dir DIR
+    fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, auto_delta, load_config
+from common.config import ConfigError, load_config
 from common.data.records import DataError
 from common.files import to_json
 from common.paths import project_root
@@ -78,6 +79,7 @@ def cmd_evaluate(args) -> int:
 
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, args.outcomes, args.format)
+    _notes(ds)
     probs = bundle.predict(ds)
     threshold = _threshold(args, bundle)
     m = exact_metrics(ds.y, probs, threshold)
@@ -87,6 +89,12 @@ def cmd_evaluate(args) -> int:
         flagged = f"  (flagged at risk >= {threshold:.3f})" if probs.shape[1] == 2 else ""
         print(f"{args.data}: {format_metrics(m)}{flagged}")
     return 0
+
+
+def _notes(ds) -> None:
+    """What reading the data set aside, on stderr (counts only)."""
+    for note in ds.summary.notes() if ds.summary else []:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _threshold(args, bundle) -> float:
@@ -106,6 +114,7 @@ def cmd_predict(args) -> int:
 
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, None, args.format)
+    _notes(ds)
     probs = bundle.predict(ds)
     classes = bundle.config.task.classes
     out = Path(args.out)
@@ -148,47 +157,43 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_ledger(args) -> int:
-    from common.ledger import Ledger, LedgerError
-    from common.messages import Mechanism
+def cmd_hospital(args) -> int:
+    from client import commands
+    from client.folder import FolderError
 
-    path = Path(args.ledger)
-    if args.action == "init":
-        from client.ledger_store import write_ledger
-        from common.bundle import guess_format
-        from common.data.dataset import fingerprint_files, load_dataset
-
-        if path.exists():
-            raise DataError(str(path), "a ledger already exists here; it is never overwritten")
-        cfg = _load(args)
-        fmt = args.format or guess_format(Path(args.data))
-        ds = load_dataset(cfg, data_path=args.data, outcomes_path=args.outcomes, data_format=fmt)
-        delta = float(args.delta) if args.delta != "auto" else auto_delta(len(ds))
-        fingerprint = fingerprint_files(Path(args.data).resolve(), Path(args.outcomes).resolve())
-        write_ledger(path, Ledger(args.hospital, fingerprint, delta, cfg.privacy.accountant))
-        print(f"created an empty ledger for {args.hospital} at {path} (data {fingerprint[:16]}..., {len(ds)} stays, delta {delta:g})")
-        return 0
     try:
-        ledger = Ledger.from_json(path.read_text(), source=str(path)) if path.is_file() else None
-    except LedgerError as exc:
-        raise DataError(str(path), str(exc)) from None
-    if ledger is None:
-        raise DataError(str(path), "no ledger here")
-    dp = [e for e in ledger.entries if e.mechanism == Mechanism.DP_SGD]
-    print(f"ledger of {ledger.hospital}: data {ledger.fingerprint[:16]}..., delta {ledger.delta:g}")
-    print(f"epsilon {ledger.epsilon('rdp'):.4f} (RDP), {ledger.epsilon('prv'):.4f} (PRV), over {len(dp)} DP-SGD rounds in {len(ledger.runs())} run(s)")
-    for run in ledger.runs():
-        rounds = [e for e in dp if e.run_id == run]
-        other = [e for e in ledger.entries if e.run_id == run and e.mechanism != Mechanism.DP_SGD]
-        print(f"  run {run}: {len(rounds)} DP-SGD rounds, {sum(e.steps for e in rounds)} steps, {len(other)} non-DP releases")
+        if args.action == "init":
+            for flag in ("out", "name", "data", "outcomes", "max_epsilon"):
+                if getattr(args, flag) is None:
+                    raise ConfigError(f"hospital init needs --{flag.replace('_', '-')}")
+            print(commands.init(
+                Path(args.out), args.name, args.data, args.outcomes, args.max_epsilon, args.delta, args.eval_epsilon,
+                args.format or "physionet2012", args.id_column, args.label_column, args.device, _load(args),
+            ))
+        elif args.hospital_dir is None:
+            raise ConfigError(f"hospital {args.action} needs --hospital-dir")
+        elif args.action == "approve":
+            print(commands.approve(Path(args.hospital_dir), Path(args.app) if args.app else None, args.note))
+        elif args.action == "serve":
+            commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll)
+        else:
+            print(commands.show(Path(args.hospital_dir)))
+    except FolderError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
 def cmd_deploy(args) -> int:
     from server.deploy import init_deployment
 
+    keys = {}
+    for item in args.hospital:
+        name, _, key = item.partition("=")
+        if not key:
+            raise ConfigError(f"--hospital {item!r} must look like NAME=PATH/TO/NAME.pub")
+        keys[name] = Path(key)
     try:
-        text = init_deployment(Path(args.out), args.hospitals.split(","), host=args.host, port=args.port)
+        text = init_deployment(Path(args.out), keys, host=args.host, port=args.port)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     print(text)
@@ -251,21 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("ledger", help="a hospital's privacy ledger: create it once, show it any time")
-    p.add_argument("action", choices=["init", "show"])
-    p.add_argument("--ledger", required=True, help="ledger file (the SuperNode's ledger-path)")
-    p.add_argument("--hospital", default="hospital", help="init: the hospital's name")
-    p.add_argument("--data", help="init: the hospital's data (PhysioNet folder/.tar.gz or long CSV)")
-    p.add_argument("--outcomes", help="init: the hospital's outcomes file")
-    p.add_argument("--format", choices=["physionet2012", "long_csv"])
-    p.add_argument("--delta", default="auto", help="init: delta for every epsilon in this ledger (default: below 1/n)")
+    p = sub.add_parser("hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
+    p.add_argument("action", choices=["init", "approve", "serve", "show"])
+    p.add_argument("--hospital-dir", help="approve/serve/show: the hospital's folder")
+    p.add_argument("--out", help="init: the folder to create")
+    p.add_argument("--name", help="init: the hospital's name (letters, digits, - and _)")
+    p.add_argument("--data", help="init: its stays (PhysioNet folder/.tar.gz or long CSV)")
+    p.add_argument("--outcomes", help="init: its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"], help="init: the data's format (default physionet2012)")
+    p.add_argument("--id-column", default="", help="init: the outcomes file's stay id column, if not the experiment's")
+    p.add_argument("--label-column", default="", help="init: the outcomes column with the experiment's label, if named otherwise")
+    p.add_argument("--max-epsilon", type=float, help="init: the training patients' budget (required)")
+    p.add_argument("--eval-epsilon", type=float, help="init: the validation and test patients' budget (default: --max-epsilon)")
+    p.add_argument("--delta", type=float, help="init: delta of every epsilon in the ledger (default: below 1/n)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="init: where it trains")
+    p.add_argument("--app", help="approve: the project folder of the app version to approve (default: the installed one)")
+    p.add_argument("--note", default="", help="approve: who approved it and why")
+    p.add_argument("--runtime-api", default="127.0.0.1:9094", help="serve: the SuperNode's runtime API (its --host:--port)")
+    p.add_argument("--poll", type=float, default=0.2, help="serve: seconds between polls for a task")
     _config_arg(p)
-    p.set_defaults(fn=cmd_ledger)
+    p.set_defaults(fn=cmd_hospital)
 
-    p = sub.add_parser("deploy", help="create a CA, the SuperLink's certificate and each hospital's key")
+    p = sub.add_parser("deploy", help="create a CA and the SuperLink's certificate; register the hospitals' public keys")
     p.add_argument("action", choices=["init"])
     p.add_argument("--out", required=True, help="folder for the key material and COMMANDS.md")
-    p.add_argument("--hospitals", required=True, help="comma-separated hospital names, e.g. a,b,c")
+    p.add_argument("--hospital", action="append", required=True, metavar="NAME=KEY.pub",
+                   help="a hospital and the public key it sent (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as hospitals reach it")
     p.add_argument("--port", type=int, default=9093)
     p.set_defaults(fn=cmd_deploy)

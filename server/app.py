@@ -62,6 +62,8 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
         hospitals = make_partition(ds, cfg)
         rows = partition_table(ds, hospitals, cfg.task.classes)
         log.info("simulated hospitals (%s partition):\n%s", cfg.partition.scheme, format_table(rows))
+        for note in ds.summary.notes() if ds.summary else []:
+            log.warning("data: %s", note)
         recorder.write_partition(Partition(cfg.partition.scheme, rows, ds.summary))
     coord.run()
     log.info("done: %s", run_dir / "report.md")

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from common.metrics import LOGIT_RANGE, ScoreSummary
+from common.metrics import ScoreSummary
 
 # A fit that stretches logits more than this comes from scores crammed into a few bins
 # (a barely trained model, a tiny validation split): not trusted, left uncalibrated.
@@ -32,7 +32,8 @@ def fit_logistic_calibration(summary: ScoreSummary, max_iter: int = 100) -> tupl
 
     As in Platt's paper, the targets are smoothed to (N+ + 1) / (N+ + 2) for deaths and
     1 / (N- + 2) for survivors, so that a small or perfectly separated validation split
-    still has a finite fit. Damped Newton steps on a convex two-parameter problem. None
+    still has a finite fit. Counts may be noisy (DP releases): they are read clipped at
+    zero, and the fit weighs each bin by its count as any other. Damped Newton steps on a convex two-parameter problem. None
     for multi-class tasks, a summary without both outcomes or with (nearly) all patients
     in one bin, or a fit that reverses the ranking or stretches it past ``MAX_SCALE``.
     """
@@ -40,9 +41,8 @@ def fit_logistic_calibration(summary: ScoreSummary, max_iter: int = 100) -> tupl
     if counts is None:
         return None
     pos, neg = counts
-    bins = len(pos)
-    centres = -LOGIT_RANGE + 2 * LOGIT_RANGE * (np.arange(bins) + 0.5) / bins
-    keep = (pos + neg) > 0
+    centres = summary.grid.centre_logits()
+    keep = (pos + neg) > 0.5  # a noisy released count under half a patient is taken as empty
     if keep.sum() < 3:  # (nearly) all patients share a score: the slope is not identified
         return None
     target_pos = (pos.sum() + 1) / (pos.sum() + 2)

@@ -29,7 +29,7 @@ from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger
 from common.messages import NodeMode, ReplyState, Split
-from common.metrics import ScoreSummary, choose_threshold, format_metrics, format_number, pooled
+from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_metrics, format_number, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
 
 from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
@@ -49,7 +49,14 @@ from .records import (
     TrainReport,
 )
 from .strategies import Aggregator
-from .validation import ReplyRejected, check_eval_reply, check_train_reply, expected_layout, hospital_of
+from .validation import (
+    ReplyRejected,
+    check_identity,
+    check_train_reply,
+    expected_layout,
+    read_evaluations,
+    read_ledger,
+)
 
 log = logging.getLogger("fedgru.server")
 
@@ -114,8 +121,9 @@ class Coordinator:
         self.arrays = initial_arrays(cfg)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
-        self.last_val: ScoreSummary | None = None  # pooled validation summary of the current model
         self.calibration: Calibration | None = None  # Platt scaling folded into the final model
+        self._phase = TrainPhase()  # where drops and stops of the exchange in progress are noted
+        self.final_dropped: list[Dropped] = []
 
     # -- checkpoints -------------------------------------------------------------
     def snapshot(self, server_round: int) -> RunSnapshot:
@@ -163,10 +171,11 @@ class Coordinator:
         return self._aggregator
 
     # -- messaging -------------------------------------------------------------
-    def _config(self, server_round: int, **extra) -> ConfigRecord:
-        return ConfigRecord(
-            {M.EXPERIMENT_JSON: self.cfg_json, M.RUN_ID: self.run_id, M.SERVER_ROUND: server_round, **extra}
-        )
+    def _config(self, server_round: int, evaluate: list[Split] = ()) -> ConfigRecord:
+        return ConfigRecord({
+            M.EXPERIMENT_JSON: self.cfg_json, M.RUN_ID: self.run_id, M.SERVER_ROUND: server_round,
+            M.EVALUATE: " ".join(s.value for s in evaluate),
+        })
 
     def _send(
         self, node_ids: list[int], message_type: str, content_fn, timeout: float | None = None
@@ -251,45 +260,93 @@ class Coordinator:
             self._identify(new, timeout=min(60.0, self.cfg.strategy.round_timeout_s))
 
     # -- rounds ----------------------------------------------------------------
+    def _accept(self, nid: int, reply: Message, context: str) -> tuple[HospitalView, Ledger] | None:
+        """Who sent a reply and the ledger it carries, or None (logged and dropped) when
+        either is not acceptable. Stopped hospitals are noted here too."""
+        view = self._view(nid)
+        try:
+            if reply.has_error():
+                raise ReplyRejected(f"the hospital reported an error ({reply.error.reason})")
+            check_identity(reply, view.name)
+            state = str(reply.content[M.STATUS].get(M.STATE, "")) if M.STATUS in reply.content.config_records else ""
+            if state in (ReplyState.REFUSED, ReplyState.REFUSED_POLICY):
+                reason = str(reply.content[M.STATUS].get(M.REASON, ""))[:500]
+                view.state, view.reason = HospitalState.REFUSED, reason
+                log.error("%s: %s refuses (%s): %s", context, view.name, state, reason)
+                self._phase.stopped.append(Stopped(view.name, view.state, reason))
+                return None
+            ledger = read_ledger(reply, view.name)
+        except ReplyRejected as exc:
+            log.warning("%s: dropped the reply of %s (node %s): %s", context, view.name, nid, exc)
+            self._phase.dropped.append(Dropped(view.name, nid, str(exc)))
+            return None
+        view.ledger = ledger
+        view.epsilon = ledger.epsilon(Split.TRAIN, self.cfg.privacy.accountant)
+        declined = str(reply.content[M.STATUS].get(M.NOT_EVALUATED, ""))
+        if declined:
+            log.warning("%s: %s did not evaluate: %s", context, view.name, declined.replace("\n", "; ")[:500])
+        return view, ledger
+
+    def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
+                     splits: list[Split], into: dict[Split, dict[str, ScoreSummary]]) -> None:
+        try:
+            got = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits)
+        except ReplyRejected as exc:
+            log.warning("round %d: dropped the evaluation of %s (node %s): %s", server_round, view.name, nid, exc)
+            self._phase.dropped.append(Dropped(view.name, nid, f"evaluation: {exc}"))
+            return
+        for split, summary in got.items():
+            into.setdefault(split, {})[view.name] = summary
+
     def train_round(self, server_round: int) -> TrainPhase:
         layout = expected_layout(self.arrays)
         nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
-        phase = TrainPhase()
+        phase = self._phase = TrainPhase()
+        splits = [Split.VAL] if server_round in self.cfg.validation_rounds() else []
         try:
-            messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round), nodes)
+            messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round, splits), nodes)
         except PrivacyBudgetExhausted as exc:
             log.info("round %d: hospital-level DP budget reached, ending the run (%s)", server_round, exc)
             self.hospital_dp_exhausted = True
             phase.skipped = True
             return phase
         replies = self._exchange(messages)
-        valid = []
-        answered = set()
+        valid, answered, evaluations = [], set(), {}
         for nid, reply in replies:
             answered.add(nid)
-            view = self._view(nid)
-            if self._stopped(reply, view, server_round, phase):
+            accepted = self._accept(nid, reply, f"round {server_round}")
+            if accepted is None:
                 continue
-            name = hospital_of(reply, view.name)
+            view, ledger = accepted
+            self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations)
+            state = str(reply.content[M.STATUS].get(M.STATE, ""))
+            if state == ReplyState.BUDGET_EXHAUSTED:
+                view.state = HospitalState.BUDGET_EXHAUSTED
+                view.budget = float(reply.content[M.STATUS].get(M.BUDGET, view.budget))
+                log.info("round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
+                         server_round, view.name, view.epsilon, view.budget)
+                phase.stopped.append(Stopped(view.name, view.state, ""))
+                continue
             try:
-                check_train_reply(
-                    reply, layout, self.cfg.strategy.max_examples,
-                    current=self.arrays if self.cfg.hospital_dp.enabled else None,
+                n = check_train_reply(
+                    reply, layout, self.arrays, self.cfg, ledger, self.run_id, server_round,
+                    reject_empty=self.cfg.hospital_dp.enabled,
                 )
             except ReplyRejected as exc:
-                log.warning("round %d: dropped the reply of %s: %s", server_round, name, exc)
-                phase.dropped.append(Dropped(name, nid, str(exc)))
+                log.warning("round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, exc)
+                phase.dropped.append(Dropped(view.name, nid, str(exc)))
                 continue
             metrics = reply.content[M.METRICS]
-            phase.hospitals[name] = TrainReport(
-                num_examples=int(metrics[M.NUM_EXAMPLES]), steps=int(metrics[M.STEPS]),
-                train_loss=float(metrics[M.TRAIN_LOSS]), epsilon=float(metrics[M.EPSILON]),
+            phase.hospitals[view.name] = TrainReport(
+                num_examples=n, steps=int(metrics[M.STEPS]), epsilon=float(metrics[M.EPSILON]),
                 delta=float(metrics[M.DELTA]), budget=float(metrics[M.BUDGET]),
             )
-            self._note_ledger(view, reply)
             view.budget = float(metrics[M.BUDGET])
             view.rounds_trained += 1
+            for key in [k for k in reply.content.array_records if k != M.ARRAYS]:
+                del reply.content[key]  # read above; Flower's strategies average exactly one ArrayRecord
             valid.append(reply)
+        phase.validation = evaluations.get(Split.VAL, {})
         for nid in nodes:
             if nid not in answered:
                 name = self.hospitals[nid].name
@@ -310,76 +367,35 @@ class Coordinator:
         self.arrays = ArrayRecord({k: v for k, v in new.items()})
         return phase
 
-    def _stopped(self, reply: Message, view: HospitalView, server_round: int, phase: TrainPhase) -> bool:
-        """A hospital at its budget, or refusing, answers with a status only: a normal outcome."""
-        if reply.has_error() or M.STATUS not in reply.content.config_records:
-            return False
-        status = reply.content[M.STATUS]
-        state = str(status.get(M.STATE, ""))
-        if state == ReplyState.BUDGET_EXHAUSTED:
-            self._note_ledger(view, reply)
-            view.state, view.budget = HospitalState.BUDGET_EXHAUSTED, float(status.get(M.BUDGET, view.budget))
-            log.info(
-                "round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
-                server_round, view.name, view.epsilon, view.budget,
-            )
-        elif state == ReplyState.REFUSED:
-            view.state, view.reason = HospitalState.REFUSED, str(status.get(M.REASON, ""))
-            log.error("round %d: %s refuses to train: %s", server_round, view.name, view.reason)
-        else:
-            return False
-        phase.stopped.append(Stopped(view.name, view.state, view.reason))
-        return True
-
-    def _note_ledger(self, view: HospitalView, reply: Message) -> None:
-        """Keep the hospital's ledger; epsilon is recomputed here from it."""
-        text = reply.content[M.STATUS].get(M.LEDGER)
-        if text:
-            view.ledger = Ledger.from_json(str(text), source=f"the ledger {view.name} sent")
-            view.epsilon = view.ledger.epsilon(self.cfg.privacy.accountant)
-
-    def evaluate(self, server_round: int, split: Split, threshold: float = 0.5) -> tuple[Evaluation, ScoreSummary | None]:
-        """Every hospital scores the global model on its ``split``; returns the metrics and
-        the pooled score summary they come from."""
-        extra = {M.SPLIT: split.value, M.THRESHOLD: float(threshold)}
+    def final_evaluation(self, server_round: int) -> tuple[dict[str, ScoreSummary], dict[str, ScoreSummary]]:
+        """Every hospital scores the final model on its validation and test patients, in
+        one message; returns the summaries per hospital (val, test)."""
+        self._phase = TrainPhase()
+        splits = [Split.VAL, Split.TEST]
         replies = self._send(
             sorted(self.hospitals), MessageType.EVALUATE,
-            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, **extra)}),
+            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, splits)}),
         )
-        result, summaries = Evaluation(split.value), []
+        evaluations: dict[Split, dict[str, ScoreSummary]] = {}
         for nid, reply in replies:
-            name = hospital_of(reply, self._view(nid).name)
-            try:
-                summary = check_eval_reply(reply, self.cfg.num_classes, self.cfg.evaluation.score_bins, self.cfg.strategy.max_examples)
-            except ReplyRejected as exc:
-                log.warning("round %d: dropped the %s evaluation of %s: %s", server_round, split.value, name, exc)
-                result.dropped.append(Dropped(name, nid, str(exc)))
-                continue
-            summaries.append(summary)
-            result.hospitals[name] = summary.metrics()
-        total = pooled(summaries)
-        result.pooled = total.metrics() if total is not None else None
-        return result, total
+            accepted = self._accept(nid, reply, "final evaluation")
+            if accepted is not None:
+                view, ledger = accepted
+                self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations)
+        self.final_dropped = self._phase.dropped
+        return evaluations.get(Split.VAL, {}), evaluations.get(Split.TEST, {})
 
     def fixed_threshold(self) -> float:
-        """The configured decision threshold; 0.5 until an "auto" one is chosen."""
+        """The configured decision threshold; 0.5 for "auto" where none can be chosen."""
         t = self.cfg.evaluation.threshold
         return 0.5 if t == "auto" else float(t)
 
-    def _final_validation(self, server_round: int) -> ScoreSummary | None:
-        """The final model's pooled validation summary (evaluated now if the last round
-        did not: a resumed run, or every_round off)."""
-        if self.last_val is None:
-            _, self.last_val = self.evaluate(server_round, Split.VAL)
-        return self.last_val
-
-    def recalibrate(self, server_round: int) -> Calibration | None:
+    def recalibrate(self, val: ScoreSummary | None) -> Calibration | None:
         """Platt scaling fitted on the pooled validation histograms, folded into the
         global model's output layer (server.calibration). None when off or not possible."""
         if not self.cfg.evaluation.calibrate or self.cfg.num_classes != 2:
             return None
-        summary = self._final_validation(server_round)
-        fit = fit_logistic_calibration(summary) if summary is not None else None
+        fit = fit_logistic_calibration(val) if val is not None else None
         if fit is None:
             log.warning("no usable pooled validation histogram: the risks are left uncalibrated")
             return None
@@ -390,21 +406,20 @@ class Coordinator:
         log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
         return Calibration(scale, shift)
 
-    def decision_threshold(self, server_round: int) -> float:
-        """The threshold for the test split and the bundle: the configured one, or the
-        best event-1 threshold on the final model's pooled validation histograms (carried
-        through the recalibration, which keeps every patient's rank)."""
-        if self.cfg.evaluation.threshold != "auto" or self.cfg.num_classes != 2:
-            return self.fixed_threshold()
-        summary = self._final_validation(server_round)
-        chosen = choose_threshold(summary) if summary is not None else None
-        if chosen is None:
+    def decision_edge(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None) -> int:
+        """The bin edge (on the final model's own, uncalibrated scores) at or above which a
+        patient is flagged: the best event-1 edge on the pooled validation histograms, or
+        the edge nearest the configured threshold (a risk on the calibrated scale)."""
+        if self.cfg.evaluation.threshold == "auto" and self.cfg.num_classes == 2:
+            chosen = choose_threshold(val) if val is not None else None
+            if chosen is not None:
+                return chosen
             log.warning("no pooled validation histogram with both outcomes: decision threshold stays 0.5")
-            return 0.5
-        if self.calibration:
-            chosen = calibrate_risk(chosen, self.calibration.scale, self.calibration.shift)
-        log.info("decision threshold %.3f: the best event-1 score on the pooled validation split", chosen)
-        return chosen
+        risk = self.fixed_threshold()
+        if calibration is not None:  # the calibrated threshold, back on the model's own scale
+            logit = (math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale
+            risk = 1 / (1 + math.exp(-logit))
+        return grid.edge_for_risk(risk)
 
     def max_epsilon(self) -> float:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
@@ -414,8 +429,23 @@ class Coordinator:
             return False
         return sum(h.active for h in self.hospitals.values()) >= self.cfg.strategy.min_hospitals
 
+    def _validated(self, server_round: int, summaries: dict[str, ScoreSummary]) -> Evaluation:
+        """Metrics of the global model after ``server_round`` from its validation summaries,
+        written into that round's record."""
+        result = Evaluation(Split.VAL.value, hospitals={n: s.metrics() for n, s in summaries.items()})
+        total = pooled(list(summaries.values()))
+        result.pooled = total.metrics() if total is not None else None
+        for record in self.recorder.rounds:
+            if record.round == server_round:
+                record.pooled_val = result.pooled
+                for name, m in result.hospitals.items():
+                    if name in record.hospitals:
+                        record.hospitals[name].val = m
+        return result
+
     def run(self) -> None:
         rounds = self.cfg.run.rounds
+        last = self.start_round - 1
         for server_round in range(self.start_round, rounds + 1):
             if not self.can_continue():
                 log.info(
@@ -430,39 +460,55 @@ class Coordinator:
             train = self.train_round(server_round)
             if self.hospital_dp_exhausted:
                 break
-            val, self.last_val = (
-                self.evaluate(server_round, Split.VAL, self.fixed_threshold())
-                if self.cfg.evaluation.every_round
-                else (Evaluation(Split.VAL.value), None)
-            )
+            last = server_round
+            val = self._validated(server_round - 1, train.validation) if train.validation else None
             seconds = time.perf_counter() - t0
-            auroc = val.pooled.auroc if val.pooled else None
+            self.recorder.add_round(self._round_record(server_round, seconds, train))
             eps = self.max_epsilon() if self.cfg.privacy.enabled else math.inf
+            validated = f" | val AUROC {format_number(val.pooled.auroc)} (model after round {server_round - 1})" if val and val.pooled else ""
             log.info(
-                "round %d/%d | pooled val AUROC %s | max epsilon %s | %.1f s%s",
-                server_round, rounds, format_number(auroc), format_number(eps, 2), seconds,
-                " | SKIPPED" if train.skipped else "",
+                "round %d/%d | max epsilon %s | %.1f s%s%s",
+                server_round, rounds, format_number(eps, 2), seconds, validated, " | SKIPPED" if train.skipped else "",
             )
-            self.recorder.add_round(self._round_record(server_round, seconds, train, val))
             self.recorder.checkpoint(self.snapshot(server_round))
-        self.calibration = self.recalibrate(rounds)
-        threshold = self.decision_threshold(rounds)
-        test, _ = self.evaluate(rounds, Split.TEST, threshold)
-        log.info("final pooled test: %s", format_metrics(test.pooled) if test.pooled else "no replies")
-        result = TestResult(test.pooled, test.hospitals, test.dropped, threshold, self.calibration)
+        self.finish(last)
+
+    def finish(self, last_round: int) -> None:
+        """Score the final model on validation and test, recalibrate, choose the
+        threshold, and write the run's results."""
+        ev = self.cfg.evaluation
+        grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
+        val_parts, test_parts = self.final_evaluation(last_round)
+        val, test = pooled(list(val_parts.values())), pooled(list(test_parts.values()))
+        self.calibration = self.recalibrate(val)
+        edge = self.decision_edge(val, grid, self.calibration)
+        mapping = (self.calibration.scale, self.calibration.shift) if self.calibration else None
+        threshold = grid.edge_risk(edge)
+        if self.calibration is not None:
+            threshold = calibrate_risk(threshold, self.calibration.scale, self.calibration.shift)
+        if self.cfg.num_classes == 2:
+            log.info("decision threshold %.3f (risk, on the final model's %s scale)", threshold,
+                     "calibrated" if self.calibration else "own")
+        self._validated(last_round, val_parts)
+        result = TestResult(
+            pooled=test.metrics(edge, mapping) if test is not None else None,
+            hospitals={n: s.metrics(edge, mapping) for n, s in test_parts.items()},
+            dropped=self.final_dropped, threshold=threshold, calibration=self.calibration,
+        )
+        log.info("final pooled test: %s", format_metrics(result.pooled) if result.pooled else "no replies")
         self.recorder.finish(
             result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],
             self.aggregator.hospital_privacy(),
         )
 
-    def _round_record(self, server_round: int, seconds: float, train: TrainPhase, val: Evaluation) -> RoundRecord:
+    def _round_record(self, server_round: int, seconds: float, train: TrainPhase) -> RoundRecord:
         epsilons = {h.name: h.epsilon for h in self.hospitals.values()}
-        names = sorted(set(train.hospitals) | set(val.hospitals) | set(epsilons))
+        names = sorted(set(train.hospitals) | set(epsilons))
         return RoundRecord(
             round=server_round,
             seconds=round(seconds, 3),
             skipped=train.skipped,
-            pooled_val=val.pooled,
-            hospitals={n: HospitalRound(train.hospitals.get(n), val.hospitals.get(n), epsilons.get(n)) for n in names},
-            dropped=train.dropped + val.dropped,
+            pooled_val=None,  # filled in when the model after this round is validated
+            hospitals={n: HospitalRound(train.hospitals.get(n), None, epsilons.get(n)) for n in names},
+            dropped=list(train.dropped),
         )

@@ -1,11 +1,12 @@
-"""``fedgru deploy init``: the key material and the exact commands for a real federation.
+"""``fedgru deploy init``: the coordinator's key material and the exact commands for a
+real federation.
 
-Writes into ``--out``:
+Each hospital makes its own folder, policy and key pair (``fedgru hospital init``) and
+sends only its public key; this writes into ``--out``:
 
     ca.crt, ca.key                 the federation's certificate authority (keep ca.key offline)
     superlink.crt, superlink.key   the SuperLink's TLS certificate and key
-    hospitals/<name>/              what to hand to each hospital: <name>.key (its SuperNode
-                                   authentication key), <name>.pub, ca.crt
+    hospitals/<name>.pub           the public keys the hospitals sent (registered by COMMANDS.md)
     flwr-config.toml               the connection entry for the Flower CLI (~/.flwr/config.toml)
     COMMANDS.md                    the commands for the coordinator and for each hospital
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .keys import make_ca, make_server_cert, make_supernode_keypair
+from .keys import make_ca, make_server_cert
 
 CONNECTION = "fedgru"
 
@@ -26,21 +27,24 @@ def _valid_name(name: str) -> str:
     return name
 
 
-def init_deployment(out: Path, hospitals: list[str], host: str = "127.0.0.1", port: int = 9093) -> str:
-    """Create everything; return the commands as text (also saved to COMMANDS.md)."""
-    names = [_valid_name(h.strip()) for h in hospitals if h.strip()]
-    if len(set(names)) != len(names) or not names:
-        raise ValueError("give at least one hospital, each name once")
+def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.1", port: int = 9093) -> str:
+    """Create everything; return the commands as text (also saved to COMMANDS.md).
+    ``hospitals``: name -> the public key file (``<name>.pub``) that hospital sent."""
+    if not hospitals:
+        raise ValueError("give at least one hospital and its public key")
+    for name, key in hospitals.items():
+        _valid_name(name)
+        if not key.is_file() or not key.read_text().startswith("ecdsa-sha2-"):
+            raise ValueError(f"{key}: not the OpenSSH public key `fedgru hospital init` writes (<name>.pub)")
     if (out / "ca.key").exists():
         raise ValueError(f"{out} already holds a federation (ca.key); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     ca, ca_key = make_ca(out)
     cert, key = make_server_cert(out, ca, ca_key, list(dict.fromkeys([host, "localhost", "127.0.0.1"])))
-    for name in names:
-        folder = out / "hospitals" / name
-        make_supernode_keypair(folder, name)
-        shutil.copy(ca, folder / "ca.crt")
+    for name, public in hospitals.items():
+        (out / "hospitals").mkdir(exist_ok=True)
+        shutil.copy(public, out / "hospitals" / f"{name}.pub")
     (out / "flwr-config.toml").write_text(
         f'# Add to ~/.flwr/config.toml (or $FLWR_HOME/config.toml) on the researcher\'s machine.\n'
         f'[superlink.{CONNECTION}]\naddress = "{host}:{port}"\nroot-certificates = "{ca}"\n'
@@ -58,16 +62,24 @@ def init_deployment(out: Path, hospitals: list[str], host: str = "127.0.0.1", po
         "## Coordinator: admit each hospital's public key (once), after adding flwr-config.toml to ~/.flwr/config.toml",
         "",
     ]
-    lines += [f"    flwr supernode register {out / 'hospitals' / n / (n + '.pub')} {CONNECTION}" for n in names]
-    lines += ["", "## Each hospital (see docs/deployment.md), with the folder hospitals/<name>/ copied over", ""]
-    for n in names:
+    lines += [f"    flwr supernode register {out / 'hospitals' / (n + '.pub')} {CONNECTION}" for n in hospitals]
+    lines += [
+        "",
+        "## Each hospital (see docs/deployment.md), in the folder `fedgru hospital init` made, with ca.crt copied in",
+        "",
+        "Approve the app version its staff reviewed, start the SuperNode with no app of its own",
+        "(`--isolation process`), and serve it the approved app only:",
+        "",
+    ]
+    for n in hospitals:
         lines += [
             f"### {n}",
             "",
-            f"    fedgru ledger init --ledger /srv/fedgru/{n}-ledger.json --data /data/{n}/stays --outcomes /data/{n}/outcomes.csv --hospital {n}",
-            f"    flower-supernode --superlink {host}:{port} --root-certificates ca.crt --auth-supernode-private-key {n}.key \\",
-            f"        --node-config 'hospital=\"{n}\" data-path=\"/data/{n}/stays\" outcomes-path=\"/data/{n}/outcomes.csv\" "
-            f"ledger-path=\"/srv/fedgru/{n}-ledger.json\" device=\"auto\"'",
+            f"    fedgru hospital approve --hospital-dir /srv/fedgru/{n} --note 'reviewed by ...'",
+            f"    flower-supernode --superlink {host}:{port} --root-certificates /srv/fedgru/{n}/ca.crt \\",
+            f"        --auth-supernode-private-key /srv/fedgru/{n}/{n}.key --isolation process --port 9094 \\",
+            f"        --node-config 'hospital-dir=\"/srv/fedgru/{n}\"'",
+            f"    fedgru hospital serve --hospital-dir /srv/fedgru/{n} --runtime-api 127.0.0.1:9094",
             "",
         ]
     lines += [

@@ -1,18 +1,14 @@
-"""Key material for a deployment, made with the ``cryptography`` library (no openssl).
+"""The coordinator's key material, made with the ``cryptography`` library (no openssl):
+the federation's certificate authority and the SuperLink's TLS certificate.
 
-- A certificate authority and the SuperLink's TLS certificate (server side).
-- One SuperNode authentication key pair per hospital: an elliptic-curve (SECP384R1)
-  key in OpenSSH format, as ``flower-supernode --auth-supernode-private-key`` reads
-  it; the public half is what the coordinator registers with
-  ``flwr supernode register``. A hospital may generate its own pair and send only
-  the public key.
+Hospitals make their own SuperNode keys in their own folders (``client.folder``) and
+hand over only the public half, which the coordinator registers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -20,12 +16,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.files import write_private
+
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    if private:
+        return write_private(path, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
     return path
 
 
@@ -88,11 +86,3 @@ def make_server_cert(out: Path, ca_cert: Path, ca_key: Path, hosts: list[str], d
         _write(out / "superlink.crt", cert.public_bytes(serialization.Encoding.PEM)),
         _write(out / "superlink.key", _key_pem(key), private=True),
     )
-
-
-def make_supernode_keypair(out: Path, name: str) -> tuple[Path, Path]:
-    """``<name>.key`` (OpenSSH private, for flower-supernode) and ``<name>.pub``."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return _write(out / f"{name}.key", private, private=True), _write(out / f"{name}.pub", public + b"\n")

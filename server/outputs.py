@@ -27,11 +27,13 @@ from common.bundle import save_bundle
 from common.config import ExperimentConfig
 from common.files import atomic_write_text, json_safe, write_json
 from common.ledger import Ledger
+from common.messages import Split
 from common.model import model_spec
 
 from .checkpoint import RunSnapshot, save_checkpoint
 from .records import (
     DPRound,
+    GroupPrivacy,
     HospitalLevelPrivacy,
     HospitalPrivacy,
     HospitalStatus,
@@ -46,9 +48,9 @@ from .records import (
 log = logging.getLogger("fedgru.server")
 
 TRAINING_GUARANTEE = (
-    "example-level (epsilon, delta)-DP for the patients in each hospital's training split, over every "
-    "release recorded in the hospital's ledger (all rounds of this run, and earlier runs on the same data "
-    "when the hospital keeps its ledger on disk)"
+    "example-level (epsilon, delta)-DP for each group of each hospital's patients (training, validation, "
+    "test), over every release about that group recorded in the hospital's ledger (all rounds of this run, "
+    "and earlier runs when the hospital keeps its ledger on disk)"
 )
 
 
@@ -108,30 +110,39 @@ class RunRecorder:
 def run_privacy(
     cfg: ExperimentConfig, run_id: str, hospitals: list[HospitalStatus], hospital_level: HospitalLevelPrivacy | None
 ) -> RunPrivacy:
-    """Per hospital: epsilon over its whole ledger (RDP and PRV), budget, this run's
-    DP-SGD history, and the ledger itself; the releases outside DP."""
+    """Per hospital and group of patients: epsilon over its whole ledger (RDP and PRV);
+    the training budget, this run's DP-SGD history, and the ledger itself; the releases
+    outside DP."""
     entries = {}
     for h in sorted(hospitals, key=lambda h: h.name):
         budget = h.budget if h.budget is not None and math.isfinite(h.budget) else None
         entry = HospitalPrivacy(state=h.state, rounds_trained=h.rounds_trained, budget=budget, reason=h.reason)
         if h.ledger_json:
             ledger = Ledger.from_json(h.ledger_json, source=f"the ledger of {h.name}")
-            eps = {name: ledger.epsilon(name) for name in ("rdp", "prv")} if cfg.privacy.enabled else {}
-            this_run = [e for e in ledger.dp_history() if e.run_id == run_id]
-            chosen = eps.get(cfg.privacy.accountant)
-            entry.epsilon, entry.epsilon_rdp, entry.epsilon_prv = chosen, eps.get("rdp"), eps.get("prv")
+            for split in Split:
+                noisy = ledger.noisy(split)
+                if noisy:
+                    eps = {name: ledger.epsilon(split, name) for name in ("rdp", "prv")}
+                    entry.groups[split.value] = GroupPrivacy(
+                        eps[cfg.privacy.accountant], eps["rdp"], eps["prv"], len(noisy), sum(e.run_id == run_id for e in noisy)
+                    )
+            train = entry.groups.get(Split.TRAIN.value)
+            this_run = [e for e in ledger.noisy(Split.TRAIN) if e.run_id == run_id]
+            if train is not None:
+                entry.epsilon, entry.epsilon_rdp, entry.epsilon_prv = train.epsilon, train.epsilon_rdp, train.epsilon_prv
+                entry.remaining = budget - train.epsilon if budget is not None else None
             entry.delta, entry.accountant = ledger.delta, cfg.privacy.accountant
-            entry.remaining = budget - chosen if chosen is not None and budget is not None else None
             entry.noise_multiplier = this_run[0].noise_multiplier if this_run else None
-            entry.max_grad_norm = cfg.privacy.max_grad_norm
+            entry.max_grad_norm = cfg.privacy.max_grad_norm if cfg.privacy.enabled else None
             entry.history = [DPRound(e.round, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) for e in this_run]
             entry.earlier_runs = [r for r in ledger.runs() if r != run_id]
-            entry.data_fingerprint = ledger.fingerprint
-            entry.ledger = ledger.to_plain()
+            entry.data_exports = sorted({e.data for e in ledger.entries if e.data})
+            entry.ledger = ledger.body()
         entries[h.name] = entry
     return RunPrivacy(
         run_id=run_id,
         dp_enabled=cfg.privacy.enabled,
+        evaluation_dp=cfg.evaluation.dp,
         guarantee=TRAINING_GUARANTEE if cfg.privacy.enabled else "none: privacy.enabled is false",
         hospitals=entries,
         hospital_level=hospital_level,

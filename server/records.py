@@ -55,7 +55,6 @@ class TrainReport:
 
     num_examples: int
     steps: int
-    train_loss: float
     epsilon: float  # as the hospital reported it (the coordinator recomputes its own from the ledger)
     delta: float
     budget: float
@@ -69,6 +68,7 @@ class TrainPhase:
     dropped: list[Dropped] = field(default_factory=list)
     stopped: list[Stopped] = field(default_factory=list)
     skipped: bool = False
+    validation: dict = field(default_factory=dict)  # hospital -> ScoreSummary of the model it received
 
 
 @dataclass
@@ -90,6 +90,9 @@ class HospitalRound:
 
 @dataclass
 class RoundRecord:
+    """One round; ``pooled_val`` and each hospital's ``val`` score the global model after
+    this round, when it was validated (the next round's messages carry that)."""
+
     round: int
     seconds: float
     skipped: bool
@@ -147,14 +150,27 @@ class DPRound:
 
 
 @dataclass
+class GroupPrivacy:
+    """What one group of a hospital's patients (training, validation or test) has spent,
+    over everything in the hospital's ledger."""
+
+    epsilon: float  # by the accountant that drives decisions
+    epsilon_rdp: float
+    epsilon_prv: float
+    releases: int  # noisy releases about this group, all runs
+    this_run: int  # ... of them in this run
+
+
+@dataclass
 class HospitalPrivacy:
-    """One hospital's entry in ``privacy.json``."""
+    """One hospital's entry in ``privacy.json``. ``epsilon`` and its siblings are the
+    training patients'; ``groups`` has every group's."""
 
     state: HospitalState
     rounds_trained: int
-    budget: float | None
+    budget: float | None  # the training patients' budget as the hospital reported it
     reason: str = ""
-    epsilon: float | None = None  # by the accountant that drives decisions
+    epsilon: float | None = None  # training patients, by the accountant that drives decisions
     epsilon_rdp: float | None = None
     epsilon_prv: float | None = None
     delta: float | None = None
@@ -162,9 +178,10 @@ class HospitalPrivacy:
     remaining: float | None = None
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None
+    groups: dict[str, GroupPrivacy] = field(default_factory=dict)  # Split value -> its spending
     history: list[DPRound] = field(default_factory=list)  # this run's DP-SGD rounds
     earlier_runs: list[str] = field(default_factory=list)
-    data_fingerprint: str = ""
+    data_exports: list[str] = field(default_factory=list)  # fingerprints of the exports its releases read
     ledger: dict[str, Any] | None = None
 
 
@@ -193,6 +210,7 @@ class RunPrivacy:
 
     run_id: str
     dp_enabled: bool
+    evaluation_dp: bool  # score histograms carried DP noise (always, outside comparison simulations)
     guarantee: str
     hospitals: dict[str, HospitalPrivacy]
     hospital_level: HospitalLevelPrivacy | None

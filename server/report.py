@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import ConfigError, ExperimentConfig  # noqa: E402
+from common.messages import Split  # noqa: E402
 from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
 
 from .records import (  # noqa: E402
@@ -241,32 +242,46 @@ def _metric_row(label: str, m: Metrics) -> list:
     return [label] + [getattr(m, f.name) for f in fields(Metrics)]
 
 
-def officer_statement(name: str, h: HospitalPrivacy, dp_enabled: bool) -> str:
+GROUP_WORDS = {
+    "train": ("training", "the model weights of every round"),
+    "val": ("validation", "noisy score histograms"),
+    "test": ("test", "noisy score histograms"),
+}
+
+
+def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str:
     """The plain-language paragraph a hospital's privacy officer can sign."""
-    if not dp_enabled or h.epsilon is None or h.delta is None or h.accountant is None:
+    if not privacy.dp_enabled or h.delta is None or h.accountant is None or not h.groups:
         return (
-            f"For each patient at hospital {name}: this run trained without differential privacy, so the "
+            f"For the patients of hospital {name}: this run trained without differential privacy, so the "
             "model weights it released carry no formal privacy guarantee."
         )
-    eps, delta = h.epsilon, h.delta
-    scope = "during this run" + (
-        f" and the {len(h.earlier_runs)} earlier run(s) recorded in its ledger" if h.earlier_runs else ""
+    delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
+    scope = "during this run" + (f" and the {len(h.earlier_runs)} earlier run(s) in its ledger" if h.earlier_runs else "")
+    groups = []
+    for split, g in h.groups.items():
+        label, what = GROUP_WORDS[split]
+        other_eps = g.epsilon_prv if other == "PRV" else g.epsilon_rdp
+        groups.append(
+            f"its {label} patients ({what}, {g.releases} release(s)): ({format_number(g.epsilon)}, {delta:.0e})-DP "
+            f"({other} accounting: epsilon {format_number(other_eps)})"
+        )
+    worst = max(g.epsilon for g in h.groups.values())
+    exact = "" if privacy.evaluation_dp else (
+        " In this run the score histograms were exact (a comparison simulation): they carry no DP guarantee."
     )
-    other = "PRV" if h.accountant == "rdp" else "RDP"
-    other_eps = h.epsilon_prv if other == "PRV" else h.epsilon_rdp
     budget_text = (
-        f" The hospital's budget is epsilon = {format_number(h.budget)}; {format_number(h.remaining)} remains."
+        f" The training patients' budget is epsilon = {format_number(h.budget)}; {format_number(h.remaining)} remains."
         if h.budget else ""
     )
     return (
-        f"For each patient in the training data of hospital {name}, everything derived from that data that "
-        f"{name} released {scope} (the model weights of every round) satisfies ({format_number(eps)}, {delta:.0e})-"
-        f"differential privacy ({h.accountant.upper()} accounting; {other} accounting gives epsilon = "
-        f"{format_number(other_eps)}). In plain words: whether or not any one patient's record was used, the "
-        f"probability of anything an outsider can observe changes by at most a factor of {math.exp(eps):.2f} (e to "
-        f"the power epsilon), except with probability {delta:.0e}. The guarantee covers the patients of the "
-        f"training split only. It does not cover the releases listed under 'Releases not covered by DP' (example "
-        f"counts, training loss, and score summaries of the validation and test patients).{budget_text}"
+        f"For every patient of hospital {name}, everything {name} released about that patient {scope} satisfies "
+        f"differential privacy ({h.accountant.upper()} accounting), group by group: " + "; ".join(groups) + ". "
+        f"In plain words: whether or not any one patient's record was used, the probability of anything an "
+        f"outsider can observe changes by at most a factor of {math.exp(worst):.2f} (e to the power epsilon), "
+        f"except with probability {delta:.0e}. Released without DP, and about no single patient: the hospital's "
+        "name, the number of stays in each split, and the settings and list of its releases (its ledger)."
+        + exact + budget_text
     )
 
 
@@ -281,11 +296,11 @@ def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None) -> Section:
         f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
     )
     hospitals = privacy.hospitals.values() if privacy else []
-    fingerprints = sorted({h.data_fingerprint for h in hospitals} - {""})
+    fingerprints = sorted({f for h in hospitals for f in h.data_exports})
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
         f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
-        "Data fingerprint (sha256 of the files): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
+        "Data exports read (sha256 of the files): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
         f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
         f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
         f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
@@ -308,8 +323,10 @@ def _test_section(run: RunFolder) -> Section | None:
     )
     return Section("Test results (final model)", [
         Table(header, rows),
-        "Pooled metrics come from the score summaries the hospitals released; AUROC and AUPRC from score "
-        "histograms, so they differ from exact values only through patients whose scores share a bin. "
+        "Every metric here comes from the score histograms the hospitals released, with DP noise (unless the "
+        "run turned it off): a hospital's own row is noisier than the pooled one, and small hospitals' rows can be "
+        "far off. AUROC and AUPRC also lose the order of patients whose scores share a bin; the Brier score reads "
+        "risks at the bin centres. "
         f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
         "more (evaluation.threshold; 'auto' picks the best event-1 score on the pooled validation histograms). "
         + calibration,
@@ -345,7 +362,15 @@ def _privacy_sections(run: RunFolder) -> list[Section]:
              h.history[-1].sample_rate if h.history else None, h.state.value]
             for name, h in sorted(privacy.hospitals.items())
         ]
+        sec.blocks.append("Training patients (DP-SGD):")
         sec.blocks.append(Table(header, rows))
+        group_rows = [
+            [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_prv, format_number(h.delta), g.releases, g.this_run]
+            for name, h in sorted(privacy.hospitals.items()) for split, g in h.groups.items()
+        ]
+        sec.blocks.append("Every group of patients, over each hospital's whole ledger:")
+        sec.blocks.append(Table(["hospital", "patients", "epsilon (RDP)", "epsilon (PRV)", "delta", "releases",
+                                 "in this run"], group_rows))
         if plot_epsilon(run.metrics, privacy, run.path / "epsilon.png"):
             sec.blocks.append(Image(run.path / "epsilon.png", "Cumulative epsilon per round (dotted: budgets)"))
     sections = [sec]
@@ -362,7 +387,7 @@ def _privacy_sections(run: RunFolder) -> list[Section]:
     ]))
     statements = Section("Statements for each hospital's privacy officer")
     for name, h in sorted(privacy.hospitals.items()):
-        statements.blocks.append(Statement(officer_statement(name, h, privacy.dp_enabled)))
+        statements.blocks.append(Statement(officer_statement(name, h, privacy)))
     statements.blocks.append(RNG_NOTE)
     sections.append(statements)
     return sections
@@ -378,6 +403,7 @@ def _data_section(partition: Partition | None) -> Section | None:
         f"Class counts: {s.class_counts}",
         f"Stays with no observation in the window: {s.read.stays_without_observations}",
         f"Values set to missing (outside plausibility range): {dict(sorted(s.preprocess.out_of_range.items()))}",
+        f"Values written as nan or inf (set aside): {dict(sorted(s.read.non_finite.items()))}",
         f"Observations after the window: {s.preprocess.after_window}",
         f"Unknown descriptors: {dict(sorted(s.preprocess.static_unknown.items()))}",
     ])])
@@ -415,15 +441,19 @@ def summary_text(run: RunFolder) -> str:
         lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f})")
     privacy = run.privacy
     if privacy is not None and privacy.dp_enabled:
-        lines.append("Privacy spent (example-level DP, everything in each hospital's ledger):")
+        lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "
+                     "then validation and test patients):")
         for name, h in sorted(privacy.hospitals.items()):
             if h.epsilon is None or h.delta is None:
                 lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
                 continue
+            others = ", ".join(
+                f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value
+            )
             lines.append(
                 f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, PRV "
                 f"{format_number(h.epsilon_prv)}) at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
-                f"{h.rounds_trained} rounds, {h.state.value}"
+                f"{h.rounds_trained} rounds, {h.state.value}" + (f"; {others}" if others else "")
             )
     elif privacy is not None:
         lines.append("Privacy: DP was off for this run; no epsilon applies.")

@@ -1,59 +1,104 @@
-"""Checks every reply must pass before it may touch the global model.
+"""Checks every reply must pass before it may touch the global model or a metric.
 
-A reply that fails is dropped with a reason that names the hospital; the round goes on
-with the others. Checks: the reply is not an error; it carries exactly the expected
-weight arrays, with the global model's keys, shapes and a floating dtype; every value
-is finite; the metric record has the expected keys, finite values and an example count
-that is a whole number in ``[1, max_examples]``.
+The coordinator trusts no hospital either: a reply that fails a check is dropped with
+a reason that names the node (by the id and name it registered, never by the name the
+reply claims), and the round goes on with the others. A training reply must carry
+exactly the expected weight arrays (keys, shapes, a floating dtype, finite values) and
+an update no longer than ``strategy.max_update_norm``; exactly the expected metric keys,
+finite; an example count that is a whole number in ``[1, max_examples]`` and equal to
+what the hospital's own ledger says it sampled from; and a ledger that parses and
+records this round's release with the run's settings. An evaluation record must have
+the config's grid and shapes, finite values, and a matching ledger entry.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from common import messages as M
+from common.config import ExperimentConfig
+from common.ledger import Ledger, LedgerEntry, LedgerError
+from common.messages import Mechanism, Split
+from common.metrics import ScoreGrid, ScoreSummary
+from common.privacy import steps_per_round
 
 
 class ReplyRejected(ValueError):
     pass
 
 
-def hospital_of(msg: Message, fallback: str) -> str:
-    if msg.has_content() and M.STATUS in msg.content.config_records:
-        name = msg.content[M.STATUS].get(M.HOSPITAL)
-        if name:
-            return str(name)
-    return fallback
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
-def expected_layout(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def expected_layout(arrays: ArrayRecord) -> Layout:
     return {k: (tuple(a.shape), np.dtype(a.numpy().dtype)) for k, a in arrays.items()}
+
+
+def claimed_name(msg: Message) -> str:
+    if msg.has_content() and M.STATUS in msg.content.config_records:
+        return str(msg.content[M.STATUS].get(M.HOSPITAL, ""))
+    return ""
+
+
+def check_identity(msg: Message, registered: str) -> None:
+    """A node speaks only for the hospital it registered as."""
+    claimed = claimed_name(msg)
+    if claimed and claimed != registered:
+        raise ReplyRejected(f"the reply claims to come from {claimed!r}; this node registered as {registered!r}")
+
+
+def read_ledger(msg: Message, hospital: str) -> Ledger:
+    """The ledger a reply carries, every field checked (a coordinator cannot check the
+    hospital's seal: it does not hold the hospital's secret)."""
+    text = msg.content[M.STATUS].get(M.LEDGER) if M.STATUS in msg.content.config_records else None
+    if not text:
+        raise ReplyRejected("the reply carries no ledger")
+    try:
+        ledger = Ledger.from_plain(json.loads(str(text)), source="its ledger")
+    except (ValueError, LedgerError) as exc:
+        raise ReplyRejected(str(exc) if isinstance(exc, LedgerError) else "its ledger is not valid JSON") from None
+    if ledger.hospital != hospital:
+        raise ReplyRejected(f"its ledger belongs to {ledger.hospital!r}, not {hospital!r}")
+    return ledger
+
+
+def _entries(ledger: Ledger, run_id: str, server_round: int, split: Split) -> list[LedgerEntry]:
+    return [e for e in ledger.entries if e.run_id == run_id and e.round == server_round and e.split == split]
 
 
 def check_train_reply(
     msg: Message,
-    layout: dict[str, tuple[tuple[int, ...], np.dtype]],
-    max_examples: int,
-    current: ArrayRecord | None = None,
-) -> None:
-    """Raise :class:`ReplyRejected` with the reason when the reply is unusable.
+    layout: Layout,
+    current: ArrayRecord,
+    cfg: ExperimentConfig,
+    ledger: Ledger,
+    run_id: str,
+    server_round: int,
+    reject_empty: bool = False,
+) -> int:
+    """Raise :class:`ReplyRejected` with the reason when the reply is unusable; return
+    the example count it may be weighted by.
 
-    With ``current`` (the global model sent out), a reply equal to it is rejected too:
-    it carries no update, and Flower's hospital-level DP clipping divides by its norm.
+    ``reject_empty``: a reply equal to the global model carries no update (Flower's
+    hospital-level DP clipping divides by its norm).
     """
     if msg.has_error():
         raise ReplyRejected(f"the hospital reported an error ({msg.error.reason})")
     content = msg.content
-    if M.ARRAYS not in content.array_records or len(content.array_records) != 1:
-        raise ReplyRejected("reply must carry exactly one weight record named 'arrays'")
+    if M.ARRAYS not in content.array_records or any(
+        name != M.ARRAYS and not name.startswith(M.EVALUATION_PREFIX) for name in content.array_records
+    ):
+        raise ReplyRejected("reply must carry one weight record named 'arrays' (and evaluation records only)")
     arrays = content[M.ARRAYS]
     got, want = set(arrays.keys()), set(layout)
     if got != want:
         missing, extra = sorted(want - got), sorted(got - want)
         raise ReplyRejected(f"weight keys differ from the global model (missing {missing}, unexpected {extra})")
+    squared = 0.0
     for key, (shape, _dtype) in layout.items():
         arr = arrays[key].numpy()
         if tuple(arr.shape) != shape:
@@ -62,54 +107,92 @@ def check_train_reply(
             raise ReplyRejected(f"weight '{key}' has dtype {arr.dtype}, expected a float type")
         if not np.isfinite(arr).all():
             raise ReplyRejected(f"weight '{key}' contains NaN or infinite values")
-    if current is not None and all(np.array_equal(arrays[k].numpy(), current[k].numpy()) for k in layout):
+        squared += float(np.sum((arr.astype(np.float64) - current[key].numpy().astype(np.float64)) ** 2))
+    norm = math.sqrt(squared)
+    if not norm <= cfg.strategy.max_update_norm:
+        raise ReplyRejected(f"the update's L2 norm {norm:.3g} is over strategy.max_update_norm ({cfg.strategy.max_update_norm:g})")
+    if reject_empty and norm == 0:
         raise ReplyRejected("the update is empty (the weights equal the global model)")
-    check_metrics(msg, M.TRAIN_METRIC_KEYS, max_examples)
+    n = check_metrics(msg, cfg.strategy.max_examples)
+    if cfg.privacy.enabled:
+        _check_dp_entry(ledger, cfg, run_id, server_round, n)
+    return n
 
 
-def check_metrics(msg: Message, keys: tuple[str, ...], max_examples: int) -> dict:
+def _check_dp_entry(ledger: Ledger, cfg: ExperimentConfig, run_id: str, server_round: int, n: int) -> None:
+    """The round's DP-SGD release, as the hospital's ledger records it, must be about the
+    training split it claims and use the run's settings."""
+    dp = [e for e in _entries(ledger, run_id, server_round, Split.TRAIN) if e.mechanism == Mechanism.DP_SGD]
+    if len(dp) != 1:
+        raise ReplyRejected(f"its ledger does not record this round's DP-SGD release once ({len(dp)} entries)")
+    entry = dp[0]
+    if entry.examples != n:
+        raise ReplyRejected(f"it claims {n} training examples; its ledger says it sampled from {entry.examples}")
+    q, steps = steps_per_round(n, cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
+    if not math.isclose(entry.sample_rate, q, rel_tol=1e-9) or entry.steps != steps:
+        raise ReplyRejected("its ledger's sample rate or steps do not follow from its example count and the run's settings")
+    if not math.isclose(entry.max_grad_norm, cfg.privacy.max_grad_norm, rel_tol=1e-9):
+        raise ReplyRejected("its ledger's clipping norm is not the run's")
+
+
+def check_metrics(msg: Message, max_examples: int) -> int:
     content = msg.content
     if M.METRICS not in content.metric_records or len(content.metric_records) != 1:
         raise ReplyRejected("reply must carry exactly one metric record named 'metrics'")
     metrics = content[M.METRICS]
-    missing = [k for k in keys if k not in metrics]
-    if missing:
-        raise ReplyRejected(f"metric record lacks {', '.join(missing)}")
+    keys = set(metrics.keys())
+    if keys != set(M.TRAIN_METRIC_KEYS):
+        missing, extra = sorted(set(M.TRAIN_METRIC_KEYS) - keys), sorted(keys - set(M.TRAIN_METRIC_KEYS))
+        raise ReplyRejected(f"metric keys differ from the contract (missing {missing}, unexpected {extra})")
     for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if any(not math.isfinite(float(v)) for v in values):
-            raise ReplyRejected(f"metric '{key}' is NaN or infinite")
+        if isinstance(value, list) or not math.isfinite(float(value)):
+            raise ReplyRejected(f"metric '{key}' must be one finite number")
     n = metrics[M.NUM_EXAMPLES]
-    if isinstance(n, list) or float(n) != int(n) or not 1 <= int(n) <= max_examples:
+    if float(n) != int(n) or not 1 <= int(n) <= max_examples:
         raise ReplyRejected(f"example count must be a whole number in [1, {max_examples}]")
-    return dict(metrics)
+    return int(n)
 
 
-def check_eval_reply(msg: Message, num_classes: int, bins: int, max_examples: int):
-    """Validate an evaluation reply and return its ScoreSummary."""
-    from common.metrics import ScoreSummary
+def read_evaluations(
+    msg: Message, cfg: ExperimentConfig, ledger: Ledger, run_id: str, server_round: int, splits: list[Split]
+) -> dict[Split, ScoreSummary]:
+    """The score summaries a reply carries for the requested splits, each checked
+    against the config's grid and against the hospital's ledger."""
+    out = {}
+    grid = ScoreGrid(cfg.evaluation.logit_range[0], cfg.evaluation.logit_range[1], cfg.evaluation.score_bins)
+    for name in msg.content.array_records:
+        if name.startswith(M.EVALUATION_PREFIX) and name[len(M.EVALUATION_PREFIX):] not in {s.value for s in splits}:
+            raise ReplyRejected(f"reply carries an evaluation ({name}) that was not asked for")
+    for split in splits:
+        key = M.evaluation_key(split)
+        if key not in msg.content.array_records:
+            continue  # declined (the reply says why), or the hospital stopped
+        summary = check_summary(msg.content[key], cfg, grid)
+        entries = [e for e in _entries(ledger, run_id, server_round, split) if e.mechanism in (Mechanism.GAUSSIAN, Mechanism.NONE)]
+        if not any(e.examples == summary.n for e in entries):
+            raise ReplyRejected(f"its ledger does not record the {split.value} release it sends")
+        if cfg.evaluation.dp and not any(e.mechanism == Mechanism.GAUSSIAN for e in entries):
+            raise ReplyRejected(f"its {split.value} release is not recorded as a DP (Gaussian) release")
+        out[split] = summary
+    return out
 
-    if msg.has_error():
-        raise ReplyRejected(f"the hospital reported an error ({msg.error.reason})")
-    content = msg.content
-    if M.EVALUATION not in content.array_records:
-        raise ReplyRejected("reply lacks the evaluation summary")
-    arrays = {k: v.numpy() for k, v in content[M.EVALUATION].items()}
-    if set(arrays) != set(M.SUMMARY_FIELDS):
+
+def check_summary(record: ArrayRecord, cfg: ExperimentConfig, grid: ScoreGrid) -> ScoreSummary:
+    arrays = {k: v.numpy() for k, v in record.items()}
+    k = cfg.num_classes
+    expected = set(M.SUMMARY_FIELDS) | ({"confusion"} if k > 2 else set())
+    if set(arrays) != expected:
         raise ReplyRejected("evaluation summary has unexpected fields")
-    k_score = 1 if num_classes == 2 else num_classes
-    if arrays["histogram"].shape != (num_classes, k_score, bins):
-        raise ReplyRejected(f"score histogram has shape {arrays['histogram'].shape}, expected {(num_classes, k_score, bins)}")
-    if arrays["confusion"].shape != (num_classes, num_classes):
+    k_score = 1 if k == 2 else k
+    if arrays["histogram"].shape != (k, k_score, grid.bins):
+        raise ReplyRejected(f"score histogram has shape {arrays['histogram'].shape}, expected {(k, k_score, grid.bins)}")
+    if k > 2 and arrays["confusion"].shape != (k, k):
         raise ReplyRejected("confusion matrix has the wrong shape")
-    for key in ("histogram", "confusion", "n"):
-        if not np.issubdtype(arrays[key].dtype, np.integer) or (arrays[key] < 0).any():
-            raise ReplyRejected(f"'{key}' must hold non-negative counts")
+    if any(not np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in arrays.values()):
+        raise ReplyRejected("evaluation summary holds NaN or infinite values")
     summary = ScoreSummary.from_arrays(arrays)
-    if not math.isfinite(summary.brier_sum) or summary.brier_sum < 0:
-        raise ReplyRejected("Brier sum must be finite and non-negative")
-    if not 0 <= summary.n <= max_examples:
+    if summary.grid != grid:
+        raise ReplyRejected("evaluation summary is on another score grid than the run's")
+    if not 0 <= summary.n <= cfg.strategy.max_examples:
         raise ReplyRejected("evaluation count is out of range")
-    if int(summary.histogram[:, 0].sum()) != summary.n or int(summary.confusion.sum()) != summary.n:
-        raise ReplyRejected("evaluation counts do not add up")
     return summary

@@ -26,7 +26,7 @@ from common.data.partition import make_partition
 from common.files import write_json
 from common.metrics import exact_metrics
 from common.model import GRUClassifier, model_spec
-from common.privacy import DPSGDEntry, calibrate_noise, epsilon, steps_per_round
+from common.privacy import NoisyRelease, calibrate_noise, epsilon, steps_per_round
 from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local, training_for_round
 from server.records import BaselineResult, load_records
 
@@ -52,41 +52,51 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
         out = train_local(model, data, training_for_round(cfg, r), steps, dp, gen, gen if dp else None, optimizer_state=state)
         state = out.optimizer_state if cfg.training.keep_optimizer_state else None
         if dp:
-            history.append(DPSGDEntry(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
+            history.append(NoisyRelease(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
     eps = epsilon(history, delta, cfg.privacy.accountant) if dp else math.inf
     return model, eps
 
 
-def run_baseline(
-    cfg: ExperimentConfig, kind: str, out: Path | None = None, target_epsilon: float | None = None, seed: int | None = None
-) -> BaselineResult:
+def train_baseline_models(cfg: ExperimentConfig, kind: str, target_epsilon: float | None = None,
+                          seed: int | None = None) -> dict[str, GRUClassifier]:
+    """The model each simulated hospital would use under a baseline: one central model
+    for all, or each hospital's own (with ``_epsilon`` spent recorded on each model)."""
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
     seed = cfg.run.seed if seed is None else seed
     eps_target = target_epsilon if target_epsilon is not None else cfg.privacy.target_epsilon
     if kind != "central" and not eps_target:
         raise ValueError("a DP baseline needs a target epsilon (--epsilon or privacy.target_epsilon)")
-    start = time.perf_counter()
     ds = load_dataset(cfg)
     hospitals = make_partition(ds, cfg)
-    per, ys, ps, spent = {}, [], [], {}
     if kind in ("central", "central-dp"):
         train = np.concatenate([h.train for h in hospitals])
         model, eps = _train(cfg, ds.X[train], ds.S[train], ds.y[train], eps_target if kind == "central-dp" else None, seed)
-        models = {h.name: model for h in hospitals}
-        if kind == "central-dp":
-            spent["all"] = eps
-    else:
-        models = {}
-        for h in hospitals:
-            models[h.name], spent[h.name] = _train(cfg, ds.X[h.train], ds.S[h.train], ds.y[h.train], eps_target, seed)
-    for h in hospitals:  # each hospital's test patients, scored by the model it would use
+        model.spent = {"all": eps} if kind == "central-dp" else {}
+        return {h.name: model for h in hospitals}
+    models = {}
+    for h in hospitals:
+        models[h.name], eps = _train(cfg, ds.X[h.train], ds.S[h.train], ds.y[h.train], eps_target, seed)
+        models[h.name].spent = {h.name: eps}
+    return models
+
+
+def run_baseline(
+    cfg: ExperimentConfig, kind: str, out: Path | None = None, target_epsilon: float | None = None, seed: int | None = None
+) -> BaselineResult:
+    start = time.perf_counter()
+    models = train_baseline_models(cfg, kind, target_epsilon, seed)
+    ds = load_dataset(cfg)
+    per, ys, ps, spent = {}, [], [], {}
+    for h in make_partition(ds, cfg):  # each hospital's test patients, scored by the model it would use
         p = predict_proba(models[h.name], ds.X[h.test], ds.S[h.test])
         per[h.name] = exact_metrics(ds.y[h.test], p)
         ys.append(ds.y[h.test])
         ps.append(p)
+        spent.update(models[h.name].spent)
     result = BaselineResult(
-        kind=kind, seed=seed, rounds=cfg.run.rounds, local_epochs=cfg.training.local_epochs, epsilon=spent,
+        kind=kind, seed=cfg.run.seed if seed is None else seed, rounds=cfg.run.rounds,
+        local_epochs=cfg.training.local_epochs, epsilon=spent,
         pooled=exact_metrics(np.concatenate(ys), np.concatenate(ps)), hospitals=per,
         seconds=round(time.perf_counter() - start, 1),
     )

@@ -72,7 +72,7 @@ def fault_mod(faults: dict[str, str]):
         if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
             return reply
         cfg = ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
-        kind = faults.get(node_hospital_name(cfg, context.node_config))
+        kind = faults.get(node_hospital_name(cfg, context))
         return FAULTS[kind](reply) if kind else reply
 
     return mod

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from common import messages as M
 from common.messages import ReplyState
@@ -68,19 +68,49 @@ def small_cfg(*extra):
     return load_config(DEFAULT_CONFIG, ["model.gru_hidden=[4]", "model.head_hidden=0", *extra])
 
 
-def train_reply(node_id: int, arrays: dict[str, np.ndarray], n=100, hospital="h", metrics=None) -> Message:
-    """A hospital's training reply as node ``node_id`` would send it."""
+RUN_ID = "run-t"
+
+
+def train_reply(
+    node_id: int, arrays: dict[str, np.ndarray], n=100, hospital="h", metrics=None, cfg=None, rounds: int = 50,
+) -> Message:
+    """A hospital's training reply as node ``node_id`` would send it for run RUN_ID: its
+    ledger records the DP-SGD release of every round up to ``rounds`` with the settings
+    ``cfg`` (default: small_cfg) implies for ``n`` training examples."""
+    from common.ledger import Ledger, LedgerEntry
+    from common.messages import Mechanism
+    from common.privacy import steps_per_round
+
+    cfg = cfg or small_cfg()
+    q, steps = steps_per_round(n, cfg.training.batch_size, cfg.training.local_epochs, cfg.training.sample_rate)
+    ledger = Ledger(hospital, 1e-5)
+    for r in range(1, rounds + 1):
+        ledger.record(LedgerEntry(RUN_ID, r, Mechanism.DP_SGD, "weights", noise_multiplier=2.0, sample_rate=q,
+                                  steps=steps, max_grad_norm=cfg.privacy.max_grad_norm, examples=n))
     request = Message(RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    m = {M.NUM_EXAMPLES: n, M.UNIT_WEIGHT: 1.0, M.TRAIN_LOSS: 0.3, M.EPSILON: 0.5, M.DELTA: 1e-5, M.BUDGET: 1.0, M.STEPS: 4}
+    m = {M.NUM_EXAMPLES: n, M.UNIT_WEIGHT: 1.0, M.EPSILON: 0.5, M.DELTA: 1e-5, M.BUDGET: 1.0, M.STEPS: steps}
     m.update(metrics or {})
     content = RecordDict(
         {
             M.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
             M.METRICS: MetricRecord(m),
-            M.STATUS: ConfigRecord({M.HOSPITAL: hospital, M.STATE: ReplyState.TRAINED.value}),
+            M.STATUS: ConfigRecord({M.HOSPITAL: hospital, M.STATE: ReplyState.TRAINED.value, M.LEDGER: ledger.to_json()}),
         }
     )
     return Message(content, reply_to=request)
+
+
+def coordinator_for(cfg, replies: list[Message], tmp_path):
+    """A coordinator for run RUN_ID that knows each replying node by the name its reply
+    gives (as discovery would have registered it), talking to a ReplayGrid."""
+    from server.coordinator import Coordinator, HospitalView
+    from server.outputs import RunRecorder
+
+    coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, RUN_ID), RUN_ID)
+    coord.hospitals = {
+        r.metadata.src_node_id: HospitalView(str(r.content[M.STATUS][M.HOSPITAL]), r.metadata.src_node_id) for r in replies
+    }
+    return coord
 
 
 class ReplayGrid:
@@ -94,3 +124,58 @@ class ReplayGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         return list(self.replies)
+
+
+# ----------------------------------------------------------------------------------------
+# A real hospital on its own folder, called the way a SuperNode calls its ClientApp
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hospital_data(tmp_path_factory, physionet_files):
+    """160 stays of set A as one hospital's own export (a folder of PhysioNet files)."""
+    import tarfile
+
+    set_a, outcomes = physionet_files
+    folder = tmp_path_factory.mktemp("hospital")
+    with tarfile.open(set_a) as tar:
+        for m in [m for m in tar.getmembers() if m.name.endswith(".txt")][:160]:
+            tar.extract(m, folder, filter="data")
+    return folder / "set-a", outcomes
+
+
+def hospital_cfg(*extra):
+    """A run config small enough for unit tests of the hospital's app."""
+    from common.config import load_config
+
+    return load_config(DEFAULT_CONFIG, ["model.architecture=per_variable", "model.gru_hidden=[2]", "model.head_hidden=0",
+                                        "training.batch_size=32", "run.rounds=3", "privacy.max_epsilon=2.5", *extra])
+
+
+def make_hospital(root: Path, data: Path, outcomes: Path, max_epsilon: float = 2.5, name: str = "st-elsewhere",
+                  eval_epsilon: float | None = None) -> Path:
+    """``fedgru hospital init`` into ``root/name``; returns the folder."""
+    from client.commands import init
+
+    folder = root / name
+    init(folder, name, str(data), str(outcomes), max_epsilon, eval_epsilon=eval_epsilon, cfg=hospital_cfg())
+    return folder
+
+
+def node_context(folder: Path, node_id: int = 7) -> Context:
+    """A SuperNode's context for the hospital in ``folder`` (a fresh process: empty state)."""
+    return Context(run_id=1, node_id=node_id, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
+
+
+def hospital_message(cfg, run_id: str, server_round: int, kind=MessageType.TRAIN, evaluate: str = "", arrays=None,
+                     **extra) -> Message:
+    """A message from the coordinator (``extra``: more config fields, as a hostile one may send)."""
+    from server.coordinator import initial_arrays
+
+    config = ConfigRecord({M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: run_id, M.SERVER_ROUND: server_round,
+                           M.EVALUATE: evaluate, **extra})
+    return Message(RecordDict({M.ARRAYS: arrays or initial_arrays(cfg), M.CONFIG: config}), dst_node_id=7, message_type=kind)
+
+
+def reply_status(reply: Message) -> dict:
+    return dict(reply.content[M.STATUS])

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import ScoreSummary, exact_metrics
+from common.metrics import ScoreGrid, ScoreSummary, exact_metrics
 from common.model import GRUClassifier, output_layer_keys
 from server.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from tests.conftest import small_spec
+
+GRID = ScoreGrid(-8.0, 8.0, 400)
 
 
 def _miscalibrated(n=4000, seed=0):
@@ -21,7 +23,7 @@ def _miscalibrated(n=4000, seed=0):
 
 def test_fit_from_histograms_recovers_the_true_scale():
     y, probs = _miscalibrated()
-    fit = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, 400))
+    fit = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, GRID))
     assert fit is not None
     scale, shift = fit
     assert scale == pytest.approx(3.0, rel=0.15) and shift == pytest.approx(2.0, abs=0.35)
@@ -36,7 +38,7 @@ def test_fit_from_histograms_recovers_the_true_scale():
 
 def test_recalibration_keeps_the_ranking_and_improves_brier():
     y, probs = _miscalibrated(seed=1)
-    scale, shift = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, 400))
+    scale, shift = fit_logistic_calibration(ScoreSummary.from_predictions(y, probs, GRID))
     p = np.array([calibrate_risk(r, scale, shift) for r in probs[:, 1]])
     after = exact_metrics(y, np.stack([1 - p, p], axis=1))
     before = exact_metrics(y, probs)
@@ -61,5 +63,5 @@ def test_degenerate_histograms_are_left_uncalibrated():
     """Scores crammed into one or two bins identify no slope: no fit, no overflow."""
     y = np.array([0, 0, 1, 0, 1, 0])
     crammed = np.full(6, 0.3)
-    assert fit_logistic_calibration(ScoreSummary.from_predictions(y, np.stack([1 - crammed, crammed], 1), 400)) is None
+    assert fit_logistic_calibration(ScoreSummary.from_predictions(y, np.stack([1 - crammed, crammed], 1), GRID)) is None
     assert 0.0 <= calibrate_risk(1e-300, 40.0, 5.0) < 1e-100 and calibrate_risk(1 - 1e-16, 40.0, 5.0) == 1.0

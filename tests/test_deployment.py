@@ -1,17 +1,21 @@
 """A real per-hospital deployment on localhost: one SuperLink (TLS, SuperNode
-authentication, state database) and one SuperNode per hospital, each with its own data
-folder cut from set A and its own ledger file.
+authentication, state database) and one SuperNode per hospital, each with its own
+folder made by ``fedgru hospital init`` (data cut from set A, policy, key pair, ledger),
+running no app of its own (``--isolation process``) and served the approved app by
+``fedgru hospital serve``.
 
 One module-scoped scenario drives real processes on free ports and records what
 happened; the tests below check it. The scenario:
 
-1. ``fedgru deploy init`` makes the CA, certificates and hospital keys; hospitals a, b,
-   c are registered, d is not.
+1. Each hospital makes its folder and approves the app; ``fedgru deploy init`` takes the
+   public keys of a, b, c and registers them; d is never registered.
 2. d's SuperNode tries to join and is refused.
-3. Run 1 (3 rounds): c's SuperNode is killed while it trains round 1 and restarted
-   after; the coordinator (the ServerApp process) is killed right after its round-2
-   checkpoint and the run is resumed from that checkpoint.
+3. Run 1 (3 rounds): c's SuperNode and app are killed while c trains round 1 and
+   restarted after; the coordinator (the ServerApp process) is killed right after its
+   round-2 checkpoint and the run is resumed from that checkpoint.
 4. Run 2 (1 round): every hospital's ledger carries on from run 1.
+5. Run 3: the same project with one changed line: no hospital runs it, and each
+   hospital's log says why.
 
 Every process started is stopped by its process group id at the end.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,11 +43,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 BIN = Path(sys.executable).parent
 HOSPITALS = ("a", "b", "c")
 CANARY = "187.654321"  # a heart rate no log line may ever show
-# Each run plans epsilon 0.4 against the default budget of 1, so run 2 has budget left
-# to spend on top of run 1 (at target 1 run 1 would spend it all and run 2 would,
-# correctly, refuse to train).
+# Each run plans epsilon 0.4 for every group of patients against the hospitals' budgets
+# of 1, so run 2 has budget left to spend on top of run 1 (at target 1 run 1 would spend
+# it all and run 2 would, correctly, refuse to train and to evaluate).
 SMALL = ("model.architecture=per_variable model.gru_hidden=[2] model.head_hidden=0 training.batch_size=32 "
-         "strategy.round_timeout_s=45 privacy.target_epsilon=0.4")
+         "strategy.round_timeout_s=45 privacy.target_epsilon=0.4 strategy.discovery_timeout_s=60 "
+         "evaluation.val_epsilon=0.4 evaluation.test_epsilon=0.4")
 
 
 def free_port() -> int:
@@ -121,21 +127,30 @@ class Federation:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    def start_supernode(self, name: str, key_owner: str | None = None) -> subprocess.Popen:
-        owner = key_owner or name
-        keys = self.root / "fed" / "hospitals" / owner
-        node_config = (
-            f'hospital="{name}" data-path="{self.root / "data" / name}" outcomes-path="{OUTCOMES}" '
-            f'ledger-path="{self.ledger(name)}" device="cpu"'
-        )
-        return self.start(f"supernode-{name}", [
+    def hospital_dir(self, name: str) -> Path:
+        return self.root / "hospitals" / name
+
+    def start_supernode(self, name: str) -> subprocess.Popen:
+        """A hospital's SuperNode (no app of its own) and the approved app serving it."""
+        folder = self.hospital_dir(name)
+        runtime_port = free_port()
+        node = self.start(f"supernode-{name}", [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key", str(keys / f"{owner}.key"),
-            "--port", str(free_port()), "--node-config", node_config,
+            "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
+            str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
+            "--node-config", f'hospital-dir="{folder}"',
         ])
+        wait_until(lambda: self._listening(runtime_port), 60, f"{name}'s runtime API")
+        self.start(f"serve-{name}", [sys.executable, "-m", "fedgru.cli", "hospital", "serve", "--hospital-dir", str(folder),
+                                     "--runtime-api", f"127.0.0.1:{runtime_port}"])
+        return node
+
+    def stop_hospital(self, name: str, sig: int = signal.SIGTERM) -> None:
+        self.stop(f"supernode-{name}", sig)
+        self.stop(f"serve-{name}", sig)
 
     def ledger(self, name: str) -> Path:
-        return self.root / "ledgers" / f"{name}.json"
+        return self.hospital_dir(name) / "ledger.json"
 
     def online(self) -> int:
         out = self.flwr("supernode", "list", "fedgru", "--format", "json").stdout
@@ -145,12 +160,12 @@ class Federation:
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
-    def run_app(self, rounds: int, out: Path, extra: str = "", resume: Path | None = None) -> subprocess.Popen:
+    def run_app(self, rounds: int, out: Path, extra: str = "", resume: Path | None = None, app: Path = ROOT) -> subprocess.Popen:
         config = f'rounds={rounds} out-dir="{out}" set="{SMALL} {extra}"'
         if resume is not None:
             config = f'resume="{resume}"'
         name = f"run-{len([k for k in self.procs if k.startswith('run-')])}-{time.monotonic_ns()}"
-        return self.start(name, [str(BIN / "flwr"), "run", ".", "fedgru", "--stream", "--run-config", config])
+        return self.start(name, [str(BIN / "flwr"), "run", str(app), "fedgru", "--stream", "--run-config", config])
 
 
 def _cut_data(root: Path) -> None:
@@ -184,6 +199,15 @@ def _dp_entries(ledger_path: Path, run_id: str | None = None) -> list[dict]:
     return [e for e in entries if e["mechanism"] == "dp-sgd" and (run_id is None or e["run_id"] == run_id)]
 
 
+def _changed_app(root: Path) -> Path:
+    """The project with one changed line: another app version, which nobody approved."""
+    copy = root / "fedgru-changed"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+    app = copy / "client" / "app.py"
+    app.write_text(app.read_text().replace('STATE_KEY = "fedgru-local-state"', 'STATE_KEY = "fedgru-local-state"  # changed'))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, physionet_files):
     root = tmp_path_factory.mktemp("deploy")
@@ -191,26 +215,33 @@ def scenario(tmp_path_factory, physionet_files):
     record: dict = {"root": root}
     try:
         _cut_data(root)
-        out = fed.fedgru("deploy", "init", "--out", str(root / "fed"), "--hospitals", ",".join(HOSPITALS + ("d",)),
-                         "--port", str(fed.port))
+        for name in HOSPITALS + ("d",):
+            res = fed.fedgru("hospital", "init", "--out", str(fed.hospital_dir(name)), "--name", name,
+                             "--data", str(root / "data" / name), "--outcomes", str(OUTCOMES), "--max-epsilon", "1.0",
+                             "--device", "cpu")
+            assert res.returncode == 0, res.stderr
+            res = fed.fedgru("hospital", "approve", "--hospital-dir", str(fed.hospital_dir(name)), "--note", "test")
+            assert res.returncode == 0, res.stderr
+        keys = [a for n in HOSPITALS for a in ("--hospital", f"{n}={fed.hospital_dir(n) / (n + '.pub')}")]
+        out = fed.fedgru("deploy", "init", "--out", str(root / "fed"), *keys, "--port", str(fed.port))
         assert out.returncode == 0, out.stderr
         record["commands"] = (root / "fed" / "COMMANDS.md").read_text()
         fed.home.mkdir()
         (fed.home / "config.toml").write_text('[superlink]\ndefault = "fedgru"\n\n' + (root / "fed" / "flwr-config.toml").read_text())
-        for name in HOSPITALS + ("d",):
-            res = fed.fedgru("ledger", "init", "--ledger", str(fed.ledger(name)), "--data", str(root / "data" / name),
-                             "--outcomes", str(OUTCOMES), "--hospital", name)
-            assert res.returncode == 0, res.stderr
         fed.start_superlink()
         for name in HOSPITALS:  # d is never registered
-            res = fed.flwr("supernode", "register", str(root / "fed" / "hospitals" / name / f"{name}.pub"), "fedgru")
+            res = fed.flwr("supernode", "register", str(root / "fed" / "hospitals" / f"{name}.pub"), "fedgru")
             assert res.returncode == 0, res.stdout + res.stderr
         for name in HOSPITALS:
             fed.start_supernode(name)
         wait_until(lambda: fed.online() == 3, 120, "three SuperNodes online")
 
         # 2. an unregistered hospital tries to join
-        intruder = fed.start_supernode("d")
+        intruder = fed.start("supernode-d", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}", "--root-certificates",
+            str(root / "fed" / "ca.crt"), "--auth-supernode-private-key", str(fed.hospital_dir("d") / "d.key"),
+            "--isolation", "process", "--port", str(free_port()), "--node-config", f'hospital-dir="{fed.hospital_dir("d")}"',
+        ])
         try:
             intruder.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -223,7 +254,7 @@ def scenario(tmp_path_factory, physionet_files):
         t0 = time.monotonic()
         first = fed.run_app(3, runs)
         wait_until(lambda: _dp_entries(fed.ledger("c")), 300, "c to start round 1")
-        fed.stop("supernode-c", signal.SIGKILL)
+        fed.stop_hospital("c", signal.SIGKILL)
         record["c_killed"] = True
         run_dir = wait_until(lambda: next(iter(runs.iterdir()), None) if runs.exists() else None, 60, "the run folder")
         wait_until(lambda: _checkpoint_round(run_dir) >= 1, 300, "round 1's checkpoint")
@@ -253,6 +284,13 @@ def scenario(tmp_path_factory, physionet_files):
         record["run2_rc"] = second.returncode
         record["run2_seconds"] = time.monotonic() - t1
         record["run2_dir"] = next(iter(runs2.iterdir()), None) if runs2.exists() else None
+
+        # 5. an app version nobody approved
+        record["ledgers_before_changed"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
+        changed = fed.run_app(1, root / "runs3", extra="strategy.discovery_timeout_s=20", app=_changed_app(root))
+        changed.wait(timeout=300)
+        record["changed_models"] = list((root / "runs3").rglob("model.pt"))
+        record["ledgers_after_changed"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
     finally:
         fed.stop_all()
     record["logs"] = {p.name: p.read_text(errors="replace") for p in fed.logs.iterdir()}
@@ -263,16 +301,30 @@ def test_deploy_init_wrote_keys_and_commands(scenario):
     fed_dir = scenario["root"] / "fed"
     for f in ("ca.crt", "superlink.crt", "superlink.key", "flwr-config.toml", "COMMANDS.md"):
         assert (fed_dir / f).is_file()
+    assert (fed_dir / "superlink.key").stat().st_mode & 0o777 == 0o600
     for name in HOSPITALS:
-        assert (fed_dir / "hospitals" / name / f"{name}.key").is_file()
-        assert f"flwr supernode register" in scenario["commands"] and f'hospital="{name}"' in scenario["commands"]
+        assert (fed_dir / "hospitals" / f"{name}.pub").is_file()
+        assert not list(fed_dir.rglob(f"{name}.key"))  # the coordinator never holds a hospital's private key
+        key = scenario["root"] / "hospitals" / name / f"{name}.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        commands = scenario["commands"]
+        assert "flwr supernode register" in commands and f'hospital-dir=\"/srv/fedgru/{name}\"' in commands
+        assert "--isolation process" in commands and "fedgru hospital serve" in commands
 
 
 def test_an_unregistered_hospital_is_refused_and_never_trains(scenario):
     assert scenario["intruder_exit"] not in (None, 0)  # the SuperNode gave up: not admitted
     assert scenario["online_after_intruder"] == 3
-    ledger = scenario["root"] / "ledgers" / "d.json"
+    ledger = scenario["root"] / "hospitals" / "d" / "ledger.json"
     assert json.loads(ledger.read_text())["entries"] == []
+
+
+def test_an_app_with_one_changed_line_runs_nowhere(scenario):
+    assert scenario["changed_models"] == []  # no hospital took part: the run never trained
+    assert any("0 hospital(s) answered" in text for name, text in scenario["logs"].items() if name.startswith("run-"))
+    assert scenario["ledgers_after_changed"] == scenario["ledgers_before_changed"]  # nothing released
+    for name in HOSPITALS:
+        assert "is not an app version this hospital approved" in scenario["logs"][f"serve-{name}.log"]
 
 
 def test_run_survives_a_crashed_hospital_and_a_restarted_coordinator(scenario):
@@ -293,24 +345,28 @@ def test_run_survives_a_crashed_hospital_and_a_restarted_coordinator(scenario):
 def test_no_hospital_is_charged_twice(scenario):
     run_id = json.loads((scenario["run_dir"] / "metrics.json").read_text())["run_id"]
     for name in HOSPITALS:
-        rounds = [e["round"] for e in _dp_entries(scenario["root"] / "ledgers" / f"{name}.json", run_id)]
+        rounds = [e["round"] for e in _dp_entries(scenario["root"] / "hospitals" / name / "ledger.json", run_id)]
         assert len(rounds) == len(set(rounds)), (name, rounds)
         assert set(rounds) <= {1, 2, 3}
 
 
 def test_ledgers_accumulate_across_two_runs(scenario):
+    from client.folder import HospitalFolder
+    from client.ledger_store import FileLedgerStore
     from common.ledger import Ledger
 
     assert scenario["run2_rc"] == 0
     privacy = json.loads((scenario["run2_dir"] / "privacy.json").read_text())
     for name in HOSPITALS:
-        ledger = Ledger.from_json((scenario["root"] / "ledgers" / f"{name}.json").read_text())
+        folder = HospitalFolder(scenario["root"] / "hospitals" / name)
+        ledger = FileLedgerStore(folder.ledger_file, folder.secret("ledger")).read()
         assert len(ledger.runs()) == 2 and privacy["run_id"] in ledger.runs()
-        before = Ledger(ledger.hospital, ledger.fingerprint, ledger.delta,
-                        entries=[e for e in ledger.entries if e.run_id != privacy["run_id"]])
+        before = Ledger(ledger.hospital, ledger.delta, entries=[e for e in ledger.entries if e.run_id != privacy["run_id"]])
         assert 0 < before.epsilon() < ledger.epsilon()  # run 2 starts from run 1's spending
         assert privacy["hospitals"][name]["epsilon"] == pytest.approx(ledger.epsilon(), abs=1e-9)
         assert privacy["hospitals"][name]["earlier_runs"]
+        groups = privacy["hospitals"][name]["groups"]
+        assert set(groups) == {"train", "val", "test"} and groups["test"]["releases"] == 2  # once per run
 
 
 def test_no_patient_value_reaches_any_log(scenario):

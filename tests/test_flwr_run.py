@@ -90,4 +90,4 @@ def test_flwr_run_runs_the_app_and_writes_a_run_folder(superlink, tmp_path, phys
     run = runs[0]
     for name in ("model.pt", "metrics.json", "privacy.json", "partition.json", "report.md"):
         assert (run / name).is_file(), (name, log[-3000:])
-    assert "round 1/2 | pooled val AUROC" in log and "round 2/2 | pooled val AUROC" in log
+    assert "round 1/2 | max epsilon" in log and "round 2/2 | max epsilon" in log

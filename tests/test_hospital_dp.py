@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.coordinator import Coordinator, HospitalView
-from server.outputs import RunRecorder
-from tests.conftest import ReplayGrid, small_cfg, train_reply
+from tests.conftest import coordinator_for, small_cfg, train_reply
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +17,7 @@ def _identity():
 
 def _coordinator(tmp_path, replies, *extra):
     cfg = small_cfg("hospital_dp.enabled=true", "hospital_dp.noise_multiplier=0.5", "hospital_dp.clipping_norm=0.1", *extra)
-    coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, "t"), "t")
-    coord.hospitals = {r.metadata.src_node_id: HospitalView(f"h{r.metadata.src_node_id}", r.metadata.src_node_id) for r in replies}
-    return coord
+    return coordinator_for(cfg, replies, tmp_path)
 
 
 def test_updates_are_clipped_noised_and_accounted(tmp_path):

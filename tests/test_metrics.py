@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from common.metrics import ScoreSummary, exact_metrics, pooled
+from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, pooled
 
 
 def _binary(n=500, seed=0):
@@ -44,19 +44,45 @@ def test_exact_multiclass_matches_sklearn_macro_ovr():
 
 def test_summary_is_additive_and_close_to_exact():
     parts = [_binary(400, seed) for seed in range(4)]
-    summaries = [ScoreSummary.from_predictions(y, p, bins=400) for y, p in parts]
+    grid = ScoreGrid(-8.0, 8.0, 400)  # fine bins: only ties within a bin and bin-centre risks differ
+    summaries = [ScoreSummary.from_predictions(y, p, grid) for y, p in parts]
     total = pooled(summaries)
     y_all = np.concatenate([y for y, _ in parts])
     p_all = np.concatenate([p for _, p in parts])
     exact = exact_metrics(y_all, p_all)
-    approx = total.metrics()
+    approx = total.metrics()  # decisions at the edge nearest risk 0.5: here exactly logit 0
     assert approx.n == exact.n == 1600
     assert approx.auroc == pytest.approx(exact.auroc, abs=2e-3)
     assert approx.auprc == pytest.approx(exact.auprc, abs=1e-2)  # ties within a bin
-    for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score", "brier"):
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score"):
         assert getattr(approx, key) == pytest.approx(getattr(exact, key), abs=1e-9)
+    assert approx.brier == pytest.approx(exact.brier, abs=2e-3)  # risks read at bin centres
     again = ScoreSummary.from_arrays(total.to_arrays())
     assert again.metrics() == approx
+
+
+def test_multiclass_summary_matches_exact_metrics():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(size=(600, 3)) + np.eye(3)[y] * 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    summary = ScoreSummary.from_predictions(y, probs, ScoreGrid(-8.0, 8.0, 400))
+    exact, approx = exact_metrics(y, probs), summary.metrics()
+    assert approx.auroc == pytest.approx(exact.auroc, abs=3e-3)
+    assert approx.accuracy == pytest.approx(exact.accuracy, abs=1e-12)  # from the released confusion matrix
+    assert approx.brier == pytest.approx(exact.brier, abs=5e-3)
+
+
+def test_the_gaussian_mechanism_adds_noise_of_the_declared_scale():
+    y, probs = _binary(4000, seed=9)
+    exact = ScoreSummary.from_predictions(y, probs, ScoreGrid(-7.0, 3.0, 20))
+    rng = np.random.default_rng(0)
+    diffs = np.concatenate([(exact.noised(3.0, rng).histogram - exact.histogram).ravel() for _ in range(200)])
+    assert exact.sensitivity == 1.0  # one cell per patient: the histogram of p(death) per true class
+    assert diffs.mean() == pytest.approx(0.0, abs=0.05) and diffs.std() == pytest.approx(3.0, rel=0.02)
+    noisy = exact.noised(3.0, np.random.default_rng(1))
+    assert noisy.n == exact.n and (noisy.histogram != exact.histogram).all()
+    assert abs(noisy.metrics().auroc - exact.metrics().auroc) < 0.02  # 4000 patients: noise of 3 per bin is small
 
 
 def test_undefined_auroc_is_nan_not_an_error():
@@ -68,21 +94,21 @@ def test_undefined_auroc_is_nan_not_an_error():
 
 def test_auto_threshold_is_the_best_event1_threshold_among_bin_edges():
     """Reference: exact event-1 at every bin edge, one by one."""
-    from common.metrics import bin_edge_probability, choose_threshold
+    from common.metrics import choose_threshold
 
     y, probs = _binary(n=700, seed=3)
-    bins = 60
-    chosen = choose_threshold(ScoreSummary.from_predictions(y, probs, bins))
-    scores = [exact_metrics(y, probs, bin_edge_probability(j, bins)).event1_score for j in range(1, bins)]
-    assert exact_metrics(y, probs, chosen).event1_score == pytest.approx(max(scores), abs=1e-12)
-    assert chosen == pytest.approx(bin_edge_probability(1 + int(np.argmax(scores)), bins))
-    # a hospital's summary at that threshold agrees with the exact metrics
-    at = ScoreSummary.from_predictions(y, probs, bins, chosen).metrics()
-    exact = exact_metrics(y, probs, chosen)
+    grid = ScoreGrid(-8.0, 8.0, 60)
+    summary = ScoreSummary.from_predictions(y, probs, grid)
+    chosen = choose_threshold(summary)
+    scores = [exact_metrics(y, probs, grid.edge_risk(j)).event1_score for j in range(1, grid.bins)]
+    assert exact_metrics(y, probs, grid.edge_risk(chosen)).event1_score == pytest.approx(max(scores), abs=1e-12)
+    assert chosen == 1 + int(np.argmax(scores))
+    # decisions at that edge, read off the summary, agree with the exact metrics
+    at, exact = summary.metrics(chosen), exact_metrics(y, probs, grid.edge_risk(chosen))
     for key in ("accuracy", "sensitivity", "specificity", "f1", "event1_score"):
         assert getattr(at, key) == pytest.approx(getattr(exact, key), abs=1e-12), key
     # at 15% prevalence the best event-1 threshold lies well below 0.5
-    assert chosen < 0.5 and exact.sensitivity > exact_metrics(y, probs).sensitivity
+    assert grid.edge_risk(chosen) < 0.5 and exact.sensitivity > exact_metrics(y, probs).sensitivity
 
 
 @pytest.mark.parametrize("use", ["binary_counts", "choose_threshold", "fit_logistic_calibration"])
@@ -95,8 +121,9 @@ def test_histogram_fits_need_a_binary_summary_with_both_outcomes(use):
     fn = {"binary_counts": ScoreSummary.binary_counts, "choose_threshold": choose_threshold,
           "fit_logistic_calibration": fit_logistic_calibration}[use]
     y, probs = _binary()
-    assert fn(ScoreSummary.from_predictions(np.zeros_like(y), probs, 40)) is None
+    grid = ScoreGrid(-8.0, 8.0, 40)
+    assert fn(ScoreSummary.from_predictions(np.zeros_like(y), probs, grid)) is None
     rng = np.random.default_rng(0)
     p3 = rng.dirichlet(np.ones(3), size=50)
-    assert fn(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, 40)) is None
-    assert fn(ScoreSummary.from_predictions(y, probs, 40)) is not None
+    assert fn(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, grid)) is None
+    assert fn(ScoreSummary.from_predictions(y, probs, grid)) is not None

@@ -3,7 +3,7 @@
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.privacy import DPSGDEntry, calibrate_noise, epsilon, plan, steps_per_round
+from common.privacy import NoisyRelease, calibrate_noise, epsilon, plan, steps_per_round
 
 
 def _replay(history, delta, accountant="rdp"):
@@ -15,9 +15,9 @@ def _replay(history, delta, accountant="rdp"):
 
 
 HISTORIES = [
-    [DPSGDEntry(r, 1.1, 0.06, 16, 1.0) for r in range(1, 6)],
-    [DPSGDEntry(1, 4.0, 0.25, 4, 1.0), DPSGDEntry(2, 2.0, 0.1, 10, 0.5), DPSGDEntry(3, 4.0, 0.25, 4, 1.0)],
-    [DPSGDEntry(1, 0.8, 1.0, 1, 1.0)],
+    [NoisyRelease(r, 1.1, 0.06, 16, 1.0) for r in range(1, 6)],
+    [NoisyRelease(1, 4.0, 0.25, 4, 1.0), NoisyRelease(2, 2.0, 0.1, 10, 0.5), NoisyRelease(3, 4.0, 0.25, 4, 1.0)],
+    [NoisyRelease(1, 0.8, 1.0, 1, 1.0)],
 ]
 
 
@@ -38,12 +38,12 @@ def test_calibrated_sigma_meets_the_target_for_the_whole_run():
     q, steps = steps_per_round(1000, 64, 1.0)
     assert q == 0.064 and steps == 16
     sigma = calibrate_noise(1.0, 1e-5, q, steps * 20)
-    run = [DPSGDEntry(r, sigma, q, steps, 1.0) for r in range(1, 21)]
+    run = [NoisyRelease(r, sigma, q, steps, 1.0) for r in range(1, 21)]
     final = epsilon(run, 1e-5)
     assert 0.99 <= final <= 1.0
     # per-round calibration (the mistake this project avoids) would spend far more
     per_round_sigma = calibrate_noise(1.0, 1e-5, q, steps)
-    assert epsilon([DPSGDEntry(r, per_round_sigma, q, steps, 1.0) for r in range(1, 21)], 1e-5) > 3.0
+    assert epsilon([NoisyRelease(r, per_round_sigma, q, steps, 1.0) for r in range(1, 21)], 1e-5) > 3.0
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

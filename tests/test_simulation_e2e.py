@@ -54,7 +54,7 @@ def test_simulation_writes_every_output(small_run):
     assert metrics["test"]["pooled"]["n"] == sum(h["test"] for h in partition["hospitals"])
     # one progress line per round
     out = proc.stdout + proc.stderr
-    assert out.count("round 1/2 | pooled val AUROC") == 1 and out.count("round 2/2 | pooled val AUROC") == 1
+    assert out.count("round 1/2 | max epsilon") == 1 and out.count("round 2/2 | max epsilon") == 1
     report = (run_dir / "report.md").read_text()
     assert "Silva" in report and "## Privacy" in report
 
@@ -165,7 +165,7 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
     for name, h in privacy["hospitals"].items():
         assert name in text
         assert f"{h['epsilon_rdp']:.3f}" in text and f"{h['epsilon_prv']:.3f}" in text
-        assert f"For each patient in the training data of hospital {name}" in text
+        assert f"For every patient of hospital {name}" in text
     assert f"{metrics['test']['pooled']['auroc']:.3f}" in text
     shot = tmp_path / "report.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],

@@ -13,10 +13,9 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import messages as M
-from server.coordinator import Coordinator, HospitalView, initial_arrays
-from server.outputs import RunRecorder
-from server.validation import ReplyRejected, check_train_reply, expected_layout
-from tests.conftest import ReplayGrid, small_cfg, train_reply
+from server.coordinator import initial_arrays
+from server.validation import ReplyRejected, check_train_reply, expected_layout, read_ledger
+from tests.conftest import RUN_ID, coordinator_for, small_cfg, train_reply
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +33,18 @@ def _bad_variants(good: dict[str, np.ndarray]):
     shape = {k: v.copy() for k, v in good.items()}
     shape[key] = np.zeros(shape[key].shape[:-1] + (shape[key].shape[-1] + 1,), np.float32)
     missing = {k: v for k, v in good.items() if k != key}
+    huge = {k: v + 1e29 for k, v in good.items()}
     return {
         "nan": (nan, {}, "NaN or infinite"),
         "inf": (inf, {}, "NaN or infinite"),
         "shape": (shape, {}, "has shape"),
         "missing": (missing, {}, "missing"),
+        "huge update": (huge, {}, "L2 norm"),
         "count": (good, {M.NUM_EXAMPLES: 10**9}, "example count"),
         "zero count": (good, {M.NUM_EXAMPLES: 0}, "example count"),
-        "nan loss": (good, {M.TRAIN_LOSS: float("nan")}, "NaN or infinite"),
+        "count not in ledger": (good, {M.NUM_EXAMPLES: 101}, "its ledger says it sampled from 100"),
+        "nan epsilon": (good, {M.EPSILON: float("nan")}, "finite"),
+        "extra metric": (good, {"train-loss": 0.3}, "metric keys differ"),
     }
 
 
@@ -50,10 +53,14 @@ def test_each_kind_of_bad_reply_is_rejected_with_a_reason():
     arrays = initial_arrays(cfg)
     layout = expected_layout(arrays)
     good = {k: v.numpy().copy() for k, v in arrays.items()}
-    check_train_reply(train_reply(1, good), layout, cfg.strategy.max_examples)  # the good one passes
+
+    def check(reply):
+        return check_train_reply(reply, layout, arrays, cfg, read_ledger(reply, "h"), RUN_ID, 1)
+
+    assert check(train_reply(1, good)) == 100  # the good one passes, weighted by its 100 examples
     for name, (weights, metrics, reason) in _bad_variants(good).items():
         with pytest.raises(ReplyRejected, match=reason):
-            check_train_reply(train_reply(1, weights, metrics=metrics), layout, cfg.strategy.max_examples)
+            check(train_reply(1, weights, metrics=metrics))
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
@@ -67,13 +74,12 @@ def test_bad_replies_never_reach_the_global_model(tmp_path, strategy):
     for _ in range(2):
         update = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in good.items()}
         good_updates.append(update)
-        replies.append(train_reply(node, update, n=100, hospital=f"good{node}"))
+        replies.append(train_reply(node, update, n=100, hospital=f"good{node}", cfg=cfg))
         node += 1
     for name, (weights, metrics, _) in _bad_variants(good).items():
-        replies.append(train_reply(node, weights, metrics=metrics, hospital=f"bad-{name}"))
+        replies.append(train_reply(node, weights, metrics=metrics, hospital=f"bad-{name}", cfg=cfg))
         node += 1
-    coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, "test"), "test")
-    coord.hospitals = {r.metadata.src_node_id: HospitalView(f"n{r.metadata.src_node_id}", r.metadata.src_node_id) for r in replies}
+    coord = coordinator_for(cfg, replies, tmp_path)
     record = coord.train_round(1)
     assert not record.skipped
     assert {d.hospital for d in record.dropped} == {f"bad-{n}" for n in _bad_variants(good)}
@@ -91,9 +97,7 @@ def test_round_is_skipped_when_too_few_valid_replies(tmp_path):
     good = {k: v.numpy().copy() for k, v in arrays.items()}
     bad = {k: v.copy() for k, v in good.items()}
     next(iter(bad.values())).flat[0] = np.nan
-    replies = [train_reply(1, good, hospital="a"), train_reply(2, bad, hospital="b")]
-    coord = Coordinator(cfg, ReplayGrid(replies), RunRecorder(tmp_path, cfg, "t"), "t")
-    coord.hospitals = {1: HospitalView("a", 1), 2: HospitalView("b", 2)}
+    coord = coordinator_for(cfg, [train_reply(1, good, hospital="a"), train_reply(2, bad, hospital="b")], tmp_path)
     before = {k: v.numpy().copy() for k, v in coord.arrays.items()}
     record = coord.train_round(1)
     assert record.skipped

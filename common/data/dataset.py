@@ -19,7 +19,7 @@ from .preprocess import PreprocessSummary, to_tensors
 from .records import DataError, ReadSummary, natural_key
 
 # Bump when preprocessing output changes, so stale caches are not reused.
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5
 
 
 @dataclass
@@ -36,6 +36,27 @@ class DataSummary:
     class_counts: dict[str, int]
     read: ReadSummary
     preprocess: PreprocessSummary
+
+    def notes(self) -> list[str]:
+        """What was set aside, in sentences (counts and names only, never a value)."""
+        out = []
+        if self.stays_without_outcome:
+            out.append(f"{self.stays_without_outcome} of {self.stays_read} stays have no outcome in {self.outcomes} "
+                       "and were left out")
+        if self.stays_with_missing_label:
+            out.append(f"{self.stays_with_missing_label} stays have a missing or non-finite label and were left out")
+        if self.outcomes_without_stay:
+            out.append(f"{self.outcomes_without_stay} outcome rows name no stay of {self.data}")
+        for what, counts in (
+            ("values written as nan or inf were set aside", self.read.non_finite),
+            ("values outside the plausibility ranges became missing", self.preprocess.out_of_range),
+        ):
+            if sum(counts.values()):
+                by = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                out.append(f"{sum(counts.values())} {what} ({by})")
+        if self.preprocess.after_window:
+            out.append(f"{self.preprocess.after_window} observations after the window were not used")
+        return out
 
 
 @dataclass
@@ -171,10 +192,13 @@ def load_dataset(
     data_format: str | None = None,
     id_column: str | None = None,
     require_labels: bool = True,
+    label_column: str | None = None,
 ) -> Dataset:
     """Load (from cache when possible) the configured data source, or the one given.
 
-    ``require_labels=False`` with no ``outcomes_path`` reads unlabelled stays.
+    ``require_labels=False`` with no ``outcomes_path`` reads unlabelled stays;
+    ``label_column`` names the outcomes column that holds the task's label when an export
+    calls it something else.
     """
     changes = {}
     if data_format is not None:
@@ -182,6 +206,8 @@ def load_dataset(
     if id_column is not None:
         changes["id_column"] = id_column
     data = replace(cfg.data, **changes)
+    if label_column:
+        cfg = replace(cfg, task=replace(cfg.task, label_column=label_column))
     dpath = resolve(data_path if data_path is not None else data.path)
     if outcomes_path is None and require_labels:
         outcomes_path = data.outcomes

@@ -141,10 +141,29 @@ def make_partition(ds: Dataset, cfg: ExperimentConfig) -> list[HospitalSplit]:
 
 
 def split_hospital(name: str, indices: np.ndarray, y: np.ndarray, cfg: ExperimentConfig) -> HospitalSplit:
-    """A hospital's own split; the seed depends on the hospital's name only."""
+    """A hospital's own split; the seed depends on the hospital's name only (never on
+    the fold, so the folds of one seed partition the hospital's stays)."""
     rng = _rng(cfg.run.seed, cfg.split.seed, "split", name)
-    train, val, test = stratified_split(np.asarray(indices, dtype=np.int64), y, cfg.split, rng)
+    indices = np.asarray(indices, dtype=np.int64)
+    if cfg.split.folds:
+        test = fold_of(indices, y, cfg.split.folds, cfg.split.fold, rng)
+        rest = np.setdiff1d(indices, test)
+        val_share = cfg.split.val / (cfg.split.train + cfg.split.val)
+        within = replace(cfg.split, train=1 - val_share, val=val_share, test=0.0)
+        train, val, _ = stratified_split(rest, y, within, _rng(cfg.run.seed, cfg.split.seed, "fold", cfg.split.fold, name))
+        return HospitalSplit(name=name, train=train, val=val, test=test)
+    train, val, test = stratified_split(indices, y, cfg.split, rng)
     return HospitalSplit(name=name, train=train, val=val, test=test)
+
+
+def fold_of(indices: np.ndarray, y: np.ndarray, folds: int, fold: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold ``fold`` of ``folds`` folds stratified by label: each class's stays are
+    shuffled once and dealt round-robin, so the folds are disjoint and cover everyone."""
+    chosen = []
+    for k in np.unique(y[indices]):
+        members = rng.permutation(indices[y[indices] == k])
+        chosen.append(members[fold::folds])
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
 
 @dataclass

@@ -1,0 +1,129 @@
+"""``fedgru hospital serve``: the hospital runs only the app version its staff approved.
+
+Flower ships each run's app to the SuperNode as a FAB and, by default, runs whatever it
+receives. Its own check (``flower-supernode --trusted-entities``) accepts only FABs that
+a SuperLink marked as verified, which a self-hosted SuperLink never does, so a hospital
+needs its own gate. This is it: the SuperNode starts with ``--isolation process`` and
+runs no app itself; this process takes each task from the SuperNode's local runtime API,
+compares the hash of the FAB the run came with against the hashes in the hospital's
+``approved-apps.txt``, and
+
+- refuses an unapproved FAB before anything reads patient data: the reply is an error
+  that says so, and the hospital's log names the hash;
+- runs an approved one with the app installed here, which is the approved code: at
+  start-up this process checks that the installed project builds exactly an approved
+  FAB, and refuses to serve otherwise.
+
+It imports torch, Opacus and the app once; each task then runs in a child forked from
+this process (milliseconds, no imports), so a task that Flower stops (it signals the
+task's process when its run ends) or that crashes ends alone, and the hospital goes on
+serving. The runtime-API calls are Flower 1.42's own (the ones its ``flwr-clientapp`` and
+``flower-superexec`` make).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from common.paths import project_root
+
+from .folder import FolderError, HospitalFolder
+
+log = logging.getLogger("fedgru.hospital")
+
+
+def app_hash(project: Path | None = None) -> str:
+    """The sha256 of the FAB that ``flwr run`` builds from a project folder (default:
+    the installed fedgru project): the identity of an app version."""
+    return hashlib.sha256(build_fab_from_disk(project or project_root())).hexdigest()
+
+
+class Gate:
+    """Serves one hospital's SuperNode: approved app versions only."""
+
+    def __init__(self, folder: HospitalFolder, runtime_address: str, poll_s: float = 0.2):
+        self.folder = folder
+        self.address = runtime_address
+        self.poll_s = poll_s
+        self.installed = app_hash()
+        if self.installed not in folder.approved():
+            raise FolderError(
+                f"the installed fedgru (app sha256 {self.installed}) is not in {folder.path / 'approved-apps.txt'}: "
+                "review it, then run `fedgru hospital approve`"
+            )
+        from .app import build_client_app  # the heavy imports, once
+
+        self.app = build_client_app()
+        self.client = self._client(RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+
+    def _client(self, *interceptors) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def serve(self, max_tasks: int | None = None) -> None:
+        log.info("%s serves app %s… at %s", self.folder.name, self.installed[:16], self.address)
+        done = 0
+        while max_tasks is None or done < max_tasks:
+            res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if res.HasField("task") and res.token:
+                self._in_child(res.token)
+                done += 1
+            else:
+                time.sleep(self.poll_s)
+
+    def _in_child(self, token: str) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: one task, then gone (whatever happens in it)
+            code = 1
+            try:
+                self.run_task(token)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            log.warning("%s: a task ended early (status %s); serving on", self.folder.name, status)
+
+    def run_task(self, token: str) -> None:
+        client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token))
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context = None
+        try:
+            message, context, _run, fab = pull_task_input(client)
+            if fab.hash_str != self.installed or fab.hash_str not in self.folder.approved():
+                log.error(
+                    "%s refused a task: the run's app (sha256 %s) is not an app version this hospital approved; "
+                    "nothing was read", self.folder.name, fab.hash_str,
+                )
+                reason = f"{self.folder.name} runs only app versions its staff approved; app {fab.hash_str[:16]}… is not one"
+                push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), context)
+                push_task_output(client, context, SubStatus.FAILED, reason)
+                return
+            reply = self.app(message=message, context=context)
+            push_message(client, reply, context)
+            push_task_output(client, context, SubStatus.COMPLETED, "")
+        except Exception as exc:  # noqa: BLE001 - one broken task must not stop the hospital
+            log.exception("a task failed")
+            push_task_output(client, context, SubStatus.FAILED, f"the hospital's app failed ({exc.__class__.__name__})")
+        finally:
+            heartbeat.stop()
+            client.close()

@@ -1,0 +1,153 @@
+"""What a hospital allows: its own privacy policy, enforced on every message.
+
+A real hospital's policy lives in its own folder (``client.folder``), written by its
+staff with ``fedgru hospital init``; the coordinator never sets it. The experiment config
+that arrives with a message may tighten it (a smaller budget, fewer bins), never loosen
+it: a message asking for anything outside the policy is refused with a reply state of
+``refused-policy`` and a reason that names the setting, before the hospital reads any
+patient file. What depends on the number of training stays (the calibrated noise
+multiplier, the epsilon of one round) is checked after counting them and before any
+training.
+
+A simulated hospital holds the policy the simulation's config describes (DP may be off
+there, for comparison runs); a hospital in a deployment always trains and evaluates
+with DP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from common.config import ExperimentConfig
+from common.messages import Split
+
+
+class PolicyRefusal(Exception):
+    """A message asked for something the hospital's policy does not allow."""
+
+    def __init__(self, setting: str, why: str):
+        super().__init__(f"'{setting}' {why}")
+        self.setting = setting
+
+
+@dataclass
+class SplitFractions:
+    """Shares of the hospital's stays for training, validation and test. A stay's split
+    is fixed by a keyed hash of its id, so it never moves between groups of patients,
+    whatever export or run reads it."""
+
+    train: float
+    val: float
+    test: float
+
+
+@dataclass
+class Policy:
+    max_epsilon: float  # training patients: epsilon of everything ever released about them, at delta
+    delta: float  # the delta of every epsilon in the hospital's ledger
+    eval_max_epsilon: float  # validation patients, and test patients: each group's own budget
+    min_noise_multiplier: float  # DP-SGD: a floor on the noise multiplier
+    max_epsilon_per_round: float  # DP-SGD: a ceiling on what one round may cost
+    clipping_norm: list[float]  # DP-SGD: [smallest, largest] per-example clipping norm allowed
+    evaluation_splits: list[Split]  # which patients may be evaluated (never the training split)
+    max_evaluations_per_run: dict[str, int]  # split -> score histograms one run may ask for
+    max_histogram_bins: int  # bins per class of a released score histogram
+    split: SplitFractions  # this hospital's own train/validation/test shares
+    allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
+
+    def validate(self, where: str) -> None:
+        low, high = (self.clipping_norm + [0.0, 0.0])[:2]
+        problems = [
+            (self.max_epsilon > 0 and math.isfinite(self.max_epsilon), "max_epsilon", "must be a positive number"),
+            (0 < self.delta < 1, "delta", "must be in (0, 1)"),
+            (self.eval_max_epsilon > 0, "eval_max_epsilon", "must be positive"),
+            (self.min_noise_multiplier >= 0, "min_noise_multiplier", "must not be negative"),
+            (self.max_epsilon_per_round > 0, "max_epsilon_per_round", "must be positive"),
+            (len(self.clipping_norm) == 2 and 0 < low <= high, "clipping_norm", "must be [smallest, largest], both positive"),
+            (Split.TRAIN not in self.evaluation_splits, "evaluation_splits", "must not include the training split"),
+            (self.max_histogram_bins >= 2, "max_histogram_bins", "must be at least 2"),
+            (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
+                self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
+        ]
+        for ok, key, why in problems:
+            if not ok:
+                raise ValueError(f"{where}: 'policy.{key}' {why}")
+
+    # -- what a message may ask for ---------------------------------------------------
+    def check_training(self, cfg: ExperimentConfig) -> None:
+        """Everything a training request names, before any data is read."""
+        pr = self.require_dp(cfg)
+        if pr is None:
+            return
+        low, high = self.clipping_norm
+        if not low <= pr.max_grad_norm <= high:
+            raise PolicyRefusal(
+                "privacy.max_grad_norm", f"is {pr.max_grad_norm:g}; this hospital allows clipping norms in [{low:g}, {high:g}]"
+            )
+        if pr.noise_multiplier > 0:
+            self.check_noise(pr.noise_multiplier)
+
+    def require_dp(self, cfg: ExperimentConfig):
+        if cfg.privacy.enabled:
+            return cfg.privacy
+        if self.allow_without_dp:
+            return None
+        raise PolicyRefusal("privacy.enabled", "is false; this hospital trains only with differential privacy")
+
+    def check_noise(self, noise_multiplier: float) -> None:
+        if noise_multiplier < self.min_noise_multiplier:
+            raise PolicyRefusal(
+                "privacy.noise_multiplier",
+                f"would be {noise_multiplier:.3g}; this hospital's floor is {self.min_noise_multiplier:g}",
+            )
+
+    def check_round_cost(self, epsilon_of_round: float) -> None:
+        if epsilon_of_round > self.max_epsilon_per_round:
+            raise PolicyRefusal(
+                "privacy",
+                f"settings would spend epsilon {epsilon_of_round:.3g} in one round; this hospital allows "
+                f"{self.max_epsilon_per_round:g} per round",
+            )
+
+    def check_evaluation(self, cfg: ExperimentConfig, split: Split, planned: int, released_this_run: int) -> None:
+        """An evaluation request: allowed split, resolution, DP, and how many this run may ask for."""
+        if split not in self.evaluation_splits:
+            allowed = ", ".join(s.value for s in self.evaluation_splits) or "none"
+            raise PolicyRefusal("evaluate", f"asks for the {split.value} split; this hospital evaluates only: {allowed}")
+        if cfg.evaluation.score_bins > self.max_histogram_bins:
+            raise PolicyRefusal(
+                "evaluation.score_bins", f"is {cfg.evaluation.score_bins}; this hospital releases at most "
+                f"{self.max_histogram_bins} bins per class",
+            )
+        if not cfg.evaluation.dp and not self.allow_without_dp:
+            raise PolicyRefusal("evaluation.dp", "is false; this hospital releases score histograms only with DP noise")
+        allowed = self.max_evaluations_per_run.get(split.value, 0)
+        if planned > allowed or released_this_run >= allowed:
+            raise PolicyRefusal(
+                "evaluation", f"this run asks for {max(planned, released_this_run + 1)} {split.value} releases; "
+                f"this hospital allows {allowed} per run",
+            )
+
+    def training_budget(self, cfg: ExperimentConfig, hospital: str) -> float:
+        """The stricter of the hospital's budget and the experiment's."""
+        return min(self.max_epsilon, cfg.privacy.budget_for(hospital))
+
+    @classmethod
+    def for_simulation(cls, cfg: ExperimentConfig, hospital: str, train_examples: int) -> Policy:
+        """A simulated hospital's policy: the simulation's own settings, DP optional."""
+        ev = cfg.evaluation
+        return cls(
+            max_epsilon=cfg.privacy.budget_for(hospital),
+            delta=cfg.privacy.delta_for(train_examples),
+            eval_max_epsilon=max(ev.val_epsilon, ev.test_epsilon) * (1 + 1e-6),
+            min_noise_multiplier=0.0,
+            max_epsilon_per_round=math.inf,
+            clipping_norm=[0.0 + 1e-12, math.inf],
+            evaluation_splits=[Split.VAL, Split.TEST],
+            max_evaluations_per_run=cfg.planned_evaluations(),
+            max_histogram_bins=ev.score_bins,
+            split=SplitFractions(cfg.split.train, cfg.split.val, cfg.split.test),
+            allow_without_dp=True,
+        )
+

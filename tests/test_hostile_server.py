@@ -1,0 +1,350 @@
+"""A hospital's privacy holds against the coordinator itself, and the coordinator holds
+against a hostile hospital.
+
+Each test plays one row of the attack table (issue "A hospital's privacy holds even
+against the server") against the real hospital ClientApp on its own folder, with real
+Flower Message objects in process, or against the real coordinator with crafted
+replies. A different app submitted to the SuperLink is played by the deployment test
+(a real SuperNode). The last test checks a whole simulated run: every value in every
+reply is a DP release in the ledger or a declared non-DP release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, MessageType
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.folder import FolderError, HospitalFolder
+from client.ledger_store import FileLedgerStore
+from common import messages as M
+from common.ledger import Ledger
+from common.messages import Mechanism, ReplyState, Split
+from common.metrics import ScoreGrid, ScoreSummary
+from common.model import GRUClassifier, model_spec
+from common.privacy import epsilon
+from common.training import predict_proba
+from server.coordinator import initial_arrays
+from tests.conftest import (
+    ROOT,
+    coordinator_for,
+    hospital_cfg,
+    hospital_message,
+    make_hospital,
+    node_context,
+    reply_status,
+    small_cfg,
+    train_reply,
+)
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+@pytest.fixture
+def hospital(hospital_data, tmp_path):
+    return make_hospital(tmp_path, *hospital_data, max_epsilon=2.5)
+
+
+def _ledger(folder) -> Ledger:
+    f = HospitalFolder(folder)
+    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
+
+
+def _refused(reply, setting: str) -> None:
+    status = reply_status(reply)
+    assert status[M.STATE] == ReplyState.REFUSED_POLICY, status
+    assert setting in status[M.REASON]
+    assert not reply.content.array_records and not reply.content.metric_records  # nothing released
+
+
+# ---------------------------------------------------------------------------------------
+# The hospital refuses what its policy does not allow, before reading patient data
+# ---------------------------------------------------------------------------------------
+
+
+def test_training_without_dp_is_refused(hospital, monkeypatch):
+    reads = []
+    monkeypatch.setattr("client.hospital.load_dataset", lambda *a, **k: reads.append(1))
+    reply = client_app.train(hospital_message(hospital_cfg("privacy.enabled=false"), "r", 1), node_context(hospital))
+    _refused(reply, "privacy.enabled")
+    assert not reads  # refused before any patient file was read
+    assert _ledger(hospital).entries == []
+
+
+def test_weak_noise_and_a_huge_budget_in_the_message_are_refused(hospital):
+    weak = hospital_cfg("privacy.noise_multiplier=0.3", "privacy.target_epsilon=0", "privacy.max_epsilon=1e9")
+    _refused(client_app.train(hospital_message(weak, "r", 1), node_context(hospital)), "privacy.noise_multiplier")
+    # above the floor, but one round would cost more than the hospital allows per round
+    costly = hospital_cfg("privacy.noise_multiplier=0.6", "privacy.target_epsilon=0", "privacy.max_epsilon=1e9")
+    _refused(client_app.train(hospital_message(costly, "r", 1), node_context(hospital)), "per round")
+    assert _ledger(hospital).epsilon() == 0.0
+
+
+def test_a_hospital_without_its_own_budget_cannot_start(hospital):
+    settings = hospital / "hospital.yaml"
+    text = yaml.safe_load(settings.read_text())
+    del text["policy"]["max_epsilon"]
+    settings.write_text(yaml.safe_dump(text))
+    with pytest.raises(FolderError, match="policy.max_epsilon"):
+        HospitalFolder(hospital)
+    reply = client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital))
+    assert reply_status(reply)[M.STATE] == ReplyState.REFUSED and "max_epsilon" in reply_status(reply)[M.REASON]
+
+
+@pytest.mark.parametrize("split", ["train", "everyone"])
+def test_evaluating_the_training_split_or_an_unknown_one_is_refused(hospital, split):
+    reply = client_app.evaluate(hospital_message(hospital_cfg(), "r", 1, MessageType.EVALUATE, split), node_context(hospital))
+    _refused(reply, "evaluate")
+
+
+def test_a_fine_histogram_is_refused(hospital):
+    cfg = hospital_cfg("evaluation.score_bins=1000000")
+    reply = client_app.evaluate(hospital_message(cfg, "r", 1, MessageType.EVALUATE, "val"), node_context(hospital))
+    _refused(reply, "evaluation.score_bins")
+
+
+def test_more_evaluations_than_the_policy_allows_are_refused(hospital):
+    per_round = hospital_cfg("run.rounds=40", "evaluation.validate_every=1")  # 40 validation releases planned
+    reply = client_app.train(hospital_message(per_round, "r", 2, evaluate="val"), node_context(hospital))
+    _refused(reply, "evaluation")
+    context = node_context(hospital)
+    cfg = hospital_cfg()
+    first = client_app.evaluate(hospital_message(cfg, "r2", 3, MessageType.EVALUATE, "test"), context)
+    assert reply_status(first)[M.STATE] == ReplyState.EVALUATED
+    again = client_app.evaluate(hospital_message(cfg, "r2", 3, MessageType.EVALUATE, "test"), context)
+    _refused(again, "evaluation")  # the test patients are scored once per run
+
+
+def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hospital_data):
+    """Before: a model whose logit is one weight on Age read back every validation
+    patient's age with their outcome. Now the release is 20 bins per class with Gaussian
+    noise, recorded in the ledger as a DP release about the validation patients."""
+    cfg = hospital_cfg()
+    spec = model_spec(cfg)
+    crafted = GRUClassifier(spec, "torch")
+    with torch.no_grad():
+        for p in crafted.parameters():
+            p.zero_()
+        crafted.head[-1].weight[0, -spec.n_static] = 4.0  # the head's Age input (the first descriptor)
+    arrays = ArrayRecord(torch_state_dict=crafted.state_dict())
+    reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "val", arrays=arrays),
+                                node_context(hospital))
+    released = ScoreSummary.from_arrays({k: v.numpy() for k, v in reply.content[M.evaluation_key(Split.VAL)].items()})
+    assert released.histogram.shape == (2, 1, 20)
+    entry = _ledger(hospital).entries[-1]
+    assert (entry.mechanism, entry.split) == (Mechanism.GAUSSIAN, Split.VAL) and entry.noise_multiplier > 2
+    # the exact histogram, as the hospital itself would compute it, is hidden under the noise
+    from client.hospital import Node
+
+    data = Node(cfg, node_context(hospital)).data()
+    probs = predict_proba(crafted.eval(), data.dataset.X[data.val], data.dataset.S[data.val])
+    exact = ScoreSummary.from_predictions(data.dataset.y[data.val], probs, ScoreGrid(-7.0, 3.0, 20))
+    assert np.std(released.histogram - exact.histogram) > 2.0
+
+
+def test_no_evaluation_after_the_evaluation_budget_is_spent(hospital_data, tmp_path):
+    folder = make_hospital(tmp_path, *hospital_data, max_epsilon=1.0, eval_epsilon=1.0)
+    cfg = hospital_cfg()
+    states = []
+    for run in ("a", "b", "c"):
+        reply = client_app.evaluate(hospital_message(cfg, run, 3, MessageType.EVALUATE, "val"), node_context(folder))
+        states.append(M.evaluation_key(Split.VAL) in reply.content.array_records)
+        if not states[-1]:
+            assert "budget" in reply_status(reply)[M.NOT_EVALUATED]
+    assert states[0] and not states[-1]
+    assert _ledger(folder).epsilon(Split.VAL) <= 1.0
+
+
+def test_the_training_loss_is_never_released_and_repeats_differ(hospital):
+    cfg = hospital_cfg("training.sample_rate=1.0", "model.dropout=0")
+    replies = [client_app.train(hospital_message(cfg, f"run-{i}", 1), node_context(hospital)) for i in range(3)]
+    for reply in replies:
+        assert set(reply.content[M.METRICS].keys()) == set(M.TRAIN_METRIC_KEYS)  # no loss, nothing else
+    weights = [np.concatenate([v.numpy().ravel() for v in r.content[M.ARRAYS].values()]) for r in replies]
+    assert not np.allclose(weights[0], weights[1]) and not np.allclose(weights[1], weights[2])  # fresh noise each time
+
+
+def test_two_trainings_at_once_keep_every_entry(hospital):
+    cfg = hospital_cfg()
+    errors = []
+
+    def train(r):
+        try:
+            client_app.train(hospital_message(cfg, "run-x", r), node_context(hospital))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(r,)) for r in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ledger = _ledger(hospital)
+    assert sorted(e.round for e in ledger.noisy(Split.TRAIN)) == [1, 2, 3]
+    assert ledger.epsilon() == pytest.approx(epsilon(ledger.history(Split.TRAIN), ledger.delta), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# The coordinator drops a hostile hospital's reply, names its node, and goes on
+# ---------------------------------------------------------------------------------------
+
+
+def _forged(reply, change):
+    status = dict(reply.content[M.STATUS])
+    status[M.LEDGER] = change(status[M.LEDGER])
+    from flwr.app import ConfigRecord
+
+    reply.content[M.STATUS] = ConfigRecord(status)
+    return reply
+
+
+def _sigma(value):
+    def change(text):
+        data = json.loads(text)
+        data["entries"][0]["noise_multiplier"] = value
+        return json.dumps(data)
+
+    return change
+
+
+@pytest.mark.parametrize("forgery, reason", [
+    (lambda text: "{not json", "not valid JSON"),
+    (_sigma("2.0"), "finite numbers"),
+    (_sigma(0.0), "noise multiplier > 0"),
+])
+def test_a_forged_ledger_is_dropped_with_the_node_and_the_run_goes_on(tmp_path, forgery, reason):
+    cfg = small_cfg()
+    good = {k: v.numpy().copy() + 0.01 for k, v in initial_arrays(cfg).items()}
+    replies = [train_reply(1, good, hospital="a"), train_reply(2, good, hospital="b"),
+               _forged(train_reply(3, good, hospital="c"), forgery)]
+    coord = coordinator_for(cfg, replies, tmp_path)
+    record = coord.train_round(1)
+    assert not record.skipped and set(record.hospitals) == {"a", "b"}
+    (dropped,) = record.dropped
+    assert (dropped.hospital, dropped.node_id) == ("c", 3) and reason in dropped.reason
+
+
+def test_a_claimed_huge_count_and_a_huge_update_are_dropped(tmp_path):
+    cfg = small_cfg()
+    base = {k: v.numpy().copy() for k, v in initial_arrays(cfg).items()}
+    good = {k: v + 0.01 for k, v in base.items()}
+    replies = [
+        train_reply(1, good, hospital="a"), train_reply(2, good, hospital="b"),
+        train_reply(3, good, hospital="c", metrics={M.NUM_EXAMPLES: 1_000_000}),
+        train_reply(4, {k: v + 1e29 for k, v in base.items()}, hospital="d"),
+    ]
+    coord = coordinator_for(cfg, replies, tmp_path)
+    record = coord.train_round(1)
+    reasons = {d.hospital: d.reason for d in record.dropped}
+    assert "its ledger says it sampled from 100" in reasons["c"] and "L2 norm" in reasons["d"]
+    for k, v in coord.arrays.items():  # the average is the two honest updates'
+        np.testing.assert_allclose(v.numpy(), good[k], rtol=1e-6)
+
+
+def test_a_node_replying_under_another_hospitals_name_is_dropped_as_itself(tmp_path):
+    cfg = small_cfg()
+    good = {k: v.numpy().copy() + 0.01 for k, v in initial_arrays(cfg).items()}
+    replies = [train_reply(1, good, hospital="a"), train_reply(2, good, hospital="b"), train_reply(3, good, hospital="c")]
+    coord = coordinator_for(cfg, replies, tmp_path)
+    replies[2] = train_reply(3, good, hospital="a")  # node 3 registered as c, now claims to be a
+    coord.grid.replies = replies
+    record = coord.train_round(1)
+    (dropped,) = record.dropped
+    assert (dropped.hospital, dropped.node_id) == ("c", 3) and "claims to come from 'a'" in dropped.reason
+    assert set(record.hospitals) == {"a", "b"} and coord.hospitals[1].rounds_trained == 1
+
+
+# ---------------------------------------------------------------------------------------
+# A whole run: every value in every reply is a DP release in the ledger or a declared one
+# ---------------------------------------------------------------------------------------
+
+RECORDING_RUN = r"""
+import json, sys
+from pathlib import Path
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from client.app import build_client_app
+from common.config import load_config
+from server.app import run_server
+
+cfg = load_config(None, sys.argv[2:])
+out = Path(sys.argv[1])
+seen = []
+
+class RecordingGrid:
+    def __init__(self, grid):
+        self.grid = grid
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                continue
+            c = r.content
+            seen.append({
+                "arrays": {k: list(v.keys()) for k, v in c.array_records.items()},
+                "metrics": {k: list(v.keys()) for k, v in c.metric_records.items()},
+                "configs": {k: dict(v) for k, v in c.config_records.items()},
+            })
+        return replies
+
+app = ServerApp()
+
+@app.main()
+def main(grid, context):
+    run_server(cfg, RecordingGrid(grid), out / "run")
+
+run_simulation(server_app=app, client_app=build_client_app(), num_supernodes=4,
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
+(out / "replies.json").write_text(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_files):
+    overrides = ["data.max_stays=400", "run.rounds=3", "evaluation.validate_every=1", "model.gru_hidden=[4]"]
+    proc = subprocess.run([sys.executable, "-c", RECORDING_RUN, str(tmp_path), *overrides], cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replies = json.loads((tmp_path / "replies.json").read_text())
+    declared = {r.field: r for r in M.RELEASES}
+    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert {r["field"] for r in privacy["non_dp_releases"]} == {f for f, r in declared.items() if not r.dp}
+    dp_kinds = set()
+    assert len(replies) >= 4 * (1 + 3 + 1)  # query, 3 training rounds, the final evaluation
+    for reply in replies:
+        status = reply["configs"][M.STATUS]
+        assert set(reply["configs"]) == {M.STATUS}
+        for key in status:
+            assert M.FIELD_RELEASES[key] in declared, key
+        for keys in reply["metrics"].values():
+            for key in keys:
+                assert not declared[M.FIELD_RELEASES[key]].dp, key
+        ledger = Ledger.from_json(status[M.LEDGER]) if M.LEDGER in status else None
+        for name, keys in reply["arrays"].items():
+            if name == M.ARRAYS:
+                split, mechanism = Split.TRAIN, Mechanism.DP_SGD
+            else:
+                assert name.startswith(M.EVALUATION_PREFIX)
+                split, mechanism = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN
+                for key in keys:
+                    assert M.FIELD_RELEASES[key] in declared, key
+            dp_kinds.add(name)
+            assert ledger is not None and any(e.split == split and e.mechanism == mechanism for e in ledger.entries), name
+    assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST)}
