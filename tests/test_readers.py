@@ -126,7 +126,7 @@ def test_outcomes_reader_and_errors(physionet_files, tmp_path):
     with pytest.raises(DataError) as err:
         read_outcomes(bad, "stay_id", "label")
     assert "line 3" in str(err.value) and "maybe" not in str(err.value)
-    with pytest.raises(DataError, match="no column 'label'"):
+    with pytest.raises(DataError, match="lacks column\(s\) 'label'"):
         read_outcomes(outcomes, "RecordID", "label")
 
 

@@ -6,130 +6,124 @@ config's ``features.static`` are descriptors: their first row in a stay is the
 descriptor, later rows are observations. Labels: a CSV with a header that includes the
 configured id and label columns (``stay_id,label`` for exports, ``RecordID,...`` for
 PhysioNet's ``Outcomes-*.txt``).
+
+Every problem is a :class:`DataError` naming the file, the line and, where there is one,
+the column; no message carries a value from the file.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
-import numpy as np
-
-from .records import DataError, ReadSummary, Stay, natural_key
+from .records import DataError, ReadSummary, Stay, StayBuilder, csv_rows, decode_lines, natural_key, parse_number
 
 EVENT_COLUMNS = ("stay_id", "time_hours", "variable", "value")
 
 
-def _open_text(path: Path, what: str) -> io.TextIOWrapper:
+def _read_lines(path: Path, what: str) -> list[str]:
     if not path.exists():
         raise DataError(str(path), f"{what} not found")
     if path.is_dir():
         raise DataError(str(path), f"{what} must be a CSV file, not a folder")
-    return open(path, newline="", encoding="utf-8-sig")
+    return decode_lines(path.read_bytes(), str(path))
 
 
-def read_long_csv(
-    path: Path, variables: list[str], static_names: list[str], summary: ReadSummary
-) -> list[Stay]:
+def _header(rows, path: Path, what: str) -> list[str]:
+    first = next(rows, None)
+    if first is None:
+        raise DataError(str(path), f"{what} is empty", line=1)
+    return [h.strip() for h in first[1]]
+
+
+def _looks_like_data(header: list[str]) -> bool:
+    def number(cell: str) -> bool:
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+
+    return any(number(h) for h in header if h)
+
+
+def _missing_columns(path: Path, header: list[str], wanted: list[str]) -> DataError:
+    if _looks_like_data(header):  # a header-less file: its first line is a patient's data, never printed
+        return DataError(str(path), f"the first line holds numbers, not column names: the file needs a header "
+                                    f"naming {', '.join(repr(c) for c in wanted)}", line=1)
+    missing = [c for c in wanted if c not in header]  # the header itself is never printed: it may be damaged data
+    return DataError(str(path), f"header lacks column(s) {', '.join(repr(c) for c in missing)}", line=1)
+
+
+def read_long_csv(path: Path, variables: list[str], static_names: list[str], summary: ReadSummary) -> list[Stay]:
     var_index = {name: i for i, name in enumerate(variables)}
     statics = set(static_names)
-    per_stay: dict[str, tuple[dict[str, float], list[float], list[int], list[float]]] = {}
-    with _open_text(path, "events file") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(str(path), "is empty")
-        header = [h.strip() for h in header]
-        missing = [c for c in EVENT_COLUMNS if c not in header]
-        if missing:
-            raise DataError(
-                str(path), f"header lacks column(s) {', '.join(missing)}; expected {','.join(EVENT_COLUMNS)}", line=1
-            )
-        col = {name: header.index(name) for name in EVENT_COLUMNS}
-        width = len(header)
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != width:
-                raise DataError(str(path), f"expected {width} fields, found {len(row)}", line=lineno)
-            stay_id = row[col["stay_id"]].strip()
-            if not stay_id:
-                raise DataError(str(path), "stay id is empty", line=lineno, column="stay_id")
-            name = row[col["variable"]].strip()
-            if not name:
-                raise DataError(str(path), "variable name is empty", line=lineno, column="variable")
-            try:
-                t = float(row[col["time_hours"]])
-            except ValueError:
-                raise DataError(str(path), "time is not a number", line=lineno, column="time_hours") from None
-            if not math.isfinite(t) or t < 0:
-                raise DataError(str(path), "time must be a finite number of hours >= 0", line=lineno, column="time_hours")
-            try:
-                v = float(row[col["value"]])
-            except ValueError:
-                raise DataError(str(path), "value is not a number", line=lineno, column="value") from None
-            static, times, idxs, vals = per_stay.setdefault(stay_id, ({}, [], [], []))
-            summary.lines += 1
-            if name in statics and name not in static:
-                static[name] = v
-                continue
-            idx = var_index.get(name)
-            if idx is None:
-                summary.unknown_parameters[name] += 1
-                continue
-            times.append(t)
-            idxs.append(idx)
-            vals.append(v)
+    rows = csv_rows(_read_lines(path, "events file"), str(path))
+    header = _header(rows, path, "events file")
+    if any(c not in header for c in EVENT_COLUMNS):
+        raise _missing_columns(path, header, list(EVENT_COLUMNS))
+    col = {name: header.index(name) for name in EVENT_COLUMNS}
+    width = len(header)
+    per_stay: dict[str, StayBuilder] = {}
+    for lineno, row in rows:
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != width:
+            raise DataError(str(path), f"expected {width} fields, found {len(row)}", line=lineno)
+        stay_id = row[col["stay_id"]].strip()
+        if not stay_id:
+            raise DataError(str(path), "stay id is empty", line=lineno, column="stay_id")
+        name = row[col["variable"]].strip()
+        if not name:
+            raise DataError(str(path), "variable name is empty", line=lineno, column="variable")
+        try:
+            t = parse_number(row[col["time_hours"]])
+        except ValueError:
+            raise DataError(str(path), "time is not a number", line=lineno, column="time_hours") from None
+        if not math.isfinite(t) or t < 0:
+            raise DataError(str(path), "time must be a finite number of hours >= 0", line=lineno, column="time_hours")
+        try:
+            v = parse_number(row[col["value"]])
+        except ValueError:
+            raise DataError(str(path), "value is not a number", line=lineno, column="value") from None
+        stay = per_stay.setdefault(stay_id, StayBuilder(var_index, summary))
+        summary.lines += 1
+        if name in statics and name not in stay.static:
+            stay.descriptor(name, v)
+        else:
+            stay.observation(name, t, v)
     summary.files += 1
     if not per_stay:
-        raise DataError(str(path), "holds no observations")
-    stays = []
-    for stay_id in sorted(per_stay, key=natural_key):
-        static, times, idxs, vals = per_stay[stay_id]
-        if not times:
-            summary.stays_without_observations += 1
-        stays.append(
-            Stay(
-                stay_id=stay_id,
-                static=static,
-                time=np.asarray(times, dtype=np.float32),
-                var=np.asarray(idxs, dtype=np.int16),
-                value=np.asarray(vals, dtype=np.float32),
-            )
-        )
-    return stays
+        raise DataError(str(path), "holds no observations after its header", line=2)
+    return [per_stay[stay_id].build(stay_id) for stay_id in sorted(per_stay, key=natural_key)]
 
 
 def read_outcomes(path: Path, id_column: str, label_column: str) -> dict[str, float]:
     """Read ``id -> label value`` from a CSV outcome table."""
+    rows = csv_rows(_read_lines(path, "outcomes file"), str(path))
+    header = _header(rows, path, "outcomes file")
+    # A long-format export's labels.csv says stay_id,label, whatever the task calls them.
+    id_column = id_column if id_column in header or "stay_id" not in header else "stay_id"
+    label_column = label_column if label_column in header or "label" not in header else "label"
+    if id_column not in header or label_column not in header:
+        raise _missing_columns(path, header, [id_column, label_column])
+    id_col, label_col = header.index(id_column), header.index(label_column)
     out: dict[str, float] = {}
-    with _open_text(path, "outcomes file") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(str(path), "is empty")
-        header = [h.strip() for h in header]
-        for name in (id_column, label_column):
-            if name not in header:
-                raise DataError(
-                    str(path), f"header has no column '{name}' (columns: {', '.join(header)})", line=1
-                )
-        id_col, label_col = header.index(id_column), header.index(label_column)
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(str(path), f"expected {len(header)} fields, found {len(row)}", line=lineno)
-            stay_id = row[id_col].strip()
-            try:
-                value = float(row[label_col])
-            except ValueError:
-                raise DataError(str(path), "label is not a number", line=lineno, column=label_column) from None
-            if stay_id in out:
-                raise DataError(str(path), "stay id appears twice", line=lineno, column=id_column)
-            out[_canonical_id(stay_id)] = value
+    for lineno, row in rows:
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(str(path), f"expected {len(header)} fields, found {len(row)}", line=lineno)
+        stay_id = _canonical_id(row[id_col].strip())
+        if not stay_id:
+            raise DataError(str(path), "stay id is empty", line=lineno, column=id_column)
+        try:
+            value = parse_number(row[label_col])
+        except ValueError:
+            raise DataError(str(path), "label is not a number", line=lineno, column=label_column) from None
+        if stay_id in out:  # '132539.0' and '132539' are one stay: two labels for it is an error
+            raise DataError(str(path), "a stay id appears twice", line=lineno, column=id_column)
+        out[stay_id] = value
     return out
 
 
@@ -139,4 +133,4 @@ def _canonical_id(stay_id: str) -> str:
         f = float(stay_id)
     except ValueError:
         return stay_id
-    return str(int(f)) if f.is_integer() else stay_id
+    return str(int(f)) if math.isfinite(f) and f.is_integer() else stay_id

@@ -17,9 +17,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from .records import DataError, ReadSummary, Stay
+from .records import DataError, ReadSummary, Stay, StayBuilder, decode_lines, parse_number
 
 DESCRIPTORS = ("RecordID", "Age", "Gender", "Height", "ICUType", "Weight")
 HEADER = "Time,Parameter,Value"
@@ -74,20 +72,14 @@ def parse_stay(
     summary: ReadSummary,
 ) -> Stay:
     """Parse one stay file. ``var_index`` maps configured variable names to indices."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(source, "is not UTF-8 text") from None
-    lines = text.splitlines()
+    lines = decode_lines(raw, source)
     if not lines or not lines[0].strip():
-        raise DataError(source, "is empty: a stay file needs the header and descriptor lines")
+        raise DataError(source, "is empty: a stay file needs the header and descriptor lines", line=1)
     if lines[0].strip() != HEADER:
         raise DataError(source, f"first line must be the header '{HEADER}'", line=1)
-    static: dict[str, float] = {}
-    times: list[float] = []
-    variables: list[int] = []
-    values: list[float] = []
+    stay = StayBuilder(var_index, summary)
     record_id: str | None = None
+    record_line = 0
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -102,23 +94,18 @@ def parse_stay(
         if not name:
             raise DataError(source, "parameter name is empty", line=lineno, column="Parameter")
         try:
-            v = float(v_text)
+            v = parse_number(v_text)
         except ValueError:
             raise DataError(source, "value is not a number", line=lineno, column="Value") from None
         # Descriptors: the first occurrence at 00:00. Later ones are observations.
-        if t == 0.0 and name in DESCRIPTORS and name not in static and name != "RecordID":
-            static[name] = v
+        if t == 0.0 and name == "RecordID":
+            if record_id is None:
+                record_id, record_line = v_text, lineno
             continue
-        if t == 0.0 and name == "RecordID" and record_id is None:
-            record_id = v_text
+        if t == 0.0 and name in DESCRIPTORS and name not in stay.static:
+            stay.descriptor(name, v)
             continue
-        idx = var_index.get(name)
-        if idx is None:
-            summary.unknown_parameters[name] += 1
-            continue
-        times.append(t)
-        variables.append(idx)
-        values.append(v)
+        stay.observation(name, t, v)
     summary.lines += len(lines) - 1
     summary.files += 1
     if record_id is not None and record_id != record_name:
@@ -128,16 +115,8 @@ def parse_stay(
         except ValueError:
             same = False
         if not same:
-            raise DataError(source, "RecordID line does not match the file name", column="RecordID")
-    if not times:
-        summary.stays_without_observations += 1
-    return Stay(
-        stay_id=record_name,
-        static=static,
-        time=np.asarray(times, dtype=np.float32),
-        var=np.asarray(variables, dtype=np.int16),
-        value=np.asarray(values, dtype=np.float32),
-    )
+            raise DataError(source, "RecordID does not match the file name", line=record_line, column="Value")
+    return stay.build(record_name)
 
 
 def read_physionet(path: Path, variables: list[str], summary: ReadSummary) -> list[Stay]:
@@ -148,7 +127,7 @@ def read_physionet(path: Path, variables: list[str], summary: ReadSummary) -> li
     ]
     seen: set[str] = set()
     for stay in stays:
-        if stay.stay_id in seen:
+        if stay.stay_id in seen:  # a local error: the stay id stays at the hospital
             raise DataError(str(path), f"stay id {stay.stay_id} appears in two files")
         seen.add(stay.stay_id)
     return stays

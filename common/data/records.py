@@ -1,8 +1,13 @@
-"""The in-memory form every reader produces, and the error every reader raises."""
+"""The in-memory form every reader produces, the error every reader raises, and the
+pieces every reader shares: text that must be UTF-8, CSV rows that must be well formed,
+and the way one stay's rows become a :class:`Stay`."""
 
 from __future__ import annotations
 
+import csv
+import math
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,3 +61,76 @@ class ReadSummary:
     lines: int = 0
     stays_without_observations: int = 0
     unknown_parameters: dict[str, int] = field(default_factory=Counter)  # name -> count
+    non_finite: dict[str, int] = field(default_factory=Counter)  # name -> values written nan or inf (set aside)
+
+
+def decode_lines(raw: bytes, source: str) -> list[str]:
+    """UTF-8 text (a byte-order mark allowed) as lines. A byte that is not UTF-8 (a
+    Latin-1 export, say) is an error naming its line, not a traceback."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(source, "is not UTF-8 text; export the file as UTF-8", line=line) from None
+    return text.splitlines()
+
+
+def csv_rows(lines: Iterable[str], source: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of CSV text; a malformed row (a stray quote, a field over
+    the csv module's limit) is an error naming its line."""
+    reader = csv.reader(lines, strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            problem = "a field is too long" if "field larger" in str(exc) else "a quote is not closed or not escaped"
+            raise DataError(source, f"is not well-formed CSV ({problem})", line=reader.line_num) from None
+        yield reader.line_num, row
+
+
+def parse_number(text: str) -> float:
+    """A number as a file writes it; ValueError for anything else."""
+    return float(text.strip())
+
+
+class StayBuilder:
+    """One stay's rows, in file order, becoming a :class:`Stay`. Values written as nan
+    or inf are set aside and counted (never silently turned into "missing"), as are
+    parameters the config does not use."""
+
+    def __init__(self, var_index: dict[str, int], summary: ReadSummary):
+        self.var_index, self.summary = var_index, summary
+        self.static: dict[str, float] = {}
+        self.times: list[float] = []
+        self.vars: list[int] = []
+        self.values: list[float] = []
+
+    def descriptor(self, name: str, value: float) -> None:
+        if not math.isfinite(value):
+            self.summary.non_finite[name] += 1
+            return
+        self.static[name] = value
+
+    def observation(self, name: str, time: float, value: float) -> None:
+        idx = self.var_index.get(name)
+        if idx is None:
+            self.summary.unknown_parameters[name] += 1
+        elif not math.isfinite(value):
+            self.summary.non_finite[name] += 1
+        else:
+            self.times.append(time)
+            self.vars.append(idx)
+            self.values.append(value)
+
+    def build(self, stay_id: str) -> Stay:
+        if not self.times:
+            self.summary.stays_without_observations += 1
+        return Stay(
+            stay_id=stay_id,
+            static=self.static,
+            time=np.asarray(self.times, dtype=np.float32),
+            var=np.asarray(self.vars, dtype=np.int16),
+            value=np.asarray(self.values, dtype=np.float32),
+        )
