@@ -29,6 +29,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, wraps
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
 from common.privacy import NoisyRelease, calibrate_evaluation_noise, calibrate_noise, epsilon, steps_per_round
 from common.training import (
+    Canaries,
     DPSettings,
     TensorData,
     predict_proba,
@@ -75,16 +77,16 @@ def _status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
     return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
 
 
-def _refusing(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _refusing(handler: Callable[..., Message]) -> Callable[..., Message]:
     """Turn every failure into a reply the coordinator may read: what went wrong in
     words it may see; the details only in this hospital's log."""
 
     @wraps(handler)
-    def wrapped(msg: Message, context: Context) -> Message:
+    def wrapped(msg: Message, context: Context, *more) -> Message:
         attach_to_flower()
         name = "hospital"
         try:
-            return handler(msg, context)
+            return handler(msg, context, *more)
         except Refused as exc:
             state, reason = exc.state, exc.reason
         except PolicyRefusal as exc:
@@ -272,8 +274,20 @@ def _noise_multiplier(cfg: ExperimentConfig, state: LocalState, q: float, steps:
     return state.noise_multiplier
 
 
+@dataclass
+class CanaryAudit:
+    """A privacy audit of one simulated hospital (``simulations.audit`` sets it; a real
+    hospital never has one): its canaries train beside the model, and the audit
+    coordinates each round releases are written to ``out_dir`` for the auditor."""
+
+    hospital: str
+    included: np.ndarray  # (m,) bool: which canaries are in the hospital's data
+    out_dir: str
+    tamper: Callable | None = None  # tests only: a planted bug in the DP optimizer
+
+
 @_refusing
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> Message:
     req = Request(msg, context)
     cfg, data = req.cfg, req.data
     # The same round with the same global model again (a resumed server): resend the
@@ -324,6 +338,9 @@ def train(msg: Message, context: Context) -> Message:
 
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
+    canaries = None
+    if audit is not None and audit.hospital == req.node.name and req.node.mode == NodeMode.SIMULATION:
+        canaries = Canaries(torch.as_tensor(audit.included, dtype=torch.bool), audit.tamper)
     result = train_local(
         model, TensorData.from_numpy(data.dataset.X[data.train], data.dataset.S[data.train], data.dataset.y[data.train], device),
         training_for_round(cfg, req.server_round), steps, dp,
@@ -331,7 +348,10 @@ def train(msg: Message, context: Context) -> Message:
         noise_generator=secret_generator(device) if dp else None,
         optimizer_state=state.optimizer if cfg.training.keep_optimizer_state else None,
         proximal_mu=float(msg.content[M.CONFIG].get(M.PROXIMAL_MU, 0.0)),
+        canaries=canaries,
     )
+    if canaries is not None:
+        np.save(Path(audit.out_dir) / f"round-{req.server_round:04d}.npy", result.canary_coordinates)
     state.optimizer = result.optimizer_state if cfg.training.keep_optimizer_state else b""
     state.save(context)
     eps = ledger.epsilon() if dp else -1.0
@@ -380,11 +400,19 @@ def _unpack(blob: bytes) -> RecordDict:
     return RecordDict(records)
 
 
-def build_client_app(mods: list | None = None) -> ClientApp:
-    """The hospital ClientApp; ``mods`` wrap every handler (simulations inject faults so)."""
+def build_client_app(mods: list | None = None, audit: CanaryAudit | None = None) -> ClientApp:
+    """The hospital ClientApp; ``mods`` wrap every handler (simulations inject faults
+    so); ``audit`` puts a privacy audit's canaries into one simulated hospital."""
     client_app = ClientApp(mods=mods or [])
     client_app.query()(_refusing(query))
-    client_app.train()(train)
+    if audit is None:
+        client_app.train()(train)
+    else:
+        @wraps(train)
+        def audited(msg: Message, context: Context) -> Message:
+            return train(msg, context, audit)
+
+        client_app.train()(audited)
     client_app.evaluate()(evaluate)
     return client_app
 

@@ -19,6 +19,7 @@ import io
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -59,9 +60,33 @@ class DPSettings:
 @dataclass
 class LocalResult:
     steps: int  # optimizer steps taken (each a noisy release under DP)
-    mean_loss: float  # mean training loss over the round's batches
+    mean_loss: float  # mean training loss over the round's batches (kept at the hospital)
     seconds: float
     optimizer_state: bytes  # to carry the optimizer across rounds (stays local)
+    canary_coordinates: np.ndarray | None = None  # a privacy audit's coordinates after the round
+
+
+@dataclass
+class Canaries:
+    """Gradient canaries for the one-run privacy audit (``simulations.audit``; Steinke,
+    Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023).
+
+    Canary k is an example whose per-example gradient is exactly the clipping norm along
+    audit coordinate k, a coordinate no patient's gradient touches; ``included[k]`` says
+    whether it is in this hospital's data this run. Included canaries are Poisson-sampled
+    like any patient, clipped, summed and noised with them by the same DP optimizer, so the
+    audit coordinates after a round are released exactly as the model update is.
+    """
+
+    included: torch.Tensor  # (m,) bool
+    # Tests only: change the DP optimizer after it is built (a planted bug, e.g. less
+    # noise than the accountant assumes, which the audit must catch). Never set by a user.
+    tamper: Callable[[DPOptimizer], None] | None = None
+
+    def rows(self, rate: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The included canaries this step samples (Poisson, rate ``rate``)."""
+        sampled = torch.rand(len(self.included), generator=generator, device="cpu") < rate
+        return (sampled & self.included.cpu()).nonzero().squeeze(1).to(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,8 +141,10 @@ def train_local(
     noise_generator: torch.Generator | None = None,
     optimizer_state: bytes | None = None,
     proximal_mu: float = 0.0,
+    canaries: Canaries | None = None,
 ) -> LocalResult:
-    """Train ``model`` in place for ``steps`` steps; DP-SGD when ``dp`` is given."""
+    """Train ``model`` in place for ``steps`` steps; DP-SGD when ``dp`` is given.
+    ``canaries``: a privacy audit's (``Canaries``), trained beside the model."""
     start = time.perf_counter()
     device = data.X.device
     model.to(device).train()
@@ -132,6 +159,10 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     n = len(data)
     losses: list[tuple[float, int]] = []
+    audit = None
+    if canaries is not None:
+        audit = torch.zeros(len(canaries.included), device=device, requires_grad=True)
+        optimizer.add_param_group({"params": [audit]})
 
     if dp is None:
         order = torch.randperm(n, generator=sample_generator, device="cpu").to(device)
@@ -146,9 +177,13 @@ def train_local(
             loss = loss_fn(model(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
             loss.backward()
             _add_proximal(params, anchor, proximal_mu)
+            if audit is not None:  # no clipping, no noise: the canaries' plain mean gradient
+                hits = canaries.rows(len(idx) / n, sample_generator, device)
+                audit.grad = torch.zeros_like(audit).index_fill_(0, hits, 1.0) / len(idx)
             optimizer.step()
             losses.append((float(loss.detach()), len(idx)))
-        return LocalResult(steps, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer))
+        return LocalResult(steps, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer),
+                           _coordinates(audit))
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     common = {
@@ -163,6 +198,8 @@ def train_local(
         dp_optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[share] * len(params), **common)
     else:
         dp_optimizer = DPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **common)
+    if canaries is not None and canaries.tamper is not None:
+        canaries.tamper(dp_optimizer)
     taken = 0
     try:
         for _ in range(steps):
@@ -177,6 +214,8 @@ def train_local(
                 loss = loss_fn(gsm(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
                 loss.backward()
                 losses.append((float(loss.detach()), int(idx.numel())))
+            if audit is not None:
+                _add_canary_rows(params, audit, canaries.rows(dp.sample_rate, sample_generator, device), dp.max_grad_norm)
             if dp_optimizer.pre_step():  # clip, sum, add noise, scale (Opacus)
                 _add_proximal(params, anchor, proximal_mu)
                 optimizer.step()
@@ -184,7 +223,23 @@ def train_local(
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         gsm._close()  # remove Opacus's hooks so the model can be reused
-    return LocalResult(taken, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer))
+    return LocalResult(taken, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer),
+                       _coordinates(audit))
+
+
+def _add_canary_rows(params: list[torch.Tensor], audit: torch.Tensor, hits: torch.Tensor, norm: float) -> None:
+    """Append the sampled canaries to the step's per-example gradients: zero on every
+    model weight, ``norm`` on the canary's own audit coordinate (so clipping keeps it)."""
+    batch = params[0].grad_sample.shape[0]
+    rows = torch.zeros((batch + len(hits), audit.numel()), device=audit.device, dtype=audit.dtype)
+    rows[batch + torch.arange(len(hits), device=audit.device), hits] = norm
+    audit.grad_sample = rows
+    for p in params:
+        p.grad_sample = torch.cat([p.grad_sample, p.grad_sample.new_zeros((len(hits), *p.shape))])
+
+
+def _coordinates(audit: torch.Tensor | None) -> np.ndarray | None:
+    return None if audit is None else audit.detach().cpu().numpy().copy()
 
 
 def _add_proximal(params: list[torch.Tensor], anchor: list[torch.Tensor] | None, mu: float) -> None:

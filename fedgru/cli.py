@@ -9,6 +9,7 @@
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
     fedgru hospital  approve|serve|show --hospital-dir DIR
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
+    fedgru audit     [--config FILE] [--set key=value ...] [--hospital NAME] [--canaries M] [--json]
 """
 
 from __future__ import annotations
@@ -201,6 +202,24 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from simulations.audit import format_result, run_audit
+    from simulations.simulate import default_run_dir
+
+    cfg = _load(args)
+    run_dir = Path(args.out).resolve() if args.out else default_run_dir(cfg)
+    try:
+        result = run_audit(cfg, run_dir, hospital=args.hospital, canaries=args.canaries)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _print_summary(run_dir)
+    print()
+    print(format_result(result))
+    if args.json:
+        print(to_json(result, indent=None))
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from simulations.baselines import run_baseline
 
@@ -289,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run")
     p.add_argument("run_dir", help="a run folder (runs/<timestamp>)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("audit", help="an empirical lower bound on a hospital's epsilon (one-run privacy audit)")
+    _config_arg(p)
+    p.add_argument("--hospital", help="the simulated hospital to audit (default: the first)")
+    p.add_argument("--canaries", type=int, default=1000, help="gradient canaries, each included with probability 1/2")
+    p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
+    p.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
+    p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("baseline", help="centralized or local-only training for comparison")
     _config_arg(p)

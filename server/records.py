@@ -264,3 +264,27 @@ def load_records(path: Path, cls: type[T]) -> dict[str, T] | None:
     if not path.is_file():
         return None
     return {key: from_plain(cls, value, f"{path}: {key}") for key, value in json.loads(path.read_text()).items()}
+
+
+@dataclass
+class AuditGuess:
+    guesses: int
+    correct: int
+    bound: float
+
+
+@dataclass
+class AuditResult:
+    """``audit.json``: a one-run privacy audit of one simulated hospital (simulations.audit)."""
+
+    epsilon_lower_bound: float  # at `confidence`, the best of a few fixed guess counts (Bonferroni)
+    epsilon_claimed: float  # the hospital's ledger: its training patients' epsilon after the run (inf: no DP)
+    delta: float
+    canaries: int
+    guesses: int  # of the guess count that gave the bound
+    correct: int
+    hospital: str
+    canary_kind: str = "gradient (Dirac canaries on audit coordinates; white-box audit of the released updates)"
+    confidence: float = 0.95
+    rounds: int = 0
+    tried: list[AuditGuess] = field(default_factory=list)

@@ -28,6 +28,7 @@ from common.messages import Split  # noqa: E402
 from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
 
 from .records import (  # noqa: E402
+    AuditResult,
     BaselineResult,
     HospitalPrivacy,
     Partition,
@@ -216,6 +217,7 @@ class RunFolder:
     privacy: RunPrivacy | None
     partition: Partition | None
     baselines: dict[str, BaselineResult] | None
+    audit: AuditResult | None
 
     @classmethod
     def load(cls, run_dir: Path) -> RunFolder:
@@ -226,6 +228,7 @@ class RunFolder:
             privacy=load_record(run_dir / "privacy.json", RunPrivacy),
             partition=load_record(run_dir / "partition.json", Partition),
             baselines=load_records(run_dir / "baselines.json", BaselineResult),
+            audit=load_record(run_dir / "audit.json", AuditResult),
         )
 
 
@@ -393,6 +396,23 @@ def _privacy_sections(run: RunFolder) -> list[Section]:
     return sections
 
 
+def _audit_section(audit: AuditResult | None) -> Section | None:
+    if audit is None:
+        return None
+    claimed = audit.epsilon_claimed
+    verdict = ("no claim to check (DP off)" if not math.isfinite(claimed) else
+               "consistent" if audit.epsilon_lower_bound <= claimed else "ABOVE the claim: a leak")
+    return Section("Privacy audit (one training run)", [
+        Table(["hospital", "canaries", "guesses", "right", "epsilon lower bound (95%)", "claimed epsilon", "verdict"],
+              [[audit.hospital, audit.canaries, audit.guesses, audit.correct, audit.epsilon_lower_bound, claimed, verdict]]),
+        f"An empirical check of the DP mechanism (Steinke, Nasr & Jagielski, NeurIPS 2023): {audit.canaries} "
+        f"{audit.canary_kind} were each put into {audit.hospital}'s training with probability 1/2; from what "
+        f"{audit.hospital} released, the auditor guessed which; this many right guesses rule out, at "
+        f"{audit.confidence:.0%} confidence, any epsilon below the bound. A bound above the claimed epsilon would "
+        "mean the implementation leaks more than its accounting says.",
+    ])
+
+
 def _data_section(partition: Partition | None) -> Section | None:
     s = partition.data_summary if partition else None
     if s is None:
@@ -426,6 +446,9 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     if plot_auroc(metrics, run.path / "auroc.png"):
         sections.append(Section("Utility per round", [Image(run.path / "auroc.png", "Validation AUROC per round")]))
     sections += _privacy_sections(run)
+    audit = _audit_section(run.audit)
+    if audit is not None:
+        sections.append(audit)
     data = _data_section(run.partition)
     if data is not None:
         sections.append(data)

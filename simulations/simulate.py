@@ -20,9 +20,11 @@ log = logging.getLogger("fedgru.simulate")
 
 
 def simulate(
-    cfg: ExperimentConfig, run_dir: Path, cpus_per_hospital: int = 1, faults: dict[str, str] | None = None
+    cfg: ExperimentConfig, run_dir: Path, cpus_per_hospital: int = 1, faults: dict[str, str] | None = None,
+    client_app=None,
 ) -> Path:
-    """Run the experiment; returns the run folder. ``faults``: hospital -> fault drill."""
+    """Run the experiment; returns the run folder. ``faults``: hospital -> fault drill;
+    ``client_app``: the hospitals' app when not the standard one (a privacy audit's)."""
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -30,7 +32,8 @@ def simulate(
 
     from .faults import fault_mod
 
-    client_app = build_client_app([fault_mod(faults)] if faults else None)
+    if client_app is None:
+        client_app = build_client_app([fault_mod(faults)] if faults else None)
 
     ds = load_dataset(cfg)  # also warms the cache the simulated hospitals read
     n_hospitals = len(make_partition(ds, cfg))
