@@ -39,12 +39,21 @@ from flwr.clientapp import ClientApp
 from common import messages as M
 from common.config import ConfigError, ExperimentConfig
 from common.data.records import DataError
+from common.explain import contribution_sizes
 from common.ledger import Ledger, LedgerEntry, LedgerError
 from common.logs import attach_to_flower
-from common.messages import Mechanism, NodeMode, ReplyState, Split
+from common.messages import Item, Mechanism, NodeMode, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
-from common.privacy import NoisyRelease, calibrate_evaluation_noise, calibrate_noise, epsilon, steps_per_round
+from common.privacy import (
+    NoisyRelease,
+    calibrate_evaluation_noise,
+    calibrate_noise,
+    calibrate_shares,
+    epsilon,
+    steps_per_round,
+)
+from common.subgroups import SubgroupSummary
 from common.training import (
     Canaries,
     DPSettings,
@@ -153,6 +162,9 @@ class Request:
             raise Refused(ReplyState.REFUSED, "this simulation node has no hospital")
         self.splits = _requested_splits(msg)
         self.final = msg.metadata.message_type == MessageType.EVALUATE
+        self.threshold = float(msg.content[M.CONFIG].get(M.THRESHOLD, 0.0))  # a risk; 0: none given
+        if not 0 <= self.threshold < 1:
+            raise PolicyRefusal("threshold", "must be a risk between 0 and 1")
         self._data: HospitalData | None = None
         self.policy: Policy | None = None
         self.store = None
@@ -195,60 +207,105 @@ def query(msg: Message, context: Context) -> Message:
 # ----------------------------------------------------------------------------------------
 
 
+# Shares (in rho) of the test patients' budget: the histogram the metrics read first.
+TEST_SHARES = {Item.HISTOGRAM: 0.5, Item.SUBGROUP_HISTOGRAMS: 0.3, Item.IMPORTANCE: 0.2}
+IMPORTANCE_CLIP = 1.0  # each test patient's vector of contribution sizes is clipped to this L2 norm
+
+
+@dataclass(frozen=True)
+class PlannedRelease:
+    split: Split
+    item: Item
+    noise_multiplier: float  # 0: exact (a comparison simulation)
+
+
+def _test_items(cfg: ExperimentConfig) -> list[Item]:
+    binary = cfg.is_binary
+    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and cfg.evaluation.subgroups else []) + (
+        [Item.IMPORTANCE] if binary and cfg.evaluation.importance else [])
+
+
 @lru_cache(maxsize=64)
-def _evaluation_noise(val_epsilon: float, test_epsilon: float, delta: float, progress: int, share: float,
-                      accountant: str) -> dict[tuple[Split, bool], float]:
-    progress_sigma, final_sigma = calibrate_evaluation_noise(val_epsilon, delta, progress, share, accountant)
-    _, test_sigma = calibrate_evaluation_noise(test_epsilon, delta, 0, 1.0, accountant)
-    return {(Split.VAL, False): progress_sigma, (Split.VAL, True): final_sigma, (Split.TEST, True): test_sigma}
+def _evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:
+    """The noise multiplier of each kind of evaluation release of one run, calibrated
+    once: validation (during the run, and of the final model) within val_epsilon; the
+    test release's parts within test_epsilon (TEST_SHARES)."""
+    cfg = ExperimentConfig.from_json(cfg_json)
+    ev = cfg.evaluation
+    progress, final = calibrate_evaluation_noise(ev.val_epsilon, delta, len(cfg.validation_rounds()), ev.final_share,
+                                                 cfg.privacy.accountant)
+    items = _test_items(cfg)
+    test = calibrate_shares(ev.test_epsilon, delta, [(TEST_SHARES[i], 1) for i in items], cfg.privacy.accountant)
+    noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final}
+    noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
+    return noise
 
 
-def _plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[tuple[Split, float]], list[str]]:
+def _plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease], list[str]]:
     """Record the requested evaluations that fit their group's budget (write-ahead);
     returns them with their noise multipliers, and why any others were declined."""
     cfg, policy, data = req.cfg, req.policy, req.data
     ev = cfg.evaluation
-    noise = _evaluation_noise(ev.val_epsilon, ev.test_epsilon, policy.delta, len(cfg.validation_rounds()),
-                              ev.final_share, cfg.privacy.accountant)
+    noise = _evaluation_noise(cfg.to_json(), policy.delta)
     planned, declined = [], []
     for split in req.splits:
-        if (split, req.final) not in noise:
+        items = [item for (s_, final, item) in noise if s_ == split and final == req.final]
+        if not items:
             raise PolicyRefusal("evaluate", f"asks for the {split.value} split during training; test is scored once, at the end")
         n = len(data.split(split))
         if n == 0:
             declined.append(f"{split.value}: the split is empty")
             continue
-        sigma = noise[(split, req.final)] if ev.dp else 0.0
-        mechanism = Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE
-        entry = LedgerEntry(
-            req.run_id, req.server_round, mechanism,
-            f"score histogram of the {split.value} split ({ev.score_bins} bins per class" + (", Gaussian noise)" if ev.dp else ", exact)"),
-            split=split, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0, steps=1 if ev.dp else 0,
-            max_grad_norm=1.0 if ev.dp else 0.0, examples=n, data=data.dataset.fingerprint,
-        )
+        entries = []
+        for item in items:
+            sigma = noise[(split, req.final, item)] if ev.dp else 0.0
+            entries.append(LedgerEntry(
+                req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
+                f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
+                split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
+                steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n, data=data.dataset.fingerprint,
+            ))
         if ev.dp:
-            spent = ledger.epsilon_with([entry])
+            spent = ledger.epsilon_with(entries)
             if spent > policy.eval_max_epsilon:
                 declined.append(f"{split.value}: the budget of its patients would be passed "
                                 f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})")
                 continue
-        ledger.record(entry)
-        planned.append((split, sigma))
+        for entry in entries:
+            ledger.record(entry)
+            planned.append(PlannedRelease(split, entry.item, entry.noise_multiplier))
     return planned, declined
 
 
-def _score(req: Request, model: GRUClassifier, planned: list[tuple[Split, float]]) -> dict[str, ArrayRecord]:
-    ev, data = req.cfg.evaluation, req.data
-    grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _score(req: Request, model: GRUClassifier, planned: list[PlannedRelease]) -> dict[str, ArrayRecord]:
+    ev, data, cfg = req.cfg.evaluation, req.data, req.cfg
+    grid, coarse = ScoreGrid(*ev.logit_range, ev.score_bins), ScoreGrid(*ev.logit_range, ev.subgroup_bins)
+    if req.threshold > 0:  # the run's threshold is an edge of every bin grid: decisions at it are exact
+        grid, coarse = grid.anchored(req.threshold), coarse.anchored(req.threshold)
     rng = np.random.default_rng(secrets.randbits(128))  # seeded from the OS: the server must not know it
-    records = {}
-    for split, sigma in planned:
-        idx = data.split(split)
-        probs = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx])
-        summary = ScoreSummary.from_predictions(data.dataset.y[idx], probs, grid)
-        if sigma > 0:
-            summary = summary.noised(sigma, rng)
-        records[M.evaluation_key(split)] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in summary.to_arrays().items()})
+    records, probs = {}, {}
+    for release in planned:
+        idx = data.split(release.split)
+        if release.split not in probs:
+            probs[release.split] = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx])
+        p, y, sigma = probs[release.split], data.dataset.y[idx], release.noise_multiplier
+        if release.item == Item.HISTOGRAM:
+            summary = ScoreSummary.from_predictions(y, p, grid)
+            records[M.evaluation_key(release.split)] = _record((summary.noised(sigma, rng) if sigma else summary).to_arrays())
+        elif release.item == Item.SUBGROUP_HISTOGRAMS:
+            raw = {k: v[idx] for k, v in data.dataset.groups.items()}
+            groups = SubgroupSummary.from_predictions(cfg, y, p, raw, coarse)
+            records[M.SUBGROUPS] = _record({"subgroup-histograms": (groups.noised(sigma, rng) if sigma else groups).histogram})
+        else:
+            sizes = contribution_sizes(model, data.dataset.X[idx], data.dataset.S[idx], cfg.features, IMPORTANCE_CLIP)
+            total = sizes.sum(axis=0)
+            if sigma:
+                total = total + rng.normal(0.0, sigma * IMPORTANCE_CLIP, total.shape)
+            records[M.IMPORTANCE] = _record({"importance": total, "clip": np.array([IMPORTANCE_CLIP])})
     return records
 
 
@@ -311,6 +368,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
             dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
             planned = LedgerEntry(
                 req.run_id, req.server_round, Mechanism.DP_SGD, "model weights after DP-SGD on the training split",
+                item=Item.WEIGHTS,
                 noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=dp.max_grad_norm,
                 examples=len(data.train), data=data.dataset.fingerprint,
             )
@@ -327,7 +385,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
             exhausted = None
         if exhausted is None:
             ledger.record(LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "the training split's size",
-                                      examples=len(data.train), data=data.dataset.fingerprint))
+                                      item=Item.SPLIT_SIZE, examples=len(data.train), data=data.dataset.fingerprint))
     device = resolve_device(req.node.device)
     model = _global_model(req, device)
     content: dict = _score(req, model, evaluations)

@@ -71,6 +71,7 @@ class VariableSpec:
     scale: float = 1.0
     log: bool = False  # apply log1p first (skewed laboratory values)
     binary: bool = False  # 0/1 indicator: used as is, no normalisation
+    unit: str = ""  # clinical unit, as explanations print values
 
 
 @dataclass
@@ -86,6 +87,8 @@ class StaticSpec:
     scale: float = 1.0
     log: bool = False
     missing: list[float] = field(default_factory=lambda: [-1.0])  # codes meaning "unknown"
+    unit: str = ""  # continuous: clinical unit, as explanations print values
+    labels: dict[str, str] = field(default_factory=dict)  # categorical: category -> name in reports
 
 
 # ----------------------------------------------------------------------------------
@@ -240,6 +243,7 @@ class TrainingSection:
     weight_decay: float
     keep_optimizer_state: bool  # carry local optimizer state across rounds
     positive_weight: float  # binary: loss weight of the positive class
+    hourly_loss: bool  # binary: the loss of the risk after every hour, not only at the end (early warning)
     device: Literal["auto", "cpu", "cuda"]
     threads: int  # torch threads per hospital (0: leave torch's default)
 
@@ -333,6 +337,16 @@ class StrategySection:
 
 
 @dataclass
+class SubgroupSpec:
+    """Test patients grouped by one descriptor, for metrics per group in the report (from
+    a DP release). Categorical descriptors group by category; continuous ones by bands."""
+
+    name: str  # as the report shows it
+    column: str  # a descriptor in features.static
+    bands: list[float] = field(default_factory=list)  # continuous: cut points; group k holds [bands[k-1], bands[k])
+
+
+@dataclass
 class EvaluationSection:
     """How the global model is scored: every hospital releases, per true class, a count of
     its validation or test patients in each bin of predicted risk, with Gaussian noise
@@ -354,6 +368,12 @@ class EvaluationSection:
     # pooled validation histograms and fold it into the output layer. Ranking (AUROC)
     # unchanged; risks become meaningful. Post-processing of released data: no new release.
     calibrate: bool
+    # Binary tasks, released with the final test histogram under the same test_epsilon:
+    # score histograms per group of test patients (metrics per group, calibration by group),
+    # and the mean size of each variable's contribution to the risk (what the model leans on).
+    subgroups: list[SubgroupSpec]
+    subgroup_bins: int  # bins per class of each group's histogram (coarse: a group is small against the noise)
+    importance: bool
 
     def validate(self, check: Check) -> None:
         check(self.score_bins >= 2, "score_bins", "must be at least 2")
@@ -364,6 +384,7 @@ class EvaluationSection:
         check(self.validate_every >= 0, "validate_every", "must be 0 (final model only) or a number of rounds")
         check(self.val_epsilon > 0 and self.test_epsilon > 0, "val_epsilon", "and evaluation.test_epsilon must be positive")
         check(0 < self.final_share <= 1, "final_share", "must be in (0, 1]")
+        check(2 <= self.subgroup_bins <= self.score_bins, "subgroup_bins", "must be between 2 and evaluation.score_bins")
         check(self.threshold == "auto" or 0 < self.threshold < 1, "threshold", "must be 'auto' or a risk strictly between 0 and 1")
 
 
@@ -417,6 +438,14 @@ class ExperimentConfig:
             not (self.hospital_dp.enabled and self.strategy.name == "fedadam"),
             "", "needs plain weighted averaging (fedavg or fedprox), not fedadam",
         )
+        statics = {sp.name: sp for sp in self.features.static}
+        for i, group in enumerate(self.evaluation.subgroups):
+            spec = statics.get(group.column)
+            Check(origin, f"evaluation.subgroups[{i}]")(spec is not None, "column", "must name a descriptor in features.static")
+            Check(origin, f"evaluation.subgroups[{i}]")(
+                spec.kind == "categorical" or (bool(group.bands) and sorted(group.bands) == group.bands),
+                "bands", "must list increasing cut points for a continuous descriptor",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

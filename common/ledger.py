@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from .messages import Mechanism, Split
+from .messages import Item, Mechanism, Split
 from .privacy import NoisyRelease, epsilon
 
 LEDGER_FORMAT = "fedgru-ledger/2"
@@ -47,6 +47,7 @@ class LedgerEntry:
     mechanism: Mechanism
     released: str  # what left the hospital, in words
     split: Split = Split.TRAIN  # whose patients it is about
+    item: Item = Item.WEIGHTS  # what it released, for machines
     noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms)
     sample_rate: float = 0.0  # Poisson rate (DP-SGD); 1 for a release about everyone in the split
     steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
@@ -114,7 +115,8 @@ class Ledger:
             "hospital": self.hospital,
             "delta": self.delta,
             "accountant": self.accountant,
-            "entries": [{**asdict(e), "mechanism": e.mechanism.value, "split": e.split.value} for e in self.entries],
+            "entries": [{**asdict(e), "mechanism": e.mechanism.value, "split": e.split.value, "item": e.item.value}
+                        for e in self.entries],
         }
 
     def seal(self, key: bytes) -> dict:
@@ -163,7 +165,8 @@ class Ledger:
 def _entry(raw: dict) -> LedgerEntry:
     if not isinstance(raw, dict):
         raise TypeError("entry")
-    return LedgerEntry(**{**raw, "mechanism": Mechanism(raw["mechanism"]), "split": Split(raw["split"])})
+    return LedgerEntry(**{**raw, "mechanism": Mechanism(raw["mechanism"]), "split": Split(raw["split"]),
+                          "item": Item(raw["item"])})
 
 
 def _mac(key: bytes, body: dict) -> str:

@@ -26,6 +26,7 @@ EXPERIMENT_JSON = "fedgru-config"  # the ExperimentConfig as JSON
 RUN_ID = "run-id"
 SERVER_ROUND = "server-round"
 EVALUATE = "evaluate"  # space-separated Split values: score the received model on these splits
+THRESHOLD = "threshold"  # the run's decision threshold (a risk), sent with the test evaluation: bins have an edge there
 PROXIMAL_MU = "proximal-mu"  # FedProx's mu; Flower's FedProx strategy writes this key
 
 # Reply fields, hospital -> server (MetricRecord and status ConfigRecord)
@@ -45,8 +46,23 @@ NOT_EVALUATED = "not-evaluated"  # "split: reason" lines for requested evaluatio
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  # exactly these, nothing else
 
 
+SUBGROUPS = "subgroups-test"  # ArrayRecord: the test patients' score histograms per group (hospital -> server)
+IMPORTANCE = "importance-test"  # ArrayRecord: a noisy sum of each variable's contribution size (hospital -> server)
+
+
 def evaluation_key(split: Split) -> str:
     return f"{EVALUATION_PREFIX}{split.value}"
+
+
+class Item(str, Enum):
+    """What a ledger entry released (ledgers travel in replies; the server matches each
+    array record of a reply to the entry that released it)."""
+
+    WEIGHTS = "weights"  # the model after DP-SGD (training patients)
+    SPLIT_SIZE = "split-size"  # a count
+    HISTOGRAM = "histogram"  # a score histogram of one split
+    SUBGROUP_HISTOGRAMS = "subgroup-histograms"  # the test patients' histograms per group
+    IMPORTANCE = "importance"  # the test patients' summed contribution sizes, per variable
 
 
 class ReplyState(str, Enum):
@@ -104,6 +120,12 @@ RELEASES: tuple[Release, ...] = (
         "per true class, a noisy count of patients in each bin of predicted risk: the Gaussian mechanism, "
         "covered by DP for the patients of the evaluated split (validation or test)",
     ),
+    Release(
+        "subgroup histograms and variable importance", "once, with the final test histogram", True,
+        "the test patients' noisy score histograms per group (sex, age band, ICU type, ...) and a noisy sum of "
+        "each variable's contribution size (each patient's clipped): the Gaussian mechanism, covered by DP for "
+        "the test patients",
+    ),
     Release(NUM_EXAMPLES, "every training round", False, "a count: the stays in the hospital's training split"),
     Release("evaluated split size (n)", "with every score histogram", False, "a count: the stays in the evaluated split"),
     Release(UNIT_WEIGHT, "every training round", False, "the constant 1; reveals nothing"),
@@ -131,6 +153,9 @@ FIELD_RELEASES: dict[str, str] = {
     "confusion": "score histograms",  # multi-class tasks: the noisy confusion matrix, same mechanism
     "n": "evaluated split size (n)",
     "grid": _LEDGER_RELEASE,  # the score grid: the config's setting echoed
+    "subgroup-histograms": "subgroup histograms and variable importance",  # inside the subgroups-test record
+    "importance": "subgroup histograms and variable importance",  # inside the importance-test record
+    "clip": _LEDGER_RELEASE,  # the importance's clipping norm: a setting
     NUM_EXAMPLES: NUM_EXAMPLES,
     UNIT_WEIGHT: UNIT_WEIGHT,
     EPSILON: _LEDGER_RELEASE,

@@ -163,6 +163,13 @@ class ScoreGrid:
     def centre_logits(self) -> np.ndarray:
         return self.low + (np.arange(self.bins) + 0.5) * self.width
 
+    def anchored(self, risk: float) -> ScoreGrid:
+        """The same bins shifted (by under half a bin) so that a decision threshold is an
+        edge: decisions at it then read off the histogram exactly."""
+        logit = math.log(risk) - math.log1p(-risk)
+        shift = logit - (self.low + round((logit - self.low) / self.width) * self.width)
+        return ScoreGrid(self.low + shift, self.high + shift, self.bins)
+
 
 def _logits(probs: np.ndarray) -> np.ndarray:
     p = np.clip(probs, 1e-12, 1 - 1e-12)

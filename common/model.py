@@ -112,11 +112,34 @@ class GRUClassifier(nn.Module):
         return type(result)(missing, result.unexpected_keys)
 
     def forward(self, x: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Logits at the end of the window: (B, 1) or (B, classes)."""
+        return self.head(self.head_inputs(x, static))
+
+    def hourly_logits(self, x: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Logits after each time step, each reading only the steps up to it: (B, T, out).
+        A GRU's state after step t depends on steps <= t only, so this is the risk a
+        bedside monitor would have shown at that hour."""
+        return self.head(self.head_inputs(x, static, hourly=True))
+
+    def head_inputs(self, x: torch.Tensor, static: torch.Tensor, hourly: bool = False) -> torch.Tensor:
+        """What the head reads: (B, F), or (B, T, F) after each step when ``hourly``.
+        Layout: [per-variable states (variable-major) or the last GRU's state | descriptors
+        | the step's input channels when input_skip]."""
         h = self._per_variable_view(x) if self.per_variable else x
         for i, gru in enumerate(self.grus):
             h, _ = self._run(gru, h)
             if i < len(self.grus) - 1:
                 h = self.drop(h)
+        if hourly:
+            steps = torch.arange(1, h.shape[-2] + 1, device=h.device, dtype=h.dtype).unsqueeze(-1)
+            running_mean = h.cumsum(dim=-2) / steps
+            pooled = {"last": h, "mean": running_mean, "last_mean": torch.cat([h, running_mean], dim=-1)}[self.spec.pool]
+            if self.per_variable:  # (B, V, T, P) -> (B, T, V*P)
+                pooled = pooled.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1)
+            parts = [self.drop(pooled), static.unsqueeze(1).expand(-1, x.shape[1], -1)]
+            if self.spec.input_skip:
+                parts.append(x)
+            return torch.cat(parts, dim=-1)
         if self.spec.pool == "last":
             summary = h[..., -1, :]
         elif self.spec.pool == "mean":
@@ -127,8 +150,7 @@ class GRUClassifier(nn.Module):
         parts = [self.drop(summary), static]
         if self.spec.input_skip:
             parts.append(x[:, -1])
-        return self.head(torch.cat(parts, dim=1))  # logits: (B, 1) or (B, classes)
-
+        return torch.cat(parts, dim=1)
 
     def _per_variable_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, c*V) laid out [values | masks | deltas] -> (B, V, T, c)."""
@@ -160,6 +182,20 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, positive_weight: float = 1.0)
             weight = torch.where(y == 1, positive_weight, 1.0).to(logits.dtype)
         return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype), weight=weight)
     return nn.functional.cross_entropy(logits, y)
+
+
+def batch_loss(
+    model: GRUClassifier, x: torch.Tensor, static: torch.Tensor, y: torch.Tensor,
+    positive_weight: float = 1.0, hourly: bool = False,
+) -> torch.Tensor:
+    """The training loss of one batch. ``hourly`` (binary only): the mean over every hour's
+    risk of the loss against the stay's outcome, so the risk is trained to be right early,
+    not only at the end of the window. Per example it is still one mean, so Opacus's
+    per-example clipping and its ``loss_reduction="mean"`` scaling hold unchanged."""
+    if hourly and model.spec.n_outputs == 1:
+        logits = model.hourly_logits(x, static)  # (B, T, 1)
+        return loss_fn(logits.reshape(-1, 1), y.repeat_interleave(logits.shape[1]), positive_weight)
+    return loss_fn(model(x, static), y, positive_weight)
 
 
 def model_spec(cfg) -> ModelSpec:

@@ -134,34 +134,25 @@ def plan(
 
 
 
-def calibrate_evaluation_noise(
-    target_epsilon: float, delta: float, progress_releases: int, final_share: float, accountant: str = "rdp"
-) -> tuple[float, float]:
-    """Noise multipliers ``(progress, final)`` for one run's releases about one group of
-    patients: ``progress_releases`` histograms during the run and one of the final model,
-    together within ``target_epsilon``.
+def calibrate_shares(
+    target_epsilon: float, delta: float, parts: list[tuple[float, int]], accountant: str = "rdp"
+) -> list[float]:
+    """Noise multipliers for several kinds of Gaussian release about one group of
+    patients, together within ``target_epsilon``: part i, ``(share, releases)``, gets
+    ``share`` of the budget in zero-concentrated DP terms (Bun & Steinke, TCC 2016: a
+    Gaussian release of multiplier s costs rho = 1 / (2 s^2), and rhos add up), split
+    equally among its releases. The common scale is found by bisection against the
+    accountant, so the composed epsilon is the target's to 1e-6 (relative)."""
+    live = [(share, k) for share, k in parts if share > 0 and k > 0]
+    total = sum(share for share, _ in live)
+    if not live or total <= 0:
+        raise ValueError("nothing to calibrate")
 
-    The final release, which the calibration and the decision threshold read, gets
-    ``final_share`` of the budget in zero-concentrated DP terms (Bun & Steinke, TCC 2016:
-    a Gaussian release of multiplier s costs rho = 1 / (2 s^2), and rhos add up); the
-    progress releases share the rest equally. The common scale is then found by
-    bisection against the accountant, so the composed epsilon is the target's to 1e-4.
-    """
-    if progress_releases == 0:
-        final_share = 1.0
-    if not 0 < final_share <= 1:
-        raise ValueError("final_share must be in (0, 1]")
-    progress_weight = (1 - final_share) / progress_releases if progress_releases else 0.0
-
-    def multipliers(scale: float) -> tuple[float, float]:
-        progress = scale / np.sqrt(progress_weight) if progress_weight > 0 else float("inf")
-        return float(progress), float(scale / np.sqrt(final_share))
+    def multipliers(scale: float) -> list[float]:
+        return [scale / np.sqrt(share / total / k) if share > 0 and k > 0 else float("inf") for share, k in parts]
 
     def spent(scale: float) -> float:
-        progress, final = multipliers(scale)
-        history = [NoisyRelease(0, final, 1.0, 1, 1.0)]
-        if progress_weight > 0:
-            history.append(NoisyRelease(0, progress, 1.0, progress_releases, 1.0))
+        history = [NoisyRelease(0, m, 1.0, k, 1.0) for m, (share, k) in zip(multipliers(scale), parts) if share > 0 and k > 0]
         return epsilon(history, delta, accountant)
 
     low, high = 1e-3, 1.0
@@ -173,3 +164,17 @@ def calibrate_evaluation_noise(
         if high - low < 1e-6 * high:
             break
     return multipliers(high)
+
+
+def calibrate_evaluation_noise(
+    target_epsilon: float, delta: float, progress_releases: int, final_share: float, accountant: str = "rdp"
+) -> tuple[float, float]:
+    """Noise multipliers ``(progress, final)`` for one run's validation releases:
+    ``progress_releases`` histograms during the run and one of the final model, which
+    the calibration and the decision threshold read and which gets ``final_share`` of
+    the budget (:func:`calibrate_shares`)."""
+    if not 0 < final_share <= 1:
+        raise ValueError("final_share must be in (0, 1]")
+    share = 1.0 if progress_releases == 0 else final_share
+    progress, final = calibrate_shares(target_epsilon, delta, [(1 - share, progress_releases), (share, 1)], accountant)
+    return progress, final

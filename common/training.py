@@ -28,7 +28,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 from .config import ExperimentConfig, TrainingSection
-from .model import GRUClassifier, loss_fn, probabilities
+from .model import GRUClassifier, batch_loss, probabilities
 
 
 @dataclass
@@ -174,7 +174,7 @@ def train_local(
             idx = order[cursor : cursor + training.batch_size]
             cursor += training.batch_size
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
+            loss = batch_loss(model, data.X[idx], data.S[idx], data.y[idx], training.positive_weight, training.hourly_loss)
             loss.backward()
             _add_proximal(params, anchor, proximal_mu)
             if audit is not None:  # no clipping, no noise: the canaries' plain mean gradient
@@ -211,7 +211,9 @@ def train_local(
                 for p in params:
                     p.grad_sample = p.new_zeros((0, *p.shape))
             else:
-                loss = loss_fn(gsm(data.X[idx], data.S[idx]), data.y[idx], training.positive_weight)
+                # The model itself, not gsm: Opacus's hooks sit on its layers either way.
+                loss = batch_loss(model, data.X[idx], data.S[idx], data.y[idx], training.positive_weight,
+                                  training.hourly_loss)
                 loss.backward()
                 losses.append((float(loss.detach()), int(idx.numel())))
             if audit is not None:

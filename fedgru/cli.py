@@ -2,7 +2,9 @@
 
     fedgru simulate  --config FILE [--out DIR] [--rounds N] [--set key=value ...]
     fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--json]
-    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv
+    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv [--hourly]
+    fedgru explain   --model RUN/model.pt --data PATH --stay ID [--json]
+    fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html]
     fedgru baseline  --config FILE --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
@@ -84,6 +86,12 @@ def cmd_evaluate(args) -> int:
     probs = bundle.predict(ds)
     threshold = _threshold(args, bundle)
     m = exact_metrics(ds.y, probs, threshold)
+    if args.subgroups:
+        from common.subgroups import exact_results
+
+        for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold):
+            shown = format_metrics(g.metrics) if g.metrics is not None and g.deaths and g.patients > g.deaths else "n/a"
+            print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} events: {shown}")
     if args.json:
         print(to_json(m, indent=None))
     else:
@@ -120,6 +128,20 @@ def cmd_predict(args) -> int:
     classes = bundle.config.task.classes
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.hourly:
+        from client.bedside import hourly_risks
+
+        if len(classes) != 2:
+            raise ConfigError("--hourly is for binary tasks")
+        threshold = _threshold(args, bundle)
+        risks = hourly_risks(bundle, ds)
+        with open(out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["stay_id", "hour", "risk", "flagged"])
+            for sid, row in zip(ds.stay_ids, risks):
+                writer.writerows([sid, h + 1, f"{r:.6f}", int(r >= threshold)] for h, r in enumerate(row))
+        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}")
+        return 0
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
@@ -132,6 +154,39 @@ def cmd_predict(args) -> int:
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
     print(f"wrote {len(ds.stay_ids)} risk scores to {out}")
+    return 0
+
+
+def _one_stay(args):
+    from common.bundle import Bundle
+
+    bundle = Bundle(args.model)
+    ds = bundle.load(args.data, None, args.format)
+    missing = [s for s in args.stay if s not in set(ds.stay_ids.astype(str))]
+    if missing:
+        raise DataError(str(args.data), f"holds no stay {missing[0]}")
+    return bundle, ds
+
+
+def cmd_explain(args) -> int:
+    from client.bedside import explain_stay, explanation_text
+
+    bundle, ds = _one_stay(args)
+    for stay in args.stay:
+        e = explain_stay(bundle, ds, stay)
+        print(explanation_text(e, args.top))
+        if args.json:
+            print(to_json(e, indent=None))
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from client.bedside import monitor_page
+
+    bundle, ds = _one_stay(args)
+    out = Path(args.out) if args.out else Path(f"monitor-{args.stay[0]}.html")
+    print(monitor_page(bundle, ds, args.stay, out, _threshold(args, bundle)))
+    print(f"wrote {out}")
     return 0
 
 
@@ -229,6 +284,14 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _stay_arguments(p: argparse.ArgumentParser, stay_help: str) -> None:
+    """The arguments of the commands that look at single stays with a saved model."""
+    p.add_argument("--model", required=True, help="model bundle (runs/<run>/model.pt)")
+    p.add_argument("--data", required=True, help="PhysioNet folder or .tar.gz, or long-format CSV")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"], help="data format (default: from the path)")
+    p.add_argument("--stay", action="append", required=True, help=stay_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgru", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threshold", type=float,
                    help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
+    p.add_argument("--subgroups", action="store_true",
+                   help="also the metrics per group of patients (evaluation.subgroups), exact: nothing leaves")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write per-stay risk scores to a CSV")
@@ -259,9 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--format", choices=["physionet2012", "long_csv"])
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--hourly", action="store_true",
+                   help="one row per stay and hour: the risk after each hour, from what was observed up to it")
     p.add_argument("--threshold", type=float,
                    help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("explain", help="why the model gives a stay its risk: contributions per variable and descriptor")
+    _stay_arguments(p, "a stay id (repeatable)")
+    p.add_argument("--top", type=int, default=8, help="contributions to print (default 8)")
+    p.add_argument("--json", action="store_true", help="after each stay's text, a JSON line with every contribution")
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("monitor", help="a stay's risk hour by hour, with the threshold and what moved it (HTML)")
+    _stay_arguments(p, "a stay id (repeatable: one chart each)")
+    p.add_argument("--out", help="HTML file (default monitor-<stay>.html)")
+    p.add_argument("--threshold", type=float, help="flag at this risk (default: the one the run chose)")
+    p.set_defaults(fn=cmd_monitor)
 
     p = sub.add_parser("plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")
     p.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")

@@ -28,9 +28,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger
-from common.messages import NodeMode, ReplyState, Split
+from common.messages import Item, NodeMode, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_metrics, format_number, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
+from common.subgroups import reliability
+from common.subgroups import results as subgroup_results
 
 from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from .checkpoint import RunSnapshot
@@ -50,9 +52,11 @@ from .records import (
 )
 from .strategies import Aggregator
 from .validation import (
+    Evaluations,
     ReplyRejected,
     check_identity,
     check_train_reply,
+    evaluation_grids,
     expected_layout,
     read_evaluations,
     read_ledger,
@@ -288,15 +292,12 @@ class Coordinator:
         return view, ledger
 
     def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
-                     splits: list[Split], into: dict[Split, dict[str, ScoreSummary]]) -> None:
+                     splits: list[Split], into: dict[str, Evaluations], threshold: float | None = None) -> None:
         try:
-            got = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits)
+            into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold)
         except ReplyRejected as exc:
             log.warning("round %d: dropped the evaluation of %s (node %s): %s", server_round, view.name, nid, exc)
             self._phase.dropped.append(Dropped(view.name, nid, f"evaluation: {exc}"))
-            return
-        for split, summary in got.items():
-            into.setdefault(split, {})[view.name] = summary
 
     def train_round(self, server_round: int) -> TrainPhase:
         layout = expected_layout(self.arrays)
@@ -318,7 +319,8 @@ class Coordinator:
             if accepted is None:
                 continue
             view, ledger = accepted
-            self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations)
+            if splits:
+                self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations)
             state = str(reply.content[M.STATUS].get(M.STATE, ""))
             if state == ReplyState.BUDGET_EXHAUSTED:
                 view.state = HospitalState.BUDGET_EXHAUSTED
@@ -346,7 +348,7 @@ class Coordinator:
             for key in [k for k in reply.content.array_records if k != M.ARRAYS]:
                 del reply.content[key]  # read above; Flower's strategies average exactly one ArrayRecord
             valid.append(reply)
-        phase.validation = evaluations.get(Split.VAL, {})
+        phase.validation = {name: e.summaries[Split.VAL] for name, e in evaluations.items() if Split.VAL in e.summaries}
         for nid in nodes:
             if nid not in answered:
                 name = self.hospitals[nid].name
@@ -367,23 +369,27 @@ class Coordinator:
         self.arrays = ArrayRecord({k: v for k, v in new.items()})
         return phase
 
-    def final_evaluation(self, server_round: int) -> tuple[dict[str, ScoreSummary], dict[str, ScoreSummary]]:
-        """Every hospital scores the final model on its validation and test patients, in
-        one message; returns the summaries per hospital (val, test)."""
+    def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None
+                         ) -> dict[str, Evaluations]:
+        """Every hospital scores the global model on the given splits (the test split with
+        the run's threshold); returns what each released."""
         self._phase = TrainPhase()
-        splits = [Split.VAL, Split.TEST]
-        replies = self._send(
-            sorted(self.hospitals), MessageType.EVALUATE,
-            lambda: RecordDict({M.ARRAYS: self.arrays, M.CONFIG: self._config(server_round, splits)}),
-        )
-        evaluations: dict[Split, dict[str, ScoreSummary]] = {}
+
+        def content() -> RecordDict:
+            config = self._config(server_round, splits)
+            if threshold is not None:
+                config[M.THRESHOLD] = float(threshold)
+            return RecordDict({M.ARRAYS: self.arrays, M.CONFIG: config})
+
+        replies = self._send(sorted(self.hospitals), MessageType.EVALUATE, content)
+        evaluations: dict[str, Evaluations] = {}
         for nid, reply in replies:
-            accepted = self._accept(nid, reply, "final evaluation")
+            accepted = self._accept(nid, reply, f"final evaluation ({', '.join(s.value for s in splits)})")
             if accepted is not None:
                 view, ledger = accepted
-                self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations)
-        self.final_dropped = self._phase.dropped
-        return evaluations.get(Split.VAL, {}), evaluations.get(Split.TEST, {})
+                self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold)
+        self.final_dropped += self._phase.dropped
+        return evaluations
 
     def fixed_threshold(self) -> float:
         """The configured decision threshold; 0.5 for "auto" where none can be chosen."""
@@ -392,7 +398,8 @@ class Coordinator:
 
     def recalibrate(self, val: ScoreSummary | None) -> Calibration | None:
         """Platt scaling fitted on the pooled validation histograms, folded into the
-        global model's output layer (server.calibration). None when off or not possible."""
+        global model's output layer (server.calibration); kept in ``self.calibration``.
+        None when off or not possible."""
         if not self.cfg.evaluation.calibrate or self.cfg.num_classes != 2:
             return None
         fit = fit_logistic_calibration(val) if val is not None else None
@@ -404,7 +411,8 @@ class Coordinator:
         state = fold_into_output_layer(self.arrays.to_torch_state_dict(), weight_key, bias_key, scale, shift)
         self.arrays = ArrayRecord(torch_state_dict=state)
         log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
-        return Calibration(scale, shift)
+        self.calibration = Calibration(scale, shift)
+        return self.calibration
 
     def decision_edge(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None) -> int:
         """The bin edge (on the final model's own, uncalibrated scores) at or above which a
@@ -474,27 +482,50 @@ class Coordinator:
         self.finish(last)
 
     def finish(self, last_round: int) -> None:
-        """Score the final model on validation and test, recalibrate, choose the
-        threshold, and write the run's results."""
+        """Validate the final model, recalibrate it and choose the threshold from what the
+        hospitals release about their validation patients; then the calibrated model and
+        the threshold go out for the one test release; write the run's results."""
         ev = self.cfg.evaluation
         grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
-        val_parts, test_parts = self.final_evaluation(last_round)
-        val, test = pooled(list(val_parts.values())), pooled(list(test_parts.values()))
-        self.calibration = self.recalibrate(val)
-        edge = self.decision_edge(val, grid, self.calibration)
-        mapping = (self.calibration.scale, self.calibration.shift) if self.calibration else None
-        threshold = grid.edge_risk(edge)
-        if self.calibration is not None:
-            threshold = calibrate_risk(threshold, self.calibration.scale, self.calibration.shift)
-        if self.cfg.num_classes == 2:
-            log.info("decision threshold %.3f (risk, on the final model's %s scale)", threshold,
-                     "calibrated" if self.calibration else "own")
+        validated = self.final_evaluation(last_round, [Split.VAL])
+        val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
+        val = pooled(list(val_parts.values()))
         self._validated(last_round, val_parts)
+        uncalibrated = self.recalibrate(val)
+        edge = self.decision_edge(val, grid, uncalibrated)
+        threshold = grid.edge_risk(edge)
+        if uncalibrated is not None:
+            threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
+        if self.cfg.num_classes == 2:
+            log.info("decision threshold %.3f (a risk on the final model's %s scale)", threshold,
+                     "calibrated" if uncalibrated else "own")
+        released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None)
+        test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
+        at = test_grid.edge_for_risk(threshold)
+        test_parts = {n: e.summaries[Split.TEST] for n, e in released.items() if Split.TEST in e.summaries}
+        test = pooled(list(test_parts.values()))
         result = TestResult(
-            pooled=test.metrics(edge, mapping) if test is not None else None,
-            hospitals={n: s.metrics(edge, mapping) for n, s in test_parts.items()},
+            pooled=test.metrics(at) if test is not None else None,
+            hospitals={n: s.metrics(at) for n, s in test_parts.items()},
             dropped=self.final_dropped, threshold=threshold, calibration=self.calibration,
         )
+        if test is not None and self.cfg.is_binary:
+            result.calibration_curve = reliability(test)
+        groups = [e for e in released.values() if e.subgroups is not None]
+        if groups:
+            total = groups[0].subgroups
+            for e in groups[1:]:
+                total = total + e.subgroups
+            noise = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
+            result.subgroups = subgroup_results(self.cfg, total, total.grid.edge_for_risk(threshold), None,
+                                                min_count=3 * noise * math.sqrt(total.grid.bins))
+        important = [(n, e) for n, e in released.items() if e.importance is not None and n in test_parts]
+        if important:
+            patients = sum(test_parts[n].n for n, _ in important)
+            mean = sum(e.importance for _, e in important) / max(patients, 1)
+            names = [v.name for v in self.cfg.features.variables] + [f"{d.name} (descriptor)" for d in self.cfg.features.static]
+            result.importance = dict(sorted(zip(names, map(float, mean)), key=lambda kv: -kv[1]))
+            result.importance_noise = math.sqrt(sum(e.noise[Item.IMPORTANCE] ** 2 for _, e in important)) / max(patients, 1)
         log.info("final pooled test: %s", format_metrics(result.pooled) if result.pooled else "no replies")
         self.recorder.finish(
             result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],

@@ -18,6 +18,7 @@ from common.data.dataset import DataSummary
 from common.data.partition import HospitalRow
 from common.files import json_safe
 from common.metrics import Metrics
+from common.subgroups import CalibrationPoint, GroupResult
 from common.typed import TypedDataError, build
 
 T = TypeVar("T")
@@ -116,6 +117,10 @@ class TestResult:
     dropped: list[Dropped]
     threshold: float  # binary tasks: flagged at risk >= threshold
     calibration: Calibration | None
+    calibration_curve: list[CalibrationPoint] = field(default_factory=list)  # pooled, by risk decile
+    subgroups: list[GroupResult] = field(default_factory=list)  # metrics per group of test patients (DP)
+    importance: dict[str, float] = field(default_factory=dict)  # mean clipped |contribution| per input (DP), largest first
+    importance_noise: float | None = None  # the standard deviation of the DP noise on each of those means
 
 
 @dataclass
@@ -238,6 +243,7 @@ class BaselineResult:
     pooled: Metrics
     hospitals: dict[str, Metrics]
     seconds: float
+    subgroups: list[GroupResult] = field(default_factory=list)  # exact, on the pooled test patients
 
 
 def to_plain(record: Any) -> Any:

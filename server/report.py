@@ -11,10 +11,8 @@ that the hospital's privacy officer can sign.
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import matplotlib
@@ -24,8 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import ConfigError, ExperimentConfig  # noqa: E402
+from common.document import Bullets, Image, Section, Statement, Table, markdown, to_html  # noqa: E402
 from common.messages import Split  # noqa: E402
 from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
+from common.subgroups import CalibrationPoint  # noqa: E402
 
 from .records import (  # noqa: E402
     AuditResult,
@@ -55,103 +55,6 @@ RNG_NOTE = (
     "which does not install with current torch. Floating-point Gaussian sampling is also known to leak "
     "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
 )
-
-
-# ----------------------------------------------------------------------------------
-# A small document model rendered to Markdown and HTML
-# ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list]
-
-
-@dataclass
-class Image:
-    path: Path
-    caption: str
-
-
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-@dataclass
-class Statement:
-    """A paragraph to be signed (set apart on the page)."""
-
-    text: str
-
-
-Block = str | Table | Image | Bullets | Statement
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[Block] = field(default_factory=list)
-
-
-def _cell(value) -> str:
-    return value if isinstance(value, str) else format_number(value)
-
-
-def _markdown(title: str, sections: list[Section]) -> str:
-    out = [f"# {title}", ""]
-    for sec in sections:
-        out += [f"## {sec.title}", ""]
-        for block in sec.blocks:
-            if isinstance(block, Table):
-                out.append("| " + " | ".join(block.header) + " |")
-                out.append("|" + "|".join("---" for _ in block.header) + "|")
-                out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
-            elif isinstance(block, Image):
-                out.append(f"![{block.caption}]({block.path.name})")
-            elif isinstance(block, Bullets):
-                out += [f"- {item}" for item in block.items]
-            elif isinstance(block, Statement):
-                out.append(f"> {block.text}")
-            else:
-                out.append(block)
-            out.append("")
-    return "\n".join(out)
-
-
-def _html(title: str, sections: list[Section]) -> str:
-    esc = html.escape
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{esc(title)}</title><style>",
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
-        "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}",
-        ".statement{background:#f7f9fc;border-left:4px solid #3465a4;padding:0.6em 1em}",
-        "</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-    ]
-    for sec in sections:
-        parts.append(f"<h2>{esc(sec.title)}</h2>")
-        for block in sec.blocks:
-            if isinstance(block, Table):
-                parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>")
-                for row in block.rows:
-                    parts.append("<tr>" + "".join(f"<td>{esc(_cell(c))}</td>" for c in row) + "</tr>")
-                parts.append("</table>")
-            elif isinstance(block, Image):
-                data = base64.b64encode(block.path.read_bytes()).decode()
-                parts.append(f"<figure><img alt='{esc(block.caption)}' src='data:image/png;base64,{data}'>"
-                             f"<figcaption>{esc(block.caption)}</figcaption></figure>")
-            elif isinstance(block, Bullets):
-                parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block.items) + "</ul>")
-            elif isinstance(block, Statement):
-                parts.append(f"<p class='statement'>{esc(block.text)}</p>")
-            else:
-                parts.append(f"<p>{esc(block)}</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------
@@ -396,6 +299,88 @@ def _privacy_sections(run: RunFolder) -> list[Section]:
     return sections
 
 
+def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> bool:
+    """Observed against predicted risk by risk decile (a reliability diagram)."""
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
+    top = 0.05
+    for name, points in curves.items():
+        xs, ys = [p.predicted for p in points], [p.observed for p in points]
+        top = max(top, *xs, *ys)
+        ax.plot(xs, ys, "-o", ms=4, label=name)
+    ax.set_xlim(0, min(1, top * 1.1))
+    ax.set_ylim(0, min(1, top * 1.1))
+    ax.set_xlabel("predicted risk (mean in each decile)")
+    ax.set_ylabel("observed rate of the outcome")
+    ax.set_title("Calibration of the final model (test patients)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _subgroup_section(run: RunFolder) -> Section | None:
+    test = run.metrics.test
+    if test is None or not test.subgroups:
+        return None
+    central = run.baselines.get("central") if run.baselines else None
+    exact = {(g.grouping, g.group): g for g in central.subgroups} if central else {}
+    header = ["grouping", "group", "patients", "deaths", "AUROC", f"sensitivity at {test.threshold:.2f}",
+              "calibration: observed / predicted"]
+    if exact:
+        header.append("central no-DP AUROC (exact)")
+    rows = []
+    for g in test.subgroups:
+        m = g.metrics
+        if m is None:
+            cells = [g.grouping, g.group, "", "", g.note, "", ""]
+        else:
+            observed = sum(p.observed * p.patients for p in g.calibration)
+            predicted = sum(p.predicted * p.patients for p in g.calibration)
+            ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"
+            cells = [g.grouping, g.group, round(g.patients), round(g.deaths), m.auroc, m.sensitivity, ratio]
+        if exact:
+            ref = exact.get((g.grouping, g.group))
+            cells.append(ref.metrics.auroc if ref is not None and ref.metrics is not None else None)
+        rows.append(cells)
+    blocks: list = [
+        Table(header, rows),
+        "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
+        "patients and deaths are noisy counts, and a group whose counts are too small for the noise says so "
+        "instead of showing noise as a number (each hospital can see its own groups exactly, and release nothing, "
+        "with `fedgru evaluate --subgroups`). Calibration is the observed death rate over the mean predicted "
+        "risk (1: calibrated; below 1: risks too high for the group)."
+        + (" The last column is the same model trained centrally without DP, scored exactly on the same "
+           "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
+    ]
+    curves = {"all test patients": test.calibration_curve}
+    by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
+    curves.update({g.group: g.calibration for g in by_group})
+    if plot_reliability(curves, run.path / "calibration.png"):
+        blocks.append(Image(run.path / "calibration.png", "Reliability diagram: observed against predicted risk by risk decile"))
+    return Section("Whom the model fails: test patients by group", blocks)
+
+
+def _importance_section(run: RunFolder) -> Section | None:
+    test = run.metrics.test
+    if test is None or not test.importance:
+        return None
+    rows = [[name, value] for name, value in list(test.importance.items())[:15]]
+    return Section("What the model leans on (test patients, DP)", [
+        Table(["input", "mean |contribution| to the log-odds"], rows),
+        "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
+        "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "
+        "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. "
+        + (f"The noise on each mean has a standard deviation of {test.importance_noise:.3f}: differences smaller "
+           "than about twice that are not meaningful." if test.importance_noise else ""),
+    ])
+
+
 def _audit_section(audit: AuditResult | None) -> Section | None:
     if audit is None:
         return None
@@ -445,6 +430,7 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     sections += [s for s in (_test_section(run), _baseline_section(run)) if s is not None]
     if plot_auroc(metrics, run.path / "auroc.png"):
         sections.append(Section("Utility per round", [Image(run.path / "auroc.png", "Validation AUROC per round")]))
+    sections += [s for s in (_subgroup_section(run), _importance_section(run)) if s is not None]
     sections += _privacy_sections(run)
     audit = _audit_section(run.audit)
     if audit is not None:
@@ -488,6 +474,6 @@ def write_report(run_dir: str | Path) -> str:
     """Write report.md and report.html; return the text summary."""
     run = RunFolder.load(Path(run_dir))
     title, sections = build(run)
-    (run.path / "report.md").write_text(_markdown(title, sections))
-    (run.path / "report.html").write_text(_html(title, sections))
+    (run.path / "report.md").write_text(markdown(title, sections))
+    (run.path / "report.html").write_text(to_html(title, sections))
     return summary_text(run)

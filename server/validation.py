@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -22,9 +23,10 @@ from flwr.app import ArrayRecord, Message
 from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger, LedgerEntry, LedgerError
-from common.messages import Mechanism, Split
+from common.messages import Item, Mechanism, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.privacy import steps_per_round
+from common.subgroups import SubgroupSummary, groupings
 
 
 class ReplyRejected(ValueError):
@@ -153,27 +155,71 @@ def check_metrics(msg: Message, max_examples: int) -> int:
     return int(n)
 
 
+@dataclass
+class Evaluations:
+    """What one reply released about its evaluated patients, each part checked."""
+
+    summaries: dict[Split, ScoreSummary] = field(default_factory=dict)
+    subgroups: SubgroupSummary | None = None  # test patients, per group
+    importance: np.ndarray | None = None  # test patients: summed clipped contribution sizes
+    noise: dict[Item, float] = field(default_factory=dict)  # the test releases' noise multipliers, from the ledger
+
+
+def evaluation_grids(cfg: ExperimentConfig, threshold: float | None) -> tuple[ScoreGrid, ScoreGrid]:
+    """The score grid of the histograms, and the coarse one of the subgroup histograms;
+    anchored at the decision threshold when one was sent with the request."""
+    ev = cfg.evaluation
+    grid, coarse = ScoreGrid(*ev.logit_range, ev.score_bins), ScoreGrid(*ev.logit_range, ev.subgroup_bins)
+    return (grid.anchored(threshold), coarse.anchored(threshold)) if threshold else (grid, coarse)
+
+
 def read_evaluations(
-    msg: Message, cfg: ExperimentConfig, ledger: Ledger, run_id: str, server_round: int, splits: list[Split]
-) -> dict[Split, ScoreSummary]:
-    """The score summaries a reply carries for the requested splits, each checked
-    against the config's grid and against the hospital's ledger."""
-    out = {}
-    grid = ScoreGrid(cfg.evaluation.logit_range[0], cfg.evaluation.logit_range[1], cfg.evaluation.score_bins)
+    msg: Message, cfg: ExperimentConfig, ledger: Ledger, run_id: str, server_round: int, splits: list[Split],
+    threshold: float | None = None,
+) -> Evaluations:
+    """The score summaries (and, with the test split, the subgroup histograms and the
+    importance) a reply carries, each checked against the config and against the entry
+    of the hospital's ledger that released it."""
+    out = Evaluations()
+    grid, coarse = evaluation_grids(cfg, threshold)
+    allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set())
     for name in msg.content.array_records:
-        if name.startswith(M.EVALUATION_PREFIX) and name[len(M.EVALUATION_PREFIX):] not in {s.value for s in splits}:
-            raise ReplyRejected(f"reply carries an evaluation ({name}) that was not asked for")
+        if name != M.ARRAYS and name not in allowed:
+            raise ReplyRejected(f"reply carries a record ({name}) that was not asked for")
+
+    def released(split: Split, item: Item, n: int | None = None) -> LedgerEntry:
+        entries = [e for e in _entries(ledger, run_id, server_round, split) if e.item == item
+                   and e.mechanism in (Mechanism.GAUSSIAN, Mechanism.NONE) and (n is None or e.examples == n)]
+        if not entries:
+            raise ReplyRejected(f"its ledger does not record the {item.value} of the {split.value} split it sends")
+        if cfg.evaluation.dp and entries[-1].mechanism != Mechanism.GAUSSIAN:
+            raise ReplyRejected(f"its {item.value} of the {split.value} split is not recorded as a DP (Gaussian) release")
+        return entries[-1]
+
     for split in splits:
         key = M.evaluation_key(split)
         if key not in msg.content.array_records:
             continue  # declined (the reply says why), or the hospital stopped
         summary = check_summary(msg.content[key], cfg, grid)
-        entries = [e for e in _entries(ledger, run_id, server_round, split) if e.mechanism in (Mechanism.GAUSSIAN, Mechanism.NONE)]
-        if not any(e.examples == summary.n for e in entries):
-            raise ReplyRejected(f"its ledger does not record the {split.value} release it sends")
-        if cfg.evaluation.dp and not any(e.mechanism == Mechanism.GAUSSIAN for e in entries):
-            raise ReplyRejected(f"its {split.value} release is not recorded as a DP (Gaussian) release")
-        out[split] = summary
+        released(split, Item.HISTOGRAM, summary.n)
+        out.summaries[split] = summary
+    if M.SUBGROUPS in msg.content.array_records:
+        arrays = {k: v.numpy() for k, v in msg.content[M.SUBGROUPS].items()}
+        rows = sum(len(g.groups) for g in groupings(cfg))
+        histogram = arrays.get("subgroup-histograms")
+        shape = (rows, 2, 1, coarse.bins)
+        if set(arrays) != {"subgroup-histograms"} or histogram.shape != shape or not np.isfinite(histogram).all():
+            raise ReplyRejected(f"subgroup histograms must be one finite array of shape {shape}")
+        out.noise[Item.SUBGROUP_HISTOGRAMS] = released(Split.TEST, Item.SUBGROUP_HISTOGRAMS).noise_multiplier
+        out.subgroups = SubgroupSummary(histogram.astype(np.float64), coarse, len(cfg.evaluation.subgroups))
+    if M.IMPORTANCE in msg.content.array_records:
+        arrays = {k: v.numpy() for k, v in msg.content[M.IMPORTANCE].items()}
+        width = len(cfg.features.variables) + len(cfg.features.static)
+        importance = arrays.get("importance")
+        if set(arrays) != {"importance", "clip"} or importance.shape != (width,) or not np.isfinite(importance).all():
+            raise ReplyRejected(f"importance must be one finite vector of {width} values and its clipping norm")
+        out.noise[Item.IMPORTANCE] = released(Split.TEST, Item.IMPORTANCE).noise_multiplier
+        out.importance = importance.astype(np.float64)
     return out
 
 

@@ -27,6 +27,7 @@ from common.files import write_json
 from common.metrics import exact_metrics
 from common.model import GRUClassifier, model_spec
 from common.privacy import NoisyRelease, calibrate_noise, epsilon, steps_per_round
+from common.subgroups import exact_results
 from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local, training_for_round
 from server.records import BaselineResult, load_records
 
@@ -87,18 +88,22 @@ def run_baseline(
     start = time.perf_counter()
     models = train_baseline_models(cfg, kind, target_epsilon, seed)
     ds = load_dataset(cfg)
-    per, ys, ps, spent = {}, [], [], {}
+    per, ys, ps, spent, tests = {}, [], [], {}, []
     for h in make_partition(ds, cfg):  # each hospital's test patients, scored by the model it would use
         p = predict_proba(models[h.name], ds.X[h.test], ds.S[h.test])
         per[h.name] = exact_metrics(ds.y[h.test], p)
         ys.append(ds.y[h.test])
         ps.append(p)
+        tests.append(h.test)
         spent.update(models[h.name].spent)
+    test = np.concatenate(tests)
+    raw = {k: v[test] for k, v in ds.groups.items()}
+    subgroups = exact_results(cfg, np.concatenate(ys), np.concatenate(ps), raw, 0.5) if cfg.is_binary else []
     result = BaselineResult(
         kind=kind, seed=cfg.run.seed if seed is None else seed, rounds=cfg.run.rounds,
         local_epochs=cfg.training.local_epochs, epsilon=spent,
         pooled=exact_metrics(np.concatenate(ys), np.concatenate(ps)), hospitals=per,
-        seconds=round(time.perf_counter() - start, 1),
+        seconds=round(time.perf_counter() - start, 1), subgroups=subgroups,
     )
     if out is not None:
         existing = load_records(out, BaselineResult) or {}

@@ -3,6 +3,7 @@ baselines on the same folds, mean and sd over runs.
 
     python -m simulations.utility --config F --runs 5 [--set key=value ...] [--out DIR]
                                   [--no-baselines] [--baselines central,central-dp,local]
+                                  [--hours 6,12,24,36,48]
 
 Run i holds out fold i of ``--folds`` (default 5) stratified folds of every hospital's
 stays (``split.folds``/``split.fold``), validates on ``split.val`` of the rest and
@@ -19,6 +20,9 @@ run's own threshold) and Brier; the AUROC pooled over all folds' test patients
 folds: central without DP, central DP at the same epsilon, each hospital alone with DP.
 It writes ``utility.json`` and ``utility.md`` into ``--out``. A single run's AUROC on
 800 test patients has a standard error of about 0.025: compare levers by these means.
+
+``--hours`` (binary tasks): also the exact AUROC of the risk after each listed hour (what
+a bedside monitor would have shown then, from the observations up to that hour).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class FoldResult:
     hospitals: dict[str, float]  # hospital -> exact AUROC of its own test patients
     seconds: float
     released: Metrics | None = None  # the run's own report (noisy, DP releases); federated runs only
+    early: dict[int, float] = field(default_factory=dict)  # hour -> exact AUROC of the risk after that hour
     y: list[int] = field(default_factory=list, repr=False)
     risk: list[float] = field(default_factory=list, repr=False)
 
@@ -74,7 +79,28 @@ def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dic
     return exact_metrics(y, p, threshold), per, y, p
 
 
-def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path) -> FoldResult:
+def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
+    """Exact test AUROC of the risk after each of ``hours`` (pooled over hospitals)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    if not hours:
+        return {}
+    ds = load_dataset(cfg)
+    ys, logits = [], []
+    for h in make_partition(ds, cfg):
+        m = model(h.name).eval()
+        with torch.no_grad():
+            x = torch.as_tensor(ds.X[h.test], dtype=torch.float32)
+            s = torch.as_tensor(ds.S[h.test], dtype=torch.float32)
+            logits.append(m.hourly_logits(x, s)[..., 0].numpy())
+        ys.append(ds.y[h.test])
+    y, z = np.concatenate(ys), np.concatenate(logits)
+    return {hour: float(roc_auc_score(y, z[:, hour - 1])) for hour in hours if hour <= z.shape[1]}
+
+
+def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,
+                   hours: list[int] = ()) -> FoldResult:
     run_dir = out / f"fold{fold}"
     args = [sys.executable, "-m", "fedgru.cli", "simulate", "--out", str(run_dir)]
     if config is not None:
@@ -92,10 +118,12 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
     pooled, per, y, p = _exact(cfg, lambda _name: bundle.model, threshold)
     released = load_record(run_dir / "metrics.json", RunMetrics)
     return FoldResult(fold, pooled, per, round(seconds, 1), released.test.pooled if released and released.test else None,
-                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [])
+                      _early(cfg, lambda _name: bundle.model, list(hours)), y.tolist(),
+                      p[:, 1].tolist() if p.shape[1] == 2 else [])
 
 
-def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str) -> FoldResult:
+def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
+                  hours: list[int] = ()) -> FoldResult:
     from simulations.baselines import train_baseline_models
 
     cfg = load_config(config, overrides + [f"split.folds={folds}", f"split.fold={fold}"])
@@ -103,7 +131,8 @@ def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: i
     models = train_baseline_models(cfg, kind)
     pooled, per, y, p = _exact(cfg, lambda name: models[name], 0.5)
     return FoldResult(fold, pooled, per, round(time.perf_counter() - t0, 1), None,
-                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [])
+                      _early(cfg, lambda name: models[name], list(hours)), y.tolist(),
+                      p[:, 1].tolist() if p.shape[1] == 2 else [])
 
 
 def summarize(results: list[FoldResult]) -> dict:
@@ -124,6 +153,9 @@ def summarize(results: list[FoldResult]) -> dict:
     if released:
         out["released"] = {key: stats([getattr(m, key) for m in released]) for key in ("auroc", "event1_score", "brier")}
     out["seconds"] = stats([r.seconds for r in results])
+    hours = sorted({h for r in results for h in r.early})
+    if hours:
+        out["early"] = {h: stats([r.early[h] for r in results if h in r.early]) for h in hours}
     return out
 
 
@@ -144,6 +176,13 @@ def markdown(summary: dict[str, dict], runs: int) -> str:
               "| model | " + " | ".join(hospitals) + " |", "|---|" + "---|" * len(hospitals)]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(f(s["hospitals"][h]) if h in s["hospitals"] else "" for h in hospitals) + " |")
+    early = sorted({h for s in summary.values() for h in s.get("early", {})})
+    if early:
+        lines += ["", "Test AUROC of the risk after each hour (mean ± sd over runs; exact):", "",
+                  "| model | " + " | ".join(f"hour {h}" for h in early) + " |", "|---|" + "---|" * len(early)]
+        for name, s in summary.items():
+            lines.append(f"| {name} | " + " | ".join(f(s["early"][h]) if h in s.get("early", {}) else "" for h in early)
+                         + " |")
     fed = summary.get("federated", {})
     if "released" in fed:
         r = fed["released"]
@@ -161,20 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the runs and utility.json / utility.md")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated, or '' for none")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--hours", default="", help="comma-separated hours: also the AUROC of the risk after each")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= args.folds:
         parser.error("--runs must be between 1 and --folds")
     out = (args.out or project_root() / "runs" / f"utility-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     kinds = [] if args.no_baselines else [k for k in args.baselines.split(",") if k]
+    hours = [int(h) for h in args.hours.split(",") if h.strip()]
     results: dict[str, list[FoldResult]] = {"federated": [], **{k: [] for k in kinds}}
     for fold in range(args.runs):
-        results["federated"].append(federated_fold(args.config, args.overrides, args.folds, fold, out))
+        results["federated"].append(federated_fold(args.config, args.overrides, args.folds, fold, out, hours))
         r = results["federated"][-1]
         print(f"fold {fold}: federated AUROC {r.pooled.auroc:.3f} (report: "
               f"{r.released.auroc if r.released else float('nan'):.3f}), {r.seconds:.0f} s", flush=True)
         for kind in kinds:
-            results[kind].append(baseline_fold(args.config, args.overrides, args.folds, fold, kind))
+            results[kind].append(baseline_fold(args.config, args.overrides, args.folds, fold, kind, hours))
             print(f"fold {fold}: {kind} AUROC {results[kind][-1].pooled.auroc:.3f}", flush=True)
     summary = {name: summarize(rs) for name, rs in results.items()}
     write_json(out / "utility.json", {

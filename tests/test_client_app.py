@@ -20,7 +20,7 @@ from client.folder import HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
 from common.ledger import Ledger
-from common.messages import Mechanism, ReplyState, Split
+from common.messages import Item, Mechanism, ReplyState, Split
 from tests.conftest import hospital_cfg, hospital_message, make_hospital, node_context, reply_status
 
 
@@ -55,12 +55,16 @@ def test_ledger_survives_restart_and_composes_across_runs(hospital_data, tmp_pat
             acc.step(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate)
     assert acc.get_epsilon(delta=ledger.delta) == pytest.approx(eps[-1], abs=1e-9)
     # the final evaluation is a DP release about the validation and the test patients, recorded too
+    before = len(ledger.entries)
     ev = client_app.evaluate(hospital_message(cfg, "run-2", 2, MessageType.EVALUATE, "val test"), node_context(folder))
     assert reply_status(ev)[M.STATE] == ReplyState.EVALUATED
     assert {M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST)} <= set(ev.content.array_records)
     after = _ledger(folder)
-    last = after.entries[-2:]
-    assert [(e.mechanism, e.split) for e in last] == [(Mechanism.GAUSSIAN, Split.VAL), (Mechanism.GAUSSIAN, Split.TEST)]
+    # one entry per release: the validation histogram; the test histogram, its per-group
+    # histograms and the importance (the test budget shared between them)
+    assert [(e.mechanism, e.split, e.item) for e in after.entries[before:]] == [
+        (Mechanism.GAUSSIAN, Split.VAL, Item.HISTOGRAM), (Mechanism.GAUSSIAN, Split.TEST, Item.HISTOGRAM),
+        (Mechanism.GAUSSIAN, Split.TEST, Item.SUBGROUP_HISTOGRAMS), (Mechanism.GAUSSIAN, Split.TEST, Item.IMPORTANCE)]
     assert 0 < after.epsilon(Split.TEST) <= cfg.evaluation.test_epsilon
     assert after.epsilon(Split.TRAIN) == pytest.approx(eps[-1], abs=1e-12)  # other patients: their own budget
 

@@ -19,7 +19,7 @@ from .preprocess import PreprocessSummary, to_tensors
 from .records import DataError, ReadSummary, natural_key
 
 # Bump when preprocessing output changes, so stale caches are not reused.
-PREPROCESS_VERSION = 5
+PREPROCESS_VERSION = 6
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Dataset:
     X: np.ndarray  # (N, T, C) float32 time series channels
     S: np.ndarray  # (N, static_width) float32 descriptors
     y: np.ndarray  # (N,) int64 class index
-    groups: dict[str, np.ndarray] = field(default_factory=dict)  # raw categorical descriptors
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # raw descriptor values (NaN: unknown)
     summary: DataSummary | None = None
     fingerprint: str = ""  # sha256 of the source files' bytes
 
@@ -167,9 +167,8 @@ def read_source(
     pre = PreprocessSummary()
     X, S = to_tensors(labelled, features, pre)
     groups = {}
-    for spec in features.static:
-        if spec.kind == "categorical":
-            groups[spec.name] = np.array([s.static.get(spec.name, np.nan) for s in labelled], dtype=np.float64)
+    for spec in features.static:  # raw descriptor values, for partitions and subgroups (NaN: unknown)
+        groups[spec.name] = np.array([s.static.get(spec.name, np.nan) for s in labelled], dtype=np.float64)
     summary = DataSummary(
         data=str(data_path),
         outcomes=str(outcomes_path) if outcomes_path is not None else None,

@@ -58,11 +58,11 @@ def _label_key(value: float) -> str:
 
 @register_partitioner("column")
 def partition_by_column(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
-    if section.column not in ds.groups:
+    spec = next((s for s in cfg.features.static if s.name == section.column), None)
+    if spec is None or spec.kind != "categorical" or section.column not in ds.groups:
         raise ValueError(
             f"partition.column '{section.column}' is not a categorical entry of features.static"
         )
-    spec = next(s for s in cfg.features.static if s.name == section.column)
     values = ds.groups[section.column]
     out = []
     for category in spec.categories:

@@ -1,0 +1,157 @@
+"""At the bedside: a hospital scores its own patients with a saved model bundle.
+
+- :func:`hourly_risks`: the risk after each hour, reading only what was observed up to
+  that hour (``fedgru predict --hourly``);
+- :func:`explain_stay`: why this patient (``fedgru explain``; ``common.explain``);
+- :func:`monitor_page`: a stay's risk hour by hour with the decision threshold and the
+  observations that moved it most (``fedgru monitor``).
+
+Everything here runs on the hospital's own data and shows patient values to the
+hospital's own staff; none of it is sent anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.bundle import Bundle
+from common.data.dataset import Dataset
+from common.document import Image, Section, Table, to_html
+from common.explain import (
+    Explanation,
+    denormalise,
+    describe,
+    exact_contributions,
+    explain,
+    integrated_gradients,
+    is_exact,
+)
+
+
+def hourly_risks(bundle: Bundle, ds: Dataset, batch: int = 512) -> np.ndarray:
+    """(N, T) risk of the positive class after each hour (binary tasks)."""
+    if bundle.spec.n_outputs != 1:
+        raise ValueError("hourly risks are for binary tasks (one logit)")
+    model = bundle.model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch):
+            x = torch.as_tensor(ds.X[i : i + batch], dtype=torch.float32)
+            s = torch.as_tensor(ds.S[i : i + batch], dtype=torch.float32)
+            out.append(torch.sigmoid(model.hourly_logits(x, s)[..., 0]).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, ds.X.shape[1]))
+
+
+def stay_index(ds: Dataset, stay_id: str) -> int:
+    hits = np.flatnonzero(ds.stay_ids.astype(str) == str(stay_id))
+    if hits.size == 0:
+        raise KeyError(stay_id)
+    return int(hits[0])
+
+
+def explain_stay(bundle: Bundle, ds: Dataset, stay_id: str) -> Explanation:
+    i = stay_index(ds, stay_id)
+    return explain(bundle.model, ds.X[i], ds.S[i], bundle.config.features, str(stay_id))
+
+
+@dataclass
+class Jump:
+    """An hour at which the risk moved, and the observations behind it."""
+
+    hour: int
+    before: float
+    after: float
+    movers: list[tuple[str, str, float]]  # (variable, "value unit" seen that hour or "", change of its contribution)
+
+
+def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, per_hour: int = 3) -> list[Jump]:
+    """The ``top`` hours with the largest change of risk, each with the variables whose
+    contribution to the logit changed most in that hour (exact for the per-variable
+    model; integrated gradients otherwise)."""
+    features = bundle.config.features
+    V = len(features.variables)
+    x = torch.as_tensor(ds.X[i : i + 1], dtype=torch.float32)
+    s = torch.as_tensor(ds.S[i : i + 1], dtype=torch.float32)
+    change = np.abs(np.diff(np.concatenate([[risks[0]], risks])))
+    hours = [int(h) for h in np.argsort(-change)[:top] if h > 0]
+    if is_exact(bundle.model):
+        parts, _ = exact_contributions(bundle.model, x, s, features, hourly=True)
+        per_hour_parts = parts[0].numpy()  # (T, V + D)
+        deltas = {h: per_hour_parts[h, :V] - per_hour_parts[h - 1, :V] for h in hours}
+    else:
+        deltas = {}
+        for h in hours:
+            now, _ = integrated_gradients(bundle.model, x, s, features, hour=h + 1)
+            before, _ = integrated_gradients(bundle.model, x, s, features, hour=h)
+            deltas[h] = (now - before)[0, :V].numpy()
+    out = []
+    for h in sorted(hours):
+        order = np.argsort(-np.abs(deltas[h]))[:per_hour]
+        movers = []
+        for v in order:
+            spec = features.variables[v]
+            seen = features.observed_mask and ds.X[i, h, V + v] > 0.5
+            value = f"{denormalise(spec, float(ds.X[i, h, v])):.3g} {spec.unit}".rstrip() if seen else ""
+            movers.append((spec.name, value, float(deltas[h][v])))
+        out.append(Jump(h + 1, float(risks[h - 1]), float(risks[h]), movers))
+    return out
+
+
+def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, threshold: float) -> str:
+    """Write an HTML page (plots embedded) of each stay's hourly risk; return a text summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections, lines = [], []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stay_id in stay_ids:
+        i = stay_index(ds, stay_id)
+        risks = hourly_risks(bundle, ds.subset(np.array([i])))[0]
+        found = jumps(bundle, ds, i, risks)
+        hours = np.arange(1, len(risks) + 1)
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.plot(hours, risks, "-o", ms=3, color="#3465a4", label="risk after each hour")
+        ax.axhline(threshold, color="#cc0000", ls="--", lw=1, label=f"flag at {threshold:.2f}")
+        for jump in found:
+            label = ", ".join(name for name, _, _ in jump.movers[:2])
+            ax.annotate(label, (jump.hour, jump.after), textcoords="offset points", xytext=(0, 10), fontsize=7, ha="center")
+        ax.set_xlabel("hour since admission")
+        ax.set_ylabel("risk of the outcome")
+        ax.set_ylim(0, max(1e-3, min(1.0, max(risks.max(), threshold) * 1.25)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_title(f"stay {stay_id}")
+        fig.tight_layout()
+        png = out.with_name(f"{out.stem}-{stay_id}.png")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        first = next((int(h) for h, r in zip(hours, risks) if r >= threshold), None)
+        rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
+                 "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers)] for j in found]
+        flag_text = f"first flagged at hour {first}" if first else "never flagged"
+        sections.append(Section(f"Stay {stay_id}", [
+            Image(png, f"risk of stay {stay_id} after each hour"),
+            f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {threshold:.3f}; {flag_text}).",
+            Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows),
+        ]))
+        lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}, {flag_text}")
+        lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: " + ", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers)
+                  for j in found]
+    out.write_text(to_html("fedgru monitor", sections))
+    return "\n".join(lines)
+
+
+def explanation_text(e: Explanation, top: int) -> str:
+    lines = [f"stay {e.stay_id}: risk {e.risk:.3f} (log-odds {e.logit:+.3f}); contributions to the log-odds "
+             f"({e.method}):"]
+    lines += [f"  {describe(c)}" for c in e.top(top)]
+    rest = sum(c.contribution for c in e.contributions[top:])
+    lines.append(f"  the other {len(e.contributions) - top}: {rest:+.2f}; bias {e.bias:+.2f}")
+    return "\n".join(lines)
+

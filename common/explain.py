@@ -1,0 +1,216 @@
+"""Why the model gives a patient the risk it gives: contributions per variable and per
+descriptor, in clinical units, at the end of the window or after each hour.
+
+For the per-variable model with a linear head the logit is exactly a sum: each
+variable's weights times its GRU's final state (and, with ``input_skip``, times its
+last input channels), each descriptor's weights times its columns, plus the bias
+(:func:`exact_contributions`, exact to rounding). For any other model the
+contributions are Captum's integrated gradients (Sundararajan, Taly & Yan, ICML 2017)
+against the reference patient (every input 0: each variable at its reference value,
+unobserved), summed over each variable's channels and hours; they add up to the logit
+minus the reference patient's logit, which is reported as the bias. Either way the
+contributions and the bias sum to the logit.
+
+Values are shown in clinical units by undoing the config's normalisation (fixed
+constants, so this needs nothing but the config); "last" is the last observation in
+the window and the hour it was made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import FeatureSection, StaticSpec, VariableSpec
+from .model import GRUClassifier
+
+
+@dataclass
+class Contribution:
+    name: str
+    kind: str  # "variable" or "descriptor"
+    contribution: float  # to the logit (log-odds of the risk)
+    value: float | None  # the last observed value in clinical units (descriptor: its value); None: not observed
+    unit: str
+    hour: int | None  # the hour (1..T) of that last observation
+    label: str = ""  # a categorical descriptor's value (its category's name)
+
+
+@dataclass
+class Explanation:
+    stay_id: str
+    logit: float
+    risk: float
+    bias: float  # the part of the logit no input explains (the head's bias, or the reference patient's logit)
+    method: str
+    contributions: list[Contribution] = field(default_factory=list)  # largest first
+
+    def top(self, k: int) -> list[Contribution]:
+        return self.contributions[:k]
+
+
+def is_exact(model: GRUClassifier) -> bool:
+    """A per-variable model with a linear single-logit head: contributions are exact."""
+    return model.per_variable and model.spec.head_hidden == 0 and model.spec.n_outputs == 1
+
+
+def _static_columns(features: FeatureSection) -> list[tuple[StaticSpec, slice]]:
+    out, at = [], 0
+    for spec in features.static:
+        width = len(spec.categories) if spec.kind == "categorical" else 2
+        out.append((spec, slice(at, at + width)))
+        at += width
+    return out
+
+
+def exact_contributions(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, features: FeatureSection,
+                        hourly: bool = False) -> tuple[torch.Tensor, float]:
+    """Per variable then per descriptor, what each adds to the logit: (B, V + D), or
+    (B, T, V + D) after each hour; and the bias. Exact: they sum to the logit."""
+    if not is_exact(model):
+        raise ValueError("exact contributions need the per_variable model with a linear head (head_hidden 0, binary)")
+    spec = model.spec
+    V = spec.n_variables
+    with torch.no_grad():
+        inputs = model.head_inputs(x, s, hourly=hourly)  # (..., F)
+        weight = model.head[-1].weight[0]
+        bias = float(model.head[-1].bias[0])
+        terms = inputs * weight  # (..., F)
+        per_state = spec.gru_hidden[-1] * (2 if spec.pool == "last_mean" else 1)
+        variables = terms[..., : V * per_state].reshape(*terms.shape[:-1], V, per_state).sum(-1)
+        at = V * per_state
+        static = terms[..., at : at + spec.n_static]
+        if spec.input_skip:  # the step's own channels [values | masks | deltas]: each to its variable
+            skip = terms[..., at + spec.n_static :]
+            variables = variables + skip.reshape(*skip.shape[:-1], spec.n_channels // V, V).sum(-2)
+        descriptors = torch.stack([static[..., cols].sum(-1) for _, cols in _static_columns(features)], dim=-1)
+    return torch.cat([variables, descriptors], dim=-1), bias
+
+
+def integrated_gradients(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, features: FeatureSection,
+                         hour: int | None = None, steps: int = 64) -> tuple[torch.Tensor, float]:
+    """Captum's integrated gradients of the logit (of the class with the highest risk, at
+    ``hour`` or the end) against the all-zero reference patient, per variable (summed over
+    its channels and hours) and per descriptor: (B, V + D), and the reference's logit."""
+    from captum.attr import IntegratedGradients
+
+    V = len(features.variables)
+    T = x.shape[1]
+    model = model.eval()
+
+    def logit(xx, ss):
+        out = model.hourly_logits(xx, ss)[:, (hour or T) - 1] if hour else model(xx, ss)
+        return out[:, 0] if out.shape[1] == 1 else out.max(dim=1).values
+
+    attributions = IntegratedGradients(logit).attribute(
+        (x, s), baselines=(torch.zeros_like(x), torch.zeros_like(s)), n_steps=steps, internal_batch_size=256,
+    )
+    ax, a_static = (a.detach() for a in attributions)
+    variables = ax.reshape(x.shape[0], T, x.shape[2] // V, V).sum(dim=(1, 2))
+    descriptors = torch.stack([a_static[:, cols].sum(-1) for _, cols in _static_columns(features)], dim=-1)
+    with torch.no_grad():
+        reference = float(logit(torch.zeros_like(x[:1]), torch.zeros_like(s[:1]))[0])
+    return torch.cat([variables, descriptors], dim=-1), reference
+
+
+def denormalise(spec: VariableSpec | StaticSpec, value: float) -> float:
+    """A normalised value back in clinical units (the config's constants)."""
+    if getattr(spec, "binary", False):
+        return float(value)
+    if spec.log:
+        return float(math.expm1(value * spec.scale + math.log1p(max(spec.center, 0.0))))
+    return float(value * spec.scale + spec.center)
+
+
+def last_observations(x: np.ndarray, features: FeatureSection) -> list[tuple[float | None, int | None]]:
+    """Per variable: the last value observed in the window (clinical units) and its hour."""
+    V = len(features.variables)
+    out = []
+    for v, spec in enumerate(features.variables):
+        seen = np.flatnonzero(x[:, V + v] > 0.5) if features.observed_mask else np.flatnonzero(x[:, v] != 0)
+        if seen.size == 0:
+            out.append((None, None))
+        else:
+            out.append((denormalise(spec, float(x[seen[-1], v])), int(seen[-1]) + 1))
+    return out
+
+
+def descriptor_values(s: np.ndarray, features: FeatureSection) -> list[tuple[float | str | None, str]]:
+    """Per descriptor: its value in clinical units (a category's label), or None if unknown."""
+    out = []
+    for spec, cols in _static_columns(features):
+        block = s[cols]
+        if spec.kind == "categorical":
+            hit = np.flatnonzero(block > 0.5)
+            if hit.size == 0:
+                out.append((None, ""))
+            else:
+                category = f"{spec.categories[hit[0]]:g}"
+                out.append((spec.labels.get(category, category), ""))
+        else:
+            out.append((None, spec.unit) if block[1] > 0.5 else (denormalise(spec, float(block[0])), spec.unit))
+    return out
+
+
+def explain(model: GRUClassifier, x: np.ndarray, s: np.ndarray, features: FeatureSection, stay_id: str) -> Explanation:
+    """Contributions to one stay's logit at the end of the window, largest first."""
+    xt = torch.as_tensor(x, dtype=torch.float32).unsqueeze(0)
+    st = torch.as_tensor(s, dtype=torch.float32).unsqueeze(0)
+    model = model.eval()
+    with torch.no_grad():
+        out = model(xt, st)
+    logit = float(out[0, 0] if out.shape[1] == 1 else out[0].max())
+    if is_exact(model):
+        parts, bias = exact_contributions(model, xt, st, features)
+        method = "exact: the per-variable model's linear head"
+    else:
+        parts, bias = integrated_gradients(model, xt, st, features)
+        method = "integrated gradients (Captum) against the reference patient; bias = the reference's logit"
+        bias = logit - float(parts.sum())  # absorbs the integral's small error, so the sum is the logit
+    parts = parts[0].numpy()
+    last = last_observations(x, features)
+    described = descriptor_values(s, features)
+    items = [
+        Contribution(spec.name, "variable", float(parts[v]), last[v][0], spec.unit, last[v][1])
+        for v, spec in enumerate(features.variables)
+    ]
+    items += [
+        Contribution(spec.name, "descriptor", float(parts[len(features.variables) + d]),
+                     None if isinstance(value, str) else value, unit, None, value if isinstance(value, str) else "")
+        for d, (spec, (value, unit)) in enumerate(zip(features.static, described))
+    ]
+    items.sort(key=lambda c: -abs(c.contribution))
+    risk = 1 / (1 + math.exp(-logit))
+    return Explanation(stay_id, logit, risk, bias, method, items)
+
+
+def describe(c: Contribution) -> str:
+    """'Lactate, last 4.1 mmol/L at hour 30: +0.42'."""
+    if c.kind == "variable":
+        seen = f"last {c.value:.3g} {c.unit}".rstrip() + f" at hour {c.hour}" if c.value is not None else "not observed"
+    elif c.label:
+        seen = c.label
+    else:
+        seen = f"{c.value:.3g} {c.unit}".rstrip() if c.value is not None else "unknown"
+    return f"{c.name}, {seen}: {c.contribution:+.2f}"
+
+
+
+def contribution_sizes(model: GRUClassifier, X: np.ndarray, S: np.ndarray, features: FeatureSection,
+                       clip: float, batch: int = 256) -> np.ndarray:
+    """Each patient's vector of |contribution| per variable and descriptor, clipped to L2
+    norm ``clip`` (so one patient moves a sum by at most ``clip``): (N, V + D)."""
+    model = model.eval()
+    out = []
+    for i in range(0, len(X), batch):
+        x = torch.as_tensor(X[i : i + batch], dtype=torch.float32)
+        s = torch.as_tensor(S[i : i + batch], dtype=torch.float32)
+        parts = exact_contributions(model, x, s, features)[0] if is_exact(model) else \
+            integrated_gradients(model, x, s, features, steps=32)[0]
+        sizes = parts.abs()
+        norms = sizes.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out.append((sizes * torch.clamp(clip / norms, max=1.0)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(features.variables) + len(features.static)))

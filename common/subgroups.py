@@ -1,0 +1,188 @@
+"""Whom the model fails: score histograms per group of patients (by sex, age band, ICU
+type, ... as ``evaluation.subgroups`` says), metrics per group, and calibration by risk
+decile.
+
+A hospital releases, for its test patients, one binary-task score histogram per group of
+each grouping, with Gaussian noise: each patient is in exactly one group of each grouping
+(an "unknown" group holds those whose descriptor is missing), so one patient changes
+one count per grouping and the release's L2 sensitivity is sqrt(groupings). Summed over
+hospitals, each group's histogram gives its AUROC, its sensitivity at the run's threshold
+(a bin edge) and its calibration. A group whose noisy counts are too small for the noise
+is marked so instead of given numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ExperimentConfig, StaticSpec, SubgroupSpec
+from .metrics import Metrics, ScoreGrid, ScoreSummary
+
+UNKNOWN = "unknown"
+
+
+def group_names(spec: SubgroupSpec, static: StaticSpec) -> list[str]:
+    """The groups of one grouping, "unknown" last."""
+    if static.kind == "categorical":
+        names = [static.labels.get(f"{c:g}", f"{static.name} {c:g}") for c in static.categories]
+    else:
+        b = spec.bands
+        integral = all(float(x).is_integer() for x in b)
+        names = [f"<{b[0]:g}"]
+        for lo, hi in zip(b, b[1:]):
+            names.append(f"{lo:g}-{hi - 1:g}" if integral else f"{lo:g} to <{hi:g}")
+        names.append(f"{b[-1]:g}+")
+    return names + [UNKNOWN]
+
+
+def assign(spec: SubgroupSpec, static: StaticSpec, raw: np.ndarray) -> np.ndarray:
+    """Each patient's group index (the last index: unknown)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    unknown = ~np.isfinite(raw) | np.isin(raw, static.missing)
+    if static.kind == "categorical":
+        index = np.full(len(raw), len(static.categories), dtype=np.int64)
+        for k, c in enumerate(static.categories):
+            index[(raw == c) & ~unknown] = k
+        return index
+    index = np.searchsorted(np.asarray(spec.bands, dtype=np.float64), raw, side="right").astype(np.int64)
+    index[unknown] = len(spec.bands) + 1
+    return index
+
+
+@dataclass
+class Grouping:
+    name: str
+    groups: list[str]
+
+
+def groupings(cfg: ExperimentConfig) -> list[Grouping]:
+    statics = {s.name: s for s in cfg.features.static}
+    return [Grouping(g.name, group_names(g, statics[g.column])) for g in cfg.evaluation.subgroups]
+
+
+@dataclass
+class SubgroupSummary:
+    """Score histograms per group: (groups over all groupings, classes, 1, bins)."""
+
+    histogram: np.ndarray
+    grid: ScoreGrid
+    n_groupings: int
+
+    @classmethod
+    def from_predictions(cls, cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray,
+                         raw: dict[str, np.ndarray], grid: ScoreGrid) -> SubgroupSummary:
+        statics = {s.name: s for s in cfg.features.static}
+        y = np.asarray(y, dtype=np.int64)
+        bins = grid.index(np.log(np.clip(probs[:, 1], 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(probs[:, 1], 1e-12, 1 - 1e-12)))
+        blocks = []
+        for spec in cfg.evaluation.subgroups:
+            static = statics[spec.column]
+            index = assign(spec, static, raw[spec.column])
+            block = np.zeros((len(group_names(spec, static)), 2, 1, grid.bins))
+            np.add.at(block, (index, y, 0, bins), 1.0)
+            blocks.append(block)
+        return cls(np.concatenate(blocks) if blocks else np.zeros((0, 2, 1, grid.bins)), grid, len(blocks))
+
+    @property
+    def sensitivity(self) -> float:
+        return math.sqrt(max(self.n_groupings, 1))
+
+    def noised(self, noise_multiplier: float, rng: np.random.Generator) -> SubgroupSummary:
+        std = noise_multiplier * self.sensitivity
+        return SubgroupSummary(self.histogram + rng.normal(0.0, std, self.histogram.shape), self.grid, self.n_groupings)
+
+    def __add__(self, other: SubgroupSummary) -> SubgroupSummary:
+        if self.histogram.shape != other.histogram.shape or self.grid != other.grid:
+            raise ValueError("subgroup summaries of different shapes do not add up")
+        return SubgroupSummary(self.histogram + other.histogram, self.grid, self.n_groupings)
+
+    def group(self, row: int) -> ScoreSummary:
+        counts = self.histogram[row]
+        return ScoreSummary(counts, None, int(round(max(np.maximum(counts, 0).sum(), 0))), self.grid)
+
+
+@dataclass
+class CalibrationPoint:
+    predicted: float  # mean predicted risk of the patients in this risk decile
+    observed: float  # their observed rate of the outcome
+    patients: float
+
+
+@dataclass
+class GroupResult:
+    grouping: str
+    group: str
+    patients: float  # a noisy count under DP
+    deaths: float
+    metrics: Metrics | None  # None: too few patients for a DP estimate
+    calibration: list[CalibrationPoint]
+    note: str = ""
+
+
+def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10
+                ) -> list[CalibrationPoint]:
+    """Observed against predicted risk by risk decile, from a binary summary's counts
+    (bins in order of risk, grouped into ``deciles`` groups of about equal size)."""
+    counts = summary.counts()
+    pos, neg = counts[1, 0], counts[0, 0]
+    total = pos + neg
+    if total.sum() <= 0:
+        return []
+    centres = summary.grid.centre_logits()
+    if calibration is not None:
+        centres = calibration[0] * centres + calibration[1]
+    risk = 1 / (1 + np.exp(-centres))
+    cuts = np.searchsorted(np.cumsum(total) / total.sum(), np.linspace(0, 1, deciles + 1)[1:-1], side="right")
+    out = []
+    for part in np.split(np.arange(len(total)), np.unique(cuts)):
+        n = total[part].sum()
+        if n > 0:
+            out.append(CalibrationPoint(float(total[part] @ risk[part] / n), float(pos[part].sum() / n), float(n)))
+    return out
+
+
+def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold_edge: int,
+            calibration: tuple[float, float] | None, min_count: float) -> list[GroupResult]:
+    """Metrics per group; a group with fewer than ``min_count`` noisy deaths or survivors
+    is reported as too small instead."""
+    out, row = [], 0
+    for grouping in groupings(cfg):
+        for name in grouping.groups:
+            summary = total.group(row)
+            row += 1
+            # Unclipped sums: the noise is zero-mean, so these estimate the counts without bias.
+            deaths, survivors = float(summary.histogram[1].sum()), float(summary.histogram[0].sum())
+            if min(deaths, survivors) < min_count:
+                out.append(GroupResult(grouping.name, name, deaths + survivors, deaths, None, [],
+                                       "too few patients for a DP estimate"))
+                continue
+            out.append(GroupResult(grouping.name, name, deaths + survivors, deaths,
+                                   summary.metrics(threshold_edge, calibration), reliability(summary, calibration)))
+    return out
+
+
+def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: dict[str, np.ndarray],
+                  threshold: float) -> list[GroupResult]:
+    """The same per-group results from exact scores (a baseline, or a hospital's own data)."""
+    from .metrics import exact_metrics
+
+    statics = {s.name: s for s in cfg.features.static}
+    y = np.asarray(y, dtype=np.int64)
+    out = []
+    for spec in cfg.evaluation.subgroups:
+        static = statics[spec.column]
+        index = assign(spec, static, raw[spec.column])
+        for k, name in enumerate(group_names(spec, static)):
+            member = index == k
+            yk, pk = y[member], probs[member]
+            metrics = exact_metrics(yk, pk, threshold) if member.any() else None
+            points = []
+            if member.sum() >= 10:
+                order = np.argsort(pk[:, 1], kind="stable")
+                for part in np.array_split(order, min(10, int(member.sum()) // 5 or 1)):
+                    points.append(CalibrationPoint(float(pk[part, 1].mean()), float(yk[part].mean()), float(len(part))))
+            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points))
+    return out

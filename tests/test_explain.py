@@ -1,0 +1,241 @@
+"""Bedside use: the risk after each hour, contributions per variable, per-group metrics,
+and the explain / monitor / predict --hourly commands on real PhysioNet stays."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from common.config import load_config
+from common.explain import exact_contributions, explain, integrated_gradients, is_exact
+from common.metrics import ScoreGrid
+from common.model import GRUClassifier, batch_loss, model_spec
+from common.subgroups import SubgroupSummary, exact_results, groupings
+from tests.conftest import DEFAULT_CONFIG, small_spec
+
+
+def _model(architecture: str, pool: str = "last", input_skip: bool = False, head_hidden: int = 0, seed: int = 0):
+    """A default-config model with random (not zero) weights, so every part contributes."""
+    cfg = load_config(DEFAULT_CONFIG, [f"model.architecture={architecture}", "model.gru_hidden=[3]",
+                                       f"model.head_hidden={head_hidden}", f"model.pool={pool}",
+                                       f"model.input_skip={str(input_skip).lower()}", "model.zero_init_head=false"])
+    torch.manual_seed(seed)
+    model = GRUClassifier(model_spec(cfg), "torch" if architecture == "stacked" else "fast").eval()
+    return cfg, model
+
+
+def _stays(cfg, dataset, n=6):
+    return (torch.as_tensor(dataset.X[:n], dtype=torch.float32), torch.as_tensor(dataset.S[:n], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("pool, input_skip", [("last", False), ("last_mean", True), ("mean", False)])
+def test_exact_contributions_add_up_to_the_logit(full_dataset, pool, input_skip):
+    cfg, model = _model("per_variable", pool, input_skip)
+    assert is_exact(model)
+    x, s = _stays(cfg, full_dataset)
+    parts, bias = exact_contributions(model, x, s, cfg.features)
+    assert parts.shape == (6, len(cfg.features.variables) + len(cfg.features.static))
+    with torch.no_grad():
+        logits = model(x, s)[:, 0]
+    torch.testing.assert_close(parts.sum(1) + bias, logits, atol=1e-5, rtol=0)
+    hourly, _ = exact_contributions(model, x, s, cfg.features, hourly=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hourly.sum(-1) + bias, model.hourly_logits(x, s)[..., 0], atol=1e-5, rtol=0)
+
+
+def test_integrated_gradients_are_complete_for_the_stacked_model(full_dataset):
+    """Completeness (Sundararajan et al. 2017): the attributions sum to the logit minus
+    the reference's logit, up to the integral's discretisation error."""
+    cfg, model = _model("stacked", head_hidden=8)
+    assert not is_exact(model)
+    x, s = _stays(cfg, full_dataset, 4)
+    parts, reference = integrated_gradients(model, x, s, cfg.features, steps=128)
+    with torch.no_grad():
+        logits = model(x, s)[:, 0]
+    gap = (parts.sum(1) + reference - logits).abs()
+    assert float(gap.max()) < 0.01 * max(1.0, float((logits - reference).abs().max()))
+    e = explain(model, full_dataset.X[0], full_dataset.S[0], cfg.features, "s0")
+    assert e.method.startswith("integrated gradients")
+    assert math.isclose(sum(c.contribution for c in e.contributions) + e.bias, e.logit, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["stacked", "per_variable"])
+@pytest.mark.parametrize("pool", ["last", "mean", "last_mean"])
+def test_the_last_hours_risk_is_the_models_risk(full_dataset, architecture, pool):
+    cfg, model = _model(architecture, pool, input_skip=True)
+    x, s = _stays(cfg, full_dataset)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hourly_logits(x, s)[:, -1], model(x, s), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["stacked", "per_variable"])
+def test_an_hour_changes_no_earlier_risk(full_dataset, architecture):
+    """A bedside monitor may only use what was observed so far: changing hour t moves the
+    risk at t and later, never before."""
+    cfg, model = _model(architecture, "last_mean", input_skip=True)
+    x, s = _stays(cfg, full_dataset, 3)
+    t = 20
+    changed = x.clone()
+    changed[:, t] += 3.0
+    with torch.no_grad():
+        before, after = model.hourly_logits(x, s)[..., 0], model.hourly_logits(changed, s)[..., 0]
+    torch.testing.assert_close(before[:, :t], after[:, :t], atol=0, rtol=0)
+    assert bool((before[:, t] != after[:, t]).all())
+
+
+def test_explanations_speak_in_clinical_units(full_dataset):
+    cfg, model = _model("per_variable")
+    i = 0
+    e = explain(model, full_dataset.X[i], full_dataset.S[i], cfg.features, str(full_dataset.stay_ids[i]))
+    assert e.method.startswith("exact")
+    assert math.isclose(sum(c.contribution for c in e.contributions) + e.bias, e.logit, abs_tol=1e-5)
+    assert abs(e.risk - 1 / (1 + math.exp(-e.logit))) < 1e-12
+    assert [abs(c.contribution) for c in e.contributions] == sorted((abs(c.contribution) for c in e.contributions),
+                                                                  reverse=True)
+    age = next(c for c in e.contributions if c.name == "Age")
+    assert age.value == pytest.approx(full_dataset.groups["Age"][i], abs=1e-6)  # years again, not normalised
+    hr = next(c for c in e.contributions if c.name == "HR")
+    assert hr.unit == "bpm" and (hr.value is None or 20 <= hr.value <= 300)
+
+
+def test_hourly_loss_keeps_per_example_gradients_exact():
+    """With the loss on every hour's risk, Opacus's per-example gradients (FastDPGRU's
+    sampler and the head's, which now reads (B, T, F)) still equal each example's own
+    loss gradient: what DP-SGD clips is one patient's whole contribution."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(1)
+    spec = small_spec(architecture="per_variable", n_variables=2, gru_hidden=[3], pool="last_mean")
+    model = GRUClassifier(spec, "fast")
+    x, s, y = torch.randn(5, 7, 6), torch.randn(5, 3), torch.randint(0, 2, (5,))
+    reference = {}
+    for i in range(5):
+        model.zero_grad()
+        batch_loss(model, x[i : i + 1], s[i : i + 1], y[i : i + 1], 2.0, hourly=True).backward()
+        for name, p in model.named_parameters():
+            reference.setdefault(name, []).append(p.grad.clone())
+    model.zero_grad()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    batch_loss(model, x, s, y, 2.0, hourly=True).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_sample, torch.stack(reference[name]), atol=1e-6, rtol=1e-4)
+    gsm._close()
+
+
+def test_subgroup_metrics_match_scikit_learn_on_exact_scores(full_dataset, default_cfg):
+    """Per-group AUROC from the (noise-free) histograms equals scikit-learn's on the same
+    scores up to the bins' width, and the exact per-group results equal it exactly."""
+    from common.subgroups import assign
+
+    rng = np.random.default_rng(0)
+    y = full_dataset.y
+    risk = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.5 * y - 2)))
+    probs = np.stack([1 - risk, risk], axis=1)
+    summary = SubgroupSummary.from_predictions(default_cfg, y, probs, full_dataset.groups, ScoreGrid(-8.0, 8.0, 400))
+    exact = iter(exact_results(default_cfg, y, probs, full_dataset.groups, 0.5))
+    statics = {s.name: s for s in default_cfg.features.static}
+    row, compared = 0, 0
+    for spec, grouping in zip(default_cfg.evaluation.subgroups, groupings(default_cfg)):
+        index = assign(spec, statics[spec.column], full_dataset.groups[spec.column])
+        for k, name in enumerate(grouping.groups):
+            result, counts = next(exact), summary.group(row)
+            row += 1
+            member = index == k
+            assert (result.group, result.patients, result.deaths) == (name, member.sum(), y[member].sum())
+            assert counts.histogram.sum() == member.sum()
+            if 0 < y[member].sum() < member.sum():
+                want = roc_auc_score(y[member], risk[member])
+                assert result.metrics.auroc == pytest.approx(want, abs=1e-12)
+                assert counts.metrics().auroc == pytest.approx(want, abs=0.01)
+                compared += 1
+    assert row == len(summary.histogram) and compared >= 8
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=0, max_value=199))
+def test_one_patient_moves_one_count_per_grouping(full_dataset, default_cfg, leave_out):
+    """The subgroup release's sensitivity: removing any one patient changes the
+    histograms by exactly sqrt(groupings) in L2 (one count in each grouping)."""
+    n = 200
+    y, groups = full_dataset.y[:n], {k: v[:n] for k, v in full_dataset.groups.items()}
+    probs = np.stack([np.full(n, 0.8), np.full(n, 0.2)], axis=1)
+    grid = ScoreGrid(-8.0, 8.0, 40)
+    full = SubgroupSummary.from_predictions(default_cfg, y, probs, groups, grid)
+    keep = np.arange(n) != leave_out
+    less = SubgroupSummary.from_predictions(default_cfg, y[keep], probs[keep], {k: v[keep] for k, v in groups.items()}, grid)
+    assert np.linalg.norm(full.histogram - less.histogram) == pytest.approx(full.sensitivity)
+    assert full.sensitivity == pytest.approx(math.sqrt(len(default_cfg.evaluation.subgroups)))
+
+
+# -- the commands, on a bundle and real stays ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle_and_stays(tmp_path_factory, hospital_data):
+    from common.bundle import save_bundle
+
+    cfg, model = _model("per_variable", "last_mean", input_skip=True, seed=3)
+    path = tmp_path_factory.mktemp("bundle") / "model.pt"
+    save_bundle(path, model.state_dict(), model.spec, cfg, {"threshold": 0.3})
+    folder, outcomes = hospital_data
+    stays = sorted(p.stem for p in folder.glob("*.txt"))[:2]
+    return path, folder, outcomes, stays
+
+
+def test_explain_command_prints_text_and_json(bundle_and_stays, capsys):
+    from fedgru.cli import main
+
+    path, folder, _, stays = bundle_and_stays
+    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--top", "3", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"stay {stays[0]}: risk ") and "exact" in lines[0]
+    assert len(lines) == 1 + 3 + 1 + 1
+    record = json.loads(lines[-1])
+    assert record["stay_id"] == stays[0]
+    total = sum(c["contribution"] for c in record["contributions"]) + record["bias"]
+    assert total == pytest.approx(record["logit"], abs=1e-5)
+
+
+def test_explain_names_a_missing_stay(bundle_and_stays, capsys):
+    from fedgru.cli import main
+
+    path, folder, _, _ = bundle_and_stays
+    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", "999999"]) == 2
+    assert f"{folder}: holds no stay 999999" in capsys.readouterr().err
+
+
+def test_monitor_writes_one_html_page_with_the_plot_inside(bundle_and_stays, tmp_path, capsys):
+    from fedgru.cli import main
+
+    path, folder, _, stays = bundle_and_stays
+    out = tmp_path / "monitor.html"
+    assert main(["monitor", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--stay", stays[1],
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"stay {stays[0]}: risk" in text and f"stay {stays[1]}: risk" in text
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 2 and "threshold 0.300" in page
+
+
+def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
+    import csv
+
+    from fedgru.cli import main
+
+    path, folder, _, _ = bundle_and_stays
+    hourly, final = tmp_path / "hourly.csv", tmp_path / "final.csv"
+    assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(hourly), "--hourly"]) == 0
+    assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(final)]) == 0
+    rows = list(csv.DictReader(hourly.open()))
+    last = {r["stay_id"]: float(r["risk"]) for r in rows if r["hour"] == "48"}
+    finals = {r["stay_id"]: float(r["risk_died"]) for r in csv.DictReader(final.open())}
+    assert len(rows) == 48 * len(finals) and last.keys() == finals.keys()
+    assert max(abs(last[k] - finals[k]) for k in finals) < 1e-5
+    assert all(r["flagged"] == str(int(float(r["risk"]) >= 0.3)) for r in rows)
