@@ -207,8 +207,6 @@ def query(msg: Message, context: Context) -> Message:
 # ----------------------------------------------------------------------------------------
 
 
-# Shares (in rho) of the test patients' budget: the histogram the metrics read first.
-TEST_SHARES = {Item.HISTOGRAM: 0.5, Item.SUBGROUP_HISTOGRAMS: 0.3, Item.IMPORTANCE: 0.2}
 IMPORTANCE_CLIP = 1.0  # each test patient's vector of contribution sizes is clipped to this L2 norm
 
 
@@ -221,21 +219,25 @@ class PlannedRelease:
 
 def _test_items(cfg: ExperimentConfig) -> list[Item]:
     binary = cfg.is_binary
-    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and cfg.evaluation.subgroups else []) + (
-        [Item.IMPORTANCE] if binary and cfg.evaluation.importance else [])
+    ev = cfg.evaluation
+    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and ev.subgroups and ev.subgroup_share > 0 else []) + (
+        [Item.IMPORTANCE] if binary and ev.importance and ev.importance_share > 0 else [])
 
 
 @lru_cache(maxsize=64)
 def _evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:
     """The noise multiplier of each kind of evaluation release of one run, calibrated
     once: validation (during the run, and of the final model) within val_epsilon; the
-    test release's parts within test_epsilon (TEST_SHARES)."""
+    test release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
+    the pooled histogram gets the rest)."""
     cfg = ExperimentConfig.from_json(cfg_json)
     ev = cfg.evaluation
     progress, final = calibrate_evaluation_noise(ev.val_epsilon, delta, len(cfg.validation_rounds()), ev.final_share,
                                                  cfg.privacy.accountant)
     items = _test_items(cfg)
-    test = calibrate_shares(ev.test_epsilon, delta, [(TEST_SHARES[i], 1) for i in items], cfg.privacy.accountant)
+    shares = {Item.HISTOGRAM: 1 - ev.subgroup_share - ev.importance_share, Item.SUBGROUP_HISTOGRAMS: ev.subgroup_share,
+              Item.IMPORTANCE: ev.importance_share}
+    test = calibrate_shares(ev.test_epsilon, delta, [(shares[i], 1) for i in items], cfg.privacy.accountant)
     noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final}
     noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
     return noise

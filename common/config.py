@@ -374,6 +374,11 @@ class EvaluationSection:
     subgroups: list[SubgroupSpec]
     subgroup_bins: int  # bins per class of each group's histogram (coarse: a group is small against the noise)
     importance: bool
+    # Shares (in rho) of test_epsilon for the per-group histograms and the importance; the
+    # pooled test histogram, which the headline metrics read, gets the rest. Less for it
+    # means more noise there, and noisy histograms pull the AUROC estimate towards 0.5.
+    subgroup_share: float
+    importance_share: float
 
     def validate(self, check: Check) -> None:
         check(self.score_bins >= 2, "score_bins", "must be at least 2")
@@ -385,6 +390,9 @@ class EvaluationSection:
         check(self.val_epsilon > 0 and self.test_epsilon > 0, "val_epsilon", "and evaluation.test_epsilon must be positive")
         check(0 < self.final_share <= 1, "final_share", "must be in (0, 1]")
         check(2 <= self.subgroup_bins <= self.score_bins, "subgroup_bins", "must be between 2 and evaluation.score_bins")
+        check(self.subgroup_share >= 0 and self.importance_share >= 0
+              and self.subgroup_share + self.importance_share < 1, "subgroup_share",
+              "and evaluation.importance_share must be >= 0 and leave the test histogram a share (sum below 1)")
         check(self.threshold == "auto" or 0 < self.threshold < 1, "threshold", "must be 'auto' or a risk strictly between 0 and 1")
 
 

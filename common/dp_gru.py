@@ -20,6 +20,9 @@ arXiv:1406.1078; PyTorch's gate convention). So this module:
    hands them to Opacus through a registered grad sampler, so clipping, noise and
    accounting stay Opacus's.
 
+On a GPU the whole backward of a layer (gates and recurrence) is replayed from a CUDA
+graph (:class:`RowGraphs`): otherwise kernel launches, not arithmetic, set its time.
+
 Each layer is its own submodule (``FastGRULayer``) so that Opacus's backward hook for a
 layer fires only after that layer's backward has run: every layer receives an initial
 state that requires grad, which makes PyTorch wait for the layer's input gradients. The
@@ -34,6 +37,8 @@ step, as with packed sequences in ``nn.GRU``.
 from __future__ import annotations
 
 import math
+import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -81,34 +86,7 @@ class _GRULayerFunction(torch.autograd.Function):
             dgh = dgi
             dh0 = h0.new_zeros(h0.shape)
         else:
-            # Recompute every gate at once from the saved states: no time loop.
-            gi = torch.matmul(x, w_ih.t())
-            gh = torch.matmul(h_prev, w_hh.t())
-            if b_ih is not None:
-                gi += b_ih
-                gh += b_hh
-            gi_r, gi_z, gi_n = gi.chunk(3, dim=2)
-            gh_r, gh_z, gh_n = gh.chunk(3, dim=2)
-            r = torch.sigmoid(gi_r + gh_r)
-            z = torch.sigmoid(gi_z + gh_z)
-            n = torch.tanh(gi_n + r * gh_n)
-            # d(pre-activation of gate) = dh * coefficient, with h = (1-z) n + z h_prev.
-            a = (1 - z) * (1 - n * n)  # dh -> d(pre-activation of n)
-            coef = torch.stack([a * gh_n * r * (1 - r), (h_prev - n) * z * (1 - z), a * r], dim=2)  # (B,T,3,H)
-            dgh = torch.empty((B, T, 3, H), dtype=x.dtype, device=x.device)
-            dh_all = torch.empty((B, T, H), dtype=x.dtype, device=x.device)
-            carry = torch.zeros_like(h0)
-            # The only sequential part: dL/dh_{t-1} = dh_t * z_t + dgh_t @ W_hh. Each
-            # step reads and writes one strided (B, .) slice; BLAS takes the row stride.
-            for t in range(T - 1, -1, -1):
-                dh = dh_all[:, t]
-                torch.add(grad_out[:, t], carry, out=dh)
-                step = dgh[:, t]
-                torch.mul(coef[:, t], dh.unsqueeze(1), out=step)
-                carry = torch.addmm(dh * z[:, t], step.reshape(B, 3 * H), w_hh)
-            dh0 = carry
-            dgh = dgh.view(B, T, 3 * H)
-            dgi = torch.cat([dgh[:, :, : 2 * H], dh_all * a], dim=2)
+            dgi, dgh, dh0 = gate_gradients(grad_out, x, h_prev, w_ih, w_hh, b_ih, b_hh)
         grad_x = torch.matmul(dgi, w_ih) if ctx.needs_input_grad[0] else None
         grad_h0 = dh0 if ctx.needs_input_grad[1] else None
         if layer.collecting():
@@ -125,6 +103,125 @@ class _GRULayerFunction(torch.autograd.Function):
                 flat_gh.sum(0) if b_hh is not None else None,
             ]
         return (grad_x, grad_h0, None, None, *sums)
+
+
+def _gate_gradients(grad_out, x, h_prev, w_ih, w_hh, b_ih, b_hh):
+    """The gradients of the gate pre-activations, ``dgi`` and ``dgh`` (B, T, 3H), and
+    ``dL/dh0`` (B, H), from the output gradient and the saved states. Rows (examples)
+    never mix: every operation is row by row, or a product with the shared weights."""
+    B, T, _ = x.shape
+    H = w_hh.shape[1]
+    # Recompute every gate at once from the saved states: no time loop.
+    gi = torch.matmul(x, w_ih.t())
+    gh = torch.matmul(h_prev, w_hh.t())
+    if b_ih is not None:
+        gi += b_ih
+        gh += b_hh
+    gi_r, gi_z, gi_n = gi.chunk(3, dim=2)
+    gh_r, gh_z, gh_n = gh.chunk(3, dim=2)
+    r = torch.sigmoid(gi_r + gh_r)
+    z = torch.sigmoid(gi_z + gh_z)
+    n = torch.tanh(gi_n + r * gh_n)
+    # d(pre-activation of gate) = dh * coefficient, with h = (1-z) n + z h_prev.
+    a = (1 - z) * (1 - n * n)  # dh -> d(pre-activation of n)
+    coef = torch.stack([a * gh_n * r * (1 - r), (h_prev - n) * z * (1 - z), a * r], dim=2)  # (B,T,3,H)
+    dgh, dh_all, dh0 = _recurrence_loop(grad_out, coef, z, w_hh)
+    dgh = dgh.view(B, T, 3 * H)
+    dgi = torch.cat([dgh[:, :, : 2 * H], dh_all * a], dim=2)
+    return dgi, dgh, dh0
+
+
+def _recurrence_loop(grad_out: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, w_hh: torch.Tensor):
+    """The only sequential part of the backward: ``dL/dh_{t-1} = dh_t * z_t + dgh_t @ W_hh``
+    from the last step to the first. Returns the gate gradients ``dgh`` (B, T, 3, H),
+    ``dh`` at every step (B, T, H) and ``dL/dh0`` (B, H). Each step reads and writes one
+    strided (B, .) slice; BLAS takes the row stride. Rows (examples) never mix."""
+    B, T, H = grad_out.shape
+    dgh = torch.empty((B, T, 3, H), dtype=grad_out.dtype, device=grad_out.device)
+    dh_all = torch.empty((B, T, H), dtype=grad_out.dtype, device=grad_out.device)
+    carry = torch.zeros((B, H), dtype=grad_out.dtype, device=grad_out.device)
+    for t in range(T - 1, -1, -1):
+        dh = dh_all[:, t]
+        torch.add(grad_out[:, t], carry, out=dh)
+        step = dgh[:, t]
+        torch.mul(coef[:, t], dh.unsqueeze(1), out=step)
+        carry = torch.addmm(dh * z[:, t], step.reshape(B, 3 * H), w_hh)
+    return dgh, dh_all, carry
+
+
+class RowGraphs:
+    """A function of per-example rows, replayed from CUDA graphs on a GPU.
+
+    On a GPU the layer's backward is ~4 tiny kernels per time step plus ~30 for the gates,
+    and their launches, not the arithmetic, set the step's time. A CUDA graph launches
+    them all at once. A graph is fixed to its shapes, and DP-SGD's Poisson batches vary
+    in size, so rows are padded up to a few buckets (:meth:`bucket`): one graph per
+    bucket and shape, captured the first time it is needed. Padding is safe because the
+    function never mixes rows: a padded row's stale values reach only its own outputs,
+    which are cut off before anything reads them (before the per-example gradients,
+    clipping or noise). Outputs are copied out of the graph's buffers, since the next
+    replay (the next layer's backward, say) overwrites them.
+
+    ``fn(*rows, *shared)``: ``rows`` have the examples on dimension 0; ``shared`` (the
+    weights; None allowed) are the same for every row; it returns tensors with the
+    examples on dimension 0.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple, SimpleNamespace] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        """Rows rounded up: to a multiple of 32 up to 512, then to a multiple of an eighth
+        of the next power of two (under a quarter of padding; few distinct shapes per run)."""
+        if rows <= 512:
+            return max(32, -(-rows // 32) * 32)
+        step = (1 << (rows - 1).bit_length()) // 8
+        return -(-rows // step) * step
+
+    def __call__(self, rows: tuple, shared: tuple) -> tuple:
+        n = rows[0].shape[0]
+        key = (self.bucket(n), tuple(r.shape[1:] for r in rows), tuple(None if s is None else s.shape for s in shared),
+               rows[0].dtype, rows[0].device)
+        entry = self.graphs.get(key) or self._capture(key, rows, shared)
+        for buffer, tensor in zip(entry.rows, rows):
+            buffer[:n].copy_(tensor)
+        for buffer, tensor in zip(entry.shared, shared):
+            if buffer is not None:
+                buffer.copy_(tensor)
+        entry.graph.replay()
+        return tuple(out[:n].clone() for out in entry.outputs)
+
+    def _capture(self, key: tuple, rows: tuple, shared: tuple) -> SimpleNamespace:
+        padded, device = key[0], rows[0].device
+        e = SimpleNamespace(
+            rows=[torch.zeros((padded, *r.shape[1:]), dtype=r.dtype, device=device) for r in rows],
+            shared=[None if s is None else s.detach().clone() for s in shared],
+        )
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handle and workspace
+            self.fn(*e.rows, *e.shared)
+        torch.cuda.current_stream(device).wait_stream(side)
+        e.graph = torch.cuda.CUDAGraph()
+        # thread_local: the backward runs on autograd's device thread, not the caller's.
+        with torch.cuda.graph(e.graph, capture_error_mode="thread_local"):
+            e.outputs = self.fn(*e.rows, *e.shared)
+        self.graphs[key] = e
+        return e
+
+
+_GRAPHED = RowGraphs(_gate_gradients)
+# FEDGRU_CUDA_GRAPHS=0 turns the graphs off (the plain code runs on the GPU too).
+CUDA_GRAPHS = os.environ.get("FEDGRU_CUDA_GRAPHS", "1") != "0"
+
+
+def gate_gradients(grad_out, x, h_prev, w_ih, w_hh, b_ih, b_hh):
+    """:func:`_gate_gradients`, from a CUDA graph on a GPU (:class:`RowGraphs`)."""
+    if x.is_cuda and CUDA_GRAPHS and not torch.cuda.is_current_stream_capturing():
+        return _GRAPHED((grad_out, x, h_prev), (w_ih, w_hh, b_ih, b_hh))
+    return _gate_gradients(grad_out, x, h_prev, w_ih, w_hh, b_ih, b_hh)
 
 
 class FastGRULayer(nn.Module):
@@ -189,8 +286,10 @@ def _fast_gru_grad_sampler(layer: FastGRULayer, activations, backprops: torch.Te
     come from the unscaled output gradient, so the same factor is applied here.
     """
     grad_out, dgi, dgh, x, h_prev = layer.take_stash()
-    denom = float((grad_out * grad_out).sum())
-    scale = float((backprops.reshape(grad_out.shape) * grad_out).sum()) / denom if denom > 0 else 1.0
+    # A 0-d tensor, not a Python float: reading it on the host would stall a GPU each step.
+    denom = (grad_out * grad_out).sum()
+    scale = torch.where(denom > 0, (backprops.reshape(grad_out.shape) * grad_out).sum() / denom.clamp_min(1e-30),
+                        torch.ones_like(denom))
     # Rows are (example, group), batch-first; an example's gradient sums over its
     # groups and time steps, which are contiguous rows: (B, 3H, G*T) @ (B, G*T, in).
     # Without groups this is the plain sum over time.

@@ -204,13 +204,14 @@ def contribution_sizes(model: GRUClassifier, X: np.ndarray, S: np.ndarray, featu
     """Each patient's vector of |contribution| per variable and descriptor, clipped to L2
     norm ``clip`` (so one patient moves a sum by at most ``clip``): (N, V + D)."""
     model = model.eval()
+    device = next(model.parameters()).device  # a hospital may score on its GPU
     out = []
     for i in range(0, len(X), batch):
-        x = torch.as_tensor(X[i : i + batch], dtype=torch.float32)
-        s = torch.as_tensor(S[i : i + batch], dtype=torch.float32)
+        x = torch.as_tensor(X[i : i + batch], dtype=torch.float32, device=device)
+        s = torch.as_tensor(S[i : i + batch], dtype=torch.float32, device=device)
         parts = exact_contributions(model, x, s, features)[0] if is_exact(model) else \
             integrated_gradients(model, x, s, features, steps=32)[0]
         sizes = parts.abs()
         norms = sizes.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        out.append((sizes * torch.clamp(clip / norms, max=1.0)).numpy())
+        out.append((sizes * torch.clamp(clip / norms, max=1.0)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(features.variables) + len(features.static)))

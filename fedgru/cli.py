@@ -54,8 +54,10 @@ def cmd_simulate(args) -> int:
         if not kind:
             raise ConfigError(f"--fault {item!r} must look like HOSPITAL=KIND")
         faults[hospital] = kind
-    simulate(cfg, run_dir, cpus_per_hospital=args.cpus_per_hospital, faults=faults)
-    _print_summary(run_dir)
+    gpus = None if args.gpus_per_hospital in (None, "auto") else float(args.gpus_per_hospital)
+    # The run's summary and report paths are the last lines the server logs: not printed twice.
+    simulate(cfg, run_dir, cpus_per_hospital=args.cpus_per_hospital, faults=faults, gpus_per_hospital=gpus,
+             ray_address=args.ray_address, verbose=args.verbose)
     return 0
 
 
@@ -301,10 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--cpus-per-hospital", type=int, default=1, help="CPU cores per simulated hospital (default 1)")
+    p.add_argument("--gpus-per-hospital", default="auto", metavar="SHARE",
+                   help="each simulated hospital's share of a GPU, e.g. 0.25 (default auto: one GPU shared equally "
+                        "when training.device allows CUDA and a GPU is present; 0: CPU only)")
+    p.add_argument("--ray-address", help="run the hospitals on an existing Ray cluster: 'auto' or HEAD_HOST:PORT "
+                                         "(default: a Ray instance on this machine)")
     p.add_argument(
         "--fault", action="append", default=[], metavar="HOSPITAL=KIND",
         help="fault drill: make a hospital misbehave (nan, inf, huge_count, crash); repeatable",
     )
+    p.add_argument("--verbose", action="store_true", help="show everything Flower and Ray log (default: progress only)")
     p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("evaluate", help="score labelled stays with a saved model and print metrics")

@@ -65,8 +65,7 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
         for note in ds.summary.notes() if ds.summary else []:
             log.warning("data: %s", note)
         recorder.write_partition(Partition(cfg.partition.scheme, rows, ds.summary))
-    coord.run()
-    log.info("done: %s", run_dir / "report.md")
+    coord.run()  # its last lines: the run's summary and where the report is
     return run_dir
 
 

@@ -29,7 +29,7 @@ from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger
 from common.messages import Item, NodeMode, ReplyState, Split
-from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_metrics, format_number, pooled
+from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_number, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
 from common.subgroups import reliability
 from common.subgroups import results as subgroup_results
@@ -62,6 +62,7 @@ from .validation import (
     read_ledger,
 )
 
+REPLY_POLL_S = 0.2  # how often the coordinator looks for hospitals' replies (Flower's own loop: 3 s)
 log = logging.getLogger("fedgru.server")
 
 
@@ -188,11 +189,24 @@ class Coordinator:
         return self._exchange(messages, timeout)
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[tuple[int, Message]]:
-        """Send, wait, and pair every reply with the node it is about."""
+        """Send, wait, and pair every reply with the node it is about.
+
+        Flower's ``Grid.send_and_receive`` looks for replies every 3 s, so a deployed round
+        waited up to 3 s after the last hospital had answered; replies are looked for
+        here every ``REPLY_POLL_S`` instead (one light call to the SuperLink each)."""
         if not messages:
             return []
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.cfg.strategy.round_timeout_s))
+        deadline = time.monotonic() + (timeout or self.cfg.strategy.round_timeout_s)
+        waiting = set(self.grid.push_messages(messages))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        replies: list[Message] = []
+        while waiting:
+            found = list(self.grid.pull_messages(waiting))
+            replies += found
+            waiting -= {r.metadata.reply_to_message_id for r in found}
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(REPLY_POLL_S)
         return [(node_of(reply, sent), reply) for reply in replies]
 
     def _view(self, node_id: int) -> HospitalView:
@@ -526,7 +540,6 @@ class Coordinator:
             names = [v.name for v in self.cfg.features.variables] + [f"{d.name} (descriptor)" for d in self.cfg.features.static]
             result.importance = dict(sorted(zip(names, map(float, mean)), key=lambda kv: -kv[1]))
             result.importance_noise = math.sqrt(sum(e.noise[Item.IMPORTANCE] ** 2 for _, e in important)) / max(patients, 1)
-        log.info("final pooled test: %s", format_metrics(result.pooled) if result.pooled else "no replies")
         self.recorder.finish(
             result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],
             self.aggregator.hospital_privacy(),

@@ -47,10 +47,13 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     if dp_epsilon:
         sigma = calibrate_noise(dp_epsilon, delta, q, steps * rounds, cfg.privacy.accountant)
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
-    gen = torch.Generator().manual_seed(seed)  # a baseline is a local experiment: reproducible is fine
+    # A baseline is a local experiment: reproducible is fine. Batches are drawn on the CPU;
+    # the noise is drawn where the gradients are (torch.normal needs a generator there).
+    batches = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(seed + 1) if dp else None
     state = None
     for r in range(1, rounds + 1):
-        out = train_local(model, data, training_for_round(cfg, r), steps, dp, gen, gen if dp else None, optimizer_state=state)
+        out = train_local(model, data, training_for_round(cfg, r), steps, dp, batches, noise, optimizer_state=state)
         state = out.optimizer_state if cfg.training.keep_optimizer_state else None
         if dp:
             history.append(NoisyRelease(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))

@@ -103,18 +103,22 @@ def run_child(impl: str, device: str, batch: int, hidden: int, steps: int) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench(devices: list[str], batches: list[int], hiddens: list[int], repeats: int, steps: int) -> list[dict]:
+def bench(devices: list[str], batches: list[int], hiddens: list[int], repeats: int, steps: int,
+          impls: tuple[str, ...] = IMPLS) -> list[dict]:
     rows = []
     for device in devices:
         for batch in batches:
             for hidden in hiddens:
-                results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+                results: dict[str, list[dict]] = {impl: [] for impl in impls}
                 for _ in range(repeats):  # interleaved, so load changes hit all alike
-                    for impl in IMPLS:
+                    for impl in impls:
                         n = max(2, steps // 4) if impl == "opacus" else steps  # DPGRU is slow
                         results[impl].append(run_child(impl, device, batch, hidden, n))
-                speed = {impl: statistics.median(r["samples_per_s"] for r in rs) for impl, rs in results.items()}
-                mem = {impl: max(r["peak_mb"] for r in rs) for impl, rs in results.items()}
+                nan = float("nan")
+                speed = {impl: statistics.median(r["samples_per_s"] for r in rs) if rs else nan
+                         for impl, rs in ((i, results.get(i, [])) for i in IMPLS)}
+                mem = {impl: max(r["peak_mb"] for r in rs) if rs else nan
+                       for impl, rs in ((i, results.get(i, [])) for i in IMPLS)}
                 row = {"device": device, "batch": batch, "hidden": hidden, "seq": 48, "features": 80}
                 for impl in IMPLS:
                     row[f"{impl}_samples_per_s"] = round(speed[impl], 1)
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--impl", action="append", choices=IMPLS,
+                        help="implementations to time (default: all; ratios need torch)")
     args = parser.parse_args(argv)
     import torch
 
@@ -163,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, threads {torch.get_num_threads()}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     print(HEADER)
-    rows = bench(devices, batches, hiddens, repeats, steps)
+    impls = tuple(args.impl) if args.impl else IMPLS
+    if "torch" not in impls:
+        parser.error("--impl must include torch: every ratio is against it")
+    rows = bench(devices, batches, hiddens, repeats, steps, impls)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -21,48 +21,84 @@ log = logging.getLogger("fedgru.simulate")
 
 def simulate(
     cfg: ExperimentConfig, run_dir: Path, cpus_per_hospital: int = 1, faults: dict[str, str] | None = None,
-    client_app=None,
+    client_app=None, gpus_per_hospital: float | None = None, ray_address: str | None = None, verbose: bool = False,
 ) -> Path:
     """Run the experiment; returns the run folder. ``faults``: hospital -> fault drill;
-    ``client_app``: the hospitals' app when not the standard one (a privacy audit's)."""
+    ``client_app``: the hospitals' app when not the standard one (a privacy audit's);
+    ``gpus_per_hospital``: each simulated hospital's share of a GPU (default: the
+    hospitals share one GPU equally when training may use CUDA and one is present);
+    ``ray_address``: an existing Ray cluster to run the hospitals on (``auto``, or
+    ``HOST:PORT`` of its head) instead of a Ray instance on this machine."""
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
+    from common.logs import quiet_console
     from server.app import make_server_app
 
     from .faults import fault_mod
+
+    quiet_console(verbose)  # after the imports: Opacus installs its duplicating handler on import
 
     if client_app is None:
         client_app = build_client_app([fault_mod(faults)] if faults else None)
 
     ds = load_dataset(cfg)  # also warms the cache the simulated hospitals read
     n_hospitals = len(make_partition(ds, cfg))
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": min(cpus_per_hospital, cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-    }
-    if cfg.training.device in ("auto", "cuda"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                backend["client_resources"]["num_gpus"] = 1.0 / n_hospitals
-                backend["init_args"]["num_gpus"] = 1
-        except ImportError:  # pragma: no cover
-            pass
+    backend = backend_config(cfg, n_hospitals, cpus_per_hospital, gpus_per_hospital, ray_address, verbose)
     run_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        if not verbose:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
         run_simulation(
             server_app=make_server_app(cfg, run_dir),
             client_app=client_app,
             num_supernodes=n_hospitals,
             backend_config=backend,
+            verbose_logging=verbose,
         )
     if not (run_dir / "model.pt").is_file():
         raise RuntimeError(f"the simulation ended without writing {run_dir / 'model.pt'}; see the log above")
     return run_dir
+
+
+def backend_config(cfg: ExperimentConfig, n_hospitals: int, cpus_per_hospital: int = 1,
+                   gpus_per_hospital: float | None = None, ray_address: str | None = None,
+                   verbose: bool = False) -> dict:
+    """Flower's Ray backend settings: what each simulated hospital may use, and where.
+
+    Ray places as many hospitals at once as their shares fit (``num_cpus``, ``num_gpus``
+    per hospital): with a GPU shared by fractions, hospitals train side by side on it.
+    On an existing cluster (``ray_address``) the cluster's own resources count, so none
+    are declared here."""
+    cpus = os.cpu_count() or 1
+    if gpus_per_hospital is None:
+        gpus_per_hospital = 0.0
+        if cfg.training.device in ("auto", "cuda") and _cuda_available():
+            gpus_per_hospital = 1.0 / n_hospitals
+    if not 0.0 <= gpus_per_hospital <= 1.0:
+        raise ValueError("gpus_per_hospital must be a share of one GPU, between 0 and 1")
+    init: dict = {"include_dashboard": False, "log_to_driver": verbose}
+    if ray_address:
+        init["address"] = ray_address
+    else:
+        init["num_cpus"] = cpus
+        if gpus_per_hospital > 0:
+            init["num_gpus"] = 1
+    return {
+        "client_resources": {"num_cpus": cpus_per_hospital if ray_address else min(cpus_per_hospital, cpus),
+                             "num_gpus": float(gpus_per_hospital)},
+        "init_args": init,
+    }
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:

@@ -114,13 +114,20 @@ def coordinator_for(cfg, replies: list[Message], tmp_path):
 
 
 class ReplayGrid:
-    """Answers each send_and_receive with prepared replies (no network)."""
+    """Answers every sending with prepared replies (no network): what a Grid's
+    push_messages / pull_messages would give if these were the replies."""
 
     def __init__(self, replies: list[Message]):
         self.replies = replies
 
     def get_node_ids(self):
         return [r.metadata.src_node_id for r in self.replies]
+
+    def push_messages(self, messages):
+        return [r.metadata.reply_to_message_id for r in self.replies]
+
+    def pull_messages(self, message_ids):
+        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
 
     def send_and_receive(self, messages, *, timeout=None):
         return list(self.replies)

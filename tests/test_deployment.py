@@ -27,20 +27,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
+from simulations.deployment import BIN, LocalFederation, cut_stays, free_port, wait_until
 from tests.conftest import OUTCOMES, ROOT, SET_A
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-BIN = Path(sys.executable).parent
 HOSPITALS = ("a", "b", "c")
 CANARY = "187.654321"  # a heart rate no log line may ever show
 # Each run plans epsilon 0.4 for every group of patients against the hospitals' budgets
@@ -51,132 +48,8 @@ SMALL = ("model.architecture=per_variable model.gru_hidden=[2] model.head_hidden
          "evaluation.val_epsilon=0.4 evaluation.test_epsilon=0.4")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-class Federation:
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.home = root / "flwr-home"
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True)
-        self.procs: dict[str, subprocess.Popen] = {}
-        # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name:
-        # this interpreter's bin folder goes first on PATH even when the venv is not active.
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PYTHONUNBUFFERED": "1", "FEDGRU_PROJECT_ROOT": str(ROOT)}
-
-    def fedgru(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fedgru.cli", *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=300)
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-    def start_superlink(self) -> None:
-        d = self.root / "fed"
-        self.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(d / "ca.crt"),
-            "--ssl-certfile", str(d / "superlink.crt"), "--ssl-keyfile", str(d / "superlink.key"),
-            "--enable-supernode-auth", "--database", str(self.root / "superlink.db"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
-        ])
-        wait_until(lambda: self._listening(self.port), 60, "the SuperLink")
-
-    @staticmethod
-    def _listening(port: int) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    def hospital_dir(self, name: str) -> Path:
-        return self.root / "hospitals" / name
-
-    def start_supernode(self, name: str) -> subprocess.Popen:
-        """A hospital's SuperNode (no app of its own) and the approved app serving it."""
-        folder = self.hospital_dir(name)
-        runtime_port = free_port()
-        node = self.start(f"supernode-{name}", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
-            str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
-            "--node-config", f'hospital-dir="{folder}"',
-        ])
-        wait_until(lambda: self._listening(runtime_port), 60, f"{name}'s runtime API")
-        self.start(f"serve-{name}", [sys.executable, "-m", "fedgru.cli", "hospital", "serve", "--hospital-dir", str(folder),
-                                     "--runtime-api", f"127.0.0.1:{runtime_port}"])
-        return node
-
-    def stop_hospital(self, name: str, sig: int = signal.SIGTERM) -> None:
-        self.stop(f"supernode-{name}", sig)
-        self.stop(f"serve-{name}", sig)
-
-    def ledger(self, name: str) -> Path:
-        return self.hospital_dir(name) / "ledger.json"
-
-    def online(self) -> int:
-        out = self.flwr("supernode", "list", "fedgru", "--format", "json").stdout
-        try:
-            nodes = json.loads(out).get("nodes", [])
-        except ValueError:
-            return 0
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
-
-    def run_app(self, rounds: int, out: Path, extra: str = "", resume: Path | None = None, app: Path = ROOT) -> subprocess.Popen:
-        config = f'rounds={rounds} out-dir="{out}" set="{SMALL} {extra}"'
-        if resume is not None:
-            config = f'resume="{resume}"'
-        name = f"run-{len([k for k in self.procs if k.startswith('run-')])}-{time.monotonic_ns()}"
-        return self.start(name, [str(BIN / "flwr"), "run", str(app), "fedgru", "--stream", "--run-config", config])
-
-
 def _cut_data(root: Path) -> None:
-    with tarfile.open(SET_A) as tar:
-        members = [m for m in tar.getmembers() if m.name.endswith(".txt")]
-        for i, name in enumerate(HOSPITALS + ("d",)):
-            folder = root / "data" / name
-            folder.mkdir(parents=True)
-            for m in members[i * 150 : (i + 1) * 150]:
-                data = tar.extractfile(m).read()
-                (folder / Path(m.name).name).write_bytes(data)
+    cut_stays(SET_A, root / "data", HOSPITALS + ("d",), 150)
     # A canary value in hospital a's data: it must never appear in any log.
     first = sorted((root / "data" / "a").iterdir())[0]
     first.write_text(first.read_text().rstrip("\n") + f"\n01:30,HR,{CANARY}\n")
@@ -211,27 +84,13 @@ def _changed_app(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, physionet_files):
     root = tmp_path_factory.mktemp("deploy")
-    fed = Federation(root)
+    fed = LocalFederation(root, ROOT, SMALL)
     record: dict = {"root": root}
     try:
         _cut_data(root)
-        for name in HOSPITALS + ("d",):
-            res = fed.fedgru("hospital", "init", "--out", str(fed.hospital_dir(name)), "--name", name,
-                             "--data", str(root / "data" / name), "--outcomes", str(OUTCOMES), "--max-epsilon", "1.0",
-                             "--device", "cpu")
-            assert res.returncode == 0, res.stderr
-            res = fed.fedgru("hospital", "approve", "--hospital-dir", str(fed.hospital_dir(name)), "--note", "test")
-            assert res.returncode == 0, res.stderr
-        keys = [a for n in HOSPITALS for a in ("--hospital", f"{n}={fed.hospital_dir(n) / (n + '.pub')}")]
-        out = fed.fedgru("deploy", "init", "--out", str(root / "fed"), *keys, "--port", str(fed.port))
-        assert out.returncode == 0, out.stderr
+        # d makes its folder like the others but is never registered
+        fed.set_up({n: root / "data" / n for n in HOSPITALS + ("d",)}, OUTCOMES, max_epsilon=1.0, register=HOSPITALS)
         record["commands"] = (root / "fed" / "COMMANDS.md").read_text()
-        fed.home.mkdir()
-        (fed.home / "config.toml").write_text('[superlink]\ndefault = "fedgru"\n\n' + (root / "fed" / "flwr-config.toml").read_text())
-        fed.start_superlink()
-        for name in HOSPITALS:  # d is never registered
-            res = fed.flwr("supernode", "register", str(root / "fed" / "hospitals" / f"{name}.pub"), "fedgru")
-            assert res.returncode == 0, res.stdout + res.stderr
         for name in HOSPITALS:
             fed.start_supernode(name)
         wait_until(lambda: fed.online() == 3, 120, "three SuperNodes online")

@@ -6,13 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.layers import DPGRU
 from opacus.optimizers import DPOptimizer
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 from opacus.validators import ModuleValidator
 
-from common.dp_gru import FastDPGRU
+from common.dp_gru import FastDPGRU, RowGraphs, _gate_gradients, gate_gradients
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by simulations.gpu_check)")
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
@@ -92,27 +96,30 @@ def _microbatch(model_fn, inputs, targets, lengths=None):
     return {k: torch.stack(v) for k, v in grads.items()}
 
 
+class _TwoLayers(nn.Module):
+    """Two FastDPGRU layers (3 inputs, ``groups`` sequences per example) and a linear head."""
+
+    def __init__(self, groups: int, hidden: int):
+        super().__init__()
+        self.gru = FastDPGRU(3, hidden, num_layers=2, batch_first=True, groups=groups)
+        self.fc = nn.Linear(hidden * groups, 1)
+
+    def forward(self, x, lengths=None):
+        _, h_n = self.gru(x, lengths=lengths)
+        return self.fc(h_n[-1].reshape(x.shape[0], -1))
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_per_example_gradients_with_lengths_and_groups(groups):
     torch.manual_seed(3)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru = FastDPGRU(3, 4, num_layers=2, batch_first=True, groups=groups)
-            self.fc = nn.Linear(4 * groups, 1)
-
-        def forward(self, x, lengths=None):
-            _, h_n = self.gru(x, lengths=lengths)
-            return self.fc(h_n[-1].reshape(x.shape[0], -1))
-
-    base = Net()
+    base = _TwoLayers(groups, 4)
     shape = (6, groups, 9, 3) if groups > 1 else (6, 9, 3)
     x, y = torch.randn(*shape), torch.randn(6, 1)
     lengths = torch.tensor([9, 2, 5, 1, 9, 7])
 
     def fresh():
-        m = Net()
+        m = _TwoLayers(groups, 4)
         m.load_state_dict(base.state_dict())
         return m
 
@@ -172,3 +179,85 @@ def test_dp_training_ends_where_opacus_dpgru_ends():
     assert moved
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-5, rtol=1e-4)
+
+
+def _backward_inputs(rows, T=7, I=3, H=5, device="cpu", bias=True):
+    g = torch.Generator().manual_seed(rows)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    per_row = (make(rows, T, H), make(rows, T, I), make(rows, T, H).tanh())  # grad_out, x, h_prev
+    w = 1 / H**0.5  # nn.GRU's scale: gradients neither vanish nor explode over T steps
+    shared = (make(3 * H, I) * w, make(3 * H, H) * w, make(3 * H) * w if bias else None, make(3 * H) * w if bias else None)
+    return per_row, shared
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def test_padded_rows_never_reach_the_real_rows():
+    """What the CUDA graphs rely on: a layer's backward never mixes rows, so rows padded
+    with anything (here values a million times larger) leave the real rows' gradients
+    as they are, up to the rounding of matrix products of another size."""
+    rows, shared = _backward_inputs(5)
+    junk, _ = _backward_inputs(27)
+    padded = [torch.cat([a, b * 1e6]) for a, b in zip(rows, junk)]
+    plain = _gate_gradients(*rows, *shared)
+    with_padding = _gate_gradients(*padded, *shared)
+    for a, b in zip(plain, with_padding):
+        torch.testing.assert_close(b[:5], a, atol=1e-6, rtol=1e-5)
+
+
+@given(st.integers(min_value=1, max_value=200_000))
+def test_row_buckets_cover_the_rows_with_little_padding(rows):
+    bucket = RowGraphs.bucket(rows)
+    assert bucket >= rows and bucket % 32 == 0
+    assert bucket - rows < 32 or bucket <= rows * 1.25
+    assert RowGraphs.bucket(rows + 1) >= bucket
+
+
+def test_a_poisson_batch_needs_few_graphs():
+    sizes = torch.distributions.Poisson(256.0).sample((2000,)).long().tolist()
+    assert len({RowGraphs.bucket(n) for n in sizes}) <= 6
+
+
+@CUDA
+@pytest.mark.parametrize("rows", [1, 37, 256, 300, 9472])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_graph_backward_equals_the_plain_code(rows, bias):
+    """The graph pads the rows to a bucket, so its matrix products have other shapes than
+    the plain code's: equal up to float32 rounding (norm-relative error)."""
+    per_row, shared = _backward_inputs(rows, T=48, I=11, H=16, device="cuda", bias=bias)
+    for _ in range(2):  # the first call captures, the second replays
+        for graph, plain in zip(gate_gradients(*per_row, *shared), _gate_gradients(*per_row, *shared)):
+            assert torch.isfinite(graph).all() and _relative_error(graph, plain) < 1e-5
+        per_row = tuple(t.flip(0) for t in per_row)  # new values, same shapes
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_per_example_gradients_with_padded_batches(device, groups, monkeypatch):
+    """Per-example gradients (on a GPU: cuDNN forward, backward replayed from a CUDA
+    graph over rows padded to a bucket) equal a one-example-at-a-time reference on the
+    same device computed without graphs. (A CPU reference would differ from a GPU by
+    cuDNN's TF32 arithmetic, about 1e-3.)"""
+    import common.dp_gru as dp_gru
+
+    torch.manual_seed(5)
+
+    base = _TwoLayers(groups, 8)
+
+    def fresh():
+        m = _TwoLayers(groups, 8).to(device)
+        m.load_state_dict(base.state_dict())
+        return m
+
+    for batch in (37, 70):
+        shape = (batch, groups, 20, 3) if groups > 1 else (batch, 20, 3)
+        x, y = torch.randn(*shape, device=device), torch.randn(batch, 1, device=device)
+        with monkeypatch.context() as plain:
+            plain.setattr(dp_gru, "CUDA_GRAPHS", False)
+            ref = _microbatch(fresh, x, y, None)
+        gsm = GradSampleModule(fresh(), loss_reduction="sum")
+        nn.functional.mse_loss(gsm(x), y, reduction="sum").backward()
+        for name, p in gsm._module.named_parameters():
+            assert _relative_error(p.grad_sample, ref[name]) < 1e-5, name

@@ -59,6 +59,19 @@ def test_simulation_writes_every_output(small_run):
     assert "Silva" in report and "## Privacy" in report
 
 
+def test_the_console_is_quiet(small_run):
+    """Hospitals table, one line per round, the summary: no line twice, none of Flower's
+    per-round bookkeeping, no deprecation or Ray warnings, no DEBUG lines."""
+    run_dir, proc = small_run
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 25, "\n".join(lines)
+    assert len(lines) == len(set(lines)), "a line printed twice"
+    text = "\n".join(lines)
+    for noise in ("DEBUG", "DEPRECATED", "configure_train", "aggregate_train", "FutureWarning", "repeated", "Ray"):
+        assert noise not in text, noise
+    assert "Privacy spent" in text and f"Report: {run_dir}" in text and "hospital         stays" in text
+
+
 def test_epsilon_is_cumulative_and_matches_an_independent_replay(small_run):
     run_dir, _ = small_run
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,192 @@
+"""A federation of real Flower processes on this machine (what ``tests/test_deployment.py``
+and ``simulations.bench_deploy`` drive): one SuperLink with TLS and SuperNode
+authentication, one SuperNode per hospital served the approved app by ``fedgru hospital
+serve``, and ``flwr run`` of the project. Nothing is simulated: the processes are the
+ones a consortium runs, on free localhost ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.paths import project_root
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class LocalFederation:
+    """Real Flower processes on localhost, as a consortium would run them: one SuperLink
+    (TLS, SuperNode authentication, a state database) and, per hospital, a SuperNode
+    with no app of its own (``--isolation process``) served the approved app by
+    ``fedgru hospital serve``. Every process runs in its own process group and is stopped
+    by its id (:meth:`stop_all`); ports are free ones picked at start."""
+
+    def __init__(self, root: Path, project: Path | None = None, run_settings: str = ""):
+        self.root = root
+        self.project = project or project_root()
+        self.run_settings = run_settings  # config overrides every run gets (``key=value ...``)
+        self.port = free_port()
+        self.home = root / "flwr-home"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name:
+        # this interpreter's bin folder goes first on PATH even when the venv is not active.
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PYTHONUNBUFFERED": "1", "FEDGRU_PROJECT_ROOT": str(self.project)}
+
+    def fedgru(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedgru.cli", *args], cwd=self.project, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.project, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, cwd=self.project, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def start_superlink(self) -> None:
+        d = self.root / "fed"
+        self.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(d / "ca.crt"),
+            "--ssl-certfile", str(d / "superlink.crt"), "--ssl-keyfile", str(d / "superlink.key"),
+            "--enable-supernode-auth", "--database", str(self.root / "superlink.db"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
+        ])
+        wait_until(lambda: self._listening(self.port), 60, "the SuperLink")
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def hospital_dir(self, name: str) -> Path:
+        return self.root / "hospitals" / name
+
+    def start_supernode(self, name: str) -> subprocess.Popen:
+        """A hospital's SuperNode (no app of its own) and the approved app serving it."""
+        folder = self.hospital_dir(name)
+        runtime_port = free_port()
+        node = self.start(f"supernode-{name}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
+            str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
+            "--node-config", f'hospital-dir="{folder}"',
+        ])
+        wait_until(lambda: self._listening(runtime_port), 60, f"{name}'s runtime API")
+        self.start(f"serve-{name}", [sys.executable, "-m", "fedgru.cli", "hospital", "serve", "--hospital-dir", str(folder),
+                                     "--runtime-api", f"127.0.0.1:{runtime_port}"])
+        return node
+
+    def stop_hospital(self, name: str, sig: int = signal.SIGTERM) -> None:
+        self.stop(f"supernode-{name}", sig)
+        self.stop(f"serve-{name}", sig)
+
+    def ledger(self, name: str) -> Path:
+        return self.hospital_dir(name) / "ledger.json"
+
+    def online(self) -> int:
+        out = self.flwr("supernode", "list", "fedgru", "--format", "json").stdout
+        try:
+            nodes = json.loads(out).get("nodes", [])
+        except ValueError:
+            return 0
+        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+    def run_app(self, rounds: int, out: Path, extra: str = "", resume: Path | None = None,
+                app: Path | None = None) -> subprocess.Popen:
+        """``flwr run`` of the project (or ``app``) on this federation, streaming its log."""
+        config = f'rounds={rounds} out-dir="{out}" set="{self.run_settings} {extra}"'
+        if resume is not None:
+            config = f'resume="{resume}"'
+        name = f"run-{len([k for k in self.procs if k.startswith('run-')])}-{time.monotonic_ns()}"
+        return self.start(name, [str(BIN / "flwr"), "run", str(app or self.project), "fedgru", "--stream",
+                                 "--run-config", config])
+
+
+    def set_up(self, hospitals: dict[str, Path], outcomes: Path, max_epsilon: float = 1.0,
+               register: tuple[str, ...] | None = None) -> None:
+        """Each hospital's folder (``fedgru hospital init`` on its own data, ``approve``),
+        ``fedgru deploy init`` with the public keys of ``register`` (default: all), the
+        SuperLink started and those keys registered. SuperNodes are started separately."""
+        for name, data in hospitals.items():
+            self.check(self.fedgru("hospital", "init", "--out", str(self.hospital_dir(name)), "--name", name,
+                                   "--data", str(data), "--outcomes", str(outcomes), "--max-epsilon", str(max_epsilon),
+                                   "--device", "cpu"))
+            self.check(self.fedgru("hospital", "approve", "--hospital-dir", str(self.hospital_dir(name)), "--note", "local"))
+        register = tuple(hospitals) if register is None else register
+        keys = [a for n in register for a in ("--hospital", f"{n}={self.hospital_dir(n) / (n + '.pub')}")]
+        self.check(self.fedgru("deploy", "init", "--out", str(self.root / "fed"), *keys, "--port", str(self.port)))
+        self.home.mkdir(exist_ok=True)
+        (self.home / "config.toml").write_text('[superlink]\ndefault = "fedgru"\n\n'
+                                               + (self.root / "fed" / "flwr-config.toml").read_text())
+        self.start_superlink()
+        for name in register:
+            self.check(self.flwr("supernode", "register", str(self.root / "fed" / "hospitals" / f"{name}.pub"), "fedgru"))
+
+    @staticmethod
+    def check(result: subprocess.CompletedProcess) -> None:
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(map(str, result.args[:4]))} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def cut_stays(archive: Path, out: Path, names: tuple[str, ...], per_hospital: int) -> dict[str, Path]:
+    """Give each hospital its own folder of ``per_hospital`` stays, in PhysioNet's own
+    format, cut in order from a set-*.tar.gz (what each hospital would export)."""
+    import tarfile
+
+    folders = {}
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".txt")]
+        for i, name in enumerate(names):
+            folder = out / name
+            folder.mkdir(parents=True)
+            for m in members[i * per_hospital : (i + 1) * per_hospital]:
+                (folder / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+            folders[name] = folder
+    return folders
