@@ -62,6 +62,29 @@ from .validation import (
     read_ledger,
 )
 
+
+class RepeatedLines:
+    """With hundreds of hospitals one story repeats hundreds of times ("val: the split
+    is empty"). The first ``shown`` lines of a kind are logged; the rest are counted and
+    told in one line when the exchange ends (:meth:`flush`). Every hospital's own state
+    still goes to metrics.json and the report."""
+
+    def __init__(self, shown: int = 3):
+        self.shown = shown
+        self.counts: dict[tuple[int, str], int] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args) -> None:
+        key = (level, kind)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] <= self.shown:
+            log.log(level, msg, *args)
+
+    def flush(self) -> None:
+        for (level, kind), n in self.counts.items():
+            if n > self.shown:
+                log.log(level, "... and %d more hospitals: %s", n - self.shown, kind)
+        self.counts.clear()
+
 REPLY_POLL_S = 0.2  # how often the coordinator looks for hospitals' replies (Flower's own loop: 3 s)
 log = logging.getLogger("fedgru.server")
 
@@ -128,6 +151,7 @@ class Coordinator:
         self.cfg_json = cfg.to_json()
         self.calibration: Calibration | None = None  # Platt scaling folded into the final model
         self._phase = TrainPhase()  # where drops and stops of the exchange in progress are noted
+        self._lines = RepeatedLines()
         self.final_dropped: list[Dropped] = []
 
     # -- checkpoints -------------------------------------------------------------
@@ -263,7 +287,9 @@ class Coordinator:
                 break
             time.sleep(1.0)
         self.simulated = bool(self.hospitals) and self._modes == {NodeMode.SIMULATION.value}
-        log.info("hospitals: %s", ", ".join(sorted(h.name for h in self.hospitals.values())) or "none")
+        names = sorted(h.name for h in self.hospitals.values())
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        log.info("hospitals: %s", shown or "none")
         if len(self.hospitals) < self.cfg.strategy.min_hospitals:
             raise RuntimeError(
                 f"only {len(self.hospitals)} hospital(s) answered within {wait_s:.0f} s; "
@@ -290,19 +316,23 @@ class Coordinator:
             if state in (ReplyState.REFUSED, ReplyState.REFUSED_POLICY):
                 reason = str(reply.content[M.STATUS].get(M.REASON, ""))[:500]
                 view.state, view.reason = HospitalState.REFUSED, reason
-                log.error("%s: %s refuses (%s): %s", context, view.name, state, reason)
+                self._lines.log(logging.ERROR, f"{context}: refused ({state}): {reason}",
+                                "%s: %s refuses (%s): %s", context, view.name, state, reason)
                 self._phase.stopped.append(Stopped(view.name, view.state, reason))
                 return None
             ledger = read_ledger(reply, view.name)
         except ReplyRejected as exc:
-            log.warning("%s: dropped the reply of %s (node %s): %s", context, view.name, nid, exc)
+            self._lines.log(logging.WARNING, f"{context}: reply dropped: {exc}",
+                            "%s: dropped the reply of %s (node %s): %s", context, view.name, nid, exc)
             self._phase.dropped.append(Dropped(view.name, nid, str(exc)))
             return None
         view.ledger = ledger
         view.epsilon = ledger.epsilon(Split.TRAIN, self.cfg.privacy.accountant)
         declined = str(reply.content[M.STATUS].get(M.NOT_EVALUATED, ""))
         if declined:
-            log.warning("%s: %s did not evaluate: %s", context, view.name, declined.replace("\n", "; ")[:500])
+            declined = declined.replace("\n", "; ")[:500]
+            self._lines.log(logging.WARNING, f"{context}: did not evaluate: {declined}",
+                            "%s: %s did not evaluate: %s", context, view.name, declined)
         return view, ledger
 
     def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
@@ -339,8 +369,9 @@ class Coordinator:
             if state == ReplyState.BUDGET_EXHAUSTED:
                 view.state = HospitalState.BUDGET_EXHAUSTED
                 view.budget = float(reply.content[M.STATUS].get(M.BUDGET, view.budget))
-                log.info("round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
-                         server_round, view.name, view.epsilon, view.budget)
+                self._lines.log(logging.INFO, f"round {server_round}: reached the privacy budget and stop training",
+                                "round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
+                                server_round, view.name, view.epsilon, view.budget)
                 phase.stopped.append(Stopped(view.name, view.state, ""))
                 continue
             try:
@@ -349,7 +380,8 @@ class Coordinator:
                     reject_empty=self.cfg.hospital_dp.enabled,
                 )
             except ReplyRejected as exc:
-                log.warning("round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, exc)
+                self._lines.log(logging.WARNING, f"round {server_round}: reply dropped: {exc}",
+                                "round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, exc)
                 phase.dropped.append(Dropped(view.name, nid, str(exc)))
                 continue
             metrics = reply.content[M.METRICS]
@@ -366,8 +398,11 @@ class Coordinator:
         for nid in nodes:
             if nid not in answered:
                 name = self.hospitals[nid].name
-                log.warning("round %d: no reply from %s within %.0f s", server_round, name, self.cfg.strategy.round_timeout_s)
+                self._lines.log(logging.WARNING, f"round {server_round}: no reply within the timeout",
+                                "round %d: no reply from %s within %.0f s", server_round, name,
+                                self.cfg.strategy.round_timeout_s)
                 phase.dropped.append(Dropped(name, nid, "no reply before the timeout"))
+        self._lines.flush()
         if len(valid) < self.cfg.strategy.min_hospitals:
             log.warning(
                 "round %d skipped: %d valid replies, strategy.min_hospitals is %d",
@@ -402,6 +437,7 @@ class Coordinator:
             if accepted is not None:
                 view, ledger = accepted
                 self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold)
+        self._lines.flush()
         self.final_dropped += self._phase.dropped
         return evaluations
 

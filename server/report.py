@@ -12,6 +12,7 @@ that the hospital's privacy officer can sign.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -57,6 +58,9 @@ RNG_NOTE = (
 )
 
 
+
+MAX_LISTED = 12  # more hospitals than this: summaries instead of one line (or plot line) each
+
 # ----------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------
@@ -84,9 +88,13 @@ def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r.round for r in rounds]
     ax.plot(xs, [r.pooled_val.auroc if r.pooled_val else math.nan for r in rounds], "k-o", lw=2, label="pooled")
-    for name in sorted({n for r in rounds for n in r.hospitals}):
+    names = sorted({n for r in rounds for n in r.hospitals})
+    for i, name in enumerate(names):
         ys = [_nan(getattr(r.hospitals[name].val, "auroc", None)) if name in r.hospitals else math.nan for r in rounds]
-        ax.plot(xs, ys, "--", alpha=0.7, label=name)
+        if len(names) > MAX_LISTED:  # too many to tell apart: one grey line each, one legend entry
+            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
+        else:
+            ax.plot(xs, ys, "--", alpha=0.7, label=name)
     _finish(fig, ax, path, "validation AUROC", "Utility: validation AUROC per round")
     return True
 
@@ -96,11 +104,18 @@ def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r.round for r in metrics.rounds]
-    for name, h in sorted(privacy.hospitals.items()):
+    many = len(privacy.hospitals) > MAX_LISTED
+    for i, (name, h) in enumerate(sorted(privacy.hospitals.items())):
         ys = [_nan(r.hospitals[name].epsilon) if name in r.hospitals else math.nan for r in metrics.rounds]
+        if many:  # too many to tell apart: one grey line each, budgets once
+            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
+            continue
         line = ax.plot(xs, ys, "-o", ms=3, label=name)[0]
         if h.budget:
             ax.axhline(h.budget, color=line.get_color(), ls=":", lw=1)
+    if many:
+        for budget in sorted({h.budget for h in privacy.hospitals.values() if h.budget}):
+            ax.axhline(budget, color="k", ls=":", lw=1)
     _finish(fig, ax, path, "cumulative epsilon (dotted: budget)", "Privacy spent per hospital")
     return True
 
@@ -452,7 +467,9 @@ def summary_text(run: RunFolder) -> str:
     if privacy is not None and privacy.dp_enabled:
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "
                      "then validation and test patients):")
-        for name, h in sorted(privacy.hospitals.items()):
+        if len(privacy.hospitals) > MAX_LISTED:
+            lines += _privacy_digest(privacy)
+        for name, h in sorted(privacy.hospitals.items()) if len(privacy.hospitals) <= MAX_LISTED else []:
             if h.epsilon is None or h.delta is None:
                 lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
                 continue
@@ -468,6 +485,19 @@ def summary_text(run: RunFolder) -> str:
         lines.append("Privacy: DP was off for this run; no epsilon applies.")
     lines.append(f"Report: {run.path / 'report.md'} and {run.path / 'report.html'}")
     return "\n".join(lines)
+
+
+def _privacy_digest(privacy: RunPrivacy) -> list[str]:
+    """Many hospitals: the range of their epsilons and how many are in each state."""
+    spent = [h.epsilon for h in privacy.hospitals.values() if h.epsilon is not None]
+    states: dict[str, int] = {}
+    for h in privacy.hospitals.values():
+        states[h.state.value] = states.get(h.state.value, 0) + 1
+    lines = [f"  {len(privacy.hospitals)} hospitals: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))]
+    if spent:
+        lines.append(f"  training patients' epsilon: largest {max(spent):.3f}, median {statistics.median(spent):.3f}, "
+                     f"smallest {min(spent):.3f} (each hospital's in privacy.json and the report)")
+    return lines
 
 
 def write_report(run_dir: str | Path) -> str:

@@ -82,7 +82,6 @@ def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dic
 def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
     """Exact test AUROC of the risk after each of ``hours`` (pooled over hospitals)."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
     if not hours:
         return {}
@@ -96,7 +95,9 @@ def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
             logits.append(m.hourly_logits(x, s)[..., 0].numpy())
         ys.append(ds.y[h.test])
     y, z = np.concatenate(ys), np.concatenate(logits)
-    return {hour: float(roc_auc_score(y, z[:, hour - 1])) for hour in hours if hour <= z.shape[1]}
+    risk = 1 / (1 + np.exp(-z))
+    return {hour: float(exact_metrics(y, np.stack([1 - risk[:, hour - 1], risk[:, hour - 1]], axis=1)).auroc)
+            for hour in hours if hour <= z.shape[1]}
 
 
 def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,

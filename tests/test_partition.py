@@ -90,3 +90,12 @@ def test_unknown_column_is_a_clear_error(full_dataset):
     cfg = load_config(DEFAULT_CONFIG, ["partition.scheme=column", "partition.column=Age"])
     with pytest.raises(ValueError, match="partition.column 'Age'"):
         make_partition(full_dataset, cfg)
+
+
+def test_dirichlet_partition_of_many_hospitals_leaves_none_empty(full_dataset):
+    """500 hospitals from 4,000 stays at strong skew: each is dealt a few stays first."""
+    cfg = load_config(DEFAULT_CONFIG, ["partition.scheme=dirichlet", "partition.alpha=0.5", "partition.num_hospitals=500"])
+    hospitals = make_partition(full_dataset, cfg)
+    assert len(hospitals) == 500 and min(len(h.all) for h in hospitals) >= 4
+    assert max(len(h.all) for h in hospitals) > 3 * 8  # still uneven: sizes are skewed too
+    _check_cover(hospitals, 4000)

@@ -1,6 +1,8 @@
 """Accounting: epsilon from a DP history equals an independent Opacus replay."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.privacy import NoisyRelease, calibrate_noise, epsilon, plan, steps_per_round
@@ -54,3 +56,19 @@ def test_plan_round_trips(examples, batch, epochs, rounds, target, accountant):
     assert back.epsilon == pytest.approx(target, abs=1e-3)
     assert back.epsilon <= target  # never over the target
     assert all(b > a for a, b in zip(back.epsilon_per_round, back.epsilon_per_round[1:]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.3, 30.0), st.floats(0.001, 1.0), st.integers(1, 500)), min_size=1, max_size=4),
+       st.sampled_from([1e-5, 1e-6, 1e-3]))
+def test_the_remembering_accountant_gives_opacus_epsilon_exactly(history, delta):
+    """The per-process memo of one step's RDP changes no bit of Opacus's epsilon, also
+    asked twice (the second time from the memo)."""
+    from common.privacy import MemoRDPAccountant
+
+    reference = RDPAccountant()
+    reference.history = list(history)
+    for _ in range(2):
+        memo = MemoRDPAccountant()
+        memo.history = list(history)
+        assert memo.get_epsilon(delta=delta) == reference.get_epsilon(delta=delta)

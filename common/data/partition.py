@@ -94,24 +94,24 @@ def partition_iid(ds: Dataset, section: PartitionSection, seed: int, cfg: Experi
 
 @register_partitioner("dirichlet")
 def partition_dirichlet(ds: Dataset, section: PartitionSection, seed: int, cfg: ExperimentConfig):
-    """Label skew (Hsu et al. 2019, arXiv:1909.06335): class k's stays are shared out
-    in proportions drawn from Dirichlet(alpha). Redrawn until every hospital holds at
-    least 10 stays (at most 1000 tries)."""
+    """Label skew (Hsu et al. 2019, arXiv:1909.06335): class k's stays are shared out in
+    proportions drawn from Dirichlet(alpha). So that no hospital is left empty, each is
+    first dealt a few stays at random (10, or fewer when there are many hospitals: at
+    most half of all stays are dealt); the skew comes from the rest."""
     rng = _rng(seed, "dirichlet")
     n = section.num_hospitals
-    min_size = min(10, len(ds) // max(n, 1))
-    for _ in range(1000):
-        buckets: list[list[int]] = [[] for _ in range(n)]
-        for k in np.unique(ds.y):
-            members = rng.permutation(np.flatnonzero(ds.y == k))
-            shares = rng.dirichlet(np.full(n, section.alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for i, part in enumerate(np.split(members, cuts)):
-                buckets[i].extend(int(x) for x in part)
-        if min(len(b) for b in buckets) >= min_size:
-            break
-    else:
-        raise ValueError("dirichlet partition: could not give every hospital 10 stays; raise partition.alpha")
+    if len(ds) < n:
+        raise ValueError(f"dirichlet partition: {len(ds)} stays cannot make {n} hospitals")
+    dealt_each = max(1, min(10, len(ds) // (2 * n)))
+    order = rng.permutation(len(ds))
+    buckets: list[list[int]] = [list(map(int, order[i * dealt_each : (i + 1) * dealt_each])) for i in range(n)]
+    rest = order[n * dealt_each :]
+    for k in np.unique(ds.y):
+        members = rest[ds.y[rest] == k]
+        shares = rng.dirichlet(np.full(n, section.alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for i, part in enumerate(np.split(members, cuts)):
+            buckets[i].extend(int(x) for x in part)
     return [(f"hospital_{i}", np.sort(np.array(b, dtype=np.int64))) for i, b in enumerate(buckets)]
 
 
@@ -192,12 +192,18 @@ def partition_table(ds: Dataset, hospitals: list[HospitalSplit], classes: list[s
     ]
 
 
-def format_table(rows: list[HospitalRow]) -> str:
+def format_table(rows: list[HospitalRow], max_rows: int = 12) -> str:
+    """The hospitals table; past ``max_rows`` hospitals, the first ones, a count of the
+    rest, and the totals (the run folder's partition.json keeps every row)."""
     if not rows:
         return "(no hospitals)"
     header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
     body = [r.cells() for r in rows]
-    body.append(["total", *(sum(r[i] for r in body) for i in range(1, len(header)))])
+    total = ["total", *(sum(r[i] for r in body) for i in range(1, len(header)))]
+    if len(body) > max_rows:
+        shown = max_rows - 2
+        body = body[:shown] + [[f"... {len(body) - shown} more", *([""] * (len(header) - 1))]]
+    body.append(total)
     width = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     return "\n".join(
         "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, width)))
