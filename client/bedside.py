@@ -27,6 +27,7 @@ from common.explain import (
     describe,
     exact_contributions,
     explain,
+    format_value,
     integrated_gradients,
     is_exact,
 )
@@ -95,7 +96,7 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
         for v in order:
             spec = features.variables[v]
             seen = features.observed_mask and ds.X[i, h, V + v] > 0.5
-            value = f"{denormalise(spec, float(ds.X[i, h, v])):.3g} {spec.unit}".rstrip() if seen else ""
+            value = format_value(denormalise(spec, float(ds.X[i, h, v])), spec.unit) if seen else ""
             movers.append((spec.name, value, float(deltas[h][v])))
         out.append(Jump(h + 1, float(risks[h - 1]), float(risks[h]), movers))
     return out

@@ -187,14 +187,21 @@ def explain(model: GRUClassifier, x: np.ndarray, s: np.ndarray, features: Featur
     return Explanation(stay_id, logit, risk, bias, method, items)
 
 
+def format_value(value: float, unit: str = "") -> str:
+    """A clinical value as a chart shows it: 3 significant digits, whole numbers from 1000
+    ("2170 IU/L", not "2.17e+03 IU/L")."""
+    text = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return f"{text} {unit}".rstrip()
+
+
 def describe(c: Contribution) -> str:
     """'Lactate, last 4.1 mmol/L at hour 30: +0.42'."""
     if c.kind == "variable":
-        seen = f"last {c.value:.3g} {c.unit}".rstrip() + f" at hour {c.hour}" if c.value is not None else "not observed"
+        seen = f"last {format_value(c.value, c.unit)} at hour {c.hour}" if c.value is not None else "not observed"
     elif c.label:
         seen = c.label
     else:
-        seen = f"{c.value:.3g} {c.unit}".rstrip() if c.value is not None else "unknown"
+        seen = format_value(c.value, c.unit) if c.value is not None else "unknown"
     return f"{c.name}, {seen}: {c.contribution:+.2f}"
 
 

@@ -78,10 +78,10 @@ def backend_config(cfg: ExperimentConfig, n_hospitals: int, cpus_per_hospital: i
             gpus_per_hospital = 1.0 / n_hospitals
     if not 0.0 <= gpus_per_hospital <= 1.0:
         raise ValueError("gpus_per_hospital must be a share of one GPU, between 0 and 1")
-    init: dict = {"include_dashboard": False, "log_to_driver": verbose}
-    if ray_address:
-        init["address"] = ray_address
-    else:
+    # "local": a Ray instance of this run's own, even when a cluster started with `ray
+    # start` runs on this machine (Ray would otherwise join it unasked).
+    init: dict = {"include_dashboard": False, "log_to_driver": verbose, "address": ray_address or "local"}
+    if not ray_address:
         init["num_cpus"] = cpus
         if gpus_per_hospital > 0:
             init["num_gpus"] = 1

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from opacus.accountants import RDPAccountant
@@ -202,3 +203,62 @@ def test_small_budget_stops_every_hospital_before_it_and_ends_cleanly(tmp_path, 
     assert len(metrics["rounds"]) < 6  # the run ended when too few hospitals could train
     assert "test" in metrics and (run_dir / "model.pt").is_file()
     assert "has reached its privacy budget" in proc.stdout + proc.stderr
+
+
+def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, physionet_files):
+    """`--ray-address` points the hospitals at a Ray cluster started apart from the run
+    (here a head node on this machine, in its own temp folder; on several machines the
+    other nodes join it with `ray start --address`). The cluster is stopped by its
+    process group at the end."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import shutil
+    import tempfile
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    # A short folder of its own: Ray's socket paths must fit in 107 characters, and a
+    # cluster file in /tmp/ray would make other ray.init() calls on this machine join it.
+    ray_tmp = tempfile.mkdtemp(prefix="fgray", dir="/tmp")
+    log = open(tmp_path / "ray-head.log", "wb")  # a file, not a pipe: a full pipe would stall the head
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "1", "--ray-address", f"127.0.0.1:{port}", *SMALL,
+                      timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert (run_dir / "model.pt").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
+        log.close()
+        _kill_processes_mentioning(ray_tmp)  # any Ray process that left the group (by pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(text in part for part in proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
