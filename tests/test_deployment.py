@@ -213,6 +213,7 @@ def test_ledgers_accumulate_across_two_runs(scenario):
     from client.folder import HospitalFolder
     from client.ledger_store import FileLedgerStore
     from common.ledger import Ledger
+    from common.messages import Split
 
     assert scenario["run2_rc"] == 0
     privacy = json.loads((scenario["run2_dir"] / "privacy.json").read_text())
@@ -225,7 +226,14 @@ def test_ledgers_accumulate_across_two_runs(scenario):
         assert privacy["hospitals"][name]["epsilon"] == pytest.approx(ledger.epsilon(), abs=1e-9)
         assert privacy["hospitals"][name]["earlier_runs"]
         groups = privacy["hospitals"][name]["groups"]
-        assert set(groups) == {"train", "val", "test"} and groups["test"]["releases"] == 2  # once per run
+        assert set(groups) == {"train", "val", "test"}
+        # the test patients are read once per run, by the final evaluation, which releases
+        # each of its parts (histogram, and per-group histograms and importance when on) once
+        test_items = [(e.run_id, e.item) for e in ledger.noisy(Split.TEST)]
+        per_run = {run: sorted(item.value for r, item in test_items if r == run) for run in ledger.runs()}
+        assert all(items == per_run[privacy["run_id"]] for items in per_run.values()), per_run
+        assert len(set(per_run[privacy["run_id"]])) == len(per_run[privacy["run_id"]]) >= 1
+        assert groups["test"]["releases"] == len(test_items) == 2 * len(per_run[privacy["run_id"]])
 
 
 def test_no_patient_value_reaches_any_log(scenario):

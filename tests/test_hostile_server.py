@@ -291,8 +291,7 @@ class RecordingGrid:
         self.grid = grid
     def __getattr__(self, name):
         return getattr(self.grid, name)
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def _record(self, replies):
         for r in replies:
             if r.has_error():
                 continue
@@ -303,6 +302,11 @@ class RecordingGrid:
                 "configs": {k: dict(v) for k, v in c.config_records.items()},
             })
         return replies
+    # every reply the coordinator reads, whichever way it asks for them
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._record(list(self.grid.send_and_receive(messages, timeout=timeout)))
+    def pull_messages(self, message_ids):
+        return self._record(list(self.grid.pull_messages(message_ids)))
 
 app = ServerApp()
 
