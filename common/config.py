@@ -218,9 +218,17 @@ class ModelSection:
     zero_init_head: bool  # start the output layer at zero: every patient starts at p = 0.5
     input_skip: bool  # also feed the last time step's input channels to the head
     gru_impl: Literal["fast", "opacus", "torch"]  # torch: non-private only
+    # random: PyTorch's default initialisation. carry_forward (per_variable, one layer of
+    # >= 2 units, observed_mask on): each unit starts as a reader of its variable's last
+    # observation (common.model.carry_forward_init), data-independent.
+    init: Literal["random", "carry_forward"]
+    train_gru: bool  # false: the GRU keeps its initial weights (no noise on them); only the head learns
 
     def validate(self, check: Check) -> None:
         check(bool(self.gru_hidden) and min(self.gru_hidden) >= 1, "gru_hidden", "must list positive layer sizes")
+        if self.init == "carry_forward":
+            check(self.architecture == "per_variable" and len(self.gru_hidden) == 1 and self.gru_hidden[0] >= 2,
+                  "init", "carry_forward needs architecture per_variable and one GRU layer of at least 2 units")
         check(
             not (self.architecture == "per_variable" and self.gru_impl == "opacus"),
             "gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'",
@@ -433,6 +441,10 @@ class ExperimentConfig:
         check(
             not (self.privacy.enabled and self.model.gru_impl == "torch"),
             "gru_impl", "'torch' (nn.GRU) has no per-example gradients; use 'fast' or 'opacus' with DP",
+        )
+        check(
+            self.model.init != "carry_forward" or self.features.observed_mask,
+            "init", "carry_forward reads the observed-mask channel: set features.observed_mask true",
         )
         Check(origin, "hospital_dp")(
             not (self.hospital_dp.enabled and self.strategy.name == "fedadam"),
