@@ -92,3 +92,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
     bad.write_text("run:\n  rounds: [1,\n")
     with pytest.raises(ConfigError, match="broken.yaml.*line"):
         load_config(bad)
+
+
+def test_carry_forward_init_needs_one_per_variable_layer_and_the_mask():
+    with pytest.raises(ConfigError, match="carry_forward"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "model.architecture=stacked"])
+    with pytest.raises(ConfigError, match="carry_forward"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "model.gru_hidden=[4, 4]"])
+    with pytest.raises(ConfigError, match="observed_mask"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "features.observed_mask=false"])
+    load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward"])
