@@ -325,9 +325,10 @@ class HospitalDPSection:
 
 @dataclass
 class StrategySection:
-    name: Literal["fedavg", "fedprox", "fedadam"]
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam"]
     proximal_mu: float  # fedprox
-    server_lr: float  # fedadam: eta
+    server_lr: float  # fedadam: eta; fedavgm: the server's learning rate
+    server_momentum: float  # fedavgm: momentum on the averaged update (0: none)
     beta_1: float  # fedadam
     beta_2: float  # fedadam
     tau: float  # fedadam
@@ -447,8 +448,8 @@ class ExperimentConfig:
             "init", "carry_forward reads the observed-mask channel: set features.observed_mask true",
         )
         Check(origin, "hospital_dp")(
-            not (self.hospital_dp.enabled and self.strategy.name == "fedadam"),
-            "", "needs plain weighted averaging (fedavg or fedprox), not fedadam",
+            not (self.hospital_dp.enabled and self.strategy.name in ("fedadam", "fedavgm")),
+            "", "needs plain weighted averaging (fedavg or fedprox), not a server optimizer",
         )
         statics = {sp.name: sp for sp in self.features.static}
         for i, group in enumerate(self.evaluation.subgroups):
