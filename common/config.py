@@ -228,7 +228,8 @@ class ModelSection:
         check(bool(self.gru_hidden) and min(self.gru_hidden) >= 1, "gru_hidden", "must list positive layer sizes")
         if self.init == "carry_forward":
             check(self.architecture == "per_variable" and len(self.gru_hidden) == 1 and self.gru_hidden[0] >= 2,
-                  "init", "carry_forward needs architecture per_variable and one GRU layer of at least 2 units")
+                  "init", "carry_forward needs architecture per_variable and one GRU layer of at least 2 units "
+                  "(for other shapes set model.init=random and model.train_gru=true)")
         check(
             not (self.architecture == "per_variable" and self.gru_impl == "opacus"),
             "gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'",

@@ -53,7 +53,8 @@ def test_los_config_is_a_config_change_only():
 
 
 def test_overrides_parse_values_as_yaml():
-    cfg = load_config(ROOT / "configs" / "default.yaml", ["training.lr=0.5", "model.gru_hidden=[16, 8]", "privacy.delta=1e-6"])
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["training.lr=0.5", "model.gru_hidden=[16, 8]", "privacy.delta=1e-6",
+                                                                "model.init=random"])
     assert cfg.training.lr == 0.5
     assert cfg.model.gru_hidden == [16, 8]
     assert cfg.privacy.delta == 1e-6
