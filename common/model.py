@@ -190,13 +190,15 @@ def carry_forward_init(model: GRUClassifier) -> None:
     (z = 1: keep the state) otherwise, so each unit holds what it read at the last
     observation, and 0 before the first. The candidates read only the value:
 
-    - unit 0: 1 once the variable was observed (tanh(3) = 0.995), 0 if never;
-    - unit 1: the last value, tanh(v);
-    - units 2, 3, ... in pairs: "high" tanh(g (v - c)) and "low" tanh(g (-v - c)), so a
-      linear head can weigh deviations either way (U-shaped risks).
+    - unit 0: the last value, tanh(v);
+    - units 1, 2: "high" tanh(g (v - c)) and "low" tanh(g (-v - c)), so a linear head
+      can weigh deviations either way (U-shaped risks);
+    - unit 3: 1 once the variable was observed (tanh(3) = 0.995), 0 if never;
+    - units 4, 5, ...: further high/low pairs, turning further out.
 
-    The head then starts from a logistic model over every variable's last value and
-    whether it was seen: what DP-SGD has left to learn is mostly the head's weights.
+    So ``gru_hidden: [3]`` reads value and deviations, ``[4]`` adds whether it was seen.
+    The head then starts from a logistic model over every variable's last value and its
+    deviations: what DP-SGD has left to learn is mostly the head's weights.
     Nothing here depends on patients' data, so it costs no privacy.
     """
     spec = model.spec
@@ -215,13 +217,14 @@ def carry_forward_init(model: GRUClassifier) -> None:
     b_ih[z] = CARRY_GATE
     del r  # reset gate: W_hh = 0, so it has nothing to reset
     rows = n.start
-    b_ih[rows + 0] = 3.0  # seen
-    w_ih[rows + 1, 0] = 1.0  # last value
-    for unit in range(2, H):
-        sign = 1.0 if unit % 2 == 0 else -1.0  # high, low, high, low, ...
-        step = (unit - 2) // 2  # further pairs turn further out
+    w_ih[rows + 0, 0] = 1.0  # last value
+    if H > 3:
+        b_ih[rows + 3] = 3.0  # seen
+    pairs = [u for u in range(1, H) if u != 3]  # high, low, high, low, ...
+    for i, unit in enumerate(pairs):
+        sign = 1.0 if i % 2 == 0 else -1.0
         w_ih[rows + unit, 0] = sign * CARRY_GAIN
-        b_ih[rows + unit] = -CARRY_GAIN * CARRY_OFFSET * (1 + step)
+        b_ih[rows + unit] = -CARRY_GAIN * CARRY_OFFSET * (1 + i // 2)  # further pairs turn further out
     gru.load_state_dict(state)  # W_hh and the hidden biases stay 0
 
 

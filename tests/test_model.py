@@ -111,9 +111,9 @@ def _carry_forward_model(impl, *extra):
 
 @pytest.mark.parametrize("impl", ["fast", "torch"])
 def test_carry_forward_init_holds_each_variables_last_observation(impl):
-    """Each unit holds what it read at the variable's last observation: seen (1), the
-    value (tanh v), and the high/low deviation units; 0 for a variable never observed,
-    however long ago the last observation was."""
+    """Each unit holds what it read at the variable's last observation: the value
+    (tanh v), the high/low deviation units and seen (1); 0 for a variable never
+    observed, however long ago the last observation was."""
     cfg, model = _carry_forward_model(impl)
     V, T = len(cfg.features.variables), 48
     x = torch.zeros(3, T, 3 * V)
@@ -124,12 +124,24 @@ def test_carry_forward_init_holds_each_variables_last_observation(impl):
     with torch.no_grad():
         states, _ = model._run(model.grus[0], model._per_variable_view(x))
     last = states[:, :, -1]  # (B, V, 4)
-    seen, value, high, low = last[:, 0].unbind(-1)
+    value, high, low, seen = last[:, 0].unbind(-1)
     torch.testing.assert_close(seen, torch.full((3,), float(torch.tanh(torch.tensor(3.0)))), atol=1e-3, rtol=0)
     torch.testing.assert_close(value, torch.tanh(torch.tensor([1.5, -2.0, 0.3])), atol=1e-3, rtol=0)
     torch.testing.assert_close(high, torch.tanh(2 * (torch.tensor([1.5, -2.0, 0.3]) - 1)), atol=1e-3, rtol=0)
     torch.testing.assert_close(low, torch.tanh(2 * (-torch.tensor([1.5, -2.0, 0.3]) - 1)), atol=1e-3, rtol=0)
     assert last[:, 1:].abs().max() < 3e-3  # the other variables were never observed: states stay at 0
+
+
+def test_carry_forward_with_three_units_reads_value_and_deviations_only():
+    cfg, model = _carry_forward_model("torch", "model.gru_hidden=[3]")
+    V = len(cfg.features.variables)
+    x = torch.zeros(1, 48, 3 * V)
+    x[0, 20:, 0], x[0, 20, V] = -1.5, 1.0
+    with torch.no_grad():
+        states, _ = model._run(model.grus[0], model._per_variable_view(x))
+    v = torch.tensor(-1.5)
+    expected = torch.stack([torch.tanh(v), torch.tanh(2 * (v - 1)), torch.tanh(2 * (-v - 1))])
+    torch.testing.assert_close(states[0, 0, -1], expected, atol=1e-3, rtol=0)
 
 
 def test_carry_forward_init_starts_from_no_data():
