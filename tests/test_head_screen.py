@@ -8,7 +8,8 @@ from tests.conftest import DEFAULT_CONFIG
 
 
 def test_screen_runs_independent_federations_and_adds_the_noise(full_dataset):
-    cfg = load_config(DEFAULT_CONFIG, ["run.rounds=5", "split.folds=5", "split.fold=0"])
+    cfg = load_config(DEFAULT_CONFIG, ["run.rounds=5", "training.lr=1.0", "privacy.max_grad_norm=1.0", "split.folds=5",
+                                       "split.fold=0"])
     noisy = screen(cfg, Screen(runs=3))["last"]
     assert len(noisy) == 3 and len(set(noisy)) == 3  # fresh sampling and noise in every run
     assert all(0.5 < a < 1 for a in noisy)
