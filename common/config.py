@@ -218,9 +218,18 @@ class ModelSection:
     zero_init_head: bool  # start the output layer at zero: every patient starts at p = 0.5
     input_skip: bool  # also feed the last time step's input channels to the head
     gru_impl: Literal["fast", "opacus", "torch"]  # torch: non-private only
+    # random: PyTorch's default initialisation. carry_forward (per_variable, one layer of
+    # >= 2 units, observed_mask on): each unit starts as a reader of its variable's last
+    # observation (common.model.carry_forward_init), data-independent.
+    init: Literal["random", "carry_forward"]
+    train_gru: bool  # false: the GRU keeps its initial weights (no noise on them); only the head learns
 
     def validate(self, check: Check) -> None:
         check(bool(self.gru_hidden) and min(self.gru_hidden) >= 1, "gru_hidden", "must list positive layer sizes")
+        if self.init == "carry_forward":
+            check(self.architecture == "per_variable" and len(self.gru_hidden) == 1 and self.gru_hidden[0] >= 2,
+                  "init", "carry_forward needs architecture per_variable and one GRU layer of at least 2 units "
+                  "(for other shapes set model.init=random and model.train_gru=true)")
         check(
             not (self.architecture == "per_variable" and self.gru_impl == "opacus"),
             "gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'",
@@ -317,9 +326,10 @@ class HospitalDPSection:
 
 @dataclass
 class StrategySection:
-    name: Literal["fedavg", "fedprox", "fedadam"]
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam"]
     proximal_mu: float  # fedprox
-    server_lr: float  # fedadam: eta
+    server_lr: float  # fedadam: eta; fedavgm: the server's learning rate
+    server_momentum: float  # fedavgm: momentum on the averaged update (0: none)
     beta_1: float  # fedadam
     beta_2: float  # fedadam
     tau: float  # fedadam
@@ -442,9 +452,13 @@ class ExperimentConfig:
             not (self.privacy.enabled and self.model.gru_impl == "torch"),
             "gru_impl", "'torch' (nn.GRU) has no per-example gradients; use 'fast' or 'opacus' with DP",
         )
+        check(
+            self.model.init != "carry_forward" or self.features.observed_mask,
+            "init", "carry_forward reads the observed-mask channel: set features.observed_mask true",
+        )
         Check(origin, "hospital_dp")(
-            not (self.hospital_dp.enabled and self.strategy.name == "fedadam"),
-            "", "needs plain weighted averaging (fedavg or fedprox), not fedadam",
+            not (self.hospital_dp.enabled and self.strategy.name in ("fedadam", "fedavgm")),
+            "", "needs plain weighted averaging (fedavg or fedprox), not a server optimizer",
         )
         statics = {sp.name: sp for sp in self.features.static}
         for i, group in enumerate(self.evaluation.subgroups):

@@ -44,6 +44,8 @@ class ModelSpec:
     architecture: str  # stacked | per_variable
     zero_init_head: bool
     n_variables: int  # per_variable: channels are [v_1..v_V | masks | deltas], V each
+    init: str = "random"  # random | carry_forward (per_variable: see carry_forward_init)
+    train_gru: bool = True  # false: the GRU keeps its initial weights; only the head learns
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +96,13 @@ class GRUClassifier(nn.Module):
             # Data-independent start: DP noise need not first undo random predictions.
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
+        if spec.init == "carry_forward":
+            carry_forward_init(self)
+        elif spec.init != "random":
+            raise ValueError(f"unknown model init {spec.init!r}; choose random or carry_forward")
+        if not spec.train_gru:
+            for p in self.grus.parameters():
+                p.requires_grad_(False)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but Opacus DPGRU's internal aliases of the nn.GRU-named
@@ -166,6 +175,59 @@ class GRUClassifier(nn.Module):
         return gru(h)
 
 
+CARRY_GATE = 10.0  # |pre-activation| of the update gate: sigmoid(10) = 0.99995 (a state held 48 h keeps 99.8%)
+CARRY_OFFSET = 1.0  # where the "high" and "low" units turn (in normalised units, ~ one clinical spread)
+CARRY_GAIN = 2.0  # their steepness
+
+
+@torch.no_grad()
+def carry_forward_init(model: GRUClassifier) -> None:
+    """Start the per-variable GRU as a reader of its variable, with no data involved.
+
+    Every variable's channels are ``[value, observed mask, hours since]`` (value carried
+    forward and normalised by the config's reference constants). The update gate is
+    shut (z = 0: take the new candidate) in an hour the variable is observed and open
+    (z = 1: keep the state) otherwise, so each unit holds what it read at the last
+    observation, and 0 before the first. The candidates read only the value:
+
+    - unit 0: the last value, tanh(v);
+    - units 1, 2: "high" tanh(g (v - c)) and "low" tanh(g (-v - c)), so a linear head
+      can weigh deviations either way (U-shaped risks);
+    - unit 3: 1 once the variable was observed (tanh(3) = 0.995), 0 if never;
+    - units 4, 5, ...: further high/low pairs, turning further out.
+
+    So ``gru_hidden: [3]`` reads value and deviations, ``[4]`` adds whether it was seen.
+    The head then starts from a logistic model over every variable's last value and its
+    deviations: what DP-SGD has left to learn is mostly the head's weights.
+    Nothing here depends on patients' data, so it costs no privacy.
+    """
+    spec = model.spec
+    if spec.architecture != "per_variable" or len(model.grus) != 1:
+        raise ValueError("init carry_forward needs the per_variable architecture with one GRU layer")
+    gru = model.grus[0]
+    H = spec.gru_hidden[0]
+    channels = spec.n_channels // spec.n_variables
+    if H < 2 or channels < 2:
+        raise ValueError("init carry_forward needs at least 2 GRU units and the observed-mask channel")
+    state = {k: torch.zeros_like(v) for k, v in gru.state_dict().items()}  # nn.GRU's names for every impl
+    w_ih, b_ih = state["weight_ih_l0"], state["bias_ih_l0"]
+    r, z, n = slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H)
+    # Update gate: z = sigmoid(k (1 - 2 mask)), near 0 when observed, near 1 otherwise.
+    w_ih[z, 1] = -2 * CARRY_GATE
+    b_ih[z] = CARRY_GATE
+    del r  # reset gate: W_hh = 0, so it has nothing to reset
+    rows = n.start
+    w_ih[rows + 0, 0] = 1.0  # last value
+    if H > 3:
+        b_ih[rows + 3] = 3.0  # seen
+    pairs = [u for u in range(1, H) if u != 3]  # high, low, high, low, ...
+    for i, unit in enumerate(pairs):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        w_ih[rows + unit, 0] = sign * CARRY_GAIN
+        b_ih[rows + unit] = -CARRY_GAIN * CARRY_OFFSET * (1 + i // 2)  # further pairs turn further out
+    gru.load_state_dict(state)  # W_hh and the hidden biases stay 0
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """(B, 1) logits -> (B, 2) [p0, p1]; (B, K) -> softmax. Rows sum to 1."""
     if logits.shape[1] == 1:
@@ -214,4 +276,6 @@ def model_spec(cfg) -> ModelSpec:
         architecture=cfg.model.architecture,
         n_variables=len(cfg.features.variables),
         zero_init_head=cfg.model.zero_init_head,
+        init=cfg.model.init,
+        train_gru=cfg.model.train_gru,
     )

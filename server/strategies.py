@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
     Strategy,
 )
@@ -35,6 +36,9 @@ _ALL = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": lambda s, **kw: FedAvg(**_ALL, **kw),
     "fedprox": lambda s, **kw: FedProx(**_ALL, **kw, proximal_mu=s.proximal_mu),
+    # FedAvgM (Hsu et al. 2019, arXiv:1909.06335): server SGD with momentum on the averaged
+    # update; post-processing of what the hospitals released, so free under DP.
+    "fedavgm": lambda s, **kw: FedAvgM(**_ALL, **kw, server_learning_rate=s.server_lr, server_momentum=s.server_momentum),
     "fedadam": lambda s, **kw: FedAdam(**_ALL, **kw, eta=s.server_lr, eta_l=1.0, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau),
 }
 
@@ -109,12 +113,23 @@ class Aggregator:
 
     def state_dict(self) -> dict:
         out = {}
-        for key in ("m_t", "v_t"):
+        for key in ("m_t", "v_t"):  # FedAdam's moments
             value = getattr(self.base, key, None)
             if value is not None:
                 out[key] = {k: np.asarray(v) for k, v in value.items()}
+        if isinstance(self.base, FedAvgM):  # its momentum (a list in key order) and the model it moves
+            if self.base.current_arrays is not None:
+                keys = list(self.base.current_arrays.keys())
+                out["current_arrays"] = {k: v.numpy() for k, v in self.base.current_arrays.items()}
+                if self.base.momentum_vector is not None:
+                    out["momentum_vector"] = dict(zip(keys, map(np.asarray, self.base.momentum_vector), strict=True))
         return out
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self.base, key, {k: np.asarray(v) for k, v in value.items()})
+            if key == "current_arrays":
+                self.base.current_arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in value.items()})
+            elif key == "momentum_vector":
+                self.base.momentum_vector = [np.asarray(v) for v in value.values()]
+            else:
+                setattr(self.base, key, {k: np.asarray(v) for k, v in value.items()})

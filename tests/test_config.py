@@ -53,7 +53,8 @@ def test_los_config_is_a_config_change_only():
 
 
 def test_overrides_parse_values_as_yaml():
-    cfg = load_config(ROOT / "configs" / "default.yaml", ["training.lr=0.5", "model.gru_hidden=[16, 8]", "privacy.delta=1e-6"])
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["training.lr=0.5", "model.gru_hidden=[16, 8]", "privacy.delta=1e-6",
+                                                                "model.init=random"])
     assert cfg.training.lr == 0.5
     assert cfg.model.gru_hidden == [16, 8]
     assert cfg.privacy.delta == 1e-6
@@ -92,3 +93,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
     bad.write_text("run:\n  rounds: [1,\n")
     with pytest.raises(ConfigError, match="broken.yaml.*line"):
         load_config(bad)
+
+
+def test_carry_forward_init_needs_one_per_variable_layer_and_the_mask():
+    with pytest.raises(ConfigError, match="carry_forward"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "model.architecture=stacked"])
+    with pytest.raises(ConfigError, match="carry_forward"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "model.gru_hidden=[4, 4]"])
+    with pytest.raises(ConfigError, match="observed_mask"):
+        load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "features.observed_mask=false"])
+    load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward"])

@@ -25,7 +25,8 @@ def _model(architecture: str, pool: str = "last", input_skip: bool = False, head
     """A default-config model with random (not zero) weights, so every part contributes."""
     cfg = load_config(DEFAULT_CONFIG, [f"model.architecture={architecture}", "model.gru_hidden=[3]",
                                        f"model.head_hidden={head_hidden}", f"model.pool={pool}",
-                                       f"model.input_skip={str(input_skip).lower()}", "model.zero_init_head=false"])
+                                       f"model.input_skip={str(input_skip).lower()}", "model.zero_init_head=false",
+                                       "model.init=random", "model.train_gru=true"])
     torch.manual_seed(seed)
     model = GRUClassifier(model_spec(cfg), "torch" if architecture == "stacked" else "fast").eval()
     return cfg, model

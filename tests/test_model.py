@@ -100,3 +100,94 @@ def test_per_variable_input_skip_gives_the_head_the_last_step(impl):
     model.train()
     loss_fn(model(x, s), torch.randint(0, 2, (4,))).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _carry_forward_model(impl, *extra):
+    cfg = load_config(DEFAULT_CONFIG, ["model.architecture=per_variable", "model.gru_hidden=[4]",
+                                       "model.init=carry_forward", *extra])
+    torch.manual_seed(0)
+    return cfg, GRUClassifier(model_spec(cfg), impl).eval()
+
+
+@pytest.mark.parametrize("impl", ["fast", "torch"])
+def test_carry_forward_init_holds_each_variables_last_observation(impl):
+    """Each unit holds what it read at the variable's last observation: the value
+    (tanh v), the high/low deviation units and seen (1); 0 for a variable never
+    observed, however long ago the last observation was."""
+    cfg, model = _carry_forward_model(impl)
+    V, T = len(cfg.features.variables), 48
+    x = torch.zeros(3, T, 3 * V)
+    x[0, 5:, 0], x[0, 5, V] = 1.5, 1.0  # variable 0 seen once, at hour 5 (then carried forward)
+    x[1, 10:, 0], x[1, 10, V] = -0.7, 1.0  # seen at hour 10, then again at hour 30 with a new value
+    x[1, 30:, 0], x[1, 30, V] = -2.0, 1.0
+    x[2, 47, 0], x[2, 47, V] = 0.3, 1.0  # seen in the last hour only
+    with torch.no_grad():
+        states, _ = model._run(model.grus[0], model._per_variable_view(x))
+    last = states[:, :, -1]  # (B, V, 4)
+    value, high, low, seen = last[:, 0].unbind(-1)
+    torch.testing.assert_close(seen, torch.full((3,), float(torch.tanh(torch.tensor(3.0)))), atol=1e-3, rtol=0)
+    torch.testing.assert_close(value, torch.tanh(torch.tensor([1.5, -2.0, 0.3])), atol=1e-3, rtol=0)
+    torch.testing.assert_close(high, torch.tanh(2 * (torch.tensor([1.5, -2.0, 0.3]) - 1)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(low, torch.tanh(2 * (-torch.tensor([1.5, -2.0, 0.3]) - 1)), atol=1e-3, rtol=0)
+    assert last[:, 1:].abs().max() < 3e-3  # the other variables were never observed: states stay at 0
+
+
+def test_carry_forward_with_three_units_reads_value_and_deviations_only():
+    cfg, model = _carry_forward_model("torch", "model.gru_hidden=[3]")
+    V = len(cfg.features.variables)
+    x = torch.zeros(1, 48, 3 * V)
+    x[0, 20:, 0], x[0, 20, V] = -1.5, 1.0
+    with torch.no_grad():
+        states, _ = model._run(model.grus[0], model._per_variable_view(x))
+    v = torch.tensor(-1.5)
+    expected = torch.stack([torch.tanh(v), torch.tanh(2 * (v - 1)), torch.tanh(2 * (-v - 1))])
+    torch.testing.assert_close(states[0, 0, -1], expected, atol=1e-3, rtol=0)
+
+
+def test_carry_forward_init_starts_from_no_data():
+    """The same weights whatever the seed: the initialisation reads no patient."""
+    _, a = _carry_forward_model("fast")
+    torch.manual_seed(123)
+    b = GRUClassifier(a.spec, "fast")
+    for key, value in a.grus.state_dict().items():
+        torch.testing.assert_close(value, b.grus.state_dict()[key])
+
+
+def test_frozen_gru_gets_neither_updates_nor_noise_under_dp():
+    """train_gru false: DP-SGD moves only the head; the GRU's weights come back unchanged."""
+    cfg, model = _carry_forward_model("fast", "model.train_gru=false", "training.batch_size=8")
+    model.train()
+    assert not any(p.requires_grad for p in model.grus.parameters())
+    n = 40
+    data = TensorData(torch.randn(n, 48, model.spec.n_channels), torch.randn(n, model.spec.n_static),
+                      torch.randint(0, 2, (n,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, data, cfg.training, steps=3, dp=DPSettings(1.0, 1.0, 0.2),
+                         sample_generator=secret_generator(), noise_generator=secret_generator())
+    assert result.steps == 3
+    after = model.state_dict()
+    for key in before:
+        if key.startswith("grus."):
+            assert torch.equal(before[key], after[key]), key
+        else:
+            assert not torch.equal(before[key], after[key]), key
+
+
+def test_frozen_gru_head_gets_exact_per_example_gradients():
+    """With the GRU frozen no input of the head requires grad (torch warns about its
+    full backward hook); Opacus's per-example gradients must still be each example's own."""
+    from opacus import GradSampleModule
+
+    cfg, model = _carry_forward_model("fast", "model.train_gru=false", "model.dropout=0")
+    model.train()
+    x, s, y = torch.randn(5, 48, model.spec.n_channels), torch.randn(5, model.spec.n_static), torch.randint(0, 2, (5,))
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")  # as train_local
+    loss_fn(model(x, s), y).backward()
+    samples = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    gsm._close()
+    assert set(samples) == {"head.0.weight", "head.0.bias"}
+    for i in range(5):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1], s[i : i + 1]), y[i : i + 1]).backward()
+        for name, grads in samples.items():
+            torch.testing.assert_close(grads[i], dict(model.named_parameters())[name].grad)

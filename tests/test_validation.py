@@ -63,7 +63,7 @@ def test_each_kind_of_bad_reply_is_rejected_with_a_reason():
             check(train_reply(1, weights, metrics=metrics))
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam"])
 def test_bad_replies_never_reach_the_global_model(tmp_path, strategy):
     cfg = small_cfg(f"strategy.name={strategy}", "strategy.proximal_mu=0.1")
     arrays = initial_arrays(cfg)
@@ -125,3 +125,36 @@ def test_a_superlink_error_is_matched_to_the_hospital_it_is_about():
     unmarked = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="", src_node_id=12))
     replies = (from_hospital, from_superlink, unknown, unmarked)
     assert [node_of(r, {**sent, "": 99}) for r in replies] == [11, 13, 42, 12]
+
+
+def test_server_momentum_moves_the_model_by_the_momentum_of_averaged_updates(tmp_path):
+    """fedavgm: the global model moves by server_lr x (momentum x previous step + this
+    round's averaged update), and the momentum survives a checkpoint."""
+    from server.strategies import Aggregator
+
+    cfg = small_cfg("strategy.name=fedavgm", "strategy.server_lr=0.5", "strategy.server_momentum=0.9")
+    start = {k: v.numpy().copy() for k, v in initial_arrays(cfg).items()}
+    rng = np.random.default_rng(0)
+    steps = [{k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in start.items()} for _ in range(2)]
+    coord = coordinator_for(cfg, [], tmp_path)
+    expected, momentum = dict(start), None
+    for server_round, step in enumerate(steps, start=1):
+        current = {k: v.numpy().copy() for k, v in coord.arrays.items()}
+        # two hospitals, 100 and 300 examples: their average moves by `step`
+        replies = [train_reply(10, {k: current[k] + 2 * step[k] for k in current}, n=100, hospital="a", cfg=cfg),
+                   train_reply(11, {k: current[k] + step[k] * 2 / 3 for k in current}, n=300, hospital="b", cfg=cfg)]
+        coord.grid.replies = replies
+        coord.hospitals = {10: coord._view(10), 11: coord._view(11)}
+        coord.hospitals[10].name, coord.hospitals[11].name = "a", "b"
+        record = coord.train_round(server_round)
+        assert not record.skipped and set(record.hospitals) == {"a", "b"}
+        momentum = {k: step[k] if momentum is None else 0.9 * momentum[k] + step[k] for k in step}
+        expected = {k: expected[k] + 0.5 * momentum[k] for k in expected}
+        for k, v in coord.arrays.items():
+            np.testing.assert_allclose(v.numpy(), expected[k], rtol=1e-4, atol=1e-6)
+    saved = coord.aggregator.state_dict()
+    restored = Aggregator(cfg.strategy)
+    restored.load_state_dict(saved)
+    for mine, theirs in zip(restored.base.momentum_vector, coord.aggregator.base.momentum_vector, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert list(restored.base.current_arrays.keys()) == list(coord.arrays.keys())
