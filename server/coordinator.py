@@ -86,6 +86,16 @@ class RepeatedLines:
         self.counts.clear()
 
 REPLY_POLL_S = 0.2  # how often the coordinator looks for hospitals' replies (Flower's own loop: 3 s)
+PROGRESS_LINES = 20  # about this many round lines on the console for a long run (every round up to 2x this)
+
+
+def shows_round(server_round: int, rounds: int, noteworthy: bool = False) -> bool:
+    """Whether a round gets its own console line: every round of a run of up to
+    2 x PROGRESS_LINES rounds; in a longer one the first, the last, every k-th (about
+    PROGRESS_LINES lines) and any round with news (a validation, a skip). The others
+    are logged at DEBUG and their seconds folded into the next line."""
+    every = 1 if rounds <= 2 * PROGRESS_LINES else math.ceil(rounds / PROGRESS_LINES)
+    return noteworthy or server_round in (1, rounds) or server_round % every == 0
 log = logging.getLogger("fedgru.server")
 
 
@@ -504,6 +514,7 @@ class Coordinator:
     def run(self) -> None:
         rounds = self.cfg.run.rounds
         last = self.start_round - 1
+        unshown: list[float] = []  # seconds of the rounds since the last round line
         for server_round in range(self.start_round, rounds + 1):
             if not self.can_continue():
                 log.info(
@@ -524,10 +535,15 @@ class Coordinator:
             self.recorder.add_round(self._round_record(server_round, seconds, train))
             eps = self.max_epsilon() if self.cfg.privacy.enabled else math.inf
             validated = f" | val AUROC {format_number(val.pooled.auroc)} (model after round {server_round - 1})" if val and val.pooled else ""
-            log.info(
-                "round %d/%d | max epsilon %s | %.1f s%s%s",
-                server_round, rounds, format_number(eps, 2), seconds, validated, " | SKIPPED" if train.skipped else "",
+            unshown.append(seconds)
+            shown = shows_round(server_round, rounds, noteworthy=bool(val or train.skipped))
+            pace = f"{seconds:.1f} s" if len(unshown) == 1 else f"{sum(unshown) / len(unshown):.1f} s/round"
+            log.log(
+                logging.INFO if shown else logging.DEBUG, "round %d/%d | max epsilon %s | %s%s%s",
+                server_round, rounds, format_number(eps, 2), pace, validated, " | SKIPPED" if train.skipped else "",
             )
+            if shown:
+                unshown = []
             self.recorder.checkpoint(self.snapshot(server_round))
         self.finish(last)
 
