@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import sys
 import tempfile
 from pathlib import Path
 
@@ -134,9 +133,3 @@ def format_result(r: AuditResult) -> str:
         f"  {'empirical lower bound (95%)':32s} {r.epsilon_lower_bound:.3f}  ({r.correct} of {r.guesses} guesses right)",
         f"  {verdict}",
     ])
-
-
-if __name__ == "__main__":  # pragma: no cover - `fedgru audit` is the entry point
-    from fedgru.cli import main
-
-    sys.exit(main(["audit", *sys.argv[1:]]))
