@@ -108,17 +108,30 @@ class LocalFederation:
     def hospital_dir(self, name: str) -> Path:
         return self.root / "hospitals" / name
 
-    def start_supernode(self, name: str) -> subprocess.Popen:
-        """A hospital's SuperNode (no app of its own) and the approved app serving it."""
+    def start_supernode(self, name: str, timeout: float = 180) -> subprocess.Popen:
+        """A hospital's SuperNode (no app of its own) and the approved app serving it.
+
+        A SuperNode restarted after a crash is refused by the SuperLink (exit code 305,
+        "Failed to activate SuperNode") until the SuperLink has seen its old session's
+        heartbeats stop; it is started again every few seconds until it is let in, as a
+        service manager's restart policy would."""
         folder = self.hospital_dir(name)
-        runtime_port = free_port()
-        node = self.start(f"supernode-{name}", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
-            str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
-            "--node-config", f'hospital-dir="{folder}"',
-        ])
-        wait_until(lambda: self._listening(runtime_port), 60, f"{name}'s runtime API")
+        deadline = time.monotonic() + timeout
+        while True:
+            runtime_port = free_port()
+            node = self.start(f"supernode-{name}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
+                str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
+                "--node-config", f'hospital-dir="{folder}"',
+            ])
+            started = wait_until(lambda: self._listening(runtime_port) or node.poll() is not None,
+                                 max(1.0, deadline - time.monotonic()), f"{name}'s runtime API")
+            if node.poll() is None and started:
+                break
+            if time.monotonic() + 5 >= deadline:
+                raise TimeoutError(f"{name}'s SuperNode kept exiting (last exit code {node.returncode}); see its log")
+            time.sleep(5)
         self.start(f"serve-{name}", [sys.executable, "-m", "fedgru.cli", "hospital", "serve", "--hospital-dir", str(folder),
                                      "--runtime-api", f"127.0.0.1:{runtime_port}"])
         return node

@@ -29,7 +29,7 @@ from client.folder import FolderError, HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
 from common.ledger import Ledger
-from common.messages import Mechanism, ReplyState, Split
+from common.messages import Item, Mechanism, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
 from common.privacy import epsilon
@@ -342,13 +342,21 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
                 assert not declared[M.FIELD_RELEASES[key]].dp, key
         ledger = Ledger.from_json(status[M.LEDGER]) if M.LEDGER in status else None
         for name, keys in reply["arrays"].items():
+            # every array record is matched to the ledger entry that released it
             if name == M.ARRAYS:
-                split, mechanism = Split.TRAIN, Mechanism.DP_SGD
+                split, mechanism, item = Split.TRAIN, Mechanism.DP_SGD, Item.WEIGHTS
+            elif name == M.SUBGROUPS:
+                split, mechanism, item = Split.TEST, Mechanism.GAUSSIAN, Item.SUBGROUP_HISTOGRAMS
+            elif name == M.IMPORTANCE:
+                split, mechanism, item = Split.TEST, Mechanism.GAUSSIAN, Item.IMPORTANCE
             else:
-                assert name.startswith(M.EVALUATION_PREFIX)
-                split, mechanism = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN
+                assert name.startswith(M.EVALUATION_PREFIX), name
+                split, mechanism, item = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN, Item.HISTOGRAM
+            if name != M.ARRAYS:
                 for key in keys:
                     assert M.FIELD_RELEASES[key] in declared, key
             dp_kinds.add(name)
-            assert ledger is not None and any(e.split == split and e.mechanism == mechanism for e in ledger.entries), name
-    assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST)}
+            assert ledger is not None and any(e.split == split and e.mechanism == mechanism and e.item == item
+                                              for e in ledger.entries), name
+    # the default config's final evaluation also releases per-group histograms and importance
+    assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS, M.IMPORTANCE}
