@@ -78,6 +78,9 @@ def cmd_report(args) -> int:
     return 0
 
 
+SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
+
+
 def cmd_evaluate(args) -> int:
     from common.bundle import Bundle
     from common.metrics import exact_metrics, format_metrics
@@ -92,7 +95,12 @@ def cmd_evaluate(args) -> int:
         from common.subgroups import exact_results
 
         for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold):
-            shown = format_metrics(g.metrics) if g.metrics is not None and g.deaths and g.patients > g.deaths else "n/a"
+            if not g.patients:
+                continue  # a group no stay of this export falls in
+            if g.metrics is None or min(g.deaths, g.patients - g.deaths) < SUBGROUP_MIN_EVENTS:
+                shown = f"too few for stable metrics (fewer than {SUBGROUP_MIN_EVENTS} stays with or without the event)"
+            else:
+                shown = format_metrics(g.metrics)
             print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} events: {shown}")
     if args.json:
         print(to_json(m, indent=None))

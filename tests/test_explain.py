@@ -240,3 +240,23 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
     assert len(rows) == 48 * len(finals) and last.keys() == finals.keys()
     assert max(abs(last[k] - finals[k]) for k in finals) < 1e-5
     assert all(r["flagged"] == str(int(float(r["risk"]) >= 0.3)) for r in rows)
+
+
+def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
+    from common.bundle import Bundle
+    from common.subgroups import exact_results
+    from fedgru.cli import SUBGROUP_MIN_EVENTS, main
+
+    path, folder, outcomes, _ = bundle_and_stays
+    assert main(["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes), "--subgroups"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " events: " in line]
+    bundle = Bundle(path)
+    ds = bundle.load(folder, outcomes, None)
+    probs = bundle.predict(ds)
+    results = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, 0.3) if g.patients]
+    assert len(lines) == len(results) >= 1
+    for line, g in zip(lines, results):
+        small = min(g.deaths, g.patients - g.deaths) < SUBGROUP_MIN_EVENTS
+        assert ("too few for stable metrics" in line) == small, line
+        if not small:
+            assert f"AUROC {g.metrics.auroc:.3f}" in line
