@@ -1,5 +1,6 @@
 """The binormal estimator of metrics from DP score histograms (common.estimates)."""
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from common.estimates import _edges, _shape, binormal_counts, fit_normal, for_metrics
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, pooled
+from tests.conftest import coordinator_for, small_cfg
 
 GRID = ScoreGrid(-7.0, 3.0, 10)
 # The default config's noise on a hospital's test histogram, per cell (evaluation.test_epsilon 1;
@@ -139,3 +141,32 @@ def test_denoised_counts_are_finite_and_nonnegative(classes, bins, data, n):
         assert counts.shape[:2] == hist.shape[:2]
         assert np.isfinite(counts).all() and (counts >= 0).all()
     fitted.metrics()
+
+
+def test_the_coordinator_reads_dp_releases_with_the_configured_estimator(tmp_path):
+    rng = np.random.default_rng(7)
+    parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
+    for extra, estimator in ((), "binormal"), (("evaluation.estimator=binned",), "binned"):
+        coord = coordinator_for(small_cfg(*extra), [], tmp_path / estimator)
+        result = coord._validated(0, parts)
+        assert result.pooled.auroc == for_metrics(pooled(list(parts.values())), estimator, True).metrics().auroc
+        assert result.hospitals["h1"].auroc == for_metrics(parts["h1"], estimator, True).metrics().auroc
+    assert result.pooled.auroc != coordinator_for(small_cfg(), [], tmp_path / "b2")._validated(0, parts).pooled.auroc
+    exact = coordinator_for(small_cfg("evaluation.dp=false"), [], tmp_path / "exact")
+    assert exact._validated(0, parts).pooled.auroc == pooled(list(parts.values())).metrics().auroc
+
+
+def test_metrics_json_says_which_estimator_produced_the_numbers(tmp_path):
+    from server.outputs import RunRecorder
+    from server.records import RoundRecord
+
+    for extra, said in ((), "binormal"), (("evaluation.estimator=binned",), "binned"), (("evaluation.dp=false",), "binned"):
+        recorder = RunRecorder(tmp_path / said / str(len(extra)), small_cfg(*extra), "r")
+        recorder.add_round(RoundRecord(1, 0.1, False, None, {}, []))
+        assert json.loads((recorder.run_dir / "metrics.json").read_text())["estimator"] == said
+
+
+def test_the_estimator_is_a_choice_of_two():
+    assert small_cfg().evaluation.estimator == "binormal"
+    with pytest.raises(Exception, match="estimator"):
+        small_cfg("evaluation.estimator=kernel")
