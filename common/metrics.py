@@ -185,14 +185,18 @@ class ScoreSummary:
 
     A summary released under DP carries Gaussian noise (:meth:`noised`): counts may be
     fractional or negative. Metrics read the counts clipped at zero, which is
-    post-processing. Binary decisions (sensitivity, ...) are read at a bin edge, so a
-    threshold chosen on one summary applies exactly to another on the same grid.
+    post-processing; the server reads a model fitted to them instead (common.estimates).
+    Binary decisions (sensitivity, ...) are read at a bin edge, so a threshold chosen on
+    one summary applies exactly to another on the same grid.
     """
 
     histogram: np.ndarray  # (K_true, K_score, bins); binary: K_score = 1
     confusion: np.ndarray | None  # (K, K) rows true, columns predicted; None for binary tasks
     n: int  # patients evaluated: an exact count, released outside DP
     grid: ScoreGrid
+    # Never released: a model's estimate of the same counts on a finer grid (common.estimates),
+    # which AUROC and AUPRC read instead of the bins, whose ties lose the order within a bin.
+    fine: ScoreSummary | None = None
 
     @classmethod
     def from_predictions(cls, y: np.ndarray, probs: np.ndarray, grid: ScoreGrid) -> ScoreSummary:
@@ -248,12 +252,13 @@ class ScoreSummary:
         scores were taken before a recalibration logit -> scale x logit + shift, which
         changes no rank and no decision at an edge, only the risks the Brier score reads."""
         counts = self.counts()
+        ranked = (self.fine if self.fine is not None else self).counts()
         k = counts.shape[0]
         classes = [1] if k == 2 else list(range(k))
         aurocs, aps = [], []
         for j, c in enumerate(classes):
-            pos = counts[c, j]
-            neg = counts[:, j].sum(axis=0) - pos
+            pos = ranked[c, j]
+            neg = ranked[:, j].sum(axis=0) - pos
             aurocs.append(_auroc_from_counts(pos, neg))
             aps.append(_ap_from_counts(pos, neg))
         centres = self.grid.centre_logits()

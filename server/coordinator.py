@@ -27,6 +27,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
+from common.estimates import for_metrics
 from common.ledger import Ledger
 from common.messages import Item, NodeMode, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_number, pooled
@@ -497,11 +498,17 @@ class Coordinator:
             return False
         return sum(h.active for h in self.hospitals.values()) >= self.cfg.strategy.min_hospitals
 
+    def _read(self, summary: ScoreSummary | None) -> ScoreSummary | None:
+        """What metrics, the threshold and the calibration read for a released summary (or
+        a pooled sum of them): under DP, the counts of ``evaluation.estimator``
+        (common.estimates); exact ones as they are."""
+        return for_metrics(summary, self.cfg.evaluation.estimator, self.cfg.evaluation.dp)
+
     def _validated(self, server_round: int, summaries: dict[str, ScoreSummary]) -> Evaluation:
         """Metrics of the global model after ``server_round`` from its validation summaries,
         written into that round's record."""
-        result = Evaluation(Split.VAL.value, hospitals={n: s.metrics() for n, s in summaries.items()})
-        total = pooled(list(summaries.values()))
+        result = Evaluation(Split.VAL.value, hospitals={n: self._read(s).metrics() for n, s in summaries.items()})
+        total = self._read(pooled(list(summaries.values())))
         result.pooled = total.metrics() if total is not None else None
         for record in self.recorder.rounds:
             if record.round == server_round:
@@ -555,7 +562,7 @@ class Coordinator:
         grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
         validated = self.final_evaluation(last_round, [Split.VAL])
         val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
-        val = pooled(list(val_parts.values()))
+        val = self._read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
         self._validated(last_round, val_parts)
         uncalibrated = self.recalibrate(val)
         edge = self.decision_edge(val, grid, uncalibrated)
@@ -569,10 +576,10 @@ class Coordinator:
         test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
         at = test_grid.edge_for_risk(threshold)
         test_parts = {n: e.summaries[Split.TEST] for n, e in released.items() if Split.TEST in e.summaries}
-        test = pooled(list(test_parts.values()))
+        test = self._read(pooled(list(test_parts.values())))
         result = TestResult(
             pooled=test.metrics(at) if test is not None else None,
-            hospitals={n: s.metrics(at) for n, s in test_parts.items()},
+            hospitals={n: self._read(s).metrics(at) for n, s in test_parts.items()},
             dropped=self.final_dropped, threshold=threshold, calibration=self.calibration,
         )
         if test is not None and self.cfg.is_binary:

@@ -25,6 +25,7 @@ import yaml
 from common import messages as M
 from common.bundle import save_bundle
 from common.config import ExperimentConfig
+from common.estimates import estimator_used
 from common.files import atomic_write_text, json_safe, write_json
 from common.ledger import Ledger
 from common.messages import Split
@@ -71,6 +72,7 @@ class RunRecorder:
         self.cfg = cfg
         self.run_id = run_id
         self.rounds: list[RoundRecord] = []
+        self.estimator = estimator_used(cfg.evaluation.estimator, cfg.evaluation.dp)
         self.started = time.time()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
@@ -84,7 +86,7 @@ class RunRecorder:
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds))
+        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, estimator=self.estimator))
 
     def checkpoint(self, snapshot: RunSnapshot) -> None:
         save_checkpoint(snapshot, self.run_dir / "checkpoint.pt")
@@ -94,7 +96,7 @@ class RunRecorder:
         hospital_level: HospitalLevelPrivacy | None,
     ) -> None:
         wall = round(time.time() - self.started, 1)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, test, wall))
+        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, test, wall, self.estimator))
         write_json(self.run_dir / "privacy.json", run_privacy(self.cfg, self.run_id, hospitals, hospital_level))
         save_bundle(
             self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,

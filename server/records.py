@@ -131,6 +131,9 @@ class RunMetrics:
     rounds: list[RoundRecord] = field(default_factory=list)
     test: TestResult | None = None
     wall_seconds: float | None = None
+    # How the metrics were read from the released histograms (evaluation.estimator under
+    # DP; "binned" for exact ones); empty in runs from before the choice existed.
+    estimator: str = ""
 
 
 @dataclass

@@ -159,6 +159,17 @@ def _load_config(path: Path) -> ExperimentConfig | None:
         return None  # a config of another version: the report goes on without the settings
 
 
+ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metrics were read
+    "binormal": "They are read from a normal distribution of logits fitted to each class's noisy histogram "
+                "(evaluation.estimator: binormal), not from its counts clipped at zero, which pull the AUROC towards "
+                "0.5; AUROC and AUPRC read the fitted distributions on a grid finer than the bins.",
+    "binned": "They are read from the counts in the bins (exact histograms, or evaluation.estimator: binned): "
+              "noisy counts are clipped at zero, which pulls the AUROC towards 0.5, and AUROC and AUPRC lose the "
+              "order of patients whose scores share a bin.",
+    "": "AUROC and AUPRC lose the order of patients whose scores share a bin.",
+}
+
+
 def _metric_row(label: str, m: Metrics) -> list:
     return [label] + [getattr(m, f.name) for f in fields(Metrics)]
 
@@ -246,7 +257,7 @@ def _test_section(run: RunFolder) -> Section | None:
         Table(header, rows),
         "Every metric here comes from the score histograms the hospitals released, with DP noise (unless the "
         "run turned it off): a hospital's own row is noisier than the pooled one, and small hospitals' rows can be "
-        "far off. AUROC and AUPRC also lose the order of patients whose scores share a bin; the Brier score reads "
+        "far off. " + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""]) + " The Brier score reads "
         "risks at the bin centres. "
         f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
         "more (evaluation.threshold; 'auto' picks the best event-1 score on the pooled validation histograms). "
@@ -462,7 +473,8 @@ def summary_text(run: RunFolder) -> str:
     lines = [f"Run folder: {run.path}"]
     test = run.metrics.test
     if test is not None and test.pooled is not None:
-        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f})")
+        read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
+        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
     privacy = run.privacy
     if privacy is not None and privacy.dp_enabled:
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "

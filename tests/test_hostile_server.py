@@ -131,8 +131,8 @@ def test_more_evaluations_than_the_policy_allows_are_refused(hospital):
 
 def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hospital_data):
     """Before: a model whose logit is one weight on Age read back every validation
-    patient's age with their outcome. Now the release is 20 bins per class with Gaussian
-    noise, recorded in the ledger as a DP release about the validation patients."""
+    patient's age with their outcome. Now the release is a few bins per class
+    (evaluation.score_bins) with Gaussian noise, recorded in the ledger as a DP release about the validation patients."""
     cfg = hospital_cfg()
     spec = model_spec(cfg)
     crafted = GRUClassifier(spec, "torch")
@@ -144,7 +144,7 @@ def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hosp
     reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "val", arrays=arrays),
                                 node_context(hospital))
     released = ScoreSummary.from_arrays({k: v.numpy() for k, v in reply.content[M.evaluation_key(Split.VAL)].items()})
-    assert released.histogram.shape == (2, 1, 20)
+    assert released.histogram.shape == (2, 1, cfg.evaluation.score_bins)
     entry = _ledger(hospital).entries[-1]
     assert (entry.mechanism, entry.split) == (Mechanism.GAUSSIAN, Split.VAL) and entry.noise_multiplier > 2
     # the exact histogram, as the hospital itself would compute it, is hidden under the noise
@@ -152,7 +152,8 @@ def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hosp
 
     data = Node(cfg, node_context(hospital)).data()
     probs = predict_proba(crafted.eval(), data.dataset.X[data.val], data.dataset.S[data.val])
-    exact = ScoreSummary.from_predictions(data.dataset.y[data.val], probs, ScoreGrid(-7.0, 3.0, 20))
+    exact = ScoreSummary.from_predictions(data.dataset.y[data.val], probs,
+                                          ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins))
     assert np.std(released.histogram - exact.histogram) > 2.0
 
 

@@ -1,0 +1,165 @@
+"""Reading metrics from DP score histograms: a fitted binormal model instead of clipped counts.
+
+Why: a hospital's released score histogram (:class:`~common.metrics.ScoreSummary`) carries
+Gaussian noise in every cell, a standard deviation of several patients at fedgru's
+default test epsilon. Clipped at zero, the noise no longer averages out: every empty
+bin gains a positive count, each class's histogram spreads over the whole grid, and
+the AUROC read from it is pulled towards 0.5 (measured on the default's size, 800 test
+patients over 4 hospitals: 0.137 too low with 20 bins, docs/dp-estimates.md), the
+Brier score up.
+
+The fix is post-processing of the release, which costs no privacy (Dwork & Roth 2014,
+Prop. 2.1): each class's histogram (each row: true class x score column) is replaced by
+the expected counts of the normal distribution of logits that fits it best. A normal
+per class is the binormal ROC model (Dorfman & Alf 1969; Metz 1978), which describes
+the score distributions of most fitted classifiers well in logit. The noise is iid
+Gaussian with the same variance in every cell, so unweighted least squares is the
+maximum-likelihood fit. The split's size ``n`` is released exactly, so the classes'
+fitted masses are then moved (a least-squares step, each row by the inverse of how much
+its mass is pinned down by its shape) to add up to it: this takes noise out of the
+prevalence and makes the Brier score a mean over ``n`` patients again.
+
+The result is a :class:`ScoreSummary` on the same grid, so every metric (AUROC, AUPRC,
+Brier, decisions at a bin edge, calibration) and ``choose_threshold`` read it unchanged.
+It also carries the fitted distributions on a grid 8 times finer (``ScoreSummary.fine``),
+which AUROC and AUPRC read: counts in the bins tie every pair of patients in one bin,
+which costs 0.02-0.09 of AUROC at 10 bins even without noise; the fit knows the order
+within a bin. A row with (almost) no mass, or whose fit fails, keeps its clipped counts.
+Exact (non-DP) summaries are never passed through this: binned exact counts are better.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .metrics import ScoreGrid, ScoreSummary
+
+ESTIMATORS = ("binormal", "binned")
+MIN_MASS = 1.0  # a row whose noisy counts add up to less than one patient is not fitted
+MIN_SD = 0.25  # the fitted sd is at least this many bin widths (scores of a model whose scale learnt little are narrow)
+SUB_BINS = 8  # the fitted distributions are also given on bins this much finer, for AUROC and AUPRC
+
+
+def _cdf(z: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr
+
+    return ndtr(z)
+
+
+def _edges(g: ScoreGrid) -> np.ndarray:
+    return g.low + np.arange(g.bins + 1) * g.width
+
+
+def _shape(edges: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """Share of N(mu, sd^2) in each bin; the first and last bins are open-ended."""
+    c = _cdf((edges - mu) / sd)
+    c[0], c[-1] = 0.0, 1.0
+    return np.diff(c)
+
+
+def fit_normal(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float, float] | None:
+    """(mass, mean, sd) of the normal distribution whose expected counts over the bins
+    (``edges``: bins + 1 logits; the end bins open-ended) are nearest ``counts`` in least
+    squares. None when the row has almost no mass or the fit fails.
+
+    Bounds keep the fit sane on a few noisy cells: the sd between a quarter of a bin
+    (narrower is not told apart by the bins) and the grid's width; the mean within half the
+    grid's width beyond either end; the mass between 0 and twice the clipped counts' sum
+    plus one. Two starts (the clipped counts' mean and sd; their fullest bin with sd 1),
+    the better fit kept.
+    """
+    from scipy.optimize import least_squares
+
+    counts = np.asarray(counts, dtype=np.float64)
+    clipped = np.maximum(counts, 0.0)
+    if not np.isfinite(counts).all() or counts.sum() < MIN_MASS or clipped.sum() <= 0:
+        return None
+    width, span = edges[1] - edges[0], edges[-1] - edges[0]
+    lower = np.array([0.0, edges[0] - span / 2, math.log(width * MIN_SD)])
+    upper = np.array([2 * clipped.sum() + 1, edges[-1] + span / 2, math.log(span)])
+    centres = (edges[:-1] + edges[1:]) / 2
+    mean = float(clipped @ centres / clipped.sum())
+    sd = float(np.sqrt(clipped @ (centres - mean) ** 2 / clipped.sum()))
+    starts = [(clipped.sum(), mean, sd), (clipped.sum(), float(centres[np.argmax(clipped)]), 1.0)]
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        return p[0] * _shape(edges, p[1], math.exp(p[2])) - counts
+
+    best = None
+    for mass, mu, s in starts:
+        p0 = np.clip([mass, mu, math.log(max(s, 1e-9))], lower, upper)
+        try:
+            r = least_squares(residuals, p0, bounds=(lower, upper), x_scale=[max(clipped.sum(), 1.0), 1.0, 1.0])
+        except (ValueError, FloatingPointError):
+            continue
+        if np.isfinite(r.x).all() and np.isfinite(r.cost) and (best is None or r.cost < best.cost):
+            best = r
+    if best is None:
+        return None
+    mass, mu, log_sd = (float(v) for v in best.x)
+    return mass, mu, math.exp(log_sd)
+
+
+def fine_grid(grid: ScoreGrid) -> tuple[ScoreGrid, int]:
+    """The grid the fitted distributions are also given on, for AUROC and AUPRC: each
+    bin cut into ``SUB_BINS``, and as many bins again beyond the ends (half on each side);
+    and the fine index of the first (in-range) bin's first sub-bin."""
+    margin = math.ceil(grid.bins / 2)
+    fine = ScoreGrid(grid.low - margin * grid.width, grid.high + margin * grid.width, (grid.bins + 2 * margin) * SUB_BINS)
+    return fine, margin * SUB_BINS
+
+
+def binormal_counts(summary: ScoreSummary) -> ScoreSummary:
+    """The summary with each histogram row replaced by its fitted normal's expected counts
+    (rows that cannot be fitted: their counts clipped at zero), the masses of each score
+    column's rows moved to add up to the exact ``n``; with the same on a finer grid
+    (``ScoreSummary.fine``) for the ranking metrics. The confusion matrix (multi-class)
+    stays as released; metrics read it clipped."""
+    edges = _edges(summary.grid)
+    fine, offset = fine_grid(summary.grid)
+    fine_edges = _edges(fine)
+    hist = summary.histogram
+    out = np.maximum(hist, 0.0)
+    k_true, k_score, bins = hist.shape
+    # Unfitted rows: each bin's clipped count spread evenly over its sub-bins (ties, as in the bins).
+    out_fine = np.zeros((k_true, k_score, fine.bins))
+    out_fine[:, :, offset:offset + bins * SUB_BINS] = np.repeat(out, SUB_BINS, axis=2) / SUB_BINS
+    for j in range(k_score):
+        fitted: dict[int, tuple[float, float, float]] = {}
+        for c in range(k_true):
+            fit = fit_normal(hist[c, j], edges)
+            if fit is not None:
+                fitted[c] = fit
+        # Rows left unfitted hold (almost) no one: their noisy sum, an unbiased estimate, counts.
+        unfitted = sum(max(float(hist[c, j].sum()), 0.0) for c in range(k_true) if c not in fitted)
+        gap = summary.n - sum(mass for mass, _, _ in fitted.values()) - unfitted
+        # Least squares under the constraint sum(mass) = n, the shapes g held: each row's
+        # mass moves by gap x (1/|g_r|^2) / sum(1/|g|^2) (a Lagrange step).
+        shapes = {c: _shape(edges, mu, sd) for c, (_, mu, sd) in fitted.items()}
+        loose = {c: 1.0 / max(float(g @ g), 1e-12) for c, g in shapes.items()}
+        total = sum(loose.values())
+        for c, (mass, mu, sd) in fitted.items():
+            mass = mass + (gap * loose[c] / total if summary.n > 0 else 0.0)
+            mass = mass if mass > 1e-9 else 0.0  # (not a denormal mass that metrics would divide by)
+            out[c, j] = mass * shapes[c]
+            out_fine[c, j] = mass * _shape(fine_edges, mu, sd)
+    return ScoreSummary(out, summary.confusion, summary.n, summary.grid,
+                        fine=ScoreSummary(out_fine, None, summary.n, fine))
+
+
+def for_metrics(summary: ScoreSummary | None, estimator: str, dp: bool) -> ScoreSummary | None:
+    """What metrics read for a released summary: the binormal fit for a DP release under
+    ``evaluation.estimator: binormal``; otherwise the summary itself (binned counts,
+    clipped at zero by the metrics)."""
+    if summary is None or not dp or estimator == "binned":
+        return summary
+    if estimator != "binormal":
+        raise ValueError(f"unknown estimator {estimator!r} (one of {', '.join(ESTIMATORS)})")
+    return binormal_counts(summary)
+
+
+def estimator_used(estimator: str, dp: bool) -> str:
+    """The estimator that produced a run's metrics: exact histograms are always read binned."""
+    return estimator if dp else "binned"
