@@ -162,7 +162,8 @@ def _load_config(path: Path) -> ExperimentConfig | None:
 ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metrics were read
     "binormal": "They are read from a normal distribution of logits fitted to each class's noisy histogram "
                 "(evaluation.estimator: binormal), not from its counts clipped at zero, which pull the AUROC towards "
-                "0.5; AUROC and AUPRC read the fitted distributions on a grid finer than the bins.",
+                "0.5; AUROC reads the fitted distributions on a grid finer than the bins, AUPRC the fitted counts "
+                "in the bins.",
     "binned": "They are read from the counts in the bins (exact histograms, or evaluation.estimator: binned): "
               "noisy counts are clipped at zero, which pulls the AUROC towards 0.5, and AUROC and AUPRC lose the "
               "order of patients whose scores share a bin.",
@@ -455,7 +456,12 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
         sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
     sections += [s for s in (_test_section(run), _baseline_section(run)) if s is not None]
     if plot_auroc(metrics, run.path / "auroc.png"):
-        sections.append(Section("Utility per round", [Image(run.path / "auroc.png", "Validation AUROC per round")]))
+        sections.append(Section("Utility per round", [
+            Image(run.path / "auroc.png", "Validation AUROC per round"),
+            "Each point reads a validation release made during training, with a small share of the validation "
+            "budget and so the most noise; it is read from the counts clipped at zero (biased towards 0.5): a trend "
+            "at best. The final model's numbers above are read with the run's estimator.",
+        ]))
     sections += [s for s in (_subgroup_section(run), _importance_section(run)) if s is not None]
     sections += _privacy_sections(run)
     audit = _audit_section(run.audit)

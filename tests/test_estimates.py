@@ -76,6 +76,17 @@ def test_binormal_estimates_are_far_less_biased_than_clipped_counts():
     assert abs(binormal[0]) < abs(binned[0]) / 3
 
 
+def test_auroc_reads_the_fine_grid_and_auprc_the_fitted_bins():
+    from common.metrics import _ap_from_counts, _auroc_from_counts
+
+    rng = np.random.default_rng(5)
+    fitted = for_metrics(_release(rng, GRID)[0], "binormal", dp=True)
+    m = fitted.metrics()
+    fine, binned = fitted.fine.counts(), fitted.counts()
+    assert m.auroc == pytest.approx(_auroc_from_counts(fine[1, 0], fine[0, 0]))
+    assert m.auprc == pytest.approx(_ap_from_counts(binned[1, 0], binned[0, 0]))
+
+
 def test_exact_summaries_and_the_binned_estimator_are_left_as_they_are():
     rng = np.random.default_rng(3)
     summary, _ = _release(rng, GRID)
@@ -154,6 +165,19 @@ def test_the_coordinator_reads_dp_releases_with_the_configured_estimator(tmp_pat
     assert result.pooled.auroc != coordinator_for(small_cfg(), [], tmp_path / "b2")._validated(0, parts).pooled.auroc
     exact = coordinator_for(small_cfg("evaluation.dp=false"), [], tmp_path / "exact")
     assert exact._validated(0, parts).pooled.auroc == pooled(list(parts.values())).metrics().auroc
+
+
+def test_progress_validations_are_read_as_clipped_counts_the_final_one_with_the_estimator(tmp_path):
+    """The releases during training carry the most noise and only feed the console and the
+    plot: read binned (bounded, biased towards 0.5), never a fit that can land anywhere."""
+    rng = np.random.default_rng(11)
+    parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
+    coord = coordinator_for(small_cfg(), [], tmp_path / "progress")
+    progress = coord._validated(0, parts, progress=True)
+    final = coord._validated(0, parts)
+    assert progress.pooled.auroc == for_metrics(pooled(list(parts.values())), "binned", True).metrics().auroc
+    assert final.pooled.auroc == for_metrics(pooled(list(parts.values())), "binormal", True).metrics().auroc
+    assert progress.hospitals["h0"].auroc == parts["h0"].metrics().auroc
 
 
 def test_metrics_json_says_which_estimator_produced_the_numbers(tmp_path):
