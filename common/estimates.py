@@ -22,9 +22,9 @@ prevalence and makes the Brier score a mean over ``n`` patients again.
 The result is a :class:`ScoreSummary` on the same grid, so every metric (AUROC, AUPRC,
 Brier, decisions at a bin edge, calibration) and ``choose_threshold`` read it unchanged.
 It also carries the fitted distributions on a grid 8 times finer (``ScoreSummary.fine``),
-which AUROC and AUPRC read: counts in the bins tie every pair of patients in one bin,
-which costs 0.02-0.09 of AUROC at 10 bins even without noise; the fit knows the order
-within a bin. A row with (almost) no mass, or whose fit fails, keeps its clipped counts.
+which AUROC reads (AUPRC reads the bins, see ScoreSummary.metrics): counts in the bins
+tie every pair of patients in one bin, which costs 0.02-0.09 of AUROC at 10 bins even
+without noise; the fit knows the order within a bin. A row with (almost) no mass, or whose fit fails, keeps its clipped counts.
 Exact (non-DP) summaries are never passed through this: binned exact counts are better.
 """
 

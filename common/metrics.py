@@ -195,7 +195,7 @@ class ScoreSummary:
     n: int  # patients evaluated: an exact count, released outside DP
     grid: ScoreGrid
     # Never released: a model's estimate of the same counts on a finer grid (common.estimates),
-    # which AUROC and AUPRC read instead of the bins, whose ties lose the order within a bin.
+    # which AUROC reads instead of the bins, whose ties lose the order within a bin.
     fine: ScoreSummary | None = None
 
     @classmethod
@@ -258,9 +258,12 @@ class ScoreSummary:
         aurocs, aps = [], []
         for j, c in enumerate(classes):
             pos = ranked[c, j]
-            neg = ranked[:, j].sum(axis=0) - pos
-            aurocs.append(_auroc_from_counts(pos, neg))
-            aps.append(_ap_from_counts(pos, neg))
+            aurocs.append(_auroc_from_counts(pos, ranked[:, j].sum(axis=0) - pos))
+            # AUPRC reads the bins even when a fit is there: it weighs the upper tail of the
+            # survivors' scores, where real models' scores are not normal (on 5 real models
+            # the fine grid read it 0.035-0.15 high, the fitted bins -0.03 to +0.05).
+            pos = counts[c, j]
+            aps.append(_ap_from_counts(pos, counts[:, j].sum(axis=0) - pos))
         centres = self.grid.centre_logits()
         if calibration is not None:
             centres = calibration[0] * centres + calibration[1]
