@@ -165,8 +165,10 @@ def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold_edge: int,
 
 
 def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: dict[str, np.ndarray],
-                  threshold: float) -> list[GroupResult]:
-    """The same per-group results from exact scores (a baseline, or a hospital's own data)."""
+                  threshold: float, min_events: int = 0) -> list[GroupResult]:
+    """The same per-group results from exact scores (a baseline, or a hospital's own data).
+    A group with fewer than ``min_events`` stays with the event, or without it, gets no
+    metrics and a note instead (below about 10, its AUROC is mostly chance)."""
     from .metrics import exact_metrics
 
     statics = {s.name: s for s in cfg.features.static}
@@ -178,11 +180,14 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
         for k, name in enumerate(group_names(spec, static)):
             member = index == k
             yk, pk = y[member], probs[member]
-            metrics = exact_metrics(yk, pk, threshold) if member.any() else None
+            events = int(yk.sum())
+            too_few = min(events, len(yk) - events) < min_events
+            metrics = exact_metrics(yk, pk, threshold) if member.any() and not too_few else None
+            note = f"too few for stable metrics (fewer than {min_events} stays with or without the event)" if too_few else ""
             points = []
             if member.sum() >= 10:
                 order = np.argsort(pk[:, 1], kind="stable")
                 for part in np.array_split(order, min(10, int(member.sum()) // 5 or 1)):
                     points.append(CalibrationPoint(float(pk[part, 1].mean()), float(yk[part].mean()), float(len(part))))
-            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points))
+            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note))
     return out

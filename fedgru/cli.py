@@ -94,13 +94,10 @@ def cmd_evaluate(args) -> int:
     if args.subgroups:
         from common.subgroups import exact_results
 
-        for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold):
+        for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold, min_events=SUBGROUP_MIN_EVENTS):
             if not g.patients:
                 continue  # a group no stay of this export falls in
-            if g.metrics is None or min(g.deaths, g.patients - g.deaths) < SUBGROUP_MIN_EVENTS:
-                shown = f"too few for stable metrics (fewer than {SUBGROUP_MIN_EVENTS} stays with or without the event)"
-            else:
-                shown = format_metrics(g.metrics)
+            shown = format_metrics(g.metrics) if g.metrics is not None else g.note
             print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} events: {shown}")
     if args.json:
         print(to_json(m, indent=None))
