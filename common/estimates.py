@@ -103,7 +103,7 @@ def fit_normal(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float, flo
 
 
 def fine_grid(grid: ScoreGrid) -> tuple[ScoreGrid, int]:
-    """The grid the fitted distributions are also given on, for AUROC and AUPRC: each
+    """The grid the fitted distributions are also given on, for the AUROC: each
     bin cut into ``SUB_BINS``, and as many bins again beyond the ends (half on each side);
     and the fine index of the first (in-range) bin's first sub-bin."""
     margin = math.ceil(grid.bins / 2)

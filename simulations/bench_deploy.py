@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from common.config import load_config
+from common.files import write_json
 from common.paths import resolve
 from simulations.deployment import LocalFederation, cut_stays, wait_until
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
           f"then {result['seconds_per_round']:.1f} s per round; run {result['run_wall_seconds']:.0f} s from flwr run "
           f"to its end (rounds: {', '.join(f'{s:.1f}' for s in result['round_seconds'])})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     print(json.dumps(result))
     return 0
 

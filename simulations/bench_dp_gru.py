@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from common.files import write_json
+
 IMPLS = ("torch", "fast", "opacus")
 LABEL = {"torch": "nn.GRU (non-private)", "fast": "FastDPGRU", "opacus": "Opacus DPGRU"}
 
@@ -174,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--impl must include torch: every ratio is against it")
     rows = bench(devices, batches, hiddens, repeats, steps, impls)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        write_json(args.json, rows)  # NaN (an implementation not run) becomes null: valid JSON
     print(json.dumps(rows))
     return 0
 

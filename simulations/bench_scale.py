@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from common.files import write_json
 from common.paths import project_root
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>9} {row['partition']:>9} | {row['first_round_seconds']:>9.1f} {later:>8} | "
                   f"{row['wall_seconds']:>7.0f} | {row['peak_memory_gb']:>7.2f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
     print(json.dumps(rows))
     return 0
 
