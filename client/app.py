@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,6 +255,11 @@ def _plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease
         items = [item for (s_, final, item) in noise if s_ == split and final == req.final]
         if not items:
             raise PolicyRefusal("evaluate", f"asks for the {split.value} split during training; test is scored once, at the end")
+        if ev.dp and not all(math.isfinite(noise[(split, req.final, item)]) for item in items):
+            # the run's own settings planned no such release (validate_every 0, one round):
+            # its noise is calibrated for none, so none is made
+            raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
+                                            "settings (evaluation.validate_every, run.rounds) do not plan")
         n = len(data.split(split))
         if n == 0:
             declined.append(f"{split.value}: the split is empty")
@@ -366,7 +372,10 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
         if req.policy.require_dp(cfg) is not None:
             sigma = _noise_multiplier(cfg, state, q, steps, req.policy.delta)
             req.policy.check_noise(sigma)
-            req.policy.check_round_cost(epsilon([NoisyRelease(req.server_round, sigma, q, steps, 1.0)], req.policy.delta, cfg.privacy.accountant))
+            # one round's cost by the hospital's own ledger (its accountant and delta), not the
+            # message's choice of accountant (PRV reads about 20% lower than RDP)
+            req.policy.check_round_cost(epsilon([NoisyRelease(req.server_round, sigma, q, steps, 1.0)], ledger.delta,
+                                                ledger.accountant))
             dp = DPSettings(sigma, cfg.privacy.max_grad_norm, q, cfg.privacy.clipping == "per_layer")
             planned = LedgerEntry(
                 req.run_id, req.server_round, Mechanism.DP_SGD, "model weights after DP-SGD on the training split",

@@ -106,6 +106,9 @@ class Ledger:
         return sum(1 for e in self.noisy(split) if e.run_id == run_id)
 
     def record(self, entry: LedgerEntry) -> None:
+        """Add a release; an entry that could not be read back (say, infinite noise) is
+        refused here rather than sealed into a ledger every later read would reject."""
+        entry.check(f"{self.hospital}'s new ledger entry")
         self.entries.append(entry)
 
     # -- serialisation ---------------------------------------------------------

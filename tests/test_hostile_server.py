@@ -94,6 +94,38 @@ def test_weak_noise_and_a_huge_budget_in_the_message_are_refused(hospital):
     assert _ledger(hospital).epsilon() == 0.0
 
 
+def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hospital):
+    """The message's accountant (PRV reads about 20% lower than RDP) cannot stretch the
+    hospital's per-round ceiling, which its own ledger measures (RDP)."""
+    from client.hospital import Node
+    from common.privacy import NoisyRelease, steps_per_round
+
+    policy, ledger = HospitalFolder(hospital).policy, _ledger(hospital)
+    base = hospital_cfg("privacy.accountant=prv")
+    n = len(Node(base, node_context(hospital)).data().train)
+    q, steps = steps_per_round(n, base.training.batch_size, base.training.local_epochs, base.training.sample_rate)
+
+    def cost(sigma, accountant):
+        return epsilon([NoisyRelease(1, sigma, q, steps, 1.0)], ledger.delta, accountant)
+
+    # a noise level whose round passes the ceiling by RDP but not by PRV
+    sigma = next(s for s in np.arange(policy.min_noise_multiplier, 5.0, 0.01)
+                 if cost(s, "prv") <= policy.max_epsilon_per_round < cost(s, "rdp"))
+    costly = hospital_cfg("privacy.accountant=prv", f"privacy.noise_multiplier={sigma:.4f}", "privacy.target_epsilon=0",
+                          "privacy.max_epsilon=1e9")
+    _refused(client_app.train(hospital_message(costly, "r", 1), node_context(hospital)), "per round")
+    assert _ledger(hospital).entries == []
+
+
+def test_a_release_the_run_did_not_plan_is_refused_and_the_ledger_stays_readable(hospital):
+    """validate_every 0 plans no validation during training: its noise is calibrated for
+    none (infinite), so a message asking for one anyway is refused, not recorded."""
+    cfg = hospital_cfg("evaluation.validate_every=0")
+    _refused(client_app.train(hospital_message(cfg, "r", 1, evaluate="val"), node_context(hospital)), "do not plan")
+    assert _ledger(hospital).entries == []  # still readable, nothing recorded
+    assert reply_status(client_app.train(hospital_message(cfg, "r", 1), node_context(hospital)))[M.STATE] == "trained"
+
+
 def test_a_hospital_without_its_own_budget_cannot_start(hospital):
     settings = hospital / "hospital.yaml"
     text = yaml.safe_load(settings.read_text())
