@@ -4,7 +4,8 @@
 al., "Deep Learning with Differential Privacy", CCS 2016), each on a Poisson sample of
 the training split (every example joins independently with probability ``q``, which is
 what the accountant assumes; empty samples still take a noise-only step). Per-example
-clipping and Gaussian noise are Opacus's (``GradSampleModule`` + ``DPOptimizer``). The
+clipping and Gaussian noise are Opacus's (``GradSampleModule`` + ``DPOptimizer``, its
+per-tensor loops fused in ``FusedDPOptimizer``). The
 FedProx term (Li et al., arXiv:1812.06127) does not depend on data, so it is added to
 the gradient *after* clipping and noise: post-processing, no privacy cost.
 
@@ -28,6 +29,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 from .config import ExperimentConfig, TrainingSection
+from .dp_optimizer import FusedDPOptimizer
 from .model import GRUClassifier, batch_loss, probabilities
 
 
@@ -197,7 +199,8 @@ def train_local(
         share = dp.max_grad_norm / math.sqrt(len(params))
         dp_optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[share] * len(params), **common)
     else:
-        dp_optimizer = DPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **common)
+        # Opacus's DPOptimizer with its per-tensor loops fused (tests/test_dp_optimizer.py).
+        dp_optimizer = FusedDPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **common)
     if canaries is not None and canaries.tamper is not None:
         canaries.tamper(dp_optimizer)
     taken = 0
