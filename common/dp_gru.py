@@ -215,6 +215,8 @@ class RowGraphs:
 _GRAPHED = RowGraphs(_gate_gradients)
 # FEDGRU_CUDA_GRAPHS=0 turns the graphs off (the plain code runs on the GPU too).
 CUDA_GRAPHS = os.environ.get("FEDGRU_CUDA_GRAPHS", "1") != "0"
+# FEDGRU_CUDNN_FLAT=0: leave the weights where they are (cuDNN then copies them every call).
+CUDNN_FLAT = os.environ.get("FEDGRU_CUDNN_FLAT", "1") != "0"
 
 
 def gate_gradients(grad_out, x, h_prev, w_ih, w_hh, b_ih, b_hh):
@@ -243,6 +245,33 @@ class FastGRULayer(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self._stash: list[tuple] = []
+        self._flat_ptrs: tuple[int, ...] = ()
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias_ih is not None else [])
+
+    def flatten_for_cudnn(self) -> None:
+        """Lay the weights out in one buffer, in cuDNN's order, as ``nn.GRU`` does.
+
+        Otherwise cuDNN's forward copies them into a fresh buffer at every call (and
+        warns about it): a handful of extra launches per step, which is what a GPU step of
+        this size waits on. The parameters stay the same objects (their storage moves),
+        so optimizers and Opacus keep their references. Done again whenever the weights
+        move (``.to()``, say); a no-op on CPU. ``FEDGRU_CUDNN_FLAT=0`` turns it off.
+        """
+        weights = self.weights()
+        ptrs = tuple(w.data_ptr() for w in weights)
+        if ptrs == self._flat_ptrs or not CUDNN_FLAT:
+            return
+        if not all(w.is_cuda and w.dtype == weights[0].dtype and torch.backends.cudnn.is_acceptable(w)
+                   for w in weights) or len(set(ptrs)) != len(ptrs) or not torch._use_cudnn_rnn_flatten_weight():
+            return
+        import torch.backends.cudnn.rnn as cudnn_rnn
+
+        with torch.cuda.device_of(weights[0]), torch.no_grad():
+            torch._cudnn_rnn_flatten_weight(weights, len(weights), self.input_size, cudnn_rnn.get_cudnn_mode("GRU"),
+                                            self.hidden_size, 0, 1, True, False)
+        self._flat_ptrs = tuple(w.data_ptr() for w in weights)
 
     def collecting(self) -> bool:
         """True while Opacus holds activations of this layer, i.e. will ask for grads."""
@@ -263,6 +292,8 @@ class FastGRULayer(nn.Module):
         # Inputs come in the container's layout so Opacus finds the batch on its
         # batch dimension: x (B,T,I) & h0 (B,H) if batch_first, else (T,B,I) & (1,B,H);
         # grouped: x (B,G,T,I) & h0 (B,G,H), run as B*G rows.
+        if x.is_cuda:
+            self.flatten_for_cudnn()
         if self.groups > 1:
             B, G, T, _ = x.shape
             rows = _GRULayerFunction.apply(

@@ -9,6 +9,11 @@ measured in the same run on the same machine.
     python -m simulations.bench_dp_gru                 # the issue's grid, CPU (and GPU if present)
     python -m simulations.bench_dp_gru --quick         # one small shape, for a smoke check
     python -m simulations.bench_dp_gru --json out.json
+    python -m simulations.bench_dp_gru --device cuda --batch 256 --hidden 64 --profile   # where a step's time goes
+
+FastDPGRU and Opacus DPGRU take their DP step through the project's ``FusedDPOptimizer``
+(what a hospital trains with); ``--dp-optimizer opacus`` times Opacus's own
+``DPOptimizer`` instead, to see what the fusion buys.
 
 Peak memory: CPU, growth of the process's peak resident set over the model and data
 alone; GPU, ``torch.cuda.max_memory_allocated``.
@@ -31,8 +36,10 @@ IMPLS = ("torch", "fast", "opacus")
 LABEL = {"torch": "nn.GRU (non-private)", "fast": "FastDPGRU", "opacus": "Opacus DPGRU"}
 
 
-def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: int = 80, seq: int = 48) -> dict:
-    """Run in a fresh process: time ``steps`` training steps after warm-up."""
+def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: int = 80, seq: int = 48,
+        dp_optimizer: str = "fused", profile: bool = False) -> dict:
+    """Run in a fresh process: time ``steps`` training steps after warm-up; with
+    ``profile``, also where five steps spend their time (torch.profiler)."""
     import torch
     import torch.nn as nn
     from opacus import GradSampleModule
@@ -40,6 +47,7 @@ def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: i
     from opacus.optimizers import DPOptimizer
 
     from common.dp_gru import FastDPGRU
+    from common.dp_optimizer import FusedDPOptimizer
 
     torch.manual_seed(0)
     gru_cls = {"torch": nn.GRU, "fast": FastDPGRU, "opacus": DPGRU}[impl]
@@ -61,7 +69,8 @@ def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: i
     if impl != "torch":
         model = GradSampleModule(model)
         gen = torch.Generator(device=device).manual_seed(0)
-        optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch, generator=gen)
+        dp_class = {"fused": FusedDPOptimizer, "opacus": DPOptimizer}[dp_optimizer]
+        optimizer = dp_class(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch, generator=gen)
     loss_fn = nn.BCEWithLogitsLoss()
     cuda = device.startswith("cuda")
 
@@ -77,7 +86,7 @@ def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: i
         base_mem = torch.cuda.memory_allocated()
     else:
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    for _ in range(5):  # CUDA graphs are captured and the allocator settles here
         step()
     if cuda:
         torch.cuda.synchronize()
@@ -91,13 +100,39 @@ def one(impl: str, device: str, batch: int, hidden: int, steps: int, features: i
         peak_mb = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    return {"samples_per_s": batch * steps / seconds, "peak_mb": peak_mb}
+    result = {"samples_per_s": batch * steps / seconds, "peak_mb": peak_mb}
+    if profile:
+        result["profile"] = _profile(step, cuda)
+    return result
 
 
-def run_child(impl: str, device: str, batch: int, hidden: int, steps: int) -> dict:
+def _profile(step, cuda: bool, steps: int = 5) -> str:
+    """Per step: wall time, kernels launched and the GPU's busy time, then the operators
+    with the most CPU time of their own (launch-bound code shows here)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1000 / steps
+    head = (f"per step: {wall * 1000:.2f} ms wall, {len(kernels) / steps:.0f} GPU kernels, GPU busy {busy_ms:.2f} ms"
+            if cuda else f"per step: {wall * 1000:.2f} ms wall")
+    return head + "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
+def run_child(impl: str, device: str, batch: int, hidden: int, steps: int, dp_optimizer: str = "fused",
+              profile: bool = False) -> dict:
     code = (
         "import json,sys; from simulations.bench_dp_gru import one; "
-        f"print(json.dumps(one({impl!r}, {device!r}, {batch}, {hidden}, {steps})))"
+        f"print(json.dumps(one({impl!r}, {device!r}, {batch}, {hidden}, {steps}, "
+        f"dp_optimizer={dp_optimizer!r}, profile={profile!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -106,7 +141,7 @@ def run_child(impl: str, device: str, batch: int, hidden: int, steps: int) -> di
 
 
 def bench(devices: list[str], batches: list[int], hiddens: list[int], repeats: int, steps: int,
-          impls: tuple[str, ...] = IMPLS) -> list[dict]:
+          impls: tuple[str, ...] = IMPLS, dp_optimizer: str = "fused", profile: bool = False) -> list[dict]:
     rows = []
     for device in devices:
         for batch in batches:
@@ -115,13 +150,14 @@ def bench(devices: list[str], batches: list[int], hiddens: list[int], repeats: i
                 for _ in range(repeats):  # interleaved, so load changes hit all alike
                     for impl in impls:
                         n = max(2, steps // 4) if impl == "opacus" else steps  # DPGRU is slow
-                        results[impl].append(run_child(impl, device, batch, hidden, n))
+                        results[impl].append(run_child(impl, device, batch, hidden, n, dp_optimizer))
                 nan = float("nan")
                 speed = {impl: statistics.median(r["samples_per_s"] for r in rs) if rs else nan
                          for impl, rs in ((i, results.get(i, [])) for i in IMPLS)}
                 mem = {impl: max(r["peak_mb"] for r in rs) if rs else nan
                        for impl, rs in ((i, results.get(i, [])) for i in IMPLS)}
-                row = {"device": device, "batch": batch, "hidden": hidden, "seq": 48, "features": 80}
+                row = {"device": device, "batch": batch, "hidden": hidden, "seq": 48, "features": 80,
+                       "dp_optimizer": dp_optimizer}
                 for impl in IMPLS:
                     row[f"{impl}_samples_per_s"] = round(speed[impl], 1)
                     row[f"{impl}_peak_mb"] = round(mem[impl], 1)
@@ -131,6 +167,9 @@ def bench(devices: list[str], batches: list[int], hiddens: list[int], repeats: i
                 row["fast_mem_vs_torch"] = round(mem["fast"] / mem["torch"], 2) if mem["torch"] > 0 else None
                 rows.append(row)
                 print(_format_row(row), flush=True)
+                if profile and "fast" in impls:
+                    print(f"\nFastDPGRU, {device}, B={batch}, H={hidden}, {dp_optimizer} DP optimizer:")
+                    print(run_child("fast", device, batch, hidden, 2, dp_optimizer, profile=True)["profile"], flush=True)
     return rows
 
 
@@ -160,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--impl", action="append", choices=IMPLS,
                         help="implementations to time (default: all; ratios need torch)")
+    parser.add_argument("--dp-optimizer", choices=("fused", "opacus"), default="fused",
+                        help="the DP step: the project's FusedDPOptimizer (default) or Opacus's DPOptimizer")
+    parser.add_argument("--profile", action="store_true", help="also profile FastDPGRU's step for each shape")
     args = parser.parse_args(argv)
     import torch
 
@@ -174,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = tuple(args.impl) if args.impl else IMPLS
     if "torch" not in impls:
         parser.error("--impl must include torch: every ratio is against it")
-    rows = bench(devices, batches, hiddens, repeats, steps, impls)
+    rows = bench(devices, batches, hiddens, repeats, steps, impls, args.dp_optimizer, args.profile)
     if args.json:
         write_json(args.json, rows)  # NaN (an implementation not run) becomes null: valid JSON
     print(json.dumps(rows))

@@ -51,7 +51,8 @@ def _tail(text: str, lines: int) -> str:
 
 def exactness() -> dict:
     part = _run("exactness: FastDPGRU on CUDA", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                 "tests/test_dp_gru.py", "-k", "cuda or recurrence or padded"])
+                                                 "tests/test_dp_gru.py", "tests/test_dp_optimizer.py",
+                                                 "-k", "cuda or recurrence or padded"])
     print(_tail(part["output"], 3))
     return part
 

@@ -261,3 +261,36 @@ def test_per_example_gradients_with_padded_batches(device, groups, monkeypatch):
         nn.functional.mse_loss(gsm(x), y, reduction="sum").backward()
         for name, p in gsm._module.named_parameters():
             assert _relative_error(p.grad_sample, ref[name]) < 1e-5, name
+
+
+@CUDA
+def test_cuda_weights_live_in_one_buffer_and_forward_equals_cudnn():
+    """On a GPU the layer lays its weights out as ``nn.GRU`` does (one buffer, cuDNN's
+    order), so cuDNN's forward no longer copies them every call: same outputs as
+    ``nn.GRU`` with the same weights, the same Parameter objects, no compaction warning,
+    and laid out again after the weights move."""
+    import warnings
+
+    torch.manual_seed(3)
+    reference = nn.GRU(5, 7, batch_first=True).cuda()
+    fast = FastDPGRU(5, 7, batch_first=True).cuda()
+    fast.load_state_dict(reference.state_dict())
+    params = list(fast.parameters())
+    x = torch.randn(9, 12, 5, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cuDNN warns when it has to compact the weights
+        out, h = fast(x)
+        out, h = fast(x)
+    storages = {p.untyped_storage().data_ptr() for p in fast.parameters()}
+    assert len(storages) == 1 and list(fast.parameters()) == params
+    expected, expected_h = reference(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, expected_h, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # an optimizer's in-place update reaches the buffer cuDNN reads
+        for p, q in zip(fast.parameters(), reference.parameters()):
+            p.add_(0.1)
+            q.add_(0.1)
+    torch.testing.assert_close(fast(x)[0], reference(x)[0], atol=1e-5, rtol=1e-4)
+    fast.cpu().cuda()  # moved: new storage, laid out again on the next call
+    torch.testing.assert_close(fast(x)[0], reference(x)[0], atol=1e-5, rtol=1e-4)
+    assert len({p.untyped_storage().data_ptr() for p in fast.parameters()}) == 1
