@@ -271,7 +271,7 @@ def _plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease
                 req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
                 f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
                 split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
-                steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n, data=data.dataset.fingerprint,
+                steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n, data=data.export,
             ))
         if ev.dp:
             spent = ledger.epsilon_with(entries)
@@ -381,7 +381,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
                 req.run_id, req.server_round, Mechanism.DP_SGD, "model weights after DP-SGD on the training split",
                 item=Item.WEIGHTS,
                 noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=dp.max_grad_norm,
-                examples=len(data.train), data=data.dataset.fingerprint,
+                examples=len(data.train), data=data.export,
             )
             would_be = ledger.epsilon_with([planned])
             if would_be > budget:
@@ -396,7 +396,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
             exhausted = None
         if exhausted is None:
             ledger.record(LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "the training split's size",
-                                      item=Item.SPLIT_SIZE, examples=len(data.train), data=data.dataset.fingerprint))
+                                      item=Item.SPLIT_SIZE, examples=len(data.train), data=data.export))
     device = resolve_device(req.node.device)
     model = _global_model(req, device)
     content: dict = _score(req, model, evaluations)

@@ -9,13 +9,16 @@ and a hospital's long-running app serves every round, without re-reading the fil
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from common.config import ExperimentConfig
 from common.data.dataset import Dataset, load_dataset
@@ -27,6 +30,7 @@ from .ledger_store import ContextLedgerStore, FileLedgerStore
 from .policy import Policy
 
 UNASSIGNED = ""
+EXPORT_KEY = "fedgru-export-key"  # a simulated hospital's export-label key, in context.state
 
 log = logging.getLogger("fedgru.hospital")
 
@@ -42,9 +46,19 @@ class HospitalData:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    export: str = ""  # the ledger's label of the export these stays came from (export_label)
 
     def split(self, which: Split) -> np.ndarray:
         return {Split.TRAIN: self.train, Split.VAL: self.val, Split.TEST: self.test}[which]
+
+
+def export_label(fingerprint: str, key: bytes) -> str:
+    """How the ledger names a data export: HMAC-SHA256 of the export's sha256 under a key
+    only the hospital holds. The ledger travels with every reply, so an unkeyed hash
+    would let the coordinator confirm a guess of the exact files by hashing them; the
+    keyed label still tells the hospital's exports apart, and the hospital (with its
+    key) can recompute which export a label names."""
+    return hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
 
 
 class Node:
@@ -76,12 +90,24 @@ class Node:
 
     def data(self) -> HospitalData:
         if self.folder is not None:
-            return _deployed_data(self.cfg, self.folder)
-        if self.name == UNASSIGNED:
+            data = _deployed_data(self.cfg, self.folder)
+        elif self.name == UNASSIGNED:
             raise NodeConfigError("this simulation node has no hospital assigned")
-        ds, hospitals = _partitioned(self.cfg)
-        h = next(h for h in hospitals if h.name == self.name)
-        return HospitalData(self.name, ds, h.train, h.val, h.test)
+        else:
+            ds, hospitals = _partitioned(self.cfg)
+            h = next(h for h in hospitals if h.name == self.name)
+            data = HospitalData(self.name, ds, h.train, h.val, h.test)
+        data.export = export_label(data.dataset.fingerprint, self._export_key())
+        return data
+
+    def _export_key(self) -> bytes:
+        if self.folder is not None:
+            return self.folder.secret("export")
+        # A simulated hospital: a key of its own for the run, kept in its state.
+        record = self.context.state.get(EXPORT_KEY)
+        if record is None:
+            record = self.context.state[EXPORT_KEY] = ConfigRecord({"key": secrets.token_bytes(32)})
+        return bytes(record["key"])
 
     def policy(self, train_examples: int) -> Policy:
         if self.folder is not None:

@@ -10,7 +10,7 @@ nothing leaves unrecorded.
 
 The ledger belongs to the hospital, not to one export of its data: a new export of the
 same patients (more stays, corrected files) continues it, and each entry names the
-export it read (``data``, a fingerprint). Every epsilon in it is stated at the one
+export it read (``data``, a label keyed with the hospital's secret). Every epsilon in it is stated at the one
 ``delta`` fixed when it was created, so the epsilons of different runs compose.
 
 On the hospital's disk the ledger is sealed with an HMAC keyed by a secret that never
@@ -53,7 +53,7 @@ class LedgerEntry:
     steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
     max_grad_norm: float = 0.0  # the sensitivity the noise was scaled to (DP-SGD: clipping norm)
     examples: int = 0  # patients the release is about (split size)
-    data: str = ""  # fingerprint of the data export the release read
+    data: str = ""  # the hospital's keyed label of the data export the release read
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def as_release(self) -> NoisyRelease:

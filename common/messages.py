@@ -133,9 +133,9 @@ RELEASES: tuple[Release, ...] = (
         "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier, score grid)",
         "every reply", False,
         "settings and the list of releases; the sample rate is batch size / training stays, so it reveals the "
-        "same count as num-examples; each entry also names the data export it read by a sha256 fingerprint of "
-        "its files (it tells exports apart and confirms a guess of the exact files, no value) and when it was "
-        "recorded",
+        "same count as num-examples; each entry also names the data export it read by a label keyed with the "
+        "hospital's secret (HMAC of the files' sha256: it tells exports apart, and without the key it confirms "
+        "no guess of the files) and when it was recorded",
     ),
     STATE_RELEASE := Release(
         "reply state and reason", "every reply", False,

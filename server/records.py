@@ -189,7 +189,7 @@ class HospitalPrivacy:
     groups: dict[str, GroupPrivacy] = field(default_factory=dict)  # Split value -> its spending
     history: list[DPRound] = field(default_factory=list)  # this run's DP-SGD rounds
     earlier_runs: list[str] = field(default_factory=list)
-    data_exports: list[str] = field(default_factory=list)  # fingerprints of the exports its releases read
+    data_exports: list[str] = field(default_factory=list)  # keyed labels of the exports its releases read
     ledger: dict[str, Any] | None = None
 
 

@@ -5,7 +5,7 @@
 plots embedded), and returns a short text summary. The privacy part states, per
 hospital: epsilon under both RDP and PRV accounting at the hospital's delta, budget and
 what remains, rounds, steps, noise multiplier, clipping norm and sample rate; which
-releases are not covered by DP; the data fingerprint; and a plain-language statement
+releases are not covered by DP; the data exports' keyed labels; and a plain-language statement
 that the hospital's privacy officer can sign.
 """
 
@@ -233,7 +233,7 @@ def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None) -> Section:
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
         f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
-        "Data exports read (sha256 of the files): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
+        "Data exports read (each hospital's keyed label of its export): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
         f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
         f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
         f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",

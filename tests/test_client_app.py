@@ -120,6 +120,28 @@ def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, t
     assert len({e.data for e in ledger.entries}) == 2  # two exports, one ledger
 
 
+def test_the_ledger_names_an_export_by_a_keyed_label_not_its_hash(hospital_data, tmp_path):
+    """The ledger goes to the coordinator with every reply. Named by the plain sha256 of
+    its files, an export could be confirmed by anyone holding a guess of the files; the
+    label is keyed with the hospital's secret, so only the hospital can recompute it."""
+    from client.folder import HospitalFolder
+    from client.hospital import export_label
+    from common.data.dataset import fingerprint_files
+
+    data, outcomes = hospital_data
+    folder = make_hospital(tmp_path, data, outcomes)
+    reply = client_app.train(hospital_message(hospital_cfg(), "run-k", 1), node_context(folder))
+    assert reply_status(reply)[M.STATE] == ReplyState.TRAINED
+    labels = {e.data for e in _ledger(folder).entries}
+    plain = fingerprint_files(data, outcomes)
+    assert labels == {export_label(plain, HospitalFolder(folder).secret("export"))}
+    sent = reply_status(reply)[M.LEDGER]
+    assert plain not in sent and all(label in sent for label in labels)
+    other = make_hospital(tmp_path / "other", data, outcomes)  # the same files at another hospital
+    client_app.train(hospital_message(hospital_cfg(), "run-k", 1), node_context(other))
+    assert {e.data for e in _ledger(other).entries}.isdisjoint(labels)
+
+
 def test_a_resent_round_is_not_charged_twice(hospital_data, tmp_path):
     folder = make_hospital(tmp_path, *hospital_data)
     cfg = hospital_cfg()
