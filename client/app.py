@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +88,18 @@ def _status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
     return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
 
 
+# An absolute, relative (./, ../) or home path (POSIX or Windows), not a slash inside a word
+# ("train/validation") or a number ("1/(10 n)"); a sentence's full stop is not part of it.
+_PATH = re.compile(r"(?<![\w.)])(?:~?/|\.{1,2}/|[A-Za-z]:\\)[^\s'\",;]*[^\s'\",;.:)]")
+
+
+def without_paths(reason: str) -> str:
+    """A refusal reason as the coordinator may read it: file paths of the hospital's
+    machine (its folder, user names, mount points) become ``<path>``; the hospital's own
+    log keeps the full text."""
+    return _PATH.sub("<path>", reason)
+
+
 def _refusing(handler: Callable[..., Message]) -> Callable[..., Message]:
     """Turn every failure into a reply the coordinator may read: what went wrong in
     words it may see; the details only in this hospital's log."""
@@ -114,7 +127,7 @@ def _refusing(handler: Callable[..., Message]) -> Callable[..., Message]:
         except Exception:  # noqa: BLE001 - an unreadable request or node: the reply still goes out
             pass
         log.error("%s refuses to %s: %s", name, handler.__name__, reason)
-        return Message(RecordDict({M.STATUS: _status(name, state, **{M.REASON: reason})}), reply_to=msg)
+        return Message(RecordDict({M.STATUS: _status(name, state, **{M.REASON: without_paths(reason)})}), reply_to=msg)
 
     return wrapped
 

@@ -140,7 +140,7 @@ RELEASES: tuple[Release, ...] = (
     STATE_RELEASE := Release(
         "reply state and reason", "every reply", False,
         "settings: whether the hospital trained, stopped at its budget or refused, and which setting of its "
-        "policy a refused message broke",
+        "policy a refused message broke (file paths of the hospital's machine removed; its own log keeps them)",
     ),
     Release(HOSPITAL, "every reply", False, "a name: the hospital's, as its own folder sets it"),
 )

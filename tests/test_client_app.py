@@ -100,6 +100,18 @@ def test_missing_or_altered_ledger_refuses_to_release(hospital_data, tmp_path):
     ledger_file.unlink()
     status = reply_status(client_app.train(hospital_message(cfg, "run-c", 2), node_context(folder)))
     assert status[M.STATE] == ReplyState.REFUSED and "restore the file from backup" in status[M.REASON]
+    # The reason names no path of the hospital's machine (its log does).
+    assert str(tmp_path) not in status[M.REASON] and "<path>" in status[M.REASON]
+
+
+@pytest.mark.parametrize("text, sent", [
+    ("no ledger at /srv/icu/ledger.json. Restore it", "no ledger at <path>. Restore it"),
+    ("C:\\hosp\\secret.key is missing", "<path> is missing"),
+    ("read ../exports/a.csv and ~/h/x (line 3)", "read <path> and <path> (line 3)"),
+    ("train/validation/test shares; delta 1/(10 n); 0.5/1.0", "train/validation/test shares; delta 1/(10 n); 0.5/1.0"),
+])
+def test_refusal_reasons_lose_their_paths(text, sent):
+    assert client_app.without_paths(text) == sent
 
 
 def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, tmp_path):
