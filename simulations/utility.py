@@ -3,7 +3,7 @@ baselines on the same folds, mean and sd over runs.
 
     python -m simulations.utility --config F --runs 5 [--set key=value ...] [--out DIR]
                                   [--no-baselines] [--baselines central,central-dp,local]
-                                  [--hours 6,12,24,36,48]
+                                  [--hours 6,12,24,36,48] [--fold K]
 
 Run i holds out fold i of ``--folds`` (default 5) stratified folds of every hospital's
 stays (``split.folds``/``split.fold``), validates on ``split.val`` of the rest and
@@ -20,6 +20,12 @@ run's own threshold) and Brier; the AUROC pooled over all folds' test patients
 folds: central without DP, central DP at the same epsilon, each hospital alone with DP.
 It writes ``utility.json`` and ``utility.md`` into ``--out``. A single run's AUROC on
 800 test patients has a standard error of about 0.025: compare levers by these means.
+
+``--fold K`` repeats the training ``--runs`` times on the one held-out fold K instead:
+the test patients stay the same, so the sd over runs is the training's own randomness
+(the DP noise, the Poisson samples, dropout), what a consortium that trains once cannot
+know. Over different folds the sd also holds the test sets' sampling error, about 0.02
+for 800 patients even for a model trained without any randomness.
 
 ``--hours`` (binary tasks): also the exact AUROC of the risk after each listed hour (what
 a bedside monitor would have shown then, from the observations up to that hour).
@@ -101,8 +107,8 @@ def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
 
 
 def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,
-                   hours: list[int] = ()) -> FoldResult:
-    run_dir = out / f"fold{fold}"
+                   hours: list[int] = (), tag: str = "") -> FoldResult:
+    run_dir = out / f"fold{fold}{tag}"
     args = [sys.executable, "-m", "fedgru.cli", "simulate", "--out", str(run_dir)]
     if config is not None:
         args += ["--config", str(config)]
@@ -160,10 +166,11 @@ def summarize(results: list[FoldResult]) -> dict:
     return out
 
 
-def markdown(summary: dict[str, dict], runs: int) -> str:
+def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> str:
     f = lambda s: f"{s['mean']:.3f} ± {s['sd']:.3f}"  # noqa: E731
+    design = "one held-out fold each" if fold is None else f"all on held-out fold {fold} (the sd is the training's own)"
     lines = [
-        f"Mean ± sd over {runs} run(s), one held-out fold each; exact metrics of each run's test patients "
+        f"Mean ± sd over {runs} run(s), {design}; exact metrics of each run's test patients "
         "(event-1 at the run's own threshold, 0.5 for baselines); 'all folds': AUROC of every fold's test patients together.",
         "",
         "| model | AUROC | AUPRC | event-1 | Brier | AUROC all folds | seconds |",
@@ -202,30 +209,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated, or '' for none")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--hours", default="", help="comma-separated hours: also the AUROC of the risk after each")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="repeat every run on this one held-out fold (the sd is then the training's own)")
     args = parser.parse_args(argv)
-    if not 1 <= args.runs <= args.folds:
-        parser.error("--runs must be between 1 and --folds")
+    if args.fold is None and not 1 <= args.runs <= args.folds:
+        parser.error("--runs must be between 1 and --folds (or give --fold to repeat runs on one fold)")
+    if args.fold is not None and not (0 <= args.fold < args.folds and args.runs >= 1):
+        parser.error(f"--fold must be between 0 and {args.folds - 1}, with --runs at least 1")
     out = (args.out or project_root() / "runs" / f"utility-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     kinds = [] if args.no_baselines else [k for k in args.baselines.split(",") if k]
     hours = [int(h) for h in args.hours.split(",") if h.strip()]
     results: dict[str, list[FoldResult]] = {"federated": [], **{k: [] for k in kinds}}
-    for fold in range(args.runs):
-        results["federated"].append(federated_fold(args.config, args.overrides, args.folds, fold, out, hours))
+    plan = [(run, run if args.fold is None else args.fold) for run in range(args.runs)]
+    for run, fold in plan:
+        tag = "" if args.fold is None else f"-run{run}"
+        results["federated"].append(federated_fold(args.config, args.overrides, args.folds, fold, out, hours, tag))
         r = results["federated"][-1]
-        print(f"fold {fold}: federated AUROC {r.pooled.auroc:.3f} (report: "
+        print(f"fold {fold}{tag}: federated AUROC {r.pooled.auroc:.3f} (report: "
               f"{r.released.auroc if r.released else float('nan'):.3f}), {r.seconds:.0f} s", flush=True)
         for kind in kinds:
             results[kind].append(baseline_fold(args.config, args.overrides, args.folds, fold, kind, hours))
             print(f"fold {fold}: {kind} AUROC {results[kind][-1].pooled.auroc:.3f}", flush=True)
     summary = {name: summarize(rs) for name, rs in results.items()}
+    if args.fold is not None:  # the same patients in every run: pooling them would count each 5 times
+        for s in summary.values():
+            s.pop("auroc_all_folds", None)
+            s.pop("patients_all_folds", None)
     write_json(out / "utility.json", {
-        "runs": args.runs, "folds": args.folds, "config": str(args.config or "configs/default.yaml"),
+        "runs": args.runs, "folds": args.folds, "fold": args.fold, "config": str(args.config or "configs/default.yaml"),
         "overrides": args.overrides, "summary": summary,
         "folds_detail": {name: [{k: v for k, v in asdict(r).items() if k not in ("y", "risk")} for r in rs]
                          for name, rs in results.items()},
     })
-    text = markdown(summary, args.runs)
+    text = markdown(summary, args.runs, args.fold)
     (out / "utility.md").write_text(text)
     print(text)
     print(json.dumps({"out": str(out)}))

@@ -1,0 +1,66 @@
+"""The utility protocol (simulations.utility): its summary statistics, and a real
+repeated run on one held-out fold (the training's own run-to-run spread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.metrics import exact_metrics
+from simulations.utility import FoldResult, main, summarize
+from tests.conftest import ROOT
+
+
+def _fold(fold: int, seed: int, n: int = 200) -> FoldResult:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    risk = np.clip(0.5 * y + rng.normal(0.25, 0.3, n), 0, 1)
+    pooled = exact_metrics(y, np.stack([1 - risk, risk], axis=1))
+    return FoldResult(fold, pooled, {"a": pooled.auroc}, 1.0, y=y.tolist(), risk=risk.tolist())
+
+
+def test_summary_is_mean_and_sd_over_runs_and_the_auroc_of_all_folds_together():
+    results = [_fold(k, seed=k) for k in range(4)]
+    s = summarize(results)
+    aurocs = [r.pooled.auroc for r in results]
+    assert s["auroc"]["mean"] == pytest.approx(statistics.fmean(aurocs))
+    assert s["auroc"]["sd"] == pytest.approx(statistics.stdev(aurocs))
+    y = np.concatenate([r.y for r in results])
+    risk = np.concatenate([r.risk for r in results])
+    assert s["auroc_all_folds"] == pytest.approx(roc_auc_score(y, risk))
+    assert s["patients_all_folds"] == 800
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        main(["--runs", "6", "--folds", "5"])  # more runs than folds, without --fold
+    with pytest.raises(SystemExit):
+        main(["--runs", "2", "--fold", "5", "--folds", "5"])  # no such fold
+
+
+@pytest.mark.slow
+def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_files):
+    """--fold 0 --runs 2: two real federated trainings, both scored exactly on fold 0's
+    test patients; no 'all folds' AUROC (it would count each patient twice)."""
+    out = tmp_path / "utility"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.utility", "--runs", "2", "--fold", "0", "--no-baselines", "--out", str(out),
+         "--set", "run.rounds=2", "--set", "data.max_stays=400"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "utility.json").read_text())
+    runs = result["folds_detail"]["federated"]
+    assert result["fold"] == 0 and [r["fold"] for r in runs] == [0, 0]
+    assert runs[0]["pooled"]["n"] == runs[1]["pooled"]["n"] > 0  # the same test patients
+    assert all(0 <= r["pooled"]["auroc"] <= 1 for r in runs)
+    assert "auroc_all_folds" not in result["summary"]["federated"]
+    assert (out / "fold0-run0" / "model.pt").is_file() and (out / "fold0-run1" / "model.pt").is_file()
+    assert "all on held-out fold 0" in (out / "utility.md").read_text()
