@@ -204,6 +204,10 @@ class PartitionSection:
             check(self.alpha > 0, "alpha", "must be positive")
 
 
+# What a unit of a carry-forward GRU can read (model.carry_units; common.model.carry_forward_init).
+CARRY_UNITS = ("value", "high", "low", "seen", "worst_high", "worst_low")
+
+
 @dataclass
 class ModelSection:
     # stacked: GRUs over all channels of a time step together.
@@ -223,13 +227,26 @@ class ModelSection:
     # observation (common.model.carry_forward_init), data-independent.
     init: Literal["random", "carry_forward"]
     train_gru: bool  # false: the GRU keeps its initial weights (no noise on them); only the head learns
+    # carry_forward only: what each GRU unit reads (CARRY_UNITS: value, high, low, seen,
+    # worst_high, worst_low; common.model.carry_forward_init), as many as gru_hidden[0]. []: value, high, low, seen, ...
+    carry_units: list[str]
 
     def validate(self, check: Check) -> None:
         check(bool(self.gru_hidden) and min(self.gru_hidden) >= 1, "gru_hidden", "must list positive layer sizes")
         if self.init == "carry_forward":
-            check(self.architecture == "per_variable" and len(self.gru_hidden) == 1 and self.gru_hidden[0] >= 2,
+            check(self.architecture == "per_variable" and len(self.gru_hidden) == 1
+                  and self.gru_hidden[0] >= (1 if self.carry_units else 2),
                   "init", "carry_forward needs architecture per_variable and one GRU layer of at least 2 units "
                   "(for other shapes set model.init=random and model.train_gru=true)")
+        if self.carry_units:
+            check(self.init == "carry_forward", "carry_units",
+                  "only applies to model.init=carry_forward (set it, or carry_units=[])")
+            unknown = [u for u in self.carry_units if u not in CARRY_UNITS]
+            check(not unknown, "carry_units", f"has unknown unit(s) {unknown}; choose from {', '.join(CARRY_UNITS)}")
+            check(len(set(self.carry_units)) == len(self.carry_units), "carry_units", "names a unit twice")
+            check(len(self.carry_units) == self.gru_hidden[0], "carry_units",
+                  f"names {len(self.carry_units)} units but model.gru_hidden is {self.gru_hidden}: "
+                  f"set model.gru_hidden=[{len(self.carry_units)}]")
         check(
             not (self.architecture == "per_variable" and self.gru_impl == "opacus"),
             "gru_impl", "'opacus' (DPGRU) cannot share one GRU across variables; use 'fast'",

@@ -103,3 +103,15 @@ def test_carry_forward_init_needs_one_per_variable_layer_and_the_mask():
     with pytest.raises(ConfigError, match="observed_mask"):
         load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward", "features.observed_mask=false"])
     load_config(ROOT / "configs" / "default.yaml", ["model.init=carry_forward"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.carry_units=[value,worst_high]"], "names 2 units but model.gru_hidden is \\[3\\]"),
+    (["model.carry_units=[value,worst,low]"], "unknown unit.*'worst'.*worst_high"),
+    (["model.carry_units=[value,value,low]"], "names a unit twice"),
+    (["model.carry_units=[value,high,low]", "model.init=random", "model.train_gru=true"], "carry_forward"),
+])
+def test_carry_units_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=f"model.carry_units.*{message}"):
+        load_config(ROOT / "configs" / "default.yaml", overrides)
+    load_config(ROOT / "configs" / "default.yaml", ["model.carry_units=[worst_high,worst_low]", "model.gru_hidden=[2]"])

@@ -1,5 +1,7 @@
 """The GRU classifier: shapes, losses, and DP training through Opacus for each GRU."""
 
+import math
+
 import pytest
 import torch
 
@@ -191,3 +193,70 @@ def test_frozen_gru_head_gets_exact_per_example_gradients():
         loss_fn(model(x[i : i + 1], s[i : i + 1]), y[i : i + 1]).backward()
         for name, grads in samples.items():
             torch.testing.assert_close(grads[i], dict(model.named_parameters())[name].grad)
+
+
+def _exact_running_max(values, observed, sign):
+    """The running max of tanh(g (sign v - c)) over observed hours, from the state 0."""
+    from common.model import CARRY_GAIN, CARRY_OFFSET
+
+    candidate = torch.tanh(CARRY_GAIN * (sign * values - CARRY_OFFSET))
+    candidate = torch.where(observed, candidate, torch.zeros_like(candidate))  # 0: the start state
+    return torch.cummax(candidate, dim=-1).values
+
+
+@pytest.mark.parametrize("impl", ["fast", "torch"])
+def test_worst_units_hold_the_running_max_of_their_deviation(impl):
+    """worst_high / worst_low follow the exact running max of their deviation through
+    gaps (values carried forward, unobserved hours held); a variable never observed
+    stays at 0; value still reads the last observation."""
+    cfg, model = _carry_forward_model(impl, "model.gru_hidden=[3]", "model.carry_units=[value,worst_high,worst_low]")
+    V, T = len(cfg.features.variables), 48
+    gen = torch.Generator().manual_seed(0)
+    B = 64
+    observed = torch.rand(B, T, generator=gen) < 0.3
+    observed[:, 0] = False  # every sequence starts with a gap
+    raw = torch.randn(B, T, generator=gen) * 1.5
+    index = torch.where(observed, torch.arange(T), torch.zeros(T, dtype=torch.long)).cummax(dim=1).values
+    values = torch.where(observed.cumsum(1) > 0, raw.gather(1, index), torch.zeros(B, T))  # carried forward
+    x = torch.zeros(B, T, 3 * V)
+    x[:, :, 0], x[:, :, V] = values, observed.float()
+    with torch.no_grad():
+        states, _ = model._run(model.grus[0], model._per_variable_view(x))
+    value, worst_high, worst_low = states[:, 0].unbind(-1)  # (B, T) each
+    for got, sign in ((worst_high, 1.0), (worst_low, -1.0)):
+        error = (got - _exact_running_max(values, observed, sign)).abs()
+        assert error.max() < 0.15 and error.mean() < 0.015, (error.max(), error.mean())
+    last_seen = observed.cumsum(1) > 0
+    torch.testing.assert_close(value[last_seen], torch.tanh(values[last_seen]), atol=1e-3, rtol=0)
+    assert states[:, 1:].abs().max() < 1e-6  # the other variables were never observed
+    assert states[:, 0][~last_seen].abs().max() < 1e-6  # nor variable 0 before its first observation
+
+
+def test_worst_unit_is_exact_for_a_rising_then_falling_deviation():
+    """A larger deviation replaces the state, smaller ones and gaps leave it: the state is
+    the running max itself, not only close to it, when values move far apart."""
+    cfg, model = _carry_forward_model("torch", "model.gru_hidden=[2]", "model.carry_units=[worst_high,worst_low]")
+    V = len(cfg.features.variables)
+    x = torch.zeros(1, 48, 3 * V)
+    for hour, v in ((3, 0.2), (10, 1.4), (20, 2.5), (30, 1.0), (40, -3.0)):
+        x[0, hour:, 0], x[0, hour, V] = v, 1.0
+    with torch.no_grad():
+        states, _ = model._run(model.grus[0], model._per_variable_view(x))
+    at = {h: states[0, 0, h] for h in (5, 15, 25, 35, 47)}
+    high, low = math.tanh(2.0 * (2.5 - 1)), math.tanh(2.0 * (3.0 - 1))  # g = 2, c = 1
+    expected = {5: (0, 0), 15: (math.tanh(2.0 * 0.4), 0), 25: (high, 0), 35: (high, 0), 47: (high, low)}
+    for hour, pair in expected.items():
+        torch.testing.assert_close(at[hour], torch.tensor(pair, dtype=torch.float32), atol=2e-3, rtol=0)
+
+
+def test_named_carry_units_lay_out_the_default_units_unchanged():
+    """carry_units: [] and the same units named give the same weights; the init reads no
+    data (the same weights whatever the seed)."""
+    _, default = _carry_forward_model("fast")
+    _, named = _carry_forward_model("fast", "model.carry_units=[value,high,low,seen]")
+    torch.manual_seed(123)
+    _, worst = _carry_forward_model("fast", "model.gru_hidden=[3]", "model.carry_units=[value,worst_high,worst_low]")
+    again = GRUClassifier(worst.spec, "fast")
+    for key, value in default.grus.state_dict().items():
+        torch.testing.assert_close(value, named.grus.state_dict()[key])
+        torch.testing.assert_close(worst.grus.state_dict()[key], again.grus.state_dict()[key])
