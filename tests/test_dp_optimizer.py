@@ -31,10 +31,13 @@ def _params(shapes=SHAPES, device="cpu") -> list[torch.nn.Parameter]:
 
 
 def _step(cls, grad_samples: list[torch.Tensor], *, sigma: float, clip: float, expected: int,
-          reduction: str = "mean", generator: torch.Generator | None = None) -> list[torch.Tensor]:
+          reduction: str = "mean", generator: torch.Generator | None = None,
+          flat: bool | None = True) -> list[torch.Tensor]:
     params = _params([g.shape[1:] for g in grad_samples], grad_samples[0].device)
     optimizer = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
                     expected_batch_size=expected, loss_reduction=reduction, generator=generator)
+    if cls is FusedDPOptimizer:
+        optimizer.flat = flat  # the flat clipping on any device (by default: on a GPU only)
     for p, g in zip(params, grad_samples):
         p.grad_sample = g.clone()
     assert optimizer.pre_step()
@@ -48,11 +51,12 @@ def _random_samples(batch: int, scale: float, seed: int, device="cpu") -> list[t
 
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 40), scale=st.floats(0.01, 10.0), clip=st.floats(0.1, 5.0), expected=st.integers(1, 64),
-       reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**16))
-def test_without_noise_equals_opacus(batch, scale, clip, expected, reduction, seed):
-    """Clipping (some rows clipped, some not), summing and scaling equal Opacus's."""
+       reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**16), flat=st.sampled_from([True, False, None]))
+def test_without_noise_equals_opacus(batch, scale, clip, expected, reduction, seed, flat):
+    """Clipping (some rows clipped, some not), summing and scaling equal Opacus's, with
+    the flat clipping and with the per-tensor one."""
     samples = _random_samples(batch, scale, seed)
-    ours = _step(FusedDPOptimizer, samples, sigma=0.0, clip=clip, expected=expected, reduction=reduction)
+    ours = _step(FusedDPOptimizer, samples, sigma=0.0, clip=clip, expected=expected, reduction=reduction, flat=flat)
     reference = _step(DPOptimizer, samples, sigma=0.0, clip=clip, expected=expected, reduction=reduction)
     for a, b in zip(ours, reference):
         assert a.shape == b.shape
@@ -79,7 +83,8 @@ def test_an_empty_batch_releases_only_noise_of_the_right_scale():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_noise_has_the_scale_the_accountant_assumes_and_is_fresh(device):
+@pytest.mark.parametrize("flat", [True, False])
+def test_noise_has_the_scale_the_accountant_assumes_and_is_fresh(device, flat):
     """sigma C / expected batch on every coordinate, independent across coordinates and
     steps: the clipped mean subtracted, the rest is N(0, (sigma C / B)^2)."""
     sigma, clip, expected, batch = 1.7, 0.8, 16, 10
@@ -88,7 +93,7 @@ def test_noise_has_the_scale_the_accountant_assumes_and_is_fresh(device):
     gen = torch.Generator(device=device).manual_seed(123)
     draws = torch.stack([
         torch.cat([g.flatten() for g in _step(FusedDPOptimizer, samples, sigma=sigma, clip=clip, expected=expected,
-                                              generator=gen)]) - exact
+                                              generator=gen, flat=flat)]) - exact
         for _ in range(400)
     ]).cpu()  # (steps, coordinates)
     target = sigma * clip / expected
