@@ -50,6 +50,9 @@ class FusedDPOptimizer(DPOptimizer):
         if len(samples[0]) == 0 or not flat:  # an empty Poisson sample (zero clip factors), or a CPU: Opacus's code
             return super().clip_and_accumulate()
         batch = len(samples[0])
+        if any(len(g) != batch for g in samples):  # Opacus's stack of per-tensor norms would refuse this too
+            raise ValueError(f"per-example gradients of different batch sizes {sorted({len(g) for g in samples})}: "
+                             "every parameter must see the same examples")
         # One (batch, all weights) matrix; a row is one example's whole gradient.
         rows = torch.cat([g.reshape(batch, -1).to(p.dtype) for g, p in zip(samples, self.params)], dim=1)
         norms = torch.linalg.vector_norm(rows, dim=1)
@@ -65,12 +68,14 @@ class FusedDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
-        if self.secure_mode:
+        summed = [p.summed_grad for p in self.params]
+        if self.secure_mode or len({(s.device, s.dtype) for s in summed}) > 1:
+            # Opacus's per-tensor draws: its floating-point-attack-resistant noise, or noise
+            # drawn in each tensor's own dtype and device (one float32 draw would leave a
+            # float64 weight's low bits unmasked)
             return super().add_noise()
-        summed = []
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            summed.append(p.summed_grad)
+        for s in summed:
+            _check_processed_flag(s)
         std = self.noise_multiplier * self.max_grad_norm
         reference = summed[0]
         if std == 0:

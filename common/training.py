@@ -187,6 +187,10 @@ def train_local(
         return LocalResult(steps, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer),
                            _coordinates(audit))
 
+    if canaries is not None and dp.per_layer:
+        # The audit's canaries carry the whole clipping norm on their own coordinate; per-tensor
+        # shares would clip them to less and the audit would measure the wrong mechanism.
+        raise ValueError("the one-run privacy audit needs privacy.clipping=flat (per_layer clips its canaries)")
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     common = {
         "noise_multiplier": dp.noise_multiplier,

@@ -44,18 +44,19 @@ def _step(cls, grad_samples: list[torch.Tensor], *, sigma: float, clip: float, e
     return [p.grad.clone() for p in params]
 
 
-def _random_samples(batch: int, scale: float, seed: int, device="cpu") -> list[torch.Tensor]:
+def _random_samples(batch: int, scale: float, seed: int, device="cpu", shapes=SHAPES) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn((batch, *s), generator=gen, dtype=torch.float64) * scale).to(device) for s in SHAPES]
+    return [(torch.randn((batch, *s), generator=gen, dtype=torch.float64) * scale).to(device) for s in shapes]
 
 
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 40), scale=st.floats(0.01, 10.0), clip=st.floats(0.1, 5.0), expected=st.integers(1, 64),
-       reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**16), flat=st.sampled_from([True, False, None]))
-def test_without_noise_equals_opacus(batch, scale, clip, expected, reduction, seed, flat):
+       reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**16), flat=st.sampled_from([True, False, None]),
+       shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4))
+def test_without_noise_equals_opacus(batch, scale, clip, expected, reduction, seed, flat, shapes):
     """Clipping (some rows clipped, some not), summing and scaling equal Opacus's, with
-    the flat clipping and with the per-tensor one."""
-    samples = _random_samples(batch, scale, seed)
+    the flat clipping and with the per-tensor one, for any number and shapes of weights."""
+    samples = _random_samples(batch, scale, seed, shapes=shapes)
     ours = _step(FusedDPOptimizer, samples, sigma=0.0, clip=clip, expected=expected, reduction=reduction, flat=flat)
     reference = _step(DPOptimizer, samples, sigma=0.0, clip=clip, expected=expected, reduction=reduction)
     for a, b in zip(ours, reference):
@@ -128,3 +129,100 @@ def test_training_uses_the_fused_optimizer():
 
     assert training.FusedDPOptimizer is FusedDPOptimizer
     assert issubclass(FusedDPOptimizer, DPOptimizer)
+
+
+def _optimizer(params, **kw) -> FusedDPOptimizer:
+    return FusedDPOptimizer(torch.optim.SGD(params, lr=1.0), **{"noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                                                                "expected_batch_size": 4, **kw})
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_noise_comes_from_the_hospitals_generator_and_is_fresh_every_step(flat):
+    """The noise is drawn from the generator the hospital passes (seeded from its OS),
+    never from torch's global one (a simulation seeds that from the run's config, which
+    the server knows); and one optimizer draws new noise at every step."""
+    samples = _random_samples(4, 1.0, seed=5)
+
+    def steps(generator_seed: int, global_seed: int, count: int = 3) -> list[torch.Tensor]:
+        torch.manual_seed(global_seed)
+        params = _params()
+        optimizer = _optimizer(params, generator=torch.Generator().manual_seed(generator_seed))
+        optimizer.flat = flat
+        out = []
+        for _ in range(count):
+            optimizer.zero_grad()
+            for p, g in zip(params, samples):
+                p.grad_sample = g.clone()
+            assert optimizer.pre_step()
+            out.append(torch.cat([p.grad.flatten() for p in params]))
+        return out
+
+    first = steps(generator_seed=1, global_seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(first, steps(generator_seed=1, global_seed=99)))  # global seed: no effect
+    assert not any(torch.equal(a, b) for a, b in zip(first, steps(generator_seed=2, global_seed=0)))  # its own seed: all
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # fresh each step
+
+
+def test_accumulated_batches_are_divided_as_in_opacus():
+    """Two backward passes before a step (grad_sample lists): Opacus divides by the expected
+    batch times the passes; so does the fused step."""
+    first, second = _random_samples(3, 1.0, seed=8), _random_samples(5, 1.0, seed=9)
+    grads = []
+    for cls in (FusedDPOptimizer, DPOptimizer):
+        params = _params()
+        optimizer = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.7, expected_batch_size=4)
+        for p, a, b in zip(params, first, second):
+            p.grad_sample = [a.clone(), b.clone()]
+        assert optimizer.accumulated_iterations == 2 and optimizer.pre_step()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_secure_mode_and_mixed_dtypes_keep_opacus_per_tensor_noise():
+    """secure_mode (noise resistant to floating-point attacks) is Opacus's own code; a
+    float64 weight beside float32 ones gets float64 noise (one float32 draw for all would
+    leave the float64 weight's low bits unmasked)."""
+    samples = _random_samples(4, 1.0, seed=2)
+    released = []
+    for cls in (FusedDPOptimizer, DPOptimizer):
+        params = _params()
+        optimizer = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+                        generator=torch.Generator().manual_seed(4), secure_mode=True)
+        for p, g in zip(params, samples):
+            p.grad_sample = g.clone()
+        optimizer.pre_step()
+        released.append(torch.cat([p.grad.flatten() for p in params]))
+    torch.testing.assert_close(released[0], released[1], rtol=0, atol=0)  # the same draws: Opacus's code
+
+    params = [torch.nn.Parameter(torch.zeros(50, dtype=torch.float32)), torch.nn.Parameter(torch.zeros(50, dtype=torch.float64))]
+    optimizer = _optimizer(params, generator=torch.Generator().manual_seed(3))
+    params[0].grad_sample = torch.zeros((4, 50), dtype=torch.float32)
+    params[1].grad_sample = torch.zeros((4, 50), dtype=torch.float64)
+    optimizer.pre_step()
+    noise = params[1].grad * 4  # the float64 weight's noise (no gradient, expected batch 4)
+    assert params[1].grad.dtype == torch.float64
+    assert not torch.equal(noise, noise.float().double())  # not a float32 draw
+
+
+def test_per_example_gradients_of_different_batches_are_refused():
+    params = _params()
+    optimizer = _optimizer(params)
+    optimizer.flat = True
+    for p, g in zip(params, _random_samples(4, 1.0, seed=1)):
+        p.grad_sample = g
+    params[1].grad_sample = params[1].grad_sample[:3]
+    with pytest.raises(ValueError):
+        optimizer.pre_step()
+
+
+def test_the_privacy_audit_refuses_per_layer_clipping():
+    """The one-run audit's canaries carry the whole clipping norm; per-layer shares would
+    clip them and the audit would measure another mechanism: refused before any step."""
+    from common.config import load_config
+    from common.training import Canaries, DPSettings, TensorData, train_local
+
+    data = TensorData(torch.zeros(4, 2, 3), torch.zeros(4, 0), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="clipping=flat"):
+        train_local(torch.nn.Linear(3, 1), data, load_config(None).training, 1, DPSettings(1.0, 1.0, 0.5, per_layer=True),
+                    sample_generator=torch.Generator(), canaries=Canaries(torch.ones(2, dtype=torch.bool)))
