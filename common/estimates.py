@@ -40,6 +40,11 @@ ESTIMATORS = ("binormal", "binned")
 MIN_MASS = 1.0  # a row whose noisy counts add up to less than one patient is not fitted
 MIN_SD = 0.25  # the fitted sd is at least this many bin widths (scores of a model whose scale learnt little are narrow)
 SUB_BINS = 8  # the fitted distributions are also given on bins this much finer, for AUROC and AUPRC
+# auroc_interval's nominal level for reports. Its intervals run short of their nominal
+# coverage (the bootstrap's spread depends on the fitted parameters, which the noise moves):
+# on simulated releases of the default's size (800 patients, 4 hospitals' noise), nominal
+# 95% held the exact AUROC in 80-85% of releases and nominal 99% in 85-92%, 0.2-0.4 wide.
+INTERVAL_LEVEL = 0.99
 
 
 def _cdf(z: np.ndarray) -> np.ndarray:
@@ -147,6 +152,53 @@ def binormal_counts(summary: ScoreSummary) -> ScoreSummary:
             out_fine[c, j] = mass * _shape(fine_edges, mu, sd)
     return ScoreSummary(out, summary.confusion, summary.n, summary.grid,
                         fine=ScoreSummary(out_fine, None, summary.n, fine))
+
+
+def auroc_interval(summary: ScoreSummary, noise_std: float, level: float = 0.95, draws: int = 200,
+                   rng: np.random.Generator | None = None) -> tuple[float, float] | None:
+    """How far a DP release's binormal AUROC may be from the AUROC its patients' exact
+    scores give, read from the release alone: a parametric bootstrap (Efron & Tibshirani
+    1993, ch. 6 and 13) of the estimator's error. In each draw, patients are drawn from
+    the fitted normals (as many per class as the fit holds), their exact AUROC is
+    computed, their scores are binned on the release's grid, the release's noise is
+    added again (iid N(0, ``noise_std``^2) in every cell, as the hospitals added it), and
+    the estimate is read as for the real release. The draws' errors (estimate - exact),
+    taken off the real estimate, give ``level``'s interval: it carries the fit's bias,
+    the noise and how far a finite set of patients strays from a smooth distribution.
+    It is a rough interval: its coverage falls short of ``level`` (see INTERVAL_LEVEL).
+
+    It describes the error of the reading, for these patients; the AUROC on other patients
+    differs by their sampling error on top (about 0.02 at 800 patients). Post-processing
+    of the release: no privacy cost. Binary tasks only (None otherwise, or when nothing
+    fits).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    hist = summary.histogram
+    if hist.shape[:2] != (2, 1) or noise_std <= 0 or not math.isfinite(noise_std):
+        return None
+    estimate = binormal_counts(summary).metrics().auroc
+    edges = _edges(summary.grid)
+    fits = [fit_normal(hist[c, 0], edges) for c in (0, 1)]
+    if not math.isfinite(estimate) or any(f is None or f[0] < 1 for f in fits):
+        return None
+    rng = rng or np.random.default_rng()
+    inner = edges[1:-1]  # the end bins are open-ended
+    errors = []
+    for _ in range(draws):
+        logits = [rng.normal(mu, sd, int(round(mass))) for mass, mu, sd in fits]
+        exact = roc_auc_score(np.r_[np.zeros(len(logits[0])), np.ones(len(logits[1]))], np.r_[logits[0], logits[1]])
+        counts = np.stack([np.bincount(np.searchsorted(inner, z, side="right"), minlength=summary.grid.bins)
+                           for z in logits]).astype(np.float64)[:, None, :]
+        noisy = ScoreSummary(counts + rng.normal(0.0, noise_std, hist.shape), None, len(logits[0]) + len(logits[1]),
+                             summary.grid)
+        value = binormal_counts(noisy).metrics().auroc
+        if math.isfinite(value):
+            errors.append(value - exact)
+    if len(errors) < draws // 2:
+        return None
+    low, high = np.quantile(errors, [(1 - level) / 2, (1 + level) / 2])
+    return max(0.0, estimate - float(high)), min(1.0, estimate - float(low))
 
 
 def for_metrics(summary: ScoreSummary | None, estimator: str, dp: bool) -> ScoreSummary | None:

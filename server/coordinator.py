@@ -27,7 +27,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
-from common.estimates import for_metrics
+from common.estimates import INTERVAL_LEVEL, auroc_interval, for_metrics
 from common.ledger import Ledger
 from common.messages import Item, NodeMode, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_number, pooled
@@ -589,6 +589,14 @@ class Coordinator:
         )
         if test is not None and self.cfg.is_binary:
             result.calibration_curve = reliability(test)
+        noisy = [(test_parts[n], e.noise[Item.HISTOGRAM]) for n, e in released.items()
+                 if n in test_parts and Item.HISTOGRAM in e.noise]
+        if (test is not None and self.cfg.is_binary and self.cfg.evaluation.dp and noisy
+                and self.cfg.evaluation.estimator == "binormal"):
+            noise = math.sqrt(sum((sigma * part.sensitivity) ** 2 for part, sigma in noisy))
+            interval = auroc_interval(pooled([part for part, _ in noisy]), noise, INTERVAL_LEVEL,
+                                      rng=np.random.default_rng(self.cfg.run.seed))
+            result.auroc_interval = list(interval) if interval is not None else None
         groups = [e for e in released.values() if e.subgroups is not None]
         if groups:
             total = groups[0].subgroups
