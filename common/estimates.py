@@ -45,6 +45,8 @@ SUB_BINS = 8  # the fitted distributions are also given on bins this much finer,
 # on simulated releases of the default's size (800 patients, 4 hospitals' noise), nominal
 # 95% held the exact AUROC in 80-85% of releases and nominal 99% in 85-92%, 0.2-0.4 wide.
 INTERVAL_LEVEL = 0.99
+INTERVAL_COVERAGE = ("on synthetic binormal releases of the default's size (800 patients, 4 hospitals, test epsilon 1) "
+                     "it held the exact value in 85-92% of releases")
 
 
 def _cdf(z: np.ndarray) -> np.ndarray:

@@ -589,14 +589,8 @@ class Coordinator:
         )
         if test is not None and self.cfg.is_binary:
             result.calibration_curve = reliability(test)
-        noisy = [(test_parts[n], e.noise[Item.HISTOGRAM]) for n, e in released.items()
-                 if n in test_parts and Item.HISTOGRAM in e.noise]
-        if (test is not None and self.cfg.is_binary and self.cfg.evaluation.dp and noisy
-                and self.cfg.evaluation.estimator == "binormal"):
-            noise = math.sqrt(sum((sigma * part.sensitivity) ** 2 for part, sigma in noisy))
-            interval = auroc_interval(pooled([part for part, _ in noisy]), noise, INTERVAL_LEVEL,
-                                      rng=np.random.default_rng(self.cfg.run.seed))
-            result.auroc_interval = list(interval) if interval is not None else None
+        if test is not None:
+            result.auroc_interval = self.auroc_interval(test_parts, released)
         groups = [e for e in released.values() if e.subgroups is not None]
         if groups:
             total = groups[0].subgroups
@@ -616,6 +610,25 @@ class Coordinator:
             result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],
             self.aggregator.hospital_privacy(),
         )
+
+    def auroc_interval(self, parts: dict[str, ScoreSummary], released: dict[str, Evaluations]) -> list[float] | None:
+        """The rough interval of the pooled test AUROC (common.estimates.auroc_interval) for a
+        DP binary run read binormal: the pooled release and the noise the hospitals added to
+        it, sqrt(sum of each one's (noise multiplier x sensitivity)^2) from their ledger
+        entries. An interval that cannot be computed is left out; it never costs the run."""
+        noisy = [(parts[n], e.noise[Item.HISTOGRAM]) for n, e in released.items()
+                 if n in parts and Item.HISTOGRAM in e.noise]
+        ev = self.cfg.evaluation
+        if not (noisy and self.cfg.is_binary and ev.dp and ev.estimator == "binormal"):
+            return None
+        noise = math.sqrt(sum((sigma * part.sensitivity) ** 2 for part, sigma in noisy))
+        try:
+            interval = auroc_interval(pooled([part for part, _ in noisy]), noise, INTERVAL_LEVEL,
+                                      rng=np.random.default_rng(self.cfg.run.seed))
+        except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
+            log.warning("the interval of the test AUROC could not be computed", exc_info=True)
+            return None
+        return list(interval) if interval is not None else None
 
     def _round_record(self, server_round: int, seconds: float, train: TrainPhase) -> RoundRecord:
         epsilons = {h.name: h.epsilon for h in self.hospitals.values()}

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import ConfigError, ExperimentConfig  # noqa: E402
 from common.document import Bullets, Image, Section, Statement, Table, markdown, to_html  # noqa: E402
+from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL  # noqa: E402
 from common.messages import Split  # noqa: E402
 from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
 from common.subgroups import CalibrationPoint  # noqa: E402
@@ -256,10 +257,9 @@ def _test_section(run: RunFolder) -> Section | None:
     )
     interval = (
         f" How far the pooled AUROC may be from what the test patients' exact scores would give, for the DP noise "
-        f"and the fit (a parametric bootstrap of the release, nominal 99%): {test.auroc_interval[0]:.3f} to "
-        f"{test.auroc_interval[1]:.3f}. A rough interval: on simulated releases of this size it held the exact "
-        "AUROC 85-92% of the time. The AUROC on other patients differs by their sampling error on top (about 0.02 "
-        "at 800 patients)."
+        f"and the fit (a parametric bootstrap of the release, nominal {INTERVAL_LEVEL:.0%}): "
+        f"{test.auroc_interval[0]:.3f} to {test.auroc_interval[1]:.3f}. A rough interval: {INTERVAL_COVERAGE}. "
+        "The AUROC on other patients differs by their own sampling error on top."
         if test.auroc_interval else ""
     )
     return Section("Test results (final model)", [
@@ -491,8 +491,8 @@ def summary_text(run: RunFolder) -> str:
         lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
         if test.auroc_interval:
             low, high = test.auroc_interval
-            lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (held the exact value "
-                         "in 85-92% of simulated releases)")
+            lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (nominal "
+                         f"{INTERVAL_LEVEL:.0%}; {INTERVAL_COVERAGE})")
     privacy = run.privacy
     if privacy is not None and privacy.dp_enabled:
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "

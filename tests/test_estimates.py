@@ -224,3 +224,39 @@ def test_no_interval_without_noise_or_for_several_classes():
     assert auroc_interval(release, 0.0) is None
     three = ScoreSummary(np.ones((3, 3, GRID.bins)), np.zeros((3, 3)), 90, GRID)
     assert auroc_interval(three, 1.0) is None
+
+
+def test_the_coordinator_gives_the_interval_the_pooled_release_and_its_pooled_noise(tmp_path, monkeypatch):
+    """finish() reads the interval from the pooled test release with the noise the
+    hospitals added to it: sqrt(sum of (noise multiplier x sensitivity)^2) over the
+    hospitals whose ledger recorded a DP histogram; none for exact releases or the
+    binned estimator; a failure is logged, not fatal."""
+    import server.coordinator as coordinator
+    from common.messages import Item
+    from server.validation import Evaluations
+
+    rng = np.random.default_rng(3)
+    parts, released = {}, {}
+    for name, sigma in (("a", 2.0), ("b", 3.0), ("c", 6.0)):
+        y = (rng.random(200) < 0.2).astype(np.int64)
+        risk = 1 / (1 + np.exp(-(-2.0 + rng.normal(size=200) + y)))
+        parts[name] = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID).noised(sigma, rng)
+        released[name] = Evaluations(summaries={}, noise={Item.HISTOGRAM: sigma})
+    released["d"] = Evaluations()  # declined: no histogram, no noise
+    seen = {}
+
+    def spy(summary, noise_std, level, rng=None):
+        seen.update(n=summary.n, noise=noise_std, level=level)
+        return (0.6, 0.9)
+
+    monkeypatch.setattr(coordinator, "auroc_interval", spy)
+    assert coordinator_for(small_cfg(), [], tmp_path / "dp").auroc_interval(parts, released) == [0.6, 0.9]
+    assert seen["n"] == 600 and seen["noise"] == pytest.approx(math.sqrt(4 + 9 + 36))
+    assert coordinator_for(small_cfg("evaluation.dp=false"), [], tmp_path / "x").auroc_interval(parts, released) is None
+    assert coordinator_for(small_cfg("evaluation.estimator=binned"), [], tmp_path / "b").auroc_interval(parts, released) is None
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("a fit that went wrong")
+
+    monkeypatch.setattr(coordinator, "auroc_interval", broken)
+    assert coordinator_for(small_cfg(), [], tmp_path / "e").auroc_interval(parts, released) is None
