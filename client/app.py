@@ -88,16 +88,28 @@ def _status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
     return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
 
 
-# An absolute, relative (./, ../) or home path (POSIX or Windows), not a slash inside a word
+# An absolute, relative (./, ../), home (~/, ~user/) or network (\\\\server) path, not a slash inside a word
 # ("train/validation") or a number ("1/(10 n)"); a sentence's full stop is not part of it.
-_PATH = re.compile(r"(?<![\w.)])(?:~?/|\.{1,2}/|[A-Za-z]:\\)[^\s'\",;]*[^\s'\",;.:)]")
+_PATH = re.compile(r"(?<![\w.)])(?:~\w*/|/|\.{1,2}/|[A-Za-z]:\\|\\\\)[^\s'\",;]*[^\s'\",;.:)]")
 
 
-def without_paths(reason: str) -> str:
+def without_paths(reason: str, known: tuple[str, ...] = ()) -> str:
     """A refusal reason as the coordinator may read it: file paths of the hospital's
     machine (its folder, user names, mount points) become ``<path>``; the hospital's own
-    log keeps the full text."""
-    return _PATH.sub("<path>", reason)
+    log keeps the full text. ``known``: paths to take out first, whole (a folder name
+    with spaces in it, say, which the pattern alone would cut at the space)."""
+    for prefix in sorted({k for k in known if k and k not in ("/", ".")}, key=len, reverse=True):
+        reason = reason.replace(prefix, "<path>")
+    return re.sub(r"(?:<path>)+", "<path>", _PATH.sub("<path>", reason))
+
+
+def _local_paths(context: Context) -> tuple[str, ...]:
+    """The hospital folder as configured and resolved, and the home folder."""
+    paths = [str(Path.home())]
+    folder = context.node_config.get("hospital-dir")
+    if folder:
+        paths += [str(folder), str(Path(str(folder)).expanduser().resolve())]
+    return tuple(paths)
 
 
 def _refusing(handler: Callable[..., Message]) -> Callable[..., Message]:
@@ -127,7 +139,8 @@ def _refusing(handler: Callable[..., Message]) -> Callable[..., Message]:
         except Exception:  # noqa: BLE001 - an unreadable request or node: the reply still goes out
             pass
         log.error("%s refuses to %s: %s", name, handler.__name__, reason)
-        return Message(RecordDict({M.STATUS: _status(name, state, **{M.REASON: without_paths(reason)})}), reply_to=msg)
+        sent = without_paths(reason, _local_paths(context))
+        return Message(RecordDict({M.STATUS: _status(name, state, **{M.REASON: sent})}), reply_to=msg)
 
     return wrapped
 

@@ -135,7 +135,8 @@ RELEASES: tuple[Release, ...] = (
         "settings and the list of releases; the sample rate is batch size / training stays, so it reveals the "
         "same count as num-examples; each entry also names the data export it read by a label keyed with the "
         "hospital's secret (HMAC of the files' sha256: it tells exports apart, and without the key it confirms "
-        "no guess of the files) and when it was recorded",
+        "no guess of the files; entries a ledger recorded before these labels keep the plain sha256) and when it "
+        "was recorded",
     ),
     STATE_RELEASE := Release(
         "reply state and reason", "every reply", False,

@@ -114,6 +114,18 @@ def test_refusal_reasons_lose_their_paths(text, sent):
     assert client_app.without_paths(text) == sent
 
 
+@pytest.mark.parametrize("text, known, sent", [
+    ("no ledger at /home/Jo Smith/icu/ledger.json", ("/home/Jo Smith/icu",), "no ledger at <path>"),
+    ("no ledger at sites/icu a/ledger.json. Restore", ("sites/icu a",), "no ledger at <path>. Restore"),
+    ("~bob/icu/secret.key is missing", (), "<path> is missing"),
+    ("\\\\server\\share\\export is gone", (), "<path> is gone"),
+])
+def test_refusal_reasons_lose_known_folders_whole(text, known, sent):
+    """The hospital's folder is taken out whole first (a name with a space would be cut
+    at the space by the pattern alone); home, user-home and network paths too."""
+    assert client_app.without_paths(text, known) == sent
+
+
 def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, tmp_path):
     """The ledger belongs to the hospital, not to one export: corrected or larger files
     go on spending the same budget, and each entry names the export it read."""
