@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -72,6 +73,13 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
 def make_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
     app = ServerApp()
 
+
+def resumed_config(config_json: str, source: str) -> ExperimentConfig:
+    """A checkpoint's config, read over default.yaml: a checkpoint written before a key
+    existed (model.carry_units, say) resumes with that key's default, as a model bundle
+    does."""
+    return ExperimentConfig.from_dict(json.loads(config_json), origin=source, fill_defaults=True)
+
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_server(cfg, grid, run_dir)
@@ -82,6 +90,13 @@ def make_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
 app = ServerApp()
 
 
+def resumed_config(config_json: str, source: str) -> ExperimentConfig:
+    """A checkpoint's config, read over default.yaml: a checkpoint written before a key
+    existed (model.carry_units, say) resumes with that key's default, as a model bundle
+    does."""
+    return ExperimentConfig.from_dict(json.loads(config_json), origin=source, fill_defaults=True)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     resume_dir = str(context.run_config.get("resume", ""))
@@ -89,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
         # Same run, same config: everything comes from the run folder's checkpoint.
         run_dir = resolve(resume_dir)
         snapshot = load_checkpoint(run_dir / "checkpoint.pt")
-        cfg = ExperimentConfig.from_json(snapshot.config_json)
+        cfg = resumed_config(snapshot.config_json, str(run_dir / "checkpoint.pt"))
         run_server(cfg, grid, run_dir, resume=snapshot)
         return
     cfg = config_from_run_config(dict(context.run_config))

@@ -115,3 +115,14 @@ def test_carry_units_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=f"model.carry_units.*{message}"):
         load_config(ROOT / "configs" / "default.yaml", overrides)
     load_config(ROOT / "configs" / "default.yaml", ["model.carry_units=[worst_high,worst_low]", "model.gru_hidden=[2]"])
+
+
+def test_a_checkpoint_written_before_a_key_existed_resumes_with_its_default():
+    import json
+
+    from common.config import load_config
+    from server.app import resumed_config
+
+    old = json.loads(load_config(None).to_json())
+    del old["model"]["carry_units"]  # a checkpoint from before model.carry_units
+    assert resumed_config(json.dumps(old), "checkpoint.pt").model.carry_units == []
