@@ -73,13 +73,6 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
 def make_server_app(cfg: ExperimentConfig, run_dir: Path) -> ServerApp:
     app = ServerApp()
 
-
-def resumed_config(config_json: str, source: str) -> ExperimentConfig:
-    """A checkpoint's config, read over default.yaml: a checkpoint written before a key
-    existed (model.carry_units, say) resumes with that key's default, as a model bundle
-    does."""
-    return ExperimentConfig.from_dict(json.loads(config_json), origin=source, fill_defaults=True)
-
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_server(cfg, grid, run_dir)
