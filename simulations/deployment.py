@@ -105,6 +105,11 @@ class LocalFederation:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
+    @staticmethod
+    def _activations(log_file: Path) -> int:
+        """How many times a SuperNode writing to ``log_file`` was let in by the SuperLink."""
+        return log_file.read_bytes().count(b"SuperNode ID:") if log_file.is_file() else 0
+
     def hospital_dir(self, name: str) -> Path:
         return self.root / "hospitals" / name
 
@@ -114,19 +119,26 @@ class LocalFederation:
         A SuperNode restarted after a crash is refused by the SuperLink (exit code 305,
         "Failed to activate SuperNode") until the SuperLink has seen its old session's
         heartbeats stop; it is started again every few seconds until it is let in, as a
-        service manager's restart policy would."""
+        service manager's restart policy would. Let in means activated (its log names its
+        "SuperNode ID"), not merely listening: a refused SuperNode opens its runtime API
+        first and exits after, and an app pointed at it then waits on a dead port."""
         folder = self.hospital_dir(name)
+        log_file = self.logs / f"supernode-{name}.log"
         deadline = time.monotonic() + timeout
         while True:
             runtime_port = free_port()
+            activations = self._activations(log_file)
             node = self.start(f"supernode-{name}", [
                 str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.root / "fed" / "ca.crt"), "--auth-supernode-private-key",
                 str(folder / f"{name}.key"), "--isolation", "process", "--port", str(runtime_port),
                 "--node-config", f'hospital-dir="{folder}"',
             ])
-            started = wait_until(lambda: self._listening(runtime_port) or node.poll() is not None,
-                                 max(1.0, deadline - time.monotonic()), f"{name}'s runtime API")
+            started = wait_until(
+                lambda: (self._activations(log_file) > activations and self._listening(runtime_port))
+                or node.poll() is not None,
+                max(1.0, deadline - time.monotonic()), f"{name}'s SuperNode to be let in",
+            )
             if node.poll() is None and started:
                 break
             if time.monotonic() + 5 >= deadline:
