@@ -93,8 +93,9 @@ def test_bad_lines_name_file_line_and_column_but_no_value(default_cfg, tmp_path,
     assert "1.txt" in msg and f"line {line_no}" in msg
     if column:
         assert f"column '{column}'" in msg
+    said = msg.replace(str(tmp_path), "<tmp>")  # pytest's folder name can hold the digits (pytest-188)
     for value in ("eighty-eight", "88", "01:xx"):
-        assert value not in msg
+        assert value not in said
 
 
 def test_empty_file_missing_path_and_unknown_format(default_cfg, tmp_path):
