@@ -260,3 +260,19 @@ def test_the_coordinator_gives_the_interval_the_pooled_release_and_its_pooled_no
 
     monkeypatch.setattr(coordinator, "auroc_interval", broken)
     assert coordinator_for(small_cfg(), [], tmp_path / "e").auroc_interval(parts, released) is None
+
+
+def test_a_small_release_whose_deaths_fit_to_nothing_keeps_their_clipped_counts():
+    """At 80 test patients (about 11 deaths) the mass constraint can take all of the
+    deaths' fitted mass; the row then keeps its clipped counts, like a row too light to
+    fit, and the AUROC stays defined whenever the released deaths' counts are."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        parts = []
+        for n in (12, 20, 28, 20):
+            y = (rng.random(n) < 0.14).astype(np.int64)
+            risk = 1 / (1 + np.exp(-(-2.3 + rng.normal(size=n) + 1.09 * y)))
+            parts.append(ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID).noised(TEST_NOISE, rng))
+        release = pooled(parts)
+        if np.maximum(release.histogram[1], 0).sum() > 0 and np.maximum(release.histogram[0], 0).sum() > 0:
+            assert math.isfinite(for_metrics(release, "binormal", dp=True).metrics().auroc)
