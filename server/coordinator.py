@@ -628,7 +628,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("the interval of the test AUROC could not be computed", exc_info=True)
             return None
-        return list(interval) if interval is not None and all(math.isfinite(v) for v in interval) else None
+        return list(interval) if interval is not None else None
 
     def _round_record(self, server_round: int, seconds: float, train: TrainPhase) -> RoundRecord:
         epsilons = {h.name: h.epsilon for h in self.hospitals.values()}

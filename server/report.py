@@ -260,7 +260,7 @@ def _test_section(run: RunFolder) -> Section | None:
         f"and the fit (a parametric bootstrap of the release, nominal {INTERVAL_LEVEL:.0%}): "
         f"{test.auroc_interval[0]:.3f} to {test.auroc_interval[1]:.3f}. A rough interval: {INTERVAL_COVERAGE}. "
         "The AUROC on other patients differs by their own sampling error on top."
-        if test.auroc_interval and None not in test.auroc_interval else ""
+        if test.auroc_interval else ""
     )
     return Section("Test results (final model)", [
         Table(header, rows),
@@ -489,7 +489,7 @@ def summary_text(run: RunFolder) -> str:
     if test is not None and test.pooled is not None:
         read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
         lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
-        if test.auroc_interval and None not in test.auroc_interval:
+        if test.auroc_interval:
             low, high = test.auroc_interval
             lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (nominal "
                          f"{INTERVAL_LEVEL:.0%}; {INTERVAL_COVERAGE})")
