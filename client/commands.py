@@ -49,13 +49,13 @@ def approve(folder_path: Path, project: Path | None, note: str) -> str:
     return f"{folder.name} approves app {digest} ({project or 'the installed fedgru'})"
 
 
-def serve(folder_path: Path, runtime_address: str, poll_s: float) -> None:
+def serve(folder_path: Path, runtime_address: str, poll_s: float, task_timeout_s: float = 6 * 3600) -> None:
     from common.logs import attach_to_flower
 
     from .launcher import Gate
 
     attach_to_flower(logging.INFO)
-    Gate(HospitalFolder(folder_path), runtime_address, poll_s).serve()
+    Gate(HospitalFolder(folder_path), runtime_address, poll_s, task_timeout_s=task_timeout_s).serve()
 
 
 def show(folder_path: Path) -> str:

@@ -17,8 +17,13 @@ compares the hash of the FAB the run came with against the hashes in the hospita
 It imports torch, Opacus and the app once; each task then runs in a child forked from
 this process (milliseconds, no imports), so a task that Flower stops (it signals the
 task's process when its run ends) or that crashes ends alone, and the hospital goes on
-serving. The runtime-API calls are Flower 1.42's own (the ones its ``flwr-clientapp`` and
-``flower-superexec`` make).
+serving. Like Flower's own SuperExec, this process does not wait for a task before taking
+the next one: a task whose run died under it (a coordinator killed mid-round leaves its
+task retrying the runtime API, which Flower's retries do without end) must not keep the
+hospital from answering the next run. A task still alive after ``task_timeout_s`` is
+killed; the ledger survives that (its writes are atomic and its lock dies with the
+process). The runtime-API calls are Flower 1.42's own (the ones its ``flwr-clientapp``
+and ``flower-superexec`` make).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -57,10 +63,14 @@ def app_hash(project: Path | None = None) -> str:
 class Gate:
     """Serves one hospital's SuperNode: approved app versions only."""
 
-    def __init__(self, folder: HospitalFolder, runtime_address: str, poll_s: float = 0.2):
+    def __init__(self, folder: HospitalFolder, runtime_address: str, poll_s: float = 0.2,
+                 max_parallel: int = 4, task_timeout_s: float = 6 * 3600):
         self.folder = folder
         self.address = runtime_address
         self.poll_s = poll_s
+        self.max_parallel = max_parallel  # tasks alive at once (each holds a forked copy of torch)
+        self.task_timeout_s = task_timeout_s
+        self.children: dict[int, float] = {}  # pid -> start (monotonic seconds)
         self.installed = app_hash()
         if self.installed not in folder.approved():
             raise FolderError(
@@ -79,17 +89,24 @@ class Gate:
         )
 
     def serve(self, max_tasks: int | None = None) -> None:
+        """Take tasks until ``max_tasks`` were started (for ever by default), then wait for
+        the ones still running."""
         log.info("%s serves app %s… at %s", self.folder.name, self.installed[:16], self.address)
-        done = 0
-        while max_tasks is None or done < max_tasks:
-            res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            if res.HasField("task") and res.token:
-                self._in_child(res.token)
-                done += 1
-            else:
-                time.sleep(self.poll_s)
+        started = 0
+        while max_tasks is None or started < max_tasks:
+            self.reap()
+            if len(self.children) < self.max_parallel:
+                res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                if res.HasField("task") and res.token:
+                    self._start_child(res.token)
+                    started += 1
+                    continue
+            time.sleep(self.poll_s)
+        while self.children:
+            self.reap()
+            time.sleep(self.poll_s)
 
-    def _in_child(self, token: str) -> None:
+    def _start_child(self, token: str) -> None:
         pid = os.fork()
         if pid == 0:  # the child: one task, then gone (whatever happens in it)
             code = 1
@@ -98,9 +115,22 @@ class Gate:
                 code = 0
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
-            log.warning("%s: a task ended early (status %s); serving on", self.folder.name, status)
+        self.children[pid] = time.monotonic()
+
+    def reap(self) -> None:
+        """Collect the tasks that ended, and kill the ones past ``task_timeout_s``."""
+        for pid, start in list(self.children.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                del self.children[pid]
+                if status != 0:
+                    log.warning("%s: a task ended early (status %s); serving on", self.folder.name, status)
+            elif time.monotonic() - start > self.task_timeout_s:
+                log.warning("%s: a task ran past %.0f s (its run may have ended under it); stopped it",
+                            self.folder.name, self.task_timeout_s)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                del self.children[pid]
 
     def run_task(self, token: str) -> None:
         client = self._client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token))
@@ -128,5 +158,4 @@ class Gate:
         # after (os._exit ends the heartbeat's daemon thread with it). stop() joins that
         # thread, and when the run ends as the task finishes (a coordinator killed after
         # the round, say) its heartbeat can be inside Flower's HTTP retries, which back off
-        # without end: the child never exited, and the hospital, waiting for it, answered
-        # no later run (seen in the deployment test: 0 hospitals answered the resumed run).
+        # without end (seen in the deployment test: 0 hospitals answered the resumed run).

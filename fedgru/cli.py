@@ -238,7 +238,7 @@ def cmd_hospital(args) -> int:
         elif args.action == "approve":
             print(commands.approve(Path(args.hospital_dir), Path(args.app) if args.app else None, args.note))
         elif args.action == "serve":
-            commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll)
+            commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll, args.task_timeout)
         else:
             print(commands.show(Path(args.hospital_dir)))
     except FolderError as exc:
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="approve: who approved it and why")
     p.add_argument("--runtime-api", default="127.0.0.1:9094", help="serve: the SuperNode's runtime API (its --host:--port)")
     p.add_argument("--poll", type=float, default=0.2, help="serve: seconds between polls for a task")
+    p.add_argument("--task-timeout", type=float, default=6 * 3600,
+                   help="serve: seconds after which a task still running is stopped (default 6 h)")
     _config_arg(p)
     p.set_defaults(fn=cmd_hospital)
 
