@@ -17,6 +17,7 @@ be evaluated) is the hospital's own policy, not this config's (``client.policy``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -531,11 +532,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree = _load_yaml_tree(path, seen=())
     if path.resolve() != DEFAULT_CONFIG.resolve():
         tree = deep_merge(_read_yaml(DEFAULT_CONFIG), tree)
-    for item in overrides:
-        apply_override(tree, item)
-    cfg = _typed(tree, str(path))
+    if not overrides:
+        cfg = _typed(tree, str(path))
+    else:
+        overridden = copy.deepcopy(tree)
+        for item in overrides:
+            apply_override(overridden, item)
+        try:
+            cfg = _typed(overridden, str(path))
+        except ConfigError as exc:
+            raise _blame_overrides(exc, tree, overridden, path, overrides) from None
     cfg.source = str(path)
     return cfg
+
+
+def _blame_overrides(exc: ConfigError, tree: dict, overridden: dict, path: Path, overrides) -> ConfigError:
+    """The same error, naming the override that caused it rather than the file (which is
+    valid without the overrides); the file's own error if it is not."""
+    try:
+        _typed(tree, str(path))
+    except ConfigError:
+        return exc
+    named = [o for o in overrides if f"'{o.partition('=')[0].strip()}'" in str(exc)]
+    origin = f"override {named[0]!r}" if len(named) == 1 else "overrides " + ", ".join(repr(o) for o in overrides)
+    try:
+        _typed(overridden, origin)
+    except ConfigError as again:
+        return again
+    return exc
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -126,3 +126,18 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_with_its_default():
     old = json.loads(load_config(None).to_json())
     del old["model"]["carry_units"]  # a checkpoint from before model.carry_units
     assert resumed_config(json.dumps(old), "checkpoint.pt").model.carry_units == []
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    default = ROOT / "configs" / "default.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(default, ["run.rounds=3", "training.lr=abc"])
+    assert str(err.value).startswith("override 'training.lr=abc': 'training.lr' must be a number")
+    with pytest.raises(ConfigError) as err:  # two overrides together break a rule that spans both
+        load_config(default, ["privacy.noise_multiplier=1.0", "run.rounds=3"])
+    # the message names the section, not the key, so both overrides are named
+    assert str(err.value).startswith("overrides 'privacy.noise_multiplier=1.0', 'run.rounds=3': 'privacy' needs exactly one")
+    bad = tmp_path / "bad.yaml"  # the file's own error still names the file, overrides or not
+    bad.write_text(f"extends: {default}\ntraining:\n  lr_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'training\.lr_rate'"):
+        load_config(bad, ["training.lr=0.1"])
