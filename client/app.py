@@ -420,6 +420,10 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
                 ledger.record(planned)
         else:
             exhausted = None
+            # outside the DP guarantee, but never unrecorded: the ledger lists it
+            ledger.record(LedgerEntry(req.run_id, req.server_round, Mechanism.NONE,
+                                      "model weights trained WITHOUT DP on the training split",
+                                      item=Item.WEIGHTS, examples=len(data.train), data=data.export))
         if exhausted is None:
             ledger.record(LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "the training split's size",
                                       item=Item.SPLIT_SIZE, examples=len(data.train), data=data.export))

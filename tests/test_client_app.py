@@ -176,3 +176,20 @@ def test_a_resent_round_is_not_charged_twice(hospital_data, tmp_path):
     assert len(_ledger(folder).history(Split.TRAIN)) == 1
     for k, v in first.content[M.ARRAYS].items():
         assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()
+
+
+def test_a_simulated_hospital_without_dp_lists_its_weights_in_its_ledger(physionet_files):
+    """A simulation may switch DP off; the weights it then releases are outside the
+    guarantee but never unrecorded: the ledger lists them as a release without noise."""
+    from flwr.app import Context, RecordDict
+
+    cfg = hospital_cfg("privacy.enabled=false", "data.max_stays=400")
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 4},
+                      state=RecordDict(), run_config={})
+    reply = client_app.train(hospital_message(cfg, "run-1", 1), context)
+    status = reply_status(reply)
+    assert status[M.STATE] == ReplyState.TRAINED, status
+    ledger = Ledger.from_json(status[M.LEDGER])  # the copy that travels with the reply
+    weights = [(e.mechanism, e.split, e.released) for e in ledger.entries if e.item == Item.WEIGHTS]
+    assert weights == [(Mechanism.NONE, Split.TRAIN, "model weights trained WITHOUT DP on the training split")]
+    assert ledger.epsilon() == 0.0
