@@ -23,6 +23,13 @@ copy at B = 256, H = 128 slowed the CPU step by a fifth). So the clipping is fla
 and Opacus's own per-tensor code on a CPU (``flat``: None, the default, decides by device;
 True or False forces one; the two are the same arithmetic, tested against each other).
 
+One addition to Opacus: a per-example gradient's coordinates that are NaN or infinite
+count as 0 before clipping. A global model can be finite and still overflow on some
+patients (a hostile coordinator can craft one that does so only for patients with a
+given value); Opacus would then clip NaN to NaN, and the hospital's noisy update would
+be NaN exactly when such a patient was sampled: one bit outside the Gaussian mechanism.
+Zeroed, each patient still moves the sum by at most C, whatever the model.
+
 Everything else is Opacus's and unchanged: the step skipping and gradient accumulation
 (``summed_grad``), the accountant's step hook, ``zero_grad``, the privacy engine's
 bookkeeping. ``secure_mode`` (Opacus's floating-point-attack-resistant noise) falls
@@ -45,6 +52,10 @@ class FusedDPOptimizer(DPOptimizer):
     flat: bool | None = None  # flat clipping: None = on a GPU only (see the module's docstring)
 
     def clip_and_accumulate(self) -> None:
+        for p in self.params:  # in place, on what Opacus's per-tensor code below reads too
+            parts = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]  # a list: accumulated batches
+            for g in parts:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         samples = self.grad_samples
         flat = samples[0].is_cuda if self.flat is None else self.flat
         if len(samples[0]) == 0 or not flat:  # an empty Poisson sample (zero clip factors), or a CPU: Opacus's code

@@ -218,7 +218,9 @@ def contribution_sizes(model: GRUClassifier, X: np.ndarray, S: np.ndarray, featu
         s = torch.as_tensor(S[i : i + batch], dtype=torch.float32, device=device)
         parts = exact_contributions(model, x, s, features)[0] if is_exact(model) else \
             integrated_gradients(model, x, s, features, steps=32)[0]
-        sizes = parts.abs()
+        # NaN or infinite parts (a model that overflows on this patient) count as 0: the row
+        # stays within ``clip`` and the noisy sum finite whatever the model (as in DP-SGD's step)
+        sizes = torch.nan_to_num(parts.abs(), nan=0.0, posinf=0.0)
         norms = sizes.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out.append((sizes * torch.clamp(clip / norms, max=1.0)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(features.variables) + len(features.static)))

@@ -143,6 +143,10 @@ class ScoreGrid:
         return (self.high - self.low) / self.bins
 
     def index(self, logits: np.ndarray) -> np.ndarray:
+        # A NaN score (a model that overflows on this patient) goes to the lowest bin: the
+        # patient still counts once, so the histogram's sensitivity holds, and nothing
+        # fails (a failure would tell the coordinator that some patient made the model NaN).
+        logits = np.where(np.isnan(logits), self.low, logits)
         return np.clip(np.floor((logits - self.low) / self.width), 0, self.bins - 1).astype(np.int64)
 
     def edge_logit(self, j: int) -> float:

@@ -226,3 +226,31 @@ def test_the_privacy_audit_refuses_per_layer_clipping():
     with pytest.raises(ValueError, match="clipping=flat"):
         train_local(torch.nn.Linear(3, 1), data, load_config(None).training, 1, DPSettings(1.0, 1.0, 0.5, per_layer=True),
                     sample_generator=torch.Generator(), canaries=Canaries(torch.ones(2, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_patient_whose_gradient_overflows_still_moves_the_sum_by_at_most_c(flat):
+    """A finite global model can overflow on one patient (a hostile coordinator can craft
+    one that does so only for some patients). Opacus would clip NaN to NaN, and the noisy
+    update would be NaN exactly when that patient was sampled. Here its non-finite
+    coordinates count as 0: the release is finite and the patient's share bounded by C."""
+    samples = _random_samples(6, 3.0, seed=5)
+    broken = [g.clone() for g in samples]
+    broken[0][2] = float("nan")
+    broken[1][2, 0] = float("inf")
+    broken[2][4, 1, 1] = float("-inf")
+    gen = torch.Generator().manual_seed(3)
+    noisy = _step(FusedDPOptimizer, broken, sigma=1.0, clip=1.0, expected=6, generator=gen, flat=flat)
+    assert all(torch.isfinite(g).all() for g in noisy)
+    # without noise: exactly the step on the gradients with those coordinates set to 0
+    zeroed = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in broken]
+    ours = _step(FusedDPOptimizer, broken, sigma=0.0, clip=1.0, expected=1, reduction="sum", flat=flat)
+    reference = _step(DPOptimizer, zeroed, sigma=0.0, clip=1.0, expected=1, reduction="sum")
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # patient 2 alone (every other row zeroed): its contribution's norm is at most C
+    alone = [torch.zeros_like(g) for g in broken]
+    for a, g in zip(alone, broken):
+        a[2] = g[2]
+    share = _step(FusedDPOptimizer, alone, sigma=0.0, clip=1.0, expected=1, reduction="sum", flat=flat)
+    assert math.sqrt(sum(float((g ** 2).sum()) for g in share)) <= 1.0 + 1e-9

@@ -260,3 +260,19 @@ def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_
         assert ("too few for stable metrics" in line) == small, line
         if not small:
             assert f"AUROC {g.metrics.auroc:.3f}" in line
+
+
+def test_a_model_that_overflows_on_a_patient_still_releases_bounded_finite_importance(full_dataset):
+    """A finite model can overflow on some patients (a hostile coordinator can craft one
+    that does so only for some). Their NaN or infinite parts count as 0, so every row of
+    the importance release stays within its clip and the sum is finite: a NaN sum would
+    tell the coordinator that such a patient was among the tested ones."""
+    from common.explain import contribution_sizes
+
+    cfg, model = _model("per_variable")
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight[0, 0] = float("inf")  # inf x a zero state is NaN, inf x anything else inf
+    sizes = contribution_sizes(model, full_dataset.X[:40], full_dataset.S[:40], cfg.features, clip=1.0)
+    assert np.isfinite(sizes).all()
+    assert (np.linalg.norm(sizes, axis=1) <= 1.0 + 1e-6).all()

@@ -127,3 +127,13 @@ def test_histogram_fits_need_a_binary_summary_with_both_outcomes(use):
     p3 = rng.dirichlet(np.ones(3), size=50)
     assert fn(ScoreSummary.from_predictions(rng.integers(0, 3, 50), p3, grid)) is None
     assert fn(ScoreSummary.from_predictions(y, probs, grid)) is not None
+
+
+def test_a_nan_score_counts_once_in_the_lowest_bin():
+    """A model that overflows on a patient gives a NaN risk; the patient still counts once
+    (the histogram's sensitivity holds) and nothing fails: a failure would tell the
+    coordinator that some patient made the model NaN."""
+    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8]])
+    summary = ScoreSummary.from_predictions(np.array([0, 1, 1]), probs, ScoreGrid(-4.0, 4.0, 8))
+    assert summary.histogram.sum() == 3
+    assert summary.histogram[1, 0, 0] == 1  # the NaN death, in the lowest bin
