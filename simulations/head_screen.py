@@ -18,7 +18,7 @@ real protocol (``simulations.utility``, one run per fold) cannot resolve become 
 It is a screen, not the protocol: no Flower, no dropout, no DP evaluation releases
 (calibration, threshold) and exact test AUROC of the last (or averaged) model; confirm a
 choice with ``simulations.utility``. Options that are not a DP guarantee per hospital
-are marked so (``--ideal-secure-aggregation``, ``--noise-scale``).
+are marked so (``--ideal-secure-aggregation``, ``--noise-scale``, ``--oracle-init``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Screen:
     ideal_secure_aggregation: bool = False  # NOT per-hospital DP: each hospital adds sigma / sqrt(K)
     noise_scale: float = 1.0  # NOT DP unless 1: multiplies every noise multiplier (0: no noise, a reference)
     seed: int = 0
+    oracle_init: float = 0.0  # NOT DP: start the head at this fraction of a converged non-private fit
+    lr_final: float | None = None  # cosine decay of the learning rate to this by the last round (None: constant)
 
 
 def head_features(cfg) -> tuple[np.ndarray, np.ndarray, list[HospitalSplit]]:
@@ -71,6 +73,12 @@ def head_features(cfg) -> tuple[np.ndarray, np.ndarray, list[HospitalSplit]]:
         features = model.head_inputs(torch.as_tensor(ds.X, dtype=torch.float32),
                                      torch.as_tensor(ds.S, dtype=torch.float32)).double().numpy()
     return features, ds.y, make_partition(ds, cfg)
+
+
+def cosine_lr(first: float, last: float, r: int, rounds: int) -> float:
+    """The learning rate of round ``r`` (0-based) decaying from ``first`` to ``last`` along a
+    half cosine (Loshchilov & Hutter, SGDR, ICLR 2017, without restarts)."""
+    return last + 0.5 * (first - last) * (1 + math.cos(math.pi * r / max(1, rounds - 1)))
 
 
 def screen(cfg, s: Screen) -> dict[str, list[float]]:
@@ -98,8 +106,16 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         X = torch.as_tensor(np.concatenate([features[h.train], np.ones((n, 1))], 1))
         parts.append((n, q, steps, sigma * s.noise_scale, X, torch.as_tensor(y[h.train], dtype=torch.float64)))
     W = torch.zeros(R, d, dtype=torch.float64)  # zero-initialised head (model.zero_init_head)
+    if s.oracle_init:
+        from sklearn.linear_model import LogisticRegression
+
+        train = np.concatenate([h.train for h in hospitals])
+        fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[train], y[train])
+        W[:] = s.oracle_init * torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
     momentum, ema, tail = torch.zeros_like(W), None, []
+    base_lr = lr
     for r in range(cfg.run.rounds):
+        lr = base_lr if s.lr_final is None else cosine_lr(base_lr, s.lr_final, r, cfg.run.rounds)
         updates, weights = [], []
         for n, q, steps, sigma, X, yy in parts:
             w = W.clone()
@@ -140,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--central", action="store_true")
     parser.add_argument("--ideal-secure-aggregation", action="store_true")
     parser.add_argument("--noise-scale", type=float, default=1.0)
+    parser.add_argument("--oracle-init", type=float, default=0.0,
+                        help="NOT DP: start every head at this fraction of a converged non-private logistic fit")
+    parser.add_argument("--lr-final", type=float, default=None, help="cosine decay of the learning rate to this")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     s = Screen(args.runs, args.lr, args.server_lr, args.server_momentum, args.ema, args.tail, args.noise_weighted,
                [int(u) for u in args.units.split(",")] if args.units else None, args.central,
-               args.ideal_secure_aggregation, args.noise_scale)
+               args.ideal_secure_aggregation, args.noise_scale, oracle_init=args.oracle_init, lr_final=args.lr_final)
     results: dict[str, list[float]] = {}
     for fold in (int(f) for f in args.folds.split(",")):
         cfg = load_config(args.config, args.overrides + ["split.folds=5", f"split.fold={fold}"])

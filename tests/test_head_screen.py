@@ -22,3 +22,21 @@ def test_screen_refuses_a_trained_gru(full_dataset):
     cfg = load_config(DEFAULT_CONFIG, ["model.train_gru=true"])
     with pytest.raises(ValueError, match="train_gru"):
         screen(cfg, Screen(runs=1))
+
+
+def test_an_oracle_start_is_the_converged_fit_and_the_cosine_decay_ends_where_asked(full_dataset):
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from simulations.head_screen import cosine_lr, head_features
+
+    cfg = load_config(DEFAULT_CONFIG, ["run.rounds=1", "split.folds=5", "split.fold=0"])
+    features, y, hospitals = head_features(cfg)
+    train, test = (np.concatenate([getattr(h, part) for h in hospitals]) for part in ("train", "test"))
+    fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[train], y[train])
+    expected = roc_auc_score(y[test], fit.decision_function(features[test]))
+    start = screen(cfg, Screen(runs=2, oracle_init=0.5, lr=1e-12, noise_scale=0.0))["last"]  # one round that moves nothing
+    assert start == pytest.approx([expected, expected], abs=1e-6)
+    assert cosine_lr(0.3, 0.01, 0, 80) == pytest.approx(0.3) and cosine_lr(0.3, 0.01, 79, 80) == pytest.approx(0.01)
+    assert cosine_lr(0.3, 0.01, 40, 81) == pytest.approx(0.155)  # halfway: the mean of the two
