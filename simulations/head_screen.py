@@ -59,6 +59,8 @@ class Screen:
     noise_scale: float = 1.0  # NOT DP unless 1: multiplies every noise multiplier (0: no noise, a reference)
     seed: int = 0
     oracle_init: float = 0.0  # NOT DP: start the head at this fraction of a converged non-private fit
+    public_fraction: float = 0.0  # > 0: this share of all stays is a public data set, out of every hospital
+    public_start: bool = True  # ... and the head starts at a non-private fit of it (False: at zero)
     lr_final: float | None = None  # cosine decay of the learning rate to this by the last round (None: constant)
 
 
@@ -81,6 +83,16 @@ def cosine_lr(first: float, last: float, r: int, rounds: int) -> float:
     return last + 0.5 * (first - last) * (1 + math.cos(math.pi * r / max(1, rounds - 1)))
 
 
+def split_off_public(hospitals: list[HospitalSplit], n: int, fraction: float,
+                     seed: int) -> tuple[np.ndarray, list[HospitalSplit]]:
+    """A public data set of the same kind (a random ``fraction`` of all ``n`` stays), and
+    the hospitals without those stays in any split."""
+    public = np.sort(np.random.default_rng(1000 + seed).permutation(n)[: round(fraction * n)])
+    rest = [HospitalSplit(h.name, *(np.setdiff1d(getattr(h, part), public) for part in ("train", "val", "test")))
+            for h in hospitals]
+    return public, rest
+
+
 def screen(cfg, s: Screen) -> dict[str, list[float]]:
     """Test AUROC (pooled over hospitals) of ``s.runs`` independent federations."""
     features, y, hospitals = head_features(cfg)
@@ -88,6 +100,7 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         H, V = cfg.model.gru_hidden[0], len(cfg.features.variables)
         keep = [v * H + u for v in range(V) for u in s.units] + list(range(V * H, features.shape[1]))
         features = features[:, keep]
+    public, hospitals = split_off_public(hospitals, len(y), s.public_fraction, s.seed)
     if s.central:
         hospitals = [HospitalSplit("all", *(np.concatenate([getattr(h, part) for h in hospitals])
                                             for part in ("train", "val", "test")))]
@@ -106,12 +119,18 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         X = torch.as_tensor(np.concatenate([features[h.train], np.ones((n, 1))], 1))
         parts.append((n, q, steps, sigma * s.noise_scale, X, torch.as_tensor(y[h.train], dtype=torch.float64)))
     W = torch.zeros(R, d, dtype=torch.float64)  # zero-initialised head (model.zero_init_head)
+    if s.public_fraction and s.public_start:
+        from sklearn.linear_model import LogisticRegression
+
+        fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[public], y[public])
+        W[:] = torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
     if s.oracle_init:
         from sklearn.linear_model import LogisticRegression
 
         train = np.concatenate([h.train for h in hospitals])
         fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[train], y[train])
         W[:] = s.oracle_init * torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
+    W0 = W.clone()
     momentum, ema, tail = torch.zeros_like(W), None, []
     base_lr = lr
     for r in range(cfg.run.rounds):
@@ -134,7 +153,7 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
             ema = W.clone() if ema is None else s.ema * ema + (1 - s.ema) * W
         if s.tail and r >= cfg.run.rounds - s.tail:
             tail.append(W.clone())
-    models = {"last": W, **({"ema": ema} if ema is not None else {}), **({"tail": sum(tail) / len(tail)} if tail else {})}
+    models = {"last": W, **({"start": W0} if s.public_fraction else {}), **({"ema": ema} if ema is not None else {}), **({"tail": sum(tail) / len(tail)} if tail else {})}
     test = np.concatenate([h.test for h in hospitals])
     Xt = torch.as_tensor(np.concatenate([features[test], np.ones((len(test), 1))], 1))
     return {name: [float(roc_auc_score(y[test], row)) for row in (M @ Xt.T).numpy()] for name, M in models.items()}
@@ -158,12 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-scale", type=float, default=1.0)
     parser.add_argument("--oracle-init", type=float, default=0.0,
                         help="NOT DP: start every head at this fraction of a converged non-private logistic fit")
+    parser.add_argument("--public-fraction", type=float, default=0.0,
+                        help="this share of all stays plays a public data set: out of every hospital, the head starts "
+                             "at a non-private fit of it (scored as 'start')")
+    parser.add_argument("--zero-start", action="store_true", help="with --public-fraction: start at zero all the same")
     parser.add_argument("--lr-final", type=float, default=None, help="cosine decay of the learning rate to this")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     s = Screen(args.runs, args.lr, args.server_lr, args.server_momentum, args.ema, args.tail, args.noise_weighted,
                [int(u) for u in args.units.split(",")] if args.units else None, args.central,
-               args.ideal_secure_aggregation, args.noise_scale, oracle_init=args.oracle_init, lr_final=args.lr_final)
+               args.ideal_secure_aggregation, args.noise_scale, oracle_init=args.oracle_init, lr_final=args.lr_final,
+               public_fraction=args.public_fraction, public_start=not args.zero_start)
     results: dict[str, list[float]] = {}
     for fold in (int(f) for f in args.folds.split(",")):
         cfg = load_config(args.config, args.overrides + ["split.folds=5", f"split.fold={fold}"])
