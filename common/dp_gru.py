@@ -317,23 +317,27 @@ def _fast_gru_grad_sampler(layer: FastGRULayer, activations, backprops: torch.Te
     come from the unscaled output gradient, so the same factor is applied here.
     """
     grad_out, dgi, dgh, x, h_prev = layer.take_stash()
-    # A 0-d tensor, not a Python float: reading it on the host would stall a GPU each step.
-    denom = (grad_out * grad_out).sum()
-    scale = torch.where(denom > 0, (backprops.reshape(grad_out.shape) * grad_out).sum() / denom.clamp_min(1e-30),
-                        torch.ones_like(denom))
     # Rows are (example, group), batch-first; an example's gradient sums over its
     # groups and time steps, which are contiguous rows: (B, 3H, G*T) @ (B, G*T, in).
     # Without groups this is the plain sum over time.
     R, T, K = dgi.shape
     B = R // layer.groups
+    # The factor, measured per example (the same for all, up to rounding): one measured
+    # over the whole batch would let one example whose output gradient overflows (a
+    # crafted model) turn every example's gradient into NaN, or into 0 once cleaned, and so
+    # move the clipped sum by far more than C. Tensors, not Python floats: reading them on
+    # the host would stall a GPU each step.
+    ours, theirs = grad_out.reshape(B, -1), backprops.reshape(grad_out.shape).reshape(B, -1)
+    denom = (ours * ours).sum(1)
+    scale = torch.where(denom > 0, (theirs * ours).sum(1) / denom.clamp_min(1e-30), torch.ones_like(denom))
     gi, gh = dgi.reshape(B, -1, K), dgh.reshape(B, -1, K)
     out = {
-        layer.weight_ih: torch.bmm(gi.transpose(1, 2), x.reshape(B, -1, x.shape[-1])).mul_(scale),
-        layer.weight_hh: torch.bmm(gh.transpose(1, 2), h_prev.reshape(B, -1, h_prev.shape[-1])).mul_(scale),
+        layer.weight_ih: torch.bmm(gi.transpose(1, 2), x.reshape(B, -1, x.shape[-1])).mul_(scale.view(B, 1, 1)),
+        layer.weight_hh: torch.bmm(gh.transpose(1, 2), h_prev.reshape(B, -1, h_prev.shape[-1])).mul_(scale.view(B, 1, 1)),
     }
     if layer.bias_ih is not None:
-        out[layer.bias_ih] = gi.sum(1).mul_(scale)
-        out[layer.bias_hh] = gh.sum(1).mul_(scale)
+        out[layer.bias_ih] = gi.sum(1).mul_(scale.view(B, 1))
+        out[layer.bias_hh] = gh.sum(1).mul_(scale.view(B, 1))
     return _hand_over(layer, out)
 
 

@@ -41,8 +41,27 @@ the same noise scale with it.
 from __future__ import annotations
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+
+def zero_non_finite_grad_samples(params: list[torch.Tensor]) -> None:
+    """Set every NaN or infinite per-example gradient coordinate to 0, in place (see the
+    module's docstring: one patient must move the clipped sum by at most C, whatever the
+    model). Per example: a row is only ever cleaned of its own values."""
+    for p in params:
+        parts = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]  # a list: accumulated batches
+        for g in parts:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class PerLayerDPOptimizer(DPPerLayerOptimizer):
+    """Opacus's ``DPPerLayerOptimizer`` (``privacy.clipping: per_layer``), with the same
+    cleaning of non-finite per-example gradients before its clipping."""
+
+    def clip_and_accumulate(self) -> None:
+        zero_non_finite_grad_samples(self.params)
+        super().clip_and_accumulate()
 
 
 class FusedDPOptimizer(DPOptimizer):
@@ -52,10 +71,7 @@ class FusedDPOptimizer(DPOptimizer):
     flat: bool | None = None  # flat clipping: None = on a GPU only (see the module's docstring)
 
     def clip_and_accumulate(self) -> None:
-        for p in self.params:  # in place, on what Opacus's per-tensor code below reads too
-            parts = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]  # a list: accumulated batches
-            for g in parts:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        zero_non_finite_grad_samples(self.params)  # in place: Opacus's per-tensor code below reads them too
         samples = self.grad_samples
         flat = samples[0].is_cuda if self.flat is None else self.flat
         if len(samples[0]) == 0 or not flat:  # an empty Poisson sample (zero clip factors), or a CPU: Opacus's code

@@ -26,10 +26,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+from opacus.optimizers import DPOptimizer
 
 from .config import ExperimentConfig, TrainingSection
-from .dp_optimizer import FusedDPOptimizer
+from .dp_optimizer import FusedDPOptimizer, PerLayerDPOptimizer
 from .model import GRUClassifier, batch_loss, probabilities
 
 
@@ -201,7 +201,7 @@ def train_local(
     if dp.per_layer:
         # The per-tensor norms add up (in squares) to max_grad_norm: same sensitivity.
         share = dp.max_grad_norm / math.sqrt(len(params))
-        dp_optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=[share] * len(params), **common)
+        dp_optimizer = PerLayerDPOptimizer(optimizer, max_grad_norm=[share] * len(params), **common)
     else:
         # Opacus's DPOptimizer with its per-tensor loops fused (tests/test_dp_optimizer.py).
         dp_optimizer = FusedDPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **common)
