@@ -176,6 +176,11 @@ class LocalState:
         context.state[STATE_KEY] = ConfigRecord({"run-id": self.run_id, "sigma": self.noise_multiplier, "optimizer": self.optimizer})
 
 
+def _finite_in_float32(arrays) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return all(np.isfinite(np.asarray(a.numpy(), dtype=np.float32)).all() for a in arrays.values())
+
+
 class Request:
     """One message at one hospital: the experiment, the round, the node, its policy."""
 
@@ -192,6 +197,10 @@ class Request:
         self.threshold = float(msg.content[M.CONFIG].get(M.THRESHOLD, 0.0))  # a risk; 0: none given
         if not 0 <= self.threshold < 1:
             raise PolicyRefusal("threshold", "must be a risk between 0 and 1")
+        if M.ARRAYS in msg.content.array_records and not _finite_in_float32(msg.content[M.ARRAYS]):
+            # Refused before anything is read or charged: such a model only serves to make
+            # the scores or gradients of some patients NaN.
+            raise PolicyRefusal("arrays", "hold NaN, infinite or (in float32) overflowing weights")
         self._data: HospitalData | None = None
         self.policy: Policy | None = None
         self.store = None

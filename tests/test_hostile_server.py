@@ -393,3 +393,21 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
                                               for e in ledger.entries), name
     # the default config's final evaluation also releases per-group histograms and importance
     assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS, M.IMPORTANCE}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])
+def test_a_global_model_with_non_finite_weights_is_refused_before_anything_is_read(hospital, monkeypatch, bad):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from server.coordinator import initial_arrays
+
+    cfg = hospital_cfg()
+    arrays = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in initial_arrays(cfg).items()}
+    name = next(iter(arrays))
+    arrays[name].flat[0] = bad  # 1e39 is finite in float64 and inf once loaded as float32
+    reads = []
+    monkeypatch.setattr("client.hospital.load_dataset", lambda *a, **k: reads.append(1))
+    message = hospital_message(cfg, "r", 1, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    _refused(client_app.train(message, node_context(hospital)), "arrays")
+    assert not reads and _ledger(hospital).entries == []
