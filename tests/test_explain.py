@@ -262,14 +262,16 @@ def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_
             assert f"AUROC {g.metrics.auroc:.3f}" in line
 
 
-def test_a_model_that_overflows_on_a_patient_still_releases_bounded_finite_importance(full_dataset):
+@pytest.mark.parametrize("head_hidden", [0, 2])  # 0: exact contributions; 2: integrated gradients
+def test_a_model_that_overflows_on_a_patient_still_releases_bounded_finite_importance(full_dataset, head_hidden):
     """A finite model can overflow on some patients (a hostile coordinator can craft one
     that does so only for some). Their NaN or infinite parts count as 0, so every row of
     the importance release stays within its clip and the sum is finite: a NaN sum would
     tell the coordinator that such a patient was among the tested ones."""
     from common.explain import contribution_sizes
 
-    cfg, model = _model("per_variable")
+    cfg, model = _model("per_variable", head_hidden=head_hidden)
+    assert is_exact(model) == (head_hidden == 0)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         head.weight[0, 0] = float("inf")  # inf x a zero state is NaN, inf x anything else inf
