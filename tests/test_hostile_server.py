@@ -411,3 +411,30 @@ def test_a_global_model_with_non_finite_weights_is_refused_before_anything_is_re
     message = hospital_message(cfg, "r", 1, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
     _refused(client_app.train(message, node_context(hospital)), "arrays")
     assert not reads and _ledger(hospital).entries == []
+
+
+def test_a_finite_model_that_overflows_on_some_patients_is_still_evaluated_with_finite_releases(hospital):
+    """Finite weights that overflow only for some patients (old AND tall: +inf from age,
+    -inf from height, NaN together) make those patients' scores NaN; the hospital still
+    answers as for any model, with finite noisy histograms, per-group histograms and
+    importance: a failure or a NaN would tell the coordinator such a patient is there."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from server.coordinator import initial_arrays
+
+    cfg = hospital_cfg()
+    arrays = {k: np.asarray(v.numpy()).copy() for k, v in initial_arrays(cfg).items()}
+    head = next(k for k in arrays if k.startswith("head") and k.endswith("weight"))
+    pooled = len(cfg.features.variables) * cfg.model.gru_hidden[-1]
+    arrays[head][0, pooled + 0] = 3e38  # age, normalised: > 1.2 (about 85 years) overflows to +inf
+    arrays[head][0, pooled + 4] = -3e38  # height: > 1.2 (about 185 cm) to -inf
+    message = hospital_message(cfg, "r", 1, MessageType.EVALUATE, "val test",
+                               arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    reply = client_app.evaluate(message, node_context(hospital))
+    assert reply_status(reply)[M.STATE] == ReplyState.EVALUATED, reply_status(reply)
+    released = reply.content.array_records
+    assert {M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS, M.IMPORTANCE} <= set(released)
+    for name in released:
+        for key, value in released[name].items():
+            assert np.isfinite(value.numpy()).all(), (name, key)
