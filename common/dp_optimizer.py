@@ -71,10 +71,10 @@ class FusedDPOptimizer(DPOptimizer):
     flat: bool | None = None  # flat clipping: None = on a GPU only (see the module's docstring)
 
     def clip_and_accumulate(self) -> None:
-        zero_non_finite_grad_samples(self.params)  # in place: Opacus's per-tensor code below reads them too
         samples = self.grad_samples
         flat = samples[0].is_cuda if self.flat is None else self.flat
         if len(samples[0]) == 0 or not flat:  # an empty Poisson sample (zero clip factors), or a CPU: Opacus's code
+            zero_non_finite_grad_samples(self.params)  # in place, on the tensors Opacus's code reads
             return super().clip_and_accumulate()
         batch = len(samples[0])
         if any(len(g) != batch for g in samples):  # Opacus's stack of per-tensor norms would refuse this too
@@ -82,6 +82,7 @@ class FusedDPOptimizer(DPOptimizer):
                              "every parameter must see the same examples")
         # One (batch, all weights) matrix; a row is one example's whole gradient.
         rows = torch.cat([g.reshape(batch, -1).to(p.dtype) for g, p in zip(samples, self.params)], dim=1)
+        torch.nan_to_num_(rows, nan=0.0, posinf=0.0, neginf=0.0)  # the same cleaning, one kernel for all weights
         norms = torch.linalg.vector_norm(rows, dim=1)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's formula
         summed = torch.mv(rows.t(), factors)  # sum over examples of factor * row

@@ -93,6 +93,14 @@ def split_off_public(hospitals: list[HospitalSplit], n: int, fraction: float,
     return public, rest
 
 
+def _converged_head(X: np.ndarray, y: np.ndarray) -> torch.Tensor:
+    """A non-private logistic fit (weights, then bias), as a starting head."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
+    return torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
+
+
 def screen(cfg, s: Screen) -> dict[str, list[float]]:
     """Test AUROC (pooled over hospitals) of ``s.runs`` independent federations."""
     features, y, hospitals = head_features(cfg)
@@ -100,7 +108,9 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         H, V = cfg.model.gru_hidden[0], len(cfg.features.variables)
         keep = [v * H + u for v in range(V) for u in s.units] + list(range(V * H, features.shape[1]))
         features = features[:, keep]
-    public, hospitals = split_off_public(hospitals, len(y), s.public_fraction, s.seed)
+    public = np.zeros(0, dtype=np.int64)
+    if s.public_fraction:
+        public, hospitals = split_off_public(hospitals, len(y), s.public_fraction, s.seed)
     if s.central:
         hospitals = [HospitalSplit("all", *(np.concatenate([getattr(h, part) for h in hospitals])
                                             for part in ("train", "val", "test")))]
@@ -120,16 +130,10 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         parts.append((n, q, steps, sigma * s.noise_scale, X, torch.as_tensor(y[h.train], dtype=torch.float64)))
     W = torch.zeros(R, d, dtype=torch.float64)  # zero-initialised head (model.zero_init_head)
     if s.public_fraction and s.public_start:
-        from sklearn.linear_model import LogisticRegression
-
-        fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[public], y[public])
-        W[:] = torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
+        W[:] = _converged_head(features[public], y[public])
     if s.oracle_init:
-        from sklearn.linear_model import LogisticRegression
-
         train = np.concatenate([h.train for h in hospitals])
-        fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[train], y[train])
-        W[:] = s.oracle_init * torch.as_tensor(np.concatenate([fit.coef_[0], fit.intercept_]))
+        W[:] = s.oracle_init * _converged_head(features[train], y[train])
     W0 = W.clone()
     momentum, ema, tail = torch.zeros_like(W), None, []
     base_lr = lr
@@ -153,7 +157,8 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
             ema = W.clone() if ema is None else s.ema * ema + (1 - s.ema) * W
         if s.tail and r >= cfg.run.rounds - s.tail:
             tail.append(W.clone())
-    models = {"last": W, **({"start": W0} if s.public_fraction else {}), **({"ema": ema} if ema is not None else {}), **({"tail": sum(tail) / len(tail)} if tail else {})}
+    models = {"last": W, **({"start": W0} if s.public_fraction else {}), **({"ema": ema} if ema is not None else {}),
+              **({"tail": sum(tail) / len(tail)} if tail else {})}
     test = np.concatenate([h.test for h in hospitals])
     Xt = torch.as_tensor(np.concatenate([features[test], np.ones((len(test), 1))], 1))
     return {name: [float(roc_auc_score(y[test], row)) for row in (M @ Xt.T).numpy()] for name, M in models.items()}
