@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,9 @@ class FeatureSection:
     time_since_last: bool  # add hours-since-last-observation channels
     delta_scale_hours: float  # those hours are divided by this
     variables: list[VariableSpec]
+    # Names of `variables` the model reads; []: all of them. Applied when the config loads
+    # (`select_variables`), so everything downstream sees only the chosen variables.
+    select: list[str]
     static: list[StaticSpec]
 
     def validate(self, check: Check) -> None:
@@ -512,7 +516,31 @@ class ExperimentConfig:
         return cls.from_dict(json.loads(text), origin="<message>")
 
 
+def select_variables(tree: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The tree with ``features.variables`` cut down to the names in ``features.select``
+    (kept in the table's order; an empty list keeps all). A name the table lacks is an
+    error naming it. Cutting the plain tree, before the types are built, means a config
+    that travels as JSON (already cut, ``select`` kept) reads back the same."""
+    features = tree.get("features")
+    select = features.get("select") if isinstance(features, dict) else None
+    variables = features.get("variables") if isinstance(features, dict) else None
+    if not select or not isinstance(select, list) or not isinstance(variables, list):
+        return tree  # nothing to cut, or a type error that build() reports with its key
+    known = [v.get("name") for v in variables if isinstance(v, dict)]
+    unknown = [str(n) for n in select if n not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [str(k) for k in known], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{origin}: 'features.select' names {', '.join(unknown)}, not in features.variables{hint}")
+    dupes = sorted({str(n) for n in select if select.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{origin}: 'features.select' lists {', '.join(dupes)} more than once")
+    cut = dict(features, variables=[v for v in variables if isinstance(v, dict) and v.get("name") in select])
+    return dict(tree, features=cut)
+
+
 def _typed(tree: dict[str, Any], origin: str) -> ExperimentConfig:
+    tree = select_variables(tree, origin)
     try:
         cfg = build(ExperimentConfig, tree, origin)
     except TypedDataError as exc:

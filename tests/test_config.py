@@ -141,3 +141,49 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path):
     bad.write_text(f"extends: {default}\ntraining:\n  lr_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'training\.lr_rate'"):
         load_config(bad, ["training.lr=0.1"])
+
+
+def test_select_keeps_the_named_variables_in_the_tables_order_and_travels_unchanged():
+    full = load_config(ROOT / "configs" / "default.yaml")
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["features.select=[Urine, HR, GCS]"])
+    assert [v.name for v in cfg.features.variables] == ["GCS", "HR", "Urine"]  # the table's order
+    by_name = {v.name: v for v in full.features.variables}
+    assert all(v == by_name[v.name] for v in cfg.features.variables)  # same reference values
+    assert cfg.features.static == full.features.static  # descriptors are not cut
+    again = ExperimentConfig.from_json(cfg.to_json())  # as a hospital reads it from a message
+    assert again.features == cfg.features
+
+
+@pytest.mark.parametrize("select, message", [
+    ("[HR, GSC]", r"'features\.select' names GSC, not in features\.variables \(did you mean 'GCS'\?\)"),
+    ("[HR, HR]", r"'features\.select' lists HR more than once"),
+    ("HR", r"'features\.select' must be a list"),
+])
+def test_select_errors_name_the_unknown_or_repeated_variable(tmp_path, select, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"features:\n  select: {select}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: " + message):
+        load_config(bad)
+
+
+def test_selected_variables_read_the_same_channels_from_the_real_files(physionet_files, tmp_path):
+    import tarfile
+
+    from common.data.dataset import load_dataset
+
+    set_a, _ = physionet_files
+    with tarfile.open(set_a) as tar:  # the first 40 real stays, as a folder (parsing all 4,000 twice is slow)
+        members = [m for m in tar if m.isfile() and m.name.endswith(".txt")][:40]
+        for m in members:
+            (tmp_path / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    small = ["data.cache=false"]
+    full = load_config(ROOT / "configs" / "default.yaml", small)
+    cut = load_config(ROOT / "configs" / "default.yaml", small + ["features.select=[HR, GCS, Lactate]"])
+    full_ds, cut_ds = load_dataset(full, data_path=tmp_path), load_dataset(cut, data_path=tmp_path)
+    V, names = len(full.features.variables), [v.name for v in full.features.variables]
+    keep = [names.index(n) for n in ("GCS", "HR", "Lactate")]
+    per_kind = full_ds.X.shape[2] // V  # value, observed mask and hours-since channels, each V wide
+    columns = [kind * V + v for kind in range(per_kind) for v in keep]
+    assert len(full_ds) == 40 and cut_ds.X.shape == (*full_ds.X.shape[:2], per_kind * len(keep))
+    assert (cut_ds.X == full_ds.X[:, :, columns]).all()
+    assert (cut_ds.S == full_ds.S).all() and (cut_ds.y == full_ds.y).all()
