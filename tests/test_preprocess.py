@@ -21,6 +21,7 @@ def _features(**kw):
             VariableSpec("HR", low=1, high=300, center=80, scale=20),
             VariableSpec("Lactate", low=0.1, high=40, center=1.0, scale=0.5, log=True),
         ],
+        select=[],
         static=[StaticSpec("Age", center=65, scale=10), StaticSpec("ICUType", kind="categorical", categories=[1, 2])],
     )
     base.update(kw)
@@ -85,8 +86,13 @@ def test_without_time_since_last_channels():
     assert X.shape == (1, 3, 4)
 
 
-def test_real_data_shapes_and_ranges(full_dataset, default_cfg):
-    X, S = full_dataset.X, full_dataset.S
+def test_real_data_shapes_and_ranges(physionet_files):
+    """Every variable of the reference table (features.select=[]), not only the default's."""
+    from common.config import load_config
+    from common.data.dataset import load_dataset
+
+    whole_table = load_dataset(load_config(overrides=["features.select=[]"]))
+    X, S = whole_table.X, whole_table.S
     assert X.shape == (4000, 48, 37 * 3)
     assert S.shape == (4000, 2 + 2 + 2 + 4 + 2)
     assert np.isfinite(X).all() and np.isfinite(S).all()
@@ -96,7 +102,7 @@ def test_real_data_shapes_and_ranges(full_dataset, default_cfg):
     deltas = X[:, :, 2 * V :]
     assert deltas.min() >= 0 and deltas.max() <= 1.0 + 1e-6
     # out-of-range values are counted (the facts: 11 pH values outside [6.5, 8], 130 Temp < 25)
-    pre = full_dataset.summary.preprocess
+    pre = whole_table.summary.preprocess
     assert pre.out_of_range["pH"] == 11
     assert pre.out_of_range["Temp"] == 130
     # 48:00 observations are inside the window
