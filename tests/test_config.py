@@ -11,7 +11,9 @@ def test_default_config_loads_and_round_trips():
     cfg = load_config(ROOT / "configs" / "default.yaml")
     assert cfg.task.label_column == "In-hospital_death"
     assert cfg.is_binary
-    assert len(cfg.features.variables) == 37
+    # the model reads the SAPS II variables (features.select) of the 37 in the reference table
+    assert {v.name for v in cfg.features.variables} == set(cfg.features.select) and len(cfg.features.select) == 15
+    assert len(load_config(ROOT / "configs" / "default.yaml", ["features.select=[]"]).features.variables) == 37
     assert cfg.partition.scheme == "icu_type"
     again = ExperimentConfig.from_json(cfg.to_json())
     assert again.to_dict() == {**cfg.to_dict(), "source": again.source}
@@ -49,7 +51,7 @@ def test_los_config_is_a_config_change_only():
     assert cfg.num_classes == 4 and not cfg.is_binary
     assert cfg.task.bins == [3.0, 7.0, 14.0]
     # inherited from default.yaml
-    assert len(cfg.features.variables) == 37
+    assert cfg.features == load_config(ROOT / "configs" / "default.yaml").features
 
 
 def test_overrides_parse_values_as_yaml():
@@ -177,7 +179,7 @@ def test_selected_variables_read_the_same_channels_from_the_real_files(physionet
         for m in members:
             (tmp_path / Path(m.name).name).write_bytes(tar.extractfile(m).read())
     small = ["data.cache=false"]
-    full = load_config(ROOT / "configs" / "default.yaml", small)
+    full = load_config(ROOT / "configs" / "default.yaml", small + ["features.select=[]"])
     cut = load_config(ROOT / "configs" / "default.yaml", small + ["features.select=[HR, GCS, Lactate]"])
     full_ds, cut_ds = load_dataset(full, data_path=tmp_path), load_dataset(cut, data_path=tmp_path)
     V, names = len(full.features.variables), [v.name for v in full.features.variables]

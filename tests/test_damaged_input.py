@@ -84,10 +84,10 @@ def test_nan_and_inf_values_are_counted_not_silently_missing(tmp_path, physionet
     stays = tmp_path / "stays"
     ids = _stays(stays, physionet_files[0], 3)
     f = stays / f"{ids[0]}.txt"
-    f.write_text(f.read_text().rstrip("\n") + "\n01:00,HR,nan\n02:00,HR,inf\n03:00,Lactate,-Infinity\n")
+    f.write_text(f.read_text().rstrip("\n") + "\n01:00,HR,nan\n02:00,HR,inf\n03:00,Urine,-Infinity\n")
     ds = load_dataset(CFG, data_path=stays, outcomes_path=_outcomes(tmp_path / "o.csv", [(i, 0) for i in ids]))
-    assert ds.summary.read.non_finite == {"HR": 2, "Lactate": 1}
-    assert any("3 values written as nan or inf were set aside (HR 2, Lactate 1)" in n for n in ds.summary.notes())
+    assert ds.summary.read.non_finite == {"HR": 2, "Urine": 1}
+    assert any("3 values written as nan or inf were set aside (HR 2, Urine 1)" in n for n in ds.summary.notes())
     assert np.isfinite(ds.X).all()
 
 
