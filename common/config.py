@@ -508,12 +508,28 @@ class ExperimentConfig:
         bundle saved before a key existed); without it every key must be present (a
         message from the server, which always sends the whole config)."""
         if fill_defaults:
-            data = deep_merge(_read_yaml(DEFAULT_CONFIG), data)
+            data = deep_merge(_read_yaml(DEFAULT_CONFIG), _with_old_meanings(data))
         return _typed(data, origin)
 
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text), origin="<message>")
+
+
+# Keys added after bundles, checkpoints and run folders were first written whose default
+# today is not what their absence meant then: a saved config without such a key keeps
+# the old meaning, so an old model still reads the inputs it was trained on.
+MEANING_WHEN_ABSENT: dict[tuple[str, str], Any] = {
+    ("features", "select"): [],  # before the key existed the model read every variable of the table
+}
+
+
+def _with_old_meanings(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    for (section, key), meaning in MEANING_WHEN_ABSENT.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section] = {**data[section], key: copy.deepcopy(meaning)}
+    return data
 
 
 def select_variables(tree: dict[str, Any], origin: str) -> dict[str, Any]:

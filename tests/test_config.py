@@ -130,6 +130,15 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_with_its_default():
     assert resumed_config(json.dumps(old), "checkpoint.pt").model.carry_units == []
 
 
+def test_a_bundle_saved_before_select_existed_still_reads_every_variable_it_was_trained_on():
+    old = load_config(ROOT / "configs" / "default.yaml", ["features.select=[]"]).to_dict()
+    del old["features"]["select"]  # a model.pt, checkpoint or run folder written before the key
+    again = ExperimentConfig.from_dict(old, origin="old model.pt", fill_defaults=True)
+    assert len(again.features.variables) == 37 and again.features.select == []
+    new = load_config(ROOT / "configs" / "default.yaml").to_dict()  # one written since keeps its selection
+    assert ExperimentConfig.from_dict(new, origin="model.pt", fill_defaults=True).features.select == new["features"]["select"]
+
+
 def test_an_override_error_names_the_override_not_the_file(tmp_path):
     default = ROOT / "configs" / "default.yaml"
     with pytest.raises(ConfigError) as err:
