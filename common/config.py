@@ -232,6 +232,9 @@ class ModelSection:
     # observation (common.model.carry_forward_init), data-independent.
     init: Literal["random", "carry_forward"]
     train_gru: bool  # false: the GRU keeps its initial weights (no noise on them); only the head learns
+    # A model bundle (model.pt) whose weights start the run instead of `init`'s: a model
+    # trained on public data, or an earlier run's (server.start_model); "": none.
+    init_from: str
     # carry_forward only: what each GRU unit reads (CARRY_UNITS: value, high, low, seen,
     # worst_high, worst_low; common.model.carry_forward_init), as many as gru_hidden[0]. []: value, high, low, seen, ...
     carry_units: list[str]

@@ -47,6 +47,10 @@ def cmd_simulate(args) -> int:
     from simulations.simulate import default_run_dir, simulate
 
     cfg = _load(args)
+    if cfg.model.init_from:  # a start that cannot be used is an error before anything starts
+        from server.start_model import load_start_model
+
+        load_start_model(cfg)
     run_dir = Path(args.out).resolve() if args.out else default_run_dir(cfg)
     faults = {}
     for item in args.fault:

@@ -46,11 +46,13 @@ from .records import (
     HospitalState,
     HospitalStatus,
     RoundRecord,
+    StartRecord,
     Stopped,
     TestResult,
     TrainPhase,
     TrainReport,
 )
+from .start_model import StartModel, load_start_model
 from .strategies import Aggregator
 from .validation import (
     Evaluations,
@@ -139,9 +141,12 @@ class HospitalView:
             self.epsilon = self.ledger.epsilon(accountant)
 
 
-def initial_arrays(cfg: ExperimentConfig) -> ArrayRecord:
+def initial_arrays(cfg: ExperimentConfig, start: StartModel | None = None) -> ArrayRecord:
+    """The global model of round 1: the start bundle's weights, or ``model.init``'s."""
     torch.manual_seed(cfg.run.seed)
     model = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    if start is not None:
+        model.load_state_dict(start.weights, strict=True)
     return ArrayRecord(torch_state_dict=model.state_dict())
 
 
@@ -157,7 +162,12 @@ class Coordinator:
         self._aggregator: Aggregator | None = None
         self.hospital_dp_exhausted = False
         self.hospitals: dict[int, HospitalView] = {}
-        self.arrays = initial_arrays(cfg)
+        start = load_start_model(cfg) if cfg.model.init_from else None
+        if start is not None:
+            recorder.start = StartRecord(str(start.path), start.sha256, start.source_run)
+            log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
+                     f", the model of run {start.source_run}" if start.source_run else "")
+        self.arrays = initial_arrays(cfg, start)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
         self.calibration: Calibration | None = None  # Platt scaling folded into the final model

@@ -43,6 +43,7 @@ from .records import (
     RoundRecord,
     RunMetrics,
     RunPrivacy,
+    StartRecord,
     TestResult,
 )
 
@@ -74,6 +75,7 @@ class RunRecorder:
         self.rounds: list[RoundRecord] = []
         self.estimator = estimator_used(cfg.evaluation.estimator, cfg.evaluation.dp)
         self.started = time.time()
+        self.start: StartRecord | None = None  # set by the coordinator when model.init_from names a bundle
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             run_dir / "config.yaml",
@@ -86,7 +88,8 @@ class RunRecorder:
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, estimator=self.estimator))
+        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, estimator=self.estimator,
+                                                                    start=self.start))
 
     def checkpoint(self, snapshot: RunSnapshot) -> None:
         save_checkpoint(snapshot, self.run_dir / "checkpoint.pt")
@@ -96,7 +99,8 @@ class RunRecorder:
         hospital_level: HospitalLevelPrivacy | None,
     ) -> None:
         wall = round(time.time() - self.started, 1)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, test, wall, self.estimator))
+        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, test, wall, self.estimator,
+                                                                    self.start))
         write_json(self.run_dir / "privacy.json", run_privacy(self.cfg, self.run_id, hospitals, hospital_level))
         save_bundle(
             self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,

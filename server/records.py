@@ -127,6 +127,15 @@ class TestResult:
 
 
 @dataclass
+class StartRecord:
+    """Which model bundle the run started from (``model.init_from``), as read at the start."""
+
+    path: str
+    sha256: str  # of the file's bytes
+    source_run: str  # the run id the bundle records, "" if none
+
+
+@dataclass
 class RunMetrics:
     """``metrics.json``."""
 
@@ -137,6 +146,7 @@ class RunMetrics:
     # How the metrics were read from the released histograms (evaluation.estimator under
     # DP; "binned" for exact ones); empty in runs from before the choice existed.
     estimator: str = ""
+    start: StartRecord | None = None  # the bundle the run started from; None: model.init's own start
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .records import (  # noqa: E402
     Partition,
     RunMetrics,
     RunPrivacy,
+    StartRecord,
     load_record,
     load_records,
 )
@@ -219,7 +220,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
     )
 
 
-def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None) -> Section:
+def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None) -> Section:
     task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
     sigma = (
         f"noise multiplier {pr.noise_multiplier}" if pr.noise_multiplier > 0
@@ -236,6 +237,12 @@ def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None) -> Section:
         f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
         "Data exports read (each hospital's keyed label of its export): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
         f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
+        "Start: " + (
+            f"the weights of `{start.path}` (sha256 {start.sha256[:16]}..."
+            + (f", the model of run `{start.source_run}`" if start.source_run else "")
+            + "), chosen by the coordinator; how that model was trained, and what it cost in privacy, is outside this run"
+            if start else f"`{md.init}` initialisation" + (", output layer at zero" if md.zero_init_head else "")
+        ),
         f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
         f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
         f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
@@ -457,7 +464,7 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
         intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds.")
     sections = [intro]
     if cfg is not None:
-        sections.append(_settings(cfg, run.privacy))
+        sections.append(_settings(cfg, run.privacy, run.metrics.start))
     if run.partition and run.partition.hospitals:
         rows = run.partition.hospitals
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]

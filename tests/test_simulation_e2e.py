@@ -122,6 +122,29 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     assert all(int(flag) == (float(risk) >= threshold) for _, risk, flag in rows)
 
 
+def test_a_run_starts_from_an_earlier_runs_bundle(small_run, tmp_path):
+    """model.init_from: the first global model is the bundle's; the run names the file."""
+    import hashlib
+
+    import torch
+
+    start = small_run[0] / "model.pt"
+    run_dir = tmp_path / "run"
+    # a learning rate of 1e-9 moves no weight by more than about 1e-6, noise included
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "1", *SMALL,
+                  "--set", f"model.init_from={start}", "--set", "training.lr=1e-9")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    before = torch.load(start, weights_only=True)["weights"]
+    after = torch.load(run_dir / "model.pt", weights_only=True)["weights"]
+    assert before["head.2.weight"].abs().max() > 1e-3  # a trained head, not any fresh start
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=0)
+    recorded = json.loads((run_dir / "metrics.json").read_text())["start"]
+    assert recorded["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    assert recorded["source_run"] == torch.load(start, weights_only=True)["info"]["run_id"]
+    assert f"Start: the weights of `{start}`" in (run_dir / "report.md").read_text()
+
+
 def test_evaluate_errors_are_clear(small_run, tmp_path):
     run_dir, _ = small_run
     proc = fedgru("evaluate", "--model", str(run_dir / "model.pt"), "--data", str(tmp_path / "nope.tar.gz"), "--outcomes", str(OUTCOMES))
