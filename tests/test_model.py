@@ -48,7 +48,9 @@ def test_state_dicts_move_between_gru_implementations():
 def test_model_spec_follows_the_config():
     cfg = load_config(DEFAULT_CONFIG)
     spec = model_spec(cfg)
-    assert spec.n_channels == 111 and spec.n_static == 12 and spec.n_outputs == 1
+    # the 15 SAPS II variables the default selects, 3 channels each (value, observed, hours since)
+    assert spec.n_variables == 15 and spec.n_channels == 45 and spec.n_static == 12 and spec.n_outputs == 1
+    assert model_spec(load_config(DEFAULT_CONFIG, ["features.select=[]"])).n_channels == 37 * 3
     los = load_config(DEFAULT_CONFIG.parent / "los.yaml")
     assert model_spec(los).n_outputs == 4
 
