@@ -24,7 +24,8 @@ from common.paths import project_root, resolve
 from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
 from .outputs import RunRecorder, make_run_dir
-from .records import Partition
+from .records import Partition, RunMetrics, StartRecord, load_record
+from .start_model import load_start_model
 
 log = logging.getLogger("fedgru.server")
 
@@ -52,7 +53,15 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
     run_id = resume.run_id if resume else secrets.token_hex(6)
     recorder = RunRecorder(run_dir, cfg, run_id)
     log.info("run %s: writing to %s", run_id, run_dir)
-    coord = Coordinator(cfg, grid, recorder, run_id)
+    start = None
+    if resume:  # the start is history: the checkpoint holds the model, metrics.json which file it began from
+        recorder.start = getattr(load_record(run_dir / "metrics.json", RunMetrics), "start", None)
+    elif cfg.model.init_from:
+        start = load_start_model(cfg)
+        recorder.start = StartRecord(str(start.path), start.sha256, start.source_run)
+        log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
+                 f", the model of run {start.source_run}" if start.source_run else "")
+    coord = Coordinator(cfg, grid, recorder, run_id, start)
     coord.discover()
     if resume:
         coord.restore(resume)

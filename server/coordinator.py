@@ -46,13 +46,12 @@ from .records import (
     HospitalState,
     HospitalStatus,
     RoundRecord,
-    StartRecord,
     Stopped,
     TestResult,
     TrainPhase,
     TrainReport,
 )
-from .start_model import StartModel, load_start_model
+from .start_model import StartModel
 from .strategies import Aggregator
 from .validation import (
     Evaluations,
@@ -151,7 +150,8 @@ def initial_arrays(cfg: ExperimentConfig, start: StartModel | None = None) -> Ar
 
 
 class Coordinator:
-    def __init__(self, cfg: ExperimentConfig, grid: Grid, recorder: RunRecorder, run_id: str):
+    def __init__(self, cfg: ExperimentConfig, grid: Grid, recorder: RunRecorder, run_id: str,
+                 start: StartModel | None = None):
         self.cfg = cfg
         self.grid = grid
         self.recorder = recorder
@@ -162,12 +162,7 @@ class Coordinator:
         self._aggregator: Aggregator | None = None
         self.hospital_dp_exhausted = False
         self.hospitals: dict[int, HospitalView] = {}
-        start = load_start_model(cfg) if cfg.model.init_from else None
-        if start is not None:
-            recorder.start = StartRecord(str(start.path), start.sha256, start.source_run)
-            log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
-                     f", the model of run {start.source_run}" if start.source_run else "")
-        self.arrays = initial_arrays(cfg, start)
+        self.arrays = initial_arrays(cfg, start)  # a resumed run replaces them in restore()
         self.start_round = 1
         self.cfg_json = cfg.to_json()
         self.calibration: Calibration | None = None  # Platt scaling folded into the final model
