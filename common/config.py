@@ -524,6 +524,8 @@ class ExperimentConfig:
 # the old meaning, so an old model still reads the inputs it was trained on.
 MEANING_WHEN_ABSENT: dict[tuple[str, str], Any] = {
     ("features", "select"): [],  # before the key existed the model read every variable of the table
+    ("model", "init"): "random",  # before carry_forward existed every model started at random ...
+    ("model", "train_gru"): True,  # ... and trained its GRU
 }
 
 
@@ -623,10 +625,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _own_meanings(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What a file's silence means. A file with its own variable table but no
+    ``features.select`` reads its whole table (not default.yaml's selection of another
+    table). A run folder's resolved config.yaml (it has ``source``) written before a key
+    existed keeps the meaning the key's absence had then (MEANING_WHEN_ABSENT)."""
+    if path.resolve() == DEFAULT_CONFIG.resolve():
+        return data
+    if "source" in data:
+        data = _with_old_meanings(data)
+    features = data.get("features")
+    if isinstance(features, dict) and "variables" in features and "select" not in features:
+        data = {**data, "features": {**features, "select": []}}
+    return data
+
+
 def _load_yaml_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
-    data = _read_yaml(path)
+    data = _own_meanings(_read_yaml(path), path)
     base_name = data.pop("extends", None)
     if base_name is None:
         return data

@@ -25,7 +25,7 @@ from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
 from .outputs import RunRecorder, make_run_dir
 from .records import Partition, RunMetrics, StartRecord, load_record
-from .start_model import load_start_model
+from .start_model import StartModel, load_start_model
 
 log = logging.getLogger("fedgru.server")
 
@@ -48,17 +48,29 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     return load_config(path, overrides)
 
 
-def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnapshot | None = None) -> Path:
+def start_of_run(cfg: ExperimentConfig, run_dir: Path, resumed: bool,
+                 start: StartModel | None = None) -> tuple[StartModel | None, StartRecord | None]:
+    """The model a run starts from (``model.init_from``) and its record. A resumed run reads
+    no start file (it may have changed or gone since; the checkpoint holds the model): its
+    record is the one metrics.json kept from before the restart. ``start``: already loaded."""
+    if resumed:
+        return None, getattr(load_record(run_dir / "metrics.json", RunMetrics), "start", None)
+    if start is None and cfg.model.init_from:
+        start = load_start_model(cfg)
+    if start is None:
+        return None, None
+    return start, StartRecord(str(start.path), start.sha256, start.source_run)
+
+
+def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnapshot | None = None,
+               start: StartModel | None = None) -> Path:
     attach_to_flower()
     run_id = resume.run_id if resume else secrets.token_hex(6)
+    start, start_record = start_of_run(cfg, run_dir, resume is not None, start)
     recorder = RunRecorder(run_dir, cfg, run_id)
+    recorder.start = start_record
     log.info("run %s: writing to %s", run_id, run_dir)
-    start = None
-    if resume:  # the start is history: the checkpoint holds the model, metrics.json which file it began from
-        recorder.start = getattr(load_record(run_dir / "metrics.json", RunMetrics), "start", None)
-    elif cfg.model.init_from:
-        start = load_start_model(cfg)
-        recorder.start = StartRecord(str(start.path), start.sha256, start.source_run)
+    if start is not None:
         log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
                  f", the model of run {start.source_run}" if start.source_run else "")
     coord = Coordinator(cfg, grid, recorder, run_id, start)
@@ -110,6 +122,7 @@ def main(grid: Grid, context: Context) -> None:
         run_server(cfg, grid, run_dir, resume=snapshot)
         return
     cfg = config_from_run_config(dict(context.run_config))
+    start = load_start_model(cfg) if cfg.model.init_from else None  # a bad start fails before a run folder exists
     out = str(context.run_config.get("out-dir", "")) or cfg.run.out_dir
     out_dir = Path(out) if Path(out).is_absolute() else project_root() / out
-    run_server(cfg, grid, make_run_dir(out_dir))
+    run_server(cfg, grid, make_run_dir(out_dir), start=start)

@@ -26,7 +26,7 @@ import torch
 from common.bundle import Bundle
 from common.config import ConfigError, ExperimentConfig
 from common.data.records import DataError
-from common.model import ModelSpec, model_spec
+from common.model import ModelSpec, carry_unit_kinds, model_spec
 from common.paths import resolve
 
 # ModelSpec fields that only steer training or the default start, not what a weight means.
@@ -47,7 +47,10 @@ def load_start_model(cfg: ExperimentConfig) -> StartModel:
     path = resolve(cfg.model.init_from)
     where = f"model.init_from ({path})"
     try:
-        bundle = Bundle(path)
+        if not path.is_file():
+            raise DataError(str(path), "model bundle not found")
+        content = path.read_bytes()  # read once: the hash is of the bytes whose weights are used
+        bundle = Bundle(path, content)
     except DataError as exc:  # missing, or not a bundle: the message names the file
         raise ConfigError(f"model.init_from: {exc}") from None
     differs = _first_difference(bundle.config, bundle.spec, cfg)
@@ -56,7 +59,7 @@ def load_start_model(cfg: ExperimentConfig) -> StartModel:
             f"{where}: the bundle {differs}; a starting model must read the same inputs with the same network "
             "(train it with this config's features, task and model sections, or leave model.init_from empty)"
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(content).hexdigest()
     weights = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
     return StartModel(path, digest, str(bundle.info.get("run_id", "")), weights)
 
@@ -71,8 +74,19 @@ def _first_difference(theirs: ExperimentConfig, their_spec: ModelSpec, cfg: Expe
             return f"has another features.{f.name}"
     if theirs.task.classes != cfg.task.classes:
         return f"predicts other classes ({', '.join(theirs.task.classes)})"
+    for key in ("label_column", "bins"):
+        if getattr(theirs.task, key) != getattr(cfg.task, key):
+            return f"predicts another outcome (task.{key} {getattr(theirs.task, key)!r} against {getattr(cfg.task, key)!r} here)"
     ours = model_spec(cfg)
     for f in dataclasses.fields(ModelSpec):
-        if f.name not in TRAINING_ONLY and getattr(their_spec, f.name) != getattr(ours, f.name):
-            return f"has another network: {f.name} {getattr(their_spec, f.name)!r} against {getattr(ours, f.name)!r} here"
+        mine, other = _meaning(ours, f.name), _meaning(their_spec, f.name)
+        if f.name not in TRAINING_ONLY and other != mine:
+            return f"has another network: {f.name} {other!r} against {mine!r} here"
     return ""
+
+
+def _meaning(spec: ModelSpec, name: str):
+    """A spec field as it acts: ``carry_units: []`` reads the same units as their explicit list."""
+    if name == "carry_units" and spec.init == "carry_forward" and not spec.carry_units:
+        return carry_unit_kinds(spec.gru_hidden[0])
+    return getattr(spec, name)

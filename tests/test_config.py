@@ -139,6 +139,33 @@ def test_a_bundle_saved_before_select_existed_still_reads_every_variable_it_was_
     assert ExperimentConfig.from_dict(new, origin="model.pt", fill_defaults=True).features.select == new["features"]["select"]
 
 
+def test_an_old_run_folders_config_yaml_loads_with_the_meanings_it_had(tmp_path):
+    import yaml
+
+    old = load_config(ROOT / "configs" / "default.yaml", ["features.select=[]"]).to_dict()
+    del old["features"]["select"], old["model"]["init"], old["model"]["train_gru"]  # keys it predates
+    old["model"].update(architecture="stacked", gru_hidden=[16], carry_units=[])
+    saved = tmp_path / "config.yaml"
+    saved.write_text("# resolved config of run abc\n" + yaml.safe_dump(old))
+    again = load_config(saved)  # as fedgru simulate --config runs/<old>/config.yaml reads it
+    assert len(again.features.variables) == 37
+    assert (again.model.init, again.model.train_gru) == ("random", True)
+
+
+def test_a_file_with_its_own_variable_table_reads_all_of_it_unless_it_selects(tmp_path):
+    table = "features:\n  variables:\n    - {name: HR, low: 1, high: 300, center: 80, scale: 18}\n" \
+            "    - {name: Lactate, low: 0.1, high: 40, center: 1.5, scale: 0.5, log: true}\n"
+    own = tmp_path / "own.yaml"
+    own.write_text(table)
+    assert [v.name for v in load_config(own).features.variables] == ["HR", "Lactate"]
+    chosen = tmp_path / "chosen.yaml"
+    chosen.write_text(table + "  select: [Lactate]\n")
+    assert [v.name for v in load_config(chosen).features.variables] == ["Lactate"]
+    over = tmp_path / "over.yaml"  # a file over it that selects
+    over.write_text(f"extends: {own}\nfeatures:\n  select: [HR]\n")
+    assert [v.name for v in load_config(over).features.variables] == ["HR"]
+
+
 def test_an_override_error_names_the_override_not_the_file(tmp_path):
     default = ROOT / "configs" / "default.yaml"
     with pytest.raises(ConfigError) as err:

@@ -17,13 +17,19 @@ from tests.conftest import ROOT
 DEFAULT = ROOT / "configs" / "default.yaml"
 
 
-def _bundle(path, *overrides: str) -> dict[str, torch.Tensor]:
-    """A bundle of a model with non-zero weights everywhere (not any config's own start)."""
-    cfg = load_config(DEFAULT, list(overrides))
+def _bundle(path, *overrides: str, config=DEFAULT, drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A bundle of a model with non-zero weights everywhere (not any config's own start);
+    ``drop``: features keys its saved config lacks (a bundle written before they existed)."""
+    cfg = load_config(config, list(overrides))
     torch.manual_seed(7)
     model = GRUClassifier(model_spec(cfg), gru_impl="torch")
     weights = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     save_bundle(path, weights, model_spec(cfg), cfg, info={"run_id": "earlier-run"})
+    if drop:
+        raw = torch.load(path, weights_only=True)
+        for key in drop:
+            del raw["config"]["features"][key]
+        torch.save(raw, path)
     return weights
 
 
@@ -38,6 +44,18 @@ def test_the_first_global_model_is_the_bundles_and_the_file_is_identified(tmp_pa
         assert torch.equal(torch.as_tensor(arrays[key].numpy()), value), key
     # without a start the config's own initialisation is used: a head at zero
     assert not initial_arrays(load_config(DEFAULT))["head.0.weight"].numpy().any()
+
+
+@pytest.mark.parametrize("bundle_overrides, drop, run_overrides", [
+    (["features.select=[GCS, HR, Urine]"], (), ["features.select=[Urine, GCS, HR]"]),  # the table's order either way
+    (["features.select=[]"], ("select",), ["features.select=[]"]),  # saved before select existed: all 37
+    (["model.carry_units=[value, high, low]"], (), []),  # the explicit list of what [] means
+])
+def test_a_bundle_that_reads_the_same_inputs_the_same_way_is_accepted(tmp_path, bundle_overrides, drop, run_overrides):
+    weights = _bundle(tmp_path / "start.pt", *bundle_overrides, drop=drop)
+    cfg = load_config(DEFAULT, run_overrides + [f"model.init_from={tmp_path / 'start.pt'}"])
+    start = load_start_model(cfg)
+    assert all(torch.equal(start.weights[k], v) for k, v in weights.items())
 
 
 def test_training_settings_may_differ_from_the_bundles(tmp_path):
@@ -61,6 +79,41 @@ def test_a_bundle_that_reads_other_inputs_or_has_another_network_is_refused(tmp_
     cfg = load_config(DEFAULT, run_overrides + [f"model.init_from={tmp_path / 'start.pt'}"])
     with pytest.raises(ConfigError, match=r"^model\.init_from \(.*start\.pt\): the bundle " + message):
         load_start_model(cfg)
+
+
+def test_a_bundle_with_other_reference_values_for_the_same_names_is_refused(tmp_path):
+    """The likeliest mismatch for a model trained elsewhere: same variable names, other units."""
+    import yaml
+
+    tree = yaml.safe_load(DEFAULT.read_text())
+    hr = next(v for v in tree["features"]["variables"] if v["name"] == "HR")
+    hr["center"] = 90
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"features": tree["features"]}))
+    _bundle(tmp_path / "start.pt", config=other)
+    cfg = load_config(DEFAULT, [f"model.init_from={tmp_path / 'start.pt'}"])
+    with pytest.raises(ConfigError, match=r"the bundle has another features\.variables"):
+        load_start_model(cfg)
+    _bundle(tmp_path / "start.pt", "task.label_column=Survival")
+    with pytest.raises(ConfigError, match=r"predicts another outcome \(task\.label_column 'Survival'"):
+        load_start_model(cfg)
+
+
+def test_a_resumed_run_reads_no_start_file_and_keeps_the_recorded_start(tmp_path):
+    from common.files import write_json
+    from server.app import start_of_run
+    from server.records import RunMetrics
+
+    _bundle(tmp_path / "start.pt")
+    cfg = load_config(DEFAULT, [f"model.init_from={tmp_path / 'start.pt'}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start, record = start_of_run(cfg, run_dir, resumed=False)
+    assert start is not None and record.sha256 == start.sha256
+    write_json(run_dir / "metrics.json", RunMetrics("run-1", start=record))  # as RunRecorder writes it every round
+    (tmp_path / "start.pt").unlink()  # gone by the time the coordinator restarts
+    again, kept = start_of_run(cfg, run_dir, resumed=True)
+    assert again is None and kept == record
 
 
 def test_a_missing_or_foreign_file_names_the_setting_and_the_file(tmp_path):
