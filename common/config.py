@@ -665,7 +665,9 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     if not sep or not parts:
         raise ConfigError(f"override {item!r} must look like dotted.key=value")
     try:
-        value = yaml.safe_load(text)
+        # `key=` (nothing after it) is the empty text, as a shell user means it: YAML would
+        # read null, which no key accepts (model.init_from= clears the start)
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = tree

@@ -130,6 +130,12 @@ def test_a_checkpoint_written_before_a_key_existed_resumes_with_its_default():
     assert resumed_config(json.dumps(old), "checkpoint.pt").model.carry_units == []
 
 
+def test_an_empty_override_is_the_empty_text():
+    assert load_config(ROOT / "configs" / "default.yaml", ["model.init_from=x.pt", "model.init_from="]).model.init_from == ""
+    with pytest.raises(ConfigError, match=r"'training\.lr' must be a number"):
+        load_config(ROOT / "configs" / "default.yaml", ["training.lr="])
+
+
 def test_a_bundle_saved_before_select_existed_still_reads_every_variable_it_was_trained_on():
     old = load_config(ROOT / "configs" / "default.yaml", ["features.select=[]"]).to_dict()
     del old["features"]["select"]  # a model.pt, checkpoint or run folder written before the key
