@@ -7,6 +7,7 @@ normalisation constants, window, bins, descriptors and label set).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -37,14 +38,14 @@ def save_bundle(path: Path, state_dict: dict, spec: ModelSpec, cfg: ExperimentCo
 
 
 class Bundle:
-    def __init__(self, path: str | Path, content: bytes | None = None):
-        """The bundle at ``path``; ``content``: its bytes, already read (so that what was
-        hashed is what is loaded)."""
+    def __init__(self, path: str | Path):
         path = Path(path)
-        if content is None and not path.is_file():
+        if not path.is_file():
             raise DataError(str(path), "model bundle not found")
+        content = path.read_bytes()  # read once: the hash is of the bytes whose weights are loaded
+        self.sha256 = hashlib.sha256(content).hexdigest()
         try:
-            raw = torch.load(io.BytesIO(content) if content is not None else path, map_location="cpu", weights_only=True)
+            raw = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a bundle"
             raise DataError(str(path), f"is not a fedgru model bundle ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:

@@ -17,7 +17,6 @@ network (shape and the meaning of the GRU's units); only the training settings
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +46,7 @@ def load_start_model(cfg: ExperimentConfig) -> StartModel:
     path = resolve(cfg.model.init_from)
     where = f"model.init_from ({path})"
     try:
-        if not path.is_file():
-            raise DataError(str(path), "model bundle not found")
-        content = path.read_bytes()  # read once: the hash is of the bytes whose weights are used
-        bundle = Bundle(path, content)
+        bundle = Bundle(path)
     except DataError as exc:  # missing, or not a bundle: the message names the file
         raise ConfigError(f"model.init_from: {exc}") from None
     differs = _first_difference(bundle.config, bundle.spec, cfg)
@@ -59,9 +55,8 @@ def load_start_model(cfg: ExperimentConfig) -> StartModel:
             f"{where}: the bundle {differs}; a starting model must read the same inputs with the same network "
             "(train it with this config's features, task and model sections, or leave model.init_from empty)"
         )
-    digest = hashlib.sha256(content).hexdigest()
     weights = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
-    return StartModel(path, digest, str(bundle.info.get("run_id", "")), weights)
+    return StartModel(path, bundle.sha256, str(bundle.info.get("run_id", "")), weights)
 
 
 def _first_difference(theirs: ExperimentConfig, their_spec: ModelSpec, cfg: ExperimentConfig) -> str:
