@@ -393,7 +393,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
     # The same round with the same global model again (a resumed server): resend the
     # release already made instead of making, and paying for, a new one.
     reply_key = f"{req.run_id}/{req.server_round}/train/{msg.content[M.ARRAYS].object_id}/{' '.join(s.value for s in req.splits)}"
-    cached = req.store.load_reply(reply_key)
+    cached = req.store.load_reply(req.run_id, reply_key)
     if cached is not None:
         log.info("%s round %d: resending the reply already released", req.node.name, req.server_round)
         return Message(_unpack(cached), reply_to=msg)
@@ -471,7 +471,7 @@ def train(msg: Message, context: Context, audit: CanaryAudit | None = None) -> M
         M.DELTA: float(ledger.delta), M.BUDGET: float(budget), M.STEPS: int(result.steps),
     })
     reply = req.reply(ReplyState.TRAINED, ledger, content, **not_evaluated)
-    req.store.save_reply(reply_key, _pack(reply.content))
+    req.store.save_reply(req.run_id, reply_key, _pack(reply.content))
     return reply
 
 

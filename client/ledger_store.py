@@ -15,7 +15,10 @@ a budget that only one of them fits.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ from common.ledger import Ledger, LedgerError
 
 CONTEXT_KEY = "fedgru-ledger"
 REPLY_KEY = "fedgru-last-reply"
+MAX_REPLY_RUNS = 16  # runs whose last training reply a hospital keeps for resending
 
 
 class FileLedgerStore:
@@ -61,14 +65,30 @@ class FileLedgerStore:
             yield ledger
             atomic_write_bytes(self.path, ledger.to_json(self.key).encode())
 
-    # The last training reply, kept beside the ledger: a restarted SuperNode asked for
-    # the same round again resends it instead of releasing (and paying for) a new one.
-    def save_reply(self, key: str, payload: bytes) -> None:
-        with self._locked():
-            atomic_write_bytes(self.path.with_name(self.path.name + ".last-reply"), key.encode() + b"\n" + payload)
+    # The last training reply of each run, kept beside the ledger: a restarted coordinator
+    # that asks for the same round again gets it resent instead of a new release (and a
+    # new charge). One slot per run, so a second run at the same hospital cannot push out
+    # the reply a resumed first run asks for; the slots of the MAX_REPLY_RUNS most recent
+    # runs are kept.
+    def _reply_file(self, run_id: str) -> Path:
+        # a hash of the run id names the slot: the id comes from the coordinator
+        name = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+        return self.path.with_name(self.path.name + ".replies") / name
 
-    def load_reply(self, key: str) -> bytes | None:
-        path = self.path.with_name(self.path.name + ".last-reply")
+    def save_reply(self, run_id: str, key: str, payload: bytes) -> None:
+        path = self._reply_file(run_id)
+        with self._locked():
+            path.parent.mkdir(mode=0o700, exist_ok=True)  # like the rest of the folder: its owner only
+            others = [f for f in path.parent.iterdir() if f != path]
+            atomic_write_bytes(path, key.encode() + b"\n" + payload)
+            # the newest slot's time is strictly the largest, even within the clock's resolution
+            newest = max([time.time_ns()] + [f.stat().st_mtime_ns + 1 for f in others])
+            os.utime(path, ns=(newest, newest))
+            for stale in sorted(others, key=lambda f: f.stat().st_mtime_ns)[: max(0, len(others) + 1 - MAX_REPLY_RUNS)]:
+                stale.unlink(missing_ok=True)
+
+    def load_reply(self, run_id: str, key: str) -> bytes | None:
+        path = self._reply_file(run_id)
         if not path.is_file():
             return None
         stored_key, _, payload = path.read_bytes().partition(b"\n")
@@ -101,10 +121,12 @@ class ContextLedgerStore:
         yield ledger
         self.context.state[CONTEXT_KEY] = ConfigRecord({"json": ledger.to_json(key), "key": key})
 
-    def save_reply(self, key: str, payload: bytes) -> None:
+    # A simulated hospital's context holds one run (Flower makes one per node and run),
+    # so one slot is one per run here too.
+    def save_reply(self, run_id: str, key: str, payload: bytes) -> None:
         self.context.state[REPLY_KEY] = ConfigRecord({"key": key, "payload": payload})
 
-    def load_reply(self, key: str) -> bytes | None:
+    def load_reply(self, run_id: str, key: str) -> bytes | None:
         record = self.context.state.get(REPLY_KEY)
         if record is None or str(record.get("key")) != key:
             return None

@@ -178,6 +178,35 @@ def test_a_resent_round_is_not_charged_twice(hospital_data, tmp_path):
         assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()
 
 
+def test_a_resent_round_is_not_charged_twice_when_another_run_trained_in_between(hospital_data, tmp_path):
+    folder = make_hospital(tmp_path, *hospital_data)
+    cfg = hospital_cfg()
+    context = node_context(folder)
+    first = client_app.train(hospital_message(cfg, "run-a", 1), context)
+    client_app.train(hospital_message(cfg, "run-b", 1), context)  # a second run at this hospital
+    again = client_app.train(hospital_message(cfg, "run-a", 1), node_context(folder))  # run-a's coordinator restarted
+    entries = [e for e in _ledger(folder).entries if e.item == Item.WEIGHTS]
+    assert sorted(e.run_id for e in entries) == ["run-a", "run-b"]
+    for k, v in first.content[M.ARRAYS].items():
+        assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()
+
+
+def test_the_resend_slots_keep_the_most_recent_runs(tmp_path):
+    from client.ledger_store import MAX_REPLY_RUNS
+
+    store = FileLedgerStore(tmp_path / "ledger.json", b"k" * 32)
+    runs = [f"run-{i}" for i in range(MAX_REPLY_RUNS + 3)]
+    for run in runs:
+        store.save_reply(run, f"{run}/1/train", run.encode())
+    store.save_reply(runs[-1], f"{runs[-1]}/2/train", b"round 2")  # a run's later round replaces its own slot
+    kept = [run for run in runs if store.load_reply(run, f"{run}/1/train") is not None]
+    assert kept == runs[3:-1]  # the oldest three are dropped; the newest run now holds round 2
+    assert store.load_reply(runs[-1], f"{runs[-1]}/2/train") == b"round 2"
+    assert store.load_reply(runs[5], f"{runs[5]}/1/train") == runs[5].encode()
+    assert store.load_reply(runs[5], f"{runs[5]}/2/train") is None  # another round, or another global model
+    assert len(list((tmp_path / "ledger.json.replies").iterdir())) == MAX_REPLY_RUNS
+
+
 def test_a_simulated_hospital_without_dp_lists_its_weights_in_its_ledger(physionet_files):
     """A simulation may switch DP off; the weights it then releases are outside the
     guarantee but never unrecorded: the ledger lists them as a release without noise."""
