@@ -108,9 +108,18 @@ def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hos
     def cost(sigma, accountant):
         return epsilon([NoisyRelease(1, sigma, q, steps, 1.0)], ledger.delta, accountant)
 
-    # a noise level whose round passes the ceiling by RDP but not by PRV
-    sigma = next(s for s in np.arange(policy.min_noise_multiplier, 5.0, 0.01)
-                 if cost(s, "prv") <= policy.max_epsilon_per_round < cost(s, "rdp"))
+    # a noise level whose round passes the ceiling by PRV but not by RDP: the smallest on a
+    # 0.01 grid that passes by PRV (a bisection: the cost falls as the noise grows, and
+    # each PRV epsilon takes a while), which RDP must still find too costly
+    grid = np.arange(policy.min_noise_multiplier, 5.0, 0.01)
+    low, high = 0, len(grid) - 1
+    assert cost(grid[high], "prv") <= policy.max_epsilon_per_round
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if cost(grid[mid], "prv") <= policy.max_epsilon_per_round else (mid + 1, high)
+    sigma = grid[low]
+    assert low > 0 and cost(grid[low - 1], "prv") > policy.max_epsilon_per_round  # the smallest indeed
+    assert cost(sigma, "prv") <= policy.max_epsilon_per_round < cost(sigma, "rdp")
     costly = hospital_cfg("privacy.accountant=prv", f"privacy.noise_multiplier={sigma:.4f}", "privacy.target_epsilon=0",
                           "privacy.max_epsilon=1e9")
     _refused(client_app.train(hospital_message(costly, "r", 1), node_context(hospital)), "per round")
