@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ from common.ledger import Ledger, LedgerError
 CONTEXT_KEY = "fedgru-ledger"
 REPLY_KEY = "fedgru-last-reply"
 MAX_REPLY_RUNS = 16  # runs whose last training reply a hospital keeps for resending
+
+log = logging.getLogger("fedgru.hospital")
 
 
 class FileLedgerStore:
@@ -68,31 +71,65 @@ class FileLedgerStore:
     # The last training reply of each run, kept beside the ledger: a restarted coordinator
     # that asks for the same round again gets it resent instead of a new release (and a
     # new charge). One slot per run, so a second run at the same hospital cannot push out
-    # the reply a resumed first run asks for; the slots of the MAX_REPLY_RUNS most recent
-    # runs are kept.
+    # the reply a resumed first run asks for; the MAX_REPLY_RUNS runs that saved a reply
+    # most recently keep theirs. A slot is "<sequence> <sha256 of the key>\n<payload>":
+    # the sequence, not a file time, orders the slots (clocks and backup tools move times).
+    @property
+    def _replies(self) -> Path:
+        return self.path.with_name(self.path.name + ".replies")
+
     def _reply_file(self, run_id: str) -> Path:
-        # a hash of the run id names the slot: the id comes from the coordinator
-        name = hashlib.sha256(run_id.encode()).hexdigest()[:32]
-        return self.path.with_name(self.path.name + ".replies") / name
+        return self._replies / _digest(run_id)[:32]  # the id comes from the coordinator: hashed
 
     def save_reply(self, run_id: str, key: str, payload: bytes) -> None:
-        path = self._reply_file(run_id)
-        with self._locked():
-            path.parent.mkdir(mode=0o700, exist_ok=True)  # like the rest of the folder: its owner only
-            others = [f for f in path.parent.iterdir() if f != path]
-            atomic_write_bytes(path, key.encode() + b"\n" + payload)
-            # the newest slot's time is strictly the largest, even within the clock's resolution
-            newest = max([time.time_ns()] + [f.stat().st_mtime_ns + 1 for f in others])
-            os.utime(path, ns=(newest, newest))
-            for stale in sorted(others, key=lambda f: f.stat().st_mtime_ns)[: max(0, len(others) + 1 - MAX_REPLY_RUNS)]:
-                stale.unlink(missing_ok=True)
+        """Best effort: the round is charged and trained by now, and a slot that cannot be
+        written must not turn the reply into a refusal (it only means a resumed
+        coordinator's repeat of this round would be trained and charged again)."""
+        try:
+            with self._locked():
+                self._save_reply(run_id, key, payload)
+        except OSError as err:
+            log.warning("the reply of this round could not be kept for resending (%s); a repeat of the "
+                        "round would be trained and charged again", type(err).__name__)
+
+    def _save_reply(self, run_id: str, key: str, payload: bytes) -> None:
+        folder, path = self._replies, self._reply_file(run_id)
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, 0o700)  # like the rest of the hospital's folder: its owner only
+        slots = {}
+        for f in folder.iterdir():
+            if f.name.endswith(".tmp"):  # left by a crash inside atomic_open; under the lock, stale
+                f.unlink(missing_ok=True)
+            elif _SLOT_NAME.fullmatch(f.name) and f != path:
+                slots[f] = _sequence(f)
+        sequence = max(slots.values(), default=0) + 1
+        atomic_write_bytes(path, f"{sequence} {_digest(key)}\n".encode() + payload)
+        for stale in sorted(slots, key=slots.get)[: max(0, len(slots) + 1 - MAX_REPLY_RUNS)]:
+            stale.unlink(missing_ok=True)
 
     def load_reply(self, run_id: str, key: str) -> bytes | None:
-        path = self._reply_file(run_id)
-        if not path.is_file():
+        try:
+            header, _, payload = self._reply_file(run_id).read_bytes().partition(b"\n")
+        except OSError:  # none kept (or pruned meanwhile): train as usual
             return None
-        stored_key, _, payload = path.read_bytes().partition(b"\n")
-        return payload if stored_key.decode(errors="replace") == key else None
+        parts = header.decode(errors="replace").split(" ")
+        return payload if len(parts) == 2 and parts[1] == _digest(key) else None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_SLOT_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+def _sequence(slot: Path) -> int:
+    """A slot's place in the order of saving; 0 for one that cannot be read (pruned first)."""
+    try:
+        with open(slot, "rb") as f:
+            return int(f.readline(64).split(b" ")[0])
+    except (OSError, ValueError):
+        return 0
 
 
 class ContextLedgerStore:

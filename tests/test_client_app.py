@@ -8,6 +8,7 @@ the way a SuperNode would, on stays cut from set A.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -191,20 +192,45 @@ def test_a_resent_round_is_not_charged_twice_when_another_run_trained_in_between
         assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()
 
 
-def test_the_resend_slots_keep_the_most_recent_runs(tmp_path):
+def test_the_resend_slots_keep_the_runs_that_saved_most_recently(tmp_path):
     from client.ledger_store import MAX_REPLY_RUNS
 
     store = FileLedgerStore(tmp_path / "ledger.json", b"k" * 32)
-    runs = [f"run-{i}" for i in range(MAX_REPLY_RUNS + 3)]
-    for run in runs:
+    runs = [f"run-{i}" for i in range(MAX_REPLY_RUNS + 2)]
+    for run in runs[:MAX_REPLY_RUNS]:
         store.save_reply(run, f"{run}/1/train", run.encode())
-    store.save_reply(runs[-1], f"{runs[-1]}/2/train", b"round 2")  # a run's later round replaces its own slot
+    slots = tmp_path / "ledger.json.replies"
+    for f in slots.iterdir():  # equal file times (and clocks that jump) must not change the order
+        os.utime(f, ns=(0, 0))
+    store.save_reply(runs[0], f"{runs[0]}/2/train", b"round 2")  # the oldest run saves again: now the newest
+    for run in runs[MAX_REPLY_RUNS:]:
+        store.save_reply(run, f"{run}/1/train", run.encode())
     kept = [run for run in runs if store.load_reply(run, f"{run}/1/train") is not None]
-    assert kept == runs[3:-1]  # the oldest three are dropped; the newest run now holds round 2
-    assert store.load_reply(runs[-1], f"{runs[-1]}/2/train") == b"round 2"
+    assert kept == runs[3:]  # run-0 holds round 2 now; run-1 and run-2, the oldest, were dropped
+    assert store.load_reply(runs[0], f"{runs[0]}/2/train") == b"round 2"
     assert store.load_reply(runs[5], f"{runs[5]}/1/train") == runs[5].encode()
     assert store.load_reply(runs[5], f"{runs[5]}/2/train") is None  # another round, or another global model
-    assert len(list((tmp_path / "ledger.json.replies").iterdir())) == MAX_REPLY_RUNS
+    assert len(list(slots.iterdir())) == MAX_REPLY_RUNS
+    assert slots.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_reply_that_cannot_be_kept_is_still_sent(tmp_path, caplog):
+    """The round is charged and trained when its reply is saved for resending: a failure
+    there is logged, never turned into a refusal; odd run ids are kept like any other."""
+    store = FileLedgerStore(tmp_path / "ledger.json", b"k" * 32)
+    for odd in ("run\nwith a newline", "run-\udcff", "x" * 10_000):
+        store.save_reply(odd, f"{odd}/1/train", b"reply")
+        assert store.load_reply(odd, f"{odd}/1/train") == b"reply"
+    (tmp_path / "ledger.json.replies" / ".slot.tmp").write_bytes(b"left by a crash")
+    store.save_reply("run-a", "run-a/1/train", b"reply")
+    assert not list((tmp_path / "ledger.json.replies").glob("*.tmp"))
+    blocked = FileLedgerStore(tmp_path / "blocked" / "ledger.json", b"k" * 32)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "ledger.json.replies").write_bytes(b"not a folder")
+    with caplog.at_level("WARNING", logger="fedgru.hospital"):
+        blocked.save_reply("run-a", "run-a/1/train", b"reply")  # no exception
+    assert "could not be kept for resending" in caplog.text
+    assert blocked.load_reply("run-a", "run-a/1/train") is None
 
 
 def test_a_simulated_hospital_without_dp_lists_its_weights_in_its_ledger(physionet_files):
