@@ -11,6 +11,7 @@ reply is a DP release in the ledger or a declared non-DP release.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import subprocess
@@ -112,11 +113,8 @@ def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hos
     # 0.01 grid that passes by PRV (a bisection: the cost falls as the noise grows, and
     # each PRV epsilon takes a while), which RDP must still find too costly
     grid = np.arange(policy.min_noise_multiplier, 5.0, 0.01)
-    low, high = 0, len(grid) - 1
-    assert cost(grid[high], "prv") <= policy.max_epsilon_per_round
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if cost(grid[mid], "prv") <= policy.max_epsilon_per_round else (mid + 1, high)
+    assert cost(grid[-1], "prv") <= policy.max_epsilon_per_round
+    low = bisect.bisect_left(range(len(grid)), True, key=lambda i: cost(grid[i], "prv") <= policy.max_epsilon_per_round)
     sigma = grid[low]
     assert low > 0 and cost(grid[low - 1], "prv") > policy.max_epsilon_per_round  # the smallest indeed
     assert cost(sigma, "prv") <= policy.max_epsilon_per_round < cost(sigma, "rdp")
