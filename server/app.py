@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ExperimentConfig, load_config, parse_override_string
+from common.config import ExperimentConfig, config_from_run_config
 from common.data.dataset import load_dataset
 from common.data.partition import format_table, make_partition, partition_table
 from common.logs import attach_to_flower
@@ -28,24 +28,6 @@ from .records import Partition, RunMetrics, StartRecord, load_record
 from .start_model import StartModel, load_start_model
 
 log = logging.getLogger("fedgru.server")
-
-
-def config_from_run_config(run_config: dict) -> ExperimentConfig:
-    """Experiment config from Flower's run config (pyproject keys + --run-config)."""
-    name = str(run_config.get("config-file", "configs/default.yaml"))
-    path = Path(name)
-    if not path.is_absolute():
-        # The app folder Flower installed (it holds configs/), then the project folder.
-        here = Path(__file__).resolve().parent.parent / path
-        path = here if here.is_file() else resolve(path)
-    overrides = parse_override_string(str(run_config.get("set", "")))
-    if str(run_config.get("data-path", "")):
-        overrides.append(f"data.path={run_config['data-path']}")
-    if str(run_config.get("outcomes-path", "")):
-        overrides.append(f"data.outcomes={run_config['outcomes-path']}")
-    if int(run_config.get("rounds", 0) or 0) > 0:
-        overrides.append(f"run.rounds={int(run_config['rounds'])}")
-    return load_config(path, overrides)
 
 
 def start_of_run(cfg: ExperimentConfig, run_dir: Path, resumed: bool,
