@@ -14,6 +14,7 @@ or the ``.tar.gz`` PhysioNet ships, unchanged.
 from __future__ import annotations
 
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,23 +35,31 @@ def iter_stay_files(path: Path) -> Iterator[tuple[str, str, bytes]]:
         return
     if not path.exists():
         raise DataError(str(path), "no such file or folder")
-    if not tarfile.is_tarfile(path):
-        raise DataError(
-            str(path),
-            "unknown format: expected a folder of <RecordID>.txt files or a .tar.gz of them",
-        )
-    found = False
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith(".txt"):
-                continue
-            handle = tar.extractfile(member)
-            if handle is None:  # pragma: no cover - special members
-                continue
-            found = True
-            yield f"{path}!{member.name}", Path(member.name).stem, handle.read()
+    damaged = "is damaged or truncated (the archive ends early or fails its checks); copy or download it again"
+    try:
+        if not tarfile.is_tarfile(path):
+            if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+                raise DataError(str(path), damaged)
+            raise DataError(str(path), "unknown format: expected a folder of <RecordID>.txt files or a .tar.gz of them")
+        found = False
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".txt"):
+                    continue
+                handle = tar.extractfile(member)
+                if handle is None:  # pragma: no cover - special members
+                    continue
+                found = True
+                yield f"{path}!{member.name}", Path(member.name).stem, handle.read()
+    except (EOFError, tarfile.TarError, zlib.error, OSError) as exc:
+        raise DataError(str(path), damaged) from exc
     if not found:
         raise DataError(str(path), "archive holds no <RecordID>.txt stay files")
+
+
+# PhysioNet 2012's records hold the first 48 hours of each ICU stay: a later time is not
+# this format (an export with longer stays belongs in the long CSV format).
+LAST_TIME_HOURS = 48.0
 
 
 def parse_time(text: str) -> float:
@@ -91,6 +100,9 @@ def parse_stay(
             t = parse_time(t_text)
         except ValueError:
             raise DataError(source, "time is not HH:MM", line=lineno, column="Time") from None
+        if t > LAST_TIME_HOURS:
+            raise DataError(source, "time is after 48:00, the end of a PhysioNet 2012 record (export longer stays "
+                                    "in the long CSV format)", line=lineno, column="Time")
         if not name:
             raise DataError(source, "parameter name is empty", line=lineno, column="Parameter")
         try:
