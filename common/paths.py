@@ -70,8 +70,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def cache_dir() -> Path:
-    """Where derived data (preprocessed tensors) is cached; never inside ../shared."""
+    """Where simulations and bedside commands cache derived data (preprocessed patient
+    tensors); never inside ../shared, readable by its owner only (0700). A deployed
+    hospital never uses it: its tensors live in its own folder (client.export)."""
     env = os.environ.get("FEDGRU_CACHE")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedgru"
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if base.stat().st_uid == os.getuid() and base.stat().st_mode & 0o077:
+        os.chmod(base, 0o700)
     return base
