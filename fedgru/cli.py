@@ -9,7 +9,7 @@
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
-    fedgru hospital  approve|serve|show --hospital-dir DIR
+    fedgru hospital  data|approve|serve|show --hospital-dir DIR
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
     fedgru audit     [--config FILE] [--set key=value ...] [--hospital NAME] [--canaries M] [--json]
 """
@@ -65,11 +65,11 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def _print_summary(run_dir: Path) -> None:
+def _print_summary(run_dir: Path, out=None) -> None:
     from server.report import write_report
 
-    print()
-    print(write_report(run_dir))
+    print(file=out or sys.stdout)
+    print(write_report(run_dir), file=out or sys.stdout)
 
 
 def cmd_report(args) -> int:
@@ -239,6 +239,10 @@ def cmd_hospital(args) -> int:
             ))
         elif args.hospital_dir is None:
             raise ConfigError(f"hospital {args.action} needs --hospital-dir")
+        elif args.action == "data":
+            cfg = _load(args) if (args.config or args.overrides) else None
+            print(commands.register_data(Path(args.hospital_dir), args.data, args.outcomes, args.format, args.id_column,
+                                         args.label_column, cfg, args.recount))
         elif args.action == "approve":
             print(commands.approve(Path(args.hospital_dir), Path(args.app) if args.app else None, args.note))
         elif args.action == "serve":
@@ -278,9 +282,11 @@ def cmd_audit(args) -> int:
         result = run_audit(cfg, run_dir, hospital=args.hospital, canaries=args.canaries)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    _print_summary(run_dir)
-    print()
-    print(format_result(result))
+    # --json: stdout holds only the JSON object (the summary and the result in words go to stderr)
+    out = sys.stderr if args.json else sys.stdout
+    _print_summary(run_dir, out)
+    print(file=out)
+    print(format_result(result), file=out)
     if args.json:
         print(to_json(result, indent=None))
     return 0
@@ -372,15 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
-    p.add_argument("action", choices=["init", "approve", "serve", "show"])
-    p.add_argument("--hospital-dir", help="approve/serve/show: the hospital's folder")
+    p.add_argument("action", choices=["init", "data", "approve", "serve", "show"],
+                   help="init: make the folder; data: register a new export or data definition; approve: an app "
+                        "version; serve: the SuperNode's app; show: what each group of patients has spent")
+    p.add_argument("--hospital-dir", help="data/approve/serve/show: the hospital's folder")
     p.add_argument("--out", help="init: the folder to create")
     p.add_argument("--name", help="init: the hospital's name (letters, digits, - and _)")
-    p.add_argument("--data", help="init: its stays (PhysioNet folder/.tar.gz or long CSV)")
-    p.add_argument("--outcomes", help="init: its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
-    p.add_argument("--format", choices=["physionet2012", "long_csv"], help="init: the data's format (default physionet2012)")
-    p.add_argument("--id-column", default="", help="init: the outcomes file's stay id column, if not the experiment's")
-    p.add_argument("--label-column", default="", help="init: the outcomes column with the experiment's label, if named otherwise")
+    p.add_argument("--data", help="init/data: its stays (PhysioNet folder/.tar.gz or long CSV)")
+    p.add_argument("--outcomes", help="init/data: its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"],
+                   help="init/data: the data's format (default physionet2012, or as registered)")
+    p.add_argument("--id-column", default="", help="init/data: the outcomes file's stay id column, if not the config's")
+    p.add_argument("--label-column", default="",
+                   help="init/data: the outcomes column with the task's label, if named otherwise")
+    p.add_argument("--recount", action="store_true",
+                   help="data: declare the export's split sizes anew (they are released with every training reply)")
     p.add_argument("--max-epsilon", type=float, help="init: the training patients' budget (required)")
     p.add_argument("--eval-epsilon", type=float, help="init: the validation and test patients' budget (default: --max-epsilon)")
     p.add_argument("--delta", type=float, help="init: delta of every epsilon in the ledger (default: below 1/n)")
@@ -412,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hospital", help="the simulated hospital to audit (default: the first)")
     p.add_argument("--canaries", type=int, default=1000, help="gradient canaries, each included with probability 1/2")
     p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
-    p.add_argument("--json", action="store_true", help="last line: the result as one JSON object")
+    p.add_argument("--json", action="store_true", help="print only the result, as one JSON object (text to stderr)")
     p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("baseline", help="centralized or local-only training for comparison")

@@ -61,10 +61,17 @@ SMALL = ["data.max_stays=800", "run.rounds=5"]
 
 
 def _audit(tmp_path, fault: str, *overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", AUDIT, str(tmp_path / "run"), fault, *SMALL, *overrides], cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
+    """The audit as a user runs it (``fedgru audit --json``), whose stdout must be one JSON
+    object and nothing else; with a planted fault, through the script above."""
+    if fault == "none":
+        command = [sys.executable, "-m", "fedgru.cli", "audit", "--json", "--out", str(tmp_path / "run"),
+                   *(f"--set={o}" for o in (*SMALL, *overrides))]
+    else:
+        command = [sys.executable, "-c", AUDIT, str(tmp_path / "run"), fault, *SMALL, *overrides]
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout if fault == "none" else proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
