@@ -22,6 +22,7 @@ coordinator cannot check the seal (it has no secret) and checks every value inst
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -29,8 +30,10 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from .messages import Item, Mechanism, Split
-from .privacy import NoisyRelease, epsilon
+from .privacy import NoisyRelease, epsilon, epsilon_of_rdp, rdp_of
 
 LEDGER_FORMAT = "fedgru-ledger/2"
 NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN)
@@ -82,6 +85,9 @@ class Ledger:
     delta: float  # the delta every epsilon in this ledger is stated at
     accountant: str = "rdp"  # the accountant that drives budget decisions
     entries: list[LedgerEntry] = field(default_factory=list)
+    # Each group's composed RDP (a vector over orders), summed once and then kept up to
+    # date by record(): an RDP budget check costs the same however long the ledger is.
+    _rdp: dict[Split, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- accounting ------------------------------------------------------------
     def noisy(self, split: Split = Split.TRAIN) -> list[LedgerEntry]:
@@ -90,26 +96,44 @@ class Ledger:
     def history(self, split: Split = Split.TRAIN) -> list[NoisyRelease]:
         return [e.as_release() for e in self.noisy(split)]
 
+    def _rdp_total(self, split: Split) -> np.ndarray:
+        if split not in self._rdp:
+            total = np.zeros(len(rdp_of(1.0, 1.0, 0)))
+            for e in self.noisy(split):
+                total = total + rdp_of(e.sample_rate, e.noise_multiplier, e.steps)
+            self._rdp[split] = total
+        return self._rdp[split]
+
     def epsilon(self, split: Split = Split.TRAIN, accountant: str | None = None) -> float:
         """Epsilon of everything ever released about one group of patients."""
+        if (accountant or self.accountant) == "rdp":
+            return epsilon_of_rdp(self._rdp_total(split), self.delta)
         return epsilon(self.history(split), self.delta, accountant or self.accountant)
 
     def epsilon_with(self, planned: list[LedgerEntry], accountant: str | None = None) -> float:
         """Epsilon of ``planned``'s group if ``planned`` were released too (the budget check)."""
         split = planned[0].split
+        if (accountant or self.accountant) == "rdp":
+            added = sum((rdp_of(e.sample_rate, e.noise_multiplier, e.steps) for e in planned if e.mechanism in NOISY),
+                        np.zeros_like(self._rdp_total(split)))
+            return epsilon_of_rdp(self._rdp_total(split) + added, self.delta)
         return epsilon(self.history(split) + [e.as_release() for e in planned], self.delta, accountant or self.accountant)
 
     def runs(self) -> list[str]:
         return sorted({e.run_id for e in self.entries})
 
     def releases_in_run(self, run_id: str, split: Split) -> int:
-        return sum(1 for e in self.noisy(split) if e.run_id == run_id)
+        """How many score histograms of ``split`` the run has had (a test release's
+        per-group histograms and importance come with its one histogram)."""
+        return sum(1 for e in self.noisy(split) if e.run_id == run_id and e.item == Item.HISTOGRAM)
 
     def record(self, entry: LedgerEntry) -> None:
         """Add a release; an entry that could not be read back (say, infinite noise) is
         refused here rather than sealed into a ledger every later read would reject."""
         entry.check(f"{self.hospital}'s new ledger entry")
         self.entries.append(entry)
+        if entry.mechanism in NOISY and entry.split in self._rdp:
+            self._rdp[entry.split] = self._rdp[entry.split] + rdp_of(entry.sample_rate, entry.noise_multiplier, entry.steps)
 
     # -- serialisation ---------------------------------------------------------
     def body(self) -> dict:
@@ -128,8 +152,17 @@ class Ledger:
         return {**body, "mac": _mac(key, body)}
 
     def to_json(self, key: bytes | None = None) -> str:
-        """JSON for the hospital's disk (sealed, with ``key``) or for the coordinator."""
+        """JSON for the hospital's disk (sealed, with ``key``), or unsealed."""
         return json.dumps(self.seal(key) if key is not None else self.body(), indent=1, sort_keys=True)
+
+    def for_coordinator(self) -> str:
+        """The copy a reply carries: every entry, without the export it read or when it was
+        recorded (the hospital's own ledger keeps both). The export's label changes with
+        every patient added or removed, and the times with how long the data took to
+        train on; the rest is the message's settings, the policy and declared counts."""
+        view = Ledger(self.hospital, self.delta, self.accountant,
+                      [dataclasses.replace(e, data="", time="") for e in self.entries])
+        return view.to_json()
 
     @classmethod
     def from_json(cls, text: str, source: str = "ledger", key: bytes | None = None) -> Ledger:

@@ -62,6 +62,23 @@ class MemoRDPAccountant(RDPAccountant):
 
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": MemoRDPAccountant, "prv": PRVAccountant}
+RDP_ORDERS: tuple[float, ...] = tuple(MemoRDPAccountant.DEFAULT_ALPHAS)
+
+
+def rdp_of(sample_rate: float, noise_multiplier: float, steps: int) -> np.ndarray:
+    """The Renyi DP of ``steps`` subsampled Gaussian steps at Opacus's orders. RDP composes
+    by adding these vectors (Mironov 2017, Prop. 1), so a ledger can keep a running sum
+    and check a budget in constant time, whatever its length."""
+    return _rdp_of_one_step(sample_rate, noise_multiplier, RDP_ORDERS) * steps
+
+
+def epsilon_of_rdp(rdp: np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of a composed RDP vector (0 when nothing was released), as
+    Opacus's RDP accountant reads it."""
+    if not np.any(rdp > 0):
+        return 0.0
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)
 
 
 @dataclass
