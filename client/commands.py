@@ -4,14 +4,17 @@ app version, serve its SuperNode, and show what it has spent."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from common.config import ExperimentConfig, auto_delta, load_config
-from common.data.dataset import load_dataset
+from common.data.dataset import read_export
+from common.definition import DataDefinition
 from common.messages import Split
 from common.metrics import format_number
 
-from .folder import DataSource, HospitalFolder, default_policy, init_folder
+from . import export as exports
+from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder
 from .ledger_store import FileLedgerStore
 
 
@@ -20,24 +23,68 @@ def init(
     eval_epsilon: float | None = None, data_format: str = "physionet2012", id_column: str = "",
     label_column: str = "", device: str = "auto", cfg: ExperimentConfig | None = None,
 ) -> str:
-    """Create the folder; read the export once (it must load, and delta is set below 1/n)."""
+    """Create the folder: read the export once by the federation's task and features (it
+    must load, and delta is set below 1/n), keep its tensors, declare its split sizes."""
     cfg = cfg or load_config()
-    ds = load_dataset(
-        cfg, data_path=Path(data).expanduser().resolve(), outcomes_path=Path(outcomes).expanduser().resolve(),
-        data_format=data_format, id_column=id_column or None, label_column=label_column or None,
-    )
-    delta = delta if delta is not None else auto_delta(len(ds))
+    definition = DataDefinition.of(cfg)
     source = DataSource(str(Path(data).expanduser().resolve()), str(Path(outcomes).expanduser().resolve()),
-                        data_format, id_column, label_column)
+                        data_format, id_column or cfg.data.id_column, label_column or cfg.task.label_column)
+    ds = read_export(Path(source.path), Path(source.outcomes), data_format, source.id_column,
+                     replace(definition.task, label_column=source.label_column), definition.features)
+    delta = delta if delta is not None else auto_delta(len(ds))
     folder = init_folder(out, name, source, default_policy(max_epsilon, delta, eval_epsilon or max_epsilon), device)
+    reg = exports.register(folder, source, definition, ds=ds)
     return (
-        f"made the hospital folder {folder.path} for {name}: {len(ds)} stays read, delta {delta:g}, "
+        f"made the hospital folder {folder.path} for {name}: {reg.stays} stays read, delta {delta:g}, "
         f"budget epsilon {max_epsilon:g} (training), {eval_epsilon or max_epsilon:g} (validation, test)\n"
+        f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)\n"
         f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)\n"
+        f"  what it reads:     {folder.path / 'definition.yaml'} (task and features; `fedgru hospital data` changes it)\n"
         f"  SuperNode key:     {folder.path / (name + '.key')} (never leaves); give the coordinator {name}.pub\n"
         f"  ledger and secret: {folder.ledger_file}, {folder.secret_file} (back both up together)\n"
         "  next: review the app, then `fedgru hospital approve --hospital-dir " + str(folder.path) + "`"
     )
+
+
+def _counts(c: DeclaredCounts) -> str:
+    return f"train {c.train}, validation {c.val}, test {c.test}"
+
+
+def register_data(
+    folder_path: Path, data: str | None = None, outcomes: str | None = None, data_format: str | None = None,
+    id_column: str = "", label_column: str = "", cfg: ExperimentConfig | None = None, recount: bool = False,
+) -> str:
+    """``fedgru hospital data``: register a new export (or the same one read again), a new
+    definition (``cfg``'s task and features), or both; declare new counts on ``recount``
+    (or when the folder declares none yet)."""
+    folder = HospitalFolder(folder_path, registered=False)
+    old = folder.settings.data
+    fallback = cfg or load_config()
+    if cfg is not None:
+        definition = DataDefinition.of(cfg)
+    else:
+        try:
+            definition = folder.definition
+        except FolderError:  # a folder from before definitions: the federation's default config
+            definition = DataDefinition.of(fallback)
+    source = DataSource(
+        str(Path(data).expanduser().resolve()) if data else old.path,
+        str(Path(outcomes).expanduser().resolve()) if outcomes else old.outcomes,
+        data_format or old.format,
+        id_column or old.id_column or fallback.data.id_column,
+        label_column or old.label_column or definition.task.label_column,
+    )
+    first = folder.settings.declared is None
+    reg = exports.register(folder, source, definition, recount=recount)
+    lines = [f"{folder.name}: registered {reg.stays} stays of {source.path} ({source.format}), read by "
+             f"{folder.path / 'definition.yaml'}"]
+    if recount or first:
+        lines.append(f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)")
+    else:
+        lines.append(f"  declared split sizes kept: {_counts(reg.declared)}; the export's splits now hold "
+                     f"{_counts(reg.counted)} (`--recount` declares these, itself a release of three counts)")
+    lines += [f"  note: {n}" for n in reg.notes]
+    return "\n".join(lines)
 
 
 def approve(folder_path: Path, project: Path | None, note: str) -> str:
@@ -59,7 +106,7 @@ def serve(folder_path: Path, runtime_address: str, poll_s: float, task_timeout_s
 
 
 def show(folder_path: Path) -> str:
-    folder = HospitalFolder(folder_path)
+    folder = HospitalFolder(folder_path, registered=False)
     ledger = FileLedgerStore(folder.ledger_file, folder.secret("ledger")).read()
     policy = folder.policy
     lines = [

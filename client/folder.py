@@ -1,6 +1,9 @@
 """A hospital's own folder: everything the hospital keeps, decides and never hands over.
 
-    hospital.yaml        name, where the data is, and the privacy policy (client.policy)
+    hospital.yaml        name, where the data is, the counts it declares, and the privacy
+                         policy (client.policy)
+    definition.yaml      what it reads: its task and features (common.definition)
+    cache/               its stays, read from its export by its definition (mode 0700)
     secret.key           32 random bytes (mode 0600): seals the ledger and fixes which split
                          each stay belongs to; never leaves the folder
     <name>.key, .pub     the SuperNode's authentication key pair (the private key is made
@@ -8,7 +11,8 @@
     ledger.json          the privacy ledger, sealed with secret.key
     approved-apps.txt    the FAB hashes (sha256) of the app versions the staff approved
 
-``fedgru hospital init`` writes it, ``fedgru hospital approve`` adds an app version,
+``fedgru hospital init`` writes it, ``fedgru hospital data`` registers a new export or
+definition (``client.export``), ``fedgru hospital approve`` adds an app version,
 ``fedgru hospital serve`` runs the approved app for the SuperNode, and the SuperNode's
 only node-config key is ``hospital-dir``.
 """
@@ -28,14 +32,18 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.config import ConfigError
+from common.definition import DataDefinition
 from common.files import atomic_write_text, json_safe, write_private
 from common.ledger import Ledger
 from common.messages import Split
 from common.typed import TypedDataError, build
 
-from .policy import Policy, SplitFractions
+from .policy import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_MODEL_PARAMETERS, Policy, SplitFractions
 
 SETTINGS_FILE = "hospital.yaml"
+DEFINITION_FILE = "definition.yaml"
+CACHE_DIR = "cache"
 SECRET_FILE = "secret.key"
 LEDGER_FILE = "ledger.json"
 APPROVED_FILE = "approved-apps.txt"
@@ -47,11 +55,32 @@ class FolderError(ValueError):
 
 @dataclass
 class DataSource:
-    path: str  # PhysioNet folder / .tar.gz, or a long-format CSV of stays
+    path: str  # PhysioNet folder / .tar.gz, or a long-format CSV of stays (relative: to the folder)
     outcomes: str  # PhysioNet Outcomes-*.txt, or a CSV with stay_id,label
     format: Literal["physionet2012", "long_csv"]
-    id_column: str  # stay id column of the outcomes file ("" = the experiment's, else stay_id)
-    label_column: str  # outcomes column holding the experiment's label ("" = the experiment's, else label)
+    id_column: str  # stay id column of the outcomes file
+    label_column: str  # outcomes column holding the task's label (the definition's task.label_column, by another name)
+
+
+@dataclass
+class DeclaredCounts:
+    """How many stays a hospital says each of its splits holds: released without DP (the
+    training count with every training reply, as Flower's weighting needs it; the
+    evaluated split's with every histogram), and every sample rate, noise calibration and
+    per-round cost it computes uses them. Fixed numbers, counted when the staff register
+    an export and kept until they recount, so nothing a hospital sends depends on whether
+    one patient is in its data (the true split sizes never leave it)."""
+
+    train: int
+    val: int
+    test: int
+
+    def of(self, split: Split) -> int:
+        return {Split.TRAIN: self.train, Split.VAL: self.val, Split.TEST: self.test}[split]
+
+    def validate(self, where: str) -> None:
+        if min(self.train, self.val, self.test) < 0 or self.train < 1:
+            raise FolderError(f"{where}: 'declared' counts must be whole numbers >= 0, at least 1 training stay")
 
 
 @dataclass
@@ -60,11 +89,17 @@ class HospitalSettings:
     data: DataSource
     device: Literal["auto", "cpu", "cuda"]
     policy: Policy
+    declared: DeclaredCounts | None = None  # None: a folder from before declared counts (`hospital data` sets them)
 
 
 class HospitalFolder:
-    def __init__(self, path: str | Path):
+    """A hospital's folder, read and checked. ``registered=False`` opens one whose export
+    is not registered yet (``fedgru hospital data`` does, for a folder made by an older
+    fedgru); everything that serves a message needs a registered one."""
+
+    def __init__(self, path: str | Path, registered: bool = True):
         self.path = Path(path)
+        self._definition: DataDefinition | None = None
         settings_file = self.path / SETTINGS_FILE
         if not settings_file.is_file():
             raise FolderError(
@@ -80,6 +115,45 @@ class HospitalFolder:
             raise FolderError(f"{settings_file}: 'policy.allow_without_dp' is for simulations; a hospital never sets it")
         if not self.secret_file.is_file():
             raise FolderError(f"{self.secret_file} is missing: restore it from backup (the ledger cannot be read without it)")
+        if self.settings.declared is not None:
+            self.settings.declared.validate(str(settings_file))
+        if registered:
+            self.require_registered()
+
+    def require_registered(self) -> None:
+        missing = [what for ok, what in (
+            (self.settings.declared is not None, "the counts it declares"),
+            ((self.path / DEFINITION_FILE).is_file(), f"its data definition ({DEFINITION_FILE})"),
+            (bool(self.settings.data.id_column and self.settings.data.label_column), "its outcomes' column names"),
+        ) if not ok]
+        if missing:
+            raise FolderError(
+                f"{self.path} has no registered export (it lacks {'; '.join(missing)}): it was made by an earlier "
+                f"fedgru. Run `fedgru hospital data --hospital-dir {self.path}` once: it reads the export, fixes what "
+                "this hospital reads and the counts it declares"
+            )
+
+    @property
+    def declared(self) -> DeclaredCounts:
+        self.require_registered()
+        return self.settings.declared
+
+    @property
+    def definition(self) -> DataDefinition:
+        """What this hospital reads (definition.yaml): its task and features."""
+        if self._definition is None:
+            path = self.path / DEFINITION_FILE
+            try:
+                self._definition = DataDefinition.from_plain(yaml.safe_load(path.read_text()), str(path))
+            except OSError:
+                raise FolderError(f"{path} is missing: run `fedgru hospital data --hospital-dir {self.path}`") from None
+            except (yaml.YAMLError, ConfigError) as exc:
+                raise FolderError(f"{path}: {exc}") from None
+        return self._definition
+
+    @property
+    def cache_path(self) -> Path:
+        return self.path / CACHE_DIR
 
     @property
     def name(self) -> str:
@@ -145,6 +219,8 @@ def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Pol
         max_evaluations_per_run={Split.VAL.value: 10, Split.TEST.value: 1},
         max_histogram_bins=20,
         split=SplitFractions(0.7, 0.1, 0.2),
+        max_model_parameters=DEFAULT_MAX_MODEL_PARAMETERS,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
     )
 
 
@@ -159,43 +235,70 @@ POLICY_COMMENTS = {
     "max_evaluations_per_run": "score histograms one run may ask for, per split",
     "max_histogram_bins": "bins per class of a released score histogram",
     "split": "this hospital's train/validation/test shares (fixed per stay by secret.key)",
+    "max_model_parameters": "the largest model (weights) a run may send to train or score",
+    "max_message_bytes": "the most bytes of weights one message may carry",
 }
 
 
 def init_folder(
     out: Path, name: str, data: DataSource, policy: Policy, device: str = "auto"
 ) -> HospitalFolder:
-    """Create a hospital folder; refuses to touch an existing one."""
+    """Create a hospital folder (keys, secret, empty ledger); refuses to touch an existing
+    one. Its export is registered next (``client.export.register``)."""
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise FolderError(f"hospital name {name!r}: use letters, digits, '-' and '_' only")
     if (out / SETTINGS_FILE).exists() or (out / SECRET_FILE).exists() or (out / LEDGER_FILE).exists():
         raise FolderError(f"{out} already holds a hospital folder; it is never overwritten")
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    settings = HospitalSettings(name=name, data=data, device=device, policy=policy)
-    atomic_write_text(out / SETTINGS_FILE, _settings_yaml(settings))
+    write_settings(out, HospitalSettings(name=name, data=data, device=device, policy=policy))
     write_private(out / SECRET_FILE, secrets.token_bytes(32))
     make_supernode_keypair(out, name)
-    folder = HospitalFolder(out)
+    folder = HospitalFolder(out, registered=False)
     write_private(folder.ledger_file, Ledger(name, policy.delta).to_json(folder.secret("ledger")).encode())
     return folder
+
+
+def write_settings(folder: Path, settings: HospitalSettings) -> None:
+    atomic_write_text(folder / SETTINGS_FILE, _settings_yaml(settings))
 
 
 def _settings_yaml(settings: HospitalSettings) -> str:
     plain = json_safe(asdict(settings))
     head = (
         f"# fedgru hospital folder of {settings.name}: what this hospital allows and where its data is.\n"
-        "# Written by `fedgru hospital init`. The coordinator never sees or sets any of it; a run's\n"
-        "# config may ask for less than this policy allows, never for more.\n"
+        "# Written by `fedgru hospital init` and `fedgru hospital data`. The coordinator never sees or sets\n"
+        "# the data or the policy; a run's config may ask for less than this policy allows, never for more.\n"
     )
     body = yaml.safe_dump({k: plain[k] for k in ("name", "data", "device")}, sort_keys=False)
-    lines = ["policy:"]
+    lines = []
+    if settings.declared is not None:
+        lines += [
+            "# The stays this hospital says each split holds. Released without DP (the training count with",
+            "# every training reply, an evaluated split's with its histogram) and used for every sample rate",
+            "# and noise level, so no reply depends on any one patient. Counted when an export is registered;",
+            "# `fedgru hospital data --recount` counts again (itself a release of these three numbers).",
+            "declared: " + yaml.safe_dump(plain["declared"], default_flow_style=True, width=1000, sort_keys=False).strip(),
+        ]
+    lines.append("policy:")
     for key, value in plain["policy"].items():
         if key == "allow_without_dp":
             continue
         text = yaml.safe_dump({key: value}, default_flow_style=True, width=1000, sort_keys=False).strip()[1:-1]
         lines.append(f"  {text:<42} # {POLICY_COMMENTS[key]}")
     return head + body + "\n".join(lines) + "\n"
+
+
+def write_definition(folder: Path, definition: DataDefinition) -> None:
+    """definition.yaml: the task and features this hospital reads, one variable a line."""
+    plain = definition.to_plain()
+    head = (
+        "# What this hospital reads: its task (outcome column, classes, unknown-outcome codes) and its\n"
+        "# features (variables, selection, window, descriptors). Every run's config must read the same,\n"
+        "# or the hospital refuses it, naming the key. Change it only with `fedgru hospital data --config`.\n"
+    )
+    return atomic_write_text(folder / DEFINITION_FILE, head + yaml.safe_dump(
+        plain, sort_keys=False, default_flow_style=None, width=1000, allow_unicode=True))
 
 
 def make_supernode_keypair(out: Path, name: str) -> tuple[Path, Path]:

@@ -1,33 +1,36 @@
-"""What a hospital node is: its name, its policy, its data split, its ledger store.
+"""What a hospital node is: its name, what it reads, what it declares, its policy, its
+ledger store, and (only when a permitted request needs them) its stays.
 
 A node is a real hospital when its node config names a ``hospital-dir`` (a folder made
 by ``fedgru hospital init``: deployment), or a simulated one (``partition-id``, as
-Flower's simulation sets it) that takes its share of the configured data set. Loaded
-data is memoised per process: a simulation worker serves several simulated hospitals,
-and a hospital's long-running app serves every round, without re-reading the files.
+Flower's simulation sets it) that takes its share of the simulation's data. Either way
+what it reads, what it declares and what it allows are its own: a deployed hospital's
+come from its folder; a simulated hospital's from the simulation's config as it was
+launched (the config bound to the ClientApp by ``fedgru simulate``, or Flower's run
+config under ``flwr run``), never from a message. Loaded data is memoised per process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from common.config import ExperimentConfig
+from common.config import ExperimentConfig, config_from_run_config
 from common.data.dataset import Dataset, load_dataset
 from common.data.partition import HospitalSplit, make_partition
+from common.definition import DEPLOYED_KEYS, SIMULATED_KEYS, DataDefinition, first_difference
 from common.messages import NodeMode, Split
 
-from .folder import HospitalFolder, split_of
+from . import export as exports
+from .folder import DeclaredCounts, HospitalFolder
 from .ledger_store import ContextLedgerStore, FileLedgerStore
-from .policy import Policy
+from .policy import Policy, PolicyRefusal
 
 UNASSIGNED = ""
 EXPORT_KEY = "fedgru-export-key"  # a simulated hospital's export-label key, in context.state
@@ -46,37 +49,31 @@ class HospitalData:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    export: str = ""  # the ledger's label of the export these stays came from (export_label)
+    export: str = ""  # the hospital's own ledger's label of the export these stays came from
 
     def split(self, which: Split) -> np.ndarray:
         return {Split.TRAIN: self.train, Split.VAL: self.val, Split.TEST: self.test}[which]
 
 
-def export_label(fingerprint: str, key: bytes) -> str:
-    """How the ledger names a data export: HMAC-SHA256 of the export's sha256 under a key
-    only the hospital holds. The ledger travels with every reply, so an unkeyed hash
-    would let the coordinator confirm a guess of the exact files by hashing them; the
-    keyed label still tells the hospital's exports apart, and the hospital (with its
-    key) can recompute which export a label names."""
-    return hmac.new(key, fingerprint.encode(), hashlib.sha256).hexdigest()
-
-
 class Node:
-    """One hospital node: who it is and what it allows, read without any patient data;
-    its data (:meth:`data`) only when a permitted request needs it."""
+    """One hospital node: who it is, what it reads, declares and allows, all without any
+    patient data; its stays (:meth:`data`) only when a permitted request needs them.
 
-    def __init__(self, cfg: ExperimentConfig, context: Context):
-        self.cfg = cfg
+    ``simulation``: the simulation's own config, when the ClientApp was built with it."""
+
+    def __init__(self, context: Context, simulation: ExperimentConfig | None = None):
         self.context = context
         node_config = context.node_config
         self.folder: HospitalFolder | None = None
+        self.simulation: ExperimentConfig | None = None
         if "hospital-dir" in node_config:
             self.mode = NodeMode.DEPLOYMENT
-            self.folder = _folder(str(node_config["hospital-dir"]))
+            self.folder = HospitalFolder(str(node_config["hospital-dir"]))
             self.name = self.folder.name
         elif "partition-id" in node_config:
             self.mode = NodeMode.SIMULATION
-            _, hospitals = _partitioned(cfg)
+            self.simulation = simulation if simulation is not None else _launched_config(context)
+            _, hospitals = _partitioned(self.simulation)
             pid = int(node_config["partition-id"])
             self.name = hospitals[pid].name if pid < len(hospitals) else UNASSIGNED
         else:
@@ -84,98 +81,106 @@ class Node:
                 "the SuperNode's --node-config needs hospital-dir (a folder made by `fedgru hospital init`)"
             )
 
+    # -- what it reads and declares (no patient data) ------------------------------------
+    @property
+    def definition(self) -> DataDefinition:
+        return self.folder.definition if self.folder else DataDefinition.of(self.simulation)
+
+    def check_reads_as_defined(self, cfg: ExperimentConfig) -> None:
+        """Refuse a config that would read other stays, values or labels than this
+        hospital's own definition says, naming the first such key and nothing else."""
+        if self.folder is not None:
+            key = first_difference(cfg.to_dict(), self.definition.to_plain(), DEPLOYED_KEYS)
+            if key is None and cfg.data.max_stays != 0:
+                key = "data.max_stays"  # a deployed hospital reads its whole registered export
+            where = "its own data definition (definition.yaml)"
+        else:
+            key = first_difference(cfg.to_dict(), self.simulation.to_dict(), SIMULATED_KEYS)
+            where = "the simulation's own config"
+        if key is not None:
+            raise PolicyRefusal(key, f"differs from what this hospital reads: {where} decides it, not a message")
+
+    @property
+    def declared(self) -> DeclaredCounts:
+        if self.folder is not None:
+            return self.folder.declared
+        return _simulated_counts(self.simulation.to_json(), self.name)
+
+    @property
+    def policy(self) -> Policy:
+        if self.folder is not None:
+            return self.folder.policy
+        return Policy.for_simulation(self.simulation, self.name, self.declared.train)
+
+    @property
+    def accountant(self) -> str:
+        """The accountant the hospital's own ledger decides budgets with."""
+        return "rdp" if self.folder is not None else self.simulation.privacy.accountant
+
     @property
     def device(self) -> str:
-        return self.folder.settings.device if self.folder else self.cfg.training.device
+        return self.folder.settings.device if self.folder else self.simulation.training.device
 
+    def store(self, policy: Policy) -> FileLedgerStore | ContextLedgerStore:
+        if self.folder is not None:
+            return FileLedgerStore(self.folder.ledger_file, self.folder.secret("ledger"))
+        return ContextLedgerStore(self.context, self.name, policy.delta, self.simulation.privacy.accountant)
+
+    # -- its stays ---------------------------------------------------------------------
     def data(self) -> HospitalData:
         if self.folder is not None:
-            data = _deployed_data(self.cfg, self.folder)
-        elif self.name == UNASSIGNED:
+            stays = exports.load(self.folder)
+            return HospitalData(self.name, stays.dataset, stays.train, stays.val, stays.test, stays.export)
+        if self.name == UNASSIGNED:
             raise NodeConfigError("this simulation node has no hospital assigned")
-        else:
-            ds, hospitals = _partitioned(self.cfg)
-            h = next(h for h in hospitals if h.name == self.name)
-            data = HospitalData(self.name, ds, h.train, h.val, h.test)
-        data.export = export_label(data.dataset.fingerprint, self._export_key())
-        return data
+        ds, hospitals = _partitioned(self.simulation)
+        h = next(h for h in hospitals if h.name == self.name)
+        return HospitalData(self.name, ds, h.train, h.val, h.test,
+                            exports.export_label(ds.fingerprint, self._export_key()))
 
     def _export_key(self) -> bytes:
-        if self.folder is not None:
-            return self.folder.secret("export")
         # A simulated hospital: a key of its own for the run, kept in its state.
         record = self.context.state.get(EXPORT_KEY)
         if record is None:
             record = self.context.state[EXPORT_KEY] = ConfigRecord({"key": secrets.token_bytes(32)})
         return bytes(record["key"])
 
-    def policy(self, train_examples: int) -> Policy:
-        if self.folder is not None:
-            return self.folder.policy
-        return Policy.for_simulation(self.cfg, self.name, train_examples)
 
-    def store(self, policy: Policy) -> FileLedgerStore | ContextLedgerStore:
-        if self.folder is not None:
-            return FileLedgerStore(self.folder.ledger_file, self.folder.secret("ledger"))
-        return ContextLedgerStore(self.context, self.name, policy.delta, self.cfg.privacy.accountant)
-
-
-_FOLDERS: dict[str, HospitalFolder] = {}
 _CACHE: dict[str, tuple[Dataset, list[HospitalSplit]]] = {}
 
 
-def _folder(path: str) -> HospitalFolder:
-    if path not in _FOLDERS:
-        _FOLDERS[path] = HospitalFolder(path)
-    return _FOLDERS[path]
+def _launched_config(context: Context) -> ExperimentConfig:
+    """A simulated hospital under ``flwr run``: the run config it was launched with."""
+    return _config_of_run(json.dumps(dict(context.run_config), sort_keys=True, default=str))
 
 
-def _key(cfg: ExperimentConfig, sections: tuple[str, ...], extra: tuple = ()) -> str:
-    d = cfg.to_dict()
-    return json.dumps([{k: d[k] for k in sections}, d["run"]["seed"], list(extra)], sort_keys=True)
-
-
-def _remember(key: str, value: tuple) -> None:
-    while len(_CACHE) >= 4:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = value
-
-
-def _deployed_data(cfg: ExperimentConfig, folder: HospitalFolder) -> HospitalData:
-    """The hospital's own stays, split by its secret (never by the run's config)."""
-    src = folder.settings.data
-    paths = (folder.resolve(src.path), folder.resolve(src.outcomes))
-    key = _key(cfg, ("task", "features"), extra=(str(folder.path), src.format, *map(_signature, paths)))
-    if key not in _CACHE:
-        ds = load_dataset(
-            cfg, data_path=paths[0], outcomes_path=paths[1], data_format=src.format,
-            id_column=src.id_column or None, label_column=src.label_column or None,
-        )
-        for note in ds.summary.notes() if ds.summary else []:
-            log.warning("%s data: %s", folder.name, note)  # the hospital's own log only
-        groups = np.array([s.value for s in split_of(list(ds.stay_ids), folder.secret("split"), folder.policy.split)])
-        parts = [np.flatnonzero(groups == s.value) for s in (Split.TRAIN, Split.VAL, Split.TEST)]
-        _remember(key, (ds, [HospitalSplit(folder.name, *parts)]))
-    ds, (h,) = _CACHE[key]
-    return HospitalData(folder.name, ds, h.train, h.val, h.test)
-
-
-def _signature(path: Path) -> str:
-    """Which export a path holds now, cheaply (names, sizes, modification times): a new
-    export is read again, the same one is not."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return f"{path}:" + ";".join(f"{p.name},{p.stat().st_size},{p.stat().st_mtime_ns}" for p in files if p.exists())
+@lru_cache(maxsize=8)
+def _config_of_run(run_config_json: str) -> ExperimentConfig:
+    return config_from_run_config(json.loads(run_config_json))
 
 
 def _partitioned(cfg: ExperimentConfig) -> tuple[Dataset, list[HospitalSplit]]:
-    """The full data set and its simulated hospitals (depends on data settings only)."""
-    key = _key(cfg, ("data", "task", "features", "split", "partition"))
+    """The simulation's data set and its simulated hospitals (depends on data settings only)."""
+    d = cfg.to_dict()
+    key = json.dumps([{k: d[k] for k in ("data", "task", "features", "split", "partition")}, d["run"]["seed"]],
+                     sort_keys=True)
     if key not in _CACHE:
+        while len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
         ds = load_dataset(cfg)
-        _remember(key, (ds, make_partition(ds, cfg)))
+        _CACHE[key] = (ds, make_partition(ds, cfg))
     return _CACHE[key]
 
 
-def node_hospital_name(cfg: ExperimentConfig, context: Context) -> str:
+@lru_cache(maxsize=256)
+def _simulated_counts(cfg_json: str, name: str) -> DeclaredCounts:
+    """A simulated hospital declares its share's split sizes: the simulation holds all the
+    data on one machine, and its config, not a message, makes the shares."""
+    _, hospitals = _partitioned(ExperimentConfig.from_json(cfg_json))
+    h = next(h for h in hospitals if h.name == name)
+    return DeclaredCounts(len(h.train), len(h.val), len(h.test))
+
+
+def node_hospital_name(context: Context, simulation: ExperimentConfig | None = None) -> str:
     """The hospital a node is (used by simulation fault drills)."""
-    return Node(cfg, context).name
+    return Node(context, simulation).name

@@ -6,8 +6,9 @@ that arrives with a message may tighten it (a smaller budget, fewer bins), never
 it: a message asking for anything outside the policy is refused with a reply state of
 ``refused-policy`` and a reason that names the setting, before the hospital reads any
 patient file. What depends on the number of training stays (the calibrated noise
-multiplier, the epsilon of one round) is checked after counting them and before any
-training.
+multiplier, the epsilon of one round) uses the count the hospital declares
+(``client.folder.DeclaredCounts``), never a count of its data, so a refusal's numbers
+are the same whether or not any one patient is there.
 
 A simulated hospital holds the policy the simulation's config describes (DP may be off
 there, for comparison runs); a hospital in a deployment always trains and evaluates
@@ -21,6 +22,10 @@ from dataclasses import dataclass, field
 
 from common.config import ExperimentConfig
 from common.messages import Split
+
+# A policy written before these limits existed gets them (client.folder writes them out).
+DEFAULT_MAX_MODEL_PARAMETERS = 5_000_000  # the default model has a few hundred weights; a stacked GRU 128/64 ~90,000
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 class PolicyRefusal(Exception):
@@ -54,6 +59,8 @@ class Policy:
     max_evaluations_per_run: dict[str, int]  # split -> score histograms one run may ask for
     max_histogram_bins: int  # bins per class of a released score histogram
     split: SplitFractions  # this hospital's own train/validation/test shares
+    max_model_parameters: int = DEFAULT_MAX_MODEL_PARAMETERS  # the largest model a message may ask it to train or score
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the most bytes of weights one message may carry
     allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
 
     def validate(self, where: str) -> None:
@@ -67,6 +74,8 @@ class Policy:
             (len(self.clipping_norm) == 2 and 0 < low <= high, "clipping_norm", "must be [smallest, largest], both positive"),
             (Split.TRAIN not in self.evaluation_splits, "evaluation_splits", "must not include the training split"),
             (self.max_histogram_bins >= 2, "max_histogram_bins", "must be at least 2"),
+            (self.max_model_parameters >= 1, "max_model_parameters", "must be positive"),
+            (self.max_message_bytes >= 1, "max_message_bytes", "must be positive"),
             (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
                 self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
         ]
@@ -110,8 +119,10 @@ class Policy:
                 f"{self.max_epsilon_per_round:g} per round",
             )
 
-    def check_evaluation(self, cfg: ExperimentConfig, split: Split, planned: int, released_this_run: int) -> None:
-        """An evaluation request: allowed split, resolution, DP, and how many this run may ask for."""
+    def check_evaluation(self, cfg: ExperimentConfig, split: Split, planned: int) -> None:
+        """An evaluation request: allowed split, resolution (the score bins, and the groups
+        of every per-group release, which are bins of a descriptor), DP, and how many of
+        this split's releases the run's own settings plan."""
         if split not in self.evaluation_splits:
             allowed = ", ".join(s.value for s in self.evaluation_splits) or "none"
             raise PolicyRefusal("evaluate", f"asks for the {split.value} split; this hospital evaluates only: {allowed}")
@@ -120,14 +131,37 @@ class Policy:
                 "evaluation.score_bins", f"is {cfg.evaluation.score_bins}; this hospital releases at most "
                 f"{self.max_histogram_bins} bins per class",
             )
+        if split == Split.TEST:
+            from common.subgroups import groupings
+
+            for i, grouping in enumerate(groupings(cfg)):
+                if len(grouping.groups) > self.max_histogram_bins:
+                    raise PolicyRefusal(
+                        f"evaluation.subgroups[{i}]", f"makes {len(grouping.groups)} groups; this hospital releases at "
+                        f"most {self.max_histogram_bins} bins (groups) per grouping",
+                    )
         if not cfg.evaluation.dp and not self.allow_without_dp:
             raise PolicyRefusal("evaluation.dp", "is false; this hospital releases score histograms only with DP noise")
+        self.check_evaluation_count(split, planned, 0)
+
+    def check_evaluation_count(self, split: Split, planned: int, released_this_run: int) -> None:
+        """The run's plan, and the releases of ``split`` this run has already had (counted in
+        the ledger while it is locked), against the policy's per-run count."""
         allowed = self.max_evaluations_per_run.get(split.value, 0)
         if planned > allowed or released_this_run >= allowed:
             raise PolicyRefusal(
                 "evaluation", f"this run asks for {max(planned, released_this_run + 1)} {split.value} releases; "
                 f"this hospital allows {allowed} per run",
             )
+
+    def check_model(self, parameters: int, message_bytes: int) -> None:
+        """The size of the model a message asks it to build, and of the weights it carries."""
+        if parameters > self.max_model_parameters:
+            raise PolicyRefusal("model", f"has {parameters:,} weights; this hospital builds models of at most "
+                                         f"{self.max_model_parameters:,}")
+        if message_bytes > self.max_message_bytes:
+            raise PolicyRefusal("arrays", f"carry {message_bytes:,} bytes; this hospital takes at most "
+                                          f"{self.max_message_bytes:,} per message")
 
     def training_budget(self, cfg: ExperimentConfig, hospital: str) -> float:
         """The stricter of the hospital's budget and the experiment's."""

@@ -41,6 +41,7 @@ HOSPITAL = "hospital"
 STATE = "state"  # a ReplyState value
 MODE = "mode"  # a NodeMode value
 LEDGER = "ledger-json"
+DEFINITION = "data-definition"  # query: the task and features the hospital reads (common.definition), as JSON
 NOT_EVALUATED = "not-evaluated"  # "split: reason" lines for requested evaluations the hospital declined
 
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  # exactly these, nothing else
@@ -126,24 +127,35 @@ RELEASES: tuple[Release, ...] = (
         "each variable's contribution size (each patient's clipped): the Gaussian mechanism, covered by DP for "
         "the test patients",
     ),
-    Release(NUM_EXAMPLES, "every training round", False, "a count: the stays in the hospital's training split"),
-    Release("evaluated split size (n)", "with every score histogram", False, "a count: the stays in the evaluated split"),
+    Release(NUM_EXAMPLES, "every training round", False,
+            "a count the hospital declares for its training split: fixed when its staff register an export "
+            "(`fedgru hospital data --recount` declares a new one), not recounted per message, so it does not "
+            "change when one patient is added or removed"),
+    Release("evaluated split size (n)", "with every score histogram", False,
+            "the count the hospital declares for the evaluated split (fixed, as for num-examples)"),
     Release(UNIT_WEIGHT, "every training round", False, "the constant 1; reveals nothing"),
     LEDGER_RELEASE := Release(
         "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier, score grid)",
         "every reply", False,
-        "settings and the list of releases; the sample rate is batch size / training stays, so it reveals the "
-        "same count as num-examples; each entry also names the data export it read by a label keyed with the "
-        "hospital's secret (HMAC of the files' sha256: it tells exports apart, and without the key it confirms "
-        "no guess of the files; entries a ledger recorded before these labels keep the plain sha256) and when it "
-        "was recorded",
+        "settings and the list of releases, each computed from the message, the hospital's policy and its declared "
+        "counts (the sample rate is batch size / declared training stays, so it reveals the same count as "
+        "num-examples); the copy sent leaves out which export each release read and when it was recorded "
+        "(the hospital's own ledger keeps both)",
     ),
     STATE_RELEASE := Release(
         "reply state and reason", "every reply", False,
         "settings: whether the hospital trained, stopped at its budget or refused, and which setting of its "
-        "policy a refused message broke (file paths of the hospital's machine removed; its own log keeps them)",
+        "policy or its data definition a refused message broke, with numbers computed only from the message, "
+        "the policy, the declared counts and the ledger (file paths of the hospital's machine removed; its own "
+        "log keeps them); a failure after patient data were read says only that it failed",
     ),
     Release(HOSPITAL, "every reply", False, "a name: the hospital's, as its own folder sets it"),
+    DEFINITION_RELEASE := Release(
+        "data definition", "when the coordinator asks which hospital a node is", False,
+        "settings: the task (outcome column, classes, unknown-outcome codes) and features (variables, their "
+        "reference values and plausibility ranges, window, descriptors) the hospital reads its data by, as its "
+        "staff fixed them; nothing about a patient",
+    ),
 )
 
 # What every field a hospital can send is, as a release (each names a Release.field
@@ -171,4 +183,5 @@ FIELD_RELEASES: dict[str, str] = {
     NOT_EVALUATED: _STATE_RELEASE,
     MODE: _STATE_RELEASE,
     HOSPITAL: HOSPITAL,
+    DEFINITION: DEFINITION_RELEASE.field,
 }

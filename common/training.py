@@ -57,6 +57,11 @@ class DPSettings:
     max_grad_norm: float
     sample_rate: float
     per_layer: bool = False  # clip each parameter tensor to max_grad_norm / sqrt(tensors)
+    # What the noisy gradient sum is divided by. A hospital passes the sample rate times the
+    # training count it declares: divided by the real expected batch (rate x its stays), the
+    # released weights would be scaled by a number that depends on its data. None: rate x
+    # the data's size (central training, where that size is public).
+    expected_batch_size: int | None = None
 
 
 @dataclass
@@ -194,7 +199,7 @@ def train_local(
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     common = {
         "noise_multiplier": dp.noise_multiplier,
-        "expected_batch_size": max(1, int(round(dp.sample_rate * n))),
+        "expected_batch_size": dp.expected_batch_size or max(1, int(round(dp.sample_rate * n))),
         "loss_reduction": "mean",
         "generator": noise_generator,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
@@ -23,6 +24,7 @@ from common.paths import project_root, resolve
 
 from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
+from .discovery import Roster, who_are_you
 from .outputs import RunRecorder, make_run_dir
 from .records import Partition, RunMetrics, StartRecord, load_record
 from .start_model import StartModel, load_start_model
@@ -48,6 +50,13 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
                start: StartModel | None = None) -> Path:
     attach_to_flower()
     run_id = resume.run_id if resume else secrets.token_hex(6)
+    # Who takes part and what they read, first: the run reads data as its hospitals do.
+    roster = Roster()
+    roster.discover(grid, partial(who_are_you, run_id), cfg.strategy.discovery_timeout_s, cfg.strategy.min_hospitals)
+    agreed = roster.agreed_config(cfg, resumed=resume is not None)
+    if agreed is not cfg and start is not None:
+        start = load_start_model(agreed)  # the start must read as the hospitals do (a clear error if not)
+    cfg = agreed
     start, start_record = start_of_run(cfg, run_dir, resume is not None, start)
     recorder = RunRecorder(run_dir, cfg, run_id)
     recorder.start = start_record
@@ -55,8 +64,7 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
     if start is not None:
         log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
                  f", the model of run {start.source_run}" if start.source_run else "")
-    coord = Coordinator(cfg, grid, recorder, run_id, start)
-    coord.discover()
+    coord = Coordinator(cfg, grid, recorder, run_id, start, roster)
     if resume:
         coord.restore(resume)
     if coord.simulated:

@@ -1,6 +1,7 @@
 """The coordinator's round loop.
 
-1. Find the hospitals: ask every connected node which hospital it is (bounded wait).
+1. Find the hospitals: ask every connected node which hospital it is and what it reads
+   (``server.discovery``, bounded wait); the run reads data as they do.
 2. Each round: send the global model to every hospital, wait (bounded) for replies,
    validate each reply (``server.validation``) and drop bad ones with a logged reason,
    aggregate the rest with the configured Flower strategy, evaluate the new model on
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from common import messages as M
 from common.config import ExperimentConfig
 from common.estimates import INTERVAL_LEVEL, auroc_interval, for_metrics
 from common.ledger import Ledger
-from common.messages import Item, NodeMode, ReplyState, Split
+from common.messages import Item, ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_number, pooled
 from common.model import GRUClassifier, model_spec, output_layer_keys
 from common.subgroups import reliability
@@ -37,6 +38,8 @@ from common.subgroups import results as subgroup_results
 
 from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from .checkpoint import RunSnapshot
+from .discovery import HospitalView, Roster, who_are_you
+from .exchange import exchange, node_of  # noqa: F401 - node_of: the coordinator's pairing of replies, tested
 from .outputs import RunRecorder
 from .records import (
     Calibration,
@@ -44,7 +47,6 @@ from .records import (
     Evaluation,
     HospitalRound,
     HospitalState,
-    HospitalStatus,
     RoundRecord,
     Stopped,
     TestResult,
@@ -87,7 +89,6 @@ class RepeatedLines:
                 log.log(level, "... and %d more hospitals: %s", n - self.shown, kind)
         self.counts.clear()
 
-REPLY_POLL_S = 0.2  # how often the coordinator looks for hospitals' replies (Flower's own loop: 3 s)
 PROGRESS_LINES = 20  # about this many round lines on the console for a long run (every round up to 2x this)
 
 
@@ -101,45 +102,6 @@ def shows_round(server_round: int, rounds: int, noteworthy: bool = False) -> boo
 log = logging.getLogger("fedgru.server")
 
 
-def node_of(reply: Message, sent: dict[str, int]) -> int:
-    """The node a reply is about: the one its instruction went to. An error the SuperLink
-    writes itself (say, "node unavailable" for a crashed hospital) comes from the
-    SuperLink's own id, so it is matched to its instruction by the id it answers."""
-    answers = reply.metadata.reply_to_message_id
-    return sent.get(answers, reply.metadata.src_node_id) if answers else reply.metadata.src_node_id
-
-
-@dataclass
-class HospitalView:
-    """What the coordinator knows about one hospital (no patient data)."""
-
-    name: str
-    node_id: int
-    ledger: Ledger | None = None  # the hospital's ledger as it last reported it
-    epsilon: float = 0.0  # recomputed here from the ledger
-    budget: float = math.inf
-    rounds_trained: int = 0
-    state: HospitalState = HospitalState.ACTIVE
-    reason: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.state == HospitalState.ACTIVE
-
-    def status(self) -> HospitalStatus:
-        return HospitalStatus(
-            self.name, self.state, self.reason, self.rounds_trained,
-            self.budget if math.isfinite(self.budget) else None, self.ledger.to_json() if self.ledger else "",
-        )
-
-    def restore(self, saved: HospitalStatus, accountant: str) -> None:
-        self.state, self.reason, self.rounds_trained = saved.state, saved.reason, saved.rounds_trained
-        self.budget = saved.budget if saved.budget is not None else math.inf
-        if saved.ledger_json:
-            self.ledger = Ledger.from_json(saved.ledger_json, source=f"the checkpointed ledger of {self.name}")
-            self.epsilon = self.ledger.epsilon(accountant)
-
-
 def initial_arrays(cfg: ExperimentConfig, start: StartModel | None = None) -> ArrayRecord:
     """The global model of round 1: the start bundle's weights, or ``model.init``'s."""
     torch.manual_seed(cfg.run.seed)
@@ -151,17 +113,14 @@ def initial_arrays(cfg: ExperimentConfig, start: StartModel | None = None) -> Ar
 
 class Coordinator:
     def __init__(self, cfg: ExperimentConfig, grid: Grid, recorder: RunRecorder, run_id: str,
-                 start: StartModel | None = None):
+                 start: StartModel | None = None, roster: Roster | None = None):
         self.cfg = cfg
         self.grid = grid
         self.recorder = recorder
         self.run_id = run_id
-        self.simulated = False
-        self._modes: set[str] = set()
-        self._not_hospitals: set[int] = set()
+        self.roster = roster if roster is not None else Roster()
         self._aggregator: Aggregator | None = None
         self.hospital_dp_exhausted = False
-        self.hospitals: dict[int, HospitalView] = {}
         self.arrays = initial_arrays(cfg, start)  # a resumed run replaces them in restore()
         self.start_round = 1
         self.cfg_json = cfg.to_json()
@@ -229,95 +188,28 @@ class Coordinator:
         return self._exchange(messages, timeout)
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[tuple[int, Message]]:
-        """Send, wait, and pair every reply with the node it is about.
-
-        Flower's ``Grid.send_and_receive`` looks for replies every 3 s, so a deployed round
-        waited up to 3 s after the last hospital had answered; replies are looked for
-        here every ``REPLY_POLL_S`` instead (one light call to the SuperLink each)."""
-        if not messages:
-            return []
-        deadline = time.monotonic() + (timeout or self.cfg.strategy.round_timeout_s)
-        waiting = set(self.grid.push_messages(messages))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-        replies: list[Message] = []
-        while waiting:
-            found = list(self.grid.pull_messages(waiting))
-            replies += found
-            waiting -= {r.metadata.reply_to_message_id for r in found}
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(REPLY_POLL_S)
-        return [(node_of(reply, sent), reply) for reply in replies]
+        return exchange(self.grid, messages, timeout or self.cfg.strategy.round_timeout_s)
 
     def _view(self, node_id: int) -> HospitalView:
         return self.hospitals.get(node_id) or HospitalView(f"node {node_id}", node_id)
 
-    # -- discovery -------------------------------------------------------------
-    def _identify(self, node_ids: list[int], timeout: float) -> set[int]:
-        """Ask nodes which hospital they are; map new ones, remap a hospital that came
-        back on another node. Returns the nodes that answered."""
-        answered: set[int] = set()
-        replies = self._send(node_ids, MessageType.QUERY, lambda: RecordDict({M.CONFIG: self._config(0)}), timeout)
-        for nid, reply in replies:
-            if reply.has_error():
-                log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
-                continue
-            answered.add(nid)
-            status = reply.content[M.STATUS]
-            name = str(status.get(M.HOSPITAL, ""))
-            if str(status.get(M.STATE)) != ReplyState.READY or not name:
-                self._not_hospitals.add(nid)
-                continue
-            self._modes.add(str(status.get(M.MODE, "")))
-            previous = next((old for old, h in self.hospitals.items() if h.name == name), None)
-            if previous is None:
-                self.hospitals[nid] = HospitalView(name, nid)
-            elif previous != nid:
-                if previous in self._connected:
-                    log.warning("two nodes claim hospital %r; keeping the first", name)
-                    continue
-                view = self.hospitals.pop(previous)
-                view.node_id = nid
-                self.hospitals[nid] = view
-                log.info("%s rejoined (node %s)", name, nid)
-        return answered
+    # -- discovery (server.discovery) ----------------------------------------------
+    @property
+    def hospitals(self) -> dict[int, HospitalView]:
+        return self.roster.hospitals
+
+    @hospitals.setter
+    def hospitals(self, value: dict[int, HospitalView]) -> None:
+        self.roster.hospitals = value
 
     @property
-    def _connected(self) -> set[int]:
-        return set(self.grid.get_node_ids())
-
-    def discover(self, wait_s: float | None = None) -> None:
-        """Ask every connected node which hospital it is.
-
-        Stops when all connected nodes have answered and at least
-        ``strategy.min_hospitals`` are hospitals, or after ``wait_s`` seconds.
-        """
-        wait_s = self.cfg.strategy.discovery_timeout_s if wait_s is None else wait_s
-        deadline = time.monotonic() + wait_s
-        answered: set[int] = set()
-        while True:
-            pending = [n for n in self._connected if n not in answered]
-            answered |= self._identify(pending, timeout=max(1.0, deadline - time.monotonic()))
-            everyone = self._connected <= answered
-            if (everyone and len(self.hospitals) >= self.cfg.strategy.min_hospitals) or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        self.simulated = bool(self.hospitals) and self._modes == {NodeMode.SIMULATION.value}
-        names = sorted(h.name for h in self.hospitals.values())
-        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-        log.info("hospitals: %s", shown or "none")
-        if len(self.hospitals) < self.cfg.strategy.min_hospitals:
-            raise RuntimeError(
-                f"only {len(self.hospitals)} hospital(s) answered within {wait_s:.0f} s; "
-                f"strategy.min_hospitals is {self.cfg.strategy.min_hospitals}"
-            )
+    def simulated(self) -> bool:
+        return self.roster.simulated
 
     def rediscover(self) -> None:
         """Before a round: identify nodes that connected since (a hospital back from a
         crash, or a late one). Bounded and quick when nothing is new."""
-        new = [n for n in self._connected if n not in self.hospitals and n not in self._not_hospitals]
-        if new:
-            self._identify(new, timeout=min(60.0, self.cfg.strategy.round_timeout_s))
+        self.roster.rediscover(self.grid, partial(who_are_you, self.run_id), min(60.0, self.cfg.strategy.round_timeout_s))
 
     # -- rounds ----------------------------------------------------------------
     def _accept(self, nid: int, reply: Message, context: str) -> tuple[HospitalView, Ledger] | None:

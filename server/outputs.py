@@ -142,7 +142,6 @@ def run_privacy(
             entry.max_grad_norm = cfg.privacy.max_grad_norm if cfg.privacy.enabled else None
             entry.history = [DPRound(e.round, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) for e in this_run]
             entry.earlier_runs = [r for r in ledger.runs() if r != run_id]
-            entry.data_exports = sorted({e.data for e in ledger.entries if e.data})
             entry.ledger = ledger.body()
         entries[h.name] = entry
     return RunPrivacy(

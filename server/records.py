@@ -202,7 +202,9 @@ class HospitalPrivacy:
     groups: dict[str, GroupPrivacy] = field(default_factory=dict)  # Split value -> its spending
     history: list[DPRound] = field(default_factory=list)  # this run's DP-SGD rounds
     earlier_runs: list[str] = field(default_factory=list)
-    data_exports: list[str] = field(default_factory=list)  # keyed labels of the exports its releases read
+    # Run folders written before hospitals kept export labels to themselves list them here
+    # (keyed labels of the exports the releases read); no longer written.
+    data_exports: list[str] = field(default_factory=list)
     ledger: dict[str, Any] | None = None
 
 

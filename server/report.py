@@ -230,12 +230,9 @@ def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRec
         f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta {pr.delta}, budget {pr.max_epsilon} per hospital, "
         f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
     )
-    hospitals = privacy.hospitals.values() if privacy else []
-    fingerprints = sorted({f for h in hospitals for f in h.data_exports})
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
         f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
-        "Data exports read (each hospital's keyed label of its export): " + (", ".join(f[:16] + "..." for f in fingerprints) or "n/a"),
         f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
         "Start: " + (
             f"the weights of `{start.path}` (sha256 {start.sha256[:16]}..."

@@ -202,6 +202,11 @@ def read_evaluations(
             continue  # declined (the reply says why), or the hospital stopped
         summary = check_summary(msg.content[key], cfg, grid)
         entry = released(split, Item.HISTOGRAM, summary.n)
+        within_reach(summary.histogram, entry.examples, entry.noise_multiplier * summary.sensitivity,
+                     f"its {split.value} histogram")
+        if summary.confusion is not None:
+            within_reach(summary.confusion, entry.examples, entry.noise_multiplier * summary.sensitivity,
+                         f"its {split.value} confusion matrix")
         if split == Split.TEST:
             out.noise[Item.HISTOGRAM] = entry.noise_multiplier
         out.summaries[split] = summary
@@ -212,17 +217,40 @@ def read_evaluations(
         shape = (rows, 2, 1, coarse.bins)
         if set(arrays) != {"subgroup-histograms"} or histogram.shape != shape or not np.isfinite(histogram).all():
             raise ReplyRejected(f"subgroup histograms must be one finite array of shape {shape}")
-        out.noise[Item.SUBGROUP_HISTOGRAMS] = released(Split.TEST, Item.SUBGROUP_HISTOGRAMS).noise_multiplier
-        out.subgroups = SubgroupSummary(histogram.astype(np.float64), coarse, len(cfg.evaluation.subgroups))
+        entry = released(Split.TEST, Item.SUBGROUP_HISTOGRAMS)
+        subgroups = SubgroupSummary(histogram.astype(np.float64), coarse, len(cfg.evaluation.subgroups))
+        within_reach(subgroups.histogram, entry.examples, entry.noise_multiplier * subgroups.sensitivity,
+                     "its per-group histograms")
+        out.noise[Item.SUBGROUP_HISTOGRAMS] = entry.noise_multiplier
+        out.subgroups = subgroups
     if M.IMPORTANCE in msg.content.array_records:
         arrays = {k: v.numpy() for k, v in msg.content[M.IMPORTANCE].items()}
         width = len(cfg.features.variables) + len(cfg.features.static)
         importance = arrays.get("importance")
         if set(arrays) != {"importance", "clip"} or importance.shape != (width,) or not np.isfinite(importance).all():
             raise ReplyRejected(f"importance must be one finite vector of {width} values and its clipping norm")
-        out.noise[Item.IMPORTANCE] = released(Split.TEST, Item.IMPORTANCE).noise_multiplier
+        entry = released(Split.TEST, Item.IMPORTANCE)
+        clip = float(np.asarray(arrays["clip"]).ravel()[0]) if np.asarray(arrays["clip"]).size == 1 else math.nan
+        if not 0 < clip <= 1e6:
+            raise ReplyRejected("importance's clipping norm must be one positive number")
+        within_reach(importance / clip, entry.examples, entry.noise_multiplier, "its importance")
+        out.noise[Item.IMPORTANCE] = entry.noise_multiplier
         out.importance = importance.astype(np.float64)
     return out
+
+
+REACH_SD = 10  # an honest cell passes its range by this many noise sd with probability ~1e-23
+
+
+def within_reach(cells: np.ndarray, n: int, noise_sd: float, what: str) -> None:
+    """Every cell of a release about ``n`` patients (each adding at most 1 to a cell) with
+    Gaussian noise of ``noise_sd`` lies in [0, n] give or take ``REACH_SD`` noise sd.
+    A cell beyond (1e308 from a hostile hospital, which would make the pooled sum
+    infinite) can only be forged: the reply is dropped."""
+    slack = REACH_SD * noise_sd + 1e-9
+    values = np.asarray(cells, dtype=np.float64)
+    if not (values.min(initial=0.0) >= -slack and values.max(initial=0.0) <= n + slack):
+        raise ReplyRejected(f"{what} holds a count no {n} patients with the noise its ledger records can give")
 
 
 def check_summary(record: ArrayRecord, cfg: ExperimentConfig, grid: ScoreGrid) -> ScoreSummary:

@@ -108,7 +108,7 @@ def run_audit(
     included = rng.random(canaries) < 0.5
     with tempfile.TemporaryDirectory(prefix="fedgru-audit-") as tmp:
         audit = CanaryAudit(hospital, included, tmp, tamper)
-        simulate(cfg, run_dir, client_app=build_client_app(audit=audit))
+        simulate(cfg, run_dir, client_app=build_client_app(audit=audit, simulation=cfg))
         rounds = sorted(Path(tmp).glob("round-*.npy"))
         released = np.sum([np.load(f) for f in rounds], axis=0) if rounds else np.zeros(canaries)
     privacy = load_record(run_dir / "privacy.json", RunPrivacy)

@@ -64,11 +64,11 @@ RELEASES = {"test": ((Split.TEST, True), 1.0), "val-final": ((Split.VAL, True), 
 def release_noise(bins: int, release: str = "test") -> float:
     """The noise multiplier of a hospital's histogram release in the default config at ``bins``
     (the test release; the final model's validation; a validation during the run)."""
-    from client.app import _evaluation_noise
+    from client.evaluation import evaluation_noise
 
     cfg = load_config(None, [f"evaluation.score_bins={bins}", f"evaluation.subgroup_bins={min(5, bins)}"])
     split, final = RELEASES[release][0]
-    return _evaluation_noise(cfg.to_json(), 1e-5)[(split, final, Item.HISTOGRAM)]
+    return evaluation_noise(cfg.to_json(), 1e-5)[(split, final, Item.HISTOGRAM)]
 
 
 def hospital(rng: np.random.Generator, n: int, prevalence: float, shape: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,13 +162,13 @@ def print_errors(label: str, bins: int, errors: dict[str, dict[str, np.ndarray]]
 
 def real_runs(runs: list[Path], bins: list[int], repeats: int, rng: np.random.Generator) -> int:
     """The study on real models' scores: the same patients in every repeat, fresh noise."""
-    from client.app import _evaluation_noise
+    from client.evaluation import evaluation_noise
 
     print(f"{repeats} noisy test releases of each run's exact scores; error = estimate - exact")
     print(f"{'run':7s} {'bins':>4s} {'estimator':14s} {'metric':15s} {'bias':>7s} {'sd':>6s} {'rmse':>6s}")
     for run in runs:
         cfg, parts = run_scores(run)
-        sigma = _evaluation_noise(cfg.to_json(), 1e-5)[(Split.TEST, True, Item.HISTOGRAM)]
+        sigma = evaluation_noise(cfg.to_json(), 1e-5)[(Split.TEST, True, Item.HISTOGRAM)]
         truth = exact_metrics(np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]))
         print(f"{run}: {sum(len(y) for y, _ in parts)} test patients, exact AUROC {truth.auroc:.3f}, "
               f"Brier {truth.brier:.3f}; noise {sigma:.3f} per cell and hospital")

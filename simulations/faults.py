@@ -61,8 +61,9 @@ def _crash(reply: Message) -> Message:
     raise RuntimeError("fault drill: this hospital crashed during training")
 
 
-def fault_mod(faults: dict[str, str]):
-    """A Flower mod applying ``faults`` (hospital -> fault name) to training replies."""
+def fault_mod(faults: dict[str, str], simulation: ExperimentConfig):
+    """A Flower mod applying ``faults`` (hospital -> fault name) to the training replies of
+    the simulated hospitals ``simulation`` defines."""
     unknown = sorted(set(faults.values()) - set(FAULTS))
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(sorted(FAULTS))}")
@@ -71,8 +72,7 @@ def fault_mod(faults: dict[str, str]):
         reply = call_next(msg, context)
         if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
             return reply
-        cfg = ExperimentConfig.from_json(str(msg.content[M.CONFIG][M.EXPERIMENT_JSON]))
-        kind = faults.get(node_hospital_name(cfg, context))
+        kind = faults.get(node_hospital_name(context, simulation))
         return FAULTS[kind](reply) if kind else reply
 
     return mod

@@ -40,7 +40,7 @@ def simulate(
     quiet_console(verbose)  # after the imports: Opacus installs its duplicating handler on import
 
     if client_app is None:
-        client_app = build_client_app([fault_mod(faults)] if faults else None)
+        client_app = build_client_app([fault_mod(faults, cfg)] if faults else None, simulation=cfg)
 
     ds = load_dataset(cfg)  # also warms the cache the simulated hospitals read
     n_hospitals = len(make_partition(ds, cfg))

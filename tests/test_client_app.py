@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from client import app as client_app
+from client.replies import without_paths
 from client.folder import HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
@@ -112,7 +113,7 @@ def test_missing_or_altered_ledger_refuses_to_release(hospital_data, tmp_path):
     ("train/validation/test shares; delta 1/(10 n); 0.5/1.0", "train/validation/test shares; delta 1/(10 n); 0.5/1.0"),
 ])
 def test_refusal_reasons_lose_their_paths(text, sent):
-    assert client_app.without_paths(text) == sent
+    assert without_paths(text) == sent
 
 
 @pytest.mark.parametrize("text, known, sent", [
@@ -124,7 +125,7 @@ def test_refusal_reasons_lose_their_paths(text, sent):
 def test_refusal_reasons_lose_known_folders_whole(text, known, sent):
     """The hospital's folder is taken out whole first (a name with a space would be cut
     at the space by the pattern alone); home, user-home and network paths too."""
-    assert client_app.without_paths(text, known) == sent
+    assert without_paths(text, known) == sent
 
 
 def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, tmp_path):
@@ -145,12 +146,13 @@ def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, t
     assert len({e.data for e in ledger.entries}) == 2  # two exports, one ledger
 
 
-def test_the_ledger_names_an_export_by_a_keyed_label_not_its_hash(hospital_data, tmp_path):
-    """The ledger goes to the coordinator with every reply. Named by the plain sha256 of
-    its files, an export could be confirmed by anyone holding a guess of the files; the
-    label is keyed with the hospital's secret, so only the hospital can recompute it."""
+def test_the_ledger_names_an_export_by_a_keyed_label_and_keeps_it_at_home(hospital_data, tmp_path):
+    """The hospital's own ledger names each release's export by a label keyed with its
+    secret (by the plain sha256 of its files, an export could be confirmed by anyone
+    holding a guess of them). The copy that goes to the coordinator leaves the label out,
+    and the time too: the label changes whenever one patient is added or removed."""
+    from client.export import export_label
     from client.folder import HospitalFolder
-    from client.hospital import export_label
     from common.data.dataset import fingerprint_files
 
     data, outcomes = hospital_data
@@ -161,7 +163,8 @@ def test_the_ledger_names_an_export_by_a_keyed_label_not_its_hash(hospital_data,
     plain = fingerprint_files(data, outcomes)
     assert labels == {export_label(plain, HospitalFolder(folder).secret("export"))}
     sent = reply_status(reply)[M.LEDGER]
-    assert plain not in sent and all(label in sent for label in labels)
+    assert plain not in sent and not any(label in sent for label in labels)
+    assert {(e.data, e.time) for e in Ledger.from_json(sent).entries} == {("", "")}
     other = make_hospital(tmp_path / "other", data, outcomes)  # the same files at another hospital
     client_app.train(hospital_message(hospital_cfg(), "run-k", 1), node_context(other))
     assert {e.data for e in _ledger(other).entries}.isdisjoint(labels)
@@ -241,7 +244,8 @@ def test_a_simulated_hospital_without_dp_lists_its_weights_in_its_ledger(physion
     cfg = hospital_cfg("privacy.enabled=false", "data.max_stays=400")
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 4},
                       state=RecordDict(), run_config={})
-    reply = client_app.train(hospital_message(cfg, "run-1", 1), context)
+    train = client_app.handlers(simulation=cfg)["train"]  # the simulation defines its hospitals
+    reply = train(hospital_message(cfg, "run-1", 1), context)
     status = reply_status(reply)
     assert status[M.STATE] == ReplyState.TRAINED, status
     ledger = Ledger.from_json(status[M.LEDGER])  # the copy that travels with the reply

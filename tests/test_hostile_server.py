@@ -79,7 +79,7 @@ def _refused(reply, setting: str) -> None:
 
 def test_training_without_dp_is_refused(hospital, monkeypatch):
     reads = []
-    monkeypatch.setattr("client.hospital.load_dataset", lambda *a, **k: reads.append(1))
+    monkeypatch.setattr("client.export.load", lambda *a, **k: reads.append(1))
     reply = client_app.train(hospital_message(hospital_cfg("privacy.enabled=false"), "r", 1), node_context(hospital))
     _refused(reply, "privacy.enabled")
     assert not reads  # refused before any patient file was read
@@ -98,12 +98,11 @@ def test_weak_noise_and_a_huge_budget_in_the_message_are_refused(hospital):
 def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hospital):
     """The message's accountant (PRV reads about 20% lower than RDP) cannot stretch the
     hospital's per-round ceiling, which its own ledger measures (RDP)."""
-    from client.hospital import Node
     from common.privacy import NoisyRelease, steps_per_round
 
     policy, ledger = HospitalFolder(hospital).policy, _ledger(hospital)
     base = hospital_cfg("privacy.accountant=prv")
-    n = len(Node(base, node_context(hospital)).data().train)
+    n = HospitalFolder(hospital).declared.train  # the count the hospital declares, which every cost uses
     q, steps = steps_per_round(n, base.training.batch_size, base.training.local_epochs, base.training.sample_rate)
 
     def cost(sigma, accountant):
@@ -189,7 +188,7 @@ def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hosp
     # the exact histogram, as the hospital itself would compute it, is hidden under the noise
     from client.hospital import Node
 
-    data = Node(cfg, node_context(hospital)).data()
+    data = Node(node_context(hospital)).data()
     probs = predict_proba(crafted.eval(), data.dataset.X[data.val], data.dataset.S[data.val])
     exact = ScoreSummary.from_predictions(data.dataset.y[data.val], probs,
                                           ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins))
@@ -354,7 +353,7 @@ app = ServerApp()
 def main(grid, context):
     run_server(cfg, RecordingGrid(grid), out / "run")
 
-run_simulation(server_app=app, client_app=build_client_app(), num_supernodes=4,
+run_simulation(server_app=app, client_app=build_client_app(simulation=cfg), num_supernodes=4,
                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
 (out / "replies.json").write_text(json.dumps(seen))
 """
@@ -414,7 +413,7 @@ def test_a_global_model_with_non_finite_weights_is_refused_before_anything_is_re
     name = next(iter(arrays))
     arrays[name].flat[0] = bad  # 1e39 is finite in float64 and inf once loaded as float32
     reads = []
-    monkeypatch.setattr("client.hospital.load_dataset", lambda *a, **k: reads.append(1))
+    monkeypatch.setattr("client.export.load", lambda *a, **k: reads.append(1))
     message = hospital_message(cfg, "r", 1, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
     _refused(client_app.train(message, node_context(hospital)), "arrays")
     assert not reads and _ledger(hospital).entries == []

@@ -184,6 +184,22 @@ def read_source(
     return Dataset(stay_ids=np.array([s.stay_id for s in labelled]), X=X, S=S, y=y, groups=groups, summary=summary)
 
 
+def read_export(
+    data_path: Path, outcomes_path: Path, data_format: str, id_column: str, task: TaskSection, features: FeatureSection
+) -> Dataset:
+    """One export as a hospital defines it (its own files, format and columns; its own task
+    and features), read whole and never cached here: a hospital keeps its tensors in its
+    own folder (``client.export``)."""
+    for p, what in ((data_path, "data"), (outcomes_path, "outcomes")):
+        if not p.exists():
+            raise DataError(str(p), f"{what} not found: check 'data' in the hospital's hospital.yaml")
+    data = DataSection(format=data_format, path=str(data_path), outcomes=str(outcomes_path), id_column=id_column,
+                       max_stays=0, cache=False)
+    ds = read_source(data_path, outcomes_path, data, features, task)
+    ds.fingerprint = fingerprint_files(data_path, outcomes_path)
+    return ds
+
+
 def load_dataset(
     cfg: ExperimentConfig,
     data_path: str | Path | None = None,

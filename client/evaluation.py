@@ -1,0 +1,156 @@
+"""A hospital's evaluation releases: noisy score histograms (the Gaussian mechanism),
+budgeted per group of patients.
+
+:func:`plan_evaluations` decides, with the ledger locked and before any patient data is
+read, which requested releases fit their group's budget and the run's per-run count, and
+makes their ledger entries (recorded once the releases are made); :func:`score` then
+makes them. Every number in a decision comes from the message, the policy, the ledger
+and the counts the hospital declares: the evaluated split's size in a release (``n``)
+and in its ledger entry is the declared one.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from common import messages as M
+from common.config import ExperimentConfig
+from common.explain import contribution_sizes
+from common.ledger import Ledger, LedgerEntry
+from common.messages import Item, Mechanism, Split
+from common.metrics import ScoreGrid, ScoreSummary
+from common.model import GRUClassifier
+from common.privacy import calibrate_evaluation_noise, calibrate_shares
+from common.subgroups import SubgroupSummary
+from common.training import predict_proba
+
+from .hospital import HospitalData
+from .policy import PolicyRefusal
+from .request import Request
+
+IMPORTANCE_CLIP = 1.0  # each test patient's vector of contribution sizes is clipped to this L2 norm
+
+
+@dataclass(frozen=True)
+class PlannedRelease:
+    split: Split
+    item: Item
+    noise_multiplier: float  # 0: exact (a comparison simulation)
+    entry: LedgerEntry  # recorded once the release is made
+
+
+def test_items(cfg: ExperimentConfig) -> list[Item]:
+    binary = cfg.is_binary
+    ev = cfg.evaluation
+    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and ev.subgroups and ev.subgroup_share > 0 else []) + (
+        [Item.IMPORTANCE] if binary and ev.importance and ev.importance_share > 0 else [])
+
+
+@lru_cache(maxsize=64)
+def evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:
+    """The noise multiplier of each kind of evaluation release of one run, calibrated
+    once: validation (during the run, and of the final model) within val_epsilon; the
+    test release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
+    the pooled histogram gets the rest)."""
+    cfg = ExperimentConfig.from_json(cfg_json)
+    ev = cfg.evaluation
+    progress, final = calibrate_evaluation_noise(ev.val_epsilon, delta, len(cfg.validation_rounds()), ev.final_share,
+                                                 cfg.privacy.accountant)
+    items = test_items(cfg)
+    shares = {Item.HISTOGRAM: 1 - ev.subgroup_share - ev.importance_share, Item.SUBGROUP_HISTOGRAMS: ev.subgroup_share,
+              Item.IMPORTANCE: ev.importance_share}
+    test = calibrate_shares(ev.test_epsilon, delta, [(shares[i], 1) for i in items], cfg.privacy.accountant)
+    noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final}
+    noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
+    return noise
+
+
+def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease], list[str]]:
+    """The requested evaluations that fit their group's budget, with their noise and the
+    ledger entries to record once made; and why any others were declined. The per-run
+    count is read from ``ledger``, locked by the caller, so two messages at once cannot
+    both take the run's last release."""
+    cfg, policy = req.cfg, req.policy
+    ev = cfg.evaluation
+    noise = evaluation_noise(cfg.to_json(), policy.delta)
+    planned_counts = cfg.planned_evaluations()
+    planned, declined = [], []
+    for split in req.splits:
+        items = [item for (s_, final, item) in noise if s_ == split and final == req.final]
+        if not items:
+            raise PolicyRefusal("evaluate", f"asks for the {split.value} split during training; test is scored once, at the end")
+        if ev.dp and not all(math.isfinite(noise[(split, req.final, item)]) for item in items):
+            # the run's own settings planned no such release (validate_every 0, one round):
+            # its noise is calibrated for none, so none is made
+            raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
+                                            "settings (evaluation.validate_every, run.rounds) do not plan")
+        policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
+        n = req.declared.of(split)
+        if n == 0:
+            declined.append(f"{split.value}: this hospital declares no {split.value} stays")
+            continue
+        entries = []
+        for item in items:
+            sigma = noise[(split, req.final, item)] if ev.dp else 0.0
+            entries.append(LedgerEntry(
+                req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
+                f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
+                split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
+                steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n,
+            ))
+        if ev.dp:
+            spent = ledger.epsilon_with(entries)
+            if spent > policy.eval_max_epsilon:
+                declined.append(f"{split.value}: the budget of its patients would be passed "
+                                f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})")
+                continue
+        planned += [PlannedRelease(split, entry.item, entry.noise_multiplier, entry) for entry in entries]
+    return planned, declined
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[PlannedRelease]) -> dict:
+    """Make the planned releases: the model's score histograms of the requested splits
+    (and, with the test split, the per-group histograms and the importance), with their
+    noise, drawn from the operating system's entropy. Each carries the declared size of
+    its split, never a count of the data."""
+    ev, cfg = req.cfg.evaluation, req.cfg
+    grid, coarse = ScoreGrid(*ev.logit_range, ev.score_bins), ScoreGrid(*ev.logit_range, ev.subgroup_bins)
+    if req.threshold > 0:  # the run's threshold is an edge of every bin grid: decisions at it are exact
+        grid, coarse = grid.anchored(req.threshold), coarse.anchored(req.threshold)
+    rng = np.random.default_rng(secrets.randbits(128))  # seeded from the OS: the server must not know it
+    records, probs = {}, {}
+    for release in planned:
+        idx = data.split(release.split)
+        if release.split not in probs:
+            probs[release.split] = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx])
+        p, y, sigma = probs[release.split], data.dataset.y[idx], release.noise_multiplier
+        if release.item == Item.HISTOGRAM:
+            # the declared size of the split, not a count of the data
+            summary = replace(ScoreSummary.from_predictions(y, _as_probabilities(p, cfg), grid), n=release.entry.examples)
+            records[M.evaluation_key(release.split)] = _record((summary.noised(sigma, rng) if sigma else summary).to_arrays())
+        elif release.item == Item.SUBGROUP_HISTOGRAMS:
+            raw = {k: v[idx] for k, v in data.dataset.groups.items()}
+            groups = SubgroupSummary.from_predictions(cfg, y, _as_probabilities(p, cfg), raw, coarse)
+            records[M.SUBGROUPS] = _record({"subgroup-histograms": (groups.noised(sigma, rng) if sigma else groups).histogram})
+        else:
+            sizes = contribution_sizes(model, data.dataset.X[idx], data.dataset.S[idx], cfg.features, IMPORTANCE_CLIP)
+            total = sizes.sum(axis=0)
+            if sigma:
+                total = total + rng.normal(0.0, sigma * IMPORTANCE_CLIP, total.shape)
+            records[M.IMPORTANCE] = _record({"importance": total, "clip": np.array([IMPORTANCE_CLIP])})
+    return records
+
+
+def _as_probabilities(p: np.ndarray, cfg: ExperimentConfig) -> np.ndarray:
+    """predict_proba's answer for an empty split has no rows; its columns still follow the task."""
+    return p if len(p) else np.zeros((0, max(2, cfg.num_classes)))
