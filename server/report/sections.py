@@ -1,45 +1,20 @@
-"""Run reports a clinical researcher and a privacy officer can read.
-
-``write_report(run_dir)`` reads a run folder's records (``server.records``) and writes
-``report.md`` (with PNG plots beside it) and ``report.html`` (one self-contained file,
-plots embedded), and returns a short text summary. The privacy part states, per
-hospital: epsilon under both RDP and PRV accounting at the hospital's delta, budget and
-what remains, rounds, steps, noise multiplier, clipping norm and sample rate; which
-releases are not covered by DP; the data exports' keyed labels; and a plain-language statement
-that the hospital's privacy officer can sign.
-"""
+"""The report's sections, each from the run folder's records: settings, test results,
+what federation buys, privacy (and each hospital's officer statement), groups of
+patients, importance, audit, data."""
 
 from __future__ import annotations
 
 import math
-import statistics
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 
-import matplotlib
-import yaml
+from common.config import ExperimentConfig
+from common.document import Bullets, Image, Section, Statement, Table
+from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.metrics import Metrics, format_number
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from common.config import ConfigError, ExperimentConfig  # noqa: E402
-from common.document import Bullets, Image, Section, Statement, Table, markdown, to_html  # noqa: E402
-from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL  # noqa: E402
-from common.messages import Split  # noqa: E402
-from common.metrics import Metrics, format_metrics, format_number  # noqa: E402
-from common.subgroups import CalibrationPoint  # noqa: E402
-
-from .records import (  # noqa: E402
-    AuditResult,
-    BaselineResult,
-    HospitalPrivacy,
-    Partition,
-    RunMetrics,
-    RunPrivacy,
-    StartRecord,
-    load_record,
-    load_records,
-)
+from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
+from .plots import plot_epsilon, plot_reliability
+from .run_folder import RunFolder
 
 METRIC_LABELS = {
     "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sensitivity": "sensitivity",
@@ -58,107 +33,6 @@ RNG_NOTE = (
     "which does not install with current torch. Floating-point Gaussian sampling is also known to leak "
     "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
 )
-
-
-
-MAX_LISTED = 12  # more hospitals than this: summaries instead of one line (or plot line) each
-
-# ----------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------
-
-
-def _finish(fig, ax, path: Path, ylabel: str, title: str) -> None:
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
-def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
-    rounds = metrics.rounds
-    if not rounds:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [r.round for r in rounds]
-    ax.plot(xs, [r.pooled_val.auroc if r.pooled_val else math.nan for r in rounds], "k-o", lw=2, label="pooled")
-    names = sorted({n for r in rounds for n in r.hospitals})
-    for i, name in enumerate(names):
-        ys = [_nan(getattr(r.hospitals[name].val, "auroc", None)) if name in r.hospitals else math.nan for r in rounds]
-        if len(names) > MAX_LISTED:  # too many to tell apart: one grey line each, one legend entry
-            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
-        else:
-            ax.plot(xs, ys, "--", alpha=0.7, label=name)
-    _finish(fig, ax, path, "validation AUROC", "Utility: validation AUROC per round")
-    return True
-
-
-def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
-    if not metrics.rounds or not privacy.dp_enabled:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [r.round for r in metrics.rounds]
-    many = len(privacy.hospitals) > MAX_LISTED
-    for i, (name, h) in enumerate(sorted(privacy.hospitals.items())):
-        ys = [_nan(r.hospitals[name].epsilon) if name in r.hospitals else math.nan for r in metrics.rounds]
-        if many:  # too many to tell apart: one grey line each, budgets once
-            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
-            continue
-        line = ax.plot(xs, ys, "-o", ms=3, label=name)[0]
-        if h.budget:
-            ax.axhline(h.budget, color=line.get_color(), ls=":", lw=1)
-    if many:
-        for budget in sorted({h.budget for h in privacy.hospitals.values() if h.budget}):
-            ax.axhline(budget, color="k", ls=":", lw=1)
-    _finish(fig, ax, path, "cumulative epsilon (dotted: budget)", "Privacy spent per hospital")
-    return True
-
-
-# ----------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------
-
-
-@dataclass
-class RunFolder:
-    """Everything a run folder holds, as records (None where the run did not write it)."""
-
-    path: Path
-    config: ExperimentConfig | None
-    metrics: RunMetrics
-    privacy: RunPrivacy | None
-    partition: Partition | None
-    baselines: dict[str, BaselineResult] | None
-    audit: AuditResult | None
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunFolder:
-        return cls(
-            path=run_dir,
-            config=_load_config(run_dir / "config.yaml"),
-            metrics=load_record(run_dir / "metrics.json", RunMetrics) or RunMetrics(run_id="?"),
-            privacy=load_record(run_dir / "privacy.json", RunPrivacy),
-            partition=load_record(run_dir / "partition.json", Partition),
-            baselines=load_records(run_dir / "baselines.json", BaselineResult),
-            audit=load_record(run_dir / "audit.json", AuditResult),
-        )
-
-
-def _load_config(path: Path) -> ExperimentConfig | None:
-    if not path.is_file():
-        return None
-    try:
-        return ExperimentConfig.from_dict(yaml.safe_load(path.read_text()), origin=str(path), fill_defaults=True)
-    except ConfigError:
-        return None  # a config of another version: the report goes on without the settings
 
 
 ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metrics were read
@@ -220,7 +94,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
     )
 
 
-def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None) -> Section:
+def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None) -> Section:
     task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
     sigma = (
         f"noise multiplier {pr.noise_multiplier}" if pr.noise_multiplier > 0
@@ -247,7 +121,7 @@ def _settings(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRec
     ])])
 
 
-def _test_section(run: RunFolder) -> Section | None:
+def test_results_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None:
         return None
@@ -278,7 +152,7 @@ def _test_section(run: RunFolder) -> Section | None:
     ])
 
 
-def _baseline_section(run: RunFolder) -> Section | None:
+def baseline_section(run: RunFolder) -> Section | None:
     if not run.baselines:
         return None
     rows = []
@@ -293,7 +167,7 @@ def _baseline_section(run: RunFolder) -> Section | None:
     ])
 
 
-def _privacy_sections(run: RunFolder) -> list[Section]:
+def privacy_sections(run: RunFolder) -> list[Section]:
     privacy = run.privacy
     if privacy is None:
         return []
@@ -338,32 +212,7 @@ def _privacy_sections(run: RunFolder) -> list[Section]:
     return sections
 
 
-def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> bool:
-    """Observed against predicted risk by risk decile (a reliability diagram)."""
-    curves = {name: points for name, points in curves.items() if points}
-    if not curves:
-        return False
-    fig, ax = plt.subplots(figsize=(5.2, 5))
-    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
-    top = 0.05
-    for name, points in curves.items():
-        xs, ys = [p.predicted for p in points], [p.observed for p in points]
-        top = max(top, *xs, *ys)
-        ax.plot(xs, ys, "-o", ms=4, label=name)
-    ax.set_xlim(0, min(1, top * 1.1))
-    ax.set_ylim(0, min(1, top * 1.1))
-    ax.set_xlabel("predicted risk (mean in each decile)")
-    ax.set_ylabel("observed rate of the outcome")
-    ax.set_title("Calibration of the final model (test patients)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _subgroup_section(run: RunFolder) -> Section | None:
+def subgroup_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None or not test.subgroups:
         return None
@@ -405,7 +254,7 @@ def _subgroup_section(run: RunFolder) -> Section | None:
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-def _importance_section(run: RunFolder) -> Section | None:
+def importance_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None or not test.importance:
         return None
@@ -420,7 +269,7 @@ def _importance_section(run: RunFolder) -> Section | None:
     ])
 
 
-def _audit_section(audit: AuditResult | None) -> Section | None:
+def audit_section(audit: AuditResult | None) -> Section | None:
     if audit is None:
         return None
     claimed = audit.epsilon_claimed
@@ -437,7 +286,7 @@ def _audit_section(audit: AuditResult | None) -> Section | None:
     ])
 
 
-def _data_section(partition: Partition | None) -> Section | None:
+def data_section(partition: Partition | None) -> Section | None:
     s = partition.data_summary if partition else None
     if s is None:
         return None
@@ -451,93 +300,3 @@ def _data_section(partition: Partition | None) -> Section | None:
         f"Observations after the window: {s.preprocess.after_window}",
         f"Unknown descriptors: {dict(sorted(s.preprocess.static_unknown.items()))}",
     ])])
-
-
-def build(run: RunFolder) -> tuple[str, list[Section]]:
-    cfg, metrics = run.config, run.metrics
-    title = f"fedgru run report: {cfg.run.name if cfg else run.path.name}"
-    intro = Section("Run", [f"Run `{metrics.run_id}`, folder `{run.path}`."])
-    if metrics.wall_seconds is not None:
-        intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds.")
-    sections = [intro]
-    if cfg is not None:
-        sections.append(_settings(cfg, run.privacy, run.metrics.start))
-    if run.partition and run.partition.hospitals:
-        rows = run.partition.hospitals
-        header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
-        sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
-    sections += [s for s in (_test_section(run), _baseline_section(run)) if s is not None]
-    if plot_auroc(metrics, run.path / "auroc.png"):
-        sections.append(Section("Utility per round", [
-            Image(run.path / "auroc.png", "Validation AUROC per round"),
-            "Each point reads a validation release made during training, with a small share of the validation "
-            "budget and so the most noise; it is read from the counts clipped at zero (biased towards 0.5): a trend "
-            "at best. The final model's numbers above are read with the run's estimator.",
-        ]))
-    sections += [s for s in (_subgroup_section(run), _importance_section(run)) if s is not None]
-    sections += _privacy_sections(run)
-    audit = _audit_section(run.audit)
-    if audit is not None:
-        sections.append(audit)
-    data = _data_section(run.partition)
-    if data is not None:
-        sections.append(data)
-    if cfg is not None and cfg.data.format == "physionet2012":
-        sections.append(Section("Data source", [PHYSIONET_CITATION]))
-    return title, sections
-
-
-def summary_text(run: RunFolder) -> str:
-    lines = [f"Run folder: {run.path}"]
-    test = run.metrics.test
-    if test is not None and test.pooled is not None:
-        read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
-        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
-        if test.auroc_interval:
-            low, high = test.auroc_interval
-            lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (nominal "
-                         f"{INTERVAL_LEVEL:.0%}; {INTERVAL_COVERAGE})")
-    privacy = run.privacy
-    if privacy is not None and privacy.dp_enabled:
-        lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "
-                     "then validation and test patients):")
-        if len(privacy.hospitals) > MAX_LISTED:
-            lines += _privacy_digest(privacy)
-        for name, h in sorted(privacy.hospitals.items()) if len(privacy.hospitals) <= MAX_LISTED else []:
-            if h.epsilon is None or h.delta is None:
-                lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
-                continue
-            others = ", ".join(
-                f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value
-            )
-            lines.append(
-                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, PRV "
-                f"{format_number(h.epsilon_prv)}) at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
-                f"{h.rounds_trained} rounds, {h.state.value}" + (f"; {others}" if others else "")
-            )
-    elif privacy is not None:
-        lines.append("Privacy: DP was off for this run; no epsilon applies.")
-    lines.append(f"Report: {run.path / 'report.md'} and {run.path / 'report.html'}")
-    return "\n".join(lines)
-
-
-def _privacy_digest(privacy: RunPrivacy) -> list[str]:
-    """Many hospitals: the range of their epsilons and how many are in each state."""
-    spent = [h.epsilon for h in privacy.hospitals.values() if h.epsilon is not None]
-    states: dict[str, int] = {}
-    for h in privacy.hospitals.values():
-        states[h.state.value] = states.get(h.state.value, 0) + 1
-    lines = [f"  {len(privacy.hospitals)} hospitals: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))]
-    if spent:
-        lines.append(f"  training patients' epsilon: largest {max(spent):.3f}, median {statistics.median(spent):.3f}, "
-                     f"smallest {min(spent):.3f} (each hospital's in privacy.json and the report)")
-    return lines
-
-
-def write_report(run_dir: str | Path) -> str:
-    """Write report.md and report.html; return the text summary."""
-    run = RunFolder.load(Path(run_dir))
-    title, sections = build(run)
-    (run.path / "report.md").write_text(markdown(title, sections))
-    (run.path / "report.html").write_text(to_html(title, sections))
-    return summary_text(run)

@@ -1,0 +1,134 @@
+"""Run reports a clinical researcher and a privacy officer can read.
+
+``write_report(run_dir)`` reads a run folder's records (``server.records``) and writes
+``report.md`` (with PNG plots beside it) and ``report.html`` (one self-contained file,
+plots embedded), and returns a short text summary. The privacy part states, per
+hospital: epsilon under both RDP and PRV accounting at the hospital's delta, budget and
+what remains, rounds, steps, noise multiplier, clipping norm and sample rate; which
+releases are not covered by DP; and a plain-language statement that the hospital's
+privacy officer can sign.
+
+- :mod:`.run_folder`: the run folder as records;
+- :mod:`.sections`: one function per section;
+- :mod:`.plots`: the figures;
+- here: the report's order, the text summary, and writing both files.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from common.document import Image, Section, Table, markdown, to_html
+from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.messages import Split
+from common.metrics import format_metrics, format_number
+
+from ..records import RunPrivacy
+from .plots import MAX_LISTED, plot_auroc
+from .run_folder import RunFolder
+from .sections import (
+    GROUP_WORDS,
+    PHYSIONET_CITATION,
+    audit_section,
+    baseline_section,
+    data_section,
+    importance_section,
+    officer_statement,
+    privacy_sections,
+    settings_section,
+    subgroup_section,
+    test_results_section,
+)
+
+__all__ = ["RunFolder", "build", "officer_statement", "summary_text", "write_report"]
+
+
+def build(run: RunFolder) -> tuple[str, list[Section]]:
+    cfg, metrics = run.config, run.metrics
+    title = f"fedgru run report: {cfg.run.name if cfg else run.path.name}"
+    intro = Section("Run", [f"Run `{metrics.run_id}`, folder `{run.path}`."])
+    if metrics.wall_seconds is not None:
+        intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds.")
+    sections = [intro]
+    if cfg is not None:
+        sections.append(settings_section(cfg, run.privacy, run.metrics.start))
+    if run.partition and run.partition.hospitals:
+        rows = run.partition.hospitals
+        header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
+        sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
+    sections += [s for s in (test_results_section(run), baseline_section(run)) if s is not None]
+    if plot_auroc(metrics, run.path / "auroc.png"):
+        sections.append(Section("Utility per round", [
+            Image(run.path / "auroc.png", "Validation AUROC per round"),
+            "Each point reads a validation release made during training, with a small share of the validation "
+            "budget and so the most noise; it is read from the counts clipped at zero (biased towards 0.5): a trend "
+            "at best. The final model's numbers above are read with the run's estimator.",
+        ]))
+    sections += [s for s in (subgroup_section(run), importance_section(run)) if s is not None]
+    sections += privacy_sections(run)
+    audit = audit_section(run.audit)
+    if audit is not None:
+        sections.append(audit)
+    data = data_section(run.partition)
+    if data is not None:
+        sections.append(data)
+    if cfg is not None and cfg.data.format == "physionet2012":
+        sections.append(Section("Data source", [PHYSIONET_CITATION]))
+    return title, sections
+
+
+def summary_text(run: RunFolder) -> str:
+    lines = [f"Run folder: {run.path}"]
+    test = run.metrics.test
+    if test is not None and test.pooled is not None:
+        read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
+        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
+        if test.auroc_interval:
+            low, high = test.auroc_interval
+            lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (nominal "
+                         f"{INTERVAL_LEVEL:.0%}; {INTERVAL_COVERAGE})")
+    privacy = run.privacy
+    if privacy is not None and privacy.dp_enabled:
+        lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "
+                     "then validation and test patients):")
+        if len(privacy.hospitals) > MAX_LISTED:
+            lines += _privacy_digest(privacy)
+        for name, h in sorted(privacy.hospitals.items()) if len(privacy.hospitals) <= MAX_LISTED else []:
+            if h.epsilon is None or h.delta is None:
+                lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
+                continue
+            others = ", ".join(
+                f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value
+            )
+            lines.append(
+                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, PRV "
+                f"{format_number(h.epsilon_prv)}) at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
+                f"{h.rounds_trained} rounds, {h.state.value}" + (f"; {others}" if others else "")
+            )
+    elif privacy is not None:
+        lines.append("Privacy: DP was off for this run; no epsilon applies.")
+    lines.append(f"Report: {run.path / 'report.md'} and {run.path / 'report.html'}")
+    return "\n".join(lines)
+
+
+def _privacy_digest(privacy: RunPrivacy) -> list[str]:
+    """Many hospitals: the range of their epsilons and how many are in each state."""
+    spent = [h.epsilon for h in privacy.hospitals.values() if h.epsilon is not None]
+    states: dict[str, int] = {}
+    for h in privacy.hospitals.values():
+        states[h.state.value] = states.get(h.state.value, 0) + 1
+    lines = [f"  {len(privacy.hospitals)} hospitals: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))]
+    if spent:
+        lines.append(f"  training patients' epsilon: largest {max(spent):.3f}, median {statistics.median(spent):.3f}, "
+                     f"smallest {min(spent):.3f} (each hospital's in privacy.json and the report)")
+    return lines
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write report.md and report.html; return the text summary."""
+    run = RunFolder.load(Path(run_dir))
+    title, sections = build(run)
+    (run.path / "report.md").write_text(markdown(title, sections))
+    (run.path / "report.html").write_text(to_html(title, sections))
+    return summary_text(run)

@@ -1,0 +1,96 @@
+"""The report's plots: validation AUROC and epsilon per round, the reliability diagram."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.subgroups import CalibrationPoint  # noqa: E402
+
+from ..records import RunMetrics, RunPrivacy  # noqa: E402
+
+MAX_LISTED = 12  # more hospitals than this: summaries instead of one line (or plot line) each
+
+
+def _finish(fig, ax, path: Path, ylabel: str, title: str) -> None:
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
+    rounds = metrics.rounds
+    if not rounds:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r.round for r in rounds]
+    ax.plot(xs, [r.pooled_val.auroc if r.pooled_val else math.nan for r in rounds], "k-o", lw=2, label="pooled")
+    names = sorted({n for r in rounds for n in r.hospitals})
+    for i, name in enumerate(names):
+        ys = [_nan(getattr(r.hospitals[name].val, "auroc", None)) if name in r.hospitals else math.nan for r in rounds]
+        if len(names) > MAX_LISTED:  # too many to tell apart: one grey line each, one legend entry
+            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
+        else:
+            ax.plot(xs, ys, "--", alpha=0.7, label=name)
+    _finish(fig, ax, path, "validation AUROC", "Utility: validation AUROC per round")
+    return True
+
+
+def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
+    if not metrics.rounds or not privacy.dp_enabled:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r.round for r in metrics.rounds]
+    many = len(privacy.hospitals) > MAX_LISTED
+    for i, (name, h) in enumerate(sorted(privacy.hospitals.items())):
+        ys = [_nan(r.hospitals[name].epsilon) if name in r.hospitals else math.nan for r in metrics.rounds]
+        if many:  # too many to tell apart: one grey line each, budgets once
+            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
+            continue
+        line = ax.plot(xs, ys, "-o", ms=3, label=name)[0]
+        if h.budget:
+            ax.axhline(h.budget, color=line.get_color(), ls=":", lw=1)
+    if many:
+        for budget in sorted({h.budget for h in privacy.hospitals.values() if h.budget}):
+            ax.axhline(budget, color="k", ls=":", lw=1)
+    _finish(fig, ax, path, "cumulative epsilon (dotted: budget)", "Privacy spent per hospital")
+    return True
+
+
+def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> bool:
+    """Observed against predicted risk by risk decile (a reliability diagram)."""
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
+    top = 0.05
+    for name, points in curves.items():
+        xs, ys = [p.predicted for p in points], [p.observed for p in points]
+        top = max(top, *xs, *ys)
+        ax.plot(xs, ys, "-o", ms=4, label=name)
+    ax.set_xlim(0, min(1, top * 1.1))
+    ax.set_ylim(0, min(1, top * 1.1))
+    ax.set_xlabel("predicted risk (mean in each decile)")
+    ax.set_ylabel("observed rate of the outcome")
+    ax.set_title("Calibration of the final model (test patients)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
