@@ -53,8 +53,9 @@ from common.training import (
 
 from .evaluation import plan_evaluations, score
 from .hospital import UNASSIGNED, Node
+from .preflight import answer_plan
 from .replies import AfterReading, pack, refusing, status, unpack
-from .request import Request
+from .request import Request, experiment_of
 
 log = logging.getLogger("fedgru.client")
 
@@ -98,9 +99,19 @@ def _reply(req: Request, state: ReplyState, ledger: Ledger, content: dict | None
 
 
 def answer_query(msg: Message, context: Context, simulation: ExperimentConfig | None = None) -> Message:
+    """Who this hospital is and what it reads; or, with the run's plan (a preflight), its
+    answer to the plan (client.preflight)."""
     node = Node(context, simulation)
     if node.name == UNASSIGNED:
         return Message(RecordDict({M.STATUS: status("", ReplyState.UNASSIGNED, **{M.MODE: node.mode.value})}),
+                       reply_to=msg)
+    if M.PREFLIGHT in msg.content.config_records.get(M.CONFIG, {}):
+        answer = answer_plan(experiment_of(msg), node)
+        log.log(logging.INFO if answer.accepted else logging.ERROR, "%s %s the plan of run %s%s", node.name,
+                "accepts" if answer.accepted else "refuses", msg.content[M.CONFIG].get(M.RUN_ID, "?"),
+                f": {answer.reason}" if answer.reason else f" (noise multiplier {answer.noise_multiplier:.3g}, "
+                f"set by {answer.noise_set_by})")
+        return Message(RecordDict({M.STATUS: ConfigRecord({**answer.to_status(), M.MODE: node.mode.value})}),
                        reply_to=msg)
     return Message(RecordDict({M.STATUS: status(node.name, ReplyState.READY, **{
         M.MODE: node.mode.value, M.DEFINITION: node.definition.to_json()})}), reply_to=msg)
@@ -134,6 +145,8 @@ def _training_entries(req: Request, ledger: Ledger, budget: float) -> tuple[list
             return [], (ledger.epsilon(), would_be)
     size = LedgerEntry(req.run_id, req.server_round, Mechanism.NONE, "the training split's size (declared)",
                        item=Item.SPLIT_SIZE, examples=declared)
+    for entry in (weights, size):  # an entry the ledger would refuse is refused now, before any data is read
+        entry.check(f"{req.node.name}'s planned ledger entry")
     return [weights, size], None
 
 
@@ -157,6 +170,7 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
         training, exhausted = _training_entries(req, ledger, budget)
         declined_text = {M.NOT_EVALUATED: "\n".join(declined)} if declined else {}
         content: dict = {}
+        state = None
         if evaluations or exhausted is None:
             # ... then the data, read only for releases that will be made
             data = req.node.data()
@@ -165,7 +179,7 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
                 model = _global_model(req, device)
                 content = score(req, data, model, evaluations)
                 if exhausted is None:
-                    _train(req, context, model, data, device, audit)
+                    state = _train(req, context, model, data, device, audit)
                     content[M.ARRAYS] = ArrayRecord(
                         torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
             except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves
@@ -173,6 +187,10 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
             for entry in [r.entry for r in evaluations] + training:
                 ledger.record(replace(entry, data=data.export))  # the hospital's own ledger names the export
         # the ledger is saved as this block ends: before any reply can leave
+    if state is not None:
+        # Kept only now that the round is recorded: state from a round that was not (a failure
+        # above) would carry its gradients, unpaid for, into the next round.
+        state.save(context)
     if exhausted is not None:
         spent, would_be = exhausted
         log.warning("%s stops before round %d: epsilon would reach %.3f, budget %.3f (spent %.3f)",
@@ -193,9 +211,10 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
 
 
 def _train(req: Request, context: Context, model: GRUClassifier, data, device: torch.device,
-           audit: CanaryAudit | None) -> None:
+           audit: CanaryAudit | None) -> LocalState:
     """One round of local training on the training split (DP-SGD unless the simulation
-    compares without it); the loss stays in this hospital's log."""
+    compares without it); the loss stays in this hospital's log. Returns the optimizer
+    state to keep, which the caller saves once the round is recorded."""
     cfg, plan = req.cfg, req.training
     if cfg.training.threads > 0:
         torch.set_num_threads(cfg.training.threads)
@@ -204,7 +223,7 @@ def _train(req: Request, context: Context, model: GRUClassifier, data, device: t
         canaries = Canaries(torch.as_tensor(audit.included, dtype=torch.bool), audit.tamper)
     if plan is not None:
         dp = DPSettings(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate, plan.per_layer,
-                        expected_batch_size=max(1, round(plan.sample_rate * req.declared.train)))
+                        expected_batch_size=plan.expected_batch, micro_batch=plan.micro_batch)
         steps = plan.steps
     else:
         dp, steps = None, steps_per_round(req.declared.train, cfg.training.batch_size, cfg.training.local_epochs,
@@ -217,14 +236,14 @@ def _train(req: Request, context: Context, model: GRUClassifier, data, device: t
         sample_generator=secret_generator(),
         noise_generator=secret_generator(device) if dp else None,
         optimizer_state=state.optimizer if cfg.training.keep_optimizer_state else None,
-        proximal_mu=float(req.msg.content[M.CONFIG].get(M.PROXIMAL_MU, 0.0)),
+        proximal_mu=req.proximal_mu,
         canaries=canaries,
     )
     if canaries is not None:
         np.save(Path(audit.out_dir) / f"round-{req.server_round:04d}.npy", result.canary_coordinates)
     state.optimizer = result.optimizer_state if cfg.training.keep_optimizer_state else b""
-    state.save(context)
     log.info("%s round %d: loss %.4f (kept here)", req.node.name, req.server_round, result.mean_loss)
+    return state
 
 
 def answer_evaluate(msg: Message, context: Context, simulation: ExperimentConfig | None = None) -> Message:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -26,15 +26,18 @@ from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier
-from common.privacy import calibrate_evaluation_noise, calibrate_shares
 from common.subgroups import SubgroupSummary
 from common.training import predict_proba
 
 from .hospital import HospitalData
+from .noise import evaluation_noise
 from .policy import PolicyRefusal
-from .request import Request
+
+if TYPE_CHECKING:
+    from .request import Request
 
 IMPORTANCE_CLIP = 1.0  # each test patient's vector of contribution sizes is clipped to this L2 norm
+SCORING_BATCH = 256  # patients scored at once, padded: memory never depends on how many there are
 
 
 @dataclass(frozen=True)
@@ -43,32 +46,6 @@ class PlannedRelease:
     item: Item
     noise_multiplier: float  # 0: exact (a comparison simulation)
     entry: LedgerEntry  # recorded once the release is made
-
-
-def test_items(cfg: ExperimentConfig) -> list[Item]:
-    binary = cfg.is_binary
-    ev = cfg.evaluation
-    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and ev.subgroups and ev.subgroup_share > 0 else []) + (
-        [Item.IMPORTANCE] if binary and ev.importance and ev.importance_share > 0 else [])
-
-
-@lru_cache(maxsize=64)
-def evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:
-    """The noise multiplier of each kind of evaluation release of one run, calibrated
-    once: validation (during the run, and of the final model) within val_epsilon; the
-    test release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
-    the pooled histogram gets the rest)."""
-    cfg = ExperimentConfig.from_json(cfg_json)
-    ev = cfg.evaluation
-    progress, final = calibrate_evaluation_noise(ev.val_epsilon, delta, len(cfg.validation_rounds()), ev.final_share,
-                                                 cfg.privacy.accountant)
-    items = test_items(cfg)
-    shares = {Item.HISTOGRAM: 1 - ev.subgroup_share - ev.importance_share, Item.SUBGROUP_HISTOGRAMS: ev.subgroup_share,
-              Item.IMPORTANCE: ev.importance_share}
-    test = calibrate_shares(ev.test_epsilon, delta, [(shares[i], 1) for i in items], cfg.privacy.accountant)
-    noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final}
-    noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
-    return noise
 
 
 def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease], list[str]]:
@@ -104,6 +81,7 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
                 split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
                 steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n,
             ))
+            entries[-1].check(f"{req.node.name}'s planned ledger entry")  # refused now, not after reading
         if ev.dp:
             spent = ledger.epsilon_with(entries)
             if spent > policy.eval_max_epsilon:
@@ -132,7 +110,8 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
     for release in planned:
         idx = data.split(release.split)
         if release.split not in probs:
-            probs[release.split] = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx])
+            probs[release.split] = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx], batch=SCORING_BATCH,
+                                                 pad=True)
         p, y, sigma = probs[release.split], data.dataset.y[idx], release.noise_multiplier
         if release.item == Item.HISTOGRAM:
             # the declared size of the split, not a count of the data
@@ -143,7 +122,8 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             groups = SubgroupSummary.from_predictions(cfg, y, _as_probabilities(p, cfg), raw, coarse)
             records[M.SUBGROUPS] = _record({"subgroup-histograms": (groups.noised(sigma, rng) if sigma else groups).histogram})
         else:
-            sizes = contribution_sizes(model, data.dataset.X[idx], data.dataset.S[idx], cfg.features, IMPORTANCE_CLIP)
+            sizes = contribution_sizes(model, data.dataset.X[idx], data.dataset.S[idx], cfg.features, IMPORTANCE_CLIP,
+                                       batch=SCORING_BATCH)
             total = sizes.sum(axis=0)
             if sigma:
                 total = total + rng.normal(0.0, sigma * IMPORTANCE_CLIP, total.shape)

@@ -8,10 +8,9 @@ declares (``hospital.yaml``). Every message then opens those tensors memory-mapp
 Nothing a message says changes which stays, values or labels are read: the files, their
 format and columns, the task and the features are all the hospital's.
 
-An export changed on disk since it was registered (new files, the same path) is read
-again when a message first needs it and the tensors replaced; the declared counts stay
-until the staff recount, and the hospital's log says when its real split sizes have
-drifted from them.
+An export changed on disk since it was registered (new files, the same path) is not read
+while messages are served: the registered tensors go on serving until the staff
+register it again; the declared counts stay until they recount.
 """
 
 from __future__ import annotations
@@ -122,25 +121,20 @@ class Stays:
 
 
 def load(folder: HospitalFolder) -> Stays:
-    """The registered export's stays, from the folder's tensors (memory-mapped); read again
-    from the export first when its files changed since (the log says so)."""
+    """The registered export's stays, from the folder's tensors (memory-mapped). Nothing
+    is parsed while a message is served: a new export, or one whose files changed, is
+    read only when the staff register it (``fedgru hospital data``), so whether a message
+    is answered never depends on what one new stay's file holds. Until then the
+    registered tensors keep serving, and the hospital's log says the export changed."""
     source, definition = folder.settings.data, folder.definition
     meta = read_meta(folder.cache_path)
-    current = signature(*_paths(folder, source))
-    if meta is None or meta.get("signature") != current or meta.get("definition") != _definition_key(definition, source):
-        log.warning("%s: the export changed since it was registered (or its tensors are missing): reading it again",
-                    folder.name)
-        ds = read_source_export(folder, source, definition)
-        for note in ds.summary.notes() if ds.summary else []:
-            log.warning("%s data: %s", folder.name, note)  # the hospital's own log only
-        _store(folder, source, definition, ds)
-        meta = read_meta(folder.cache_path)
+    if meta is None or meta.get("definition") != _definition_key(definition, source):
+        raise FolderError(f"{folder.path} holds no tensors of its registered export and definition: run "
+                          f"`fedgru hospital data --hospital-dir {folder.path}`")
+    if meta.get("signature") != signature(*_paths(folder, source)):
+        log.warning("%s: the export on disk changed since it was registered; serving the registered stays until "
+                    "`fedgru hospital data` registers it", folder.name)
     ds = load_dataset_folder(folder.cache_path)
     groups = np.array([s.value for s in split_of(list(ds.stay_ids.astype(str)), folder.secret("split"), folder.policy.split)])
     parts = [np.flatnonzero(groups == s.value) for s in (Split.TRAIN, Split.VAL, Split.TEST)]
-    counted, declared = DeclaredCounts(*map(len, parts)), folder.declared
-    if counted != declared:
-        log.info("%s: the export's splits hold %d/%d/%d stays; this hospital declares %d/%d/%d "
-                 "(`fedgru hospital data --recount` declares the new counts)", folder.name,
-                 counted.train, counted.val, counted.test, declared.train, declared.val, declared.test)
-    return Stays(ds, *parts, export=str(meta.get("export", "")) if meta else "")
+    return Stays(ds, *parts, export=str(meta.get("export", "")))

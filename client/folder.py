@@ -39,7 +39,7 @@ from common.ledger import Ledger
 from common.messages import Split
 from common.typed import TypedDataError, build
 
-from .policy import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_MODEL_PARAMETERS, Policy, SplitFractions
+from .policy import Policy, SplitFractions, default_policy  # noqa: F401 - default_policy: hospital init writes it
 
 SETTINGS_FILE = "hospital.yaml"
 DEFINITION_FILE = "definition.yaml"
@@ -206,24 +206,6 @@ def split_of(stay_ids: list[str], key: bytes, fractions: SplitFractions) -> list
     return out
 
 
-def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Policy:
-    """What ``fedgru hospital init`` writes unless told otherwise (each line commented there)."""
-    return Policy(
-        max_epsilon=max_epsilon,
-        delta=delta,
-        eval_max_epsilon=eval_epsilon,
-        min_noise_multiplier=0.5,
-        max_epsilon_per_round=max_epsilon / 2,
-        clipping_norm=[0.01, 10.0],
-        evaluation_splits=[Split.VAL, Split.TEST],
-        max_evaluations_per_run={Split.VAL.value: 10, Split.TEST.value: 1},
-        max_histogram_bins=20,
-        split=SplitFractions(0.7, 0.1, 0.2),
-        max_model_parameters=DEFAULT_MAX_MODEL_PARAMETERS,
-        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-    )
-
-
 POLICY_COMMENTS = {
     "max_epsilon": "training patients: epsilon of everything ever released about them (all runs)",
     "delta": "the delta every epsilon in the ledger is stated at (below 1/n)",
@@ -237,6 +219,7 @@ POLICY_COMMENTS = {
     "split": "this hospital's train/validation/test shares (fixed per stay by secret.key)",
     "max_model_parameters": "the largest model (weights) a run may send to train or score",
     "max_message_bytes": "the most bytes of weights one message may carry",
+    "max_micro_batch": "examples whose per-example gradients are held at once (memory)",
 }
 
 

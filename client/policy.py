@@ -17,6 +17,7 @@ with DP.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -24,8 +25,11 @@ from common.config import ExperimentConfig
 from common.messages import Split
 
 # A policy written before these limits existed gets them (client.folder writes them out).
-DEFAULT_MAX_MODEL_PARAMETERS = 5_000_000  # the default model has a few hundred weights; a stacked GRU 128/64 ~90,000
+DEFAULT_MAX_MODEL_PARAMETERS = 1_000_000  # the default model has a few hundred weights; a stacked GRU 128/64 ~90,000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+# Per-example gradients are held for at most this many examples at once: with the model
+# limit, a bound on training memory (512 x 1M weights x 4 bytes = 2 GB) that no data changes.
+DEFAULT_MAX_MICRO_BATCH = 512
 
 
 class PolicyRefusal(Exception):
@@ -61,6 +65,7 @@ class Policy:
     split: SplitFractions  # this hospital's own train/validation/test shares
     max_model_parameters: int = DEFAULT_MAX_MODEL_PARAMETERS  # the largest model a message may ask it to train or score
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the most bytes of weights one message may carry
+    max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH  # examples whose per-example gradients are held at once
     allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
 
     def validate(self, where: str) -> None:
@@ -76,6 +81,7 @@ class Policy:
             (self.max_histogram_bins >= 2, "max_histogram_bins", "must be at least 2"),
             (self.max_model_parameters >= 1, "max_model_parameters", "must be positive"),
             (self.max_message_bytes >= 1, "max_message_bytes", "must be positive"),
+            (self.max_micro_batch >= 1, "max_micro_batch", "must be positive"),
             (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
                 self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
         ]
@@ -129,7 +135,7 @@ class Policy:
         if cfg.evaluation.score_bins > self.max_histogram_bins:
             raise PolicyRefusal(
                 "evaluation.score_bins", f"is {cfg.evaluation.score_bins}; this hospital releases at most "
-                f"{self.max_histogram_bins} bins per class",
+                f"{self.max_histogram_bins} bins per class: use at most {self.max_histogram_bins}",
             )
         if split == Split.TEST:
             from common.subgroups import groupings
@@ -138,10 +144,18 @@ class Policy:
                 if len(grouping.groups) > self.max_histogram_bins:
                     raise PolicyRefusal(
                         f"evaluation.subgroups[{i}]", f"makes {len(grouping.groups)} groups; this hospital releases at "
-                        f"most {self.max_histogram_bins} bins (groups) per grouping",
+                        f"most {self.max_histogram_bins} bins (groups) per grouping: use fewer bands",
                     )
         if not cfg.evaluation.dp and not self.allow_without_dp:
-            raise PolicyRefusal("evaluation.dp", "is false; this hospital releases score histograms only with DP noise")
+            raise PolicyRefusal("evaluation.dp", "is false; this hospital releases score histograms only with DP noise: "
+                                                 "set it true")
+        allowed = self.max_evaluations_per_run.get(split.value, 0)
+        if planned > allowed and split == Split.VAL:
+            every = next((e for e in range(1, cfg.run.rounds + 1)
+                          if len([r for r in range(2, cfg.run.rounds + 1) if (r - 1) % e == 0]) + 1 <= allowed), 0)
+            fix = f"use evaluation.validate_every >= {every}" if every else "use evaluation.validate_every=0"
+            raise PolicyRefusal("evaluation.validate_every", f"plans {planned} validation releases in this run; this "
+                                                             f"hospital allows {allowed} per run: {fix}")
         self.check_evaluation_count(split, planned, 0)
 
     def check_evaluation_count(self, split: Split, planned: int, released_this_run: int) -> None:
@@ -169,19 +183,34 @@ class Policy:
 
     @classmethod
     def for_simulation(cls, cfg: ExperimentConfig, hospital: str, train_examples: int) -> Policy:
-        """A simulated hospital's policy: the simulation's own settings, DP optional."""
+        """A simulated hospital's policy: what ``fedgru hospital init`` writes (the noise
+        floor, the per-round ceiling, the clipping range, the per-run counts, the bin and
+        size limits), with the simulation's own budgets, delta and split shares, so that a
+        config that runs simulated runs deployed. Its training budget is
+        ``privacy.max_epsilon`` (or its ``hospital_max_epsilon``); its validation and test
+        patients' budget is the largest of that and the run's ``val_epsilon`` and
+        ``test_epsilon``. Only a simulation may compare without DP."""
+        budget = cfg.privacy.budget_for(hospital)
         ev = cfg.evaluation
-        return cls(
-            max_epsilon=cfg.privacy.budget_for(hospital),
-            delta=cfg.privacy.delta_for(train_examples),
-            eval_max_epsilon=max(ev.val_epsilon, ev.test_epsilon) * (1 + 1e-6),
-            min_noise_multiplier=0.0,
-            max_epsilon_per_round=math.inf,
-            clipping_norm=[0.0 + 1e-12, math.inf],
-            evaluation_splits=[Split.VAL, Split.TEST],
-            max_evaluations_per_run=cfg.planned_evaluations(),
-            max_histogram_bins=ev.score_bins,
-            split=SplitFractions(cfg.split.train, cfg.split.val, cfg.split.test),
-            allow_without_dp=True,
-        )
+        policy = default_policy(budget, cfg.privacy.delta_for(train_examples), max(budget, ev.val_epsilon, ev.test_epsilon))
+        return dataclasses.replace(policy, split=SplitFractions(cfg.split.train, cfg.split.val, cfg.split.test),
+                                   allow_without_dp=True)
 
+
+def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Policy:
+    """What ``fedgru hospital init`` writes unless told otherwise (each line commented there)."""
+    return Policy(
+        max_epsilon=max_epsilon,
+        delta=delta,
+        eval_max_epsilon=eval_epsilon,
+        min_noise_multiplier=0.5,
+        max_epsilon_per_round=max_epsilon / 2,
+        clipping_norm=[0.01, 10.0],
+        evaluation_splits=[Split.VAL, Split.TEST],
+        max_evaluations_per_run={Split.VAL.value: 10, Split.TEST.value: 1},
+        max_histogram_bins=20,
+        split=SplitFractions(0.7, 0.1, 0.2),
+        max_model_parameters=DEFAULT_MAX_MODEL_PARAMETERS,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        max_micro_batch=DEFAULT_MAX_MICRO_BATCH,
+    )

@@ -16,7 +16,7 @@ checked while the ledger is locked, still before any data is read.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,9 +26,9 @@ from common import messages as M
 from common.config import ConfigError, ExperimentConfig
 from common.messages import NodeMode, ReplyState, Split
 from common.model import GRUClassifier, model_spec
-from common.privacy import calibrate_noise, steps_per_round
 
 from .hospital import UNASSIGNED, Node
+from .noise import fit_noise
 from .policy import Policy, PolicyRefusal
 from .replies import Refused
 
@@ -63,6 +63,8 @@ class TrainingPlan:
     steps: int
     max_grad_norm: float
     per_layer: bool
+    expected_batch: int  # sample rate x declared training count: what the noisy sum is divided by
+    micro_batch: int  # rows per piece of a step's sample (memory: never a function of the data)
 
 
 class Request:
@@ -79,6 +81,12 @@ class Request:
         if self.node.name == UNASSIGNED:
             raise Refused(ReplyState.REFUSED, "this simulation node has no hospital")
         self.final = msg.metadata.message_type == MessageType.EVALUATE
+        first = 0 if self.final else 1
+        if not first <= self.server_round <= self.cfg.run.rounds:
+            raise PolicyRefusal("server-round", f"must be a round of this run ({first} to run.rounds)")
+        self.proximal_mu = float(config.get(M.PROXIMAL_MU, 0.0))
+        if not (math.isfinite(self.proximal_mu) and 0 <= self.proximal_mu <= 1e6):
+            raise PolicyRefusal("proximal-mu", "must be a finite number >= 0")
         self.splits = requested_splits(msg)
         self.threshold = float(config.get(M.THRESHOLD, 0.0))  # a risk; 0: none given
         if not 0 <= self.threshold < 1:
@@ -87,7 +95,9 @@ class Request:
         self.policy: Policy = self.node.policy
         self.declared = self.node.declared
         self.weights = check_weights(self.cfg, msg, self.policy)
-        self.training = None if self.final else plan_training(self.cfg, self.policy, self.declared.train)
+        agreed = config.get(M.NOISE)
+        self.training = None if self.final else plan_training(
+            self.cfg, self.policy, self.declared.train, self.node.accountant, None if agreed is None else float(agreed))
         planned = self.cfg.planned_evaluations()
         for split in self.splits:
             self.policy.check_evaluation(self.cfg, split, planned.get(split.value, 0))
@@ -98,33 +108,47 @@ class Request:
         return self.node.mode == NodeMode.DEPLOYMENT
 
 
-def plan_training(cfg: ExperimentConfig, policy: Policy, declared_train: int) -> TrainingPlan | None:
+def plan_training(cfg: ExperimentConfig, policy: Policy, declared_train: int, accountant: str,
+                  agreed: float | None = None) -> TrainingPlan | None:
     """DP-SGD settings of one round, within the policy, or None where the policy allows
-    training without DP (a comparison simulation). Sigma is calibrated for the whole
-    planned run from the declared training count (a fixed number: the same for two
-    hospitals whose data differ by one patient)."""
+    training without DP (a comparison simulation). The noise is the one this hospital
+    accepted at the run's preflight (``agreed``, checked again like any setting), or
+    fitted from the config as at the preflight, without the ledger (client.preflight),
+    from the declared training count: the same for two hospitals whose data differ by
+    one patient."""
     if not cfg.privacy.enabled:
         if policy.allow_without_dp:
             return None
         raise PolicyRefusal("privacy.enabled", "is false; this hospital trains only with differential privacy")
-    pr, tr = cfg.privacy, cfg.training
+    pr = cfg.privacy
     low, high = policy.clipping_norm
     if not low <= pr.max_grad_norm <= high:
         raise PolicyRefusal("privacy.max_grad_norm",
                             f"is {pr.max_grad_norm:g}; this hospital allows clipping norms in [{low:g}, {high:g}]")
-    q, steps = steps_per_round(declared_train, tr.batch_size, tr.local_epochs, tr.sample_rate)
-    if pr.noise_multiplier > 0:
-        sigma = pr.noise_multiplier
-    else:
-        try:
-            sigma = calibrate_noise(pr.target_epsilon, policy.delta, q, steps * cfg.run.rounds, pr.accountant)
-        except Exception:  # noqa: BLE001 - Opacus gives up on a target no noise can reach
-            raise PolicyRefusal("privacy.target_epsilon", "cannot be reached with these settings at any noise level "
-                                                          "(fewer rounds or steps, or a larger target)") from None
-    if not sigma >= policy.min_noise_multiplier:
-        raise PolicyRefusal("privacy.noise_multiplier",
-                            f"would be {sigma:.3g}; this hospital's floor is {policy.min_noise_multiplier:g}")
-    return TrainingPlan(float(sigma), q, steps, pr.max_grad_norm, pr.clipping == "per_layer")
+    if agreed is not None:
+        if not (math.isfinite(agreed) and agreed > 0):
+            raise PolicyRefusal("noise-multiplier", "must be a positive number (the noise accepted at the preflight)")
+        cfg = replace(cfg, privacy=replace(pr, noise_multiplier=agreed, target_epsilon=0.0))
+    fit = fit_noise(cfg, policy, declared_train, accountant)
+    expected = max(1, round(fit.sample_rate * declared_train))
+    # a piece holds the expected batch with room for Poisson's spread, in whole 64s, within the policy
+    micro = min(policy.max_micro_batch, 64 * math.ceil(1.25 * expected / 64))
+    return TrainingPlan(fit.noise_multiplier, fit.sample_rate, fit.steps, pr.max_grad_norm, pr.clipping == "per_layer",
+                        expected, micro)
+
+
+def check_model_size(cfg: ExperimentConfig, policy: Policy, message_bytes: int = 0) -> dict[str, tuple[int, ...]]:
+    """The model the config describes fits the policy's size limit (and ``message_bytes``
+    its byte limit); returns its weights' shapes. Built on the meta device: nothing is
+    allocated, whatever size is asked for."""
+    try:
+        with torch.device("meta"):
+            model = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    except (ValueError, RuntimeError) as exc:
+        raise PolicyRefusal("model", f"cannot be built from the run's settings ({exc.__class__.__name__})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    policy.check_model(sum(math.prod(shape) for shape in expected.values()), message_bytes)
+    return expected
 
 
 def check_weights(cfg: ExperimentConfig, msg: Message, policy: Policy) -> dict[str, np.ndarray]:
@@ -133,19 +157,12 @@ def check_weights(cfg: ExperimentConfig, msg: Message, policy: Policy) -> dict[s
     within the byte limit, finite in float32. Sizes are read from the arrays' headers and
     lengths first, so an oversized array is refused before any copy of it is made.
     Returns the weights, checked."""
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated, whatever size is asked for
-            model = GRUClassifier(model_spec(cfg), gru_impl="torch")
-    except (ValueError, RuntimeError) as exc:
-        raise PolicyRefusal("model", f"cannot be built from the run's settings ({exc.__class__.__name__})") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    parameters = sum(math.prod(shape) for shape in expected.values())
     if M.ARRAYS not in msg.content.array_records:
         raise PolicyRefusal("arrays", "are missing: the message carries no model")
     arrays: ArrayRecord = msg.content[M.ARRAYS]
     claimed = sum(max(math.prod(a.shape) * (np.dtype(a.dtype).itemsize if _known_dtype(a.dtype) else 1), len(a.data))
                   for a in arrays.values())
-    policy.check_model(parameters, claimed)
+    expected = check_model_size(cfg, policy, claimed)
     if set(arrays.keys()) != set(expected):
         raise PolicyRefusal("arrays", "do not hold exactly the weights of the model the run's settings describe")
     weights = {}

@@ -216,8 +216,13 @@ def contribution_sizes(model: GRUClassifier, X: np.ndarray, S: np.ndarray, featu
     for i in range(0, len(X), batch):
         x = torch.as_tensor(X[i : i + batch], dtype=torch.float32, device=device)
         s = torch.as_tensor(S[i : i + batch], dtype=torch.float32, device=device)
+        real = x.shape[0]
+        if real < batch:  # always ``batch`` rows: memory does not depend on how many patients there are
+            x = torch.cat([x, x[:1].expand(batch - real, *x.shape[1:])])
+            s = torch.cat([s, s[:1].expand(batch - real, *s.shape[1:])])
         parts = exact_contributions(model, x, s, features)[0] if is_exact(model) else \
             integrated_gradients(model, x, s, features, steps=32)[0]
+        parts = parts[:real]
         # NaN or infinite parts (a model that overflows on this patient) count as 0: the row
         # stays within ``clip`` and the noisy sum finite whatever the model (as in DP-SGD's step)
         sizes = torch.nan_to_num(parts.abs(), nan=0.0, posinf=0.0)

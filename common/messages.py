@@ -28,6 +28,8 @@ SERVER_ROUND = "server-round"
 EVALUATE = "evaluate"  # space-separated Split values: score the received model on these splits
 THRESHOLD = "threshold"  # the run's decision threshold (a risk), sent with the test evaluation: bins have an edge there
 PROXIMAL_MU = "proximal-mu"  # FedProx's mu; Flower's FedProx strategy writes this key
+PREFLIGHT = "preflight"  # a query that carries the run's whole plan (common.preflight): accept or refuse it
+NOISE = "noise-multiplier"  # the DP-SGD noise multiplier this hospital accepted at the preflight
 
 # Reply fields, hospital -> server (MetricRecord and status ConfigRecord)
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key: the training split's size
@@ -42,6 +44,7 @@ STATE = "state"  # a ReplyState value
 MODE = "mode"  # a NodeMode value
 LEDGER = "ledger-json"
 DEFINITION = "data-definition"  # query: the task and features the hospital reads (common.definition), as JSON
+PLAN = "plan"  # preflight: the hospital's answer to the run's plan (common.preflight.PreflightAnswer), as JSON
 NOT_EVALUATED = "not-evaluated"  # "split: reason" lines for requested evaluations the hospital declined
 
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  # exactly these, nothing else
@@ -70,6 +73,7 @@ class ReplyState(str, Enum):
     """What a hospital says it did with a message."""
 
     READY = "ready"  # query: a hospital, ready to take part
+    ACCEPTED = "accepted"  # preflight: the hospital accepts the run's whole plan
     UNASSIGNED = "unassigned"  # query: a spare simulation node with no hospital
     TRAINED = "trained"
     EVALUATED = "evaluated"
@@ -150,6 +154,12 @@ RELEASES: tuple[Release, ...] = (
         "log keeps them); a failure after patient data were read says only that it failed",
     ),
     Release(HOSPITAL, "every reply", False, "a name: the hospital's, as its own folder sets it"),
+    PLAN_RELEASE := Release(
+        "preflight answer", "once, before a run starts", False,
+        "whether the hospital accepts the run's plan, the policy line a refused plan breaks and the change that "
+        "would fit, the noise multiplier it will train with, and each group's epsilon before and after the "
+        "planned releases: computed from the plan, the hospital's policy, its declared counts and its ledger",
+    ),
     DEFINITION_RELEASE := Release(
         "data definition", "when the coordinator asks which hospital a node is", False,
         "settings: the task (outcome column, classes, unknown-outcome codes) and features (variables, their "
@@ -184,4 +194,5 @@ FIELD_RELEASES: dict[str, str] = {
     MODE: _STATE_RELEASE,
     HOSPITAL: HOSPITAL,
     DEFINITION: DEFINITION_RELEASE.field,
+    PLAN: PLAN_RELEASE.field,
 }

@@ -19,6 +19,7 @@ Sigma for a target epsilon is calibrated once for the whole planned run
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,22 +136,56 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: float, sam
     return q, steps
 
 
+class InfeasibleTarget(ValueError):
+    """No noise level reaches the target: the accountant cannot certify an epsilon that
+    small at this delta (RDP's orders end at 63), whatever the noise."""
+
+    def __init__(self, target: float, floor: float, delta: float, accountant: str):
+        super().__init__(f"epsilon {target:g} is below the least the {accountant.upper()} accountant can certify at "
+                         f"delta {delta:g} with any noise ({floor:.3g})")
+        self.target, self.floor, self.delta, self.accountant = target, floor, delta, accountant
+
+
+MAX_NOISE = 1e6  # Opacus's own search limit
+
+
 @lru_cache(maxsize=1024)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest sigma (to Opacus's tolerance) that keeps the whole run within epsilon.
-    Remembered per process: simulated hospitals of equal size ask the same question."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            epsilon_tolerance=1e-4,
+    Remembered per process: simulated hospitals of equal size ask the same question.
+    Raises :class:`InfeasibleTarget` when no sigma does."""
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=accountant,
+                epsilon_tolerance=1e-4,
+            )
         )
-    )
+    except ValueError:
+        floor = epsilon([NoisyRelease(0, MAX_NOISE, sample_rate, total_steps, 1.0)], delta, accountant)
+        raise InfeasibleTarget(target_epsilon, floor, delta, accountant) from None
+
+
+def smallest_noise(cost, limit: float, low: float = 1e-3, high: float = 1.0, tolerance: float = 1e-4) -> float:
+    """The smallest noise multiplier whose ``cost(sigma)`` (an epsilon, falling as sigma
+    grows) is at most ``limit``, by bisection to ``tolerance`` (relative); inf when even
+    MAX_NOISE costs more."""
+    if cost(low) <= limit:
+        return low
+    while cost(high) > limit:
+        low, high = high, high * 2
+        if high > MAX_NOISE:
+            return math.inf
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) > limit else (low, mid)
+    return high
 
 
 @dataclass
@@ -186,7 +221,8 @@ def calibrate_shares(
     target_epsilon: float, delta: float, parts: list[tuple[float, int]], accountant: str = "rdp"
 ) -> list[float]:
     """Noise multipliers for several kinds of Gaussian release about one group of
-    patients, together within ``target_epsilon``: part i, ``(share, releases)``, gets
+    patients, together within ``target_epsilon`` (:class:`InfeasibleTarget` where no noise
+    reaches it): part i, ``(share, releases)``, gets
     ``share`` of the budget in zero-concentrated DP terms (Bun & Steinke, TCC 2016: a
     Gaussian release of multiplier s costs rho = 1 / (2 s^2), and rhos add up), split
     equally among its releases. The common scale is found by bisection against the
@@ -206,6 +242,8 @@ def calibrate_shares(
     low, high = 1e-3, 1.0
     while spent(high) > target_epsilon:
         low, high = high, high * 2
+        if high > MAX_NOISE:  # no noise gets there: the accountant cannot certify so small an epsilon
+            raise InfeasibleTarget(target_epsilon, spent(high), delta, accountant)
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)

@@ -20,6 +20,7 @@ import io
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -31,6 +32,11 @@ from opacus.optimizers import DPOptimizer
 from .config import ExperimentConfig, TrainingSection
 from .dp_optimizer import FusedDPOptimizer, PerLayerDPOptimizer
 from .model import GRUClassifier, batch_loss, probabilities
+
+# Opacus's hooks on a model whose GRU is frozen (the default: only the head trains) make
+# torch warn at every backward pass that no input requires a gradient; that is the point.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                                          "module outputs since no inputs require gradients")
 
 
 @dataclass
@@ -62,6 +68,11 @@ class DPSettings:
     # released weights would be scaled by a number that depends on its data. None: rate x
     # the data's size (central training, where that size is public).
     expected_batch_size: int | None = None
+    # A hospital's Poisson sample is processed in pieces of exactly this many rows (the last
+    # padded with rows whose per-example gradients are zeroed), so its memory never depends
+    # on how many stays it holds: a message cannot probe that count through an
+    # out-of-memory failure. None: the whole sample at once (central training).
+    micro_batch: int | None = None
 
 
 @dataclass
@@ -223,11 +234,21 @@ def train_local(
                 for p in params:
                     p.grad_sample = p.new_zeros((0, *p.shape))
             else:
-                # The model itself, not gsm: Opacus's hooks sit on its layers either way.
-                loss = batch_loss(model, data.X[idx], data.S[idx], data.y[idx], training.positive_weight,
-                                  training.hourly_loss)
-                loss.backward()
-                losses.append((float(loss.detach()), int(idx.numel())))
+                pieces = list(idx.split(dp.micro_batch)) if dp.micro_batch else [idx]
+                for k, piece in enumerate(pieces):
+                    rows, real = _padded(piece, dp.micro_batch)
+                    # The model itself, not gsm: Opacus's hooks sit on its layers either way.
+                    loss = batch_loss(model, data.X[rows], data.S[rows], data.y[rows], training.positive_weight,
+                                      training.hourly_loss)
+                    loss.backward()
+                    if real is not None:
+                        for p in params:  # padding rows move nothing
+                            p.grad_sample[~real] = 0.0
+                    losses.append((float(loss.detach()), int(piece.numel())))
+                    if k < len(pieces) - 1:  # clip and add this piece; the last is clipped by pre_step below
+                        dp_optimizer.clip_and_accumulate()
+                        for p in params:
+                            p.grad_sample, p.grad = None, None
             if audit is not None:
                 _add_canary_rows(params, audit, canaries.rows(dp.sample_rate, sample_generator, device), dp.max_grad_norm)
             if dp_optimizer.pre_step():  # clip, sum, add noise, scale (Opacus)
@@ -239,6 +260,16 @@ def train_local(
         gsm._close()  # remove Opacus's hooks so the model can be reused
     return LocalResult(taken, _mean_loss(losses), time.perf_counter() - start, optimizer_bytes(optimizer),
                        _coordinates(audit))
+
+
+def _padded(piece: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``piece``'s row indices padded to ``size`` rows (repeating its first), and which
+    rows are real; unchanged, and None, without a size."""
+    if not size:
+        return piece, None
+    real = torch.zeros(size, dtype=torch.bool, device=piece.device)
+    real[: piece.numel()] = True
+    return torch.cat([piece, piece[:1].expand(size - piece.numel())]), real
 
 
 def _add_canary_rows(params: list[torch.Tensor], audit: torch.Tensor, hits: torch.Tensor, norm: float) -> None:
@@ -271,15 +302,23 @@ def _mean_loss(losses: list[tuple[float, int]]) -> float:
 
 
 @torch.no_grad()
-def predict_proba(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int = 1024) -> np.ndarray:
-    """Class probabilities (N, K) with K >= 2 (binary models give [1 - p, p])."""
+def predict_proba(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int = 1024,
+                  pad: bool = False) -> np.ndarray:
+    """Class probabilities (N, K) with K >= 2 (binary models give [1 - p, p]). ``pad``:
+    every batch is run at exactly ``batch`` rows (a short one padded), so memory does not
+    depend on how many patients are scored (a hospital's releases)."""
     model.eval()
     device = next(model.parameters()).device
     X = torch.as_tensor(X, dtype=torch.float32)
     S = torch.as_tensor(S, dtype=torch.float32)
     out = []
     for i in range(0, X.shape[0], batch):
-        logits = model(X[i : i + batch].to(device), S[i : i + batch].to(device))
+        x, s = X[i : i + batch], S[i : i + batch]
+        real = x.shape[0]
+        if pad and real < batch:
+            x = torch.cat([x, x[:1].expand(batch - real, *x.shape[1:])])
+            s = torch.cat([s, s[:1].expand(batch - real, *s.shape[1:])])
+        logits = model(x.to(device), s.to(device))[:real]
         out.append(probabilities(logits).cpu())
     if not out:
         k = max(2, model.spec.n_outputs)

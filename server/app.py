@@ -26,6 +26,7 @@ from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
 from .discovery import Roster, who_are_you
 from .outputs import RunRecorder, make_run_dir
+from .preflight import connected_status
 from .records import Partition, RunMetrics, StartRecord, load_record
 from .start_model import StartModel, load_start_model
 
@@ -66,7 +67,16 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
                  f", the model of run {start.source_run}" if start.source_run else "")
     coord = Coordinator(cfg, grid, recorder, run_id, start, roster)
     if resume:
+        # the plan agreed before the restart holds: each hospital's noise is in the checkpoint
+        recorder.preflight = list(getattr(load_record(run_dir / "metrics.json", RunMetrics), "preflight", []) or [])
         coord.restore(resume)
+    elif not coord.agree_plan():
+        accepted = sum(a.accepted for a in recorder.preflight)
+        coord.not_started = (
+            f"the run did not start: {accepted} of {len(recorder.preflight)} hospitals accepted its plan, and "
+            f"strategy.min_hospitals is {cfg.strategy.min_hospitals}; nothing was trained or released (each "
+            "refusal above names the change that would fit)"
+        )
     if coord.simulated:
         # A simulation holds every hospital's data on this machine: the partition
         # table is the simulation's own description, not something hospitals sent.
@@ -103,6 +113,12 @@ def resumed_config(config_json: str, source: str) -> ExperimentConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if str(context.run_config.get("status", False)).lower() == "true":  # fedgru status: no run, nothing spent
+        attach_to_flower()
+        cfg = config_from_run_config(dict(context.run_config))
+        for line in connected_status(grid, cfg).splitlines():
+            log.info("%s", line)
+        return
     resume_dir = str(context.run_config.get("resume", ""))
     if resume_dir:
         # Same run, same config: everything comes from the run folder's checkpoint.

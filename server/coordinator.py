@@ -41,6 +41,7 @@ from .checkpoint import RunSnapshot
 from .discovery import HospitalView, Roster, who_are_you
 from .exchange import exchange, node_of  # noqa: F401 - node_of: the coordinator's pairing of replies, tested
 from .outputs import RunRecorder
+from .preflight import agree_plan
 from .records import (
     Calibration,
     Dropped,
@@ -128,6 +129,8 @@ class Coordinator:
         self._phase = TrainPhase()  # where drops and stops of the exchange in progress are noted
         self._lines = RepeatedLines()
         self.final_dropped: list[Dropped] = []
+        self.trained_rounds = 0  # rounds whose replies moved the global model (none: nothing to evaluate)
+        self.not_started = ""  # why the run did not start (the preflight), if it did not
 
     # -- checkpoints -------------------------------------------------------------
     def snapshot(self, server_round: int) -> RunSnapshot:
@@ -165,6 +168,7 @@ class Coordinator:
                 continue
             view.restore(saved, self.cfg.privacy.accountant)
         self.recorder.rounds = list(snapshot.rounds)
+        self.trained_rounds = sum(not r.skipped for r in snapshot.rounds)
         log.info("resuming run %s at round %d of %d", self.run_id, self.start_round, self.cfg.run.rounds)
 
     @property
@@ -208,8 +212,23 @@ class Coordinator:
 
     def rediscover(self) -> None:
         """Before a round: identify nodes that connected since (a hospital back from a
-        crash, or a late one). Bounded and quick when nothing is new."""
+        crash, or a late one), and agree the run's plan with a hospital new to the run.
+        Bounded and quick when nothing is new."""
         self.roster.rediscover(self.grid, partial(who_are_you, self.run_id), min(60.0, self.cfg.strategy.round_timeout_s))
+        new = [v for v in self.hospitals.values() if v.active and v.noise_multiplier is None and v.rounds_trained == 0
+               and self.cfg.privacy.enabled and self.recorder.preflight]
+        if new:
+            self.agree_plan(new)
+
+    def agree_plan(self, views: list[HospitalView] | None = None) -> bool:
+        """The preflight (server.preflight): the run's whole plan to every active hospital
+        (or ``views``); those that refuse are asked nothing further. True when enough
+        hospitals accepted for the run to go on."""
+        views = [v for v in self.hospitals.values() if v.active] if views is None else views
+        answers = agree_plan(self.grid, views, self.cfg, self.run_id, min(300.0, self.cfg.strategy.round_timeout_s))
+        known = {a.hospital for a in answers}
+        self.recorder.preflight = [a for a in self.recorder.preflight if a.hospital not in known] + answers
+        return self.can_continue()
 
     # -- rounds ----------------------------------------------------------------
     def _accept(self, nid: int, reply: Message, context: str) -> tuple[HospitalView, Ledger] | None:
@@ -255,7 +274,8 @@ class Coordinator:
         layout = expected_layout(self.arrays)
         nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
         phase = self._phase = TrainPhase()
-        splits = [Split.VAL] if server_round in self.cfg.validation_rounds() else []
+        # the model after the previous round, validated only once some round has trained it
+        splits = [Split.VAL] if server_round in self.cfg.validation_rounds() and self.trained_rounds else []
         try:
             messages = self.aggregator.messages(server_round, self.arrays, self._config(server_round, splits), nodes)
         except PrivacyBudgetExhausted as exc:
@@ -263,6 +283,7 @@ class Coordinator:
             self.hospital_dp_exhausted = True
             phase.skipped = True
             return phase
+        messages = [self._with_own_noise(m) for m in messages]
         replies = self._exchange(messages)
         valid, answered, evaluations = [], set(), {}
         for nid, reply in replies:
@@ -277,9 +298,9 @@ class Coordinator:
             if state == ReplyState.BUDGET_EXHAUSTED:
                 view.state = HospitalState.BUDGET_EXHAUSTED
                 view.budget = float(reply.content[M.STATUS].get(M.BUDGET, view.budget))
-                self._lines.log(logging.INFO, f"round {server_round}: reached the privacy budget and stop training",
-                                "round %d: %s has reached its privacy budget (epsilon %.3f of %.3f) and stops training",
-                                server_round, view.name, view.epsilon, view.budget)
+                self._lines.log(logging.INFO, f"round {server_round}: stop training at the privacy budget",
+                                "round %d: %s stops training: this round would pass its training budget (epsilon "
+                                "%.3f spent of %.3f)", server_round, view.name, view.epsilon, view.budget)
                 phase.stopped.append(Stopped(view.name, view.state, ""))
                 continue
             try:
@@ -324,7 +345,19 @@ class Coordinator:
             phase.skipped = True
             return phase
         self.arrays = ArrayRecord({k: v for k, v in new.items()})
+        self.trained_rounds += 1
         return phase
+
+    def _with_own_noise(self, message: Message) -> Message:
+        """The message with the noise its hospital accepted at the preflight. Flower's
+        strategies give every message one shared RecordDict, so each gets its own copy."""
+        noise = self.hospitals[message.metadata.dst_node_id].noise_multiplier
+        if noise is None:
+            return message
+        content = RecordDict({**dict(message.content.items()),
+                              M.CONFIG: ConfigRecord({**dict(message.content[M.CONFIG]), M.NOISE: float(noise)})})
+        return Message(content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type,
+                       group_id=message.metadata.group_id)
 
     def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None
                          ) -> dict[str, Evaluations]:
@@ -426,6 +459,8 @@ class Coordinator:
         unshown: list[float] = []  # seconds of the rounds since the last round line
         for server_round in range(self.start_round, rounds + 1):
             if not self.can_continue():
+                if self.not_started:
+                    break  # finish() says why
                 log.info(
                     "ending the run before round %d: fewer than %d hospitals can still train (%s)",
                     server_round, self.cfg.strategy.min_hospitals,
@@ -459,7 +494,15 @@ class Coordinator:
     def finish(self, last_round: int) -> None:
         """Validate the final model, recalibrate it and choose the threshold from what the
         hospitals release about their validation patients; then the calibrated model and
-        the threshold go out for the one test release; write the run's results."""
+        the threshold go out for the one test release; write the run's results. A run in
+        which no hospital trained asks for no release at all: nothing would be learnt of a
+        model no one trained, and each release costs its patients' budget."""
+        if not self.trained_rounds:
+            why = self.not_started or "no hospital trained in this run, so no validation or test release was asked for"
+            log.warning("%s", why)
+            self.recorder.finish(None, None, [h.status() for h in self.hospitals.values()],
+                                 self.aggregator.hospital_privacy(), not_evaluated=why)
+            return
         ev = self.cfg.evaluation
         grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
         validated = self.final_evaluation(last_round, [Split.VAL])

@@ -45,6 +45,7 @@ class HospitalView:
     rounds_trained: int = 0
     state: HospitalState = HospitalState.ACTIVE
     reason: str = ""
+    noise_multiplier: float | None = None  # the DP-SGD noise it accepted at the preflight (None: no preflight yet)
 
     @property
     def active(self) -> bool:
@@ -54,11 +55,13 @@ class HospitalView:
         return HospitalStatus(
             self.name, self.state, self.reason, self.rounds_trained,
             self.budget if math.isfinite(self.budget) else None, self.ledger.to_json() if self.ledger else "",
+            self.noise_multiplier,
         )
 
     def restore(self, saved: HospitalStatus, accountant: str) -> None:
         self.state, self.reason, self.rounds_trained = saved.state, saved.reason, saved.rounds_trained
         self.budget = saved.budget if saved.budget is not None else math.inf
+        self.noise_multiplier = saved.noise_multiplier
         if saved.ledger_json:
             self.ledger = Ledger.from_json(saved.ledger_json, source=f"the checkpointed ledger of {self.name}")
             self.epsilon = self.ledger.epsilon(accountant)
@@ -77,6 +80,7 @@ class Roster:
     definitions: dict[str, DataDefinition] = field(default_factory=dict)  # hospital name -> what it reads
     modes: set[str] = field(default_factory=set)
     not_hospitals: set[int] = field(default_factory=set)
+    errors: dict[int, str] = field(default_factory=dict)  # node -> why it could not say who it is (its last error)
 
     @property
     def simulated(self) -> bool:
@@ -90,6 +94,7 @@ class Roster:
         for nid, reply in exchange(grid, messages, timeout):
             if reply.has_error():
                 log.warning("node %s could not say which hospital it is: %s", nid, reply.error.reason)
+                self.errors[nid] = str(reply.error.reason)
                 continue
             answered.add(nid)
             status = reply.content[M.STATUS]

@@ -30,6 +30,7 @@ from common.files import atomic_write_text, json_safe, write_json
 from common.ledger import Ledger
 from common.messages import Split
 from common.model import model_spec
+from common.preflight import PreflightAnswer
 
 from .checkpoint import RunSnapshot, save_checkpoint
 from .records import (
@@ -76,6 +77,7 @@ class RunRecorder:
         self.estimator = estimator_used(cfg.evaluation.estimator, cfg.evaluation.dp)
         self.started = time.time()
         self.start: StartRecord | None = None  # set by the coordinator when model.init_from names a bundle
+        self.preflight: list[PreflightAnswer] = []  # set by the coordinator once hospitals answer the plan
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             run_dir / "config.yaml",
@@ -86,27 +88,32 @@ class RunRecorder:
     def write_partition(self, partition: Partition) -> None:
         write_json(self.run_dir / "partition.json", partition)
 
+    def _metrics(self, test: TestResult | None = None, wall: float | None = None, not_evaluated: str = "") -> RunMetrics:
+        return RunMetrics(self.run_id, self.rounds, test, wall, self.estimator, self.start, self.preflight, not_evaluated)
+
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, estimator=self.estimator,
-                                                                    start=self.start))
+        write_json(self.run_dir / "metrics.json", self._metrics())
 
     def checkpoint(self, snapshot: RunSnapshot) -> None:
         save_checkpoint(snapshot, self.run_dir / "checkpoint.pt")
 
     def finish(
-        self, test: TestResult, arrays: dict[str, np.ndarray], hospitals: list[HospitalStatus],
-        hospital_level: HospitalLevelPrivacy | None,
+        self, test: TestResult | None, arrays: dict[str, np.ndarray] | None, hospitals: list[HospitalStatus],
+        hospital_level: HospitalLevelPrivacy | None, not_evaluated: str = "",
     ) -> None:
+        """The run's results. ``test`` None: no evaluation was made (``not_evaluated``
+        says why); ``arrays`` None: no hospital trained, so no model bundle is written."""
         wall = round(time.time() - self.started, 1)
-        write_json(self.run_dir / "metrics.json", RunMetrics(self.run_id, self.rounds, test, wall, self.estimator,
-                                                                    self.start))
+        write_json(self.run_dir / "metrics.json", self._metrics(test, wall, not_evaluated))
         write_json(self.run_dir / "privacy.json", run_privacy(self.cfg, self.run_id, hospitals, hospital_level))
-        save_bundle(
-            self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,
-            info=json_safe({"run_id": self.run_id, "rounds": self.cfg.run.rounds, "test": test.pooled,
-                            "threshold": test.threshold, "calibration": test.calibration}),
-        )
+        if arrays is not None:
+            save_bundle(
+                self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,
+                info=json_safe({"run_id": self.run_id, "rounds": self.cfg.run.rounds,
+                                "test": test.pooled if test else None, "threshold": test.threshold if test else None,
+                                "calibration": test.calibration if test else None}),
+            )
         from .report import write_report
 
         for line in write_report(self.run_dir).splitlines():

@@ -18,6 +18,7 @@ from common.data.dataset import DataSummary
 from common.data.partition import HospitalRow
 from common.files import json_safe
 from common.metrics import Metrics
+from common.preflight import PreflightAnswer
 from common.subgroups import CalibrationPoint, GroupResult
 from common.typed import TypedDataError, build
 
@@ -147,6 +148,9 @@ class RunMetrics:
     # DP; "binned" for exact ones); empty in runs from before the choice existed.
     estimator: str = ""
     start: StartRecord | None = None  # the bundle the run started from; None: model.init's own start
+    preflight: list[PreflightAnswer] = field(default_factory=list)  # each hospital's answer to the run's plan
+    # Why the run made no evaluation release ("" when it made them): it did not start, or no hospital trained.
+    not_evaluated: str = ""
 
 
 @dataclass
@@ -159,6 +163,7 @@ class HospitalStatus:
     rounds_trained: int
     budget: float | None  # None: not reported yet
     ledger_json: str  # the ledger the hospital last sent ("" before its first reply)
+    noise_multiplier: float | None = None  # the noise it accepted at the preflight (None: none, or a checkpoint from before)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig
 from common.data.dataset import load_dataset
 from common.data.partition import make_partition
 from common.paths import resolve
@@ -58,8 +58,17 @@ def simulate(
             verbose_logging=verbose,
         )
     if not (run_dir / "model.pt").is_file():
+        from server.records import RunMetrics, load_record
+
+        metrics = load_record(run_dir / "metrics.json", RunMetrics)
+        if metrics is not None and metrics.not_evaluated:  # the run said why (no hospital trained, or none started)
+            raise RunEndedEmpty(f"{metrics.not_evaluated} (report: {run_dir / 'report.md'})")
         raise RuntimeError(f"the simulation ended without writing {run_dir / 'model.pt'}; see the log above")
     return run_dir
+
+
+class RunEndedEmpty(ConfigError):
+    """The run ended without a model: no hospital accepted its plan, or none trained."""
 
 
 def backend_config(cfg: ExperimentConfig, n_hospitals: int, cpus_per_hospital: int = 1,

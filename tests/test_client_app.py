@@ -17,9 +17,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from client import app as client_app
-from client.replies import without_paths
 from client.folder import HospitalFolder
 from client.ledger_store import FileLedgerStore
+from client.replies import without_paths
 from common import messages as M
 from common.ledger import Ledger
 from common.messages import Item, Mechanism, ReplyState, Split
@@ -129,8 +129,11 @@ def test_refusal_reasons_lose_known_folders_whole(text, known, sent):
 
 
 def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, tmp_path):
-    """The ledger belongs to the hospital, not to one export: corrected or larger files
-    go on spending the same budget, and each entry names the export it read."""
+    """The ledger belongs to the hospital, not to one export: corrected or larger files,
+    once the staff register them, go on spending the same budget, and each entry names
+    the export it read."""
+    from client.commands import register_data
+
     data, outcomes = hospital_data
     export = tmp_path / "export"
     shutil.copytree(data, export)
@@ -139,6 +142,7 @@ def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, t
     first = client_app.train(hospital_message(cfg, "run-d", 1), node_context(folder)).content[M.METRICS][M.EPSILON]
     dropped = sorted(export.iterdir())[0]
     dropped.unlink()  # a re-export without one stay
+    register_data(folder)
     second = client_app.train(hospital_message(cfg, "run-d", 2), node_context(folder))
     assert reply_status(second)[M.STATE] == ReplyState.TRAINED
     assert second.content[M.METRICS][M.EPSILON] > first

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import stat
-import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,8 +151,9 @@ def test_refusal_numbers_come_from_the_declared_count_not_the_data(hospital, hos
     assert _ledger(hospital).entries == []
 
 
-def _drop_one_training_stay(folder) -> None:
-    """The hospital's export loses one training stay (the same folder, secret and counts)."""
+def _drop_one_training_stay(folder, register: bool = True) -> None:
+    """The hospital's export loses one training stay (the same folder, secret and counts),
+    registered by its staff unless ``register`` is false."""
     from client.folder import split_of
 
     settings = yaml.safe_load((folder / "hospital.yaml").read_text())
@@ -164,6 +165,10 @@ def _drop_one_training_stay(folder) -> None:
     (data / f"{first}.txt").unlink()
     settings["data"]["path"] = str(data)
     (folder / "hospital.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    if register:
+        from client.commands import register_data
+
+        register_data(folder)  # the staff register it; the declared counts stay
 
 
 def test_an_empty_split_is_declined_by_its_declared_count_even_after_the_budget(hospital_data, tmp_path):
@@ -441,7 +446,7 @@ def test_counts_change_only_when_the_staff_recount(hospital):
     from client.commands import register_data
 
     declared = _declared(hospital)
-    _drop_one_training_stay(hospital)
+    _drop_one_training_stay(hospital, register=False)
     kept = register_data(hospital)  # a new export: registered, the declared counts kept
     assert _declared(hospital) == declared and f"now hold train {declared.train - 1}," in kept
     register_data(hospital, recount=True)
@@ -458,3 +463,56 @@ def test_a_new_definition_is_the_staffs_choice_and_runs_must_follow_it(hospital)
     _refused(client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital)), "features.select")
     reply = client_app.train(hospital_message(every_variable, "r", 1), node_context(hospital))
     assert reply_status(reply)[M.STATE] == ReplyState.TRAINED
+
+
+def test_a_changed_export_is_not_read_while_messages_are_served(hospital, reads):
+    """Files that change on disk are read only when the staff register them: a message
+    cannot be answered differently because one new stay's file cannot be parsed."""
+    _drop_one_training_stay(hospital, register=False)
+    settings = yaml.safe_load((hospital / "hospital.yaml").read_text())
+    bad = sorted(Path(settings["data"]["path"]).glob("*.txt"))[0]
+    bad.write_text(bad.read_text() + "49:00,HR,80\n")  # a time this format cannot hold
+    reply = client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital))
+    assert reply_status(reply)[M.STATE] == ReplyState.TRAINED  # the registered stays still serve
+    assert _ledger(hospital).noisy(Split.TRAIN)[0].examples == _declared(hospital).train
+
+
+def test_a_round_outside_the_run_and_non_finite_settings_are_refused_before_reading(hospital, reads):
+    """Round -1 trained, then failed to record (charged nothing, yet the optimizer state
+    it left fed the next round); an infinite noise multiplier (JSON's Infinity) did the
+    same. Both are refused now before anything is read."""
+    for round_ in (-1, 0, 4):
+        status = reply_status(client_app.train(hospital_message(hospital_cfg(), "r", round_), node_context(hospital)))
+        assert status[M.STATE] == ReplyState.REFUSED_POLICY and "'server-round'" in status[M.REASON], status
+    for section, key, value in (("privacy", "noise_multiplier", float("inf")), ("training", "momentum", 1.0),
+                                ("training", "lr", float("nan"))):
+        tree = json.loads(hospital_cfg().to_json())
+        tree[section][key] = value
+        if key == "noise_multiplier":
+            tree["privacy"]["target_epsilon"] = 0.0
+        message = hospital_message(hospital_cfg(), "r", 1)
+        message.content[M.CONFIG] = ConfigRecord({**dict(message.content[M.CONFIG]), M.EXPERIMENT_JSON: json.dumps(tree)})
+        status = reply_status(client_app.train(message, node_context(hospital)))
+        assert status[M.STATE] == ReplyState.REFUSED and f"{section}.{key}" in status[M.REASON], status
+    assert not reads and _ledger(hospital).entries == []
+
+
+def test_training_memory_does_not_depend_on_how_many_stays_are_sampled():
+    """Each step's Poisson sample is processed in pieces of exactly ``micro_batch`` rows,
+    padded, so the largest tensor a step holds is the same for 1 sampled stay or 300."""
+    import torch
+
+    from common.model import GRUClassifier, model_spec
+    from common.training import DPSettings, TensorData, secret_generator, train_local
+
+    cfg = hospital_cfg()
+    for n in (1, 300):
+        model = GRUClassifier(model_spec(cfg), "fast")
+        data = TensorData(torch.zeros(n, 48, model.spec.n_channels), torch.zeros(n, model.spec.n_static),
+                          torch.zeros(n, dtype=torch.long))
+        seen = []
+        hook = model.head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+        train_local(model, data, cfg.training, 1, DPSettings(1.0, 1.0, 1.0, expected_batch_size=64, micro_batch=64),
+                    secret_generator(), secret_generator())
+        hook.remove()
+        assert {s[0] for s in seen} == {64}, (n, seen)  # every forward pass: exactly 64 rows

@@ -2,9 +2,10 @@
 data differ by one patient answer every message byte for byte alike, except inside the
 DP releases their ledgers count.
 
-Three real hospital folders share one secret (so one split of every stay) and one
-policy: ``a`` reads an export of set A's stays, ``b`` the same export without one
-training stay, ``c`` the same export with one training stay's outcome flipped. The same
+Five real hospital folders share one secret (so one split of every stay), one policy and
+one set of declared counts: ``a`` reads an export of set A's stays, ``b`` the same
+export without one training stay, ``c`` with one training stay's outcome flipped, ``d``
+without one test stay, ``e`` with one validation stay's outcome flipped. The same
 battery of hostile messages (every config key the coordinator can set, fuzzed with
 hypothesis: subsets, labels, batch sizes, sample rates, noise, clipping, splits, bins,
 extra or misshapen arrays, repeated evaluations) goes to all three, each sequence
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from client import app as client_app
+from client.commands import register_data
 from client.folder import HospitalFolder, split_of
 from client.hospital import Node
 from common import messages as M
@@ -62,7 +64,8 @@ def _point_at(folder: Path, data: Path, outcomes: Path) -> None:
 
 @pytest.fixture(scope="module")
 def neighbours(tmp_path_factory, physionet_files):
-    """Folders a (the export), b (one training stay fewer), c (one training label flipped)."""
+    """Folders a (the export), b (one training stay fewer), c (one training label flipped),
+    d (one test stay fewer), e (one validation label flipped)."""
     import tarfile
 
     set_a, outcomes_file = physionet_files
@@ -80,6 +83,8 @@ def neighbours(tmp_path_factory, physionet_files):
     splits = split_of(ids, folder.secret("split"), folder.policy.split)
     trained = [i for i, s in zip(ids, splits) if s == Split.TRAIN]
     gone, flipped = trained[0], trained[1]
+    tested = next(i for i, s in zip(ids, splits) if s == Split.TEST)
+    validated = next(i for i, s in zip(ids, splits) if s == Split.VAL)
     data_b = _export(root / "export-b", {k: v for k, v in files.items() if k != f"{gone}.txt"},
                      "\n".join([header] + [rows[i] for i in ids if i != gone]) + "\n")
     columns = header.split(",")
@@ -92,11 +97,16 @@ def neighbours(tmp_path_factory, physionet_files):
 
     data_c = _export(root / "export-c", files,
                      "\n".join([header] + [flip(rows[i]) if i == flipped else rows[i] for i in ids]) + "\n")
+    data_d = _export(root / "export-d", {k: v for k, v in files.items() if k != f"{tested}.txt"},
+                     "\n".join([header] + [rows[i] for i in ids if i != tested]) + "\n")
+    data_e = _export(root / "export-e", files,
+                     "\n".join([header] + [flip(rows[i]) if i == validated else rows[i] for i in ids]) + "\n")
     folders = {}
-    for name, data in (("a", data_a), ("b", data_b), ("c", data_c)):
+    for name, data in (("a", data_a), ("b", data_b), ("c", data_c), ("d", data_d), ("e", data_e)):
         copy = root / f"hospital-{name}"
         shutil.copytree(a, copy)
         _point_at(copy, *data)
+        register_data(copy)  # the staff register the export they point at (the declared counts stay)
         folders[name] = copy
     fresh = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file() and p.name.startswith("ledger")}
     return folders, fresh
@@ -208,6 +218,9 @@ HOSTILE_SETTINGS = {
     "evaluation.test_epsilon": st.sampled_from([0.01, 1.0, 100.0]),
     "model.gru_hidden": st.sampled_from([[2], [3], [100000]]),
     "model.head_hidden": st.sampled_from([0, 8]),
+    "training.momentum": st.sampled_from([0.0, 0.9, 1.0]),
+    "training.optimizer": st.sampled_from(["sgd", "adam"]),
+    "training.keep_optimizer_state": st.booleans(),
 }
 
 
@@ -228,6 +241,11 @@ def _set(tree: dict, dotted: str, value) -> None:
 ARRAY_CHANGES = st.sampled_from(["none"] * 8 + ["extra", "misshapen", "integer", "nan", "missing", "large"])
 
 
+ROUNDS = {  # the base config plans 3 rounds: mostly rounds of the run, sometimes not
+    MessageType.TRAIN: st.sampled_from([1, 1, 2, 2, 3, 3, 0, -1, 4, 80]),
+    MessageType.EVALUATE: st.sampled_from([3, 3, 3, 3, 2, 0, -1, 80]),
+    MessageType.QUERY: st.just(0),
+}
 SPLITS = {
     MessageType.TRAIN: st.sampled_from([[], [], ["val"], ["val"], ["test"], ["val", "val"], ["train"], ["everyone"]]),
     MessageType.EVALUATE: st.sampled_from([["val"], ["test"], ["val", "test"], ["val", "test"], ["test", "test"],
@@ -246,7 +264,8 @@ def hostile_message(draw) -> dict:
         "kind": kind,
         "settings": {k: draw(HOSTILE_SETTINGS[k]) for k in keys},
         "evaluate": draw(SPLITS[kind]),
-        "round": draw(st.sampled_from([0, 1, 2, 3, 80])),
+        "round": draw(ROUNDS[kind]),
+        "proximal_mu": draw(st.sampled_from([None] * 6 + [0.1, -1.0, float("inf")])),
         "run": draw(st.sampled_from(["run-1", "run-2"])),
         "threshold": draw(st.sampled_from([None, None, None, 0.12, 0.5, 2.0])),
         "arrays": draw(ARRAY_CHANGES),
@@ -293,6 +312,8 @@ def build_message(spec: dict) -> Message:
               M.SERVER_ROUND: spec["round"], M.EVALUATE: " ".join(spec["evaluate"])}
     if spec["threshold"] is not None:
         config[M.THRESHOLD] = spec["threshold"]
+    if spec["proximal_mu"] is not None:
+        config[M.PROXIMAL_MU] = spec["proximal_mu"]
     content = {M.CONFIG: ConfigRecord(config)}
     if spec["kind"] != MessageType.QUERY:
         content[M.ARRAYS] = _arrays(base, spec["arrays"])
@@ -310,16 +331,17 @@ def answer(folder: Path, context: Context, spec: dict) -> Message:
 
 
 def _ledger_json(folder: Path) -> str:
+    """The hospital's own ledger, without what only it keeps (which export, and when)."""
     from client.ledger_store import FileLedgerStore
 
     f = HospitalFolder(folder)
-    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read().to_json()
+    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read().for_coordinator()
 
 
 REFUSALS = {ReplyState.REFUSED.value, ReplyState.REFUSED_POLICY.value}
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=st.lists(hostile_message(), min_size=1, max_size=3))
 def test_neighbouring_hospitals_answer_every_message_alike_outside_dp(neighbours, sequence):
@@ -328,16 +350,26 @@ def test_neighbouring_hospitals_answer_every_message_alike_outside_dp(neighbours
     contexts = {name: Context(run_id=1, node_id=7, node_config={"hospital-dir": str(f)}, state=RecordDict(),
                               run_config={}) for name, f in folders.items()}
     for step, spec in enumerate(sequence):
-        before = _ledger_json(folders["a"])
+        before = {name: _ledger_json(folder) for name, folder in folders.items()}
+        state_before = {name: _state(context) for name, context in contexts.items()}
         with patch.object(Node, "data", autospec=True, side_effect=Node.data) as reads:
             seen = {name: outside_dp(answer(folder, contexts[name], spec)) for name, folder in folders.items()}
-        for other in ("b", "c"):
+        for other in sorted(folders)[1:]:
             diff = first_difference(seen["a"], seen[other])
             assert diff is None, f"message {step + 1} {spec}: hospital a and its neighbour {other} differ at {diff}"
+            assert _ledger_json(folders[other]) == _ledger_json(folders["a"]), f"message {step + 1}: ledgers differ"
         state = seen["a"].get("configs", {}).get(M.STATUS, {}).get(M.STATE)
         reason = seen["a"].get("configs", {}).get(M.STATUS, {}).get(M.REASON, "")
         event(f"{spec['kind']}: {state} {reason.split(' ')[0] if reason else ''}".strip())
         if state in REFUSALS or "error" in seen["a"]:
-            assert _ledger_json(folders["a"]) == before, f"message {step + 1} {spec} was refused but charged"
-        if state == ReplyState.REFUSED_POLICY.value:
+            for name, folder in folders.items():
+                assert _ledger_json(folder) == before[name], f"message {step + 1} {spec} was refused but charged"
+                assert _state(contexts[name]) == state_before[name], f"message {step + 1} {spec} was refused but left state"
             assert reads.call_count == 0, f"message {step + 1} {spec} was refused after patient data were read"
+
+
+def _state(context: Context) -> bytes:
+    """A node's kept state (Flower's context.state), as bytes."""
+    from client.replies import pack
+
+    return pack(context.state)

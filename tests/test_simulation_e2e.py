@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -210,22 +211,44 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
     assert shot.stat().st_size > 20_000  # a real page with plots, not a blank one
 
 
-def test_small_budget_stops_every_hospital_before_it_and_ends_cleanly(tmp_path, physionet_files):
+def test_a_small_budget_trains_every_hospital_through_the_run_within_it(tmp_path, physionet_files):
+    """`--set privacy.max_epsilon=0.3` with the target epsilon 1: each hospital fits its
+    noise to its budget at the preflight and trains every round, spending at most 0.3.
+    (Before, no hospital trained a round, and the console said it had "reached its privacy
+    budget (epsilon 0.000 of 0.300)".) Every console line about a budget is checked
+    against the ledgers."""
     run_dir = tmp_path / "budget"
-    # sigma is planned for epsilon 1 over 6 rounds; a budget of 0.5 lasts only part of them
-    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "6", "--set", "privacy.max_epsilon=0.5", *SMALL)
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "6", "--set", "privacy.max_epsilon=0.3", *SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
     privacy = json.loads((run_dir / "privacy.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, 7)) and not any(r["skipped"] for r in metrics["rounds"])
     for name, h in privacy["hospitals"].items():
-        assert h["state"] == "budget-exhausted", name
-        assert h["rounds_trained"] >= 1 and 0 < h["epsilon"] <= 0.5 and h["budget"] == 0.5
-        for r in metrics["rounds"]:
-            eps = (r["hospitals"].get(name) or {}).get("epsilon")
-            assert eps is None or eps <= 0.5
-    assert len(metrics["rounds"]) < 6  # the run ended when too few hospitals could train
+        assert h["state"] == "active" and h["rounds_trained"] == 6 and h["budget"] == 0.3, name
+        assert 0.29 <= h["epsilon"] <= 0.3 + 1e-9, (name, h["epsilon"])
+        said = re.search(rf"{name} accepts the plan: noise multiplier [0-9.e+]+ \(set by its remaining budget\), "
+                         r"training epsilon after the run ([0-9.]+)", console)
+        assert said and float(said.group(1)) == pytest.approx(h["epsilon"], abs=5e-4), name
+        assert f"{name:20s} epsilon {h['epsilon']:.3f}" in console
+    assert "stops training" not in console and "reached its privacy budget" not in console
     assert "test" in metrics and (run_dir / "model.pt").is_file()
-    assert "has reached its privacy budget" in proc.stdout + proc.stderr
+
+
+def test_a_plan_no_hospital_accepts_stops_before_anything_is_spent(tmp_path, physionet_files):
+    run_dir = tmp_path / "refused"
+    proc = fedgru("simulate", "--out", str(run_dir), "--rounds", "3", "--set", "privacy.noise_multiplier=0.3",
+                  "--set", "privacy.target_epsilon=0", *SMALL)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in console, console[-3000:]
+    assert "fedgru simulate: error: the run did not start: 0 of 4 hospitals accepted its plan" in console
+    assert console.count("refused the plan: 'privacy.noise_multiplier' is 0.3; this hospital's floor is 0.5: use at least "
+                         "0.5") == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert metrics["test"] is None and metrics["rounds"] == [] and len(metrics["preflight"]) == 4
+    assert all(not h["groups"] and h["epsilon"] is None for h in privacy["hospitals"].values())  # nothing released
+    assert not (run_dir / "model.pt").exists()
 
 
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, physionet_files):

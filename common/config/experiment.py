@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,9 @@ class ExperimentConfig:
         return {"val": len(self.validation_rounds()) + 1, "test": 1}
 
     def validate(self, origin: str) -> None:
-        """Each section checks itself; then the checks that span sections."""
+        """Each section checks itself; then the checks that span sections. No number may be
+        NaN or infinite (JSON's ``Infinity`` reads as a float: a message can carry one)."""
+        _check_finite(self, origin)
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -116,6 +119,20 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> ExperimentConfig:
         return cls.from_dict(json.loads(text), origin="<message>")
+
+
+def _check_finite(value: Any, origin: str, dotted: str = "") -> None:
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), origin, f"{dotted}.{f.name}" if dotted else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, origin, f"{dotted}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, origin, f"{dotted}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{origin}: '{dotted}' must be a finite number")
 
 
 # Keys added after bundles, checkpoints and run folders were first written whose default

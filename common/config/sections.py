@@ -9,6 +9,7 @@ silently different default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,8 +31,11 @@ class Check:
 
 
 def auto_delta(num_examples: int) -> float:
-    """``delta: auto``: min(1e-5, 1 / (10 n)), always below 1/n for the n patients protected."""
-    return min(1e-5, 1.0 / (10 * max(num_examples, 1)))
+    """``delta: auto``: min(1e-5, 1 / (10 n)), rounded down to a power of ten: always below
+    1/n for the n patients protected, and, since every ledger states it, telling no more
+    than n's order of magnitude."""
+    exact = min(1e-5, 1.0 / (10 * max(num_examples, 1)))
+    return 10.0 ** math.floor(math.log10(exact) + 1e-12)
 
 
 # ----------------------------------------------------------------------------------
@@ -267,6 +271,10 @@ class TrainingSection:
         check(0 <= self.sample_rate <= 1, "sample_rate", "must be in [0, 1] (0: use training.batch_size)")
         check(self.local_epochs > 0, "local_epochs", "must be positive")
         check(self.lr > 0, "lr", "must be positive")
+        # momentum 1 never forgets a gradient: every round's would carry on, undamped
+        check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        check(self.positive_weight > 0, "positive_weight", "must be positive")
 
 
 @dataclass

@@ -34,7 +34,9 @@ from .sections import (
     baseline_section,
     data_section,
     importance_section,
+    not_evaluated_section,
     officer_statement,
+    preflight_section,
     privacy_sections,
     settings_section,
     subgroup_section,
@@ -57,7 +59,8 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
         rows = run.partition.hospitals
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
         sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
-    sections += [s for s in (test_results_section(run), baseline_section(run)) if s is not None]
+    sections += [s for s in (preflight_section(run), not_evaluated_section(run), test_results_section(run),
+                             baseline_section(run)) if s is not None]
     if plot_auroc(metrics, run.path / "auroc.png"):
         sections.append(Section("Utility per round", [
             Image(run.path / "auroc.png", "Validation AUROC per round"),
@@ -80,6 +83,13 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
 
 def summary_text(run: RunFolder) -> str:
     lines = [f"Run folder: {run.path}"]
+    refused = [a for a in run.metrics.preflight if not a.accepted]
+    for a in refused[:MAX_LISTED]:
+        lines.append(f"{a.hospital} refused the plan: {a.reason}")
+    if len(refused) > MAX_LISTED:
+        lines.append(f"... and {len(refused) - MAX_LISTED} more hospitals refused it (each in the report)")
+    if run.metrics.not_evaluated:
+        lines.append(f"No evaluation: {run.metrics.not_evaluated}")
     test = run.metrics.test
     if test is not None and test.pooled is not None:
         read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
@@ -96,7 +106,9 @@ def summary_text(run: RunFolder) -> str:
             lines += _privacy_digest(privacy)
         for name, h in sorted(privacy.hospitals.items()) if len(privacy.hospitals) <= MAX_LISTED else []:
             if h.epsilon is None or h.delta is None:
-                lines.append(f"  {name:20s} {h.state.value}: {h.reason or 'no ledger reported'}")
+                said = h.reason.startswith("refused the plan") and any(a.hospital == name for a in refused)
+                lines.append(f"  {name:20s} " + ("refused the plan (above): nothing released" if said else
+                                                  f"{h.state.value}: {h.reason or 'no ledger reported'}"))
                 continue
             others = ", ".join(
                 f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value

@@ -60,10 +60,16 @@ GROUP_WORDS = {
 
 def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str:
     """The plain-language paragraph a hospital's privacy officer can sign."""
-    if not privacy.dp_enabled or h.delta is None or h.accountant is None or not h.groups:
+    if not privacy.dp_enabled:
         return (
             f"For the patients of hospital {name}: this run trained without differential privacy, so the "
             "model weights it released carry no formal privacy guarantee."
+        )
+    if h.delta is None or h.accountant is None or not h.groups:
+        why = f" ({h.reason})" if h.reason else ""
+        return (
+            f"For the patients of hospital {name}: this run holds no record of any release about them: the hospital "
+            f"was {h.state.value}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
         )
     delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
     scope = "during this run" + (f" and the {len(h.earlier_runs)} earlier run(s) in its ledger" if h.earlier_runs else "")
@@ -300,3 +306,33 @@ def data_section(partition: Partition | None) -> Section | None:
         f"Observations after the window: {s.preprocess.after_window}",
         f"Unknown descriptors: {dict(sorted(s.preprocess.static_unknown.items()))}",
     ])])
+
+
+def preflight_section(run: RunFolder) -> Section | None:
+    """Each hospital's answer to the run's plan: the noise it accepted to train with and
+    why, each group's epsilon after the planned releases and its budget left before;
+    or why it refused and the change that would fit."""
+    answers = run.metrics.preflight
+    if not answers:
+        return None
+    rows = []
+    for a in sorted(answers, key=lambda a: a.hospital):
+        left = " / ".join(format_number(a.remaining.get(g), 3) for g in ("train", "val", "test")) if a.remaining else ""
+        if a.accepted:
+            after = " / ".join(format_number(a.planned.get(g), 3) for g in ("train", "val", "test"))
+            rows.append([a.hospital, "accepts", f"{a.noise_multiplier:.3g} ({a.noise_set_by})", after, left])
+        else:
+            rows.append([a.hospital, f"refuses: {a.reason}", "", "", left])
+    accepted = sum(a.accepted for a in answers)
+    return Section("Preflight: the plan each hospital agreed to", [
+        Table(["hospital", "answer", "noise multiplier (set by)", "epsilon after the run: train / val / test",
+               "budget left before: train / val / test"], rows),
+        f"{accepted} of {len(answers)} hospitals accepted the run's whole plan before anything was spent; a hospital "
+        "that refused was asked nothing further. Each fits its own noise: the run's target or setting, raised where "
+        "its per-round ceiling, its remaining budget or its noise floor needs more.",
+    ])
+
+
+def not_evaluated_section(run: RunFolder) -> Section | None:
+    why = run.metrics.not_evaluated
+    return Section("No evaluation", [why[0].upper() + why[1:] + "."]) if why else None

@@ -1,0 +1,62 @@
+"""The preflight: a run's whole plan, agreed with every hospital before anything is spent.
+
+Before round 1 the coordinator sends each hospital the run's config (rounds, batch size
+or sample rate, noise multiplier or target epsilon, clipping, and every evaluation
+release it will ask for: validation every ``validate_every`` rounds, the final
+validation, the test release with its per-group histograms and importance). The hospital
+checks the whole plan against its policy and its ledger, without reading a patient
+value, and answers with a :class:`PreflightAnswer`: it accepts, with the noise
+multiplier it will train with (fitted so that one round stays under its per-round
+ceiling and the whole run under what is left of its budget), or it refuses with the
+policy line the plan breaks and the smallest change that would fit. Every value in the
+answer comes from the message, the hospital's policy, its declared counts and its
+ledger. A hospital still checks every later message on its own: a coordinator that
+lies in the preflight gains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from . import messages as M
+from .messages import ReplyState
+
+GROUPS = ("train", "val", "test")
+
+
+@dataclass
+class PreflightAnswer:
+    """One hospital's answer to a run's plan (no patient data: see the module doc)."""
+
+    hospital: str
+    accepted: bool
+    reason: str = ""  # refused: the policy line the plan breaks, and the fix
+    noise_multiplier: float = 0.0  # the DP-SGD noise it will train with (0: without DP)
+    noise_set_by: str = ""  # what fixed it: the run's setting or target, the per-round ceiling, its remaining budget, its floor
+    # each group's epsilon once the run has made every planned release (the ledger's, with the plan)
+    planned: dict[str, float] = field(default_factory=dict)
+    remaining: dict[str, float] = field(default_factory=dict)  # each group's budget minus its epsilon, before the run
+
+    def to_status(self) -> dict:
+        state = ReplyState.ACCEPTED if self.accepted else ReplyState.REFUSED_POLICY
+        status = {M.HOSPITAL: self.hospital, M.STATE: state.value, M.PLAN: json.dumps(asdict(self), sort_keys=True)}
+        if self.reason:
+            status[M.REASON] = self.reason
+        return status
+
+    @classmethod
+    def from_status(cls, status: dict) -> PreflightAnswer:
+        """Read and check a hospital's answer (the coordinator trusts no hospital either)."""
+        data = json.loads(str(status[M.PLAN]))
+        answer = cls(
+            hospital=str(data["hospital"]), accepted=bool(data["accepted"]), reason=str(data.get("reason", ""))[:1000],
+            noise_multiplier=float(data.get("noise_multiplier", 0.0)), noise_set_by=str(data.get("noise_set_by", ""))[:200],
+            planned={str(k): float(v) for k, v in dict(data.get("planned", {})).items() if k in GROUPS},
+            remaining={str(k): float(v) for k, v in dict(data.get("remaining", {})).items() if k in GROUPS},
+        )
+        numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values()]
+        if not all(math.isfinite(v) and v >= -1e-9 for v in numbers):
+            raise ValueError("a preflight answer's numbers must be finite and not negative")
+        return answer

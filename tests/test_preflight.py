@@ -1,0 +1,257 @@
+"""Nothing spent for nothing: the run's whole plan is agreed with each hospital first.
+
+The hospital's side (client.preflight, through its real ClientApp on its own folder):
+it answers from its policy, declared counts and ledger without reading a patient or
+charging anything; it fits its noise to its per-round ceiling and its remaining budget,
+or refuses with the change that would fit, and that change does fit; an accepted plan
+then trains every planned round and makes every planned release without a refusal. The
+coordinator's side (server.preflight, on a grid without network): only hospitals that
+accept take part, and a run in which no hospital trained asks for no release at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.folder import HospitalFolder
+from client.ledger_store import FileLedgerStore
+from common import messages as M
+from common.ledger import Ledger, LedgerEntry
+from common.messages import Item, Mechanism, ReplyState, Split
+from common.preflight import PreflightAnswer
+from tests.conftest import ReplayGrid, hospital_cfg, hospital_message, make_hospital, node_context, reply_status
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+@pytest.fixture
+def hospital(hospital_data, tmp_path):
+    """A hospital folder as `fedgru hospital init` makes it, with the default policy (budget 1)."""
+    return make_hospital(tmp_path, *hospital_data, max_epsilon=1.0)
+
+
+def _ledger(folder) -> Ledger:
+    f = HospitalFolder(folder)
+    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
+
+
+def _spend(folder, entries: list[LedgerEntry]) -> None:
+    f = HospitalFolder(folder)
+    with FileLedgerStore(f.ledger_file, f.secret("ledger")).transaction() as ledger:
+        for entry in entries:
+            ledger.record(entry)
+
+
+def _plan(folder, cfg, run_id: str = "run-p") -> PreflightAnswer:
+    msg = Message(RecordDict({M.CONFIG: ConfigRecord({M.PREFLIGHT: 1, M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: run_id,
+                                                      M.SERVER_ROUND: 0})}), dst_node_id=7, message_type=MessageType.QUERY)
+    status = reply_status(client_app.query(msg, node_context(folder)))
+    answer = PreflightAnswer.from_status(status)
+    assert status[M.STATE] == (ReplyState.ACCEPTED if answer.accepted else ReplyState.REFUSED_POLICY)
+    return answer
+
+
+def _fix(answer: PreflightAnswer) -> tuple[str, float]:
+    """The setting and value a refusal says would fit."""
+    key, value = re.search(r"use ([\w.]+) (?:>=|<=) ([0-9.e-]+)", answer.reason).groups()
+    return key, float(value)
+
+
+def test_the_issues_first_deployment_trains_instead_of_burning_its_evaluation_budget(hospital, monkeypatch):
+    """Two hospitals, the default policy, 3 rounds: round 1 was refused (0.551 per round
+    against a ceiling of 0.5) and the run then spent both evaluation budgets on the
+    untrained model. The hospital now fits its noise to its ceiling at the preflight."""
+    from client import export
+
+    reads = []
+    monkeypatch.setattr(export, "load", lambda folder: reads.append(1))
+    cfg = hospital_cfg("run.rounds=3")
+    answer = _plan(hospital, cfg)
+    assert answer.accepted and answer.noise_set_by == "its per-round ceiling"
+    assert answer.remaining == {"train": 1.0, "val": 1.0, "test": 1.0}
+    assert answer.planned["train"] <= 1.0 + 1e-9 and answer.planned["val"] <= 1.0 + 1e-9
+    assert not reads and _ledger(hospital).entries == []  # the preflight reads no patient and spends nothing
+
+
+def test_an_accepted_plan_trains_and_evaluates_every_planned_release(hospital):
+    cfg = hospital_cfg("run.rounds=3", "evaluation.validate_every=1")
+    answer = _plan(hospital, cfg)
+    assert answer.accepted
+    context = node_context(hospital)
+    for r in range(1, 4):
+        msg = hospital_message(cfg, "run-p", r, evaluate="val" if r in cfg.validation_rounds() else "",
+                               **{M.NOISE: answer.noise_multiplier})
+        status = reply_status(client_app.train(msg, context))
+        assert status[M.STATE] == ReplyState.TRAINED and M.NOT_EVALUATED not in status, status
+    for split in ("val", "test"):
+        status = reply_status(client_app.evaluate(hospital_message(cfg, "run-p", 3, MessageType.EVALUATE, split), context))
+        assert status[M.STATE] == ReplyState.EVALUATED and M.NOT_EVALUATED not in status, status
+    ledger = _ledger(hospital)
+    for split in Split:
+        assert ledger.epsilon(split) == pytest.approx(answer.planned[split.value], rel=1e-9), split
+    assert {e.noise_multiplier for e in ledger.noisy(Split.TRAIN)} == {answer.noise_multiplier}
+
+
+def test_a_fixed_noise_below_the_floor_or_over_the_ceiling_is_refused_with_a_fix_that_fits(hospital):
+    low = _plan(hospital, hospital_cfg("run.rounds=3", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0"))
+    assert not low.accepted and low.reason.startswith("'privacy.noise_multiplier' is 0.3") and "use at least 0.5" in low.reason
+    costly = _plan(hospital, hospital_cfg("run.rounds=3", "privacy.noise_multiplier=0.6", "privacy.target_epsilon=0"))
+    assert not costly.accepted and "allows 0.5 per round" in costly.reason
+    key, value = _fix(costly)
+    assert key == "privacy.noise_multiplier"
+    fitted = _plan(hospital, hospital_cfg("run.rounds=3", f"privacy.noise_multiplier={value}", "privacy.target_epsilon=0"))
+    assert fitted.accepted and fitted.noise_multiplier == value and fitted.noise_set_by == "the run's setting"
+    assert _ledger(hospital).entries == []
+
+
+def test_a_spent_budget_raises_the_noise_so_the_run_fits_what_is_left(hospital):
+    _spend(hospital, [LedgerEntry("earlier", r, Mechanism.DP_SGD, "weights", noise_multiplier=6.0, sample_rate=0.2,
+                                  steps=5, max_grad_norm=3.0, examples=100) for r in range(1, 3)])
+    spent = _ledger(hospital).epsilon()
+    assert 0.3 < spent < 1.0
+    answer = _plan(hospital, hospital_cfg("run.rounds=20"))
+    assert answer.accepted and answer.noise_set_by == "its remaining budget"
+    assert answer.remaining["train"] == pytest.approx(1.0 - spent)
+    assert spent < answer.planned["train"] <= 1.0
+
+
+def test_a_spent_training_budget_refuses_the_plan(hospital):
+    _spend(hospital, [LedgerEntry("earlier", r, Mechanism.DP_SGD, "weights", noise_multiplier=1.0, sample_rate=0.5,
+                                  steps=5, max_grad_norm=3.0, examples=100) for r in range(1, 5)])
+    answer = _plan(hospital, hospital_cfg("run.rounds=3"))
+    assert not answer.accepted and "budget is spent" in answer.reason and answer.remaining["train"] == 0.0
+
+
+def test_evaluation_budget_left_refuses_with_the_epsilon_that_would_fit(hospital):
+    _spend(hospital, [LedgerEntry("earlier", 1, Mechanism.GAUSSIAN, "histogram", split=Split.TEST, item=Item.HISTOGRAM,
+                                  noise_multiplier=8.0, sample_rate=1.0, steps=1, max_grad_norm=1.0, examples=30)])
+    answer = _plan(hospital, hospital_cfg("run.rounds=3"))
+    assert not answer.accepted and answer.reason.startswith("'evaluation.test_epsilon' plans test releases")
+    key, value = _fix(answer)
+    assert key == "evaluation.test_epsilon" and 0 < value < 1
+    assert _plan(hospital, hospital_cfg("run.rounds=3", f"evaluation.test_epsilon={value}")).accepted
+
+
+def test_too_many_validations_are_refused_with_the_interval_that_fits(hospital):
+    answer = _plan(hospital, hospital_cfg("run.rounds=40", "evaluation.validate_every=1"))
+    assert not answer.accepted and answer.reason.startswith("'evaluation.validate_every' plans 40 validation releases")
+    key, value = _fix(answer)
+    assert key == "evaluation.validate_every"
+    assert _plan(hospital, hospital_cfg("run.rounds=40", f"evaluation.validate_every={int(value)}")).accepted
+    assert not _plan(hospital, hospital_cfg("run.rounds=40", f"evaluation.validate_every={int(value) - 1}")).accepted
+
+
+def test_a_target_no_noise_can_reach_is_refused_with_the_least_that_can(hospital):
+    answer = _plan(hospital, hospital_cfg("run.rounds=200", "training.local_epochs=2", "privacy.target_epsilon=0.05"))
+    assert not answer.accepted and "is 0.05: epsilon 0.05 is below the least the RDP accountant can certify" in answer.reason
+    least = float(re.search(r"use at least ([0-9.]+)", answer.reason).group(1))
+    assert _plan(hospital, hospital_cfg("run.rounds=200", "training.local_epochs=2",
+                                        f"privacy.target_epsilon={least}", "evaluation.validate_every=0")).accepted
+
+
+# ---------------------------------------------------------------------------------------
+# The coordinator's side
+# ---------------------------------------------------------------------------------------
+
+
+class RecordingGrid(ReplayGrid):
+    """Answers with each node's prepared reply to the message type asked; records every message sent."""
+
+    def __init__(self, answers: dict[tuple[int, str], Message]):
+        super().__init__([])
+        self.answers, self.sent = answers, []
+
+    def get_node_ids(self):
+        return sorted({nid for nid, _ in self.answers})
+
+    def push_messages(self, messages):
+        self.replies = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent.append(m)
+            reply = self.answers.get((m.metadata.dst_node_id, m.metadata.message_type))
+            if reply is not None:
+                self.replies.append(_answering(reply, m))
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        return list(self.replies)
+
+
+def _answering(reply: Message, request: Message) -> Message:
+    return Message(reply.content, reply_to=request)
+
+
+def _answer(nid: int, name: str, accepted: bool) -> Message:
+    request = Message(RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=nid, message_type=MessageType.QUERY)
+    answer = PreflightAnswer(name, accepted, "" if accepted else "'privacy.noise_multiplier' is 0.3; use at least 0.5",
+                             noise_multiplier=2.0 if accepted else 0.0, noise_set_by="the run's target epsilon",
+                             planned={"train": 0.5, "val": 0.5, "test": 0.5}, remaining={"train": 1, "val": 1, "test": 1})
+    return Message(RecordDict({M.STATUS: ConfigRecord(answer.to_status())}), reply_to=request)
+
+
+def test_a_run_no_hospital_accepts_asks_nothing_further_and_releases_nothing(tmp_path):
+    from server.coordinator import Coordinator, HospitalView
+    from server.outputs import RunRecorder
+
+    cfg = hospital_cfg("run.rounds=3")
+    grid = RecordingGrid({(1, MessageType.QUERY): _answer(1, "a", False), (2, MessageType.QUERY): _answer(2, "b", False)})
+    coord = Coordinator(cfg, grid, RunRecorder(tmp_path, cfg, "run-x"), "run-x")
+    coord.hospitals = {1: HospitalView("a", 1), 2: HospitalView("b", 2)}
+    assert not coord.agree_plan()
+    coord.not_started = "the run did not start"
+    coord.run()
+    assert {m.metadata.message_type for m in grid.sent} == {MessageType.QUERY}  # no training, no evaluation
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"] is None and metrics["not_evaluated"] == "the run did not start"
+    assert [a["accepted"] for a in metrics["preflight"]] == [False, False]
+    assert not (tmp_path / "model.pt").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "| a | refuses: 'privacy.noise_multiplier' is 0.3; use at least 0.5 |" in report
+    assert "without differential privacy" not in report  # DP was on; nothing was released at all
+
+
+def test_an_accepting_hospital_gets_its_own_noise_and_a_refusing_one_nothing(tmp_path):
+    from server.coordinator import Coordinator, HospitalView
+    from server.outputs import RunRecorder
+
+    cfg = hospital_cfg("run.rounds=1", "strategy.min_hospitals=1", "strategy.round_timeout_s=0.5")
+    grid = RecordingGrid({(1, MessageType.QUERY): _answer(1, "a", True), (2, MessageType.QUERY): _answer(2, "b", False)})
+    coord = Coordinator(cfg, grid, RunRecorder(tmp_path, cfg, "run-y"), "run-y")
+    coord.hospitals = {1: HospitalView("a", 1), 2: HospitalView("b", 2)}
+    assert coord.agree_plan()
+    coord.train_round(1)
+    training = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert [m.metadata.dst_node_id for m in training] == [1]
+    assert training[0].content[M.CONFIG][M.NOISE] == 2.0
+    assert coord.hospitals[2].state.value == "refused" and "use at least 0.5" in coord.hospitals[2].reason
+
+
+def test_no_evaluation_is_asked_for_a_model_nobody_trained(tmp_path):
+    """Every hospital accepted, but no round's replies could be used: the final
+    validation and test releases are not requested (each would cost its patients'
+    budget for an untrained model)."""
+    from server.coordinator import Coordinator, HospitalView
+    from server.outputs import RunRecorder
+
+    cfg = hospital_cfg("run.rounds=2", "evaluation.validate_every=1", "strategy.round_timeout_s=0.5")
+    grid = RecordingGrid({(1, MessageType.QUERY): _answer(1, "a", True), (2, MessageType.QUERY): _answer(2, "b", True)})
+    coord = Coordinator(cfg, grid, RunRecorder(tmp_path, cfg, "run-z"), "run-z")
+    coord.hospitals = {1: HospitalView("a", 1), 2: HospitalView("b", 2)}
+    assert coord.agree_plan()
+    coord.run()  # the grid has no training replies: both rounds are skipped
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert MessageType.EVALUATE not in kinds
+    assert all(not str(m.content[M.CONFIG].get(M.EVALUATE, "")) for m in grid.sent if m.metadata.message_type == MessageType.TRAIN)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["not_evaluated"].startswith("no hospital trained in this run")
