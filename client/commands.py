@@ -3,6 +3,7 @@ app version, serve its SuperNode, and show what it has spent."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +84,12 @@ def register_data(
     else:
         lines.append(f"  declared split sizes kept: {_counts(reg.declared)}; the export's splits now hold "
                      f"{_counts(reg.counted)} (`--recount` declares these, itself a release of three counts)")
+        drift = max(abs(a - b) / max(b, 1) for a, b in zip(
+            (reg.counted.train, reg.counted.val, reg.counted.test), (reg.declared.train, reg.declared.val, reg.declared.test)))
+        if drift > 0.05:
+            lines.append("  warning: the splits differ from the declared counts by more than 5%: the sample rate and "
+                         "noise follow the declared ones, and a coordinator drops an evaluation release with more "
+                         "patients than declared; consider --recount")
     lines += [f"  note: {n}" for n in reg.notes]
     return "\n".join(lines)
 
@@ -105,25 +112,34 @@ def serve(folder_path: Path, runtime_address: str, poll_s: float, task_timeout_s
     Gate(HospitalFolder(folder_path), runtime_address, poll_s, task_timeout_s=task_timeout_s).serve()
 
 
-def show(folder_path: Path) -> str:
+def show(folder_path: Path, as_json: bool = False) -> str:
+    """What each group of the hospital's patients has spent (RDP and PRV), per run, and
+    the approved app versions; ``as_json``: the same as one JSON object."""
     folder = HospitalFolder(folder_path, registered=False)
     ledger = FileLedgerStore(folder.ledger_file, folder.secret("ledger")).read()
     policy = folder.policy
-    lines = [
-        f"hospital {folder.name}: ledger {folder.ledger_file}, delta {ledger.delta:g}",
-        f"budgets: training patients epsilon {policy.max_epsilon:g}; validation and test patients "
-        f"{policy.eval_max_epsilon:g} each",
-    ]
-    for split in Split:
-        noisy = ledger.noisy(split)
-        lines.append(
-            f"  {split.value:5s} patients: epsilon {format_number(ledger.epsilon(split, 'rdp'), 4)} (RDP), "
-            f"{format_number(ledger.epsilon(split, 'prv'), 4)} (PRV), {len(noisy)} DP release(s)"
-        )
+    budgets = {Split.TRAIN: policy.max_epsilon, Split.VAL: policy.eval_max_epsilon, Split.TEST: policy.eval_max_epsilon}
+    groups = {split.value: {"epsilon": ledger.epsilon(split, "rdp"), "epsilon_prv": ledger.epsilon(split, "prv"),
+                            "budget": budgets[split], "releases": len(ledger.noisy(split))} for split in Split}
+    runs = []
     for run in ledger.runs():
         entries = [e for e in ledger.entries if e.run_id == run]
         dp = [e for e in entries if e.split == Split.TRAIN and e.noise_multiplier > 0]
-        lines.append(f"  run {run}: {len(dp)} DP-SGD rounds, {sum(e.steps for e in dp)} steps, {len(entries)} releases")
+        runs.append({"run_id": run, "dp_sgd_rounds": len(dp), "steps": sum(e.steps for e in dp), "releases": len(entries)})
     approved = sorted(folder.approved())
+    if as_json:
+        return json.dumps({"hospital": folder.name, "ledger": str(folder.ledger_file), "delta": ledger.delta,
+                           "accountant": ledger.accountant, "groups": groups, "runs": runs, "approved_apps": approved},
+                          indent=1)
+    lines = [
+        f"hospital {folder.name}: ledger {folder.ledger_file}, delta {ledger.delta:g}",
+        (f"budgets: training patients epsilon {policy.max_epsilon:g}; validation and test patients "
+         f"{policy.eval_max_epsilon:g} each"),
+    ]
+    for split, g in groups.items():
+        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} (RDP), "
+                     f"{format_number(g['epsilon_prv'], 4)} (PRV), {g['releases']} DP release(s)")
+    for r in runs:
+        lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds, {r['steps']} steps, {r['releases']} releases")
     lines.append(f"approved app versions: {len(approved)}" + "".join(f"\n  {h}" for h in approved))
     return "\n".join(lines)

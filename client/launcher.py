@@ -71,12 +71,15 @@ class Gate:
         self.max_parallel = max_parallel  # tasks alive at once (each holds a forked copy of torch)
         self.task_timeout_s = task_timeout_s
         self.children: dict[int, float] = {}  # pid -> start (monotonic seconds)
+        log.info("%s: starting: checking the installed app against approved-apps.txt", folder.name)
         self.installed = app_hash()
         if self.installed not in folder.approved():
             raise FolderError(
                 f"the installed fedgru (app sha256 {self.installed}) is not in {folder.path / 'approved-apps.txt'}: "
                 "review it, then run `fedgru hospital approve`"
             )
+        log.info("%s: app %s… is approved; loading torch, Opacus and the app (once: each task forks from here)",
+                 folder.name, self.installed[:16])
         from .app import build_client_app  # the heavy imports, once
 
         self.app = build_client_app()
@@ -91,7 +94,7 @@ class Gate:
     def serve(self, max_tasks: int | None = None) -> None:
         """Take tasks until ``max_tasks`` were started (for ever by default), then wait for
         the ones still running."""
-        log.info("%s serves app %s… at %s", self.folder.name, self.installed[:16], self.address)
+        log.info("%s: ready: serving app %s… for the SuperNode at %s", self.folder.name, self.installed[:16], self.address)
         started = 0
         while max_tasks is None or started < max_tasks:
             self.reap()

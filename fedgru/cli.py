@@ -11,6 +11,8 @@
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
     fedgru hospital  data|approve|serve|show --hospital-dir DIR
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
+    fedgru deploy    local --out DIR [--hospitals N] [--rounds R] [--set key=value ...]
+    fedgru status    [--federation NAME] [--config FILE] [--set key=value ...]
     fedgru audit     [--config FILE] [--set key=value ...] [--hospital NAME] [--canaries M] [--json]
 """
 
@@ -202,18 +204,29 @@ def cmd_monitor(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from common.privacy import plan
+    from common.privacy import InfeasibleTarget, plan
 
     if (args.epsilon is None) == (args.noise_multiplier is None):
         raise ConfigError("give either --epsilon (to get sigma) or --noise-multiplier (to get epsilon)")
-    p = plan(
-        args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
-        target_epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
-    )
+    for flag, value in (("--rounds", args.rounds), ("--batch-size", args.batch_size), ("--examples", args.examples)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1")
+    if not 0 < args.delta < 1 or args.local_epochs <= 0:
+        raise ConfigError("--delta must be in (0, 1) and --local-epochs positive")
+    try:
+        p = plan(
+            args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
+            target_epsilon=args.epsilon, noise_multiplier=args.noise_multiplier,
+        )
+    except InfeasibleTarget as exc:
+        raise ConfigError(f"{exc}. Nearest feasible: {_feasible(args, exc)}") from None
     if args.json:
         print(json.dumps({"noise_multiplier": p.noise_multiplier, "sample_rate": p.sample_rate,
                           "steps_per_round": p.steps_per_round, "epsilon_per_round": p.epsilon_per_round}))
         return 0
+    if args.batch_size >= args.examples:
+        print(f"note: the batch ({args.batch_size}) is not smaller than the {args.examples} examples: every step "
+              "uses each of them (sample rate 1), with no amplification by sampling")
     print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {p.sample_rate:.4f}, "
           f"{p.steps_per_round} noisy steps per round, {p.steps_per_round * args.rounds} in {args.rounds} rounds")
     if args.epsilon is not None:
@@ -222,6 +235,24 @@ def cmd_plan(args) -> int:
     for r, eps in enumerate(p.epsilon_per_round, start=1):
         print(f"{r:>5}  {eps:.4f}")
     return 0
+
+
+def _feasible(args, exc) -> str:
+    """The nearest settings that fit an infeasible target: the least certifiable epsilon,
+    the other accountant where it certifies the target, a larger delta."""
+    import math
+
+    from common.privacy import InfeasibleTarget, plan
+
+    options = [f"--epsilon {math.ceil(exc.floor * 100) / 100:g}"]
+    other = "prv" if args.accountant == "rdp" else "rdp"
+    try:
+        sigma = plan(args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, other,
+                     target_epsilon=args.epsilon).noise_multiplier
+        options.append(f"--accountant {other} (noise multiplier {sigma:.4g})")
+    except InfeasibleTarget:
+        pass
+    return ", or ".join(options) + ", or a larger --delta"
 
 
 def cmd_hospital(args) -> int:
@@ -248,15 +279,19 @@ def cmd_hospital(args) -> int:
         elif args.action == "serve":
             commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll, args.task_timeout)
         else:
-            print(commands.show(Path(args.hospital_dir)))
+            print(commands.show(Path(args.hospital_dir), as_json=args.json))
     except FolderError as exc:
         raise ConfigError(str(exc)) from None
     return 0
 
 
 def cmd_deploy(args) -> int:
+    if args.action == "local":
+        return _deploy_local(args)
     from server.deploy import init_deployment
 
+    if not args.hospital or not args.out:
+        raise ConfigError("deploy init needs --out DIR and --hospital NAME=KEY.pub for each hospital")
     keys = {}
     for item in args.hospital:
         name, _, key = item.partition("=")
@@ -270,6 +305,50 @@ def cmd_deploy(args) -> int:
     print(text)
     print(f"\nWrote the keys, certificates and these commands to {args.out} (COMMANDS.md, flwr-config.toml).")
     return 0
+
+
+def _deploy_local(args) -> int:
+    from simulations.deploy_local import deploy_local
+
+    if args.out is None:
+        raise ConfigError("deploy local needs --out DIR (a new folder)")
+    try:
+        result = deploy_local(Path(args.config) if args.config else None, list(args.overrides), args.hospitals,
+                              Path(args.out).resolve(), args.rounds, progress=lambda text: print(text, file=sys.stderr))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for step, seconds in result.seconds.items():
+        print(f"  {step}: {seconds:.0f} s", file=sys.stderr)
+    if result.run_dir is None or result.run_exit_code != 0:
+        raise ConfigError(f"the deployed run did not finish (exit code {result.run_exit_code}); its logs are in "
+                          f"{Path(args.out) / 'logs'}")
+    print(f"run folder: {result.run_dir}")
+    summary = result.run_dir / "report.md"
+    if summary.is_file():
+        from server.report import RunFolder, summary_text
+
+        print(summary_text(RunFolder.load(result.run_dir)))
+    for name, shown in result.hospitals.items():
+        groups = shown.get("groups", {})
+        spent = ", ".join(f"{g} {v['epsilon']:.3f} of {v['budget']:g}" for g, v in groups.items())
+        print(f"{name}: epsilon {spent}  (fedgru hospital show --hospital-dir {Path(args.out) / 'hospitals' / name} --json)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Who is connected to the federation, whether each runs this app version, and each
+    one's answer to the config's plan with its remaining budgets: a ``flwr run`` of the
+    app in status mode (no run folder, nothing trained or released)."""
+    import os
+    import subprocess
+
+    settings = " ".join(args.overrides)
+    config = f'status=true rounds={args.rounds or 0} set="{settings}"' + (
+        f' config-file="{Path(args.config).resolve()}"' if args.config else "")
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(Path(args.app).resolve() if args.app else project_root()),
+               args.federation, "--stream", "--run-config", config]
+    return subprocess.run(command, env=env).returncode
 
 
 def cmd_audit(args) -> int:
@@ -403,17 +482,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=0.2, help="serve: seconds between polls for a task")
     p.add_argument("--task-timeout", type=float, default=6 * 3600,
                    help="serve: seconds after which a task still running is stopped (default 6 h)")
+    p.add_argument("--json", action="store_true", help="show: one JSON object (each group's epsilon, budgets, runs)")
     _config_arg(p)
     p.set_defaults(fn=cmd_hospital)
 
-    p = sub.add_parser("deploy", help="create a CA and the SuperLink's certificate; register the hospitals' public keys")
-    p.add_argument("action", choices=["init"])
-    p.add_argument("--out", required=True, help="folder for the key material and COMMANDS.md")
-    p.add_argument("--hospital", action="append", required=True, metavar="NAME=KEY.pub",
-                   help="a hospital and the public key it sent (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as hospitals reach it")
-    p.add_argument("--port", type=int, default=9093)
+    p = sub.add_parser("deploy", help="init: the coordinator's CA, SuperLink certificate and commands; local: a whole "
+                                      "real deployment on this machine, run and taken down (a try-out)")
+    p.add_argument("action", choices=["init", "local"])
+    p.add_argument("--out", help="init: folder for the key material and COMMANDS.md; local: a new folder for everything")
+    p.add_argument("--hospital", action="append", default=[], metavar="NAME=KEY.pub",
+                   help="init: a hospital and the public key it sent (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="init: the SuperLink's address as hospitals reach it")
+    p.add_argument("--port", type=int, default=9093, help="init: the SuperLink's port")
+    p.add_argument("--hospitals", type=int, default=2, help="local: how many hospitals share the configured data")
+    p.add_argument("--rounds", type=int, help="local: override run.rounds")
+    _config_arg(p)
     p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("status", help="the coordinator's view: connected hospitals, whether each runs this app version, "
+                                      "each one's answer to the plan and its remaining budgets (no run, nothing spent)")
+    p.add_argument("--federation", default="fedgru", help="the Flower connection in ~/.flwr/config.toml (default fedgru)")
+    p.add_argument("--app", help="the project folder of the app (default: the installed fedgru)")
+    p.add_argument("--rounds", type=int, help="the plan's rounds (default: run.rounds of the config)")
+    _config_arg(p)
+    p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run")
     p.add_argument("run_dir", help="a run folder (runs/<timestamp>)")

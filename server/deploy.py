@@ -27,6 +27,9 @@ def _valid_name(name: str) -> str:
     return name
 
 
+FIRST_RUNTIME_PORT = 9094  # each hospital's SuperNode serves its app on its own port from here on
+
+
 def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.1", port: int = 9093) -> str:
     """Create everything; return the commands as text (also saved to COMMANDS.md).
     ``hospitals``: name -> the public key file (``<name>.pub``) that hospital sent."""
@@ -46,7 +49,7 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         (out / "hospitals").mkdir(exist_ok=True)
         shutil.copy(public, out / "hospitals" / f"{name}.pub")
     (out / "flwr-config.toml").write_text(
-        f'# Add to ~/.flwr/config.toml (or $FLWR_HOME/config.toml) on the researcher\'s machine.\n'
+        f'# Appended to ~/.flwr/config.toml (or $FLWR_HOME/config.toml) on the researcher\'s machine: see COMMANDS.md.\n'
         f'[superlink.{CONNECTION}]\naddress = "{host}:{port}"\nroot-certificates = "{ca}"\n'
     )
     lines = [
@@ -59,7 +62,14 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         f"        --enable-supernode-auth --database {out / 'superlink.db'} \\",
         f"        --host 0.0.0.0 --port {port} --disable-runtime-dependency-installation",
         "",
-        "## Coordinator: admit each hospital's public key (once), after adding flwr-config.toml to ~/.flwr/config.toml",
+        "Note its process id (`echo $!` after starting it with `&`, or your service manager's); stop it with",
+        "`kill <pid>`, never by name (other people's SuperLinks may run on the same host).",
+        "",
+        "## Coordinator: tell the Flower CLI where the SuperLink is (once)",
+        "",
+        f"    mkdir -p ~/.flwr && cat {out / 'flwr-config.toml'} >> ~/.flwr/config.toml",
+        "",
+        "## Coordinator: admit each hospital's public key (once)",
         "",
     ]
     lines += [f"    flwr supernode register {out / 'hospitals' / (n + '.pub')} {CONNECTION}" for n in hospitals]
@@ -71,21 +81,27 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         "(`--isolation process`), and serve it the approved app only:",
         "",
     ]
-    for n in hospitals:
+    for i, n in enumerate(hospitals):
+        runtime = FIRST_RUNTIME_PORT + i  # its own port: two hospitals may share a host in a try-out
         lines += [
             f"### {n}",
             "",
             f"    fedgru hospital approve --hospital-dir /srv/fedgru/{n} --note 'reviewed by ...'",
             f"    flower-supernode --superlink {host}:{port} --root-certificates /srv/fedgru/{n}/ca.crt \\",
-            f"        --auth-supernode-private-key /srv/fedgru/{n}/{n}.key --isolation process --port 9094 \\",
+            f"        --auth-supernode-private-key /srv/fedgru/{n}/{n}.key --isolation process --port {runtime} \\",
             f"        --node-config 'hospital-dir=\"/srv/fedgru/{n}\"'",
-            f"    fedgru hospital serve --hospital-dir /srv/fedgru/{n} --runtime-api 127.0.0.1:9094",
+            f"    fedgru hospital serve --hospital-dir /srv/fedgru/{n} --runtime-api 127.0.0.1:{runtime}",
             "",
         ]
     lines += [
+        "## Researcher: who is connected, and their answers to the plan (no run, nothing spent)",
+        "",
+        f"    fedgru status --federation {CONNECTION}",
+        "",
         "## Researcher: start a run (resume a stopped one with --run-config 'resume=\"runs/<folder>\"')",
         "",
-        f"    flwr run . {CONNECTION} --stream --run-config 'config-file=\"configs/default.yaml\"'",
+        f"    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {CONNECTION} --stream \\",
+        "        --run-config 'config-file=\"configs/default.yaml\"'",
         "",
     ]
     text = "\n".join(lines)

@@ -44,10 +44,11 @@ class LocalFederation:
     ``fedgru hospital serve``. Every process runs in its own process group and is stopped
     by its id (:meth:`stop_all`); ports are free ones picked at start."""
 
-    def __init__(self, root: Path, project: Path | None = None, run_settings: str = ""):
+    def __init__(self, root: Path, project: Path | None = None, run_settings: str = "", config_file: Path | None = None):
         self.root = root
         self.project = project or project_root()
         self.run_settings = run_settings  # config overrides every run gets (``key=value ...``)
+        self.config_file = config_file  # the run's config file (None: the app's configs/default.yaml)
         self.port = free_port()
         self.home = root / "flwr-home"
         self.logs = root / "logs"
@@ -163,10 +164,21 @@ class LocalFederation:
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
+    def _run_config(self, extra: str = "") -> str:
+        config = f'set="{self.run_settings} {extra}"'
+        return config + (f' config-file="{self.config_file}"' if self.config_file else "")
+
+    def status_args(self, rounds: int = 0) -> list[str]:
+        """``flwr`` arguments of ``fedgru status`` on this federation, for the plan of a run of
+        ``rounds`` (0: the config's) with this federation's settings (no run, nothing spent)."""
+        return ["run", str(self.project), "fedgru", "--stream", "--run-config",
+                f"status=true rounds={rounds} {self._run_config()}"]
+
     def run_app(self, rounds: int, out: Path, extra: str = "", resume: Path | None = None,
                 app: Path | None = None) -> subprocess.Popen:
-        """``flwr run`` of the project (or ``app``) on this federation, streaming its log."""
-        config = f'rounds={rounds} out-dir="{out}" set="{self.run_settings} {extra}"'
+        """``flwr run`` of the project (or ``app``) on this federation, streaming its log
+        (``rounds`` 0: the config's own)."""
+        config = f'rounds={rounds} out-dir="{out}" {self._run_config(extra)}'
         if resume is not None:
             config = f'resume="{resume}"'
         name = f"run-{len([k for k in self.procs if k.startswith('run-')])}-{time.monotonic_ns()}"
@@ -174,15 +186,19 @@ class LocalFederation:
                                  "--run-config", config])
 
 
-    def set_up(self, hospitals: dict[str, Path], outcomes: Path, max_epsilon: float = 1.0,
-               register: tuple[str, ...] | None = None) -> None:
-        """Each hospital's folder (``fedgru hospital init`` on its own data, ``approve``),
-        ``fedgru deploy init`` with the public keys of ``register`` (default: all), the
-        SuperLink started and those keys registered. SuperNodes are started separately."""
+    def set_up(self, hospitals: dict[str, Path], outcomes: Path | dict[str, Path], max_epsilon: float = 1.0,
+               register: tuple[str, ...] | None = None, data_format: str = "physionet2012", config: Path | None = None,
+               overrides: list[str] | tuple[str, ...] = ()) -> None:
+        """Each hospital's folder (``fedgru hospital init`` on its own data and outcomes,
+        with ``config`` and ``overrides``' task and features, ``approve``), ``fedgru
+        deploy init`` with the public keys of ``register`` (default: all), the SuperLink
+        started and those keys registered. SuperNodes are started separately."""
+        definition = ([f"--config={config}"] if config else []) + [f"--set={o}" for o in overrides]
         for name, data in hospitals.items():
+            own = outcomes[name] if isinstance(outcomes, dict) else outcomes
             self.check(self.fedgru("hospital", "init", "--out", str(self.hospital_dir(name)), "--name", name,
-                                   "--data", str(data), "--outcomes", str(outcomes), "--max-epsilon", str(max_epsilon),
-                                   "--device", "cpu"))
+                                   "--data", str(data), "--outcomes", str(own), "--max-epsilon", str(max_epsilon),
+                                   "--device", "cpu", "--format", data_format, *definition))
             self.check(self.fedgru("hospital", "approve", "--hospital-dir", str(self.hospital_dir(name)), "--note", "local"))
         register = tuple(hospitals) if register is None else register
         keys = [a for n in register for a in ("--hospital", f"{n}={self.hospital_dir(n) / (n + '.pub')}")]

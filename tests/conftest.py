@@ -4,6 +4,7 @@ and cache derived tensors in a per-session folder, never inside ../shared."""
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -138,16 +139,23 @@ class ReplayGrid:
 # ----------------------------------------------------------------------------------------
 
 
+def extract(tar, member, folder: Path) -> None:
+    """``tar.extract`` with the "data" filter where this Python has it (3.10.12, 3.11.4 and
+    later); the archives the tests open are PhysioNet's own, so older ones extract plainly."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extract(member, folder, filter="data")
+    else:  # pragma: no cover - Debian 12's Python 3.11.2, say
+        tar.extract(member, folder)
+
+
 @pytest.fixture(scope="module")
 def hospital_data(tmp_path_factory, physionet_files):
     """160 stays of set A as one hospital's own export (a folder of PhysioNet files)."""
-    import tarfile
-
     set_a, outcomes = physionet_files
     folder = tmp_path_factory.mktemp("hospital")
     with tarfile.open(set_a) as tar:
         for m in [m for m in tar.getmembers() if m.name.endswith(".txt")][:160]:
-            tar.extract(m, folder, filter="data")
+            extract(tar, m, folder)
     return folder / "set-a", outcomes
 
 

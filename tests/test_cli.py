@@ -30,3 +30,52 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "apt-get install" in ci and "chromium" in ci
     assert 'pip install --quiet -c constraints.txt -e ".[test]"' in ci and ci.rstrip().endswith("python -m pytest")
+
+
+def test_plan_answers_an_unreachable_target_with_the_limit_and_the_nearest_settings(capsys):
+    """The issue's request (epsilon 0.1, 200 rounds of 2 epochs) ended in an Opacus
+    traceback: RDP with Opacus's orders certifies nothing below about 0.103 at delta 1e-5."""
+    from fedgru.cli import main
+
+    code = main(["plan", "--epsilon", "0.1", "--delta", "1e-5", "--rounds", "200", "--local-epochs", "2",
+                 "--batch-size", "256", "--examples", "404"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "epsilon 0.1 is below the least the RDP accountant can certify at delta 1e-05 with any noise (0.103)" in err
+    assert "Nearest feasible: --epsilon 0.11, or --accountant prv (noise multiplier" in err
+    assert main(["plan", "--epsilon", "0.11", "--delta", "1e-5", "--rounds", "200", "--local-epochs", "2",
+                 "--batch-size", "256", "--examples", "404", "--json"]) == 0  # the nearest setting it names works
+
+
+def test_plan_says_when_the_batch_is_not_smaller_than_the_data(capsys):
+    from fedgru.cli import main
+
+    assert main(["plan", "--epsilon", "1", "--delta", "1e-5", "--rounds", "3", "--batch-size", "500", "--examples", "404"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the batch (500) is not smaller than the 404 examples" in out and "sample rate 1.0000" in out
+
+
+def test_hospital_show_prints_each_groups_epsilon_as_json(hospital_data, tmp_path, capsys):
+    from fedgru.cli import main
+    from tests.conftest import make_hospital
+
+    folder = make_hospital(tmp_path, *hospital_data, max_epsilon=1.0)
+    assert main(["hospital", "show", "--hospital-dir", str(folder), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["hospital"] == "st-elsewhere" and set(shown["groups"]) == {"train", "val", "test"}
+    assert all(g["epsilon"] == 0.0 and g["budget"] == 1.0 for g in shown["groups"].values()) and shown["runs"] == []
+
+
+def test_deploy_init_gives_each_hospital_its_own_port_and_the_config_as_a_command(hospital_data, tmp_path):
+    from server.deploy import init_deployment
+    from tests.conftest import make_hospital
+
+    keys = {}
+    for name in ("st-a", "st-b", "st-c"):
+        folder = make_hospital(tmp_path / "h", *hospital_data, name=name)
+        keys[name] = folder / f"{name}.pub"
+    text = init_deployment(tmp_path / "fed", keys)
+    ports = [line.split("--runtime-api 127.0.0.1:")[1] for line in text.splitlines() if "--runtime-api" in line]
+    assert ports == ["9094", "9095", "9096"]
+    assert f"cat {tmp_path / 'fed' / 'flwr-config.toml'} >> ~/.flwr/config.toml" in text
+    assert "pkill" not in text and "kill <pid>" in text and "fedgru status" in text

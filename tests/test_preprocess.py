@@ -8,6 +8,7 @@ import pytest
 from common.config import FeatureSection, StaticSpec, VariableSpec
 from common.data.preprocess import PreprocessSummary, channel_names, num_channels, to_tensors
 from common.data.records import Stay
+from tests.conftest import extract
 
 
 def _features(**kw):
@@ -125,7 +126,7 @@ def test_an_observation_at_48_00_is_the_last_hour_of_a_real_stay(default_cfg, ph
             lines = tar.extractfile(member).read().decode().splitlines()
             at_end = [line.split(",") for line in lines if line.startswith("48:00,") and line.split(",")[1] in names]
             if at_end:
-                tar.extract(member, tmp_path, filter="data")
+                extract(tar, member, tmp_path)
                 break
     _, name, value = at_end[-1]
     (stay,) = read_physionet(tmp_path / "set-a", names, ReadSummary())

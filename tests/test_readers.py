@@ -8,6 +8,7 @@ import pytest
 from common.data.long_csv import read_long_csv, read_outcomes
 from common.data.physionet import read_physionet
 from common.data.records import DataError, ReadSummary
+from tests.conftest import extract
 
 
 def _var_names(cfg):
@@ -28,7 +29,7 @@ def test_descriptors_and_minus_one(default_cfg, physionet_files, tmp_path):
     set_a, _ = physionet_files
     with tarfile.open(set_a) as tar:
         member = tar.getmember("set-a/132539.txt")
-        tar.extract(member, tmp_path, filter="data")
+        extract(tar, member, tmp_path)
     summary = ReadSummary()
     (stay,) = read_physionet(tmp_path / "set-a", _var_names(default_cfg), summary)
     # The file opens with: Age 54, Gender 0, Height -1, ICUType 4, Weight -1
@@ -58,7 +59,7 @@ def test_folder_and_archive_give_the_same_stays(default_cfg, physionet_files, tm
     names = [f"set-a/{rid}.txt" for rid in (132539, 132540, 132541, 132543)]
     with tarfile.open(set_a) as tar:
         for n in names:
-            tar.extract(tar.getmember(n), tmp_path / "folder", filter="data")
+            extract(tar, tar.getmember(n), tmp_path / "folder")
     archive = tmp_path / "small.tar.gz"
     with tarfile.open(archive, "w:gz") as out:
         for n in reversed(names):  # archive order must not matter
@@ -139,7 +140,7 @@ def test_long_csv_matches_physionet_reader(default_cfg, physionet_files, tmp_pat
     ids = (132539, 132540, 132541)
     with tarfile.open(set_a) as tar:
         for rid in ids:
-            tar.extract(tar.getmember(f"set-a/{rid}.txt"), tmp_path, filter="data")
+            extract(tar, tar.getmember(f"set-a/{rid}.txt"), tmp_path)
     stays = read_physionet(tmp_path / "set-a", _var_names(default_cfg), ReadSummary())
     rows = ["stay_id,time_hours,variable,value"]
     for s in stays:
