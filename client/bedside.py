@@ -102,8 +102,10 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
     return out
 
 
-def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, threshold: float) -> str:
-    """Write an HTML page (plots embedded) of each stay's hourly risk; return a text summary."""
+def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, thresholds: np.ndarray) -> str:
+    """Write an HTML page (plots embedded) of each stay's hourly risk against each hour's
+    threshold (``thresholds``: one per hour; the run's own, read for each hour so that
+    the same share of patients is flagged at every hour); return a text summary."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,13 +120,15 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         hours = np.arange(1, len(risks) + 1)
         fig, ax = plt.subplots(figsize=(8, 3.6))
         ax.plot(hours, risks, "-o", ms=3, color="#3465a4", label="risk after each hour")
-        ax.axhline(threshold, color="#cc0000", ls="--", lw=1, label=f"flag at {threshold:.2f}")
+        same = bool(np.allclose(thresholds, thresholds[-1]))
+        ax.step(hours, thresholds, where="mid", color="#cc0000", ls="--", lw=1,
+                label=f"flag at {thresholds[-1]:.3f}" if same else "flag at this hour's threshold")
         for jump in found:
             label = ", ".join(name for name, _, _ in jump.movers[:2])
             ax.annotate(label, (jump.hour, jump.after), textcoords="offset points", xytext=(0, 10), fontsize=7, ha="center")
         ax.set_xlabel("hour since admission")
         ax.set_ylabel("risk of the outcome")
-        ax.set_ylim(0, max(1e-3, min(1.0, max(risks.max(), threshold) * 1.25)))
+        ax.set_ylim(0, max(1e-3, min(1.0, max(risks.max(), thresholds.max()) * 1.25)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
         ax.set_title(f"stay {stay_id}")
@@ -132,13 +136,15 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         png = out.with_name(f"{out.stem}-{stay_id}.png")
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        first = next((int(h) for h, r in zip(hours, risks) if r >= threshold), None)
+        first = next((int(h) for h, r, t in zip(hours, risks, thresholds) if r >= t), None)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
                  "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers)] for j in found]
         flag_text = f"first flagged at hour {first}" if first else "never flagged"
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
-            f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {threshold:.3f}; {flag_text}).",
+            f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."
+            + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
+                                "flagged at every hour: an early risk is judged against early risks."),
             Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows),
         ]))
         lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}, {flag_text}")

@@ -27,7 +27,7 @@ from common.messages import Item, Mechanism, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier
 from common.subgroups import SubgroupSummary
-from common.training import predict_proba
+from common.training import hourly_logits_at, predict_proba
 
 from .hospital import HospitalData
 from .noise import evaluation_noise
@@ -117,6 +117,15 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             # the declared size of the split, not a count of the data
             summary = replace(ScoreSummary.from_predictions(y, _as_probabilities(p, cfg), grid), n=release.entry.examples)
             records[M.evaluation_key(release.split)] = _record((summary.noised(sigma, rng) if sigma else summary).to_arrays())
+        elif release.item == Item.HOURLY_HISTOGRAMS:
+            hours = cfg.checkpoint_hours
+            logits = hourly_logits_at(model, data.dataset.X[idx], data.dataset.S[idx], hours, batch=SCORING_BATCH)
+            # one row per hour, every patient whatever the outcome (a threshold reads the whole distribution)
+            hist = np.stack([np.bincount(grid.index(logits[:, k]), minlength=grid.bins) for k in range(len(hours))],
+                            axis=0).astype(np.float64) if len(logits) else np.zeros((len(hours), grid.bins))
+            if sigma:  # one patient moves one count per hour: L2 sensitivity sqrt(hours)
+                hist = hist + rng.normal(0.0, sigma * math.sqrt(len(hours)), hist.shape)
+            records[M.HOURLY] = _record({"hourly-histograms": hist, "hours": np.asarray(hours, dtype=np.int64)})
         elif release.item == Item.SUBGROUP_HISTOGRAMS:
             raw = {k: v[idx] for k, v in data.dataset.groups.items()}
             groups = SubgroupSummary.from_predictions(cfg, y, _as_probabilities(p, cfg), raw, coarse)

@@ -24,7 +24,6 @@ from common.messages import Item, Mechanism, Split
 from common.privacy import (
     InfeasibleTarget,
     NoisyRelease,
-    calibrate_evaluation_noise,
     calibrate_noise,
     calibrate_shares,
     epsilon,
@@ -160,19 +159,26 @@ def evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Ite
 @lru_cache(maxsize=64)
 def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:
     """The noise multiplier of each kind of evaluation release of one run, calibrated
-    once: validation (during the run, and of the final model) within val_epsilon; the
-    test release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
-    the pooled histogram gets the rest)."""
+    once: validation within val_epsilon (the releases during the run share 1 -
+    final_share; the final model's histogram and, for binary tasks with checkpoints, its
+    hourly histograms share final_share, hourly_share of it for the latter); the test
+    release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
+    the pooled histogram gets the rest). Shares are of rho (Bun & Steinke 2016), each
+    multiplier per unit of its release's sensitivity."""
     cfg = ExperimentConfig.from_json(cfg_json)
     ev = cfg.evaluation
-    progress, final = calibrate_evaluation_noise(ev.val_epsilon, delta, len(cfg.validation_rounds()), ev.final_share,
-                                                 cfg.privacy.accountant)
+    progress_count = len(cfg.validation_rounds())
+    final = 1.0 if progress_count == 0 else ev.final_share
+    hourly = ev.hourly_share if cfg.checkpoint_hours else 0.0
+    progress, final_histogram, hourly_histograms = calibrate_shares(
+        ev.val_epsilon, delta, [(1 - final, progress_count), (final * (1 - hourly), 1), (final * hourly, 1)],
+        cfg.privacy.accountant)
     items = test_items(cfg)
     shares = {Item.HISTOGRAM: 1 - ev.subgroup_share - ev.importance_share, Item.SUBGROUP_HISTOGRAMS: ev.subgroup_share,
               Item.IMPORTANCE: ev.importance_share}
     test = calibrate_shares(ev.test_epsilon, delta, [(shares[i], 1) for i in items], cfg.privacy.accountant)
-    noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final}
+    noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final_histogram}
+    if hourly > 0:
+        noise[(Split.VAL, True, Item.HOURLY_HISTOGRAMS)] = hourly_histograms
     noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
     return noise
-
-

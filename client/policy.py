@@ -137,6 +137,9 @@ class Policy:
                 "evaluation.score_bins", f"is {cfg.evaluation.score_bins}; this hospital releases at most "
                 f"{self.max_histogram_bins} bins per class: use at most {self.max_histogram_bins}",
             )
+        if split == Split.VAL and len(cfg.checkpoint_hours) > self.max_histogram_bins:
+            raise PolicyRefusal("evaluation.hourly_checkpoints", f"names {len(cfg.checkpoint_hours)} hours; "
+                                f"this hospital releases at most {self.max_histogram_bins}: use fewer")
         if split == Split.TEST:
             from common.subgroups import groupings
 

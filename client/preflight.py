@@ -25,13 +25,12 @@ from .request import check_model_size
 
 
 def planned_evaluation_entries(cfg: ExperimentConfig, policy: Policy, split: Split) -> list[LedgerEntry]:
-    """The Gaussian releases of ``split`` the run plans, as ledger entries."""
+    """The Gaussian releases of ``split`` the run plans, as ledger entries: every
+    validation during the run, the final one's parts; the test release's parts."""
     noise = evaluation_noise(cfg.to_json(), policy.delta)
+    sigmas = [sigma for (s, final, _), sigma in noise.items() if s == split and final]
     if split == Split.VAL:
-        progress, final = noise[(Split.VAL, False, Item.HISTOGRAM)], noise[(Split.VAL, True, Item.HISTOGRAM)]
-        sigmas = [progress] * len(cfg.validation_rounds()) + [final]
-    else:
-        sigmas = [sigma for (s, _, _), sigma in noise.items() if s == Split.TEST]
+        sigmas += [noise[(Split.VAL, False, Item.HISTOGRAM)]] * len(cfg.validation_rounds())
     return [LedgerEntry("plan", 0, Mechanism.GAUSSIAN, "planned", split=split, item=Item.HISTOGRAM, noise_multiplier=s,
                         sample_rate=1.0, steps=1, max_grad_norm=1.0, examples=1) for s in sigmas if math.isfinite(s)]
 

@@ -85,3 +85,13 @@ def guess_format(path: Path) -> str:
         "unknown format: give a PhysioNet folder or .tar.gz, or a long-format .csv "
         "(stay_id,time_hours,variable,value), or pass --format",
     )
+
+
+def hour_thresholds(info: dict, hours: int) -> np.ndarray:
+    """The decision threshold after each hour (a risk per hour: (hours,)): the run's
+    per-hour thresholds when it chose them (``info["hour_thresholds"]``, one per hour of
+    the window), else its one threshold (``info["threshold"]``, 0.5 if none) at every hour."""
+    per_hour = info.get("hour_thresholds")
+    if per_hour and len(per_hour) == hours:
+        return np.asarray(per_hour, dtype=np.float64)
+    return np.full(hours, float(info.get("threshold") or 0.5))

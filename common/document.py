@@ -1,11 +1,15 @@
 """A small document model, rendered to Markdown and to one self-contained HTML page
 (plots embedded): the run report (server) and the bedside monitor (a hospital's own) both
-write through it."""
+write through it.
+
+Text may use Markdown's inline marks (`code`, **strong**); the HTML renders them. A table
+with no rows says why (``Table.empty``) instead of showing a bare header."""
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from .metrics import format_number
 class Table:
     header: list[str]
     rows: list[list]
+    empty: str = "Nothing to show."  # shown instead of the table when there are no rows: say why
 
 
 @dataclass
@@ -54,7 +59,9 @@ def markdown(title: str, sections: list[Section]) -> str:
     for sec in sections:
         out += [f"## {sec.title}", ""]
         for block in sec.blocks:
-            if isinstance(block, Table):
+            if isinstance(block, Table) and not block.rows:
+                out.append(block.empty)
+            elif isinstance(block, Table):
                 out.append("| " + " | ".join(block.header) + " |")
                 out.append("|" + "|".join("---" for _ in block.header) + "|")
                 out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
@@ -70,6 +77,15 @@ def markdown(title: str, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
+_CODE = re.compile(r"`([^`]+)`")
+_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def inline(text: str) -> str:
+    """Text with Markdown's inline marks as HTML (escaped first: a value can hold a '<')."""
+    return _STRONG.sub(r"<strong>\1</strong>", _CODE.sub(r"<code>\1</code>", html.escape(text)))
+
+
 def to_html(title: str, sections: list[Section]) -> str:
     esc = html.escape
     parts = [
@@ -78,6 +94,7 @@ def to_html(title: str, sections: list[Section]) -> str:
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
         "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}",
+        "code{background:#f3f3f3;padding:0 3px;border-radius:3px;font-size:0.92em}",
         ".statement{background:#f7f9fc;border-left:4px solid #3465a4;padding:0.6em 1em}",
         "</style></head><body>",
         f"<h1>{esc(title)}</h1>",
@@ -85,20 +102,22 @@ def to_html(title: str, sections: list[Section]) -> str:
     for sec in sections:
         parts.append(f"<h2>{esc(sec.title)}</h2>")
         for block in sec.blocks:
-            if isinstance(block, Table):
-                parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>")
+            if isinstance(block, Table) and not block.rows:
+                parts.append(f"<p>{inline(block.empty)}</p>")
+            elif isinstance(block, Table):
+                parts.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in block.header) + "</tr>")
                 for row in block.rows:
-                    parts.append("<tr>" + "".join(f"<td>{esc(_cell(c))}</td>" for c in row) + "</tr>")
+                    parts.append("<tr>" + "".join(f"<td>{inline(_cell(c))}</td>" for c in row) + "</tr>")
                 parts.append("</table>")
             elif isinstance(block, Image):
                 data = base64.b64encode(block.path.read_bytes()).decode()
                 parts.append(f"<figure><img alt='{esc(block.caption)}' src='data:image/png;base64,{data}'>"
                              f"<figcaption>{esc(block.caption)}</figcaption></figure>")
             elif isinstance(block, Bullets):
-                parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block.items) + "</ul>")
+                parts.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in block.items) + "</ul>")
             elif isinstance(block, Statement):
-                parts.append(f"<p class='statement'>{esc(block.text)}</p>")
+                parts.append(f"<p class='statement'>{inline(block.text)}</p>")
             else:
-                parts.append(f"<p>{esc(block)}</p>")
+                parts.append(f"<p>{inline(block)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

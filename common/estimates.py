@@ -40,6 +40,12 @@ ESTIMATORS = ("binormal", "binned")
 MIN_MASS = 1.0  # a row whose noisy counts add up to less than one patient is not fitted
 MIN_SD = 0.25  # the fitted sd is at least this many bin widths (scores of a model whose scale learnt little are narrow)
 SUB_BINS = 8  # the fitted distributions are also given on bins this much finer, for AUROC and AUPRC
+# A class is read only when its released count stands this many sds of the noise on that
+# count (noise sd x sqrt(bins)) above nothing: below, the fit describes the noise, not the
+# patients (a class with no patients at all passes 2 sds in about 2% of releases). The
+# default's pooled test release (about 110 deaths; the noise on their count about 31)
+# passes; a single hospital's (about 16 deaths; about 15) does not, and the report says so.
+MIN_SIGNAL = 2.0
 # auroc_interval's nominal level for reports. Its intervals run short of their nominal
 # coverage (the bootstrap's spread depends on the fitted parameters, which the noise moves):
 # on simulated releases of the default's size (800 patients, 4 hospitals' noise), nominal
@@ -162,49 +168,73 @@ def binormal_counts(summary: ScoreSummary) -> ScoreSummary:
 
 def auroc_interval(summary: ScoreSummary, noise_std: float, level: float = 0.95, draws: int = 200,
                    rng: np.random.Generator | None = None) -> tuple[float, float] | None:
-    """How far a DP release's binormal AUROC may be from the AUROC its patients' exact
-    scores give, read from the release alone: a parametric bootstrap (Efron & Tibshirani
-    1993, ch. 6 and 13) of the estimator's error. In each draw, patients are drawn from
-    the fitted normals (as many per class as the fit holds), their exact AUROC is
-    computed, their scores are binned on the release's grid, the release's noise is
-    added again (iid N(0, ``noise_std``^2) in every cell, as the hospitals added it), and
-    the estimate is read as for the real release. The draws' errors (estimate - exact),
-    taken off the real estimate, give ``level``'s interval: it carries the fit's bias,
-    the noise and how far a finite set of patients strays from a smooth distribution.
-    It is a rough interval: its coverage falls short of ``level`` (see INTERVAL_LEVEL).
+    """The AUROC's interval of :func:`metric_intervals` (None where it has none)."""
+    found = metric_intervals(summary, noise_std, None, level, draws, rng)
+    return tuple(found["auroc"]) if found and "auroc" in found else None
 
-    It describes the error of the reading, for these patients; the AUROC on other patients
-    differs by their sampling error on top (about 0.02 at 800 patients). Post-processing
-    of the release: no privacy cost. Binary tasks only (None otherwise, or when nothing
-    fits).
-    """
-    from sklearn.metrics import roc_auc_score
+
+INTERVAL_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score")
+
+
+def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
+                     draws: int = 200, rng: np.random.Generator | None = None, estimator: str = "binormal",
+                     ) -> dict[str, tuple[float, float]] | None:
+    """How far each metric read from a DP release (by ``estimator``, decisions at
+    ``threshold_edge``) may be from the value its patients' exact scores give, read from
+    the release alone: a parametric bootstrap (Efron & Tibshirani 1993, ch. 6 and 13) of
+    the reading's error. In each draw, patients are drawn from the fitted normals (as many
+    per class as the fit holds), their exact metrics computed at the same threshold, their
+    scores binned on the release's grid, the release's noise added again (iid
+    N(0, ``noise_std``^2) in every cell, as the hospitals added it), and the release read
+    again. The draws' errors (reading - exact), taken off the real reading, give
+    ``level``'s interval: it carries the fit's bias, the noise and how far a finite set
+    of patients strays from a smooth distribution. Rough: its coverage of the exact value
+    is measured (INTERVAL_COVERAGE), not assumed.
+
+    It describes the error of the reading, for these patients; the metric on other
+    patients differs by their sampling error on top. Post-processing of the release: no
+    privacy cost. Binary tasks only; None when no normal fits either class (then no
+    number should be shown for the release at all)."""
+    from .metrics import exact_metrics
 
     hist = summary.histogram
     if hist.shape[:2] != (2, 1) or noise_std <= 0 or not math.isfinite(noise_std):
         return None
-    estimate = binormal_counts(summary).metrics().auroc
+    read = for_metrics(summary, estimator, True).metrics(threshold_edge)
     edges = _edges(summary.grid)
     fits = [fit_normal(hist[c, 0], edges) for c in (0, 1)]
-    if not math.isfinite(estimate) or any(f is None or f[0] < 1 for f in fits):
+    # A class whose counts are not 3 noise sds above nothing over the bins is not told apart
+    # from the noise: its fit can sit anywhere (AUROC 1.000 with an interval of 1.000-1.000
+    # on 20 deaths), and the bootstrap, drawing from that fit, would only agree with it.
+    least = MIN_SIGNAL * noise_std * math.sqrt(summary.grid.bins)
+    if not math.isfinite(read.auroc) or any(f is None or f[0] < max(1.0, least) for f in fits):
         return None
+    at = summary.grid.edge_for_risk(0.5) if threshold_edge is None else threshold_edge
+    risk = summary.grid.edge_risk(at)
     rng = rng or np.random.default_rng()
     inner = edges[1:-1]  # the end bins are open-ended
-    errors = []
+    errors: dict[str, list[float]] = {m: [] for m in INTERVAL_METRICS}
     for _ in range(draws):
         logits = [rng.normal(mu, sd, int(round(mass))) for mass, mu, sd in fits]
-        exact = roc_auc_score(np.r_[np.zeros(len(logits[0])), np.ones(len(logits[1]))], np.r_[logits[0], logits[1]])
+        y = np.r_[np.zeros(len(logits[0])), np.ones(len(logits[1]))].astype(np.int64)
+        p = 1 / (1 + np.exp(-np.r_[logits[0], logits[1]]))
+        exact = exact_metrics(y, np.stack([1 - p, p], axis=1), risk)
         counts = np.stack([np.bincount(np.searchsorted(inner, z, side="right"), minlength=summary.grid.bins)
                            for z in logits]).astype(np.float64)[:, None, :]
-        noisy = ScoreSummary(counts + rng.normal(0.0, noise_std, hist.shape), None, len(logits[0]) + len(logits[1]),
-                             summary.grid)
-        value = binormal_counts(noisy).metrics().auroc
-        if math.isfinite(value):
-            errors.append(value - exact)
-    if len(errors) < draws // 2:
-        return None
-    low, high = np.quantile(errors, [(1 - level) / 2, (1 + level) / 2])
-    return max(0.0, estimate - float(high)), min(1.0, estimate - float(low))
+        noisy = ScoreSummary(counts + rng.normal(0.0, noise_std, hist.shape), None, len(y), summary.grid)
+        value = for_metrics(noisy, estimator, True).metrics(at)
+        for m in INTERVAL_METRICS:
+            e, v = getattr(exact, m), getattr(value, m)
+            if math.isfinite(e) and math.isfinite(v):
+                errors[m].append(v - e)
+    out = {}
+    for m, errs in errors.items():
+        estimate = getattr(read, m)
+        if len(errs) >= draws // 2 and math.isfinite(estimate):
+            low, high = np.quantile(errs, [(1 - level) / 2, (1 + level) / 2])
+            top = math.inf if m == "brier" else 1.0
+            out[m] = (max(0.0, estimate - float(high)), min(top, estimate - float(low)))
+    return out or None
 
 
 def for_metrics(summary: ScoreSummary | None, estimator: str, dp: bool) -> ScoreSummary | None:

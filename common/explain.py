@@ -1,15 +1,20 @@
 """Why the model gives a patient the risk it gives: contributions per variable and per
 descriptor, in clinical units, at the end of the window or after each hour.
 
-For the per-variable model with a linear head the logit is exactly a sum: each
-variable's weights times its GRU's final state (and, with ``input_skip``, times its
-last input channels), each descriptor's weights times its columns, plus the bias
-(:func:`exact_contributions`, exact to rounding). For any other model the
-contributions are Captum's integrated gradients (Sundararajan, Taly & Yan, ICML 2017)
-against the reference patient (every input 0: each variable at its reference value,
-unobserved), summed over each variable's channels and hours; they add up to the logit
-minus the reference patient's logit, which is reported as the bias. Either way the
-contributions and the bias sum to the logit.
+Every contribution is measured against a reference patient at the config's textbook
+normal values (:func:`reference_patient`: each variable observed at its ``center`` every
+hour, each continuous descriptor at its ``center``), so a normal value contributes
+about 0 and an abnormal one its difference from normal; the reference patient's own
+logit is the ``bias``. (Measured against "nothing observed", a normal heart rate
+contributed -0.47: being measured at all, not the value, was what it said.) For the
+per-variable model with a linear head the logit is exactly a sum: each variable's
+weights times its GRU's final state (and, with ``input_skip``, times its last input
+channels), each descriptor's weights times its columns, plus the head's bias
+(:func:`exact_contributions`, exact to rounding); the reference's terms are taken off
+each. For any other model the contributions are Captum's integrated gradients
+(Sundararajan, Taly & Yan, ICML 2017) from the reference patient, summed over each
+variable's channels and hours. Either way the contributions and the bias sum to the
+logit.
 
 Values are shown in clinical units by undoing the config's normalisation (fixed
 constants, so this needs nothing but the config); "last" is the last observation in
@@ -66,6 +71,44 @@ def _static_columns(features: FeatureSection) -> list[tuple[StaticSpec, slice]]:
     return out
 
 
+def reference_patient(features: FeatureSection, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """A patient at the textbook normal values the config writes: (steps, channels) and
+    (static width,). Every variable observed at its reference value (``center``, which
+    normalises to 0) at every step; every continuous descriptor at its reference and
+    known; a categorical descriptor, which has no normal, an even mix of its categories
+    (so a category contributes how much it differs from their average)."""
+    V = len(features.variables)
+    channels = [np.zeros((steps, V), dtype=np.float32)]
+    if features.observed_mask:
+        channels.append(np.ones((steps, V), dtype=np.float32))
+    if features.time_since_last:
+        channels.append(np.zeros((steps, V), dtype=np.float32))
+    static = []
+    for spec in features.static:
+        k = len(spec.categories)
+        static.append(np.full(k, 1.0 / k, dtype=np.float32) if spec.kind == "categorical" else np.zeros(2, np.float32))
+    return np.concatenate(channels, axis=1), np.concatenate(static) if static else np.zeros(0, np.float32)
+
+
+def contributions(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, features: FeatureSection,
+                  hourly: bool = False, steps: int = 64) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Each variable's and descriptor's contribution to the logit against the reference
+    patient: (B, V + D), or (B, T, V + D) after each hour; the reference's logit ((), or
+    (T,) after each hour); and how they were computed."""
+    x_ref, s_ref = reference_patient(features, x.shape[1])
+    x_ref = torch.as_tensor(x_ref, device=x.device).unsqueeze(0)
+    s_ref = torch.as_tensor(s_ref, device=s.device).unsqueeze(0)
+    if is_exact(model):
+        parts, _ = exact_contributions(model, x, s, features, hourly=hourly)
+        ref_parts, bias = exact_contributions(model, x_ref, s_ref, features, hourly=hourly)
+        base = ref_parts[0].sum(-1) + bias
+        return parts - ref_parts, base, "exact: the per-variable model's linear head, against a normal patient"
+    if hourly:
+        raise ValueError("hourly contributions need the per_variable model with a linear head")
+    parts, base = integrated_gradients(model, x, s, features, steps=steps, reference=(x_ref, s_ref))
+    return parts, torch.tensor(base), "integrated gradients (Captum) from a normal patient"
+
+
 def exact_contributions(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, features: FeatureSection,
                         hourly: bool = False) -> tuple[torch.Tensor, float]:
     """Per variable then per descriptor, what each adds to the logit: (B, V + D), or
@@ -91,10 +134,12 @@ def exact_contributions(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, 
 
 
 def integrated_gradients(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor, features: FeatureSection,
-                         hour: int | None = None, steps: int = 64) -> tuple[torch.Tensor, float]:
+                         hour: int | None = None, steps: int = 64,
+                         reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """Captum's integrated gradients of the logit (of the class with the highest risk, at
-    ``hour`` or the end) against the all-zero reference patient, per variable (summed over
-    its channels and hours) and per descriptor: (B, V + D), and the reference's logit."""
+    ``hour`` or the end) from the reference patient (:func:`reference_patient` unless
+    given), per variable (summed over its channels and hours) and per descriptor:
+    (B, V + D), and the reference's logit."""
     from captum.attr import IntegratedGradients
 
     V = len(features.variables)
@@ -105,15 +150,19 @@ def integrated_gradients(model: GRUClassifier, x: torch.Tensor, s: torch.Tensor,
         out = model.hourly_logits(xx, ss)[:, (hour or T) - 1] if hour else model(xx, ss)
         return out[:, 0] if out.shape[1] == 1 else out.max(dim=1).values
 
+    if reference is None:
+        x_ref, s_ref = reference_patient(features, T)
+        reference = (torch.as_tensor(x_ref, device=x.device).unsqueeze(0), torch.as_tensor(s_ref, device=s.device).unsqueeze(0))
+    x_ref, s_ref = reference
     attributions = IntegratedGradients(logit).attribute(
-        (x, s), baselines=(torch.zeros_like(x), torch.zeros_like(s)), n_steps=steps, internal_batch_size=256,
+        (x, s), baselines=(x_ref.expand_as(x), s_ref.expand_as(s)), n_steps=steps, internal_batch_size=256,
     )
     ax, a_static = (a.detach() for a in attributions)
     variables = ax.reshape(x.shape[0], T, x.shape[2] // V, V).sum(dim=(1, 2))
     descriptors = torch.stack([a_static[:, cols].sum(-1) for _, cols in _static_columns(features)], dim=-1)
     with torch.no_grad():
-        reference = float(logit(torch.zeros_like(x[:1]), torch.zeros_like(s[:1]))[0])
-    return torch.cat([variables, descriptors], dim=-1), reference
+        base = float(logit(x_ref, s_ref)[0])
+    return torch.cat([variables, descriptors], dim=-1), base
 
 
 def denormalise(spec: VariableSpec | StaticSpec, value: float) -> float:
@@ -163,14 +212,9 @@ def explain(model: GRUClassifier, x: np.ndarray, s: np.ndarray, features: Featur
     with torch.no_grad():
         out = model(xt, st)
     logit = float(out[0, 0] if out.shape[1] == 1 else out[0].max())
-    if is_exact(model):
-        parts, bias = exact_contributions(model, xt, st, features)
-        method = "exact: the per-variable model's linear head"
-    else:
-        parts, bias = integrated_gradients(model, xt, st, features)
-        method = "integrated gradients (Captum) against the reference patient; bias = the reference's logit"
-        bias = logit - float(parts.sum())  # absorbs the integral's small error, so the sum is the logit
+    parts, _, method = contributions(model, xt, st, features)
     parts = parts[0].numpy()
+    bias = logit - float(parts.sum())  # the normal patient's logit (and the integral's small error): the sum is the logit
     last = last_observations(x, features)
     described = descriptor_values(s, features)
     items = [
@@ -188,9 +232,15 @@ def explain(model: GRUClassifier, x: np.ndarray, s: np.ndarray, features: Featur
 
 
 def format_value(value: float, unit: str = "") -> str:
-    """A clinical value as a chart shows it: 3 significant digits, whole numbers from 1000
-    ("2170 IU/L", not "2.17e+03 IU/L")."""
-    text = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    """A clinical value as a chart shows it: 3 significant digits, whole numbers from 100
+    ("2170 IU/L", not "2.17e+03 IU/L"; "145 mEq/L"), never an exponent; what undoing the
+    normalisation leaves of a zero ("1.06e-07 mL") is 0."""
+    if abs(value) < 1e-4:
+        return f"0 {unit}".rstrip()
+    digits = max(0, 2 - math.floor(math.log10(abs(value))))
+    text = f"{round(value, digits):.{digits}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
     return f"{text} {unit}".rstrip()
 
 
@@ -220,9 +270,7 @@ def contribution_sizes(model: GRUClassifier, X: np.ndarray, S: np.ndarray, featu
         if real < batch:  # always ``batch`` rows: memory does not depend on how many patients there are
             x = torch.cat([x, x[:1].expand(batch - real, *x.shape[1:])])
             s = torch.cat([s, s[:1].expand(batch - real, *s.shape[1:])])
-        parts = exact_contributions(model, x, s, features)[0] if is_exact(model) else \
-            integrated_gradients(model, x, s, features, steps=32)[0]
-        parts = parts[:real]
+        parts = contributions(model, x, s, features, steps=32)[0][:real]
         # NaN or infinite parts (a model that overflows on this patient) count as 0: the row
         # stays within ``clip`` and the noisy sum finite whatever the model (as in DP-SGD's step)
         sizes = torch.nan_to_num(parts.abs(), nan=0.0, posinf=0.0)

@@ -40,6 +40,10 @@ def attach_to_flower(level: int = logging.INFO) -> None:
     per-round bookkeeping (a ServerApp started by ``flwr run`` comes through here too)."""
     ROOT.setLevel(level)
     ROOT.propagate = False
+    for handler in FLOWER_LOGGER.handlers:  # colours only where a person reads them, not into a file
+        if hasattr(handler, "colored") and isinstance(handler, logging.StreamHandler):
+            stream = getattr(handler, "stream", None)
+            handler.colored = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
     for handler in FLOWER_LOGGER.handlers:
         if handler not in ROOT.handlers:
             ROOT.addHandler(handler)

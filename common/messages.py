@@ -52,6 +52,7 @@ TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  
 
 SUBGROUPS = "subgroups-test"  # ArrayRecord: the test patients' score histograms per group (hospital -> server)
 IMPORTANCE = "importance-test"  # ArrayRecord: a noisy sum of each variable's contribution size (hospital -> server)
+HOURLY = "hourly-val"  # ArrayRecord: the validation patients' score histograms after each checkpoint hour (hospital -> server)
 
 
 def evaluation_key(split: Split) -> str:
@@ -67,6 +68,7 @@ class Item(str, Enum):
     HISTOGRAM = "histogram"  # a score histogram of one split
     SUBGROUP_HISTOGRAMS = "subgroup-histograms"  # the test patients' histograms per group
     IMPORTANCE = "importance"  # the test patients' summed contribution sizes, per variable
+    HOURLY_HISTOGRAMS = "hourly-histograms"  # the validation patients' histograms after each checkpoint hour
 
 
 class ReplyState(str, Enum):
@@ -131,6 +133,12 @@ RELEASES: tuple[Release, ...] = (
         "each variable's contribution size (each patient's clipped): the Gaussian mechanism, covered by DP for "
         "the test patients",
     ),
+    Release(
+        "hourly histograms", "once, with the final validation histogram", True,
+        "the validation patients' noisy score histograms of their risk after each checkpoint hour "
+        "(evaluation.hourly_checkpoints), from which each hour's decision threshold is read: the Gaussian "
+        "mechanism, covered by DP for the validation patients",
+    ),
     Release(NUM_EXAMPLES, "every training round", False,
             "a count the hospital declares for its training split: fixed when its staff register an export "
             "(`fedgru hospital data --recount` declares a new one), not recounted per message, so it does not "
@@ -181,6 +189,8 @@ FIELD_RELEASES: dict[str, str] = {
     "subgroup-histograms": "subgroup histograms and variable importance",  # inside the subgroups-test record
     "importance": "subgroup histograms and variable importance",  # inside the importance-test record
     "clip": _LEDGER_RELEASE,  # the importance's clipping norm: a setting
+    "hourly-histograms": "hourly histograms",  # inside the hourly-val record
+    "hours": _LEDGER_RELEASE,  # the checkpoint hours: the config's setting echoed
     NUM_EXAMPLES: NUM_EXAMPLES,
     UNIT_WEIGHT: UNIT_WEIGHT,
     EPSILON: _LEDGER_RELEASE,

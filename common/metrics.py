@@ -333,6 +333,39 @@ def choose_threshold(summary: ScoreSummary) -> int | None:
     return 1 + int(np.argmax(score[1:]))
 
 
+def with_interval(value: float | None, interval: list[float] | tuple[float, float] | None, digits: int = 3,
+                  what: str = "") -> str:
+    """A metric read from DP releases as the console and the report show it: its value
+    and its rough interval ("0.812 (0.761-0.858)"); no interval, no number: it could not
+    be estimated (a fit that fails on counts the noise drowns gave numbers like 5e-185)."""
+    if value is None or interval is None or not math.isfinite(value):
+        return "cannot be estimated" + (f" ({what})" if what else "")
+    low, high = interval
+    return f"{value:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def threshold_for_rate(summary: ScoreSummary, rate: float) -> float | None:
+    """The risk at or above which ``rate`` of a (pooled validation) summary's patients
+    lie, both outcomes together: a target flag rate. Read from the finer grid a fitted
+    summary carries (``common.estimates``: the fitted distributions, which smooth the DP
+    noise) and interpolated in logit within its bin, so it is not tied to the release's
+    coarse edges, where one edge more or less flagged 25% or 64% of patients. None for
+    a summary with no patients in it."""
+    read = summary.fine if summary.fine is not None else summary
+    counts = read.counts()[:, 0, :].sum(axis=0)  # every patient's score, whatever the outcome (binary: one column)
+    total = counts.sum()
+    if not total > 0 or not 0 < rate < 1:
+        return None
+    above = np.cumsum(counts[::-1])[::-1]  # patients at or above each bin's lower edge
+    want = rate * total
+    j = int(np.flatnonzero(above >= want)[-1]) if (above >= want).any() else 0  # the bin the target falls in
+    inside = above[j] - (above[j + 1] if j + 1 < len(above) else 0.0)
+    reach = want - (above[j + 1] if j + 1 < len(above) else 0.0)  # of that bin's patients, how many from the top
+    share = float(np.clip(reach / inside, 0.0, 1.0)) if inside > 0 else 0.0
+    logit = read.grid.edge_logit(j + 1) - share * read.grid.width
+    return float(1.0 / (1.0 + math.exp(-logit)))
+
+
 def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:
     if not summaries:
         return None
@@ -355,10 +388,17 @@ def format_number(value: float | int | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
-def format_metrics(m: Metrics) -> str:
-    f = format_number
-    return (
-        f"AUROC {f(m.auroc)}  AUPRC {f(m.auprc)}  accuracy {f(m.accuracy)}  "
-        f"sensitivity {f(m.sensitivity)}  specificity {f(m.specificity)}  F1 {f(m.f1)}  "
-        f"Brier {f(m.brier)}  event-1 {f(m.event1_score)}  (n={m.n})"
-    )
+METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sensitivity": "sensitivity",
+                "specificity": "specificity", "f1": "F1", "brier": "Brier", "event1_score": "event-1"}
+
+
+def format_metrics(m: Metrics, intervals: dict[str, list[float]] | None = None, dp: bool = False) -> str:
+    """One line of metrics. ``dp``: read from DP releases, so each carries its interval
+    from ``intervals`` (or says it cannot be estimated); exact ones stand alone."""
+    if dp and not intervals:
+        return f"cannot be estimated: the DP noise drowns these counts (n={m.n})"
+    if dp:
+        parts = [f"{label} {with_interval(getattr(m, key), intervals.get(key))}" for key, label in METRIC_NAMES.items()]
+    else:
+        parts = [f"{label} {format_number(getattr(m, key))}" for key, label in METRIC_NAMES.items()]
+    return "  ".join(parts) + f"  (n={m.n})"

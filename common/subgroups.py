@@ -124,8 +124,10 @@ class GroupResult:
 
 def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10
                 ) -> list[CalibrationPoint]:
-    """Observed against predicted risk by risk decile, from a binary summary's counts
-    (bins in order of risk, grouped into ``deciles`` groups of about equal size)."""
+    """Observed against predicted risk in ``deciles`` groups of about equal size, from a
+    binary summary's counts (bins in order of risk; a fitted summary's finer grid where it
+    has one, so that ten groups can be told apart: ten coarse bins gave four)."""
+    summary = summary.fine if summary.fine is not None else summary
     counts = summary.counts()
     pos, neg = counts[1, 0], counts[0, 0]
     total = pos + neg

@@ -301,25 +301,40 @@ def _mean_loss(losses: list[tuple[float, int]]) -> float:
     return sum(l * n for l, n in losses) / total if total else float("nan")
 
 
-@torch.no_grad()
-def predict_proba(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int = 1024,
-                  pad: bool = False) -> np.ndarray:
-    """Class probabilities (N, K) with K >= 2 (binary models give [1 - p, p]). ``pad``:
-    every batch is run at exactly ``batch`` rows (a short one padded), so memory does not
-    depend on how many patients are scored (a hospital's releases)."""
+def _batches(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int, pad: bool):
+    """(inputs, descriptors, real rows) of each batch on the model's device; ``pad``: every
+    batch exactly ``batch`` rows (a short one padded with copies of its first row), so
+    memory does not depend on how many patients are scored (a hospital's releases)."""
     model.eval()
     device = next(model.parameters()).device
     X = torch.as_tensor(X, dtype=torch.float32)
     S = torch.as_tensor(S, dtype=torch.float32)
-    out = []
     for i in range(0, X.shape[0], batch):
         x, s = X[i : i + batch], S[i : i + batch]
         real = x.shape[0]
         if pad and real < batch:
             x = torch.cat([x, x[:1].expand(batch - real, *x.shape[1:])])
             s = torch.cat([s, s[:1].expand(batch - real, *s.shape[1:])])
-        logits = model(x.to(device), s.to(device))[:real]
-        out.append(probabilities(logits).cpu())
+        yield x.to(device), s.to(device), real
+
+
+@torch.no_grad()
+def hourly_logits_at(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor,
+                     hours: list[int], batch: int = 256, pad: bool = True) -> np.ndarray:
+    """The single logit (binary tasks) after each of ``hours`` (1-based): (N, len(hours)),
+    each reading only the steps up to its hour. ``pad`` as in :func:`predict_proba`."""
+    at = [h - 1 for h in hours]
+    out = [model.hourly_logits(x, s)[:real, at, 0].double().cpu() for x, s, real in _batches(model, X, S, batch, pad)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(hours)))
+
+
+@torch.no_grad()
+def predict_proba(model: GRUClassifier, X: np.ndarray | torch.Tensor, S: np.ndarray | torch.Tensor, batch: int = 1024,
+                  pad: bool = False) -> np.ndarray:
+    """Class probabilities (N, K) with K >= 2 (binary models give [1 - p, p]). ``pad``:
+    every batch is run at exactly ``batch`` rows (a short one padded), so memory does not
+    depend on how many patients are scored (a hospital's releases)."""
+    out = [probabilities(model(x, s)[:real]).cpu() for x, s, real in _batches(model, X, S, batch, pad)]
     if not out:
         k = max(2, model.spec.n_outputs)
         return np.zeros((0, k), dtype=np.float64)

@@ -61,9 +61,14 @@ def cmd_simulate(args) -> int:
             raise ConfigError(f"--fault {item!r} must look like HOSPITAL=KIND")
         faults[hospital] = kind
     gpus = None if args.gpus_per_hospital in (None, "auto") else float(args.gpus_per_hospital)
-    # The run's summary and report paths are the last lines the server logs: not printed twice.
-    simulate(cfg, run_dir, cpus_per_hospital=args.cpus_per_hospital, faults=faults, gpus_per_hospital=gpus,
-             ray_address=args.ray_address, verbose=args.verbose)
+    try:
+        simulate(cfg, run_dir, cpus_per_hospital=args.cpus_per_hospital, faults=faults, gpus_per_hospital=gpus,
+                 ray_address=args.ray_address, verbose=args.verbose)
+    finally:
+        if (run_dir / "metrics.json").is_file():  # the results on stdout (progress went to stderr)
+            from server.report import RunFolder, summary_text
+
+            print(summary_text(RunFolder.load(run_dir)))
     return 0
 
 
@@ -119,6 +124,17 @@ def _notes(ds) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _hour_thresholds(args, bundle, hours: int):
+    """--threshold at every hour, else the run's own threshold for each hour."""
+    import numpy as np
+
+    from common.bundle import hour_thresholds
+
+    if args.threshold is not None:
+        return np.full(hours, _threshold(args, bundle))
+    return hour_thresholds(bundle.info, hours)
+
+
 def _threshold(args, bundle) -> float:
     """--threshold, else the one the run chose and saved in the bundle, else 0.5."""
     if args.threshold is not None:
@@ -146,27 +162,31 @@ def cmd_predict(args) -> int:
 
         if len(classes) != 2:
             raise ConfigError("--hourly is for binary tasks")
-        threshold = _threshold(args, bundle)
         risks = hourly_risks(bundle, ds)
+        thresholds = _hour_thresholds(args, bundle, risks.shape[1])
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["stay_id", "hour", "risk", "flagged"])
+            writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged"])
             for sid, row in zip(ds.stay_ids, risks):
-                writer.writerows([sid, h + 1, f"{r:.6f}", int(r >= threshold)] for h, r in enumerate(row))
-        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}")
+                writer.writerows([sid, h + 1, f"{r:.6f}", f"{thresholds[h]:.3f}", int(r >= thresholds[h])]
+                                 for h, r in enumerate(row))
+        flagged = (risks >= thresholds[None, :])
+        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}; "
+              f"{flagged[:, -1].mean():.0%} of stays flagged at hour {risks.shape[1]}, {flagged.any(axis=1).mean():.0%} "
+              "at some hour", file=sys.stderr)
         return 0
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
             flagged = predicted_class(probs, _threshold(args, bundle))  # the same rule as the metrics
-            writer.writerow(["stay_id", f"risk_{classes[1]}", "flagged"])
+            writer.writerow(["stay_id", "risk", "flagged"])  # risk: of classes[1], as --hourly writes it
             for sid, p, flag in zip(ds.stay_ids, probs[:, 1], flagged):
                 writer.writerow([sid, f"{p:.6f}", int(flag)])
         else:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
-    print(f"wrote {len(ds.stay_ids)} risk scores to {out}")
+    print(f"wrote {len(ds.stay_ids)} risk scores to {out}", file=sys.stderr)
     return 0
 
 
@@ -187,9 +207,7 @@ def cmd_explain(args) -> int:
     bundle, ds = _one_stay(args)
     for stay in args.stay:
         e = explain_stay(bundle, ds, stay)
-        print(explanation_text(e, args.top))
-        if args.json:
-            print(to_json(e, indent=None))
+        print(to_json(e, indent=None) if args.json else explanation_text(e, args.top))
     return 0
 
 
@@ -198,7 +216,7 @@ def cmd_monitor(args) -> int:
 
     bundle, ds = _one_stay(args)
     out = Path(args.out) if args.out else Path(f"monitor-{args.stay[0]}.html")
-    print(monitor_page(bundle, ds, args.stay, out, _threshold(args, bundle)))
+    print(monitor_page(bundle, ds, args.stay, out, _hour_thresholds(args, bundle, ds.X.shape[1])))
     print(f"wrote {out}")
     return 0
 
@@ -388,11 +406,17 @@ def _stay_arguments(p: argparse.ArgumentParser, stay_help: str) -> None:
     p.add_argument("--stay", action="append", required=True, help=stay_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedgru", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with what it does (its line in fedgru --help)."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
 
-    p = sub.add_parser("simulate", help="run a federated simulation (Flower simulation runtime)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedgru", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "simulate", help="run a federated simulation (Flower simulation runtime)")
     _config_arg(p)
     p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
@@ -409,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show everything Flower and Ray log (default: progress only)")
     p.set_defaults(fn=cmd_simulate)
 
-    p = sub.add_parser("evaluate", help="score labelled stays with a saved model and print metrics")
+    p = _command(sub, "evaluate", help="score labelled stays with a saved model and print metrics")
     p.add_argument("--model", required=True, help="model bundle (runs/<run>/model.pt)")
     p.add_argument("--data", required=True, help="PhysioNet folder or .tar.gz, or long-format CSV")
     p.add_argument("--outcomes", required=True, help="outcomes file (PhysioNet Outcomes-*.txt or stay_id,label CSV)")
@@ -421,10 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the metrics per group of patients (evaluation.subgroups), exact: nothing leaves")
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write per-stay risk scores to a CSV")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--format", choices=["physionet2012", "long_csv"])
+    p = _command(sub, "predict", help="write per-stay risk scores to a CSV")
+    p.add_argument("--model", required=True, help="model bundle (runs/<run>/model.pt)")
+    p.add_argument("--data", required=True, help="PhysioNet folder or .tar.gz, or long-format CSV")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"], help="data format (default: from the path)")
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--hourly", action="store_true",
                    help="one row per stay and hour: the risk after each hour, from what was observed up to it")
@@ -432,31 +456,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("explain", help="why the model gives a stay its risk: contributions per variable and descriptor")
+    p = _command(sub, "explain", help="why the model gives a stay its risk: contributions per variable and descriptor")
     _stay_arguments(p, "a stay id (repeatable)")
     p.add_argument("--top", type=int, default=8, help="contributions to print (default 8)")
-    p.add_argument("--json", action="store_true", help="after each stay's text, a JSON line with every contribution")
+    p.add_argument("--json", action="store_true", help="print only JSON: one line per stay with every contribution")
     p.set_defaults(fn=cmd_explain)
 
-    p = sub.add_parser("monitor", help="a stay's risk hour by hour, with the threshold and what moved it (HTML)")
+    p = _command(sub, "monitor", help="a stay's risk hour by hour, with the threshold and what moved it (HTML)")
     _stay_arguments(p, "a stay id (repeatable: one chart each)")
     p.add_argument("--out", help="HTML file (default monitor-<stay>.html)")
     p.add_argument("--threshold", type=float, help="flag at this risk (default: the one the run chose)")
     p.set_defaults(fn=cmd_monitor)
 
-    p = sub.add_parser("plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")
+    p = _command(sub, "plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")
     p.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")
     p.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--rounds", type=int, required=True)
-    p.add_argument("--local-epochs", type=float, default=1.0)
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of every epsilon (default 1e-5)")
+    p.add_argument("--rounds", type=int, required=True, help="planned rounds")
+    p.add_argument("--local-epochs", type=float, default=1.0, help="passes over the training examples per round")
     p.add_argument("--batch-size", type=int, required=True, help="expected (Poisson) batch size")
     p.add_argument("--examples", type=int, required=True, help="training examples at the hospital")
-    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant (default rdp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
+    p = _command(sub, "hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
     p.add_argument("action", choices=["init", "data", "approve", "serve", "show"],
                    help="init: make the folder; data: register a new export or data definition; approve: an app "
                         "version; serve: the SuperNode's app; show: what each group of patients has spent")
@@ -486,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(fn=cmd_hospital)
 
-    p = sub.add_parser("deploy", help="init: the coordinator's CA, SuperLink certificate and commands; local: a whole "
+    p = _command(sub, "deploy", help="init: the coordinator's CA, SuperLink certificate and commands; local: a whole "
                                       "real deployment on this machine, run and taken down (a try-out)")
     p.add_argument("action", choices=["init", "local"])
     p.add_argument("--out", help="init: folder for the key material and COMMANDS.md; local: a new folder for everything")
@@ -499,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(fn=cmd_deploy)
 
-    p = sub.add_parser("status", help="the coordinator's view: connected hospitals, whether each runs this app version, "
+    p = _command(sub, "status", help="the coordinator's view: connected hospitals, whether each runs this app version, "
                                       "each one's answer to the plan and its remaining budgets (no run, nothing spent)")
     p.add_argument("--federation", default="fedgru", help="the Flower connection in ~/.flwr/config.toml (default fedgru)")
     p.add_argument("--app", help="the project folder of the app (default: the installed fedgru)")
@@ -507,11 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run")
+    p = _command(sub, "report", help="write report.md and a self-contained report.html for a run")
     p.add_argument("run_dir", help="a run folder (runs/<timestamp>)")
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("audit", help="an empirical lower bound on a hospital's epsilon (one-run privacy audit)")
+    p = _command(sub, "audit", help="an empirical lower bound on a hospital's epsilon (one-run privacy audit)")
     _config_arg(p)
     p.add_argument("--hospital", help="the simulated hospital to audit (default: the first)")
     p.add_argument("--canaries", type=int, default=1000, help="gradient canaries, each included with probability 1/2")
@@ -519,9 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print only the result, as one JSON object (text to stderr)")
     p.set_defaults(fn=cmd_audit)
 
-    p = sub.add_parser("baseline", help="centralized or local-only training for comparison")
+    p = _command(sub, "baseline", help="centralized or local-only training for comparison")
     _config_arg(p)
-    p.add_argument("--kind", required=True, choices=["central", "central-dp", "local"])
+    p.add_argument("--kind", required=True, choices=["central", "central-dp", "local"],
+                   help="central: pooled data, no DP; central-dp: pooled, DP-SGD; local: each hospital alone, DP-SGD")
     p.add_argument("--epsilon", type=float, default=None, help="DP target epsilon (default: privacy.target_epsilon)")
     p.add_argument("--out", help="write the result JSON here")
     p.set_defaults(fn=cmd_baseline)

@@ -28,13 +28,10 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
-from common.estimates import INTERVAL_LEVEL, auroc_interval, for_metrics
 from common.ledger import Ledger
-from common.messages import Item, ReplyState, Split
-from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, format_number, pooled
+from common.messages import ReplyState, Split
+from common.metrics import ScoreGrid, ScoreSummary, format_number, pooled, with_interval
 from common.model import GRUClassifier, model_spec, output_layer_keys
-from common.subgroups import reliability
-from common.subgroups import results as subgroup_results
 
 from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from .checkpoint import RunSnapshot
@@ -50,10 +47,10 @@ from .records import (
     HospitalState,
     RoundRecord,
     Stopped,
-    TestResult,
     TrainPhase,
     TrainReport,
 )
+from .results import Reader, every_hour, exact_metrics_of
 from .start_model import StartModel
 from .strategies import Aggregator
 from .validation import (
@@ -130,6 +127,7 @@ class Coordinator:
         self._lines = RepeatedLines()
         self.final_dropped: list[Dropped] = []
         self.trained_rounds = 0  # rounds whose replies moved the global model (none: nothing to evaluate)
+        self.reader = Reader(cfg)
         self.not_started = ""  # why the run did not start (the preflight), if it did not
 
     # -- checkpoints -------------------------------------------------------------
@@ -323,7 +321,7 @@ class Coordinator:
             for key in [k for k in reply.content.array_records if k != M.ARRAYS]:
                 del reply.content[key]  # read above; Flower's strategies average exactly one ArrayRecord
             valid.append(reply)
-        phase.validation = {name: e.summaries[Split.VAL] for name, e in evaluations.items() if Split.VAL in e.summaries}
+        phase.validation = {name: e for name, e in evaluations.items() if Split.VAL in e.summaries}
         for nid in nodes:
             if nid not in answered:
                 name = self.hospitals[nid].name
@@ -382,11 +380,6 @@ class Coordinator:
         self.final_dropped += self._phase.dropped
         return evaluations
 
-    def fixed_threshold(self) -> float:
-        """The configured decision threshold; 0.5 for "auto" where none can be chosen."""
-        t = self.cfg.evaluation.threshold
-        return 0.5 if t == "auto" else float(t)
-
     def recalibrate(self, val: ScoreSummary | None) -> Calibration | None:
         """Platt scaling fitted on the pooled validation histograms, folded into the
         global model's output layer (server.calibration); kept in ``self.calibration``.
@@ -405,21 +398,6 @@ class Coordinator:
         self.calibration = Calibration(scale, shift)
         return self.calibration
 
-    def decision_edge(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None) -> int:
-        """The bin edge (on the final model's own, uncalibrated scores) at or above which a
-        patient is flagged: the best event-1 edge on the pooled validation histograms, or
-        the edge nearest the configured threshold (a risk on the calibrated scale)."""
-        if self.cfg.evaluation.threshold == "auto" and self.cfg.num_classes == 2:
-            chosen = choose_threshold(val) if val is not None else None
-            if chosen is not None:
-                return chosen
-            log.warning("no pooled validation histogram with both outcomes: decision threshold stays 0.5")
-        risk = self.fixed_threshold()
-        if calibration is not None:  # the calibrated threshold, back on the model's own scale
-            logit = (math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale
-            risk = 1 / (1 + math.exp(-logit))
-        return grid.edge_for_risk(risk)
-
     def max_epsilon(self) -> float:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
 
@@ -428,26 +406,15 @@ class Coordinator:
             return False
         return sum(h.active for h in self.hospitals.values()) >= self.cfg.strategy.min_hospitals
 
-    def _read(self, summary: ScoreSummary | None, estimator: str | None = None) -> ScoreSummary | None:
-        """What metrics, the threshold and the calibration read for a released summary (or
-        a pooled sum of them): under DP, the counts of ``estimator`` (default
-        ``evaluation.estimator``; common.estimates); exact ones as they are."""
-        return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp)
-
-    def _validated(self, server_round: int, summaries: dict[str, ScoreSummary], progress: bool = False) -> Evaluation:
-        """Metrics of the global model after ``server_round`` from its validation summaries,
-        written into that round's record. ``progress``: a release during training, which
-        only the console and the plot read. Those carry the most noise (a small share of
-        the validation budget each) and are read as clipped counts: biased towards 0.5
-        but bounded, where a fitted normal on a noise-only histogram can land anywhere
-        in [0, 1] (a default run printed a validation AUROC of 1e-13)."""
-        estimator = "binned" if progress else None
-        result = Evaluation(Split.VAL.value, hospitals={n: self._read(s, estimator).metrics() for n, s in summaries.items()})
-        total = self._read(pooled(list(summaries.values())), estimator)
-        result.pooled = total.metrics() if total is not None else None
+    def _validated(self, server_round: int, released: dict[str, Evaluations], progress: bool = False) -> Evaluation:
+        """Metrics of the global model after ``server_round`` from its validation releases
+        (server.results), written into that round's record."""
+        summaries = {n: e.summaries[Split.VAL] for n, e in released.items() if Split.VAL in e.summaries}
+        noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in released.items()}
+        result = self.reader.validation(summaries, noise, progress)
         for record in self.recorder.rounds:
             if record.round == server_round:
-                record.pooled_val = result.pooled
+                record.pooled_val, record.pooled_val_interval = result.pooled, result.pooled_interval
                 for name, m in result.hospitals.items():
                     if name in record.hospitals:
                         record.hospitals[name].val = m
@@ -478,7 +445,8 @@ class Coordinator:
             seconds = time.perf_counter() - t0
             self.recorder.add_round(self._round_record(server_round, seconds, train))
             eps = self.max_epsilon() if self.cfg.privacy.enabled else math.inf
-            validated = f" | val AUROC {format_number(val.pooled.auroc)} (model after round {server_round - 1})" if val and val.pooled else ""
+            validated = (f" | val AUROC {with_interval(val.pooled.auroc, val.pooled_interval)} (model after round "
+                         f"{server_round - 1})" if val and val.pooled else "")
             unshown.append(seconds)
             shown = shows_round(server_round, rounds, noteworthy=bool(val or train.skipped))
             pace = f"{seconds:.1f} s" if len(unshown) == 1 else f"{sum(unshown) / len(unshown):.1f} s/round"
@@ -507,11 +475,10 @@ class Coordinator:
         grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
         validated = self.final_evaluation(last_round, [Split.VAL])
         val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
-        val = self._read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
-        self._validated(last_round, val_parts)
+        val = self.reader.read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
+        self._validated(last_round, validated)
         uncalibrated = self.recalibrate(val)
-        edge = self.decision_edge(val, grid, uncalibrated)
-        threshold = grid.edge_risk(edge)
+        threshold = self.reader.threshold(val, grid, uncalibrated)
         if uncalibrated is not None:
             threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
         if self.cfg.num_classes == 2:
@@ -519,56 +486,21 @@ class Coordinator:
                      "calibrated" if uncalibrated else "own")
         released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None)
         test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
-        at = test_grid.edge_for_risk(threshold)
-        test_parts = {n: e.summaries[Split.TEST] for n, e in released.items() if Split.TEST in e.summaries}
-        test = self._read(pooled(list(test_parts.values())))
-        result = TestResult(
-            pooled=test.metrics(at) if test is not None else None,
-            hospitals={n: self._read(s).metrics(at) for n, s in test_parts.items()},
-            dropped=self.final_dropped, threshold=threshold, calibration=self.calibration,
-        )
-        if test is not None and self.cfg.is_binary:
-            result.calibration_curve = reliability(test)
-        if test is not None:
-            result.auroc_interval = self.auroc_interval(test_parts, released)
-        groups = [e for e in released.values() if e.subgroups is not None]
-        if groups:
-            total = groups[0].subgroups
-            for e in groups[1:]:
-                total = total + e.subgroups
-            noise = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
-            result.subgroups = subgroup_results(self.cfg, total, total.grid.edge_for_risk(threshold), None,
-                                                min_count=3 * noise * math.sqrt(total.grid.bins))
-        important = [(n, e) for n, e in released.items() if e.importance is not None and n in test_parts]
-        if important:
-            patients = sum(test_parts[n].n for n, _ in important)
-            mean = sum(e.importance for _, e in important) / max(patients, 1)
-            names = [v.name for v in self.cfg.features.variables] + [f"{d.name} (descriptor)" for d in self.cfg.features.static]
-            result.importance = dict(sorted(zip(names, map(float, mean)), key=lambda kv: -kv[1]))
-            result.importance_noise = math.sqrt(sum(e.noise[Item.IMPORTANCE] ** 2 for _, e in important)) / max(patients, 1)
-        self.recorder.finish(
-            result, {k: v.numpy() for k, v in self.arrays.items()}, [h.status() for h in self.hospitals.values()],
-            self.aggregator.hospital_privacy(),
-        )
-
-    def auroc_interval(self, parts: dict[str, ScoreSummary], released: dict[str, Evaluations]) -> list[float] | None:
-        """The rough interval of the pooled test AUROC (common.estimates.auroc_interval) for a
-        DP binary run read binormal: the pooled release and the noise the hospitals added to
-        it, sqrt(sum of each one's (noise multiplier x sensitivity)^2) from their ledger
-        entries. An interval that cannot be computed is left out; it never costs the run."""
-        noisy = [(parts[n], e.noise[Item.HISTOGRAM]) for n, e in released.items()
-                 if n in parts and Item.HISTOGRAM in e.noise]
-        ev = self.cfg.evaluation
-        if not (noisy and self.cfg.is_binary and ev.dp and ev.estimator == "binormal"):
-            return None
-        noise = math.sqrt(sum((sigma * part.sensitivity) ** 2 for part, sigma in noisy))
-        try:
-            interval = auroc_interval(pooled([part for part, _ in noisy]), noise, INTERVAL_LEVEL,
-                                      rng=np.random.default_rng(self.cfg.run.seed))
-        except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
-            log.warning("the interval of the test AUROC could not be computed", exc_info=True)
-            return None
-        return list(interval) if interval is not None else None
+        result = self.reader.test_result(released, threshold, test_grid, self.calibration, self.final_dropped)
+        checkpoints = self.reader.hour_thresholds(validated, threshold, grid, uncalibrated)
+        if checkpoints:
+            steps = round(self.cfg.features.window_hours / self.cfg.features.bin_hours)
+            result.hour_thresholds = every_hour(checkpoints, threshold, steps)
+            result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
+            log.info("thresholds after hours %s: %s", ", ".join(map(str, checkpoints)),
+                     ", ".join(f"{t:.3f}" for t in checkpoints.values()))
+        arrays = {k: v.numpy() for k, v in self.arrays.items()}
+        if self.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
+            exact = exact_metrics_of(self.cfg, arrays, threshold)
+            if exact is not None:
+                result.exact, result.exact_hospitals = exact
+        self.recorder.finish(result, arrays, [h.status() for h in self.hospitals.values()],
+                             self.aggregator.hospital_privacy())
 
     def _round_record(self, server_round: int, seconds: float, train: TrainPhase) -> RoundRecord:
         epsilons = {h.name: h.epsilon for h in self.hospitals.values()}

@@ -68,6 +68,12 @@ def make_run_dir(out_dir: Path) -> Path:
     return candidate
 
 
+# The run's summary goes to the log (a ServerApp under `flwr run` or a deployment has no
+# other way to the researcher); `fedgru simulate`, in the same process, prints it to stdout
+# itself instead: results on stdout, progress on stderr.
+SUMMARY_TO_LOG = True
+
+
 class RunRecorder:
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, run_id: str):
         self.run_dir = run_dir
@@ -112,12 +118,15 @@ class RunRecorder:
                 self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,
                 info=json_safe({"run_id": self.run_id, "rounds": self.cfg.run.rounds,
                                 "test": test.pooled if test else None, "threshold": test.threshold if test else None,
+                                "hour_thresholds": test.hour_thresholds if test else [],
                                 "calibration": test.calibration if test else None}),
             )
         from .report import write_report
 
-        for line in write_report(self.run_dir).splitlines():
-            log.info("%s", line)
+        summary = write_report(self.run_dir)
+        if SUMMARY_TO_LOG:
+            for line in summary.splitlines():
+                log.info("%s", line)
 
 
 def run_privacy(

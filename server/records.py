@@ -70,7 +70,7 @@ class TrainPhase:
     dropped: list[Dropped] = field(default_factory=list)
     stopped: list[Stopped] = field(default_factory=list)
     skipped: bool = False
-    validation: dict = field(default_factory=dict)  # hospital -> ScoreSummary of the model it received
+    validation: dict = field(default_factory=dict)  # hospital -> its validation release (of the model it received)
 
 
 @dataclass
@@ -81,6 +81,7 @@ class Evaluation:
     pooled: Metrics | None = None
     hospitals: dict[str, Metrics] = field(default_factory=dict)
     dropped: list[Dropped] = field(default_factory=list)
+    pooled_interval: list[float] | None = None  # the pooled AUROC's rough interval (common.estimates)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class RoundRecord:
     pooled_val: Metrics | None
     hospitals: dict[str, HospitalRound]
     dropped: list[Dropped]
+    pooled_val_interval: list[float] | None = None  # the pooled validation AUROC's rough interval
 
 
 @dataclass
@@ -122,9 +124,19 @@ class TestResult:
     subgroups: list[GroupResult] = field(default_factory=list)  # metrics per group of test patients (DP)
     importance: dict[str, float] = field(default_factory=dict)  # mean clipped |contribution| per input (DP), largest first
     importance_noise: float | None = None  # the standard deviation of the DP noise on each of those means
-    # DP releases read binormal: a rough interval of the pooled AUROC for the DP noise and the fit
-    # (common.estimates.auroc_interval, nominal 99%, held the exact AUROC 85-92% of the time in simulations)
-    auroc_interval: list[float] | None = None
+    # DP releases: rough intervals of each metric for the DP noise and the fit (common.estimates.metric_intervals;
+    # nominal INTERVAL_LEVEL, their measured coverage in common.estimates.INTERVAL_COVERAGE): row -> metric ->
+    # [low, high]; rows "pooled" and each hospital. A row without intervals could not be estimated.
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    auroc_interval: list[float] | None = None  # the pooled AUROC's (run folders from before ``intervals``)
+    # A simulation holds every patient: the same metrics computed exactly on its test patients (pooled and per
+    # hospital), which a real federation never sees.
+    exact: Metrics | None = None
+    exact_hospitals: dict[str, Metrics] = field(default_factory=dict)
+    # The threshold of each checkpoint hour read from the hourly validation releases, and one for every hour of
+    # the window joined in logit (the last hour's is ``threshold``): a monitor flags hour h at hour_thresholds[h-1].
+    checkpoint_thresholds: dict[str, float] = field(default_factory=dict)  # hour (as text: a JSON key) -> threshold
+    hour_thresholds: list[float] = field(default_factory=list)
 
 
 @dataclass

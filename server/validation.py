@@ -162,7 +162,9 @@ class Evaluations:
     summaries: dict[Split, ScoreSummary] = field(default_factory=dict)
     subgroups: SubgroupSummary | None = None  # test patients, per group
     importance: np.ndarray | None = None  # test patients: summed clipped contribution sizes
-    noise: dict[Item, float] = field(default_factory=dict)  # the test releases' noise multipliers, from the ledger
+    hourly: np.ndarray | None = None  # validation patients: (checkpoint hours, bins), every outcome together
+    noise: dict[Item, float] = field(default_factory=dict)  # the releases' noise multipliers by item, from the ledger
+    histogram_noise: dict[Split, float] = field(default_factory=dict)  # each split's histogram's noise multiplier
 
 
 def evaluation_grids(cfg: ExperimentConfig, threshold: float | None) -> tuple[ScoreGrid, ScoreGrid]:
@@ -182,7 +184,8 @@ def read_evaluations(
     of the hospital's ledger that released it."""
     out = Evaluations()
     grid, coarse = evaluation_grids(cfg, threshold)
-    allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set())
+    allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set()) | (
+        {M.HOURLY} if Split.VAL in splits else set())
     for name in msg.content.array_records:
         if name != M.ARRAYS and name not in allowed:
             raise ReplyRejected(f"reply carries a record ({name}) that was not asked for")
@@ -209,7 +212,20 @@ def read_evaluations(
                          f"its {split.value} confusion matrix")
         if split == Split.TEST:
             out.noise[Item.HISTOGRAM] = entry.noise_multiplier
+        out.histogram_noise[split] = entry.noise_multiplier
         out.summaries[split] = summary
+    if M.HOURLY in msg.content.array_records:
+        arrays = {k: v.numpy() for k, v in msg.content[M.HOURLY].items()}
+        hours = cfg.checkpoint_hours
+        histogram = arrays.get("hourly-histograms")
+        shape = (len(hours), grid.bins)
+        if (set(arrays) != {"hourly-histograms", "hours"} or histogram.shape != shape or not np.isfinite(histogram).all()
+                or list(np.asarray(arrays["hours"]).ravel()) != list(hours)):
+            raise ReplyRejected(f"hourly histograms must be one finite array of shape {shape} and the run's hours")
+        entry = released(Split.VAL, Item.HOURLY_HISTOGRAMS)
+        within_reach(histogram, entry.examples, entry.noise_multiplier * math.sqrt(len(hours)), "its hourly histograms")
+        out.noise[Item.HOURLY_HISTOGRAMS] = entry.noise_multiplier
+        out.hourly = histogram.astype(np.float64)
     if M.SUBGROUPS in msg.content.array_records:
         arrays = {k: v.numpy() for k, v in msg.content[M.SUBGROUPS].items()}
         rows = sum(len(g.groups) for g in groupings(cfg))

@@ -33,11 +33,13 @@ def simulate(
 
     from client.app import build_client_app
     from common.logs import quiet_console
+    from server import outputs
     from server.app import make_server_app
 
     from .faults import fault_mod
 
     quiet_console(verbose)  # after the imports: Opacus installs its duplicating handler on import
+    outputs.SUMMARY_TO_LOG = False  # the caller prints the summary (stdout): results apart from progress
 
     if client_app is None:
         client_app = build_client_app([fault_mod(faults, cfg)] if faults else None, simulation=cfg)

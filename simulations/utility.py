@@ -68,8 +68,23 @@ class FoldResult:
     seconds: float
     released: Metrics | None = None  # the run's own report (noisy, DP releases); federated runs only
     early: dict[int, float] = field(default_factory=dict)  # hour -> exact AUROC of the risk after that hour
+    # The bedside view of the run's own threshold(s), exact on its test patients (federated runs):
+    threshold: float | None = None  # the hour-48 decision threshold the run chose
+    flagged: dict[int, float] = field(default_factory=dict)  # hour -> share of test stays flagged after that hour
+    ever_flagged: float | None = None  # share of test stays flagged at some hour within the window
+    interval: list[float] | None = None  # the run's own rough interval of its pooled test AUROC
+    covered: bool | None = None  # whether that interval holds the exact AUROC of the same patients
+    covered_metrics: dict[str, bool] = field(default_factory=dict)  # each metric with an interval: held the exact value?
     y: list[int] = field(default_factory=list, repr=False)
     risk: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def flag_rate_ratio(self) -> float | None:
+        """The largest share flagged at any hour from 6 to the end, over the end's share."""
+        if not self.flagged:
+            return None
+        last = self.flagged[max(self.flagged)]
+        return max(self.flagged[h] for h in self.flagged if h >= 6) / last if last > 0 else float("inf")
 
 
 def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dict[str, float], np.ndarray, np.ndarray]:
@@ -106,6 +121,28 @@ def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
             for hour in hours if hour <= z.shape[1]}
 
 
+def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> tuple[dict[int, float], float]:
+    """Share of the test stays flagged after each hour (at the bundle's threshold for that
+    hour: one per hour when the run chose them, else its one threshold), and the share
+    flagged at some hour: what a monitor would have alarmed on, exactly."""
+    import torch
+
+    from common.bundle import hour_thresholds
+
+    ds = load_dataset(cfg)
+    logits = []
+    model = bundle.model.eval()
+    for h in make_partition(ds, cfg):
+        with torch.no_grad():
+            x = torch.as_tensor(ds.X[h.test], dtype=torch.float32)
+            s = torch.as_tensor(ds.S[h.test], dtype=torch.float32)
+            logits.append(model.hourly_logits(x, s)[..., 0].numpy())
+    risk = 1 / (1 + np.exp(-np.concatenate(logits)))
+    thresholds = hour_thresholds(bundle.info, risk.shape[1])
+    flags = risk >= thresholds[None, :]
+    return {hour: float(flags[:, hour - 1].mean()) for hour in range(1, risk.shape[1] + 1)}, float(flags.any(axis=1).mean())
+
+
 def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,
                    hours: list[int] = (), tag: str = "") -> FoldResult:
     run_dir = out / f"fold{fold}{tag}"
@@ -124,9 +161,15 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
     threshold = float(bundle.info.get("threshold", 0.5))
     pooled, per, y, p = _exact(cfg, lambda _name: bundle.model, threshold)
     released = load_record(run_dir / "metrics.json", RunMetrics)
-    return FoldResult(fold, pooled, per, round(seconds, 1), released.test.pooled if released and released.test else None,
-                      _early(cfg, lambda _name: bundle.model, list(hours)), y.tolist(),
-                      p[:, 1].tolist() if p.shape[1] == 2 else [])
+    test = released.test if released else None
+    flagged, ever = _bedside(cfg, bundle) if p.shape[1] == 2 else ({}, None)
+    interval = test.auroc_interval if test else None
+    intervals = (getattr(test, "intervals", None) or {}).get("pooled", {}) if test else {}
+    covered = {m: bool(lo - 1e-9 <= getattr(pooled, m) <= hi + 1e-9) for m, (lo, hi) in intervals.items()}
+    return FoldResult(fold, pooled, per, round(seconds, 1), test.pooled if test else None,
+                      _early(cfg, lambda _name: bundle.model, list(hours)), threshold, flagged, ever, interval,
+                      None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]), covered,
+                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [])
 
 
 def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
@@ -138,8 +181,8 @@ def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: i
     models = train_baseline_models(cfg, kind)
     pooled, per, y, p = _exact(cfg, lambda name: models[name], 0.5)
     return FoldResult(fold, pooled, per, round(time.perf_counter() - t0, 1), None,
-                      _early(cfg, lambda name: models[name], list(hours)), y.tolist(),
-                      p[:, 1].tolist() if p.shape[1] == 2 else [])
+                      early=_early(cfg, lambda name: models[name], list(hours)), y=y.tolist(),
+                      risk=p[:, 1].tolist() if p.shape[1] == 2 else [])
 
 
 def summarize(results: list[FoldResult]) -> dict:
@@ -163,6 +206,29 @@ def summarize(results: list[FoldResult]) -> dict:
     hours = sorted({h for r in results for h in r.early})
     if hours:
         out["early"] = {h: stats([r.early[h] for r in results if h in r.early]) for h in hours}
+    bedside = [r for r in results if r.flagged]
+    if bedside:
+        last = max(bedside[0].flagged)
+        out["bedside"] = {
+            "threshold": stats([r.threshold for r in bedside]),
+            "flagged_by_hour": {h: stats([r.flagged[h] for r in bedside]) for h in (1, 6, 12, 24, 36, last)},
+            "flagged_end": stats([r.flagged[last] for r in bedside]),
+            "ever_flagged": stats([r.ever_flagged for r in bedside]),
+            "largest_ratio_to_end_from_hour_6": stats([r.flag_rate_ratio for r in bedside]),
+            "sensitivity": stats([r.pooled.sensitivity for r in bedside]),
+            "specificity": stats([r.pooled.specificity for r in bedside]),
+            "min_sensitivity": min(r.pooled.sensitivity for r in bedside),
+            "min_specificity": min(r.pooled.specificity for r in bedside),
+        }
+    intervals = [r for r in results if r.covered is not None]
+    if intervals:
+        out["interval_coverage"] = {"runs": len(intervals), "covered": sum(r.covered for r in intervals),
+                                    "share": sum(r.covered for r in intervals) / len(intervals),
+                                    "runs_without_interval": len(results) - len(intervals)}
+    metrics = sorted({m for r in results for m in r.covered_metrics})
+    if metrics:
+        out["metric_coverage"] = {m: {"runs": sum(m in r.covered_metrics for r in results),
+                                      "covered": sum(r.covered_metrics.get(m, False) for r in results)} for m in metrics}
     return out
 
 
@@ -196,6 +262,27 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
             lines.append(f"| {name} | " + " | ".join(f(s["early"][h]) if h in s.get("early", {}) else "" for h in early)
                          + " |")
     fed = summary.get("federated", {})
+    bed = fed.get("bedside")
+    if bed:
+        hours_shown = sorted(bed["flagged_by_hour"], key=int)
+        lines += ["", "At the bedside, each run's own threshold(s) on its test patients (exact; mean ± sd over runs):", "",
+                  "| threshold (hour 48) | " + " | ".join(f"flagged at hour {h}" for h in hours_shown)
+                  + " | ever flagged | largest hour-6+ share / end share | sensitivity | specificity |",
+                  "|---|" + "---|" * (len(hours_shown) + 4),
+                  f"| {f(bed['threshold'])} | " + " | ".join(f(bed["flagged_by_hour"][h]) for h in hours_shown)
+                  + f" | {f(bed['ever_flagged'])} | {f(bed['largest_ratio_to_end_from_hour_6'])} | "
+                  f"{f(bed['sensitivity'])} (least {bed['min_sensitivity']:.3f}) | "
+                  f"{f(bed['specificity'])} (least {bed['min_specificity']:.3f}) |"]
+    cov = fed.get("interval_coverage")
+    if cov:
+        lines += ["", f"The runs' own AUROC intervals held the exact AUROC of their test patients in {cov['covered']} of "
+                      f"{cov['runs']} runs ({cov['share']:.0%})"
+                  + (f"; {cov['runs_without_interval']} run(s) gave no interval" if cov["runs_without_interval"] else "")
+                  + "."]
+    mc = fed.get("metric_coverage")
+    if mc:
+        lines += ["", "Each metric's interval held the exact value of the run's test patients in: "
+                  + ", ".join(f"{m} {c['covered']}/{c['runs']}" for m, c in mc.items()) + " runs."]
     if "released" in fed:
         r = fed["released"]
         lines += ["", f"The runs' own reports (from DP score histograms): AUROC {f(r['auroc'])}, "
@@ -215,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", default="", help="comma-separated hours: also the AUROC of the risk after each")
     parser.add_argument("--fold", type=int, default=None,
                         help="repeat every run on this one held-out fold (the sd is then the training's own)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every fold this many times (fresh DP noise each): --runs 5 --repeats 2 is 10 runs")
     args = parser.parse_args(argv)
     if args.fold is None and not 1 <= args.runs <= args.folds:
         parser.error("--runs must be between 1 and --folds (or give --fold to repeat runs on one fold)")
@@ -225,28 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [] if args.no_baselines else [k for k in args.baselines.split(",") if k]
     hours = [int(h) for h in args.hours.split(",") if h.strip()]
     results: dict[str, list[FoldResult]] = {"federated": [], **{k: [] for k in kinds}}
-    plan = [(run, run if args.fold is None else args.fold) for run in range(args.runs)]
-    for run, fold in plan:
-        tag = "" if args.fold is None else f"-run{run}"
+    plan = [(run + repeat * args.runs, run if args.fold is None else args.fold, repeat)
+            for repeat in range(args.repeats) for run in range(args.runs)]
+    for run, fold, repeat in plan:
+        tag = "" if args.fold is None and repeat == 0 else f"-run{run}"
         results["federated"].append(federated_fold(args.config, args.overrides, args.folds, fold, out, hours, tag))
         r = results["federated"][-1]
         print(f"fold {fold}{tag}: federated AUROC {r.pooled.auroc:.3f} (report: "
               f"{r.released.auroc if r.released else float('nan'):.3f}), {r.seconds:.0f} s", flush=True)
-        for kind in kinds if args.fold is None or run == 0 else []:  # seeded: on one fold they would repeat
+        for kind in kinds if (args.fold is None and repeat == 0) or run == 0 else []:  # seeded: a repeat repeats them
             results[kind].append(baseline_fold(args.config, args.overrides, args.folds, fold, kind, hours))
             print(f"fold {fold}: {kind} AUROC {results[kind][-1].pooled.auroc:.3f}", flush=True)
     summary = {name: summarize(rs) for name, rs in results.items()}
-    if args.fold is not None:  # the same patients in every run: pooling them would count each 5 times
+    if args.fold is not None or args.repeats > 1:  # the same patients in several runs: pooling would count them twice
         for s in summary.values():
             s.pop("auroc_all_folds", None)
             s.pop("patients_all_folds", None)
     write_json(out / "utility.json", {
-        "runs": args.runs, "folds": args.folds, "fold": args.fold, "config": str(args.config or "configs/default.yaml"),
+        "runs": args.runs, "repeats": args.repeats, "folds": args.folds, "fold": args.fold, "config": str(args.config or "configs/default.yaml"),
         "overrides": args.overrides, "summary": summary,
         "folds_detail": {name: [{k: v for k, v in asdict(r).items() if k not in ("y", "risk")} for r in rs]
                          for name, rs in results.items()},
     })
-    text = markdown(summary, args.runs, args.fold)
+    text = markdown(summary, args.runs * args.repeats, args.fold)
     (out / "utility.md").write_text(text)
     print(text)
     print(json.dumps({"out": str(out)}))

@@ -62,10 +62,12 @@ def test_ledger_survives_restart_and_composes_across_runs(hospital_data, tmp_pat
     assert reply_status(ev)[M.STATE] == ReplyState.EVALUATED
     assert {M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST)} <= set(ev.content.array_records)
     after = _ledger(folder)
-    # one entry per release: the validation histogram; the test histogram, its per-group
+    # one entry per release: the validation histogram and the unlabelled histograms at the
+    # hourly checkpoints (for the per-hour thresholds); the test histogram, its per-group
     # histograms and the importance (the test budget shared between them)
     assert [(e.mechanism, e.split, e.item) for e in after.entries[before:]] == [
-        (Mechanism.GAUSSIAN, Split.VAL, Item.HISTOGRAM), (Mechanism.GAUSSIAN, Split.TEST, Item.HISTOGRAM),
+        (Mechanism.GAUSSIAN, Split.VAL, Item.HISTOGRAM), (Mechanism.GAUSSIAN, Split.VAL, Item.HOURLY_HISTOGRAMS),
+        (Mechanism.GAUSSIAN, Split.TEST, Item.HISTOGRAM),
         (Mechanism.GAUSSIAN, Split.TEST, Item.SUBGROUP_HISTOGRAMS), (Mechanism.GAUSSIAN, Split.TEST, Item.IMPORTANCE)]
     assert 0 < after.epsilon(Split.TEST) <= cfg.evaluation.test_epsilon
     assert after.epsilon(Split.TRAIN) == pytest.approx(eps[-1], abs=1e-12)  # other patients: their own budget

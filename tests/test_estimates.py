@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from common.estimates import _edges, _shape, auroc_interval, binormal_counts, fit_normal, for_metrics
+from common.messages import Split
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, pooled
-from tests.conftest import coordinator_for, small_cfg
+from tests.conftest import small_cfg
 
 GRID = ScoreGrid(-7.0, 3.0, 10)
 # The default config's noise on a hospital's test histogram, per cell (evaluation.test_epsilon 1;
@@ -154,30 +155,40 @@ def test_denoised_counts_are_finite_and_nonnegative(classes, bins, data, n):
     fitted.metrics()
 
 
-def test_the_coordinator_reads_dp_releases_with_the_configured_estimator(tmp_path):
+def test_the_coordinator_reads_dp_releases_with_the_configured_estimator():
+    from server.results import Reader
+
     rng = np.random.default_rng(7)
     parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
+    noise = {n: TEST_NOISE for n in parts}
     for extra, estimator in ((), "binormal"), (("evaluation.estimator=binned",), "binned"):
-        coord = coordinator_for(small_cfg(*extra), [], tmp_path / estimator)
-        result = coord._validated(0, parts)
+        result = Reader(small_cfg(*extra)).validation(parts, noise, progress=False)
         assert result.pooled.auroc == for_metrics(pooled(list(parts.values())), estimator, True).metrics().auroc
         assert result.hospitals["h1"].auroc == for_metrics(parts["h1"], estimator, True).metrics().auroc
-    assert result.pooled.auroc != coordinator_for(small_cfg(), [], tmp_path / "b2")._validated(0, parts).pooled.auroc
-    exact = coordinator_for(small_cfg("evaluation.dp=false"), [], tmp_path / "exact")
-    assert exact._validated(0, parts).pooled.auroc == pooled(list(parts.values())).metrics().auroc
+    assert result.pooled.auroc != Reader(small_cfg()).validation(parts, noise, progress=False).pooled.auroc
+    exact = Reader(small_cfg("evaluation.dp=false")).validation(parts, noise, progress=False)
+    assert exact.pooled.auroc == pooled(list(parts.values())).metrics().auroc
+    assert exact.pooled_interval is None  # exact releases carry no noise to bound
 
 
-def test_progress_validations_are_read_as_clipped_counts_the_final_one_with_the_estimator(tmp_path):
+def test_progress_validations_are_read_as_clipped_counts_the_final_one_with_the_estimator():
     """The releases during training carry the most noise and only feed the console and the
-    plot: read binned (bounded, biased towards 0.5), never a fit that can land anywhere."""
+    plot: read binned (bounded, biased towards 0.5), never a fit that can land anywhere;
+    each pooled reading carries its interval."""
+    from server.results import Reader
+
     rng = np.random.default_rng(11)
     parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
-    coord = coordinator_for(small_cfg(), [], tmp_path / "progress")
-    progress = coord._validated(0, parts, progress=True)
-    final = coord._validated(0, parts)
+    noise = {n: TEST_NOISE for n in parts}
+    reader = Reader(small_cfg())
+    progress = reader.validation(parts, noise, progress=True)
+    final = reader.validation(parts, noise, progress=False)
     assert progress.pooled.auroc == for_metrics(pooled(list(parts.values())), "binned", True).metrics().auroc
     assert final.pooled.auroc == for_metrics(pooled(list(parts.values())), "binormal", True).metrics().auroc
     assert progress.hospitals["h0"].auroc == parts["h0"].metrics().auroc
+    for result in (progress, final):
+        low, high = result.pooled_interval
+        assert 0 <= low <= result.pooled.auroc <= high <= 1
 
 
 def test_metrics_json_says_which_estimator_produced_the_numbers(tmp_path):
@@ -226,40 +237,45 @@ def test_no_interval_without_noise_or_for_several_classes():
     assert auroc_interval(three, 1.0) is None
 
 
-def test_the_coordinator_gives_the_interval_the_pooled_release_and_its_pooled_noise(tmp_path, monkeypatch):
-    """finish() reads the interval from the pooled test release with the noise the
-    hospitals added to it: sqrt(sum of (noise multiplier x sensitivity)^2) over the
-    hospitals whose ledger recorded a DP histogram; none for exact releases or the
-    binned estimator; a failure is logged, not fatal."""
-    import server.coordinator as coordinator
+def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_noise(monkeypatch):
+    """The test result reads each row's intervals from its release with the noise the
+    hospitals added to it: the pooled row sqrt(sum of (noise multiplier x sensitivity)^2)
+    over the hospitals whose ledger recorded a DP histogram, a hospital's row its own;
+    none for exact releases; a failure is logged, not fatal."""
+    import server.results as results
     from common.messages import Item
     from server.validation import Evaluations
 
     rng = np.random.default_rng(3)
-    parts, released = {}, {}
+    released = {}
     for name, sigma in (("a", 2.0), ("b", 3.0), ("c", 6.0)):
         y = (rng.random(200) < 0.2).astype(np.int64)
         risk = 1 / (1 + np.exp(-(-2.0 + rng.normal(size=200) + y)))
-        parts[name] = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID).noised(sigma, rng)
-        released[name] = Evaluations(summaries={}, noise={Item.HISTOGRAM: sigma})
+        summary = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID).noised(sigma, rng)
+        released[name] = Evaluations(summaries={Split.TEST: summary}, noise={Item.HISTOGRAM: sigma},
+                                     histogram_noise={Split.TEST: sigma})
     released["d"] = Evaluations()  # declined: no histogram, no noise
-    seen = {}
+    seen = []
 
-    def spy(summary, noise_std, level, rng=None):
-        seen.update(n=summary.n, noise=noise_std, level=level)
-        return (0.6, 0.9)
+    def spy(summary, noise_std, edge, level, draws, rng, estimator):
+        seen.append((summary.n, noise_std, level))
+        return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8)}
 
-    monkeypatch.setattr(coordinator, "auroc_interval", spy)
-    assert coordinator_for(small_cfg(), [], tmp_path / "dp").auroc_interval(parts, released) == [0.6, 0.9]
-    assert seen["n"] == 600 and seen["noise"] == pytest.approx(math.sqrt(4 + 9 + 36))
-    assert coordinator_for(small_cfg("evaluation.dp=false"), [], tmp_path / "x").auroc_interval(parts, released) is None
-    assert coordinator_for(small_cfg("evaluation.estimator=binned"), [], tmp_path / "b").auroc_interval(parts, released) is None
+    monkeypatch.setattr(results, "metric_intervals", spy)
+    result = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
+    assert result.auroc_interval == [0.6, 0.9] and result.intervals["a"]["sensitivity"] == [0.5, 0.8]
+    assert set(result.intervals) == {"pooled", "a", "b", "c"}
+    pooled_call = next(call for call in seen if call[0] == 600)
+    assert pooled_call[1] == pytest.approx(math.sqrt(4 + 9 + 36))
+    assert sorted(sd for n, sd, _ in seen if n == 200) == pytest.approx([2.0, 3.0, 6.0])
+    assert results.Reader(small_cfg("evaluation.dp=false")).test_result(released, 0.2, GRID, None, []).intervals == {}
 
     def broken(*args, **kwargs):
         raise FloatingPointError("a fit that went wrong")
 
-    monkeypatch.setattr(coordinator, "auroc_interval", broken)
-    assert coordinator_for(small_cfg(), [], tmp_path / "e").auroc_interval(parts, released) is None
+    monkeypatch.setattr(results, "metric_intervals", broken)
+    failed = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
+    assert failed.auroc_interval is None and failed.pooled is not None
 
 
 def test_a_small_release_whose_deaths_fit_to_nothing_keeps_their_clipped_counts():

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from common.config import load_config
-from common.explain import exact_contributions, explain, integrated_gradients, is_exact
+from common.explain import describe, exact_contributions, explain, format_value, integrated_gradients, is_exact
 from common.metrics import ScoreGrid
 from common.model import GRUClassifier, batch_loss, model_spec
 from common.subgroups import SubgroupSummary, exact_results, groupings
@@ -191,14 +191,18 @@ def bundle_and_stays(tmp_path_factory, hospital_data):
 
 
 def test_explain_command_prints_text_and_json(bundle_and_stays, capsys):
+    """Text for a reader; with --json, only JSON (one object per stay), for a program."""
     from fedgru.cli import main
 
     path, folder, _, stays = bundle_and_stays
-    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--top", "3", "--json"]) == 0
+    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"stay {stays[0]}: risk ") and "exact" in lines[0]
-    assert len(lines) == 1 + 3 + 1 + 1
-    record = json.loads(lines[-1])
+    assert len(lines) == 1 + 3 + 1
+    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
     assert record["stay_id"] == stays[0]
     total = sum(c["contribution"] for c in record["contributions"]) + record["bias"]
     assert total == pytest.approx(record["logit"], abs=1e-5)
@@ -236,7 +240,7 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
     assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(final)]) == 0
     rows = list(csv.DictReader(hourly.open()))
     last = {r["stay_id"]: float(r["risk"]) for r in rows if r["hour"] == "48"}
-    finals = {r["stay_id"]: float(r["risk_died"]) for r in csv.DictReader(final.open())}
+    finals = {r["stay_id"]: float(r["risk"]) for r in csv.DictReader(final.open())}
     assert len(rows) == 48 * len(finals) and last.keys() == finals.keys()
     assert max(abs(last[k] - finals[k]) for k in finals) < 1e-5
     assert all(r["flagged"] == str(int(float(r["risk"]) >= 0.3)) for r in rows)
@@ -278,3 +282,82 @@ def test_a_model_that_overflows_on_a_patient_still_releases_bounded_finite_impor
     sizes = contribution_sizes(model, full_dataset.X[:40], full_dataset.S[:40], cfg.features, clip=1.0)
     assert np.isfinite(sizes).all()
     assert (np.linalg.norm(sizes, axis=1) <= 1.0 + 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Explanations a clinician recognises (against a normal patient)
+# ---------------------------------------------------------------------------------------
+
+NORMAL_STATIC = {"Age": 65.0, "Gender": 1.0, "Height": 170.0, "ICUType": 3.0, "Weight": 80.0}
+# name, the abnormal value, the hours it is charted at (every variable else: its textbook normal, 4-hourly)
+ABNORMAL = [("GCS", 3.0), ("Lactate", 8.0), ("BUN", 100.0), ("HR", 150.0), ("SysABP", 70.0), ("Urine", 50.0)]
+
+
+@pytest.fixture(scope="module")
+def trained_on_set_a(full_dataset):
+    """A model that reads every variable (features.select=[]), trained centrally without
+    DP on set A: the explanation method's test needs a model that learnt the physiology."""
+    from common.data.dataset import load_dataset
+    from common.training import TensorData, secret_generator, train_local
+
+    cfg = load_config(DEFAULT_CONFIG, ["features.select=[]", "training.optimizer=adam", "training.lr=0.05"])
+    ds = load_dataset(cfg)
+    torch.manual_seed(0)
+    model = GRUClassifier(model_spec(cfg), "torch")
+    train_local(model, TensorData.from_numpy(ds.X, ds.S, ds.y, torch.device("cpu")), cfg.training, 300, None,
+                secret_generator())
+    return cfg, model.eval()
+
+
+def _patient(cfg, changed: dict[str, float], age: float = 65.0):
+    """One stay charted every 4 hours at the config's normal values but for ``changed``,
+    through the real preprocessing."""
+    from common.data.preprocess import to_tensors
+    from common.data.records import Stay
+
+    names = [v.name for v in cfg.features.variables]
+    times, variables, values = [], [], []
+    for hour in range(2, 49, 4):
+        for j, spec in enumerate(cfg.features.variables):
+            times.append(hour)
+            variables.append(j)
+            values.append(changed.get(spec.name, 0.0 if spec.binary else spec.center))
+    stay = Stay("synthetic", {**NORMAL_STATIC, "Age": age}, np.asarray(times, np.float32),
+                np.asarray(variables, np.int16), np.asarray(values, np.float32))
+    X, S = to_tensors([stay], cfg.features)
+    assert len(names) == X.shape[2] // 3
+    return X[0], S[0]
+
+
+def test_a_normal_patient_is_explained_by_nothing(trained_on_set_a):
+    cfg, model = trained_on_set_a
+    x, s = _patient(cfg, {})
+    e = explain(model, x, s, cfg.features, "normal")
+    assert max(abs(c.contribution) for c in e.contributions if c.kind == "variable") < 0.05
+    assert abs(next(c for c in e.contributions if c.name == "Age").contribution) < 0.05
+
+
+@pytest.mark.parametrize("name, value", ABNORMAL)
+def test_an_abnormal_value_raises_the_risk_and_is_what_explains_it(trained_on_set_a, name, value):
+    cfg, model = trained_on_set_a
+    normal = explain(model, *_patient(cfg, {}), cfg.features, "normal")
+    e = explain(model, *_patient(cfg, {name: value}), cfg.features, name)
+    mine = next(c for c in e.contributions if c.name == name)
+    assert e.risk > normal.risk and mine.contribution > 0.05, (name, mine.contribution, e.risk, normal.risk)
+    assert next(c for c in e.contributions if c.kind == "variable").name == name  # the variable that explains most
+    # charted at 46:00, so in the 47th hour of the stay
+    assert describe(mine).startswith(f"{name}, last {format_value(value, mine.unit)} at hour 47: +")
+
+
+def test_old_age_raises_the_risk(trained_on_set_a):
+    cfg, model = trained_on_set_a
+    e = explain(model, *_patient(cfg, {}, age=85.0), cfg.features, "old")
+    age = next(c for c in e.contributions if c.name == "Age")
+    assert age.contribution > 0.1 and describe(age) == f"Age, 85 years: {age.contribution:+.2f}"
+
+
+@pytest.mark.parametrize("value, unit, shown", [(1.06e-7, "mL", "0 mL"), (80.0, "bpm", "80 bpm"), (7.354, "", "7.35"),
+                                               (0.0031, "μg/L", "0.0031 μg/L"), (2170.4, "IU/L", "2170 IU/L"),
+                                               (145.2, "mEq/L", "145 mEq/L"), (3.0, "points", "3 points")])
+def test_values_print_in_their_units_with_sensible_digits(value, unit, shown):
+    assert format_value(value, unit) == shown

@@ -133,7 +133,8 @@ def _is_dp(record: str, key: str) -> bool:
         return True  # model weights after DP-SGD
     if record.startswith(M.EVALUATION_PREFIX):
         return key in ("histogram", "confusion")  # n and grid are not
-    return (record, key) in ((M.SUBGROUPS, "subgroup-histograms"), (M.IMPORTANCE, "importance"))
+    return (record, key) in ((M.SUBGROUPS, "subgroup-histograms"), (M.IMPORTANCE, "importance"),
+                             (M.HOURLY, "hourly-histograms"))
 
 
 def outside_dp(reply: Message) -> dict:

@@ -60,6 +60,16 @@ class ExperimentConfig:
     def is_binary(self) -> bool:
         return self.num_classes == 2
 
+    @property
+    def checkpoint_hours(self) -> list[int]:
+        """The hours of ``evaluation.hourly_checkpoints`` that fall before the window's last
+        step (a binary task's; the last step's threshold is the run's own): a shorter
+        window is a change of ``features.window_hours`` alone."""
+        if not self.is_binary:
+            return []
+        steps = round(self.features.window_hours / self.features.bin_hours)
+        return [h for h in self.evaluation.hourly_checkpoints if h < steps]
+
     def validation_rounds(self) -> list[int]:
         """Rounds whose training message also asks for a validation histogram of the model
         it carries (the global model after the previous round); the final model's comes after."""

@@ -392,7 +392,11 @@ class EvaluationSection:
     # sensitivity, specificity, F1, event-1). "auto": after the last round, the bin edge
     # with the best event-1 score min(Se, +P) on the pooled validation histograms (already
     # released, so choosing it releases nothing new); the test metrics and the bundle use it.
-    threshold: Literal["auto"] | float
+    threshold: Literal["auto", "event1"] | float
+    # "auto": flag this share of patients, the highest risks (read from the pooled validation
+    # releases' fitted distribution: a rule that reads little from the noise). Clinicians
+    # choose it: how many alarms the ward can act on.
+    flag_rate: float
     # Binary tasks: after the last round, refit the risk scale (Platt scaling) on the same
     # pooled validation histograms and fold it into the output layer. Ranking (AUROC)
     # unchanged; risks become meaningful. Post-processing of released data: no new release.
@@ -408,6 +412,12 @@ class EvaluationSection:
     # means more noise there, and noisy histograms pull the AUROC estimate towards 0.5.
     subgroup_share: float
     importance_share: float
+    # Binary tasks, released with the final validation histogram under the same val_epsilon:
+    # each validation patient's risk after these hours, one noisy histogram per hour, from
+    # which the decision threshold of each hour is read (the same flag rate at every hour,
+    # so an hourly risk means the same at hour 6 as at hour 48); [] for one threshold.
+    hourly_checkpoints: list[int]
+    hourly_share: float  # of the final validation release's budget (in rho) for those histograms
 
     def validate(self, check: Check) -> None:
         check(self.score_bins >= 2, "score_bins", "must be at least 2")
@@ -422,6 +432,13 @@ class EvaluationSection:
         check(self.subgroup_share >= 0 and self.importance_share >= 0
               and self.subgroup_share + self.importance_share < 1, "subgroup_share",
               "and evaluation.importance_share must be >= 0 and leave the test histogram a share (sum below 1)")
-        check(self.threshold == "auto" or 0 < self.threshold < 1, "threshold", "must be 'auto' or a risk strictly between 0 and 1")
+        check(all(isinstance(h, int) and h >= 1 for h in self.hourly_checkpoints)
+              and sorted(set(self.hourly_checkpoints)) == self.hourly_checkpoints, "hourly_checkpoints",
+              "must list increasing hours (1 or more) without repeats")
+        check(0 <= self.hourly_share < 1 and (self.hourly_share > 0) == bool(self.hourly_checkpoints), "hourly_share",
+              "must be in (0, 1) with hourly_checkpoints, 0 without")
+        check(self.threshold in ("auto", "event1") or 0 < self.threshold < 1, "threshold",
+              "must be 'auto', 'event1' or a risk strictly between 0 and 1")
+        check(0 < self.flag_rate < 1, "flag_rate", "must be a share strictly between 0 and 1")
 
 

@@ -63,11 +63,16 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
                              baseline_section(run)) if s is not None]
     if plot_auroc(metrics, run.path / "auroc.png"):
         sections.append(Section("Utility per round", [
-            Image(run.path / "auroc.png", "Validation AUROC per round"),
+            Image(run.path / "auroc.png", "Validation AUROC of the model after each validated round"),
             "Each point reads a validation release made during training, with a small share of the validation "
-            "budget and so the most noise; it is read from the counts clipped at zero (biased towards 0.5): a trend "
-            "at best. The final model's numbers above are read with the run's estimator.",
+            "budget and so the most noise, from its counts clipped at zero (biased towards 0.5); the bars are its "
+            "rough interval: where they span most of 0-1 the release says little. The final model's numbers above "
+            "are read with the run's estimator.",
         ]))
+    elif metrics.rounds:
+        sections.append(Section("Utility per round", [
+            "No validation release was made during training (evaluation.validate_every is 0, or the run was too "
+            "short), so there is no curve to show; the final model was validated once, above."]))
     sections += [s for s in (subgroup_section(run), importance_section(run)) if s is not None]
     sections += privacy_sections(run)
     audit = audit_section(run.audit)
@@ -91,13 +96,18 @@ def summary_text(run: RunFolder) -> str:
     if run.metrics.not_evaluated:
         lines.append(f"No evaluation: {run.metrics.not_evaluated}")
     test = run.metrics.test
+    dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
     if test is not None and test.pooled is not None:
-        read = f"; {run.metrics.estimator} estimate" if run.metrics.estimator else ""
-        lines.append(f"Pooled test: {format_metrics(test.pooled)}  (flagged at risk >= {test.threshold:.3f}{read})")
-        if test.auroc_interval:
-            low, high = test.auroc_interval
-            lines.append(f"  AUROC rough interval for the DP noise: {low:.3f} to {high:.3f} (nominal "
-                         f"{INTERVAL_LEVEL:.0%}; {INTERVAL_COVERAGE})")
+        read = f"{run.metrics.estimator} estimate from the DP releases" if dp else "exact histograms"
+        lines.append(f"Pooled test ({read}; flagged at risk >= {test.threshold:.3f}): "
+                     f"{format_metrics(test.pooled, test.intervals.get('pooled'), dp)}")
+        if dp:
+            lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; {INTERVAL_COVERAGE}")
+    elif test is not None:
+        lines.append("Pooled test: no hospital's test release could be read (each hospital's state is in the report)")
+    if test is not None and test.exact is not None:
+        lines.append(f"Pooled test, exact (a simulation holds every patient; a real federation never sees this): "
+                     f"{format_metrics(test.exact)}")
     privacy = run.privacy
     if privacy is not None and privacy.dp_enabled:
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "

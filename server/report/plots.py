@@ -33,20 +33,32 @@ def _nan(value: float | None) -> float:
 
 
 def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
-    rounds = metrics.rounds
-    if not rounds:
+    """The validation AUROC of each validated round's model, pooled with its rough
+    interval and per hospital; False (no plot) when no round was validated."""
+    validated = [r for r in metrics.rounds if r.pooled_val is not None]
+    if not validated:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [r.round for r in rounds]
-    ax.plot(xs, [r.pooled_val.auroc if r.pooled_val else math.nan for r in rounds], "k-o", lw=2, label="pooled")
-    names = sorted({n for r in rounds for n in r.hospitals})
+    xs = [r.round for r in validated]
+    ys = [r.pooled_val.auroc for r in validated]
+    ax.plot(xs, ys, "k-o", lw=2, label="pooled (bars: rough interval)")
+    # A bar from the interval's ends, not an error bar around the point: the interval
+    # corrects the reading's bias, so it need not hold the point read.
+    bars = [(r.round, *r.pooled_val_interval) for r in validated if r.pooled_val_interval]
+    if bars:
+        ax.vlines([b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars], color="k", lw=1)
+    names = sorted({n for r in validated for n in r.hospitals if r.hospitals[n].val is not None})
     for i, name in enumerate(names):
-        ys = [_nan(getattr(r.hospitals[name].val, "auroc", None)) if name in r.hospitals else math.nan for r in rounds]
+        points = [(r.round, r.hospitals[name].val.auroc) for r in validated
+                  if name in r.hospitals and r.hospitals[name].val is not None]
+        px, py = [p[0] for p in points], [p[1] for p in points]
         if len(names) > MAX_LISTED:  # too many to tell apart: one grey line each, one legend entry
-            ax.plot(xs, ys, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
+            ax.plot(px, py, "-", color="grey", lw=0.6, alpha=0.3, label="each hospital" if i == 0 else None)
         else:
-            ax.plot(xs, ys, "--", alpha=0.7, label=name)
-    _finish(fig, ax, path, "validation AUROC", "Utility: validation AUROC per round")
+            ax.plot(px, py, "--o", ms=3, alpha=0.7, label=name)
+    ax.set_ylim(0, 1)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    _finish(fig, ax, path, "validation AUROC", "Validation AUROC of the model after each validated round")
     return True
 
 
@@ -72,7 +84,8 @@ def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
 
 
 def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> bool:
-    """Observed against predicted risk by risk decile (a reliability diagram)."""
+    """Observed against predicted risk in groups of about a tenth of the patients each
+    (a reliability diagram)."""
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return False
@@ -85,7 +98,7 @@ def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> b
         ax.plot(xs, ys, "-o", ms=4, label=name)
     ax.set_xlim(0, min(1, top * 1.1))
     ax.set_ylim(0, min(1, top * 1.1))
-    ax.set_xlabel("predicted risk (mean in each decile)")
+    ax.set_xlabel("predicted risk (mean of each tenth of the patients)")
     ax.set_ylabel("observed rate of the outcome")
     ax.set_title("Calibration of the final model (test patients)")
     ax.grid(alpha=0.3)

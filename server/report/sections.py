@@ -5,12 +5,11 @@ patients, importance, audit, data."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
 from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL
-from common.metrics import Metrics, format_number
+from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
 
 from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
 from .plots import plot_epsilon, plot_reliability
@@ -45,10 +44,6 @@ ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metri
               "order of patients whose scores share a bin.",
     "": "AUROC and AUPRC lose the order of patients whose scores share a bin.",
 }
-
-
-def _metric_row(label: str, m: Metrics) -> list:
-    return [label] + [getattr(m, f.name) for f in fields(Metrics)]
 
 
 GROUP_WORDS = {
@@ -131,30 +126,50 @@ def test_results_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None:
         return None
-    header = ["hospital"] + list(METRIC_LABELS.values())
-    rows = [_metric_row("pooled", test.pooled)] if test.pooled else []
-    rows += [_metric_row(n, test.hospitals[n]) for n in sorted(test.hospitals)]
+    dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
+    header = ["hospital"] + [METRIC_LABELS[k] for k in METRIC_NAMES] + ["n"]
+
+    old = dp and not test.intervals and test.auroc_interval is not None  # a run folder from before intervals
+
+    def row(label: str, m: Metrics, intervals: dict | None, exact: bool = False) -> list:
+        if exact or not dp or old:
+            return [label] + [getattr(m, k) for k in METRIC_NAMES] + [m.n]
+        if not intervals:
+            return [label, "cannot be estimated: the DP noise drowns these counts"] + [""] * (len(METRIC_NAMES) - 1) + [m.n]
+        return [label] + [with_interval(getattr(m, k), intervals.get(k)) for k in METRIC_NAMES] + [m.n]
+
+    rows = [row("pooled", test.pooled, test.intervals.get("pooled"))] if test.pooled else []
+    rows += [row(n, test.hospitals[n], test.intervals.get(n)) for n in sorted(test.hospitals)]
+    if test.exact is not None:
+        rows.append(row("pooled, exact (simulation only)", test.exact, None, exact=True))
+        rows += [row(f"{n}, exact (simulation only)", test.exact_hospitals[n], None, exact=True)
+                 for n in sorted(test.exact_hospitals)]
     calibration = (
         f"The risks were recalibrated on the pooled validation histograms (Platt scaling: logit -> "
-        f"{test.calibration.scale:.3f} x logit {test.calibration.shift:+.3f}), which keeps every patient's rank."
+        f"{test.calibration.scale:.3f} x logit {test.calibration.shift:+.3f}), which keeps every patient's rank. "
         if test.calibration else ""
     )
-    interval = (
-        f" How far the pooled AUROC may be from what the test patients' exact scores would give, for the DP noise "
-        f"and the fit (a parametric bootstrap of the release, nominal {INTERVAL_LEVEL:.0%}): "
-        f"{test.auroc_interval[0]:.3f} to {test.auroc_interval[1]:.3f}. A rough interval: {INTERVAL_COVERAGE}. "
-        "The AUROC on other patients differs by their own sampling error on top."
-        if test.auroc_interval else ""
+    intervals = (
+        f"Each value read from the DP releases is followed by its rough interval (nominal {INTERVAL_LEVEL:.0%}): how "
+        "far it may be from what these test patients' exact scores give, for the DP noise and the reading (a "
+        f"parametric bootstrap of the release; {INTERVAL_COVERAGE}). A value on other patients differs by their own "
+        "sampling error on top. A row the noise drowns shows no number. " if dp else ""
     )
+    exact = ("The rows marked exact score the same model on the same test patients without noise: a simulation "
+             "holds every patient; a real federation never sees them. " if test.exact is not None else "")
+    rule = {"auto": "'auto': the risk at which the pooled validation releases flag evaluation.flag_rate of the patients",
+            "event1": "'event1': the bin edge with the best event-1 score on the pooled validation releases"}
+    cfg = run.config
+    chosen = rule.get(cfg.evaluation.threshold, "a fixed risk") if cfg is not None else "the run's rule"
     return Section("Test results (final model)", [
-        Table(header, rows),
-        "Every metric here comes from the score histograms the hospitals released, with DP noise (unless the "
-        "run turned it off): a hospital's own row is noisier than the pooled one, and small hospitals' rows can be "
-        "far off. " + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""]) + " The Brier score reads "
-        "risks at the bin centres. "
-        f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
-        "more (evaluation.threshold; 'auto' picks the best event-1 score on the pooled validation histograms). "
-        + calibration + interval,
+        Table(header, rows, empty="No hospital's test release could be read, so there are no test results: each "
+                                  "hospital's state (refused, dropped, out of budget) is in the privacy section."),
+        ("Every metric here comes from the score histograms the hospitals released, with DP noise: a hospital's own "
+         "row is noisier than the pooled one. " + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""])
+         + " The Brier score reads risks at the bin centres. " if dp else
+         "The histograms were exact (a comparison simulation without DP). ")
+        + f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
+        f"more ({chosen}). " + calibration + intervals + exact,
     ])
 
 
@@ -224,7 +239,7 @@ def subgroup_section(run: RunFolder) -> Section | None:
         return None
     central = run.baselines.get("central") if run.baselines else None
     exact = {(g.grouping, g.group): g for g in central.subgroups} if central else {}
-    header = ["grouping", "group", "patients", "deaths", "AUROC", f"sensitivity at {test.threshold:.2f}",
+    header = ["grouping", "group", "patients", "deaths", "AUROC", f"sensitivity at {test.threshold:.3f}",
               "calibration: observed / predicted"]
     if exact:
         header.append("central no-DP AUROC (exact)")
@@ -299,13 +314,19 @@ def data_section(partition: Partition | None) -> Section | None:
     return Section("Data summary", [Bullets([
         f"Stays read: {s.stays_read}, used: {s.stays_used}, without outcome: {s.stays_without_outcome}, "
         f"with a missing label: {s.stays_with_missing_label}",
-        f"Class counts: {s.class_counts}",
+        f"Class counts: {_counts(s.class_counts)}",
         f"Stays with no observation in the window: {s.read.stays_without_observations}",
-        f"Values set to missing (outside plausibility range): {dict(sorted(s.preprocess.out_of_range.items()))}",
-        f"Values written as nan or inf (set aside): {dict(sorted(s.read.non_finite.items()))}",
+        f"Values set to missing (outside plausibility range): {_counts(s.preprocess.out_of_range)}",
+        f"Values written as nan or inf (set aside): {_counts(s.read.non_finite)}",
         f"Observations after the window: {s.preprocess.after_window}",
-        f"Unknown descriptors: {dict(sorted(s.preprocess.static_unknown.items()))}",
+        f"Unknown descriptors: {_counts(s.preprocess.static_unknown)}",
     ])])
+
+
+def _counts(counts: dict) -> str:
+    """``survived 3446, died 554``; "none" for nothing."""
+    items = [(k, v) for k, v in counts.items() if v]
+    return ", ".join(f"{k} {v}" for k, v in items) if items else "none"
 
 
 def preflight_section(run: RunFolder) -> Section | None:

@@ -1,0 +1,204 @@
+"""What the coordinator reads from the hospitals' evaluation releases: metrics with their
+rough intervals, the decision threshold, the recalibration, and the test result.
+
+Everything here is post-processing of what was released (no privacy cost): the pooled
+validation releases give the threshold and the calibration; the test releases give the
+metrics, each with a rough interval for the DP noise and the reading
+(``common.estimates.metric_intervals``, whose coverage of the exact value is measured on
+the protocol, not assumed), per-group metrics and the importance. A release whose counts
+the noise drowns gets no number, and the result says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import ExperimentConfig
+from common.estimates import INTERVAL_LEVEL, MIN_SIGNAL, for_metrics, metric_intervals
+from common.messages import Item, Split
+from common.metrics import Metrics, ScoreGrid, ScoreSummary, choose_threshold, pooled, threshold_for_rate
+from common.subgroups import reliability
+from common.subgroups import results as subgroup_results
+
+from .records import Calibration, Dropped, Evaluation, TestResult
+from .validation import Evaluations
+
+log = logging.getLogger("fedgru.server")
+
+PROGRESS_DRAWS = 100  # a validation line's interval: the console's, cheaper
+TEST_DRAWS = 200
+
+
+@dataclass
+class Reader:
+    """Reads released summaries as the run's config says (estimator, DP or exact)."""
+
+    cfg: ExperimentConfig
+
+    def read(self, summary: ScoreSummary | None, estimator: str | None = None) -> ScoreSummary | None:
+        """Under DP, the counts of ``estimator`` (default ``evaluation.estimator``;
+        common.estimates); exact ones as they are."""
+        return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp)
+
+    def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
+                  draws: int = TEST_DRAWS) -> dict[str, list[float]] | None:
+        """Each metric's rough interval (a DP binary release), or None where none fits."""
+        ev = self.cfg.evaluation
+        if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
+            return None
+        try:
+            found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
+                                     np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator)
+        except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
+            log.warning("an interval could not be computed", exc_info=True)
+            return None
+        return {m: [float(lo), float(hi)] for m, (lo, hi) in found.items()} if found else None
+
+    def validation(self, summaries: dict[str, ScoreSummary], noise: dict[str, float], progress: bool) -> Evaluation:
+        """Metrics of the global model from its validation summaries. ``progress``: a
+        release during training, which only the console and the plot read: they carry
+        the most noise (a small share of the validation budget each) and are read as
+        clipped counts, biased towards 0.5 but bounded (a fitted normal on a noise-only
+        histogram can land anywhere in [0, 1]); the pooled AUROC gets its interval, so a
+        reading of 0.45 with an interval of 0.2-0.9 says it knows nothing."""
+        estimator = "binned" if progress else None
+        result = Evaluation(Split.VAL.value, hospitals={n: self.read(s, estimator).metrics() for n, s in summaries.items()})
+        total = pooled(list(summaries.values()))
+        read = self.read(total, estimator)
+        result.pooled = read.metrics() if read is not None else None
+        found = self.intervals(total, _pooled_noise(summaries, noise), None, estimator, PROGRESS_DRAWS)
+        result.pooled_interval = found.get("auroc") if found else None
+        return result
+
+    def threshold(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None) -> float:
+        """The risk (on the final model's own, uncalibrated scores) at or above which a
+        patient is flagged: by the configured rule on the pooled validation releases
+        (``auto``: the risk that flags ``flag_rate`` of them; ``event1``: the bin edge
+        with the best event-1 score), or the configured risk (given on the calibrated
+        scale)."""
+        ev = self.cfg.evaluation
+        if ev.threshold in ("auto", "event1") and self.cfg.num_classes == 2:
+            if ev.threshold == "auto":
+                chosen = threshold_for_rate(val, ev.flag_rate) if val is not None else None
+            else:
+                edge = choose_threshold(val) if val is not None else None
+                chosen = grid.edge_risk(edge) if edge is not None else None
+            if chosen is not None:
+                return chosen
+            log.warning("no pooled validation histogram to choose a threshold from: it stays 0.5")
+        risk = 0.5 if ev.threshold in ("auto", "event1") else float(ev.threshold)
+        if calibration is not None:  # the calibrated threshold, back on the model's own scale
+            logit = (math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale
+            risk = 1 / (1 + math.exp(-logit))
+        return risk
+
+    def hour_thresholds(self, validated: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
+                        calibration: Calibration | None) -> dict[int, float]:
+        """Each checkpoint hour's threshold (``auto``: the risk that flags ``flag_rate`` of
+        the validation patients after that hour, read from their pooled hourly releases),
+        on the same scale as ``threshold``; {} where the run has none to read."""
+        ev, hours = self.cfg.evaluation, self.cfg.checkpoint_hours
+        parts = [e for e in validated.values() if e.hourly is not None and Split.VAL in e.summaries]
+        if ev.threshold != "auto" or not hours or not parts or not self.cfg.is_binary:
+            return {}
+        total = sum(e.hourly for e in parts)
+        n = sum(e.summaries[Split.VAL].n for e in parts)
+        out = {}
+        for k, hour in enumerate(hours):
+            summary = ScoreSummary(total[k][None, None, :], None, n, grid)
+            chosen = threshold_for_rate(self.read(summary), ev.flag_rate)
+            if chosen is None:
+                continue  # this hour keeps the interpolation of its neighbours
+            if calibration is not None:
+                from .calibration import calibrate_risk
+
+                chosen = calibrate_risk(chosen, calibration.scale, calibration.shift)
+            out[hour] = chosen
+        return out
+
+    def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
+                    calibration: Calibration | None, dropped: list[Dropped]) -> TestResult:
+        """The test releases read: pooled and per-hospital metrics at the threshold (an
+        edge of ``grid``, the release's anchored grid), each with its intervals; a row the
+        noise drowns has none, and the report says it cannot be estimated."""
+        at = grid.edge_for_risk(threshold)
+        parts = {n: e.summaries[Split.TEST] for n, e in released.items() if Split.TEST in e.summaries}
+        noise = {n: e.histogram_noise.get(Split.TEST, 0.0) for n, e in released.items()}
+        total = pooled(list(parts.values()))
+        read = self.read(total)
+        result = TestResult(
+            pooled=read.metrics(at) if read is not None else None,
+            hospitals={n: self.read(s).metrics(at) for n, s in parts.items()},
+            dropped=dropped, threshold=threshold, calibration=calibration,
+        )
+        rows = {"pooled": (total, _pooled_noise(parts, noise))}
+        rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items()})
+        for row, (summary, sd) in rows.items():
+            found = self.intervals(summary, sd, at)
+            if found:
+                result.intervals[row] = found
+        result.auroc_interval = result.intervals.get("pooled", {}).get("auroc")
+        if read is not None and self.cfg.is_binary:
+            result.calibration_curve = reliability(read)
+        groups = [e for e in released.values() if e.subgroups is not None]
+        if groups:
+            total_groups = groups[0].subgroups
+            for e in groups[1:]:
+                total_groups = total_groups + e.subgroups
+            sd = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
+            result.subgroups = subgroup_results(self.cfg, total_groups, total_groups.grid.edge_for_risk(threshold), None,
+                                                min_count=MIN_SIGNAL * sd * math.sqrt(total_groups.grid.bins))
+        important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
+        if important:
+            patients = sum(parts[n].n for n, _ in important)
+            mean = sum(e.importance for _, e in important) / max(patients, 1)
+            names = [v.name for v in self.cfg.features.variables] + [f"{d.name} (descriptor)" for d in self.cfg.features.static]
+            result.importance = dict(sorted(zip(names, map(float, mean)), key=lambda kv: -kv[1]))
+            result.importance_noise = math.sqrt(sum(e.noise[Item.IMPORTANCE] ** 2 for _, e in important)) / max(patients, 1)
+        return result
+
+
+def every_hour(checkpoints: dict[int, float], threshold: float, steps: int) -> list[float]:
+    """A threshold for each hour 1..``steps``: the checkpoints' and, at the last hour, the
+    run's own, joined in logit; before the first checkpoint, the first checkpoint's."""
+    points = sorted({**checkpoints, steps: threshold}.items())
+    hours = np.array([h for h, _ in points], dtype=np.float64)
+    logits = np.array([math.log(t) - math.log1p(-t) for _, t in points])
+    at = np.interp(np.arange(1, steps + 1, dtype=np.float64), hours, logits)
+    return [float(1 / (1 + math.exp(-z))) for z in at]
+
+
+def _pooled_noise(summaries: dict[str, ScoreSummary], noise: dict[str, float]) -> float:
+    """The noise sd on each cell of the pooled sum: sqrt(sum of each release's (noise
+    multiplier x sensitivity)^2), from the multipliers their ledgers record."""
+    return math.sqrt(sum((noise.get(n, 0.0) * s.sensitivity) ** 2 for n, s in summaries.items()))
+
+
+def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], threshold: float
+                     ) -> tuple[Metrics, dict[str, Metrics]] | None:
+    """A simulation's final model scored exactly on its simulated hospitals' test patients
+    (pooled, and per hospital): what a real federation never sees."""
+    import torch
+
+    from common.data.dataset import load_dataset
+    from common.data.partition import make_partition
+    from common.metrics import exact_metrics
+    from common.model import GRUClassifier, model_spec
+    from common.training import predict_proba
+
+    model = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}, strict=True)
+    ds = load_dataset(cfg)
+    ys, ps, per = [], [], {}
+    for h in make_partition(ds, cfg):
+        p = predict_proba(model, ds.X[h.test], ds.S[h.test])
+        per[h.name] = exact_metrics(ds.y[h.test], p, threshold)
+        ys.append(ds.y[h.test])
+        ps.append(p)
+    if not ys:
+        return None
+    return exact_metrics(np.concatenate(ys), np.concatenate(ps), threshold), per
