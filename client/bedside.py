@@ -145,7 +145,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
                                 "flagged at every hour: an early risk is judged against early risks."),
-            Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows),
+            Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows,
+                  empty="The risk did not change after hour 1."),
         ]))
         lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}, {flag_text}")
         lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: " + ", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers)

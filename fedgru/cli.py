@@ -186,7 +186,8 @@ def cmd_predict(args) -> int:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
-    print(f"wrote {len(ds.stay_ids)} risk scores to {out}", file=sys.stderr)
+    of = f" (the risk of '{classes[1]}')" if len(classes) == 2 else ""
+    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {out}", file=sys.stderr)
     return 0
 
 

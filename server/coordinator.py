@@ -50,7 +50,7 @@ from .records import (
     TrainPhase,
     TrainReport,
 )
-from .results import Reader, every_hour, exact_metrics_of
+from .results import Reader, every_hour, exact_metrics_of, pooled_noise
 from .start_model import StartModel
 from .strategies import Aggregator
 from .validation import (
@@ -478,22 +478,24 @@ class Coordinator:
         val = self.reader.read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
         self._validated(last_round, validated)
         uncalibrated = self.recalibrate(val)
-        threshold = self.reader.threshold(val, grid, uncalibrated)
+        val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
+        raw = pooled(list(val_parts.values()))
+        readable = raw is not None and self.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
+        threshold = self.reader.threshold(val, grid, uncalibrated, readable)
         if uncalibrated is not None:
             threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
-        if self.cfg.num_classes == 2:
-            log.info("decision threshold %.3f (a risk on the final model's %s scale)", threshold,
-                     "calibrated" if uncalibrated else "own")
         released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None)
         test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
         result = self.reader.test_result(released, threshold, test_grid, self.calibration, self.final_dropped)
-        checkpoints = self.reader.hour_thresholds(validated, threshold, grid, uncalibrated)
+        checkpoints = self.reader.hour_thresholds(validated, threshold, grid, uncalibrated) if readable else {}
         if checkpoints:
             steps = round(self.cfg.features.window_hours / self.cfg.features.bin_hours)
             result.hour_thresholds = every_hour(checkpoints, threshold, steps)
             result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
-            log.info("thresholds after hours %s: %s", ", ".join(map(str, checkpoints)),
-                     ", ".join(f"{t:.3f}" for t in checkpoints.values()))
+        if self.cfg.num_classes == 2:
+            hourly = "".join(f", after hour {h} {t:.3f}" for h, t in checkpoints.items())
+            log.info("decision threshold %.3f%s (a risk on the final model's %s scale)", threshold, hourly,
+                     "calibrated" if uncalibrated else "own")
         arrays = {k: v.numpy() for k, v in self.arrays.items()}
         if self.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
             exact = exact_metrics_of(self.cfg, arrays, threshold)

@@ -12,6 +12,7 @@ gets the same preflight before its first round.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -55,13 +56,29 @@ def agree_plan(grid: Grid, views: list[HospitalView], cfg: ExperimentConfig, run
         answer = answers[view.name]
         if answer.accepted:
             view.noise_multiplier = answer.noise_multiplier
-            log.info("%s accepts the plan: noise multiplier %.3g (set by %s), training epsilon after the run %.3f "
-                     "(budget left %.3f)", view.name, answer.noise_multiplier, answer.noise_set_by,
-                     answer.planned.get("train", 0.0), answer.remaining.get("train", 0.0))
         else:
             view.state, view.reason = HospitalState.REFUSED, f"refused the plan: {answer.reason}"
             log.error("%s refuses the plan: %s", view.name, answer.reason)
+    accepted = [answers[v.name] for v in views if answers[v.name].accepted]
+    if accepted:
+        log.info("%s", accepted_line(accepted, len(views)))
     return [answers[v.name] for v in views]
+
+
+def accepted_line(accepted: list[PreflightAnswer], asked: int) -> str:
+    """One console line for every accepting hospital (each one's numbers are in the
+    report's preflight table): the range of their noise multipliers, what set them, and
+    the range of their training epsilons after the run."""
+    def span(values: list[float], fmt: str) -> str:
+        lo, hi = format(min(values), fmt), format(max(values), fmt)
+        return lo if lo == hi else f"{lo} to {hi}"
+
+    reasons = Counter(a.noise_set_by for a in accepted)
+    set_by = ", ".join(f"{why} at {count}" for why, count in reasons.most_common())
+    return (f"{len(accepted)} of {asked} hospitals accept the plan: noise multiplier "
+            f"{span([a.noise_multiplier for a in accepted], '.3g')} (set by {set_by}), training epsilon after the run "
+            f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (budget left "
+            f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')})")
 
 
 def _read(view: HospitalView, reply: Message, dp: bool) -> PreflightAnswer:

@@ -70,18 +70,28 @@ class Reader:
         total = pooled(list(summaries.values()))
         read = self.read(total, estimator)
         result.pooled = read.metrics() if read is not None else None
-        found = self.intervals(total, _pooled_noise(summaries, noise), None, estimator, PROGRESS_DRAWS)
+        found = self.intervals(total, pooled_noise(summaries, noise), None, estimator, PROGRESS_DRAWS)
         result.pooled_interval = found.get("auroc") if found else None
         return result
 
-    def threshold(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None) -> float:
+    def readable(self, patients: int, cell_sd: float, cells: int) -> bool:
+        """Whether a release of ``patients`` (its declared count), with noise of sd
+        ``cell_sd`` on each of its ``cells``, holds more than noise: the patients stand
+        MIN_SIGNAL sds of the noise on their total above nothing. Exact releases always."""
+        return not self.cfg.evaluation.dp or not cell_sd > 0 or patients >= MIN_SIGNAL * cell_sd * math.sqrt(cells)
+
+    def threshold(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None,
+                  readable: bool = True) -> float:
         """The risk (on the final model's own, uncalibrated scores) at or above which a
         patient is flagged: by the configured rule on the pooled validation releases
         (``auto``: the risk that flags ``flag_rate`` of them; ``event1``: the bin edge
         with the best event-1 score), or the configured risk (given on the calibrated
         scale)."""
         ev = self.cfg.evaluation
-        if ev.threshold in ("auto", "event1") and self.cfg.num_classes == 2:
+        if ev.threshold in ("auto", "event1") and self.cfg.num_classes == 2 and not readable:
+            log.warning("the pooled validation releases hold too few patients for their noise to choose a threshold "
+                        "from (a larger federation or evaluation.val_epsilon would): it stays 0.5")
+        elif ev.threshold in ("auto", "event1") and self.cfg.num_classes == 2:
             if ev.threshold == "auto":
                 chosen = threshold_for_rate(val, ev.flag_rate) if val is not None else None
             else:
@@ -107,6 +117,11 @@ class Reader:
             return {}
         total = sum(e.hourly for e in parts)
         n = sum(e.summaries[Split.VAL].n for e in parts)
+        sd = math.sqrt(sum((e.noise.get(Item.HOURLY_HISTOGRAMS, 0.0) * math.sqrt(len(hours))) ** 2 for e in parts))
+        if not self.readable(n, sd, grid.bins):
+            log.warning("the hourly validation releases hold too few patients for their noise: every hour keeps "
+                        "the run's one threshold")
+            return {}
         out = {}
         for k, hour in enumerate(hours):
             summary = ScoreSummary(total[k][None, None, :], None, n, grid)
@@ -135,7 +150,7 @@ class Reader:
             hospitals={n: self.read(s).metrics(at) for n, s in parts.items()},
             dropped=dropped, threshold=threshold, calibration=calibration,
         )
-        rows = {"pooled": (total, _pooled_noise(parts, noise))}
+        rows = {"pooled": (total, pooled_noise(parts, noise))}
         rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items()})
         for row, (summary, sd) in rows.items():
             found = self.intervals(summary, sd, at)
@@ -172,7 +187,7 @@ def every_hour(checkpoints: dict[int, float], threshold: float, steps: int) -> l
     return [float(1 / (1 + math.exp(-z))) for z in at]
 
 
-def _pooled_noise(summaries: dict[str, ScoreSummary], noise: dict[str, float]) -> float:
+def pooled_noise(summaries: dict[str, ScoreSummary], noise: dict[str, float]) -> float:
     """The noise sd on each cell of the pooled sum: sqrt(sum of each release's (noise
     multiplier x sensitivity)^2), from the multipliers their ledgers record."""
     return math.sqrt(sum((noise.get(n, 0.0) * s.sensitivity) ** 2 for n, s in summaries.items()))

@@ -388,6 +388,8 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
                 split, mechanism, item = Split.TEST, Mechanism.GAUSSIAN, Item.SUBGROUP_HISTOGRAMS
             elif name == M.IMPORTANCE:
                 split, mechanism, item = Split.TEST, Mechanism.GAUSSIAN, Item.IMPORTANCE
+            elif name == M.HOURLY:
+                split, mechanism, item = Split.VAL, Mechanism.GAUSSIAN, Item.HOURLY_HISTOGRAMS
             else:
                 assert name.startswith(M.EVALUATION_PREFIX), name
                 split, mechanism, item = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN, Item.HISTOGRAM
@@ -397,8 +399,10 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
             dp_kinds.add(name)
             assert ledger is not None and any(e.split == split and e.mechanism == mechanism and e.item == item
                                               for e in ledger.entries), name
-    # the default config's final evaluation also releases per-group histograms and importance
-    assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS, M.IMPORTANCE}
+    # the default config's final evaluation also releases per-group histograms, importance and
+    # the validation patients' histograms after each checkpoint hour
+    assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS,
+                        M.IMPORTANCE, M.HOURLY}
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])

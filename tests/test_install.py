@@ -34,4 +34,4 @@ def test_the_readme_install_runs_a_simulation_without_the_test_extras(tmp_path, 
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-3000:]
     assert "Traceback" not in console and "could not be computed" not in console
-    assert "Pooled test:" in console and "Privacy spent" in console
+    assert "Pooled test (" in console and "Privacy spent" in console

@@ -101,7 +101,7 @@ def summary_text(run: RunFolder) -> str:
         read = f"{run.metrics.estimator} estimate from the DP releases" if dp else "exact histograms"
         lines.append(f"Pooled test ({read}; flagged at risk >= {test.threshold:.3f}): "
                      f"{format_metrics(test.pooled, test.intervals.get('pooled'), dp)}")
-        if dp:
+        if dp and test.intervals.get("pooled"):
             lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; {INTERVAL_COVERAGE}")
     elif test is not None:
         lines.append("Pooled test: no hospital's test release could be read (each hospital's state is in the report)")
