@@ -366,6 +366,24 @@ def threshold_for_rate(summary: ScoreSummary, rate: float) -> float | None:
     return float(1.0 / (1.0 + math.exp(-logit)))
 
 
+def rate_at_risk(summary: ScoreSummary, risk: float) -> float | None:
+    """The share of a (pooled validation) summary's patients at or above ``risk``, both
+    outcomes together: the inverse of :func:`threshold_for_rate`, read from the same
+    finer grid and interpolated in logit within its bin. None for a summary with no
+    patients in it or a risk outside (0, 1)."""
+    read = summary.fine if summary.fine is not None else summary
+    counts = read.counts()[:, 0, :].sum(axis=0)
+    total = counts.sum()
+    if not total > 0 or not 0 < risk < 1:
+        return None
+    logit = math.log(risk) - math.log1p(-risk)
+    position = (logit - read.grid.low) / read.grid.width  # in bins from the grid's low edge
+    j = int(np.clip(math.floor(position), 0, len(counts) - 1))
+    inside = float(np.clip(position - j, 0.0, 1.0))  # of bin j, the share below the risk (0 or 1 past the ends)
+    above = counts[j + 1:].sum() + (1.0 - inside) * counts[j]
+    return float(above / total)
+
+
 def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:
     if not summaries:
         return None

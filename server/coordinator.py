@@ -482,12 +482,13 @@ class Coordinator:
         raw = pooled(list(val_parts.values()))
         readable = raw is not None and self.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
         threshold = self.reader.threshold(val, grid, uncalibrated, readable)
+        rate = self.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
         if uncalibrated is not None:
             threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
         released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None)
         test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
         result = self.reader.test_result(released, threshold, test_grid, self.calibration, self.final_dropped)
-        checkpoints = self.reader.hour_thresholds(validated, threshold, grid, uncalibrated) if readable else {}
+        checkpoints = self.reader.hour_thresholds(validated, rate, grid, uncalibrated)
         if checkpoints:
             steps = round(self.cfg.features.window_hours / self.cfg.features.bin_hours)
             result.hour_thresholds = every_hour(checkpoints, threshold, steps)

@@ -20,7 +20,7 @@ import numpy as np
 from common.config import ExperimentConfig
 from common.estimates import INTERVAL_LEVEL, MIN_SIGNAL, for_metrics, metric_intervals
 from common.messages import Item, Split
-from common.metrics import Metrics, ScoreGrid, ScoreSummary, choose_threshold, pooled, threshold_for_rate
+from common.metrics import Metrics, ScoreGrid, ScoreSummary, choose_threshold, pooled, rate_at_risk, threshold_for_rate
 from common.subgroups import reliability
 from common.subgroups import results as subgroup_results
 
@@ -106,14 +106,24 @@ class Reader:
             risk = 1 / (1 + math.exp(-logit))
         return risk
 
-    def hour_thresholds(self, validated: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
+    def flag_rate(self, val: ScoreSummary | None, threshold: float) -> float | None:
+        """The share of the pooled validation patients the run's threshold (on the
+        model's own scale) flags: ``flag_rate`` under ``auto``, else read from ``val``
+        (a fixed clinical risk level, or event-1's edge). None where nothing can be read."""
+        if self.cfg.evaluation.threshold == "auto":
+            return self.cfg.evaluation.flag_rate
+        return rate_at_risk(val, threshold) if val is not None else None
+
+    def hour_thresholds(self, validated: dict[str, Evaluations], rate: float | None, grid: ScoreGrid,
                         calibration: Calibration | None) -> dict[int, float]:
-        """Each checkpoint hour's threshold (``auto``: the risk that flags ``flag_rate`` of
-        the validation patients after that hour, read from their pooled hourly releases),
-        on the same scale as ``threshold``; {} where the run has none to read."""
-        ev, hours = self.cfg.evaluation, self.cfg.checkpoint_hours
+        """Each checkpoint hour's threshold: the risk that flags ``rate`` of the validation
+        patients after that hour (the share the run's own threshold flags at the window's
+        end, :meth:`flag_rate`), read from their pooled hourly releases, so a flag means
+        the same at every hour whatever the rule; calibrated as the run's threshold is; {}
+        where the run has none to read."""
+        hours = self.cfg.checkpoint_hours
         parts = [e for e in validated.values() if e.hourly is not None and Split.VAL in e.summaries]
-        if ev.threshold != "auto" or not hours or not parts or not self.cfg.is_binary:
+        if rate is None or not 0 < rate < 1 or not hours or not parts or not self.cfg.is_binary:
             return {}
         total = sum(e.hourly for e in parts)
         n = sum(e.summaries[Split.VAL].n for e in parts)
@@ -125,7 +135,7 @@ class Reader:
         out = {}
         for k, hour in enumerate(hours):
             summary = ScoreSummary(total[k][None, None, :], None, n, grid)
-            chosen = threshold_for_rate(self.read(summary), ev.flag_rate)
+            chosen = threshold_for_rate(self.read(summary), rate)
             if chosen is None:
                 continue  # this hour keeps the interpolation of its neighbours
             if calibration is not None:

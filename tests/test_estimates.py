@@ -292,3 +292,57 @@ def test_a_small_release_whose_deaths_fit_to_nothing_keeps_their_clipped_counts(
         release = pooled(parts)
         if np.maximum(release.histogram[1], 0).sum() > 0 and np.maximum(release.histogram[0], 0).sum() > 0:
             assert math.isfinite(for_metrics(release, "binormal", dp=True).metrics().auroc)
+
+
+def test_the_share_at_a_risk_is_the_inverse_of_the_risk_at_a_share():
+    """rate_at_risk reads the same fitted, finer grid as threshold_for_rate (the auto
+    rule): a risk chosen for a share flags that share, and on many patients both agree
+    with the patients' own scores."""
+    from common.metrics import rate_at_risk, threshold_for_rate
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(20000) < 0.14).astype(np.int64)
+    risk = 1 / (1 + np.exp(-(-2.3 + rng.normal(size=y.size) + 1.09 * y)))
+    summary = for_metrics(ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID), "binormal", True)
+    for rate in (0.05, 0.2, 0.35, 0.6):
+        chosen = threshold_for_rate(summary, rate)
+        assert rate_at_risk(summary, chosen) == pytest.approx(rate, abs=1e-9)
+        assert float((risk >= chosen).mean()) == pytest.approx(rate, abs=0.01)
+    assert rate_at_risk(summary, 1e-6) == 1.0 and rate_at_risk(summary, 1 - 1e-6) == 0.0
+    assert rate_at_risk(summary, 0.0) is None and rate_at_risk(ScoreSummary(np.zeros((2, 1, 10)), None, 0, GRID), 0.2) is None
+
+
+@pytest.mark.parametrize("rule", ["auto", "0.3"])
+def test_each_checkpoint_hour_flags_the_share_the_runs_own_threshold_flags(rule):
+    """Whatever the rule (a flag rate, or a clinical risk level on the model's own scale),
+    each checkpoint hour's threshold flags on the pooled hourly releases the share the
+    run's threshold flags at the window's end, so the hourly risk means the same at every
+    hour. Before, a fixed level got no hourly thresholds, and the hourly releases it paid
+    for went unread."""
+    from common.messages import Item
+    from common.metrics import rate_at_risk, threshold_for_rate
+    from server.results import Reader
+    from server.validation import Evaluations
+
+    cfg = small_cfg(f"evaluation.threshold={rule}", "evaluation.hourly_checkpoints=[1,6,24]")
+    reader, rng = Reader(cfg), np.random.default_rng(5)
+    hours = cfg.checkpoint_hours
+    validated = {}
+    for name, n in (("a", 3000), ("b", 2000)):
+        y = (rng.random(n) < 0.14).astype(np.int64)
+        end = -2.3 + rng.normal(size=n) + 1.09 * y
+        early = np.stack([end + 1.2 * (1 - h / 48) for h in hours], axis=1)  # earlier hours run higher, as they do
+        val = ScoreSummary.from_predictions(y, np.stack([1 - 1 / (1 + np.exp(-end)), 1 / (1 + np.exp(-end))], 1), GRID)
+        hourly = np.stack([np.bincount(GRID.index(early[:, k]), minlength=GRID.bins) for k in range(len(hours))]).astype(float)
+        validated[name] = Evaluations(summaries={Split.VAL: val}, hourly=hourly, noise={Item.HOURLY_HISTOGRAMS: 0.5})
+    val = reader.read(pooled([e.summaries[Split.VAL] for e in validated.values()]))
+    threshold = reader.threshold(val, GRID, None)
+    rate = reader.flag_rate(val, threshold)
+    assert rate == (0.2 if rule == "auto" else pytest.approx(rate_at_risk(val, 0.3)))
+    found = reader.hour_thresholds(validated, rate, GRID, None)
+    assert sorted(found) == hours
+    total = sum(e.hourly for e in validated.values())
+    for k, hour in enumerate(hours):
+        row = reader.read(ScoreSummary(total[k][None, None, :], None, 5000, GRID))
+        assert found[hour] == pytest.approx(threshold_for_rate(row, rate))
+        assert found[hour] > threshold  # the early hours' risks run higher: their thresholds too
