@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -84,7 +85,7 @@ class FoldResult:
         if not self.flagged:
             return None
         last = self.flagged[max(self.flagged)]
-        return max(self.flagged[h] for h in self.flagged if h >= 6) / last if last > 0 else float("inf")
+        return max(self.flagged[h] for h in self.flagged if h >= 6) / last if last > 0 else None  # undefined
 
 
 def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dict[str, float], np.ndarray, np.ndarray]:
@@ -187,7 +188,7 @@ def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: i
 
 def summarize(results: list[FoldResult]) -> dict:
     def stats(values: list[float]) -> dict:
-        values = [v for v in values if v == v]
+        values = [v for v in values if v is not None and math.isfinite(v)]  # NaN, inf (nothing flagged at the end)
         return {"mean": statistics.fmean(values) if values else float("nan"),
                 "sd": statistics.stdev(values) if len(values) > 1 else float("nan")}
 
