@@ -173,6 +173,8 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
         state = None
         if evaluations or exhausted is None:
             # ... then the data, read only for releases that will be made
+            if exhausted is None:
+                log.info("%s round %d: training", req.node.name, req.server_round)
             data = req.node.data()
             try:
                 device = resolve_device(req.node.device)

@@ -149,6 +149,13 @@ class LocalFederation:
                                      "--runtime-api", f"127.0.0.1:{runtime_port}"])
         return node
 
+    def freeze_hospital(self, name: str) -> None:
+        """Stop (SIGSTOP) a hospital's SuperNode and app where they are: it answers nothing
+        and its connection stays open, as a hung hospital's would."""
+        for proc in (self.procs.get(f"supernode-{name}"), self.procs.get(f"serve-{name}")):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGSTOP)
+
     def stop_hospital(self, name: str, sig: int = signal.SIGTERM) -> None:
         self.stop(f"supernode-{name}", sig)
         self.stop(f"serve-{name}", sig)

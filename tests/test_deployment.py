@@ -120,11 +120,19 @@ def scenario(tmp_path_factory, physionet_files):
         runs = root / "runs"
         t0 = time.monotonic()
         first = fed.run_app(RUN1_ROUNDS, runs)
-        wait_until(lambda: _dp_entries(fed.ledger("c")), 300, "c to start round 1")
-        fed.stop_hospital("c", signal.SIGKILL)
-        record["c_killed"] = True
+        # c hangs as soon as it starts round 1, so it cannot answer it, and round 1 must
+        # complete from a and b; then it crashes. (Killing it once its ledger recorded
+        # round 1 raced with the reply sent right after that record: in one run of 2 the
+        # reply got through. Stopping it as it logged its answer to the plan stopped the
+        # answer too, and the coordinator rightly asked it nothing more.)
+        serve_log = fed.logs / "serve-c.log"
+        wait_until(lambda: "c round 1: training" in serve_log.read_text(errors="replace"), 300,
+                   "c to start round 1", interval=0.02)
+        fed.freeze_hospital("c")
         run_dir = wait_until(lambda: next(iter(runs.iterdir()), None) if runs.exists() else None, 60, "the run folder")
         wait_until(lambda: _checkpoint_round(run_dir) >= 1, 300, "round 1's checkpoint")
+        fed.stop_hospital("c", signal.SIGKILL)
+        record["c_killed"] = True
         # The SuperLink refuses a restarted SuperNode until its old session's heartbeats
         # have lapsed (up to a minute); start_supernode retries until c is let in, while
         # the coordinator goes on without c. Round 1 alone takes strategy.round_timeout_s.
