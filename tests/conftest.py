@@ -167,6 +167,15 @@ def hospital_cfg(*extra):
                                         "training.batch_size=32", "run.rounds=3", "privacy.max_epsilon=2.5", *extra])
 
 
+def folder_ledger(folder: Path):
+    """A hospital folder's ledger, read as the hospital reads it (its secret checks it)."""
+    from client.folder import HospitalFolder
+    from client.ledger_store import FileLedgerStore
+
+    f = HospitalFolder(folder)
+    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
+
+
 def make_hospital(root: Path, data: Path, outcomes: Path, max_epsilon: float = 2.5, name: str = "st-elsewhere",
                   eval_epsilon: float | None = None) -> Path:
     """``fedgru hospital init`` into ``root/name``; returns the folder."""

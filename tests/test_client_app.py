@@ -23,18 +23,13 @@ from client.replies import without_paths
 from common import messages as M
 from common.ledger import Ledger
 from common.messages import Item, Mechanism, ReplyState, Split
-from tests.conftest import hospital_cfg, hospital_message, make_hospital, node_context, reply_status
+from tests.conftest import folder_ledger, hospital_cfg, hospital_message, make_hospital, node_context, reply_status
 
 
 @pytest.fixture(autouse=True)
 def _identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
-
-
-def _ledger(folder) -> Ledger:
-    f = HospitalFolder(folder)
-    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
 
 
 def test_ledger_survives_restart_and_composes_across_runs(hospital_data, tmp_path):
@@ -48,7 +43,7 @@ def test_ledger_survives_restart_and_composes_across_runs(hospital_data, tmp_pat
             assert reply_status(reply)[M.STATE] == ReplyState.TRAINED
             eps.append(reply.content[M.METRICS][M.EPSILON])
     assert all(b > a for a, b in zip(eps, eps[1:]))  # the second run continues from the first
-    ledger = _ledger(folder)
+    ledger = folder_ledger(folder)
     assert ledger.runs() == ["run-1", "run-2"]
     assert eps[-1] == pytest.approx(ledger.epsilon(), abs=1e-12)
     acc = RDPAccountant()
@@ -61,7 +56,7 @@ def test_ledger_survives_restart_and_composes_across_runs(hospital_data, tmp_pat
     ev = client_app.evaluate(hospital_message(cfg, "run-2", 2, MessageType.EVALUATE, "val test"), node_context(folder))
     assert reply_status(ev)[M.STATE] == ReplyState.EVALUATED
     assert {M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST)} <= set(ev.content.array_records)
-    after = _ledger(folder)
+    after = folder_ledger(folder)
     # one entry per release: the validation histogram and the unlabelled histograms at the
     # hourly checkpoints (for the per-hour thresholds); the test histogram, its per-group
     # histograms and the importance (the test budget shared between them)
@@ -85,7 +80,7 @@ def test_budget_is_never_passed_and_the_run_config_may_only_tighten_it(hospital_
     assert ReplyState.TRAINED in states and states[-1] == ReplyState.BUDGET_EXHAUSTED
     first_stop = states.index(ReplyState.BUDGET_EXHAUSTED)
     assert all(s == ReplyState.BUDGET_EXHAUSTED for s in states[first_stop:])
-    assert max(eps) <= 0.4 and _ledger(folder).epsilon() <= 0.4
+    assert max(eps) <= 0.4 and folder_ledger(folder).epsilon() <= 0.4
     loose = hospital_cfg("privacy.max_epsilon=50")  # a config cannot loosen the hospital's budget
     reply = client_app.train(hospital_message(loose, "run-c", 1), context)
     assert reply_status(reply)[M.STATE] == ReplyState.TRAINED and reply.content[M.METRICS][M.BUDGET] == 2.5
@@ -148,7 +143,7 @@ def test_a_new_export_of_the_same_patients_continues_the_ledger(hospital_data, t
     second = client_app.train(hospital_message(cfg, "run-d", 2), node_context(folder))
     assert reply_status(second)[M.STATE] == ReplyState.TRAINED
     assert second.content[M.METRICS][M.EPSILON] > first
-    ledger = _ledger(folder)
+    ledger = folder_ledger(folder)
     assert len({e.data for e in ledger.entries}) == 2  # two exports, one ledger
 
 
@@ -158,14 +153,13 @@ def test_the_ledger_names_an_export_by_a_keyed_label_and_keeps_it_at_home(hospit
     holding a guess of them). The copy that goes to the coordinator leaves the label out,
     and the time too: the label changes whenever one patient is added or removed."""
     from client.export import export_label
-    from client.folder import HospitalFolder
     from common.data.dataset import fingerprint_files
 
     data, outcomes = hospital_data
     folder = make_hospital(tmp_path, data, outcomes)
     reply = client_app.train(hospital_message(hospital_cfg(), "run-k", 1), node_context(folder))
     assert reply_status(reply)[M.STATE] == ReplyState.TRAINED
-    labels = {e.data for e in _ledger(folder).entries}
+    labels = {e.data for e in folder_ledger(folder).entries}
     plain = fingerprint_files(data, outcomes)
     assert labels == {export_label(plain, HospitalFolder(folder).secret("export"))}
     sent = reply_status(reply)[M.LEDGER]
@@ -173,7 +167,7 @@ def test_the_ledger_names_an_export_by_a_keyed_label_and_keeps_it_at_home(hospit
     assert {(e.data, e.time) for e in Ledger.from_json(sent).entries} == {("", "")}
     other = make_hospital(tmp_path / "other", data, outcomes)  # the same files at another hospital
     client_app.train(hospital_message(hospital_cfg(), "run-k", 1), node_context(other))
-    assert {e.data for e in _ledger(other).entries}.isdisjoint(labels)
+    assert {e.data for e in folder_ledger(other).entries}.isdisjoint(labels)
 
 
 def test_a_resent_round_is_not_charged_twice(hospital_data, tmp_path):
@@ -183,7 +177,7 @@ def test_a_resent_round_is_not_charged_twice(hospital_data, tmp_path):
     first = client_app.train(hospital_message(cfg, "run-e", 1), context)
     again = client_app.train(hospital_message(cfg, "run-e", 1), context)  # a resumed server asks again
     assert again.content[M.METRICS][M.EPSILON] == first.content[M.METRICS][M.EPSILON]
-    assert len(_ledger(folder).history(Split.TRAIN)) == 1
+    assert len(folder_ledger(folder).history(Split.TRAIN)) == 1
     for k, v in first.content[M.ARRAYS].items():
         assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()
 
@@ -195,7 +189,7 @@ def test_a_resent_round_is_not_charged_twice_when_another_run_trained_in_between
     first = client_app.train(hospital_message(cfg, "run-a", 1), context)
     client_app.train(hospital_message(cfg, "run-b", 1), context)  # a second run at this hospital
     again = client_app.train(hospital_message(cfg, "run-a", 1), node_context(folder))  # run-a's coordinator restarted
-    entries = [e for e in _ledger(folder).entries if e.item == Item.WEIGHTS]
+    entries = [e for e in folder_ledger(folder).entries if e.item == Item.WEIGHTS]
     assert sorted(e.run_id for e in entries) == ["run-a", "run-b"]
     for k, v in first.content[M.ARRAYS].items():
         assert (again.content[M.ARRAYS][k].numpy() == v.numpy()).all()

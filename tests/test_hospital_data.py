@@ -23,13 +23,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.folder import HospitalFolder
-from client.ledger_store import FileLedgerStore
 from common import messages as M
 from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, NodeMode, ReplyState, Split
 from common.privacy import NoisyRelease, epsilon, steps_per_round
 from server.coordinator import initial_arrays
-from tests.conftest import hospital_cfg, hospital_message, make_hospital, node_context, reply_status
+from tests.conftest import folder_ledger, hospital_cfg, hospital_message, make_hospital, node_context, reply_status
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +56,6 @@ def reads(monkeypatch):
 
     monkeypatch.setattr(export, "load", load)
     return opened
-
-
-def _ledger(folder) -> Ledger:
-    f = HospitalFolder(folder)
-    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
 
 
 def _declared(folder):
@@ -96,7 +90,7 @@ def test_a_message_cannot_choose_the_stays_or_labels_a_hospital_reads(hospital, 
                   client_app.evaluate(hospital_message(cfg, "r", 1, MessageType.EVALUATE, "val"), node_context(hospital))):
         reason = _refused(reply, key)
         assert reason.startswith(f"'{key}' differs from what this hospital reads")  # the key, nothing else
-    assert not reads and _ledger(hospital).entries == []
+    assert not reads and folder_ledger(hospital).entries == []
 
 
 def test_a_message_with_the_data_settings_of_another_machine_still_trains(hospital):
@@ -131,7 +125,7 @@ def test_refusal_numbers_come_from_the_declared_count_not_the_data(hospital, hos
     follow from the count the hospital declares, and stay the same when the export
     loses a training stay."""
     declared = _declared(hospital).train
-    ledger = _ledger(hospital)
+    ledger = folder_ledger(hospital)
 
     def reasons():
         out = []
@@ -148,7 +142,7 @@ def test_refusal_numbers_come_from_the_declared_count_not_the_data(hospital, hos
         assert f"spend epsilon {cost:.3g} in one round" in reason
     _drop_one_training_stay(hospital)
     assert reasons() == before
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def _drop_one_training_stay(folder, register: bool = True) -> None:
@@ -182,7 +176,7 @@ def test_an_empty_split_is_declined_by_its_declared_count_even_after_the_budget(
     reply = client_app.evaluate(hospital_message(hospital_cfg(), "r", 3, MessageType.EVALUATE, "val"),
                                 node_context(folder))
     assert reply_status(reply)[M.NOT_EVALUATED] == "val: this hospital declares no val stays"
-    assert _ledger(folder).entries == []
+    assert folder_ledger(folder).entries == []
 
 
 def test_every_count_a_hospital_sends_is_the_declared_one(hospital, hospital_data):
@@ -211,7 +205,7 @@ def test_a_huge_model_is_refused_before_anything_is_built_or_charged(hospital, r
     cfg = hospital_cfg("model.gru_hidden=[100000]", "model.init=random", "model.carry_units=[]")
     base = {k: v.numpy() for k, v in initial_arrays(hospital_cfg()).items()}
     _refused(client_app.train(_with_arrays(cfg, base), node_context(hospital)), "model")
-    assert not reads and _ledger(hospital).entries == []
+    assert not reads and folder_ledger(hospital).entries == []
 
 
 def test_an_oversized_array_is_refused_by_its_size_before_it_is_copied(hospital, reads, monkeypatch):
@@ -223,7 +217,7 @@ def test_an_oversized_array_is_refused_by_its_size_before_it_is_copied(hospital,
     message = hospital_message(hospital_cfg(), "r", 1, arrays=big)
     reason = _refused(client_app.train(message, node_context(hospital)), "arrays")
     assert "carry 80,00" in reason and "at most 67,108,864" in reason  # its bytes and the policy's limit: settings, not data
-    assert (20_000_000,) not in copies and not reads and _ledger(hospital).entries == []
+    assert (20_000_000,) not in copies and not reads and folder_ledger(hospital).entries == []
 
 
 @pytest.mark.parametrize("change", ["extra", "missing", "misshapen", "integer"])
@@ -240,7 +234,7 @@ def test_weights_that_are_not_the_models_are_refused_before_the_charge(hospital,
     else:
         arrays[first] = arrays[first].astype(np.int64)
     _refused(client_app.train(_with_arrays(cfg, arrays), node_context(hospital)), "arrays")
-    assert not reads and _ledger(hospital).entries == []
+    assert not reads and folder_ledger(hospital).entries == []
 
 
 def test_a_failure_after_reading_the_data_charges_nothing_and_names_no_exception(hospital, monkeypatch):
@@ -254,7 +248,7 @@ def test_a_failure_after_reading_the_data_charges_nothing_and_names_no_exception
     reply = client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital))
     status = reply_status(reply)
     assert status[M.STATE] == ReplyState.REFUSED and status[M.REASON] == "the hospital's app failed; its log says why"
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +283,7 @@ def test_a_split_named_twice_in_one_message_is_refused(hospital):
     reply = client_app.evaluate(hospital_message(hospital_cfg(), "r", 3, MessageType.EVALUATE, "val val val"),
                                 node_context(hospital))
     _refused(reply, "evaluate")
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def test_subgroup_bands_count_against_the_bin_limit(hospital):
@@ -298,7 +292,7 @@ def test_subgroup_bands_count_against_the_bin_limit(hospital):
     reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test"), node_context(hospital))
     reason = _refused(reply, "evaluation.subgroups[0]")
     assert "82 groups" in reason and "at most 20" in reason  # 81 bands and "unknown"
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def test_a_forged_histogram_cell_is_dropped_by_the_coordinator():
@@ -474,7 +468,7 @@ def test_a_changed_export_is_not_read_while_messages_are_served(hospital, reads)
     bad.write_text(bad.read_text() + "49:00,HR,80\n")  # a time this format cannot hold
     reply = client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital))
     assert reply_status(reply)[M.STATE] == ReplyState.TRAINED  # the registered stays still serve
-    assert _ledger(hospital).noisy(Split.TRAIN)[0].examples == _declared(hospital).train
+    assert folder_ledger(hospital).noisy(Split.TRAIN)[0].examples == _declared(hospital).train
 
 
 def test_a_round_outside_the_run_and_non_finite_settings_are_refused_before_reading(hospital, reads):
@@ -494,7 +488,7 @@ def test_a_round_outside_the_run_and_non_finite_settings_are_refused_before_read
         message.content[M.CONFIG] = ConfigRecord({**dict(message.content[M.CONFIG]), M.EXPERIMENT_JSON: json.dumps(tree)})
         status = reply_status(client_app.train(message, node_context(hospital)))
         assert status[M.STATE] == ReplyState.REFUSED and f"{section}.{key}" in status[M.REASON], status
-    assert not reads and _ledger(hospital).entries == []
+    assert not reads and folder_ledger(hospital).entries == []
 
 
 def test_training_memory_does_not_depend_on_how_many_stays_are_sampled():

@@ -27,7 +27,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.folder import FolderError, HospitalFolder
-from client.ledger_store import FileLedgerStore
 from common import messages as M
 from common.ledger import Ledger
 from common.messages import Item, Mechanism, ReplyState, Split
@@ -39,6 +38,7 @@ from server.coordinator import initial_arrays
 from tests.conftest import (
     ROOT,
     coordinator_for,
+    folder_ledger,
     hospital_cfg,
     hospital_message,
     make_hospital,
@@ -60,11 +60,6 @@ def hospital(hospital_data, tmp_path):
     return make_hospital(tmp_path, *hospital_data, max_epsilon=2.5)
 
 
-def _ledger(folder) -> Ledger:
-    f = HospitalFolder(folder)
-    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
-
-
 def _refused(reply, setting: str) -> None:
     status = reply_status(reply)
     assert status[M.STATE] == ReplyState.REFUSED_POLICY, status
@@ -83,7 +78,7 @@ def test_training_without_dp_is_refused(hospital, monkeypatch):
     reply = client_app.train(hospital_message(hospital_cfg("privacy.enabled=false"), "r", 1), node_context(hospital))
     _refused(reply, "privacy.enabled")
     assert not reads  # refused before any patient file was read
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def test_weak_noise_and_a_huge_budget_in_the_message_are_refused(hospital):
@@ -92,7 +87,7 @@ def test_weak_noise_and_a_huge_budget_in_the_message_are_refused(hospital):
     # above the floor, but one round would cost more than the hospital allows per round
     costly = hospital_cfg("privacy.noise_multiplier=0.6", "privacy.target_epsilon=0", "privacy.max_epsilon=1e9")
     _refused(client_app.train(hospital_message(costly, "r", 1), node_context(hospital)), "per round")
-    assert _ledger(hospital).epsilon() == 0.0
+    assert folder_ledger(hospital).epsilon() == 0.0
 
 
 def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hospital):
@@ -100,7 +95,7 @@ def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hos
     hospital's per-round ceiling, which its own ledger measures (RDP)."""
     from common.privacy import NoisyRelease, steps_per_round
 
-    policy, ledger = HospitalFolder(hospital).policy, _ledger(hospital)
+    policy, ledger = HospitalFolder(hospital).policy, folder_ledger(hospital)
     base = hospital_cfg("privacy.accountant=prv")
     n = HospitalFolder(hospital).declared.train  # the count the hospital declares, which every cost uses
     q, steps = steps_per_round(n, base.training.batch_size, base.training.local_epochs, base.training.sample_rate)
@@ -120,7 +115,7 @@ def test_the_per_round_ceiling_is_measured_with_the_hospitals_own_accountant(hos
     costly = hospital_cfg("privacy.accountant=prv", f"privacy.noise_multiplier={sigma:.4f}", "privacy.target_epsilon=0",
                           "privacy.max_epsilon=1e9")
     _refused(client_app.train(hospital_message(costly, "r", 1), node_context(hospital)), "per round")
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def test_a_release_the_run_did_not_plan_is_refused_and_the_ledger_stays_readable(hospital):
@@ -128,7 +123,7 @@ def test_a_release_the_run_did_not_plan_is_refused_and_the_ledger_stays_readable
     none (infinite), so a message asking for one anyway is refused, not recorded."""
     cfg = hospital_cfg("evaluation.validate_every=0")
     _refused(client_app.train(hospital_message(cfg, "r", 1, evaluate="val"), node_context(hospital)), "do not plan")
-    assert _ledger(hospital).entries == []  # still readable, nothing recorded
+    assert folder_ledger(hospital).entries == []  # still readable, nothing recorded
     assert reply_status(client_app.train(hospital_message(cfg, "r", 1), node_context(hospital)))[M.STATE] == "trained"
 
 
@@ -183,7 +178,7 @@ def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hosp
                                 node_context(hospital))
     released = ScoreSummary.from_arrays({k: v.numpy() for k, v in reply.content[M.evaluation_key(Split.VAL)].items()})
     assert released.histogram.shape == (2, 1, cfg.evaluation.score_bins)
-    entry = _ledger(hospital).entries[-1]
+    entry = folder_ledger(hospital).entries[-1]
     assert (entry.mechanism, entry.split) == (Mechanism.GAUSSIAN, Split.VAL) and entry.noise_multiplier > 2
     # the exact histogram, as the hospital itself would compute it, is hidden under the noise
     from client.hospital import Node
@@ -205,7 +200,7 @@ def test_no_evaluation_after_the_evaluation_budget_is_spent(hospital_data, tmp_p
         if not states[-1]:
             assert "budget" in reply_status(reply)[M.NOT_EVALUATED]
     assert states[0] and not states[-1]
-    assert _ledger(folder).epsilon(Split.VAL) <= 1.0
+    assert folder_ledger(folder).epsilon(Split.VAL) <= 1.0
 
 
 def test_the_training_loss_is_never_released_and_repeats_differ(hospital):
@@ -233,7 +228,7 @@ def test_two_trainings_at_once_keep_every_entry(hospital):
     for t in threads:
         t.join()
     assert not errors
-    ledger = _ledger(hospital)
+    ledger = folder_ledger(hospital)
     assert sorted(e.round for e in ledger.noisy(Split.TRAIN)) == [1, 2, 3]
     assert ledger.epsilon() == pytest.approx(epsilon(ledger.history(Split.TRAIN), ledger.delta), abs=1e-12)
 
@@ -420,7 +415,7 @@ def test_a_global_model_with_non_finite_weights_is_refused_before_anything_is_re
     monkeypatch.setattr("client.export.load", lambda *a, **k: reads.append(1))
     message = hospital_message(cfg, "r", 1, arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}))
     _refused(client_app.train(message, node_context(hospital)), "arrays")
-    assert not reads and _ledger(hospital).entries == []
+    assert not reads and folder_ledger(hospital).entries == []
 
 
 def test_a_finite_model_that_overflows_on_some_patients_is_still_evaluated_with_finite_releases(hospital):

@@ -22,10 +22,18 @@ from client import app as client_app
 from client.folder import HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
-from common.ledger import Ledger, LedgerEntry
+from common.ledger import LedgerEntry
 from common.messages import Item, Mechanism, ReplyState, Split
 from common.preflight import PreflightAnswer
-from tests.conftest import ReplayGrid, hospital_cfg, hospital_message, make_hospital, node_context, reply_status
+from tests.conftest import (
+    ReplayGrid,
+    folder_ledger,
+    hospital_cfg,
+    hospital_message,
+    make_hospital,
+    node_context,
+    reply_status,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +46,6 @@ def _identity():
 def hospital(hospital_data, tmp_path):
     """A hospital folder as `fedgru hospital init` makes it, with the default policy (budget 1)."""
     return make_hospital(tmp_path, *hospital_data, max_epsilon=1.0)
-
-
-def _ledger(folder) -> Ledger:
-    f = HospitalFolder(folder)
-    return FileLedgerStore(f.ledger_file, f.secret("ledger")).read()
 
 
 def _spend(folder, entries: list[LedgerEntry]) -> None:
@@ -80,7 +83,7 @@ def test_the_issues_first_deployment_trains_instead_of_burning_its_evaluation_bu
     assert answer.accepted and answer.noise_set_by == "its per-round ceiling"
     assert answer.remaining == {"train": 1.0, "val": 1.0, "test": 1.0}
     assert answer.planned["train"] <= 1.0 + 1e-9 and answer.planned["val"] <= 1.0 + 1e-9
-    assert not reads and _ledger(hospital).entries == []  # the preflight reads no patient and spends nothing
+    assert not reads and folder_ledger(hospital).entries == []  # the preflight reads no patient and spends nothing
 
 
 def test_an_accepted_plan_trains_and_evaluates_every_planned_release(hospital):
@@ -96,7 +99,7 @@ def test_an_accepted_plan_trains_and_evaluates_every_planned_release(hospital):
     for split in ("val", "test"):
         status = reply_status(client_app.evaluate(hospital_message(cfg, "run-p", 3, MessageType.EVALUATE, split), context))
         assert status[M.STATE] == ReplyState.EVALUATED and M.NOT_EVALUATED not in status, status
-    ledger = _ledger(hospital)
+    ledger = folder_ledger(hospital)
     for split in Split:
         assert ledger.epsilon(split) == pytest.approx(answer.planned[split.value], rel=1e-9), split
     assert {e.noise_multiplier for e in ledger.noisy(Split.TRAIN)} == {answer.noise_multiplier}
@@ -111,13 +114,13 @@ def test_a_fixed_noise_below_the_floor_or_over_the_ceiling_is_refused_with_a_fix
     assert key == "privacy.noise_multiplier"
     fitted = _plan(hospital, hospital_cfg("run.rounds=3", f"privacy.noise_multiplier={value}", "privacy.target_epsilon=0"))
     assert fitted.accepted and fitted.noise_multiplier == value and fitted.noise_set_by == "the run's setting"
-    assert _ledger(hospital).entries == []
+    assert folder_ledger(hospital).entries == []
 
 
 def test_a_spent_budget_raises_the_noise_so_the_run_fits_what_is_left(hospital):
     _spend(hospital, [LedgerEntry("earlier", r, Mechanism.DP_SGD, "weights", noise_multiplier=6.0, sample_rate=0.2,
                                   steps=5, max_grad_norm=3.0, examples=100) for r in range(1, 3)])
-    spent = _ledger(hospital).epsilon()
+    spent = folder_ledger(hospital).epsilon()
     assert 0.3 < spent < 1.0
     answer = _plan(hospital, hospital_cfg("run.rounds=20"))
     assert answer.accepted and answer.noise_set_by == "its remaining budget"
