@@ -41,6 +41,7 @@ from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, NodeMode, ReplyState
 from common.model import GRUClassifier, model_spec
 from common.privacy import NoisyRelease, epsilon, steps_per_round
+from common.secagg import STAGE as SECAGG_STAGE
 from common.training import (
     Canaries,
     DPSettings,
@@ -56,6 +57,7 @@ from .hospital import UNASSIGNED, Node
 from .preflight import answer_plan
 from .replies import AfterReading, pack, refusing, status, unpack
 from .request import Request, experiment_of
+from .secure import answer_secure
 
 log = logging.getLogger("fedgru.client")
 
@@ -152,6 +154,8 @@ def _training_entries(req: Request, ledger: Ledger, budget: float) -> tuple[list
 
 def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = None,
                  simulation: ExperimentConfig | None = None) -> Message:
+    if SECAGG_STAGE in msg.content.config_records.get(M.CONFIG, {}):
+        return answer_secure(msg, context, simulation)  # a stage of secure aggregation (client.secure)
     req = Request(msg, context, simulation)
     cfg = req.cfg
     # The same round with the same global model again (a resumed server): resend the

@@ -220,6 +220,8 @@ POLICY_COMMENTS = {
     "max_model_parameters": "the largest model (weights) a run may send to train or score",
     "max_message_bytes": "the most bytes of weights one message may carry",
     "max_micro_batch": "examples whose per-example gradients are held at once (memory)",
+    "min_honest": "secure aggregation: the fewest hospitals whose noise it counts on, itself included",
+    "max_epsilon_alone": "secure aggregation: the epsilon its own noise alone must keep if all others collude",
 }
 
 

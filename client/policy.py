@@ -30,6 +30,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 # Per-example gradients are held for at most this many examples at once: with the model
 # limit, a bound on training memory (512 x 1M weights x 4 bytes = 2 GB) that no data changes.
 DEFAULT_MAX_MICRO_BATCH = 512
+# Secure aggregation: by default a hospital counts on its own noise and one other
+# hospital's, and its own noise alone keeps every training patient within epsilon 4 (at its
+# delta) if the coordinator and every other hospital collude (issue 23's example).
+DEFAULT_MIN_HONEST = 2
+DEFAULT_MAX_EPSILON_ALONE = 4.0
 
 
 class PolicyRefusal(Exception):
@@ -66,6 +71,12 @@ class Policy:
     max_model_parameters: int = DEFAULT_MAX_MODEL_PARAMETERS  # the largest model a message may ask it to train or score
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the most bytes of weights one message may carry
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH  # examples whose per-example gradients are held at once
+    # Secure aggregation (client.secure): the fewest hospitals whose noise this hospital
+    # counts on, itself included (a sum of fewer is refused; its epsilon counts this many
+    # hospitals' noise), and the epsilon its own noise alone must still give if every other
+    # hospital colluded with the coordinator.
+    min_honest: int = DEFAULT_MIN_HONEST
+    max_epsilon_alone: float = DEFAULT_MAX_EPSILON_ALONE
     allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
 
     def validate(self, where: str) -> None:
@@ -82,6 +93,9 @@ class Policy:
             (self.max_model_parameters >= 1, "max_model_parameters", "must be positive"),
             (self.max_message_bytes >= 1, "max_message_bytes", "must be positive"),
             (self.max_micro_batch >= 1, "max_micro_batch", "must be positive"),
+            (isinstance(self.min_honest, int) and self.min_honest >= 1, "min_honest", "must be a whole number >= 1"),
+            (self.max_epsilon_alone > 0 and math.isfinite(self.max_epsilon_alone), "max_epsilon_alone",
+             "must be a positive number"),
             (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
                 self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
         ]
@@ -197,7 +211,8 @@ class Policy:
         ev = cfg.evaluation
         policy = default_policy(budget, cfg.privacy.delta_for(train_examples), max(budget, ev.val_epsilon, ev.test_epsilon))
         return dataclasses.replace(policy, split=SplitFractions(cfg.split.train, cfg.split.val, cfg.split.test),
-                                   allow_without_dp=True)
+                                   allow_without_dp=True, min_honest=cfg.privacy.min_honest,
+                                   max_epsilon_alone=cfg.privacy.max_epsilon_alone)
 
 
 def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Policy:
@@ -216,4 +231,6 @@ def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Pol
         max_model_parameters=DEFAULT_MAX_MODEL_PARAMETERS,
         max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
         max_micro_batch=DEFAULT_MAX_MICRO_BATCH,
+        min_honest=DEFAULT_MIN_HONEST,
+        max_epsilon_alone=DEFAULT_MAX_EPSILON_ALONE,
     )

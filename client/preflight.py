@@ -22,6 +22,7 @@ from .hospital import Node
 from .noise import NoiseFit, budget_left, evaluation_noise, fit_noise, training_entry
 from .policy import Policy, PolicyRefusal
 from .request import check_model_size
+from .secure import NOMINAL_UNITS, SecureAsk, release_entry, required_variance, settings_of
 
 
 def planned_evaluation_entries(cfg: ExperimentConfig, policy: Policy, split: Split) -> list[LedgerEntry]:
@@ -96,9 +97,12 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
             if not low <= cfg.privacy.max_grad_norm <= high:
                 raise PolicyRefusal("privacy.max_grad_norm", f"is {cfg.privacy.max_grad_norm:g}; this hospital allows "
                                                              f"clipping norms in [{low:g}, {high:g}]")
-            fit = fit_noise(cfg, policy, declared.train, ledger.accountant, ledger, budget)
-            run = training_entry(fit.noise_multiplier, fit.sample_rate, fit.steps * cfg.run.rounds)
-            planned = {"train": ledger.epsilon_with([run])}
+            if cfg.privacy.aggregation == "secure":
+                fit, planned = _secure_plan(cfg, node, ledger)
+            else:
+                fit = fit_noise(cfg, policy, declared.train, ledger.accountant, ledger, budget)
+                run = training_entry(fit.noise_multiplier, fit.sample_rate, fit.steps * cfg.run.rounds)
+                planned = {"train": ledger.epsilon_with([run])}
         elif policy.allow_without_dp:
             fit, planned = NoiseFit(0.0, "without DP (a comparison simulation)", 0.0, 0), {"train": ledger.epsilon()}
         else:
@@ -107,4 +111,18 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
         planned.update(check_evaluations(cfg, policy, ledger))
     except PolicyRefusal as exc:
         return PreflightAnswer(node.name, False, str(exc), remaining=remaining)
-    return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining)
+    return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining,
+                           declared_train=declared.train if cfg.privacy.aggregation == "secure" else 0)
+
+
+def _secure_plan(cfg: ExperimentConfig, node: Node, ledger: Ledger) -> tuple[NoiseFit, dict[str, float]]:
+    """Secure aggregation's plan (client.secure): the noise it will need for the whole run,
+    as a noise multiplier counted with ``min_honest`` hospitals, at the nominal scale (the
+    coordinator's scale changes the rounding term only)."""
+    ask = SecureAsk(cfg, node.policy, node.name, node.declared.train, "plan", 1)
+    settings = settings_of(ask, NOMINAL_UNITS / cfg.privacy.max_grad_norm)
+    run = release_entry(ask, settings, required_variance(ask, ledger, settings), cfg.run.rounds)
+    alone = ledger.epsilon_with([run], alone=True)
+    fit = NoiseFit(run.noise_multiplier, f"secure aggregation counting {settings.min_honest} hospitals' noise, "
+                   f"its own alone epsilon {alone:.2f}", settings.sample_rate, 1)
+    return fit, {"train": ledger.epsilon_with([run])}

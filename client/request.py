@@ -26,6 +26,7 @@ from common import messages as M
 from common.config import ConfigError, ExperimentConfig
 from common.messages import NodeMode, ReplyState, Split
 from common.model import GRUClassifier, model_spec
+from common.secagg import STAGE as SECAGG_STAGE
 
 from .hospital import UNASSIGNED, Node
 from .noise import fit_noise
@@ -71,7 +72,8 @@ class Request:
     """One message at one hospital: the experiment, the round, the node, its policy, and
     every check that needs no patient data and no ledger."""
 
-    def __init__(self, msg: Message, context: Context, simulation: ExperimentConfig | None = None):
+    def __init__(self, msg: Message, context: Context, simulation: ExperimentConfig | None = None,
+                 needs_model: bool = True):
         self.msg, self.context = msg, context
         self.cfg = experiment_of(msg)
         config = msg.content[M.CONFIG]
@@ -94,9 +96,17 @@ class Request:
         self.node.check_reads_as_defined(self.cfg)
         self.policy: Policy = self.node.policy
         self.declared = self.node.declared
-        self.weights = check_weights(self.cfg, msg, self.policy)
+        # Secure aggregation's rounds come as its four stages (client.secure), each checked
+        # there; a plain training message under it would be trained without its noise
+        self.secure = self.cfg.privacy.aggregation == "secure" and self.cfg.privacy.enabled
+        stage = config.get(SECAGG_STAGE)
+        if not self.final and self.secure != (stage is not None):
+            raise PolicyRefusal("privacy.aggregation", "is 'secure': a training round comes as the stages of secure "
+                                "aggregation" if self.secure else "is not 'secure': the message names a stage of "
+                                "secure aggregation")
+        self.weights = check_weights(self.cfg, msg, self.policy) if needs_model else {}
         agreed = config.get(M.NOISE)
-        self.training = None if self.final else plan_training(
+        self.training = None if self.final or self.secure else plan_training(
             self.cfg, self.policy, self.declared.train, self.node.accountant, None if agreed is None else float(agreed))
         planned = self.cfg.planned_evaluations()
         for split in self.splits:

@@ -34,9 +34,10 @@ import numpy as np
 
 from .messages import Item, Mechanism, Split
 from .privacy import NoisyRelease, epsilon, epsilon_of_rdp, rdp_of
+from .skellam import SkellamSensitivity, rdp_vector
 
 LEDGER_FORMAT = "fedgru-ledger/2"
-NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN)
+NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN, Mechanism.SKELLAM)
 
 
 class LedgerError(RuntimeError):
@@ -56,8 +57,22 @@ class LedgerEntry:
     steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
     max_grad_norm: float = 0.0  # the sensitivity the noise was scaled to (DP-SGD: clipping norm)
     examples: int = 0  # patients the release is about (split size)
+    # Skellam (secure aggregation) only: max_grad_norm is then the L2 sensitivity in integer
+    # units, this its L1 sensitivity, noise_multiplier sqrt(counted variance) / L2 with the
+    # noise of the min_honest hospitals it counts on, and this the same for its own noise alone
+    l1_sensitivity: float = 0.0
+    alone_noise_multiplier: float = 0.0
     data: str = ""  # the hospital's keyed label of the data export the release read
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def rdp(self, alone: bool = False) -> np.ndarray:
+        """This release's Renyi DP at fedgru's orders (common.privacy.RDP_ORDERS); ``alone``:
+        a Skellam share's, counting only this hospital's own noise."""
+        if self.mechanism == Mechanism.SKELLAM:
+            sigma = self.alone_noise_multiplier if alone else self.noise_multiplier
+            sens = SkellamSensitivity(self.max_grad_norm, self.l1_sensitivity)
+            return rdp_vector(self.sample_rate, (sigma * sens.l2) ** 2, sens, self.steps)
+        return rdp_of(self.sample_rate, self.noise_multiplier, self.steps)
 
     def as_release(self) -> NoisyRelease:
         return NoisyRelease(self.round, self.noise_multiplier, self.sample_rate, self.steps, self.max_grad_norm, self.run_id)
@@ -66,7 +81,8 @@ class LedgerEntry:
         """Every value sane: a noisy entry must carry noise that an accountant can use."""
         if not isinstance(self.round, int) or not isinstance(self.steps, int) or not isinstance(self.examples, int):
             raise LedgerError(f"{where}: round, steps and examples must be whole numbers")
-        numbers = (self.noise_multiplier, self.sample_rate, self.max_grad_norm)
+        numbers = (self.noise_multiplier, self.sample_rate, self.max_grad_norm, self.l1_sensitivity,
+                   self.alone_noise_multiplier)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
             raise LedgerError(f"{where}: noise multiplier, sample rate and norm must be finite numbers")
         if self.mechanism in NOISY:
@@ -75,6 +91,11 @@ class LedgerEntry:
                     f"{where}: a {self.mechanism.value} release needs noise multiplier > 0, sample rate in (0, 1], "
                     "at least one step and one patient"
                 )
+        if self.mechanism == Mechanism.SKELLAM and not (
+                0 < self.alone_noise_multiplier <= self.noise_multiplier and self.max_grad_norm >= 1
+                and self.l1_sensitivity >= self.max_grad_norm):
+            raise LedgerError(f"{where}: a skellam release needs its own noise (at most the counted noise), an L2 "
+                              "sensitivity of at least 1 and an L1 sensitivity at least the L2")
         if self.round < 0 or self.steps < 0 or self.examples < 0:
             raise LedgerError(f"{where}: counts must not be negative")
 
@@ -100,22 +121,39 @@ class Ledger:
         if split not in self._rdp:
             total = np.zeros(len(rdp_of(1.0, 1.0, 0)))
             for e in self.noisy(split):
-                total = total + rdp_of(e.sample_rate, e.noise_multiplier, e.steps)
+                total = total + e.rdp()
             self._rdp[split] = total
         return self._rdp[split]
 
+    def _uses_rdp(self, split: Split, accountant: str | None, planned: list[LedgerEntry] = ()) -> bool:
+        """RDP when asked, and whenever a Skellam release is among the group's (PRV has no
+        Skellam analysis; RDP's epsilon is an upper bound on PRV's)."""
+        return (accountant or self.accountant) == "rdp" or any(
+            e.mechanism == Mechanism.SKELLAM for e in [*self.noisy(split), *planned])
+
     def epsilon(self, split: Split = Split.TRAIN, accountant: str | None = None) -> float:
         """Epsilon of everything ever released about one group of patients."""
-        if (accountant or self.accountant) == "rdp":
+        if self._uses_rdp(split, accountant):
             return epsilon_of_rdp(self._rdp_total(split), self.delta)
         return epsilon(self.history(split), self.delta, accountant or self.accountant)
 
-    def epsilon_with(self, planned: list[LedgerEntry], accountant: str | None = None) -> float:
-        """Epsilon of ``planned``'s group if ``planned`` were released too (the budget check)."""
+    def epsilon_alone(self, split: Split = Split.TRAIN) -> float:
+        """Epsilon of everything released about the group if every other hospital had
+        colluded with the coordinator: secure aggregation's releases count only this
+        hospital's own share of the noise. Equal to :meth:`epsilon` without secure releases."""
+        total = sum((e.rdp(alone=True) for e in self.noisy(split)), np.zeros_like(self._rdp_total(split)))
+        return epsilon_of_rdp(total, self.delta)
+
+    def epsilon_with(self, planned: list[LedgerEntry], accountant: str | None = None, alone: bool = False) -> float:
+        """Epsilon of ``planned``'s group if ``planned`` were released too (the budget check);
+        ``alone`` as in :meth:`epsilon_alone`."""
         split = planned[0].split
-        if (accountant or self.accountant) == "rdp":
-            added = sum((rdp_of(e.sample_rate, e.noise_multiplier, e.steps) for e in planned if e.mechanism in NOISY),
-                        np.zeros_like(self._rdp_total(split)))
+        if alone:
+            every = [*self.noisy(split), *[e for e in planned if e.mechanism in NOISY]]
+            return epsilon_of_rdp(sum((e.rdp(alone=True) for e in every), np.zeros_like(self._rdp_total(split))),
+                                  self.delta)
+        if self._uses_rdp(split, accountant, planned):
+            added = sum((e.rdp() for e in planned if e.mechanism in NOISY), np.zeros_like(self._rdp_total(split)))
             return epsilon_of_rdp(self._rdp_total(split) + added, self.delta)
         return epsilon(self.history(split) + [e.as_release() for e in planned], self.delta, accountant or self.accountant)
 
@@ -133,7 +171,7 @@ class Ledger:
         entry.check(f"{self.hospital}'s new ledger entry")
         self.entries.append(entry)
         if entry.mechanism in NOISY and entry.split in self._rdp:
-            self._rdp[entry.split] = self._rdp[entry.split] + rdp_of(entry.sample_rate, entry.noise_multiplier, entry.steps)
+            self._rdp[entry.split] = self._rdp[entry.split] + entry.rdp()
 
     # -- serialisation ---------------------------------------------------------
     def body(self) -> dict:

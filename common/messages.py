@@ -102,6 +102,7 @@ class Mechanism(str, Enum):
 
     DP_SGD = "dp-sgd"  # model weights after DP-SGD: composes into the training patients' epsilon
     GAUSSIAN = "gaussian"  # a noisy score histogram: composes into its split's epsilon
+    SKELLAM = "skellam"  # secure aggregation: a share of distributed Skellam noise on one full step (common.skellam)
     NONE = "none"  # a release outside the DP guarantee, recorded so nothing leaves unrecorded
 
 
@@ -168,6 +169,20 @@ RELEASES: tuple[Release, ...] = (
         "would fit, the noise multiplier it will train with, and each group's epsilon before and after the "
         "planned releases: computed from the plan, the hospital's policy, its declared counts and its ledger",
     ),
+    Release(
+        "masked gradient sum", "every round of secure aggregation (privacy.aggregation: secure)", True,
+        "the sum of the training patients' clipped, scaled and randomly rounded gradients plus this hospital's "
+        "share of Skellam noise, masked so that only the sum over hospitals can be read: covered by DP for the "
+        "training patients with the noise of the min_honest hospitals the hospital's policy counts on, and, with "
+        "its own noise alone, within its max_epsilon_alone (both epsilons in its ledger)",
+    ),
+    SECAGG_RELEASE := Release(
+        "secure aggregation keys and shares", "every round of secure aggregation", False,
+        "fresh public keys, encrypted Shamir shares of fresh random secrets, and the shares the protocol lets "
+        "the coordinator rebuild (a mask seed of each hospital in the sum, a mask key of each absent one, never "
+        "both): random numbers drawn for the round, independent of every patient; and the noise variance the "
+        "hospital requires, computed from the run's settings, its policy, its declared counts and its ledger",
+    ),
     DEFINITION_RELEASE := Release(
         "data definition", "when the coordinator asks which hospital a node is", False,
         "settings: the task (outcome column, classes, unknown-outcome codes) and features (variables, their "
@@ -205,4 +220,9 @@ FIELD_RELEASES: dict[str, str] = {
     HOSPITAL: HOSPITAL,
     DEFINITION: DEFINITION_RELEASE.field,
     PLAN: PLAN_RELEASE.field,
+    "secagg-masked": "masked gradient sum",
+    "secagg-my-keys": SECAGG_RELEASE.field,
+    "secagg-shares": SECAGG_RELEASE.field,
+    "secagg-revealed": SECAGG_RELEASE.field,
+    "secagg-required-variance": SECAGG_RELEASE.field,
 }

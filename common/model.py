@@ -336,3 +336,12 @@ def model_spec(cfg) -> ModelSpec:
         train_gru=cfg.model.train_gru,
         carry_units=list(cfg.model.carry_units),
     )
+
+
+def trainable_layout(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """Name and shape of every weight DP training moves, in the model's order: the layout
+    of secure aggregation's flat gradient vector, which both sides build alike. Built on
+    the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = GRUClassifier(model_spec(cfg), gru_impl=cfg.model.gru_impl)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]

@@ -51,6 +51,7 @@ from .records import (
     TrainReport,
 )
 from .results import Reader, every_hour, exact_metrics_of, pooled_noise
+from .secure_round import SecureRounds, scale_for
 from .start_model import StartModel
 from .strategies import Aggregator
 from .validation import (
@@ -129,6 +130,8 @@ class Coordinator:
         self.trained_rounds = 0  # rounds whose replies moved the global model (none: nothing to evaluate)
         self.reader = Reader(cfg)
         self.not_started = ""  # why the run did not start (the preflight), if it did not
+        # secure aggregation (server.secure_round): the rounds run its protocol instead
+        self.secure = SecureRounds(self) if cfg.privacy.enabled and cfg.privacy.aggregation == "secure" else None
 
     # -- checkpoints -------------------------------------------------------------
     def snapshot(self, server_round: int) -> RunSnapshot:
@@ -269,6 +272,9 @@ class Coordinator:
             self._phase.dropped.append(Dropped(view.name, nid, f"evaluation: {exc}"))
 
     def train_round(self, server_round: int) -> TrainPhase:
+        if self.secure is not None:
+            declared = sum(a.declared_train for a in self.recorder.preflight if a.accepted)
+            return self.secure.round(server_round, scale_for(self.cfg.privacy.max_grad_norm, declared))
         layout = expected_layout(self.arrays)
         nodes = sorted(nid for nid, h in self.hospitals.items() if h.active)
         phase = self._phase = TrainPhase()

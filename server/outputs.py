@@ -28,7 +28,7 @@ from common.config import ExperimentConfig
 from common.estimates import estimator_used
 from common.files import atomic_write_text, json_safe, write_json
 from common.ledger import Ledger
-from common.messages import Split
+from common.messages import Mechanism, Split
 from common.model import model_spec
 from common.preflight import PreflightAnswer
 
@@ -145,13 +145,16 @@ def run_privacy(
                 noisy = ledger.noisy(split)
                 if noisy:
                     eps = {name: ledger.epsilon(split, name) for name in ("rdp", "prv")}
+                    secure = any(e.mechanism == Mechanism.SKELLAM for e in noisy)
                     entry.groups[split.value] = GroupPrivacy(
-                        eps[cfg.privacy.accountant], eps["rdp"], eps["prv"], len(noisy), sum(e.run_id == run_id for e in noisy)
+                        eps[cfg.privacy.accountant], eps["rdp"], eps["prv"], len(noisy), sum(e.run_id == run_id for e in noisy),
+                        ledger.epsilon_alone(split) if secure else None,
                     )
             train = entry.groups.get(Split.TRAIN.value)
             this_run = [e for e in ledger.noisy(Split.TRAIN) if e.run_id == run_id]
             if train is not None:
                 entry.epsilon, entry.epsilon_rdp, entry.epsilon_prv = train.epsilon, train.epsilon_rdp, train.epsilon_prv
+                entry.epsilon_alone = train.epsilon_alone
                 entry.remaining = budget - train.epsilon if budget is not None else None
             entry.delta, entry.accountant = ledger.delta, cfg.privacy.accountant
             entry.noise_multiplier = this_run[0].noise_multiplier if this_run else None

@@ -197,6 +197,9 @@ class GroupPrivacy:
     epsilon_prv: float
     releases: int  # noisy releases about this group, all runs
     this_run: int  # ... of them in this run
+    # secure aggregation's releases counted with this hospital's own noise only (every other
+    # hospital colluding with the coordinator); None when the group had none
+    epsilon_alone: float | None = None
 
 
 @dataclass
@@ -211,6 +214,7 @@ class HospitalPrivacy:
     epsilon: float | None = None  # training patients, by the accountant that drives decisions
     epsilon_rdp: float | None = None
     epsilon_prv: float | None = None
+    epsilon_alone: float | None = None  # training patients, with its own share of secure aggregation's noise only
     delta: float | None = None
     accountant: str | None = None
     remaining: float | None = None

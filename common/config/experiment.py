@@ -102,6 +102,17 @@ class ExperimentConfig:
             not (self.hospital_dp.enabled and self.strategy.name in ("fedadam", "fedavgm")),
             "", "needs plain weighted averaging (fedavg or fedprox), not a server optimizer",
         )
+        secure = Check(origin, "privacy")
+        if self.privacy.aggregation == "secure":
+            secure(self.privacy.enabled, "aggregation", "'secure' adds distributed DP noise: set privacy.enabled true")
+            secure(not self.hospital_dp.enabled, "aggregation", "'secure' and hospital_dp cannot be combined (the "
+                   "coordinator never sees one hospital's update to clip it)")
+            secure(self.privacy.clipping == "flat", "aggregation", "'secure' clips each patient's whole gradient: set "
+                   "privacy.clipping flat")
+            secure(self.evaluation.validate_every == 0, "aggregation", "'secure' rounds carry no validation: set "
+                   "evaluation.validate_every 0 (the final model is validated)")
+            secure(0 <= self.training.sample_rate <= 1, "aggregation", "'secure' samples training.sample_rate of the "
+                   "patients each round (0: all): set it in [0, 1]")
         statics = {sp.name: sp for sp in self.features.static}
         for i, group in enumerate(self.evaluation.subgroups):
             spec = statics.get(group.column)

@@ -295,6 +295,15 @@ class PrivacySection:
     # A hospital stops before a round that would take it past this.
     max_epsilon: float
     hospital_max_epsilon: dict[str, float]  # per-hospital overrides
+    # per_hospital: each hospital adds the whole DP-SGD noise to its own update (the
+    # coordinator sees every update). secure: secure aggregation with distributed Skellam
+    # noise (common.secagg, common.skellam): one full-batch step per round, each hospital
+    # adds a share of the noise, the coordinator sees only the sum.
+    aggregation: Literal["per_hospital", "secure"]
+    # simulated hospitals' secure aggregation policy (a real hospital's own policy.yaml sets its own)
+    min_honest: int
+    max_epsilon_alone: float
+    secure_threshold: int  # secure: shares that rebuild a secret (0: a majority of the round's hospitals)
 
     def budget_for(self, hospital: str) -> float:
         return self.hospital_max_epsilon.get(hospital, self.max_epsilon)
@@ -313,6 +322,9 @@ class PrivacySection:
         budgets = [self.max_epsilon, *self.hospital_max_epsilon.values()]
         check(min(budgets) > 0, "max_epsilon", "budgets must be positive")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+        check(self.min_honest >= 1 and self.max_epsilon_alone > 0, "min_honest",
+              "must be at least 1, and max_epsilon_alone positive")
+        check(self.secure_threshold >= 0, "secure_threshold", "must be 0 (a majority) or a number of hospitals")
 
 
 @dataclass

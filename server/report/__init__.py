@@ -124,8 +124,9 @@ def summary_text(run: RunFolder) -> str:
                 f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value
             )
             lines.append(
-                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, PRV "
-                f"{format_number(h.epsilon_prv)}) at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
+                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, " + (
+                    f"its own noise alone {format_number(h.epsilon_alone)}" if h.epsilon_alone is not None else
+                    f"PRV {format_number(h.epsilon_prv)}") + f") at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
                 f"{h.rounds_trained} rounds, {h.state.value}" + (f"; {others}" if others else "")
             )
     elif privacy is not None:

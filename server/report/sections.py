@@ -47,7 +47,7 @@ ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metri
 
 
 GROUP_WORDS = {
-    "train": ("training", "the model weights of every round"),
+    "train": ("training", "the model updates of every round"),
     "val": ("validation", "noisy score histograms"),
     "test": ("test", "noisy score histograms"),
 }
@@ -72,9 +72,12 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
     for split, g in h.groups.items():
         label, what = GROUP_WORDS[split]
         other_eps = g.epsilon_prv if other == "PRV" else g.epsilon_rdp
+        second = (f"with its own share of secure aggregation's noise alone, if every other hospital colluded with "
+                  f"the coordinator: epsilon {format_number(g.epsilon_alone)}" if g.epsilon_alone is not None
+                  else f"{other} accounting: epsilon {format_number(other_eps)}")
         groups.append(
             f"its {label} patients ({what}, {g.releases} release(s)): ({format_number(g.epsilon)}, {delta:.0e})-DP "
-            f"({other} accounting: epsilon {format_number(other_eps)})"
+            f"({second})"
         )
     worst = max(g.epsilon for g in h.groups.values())
     exact = "" if privacy.evaluation_dp else (
@@ -194,22 +197,28 @@ def privacy_sections(run: RunFolder) -> list[Section]:
         return []
     sec = Section("Privacy", [f"Guarantee: {privacy.guarantee}."])
     if privacy.dp_enabled:
-        header = ["hospital", "epsilon (RDP)", "epsilon (PRV)", "delta", "budget", "remaining", "rounds",
-                  "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
+        secure = any(h.epsilon_alone is not None for h in privacy.hospitals.values())
+        # secure aggregation: the second epsilon is the hospital's own noise alone (PRV has no Skellam analysis)
+        header = ["hospital", "epsilon (RDP)", "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta",
+                  "budget", "remaining", "rounds", "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
         rows = [
-            [name, h.epsilon_rdp, h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
+            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
              sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
              h.history[-1].sample_rate if h.history else None, h.state.value]
             for name, h in sorted(privacy.hospitals.items())
         ]
-        sec.blocks.append("Training patients (DP-SGD):")
+        sec.blocks.append("Training patients (secure aggregation with distributed Skellam noise; the noise multiplier "
+                          "counts the min_honest hospitals each hospital's policy counts on):" if secure
+                          else "Training patients (DP-SGD):")
         sec.blocks.append(Table(header, rows))
         group_rows = [
-            [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_prv, format_number(h.delta), g.releases, g.this_run]
+            [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_alone if secure else g.epsilon_prv,
+             format_number(h.delta), g.releases, g.this_run]
             for name, h in sorted(privacy.hospitals.items()) for split, g in h.groups.items()
         ]
         sec.blocks.append("Every group of patients, over each hospital's whole ledger:")
-        sec.blocks.append(Table(["hospital", "patients", "epsilon (RDP)", "epsilon (PRV)", "delta", "releases",
+        sec.blocks.append(Table(["hospital", "patients", "epsilon (RDP)",
+                                 "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta", "releases",
                                  "in this run"], group_rows))
         if plot_epsilon(run.metrics, privacy, run.path / "epsilon.png"):
             sec.blocks.append(Image(run.path / "epsilon.png", "Cumulative epsilon per round (dotted: budgets)"))

@@ -1,0 +1,187 @@
+"""A hospital's side of secure aggregation (``common.secagg`` describes the protocol).
+
+:class:`Participant` holds one round's secrets (its two key pairs, its mask seed ``b``
+and the shares others sent it) between the four exchanges; it is saved in the node's
+own state (``to_bytes``), which never leaves the hospital. Each stage checks the
+coordinator's message before answering and refuses (:class:`SecAggRefusal`) what the
+protocol does not allow, whatever the coordinator says:
+
+- too few participants or hospitals in the sum for the policy's ``min_honest``;
+- a threshold that two disjoint groups could each reach (``2 t <= n``);
+- its own public keys changed, keys repeated, or participants that were not announced;
+- an unmask that names a hospital as both present and absent, arrives twice, or leaves
+  fewer than ``max(t, min_honest)`` hospitals in the sum (it would leave this hospital's
+  vector with too little of the others' noise).
+
+For every other hospital it reveals either the share of its mask seed (it sent a vector)
+or of its mask key (it did not), never both: with both, the coordinator could remove that
+hospital's every mask. None of these checks reads patient data, so a refusal reads the
+same whatever the data (``tests/test_secagg.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from common.secagg import Stage, b64, mask, pair_seed, pair_sign, to_ring, unb64
+
+
+class SecAggRefusal(Exception):
+    """The coordinator asked for something the protocol (or the policy) does not allow."""
+
+
+@dataclass
+class Participant:
+    """One hospital's state in one round of secure aggregation."""
+
+    node_id: int
+    server_round: int
+    participants: list[int]
+    threshold: int
+    min_honest: int
+    stage: str = Stage.SETUP.value  # the last stage answered
+    sk1: str = ""  # encryption key pair (base64 of PEM bytes)
+    sk2: str = ""  # mask agreement key pair
+    pk1: str = ""
+    pk2: str = ""
+    public_keys: dict[str, list[str]] = field(default_factory=dict)  # node -> [pk1, pk2]
+    own_b_share: str = ""
+    own_sk_share: str = ""
+    b: str = ""  # the private mask seed
+    received: dict[str, list[str]] = field(default_factory=dict)  # src -> [b share, sk share]
+    senders: list[int] = field(default_factory=list)  # U2: hospitals whose shares reached this one (and itself)
+    vector_sent: bool = False
+
+    # -- stage 1 -------------------------------------------------------------------
+    @classmethod
+    def setup(cls, node_id: int, server_round: int, participants: list[int], threshold: int, min_honest: int
+              ) -> Participant:
+        people = sorted(set(participants))
+        n = len(people)
+        if len(people) != len(participants):
+            raise SecAggRefusal("the participant list names a hospital twice")
+        if node_id not in people:
+            raise SecAggRefusal("this hospital is not among the round's participants")
+        if n < min_honest:
+            raise SecAggRefusal(f"{n} participants; this hospital's policy counts on at least {min_honest} "
+                                "hospitals' noise (policy min_honest)")
+        if not (2 * threshold > n and threshold <= n and threshold >= 2):
+            raise SecAggRefusal(f"threshold {threshold} of {n}: it must be more than half the participants and "
+                                "at most all of them")
+        me = cls(node_id, server_round, people, threshold, min_honest)
+        sk1, pk1 = generate_key_pairs()
+        sk2, pk2 = generate_key_pairs()
+        me.sk1, me.pk1 = b64(private_key_to_bytes(sk1)), b64(public_key_to_bytes(pk1))
+        me.sk2, me.pk2 = b64(private_key_to_bytes(sk2)), b64(public_key_to_bytes(pk2))
+        return me
+
+    # -- stage 2 -------------------------------------------------------------------
+    def share_keys(self, public_keys: dict[int, tuple[str, str]]) -> dict[int, str]:
+        """Shares of ``b`` and of the mask key, each encrypted for its hospital."""
+        self._expect(Stage.SETUP, Stage.SHARE_KEYS)
+        if not set(public_keys) <= set(self.participants) or len(public_keys) < self.threshold:
+            raise SecAggRefusal("the public keys name hospitals that are not participants, or fewer than the threshold")
+        if tuple(public_keys.get(self.node_id, ())) != (self.pk1, self.pk2):
+            raise SecAggRefusal("the coordinator changed this hospital's own public keys")
+        flat = [k for pair in public_keys.values() for k in pair]
+        if len(set(flat)) != len(flat):
+            raise SecAggRefusal("two public keys are the same")
+        self.public_keys = {str(k): list(v) for k, v in public_keys.items()}
+        b = os.urandom(32)
+        self.b = b64(b)
+        holders = sorted(public_keys)
+        b_shares = create_shares(b, self.threshold, len(holders))
+        sk_shares = create_shares(unb64(self.sk2), self.threshold, len(holders))
+        out: dict[int, str] = {}
+        for holder, b_share, sk_share in zip(holders, b_shares, sk_shares):
+            if holder == self.node_id:
+                self.own_b_share, self.own_sk_share = b64(b_share), b64(sk_share)
+                continue
+            key = self._channel_key(holder)
+            plain = share_keys_plaintext_concat(self.node_id, holder, b_share, sk_share)
+            out[holder] = b64(encrypt(key, plain))
+        return out
+
+    # -- stage 3 -------------------------------------------------------------------
+    def receive(self, ciphertexts: dict[int, str]) -> None:
+        """Decrypt and keep the shares others sent this hospital (before its vector is made)."""
+        self._expect(Stage.SHARE_KEYS, Stage.COLLECT)
+        if not set(ciphertexts) <= set(int(k) for k in self.public_keys) or self.node_id in ciphertexts:
+            raise SecAggRefusal("shares arrived from hospitals that sent no public keys")
+        if len(ciphertexts) + 1 < max(self.threshold, self.min_honest):
+            raise SecAggRefusal(f"shares from {len(ciphertexts) + 1} hospitals (itself included); the round needs at "
+                                f"least {max(self.threshold, self.min_honest)}")
+        for src, text in ciphertexts.items():
+            try:
+                plain = decrypt(self._channel_key(src), unb64(text))
+            except Exception:  # noqa: BLE001 - any failure to decrypt is the same refusal
+                raise SecAggRefusal(f"the shares said to be from node {src} do not decrypt with its key") from None
+            got_src, got_dst, b_share, sk_share = share_keys_plaintext_separate(plain)
+            if (got_src, got_dst) != (src, self.node_id):
+                raise SecAggRefusal(f"the shares said to be from node {src} name another sender or recipient")
+            self.received[str(src)] = [b64(b_share), b64(sk_share)]
+        self.senders = sorted([*ciphertexts, self.node_id])
+
+    def masked(self, vector: np.ndarray) -> np.ndarray:
+        """``vector`` (integers) plus this hospital's masks, in Z_{2^32}."""
+        if self.stage != Stage.COLLECT.value or not self.senders or self.vector_sent:
+            raise SecAggRefusal("a masked vector is made once per round, after the shares arrived")
+        out = to_ring(vector) + mask(unb64(self.b), vector.size, self.server_round, b"self")
+        sk2 = bytes_to_private_key(unb64(self.sk2))
+        for other in self.senders:
+            if other == self.node_id:
+                continue
+            seed = pair_seed(generate_shared_key(sk2, bytes_to_public_key(unb64(self.public_keys[str(other)][1]))))
+            out = out + pair_sign(self.node_id, other) * mask(seed, vector.size, self.server_round, b"pair")
+        self.vector_sent = True
+        return to_ring(out)
+
+    # -- stage 4 -------------------------------------------------------------------
+    def unmask(self, survivors: list[int]) -> list[tuple[str, int, str]]:
+        """For each hospital that sent a vector, its ``b`` share; for each that did not,
+        its mask-key share; never both."""
+        self._expect(Stage.COLLECT, Stage.UNMASK)
+        present = set(survivors)
+        if len(present) != len(survivors) or not present <= set(self.senders) or self.node_id not in present:
+            raise SecAggRefusal("the survivors must be distinct hospitals that shared keys, this one among them")
+        if len(present) < max(self.threshold, self.min_honest):
+            raise SecAggRefusal(f"{len(present)} hospitals in the sum; this hospital counts on at least "
+                                f"{max(self.threshold, self.min_honest)} (policy min_honest and the threshold)")
+        out = []
+        for node in self.senders:
+            b_share, sk_share = ((self.own_b_share, self.own_sk_share) if node == self.node_id
+                                 else self.received[str(node)])
+            out.append(("b", node, b_share) if node in present else ("sk", node, sk_share))
+        return out
+
+    # -- helpers -------------------------------------------------------------------
+    def _expect(self, previous: Stage, now: Stage) -> None:
+        if self.stage != previous.value:
+            raise SecAggRefusal(f"'{now.value}' came after '{self.stage}'; the protocol's order is setup, "
+                                "share-keys, collect, unmask, once each per round")
+        self.stage = now.value
+
+    def _channel_key(self, other: int) -> bytes:
+        pk1 = bytes_to_public_key(unb64(self.public_keys[str(other)][0]))
+        return generate_shared_key(bytes_to_private_key(unb64(self.sk1)), pk1)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Participant:
+        return cls(**json.loads(data.decode()))

@@ -1,0 +1,226 @@
+"""One training round under secure aggregation (``privacy.aggregation: secure``).
+
+The coordinator runs the four stages of ``common.secagg`` with the round's active
+hospitals and learns one thing: the sum over the hospitals still in the round of their
+clipped, scaled, rounded gradient sums plus their Skellam noise (``client.secure``).
+It never holds one hospital's unmasked vector: each masked vector is added into the
+running sum as it is read and dropped. From the sum it takes one step of gradient
+descent (``training.lr``, with ``training.momentum`` as heavy-ball momentum kept here:
+post-processing of a DP release, free of privacy cost).
+
+What it can still check without seeing an update (issue 23's item 4): each masked vector
+is a vector of the model's trainable size in Z_{2^32}; the sum, decoded, must be finite
+and no longer than every sampled patient's clipped gradient pointing one way plus eight
+standard deviations of the noise (:func:`plausible`). A hostile hospital can still add
+any vector within that bound: secure aggregation without zero-knowledge range proofs
+cannot stop it (Bell et al. 2020 assume semi-honest hospitals for correctness); its
+reach is the same as a hospital that trains on poisoned data, bounded per round by the
+check, and spread over the whole sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common import messages as M
+from common import secagg as S
+from common.messages import ReplyState
+from common.model import trainable_layout
+from common.training import training_for_round
+
+from .records import Dropped, HospitalState, Stopped, TrainPhase, TrainReport
+from .secagg import UnmaskFailed, key_lines, parse_revealed, unmasked_sum
+
+log = logging.getLogger("fedgru.server")
+
+UNITS_PER_CLIP = 2 ** 16  # integers per clipping norm when the federation is small enough
+WRAP_ROOM = 2 ** 29  # the sum of every patient's largest coordinate stays below this (2^31: wrap-around)
+
+
+def scale_for(clip: float, declared_total: int) -> float:
+    """Integers per unit of gradient: fine enough that rounding costs little (2^16 per
+    clipping norm), coarse enough that the sum of every declared patient's clipped
+    gradient cannot wrap around the modulus."""
+    units = max(16, min(UNITS_PER_CLIP, WRAP_ROOM // max(1, declared_total)))
+    return units / clip
+
+
+def plausible(gradient_sum: np.ndarray, batch: float, clip: float, variance: float, hospitals: int,
+              scale: float) -> bool:
+    """The decoded sum could have come from honest hospitals: finite, and no longer than
+    ``batch`` clipped gradients in one direction plus eight standard deviations of the
+    noise (in gradient units)."""
+    if not np.isfinite(gradient_sum).all():
+        return False
+    noise = 8 * math.sqrt(gradient_sum.size * hospitals * variance) / scale
+    return float(np.linalg.norm(gradient_sum)) <= 1.05 * batch * clip + noise
+
+
+class SecureRounds:
+    """The coordinator's secure aggregation: the round (:meth:`round`) and the state the
+    step keeps across rounds (momentum)."""
+
+    def __init__(self, coordinator):
+        self.co = coordinator
+        self.velocity: np.ndarray | None = None
+
+    # -- messaging -----------------------------------------------------------------
+    def _config(self, server_round: int, stage: S.Stage, scale: float, **fields) -> ConfigRecord:
+        return ConfigRecord({M.EXPERIMENT_JSON: self.co.cfg_json, M.RUN_ID: self.co.run_id, M.SERVER_ROUND: server_round,
+                             M.EVALUATE: "", S.STAGE: stage.value, S.SCALE: float(scale), **fields})
+
+    def _ask(self, server_round: int, stage: S.Stage, scale: float, per_node: dict[int, dict],
+             model: ArrayRecord | None = None) -> dict[int, Message]:
+        """Send one stage to each node with its fields; the usable replies by node."""
+        messages = []
+        for nid, fields in per_node.items():
+            content = {M.CONFIG: self._config(server_round, stage, scale, **fields)}
+            if model is not None:
+                content[M.ARRAYS] = model
+            messages.append(Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN))
+        out = {}
+        for nid, reply in self.co._exchange(messages):
+            accepted = self.co._accept(nid, reply, f"round {server_round} (secure aggregation, {stage.value})")
+            if accepted is None:
+                continue
+            view, ledger = accepted
+            if str(reply.content[M.STATUS].get(M.STATE, "")) == ReplyState.BUDGET_EXHAUSTED:
+                view.state = HospitalState.BUDGET_EXHAUSTED
+                view.budget = float(reply.content[M.STATUS].get(M.BUDGET, view.budget))
+                log.info("round %d: %s stops training: the rest of the run would pass its training budget (epsilon "
+                         "%.3f spent of %.3f)", server_round, view.name, view.epsilon, view.budget)
+                self.co._phase.stopped.append(Stopped(view.name, view.state, ""))
+                continue
+            out[nid] = reply
+        for nid in per_node:
+            if nid not in out and not any(d.node_id == nid for d in self.co._phase.dropped) and \
+                    self.co._view(nid).active:
+                self.co._phase.dropped.append(Dropped(self.co._view(nid).name, nid,
+                                                      f"no usable reply to '{stage.value}'"))
+        return out
+
+    def _drop(self, server_round: int, nid: int, why: str) -> None:
+        view = self.co._view(nid)
+        log.warning("round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, why)
+        self.co._phase.dropped.append(Dropped(view.name, nid, why))
+
+    # -- the round -------------------------------------------------------------------
+    def round(self, server_round: int, scale: float) -> TrainPhase:
+        co, cfg = self.co, self.co.cfg
+        phase = co._phase = TrainPhase()
+        nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
+        threshold = cfg.privacy.secure_threshold or len(nodes) // 2 + 1
+        least = max(threshold, cfg.strategy.min_hospitals)
+
+        def skip(why: str) -> TrainPhase:
+            log.warning("round %d skipped: %s", server_round, why)
+            co._lines.flush()
+            phase.skipped = True
+            return phase
+
+        if len(nodes) < least:
+            return skip(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
+        # 1. setup: fresh keys, and the least noise each hospital accepts
+        setup = self._ask(server_round, S.Stage.SETUP, scale,
+                          {nid: {S.PARTICIPANTS: nodes, S.THRESHOLD: threshold} for nid in nodes})
+        keys, required = {}, {}
+        for nid, reply in setup.items():
+            try:
+                pk1, pk2 = str(reply.content[M.STATUS][S.MY_KEYS]).split(":")
+                variance = float(reply.content[M.STATUS][S.REQUIRED_VARIANCE])
+                S.unb64(pk1), S.unb64(pk2)
+                if not (math.isfinite(variance) and variance > 0):
+                    raise ValueError("variance")
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
+                continue
+            keys[nid], required[nid] = (pk1, pk2), variance
+        if len(keys) < least:
+            return skip(f"{len(keys)} hospitals sent keys; secure aggregation needs {least}")
+        variance = max(required.values())  # every hospital adds what the most demanding one needs
+        # 2. share keys
+        shared = self._ask(server_round, S.Stage.SHARE_KEYS, scale,
+                           {nid: {S.PUBLIC_KEYS: key_lines(keys), S.NOISE_VARIANCE: variance} for nid in keys})
+        outboxes: dict[int, dict[int, str]] = {}
+        for nid, reply in shared.items():
+            try:
+                rows = [line.split(":", 1) for line in str(reply.content[M.STATUS][S.SHARES_OUT]).splitlines()]
+                outboxes[nid] = {int(dst): text for dst, text in rows}
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its encrypted shares are malformed")
+        if len(outboxes) < least:
+            return skip(f"{len(outboxes)} hospitals shared keys; secure aggregation needs {least}")
+        # 3. collect the masked vectors, adding each into the sum as it is read
+        layout = trainable_layout(cfg)
+        size = sum(math.prod(shape) for _, shape in layout)
+        inboxes = {u: {S.CIPHERTEXTS: "\n".join(f"{src}:{box[u]}" for src, box in sorted(outboxes.items())
+                                                 if src != u and u in box)} for u in outboxes}
+        collected = self._ask(server_round, S.Stage.COLLECT, scale, inboxes, model=co.arrays)
+        masked_sum = np.zeros(size, dtype=np.int64)
+        survivors, batch = [], 0.0
+        rate = cfg.training.sample_rate or 1.0
+        for nid, reply in collected.items():
+            try:
+                vector = reply.content[S.MASKED]["vector"].numpy()
+                metrics = reply.content[M.METRICS]
+                n = int(metrics[M.NUM_EXAMPLES])
+                if vector.shape != (size,) or vector.dtype != np.int64 or vector.min() < 0 or vector.max() >= S.MODULUS:
+                    raise ValueError("vector")
+                if not 0 < n <= cfg.strategy.max_examples:
+                    raise ValueError("count")
+            except (KeyError, TypeError, ValueError):
+                self._drop(server_round, nid, f"its masked vector is not {size} values in Z_2^32 with a training count")
+                continue
+            masked_sum = S.to_ring(masked_sum + vector)
+            del vector
+            survivors.append(nid)
+            batch += rate * n
+            view = co._view(nid)
+            phase.hospitals[view.name] = TrainReport(num_examples=n, steps=1, epsilon=float(metrics[M.EPSILON]),
+                                                     delta=float(metrics[M.DELTA]), budget=float(metrics[M.BUDGET]))
+            view.budget = float(metrics[M.BUDGET])
+        if len(survivors) < least:
+            phase.hospitals.clear()
+            return skip(f"{len(survivors)} masked vectors arrived; secure aggregation needs {least}")
+        # 4. unmask
+        unmasked = self._ask(server_round, S.Stage.UNMASK, scale, {nid: {S.SURVIVORS: survivors} for nid in survivors})
+        revealed = []
+        for nid, reply in unmasked.items():
+            try:
+                revealed += parse_revealed(str(reply.content[M.STATUS][S.REVEALED]))
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its revealed shares are malformed")
+        public = {nid: (S.unb64(a), S.unb64(b)) for nid, (a, b) in keys.items()}
+        try:
+            ring = unmasked_sum(masked_sum, survivors, sorted(outboxes), revealed, public, threshold, server_round)
+        except (UnmaskFailed, ValueError) as exc:
+            phase.hospitals.clear()
+            return skip(f"the sum could not be unmasked ({exc})")
+        gradient_sum = S.Encoding(scale).decode(ring)
+        if not plausible(gradient_sum, batch, cfg.privacy.max_grad_norm, variance, len(survivors), scale):
+            phase.hospitals.clear()
+            return skip("the unmasked sum is longer than honest hospitals' clipped gradients and noise can make")
+        self._step(server_round, layout, gradient_sum / max(batch, 1.0))
+        for nid in survivors:
+            co._view(nid).rounds_trained += 1
+        co.trained_rounds += 1
+        co._lines.flush()
+        return phase
+
+    def _step(self, server_round: int, layout: list[tuple[str, tuple[int, ...]]], mean_gradient: np.ndarray) -> None:
+        training = training_for_round(self.co.cfg, server_round)
+        if self.velocity is None or self.velocity.shape != mean_gradient.shape:
+            self.velocity = np.zeros_like(mean_gradient)
+        self.velocity = training.momentum * self.velocity + mean_gradient
+        arrays = {k: v.numpy() for k, v in self.co.arrays.items()}
+        offset = 0
+        for name, shape in layout:
+            count = math.prod(shape)
+            step = self.velocity[offset:offset + count].reshape(shape)
+            arrays[name] = (arrays[name] - training.lr * step).astype(arrays[name].dtype)
+            offset += count
+        self.co.arrays = ArrayRecord({k: Array(v) for k, v in arrays.items()})

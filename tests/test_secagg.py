@@ -1,0 +1,151 @@
+"""Secure aggregation's protocol (client.secagg, server.secagg) without Flower: the sum
+comes out exact with and without hospitals dropping out, the coordinator learns nothing
+else from what the protocol gives it, and a hospital refuses every message the protocol
+does not allow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.secagg import Participant, SecAggRefusal
+from common.secagg import MODULUS, from_ring, unb64
+from server.secagg import Revealed, UnmaskFailed, unmasked_sum
+
+ROUND = 7
+
+
+def run_protocol(vectors: dict[int, np.ndarray], threshold: int, min_honest: int = 2,
+                 drop_before_collect: tuple[int, ...] = (), drop_before_unmask: tuple[int, ...] = ()):
+    """One honest round; returns (sum in the ring, what the coordinator holds)."""
+    nodes = sorted(vectors)
+    people = {n: Participant.setup(n, ROUND, nodes, threshold, min_honest) for n in nodes}
+    keys = {n: (p.pk1, p.pk2) for n, p in people.items()}
+    outbox = {n: p.share_keys(keys) for n, p in people.items()}
+    # the state travels through bytes between stages, as it does through the node's state
+    people = {n: Participant.from_bytes(p.to_bytes()) for n, p in people.items()}
+    shared = [n for n in nodes if n not in drop_before_collect]
+    masked = {}
+    for n in shared:
+        inbox = {src: box[n] for src, box in outbox.items() if src in shared and n in box}
+        people[n].receive(inbox)
+        if n not in drop_before_unmask:
+            masked[n] = people[n].masked(vectors[n])
+    survivors = sorted(masked)
+    revealed = []
+    for n in survivors:
+        revealed += [Revealed(kind, owner, unb64(share)) for kind, owner, share in people[n].unmask(survivors)]
+    masked_sum = sum(masked.values())
+    total = unmasked_sum(masked_sum, survivors, shared, revealed, {n: tuple(unb64(k) for k in keys[n]) for n in nodes},
+                         threshold, ROUND)
+    return total, masked, revealed, survivors
+
+
+def vectors_of(nodes, size=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.integers(-10_000, 10_000, size) for n in nodes}
+
+
+def test_the_sum_comes_out_exact():
+    vectors = vectors_of([11, 22, 33, 44])
+    total, masked, _, _ = run_protocol(vectors, threshold=3)
+    assert np.array_equal(from_ring(total), sum(vectors.values()))
+    for n, m in masked.items():  # what each hospital sends looks nothing like its vector
+        assert not np.any(from_ring(m) == vectors[n]) or np.mean(from_ring(m) == vectors[n]) < 0.05
+        assert m.min() >= 0 and m.max() < MODULUS
+
+
+def test_a_hospital_that_drops_out_before_sending_its_vector_leaves_the_others_sum():
+    vectors = vectors_of([11, 22, 33, 44])
+    total, _, revealed, survivors = run_protocol(vectors, threshold=3, drop_before_unmask=(33,))
+    assert survivors == [11, 22, 44]
+    assert np.array_equal(from_ring(total), vectors[11] + vectors[22] + vectors[44])
+    # the absent hospital's mask key was rebuilt, never its seed; no survivor's mask key was revealed
+    kinds = {(r.kind, r.owner) for r in revealed}
+    assert ("sk", 33) in kinds and ("b", 33) not in kinds
+    assert not any(k == "sk" and o != 33 for k, o in kinds)
+
+
+def test_a_hospital_that_never_shared_keys_is_left_out():
+    vectors = vectors_of([11, 22, 33, 44, 55])
+    total, _, _, survivors = run_protocol(vectors, threshold=3, drop_before_collect=(22,), drop_before_unmask=(55,))
+    assert survivors == [11, 33, 44]
+    assert np.array_equal(from_ring(total), vectors[11] + vectors[33] + vectors[44])
+
+
+def test_below_the_threshold_the_sum_cannot_be_unmasked():
+    vectors = vectors_of([11, 22, 33])
+    total, masked, revealed, survivors = run_protocol(vectors, threshold=2)
+    with pytest.raises(UnmaskFailed):
+        unmasked_sum(sum(masked.values()), survivors, survivors, revealed[:1], {}, 2, ROUND)
+
+
+def test_one_hospitals_masked_vector_stays_hidden_from_everything_the_coordinator_holds():
+    """With every share the protocol gives it, the coordinator can remove 11's own mask,
+    but 11's pair masks with the others stay: 11's vector is not recoverable alone."""
+    vectors = vectors_of([11, 22, 33], seed=3)
+    _, masked, revealed, survivors = run_protocol(vectors, threshold=2)
+    from common.secagg import mask
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    b11 = combine_shares([r.share for r in revealed if (r.kind, r.owner) == ("b", 11)][:2])
+    without_own = from_ring(masked[11] - mask(b11, 50, ROUND, b"self"))
+    assert np.mean(without_own == vectors[11]) < 0.05
+
+
+def participants(n=4, threshold=3, min_honest=2):
+    nodes = list(range(1, n + 1))
+    people = {k: Participant.setup(k, ROUND, nodes, threshold, min_honest) for k in nodes}
+    return people, {k: (p.pk1, p.pk2) for k, p in people.items()}
+
+
+@pytest.mark.parametrize("nodes,threshold,min_honest,why", [
+    ([1, 2, 3, 4], 2, 2, "more than half"),
+    ([1, 2, 3, 4], 5, 2, "more than half"),
+    ([1, 2, 3], 2, 4, "min_honest"),
+    ([2, 3, 4], 2, 2, "not among"),
+    ([1, 1, 2, 3], 3, 2, "twice"),
+])
+def test_setup_refuses_what_the_protocol_does_not_allow(nodes, threshold, min_honest, why):
+    with pytest.raises(SecAggRefusal, match=why):
+        Participant.setup(1, ROUND, nodes, threshold, min_honest)
+
+
+def test_a_hospital_refuses_changed_keys_and_a_stage_out_of_order():
+    people, keys = participants()
+    me = people[1]
+    with pytest.raises(SecAggRefusal, match="own public keys"):
+        Participant.from_bytes(me.to_bytes()).share_keys({**keys, 1: keys[2]})
+    with pytest.raises(SecAggRefusal, match="order"):
+        Participant.from_bytes(me.to_bytes()).receive({})
+    with pytest.raises(SecAggRefusal, match="order"):
+        Participant.from_bytes(me.to_bytes()).unmask([1, 2, 3])
+
+
+def test_a_hospital_never_reveals_both_secrets_of_one_hospital_and_unmasks_once():
+    people, keys = participants(n=4, threshold=3, min_honest=3)
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    for k, p in people.items():
+        p.receive({src: box[k] for src, box in boxes.items() if src != k})
+        p.masked(np.arange(5))
+    me = people[1]
+    with pytest.raises(SecAggRefusal, match="at least 3"):
+        Participant.from_bytes(me.to_bytes()).unmask([1, 2])  # too few in the sum for min_honest
+    with pytest.raises(SecAggRefusal, match="distinct"):
+        Participant.from_bytes(me.to_bytes()).unmask([2, 3, 4])  # this hospital left out: its seed would be kept back
+    with pytest.raises(SecAggRefusal, match="once per round"):
+        me.masked(np.arange(5))
+    answer = me.unmask([1, 2, 4])
+    owners = [owner for _, owner, _ in answer]
+    assert sorted(owners) == [1, 2, 3, 4] and len(set(owners)) == 4
+    assert {(kind, owner) for kind, owner, _ in answer if kind == "sk"} == {("sk", 3)}
+    with pytest.raises(SecAggRefusal, match="order"):
+        me.unmask([1, 2, 3, 4])
+
+
+def test_forged_shares_are_refused():
+    people, keys = participants()
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    inbox = {src: box[1] for src, box in boxes.items() if src != 1}
+    inbox[2] = inbox[3]  # the coordinator passes 3's shares off as 2's
+    with pytest.raises(SecAggRefusal, match="node 2"):
+        people[1].receive(inbox)
