@@ -40,6 +40,11 @@ from flwr.supercore.primitives.asymmetric import (
 from common.secagg import Stage, b64, mask, pair_seed, pair_sign, to_ring, unb64
 
 
+def fresh_secret() -> bytes:
+    """A new 32-byte secret from the operating system's entropy (tests make it repeatable)."""
+    return os.urandom(32)
+
+
 class SecAggRefusal(Exception):
     """The coordinator asked for something the protocol (or the policy) does not allow."""
 
@@ -101,7 +106,7 @@ class Participant:
         if len(set(flat)) != len(flat):
             raise SecAggRefusal("two public keys are the same")
         self.public_keys = {str(k): list(v) for k, v in public_keys.items()}
-        b = os.urandom(32)
+        b = fresh_secret()
         self.b = b64(b)
         holders = sorted(public_keys)
         b_shares = create_shares(b, self.threshold, len(holders))

@@ -61,6 +61,15 @@ def _crash(reply: Message) -> Message:
     raise RuntimeError("fault drill: this hospital crashed during training")
 
 
+@register_fault("crash_mid_round")
+def _crash_mid_round(reply: Message) -> Message:
+    """Secure aggregation: the hospital shared its keys, then dies before its masked vector
+    leaves (the others' pair masks with it must be rebuilt from its key's shares)."""
+    if "secagg-masked" in reply.content.array_records:
+        raise RuntimeError("fault drill: this hospital crashed in the middle of a secure aggregation round")
+    return reply
+
+
 def fault_mod(faults: dict[str, str], simulation: ExperimentConfig):
     """A Flower mod applying ``faults`` (hospital -> fault name) to the training replies of
     the simulated hospitals ``simulation`` defines."""

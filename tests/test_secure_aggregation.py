@@ -1,0 +1,220 @@
+"""A hospital's secure aggregation rounds (client.secure) against neighbouring data and a
+hostile coordinator, with real hospital folders, the real ClientApp and set A's stays.
+
+Two peers (honest, in the test) and the hospital under test (node 7) run whole rounds.
+The round's randomness (keys, seeds, Shamir coefficients, encryption IVs) is made
+repeatable, so the five neighbouring folders of tests/test_neighbouring.py must answer
+every stage byte for byte alike, except the masked vector (the DP release); every
+refusal comes before any patient data are read and charges nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import ExitStack
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+import client.secagg as secagg_module
+from client import app as client_app
+from client.hospital import Node
+from client.secagg import Participant
+from common import messages as M
+from common import secagg as S
+from common.ledger import Ledger
+from common.messages import Mechanism, ReplyState, Split
+from common.skellam import SkellamSensitivity
+from server.coordinator import initial_arrays
+from server.secagg import key_lines
+from tests.conftest import hospital_cfg
+
+# the five neighbouring folders, and the task identity Flower needs, as tests/test_neighbouring.py builds them
+from tests.test_neighbouring import _identity, _ledger_json, _reset, first_difference, neighbours, outside_dp  # noqa: F401
+
+ME, PEERS = 7, (3, 9)
+SCALE = 2 ** 16 / 3.0  # the coordinator's integers per unit (clipping norm 3)
+
+
+def secure_cfg(*extra):
+    return hospital_cfg("privacy.aggregation=secure", "training.sample_rate=1.0", "evaluation.validate_every=0", *extra)
+
+
+class Repeatable:
+    """Every random draw of the protocol from one seeded generator."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def bytes(self, n: int) -> bytes:
+        return self.rng.randbytes(n)
+
+    def keys(self):
+        private = ec.derive_private_key(self.rng.getrandbits(256) + 1, ec.SECP384R1())
+        return private, private.public_key()
+
+    def encrypt(self, key: bytes, plaintext: bytes) -> bytes:
+        return Fernet(key)._encrypt_from_parts(plaintext, 0, self.bytes(16))
+
+    def patches(self) -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(patch.object(secagg_module, "fresh_secret", lambda: self.bytes(32)))
+        stack.enter_context(patch.object(secagg_module, "generate_key_pairs", self.keys))
+        stack.enter_context(patch.object(secagg_module, "encrypt", self.encrypt))
+        stack.enter_context(patch("Crypto.Protocol.SecretSharing.rng", self.bytes))
+        return stack
+
+
+def message(cfg, stage: S.Stage, fields: dict, server_round: int = 1, model: bool = False, run: str = "run-1") -> Message:
+    config = {M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: run, M.SERVER_ROUND: server_round, M.EVALUATE: "",
+              S.STAGE: stage.value, S.SCALE: SCALE, **fields}
+    content = {M.CONFIG: ConfigRecord(config)}
+    if model:
+        content[M.ARRAYS] = initial_arrays(cfg)
+    return Message(RecordDict(content), dst_node_id=ME, message_type=MessageType.TRAIN)
+
+
+def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None):
+    """One whole round with two honest peers; the hospital's four replies (and, in
+    ``parts``, the peers and everyone's public keys)."""
+    context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
+    replies = []
+    with Repeatable(seed).patches():
+        nodes = sorted((*PEERS, ME))
+        peers = {p: Participant.setup(p, 1, nodes, 2, 2) for p in PEERS}
+        r1 = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: nodes, S.THRESHOLD: 2}), context)
+        replies.append(r1)
+        status = r1.content[M.STATUS]
+        if status[M.STATE] != ReplyState.READY.value:
+            return replies, context
+        pk1, pk2 = str(status[S.MY_KEYS]).split(":")
+        keys = {**{p: (q.pk1, q.pk2) for p, q in peers.items()}, ME: (pk1, pk2)}
+        variance = float(status[S.REQUIRED_VARIANCE]) * variance_factor
+        r2 = client_app.train(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys), S.NOISE_VARIANCE: variance}),
+                              context)
+        replies.append(r2)
+        if r2.content[M.STATUS][M.STATE] != ReplyState.READY.value:
+            return replies, context
+        boxes = {p: q.share_keys(keys) for p, q in peers.items()}
+        if parts is not None:
+            parts.update(peers=peers, keys=keys, boxes=boxes, variance=variance)
+        inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
+        r3 = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: inbox}, model=True), context)
+        replies.append(r3)
+        if r3.content[M.STATUS][M.STATE] != ReplyState.TRAINED.value:
+            return replies, context
+        replies.append(client_app.train(message(cfg, S.Stage.UNMASK, {S.SURVIVORS: list(survivors)}), context))
+    return replies, context
+
+
+def without_masked_values(reply: Message) -> dict:
+    seen = outside_dp(reply)
+    masked = seen.get("arrays", {}).get(S.MASKED)
+    if masked:
+        masked["vector"][2] = None  # the DP release: its values may differ, its type and shape may not
+    return seen
+
+
+def test_neighbouring_hospitals_answer_a_whole_secure_round_alike_outside_the_masked_vector(neighbours):  # noqa: F811
+    folders, fresh = neighbours
+    cfg = secure_cfg()
+    seen, ledgers = {}, {}
+    for name, folder in folders.items():
+        _reset(folders, fresh)
+        replies, _ = honest_round(folder, cfg)
+        assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]
+        seen[name] = [without_masked_values(r) for r in replies]
+        ledgers[name] = _ledger_json(folder)
+    for other in sorted(folders)[1:]:
+        for stage, (x, y) in enumerate(zip(seen["a"], seen[other])):
+            diff = first_difference(x, y)
+            assert diff is None, f"stage {stage + 1}: hospital a and its neighbour {other} differ at {diff}"
+        assert ledgers[other] == ledgers["a"]
+    ledger = Ledger.from_json(ledgers["a"])
+    [entry] = ledger.noisy(Split.TRAIN)
+    assert entry.mechanism == Mechanism.SKELLAM and entry.steps == 1 and entry.sample_rate == 1.0
+    # the ledger counts two hospitals' noise (the default policy's min_honest) and its own alone
+    assert entry.noise_multiplier == pytest.approx(math.sqrt(2) * entry.alone_noise_multiplier)
+    assert ledger.epsilon_alone() > ledger.epsilon() > 0
+
+
+def test_the_masked_vector_is_the_hospitals_clipped_noisy_sum_once_the_masks_are_removed(neighbours):  # noqa: F811
+    """The peers (whose vectors are zero) and the hospital, through the coordinator's
+    unmasking: what comes out is the hospital's integer gradient sum plus its noise."""
+    from server.secagg import Revealed, parse_revealed, unmasked_sum
+
+    folders, fresh = neighbours
+    _reset(folders, fresh)
+    parts: dict = {}
+    replies, _ = honest_round(folders["a"], secure_cfg(), parts=parts)
+    masked = replies[2].content[S.MASKED]["vector"].numpy()
+    theirs = _reply_shares(replies[1])
+    revealed = parse_revealed(str(replies[3].content[M.STATUS][S.REVEALED]))
+    vectors = []
+    for p, q in parts["peers"].items():
+        q.receive({**{o: box[p] for o, box in parts["boxes"].items() if o != p}, ME: theirs[p]})
+        vectors.append(q.masked(np.zeros(masked.size, dtype=np.int64)))
+        revealed += [Revealed(k, o, S.unb64(t)) for k, o, t in q.unmask([3, 7, 9])]
+    public = {n: (S.unb64(a), S.unb64(b)) for n, (a, b) in parts["keys"].items()}
+    total = S.from_ring(unmasked_sum(S.to_ring(masked + sum(vectors)), [3, 7, 9], [3, 7, 9], revealed, public, 2, 1))
+    declared = int(replies[2].content[M.METRICS][M.NUM_EXAMPLES])
+    sens = SkellamSensitivity.of(3.0, SCALE, total.size)
+    noise = math.sqrt(total.size * parts["variance"])
+    assert np.linalg.norm(total) <= declared * sens.l2 + 8 * noise
+    # not masks: the masks are uniform on 2^32, this is the gradient sum and its noise
+    assert np.abs(total).max() < 2 ** 28
+
+
+def _reply_shares(reply: Message) -> dict[int, str]:
+    return {int(d): t for d, t in (line.split(":", 1) for line in str(reply.content[M.STATUS][S.SHARES_OUT]).splitlines())}
+
+
+HOSTILE = {
+    "a plain training message under secure aggregation": "plain",
+    "a round of one hospital (below its min_honest)": "alone",
+    "less noise than the hospital requires": "less-noise",
+    "an unmask that leaves the hospital out of the sum": "left-out",
+    "a collect before keys were shared": "out-of-order",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged(neighbours, case):  # noqa: F811
+    folders, fresh = neighbours
+    cfg = secure_cfg()
+    seen = {}
+    for name, folder in folders.items():
+        _reset(folders, fresh)
+        before = _ledger_json(folder)
+        with patch.object(Node, "data", autospec=True, side_effect=Node.data) as reads:
+            kind = HOSTILE[case]
+            context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(),
+                              run_config={})
+            if kind == "plain":
+                msg = Message(RecordDict({M.CONFIG: ConfigRecord({M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: "run-1",
+                                                                  M.SERVER_ROUND: 1, M.EVALUATE: ""}),
+                                          M.ARRAYS: initial_arrays(cfg)}), dst_node_id=ME, message_type=MessageType.TRAIN)
+                reply = client_app.train(msg, context)
+            elif kind == "alone":
+                reply = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: [ME], S.THRESHOLD: 1}), context)
+            elif kind == "out-of-order":
+                reply = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: ""}, model=True), context)
+            elif kind == "less-noise":
+                replies, context = honest_round(folder, cfg, variance_factor=0.5)
+                reply = replies[-1]
+            else:
+                replies, context = honest_round(folder, cfg, survivors=(3, 9))
+                reply = replies[-1]
+                before = _ledger_json(folder)  # the collect stage's release was made and charged; the unmask is refused
+            assert reply.content[M.STATUS][M.STATE] == ReplyState.REFUSED_POLICY.value, reply.content[M.STATUS]
+            if kind != "left-out":
+                assert reads.call_count == 0, f"{case}: refused after patient data were read"
+        assert _ledger_json(folder) == before, f"{case}: refused but charged"
+        seen[name] = outside_dp(reply)
+    for other in sorted(folders)[1:]:
+        assert first_difference(seen["a"], seen[other]) is None
