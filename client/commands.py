@@ -11,7 +11,7 @@ from pathlib import Path
 from common.config import ExperimentConfig, auto_delta, load_config
 from common.data.dataset import read_export
 from common.definition import DataDefinition
-from common.messages import Split
+from common.messages import Mechanism, Split
 from common.metrics import format_number
 
 from . import export as exports
@@ -121,11 +121,15 @@ def show(folder_path: Path, as_json: bool = False) -> str:
     budgets = {Split.TRAIN: policy.max_epsilon, Split.VAL: policy.eval_max_epsilon, Split.TEST: policy.eval_max_epsilon}
     groups = {split.value: {"epsilon": ledger.epsilon(split, "rdp"), "epsilon_prv": ledger.epsilon(split, "prv"),
                             "budget": budgets[split], "releases": len(ledger.noisy(split))} for split in Split}
+    for split in Split:  # secure aggregation's releases: also the epsilon of this hospital's own noise alone
+        if any(e.mechanism == Mechanism.SKELLAM for e in ledger.noisy(split)):
+            groups[split.value]["epsilon_alone"] = ledger.epsilon_alone(split)
     runs = []
     for run in ledger.runs():
         entries = [e for e in ledger.entries if e.run_id == run]
         dp = [e for e in entries if e.split == Split.TRAIN and e.noise_multiplier > 0]
-        runs.append({"run_id": run, "dp_sgd_rounds": len(dp), "steps": sum(e.steps for e in dp), "releases": len(entries)})
+        runs.append({"run_id": run, "dp_sgd_rounds": len(dp), "secure_rounds": sum(e.mechanism == Mechanism.SKELLAM
+                                                                                  for e in dp), "steps": sum(e.steps for e in dp), "releases": len(entries)})
     approved = sorted(folder.approved())
     if as_json:
         return json.dumps({"hospital": folder.name, "ledger": str(folder.ledger_file), "delta": ledger.delta,
@@ -137,9 +141,13 @@ def show(folder_path: Path, as_json: bool = False) -> str:
          f"{policy.eval_max_epsilon:g} each"),
     ]
     for split, g in groups.items():
-        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} (RDP), "
-                     f"{format_number(g['epsilon_prv'], 4)} (PRV), {g['releases']} DP release(s)")
+        second = (f"{format_number(g['epsilon_alone'], 4)} with its own noise alone (secure aggregation; "
+                  f"policy max_epsilon_alone {policy.max_epsilon_alone:g})" if "epsilon_alone" in g
+                  else f"{format_number(g['epsilon_prv'], 4)} (PRV)")
+        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} (RDP), {second}, "
+                     f"{g['releases']} DP release(s)")
     for r in runs:
-        lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds, {r['steps']} steps, {r['releases']} releases")
+        lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds" + (
+            f" ({r['secure_rounds']} by secure aggregation)" if r["secure_rounds"] else "") + ", {r['steps']} steps, {r['releases']} releases")
     lines.append(f"approved app versions: {len(approved)}" + "".join(f"\n  {h}" for h in approved))
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Benchmark: how long a deployed round takes (real processes, TLS, node authentication).
 
     python -m simulations.bench_deploy [--hospitals 3] [--rounds 5] [--stays 150] [--json FILE]
+                                       [--secure-aggregation]
 
 Starts a localhost federation (:class:`simulations.deployment.LocalFederation`): one
 SuperLink with TLS and SuperNode authentication, one SuperNode per hospital (each with
@@ -35,12 +36,17 @@ SETTINGS = ("training.batch_size=32 privacy.target_epsilon=0.4 evaluation.val_ep
             "evaluation.test_epsilon=0.4 strategy.round_timeout_s=300 strategy.discovery_timeout_s=120")
 
 
-def bench(hospitals: int, rounds: int, stays: int, keep: Path | None = None) -> dict:
+# --secure-aggregation: configs/secure.yaml's settings on top (privacy.aggregation secure,
+# every training patient every round, the coordinator's step)
+SECURE = " privacy.aggregation=secure training.sample_rate=1.0 training.lr=0.5"
+
+
+def bench(hospitals: int, rounds: int, stays: int, keep: Path | None = None, secure: bool = False) -> dict:
     cfg = load_config()
     names = tuple(f"h{i + 1}" for i in range(hospitals))
     with tempfile.TemporaryDirectory(prefix="fedgru-bench-deploy-") as tmp:
         root = keep or Path(tmp)
-        fed = LocalFederation(root, run_settings=SETTINGS)
+        fed = LocalFederation(root, run_settings=SETTINGS + (SECURE if secure else ""))
         try:
             data = cut_stays(resolve(cfg.data.path), root / "data", names, stays)
             fed.set_up(data, resolve(cfg.data.outcomes), max_epsilon=1.0)
@@ -63,6 +69,7 @@ def bench(hospitals: int, rounds: int, stays: int, keep: Path | None = None) -> 
             fed.stop_all()
     later = per_round[1:] or per_round
     return {
+        "secure_aggregation": secure,
         "hospitals": hospitals,
         "rounds": rounds,
         "stays_per_hospital": stays,
@@ -81,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stays", type=int, default=150, help="stays per hospital (cut from set A)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--keep", type=Path, help="keep the federation's folders and logs here")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="rounds by secure aggregation with distributed DP (configs/secure.yaml's settings)")
     args = parser.parse_args(argv)
-    result = bench(args.hospitals, args.rounds, args.stays, args.keep)
-    print(f"{result['hospitals']} hospitals, {result['rounds']} rounds: first round {result['first_round_seconds']:.1f} s, "
+    result = bench(args.hospitals, args.rounds, args.stays, args.keep, args.secure_aggregation)
+    mode = "secure aggregation" if args.secure_aggregation else "per-hospital DP"
+    print(f"{mode}: {result['hospitals']} hospitals, {result['rounds']} rounds: first round {result['first_round_seconds']:.1f} s, "
           f"then {result['seconds_per_round']:.1f} s per round; run {result['run_wall_seconds']:.0f} s from flwr run "
           f"to its end (rounds: {', '.join(f'{s:.1f}' for s in result['round_seconds'])})")
     if args.json:

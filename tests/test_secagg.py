@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from client.secagg import Participant, SecAggRefusal
-from common.secagg import MODULUS, from_ring, unb64
+from common.secagg import MODULUS, from_ring, mask, unb64
 from server.secagg import Revealed, UnmaskFailed, unmasked_sum
 
 ROUND = 7
@@ -85,8 +86,6 @@ def test_one_hospitals_masked_vector_stays_hidden_from_everything_the_coordinato
     but 11's pair masks with the others stay: 11's vector is not recoverable alone."""
     vectors = vectors_of([11, 22, 33], seed=3)
     _, masked, revealed, survivors = run_protocol(vectors, threshold=2)
-    from common.secagg import mask
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     b11 = combine_shares([r.share for r in revealed if (r.kind, r.owner) == ("b", 11)][:2])
     without_own = from_ring(masked[11] - mask(b11, 50, ROUND, b"self"))
     assert np.mean(without_own == vectors[11]) < 0.05
