@@ -176,7 +176,7 @@ def _load(context: Context, req: Request) -> tuple[Participant, float]:
 
 
 def _save(context: Context, req: Request, me: Participant, variance: float = 0.0) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"run": req.run_id, "round": req.server_round,
+    context.state[STATE_KEY] = ConfigRecord({"run": req.run_id, "round": me.server_round,
                                              "participant": me.to_bytes(), "variance": float(variance)})
 
 
@@ -223,7 +223,7 @@ def answer_secure(msg: Message, context: Context, simulation=None) -> Message:
             return _share_keys(req, context, config, settings)
         if stage == S.Stage.COLLECT:
             return _collect(req, context, config, settings)
-        return _unmask(req, context, config)
+        return _unmask(req, context, config, settings)
     except SecAggRefusal as exc:
         raise PolicyRefusal(f"secure aggregation ({stage.value})", str(exc)) from None
 
@@ -308,9 +308,28 @@ def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSett
     return _reply(req, ReplyState.TRAINED, ledger, content)
 
 
-def _unmask(req: Request, context: Context, config: ConfigRecord) -> Message:
+def _unmask(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
     me, variance = _load(context, req)
     answer = me.unmask(_ints(config, S.SURVIVORS))
+    fields = {S.REVEALED: "\n".join(f"{kind}:{owner}:{share}" for kind, owner, share in answer)}
     _save(context, req, me, variance)
-    return _reply(req, ReplyState.READY, req.store.read(),
-                  **{S.REVEALED: "\n".join(f"{kind}:{owner}:{share}" for kind, owner, share in answer)})
+    if S.NEXT_ROUND in config:
+        fields.update(_early_setup(req, context, config, s))
+    return _reply(req, ReplyState.READY, req.store.read(), **fields)
+
+
+def _early_setup(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> dict:
+    """The next round's setup, answered with this round's unmask (one exchange fewer a
+    round). Nothing when it does not fit (the budget, the policy, a malformed field): the
+    coordinator then runs the whole setup next round, where a refusal says why."""
+    try:
+        upcoming = int(config[S.NEXT_ROUND])
+        if upcoming != req.server_round + 1 or upcoming > req.cfg.run.rounds:
+            return {}
+        required = required_variance(replace(SecureAsk.of(req), server_round=upcoming), req.store.read(), s)
+        me = Participant.setup(int(context.node_id), upcoming, _ints(config, S.PARTICIPANTS),
+                               int(config.get(S.THRESHOLD, 0)), s.min_honest)
+    except (PolicyRefusal, SecAggRefusal, TypeError, ValueError):
+        return {}
+    _save(context, req, me)
+    return {S.NEXT_ROUND: upcoming, S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required}

@@ -20,6 +20,10 @@ CCS 2017. In one round, over four exchanges (:class:`Stage`):
    key, never both for one hospital. With ``t`` shares of each the coordinator removes
    every mask and is left with the sum, and nothing else.
 
+The next round's ``setup`` travels with this round's ``unmask`` (fresh keys either way),
+so a round after the first costs three exchanges; after a change in who takes part the
+coordinator runs the whole setup again.
+
 The cryptographic primitives are Flower's (``flwr.common.secure_aggregation``: ECDH key
 agreement with HKDF, Fernet encryption, Shamir sharing) and the ``cryptography`` package's
 ChaCha20, which expands a 32-byte seed into masks. Flower's own mask generator
@@ -61,6 +65,7 @@ SCALE = "secagg-scale"  # integers per unit of clipped gradient
 PUBLIC_KEYS = "secagg-public-keys"  # share-keys: "node:pk1:pk2" lines (base64) of every participant
 CIPHERTEXTS = "secagg-ciphertexts"  # collect: "src:ciphertext" lines addressed to this hospital
 SURVIVORS = "secagg-survivors"  # unmask: node ids whose masked vectors arrived
+NEXT_ROUND = "secagg-next-round"  # unmask: also the next round's setup (with PARTICIPANTS, THRESHOLD): one exchange fewer
 # Reply fields, hospital -> coordinator
 MY_KEYS = "secagg-my-keys"  # setup: "pk1:pk2" (base64)
 SHARES_OUT = "secagg-shares"  # share-keys: "dst:ciphertext" lines

@@ -67,6 +67,8 @@ class SecureRounds:
     def __init__(self, coordinator):
         self.co = coordinator
         self.velocity: np.ndarray | None = None
+        # the next round's setup, answered with this round's unmask: (round, participants, threshold, keys, required)
+        self.early: tuple[int, list[int], int, dict, dict] | None = None
 
     # -- messaging -----------------------------------------------------------------
     def _config(self, server_round: int, stage: S.Stage, scale: float, **fields) -> ConfigRecord:
@@ -103,6 +105,23 @@ class SecureRounds:
                                                       f"no usable reply to '{stage.value}'"))
         return out
 
+    def _keys(self, server_round: int, replies: dict[int, Message]) -> tuple[dict, dict]:
+        """Each hospital's public keys and the least noise variance it accepts, from its
+        setup answer; a malformed answer is dropped."""
+        keys, required = {}, {}
+        for nid, reply in replies.items():
+            try:
+                pk1, pk2 = str(reply.content[M.STATUS][S.MY_KEYS]).split(":")
+                variance = float(reply.content[M.STATUS][S.REQUIRED_VARIANCE])
+                S.unb64(pk1), S.unb64(pk2)
+                if not (math.isfinite(variance) and variance > 0):
+                    raise ValueError("variance")
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
+                continue
+            keys[nid], required[nid] = (pk1, pk2), variance
+        return keys, required
+
     def _drop(self, server_round: int, nid: int, why: str) -> None:
         view = self.co._view(nid)
         log.warning("round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, why)
@@ -124,21 +143,15 @@ class SecureRounds:
 
         if len(nodes) < least:
             return skip(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
-        # 1. setup: fresh keys, and the least noise each hospital accepts
-        setup = self._ask(server_round, S.Stage.SETUP, scale,
-                          {nid: {S.PARTICIPANTS: nodes, S.THRESHOLD: threshold} for nid in nodes})
-        keys, required = {}, {}
-        for nid, reply in setup.items():
-            try:
-                pk1, pk2 = str(reply.content[M.STATUS][S.MY_KEYS]).split(":")
-                variance = float(reply.content[M.STATUS][S.REQUIRED_VARIANCE])
-                S.unb64(pk1), S.unb64(pk2)
-                if not (math.isfinite(variance) and variance > 0):
-                    raise ValueError("variance")
-            except (KeyError, ValueError):
-                self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
-                continue
-            keys[nid], required[nid] = (pk1, pk2), variance
+        # 1. setup: fresh keys, and the least noise each hospital accepts (answered with the
+        # previous round's unmask when the same hospitals take part)
+        early, self.early = self.early, None
+        if early is not None and early[0] == server_round and early[1] == nodes and len(early[3]) == len(nodes):
+            _, _, threshold, keys, required = early
+        else:
+            setup = self._ask(server_round, S.Stage.SETUP, scale,
+                              {nid: {S.PARTICIPANTS: nodes, S.THRESHOLD: threshold} for nid in nodes})
+            keys, required = self._keys(server_round, setup)
         if len(keys) < least:
             return skip(f"{len(keys)} hospitals sent keys; secure aggregation needs {least}")
         variance = max(required.values())  # every hospital adds what the most demanding one needs
@@ -183,11 +196,22 @@ class SecureRounds:
             phase.hospitals[view.name] = TrainReport(num_examples=n, steps=1, epsilon=float(metrics[M.EPSILON]),
                                                      delta=float(metrics[M.DELTA]), budget=float(metrics[M.BUDGET]))
             view.budget = float(metrics[M.BUDGET])
+        survivors.sort()
         if len(survivors) < least:
             phase.hospitals.clear()
             return skip(f"{len(survivors)} masked vectors arrived; secure aggregation needs {least}")
-        # 4. unmask
-        unmasked = self._ask(server_round, S.Stage.UNMASK, scale, {nid: {S.SURVIVORS: survivors} for nid in survivors})
+        # 4. unmask, with the next round's setup
+        following = {}
+        if server_round < cfg.run.rounds:
+            following = {S.NEXT_ROUND: server_round + 1, S.PARTICIPANTS: survivors,
+                         S.THRESHOLD: cfg.privacy.secure_threshold or len(survivors) // 2 + 1}
+        unmasked = self._ask(server_round, S.Stage.UNMASK, scale,
+                             {nid: {S.SURVIVORS: survivors, **following} for nid in survivors})
+        if following:
+            answered = {nid: r for nid, r in unmasked.items() if S.MY_KEYS in r.content[M.STATUS]}
+            if len(answered) == len(survivors):
+                keys_next, required_next = self._keys(server_round + 1, answered)
+                self.early = (server_round + 1, survivors, following[S.THRESHOLD], keys_next, required_next)
         revealed = []
         for nid, reply in unmasked.items():
             try:

@@ -108,7 +108,9 @@ def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_facto
         replies.append(r3)
         if r3.content[M.STATUS][M.STATE] != ReplyState.TRAINED.value:
             return replies, context
-        replies.append(client_app.train(message(cfg, S.Stage.UNMASK, {S.SURVIVORS: list(survivors)}), context))
+        # with the next round's setup, as the coordinator sends it
+        replies.append(client_app.train(message(cfg, S.Stage.UNMASK, {
+            S.SURVIVORS: list(survivors), S.NEXT_ROUND: 2, S.PARTICIPANTS: nodes, S.THRESHOLD: 2}), context))
     return replies, context
 
 
@@ -128,6 +130,7 @@ def test_neighbouring_hospitals_answer_a_whole_secure_round_alike_outside_the_ma
         _reset(folders, fresh)
         replies, _ = honest_round(folder, cfg)
         assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]
+        assert S.MY_KEYS in replies[3].content[M.STATUS]  # the next round's keys came with the unmask
         seen[name] = [without_masked_values(r) for r in replies]
         ledgers[name] = _ledger_json(folder)
     for other in sorted(folders)[1:]:
@@ -218,3 +221,40 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
         seen[name] = outside_dp(reply)
     for other in sorted(folders)[1:]:
         assert first_difference(seen["a"], seen[other]) is None
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["hospital_dp.enabled=true"], "hospital_dp"),
+    (["evaluation.validate_every=5"], "validate_every"),
+    (["privacy.clipping=per_layer"], "flat"),
+    (["privacy.enabled=false"], "privacy.enabled"),
+])
+def test_settings_secure_aggregation_cannot_honour_are_config_errors(extra, key):
+    from common.config import ConfigError, load_config
+    from tests.conftest import DEFAULT_CONFIG
+
+    with pytest.raises(ConfigError, match="privacy"):
+        load_config(DEFAULT_CONFIG, ["privacy.aggregation=secure", *extra])
+
+
+def test_a_skellam_ledger_entry_counts_both_epsilons_and_refuses_nonsense():
+    from common.ledger import LedgerEntry, LedgerError
+    from common.messages import Item
+
+    sens = SkellamSensitivity.of(3.0, SCALE, 58)
+
+    def entry(sigma: float, alone: float) -> LedgerEntry:
+        return LedgerEntry("r", 1, Mechanism.SKELLAM, "test", item=Item.WEIGHTS, noise_multiplier=sigma,
+                           alone_noise_multiplier=alone, sample_rate=1.0, steps=10, max_grad_norm=sens.l2,
+                           l1_sensitivity=sens.l1, examples=100)
+
+    ledger = Ledger("h", 1e-5)
+    ledger.record(entry(20.0, 10.0))
+    assert ledger.epsilon_alone() > ledger.epsilon() > 0
+    # PRV has no Skellam analysis: a ledger with Skellam releases reads RDP whatever is asked
+    assert ledger.epsilon(Split.TRAIN, "prv") == ledger.epsilon(Split.TRAIN, "rdp")
+    copy = Ledger.from_json(ledger.to_json())
+    assert copy.epsilon() == ledger.epsilon() and copy.epsilon_alone() == ledger.epsilon_alone()
+    for bad in (entry(10.0, 20.0), entry(10.0, 0.0)):  # own noise above the counted noise; no own noise
+        with pytest.raises(LedgerError):
+            Ledger("h", 1e-5).record(bad)
