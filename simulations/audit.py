@@ -99,6 +99,12 @@ def run_audit(
     ``tamper``: tests only (a planted bug in the hospital's DP optimizer)."""
     from simulations.simulate import simulate
 
+    if cfg.privacy.aggregation == "secure":
+        # The canaries ride in the hospital's DP-SGD optimizer; a secure aggregation round
+        # releases only a sum over hospitals, which this audit does not model. Refused
+        # rather than reporting a bound on a mechanism that did not run.
+        raise ValueError("the one-run audit measures per-hospital DP-SGD; with privacy.aggregation: secure it is not "
+                         "supported yet (audit the default mode, or see docs/deployment.md)")
     ds = load_dataset(cfg)
     names = [h.name for h in make_partition(ds, cfg)]
     hospital = hospital or names[0]
