@@ -124,9 +124,15 @@ def required_variance(ask: SecureAsk, ledger: Ledger, s: SecureSettings) -> floa
     :class:`PolicyRefusal` when no noise fits (the budget is spent)."""
     remaining = max(1, ask.cfg.run.rounds - ask.server_round + 1)
     low, high = math.log(s.sensitivity.l2 ** 2 * 1e-3), math.log(s.sensitivity.l2 ** 2 * 1e8)
-    if not _fits(ask, ledger, s, math.exp(high), remaining, True):
+    if not _fits(ask, ledger, s, math.exp(high), remaining, False):
         raise PolicyRefusal("privacy", "the rest of this run would pass this hospital's training budget or its "
                             "max_epsilon_alone at any noise")
+    if not _fits(ask, ledger, s, math.exp(high), remaining, True):
+        # RDP's conversion at its largest order puts a floor under epsilon (about 0.1 at delta 1e-5)
+        least = Ledger(ledger.hospital, ledger.delta, ledger.accountant).epsilon_with(
+            [release_entry(ask, s, math.exp(high), ask.cfg.run.rounds)])
+        raise PolicyRefusal("privacy.target_epsilon", f"is {ask.cfg.privacy.target_epsilon:g}; at this hospital's "
+                            f"delta {ledger.delta:g} no noise reaches less than {least:.3f}: raise it")
     while high - low > 1e-4:
         mid = (low + high) / 2
         low, high = (low, mid) if _fits(ask, ledger, s, math.exp(mid), remaining, True) else (mid, high)

@@ -17,6 +17,8 @@ happened; the tests below check it. The scenario:
 4. Run 2 (1 round): every hospital's ledger carries on from run 1.
 5. Run 3: the same project with one changed line: no hospital runs it, and each
    hospital's log says why.
+6. Run 4 (1 round, secure aggregation): c hangs while making its masked vector; the
+   round is unmasked from a and b.
 
 Every process started is stopped by its process group id at the end.
 """
@@ -48,6 +50,13 @@ CANARY = "187.654321"  # a heart rate no log line may ever show
 SMALL = ("model.architecture=per_variable model.gru_hidden=[2] model.head_hidden=0 training.batch_size=32 "
          "strategy.round_timeout_s=45 privacy.target_epsilon=0.4 strategy.discovery_timeout_s=60 "
          "evaluation.val_epsilon=0.4 evaluation.test_epsilon=0.4")
+
+
+# Run 4: secure aggregation, at an epsilon that fits what runs 1 and 2 left of the budgets
+# (about 0.57 of 1 spent; 0.1 is below what RDP can certify at delta 1e-5), with a short
+# wait for the hanging hospital
+SECURE = ("privacy.aggregation=secure training.sample_rate=1.0 training.lr=0.5 privacy.target_epsilon=0.2 "
+          "evaluation.val_epsilon=0.2 evaluation.test_epsilon=0.2 strategy.round_timeout_s=20")
 
 
 def _cut_data(root: Path) -> None:
@@ -168,6 +177,7 @@ def scenario(tmp_path_factory, physionet_files):
         record["run2_rc"] = second.returncode
         record["run2_seconds"] = time.monotonic() - t1
         record["run2_dir"] = next(iter(runs2.iterdir()), None) if runs2.exists() else None
+        record["ledgers_after_run2"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
 
         # 5. an app version nobody approved
         record["ledgers_before_changed"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
@@ -175,6 +185,21 @@ def scenario(tmp_path_factory, physionet_files):
         changed.wait(timeout=300)
         record["changed_models"] = list((root / "runs3").rglob("model.pt"))
         record["ledgers_after_changed"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
+
+        # 6. run 4, secure aggregation (one round): c hangs while it makes its masked vector, the
+        # round completes from a and b, then c is killed
+        runs4 = root / "runs4"
+        secure = fed.run_app(1, runs4, extra=SECURE)
+        serve_log = fed.logs / "serve-c.log"
+        trained_before = serve_log.read_text(errors="replace").count("c round 1: training")
+        wait_until(lambda: serve_log.read_text(errors="replace").count("c round 1: training") > trained_before, 300,
+                   "c to start its secure round", interval=0.02)
+        fed.freeze_hospital("c")
+        secure.wait(timeout=600)
+        fed.stop_hospital("c", signal.SIGKILL)
+        record["secure_rc"] = secure.returncode
+        record["secure_dir"] = next(iter(runs4.iterdir()), None) if runs4.exists() else None
+        record["ledgers_after_secure"] = {n: fed.ledger(n).read_text() for n in HOSPITALS}
     finally:
         fed.stop_all()
     record["logs"] = {p.name: p.read_text(errors="replace") for p in fed.logs.iterdir()}
@@ -244,7 +269,6 @@ def test_no_hospital_is_charged_twice(scenario):
 
 def test_ledgers_accumulate_across_two_runs(scenario):
     from client.folder import HospitalFolder
-    from client.ledger_store import FileLedgerStore
     from common.ledger import Ledger
     from common.messages import Split
 
@@ -252,7 +276,8 @@ def test_ledgers_accumulate_across_two_runs(scenario):
     privacy = json.loads((scenario["run2_dir"] / "privacy.json").read_text())
     for name in HOSPITALS:
         folder = HospitalFolder(scenario["root"] / "hospitals" / name)
-        ledger = FileLedgerStore(folder.ledger_file, folder.secret("ledger")).read()
+        # the ledger as run 2 left it (the scenario's later runs add to it), read with the hospital's seal
+        ledger = Ledger.from_json(scenario["ledgers_after_run2"][name], key=folder.secret("ledger"))
         assert len(ledger.runs()) == 2 and privacy["run_id"] in ledger.runs()
         before = Ledger(ledger.hospital, ledger.delta, entries=[e for e in ledger.entries if e.run_id != privacy["run_id"]])
         assert 0 < before.epsilon() < ledger.epsilon()  # run 2 starts from run 1's spending
@@ -269,9 +294,31 @@ def test_ledgers_accumulate_across_two_runs(scenario):
         assert groups["test"]["releases"] == len(test_items) == 2 * len(per_run[privacy["run_id"]])
 
 
+def test_secure_aggregation_completes_a_deployed_round_when_a_hospital_hangs_mid_round(scenario):
+    """Three real SuperNodes over TLS run a secure aggregation round; c hangs while making
+    its masked vector: the round is unmasked from a and b (c's pair masks rebuilt from its
+    key's shares), and nothing the coordinator wrote holds one hospital's vector."""
+    from common.ledger import Ledger
+
+    assert scenario["secure_rc"] == 0, {k: v[-2000:] for k, v in scenario["logs"].items() if k.startswith("run-")}
+    run_dir = scenario["secure_dir"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    [round1] = metrics["rounds"]
+    assert not round1["skipped"] and set(round1["hospitals"]) >= {"a", "b"}
+    assert any(d["hospital"] == "c" for d in round1["dropped"])
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for name in ("a", "b"):
+        ledger = Ledger.from_json(scenario["ledgers_after_secure"][name])
+        mine = [e for e in ledger.entries if e.run_id == privacy["run_id"] and e.mechanism.value == "skellam"]
+        assert len(mine) == 1 and mine[0].round == 1
+        assert privacy["hospitals"][name]["epsilon_alone"] > 0
+    for path in run_dir.iterdir():
+        assert b"secagg-masked" not in path.read_bytes(), f"{path} holds a hospital's masked vector"
+
+
 def test_no_patient_value_reaches_any_log(scenario):
     texts = list(scenario["logs"].values())
-    for run_dir in (scenario["run_dir"], scenario["run2_dir"]):
+    for run_dir in (scenario["run_dir"], scenario["run2_dir"], scenario["secure_dir"]):
         texts += [p.read_text(errors="replace") for p in run_dir.iterdir() if p.suffix in (".json", ".md", ".yaml", ".html")]
     assert all(CANARY not in t for t in texts)
     assert not any(re.search(r"\b187\.65", t) for t in texts)
