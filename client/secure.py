@@ -186,9 +186,13 @@ def _save(context: Context, req: Request, me: Participant, variance: float = 0.0
                                              "participant": me.to_bytes(), "variance": float(variance)})
 
 
-def _reply(req: Request, state: ReplyState, ledger: Ledger, content: dict | None = None, **extra) -> Message:
+def _reply(req: Request, state: ReplyState, ledger: Ledger | None, content: dict | None = None, **extra) -> Message:
+    """A stage's reply. The ledger copy travels with the release (collect) and with a stop
+    at the budget; the key and unmask stages release nothing new, and a copy with each of
+    them was most of a round's bytes (it grows about 0.9 KB a round)."""
     records = dict(content or {})
-    records[M.STATUS] = status(req.node.name, state, **{M.LEDGER: ledger.for_coordinator(), **extra})
+    ledger_copy = {M.LEDGER: ledger.for_coordinator()} if ledger is not None else {}
+    records[M.STATUS] = status(req.node.name, state, **{**ledger_copy, **extra})
     return Message(RecordDict(records), reply_to=req.msg)
 
 
@@ -246,7 +250,7 @@ def _setup(req: Request, context: Context, config: ConfigRecord, s: SecureSettin
     me = Participant.setup(int(context.node_id), req.server_round, _ints(config, S.PARTICIPANTS),
                            int(config.get(S.THRESHOLD, 0)), s.min_honest)
     _save(context, req, me)
-    return _reply(req, ReplyState.READY, ledger, **{S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required})
+    return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required})
 
 
 def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
@@ -262,7 +266,7 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
     keys = {int(node): (pk1, pk2) for node, pk1, pk2 in _lines(config, S.PUBLIC_KEYS, 3)}
     shares = me.share_keys(keys)
     _save(context, req, me, variance)
-    return _reply(req, ReplyState.READY, ledger,
+    return _reply(req, ReplyState.READY, None,
                   **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})
 
 
@@ -321,7 +325,7 @@ def _unmask(req: Request, context: Context, config: ConfigRecord, s: SecureSetti
     _save(context, req, me, variance)
     if S.NEXT_ROUND in config:
         fields.update(_early_setup(req, context, config, s))
-    return _reply(req, ReplyState.READY, req.store.read(), **fields)
+    return _reply(req, ReplyState.READY, None, **fields)
 
 
 def _early_setup(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> dict:

@@ -149,7 +149,8 @@ RELEASES: tuple[Release, ...] = (
     Release(UNIT_WEIGHT, "every training round", False, "the constant 1; reveals nothing"),
     LEDGER_RELEASE := Release(
         "privacy ledger and accounting (epsilon, delta, budget, steps, sample rate, noise multiplier, score grid)",
-        "every reply", False,
+        "every reply (secure aggregation: with its release and with a stop at the budget, not with its key and "
+        "unmask stages)", False,
         "settings and the list of releases, each computed from the message, the hospital's policy and its declared "
         "counts (the sample rate is batch size / declared training stays, so it reveals the same count as "
         "num-examples); the copy sent leaves out which export each release read and when it was recorded "

@@ -232,9 +232,12 @@ class Coordinator:
         return self.can_continue()
 
     # -- rounds ----------------------------------------------------------------
-    def _accept(self, nid: int, reply: Message, context: str) -> tuple[HospitalView, Ledger] | None:
+    def _accept(self, nid: int, reply: Message, context: str, ledger_optional: bool = False
+                ) -> tuple[HospitalView, Ledger | None] | None:
         """Who sent a reply and the ledger it carries, or None (logged and dropped) when
-        either is not acceptable. Stopped hospitals are noted here too."""
+        either is not acceptable. Stopped hospitals are noted here too. ``ledger_optional``:
+        secure aggregation's key and unmask stages, which release nothing new, may come
+        without a ledger copy (then the ledger is None)."""
         view = self._view(nid)
         try:
             if reply.has_error():
@@ -248,14 +251,16 @@ class Coordinator:
                                 "%s: %s refuses (%s): %s", context, view.name, state, reason)
                 self._phase.stopped.append(Stopped(view.name, view.state, reason))
                 return None
-            ledger = read_ledger(reply, view.name)
+            carried = M.STATUS in reply.content.config_records and reply.content[M.STATUS].get(M.LEDGER)
+            ledger = read_ledger(reply, view.name) if carried or not ledger_optional else None
         except ReplyRejected as exc:
             self._lines.log(logging.WARNING, f"{context}: reply dropped: {exc}",
                             "%s: dropped the reply of %s (node %s): %s", context, view.name, nid, exc)
             self._phase.dropped.append(Dropped(view.name, nid, str(exc)))
             return None
-        view.ledger = ledger
-        view.epsilon = ledger.epsilon(Split.TRAIN, self.cfg.privacy.accountant)
+        if ledger is not None:
+            view.ledger = ledger
+            view.epsilon = ledger.epsilon(Split.TRAIN, self.cfg.privacy.accountant)
         declined = str(reply.content[M.STATUS].get(M.NOT_EVALUATED, ""))
         if declined:
             declined = declined.replace("\n", "; ")[:500]

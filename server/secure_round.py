@@ -86,7 +86,8 @@ class SecureRounds:
             messages.append(Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN))
         out = {}
         for nid, reply in self.co._exchange(messages):
-            accepted = self.co._accept(nid, reply, f"round {server_round} (secure aggregation, {stage.value})")
+            accepted = self.co._accept(nid, reply, f"round {server_round} (secure aggregation, {stage.value})",
+                                       ledger_optional=stage != S.Stage.COLLECT)
             if accepted is None:
                 continue
             view, ledger = accepted

@@ -131,6 +131,8 @@ def test_neighbouring_hospitals_answer_a_whole_secure_round_alike_outside_the_ma
         replies, _ = honest_round(folder, cfg)
         assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]
         assert S.MY_KEYS in replies[3].content[M.STATUS]  # the next round's keys came with the unmask
+        # the ledger copy travels with the release only (the key and unmask stages release nothing new)
+        assert [M.LEDGER in r.content[M.STATUS] for r in replies] == [False, False, True, False]
         seen[name] = [without_masked_values(r) for r in replies]
         ledgers[name] = _ledger_json(folder)
     for other in sorted(folders)[1:]:
