@@ -55,7 +55,7 @@ from common.training import (
 from .evaluation import plan_evaluations, score
 from .hospital import UNASSIGNED, Node
 from .preflight import answer_plan
-from .replies import AfterReading, pack, refusing, status, unpack
+from .replies import AfterReading, answer, pack, refusing, status, unpack
 from .request import Request, experiment_of
 from .secure import answer_secure
 
@@ -95,9 +95,7 @@ class CanaryAudit:
 
 
 def _reply(req: Request, state: ReplyState, ledger: Ledger, content: dict | None = None, **extra) -> Message:
-    records = dict(content or {})
-    records[M.STATUS] = status(req.node.name, state, **{M.LEDGER: ledger.for_coordinator(), **extra})
-    return Message(RecordDict(records), reply_to=req.msg)
+    return answer(req.msg, req.node.name, state, ledger, content, **extra)
 
 
 def answer_query(msg: Message, context: Context, simulation: ExperimentConfig | None = None) -> Message:

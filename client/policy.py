@@ -109,13 +109,15 @@ class Policy:
         pr = self.require_dp(cfg)
         if pr is None:
             return
-        low, high = self.clipping_norm
-        if not low <= pr.max_grad_norm <= high:
-            raise PolicyRefusal(
-                "privacy.max_grad_norm", f"is {pr.max_grad_norm:g}; this hospital allows clipping norms in [{low:g}, {high:g}]"
-            )
+        self.check_clipping(pr.max_grad_norm)
         if pr.noise_multiplier > 0:
             self.check_noise(pr.noise_multiplier)
+
+    def check_clipping(self, max_grad_norm: float) -> None:
+        low, high = self.clipping_norm
+        if not low <= max_grad_norm <= high:
+            raise PolicyRefusal("privacy.max_grad_norm",
+                                f"is {max_grad_norm:g}; this hospital allows clipping norms in [{low:g}, {high:g}]")
 
     def require_dp(self, cfg: ExperimentConfig):
         if cfg.privacy.enabled:

@@ -93,10 +93,7 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
         node.check_reads_as_defined(cfg)
         check_model_size(cfg, policy)
         if cfg.privacy.enabled:
-            low, high = policy.clipping_norm
-            if not low <= cfg.privacy.max_grad_norm <= high:
-                raise PolicyRefusal("privacy.max_grad_norm", f"is {cfg.privacy.max_grad_norm:g}; this hospital allows "
-                                                             f"clipping norms in [{low:g}, {high:g}]")
+            policy.check_clipping(cfg.privacy.max_grad_norm)
             if cfg.privacy.aggregation == "secure":
                 fit, planned = _secure_plan(cfg, node, ledger)
             else:

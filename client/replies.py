@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from common import messages as M
 from common.config import ConfigError
 from common.data.records import DataError
-from common.ledger import LedgerError
+from common.ledger import Ledger, LedgerError
 from common.logs import attach_to_flower
 from common.messages import ReplyState
 
@@ -47,6 +47,16 @@ class AfterReading(Exception):
 
 def status(hospital: str, state: ReplyState, **extra) -> ConfigRecord:
     return ConfigRecord({M.HOSPITAL: hospital, M.STATE: state.value, **extra})
+
+
+def answer(msg: Message, hospital: str, state: ReplyState, ledger: Ledger | None, content: dict | None = None,
+           **extra) -> Message:
+    """A reply to ``msg``: ``content``'s records and the status, with the copy of the ledger
+    the coordinator may see (``ledger`` None: none, e.g. secure aggregation's key stages)."""
+    records = dict(content or {})
+    ledger_copy = {M.LEDGER: ledger.for_coordinator()} if ledger is not None else {}
+    records[M.STATUS] = status(hospital, state, **ledger_copy, **extra)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 # An absolute, relative (./, ../), home (~/, ~user/) or network (\\\\server) path, not a slash inside a word

@@ -131,10 +131,7 @@ def plan_training(cfg: ExperimentConfig, policy: Policy, declared_train: int, ac
             return None
         raise PolicyRefusal("privacy.enabled", "is false; this hospital trains only with differential privacy")
     pr = cfg.privacy
-    low, high = policy.clipping_norm
-    if not low <= pr.max_grad_norm <= high:
-        raise PolicyRefusal("privacy.max_grad_norm",
-                            f"is {pr.max_grad_norm:g}; this hospital allows clipping norms in [{low:g}, {high:g}]")
+    policy.check_clipping(pr.max_grad_norm)
     if agreed is not None:
         if not (math.isfinite(agreed) and agreed > 0):
             raise PolicyRefusal("noise-multiplier", "must be a positive number (the noise accepted at the preflight)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from opacus import GradSampleModule
 
 from common import messages as M
@@ -36,7 +36,7 @@ from common.skellam import SkellamSensitivity, randomized_round, skellam_noise
 from common.training import resolve_device, training_for_round
 
 from .policy import PolicyRefusal
-from .replies import AfterReading, status
+from .replies import AfterReading, answer
 from .request import Request
 from .secagg import Participant, SecAggRefusal
 
@@ -81,10 +81,8 @@ class SecureSettings:
 
 def settings_of(ask: SecureAsk, scale: float) -> SecureSettings:
     cfg, policy = ask.cfg, ask.policy
-    low, high = policy.clipping_norm
     clip = cfg.privacy.max_grad_norm
-    if not low <= clip <= high:
-        raise PolicyRefusal("privacy.max_grad_norm", f"is {clip:g}; this hospital allows clipping norms in [{low:g}, {high:g}]")
+    policy.check_clipping(clip)
     if not (math.isfinite(scale) and SCALE_RANGE[0] <= scale * clip <= SCALE_RANGE[1]):
         raise PolicyRefusal(S.SCALE, f"must put between 2^4 and 2^24 integers on the clipping norm (it puts {scale * clip:.3g})")
     if cfg.privacy.target_epsilon <= 0:
@@ -190,10 +188,7 @@ def _reply(req: Request, state: ReplyState, ledger: Ledger | None, content: dict
     """A stage's reply. The ledger copy travels with the release (collect) and with a stop
     at the budget; the key and unmask stages release nothing new, and a copy with each of
     them was most of a round's bytes (it grows about 0.9 KB a round)."""
-    records = dict(content or {})
-    ledger_copy = {M.LEDGER: ledger.for_coordinator()} if ledger is not None else {}
-    records[M.STATUS] = status(req.node.name, state, **{**ledger_copy, **extra})
-    return Message(RecordDict(records), reply_to=req.msg)
+    return answer(req.msg, req.node.name, state, ledger, content, **extra)
 
 
 def _ints(config: ConfigRecord, key: str) -> list[int]:

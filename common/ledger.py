@@ -108,7 +108,11 @@ class Ledger:
     entries: list[LedgerEntry] = field(default_factory=list)
     # Each group's composed RDP (a vector over orders), summed once and then kept up to
     # date by record(): an RDP budget check costs the same however long the ledger is.
-    _rdp: dict[Split, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Keyed (group, alone): ``alone`` counts secure aggregation's releases with this
+    # hospital's own noise only (the same vector when it made none).
+    _rdp: dict[tuple[Split, bool], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # whether a group holds a Skellam release (kept by record() too)
+    _secure: dict[Split, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- accounting ------------------------------------------------------------
     def noisy(self, split: Split = Split.TRAIN) -> list[LedgerEntry]:
@@ -117,19 +121,22 @@ class Ledger:
     def history(self, split: Split = Split.TRAIN) -> list[NoisyRelease]:
         return [e.as_release() for e in self.noisy(split)]
 
-    def _rdp_total(self, split: Split) -> np.ndarray:
-        if split not in self._rdp:
+    def _rdp_total(self, split: Split, alone: bool = False) -> np.ndarray:
+        if (split, alone) not in self._rdp:
             total = np.zeros(len(rdp_of(1.0, 1.0, 0)))
             for e in self.noisy(split):
-                total = total + e.rdp()
-            self._rdp[split] = total
-        return self._rdp[split]
+                total = total + e.rdp(alone)
+            self._rdp[(split, alone)] = total
+        return self._rdp[(split, alone)]
 
     def _uses_rdp(self, split: Split, accountant: str | None, planned: list[LedgerEntry] = ()) -> bool:
         """RDP when asked, and whenever a Skellam release is among the group's (PRV has no
         Skellam analysis; RDP's epsilon is an upper bound on PRV's)."""
-        return (accountant or self.accountant) == "rdp" or any(
-            e.mechanism == Mechanism.SKELLAM for e in [*self.noisy(split), *planned])
+        if (accountant or self.accountant) == "rdp" or any(e.mechanism == Mechanism.SKELLAM for e in planned):
+            return True
+        if split not in self._secure:
+            self._secure[split] = any(e.mechanism == Mechanism.SKELLAM for e in self.noisy(split))
+        return self._secure[split]
 
     def epsilon(self, split: Split = Split.TRAIN, accountant: str | None = None) -> float:
         """Epsilon of everything ever released about one group of patients."""
@@ -141,20 +148,15 @@ class Ledger:
         """Epsilon of everything released about the group if every other hospital had
         colluded with the coordinator: secure aggregation's releases count only this
         hospital's own share of the noise. Equal to :meth:`epsilon` without secure releases."""
-        total = sum((e.rdp(alone=True) for e in self.noisy(split)), np.zeros_like(self._rdp_total(split)))
-        return epsilon_of_rdp(total, self.delta)
+        return epsilon_of_rdp(self._rdp_total(split, alone=True), self.delta)
 
     def epsilon_with(self, planned: list[LedgerEntry], accountant: str | None = None, alone: bool = False) -> float:
         """Epsilon of ``planned``'s group if ``planned`` were released too (the budget check);
         ``alone`` as in :meth:`epsilon_alone`."""
         split = planned[0].split
-        if alone:
-            every = [*self.noisy(split), *[e for e in planned if e.mechanism in NOISY]]
-            return epsilon_of_rdp(sum((e.rdp(alone=True) for e in every), np.zeros_like(self._rdp_total(split))),
-                                  self.delta)
-        if self._uses_rdp(split, accountant, planned):
-            added = sum((e.rdp() for e in planned if e.mechanism in NOISY), np.zeros_like(self._rdp_total(split)))
-            return epsilon_of_rdp(self._rdp_total(split) + added, self.delta)
+        if alone or self._uses_rdp(split, accountant, planned):
+            added = sum((e.rdp(alone) for e in planned if e.mechanism in NOISY), np.zeros_like(self._rdp_total(split)))
+            return epsilon_of_rdp(self._rdp_total(split, alone) + added, self.delta)
         return epsilon(self.history(split) + [e.as_release() for e in planned], self.delta, accountant or self.accountant)
 
     def runs(self) -> list[str]:
@@ -170,8 +172,12 @@ class Ledger:
         refused here rather than sealed into a ledger every later read would reject."""
         entry.check(f"{self.hospital}'s new ledger entry")
         self.entries.append(entry)
-        if entry.mechanism in NOISY and entry.split in self._rdp:
-            self._rdp[entry.split] = self._rdp[entry.split] + entry.rdp()
+        if entry.mechanism == Mechanism.SKELLAM:
+            self._secure[entry.split] = True
+        if entry.mechanism in NOISY:
+            for alone in (False, True):
+                if (entry.split, alone) in self._rdp:
+                    self._rdp[(entry.split, alone)] = self._rdp[(entry.split, alone)] + entry.rdp(alone)
 
     # -- serialisation ---------------------------------------------------------
     def body(self) -> dict:

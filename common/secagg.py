@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -112,21 +111,7 @@ def from_ring(values: np.ndarray) -> np.ndarray:
     return np.where(v >= MODULUS // 2, v - MODULUS, v)
 
 
-@dataclass(frozen=True)
-class Encoding:
-    """How a round's real vector becomes integers: ``scale`` integers per unit, so a
-    patient's clipped gradient (norm ``clip``) is at most ``clip x scale`` in size. The
-    coordinator divides the unmasked sum by ``scale``."""
-
-    scale: float
-
-    def decode(self, ring_sum: np.ndarray) -> np.ndarray:
-        return from_ring(ring_sum).astype(np.float64) / self.scale
-
-
-def wrap_margin(scale: float, clip: float, max_patients: int, total_variance: float) -> float:
-    """How far below 2^31 the largest coordinate of the sum stays, in units of 2^31: the
-    sum of ``max_patients`` clipped vectors plus 8 standard deviations of the noise.
-    Negative: the sum could wrap around the modulus (utility lost, not privacy)."""
-    largest = max_patients * (clip * scale + 1) + 8 * (total_variance ** 0.5)
-    return 1 - largest / (MODULUS // 2)
+def decode(ring_sum: np.ndarray, scale: float) -> np.ndarray:
+    """The unmasked sum back in gradient units: centred, divided by ``scale`` (integers per
+    unit of clipped gradient)."""
+    return from_ring(ring_sum).astype(np.float64) / scale

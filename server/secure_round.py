@@ -225,7 +225,7 @@ class SecureRounds:
         except (UnmaskFailed, ValueError) as exc:
             phase.hospitals.clear()
             return skip(f"the sum could not be unmasked ({exc})")
-        gradient_sum = S.Encoding(scale).decode(ring)
+        gradient_sum = S.decode(ring, scale)
         if not plausible(gradient_sum, batch, cfg.privacy.max_grad_norm, variance, len(survivors), scale):
             phase.hospitals.clear()
             return skip("the unmasked sum is longer than honest hospitals' clipped gradients and noise can make")
