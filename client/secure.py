@@ -104,13 +104,18 @@ def release_entry(ask: SecureAsk, s: SecureSettings, mu: float, steps: int) -> L
 
 
 def _fits(ask: SecureAsk, ledger: Ledger, s: SecureSettings, mu: float, steps: int, whole_run: bool) -> bool:
-    """``steps`` more releases at ``mu`` stay within the budget, the alone limit and (for
-    the rest of the run) the run's own target."""
+    """``steps`` more releases at ``mu`` stay within the budget, the alone limit, the
+    policy's noise floor and per-round ceiling (as for DP-SGD: on the noise the ledger
+    counts), and (for the rest of the run) the run's own target."""
     planned = [release_entry(ask, s, mu, steps)]
+    if planned[0].noise_multiplier < ask.policy.min_noise_multiplier:
+        return False
     if ledger.epsilon_with(planned) > ask.budget or ledger.epsilon_with(planned, alone=True) > ask.policy.max_epsilon_alone:
         return False
+    fresh = Ledger(ledger.hospital, ledger.delta, ledger.accountant)
+    if fresh.epsilon_with([release_entry(ask, s, mu, 1)]) > ask.policy.max_epsilon_per_round:
+        return False
     if whole_run:
-        fresh = Ledger(ledger.hospital, ledger.delta, ledger.accountant)
         return fresh.epsilon_with([release_entry(ask, s, mu, ask.cfg.run.rounds)]) <= ask.cfg.privacy.target_epsilon
     return True
 
@@ -118,13 +123,14 @@ def _fits(ask: SecureAsk, ledger: Ledger, s: SecureSettings, mu: float, steps: i
 def required_variance(ask: SecureAsk, ledger: Ledger, s: SecureSettings) -> float:
     """The least Skellam variance per coordinate this hospital adds for the rest of the
     run: its epsilon with ``min_honest`` hospitals' noise within the run's target and its
-    budget, and with its own noise alone within ``max_epsilon_alone``. Raises
+    budget, and with its own noise alone within ``max_epsilon_alone``; and the policy's noise
+    floor and per-round ceiling, which a message can only tighten. Raises
     :class:`PolicyRefusal` when no noise fits (the budget is spent)."""
     remaining = max(1, ask.cfg.run.rounds - ask.server_round + 1)
     low, high = math.log(s.sensitivity.l2 ** 2 * 1e-3), math.log(s.sensitivity.l2 ** 2 * 1e8)
     if not _fits(ask, ledger, s, math.exp(high), remaining, False):
-        raise PolicyRefusal("privacy", "the rest of this run would pass this hospital's training budget or its "
-                            "max_epsilon_alone at any noise")
+        raise PolicyRefusal("privacy", "the rest of this run would pass this hospital's training budget, its "
+                            "max_epsilon_alone or its max_epsilon_per_round at any noise")
     if not _fits(ask, ledger, s, math.exp(high), remaining, True):
         # RDP's conversion at its largest order puts a floor under epsilon (about 0.1 at delta 1e-5)
         least = Ledger(ledger.hospital, ledger.delta, ledger.accountant).epsilon_with(

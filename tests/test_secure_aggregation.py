@@ -260,3 +260,29 @@ def test_a_skellam_ledger_entry_counts_both_epsilons_and_refuses_nonsense():
     for bad in (entry(10.0, 20.0), entry(10.0, 0.0)):  # own noise above the counted noise; no own noise
         with pytest.raises(LedgerError):
             Ledger("h", 1e-5).record(bad)
+
+
+def test_the_noise_a_hospital_requires_honours_its_noise_floor_and_per_round_ceiling():
+    """A message cannot loosen the policy: the variance a hospital asks of the round keeps
+    the noise multiplier its ledger counts above the policy's floor and one round's cost
+    under its per-round ceiling, as DP-SGD's noise does."""
+    import dataclasses
+
+    from client.policy import default_policy
+    from client.secure import SecureAsk, release_entry, required_variance, settings_of
+
+    cfg = secure_cfg("run.rounds=2")  # a round costs well above what RDP can certify at all (about 0.1)
+    relaxed = default_policy(10.0, 1e-5, 10.0)
+    ledger = Ledger("h", 1e-5)
+
+    def counted(policy) -> tuple[float, float]:
+        ask = SecureAsk(cfg, policy, "h", 700, "r", 1)
+        s = settings_of(ask, SCALE)
+        entry = release_entry(ask, s, required_variance(ask, ledger, s), 1)
+        return entry.noise_multiplier, Ledger("h", 1e-5).epsilon_with([entry])
+
+    sigma, per_round = counted(relaxed)
+    floor = dataclasses.replace(relaxed, min_noise_multiplier=2 * sigma)
+    assert counted(floor)[0] >= 2 * sigma * (1 - 1e-9)
+    ceiling = dataclasses.replace(relaxed, max_epsilon_per_round=per_round / 2)
+    assert counted(ceiling)[1] <= per_round / 2
