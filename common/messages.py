@@ -182,7 +182,8 @@ RELEASES: tuple[Release, ...] = (
         "fresh public keys, encrypted Shamir shares of fresh random secrets, and the shares the protocol lets "
         "the coordinator rebuild (a mask seed of each hospital in the sum, a mask key of each absent one, never "
         "both): random numbers drawn for the round, independent of every patient; and the noise variance the "
-        "hospital requires, computed from the run's settings, its policy, its declared counts and its ledger",
+        "hospital requires, computed from the run's settings, its policy, its declared counts and its ledger, and "
+        "the round an early setup is for (a setting echoed)",
     ),
     DEFINITION_RELEASE := Release(
         "data definition", "when the coordinator asks which hospital a node is", False,
@@ -226,4 +227,5 @@ FIELD_RELEASES: dict[str, str] = {
     "secagg-shares": SECAGG_RELEASE.field,
     "secagg-revealed": SECAGG_RELEASE.field,
     "secagg-required-variance": SECAGG_RELEASE.field,
+    "secagg-next-round": SECAGG_RELEASE.field,
 }

@@ -131,6 +131,11 @@ def test_neighbouring_hospitals_answer_a_whole_secure_round_alike_outside_the_ma
         replies, _ = honest_round(folder, cfg)
         assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]
         assert S.MY_KEYS in replies[3].content[M.STATUS]  # the next round's keys came with the unmask
+        # every field is a DP release or declared as a non-DP one (the report lists them)
+        for r in replies:
+            fields = [*r.content[M.STATUS].keys(), *r.content.array_records.keys(),
+                      *(k for rec in r.content.metric_records.values() for k in rec.keys())]
+            assert set(fields) <= set(M.FIELD_RELEASES), set(fields) - set(M.FIELD_RELEASES)
         # the ledger copy travels with the release only (the key and unmask stages release nothing new)
         assert [M.LEDGER in r.content[M.STATUS] for r in replies] == [False, False, True, False]
         seen[name] = [without_masked_values(r) for r in replies]
