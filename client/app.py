@@ -39,7 +39,7 @@ from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, NodeMode, ReplyState
-from common.model import GRUClassifier, model_spec
+from common.model import GRUClassifier
 from common.privacy import NoisyRelease, epsilon, steps_per_round
 from common.secagg import STAGE as SECAGG_STAGE
 from common.training import (
@@ -52,12 +52,13 @@ from common.training import (
     training_for_round,
 )
 
-from .evaluation import plan_evaluations, score
+from .evaluation import global_model, plan_evaluations, score
 from .hospital import UNASSIGNED, Node
 from .preflight import answer_plan
 from .replies import AfterReading, answer, pack, refusing, status, unpack
 from .request import Request, experiment_of
 from .secure import answer_secure
+from .secure_evaluation import answer_secure_evaluation
 
 log = logging.getLogger("fedgru.client")
 
@@ -117,14 +118,6 @@ def answer_query(msg: Message, context: Context, simulation: ExperimentConfig | 
         M.MODE: node.mode.value, M.DEFINITION: node.definition.to_json()})}), reply_to=msg)
 
 
-def _global_model(req: Request, device: torch.device) -> GRUClassifier:
-    """The model the message carries, built from weights :func:`check_weights` read."""
-    cfg = req.cfg
-    model = GRUClassifier(model_spec(cfg), gru_impl=cfg.model.gru_impl if cfg.privacy.enabled else "torch")
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in req.weights.items()}, strict=True)
-    return model.to(device)
-
-
 def _training_entries(req: Request, ledger: Ledger, budget: float) -> tuple[list[LedgerEntry], tuple[float, float] | None]:
     """The round's training releases if it fits the budget; else none, and (spent, would be)."""
     plan, declared = req.training, req.declared.train
@@ -180,7 +173,7 @@ def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = Non
             data = req.node.data()
             try:
                 device = resolve_device(req.node.device)
-                model = _global_model(req, device)
+                model = global_model(req, device)
                 content = score(req, data, model, evaluations)
                 if exhausted is None:
                     state = _train(req, context, model, data, device, audit)
@@ -251,6 +244,8 @@ def _train(req: Request, context: Context, model: GRUClassifier, data, device: t
 
 
 def answer_evaluate(msg: Message, context: Context, simulation: ExperimentConfig | None = None) -> Message:
+    if SECAGG_STAGE in msg.content.config_records.get(M.CONFIG, {}):
+        return answer_secure_evaluation(msg, context, simulation)  # a stage of a secure evaluation
     req = Request(msg, context, simulation)
     content: dict = {}
     with req.store.transaction() as ledger:
@@ -258,7 +253,7 @@ def answer_evaluate(msg: Message, context: Context, simulation: ExperimentConfig
         if evaluations:
             data = req.node.data()
             try:
-                content = score(req, data, _global_model(req, resolve_device(req.node.device)), evaluations)
+                content = score(req, data, global_model(req, resolve_device(req.node.device)), evaluations)
             except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves
                 raise AfterReading() from exc
             for release in evaluations:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 from common import messages as M
@@ -25,7 +26,8 @@ from common.explain import contribution_sizes
 from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, Split
 from common.metrics import ScoreGrid, ScoreSummary
-from common.model import GRUClassifier
+from common.model import GRUClassifier, model_spec
+from common.secure_evaluation import IMPORTANCE_CLIP
 from common.subgroups import SubgroupSummary
 from common.training import hourly_logits_at, predict_proba
 
@@ -36,7 +38,6 @@ from .policy import PolicyRefusal
 if TYPE_CHECKING:
     from .request import Request
 
-IMPORTANCE_CLIP = 1.0  # each test patient's vector of contribution sizes is clipped to this L2 norm
 SCORING_BATCH = 256  # patients scored at once, padded: memory never depends on how many there are
 
 
@@ -90,6 +91,14 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
                 continue
         planned += [PlannedRelease(split, entry.item, entry.noise_multiplier, entry) for entry in entries]
     return planned, declined
+
+
+def global_model(req: Request, device: torch.device) -> GRUClassifier:
+    """The model the message carries, built from weights ``check_weights`` read."""
+    cfg = req.cfg
+    model = GRUClassifier(model_spec(cfg), gru_impl=cfg.model.gru_impl if cfg.privacy.enabled else "torch")
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in req.weights.items()}, strict=True)
+    return model.to(device)
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

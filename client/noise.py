@@ -30,6 +30,7 @@ from common.privacy import (
     smallest_noise,
     steps_per_round,
 )
+from common.secure_evaluation import test_items
 
 from .policy import Policy, PolicyRefusal
 
@@ -136,13 +137,6 @@ def at_least(value: float) -> str:
 def budget_left(ledger: Ledger, budget: float, split: Split = Split.TRAIN) -> str:
     return f"{max(0.0, budget - ledger.epsilon(split)):.3g}"
 
-
-
-def test_items(cfg: ExperimentConfig) -> list[Item]:
-    binary = cfg.is_binary
-    ev = cfg.evaluation
-    return [Item.HISTOGRAM] + ([Item.SUBGROUP_HISTOGRAMS] if binary and ev.subgroups and ev.subgroup_share > 0 else []) + (
-        [Item.IMPORTANCE] if binary and ev.importance and ev.importance_share > 0 else [])
 
 
 def evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split, bool, Item], float]:

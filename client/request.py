@@ -27,6 +27,7 @@ from common.config import ConfigError, ExperimentConfig
 from common.messages import NodeMode, ReplyState, Split
 from common.model import GRUClassifier, model_spec
 from common.secagg import STAGE as SECAGG_STAGE
+from common.secure_evaluation import PROGRESS as SECURE_PROGRESS
 
 from .hospital import UNASSIGNED, Node
 from .noise import fit_noise
@@ -82,7 +83,10 @@ class Request:
         self.node = Node(context, simulation)
         if self.node.name == UNASSIGNED:
             raise Refused(ReplyState.REFUSED, "this simulation node has no hospital")
-        self.final = msg.metadata.message_type == MessageType.EVALUATE
+        # an evaluation message scores the final model, except a secure validation during
+        # training (its progress share of the validation budget; common.secure_evaluation)
+        progress = config.get(SECAGG_STAGE) is not None and bool(config.get(SECURE_PROGRESS, False))
+        self.final = msg.metadata.message_type == MessageType.EVALUATE and not progress
         first = 0 if self.final else 1
         if not first <= self.server_round <= self.cfg.run.rounds:
             raise PolicyRefusal("server-round", f"must be a round of this run ({first} to run.rounds)")
@@ -100,10 +104,10 @@ class Request:
         # there; a plain training message under it would be trained without its noise
         self.secure = self.cfg.privacy.aggregation == "secure" and self.cfg.privacy.enabled
         stage = config.get(SECAGG_STAGE)
-        if not self.final and self.secure != (stage is not None):
-            raise PolicyRefusal("privacy.aggregation", "is 'secure': a training round comes as the stages of secure "
-                                "aggregation" if self.secure else "is not 'secure': the message names a stage of "
-                                "secure aggregation")
+        if self.secure != (stage is not None):
+            raise PolicyRefusal("privacy.aggregation", "is 'secure': training rounds and evaluations come as the stages "
+                                "of secure aggregation" if self.secure else "is not 'secure': the message names a "
+                                "stage of secure aggregation")
         self.weights = check_weights(self.cfg, msg, self.policy) if needs_model else {}
         agreed = config.get(M.NOISE)
         self.training = None if self.final or self.secure else plan_training(

@@ -178,16 +178,26 @@ def integer_gradient_sum(model: GRUClassifier, X: torch.Tensor, S_: torch.Tensor
 
 
 # -- the stages ------------------------------------------------------------------------
-def _load(context: Context, req: Request) -> tuple[Participant, float]:
-    record = context.state.get(STATE_KEY)
+def load_state(context: Context, req: Request, key: str = STATE_KEY) -> tuple[Participant, ConfigRecord]:
+    """This run and round's protocol state under ``key``, or a refusal: a stage with no round under way."""
+    record = context.state.get(key)
     if record is None or str(record["run"]) != req.run_id or int(record["round"]) != req.server_round:
         raise SecAggRefusal("no secure aggregation round of this run and round is under way here")
-    return Participant.from_bytes(bytes(record["participant"])), float(record["variance"])
+    return Participant.from_bytes(bytes(record["participant"])), record
+
+
+def save_state(context: Context, req: Request, me: Participant, key: str = STATE_KEY, **fields) -> None:
+    context.state[key] = ConfigRecord({"run": req.run_id, "round": me.server_round, "participant": me.to_bytes(),
+                                       **fields})
+
+
+def _load(context: Context, req: Request) -> tuple[Participant, float]:
+    me, record = load_state(context, req)
+    return me, float(record["variance"])
 
 
 def _save(context: Context, req: Request, me: Participant, variance: float = 0.0) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"run": req.run_id, "round": me.server_round,
-                                             "participant": me.to_bytes(), "variance": float(variance)})
+    save_state(context, req, me, variance=float(variance))
 
 
 def _reply(req: Request, state: ReplyState, ledger: Ledger | None, content: dict | None = None, **extra) -> Message:
@@ -197,14 +207,14 @@ def _reply(req: Request, state: ReplyState, ledger: Ledger | None, content: dict
     return answer(req.msg, req.node.name, state, ledger, content, **extra)
 
 
-def _ints(config: ConfigRecord, key: str) -> list[int]:
+def ints_of(config: ConfigRecord, key: str) -> list[int]:
     try:
         return [int(v) for v in config[key]]
     except (KeyError, TypeError, ValueError):
         raise SecAggRefusal(f"'{key}' must be a list of node ids") from None
 
 
-def _lines(config: ConfigRecord, key: str, parts: int) -> list[list[str]]:
+def lines_of(config: ConfigRecord, key: str, parts: int) -> list[list[str]]:
     try:
         rows = [line.split(":", parts - 1) for line in str(config[key]).splitlines() if line]
     except KeyError:
@@ -214,14 +224,19 @@ def _lines(config: ConfigRecord, key: str, parts: int) -> list[list[str]]:
     return rows
 
 
-def answer_secure(msg: Message, context: Context, simulation=None) -> Message:
-    """One stage of a secure aggregation round (``common.secagg``)."""
+def stage_request(msg: Message, context: Context, simulation=None) -> tuple[S.Stage, Request, ConfigRecord]:
+    """The stage a message names, the request (the model read only for ``collect``) and its config."""
     config = msg.content[M.CONFIG]
     try:
         stage = S.Stage(str(config[S.STAGE]))
     except (KeyError, ValueError):
         raise PolicyRefusal(S.STAGE, "names no stage of secure aggregation") from None
-    req = Request(msg, context, simulation, needs_model=stage == S.Stage.COLLECT)
+    return stage, Request(msg, context, simulation, needs_model=stage == S.Stage.COLLECT), config
+
+
+def answer_secure(msg: Message, context: Context, simulation=None) -> Message:
+    """One stage of a secure aggregation round (``common.secagg``)."""
+    stage, req, config = stage_request(msg, context, simulation)
     try:
         scale = float(config[S.SCALE])
     except (KeyError, TypeError, ValueError):
@@ -248,7 +263,7 @@ def _setup(req: Request, context: Context, config: ConfigRecord, s: SecureSettin
         log.warning("%s stops before round %d: %s", req.node.name, req.server_round, exc)
         return _reply(req, ReplyState.BUDGET_EXHAUSTED, ledger,
                       **{M.EPSILON: ledger.epsilon(), M.BUDGET: budget, M.DELTA: ledger.delta})
-    me = Participant.setup(int(context.node_id), req.server_round, _ints(config, S.PARTICIPANTS),
+    me = Participant.setup(int(context.node_id), req.server_round, ints_of(config, S.PARTICIPANTS),
                            int(config.get(S.THRESHOLD, 0)), s.min_honest)
     _save(context, req, me)
     return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required})
@@ -264,7 +279,7 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
     required = required_variance(SecureAsk.of(req), ledger, s)
     if not (math.isfinite(variance) and variance >= required * (1 - 1e-9)):
         raise SecAggRefusal(f"the noise variance {variance:.6g} is below the {required:.6g} this hospital requires")
-    keys = {int(node): (pk1, pk2) for node, pk1, pk2 in _lines(config, S.PUBLIC_KEYS, 3)}
+    keys = {int(node): (pk1, pk2) for node, pk1, pk2 in lines_of(config, S.PUBLIC_KEYS, 3)}
     shares = me.share_keys(keys)
     _save(context, req, me, variance)
     return _reply(req, ReplyState.READY, None,
@@ -273,7 +288,7 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
 
 def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
     me, variance = _load(context, req)
-    me.receive({int(src): text for src, text in _lines(config, S.CIPHERTEXTS, 2)})
+    me.receive({int(src): text for src, text in lines_of(config, S.CIPHERTEXTS, 2)})
     budget = req.policy.training_budget(req.cfg, req.node.name)
     with req.store.transaction() as ledger:
         # decided before any patient data is read
@@ -321,7 +336,7 @@ def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSett
 
 def _unmask(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
     me, variance = _load(context, req)
-    answer = me.unmask(_ints(config, S.SURVIVORS))
+    answer = me.unmask(ints_of(config, S.SURVIVORS))
     fields = {S.REVEALED: "\n".join(f"{kind}:{owner}:{share}" for kind, owner, share in answer)}
     _save(context, req, me, variance)
     if S.NEXT_ROUND in config:
@@ -338,7 +353,7 @@ def _early_setup(req: Request, context: Context, config: ConfigRecord, s: Secure
         if upcoming != req.server_round + 1 or upcoming > req.cfg.run.rounds:
             return {}
         required = required_variance(replace(SecureAsk.of(req), server_round=upcoming), req.store.read(), s)
-        me = Participant.setup(int(context.node_id), upcoming, _ints(config, S.PARTICIPANTS),
+        me = Participant.setup(int(context.node_id), upcoming, ints_of(config, S.PARTICIPANTS),
                                int(config.get(S.THRESHOLD, 0)), s.min_honest)
     except (PolicyRefusal, SecAggRefusal, TypeError, ValueError):
         return {}

@@ -177,6 +177,14 @@ RELEASES: tuple[Release, ...] = (
         "training patients with the noise of the min_honest hospitals the hospital's policy counts on, and, with "
         "its own noise alone, within its max_epsilon_alone (both epsilons in its ledger)",
     ),
+    Release(
+        "masked evaluation sum", "every evaluation under secure aggregation", True,
+        "the exact score histograms of the evaluated split (and of the test split: per-group histograms and the "
+        "scaled, randomly rounded variable importance) plus this hospital's share of Skellam noise, masked so that "
+        "only the sum over hospitals can be read: covered by DP for the validation or test patients with the "
+        "noise of the min_honest hospitals its policy counts on, and with its own noise alone within its "
+        "max_epsilon_alone (both in its ledger); a split it declines carries only noise",
+    ),
     SECAGG_RELEASE := Release(
         "secure aggregation keys and shares", "every round of secure aggregation", False,
         "fresh public keys, encrypted Shamir shares of fresh random secrets, and the shares the protocol lets "
@@ -228,4 +236,8 @@ FIELD_RELEASES: dict[str, str] = {
     "secagg-revealed": SECAGG_RELEASE.field,
     "secagg-required-variance": SECAGG_RELEASE.field,
     "secagg-next-round": SECAGG_RELEASE.field,
+    "secagg-masked-evaluation": "masked evaluation sum",
+    "secagg-noise-variances": SECAGG_RELEASE.field,  # an evaluation's required variance, per part
+    "secagg-included": _STATE_RELEASE,  # which parts carry data: decided from the policy, ledger and declared counts
+    "secagg-declared": "evaluated split size (n)",
 }

@@ -371,7 +371,10 @@ class Coordinator:
     def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None
                          ) -> dict[str, Evaluations]:
         """Every hospital scores the global model on the given splits (the test split with
-        the run's threshold); returns what each released."""
+        the run's threshold); returns what each released (under secure aggregation, what
+        they released together: ``server.secure_evaluation``)."""
+        if self.secure is not None:
+            return self.secure.evaluate(server_round, splits, threshold=threshold)
         self._phase = TrainPhase()
 
         def content() -> RecordDict:

@@ -25,6 +25,7 @@ from common.subgroups import reliability
 from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
+from .secure_evaluation import SECURE_SUM
 from .validation import Evaluations
 
 log = logging.getLogger("fedgru.server")
@@ -66,7 +67,8 @@ class Reader:
         histogram can land anywhere in [0, 1]); the pooled AUROC gets its interval, so a
         reading of 0.45 with an interval of 0.2-0.9 says it knows nothing."""
         estimator = "binned" if progress else None
-        result = Evaluation(Split.VAL.value, hospitals={n: self.read(s, estimator).metrics() for n, s in summaries.items()})
+        result = Evaluation(Split.VAL.value, hospitals={n: self.read(s, estimator).metrics() for n, s in summaries.items()
+                                                        if n != SECURE_SUM})
         total = pooled(list(summaries.values()))
         read = self.read(total, estimator)
         result.pooled = read.metrics() if read is not None else None
@@ -157,11 +159,11 @@ class Reader:
         read = self.read(total)
         result = TestResult(
             pooled=read.metrics(at) if read is not None else None,
-            hospitals={n: self.read(s).metrics(at) for n, s in parts.items()},
+            hospitals={n: self.read(s).metrics(at) for n, s in parts.items() if n != SECURE_SUM},
             dropped=dropped, threshold=threshold, calibration=calibration,
         )
         rows = {"pooled": (total, pooled_noise(parts, noise))}
-        rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items()})
+        rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items() if n != SECURE_SUM})
         for row, (summary, sd) in rows.items():
             found = self.intervals(summary, sd, at)
             if found:

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import messages as M
 from common import secagg as S
-from common.messages import ReplyState
+from common.messages import ReplyState, Split
 from common.model import trainable_layout
 from common.training import training_for_round
 
 from .records import Dropped, HospitalState, Stopped, TrainPhase, TrainReport
 from .secagg import UnmaskFailed, key_lines, parse_revealed, unmasked_sum
+from .secure_evaluation import secure_evaluate
+from .validation import Evaluations
 
 log = logging.getLogger("fedgru.server")
 
@@ -60,6 +64,18 @@ def plausible(gradient_sum: np.ndarray, batch: float, clip: float, variance: flo
     return float(np.linalg.norm(gradient_sum)) <= 1.05 * batch * clip + noise
 
 
+@dataclass
+class Session:
+    """What one secure aggregation session gave the coordinator."""
+
+    ring: np.ndarray  # the survivors' vectors summed, in Z_{2^32}
+    survivors: list[int]
+    collected: dict[int, Message]  # the survivors' collect replies (their vectors read and dropped)
+    unmasked: dict[int, Message]
+    variance: float | list[float]  # the noise every hospital was asked to add (per part of an evaluation vector)
+    next_threshold: int = 0  # the next round's threshold, when its setup went with the unmask
+
+
 class SecureRounds:
     """The coordinator's secure aggregation: the round (:meth:`round`) and the state the
     step keeps across rounds (momentum)."""
@@ -71,23 +87,24 @@ class SecureRounds:
         self.early: tuple[int, list[int], int, dict, dict] | None = None
 
     # -- messaging -----------------------------------------------------------------
-    def _config(self, server_round: int, stage: S.Stage, scale: float, **fields) -> ConfigRecord:
+    def _config(self, server_round: int, stage: S.Stage, scale: float, base: dict, **fields) -> ConfigRecord:
         return ConfigRecord({M.EXPERIMENT_JSON: self.co.cfg_json, M.RUN_ID: self.co.run_id, M.SERVER_ROUND: server_round,
-                             M.EVALUATE: "", S.STAGE: stage.value, S.SCALE: float(scale), **fields})
+                             M.EVALUATE: "", S.STAGE: stage.value, S.SCALE: float(scale), **base, **fields})
 
     def _ask(self, server_round: int, stage: S.Stage, scale: float, per_node: dict[int, dict],
-             model: ArrayRecord | None = None) -> dict[int, Message]:
+             model: ArrayRecord | None = None, base: dict | None = None, message_type: str = MessageType.TRAIN,
+             what: str = "") -> dict[int, Message]:
         """Send one stage to each node with its fields; the usable replies by node."""
         messages = []
         for nid, fields in per_node.items():
-            content = {M.CONFIG: self._config(server_round, stage, scale, **fields)}
+            content = {M.CONFIG: self._config(server_round, stage, scale, base or {}, **fields)}
             if model is not None:
                 content[M.ARRAYS] = model
-            messages.append(Message(RecordDict(content), dst_node_id=nid, message_type=MessageType.TRAIN))
+            messages.append(Message(RecordDict(content), dst_node_id=nid, message_type=message_type))
         out = {}
         for nid, reply in self.co._exchange(messages):
-            accepted = self.co._accept(nid, reply, f"round {server_round} (secure aggregation, {stage.value})",
-                                       ledger_optional=stage != S.Stage.COLLECT)
+            accepted = self.co._accept(nid, reply, f"{what or f'round {server_round}'} (secure aggregation, "
+                                       f"{stage.value})", ledger_optional=stage != S.Stage.COLLECT)
             if accepted is None:
                 continue
             view, ledger = accepted
@@ -106,18 +123,22 @@ class SecureRounds:
                                                       f"no usable reply to '{stage.value}'"))
         return out
 
-    def _keys(self, server_round: int, replies: dict[int, Message]) -> tuple[dict, dict]:
-        """Each hospital's public keys and the least noise variance it accepts, from its
-        setup answer; a malformed answer is dropped."""
+    def _keys(self, server_round: int, replies: dict[int, Message], field: str = S.REQUIRED_VARIANCE,
+              parts: int = 0) -> tuple[dict, dict]:
+        """Each hospital's public keys and the least noise variance it accepts (``parts``
+        > 0: a list of that many, one per part of an evaluation vector), from its setup
+        answer; a malformed answer is dropped."""
         keys, required = {}, {}
         for nid, reply in replies.items():
             try:
                 pk1, pk2 = str(reply.content[M.STATUS][S.MY_KEYS]).split(":")
-                variance = float(reply.content[M.STATUS][S.REQUIRED_VARIANCE])
+                raw = reply.content[M.STATUS][field]
+                variance = [float(v) for v in raw] if parts else float(raw)
                 S.unb64(pk1), S.unb64(pk2)
-                if not (math.isfinite(variance) and variance > 0):
+                values = variance if parts else [variance]
+                if (parts and len(values) != parts) or not all(math.isfinite(v) and v > 0 for v in values):
                     raise ValueError("variance")
-            except (KeyError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
                 continue
             keys[nid], required[nid] = (pk1, pk2), variance
@@ -127,6 +148,73 @@ class SecureRounds:
         view = self.co._view(nid)
         log.warning("round %d: dropped the reply of %s (node %s): %s", server_round, view.name, nid, why)
         self.co._phase.dropped.append(Dropped(view.name, nid, why))
+
+    def _session(self, server_round: int, nodes: list[int], least: int, threshold: int, size: int, scale: float,
+                 keys: dict, required: dict, noise_field: str, read: Callable[[int, Message], None],
+                 base: dict | None = None, message_type: str = MessageType.TRAIN, following: dict | None = None,
+                 what: str = "", masked_key: str = S.MASKED) -> Session | str:
+        """Stages 2 to 4 (the setup's answers are ``keys`` and ``required``): the sum of the
+        masked vectors, unmasked, or why there is none. ``read`` checks each collected
+        reply beyond its vector (raising ValueError drops it); ``following``: the next
+        round's setup, sent with the unmask."""
+        co = self.co
+        ask = dict(base=base, message_type=message_type, what=what)
+        # every hospital adds what the most demanding one needs (per part of an evaluation vector)
+        values = list(required.values())
+        agreed = [max(v) for v in zip(*values)] if isinstance(values[0], list) else max(values)
+        # 2. share keys
+        shared = self._ask(server_round, S.Stage.SHARE_KEYS, scale,
+                           {nid: {S.PUBLIC_KEYS: key_lines(keys), noise_field: agreed} for nid in keys}, **ask)
+        outboxes: dict[int, dict[int, str]] = {}
+        for nid, reply in shared.items():
+            try:
+                rows = [line.split(":", 1) for line in str(reply.content[M.STATUS][S.SHARES_OUT]).splitlines()]
+                outboxes[nid] = {int(dst): text for dst, text in rows}
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its encrypted shares are malformed")
+        if len(outboxes) < least:
+            return f"{len(outboxes)} hospitals shared keys; secure aggregation needs {least}"
+        # 3. collect the masked vectors, adding each into the sum as it is read
+        inboxes = {u: {S.CIPHERTEXTS: "\n".join(f"{src}:{box[u]}" for src, box in sorted(outboxes.items())
+                                                 if src != u and u in box)} for u in outboxes}
+        collected = self._ask(server_round, S.Stage.COLLECT, scale, inboxes, model=co.arrays, **ask)
+        masked_sum = np.zeros(size, dtype=np.int64)
+        survivors, kept = [], {}
+        for nid, reply in collected.items():
+            try:
+                vector = reply.content[masked_key]["vector"].numpy()
+                if vector.shape != (size,) or vector.dtype != np.int64 or vector.min() < 0 or vector.max() >= S.MODULUS:
+                    raise ValueError("vector")
+                read(nid, reply)
+            except (KeyError, TypeError, ValueError):
+                self._drop(server_round, nid, f"its masked vector is not {size} values in Z_2^32 with its counts")
+                continue
+            masked_sum = S.to_ring(masked_sum + vector)
+            del vector
+            survivors.append(nid)
+            kept[nid] = reply
+        survivors.sort()
+        if len(survivors) < least:
+            return f"{len(survivors)} masked vectors arrived; secure aggregation needs {least}"
+        # 4. unmask (with the next round's setup, for this round's survivors)
+        next_threshold = 0
+        if following:
+            next_threshold = co.cfg.privacy.secure_threshold or len(survivors) // 2 + 1
+            following = {**following, S.PARTICIPANTS: survivors, S.THRESHOLD: next_threshold}
+        unmasked = self._ask(server_round, S.Stage.UNMASK, scale,
+                             {nid: {S.SURVIVORS: survivors, **(following or {})} for nid in survivors}, **ask)
+        revealed = []
+        for nid, reply in unmasked.items():
+            try:
+                revealed += parse_revealed(str(reply.content[M.STATUS][S.REVEALED]))
+            except (KeyError, ValueError):
+                self._drop(server_round, nid, "its revealed shares are malformed")
+        public = {nid: (S.unb64(a), S.unb64(b)) for nid, (a, b) in keys.items()}
+        try:
+            ring = unmasked_sum(masked_sum, survivors, sorted(outboxes), revealed, public, threshold, server_round)
+        except (UnmaskFailed, ValueError) as exc:
+            return f"the sum could not be unmasked ({exc})"
+        return Session(ring, survivors, kept, unmasked, agreed, next_threshold)
 
     # -- the round -------------------------------------------------------------------
     def round(self, server_round: int, scale: float) -> TrainPhase:
@@ -140,10 +228,17 @@ class SecureRounds:
             log.warning("round %d skipped: %s", server_round, why)
             co._lines.flush()
             phase.skipped = True
+            phase.hospitals.clear()
             return phase
 
         if len(nodes) < least:
             return skip(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
+        # the model after the previous round, validated only once some round has trained it
+        if server_round in cfg.validation_rounds() and co.trained_rounds:
+            phase.validation = self.evaluate(server_round, [Split.VAL], progress=True)  # its drops are this round's
+            nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
+            if len(nodes) < least:
+                return skip(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
         # 1. setup: fresh keys, and the least noise each hospital accepts (answered with the
         # previous round's unmask when the same hospitals take part)
         early, self.early = self.early, None
@@ -155,86 +250,50 @@ class SecureRounds:
             keys, required = self._keys(server_round, setup)
         if len(keys) < least:
             return skip(f"{len(keys)} hospitals sent keys; secure aggregation needs {least}")
-        variance = max(required.values())  # every hospital adds what the most demanding one needs
-        # 2. share keys
-        shared = self._ask(server_round, S.Stage.SHARE_KEYS, scale,
-                           {nid: {S.PUBLIC_KEYS: key_lines(keys), S.NOISE_VARIANCE: variance} for nid in keys})
-        outboxes: dict[int, dict[int, str]] = {}
-        for nid, reply in shared.items():
-            try:
-                rows = [line.split(":", 1) for line in str(reply.content[M.STATUS][S.SHARES_OUT]).splitlines()]
-                outboxes[nid] = {int(dst): text for dst, text in rows}
-            except (KeyError, ValueError):
-                self._drop(server_round, nid, "its encrypted shares are malformed")
-        if len(outboxes) < least:
-            return skip(f"{len(outboxes)} hospitals shared keys; secure aggregation needs {least}")
-        # 3. collect the masked vectors, adding each into the sum as it is read
         layout = trainable_layout(cfg)
         size = sum(math.prod(shape) for _, shape in layout)
-        inboxes = {u: {S.CIPHERTEXTS: "\n".join(f"{src}:{box[u]}" for src, box in sorted(outboxes.items())
-                                                 if src != u and u in box)} for u in outboxes}
-        collected = self._ask(server_round, S.Stage.COLLECT, scale, inboxes, model=co.arrays)
-        masked_sum = np.zeros(size, dtype=np.int64)
-        survivors, batch = [], 0.0
+        batch = 0.0
         rate = cfg.training.sample_rate or 1.0
-        for nid, reply in collected.items():
-            try:
-                vector = reply.content[S.MASKED]["vector"].numpy()
-                metrics = reply.content[M.METRICS]
-                n = int(metrics[M.NUM_EXAMPLES])
-                if vector.shape != (size,) or vector.dtype != np.int64 or vector.min() < 0 or vector.max() >= S.MODULUS:
-                    raise ValueError("vector")
-                if not 0 < n <= cfg.strategy.max_examples:
-                    raise ValueError("count")
-            except (KeyError, TypeError, ValueError):
-                self._drop(server_round, nid, f"its masked vector is not {size} values in Z_2^32 with a training count")
-                continue
-            masked_sum = S.to_ring(masked_sum + vector)
-            del vector
-            survivors.append(nid)
+
+        def read(nid: int, reply: Message) -> None:
+            nonlocal batch
+            metrics = reply.content[M.METRICS]
+            n = int(metrics[M.NUM_EXAMPLES])
+            if not 0 < n <= cfg.strategy.max_examples:
+                raise ValueError("count")
             batch += rate * n
             view = co._view(nid)
             phase.hospitals[view.name] = TrainReport(num_examples=n, steps=1, epsilon=float(metrics[M.EPSILON]),
                                                      delta=float(metrics[M.DELTA]), budget=float(metrics[M.BUDGET]))
             view.budget = float(metrics[M.BUDGET])
-        survivors.sort()
-        if len(survivors) < least:
-            phase.hospitals.clear()
-            return skip(f"{len(survivors)} masked vectors arrived; secure aggregation needs {least}")
-        # 4. unmask, with the next round's setup
+
         following = {}
         if server_round < cfg.run.rounds:
-            following = {S.NEXT_ROUND: server_round + 1, S.PARTICIPANTS: survivors,
-                         S.THRESHOLD: cfg.privacy.secure_threshold or len(survivors) // 2 + 1}
-        unmasked = self._ask(server_round, S.Stage.UNMASK, scale,
-                             {nid: {S.SURVIVORS: survivors, **following} for nid in survivors})
+            # the next round's setup goes to this round's survivors, with the unmask
+            following = {S.NEXT_ROUND: server_round + 1}
+        result = self._session(server_round, nodes, least, threshold, size, scale, keys, required, S.NOISE_VARIANCE,
+                               read, following=following or None)
+        if isinstance(result, str):
+            return skip(result)
         if following:
-            answered = {nid: r for nid, r in unmasked.items() if S.MY_KEYS in r.content[M.STATUS]}
-            if len(answered) == len(survivors):
+            answered = {nid: r for nid, r in result.unmasked.items() if S.MY_KEYS in r.content[M.STATUS]}
+            if len(answered) == len(result.survivors):
                 keys_next, required_next = self._keys(server_round + 1, answered)
-                self.early = (server_round + 1, survivors, following[S.THRESHOLD], keys_next, required_next)
-        revealed = []
-        for nid, reply in unmasked.items():
-            try:
-                revealed += parse_revealed(str(reply.content[M.STATUS][S.REVEALED]))
-            except (KeyError, ValueError):
-                self._drop(server_round, nid, "its revealed shares are malformed")
-        public = {nid: (S.unb64(a), S.unb64(b)) for nid, (a, b) in keys.items()}
-        try:
-            ring = unmasked_sum(masked_sum, survivors, sorted(outboxes), revealed, public, threshold, server_round)
-        except (UnmaskFailed, ValueError) as exc:
-            phase.hospitals.clear()
-            return skip(f"the sum could not be unmasked ({exc})")
-        gradient_sum = S.decode(ring, scale)
-        if not plausible(gradient_sum, batch, cfg.privacy.max_grad_norm, variance, len(survivors), scale):
-            phase.hospitals.clear()
+                self.early = (server_round + 1, result.survivors, result.next_threshold, keys_next, required_next)
+        gradient_sum = S.decode(result.ring, scale)
+        if not plausible(gradient_sum, batch, cfg.privacy.max_grad_norm, result.variance, len(result.survivors), scale):
             return skip("the unmasked sum is longer than honest hospitals' clipped gradients and noise can make")
         self._step(server_round, layout, gradient_sum / max(batch, 1.0))
-        for nid in survivors:
+        for nid in result.survivors:
             co._view(nid).rounds_trained += 1
         co.trained_rounds += 1
         co._lines.flush()
         return phase
+
+    def evaluate(self, server_round: int, splits: list[Split], progress: bool = False,
+                 threshold: float | None = None) -> dict[str, Evaluations]:
+        """A secure evaluation (``server.secure_evaluation``)."""
+        return secure_evaluate(self, server_round, splits, progress, threshold)
 
     def _step(self, server_round: int, layout: list[tuple[str, tuple[int, ...]]], mean_gradient: np.ndarray) -> None:
         training = training_for_round(self.co.cfg, server_round)

@@ -64,24 +64,28 @@ def _crash(reply: Message) -> Message:
 @register_fault("crash_mid_round")
 def _crash_mid_round(reply: Message) -> Message:
     """Secure aggregation: the hospital shared its keys, then dies before its masked vector
-    leaves (the others' pair masks with it must be rebuilt from its key's shares)."""
-    if "secagg-masked" in reply.content.array_records:
+    leaves (the others' pair masks with it must be rebuilt from its key's shares), in
+    every training round and every evaluation."""
+    if any(key.startswith("secagg-masked") for key in reply.content.array_records):
         raise RuntimeError("fault drill: this hospital crashed in the middle of a secure aggregation round")
     return reply
 
 
 def fault_mod(faults: dict[str, str], simulation: ExperimentConfig):
     """A Flower mod applying ``faults`` (hospital -> fault name) to the training replies of
-    the simulated hospitals ``simulation`` defines."""
+    the simulated hospitals ``simulation`` defines (``crash_mid_round`` to their secure
+    evaluations too)."""
     unknown = sorted(set(faults.values()) - set(FAULTS))
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(sorted(FAULTS))}")
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
-        if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE) or reply.has_error():
             return reply
         kind = faults.get(node_hospital_name(context, simulation))
+        if msg.metadata.message_type == MessageType.EVALUATE and kind != "crash_mid_round":
+            return reply  # the other faults are training faults
         return FAULTS[kind](reply) if kind else reply
 
     return mod

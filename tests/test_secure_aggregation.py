@@ -232,7 +232,6 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
 
 @pytest.mark.parametrize("extra,key", [
     (["hospital_dp.enabled=true"], "hospital_dp"),
-    (["evaluation.validate_every=5"], "validate_every"),
     (["privacy.clipping=per_layer"], "flat"),
     (["privacy.enabled=false"], "privacy.enabled"),
 ])

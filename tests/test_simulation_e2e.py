@@ -365,27 +365,38 @@ def _kill_processes_mentioning(text: str) -> None:
 
 def test_secure_aggregation_completes_rounds_when_a_hospital_dies_mid_round(tmp_path, physionet_files):
     """configs/secure.yaml on the real Flower simulation: medical shares its keys every round
-    and dies before its masked vector leaves; the others' sum is unmasked all the same (its
-    pair masks rebuilt from its key's shares), every round moves the model, and no file the
-    coordinator writes holds one hospital's vector."""
+    and every evaluation and dies before its masked vector leaves; the others' sums are
+    unmasked all the same (its pair masks rebuilt from its key's shares), every round moves
+    the model, the validations and the test are read from the others' secure sums (no
+    per-hospital rows), and no file the coordinator writes holds one hospital's vector."""
     import torch
 
     run_dir = tmp_path / "secure"
     proc = fedgru("simulate", "--config", "configs/secure.yaml", "--out", str(run_dir), "--rounds", "3",
-                  "--set", "data.max_stays=400", "--fault", "medical=crash_mid_round")
+                  "--set", "data.max_stays=400", "--set", "evaluation.validate_every=1",
+                  "--fault", "medical=crash_mid_round")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 3
     for r in metrics["rounds"]:
         assert not r["skipped"], r
-        assert [d["hospital"] for d in r["dropped"]] == ["medical"], r["dropped"]
+        # medical drops out of the training (and, in rounds 2 and 3, out of the validation too)
+        assert {d["hospital"] for d in r["dropped"]} == {"medical"}, r["dropped"]
         assert set(r["hospitals"]) >= {"coronary_care", "cardiac_surgery", "surgical"}
     privacy = json.loads((run_dir / "privacy.json").read_text())
     for name in ("coronary_care", "cardiac_surgery", "surgical"):
         h = privacy["hospitals"][name]
         assert h["epsilon_alone"] > h["epsilon"] > 0 and h["epsilon"] <= 1.0 + 1e-9
         assert {e["mechanism"] for e in h["ledger"]["entries"] if e["split"] == "train"} == {"skellam", "none"}
+        for split in ("val", "test"):  # read from the sums: Skellam shares, within the run's epsilon
+            assert {e["mechanism"] for e in h["ledger"]["entries"] if e["split"] == split} == {"skellam"}, split
     assert "its own noise alone" in proc.stdout + proc.stderr
+    validated = [r["round"] for r in metrics["rounds"] if r.get("pooled_val")]
+    assert validated == [1, 2, 3], metrics["rounds"]  # during rounds 2 and 3, and the final model
+    test = metrics["test"]
+    # the others' test patients (medical died before its share left), of all the exact test patients
+    assert 0 < test["pooled"]["n"] < test["exact"]["n"], (test["pooled"], test["exact"])
+    assert test["hospitals"] == {}, "a secure sum has no per-hospital rows"
     bundle = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in bundle["weights"].values())
     assert bundle["weights"]["head.0.weight"].abs().sum() > 0  # the zero-initialised head moved

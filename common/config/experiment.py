@@ -109,8 +109,6 @@ class ExperimentConfig:
                    "coordinator never sees one hospital's update to clip it)")
             secure(self.privacy.clipping == "flat", "aggregation", "'secure' clips each patient's whole gradient: set "
                    "privacy.clipping flat")
-            secure(self.evaluation.validate_every == 0, "aggregation", "'secure' rounds carry no validation: set "
-                   "evaluation.validate_every 0 (the final model is validated)")
             secure(0 <= self.training.sample_rate <= 1, "aggregation", "'secure' samples training.sample_rate of the "
                    "patients each round (0: all): set it in [0, 1]")
         statics = {sp.name: sp for sp in self.features.static}

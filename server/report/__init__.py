@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from common.document import Image, Section, Table, markdown, to_html
-from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.estimates import INTERVAL_LEVEL, interval_coverage
 from common.messages import Split
 from common.metrics import format_metrics, format_number
 
@@ -102,7 +102,9 @@ def summary_text(run: RunFolder) -> str:
         lines.append(f"Pooled test ({read}; flagged at risk >= {test.threshold:.3f}): "
                      f"{format_metrics(test.pooled, test.intervals.get('pooled'), dp)}")
         if dp and test.intervals.get("pooled"):
-            lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; {INTERVAL_COVERAGE}")
+            aggregation = run.config.privacy.aggregation if run.config is not None else ""
+            lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; "
+                         f"{interval_coverage(aggregation)}")
     elif test is not None:
         lines.append("Pooled test: no hospital's test release could be read (each hospital's state is in the report)")
     if test is not None and test.exact is not None:

@@ -8,7 +8,7 @@ import math
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
-from common.estimates import INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.estimates import INTERVAL_LEVEL, interval_coverage
 from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
 
 from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
@@ -118,11 +118,22 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
             + "), chosen by the coordinator; how that model was trained, and what it cost in privacy, is outside this run"
             if start else f"`{md.init}` initialisation" + (", output layer at zero" if md.zero_init_head else "")
         ),
-        f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
-        f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
-        f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
-        f"DP-SGD: {dp}",
+        *([f"Training: each round one step of DP gradient descent on every training patient "
+           f"(sample rate {tr.sample_rate or 1.0:g}), the coordinator's step lr {tr.lr} ({tr.lr_schedule}), momentum "
+           f"{tr.momentum:g}",
+           f"Aggregation: secure (SecAgg+ with distributed Skellam noise; the coordinator sees only the sums of "
+           f"gradients and of evaluation histograms); {cfg.run.rounds} rounds planned",
+           f"Distributed DP: {dp}"] if pr.enabled and pr.aggregation == "secure" else
+          [f"Local training: {tr.local_epochs} epoch(s) per round, expected batch {tr.batch_size}, "
+           f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
+           f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
+           f"DP-SGD: {dp}"]),
     ])])
+
+
+def is_secure(run: RunFolder) -> bool:
+    """The run used secure aggregation: its evaluation releases are sums over hospitals."""
+    return run.config is not None and run.config.privacy.enabled and run.config.privacy.aggregation == "secure"
 
 
 def test_results_section(run: RunFolder) -> Section | None:
@@ -130,6 +141,7 @@ def test_results_section(run: RunFolder) -> Section | None:
     if test is None:
         return None
     dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
+    secure = is_secure(run)
     header = ["hospital"] + [METRIC_LABELS[k] for k in METRIC_NAMES] + ["n"]
 
     old = dp and not test.intervals and test.auroc_interval is not None  # a run folder from before intervals
@@ -155,7 +167,7 @@ def test_results_section(run: RunFolder) -> Section | None:
     intervals = (
         f"Each value read from the DP releases is followed by its rough interval (nominal {INTERVAL_LEVEL:.0%}): how "
         "far it may be from what these test patients' exact scores give, for the DP noise and the reading (a "
-        f"parametric bootstrap of the release; {INTERVAL_COVERAGE}). A value on other patients differs by their own "
+        f"parametric bootstrap of the release; {interval_coverage('secure' if secure else 'per_hospital')}). A value on other patients differs by their own "
         "sampling error on top. A row the noise drowns shows no number. " if dp else ""
     )
     exact = ("The rows marked exact score the same model on the same test patients without noise: a simulation "
@@ -167,8 +179,11 @@ def test_results_section(run: RunFolder) -> Section | None:
     return Section("Test results (final model)", [
         Table(header, rows, empty="No hospital's test release could be read, so there are no test results: each "
                                   "hospital's state (refused, dropped, out of budget) is in the privacy section."),
-        ("Every metric here comes from the score histograms the hospitals released, with DP noise: a hospital's own "
-         "row is noisier than the pooled one. " + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""])
+        (("Every metric here comes from the sum of the hospitals' score histograms under secure aggregation, with "
+          "the Skellam noise of their shares: the coordinator never sees one hospital's histogram, so there are no "
+          "per-hospital rows from the releases. " if secure else
+          "Every metric here comes from the score histograms the hospitals released, with DP noise: a hospital's own "
+          "row is noisier than the pooled one. ") + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""])
          + " The Brier score reads risks at the bin centres. " if dp else
          "The histograms were exact (a comparison simulation without DP). ")
         + f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
@@ -293,7 +308,9 @@ def importance_section(run: RunFolder) -> Section | None:
         Table(["input", "mean |contribution| to the log-odds"], rows),
         "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
         "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "
-        "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. "
+        + ("summed over the hospitals under secure aggregation, each adding its share of Skellam noise: a DP release "
+           "about the test patients. " if is_secure(run) else
+           "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. ")
         + (f"The noise on each mean has a standard deviation of {test.importance_noise:.3f}: differences smaller "
            "than about twice that are not meaningful." if test.importance_noise else ""),
     ])
