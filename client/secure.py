@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +179,19 @@ def integer_gradient_sum(model: GRUClassifier, X: torch.Tensor, S_: torch.Tensor
     return total
 
 
+# A deployment test sets this in a hospital's environment to learn the vector the hospital
+# masks, then searches the coordinator's memory for it (tests/test_deployment.py). The file
+# goes to a folder the hospital's own operator names, beside its data; nothing leaves.
+PLAIN_VECTORS_ENV = "FEDGRU_TEST_PLAIN_VECTORS"
+
+
+def keep_plain_for_tests(req: Request, kind: str, vector: np.ndarray) -> None:
+    folder = os.environ.get(PLAIN_VECTORS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{req.node.name}-{kind}-{req.server_round}.npy").write_bytes(vector.astype(np.int64).tobytes())
+
+
 # -- the stages ------------------------------------------------------------------------
 def load_state(context: Context, req: Request, key: str = STATE_KEY) -> tuple[Participant, ConfigRecord]:
     """This run and round's protocol state under ``key``, or a refusal: a stage with no round under way."""
@@ -317,6 +332,7 @@ def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSett
             sample = torch.Generator().manual_seed(secrets.randbits(63))
             vector = integer_gradient_sum(model, X, St, y, req, s, rng, sample)
             vector = vector + skellam_noise(variance, vector.size, rng)
+            keep_plain_for_tests(req, "train", vector)
             masked = me.masked(vector)
         except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves
             raise AfterReading() from exc

@@ -54,7 +54,7 @@ from .policy import PolicyRefusal
 from .replies import AfterReading, answer
 from .request import Request
 from .secagg import Participant, SecAggRefusal
-from .secure import ints_of, lines_of, load_state, save_state, stage_request
+from .secure import ints_of, keep_plain_for_tests, lines_of, load_state, save_state, stage_request
 
 log = logging.getLogger("fedgru.client")
 
@@ -252,6 +252,7 @@ def _collect(req: Request, context: Context, config: ConfigRecord, me: Participa
             vector = exact_vector(req, data, parts, included, entries, rng) if included else \
                 np.zeros(vector_size(parts), dtype=np.int64)
             noise = np.concatenate([skellam_noise(v, p.size, rng) for p, v in zip(parts, variances)])
+            keep_plain_for_tests(req, "evaluate", vector + noise)
             masked = me.masked(vector + noise)
         except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves
             if included:

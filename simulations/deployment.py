@@ -238,3 +238,46 @@ def cut_stays(archive: Path, out: Path, names: tuple[str, ...], per_hospital: in
                 (folder / Path(m.name).name).write_bytes(tar.extractfile(m).read())
             folders[name] = folder
     return folders
+
+
+def serverapp_pids() -> list[int]:
+    """Process ids of the running ServerApp processes (a SuperLink's ``flwr-serverapp``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in argv[:2]):
+                pids.append(int(entry.name))
+    return pids
+
+
+def memory_holds(pid: int, patterns: dict[str, bytes]) -> dict[str, bool]:
+    """Which of ``patterns`` occur anywhere in the readable memory of process ``pid``
+    (Linux: /proc/PID/maps and /proc/PID/mem; needs the right to trace it). A pattern
+    split across two chunks is found: chunks overlap by the longest pattern."""
+    found = {name: False for name in patterns}
+    overlap = max(len(p) for p in patterns.values())
+    chunk = 1 << 24
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            span, perms = fields[0], fields[1]
+            if "r" not in perms or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            at, tail = start, b""
+            while at < end:
+                try:
+                    mem.seek(at)
+                    data = tail + mem.read(min(chunk, end - at))
+                except (OSError, ValueError, OverflowError):
+                    break
+                for name, pattern in patterns.items():
+                    if not found[name] and pattern in data:
+                        found[name] = True
+                tail = data[-overlap:]
+                at += chunk
+    return found

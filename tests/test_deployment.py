@@ -18,7 +18,9 @@ happened; the tests below check it. The scenario:
 5. Run 3: the same project with one changed line: no hospital runs it, and each
    hospital's log says why.
 6. Run 4 (1 round, secure aggregation): c hangs while making its masked vector; the
-   round is unmasked from a and b.
+   round is unmasked from a and b, and the final validation and test are summed from a
+   and b; while the coordinator waits on c in those, its whole memory is searched for
+   a's and b's unmasked vectors.
 
 Every process started is stopped by its process group id at the end.
 """
@@ -36,7 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deployment import BIN, LocalFederation, cut_stays, free_port, wait_until
+from client.secure import PLAIN_VECTORS_ENV
+from simulations.deployment import BIN, LocalFederation, cut_stays, free_port, memory_holds, serverapp_pids, wait_until
 from tests.conftest import OUTCOMES, ROOT, SET_A
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
@@ -101,6 +104,9 @@ def _changed_app(root: Path) -> Path:
 def scenario(tmp_path_factory, physionet_files):
     root = tmp_path_factory.mktemp("deploy")
     fed = LocalFederation(root, ROOT, SMALL)
+    # every hospital keeps the vectors it masks (in secure aggregation) beside its data, so
+    # run 4 can search the coordinator's memory for them
+    fed.env[PLAIN_VECTORS_ENV] = str(root / "plain")
     record: dict = {"root": root}
     try:
         _cut_data(root)
@@ -195,6 +201,7 @@ def scenario(tmp_path_factory, physionet_files):
         wait_until(lambda: serve_log.read_text(errors="replace").count("c round 1: training") > trained_before, 300,
                    "c to start its secure round", interval=0.02)
         fed.freeze_hospital("c")
+        record["coordinator_memory"] = _search_coordinator_memory(root, runs4)
         secure.wait(timeout=600)
         fed.stop_hospital("c", signal.SIGKILL)
         record["secure_rc"] = secure.returncode
@@ -204,6 +211,34 @@ def scenario(tmp_path_factory, physionet_files):
         fed.stop_all()
     record["logs"] = {p.name: p.read_text(errors="replace") for p in fed.logs.iterdir()}
     return record
+
+
+def _search_coordinator_memory(root: Path, runs: Path) -> dict:
+    """Once round 1 of the secure run is summed and checkpointed (the coordinator then waits
+    on c in the evaluations that follow), search the ServerApp's memory for a's and b's
+    unmasked vectors (as sent to the mask: int64, and reduced to Z_2^32 as int64 and as
+    uint32), and for the model's weights (which it must hold: the search works)."""
+    import numpy as np
+    import torch
+
+    from common.secagg import MODULUS
+
+    plain = root / "plain"
+    wait_until(lambda: (plain / "a-train-1.npy").is_file() and (plain / "b-train-1.npy").is_file()
+               and any(_checkpoint_round(d) >= 1 for d in runs.iterdir()) if runs.exists() else False,
+               300, "round 1 of the secure run to be summed")
+    run_dir = next(d for d in runs.iterdir() if _checkpoint_round(d) >= 1)
+    weights = torch.load(run_dir / "checkpoint.pt", weights_only=True)["arrays"]
+    patterns = {"weights": weights["grus.0.weight_ih_l0"].numpy().astype(np.float32).tobytes()}
+    for name in ("a", "b"):
+        vector = np.frombuffer((plain / f"{name}-train-1.npy").read_bytes(), dtype=np.int64)
+        ring = vector % MODULUS
+        patterns.update({f"{name} int64": vector.tobytes(), f"{name} ring int64": ring.tobytes(),
+                         f"{name} ring uint32": ring.astype(np.uint32).tobytes()})
+    pids = serverapp_pids()
+    found = [memory_holds(pid, patterns) for pid in pids]
+    return {"pids": pids, "found": {k: any(f[k] for f in found) for k in patterns},
+            "vectors": {n: (plain / f"{n}-train-1.npy").read_bytes() for n in ("a", "b")}}
 
 
 def test_deploy_init_wrote_keys_and_commands(scenario):
@@ -310,10 +345,24 @@ def test_secure_aggregation_completes_a_deployed_round_when_a_hospital_hangs_mid
     for name in ("a", "b"):
         ledger = Ledger.from_json(scenario["ledgers_after_secure"][name])
         mine = [e for e in ledger.entries if e.run_id == privacy["run_id"] and e.mechanism.value == "skellam"]
-        assert len(mine) == 1 and mine[0].round == 1
+        assert [e.split.value for e in mine if e.split.value == "train"] == ["train"] and mine[0].round == 1
+        # the final validation and the test went through secure aggregation too
+        assert {e.split.value for e in mine} == {"train", "val", "test"}, [(e.split, e.item) for e in mine]
         assert privacy["hospitals"][name]["epsilon_alone"] > 0
     for path in run_dir.iterdir():
         assert b"secagg-masked" not in path.read_bytes(), f"{path} holds a hospital's masked vector"
+        assert not any(v in path.read_bytes() for v in scenario["coordinator_memory"]["vectors"].values()), path
+
+
+def test_the_coordinators_memory_holds_no_hospitals_update(scenario):
+    """Mid-run (round 1 summed, the final evaluations under way), the ServerApp process's
+    whole readable memory holds the model but neither a's nor b's unmasked vector, in any
+    of the forms it could take on the coordinator's side."""
+    memory = scenario["coordinator_memory"]
+    assert memory["pids"], "no ServerApp process to search"
+    assert memory["found"]["weights"], "the search did not find the model the coordinator holds"
+    held = [k for k, v in memory["found"].items() if v and k != "weights"]
+    assert held == [], f"the coordinator's memory holds {held}"
 
 
 def test_no_patient_value_reaches_any_log(scenario):
