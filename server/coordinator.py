@@ -142,7 +142,7 @@ class Coordinator:
             round=server_round,
             config_json=self.cfg_json,
             arrays={k: v.numpy() for k, v in self.arrays.items()},
-            strategy_state=self.aggregator.state_dict(),
+            strategy_state={**self.aggregator.state_dict(), **(self.secure.state_dict() if self.secure else {})},
             hospital_dp_state=accountant.state_dict() if accountant is not None else None,
             hospitals=[h.status() for h in self.hospitals.values()],
             rounds=list(self.recorder.rounds),
@@ -158,7 +158,10 @@ class Coordinator:
             )
         self.start_round = snapshot.round + 1
         self.arrays = ArrayRecord({k: Array(v) for k, v in snapshot.arrays.items()})
-        self.aggregator.load_state_dict(snapshot.strategy_state)
+        state = dict(snapshot.strategy_state)
+        if self.secure is not None:
+            self.secure.load_state_dict(state)  # takes its own part out
+        self.aggregator.load_state_dict(state)
         if snapshot.hospital_dp_state is not None and self.aggregator.accountant is not None:
             self.aggregator.accountant.load_state_dict(snapshot.hospital_dp_state)
         by_name = {h.name: h for h in self.hospitals.values()}

@@ -290,6 +290,17 @@ class SecureRounds:
         co._lines.flush()
         return phase
 
+    MOMENTUM_STATE = "secure-momentum"  # the checkpoint's strategy state: the heavy-ball velocity
+
+    def state_dict(self) -> dict:
+        return {self.MOMENTUM_STATE: {"velocity": self.velocity}} if self.velocity is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the velocity out of a checkpoint's strategy state (a resumed run keeps its momentum)."""
+        saved = state.pop(self.MOMENTUM_STATE, None)
+        if saved is not None:
+            self.velocity = np.asarray(saved["velocity"], dtype=np.float64)
+
     def evaluate(self, server_round: int, splits: list[Split], progress: bool = False,
                  threshold: float | None = None) -> dict[str, Evaluations]:
         """A secure evaluation (``server.secure_evaluation``)."""

@@ -290,3 +290,21 @@ def test_the_noise_a_hospital_requires_honours_its_noise_floor_and_per_round_cei
     assert counted(floor)[0] >= 2 * sigma * (1 - 1e-9)
     ceiling = dataclasses.replace(relaxed, max_epsilon_per_round=per_round / 2)
     assert counted(ceiling)[1] <= per_round / 2
+
+
+def test_a_resumed_secure_run_keeps_its_momentum(tmp_path):
+    """The coordinator's heavy-ball velocity (training.momentum) travels in the checkpoint's
+    strategy state and comes back out of it, leaving the strategy's own state as it was."""
+    from server.checkpoint import RunSnapshot, load_checkpoint, save_checkpoint
+    from server.secure_round import SecureRounds
+
+    before = SecureRounds(None)
+    before.velocity = np.linspace(-1.0, 1.0, 43)
+    snapshot = RunSnapshot("run", 3, secure_cfg().to_json(), {"w": np.zeros(2, dtype=np.float32)},
+                           {"m_t": {"w": np.ones(2)}, **before.state_dict()}, None, [], [])
+    save_checkpoint(snapshot, tmp_path / "checkpoint.pt")
+    state = dict(load_checkpoint(tmp_path / "checkpoint.pt").strategy_state)
+    after = SecureRounds(None)
+    after.load_state_dict(state)
+    np.testing.assert_array_equal(after.velocity, before.velocity)
+    assert list(state) == ["m_t"]
