@@ -146,7 +146,7 @@ def _training_entries(req: Request, ledger: Ledger, budget: float) -> tuple[list
 def answer_train(msg: Message, context: Context, audit: CanaryAudit | None = None,
                  simulation: ExperimentConfig | None = None) -> Message:
     if SECAGG_STAGE in msg.content.config_records.get(M.CONFIG, {}):
-        return answer_secure(msg, context, simulation)  # a stage of secure aggregation (client.secure)
+        return answer_secure(msg, context, simulation, audit)  # a stage of secure aggregation (client.secure)
     req = Request(msg, context, simulation)
     cfg = req.cfg
     # The same round with the same global model again (a resumed server): resend the

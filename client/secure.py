@@ -23,6 +23,7 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from opacus import GradSampleModule
 from common import messages as M
 from common import secagg as S
 from common.ledger import Ledger, LedgerEntry
-from common.messages import Item, Mechanism, ReplyState
+from common.messages import Item, Mechanism, NodeMode, ReplyState
 from common.model import GRUClassifier, batch_loss, model_spec, trainable_layout
 from common.skellam import SkellamSensitivity, randomized_round, skellam_noise
 from common.training import resolve_device, training_for_round
@@ -41,6 +42,9 @@ from .policy import PolicyRefusal
 from .replies import AfterReading, answer
 from .request import Request
 from .secagg import Participant, SecAggRefusal
+
+if TYPE_CHECKING:
+    from .app import CanaryAudit
 
 log = logging.getLogger("fedgru.client")
 
@@ -179,6 +183,31 @@ def integer_gradient_sum(model: GRUClassifier, X: torch.Tensor, S_: torch.Tensor
     return total
 
 
+@dataclass
+class AuditedNoise:
+    """The noise a round adds, where a privacy audit's planted bug (``audit.tamper``) may change it."""
+
+    variance: float
+
+
+def audit_canaries(audit: CanaryAudit, req: Request, s: SecureSettings, variance: float,
+                   rng: np.random.Generator) -> float:
+    """A one-run privacy audit (``simulations.audit``) of this hospital's own release: each
+    included Dirac canary adds one clipped gradient (``clip x scale`` integers) along an
+    audit coordinate of its own, which gets the same Skellam noise as every coordinate;
+    the coordinates are written for the auditor. They stay out of the masked sum, so the
+    audit reads the hospital's noise alone: its claim is the ledger's alone epsilon.
+    Returns the noise variance the round adds (a planted bug may have changed it)."""
+    noise = AuditedNoise(variance)
+    if audit.tamper is not None:
+        audit.tamper(noise)
+    one = round(s.clip * s.scale)
+    released = audit.included.astype(np.int64) * one + skellam_noise(noise.variance, len(audit.included), rng)
+    # the auditor scores minus the released coordinate (DP-SGD's canaries pull theirs down)
+    np.save(Path(audit.out_dir) / f"round-{req.server_round:04d}.npy", -released / one)
+    return noise.variance
+
+
 # A deployment test sets this in a hospital's environment to learn the vector the hospital
 # masks, then searches the coordinator's memory for it (tests/test_deployment.py). The file
 # goes to a folder the hospital's own operator names, beside its data; nothing leaves.
@@ -249,8 +278,9 @@ def stage_request(msg: Message, context: Context, simulation=None) -> tuple[S.St
     return stage, Request(msg, context, simulation, needs_model=stage == S.Stage.COLLECT), config
 
 
-def answer_secure(msg: Message, context: Context, simulation=None) -> Message:
-    """One stage of a secure aggregation round (``common.secagg``)."""
+def answer_secure(msg: Message, context: Context, simulation=None, audit: CanaryAudit | None = None) -> Message:
+    """One stage of a secure aggregation round (``common.secagg``); ``audit``: a privacy
+    audit's canaries at one simulated hospital (:func:`audit_canaries`)."""
     stage, req, config = stage_request(msg, context, simulation)
     try:
         scale = float(config[S.SCALE])
@@ -263,7 +293,7 @@ def answer_secure(msg: Message, context: Context, simulation=None) -> Message:
         if stage == S.Stage.SHARE_KEYS:
             return _share_keys(req, context, config, settings)
         if stage == S.Stage.COLLECT:
-            return _collect(req, context, config, settings)
+            return _collect(req, context, config, settings, audit)
         return _unmask(req, context, config, settings)
     except SecAggRefusal as exc:
         raise PolicyRefusal(f"secure aggregation ({stage.value})", str(exc)) from None
@@ -301,7 +331,8 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
                   **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})
 
 
-def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
+def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSettings,
+             audit: CanaryAudit | None = None) -> Message:
     me, variance = _load(context, req)
     me.receive({int(src): text for src, text in lines_of(config, S.CIPHERTEXTS, 2)})
     budget = req.policy.training_budget(req.cfg, req.node.name)
@@ -331,7 +362,10 @@ def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSett
             rng = np.random.default_rng(secrets.randbits(128))  # noise and rounding: the OS's entropy
             sample = torch.Generator().manual_seed(secrets.randbits(63))
             vector = integer_gradient_sum(model, X, St, y, req, s, rng, sample)
-            vector = vector + skellam_noise(variance, vector.size, rng)
+            noise_variance = variance
+            if audit is not None and audit.hospital == req.node.name and req.node.mode == NodeMode.SIMULATION:
+                noise_variance = audit_canaries(audit, req, s, variance, rng)
+            vector = vector + skellam_noise(noise_variance, vector.size, rng)
             keep_plain_for_tests(req, "train", vector)
             masked = me.masked(vector)
         except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves

@@ -21,6 +21,13 @@ the clipping norm over the batch size whenever it is sampled. Input-space canari
 (crafted or mislabelled stays) only reach the released weights through a 269-weight
 model trained by many patients, so their scores are far noisier and their bounds far
 looser; the gradient canaries give the tighter bound, and this is what runs.
+
+Under secure aggregation (``privacy.aggregation: secure``) the hospital releases its
+noisy integer gradient sum inside a masked sum over hospitals; the canaries get its
+clipping (one clipped gradient each, in integers) and its Skellam noise on coordinates
+of their own, before the mask, so the audit reads the hospital's noise alone and checks
+it against the epsilon the ledger gives that noise (``epsilon_alone``), the weaker of
+the hospital's two guarantees.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from server.records import AuditResult, RunPrivacy, load_record
 from server.report import write_report
 
 CONFIDENCE = 0.95
+SECURE_CANARIES = ("gradient (Dirac canaries on audit coordinates of the hospital's own noisy integer sum, before the "
+                   "mask: secure aggregation, audited against its noise alone)")
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -99,12 +108,10 @@ def run_audit(
     ``tamper``: tests only (a planted bug in the hospital's DP optimizer)."""
     from simulations.simulate import simulate
 
-    if cfg.privacy.aggregation == "secure":
-        # The canaries ride in the hospital's DP-SGD optimizer; a secure aggregation round
-        # releases only a sum over hospitals, which this audit does not model. Refused
-        # rather than reporting a bound on a mechanism that did not run.
-        raise ValueError("the one-run audit measures per-hospital DP-SGD; with privacy.aggregation: secure it is not "
-                         "supported yet (audit the default mode, or see docs/deployment.md)")
+    # Under secure aggregation the canaries ride in the hospital's own noisy integer sum
+    # (client.secure.audit_canaries), before the mask and the others' noise: the audit
+    # checks the hospital's noise alone against the epsilon its ledger gives it alone.
+    secure = cfg.privacy.enabled and cfg.privacy.aggregation == "secure"
     ds = load_dataset(cfg)
     names = [h.name for h in make_partition(ds, cfg)]
     hospital = hospital or names[0]
@@ -119,11 +126,12 @@ def run_audit(
         released = np.sum([np.load(f) for f in rounds], axis=0) if rounds else np.zeros(canaries)
     privacy = load_record(run_dir / "privacy.json", RunPrivacy)
     entry = privacy.hospitals[hospital] if privacy else None
-    claimed = entry.epsilon if entry and entry.epsilon is not None else math.inf
+    own = entry.epsilon_alone if secure and entry else None
+    claimed = own if own is not None else entry.epsilon if entry and entry.epsilon is not None else math.inf
     delta = entry.delta if entry and entry.delta is not None else cfg.privacy.delta_for(1)
     bound, best, tried = score_and_bound(-released, included, delta)
     result = AuditResult(bound, claimed, delta, canaries, best.guesses, best.correct, hospital,
-                         rounds=len(rounds), tried=tried)
+                         rounds=len(rounds), tried=tried, **({"canary_kind": SECURE_CANARIES} if secure else {}))
     write_json(run_dir / "audit.json", result)
     write_report(run_dir)  # again, now with the audit's section
     return result

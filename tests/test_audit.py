@@ -49,8 +49,11 @@ from common.config import load_config
 from common.files import to_json
 from simulations.audit import run_audit
 
-def tamper(optimizer):
-    optimizer.noise_multiplier /= 10  # the planted bug: a tenth of the noise the accountant counts
+def tamper(target):  # the planted bug: a tenth of the noise (its sd) the accountant counts
+    if hasattr(target, "variance"):  # secure aggregation's noise (client.secure.AuditedNoise)
+        target.variance /= 100
+    else:  # the DP-SGD optimizer
+        target.noise_multiplier /= 10
 
 cfg = load_config(None, sys.argv[3:])
 result = run_audit(cfg, Path(sys.argv[1]), tamper=tamper if sys.argv[2] == "fault" else None)
@@ -95,3 +98,24 @@ def test_dp_switched_off_is_caught_far_above_one(tmp_path, physionet_files):
 def test_a_tenth_of_the_noise_is_caught_above_the_claim(tmp_path, physionet_files):
     result = _audit(tmp_path, "fault")
     assert result["epsilon_lower_bound"] > result["epsilon_claimed"] >= 0.99
+
+
+SECURE = ["privacy.aggregation=secure", "training.sample_rate=1.0", "training.lr=0.5"]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_stays_below_the_hospitals_own_noise_alone(tmp_path, physionet_files):
+    """Under secure aggregation the canaries ride in the hospital's own noisy integer sum:
+    the bound is checked against the epsilon of its noise alone (the larger of its two)."""
+    result = _audit(tmp_path, "none", *SECURE)
+    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    entry = privacy["hospitals"][result["hospital"]]
+    assert result["epsilon_claimed"] == pytest.approx(entry["epsilon_alone"]) and entry["epsilon_alone"] > entry["epsilon"]
+    assert result["epsilon_lower_bound"] <= result["epsilon_claimed"]
+    assert "own noisy integer sum" in result["canary_kind"] and result["rounds"] == 5
+
+
+@pytest.mark.slow
+def test_secure_aggregation_with_a_tenth_of_its_noise_is_caught_above_the_claim(tmp_path, physionet_files):
+    result = _audit(tmp_path, "fault", *SECURE)
+    assert result["epsilon_lower_bound"] > result["epsilon_claimed"] > 1
