@@ -94,8 +94,10 @@ def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bo
                              masked_key=MASKED, **ask)
     if isinstance(result, str):
         return give_up(result)
-    found = read_sum(cfg, parts, S.decode(result.ring, 1.0), declared, result.variance, len(result.survivors),
-                     threshold or 0.0)
+    values = S.decode(result.ring, 1.0)
+    if not plausible(parts, values, declared, result.variance, len(result.survivors)):
+        return give_up("the unmasked sum holds counts that honest hospitals' patients and noise cannot give")
+    found = read_sum(cfg, parts, values, declared, result.variance, len(result.survivors), threshold or 0.0)
     co._lines.flush()
     if not progress:
         co.final_dropped += co._phase.dropped
@@ -122,6 +124,25 @@ def check_ledger(ledger: Ledger | None, run_id: str, server_round: int, parts: l
                 e.run_id == run_id and e.round == server_round and e.split == part.split and e.item == part.item
                 and e.mechanism == Mechanism.SKELLAM and e.examples == n for e in ledger.entries):
             raise ValueError(f"its ledger does not record the {part.item.value} of the {part.split.value} split")
+
+
+REACH_SD = 10  # as server.validation.within_reach: an honest cell passes its range by this many sd with probability ~1e-23
+
+
+def plausible(parts: list[EvaluationPart], values: np.ndarray, declared: dict[int, int], variances: list[float],
+              hospitals: int) -> bool:
+    """Every coordinate of the sum could have come from honest hospitals: in [0, n] (n:
+    the declared patients of the hospitals that put data in; each adds at most 1 to a
+    cell, and at most its clipping norm, 1, to an importance coordinate) give or take
+    ``REACH_SD`` sd of the summed noise. A hostile hospital cannot be told apart in a
+    sum, so a sum outside is not read at all (the coordinator's only check without
+    individual releases, as ``server.secure_round.plausible`` for the gradients)."""
+    for i, (part, cells) in enumerate(zip(parts, split_vector(parts, values))):
+        slack = REACH_SD * math.sqrt(hospitals * variances[i])
+        top = declared.get(i, 0) * part.scale
+        if not (np.isfinite(cells).all() and cells.min(initial=0.0) >= -slack and cells.max(initial=0.0) <= top + slack):
+            return False
+    return True
 
 
 def read_sum(cfg: ExperimentConfig, parts: list[EvaluationPart], values: np.ndarray, declared: dict[int, int],

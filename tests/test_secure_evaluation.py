@@ -263,3 +263,27 @@ def test_a_split_over_its_budget_carries_only_noise_and_says_why(neighbours):  #
         assert _ledger_json(folder) == before
     finally:
         (folder / SETTINGS_FILE).write_bytes(kept)
+
+
+def test_the_coordinator_refuses_to_read_a_sum_no_honest_hospitals_can_give():
+    """Without individual releases the coordinator checks the sum: every cell within what
+    the declared patients and the summed noise can give (10 sd), the importance within
+    one clipping norm per patient; one forged count (a hostile hospital's) rejects it."""
+    from server.secure_evaluation import plausible
+
+    cfg = secure_cfg()
+    parts = evaluation_parts(cfg, [Split.TEST], True)
+    variances = [25.0] * len(parts)
+    declared = {i: 100 for i in range(len(parts))}
+    rng = np.random.default_rng(0)
+    honest = []
+    for part in parts:  # 100 patients spread over the cells (each patient one cell per grouping), plus noise
+        cells = np.zeros(part.size)
+        np.add.at(cells, rng.integers(0, part.size, 100), part.scale * 0.5)
+        honest.append(cells + rng.normal(0, math.sqrt(3 * 25.0), part.size))
+    values = np.concatenate(honest)
+    assert plausible(parts, values, declared, variances, hospitals=3)
+    forged = values.copy()
+    forged[5] += 10 ** 6
+    assert not plausible(parts, forged, declared, variances, hospitals=3)
+    assert not plausible(parts, -np.abs(values) - 1000, declared, variances, hospitals=3)
