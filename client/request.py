@@ -85,7 +85,7 @@ class Request:
             raise Refused(ReplyState.REFUSED, "this simulation node has no hospital")
         # an evaluation message scores the final model, except a secure validation during
         # training (its progress share of the validation budget; common.secure_evaluation)
-        progress = config.get(SECAGG_STAGE) is not None and bool(config.get(SECURE_PROGRESS, False))
+        progress = config.get(SECAGG_STAGE) is not None and config.get(SECURE_PROGRESS) is True
         self.final = msg.metadata.message_type == MessageType.EVALUATE and not progress
         first = 0 if self.final else 1
         if not first <= self.server_round <= self.cfg.run.rounds:

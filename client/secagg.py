@@ -7,7 +7,9 @@ coordinator's message before answering and refuses (:class:`SecAggRefusal`) what
 protocol does not allow, whatever the coordinator says:
 
 - too few participants or hospitals in the sum for the policy's ``min_honest``;
-- a threshold that two disjoint groups could each reach (``2 t <= n``);
+- a threshold that two disjoint groups could each reach (``2 t <= n``), or below
+  ``min_honest`` (t hospitals can unmask a sum without this one, so t is the fewest
+  hospitals a sum can hold);
 - its own public keys changed, keys repeated, or participants that were not announced;
 - an unmask that names a hospital as both present and absent, arrives twice, or leaves
   fewer than ``max(t, min_honest)`` hospitals in the sum (it would leave this hospital's
@@ -87,6 +89,12 @@ class Participant:
         if not (2 * threshold > n and threshold <= n and threshold >= 2):
             raise SecAggRefusal(f"threshold {threshold} of {n}: it must be more than half the participants and "
                                 "at most all of them")
+        if threshold < min_honest:
+            # t hospitals' shares unmask a sum without this one's help, and each of them is in
+            # it: below min_honest, a sum of fewer hospitals than it counts on could be read
+            raise SecAggRefusal(f"threshold {threshold}: this hospital counts on {min_honest} hospitals' noise "
+                                "(policy min_honest), so every unmasking must need at least that many (set "
+                                f"privacy.secure_threshold >= {min_honest})")
         me = cls(node_id, server_round, people, threshold, min_honest)
         sk1, pk1 = generate_key_pairs()
         sk2, pk2 = generate_key_pairs()

@@ -217,6 +217,8 @@ PLAIN_VECTORS_ENV = "FEDGRU_TEST_PLAIN_VECTORS"
 def keep_plain_for_tests(req: Request, kind: str, vector: np.ndarray) -> None:
     folder = os.environ.get(PLAIN_VECTORS_ENV)
     if folder:
+        log.warning("%s keeps the vector it masks in %s (%s is set: a test setting, never a hospital's)",
+                    req.node.name, folder, PLAIN_VECTORS_ENV)
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{req.node.name}-{kind}-{req.server_round}.npy").write_bytes(vector.astype(np.int64).tobytes())
 

@@ -20,6 +20,7 @@ size go with the masked vector, outside DP, like every declared count.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -188,8 +189,10 @@ def exact_vector(req: Request, data, parts: list[EvaluationPart], included: list
 
 # -- the stages ------------------------------------------------------------------------
 def _what(req: Request) -> str:
-    """What a session evaluates; its stages must all ask the same."""
-    return json.dumps([[s.value for s in req.splits], req.final, req.threshold])
+    """What a session evaluates, under which settings; its stages must all ask the same
+    (the noise agreed at share-keys was checked against these settings)."""
+    settings = hashlib.sha256(req.cfg.to_json().encode()).hexdigest()
+    return json.dumps([[s.value for s in req.splits], req.final, req.threshold, settings])
 
 
 def _parts(req: Request) -> list[EvaluationPart]:
@@ -252,7 +255,7 @@ def _collect(req: Request, context: Context, config: ConfigRecord, me: Participa
             vector = exact_vector(req, data, parts, included, entries, rng) if included else \
                 np.zeros(vector_size(parts), dtype=np.int64)
             noise = np.concatenate([skellam_noise(v, p.size, rng) for p, v in zip(parts, variances)])
-            keep_plain_for_tests(req, "evaluate", vector + noise)
+            keep_plain_for_tests(req, "evaluate-" + "-".join(s.value for s in req.splits), vector + noise)
             masked = me.masked(vector + noise)
         except Exception as exc:  # noqa: BLE001 - nothing is recorded, nothing leaves
             if included:

@@ -274,7 +274,12 @@ class Coordinator:
     def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
                      splits: list[Split], into: dict[str, Evaluations], threshold: float | None = None) -> None:
         try:
-            into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold)
+            try:
+                into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold)
+            except ReplyRejected:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed array raises what numpy's reader raises
+                raise ReplyRejected(f"an evaluation record cannot be read ({exc.__class__.__name__})") from None
         except ReplyRejected as exc:
             log.warning("round %d: dropped the evaluation of %s (node %s): %s", server_round, view.name, nid, exc)
             self._phase.dropped.append(Dropped(view.name, nid, f"evaluation: {exc}"))

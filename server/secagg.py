@@ -79,3 +79,12 @@ def parse_revealed(lines: str) -> list[Revealed]:
 
 def key_lines(public_keys: dict[int, tuple[str, str]]) -> str:
     return "\n".join(f"{node}:{pk1}:{pk2}" for node, (pk1, pk2) in sorted(public_keys.items()))
+
+
+def default_threshold(cfg, participants: int) -> int:
+    """Shares that rebuild a secret: ``privacy.secure_threshold``, or a majority of the
+    participants and at least the run's ``privacy.min_honest`` (a hospital refuses a
+    threshold below its own: fewer hospitals could unmask a sum without it), at most all."""
+    if cfg.privacy.secure_threshold:
+        return cfg.privacy.secure_threshold
+    return min(participants, max(participants // 2 + 1, cfg.privacy.min_honest))

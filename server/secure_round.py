@@ -35,7 +35,7 @@ from common.model import trainable_layout
 from common.training import training_for_round
 
 from .records import Dropped, HospitalState, Stopped, TrainPhase, TrainReport
-from .secagg import UnmaskFailed, key_lines, parse_revealed, unmasked_sum
+from .secagg import UnmaskFailed, default_threshold, key_lines, parse_revealed, unmasked_sum
 from .secure_evaluation import secure_evaluate
 from .validation import Evaluations
 
@@ -186,7 +186,7 @@ class SecureRounds:
                 if vector.shape != (size,) or vector.dtype != np.int64 or vector.min() < 0 or vector.max() >= S.MODULUS:
                     raise ValueError("vector")
                 read(nid, reply)
-            except (KeyError, TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - a malformed array raises what numpy's reader raises (EOFError, BadZipFile, ...)
                 self._drop(server_round, nid, f"its masked vector is not {size} values in Z_2^32 with its counts")
                 continue
             masked_sum = S.to_ring(masked_sum + vector)
@@ -199,7 +199,7 @@ class SecureRounds:
         # 4. unmask (with the next round's setup, for this round's survivors)
         next_threshold = 0
         if following:
-            next_threshold = co.cfg.privacy.secure_threshold or len(survivors) // 2 + 1
+            next_threshold = default_threshold(co.cfg, len(survivors))
             following = {**following, S.PARTICIPANTS: survivors, S.THRESHOLD: next_threshold}
         unmasked = self._ask(server_round, S.Stage.UNMASK, scale,
                              {nid: {S.SURVIVORS: survivors, **(following or {})} for nid in survivors}, **ask)
@@ -221,7 +221,7 @@ class SecureRounds:
         co, cfg = self.co, self.co.cfg
         phase = co._phase = TrainPhase()
         nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
-        threshold = cfg.privacy.secure_threshold or len(nodes) // 2 + 1
+        threshold = default_threshold(cfg, len(nodes))
         least = max(threshold, cfg.strategy.min_hospitals)
 
         def skip(why: str) -> TrainPhase:

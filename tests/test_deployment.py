@@ -201,7 +201,8 @@ def scenario(tmp_path_factory, physionet_files):
         wait_until(lambda: serve_log.read_text(errors="replace").count("c round 1: training") > trained_before, 300,
                    "c to start its secure round", interval=0.02)
         fed.freeze_hospital("c")
-        record["coordinator_memory"] = _search_coordinator_memory(root, runs4)
+        record["coordinator_memory"] = [_search_coordinator_memory(root, runs4, kind)
+                                        for kind in ("train-1", "evaluate-val-1")]
         secure.wait(timeout=600)
         fed.stop_hospital("c", signal.SIGKILL)
         record["secure_rc"] = secure.returncode
@@ -213,10 +214,11 @@ def scenario(tmp_path_factory, physionet_files):
     return record
 
 
-def _search_coordinator_memory(root: Path, runs: Path) -> dict:
-    """Once round 1 of the secure run is summed and checkpointed (the coordinator then waits
-    on c in the evaluations that follow), search the ServerApp's memory for a's and b's
-    unmasked vectors (as sent to the mask: int64, and reduced to Z_2^32 as int64 and as
+def _search_coordinator_memory(root: Path, runs: Path, kind: str) -> dict:
+    """Once a's and b's vectors of ``kind`` (``train-1``: round 1's training; ``evaluate-val-1``:
+    the final validation) have been masked and sent, and round 1 is checkpointed (the
+    coordinator then waits on c in the evaluations that follow), search the ServerApp's
+    memory for them (as sent to the mask: int64, and reduced to Z_2^32 as int64 and as
     uint32), and for the model's weights (which it must hold: the search works)."""
     import numpy as np
     import torch
@@ -224,21 +226,24 @@ def _search_coordinator_memory(root: Path, runs: Path) -> dict:
     from common.secagg import MODULUS
 
     plain = root / "plain"
-    wait_until(lambda: (plain / "a-train-1.npy").is_file() and (plain / "b-train-1.npy").is_file()
+    files = {name: plain / f"{name}-{kind}.npy" for name in ("a", "b")}
+    wait_until(lambda: all(f.is_file() for f in files.values())
                and any(_checkpoint_round(d) >= 1 for d in runs.iterdir()) if runs.exists() else False,
-               300, "round 1 of the secure run to be summed")
+               300, f"a's and b's {kind} vectors and round 1's checkpoint")
+    time.sleep(3)  # the masked vectors reach the coordinator, which sums them
     run_dir = next(d for d in runs.iterdir() if _checkpoint_round(d) >= 1)
     weights = torch.load(run_dir / "checkpoint.pt", weights_only=True)["arrays"]
     patterns = {"weights": weights["grus.0.weight_ih_l0"].numpy().astype(np.float32).tobytes()}
-    for name in ("a", "b"):
-        vector = np.frombuffer((plain / f"{name}-train-1.npy").read_bytes(), dtype=np.int64)
-        ring = vector % MODULUS
-        patterns.update({f"{name} int64": vector.tobytes(), f"{name} ring int64": ring.tobytes(),
+    vectors = {}
+    for name, path in files.items():
+        vectors[name] = np.frombuffer(path.read_bytes(), dtype=np.int64)
+        ring = vectors[name] % MODULUS
+        patterns.update({f"{name} int64": vectors[name].tobytes(), f"{name} ring int64": ring.tobytes(),
                          f"{name} ring uint32": ring.astype(np.uint32).tobytes()})
     pids = serverapp_pids()
     found = [memory_holds(pid, patterns) for pid in pids]
     return {"pids": pids, "found": {k: any(f[k] for f in found) for k in patterns},
-            "vectors": {n: (plain / f"{n}-train-1.npy").read_bytes() for n in ("a", "b")}}
+            "vectors": {n: v.tobytes() for n, v in vectors.items()}}
 
 
 def test_deploy_init_wrote_keys_and_commands(scenario):
@@ -351,18 +356,19 @@ def test_secure_aggregation_completes_a_deployed_round_when_a_hospital_hangs_mid
         assert privacy["hospitals"][name]["epsilon_alone"] > 0
     for path in run_dir.iterdir():
         assert b"secagg-masked" not in path.read_bytes(), f"{path} holds a hospital's masked vector"
-        assert not any(v in path.read_bytes() for v in scenario["coordinator_memory"]["vectors"].values()), path
+        for probe in scenario["coordinator_memory"]:
+            assert not any(v in path.read_bytes() for v in probe["vectors"].values()), path
 
 
 def test_the_coordinators_memory_holds_no_hospitals_update(scenario):
-    """Mid-run (round 1 summed, the final evaluations under way), the ServerApp process's
-    whole readable memory holds the model but neither a's nor b's unmasked vector, in any
-    of the forms it could take on the coordinator's side."""
-    memory = scenario["coordinator_memory"]
-    assert memory["pids"], "no ServerApp process to search"
-    assert memory["found"]["weights"], "the search did not find the model the coordinator holds"
-    held = [k for k, v in memory["found"].items() if v and k != "weights"]
-    assert held == [], f"the coordinator's memory holds {held}"
+    """Mid-run, twice (round 1's training summed; the final validation summed, the test
+    under way), the ServerApp process's whole readable memory holds the model but neither
+    a's nor b's unmasked vector, in any of the forms it could take on the coordinator's side."""
+    for kind, memory in zip(("training", "validation"), scenario["coordinator_memory"]):
+        assert memory["pids"], f"{kind}: no ServerApp process to search"
+        assert memory["found"]["weights"], f"{kind}: the search did not find the model the coordinator holds"
+        held = [k for k, v in memory["found"].items() if v and k != "weights"]
+        assert held == [], f"{kind}: the coordinator's memory holds {held}"
 
 
 def test_no_patient_value_reaches_any_log(scenario):

@@ -101,6 +101,8 @@ def participants(n=4, threshold=3, min_honest=2):
     ([1, 2, 3, 4], 2, 2, "more than half"),
     ([1, 2, 3, 4], 5, 2, "more than half"),
     ([1, 2, 3], 2, 4, "min_honest"),
+    # 3 hospitals' shares could unmask a sum of 4 without this one, which counts on 5
+    ([1, 2, 3, 4, 5], 3, 5, "secure_threshold >= 5"),
     ([2, 3, 4], 2, 2, "not among"),
     ([1, 1, 2, 3], 3, 2, "twice"),
 ])
