@@ -23,8 +23,10 @@ step in a process of its own, as a hospital runs it:
 - the cache's size on disk.
 
 Times are wall seconds; a step's process time includes Python and torch starting (about
-2-4 s), the round columns are the handler's own time, the mean of the rounds after the
-first (the first also calibrates the noise and warms torch up; every round is in the JSON). Peak memory is the largest resident
+2-4 s); the round columns are the handler's own wall and CPU seconds (CPU: the process's
+own, all threads; steadier than wall time on a shared machine), the mean of the rounds
+after the first (the first also calibrates the noise and warms torch up; every round is in
+the JSON). With ``--keep`` an export already written in ``--workdir`` is used again. Peak memory is the largest resident
 set of the step's process tree: the larger of the kernel's own maximum (``wait4``'s
 ``ru_maxrss``) and the sum over the tree sampled every 0.2 s; memory-mapped cache pages
 that were read count in it. ``--max-memory-gb`` stops a step whose tree passes it (a
@@ -154,11 +156,15 @@ def folder_size_mb(path: Path) -> float:
 
 def bench_size(source, fmt: str, stays: int, work: Path, rounds: int, cap_gb: float, timeout_s: float,
                seed: int) -> SizeResult:
-    from simulations.synthetic_export import write_export
+    """One export size: write (or reuse) the export, then each step in its own process;
+    ``rounds`` 0 leaves the rounds out (they read the same tensors whatever the format)."""
+    from simulations.synthetic_export import existing_export, write_export
 
     t0 = time.perf_counter()
-    export = write_export(source, stays, work / "export", fmt, seed)
-    export_seconds = time.perf_counter() - t0
+    export = existing_export(work / "export", stays, fmt, seed)  # --keep: one written before, byte for byte
+    reused = export is not None
+    export = export or write_export(source, stays, work / "export", fmt, seed)
+    export_seconds = 0.0 if reused else time.perf_counter() - t0
     folder = work / "hospital"
     shutil.rmtree(folder, ignore_errors=True)
     init, output = measure(["fedgru.cli", "hospital", "init", "--out", str(folder), "--name", NAME,
@@ -171,9 +177,10 @@ def bench_size(source, fmt: str, stays: int, work: Path, rounds: int, cap_gb: fl
     if not init.stopped:
         child = ["simulations.bench_data_scale", "--child"]
         cached, _ = measure([*child, "cached", str(folder)], cap_gb, timeout_s)
-        round_default, _ = measure([*child, "round", str(folder), "--rounds", str(rounds)], cap_gb, timeout_s)
-        round_gru, _ = measure([*child, "round", str(folder), "--rounds", str(rounds), "--set", "model.train_gru=true"],
-                               cap_gb, timeout_s)
+        if rounds > 0:
+            round_default, _ = measure([*child, "round", str(folder), "--rounds", str(rounds)], cap_gb, timeout_s)
+            round_gru, _ = measure([*child, "round", str(folder), "--rounds", str(rounds), "--set",
+                                    "model.train_gru=true"], cap_gb, timeout_s)
     return SizeResult(fmt, stays, round(export_seconds, 1), round(export.data.stat().st_size / 1e6, 1), init, cached,
                       round_default, round_gru, stays_read, folder_size_mb(folder / "cache"))
 
@@ -215,69 +222,70 @@ def child_round(folder: Path, rounds: int, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.run.seed)  # round 1's global model, as the coordinator makes it (server.coordinator)
     arrays = ArrayRecord(torch_state_dict=GRUClassifier(model_spec(cfg), gru_impl="torch").state_dict())
     context = Context(run_id=1, node_id=7, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
-    seconds, steps = [], []
+    seconds, cpu, steps = [], [], []
     for r in range(1, rounds + 1):
         config = ConfigRecord({M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: "bench-data-scale", M.SERVER_ROUND: r,
                                M.EVALUATE: ""})
         msg = Message(RecordDict({M.ARRAYS: arrays, M.CONFIG: config}), dst_node_id=7, message_type=MessageType.TRAIN)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         reply = client_app.train(msg, context)
         seconds.append(round(time.perf_counter() - t0, 3))
+        cpu.append(round(time.process_time() - c0, 3))
         status = dict(reply.content[M.STATUS])
         if status[M.STATE] != M.ReplyState.TRAINED.value:
             raise RuntimeError(f"round {r}: the hospital answered {status}")
         steps.append(int(reply.content[M.METRICS][M.STEPS]))
         arrays = reply.content[M.ARRAYS]
-    return {"round_seconds": seconds, "steps": steps, "train_gru": cfg.model.train_gru,
+    return {"round_seconds": seconds, "round_cpu_seconds": cpu, "steps": steps, "train_gru": cfg.model.train_gru,
             "seconds_per_step": round(sum(seconds) / max(sum(steps), 1), 4)}
 
 
 # -- the table ---------------------------------------------------------------------------
 
 
-def _cell(step: Step | None, what: str) -> str:
-    if step is None:
-        return "-"
-    if step.stopped:
-        return "stop"
-    if what == "round":
-        mean = _round_mean(step)
-        return "-" if mean is None else f"{mean:.1f}"
-    return f"{step.seconds:.1f}"
+def _mean_after_first(values: list[float]) -> float | None:
+    """The mean of the rounds after the first when there are several (the first also pays,
+    once per process, for the noise calibration and torch's first calls)."""
+    values = values[1:] or values
+    return sum(values) / len(values) if values else None
 
 
-def _per_k(r: SizeResult, value: float | None, digits: int = 2) -> str:
-    v = r.per_1000(value)
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _round_mean(step: Step | None) -> float | None:
-    """A round's seconds: the mean of the rounds after the first when there are several (the
-    first also pays once per process for the noise calibration and torch's first calls)."""
-    if step is None or step.stopped or not step.result.get("round_seconds"):
+def _round(step: Step | None, key: str = "round_seconds") -> float | None:
+    if step is None or step.stopped:
         return None
-    s = step.result["round_seconds"]
-    s = s[1:] or s
-    return sum(s) / len(s)
+    return _mean_after_first(step.result.get(key, []))
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _wall(step: Step | None) -> float | None:
+    return None if step is None or step.stopped else step.seconds
+
+
+def _gb(step: Step | None) -> str:
+    return "-" if step is None else f"{step.peak_gb:.2f}" + ("!" if step.stopped else "")
 
 
 def table_header() -> str:
-    return (f"{'format':>13} {'stays':>7} | {'init s':>7} {'cached s':>8} {'round s':>7} {'GRU rnd s':>9} | "
-            f"{'init GB':>7} {'cache GB':>8} {'round GB':>8} {'GRU GB':>6} | {'cache MB':>8} | per 1,000 stays: "
-            f"{'init s':>6} {'round s':>7} {'GRU s':>6} {'init MB':>7} {'cache MB':>8}")
+    return (f"{'format':>13} {'stays':>7} | {'init s':>6} {'cached s':>8} {'round s':>7} {'cpu s':>6} "
+            f"{'GRU rnd s':>9} {'cpu s':>6} | {'init GB':>7} {'cached GB':>9} {'round GB':>8} {'GRU GB':>6} | "
+            f"{'cache MB':>8} || per 1,000 stays: {'init s':>6} {'round cpu s':>11} {'GRU cpu s':>9} "
+            f"{'init MB':>7} {'cache MB':>8}")
 
 
 def table_row(r: SizeResult) -> str:
-    def gb(step: Step | None) -> str:
-        return "-" if step is None else f"{step.peak_gb:.2f}" + ("!" if step.stopped else "")
-
-    return (f"{r.format:>13} {r.stays:>7} | {_cell(r.init_cold, 'init'):>7} {_cell(r.cached, 'cached'):>8} "
-            f"{_cell(r.round_default, 'round'):>7} {_cell(r.round_gru, 'round'):>9} | {gb(r.init_cold):>7} "
-            f"{gb(r.cached):>8} {gb(r.round_default):>8} {gb(r.round_gru):>6} | {r.cache_mb:>8.1f} | "
-            f"{'':>16} {_per_k(r, None if r.init_cold.stopped else r.init_cold.seconds):>6} "
-            f"{_per_k(r, _round_mean(r.round_default), 3):>7} {_per_k(r, _round_mean(r.round_gru), 3):>6} "
-            f"{_per_k(r, None if r.init_cold.stopped else r.init_cold.peak_gb * 1024, 1):>7} "
-            f"{_per_k(r, r.cache_mb):>8}")
+    init = _wall(r.init_cold)
+    return (f"{r.format:>13} {r.stays:>7} | {_num(init):>6} {_num(_wall(r.cached)):>8} "
+            f"{_num(_round(r.round_default)):>7} {_num(_round(r.round_default, 'round_cpu_seconds')):>6} "
+            f"{_num(_round(r.round_gru)):>9} {_num(_round(r.round_gru, 'round_cpu_seconds')):>6} | "
+            f"{_gb(r.init_cold):>7} {_gb(r.cached):>9} {_gb(r.round_default):>8} {_gb(r.round_gru):>6} | "
+            f"{r.cache_mb:>8.1f} || {'':>16} {_num(r.per_1000(init), 2):>6} "
+            f"{_num(r.per_1000(_round(r.round_default, 'round_cpu_seconds')), 3):>11} "
+            f"{_num(r.per_1000(_round(r.round_gru, 'round_cpu_seconds')), 3):>9} "
+            f"{_num(r.per_1000(None if init is None else r.init_cold.peak_gb * 1024), 1):>7} "
+            f"{_num(r.per_1000(r.cache_mb), 2):>8}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stays", default="4000,20000,100000", help="comma-separated export sizes")
     parser.add_argument("--format", default="physionet2012", choices=["physionet2012", "long_csv", "both"])
     parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds of each kind, each timed; the table shows the mean after the first")
+                        help="rounds of each kind, each timed; the table shows the mean after the first (0: no rounds)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--workdir", type=Path, help="where exports and hospital folders go (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the exports and folders (with --workdir)")
@@ -307,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedgru-bench-data-"))
     rows: list[SizeResult] = []
     print(f"{os.cpu_count()} CPU cores; {args.rounds} round(s) of each kind, round s: "
-          f"{'the mean after the first' if args.rounds > 1 else 'the one round'}; GB: peak memory of the step's processes")
+          f"{'the mean after the first' if args.rounds > 1 else 'the one round'} (wall, and the process's CPU seconds: "
+          "steadier on a shared machine); GB: peak memory of the step's processes; '!': the step was stopped")
     print(table_header(), flush=True)
     try:
         for fmt in formats:

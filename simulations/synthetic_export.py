@@ -35,10 +35,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import sys
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,7 @@ def write_export(source: Source, n: int, out: Path, data_format: str, seed: int 
     if n < 1:
         raise ValueError("an export needs at least one stay")
     out.mkdir(parents=True, exist_ok=True)
+    _record(out, n, data_format, seed).unlink(missing_ok=True)  # written again only once the export is whole
     deaths = 0
     label_at = source.outcome_header.index(OUTCOME_LABEL)
     if data_format == "physionet2012":
@@ -231,7 +233,26 @@ def write_export(source: Source, n: int, out: Path, data_format: str, seed: int 
                 labels.write(f"{c.record_id},{c.source.outcome[label_at]}\n")
                 deaths += c.source.outcome[label_at] == "1"
         id_column, label_column = "stay_id", "label"
-    return SyntheticExport(data_format, data, outcomes, n, int(deaths), seed, id_column, label_column)
+    export = SyntheticExport(data_format, data, outcomes, n, int(deaths), seed, id_column, label_column)
+    _record(out, export).write_text(json.dumps({**asdict(export), "data": str(data), "outcomes": str(outcomes)}))
+    return export
+
+
+def _record(out: Path, n: int | SyntheticExport, data_format: str = "", seed: int = 0) -> Path:
+    if isinstance(n, SyntheticExport):
+        n, data_format, seed = n.stays, n.format, n.seed
+    return out / f".synthetic-{data_format}-{n}-{seed}.json"
+
+
+def existing_export(out: Path, n: int, data_format: str, seed: int = 0) -> SyntheticExport | None:
+    """The export :func:`write_export` finished writing under ``out`` with these settings
+    (the same bytes it would write again), or None."""
+    try:
+        plain = json.loads(_record(out, n, data_format, seed).read_text())
+    except (OSError, ValueError):
+        return None
+    export = SyntheticExport(**{**plain, "data": Path(plain["data"]), "outcomes": Path(plain["outcomes"])})
+    return export if export.data.is_file() and export.outcomes.is_file() else None
 
 
 def outcome_count(export: SyntheticExport) -> int:
