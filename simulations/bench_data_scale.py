@@ -1,7 +1,7 @@
 """Benchmark: what a hospital's own data costs as it grows from thousands to 100,000 stays.
 
     python -m simulations.bench_data_scale [--stays 4000,20000,100000] [--format physionet2012|long_csv|both]
-                                           [--rounds 1] [--json FILE] [--workdir DIR] [--keep]
+                                           [--rounds 2] [--threads N] [--json FILE] [--workdir DIR] [--keep]
 
 Every measurement so far used set A's 4,000 stays. For each size N this writes a synthetic
 export of N stays (``simulations.synthetic_export``: set A's stays resampled under new ids,
@@ -155,7 +155,7 @@ def folder_size_mb(path: Path) -> float:
 
 
 def bench_size(source, fmt: str, stays: int, work: Path, rounds: int, cap_gb: float, timeout_s: float,
-               seed: int) -> SizeResult:
+               seed: int, threads: int = 0) -> SizeResult:
     """One export size: write (or reuse) the export, then each step in its own process;
     ``rounds`` 0 leaves the rounds out (they read the same tensors whatever the format)."""
     from simulations.synthetic_export import existing_export, write_export
@@ -178,9 +178,9 @@ def bench_size(source, fmt: str, stays: int, work: Path, rounds: int, cap_gb: fl
         child = ["simulations.bench_data_scale", "--child"]
         cached, _ = measure([*child, "cached", str(folder)], cap_gb, timeout_s)
         if rounds > 0:
-            round_default, _ = measure([*child, "round", str(folder), "--rounds", str(rounds)], cap_gb, timeout_s)
-            round_gru, _ = measure([*child, "round", str(folder), "--rounds", str(rounds), "--set",
-                                    "model.train_gru=true"], cap_gb, timeout_s)
+            train = [*child, "round", str(folder), "--rounds", str(rounds), "--set", f"training.threads={threads}"]
+            round_default, _ = measure(train, cap_gb, timeout_s)
+            round_gru, _ = measure([*train, "--set", "model.train_gru=true"], cap_gb, timeout_s)
     return SizeResult(fmt, stays, round(export_seconds, 1), round(export.data.stat().st_size / 1e6, 1), init, cached,
                       round_default, round_gru, stays_read, folder_size_mb(folder / "cache"))
 
@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="physionet2012", choices=["physionet2012", "long_csv", "both"])
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of each kind, each timed; the table shows the mean after the first (0: no rounds)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of a round (training.threads; 0: torch's default, all cores). 1 is steadier "
+                             "on a shared machine: two threads that wait for each other lose most when one is preempted")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--workdir", type=Path, help="where exports and hospital folders go (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the exports and folders (with --workdir)")
@@ -314,15 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     formats = ["physionet2012", "long_csv"] if args.format == "both" else [args.format]
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedgru-bench-data-"))
     rows: list[SizeResult] = []
-    print(f"{os.cpu_count()} CPU cores; {args.rounds} round(s) of each kind, round s: "
-          f"{'the mean after the first' if args.rounds > 1 else 'the one round'} (wall, and the process's CPU seconds: "
-          "steadier on a shared machine); GB: peak memory of the step's processes; '!': the step was stopped")
+    rounds = ("no rounds" if args.rounds < 1 else f"{args.rounds} round(s) of each kind ("
+              f"{'torch default threads' if args.threads < 1 else f'{args.threads} torch thread(s)'}), round s: "
+              f"{'the mean after the first' if args.rounds > 1 else 'the one round'}, wall and the process's CPU seconds")
+    print(f"{os.cpu_count()} CPU cores; {rounds}; GB: peak memory of the step's processes; '!': the step was stopped")
     print(table_header(), flush=True)
     try:
         for fmt in formats:
             for n in sizes:
                 work = root / f"{fmt}-{n}"
-                r = bench_size(source, fmt, n, work, args.rounds, args.max_memory_gb, args.timeout, args.seed)
+                r = bench_size(source, fmt, n, work, args.rounds, args.max_memory_gb, args.timeout, args.seed,
+                               args.threads)
                 rows.append(r)
                 print(table_row(r), flush=True)
                 if not args.keep:

@@ -17,7 +17,7 @@ import pytest
 from common.config import load_config
 from common.data.dataset import read_export
 from simulations import bench_data_scale
-from simulations.synthetic_export import FIRST_ID, load_source, write_export
+from simulations.synthetic_export import FIRST_ID, existing_export, load_source, write_export
 from tests.conftest import DEFAULT_CONFIG
 
 
@@ -38,6 +38,8 @@ def test_a_synthetic_export_is_read_back_whole_and_is_the_same_for_the_same_seed
     other = write_export(source, n, tmp_path / "c", fmt, seed=4)
     assert (_digest(export.data), _digest(export.outcomes)) == (_digest(again.data), _digest(again.outcomes))
     assert _digest(export.data) != _digest(other.data)
+    assert existing_export(tmp_path / "a", n, fmt, seed=3) == export  # what --keep uses again
+    assert existing_export(tmp_path / "a", n, fmt, seed=4) is None and existing_export(tmp_path / "a", n + 1, fmt, 3) is None
 
     cfg = load_config(DEFAULT_CONFIG)
     task = replace(cfg.task, label_column=export.label_column)
