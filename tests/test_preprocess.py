@@ -144,3 +144,57 @@ def test_bin_hours_must_divide_window():
 
     with pytest.raises(ConfigError, match="divide"):
         load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml", ["features.bin_hours=5"])
+
+
+def _reference_channels(raw: np.ndarray, features) -> np.ndarray:
+    """The channels as to_tensors built them before it wrote them into X in place (each
+    channel apart, then joined): the reference its output must equal bit for bit."""
+    from common.data.preprocess import _normalise
+
+    T = raw.shape[1]
+    observed = ~np.isnan(raw)
+    values = np.zeros_like(raw)
+    for j, spec in enumerate(features.variables):
+        col = raw[:, :, j]
+        values[:, :, j] = np.where(np.isnan(col), np.nan, _normalise(col, spec))
+    filled = values.copy()
+    for s in range(1, T):
+        carry = np.isnan(filled[:, s, :])
+        filled[:, s, :][carry] = filled[:, s - 1, :][carry]
+    filled = np.nan_to_num(filled, nan=0.0)
+    channels = [filled] + ([observed.astype(np.float32)] if features.observed_mask else [])
+    if features.time_since_last:
+        delta = np.zeros_like(raw)
+        since = np.zeros((raw.shape[0], raw.shape[2]), dtype=np.float32)
+        for s in range(T):
+            since = np.where(observed[:, s, :], 0.0, since + features.bin_hours)
+            delta[:, s, :] = since
+        channels.append(delta / features.delta_scale_hours)
+    return np.concatenate(channels, axis=2).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def first_stays(default_cfg, physionet_files):
+    """Set A's first 600 stays, read by every variable of the default config."""
+    from itertools import islice
+
+    from common.data.physionet import iter_stay_files, parse_stay
+    from common.data.records import ReadSummary
+
+    index = {v.name: i for i, v in enumerate(default_cfg.features.variables)}
+    return [parse_stay(src, name, raw, index, ReadSummary()) for src, name, raw in islice(iter_stay_files(physionet_files[0]), 600)]
+
+
+@pytest.mark.parametrize("mask, since", [(True, True), (False, True), (True, False), (False, False)])
+def test_channels_written_in_place_equal_the_joined_ones(default_cfg, first_stays, mask, since):
+    """Set A's first 600 stays: X bit for bit as before, whichever channels are on."""
+    from dataclasses import replace
+
+    from common.data.preprocess import binned_values, channels_of
+
+    features = replace(default_cfg.features, observed_mask=mask, time_since_last=since)
+    raw = binned_values(first_stays, features, PreprocessSummary())
+    assert np.isnan(raw).any() and not np.isnan(raw).all()
+    X = channels_of(raw, features)
+    assert X.shape == (600, 48, num_channels(features)) and X.dtype == np.float32
+    np.testing.assert_array_equal(X, _reference_channels(raw, features))
