@@ -57,8 +57,10 @@ INTERVAL_LEVEL = 0.99
 INTERVAL_COVERAGE = ("measured on 20 default runs (800 test patients, 4 hospitals, test epsilon 1), they held the "
                      "exact value in: AUROC 17, AUPRC 16, accuracy 14, sensitivity 19, specificity 11, F1 17, "
                      "Brier 18, event-1 18 of 20 runs")
-# The same measurement for secure aggregation's pooled sums (configs/secure.yaml)
-SECURE_INTERVAL_COVERAGE = "not yet measured for secure aggregation's sums"
+# The same measurement for secure aggregation's pooled sums (configs/secure.yaml, min_honest 2)
+SECURE_INTERVAL_COVERAGE = ("measured on 20 secure-aggregation runs (configs/secure.yaml: 800 test patients, 4 "
+                            "hospitals, test epsilon 1, min_honest 2), they held the exact value in: AUROC 19, AUPRC 16, "
+                            "accuracy 20, sensitivity 20, specificity 17, F1 19, Brier 20, event-1 18 of 20 runs")
 
 
 def interval_coverage(aggregation: str) -> str:
