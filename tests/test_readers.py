@@ -279,3 +279,37 @@ def test_the_fast_physionet_loop_equals_the_reference_on_odd_lines(default_cfg, 
     else:
         _same_stay(fast, ref)
     assert fast_summary == ref_summary
+
+
+# A long-format export is read a chunk at a time (records.stream_lines) and must give
+# exactly the lines reading it whole gives: every kind of line break splitlines knows, a
+# CR LF pair at a chunk's edge, a byte-order mark, multi-byte characters, and a byte that is
+# not UTF-8 named at the same line.
+_PIECES = st.sampled_from(["a", "1,2.5,HR,80", "é", "€", "\n", "\r\n", "\r", "\x0b", "\x1c", "\x85", "\u2028", ",", "\"", ""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(_PIECES, max_size=40), bom=st.booleans(), chunk=st.integers(1, 9))
+def test_streamed_lines_are_the_lines_of_the_whole_file(tmp_path_factory, pieces, bom, chunk):
+    from common.data.records import decode_lines, stream_lines
+
+    raw = (b"\xef\xbb\xbf" if bom else b"") + "".join(pieces).encode()
+    path = tmp_path_factory.mktemp("lines") / "events.csv"
+    path.write_bytes(raw)
+    assert list(stream_lines(path, "events.csv", chunk_bytes=chunk)) == decode_lines(raw, "events.csv")
+
+
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(_PIECES, min_size=1, max_size=30), at=st.integers(0, 30), chunk=st.integers(1, 9))
+def test_a_byte_that_is_not_utf8_is_named_at_the_same_line_when_streamed(tmp_path_factory, pieces, at, chunk):
+    from common.data.records import decode_lines, stream_lines
+
+    text = "".join(pieces).encode()
+    raw = text[: at] + b"\xff" + text[at:]
+    path = tmp_path_factory.mktemp("bad") / "events.csv"
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as whole:
+        decode_lines(raw, "events.csv")
+    with pytest.raises(DataError) as streamed:
+        list(stream_lines(path, "events.csv", chunk_bytes=chunk))
+    assert str(streamed.value) == str(whole.value)

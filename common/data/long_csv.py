@@ -14,19 +14,21 @@ the column; no message carries a value from the file.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
-from .records import DataError, ReadSummary, Stay, StayBuilder, csv_rows, decode_lines, natural_key, parse_number
+from .records import DataError, ReadSummary, Stay, StayBuilder, csv_rows, natural_key, parse_number, stream_lines
 
 EVENT_COLUMNS = ("stay_id", "time_hours", "variable", "value")
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
+def _read_lines(path: Path, what: str) -> Iterator[str]:
+    """The file's lines, read a chunk at a time (``records.stream_lines``)."""
     if not path.exists():
         raise DataError(str(path), f"{what} not found")
     if path.is_dir():
         raise DataError(str(path), f"{what} must be a CSV file, not a folder")
-    return decode_lines(path.read_bytes(), str(path))
+    return stream_lines(path, str(path))
 
 
 def _header(rows, path: Path, what: str) -> list[str]:

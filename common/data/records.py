@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import math
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -75,6 +77,41 @@ def decode_lines(raw: bytes, source: str) -> list[str]:
     return text.splitlines()
 
 
+CHUNK_BYTES = 1 << 24  # a large file is decoded and split this much at a time
+
+
+def stream_lines(path: Path, source: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """The lines of a UTF-8 file, exactly as :func:`decode_lines` gives them, without
+    holding its whole text or a list of all its lines (a 100,000-stay long-format export
+    is 1.2 GB of text in 44 million lines: a list of them took more memory than the
+    stays). Each chunk ends just after a newline, so no line (nor a CR LF pair) is split
+    between two, and splitting each chunk gives the same lines as splitting the whole; a
+    byte that is not UTF-8 is the same error, naming the same line."""
+    with open(path, "rb") as f:
+        carry, lines_before, first = b"", 0, True
+        while True:
+            block = f.read(chunk_bytes)
+            data = carry + block
+            if not block:
+                chunk, carry = data, b""
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # no newline yet: read on
+                    carry = data
+                    continue
+                chunk, carry = data[:cut], data[cut:]
+            try:
+                text = chunk.decode("utf-8-sig" if first else "utf-8")
+            except UnicodeDecodeError as exc:
+                line = lines_before + chunk[: exc.start].count(b"\n") + 1
+                raise DataError(source, "is not UTF-8 text; export the file as UTF-8", line=line) from None
+            first = False
+            lines_before += chunk.count(b"\n")
+            yield from text.splitlines()
+            if not block:
+                return
+
+
 def csv_rows(lines: Iterable[str], source: str) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) of CSV text; a malformed row (a stray quote, a field over
     the csv module's limit) is an error naming its line."""
@@ -103,9 +140,11 @@ class StayBuilder:
     def __init__(self, var_index: dict[str, int], summary: ReadSummary):
         self.var_index, self.summary = var_index, summary
         self.static: dict[str, float] = {}
-        self.times: list[float] = []
-        self.vars: list[int] = []
-        self.values: list[float] = []
+        # typed arrays, not lists: a list holds a float object per value (about 72 bytes an
+        # observation against 18), and a long-format export keeps every stay open at once
+        self.times = array("d")
+        self.vars = array("i")
+        self.values = array("d")
 
     def descriptor(self, name: str, value: float) -> None:
         if not math.isfinite(value):
