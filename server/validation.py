@@ -102,7 +102,10 @@ def check_train_reply(
         raise ReplyRejected(f"weight keys differ from the global model (missing {missing}, unexpected {extra})")
     squared = 0.0
     for key, (shape, _dtype) in layout.items():
-        arr = arrays[key].numpy()
+        try:
+            arr = arrays[key].numpy()
+        except Exception as exc:  # noqa: BLE001 - numpy's reader raises EOFError, BadZipFile, ... on forged bytes
+            raise ReplyRejected(f"weight '{key}' cannot be read as an array ({exc.__class__.__name__})") from None
         if tuple(arr.shape) != shape:
             raise ReplyRejected(f"weight '{key}' has shape {tuple(arr.shape)}, expected {shape}")
         if not np.issubdtype(arr.dtype, np.floating):

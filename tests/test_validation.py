@@ -158,3 +158,20 @@ def test_server_momentum_moves_the_model_by_the_momentum_of_averaged_updates(tmp
     for mine, theirs in zip(restored.base.momentum_vector, coord.aggregator.base.momentum_vector, strict=True):
         np.testing.assert_array_equal(mine, theirs)
     assert list(restored.base.current_arrays.keys()) == list(coord.arrays.keys())
+
+
+@pytest.mark.parametrize("forged", [b"", b"PK\x03\x04 not a zip", b"\x93NUMPY garbage"])
+def test_weights_whose_bytes_numpy_cannot_read_are_rejected_not_raised(forged):
+    """A hostile hospital's array bytes make numpy's reader raise EOFError, BadZipFile or
+    ValueError; the reply is rejected with a reason and the coordinator carries on."""
+    from flwr.app import Array
+
+    cfg = small_cfg()
+    arrays = initial_arrays(cfg)
+    layout = expected_layout(arrays)
+    reply = train_reply(1, {k: v.numpy().copy() for k, v in arrays.items()})
+    key = next(iter(layout))
+    good = reply.content[M.ARRAYS][key]
+    reply.content[M.ARRAYS][key] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=forged)
+    with pytest.raises(ReplyRejected, match="cannot be read as an array"):
+        check_train_reply(reply, layout, arrays, cfg, read_ledger(reply, "h"), RUN_ID, 1)
