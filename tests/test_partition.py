@@ -99,3 +99,30 @@ def test_dirichlet_partition_of_many_hospitals_leaves_none_empty(full_dataset):
     assert len(hospitals) == 500 and min(len(h.all) for h in hospitals) >= 4
     assert max(len(h.all) for h in hospitals) > 3 * 8  # still uneven: sizes are skewed too
     _check_cover(hospitals, 4000)
+
+
+def test_train_fraction_keeps_a_nested_stratified_share_and_leaves_validation_and_test_whole(full_dataset):
+    # simulations.data_size grows the training data of the same hospitals: a smaller share
+    # must be a subset of a larger one, each class kept in its share, and the held-out
+    # patients the same, or the curve would compare different test sets.
+    def split(fraction):
+        cfg = load_config(DEFAULT_CONFIG, ["split.folds=5", "split.fold=1", f"split.train_fraction={fraction}"])
+        return {h.name: h for h in make_partition(full_dataset, cfg)}
+
+    whole, half, fifth = split(1.0), split(0.5), split(0.2)
+    y = full_dataset.y
+    for name, h in whole.items():
+        assert np.array_equal(half[name].val, h.val) and np.array_equal(half[name].test, h.test)
+        assert set(fifth[name].train) <= set(half[name].train) <= set(h.train)
+        for k in (0, 1):
+            n = int((y[h.train] == k).sum())
+            assert int((y[half[name].train] == k).sum()) == max(1, round(n * 0.5))
+            assert int((y[fifth[name].train] == k).sum()) == max(1, round(n * 0.2))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_train_fraction_outside_0_1_is_refused_naming_the_key(fraction):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train_fraction"):
+        load_config(DEFAULT_CONFIG, [f"split.train_fraction={fraction}"])

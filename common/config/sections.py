@@ -167,12 +167,16 @@ class SplitSection:
     # stays (so `folds` runs test every stay once); validation is `val` of the rest.
     folds: int
     fold: int
+    # < 1: each hospital trains on this stratified share of its training split (nested:
+    # a smaller share is a subset of a larger one); validation and test stay whole.
+    train_fraction: float = 1.0
 
     def validate(self, check: Check) -> None:
         fractions = (self.train, self.val, self.test)
         check(min(fractions) >= 0 and abs(sum(fractions) - 1) <= 1e-6, "", "fractions must be non-negative and add up to 1")
         check(self.train > 0, "train", "must be positive")
         check(self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds), "fold", "must be in [0, folds)")
+        check(0 < self.train_fraction <= 1, "train_fraction", "must be in (0, 1]")
 
 
 @dataclass

@@ -151,9 +151,25 @@ def split_hospital(name: str, indices: np.ndarray, y: np.ndarray, cfg: Experimen
         val_share = cfg.split.val / (cfg.split.train + cfg.split.val)
         within = replace(cfg.split, train=1 - val_share, val=val_share, test=0.0)
         train, val, _ = stratified_split(rest, y, within, _rng(cfg.run.seed, cfg.split.seed, "fold", cfg.split.fold, name))
-        return HospitalSplit(name=name, train=train, val=val, test=test)
-    train, val, test = stratified_split(indices, y, cfg.split, rng)
+    else:
+        train, val, test = stratified_split(indices, y, cfg.split, rng)
+    train = training_subsample(train, y, cfg.split.train_fraction, _rng(cfg.run.seed, cfg.split.seed, "subsample", name))
     return HospitalSplit(name=name, train=train, val=val, test=test)
+
+
+def training_subsample(train: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """``fraction`` of each class of ``train`` (at least one stay of a class that has any).
+
+    Each class is put in one seeded order and its first stays are kept, so with the same
+    seed a smaller fraction is a subset of a larger one: a curve over fractions adds stays
+    to the same hospitals instead of drawing new ones."""
+    if fraction >= 1:
+        return train
+    kept = []
+    for k in np.unique(y[train]):
+        members = rng.permutation(train[y[train] == k])
+        kept.append(members[: max(1, int(round(len(members) * fraction)))])
+    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else train
 
 
 def fold_of(indices: np.ndarray, y: np.ndarray, folds: int, fold: int, rng: np.random.Generator) -> np.ndarray:

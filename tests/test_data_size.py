@@ -1,0 +1,77 @@
+"""The data-size curve (simulations.data_size): the crossover read from paired differences,
+and a real tiny run of both configs on the same fold at two sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from simulations.data_size import SizeRun, crossover, markdown, summarize
+from tests.conftest import ROOT
+
+SIZES = [125] * 5 + [250] * 5 + [500] * 5 + [1000] * 5
+
+
+def _differences(intercept: float, per_doubling: float, noise: float, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [intercept + per_doubling * math.log2(n / 125) + rng.normal(0, noise) for n in SIZES]
+
+
+def test_a_rising_line_crosses_zero_where_it_was_drawn_and_the_interval_holds_it():
+    # -0.06 at 125 stays, +0.02 per doubling: zero at 125 * 2^3 = 1,000 stays per hospital.
+    c = crossover(SIZES, _differences(-0.06, 0.02, 0.005))
+    assert c.stays_per_hospital == pytest.approx(1000, rel=0.15)
+    assert c.interval[0] < 1000 < c.interval[1]
+    assert c.slope == pytest.approx(0.02, abs=0.004) and c.rising_share == 1.0
+    assert not c.extrapolated or c.stays_per_hospital > 1000
+
+
+def test_a_crossing_past_the_largest_size_is_marked_as_an_extrapolation():
+    c = crossover(SIZES, _differences(-0.08, 0.01, 0.005))  # zero at 125 * 2^8 = 32,000
+    assert c.stays_per_hospital > c.largest_measured == pytest.approx(1000)
+    assert c.extrapolated
+
+
+def test_a_flat_or_falling_difference_has_no_crossover_and_says_so():
+    for slope in (0.0, -0.01):
+        c = crossover(SIZES, _differences(-0.03, slope, 0.01, seed=3))
+        if c.slope <= 0:
+            assert c.stays_per_hospital is None and c.interval is None and c.extrapolated
+    runs = [SizeRun(cfg, str(n), 1.0, i % 5, n * 4, 4, 0.8 + (0.0 if cfg == "a.yaml" else -0.03 - 0.001 * i), 1.0)
+            for i, n in enumerate(SIZES) for cfg in ("a.yaml", "b.yaml")]
+    text = markdown(summarize(runs, ["a.yaml", "b.yaml"]), runs=5)
+    assert "no crossover can be read" in text
+
+
+def test_summary_pairs_each_fold_with_itself():
+    runs = [SizeRun("a.yaml", "all", 1.0, f, 2800, 4, 0.80 + 0.01 * f, 10.0) for f in range(3)]
+    runs += [SizeRun("b.yaml", "all", 1.0, f, 2800, 4, 0.78 + 0.01 * f, 30.0) for f in range(3)]
+    row = summarize(runs, ["a.yaml", "b.yaml"])["sizes"][0]
+    assert row["difference"][0] == pytest.approx(-0.02) and row["difference"][1] == pytest.approx(0.0, abs=1e-12)
+    assert row["stays_per_hospital"] == 700 and row["paired_runs"] == 3
+
+
+@pytest.mark.slow
+def test_both_configs_run_on_the_same_fold_at_two_sizes(tmp_path, physionet_files):
+    out = tmp_path / "size"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.data_size", "--runs", "1", "--train-stays", "100,all", "--out", str(out),
+         "--set", "run.rounds=2", "--set", "data.max_stays=400", "--set", "evaluation.validate_every=0"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "data_size.json").read_text())
+    runs = result["runs"]
+    assert [(r["target"], r["config"]) for r in runs] == [
+        ("100", "configs/default.yaml"), ("100", "configs/trained-gru.yaml"),
+        ("all", "configs/default.yaml"), ("all", "configs/trained-gru.yaml")]
+    small, whole = runs[0]["training_stays"], runs[2]["training_stays"]
+    assert small == pytest.approx(100, abs=8) and whole > small  # stratified rounding per class and hospital
+    assert all(0 <= r["auroc"] <= 1 for r in runs)
+    assert "crossover" in result["summary"] and (out / "data_size.md").read_text().count("\n|") >= 3
