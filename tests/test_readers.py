@@ -313,3 +313,84 @@ def test_a_byte_that_is_not_utf8_is_named_at_the_same_line_when_streamed(tmp_pat
     with pytest.raises(DataError) as streamed:
         list(stream_lines(path, "events.csv", chunk_bytes=chunk))
     assert str(streamed.value) == str(whole.value)
+
+
+# The long-format reader's per-line loop is also written for speed (the current stay kept
+# across its rows, float() called directly); this is the straightforward loop it replaced.
+
+
+def _reference_read_long_csv(path, variables, static_names, summary):
+    import math
+
+    from common.data.long_csv import EVENT_COLUMNS, _header, _missing_columns, _read_lines
+    from common.data.records import StayBuilder, csv_rows, natural_key, parse_number
+
+    var_index = {name: i for i, name in enumerate(variables)}
+    statics = set(static_names)
+    rows = csv_rows(_read_lines(path, "events file"), str(path))
+    header = _header(rows, path, "events file")
+    if any(c not in header for c in EVENT_COLUMNS):
+        raise _missing_columns(path, header, list(EVENT_COLUMNS))
+    col = {name: header.index(name) for name in EVENT_COLUMNS}
+    width = len(header)
+    per_stay = {}
+    for lineno, row in rows:
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != width:
+            raise DataError(str(path), f"expected {width} fields, found {len(row)}", line=lineno)
+        stay_id = row[col["stay_id"]].strip()
+        if not stay_id:
+            raise DataError(str(path), "stay id is empty", line=lineno, column="stay_id")
+        name = row[col["variable"]].strip()
+        if not name:
+            raise DataError(str(path), "variable name is empty", line=lineno, column="variable")
+        try:
+            t = parse_number(row[col["time_hours"]])
+        except ValueError:
+            raise DataError(str(path), "time is not a number", line=lineno, column="time_hours") from None
+        if not math.isfinite(t) or t < 0:
+            raise DataError(str(path), "time must be a finite number of hours >= 0", line=lineno, column="time_hours")
+        try:
+            v = parse_number(row[col["value"]])
+        except ValueError:
+            raise DataError(str(path), "value is not a number", line=lineno, column="value") from None
+        stay = per_stay.setdefault(stay_id, StayBuilder(var_index, summary))
+        summary.lines += 1
+        if name in statics and name not in stay.static:
+            stay.descriptor(name, v)
+        else:
+            stay.observation(name, t, v)
+    summary.files += 1
+    if not per_stay:
+        raise DataError(str(path), "holds no observations after its header", line=2)
+    return [per_stay[stay_id].build(stay_id) for stay_id in sorted(per_stay, key=natural_key)]
+
+
+ODD_EVENTS = ["1,0,Age,70", "1,0,Age,71", "1,0.5,HR,80", "1, 1.5 , HR , 82 ", "2,0,HR,90", "2,3,Temp,inf", "2,4,HR,nan",
+              "10,1,Foo,3", "2,1e1,GCS,15", "1,-0,HR,70", "1,-1,HR,70", "1,nan,HR,70", "1,inf,HR,1", "1,x,HR,1",
+              "1,1,HR,x", "1,1,,1", ",1,HR,1", "1,1,HR", "1,1,HR,1,2", ",,,", "", " ", "3,2,Weight,80", "3,0,Weight,81",
+              "1,1_0,HR,7", "1,2,HR,\"8\"", "2,5,MechVent,1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ODD_EVENTS), max_size=14))
+def test_the_fast_long_csv_loop_equals_the_reference_on_odd_and_interleaved_lines(default_cfg, tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("long") / "events.csv"
+    path.write_text("\n".join(["stay_id,time_hours,variable,value", *lines]) + "\n")
+    statics = [x.name for x in default_cfg.features.static]
+    results = []
+    for read in (read_long_csv, _reference_read_long_csv):
+        summary = ReadSummary()
+        try:
+            results.append((read(path, _var_names(default_cfg), statics, summary), summary))
+        except DataError as exc:
+            results.append((str(exc), None))  # an error ends the read: only its message is compared
+    (fast, fast_summary), (ref, ref_summary) = results
+    if isinstance(ref, str):
+        assert fast == ref
+    else:
+        assert len(fast) == len(ref)
+        for a, b in zip(fast, ref):
+            _same_stay(a, b)
+        assert fast_summary == ref_summary
