@@ -1,5 +1,6 @@
 """The hospital's own commands (``fedgru hospital ...``): make its folder, approve an
-app version, serve its SuperNode, and show what it has spent."""
+app version, list the hospitals it aggregates with, serve its SuperNode, and show what it
+has spent."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from common.messages import Mechanism, Split
 from common.metrics import format_number
 
 from . import export as exports
-from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder
+from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder, write_settings
 from .ledger_store import FileLedgerStore
+from .peer_keys import public_key_of
 
 
 def init(
@@ -101,6 +103,34 @@ def approve(folder_path: Path, project: Path | None, note: str) -> str:
     digest = app_hash(project)
     folder.approve(digest, note)
     return f"{folder.name} approves app {digest} ({project or 'the installed fedgru'})"
+
+
+def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
+    """List another hospital in this one's ``policy.peer_keys``: from then on, in secure
+    aggregation, every other participant must be a listed hospital (``client.peer_keys``).
+    The key file is that hospital's ``<name>.pub``, received from its staff, not from the
+    coordinator."""
+    folder = HospitalFolder(folder_path, registered=False)
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise FolderError(f"hospital name {name!r}: use letters, digits, '-' and '_' only")
+    if name == folder.name:
+        raise FolderError(f"{name} is this hospital: list the others")
+    try:
+        line = key_file.read_text().strip()
+    except OSError as exc:
+        raise FolderError(f"{key_file}: cannot be read ({exc.strerror})") from None
+    try:
+        public_key_of(line)
+    except ValueError as exc:
+        raise FolderError(f"{key_file}: {exc}") from None
+    settings = folder.settings
+    before = settings.policy.peer_keys.get(name)
+    settings.policy.peer_keys = {**settings.policy.peer_keys, name: line}
+    write_settings(folder.path, settings)
+    verb = "kept" if before == line else "replaced" if before else "added"
+    return (f"{folder.name}: {name} {verb} in policy.peer_keys ({len(settings.policy.peer_keys)} hospitals listed). "
+            "In secure aggregation this hospital now refuses a round in which any other participant is not a "
+            "listed hospital.")
 
 
 def serve(folder_path: Path, runtime_address: str, poll_s: float, task_timeout_s: float = 6 * 3600) -> None:

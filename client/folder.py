@@ -39,6 +39,7 @@ from common.ledger import Ledger
 from common.messages import Split
 from common.typed import TypedDataError, build
 
+from .peer_keys import SigningKey, load_signing_key
 from .policy import Policy, SplitFractions, default_policy  # noqa: F401 - default_policy: hospital init writes it
 
 SETTINGS_FILE = "hospital.yaml"
@@ -110,7 +111,10 @@ class HospitalFolder:
             self.settings: HospitalSettings = build(HospitalSettings, raw, str(settings_file))
         except (yaml.YAMLError, TypedDataError) as exc:
             raise FolderError(f"{settings_file}: {exc}") from None
-        self.settings.policy.validate(str(settings_file))
+        try:
+            self.settings.policy.validate(str(settings_file))
+        except ValueError as exc:  # a policy the staff edited by hand: an error naming the key, not a traceback
+            raise FolderError(str(exc)) from None
         if self.settings.policy.allow_without_dp:
             raise FolderError(f"{settings_file}: 'policy.allow_without_dp' is for simulations; a hospital never sets it")
         if not self.secret_file.is_file():
@@ -171,6 +175,14 @@ class HospitalFolder:
     def ledger_file(self) -> Path:
         return self.path / LEDGER_FILE
 
+    def signing_key(self) -> SigningKey:
+        """The hospital's own long-term key (``<name>.key``, its SuperNode key): it signs the
+        round keys of secure aggregation (``client.peer_keys``)."""
+        path = self.path / f"{self.name}.key"
+        if not path.is_file():
+            raise FolderError(f"{path} is missing: restore it from backup (it is this hospital's identity)")
+        return load_signing_key(path)
+
     def secret(self, purpose: str) -> bytes:
         """A key for one purpose, derived from the folder's secret (so a leaked ledger
         key says nothing about the split, and the other way round)."""
@@ -222,6 +234,7 @@ POLICY_COMMENTS = {
     "max_micro_batch": "examples whose per-example gradients are held at once (memory)",
     "min_honest": "secure aggregation: the fewest hospitals whose noise it counts on, itself included",
     "max_epsilon_alone": "secure aggregation: the epsilon its own noise alone must keep if all others collude",
+    "peer_keys": "secure aggregation: hospitals accepted in a sum, name: its <name>.pub line ({}: any)",
 }
 
 
@@ -268,6 +281,10 @@ def _settings_yaml(settings: HospitalSettings) -> str:
     lines.append("policy:")
     for key, value in plain["policy"].items():
         if key == "allow_without_dp":
+            continue
+        if key == "peer_keys" and value:  # a key line each: they are long
+            lines.append(f"  {key + ':':<42} # {POLICY_COMMENTS[key]}")
+            lines += ["    " + yaml.safe_dump({name: line}, width=1000).strip() for name, line in value.items()]
             continue
         text = yaml.safe_dump({key: value}, default_flow_style=True, width=1000, sort_keys=False).strip()[1:-1]
         lines.append(f"  {text:<42} # {POLICY_COMMENTS[key]}")

@@ -112,6 +112,12 @@ class Node:
             return self.folder.policy
         return Policy.for_simulation(self.simulation, self.name, self.declared.train)
 
+    def signing_key(self):
+        """A deployed hospital's own key, which signs its secure-aggregation round keys;
+        None for a simulated one (the simulation's hospitals share one machine and no
+        coordinator can stand between them)."""
+        return self.folder.signing_key() if self.folder is not None else None
+
     @property
     def accountant(self) -> str:
         """The accountant the hospital's own ledger decides budgets with."""

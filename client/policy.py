@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from common.config import ExperimentConfig
 from common.messages import Split
 
+from .peer_keys import public_key_of
+
 # A policy written before these limits existed gets them (client.folder writes them out).
 DEFAULT_MAX_MODEL_PARAMETERS = 1_000_000  # the default model has a few hundred weights; a stacked GRU 128/64 ~90,000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
@@ -77,6 +79,11 @@ class Policy:
     # hospital colluded with the coordinator.
     min_honest: int = DEFAULT_MIN_HONEST
     max_epsilon_alone: float = DEFAULT_MAX_EPSILON_ALONE
+    # Secure aggregation: the hospitals this one accepts in a sum, name -> the line of its
+    # <name>.pub, exchanged between hospitals, never through the coordinator
+    # (client.peer_keys). Every other participant's round keys must then be signed by one of
+    # them; {}: the coordinator is trusted to pass the round keys on unchanged.
+    peer_keys: dict[str, str] = field(default_factory=dict)
     allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
 
     def validate(self, where: str) -> None:
@@ -102,6 +109,11 @@ class Policy:
         for ok, key, why in problems:
             if not ok:
                 raise ValueError(f"{where}: 'policy.{key}' {why}")
+        for name, line in self.peer_keys.items():
+            try:
+                public_key_of(str(line))
+            except ValueError as exc:
+                raise ValueError(f"{where}: 'policy.peer_keys.{name}' {exc}") from None
 
     # -- what a message may ask for ---------------------------------------------------
     def check_training(self, cfg: ExperimentConfig) -> None:

@@ -11,6 +11,11 @@ protocol does not allow, whatever the coordinator says:
   ``min_honest`` (t hospitals can unmask a sum without this one, so t is the fewest
   hospitals a sum can hold);
 - its own public keys changed, keys repeated, or participants that were not announced;
+- with ``peer_keys`` in its policy (``client.peer_keys``): another participant's round keys
+  without a valid signature of a hospital the policy lists, or one hospital under two nodes;
+- shares from a hospital that was asked for other round settings (participants, threshold,
+  noise variance, scale) than this one: each hospital's encrypted shares carry a digest of
+  what it was asked, so a coordinator cannot ask one hospital for less noise than the rest;
 - an unmask that names a hospital as both present and absent, arrives twice, or leaves
   fewer than ``max(t, min_honest)`` hospitals in the sum (it would leave this hospital's
   vector with too little of the others' noise).
@@ -23,6 +28,7 @@ same whatever the data (``tests/test_secagg.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -39,7 +45,11 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from common.secagg import Stage, b64, mask, pair_seed, pair_sign, to_ring, unb64
+from common.secagg import Stage, b64, keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+
+from .peer_keys import SigningKey, public_key_of, sign, verifies
+
+DIGEST_BYTES = 32  # the round settings' SHA-256 digest that leads every encrypted share
 
 
 def fresh_secret() -> bytes:
@@ -72,11 +82,21 @@ class Participant:
     received: dict[str, list[str]] = field(default_factory=dict)  # src -> [b share, sk share]
     senders: list[int] = field(default_factory=list)  # U2: hospitals whose shares reached this one (and itself)
     vector_sent: bool = False
+    # Signed round keys (client.peer_keys): the run they are bound to, this hospital's name
+    # and signature, and the policy's peers (name -> OpenSSH public key; {}: keys unsigned
+    # and unchecked, the coordinator trusted to pass them on unchanged)
+    run_id: str = ""
+    name: str = ""
+    signature: str = ""
+    peer_keys: dict[str, str] = field(default_factory=dict)
+    peers: dict[str, str] = field(default_factory=dict)  # node -> the listed hospital its keys are signed by
+    agreed: str = ""  # hex digest of the round's settings as the coordinator put them to this hospital
 
     # -- stage 1 -------------------------------------------------------------------
     @classmethod
-    def setup(cls, node_id: int, server_round: int, participants: list[int], threshold: int, min_honest: int
-              ) -> Participant:
+    def setup(cls, node_id: int, server_round: int, participants: list[int], threshold: int, min_honest: int,
+              run_id: str = "", name: str = "", signing_key: SigningKey | None = None,
+              peer_keys: dict[str, str] | None = None) -> Participant:
         people = sorted(set(participants))
         n = len(people)
         if len(people) != len(participants):
@@ -100,20 +120,35 @@ class Participant:
         sk2, pk2 = generate_key_pairs()
         me.sk1, me.pk1 = b64(private_key_to_bytes(sk1)), b64(public_key_to_bytes(pk1))
         me.sk2, me.pk2 = b64(private_key_to_bytes(sk2)), b64(public_key_to_bytes(pk2))
+        me.run_id, me.name, me.peer_keys = run_id, name, dict(peer_keys or {})
+        if signing_key is not None:
+            me.signature = sign(signing_key, keys_to_sign(run_id, server_round, node_id, me.pk1, me.pk2))
         return me
 
+    def my_keys(self) -> str:
+        """The setup reply's keys: ``pk1:pk2``, with ``:name:signature`` when signed."""
+        return f"{self.pk1}:{self.pk2}:{self.name}:{self.signature}" if self.signature else f"{self.pk1}:{self.pk2}"
+
     # -- stage 2 -------------------------------------------------------------------
-    def share_keys(self, public_keys: dict[int, tuple[str, str]]) -> dict[int, str]:
-        """Shares of ``b`` and of the mask key, each encrypted for its hospital."""
+    def share_keys(self, public_keys: dict[int, tuple[str, ...]], settings: str = "") -> dict[int, str]:
+        """Shares of ``b`` and of the mask key, each encrypted for its hospital.
+        ``public_keys``: node -> (pk1, pk2) or (pk1, pk2, name, signature); ``settings``:
+        what the coordinator asked of this hospital (``common.secagg.agreed_settings``),
+        sent to every other hospital with the shares for it to compare."""
         self._expect(Stage.SETUP, Stage.SHARE_KEYS)
         if not set(public_keys) <= set(self.participants) or len(public_keys) < self.threshold:
             raise SecAggRefusal("the public keys name hospitals that are not participants, or fewer than the threshold")
-        if tuple(public_keys.get(self.node_id, ())) != (self.pk1, self.pk2):
+        if any(len(v) not in (2, 4) for v in public_keys.values()):
+            raise SecAggRefusal("each hospital's keys must be pk1:pk2 or pk1:pk2:name:signature")
+        if tuple(public_keys.get(self.node_id, ()))[:2] != (self.pk1, self.pk2):
             raise SecAggRefusal("the coordinator changed this hospital's own public keys")
-        flat = [k for pair in public_keys.values() for k in pair]
+        flat = [k for keys in public_keys.values() for k in keys[:2]]
         if len(set(flat)) != len(flat):
             raise SecAggRefusal("two public keys are the same")
-        self.public_keys = {str(k): list(v) for k, v in public_keys.items()}
+        if self.peer_keys:
+            self.peers = self._authenticated(public_keys)
+        self.public_keys = {str(k): list(v[:2]) for k, v in public_keys.items()}
+        self.agreed = self._digest(settings)
         b = fresh_secret()
         self.b = b64(b)
         holders = sorted(public_keys)
@@ -125,7 +160,7 @@ class Participant:
                 self.own_b_share, self.own_sk_share = b64(b_share), b64(sk_share)
                 continue
             key = self._channel_key(holder)
-            plain = share_keys_plaintext_concat(self.node_id, holder, b_share, sk_share)
+            plain = bytes.fromhex(self.agreed) + share_keys_plaintext_concat(self.node_id, holder, b_share, sk_share)
             out[holder] = b64(encrypt(key, plain))
         return out
 
@@ -143,9 +178,13 @@ class Participant:
                 plain = decrypt(self._channel_key(src), unb64(text))
             except Exception:  # noqa: BLE001 - any failure to decrypt is the same refusal
                 raise SecAggRefusal(f"the shares said to be from node {src} do not decrypt with its key") from None
+            digest, plain = plain[:DIGEST_BYTES], plain[DIGEST_BYTES:]
             got_src, got_dst, b_share, sk_share = share_keys_plaintext_separate(plain)
             if (got_src, got_dst) != (src, self.node_id):
                 raise SecAggRefusal(f"the shares said to be from node {src} name another sender or recipient")
+            if digest.hex() != self.agreed:
+                raise SecAggRefusal(f"node {src} was asked for other round settings (participants, threshold, noise "
+                                    "or scale) than this hospital: the coordinator must ask every hospital alike")
             self.received[str(src)] = [b64(b_share), b64(sk_share)]
         self.senders = sorted([*ciphertexts, self.node_id])
 
@@ -182,6 +221,30 @@ class Participant:
         return out
 
     # -- helpers -------------------------------------------------------------------
+    def _digest(self, settings: str) -> str:
+        whole = json.dumps({"run": self.run_id, "round": self.server_round, "participants": self.participants,
+                            "threshold": self.threshold, "settings": settings}, sort_keys=True)
+        return hashlib.sha256(whole.encode()).hexdigest()
+
+    def _authenticated(self, public_keys: dict[int, tuple[str, ...]]) -> dict[str, str]:
+        """Node -> the listed hospital whose signature each other participant's keys carry;
+        a refusal for any that carries none, or a hospital named twice (or as this one)."""
+        peers: dict[str, str] = {}
+        for node, keys in sorted(public_keys.items()):
+            if node == self.node_id:
+                continue
+            name, signature = keys[2:] if len(keys) == 4 else ("", "")
+            public = self.peer_keys.get(name)
+            if public is None or not verifies(public_key_of(public), keys_to_sign(
+                    self.run_id, self.server_round, node, keys[0], keys[1]), signature):
+                raise SecAggRefusal(
+                    f"node {node}'s keys carry no valid signature of a hospital this hospital's policy lists "
+                    "(policy peer_keys): a coordinator could otherwise put keys of its own in a hospital's place")
+            if name == self.name or name in peers.values():
+                raise SecAggRefusal(f"hospital '{name}' takes part twice (or as this hospital) in one round")
+            peers[str(node)] = name
+        return peers
+
     def _expect(self, previous: Stage, now: Stage) -> None:
         if self.stage != previous.value:
             raise SecAggRefusal(f"'{now.value}' came after '{self.stage}'; the protocol's order is setup, "

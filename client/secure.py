@@ -260,6 +260,30 @@ def ints_of(config: ConfigRecord, key: str) -> list[int]:
         raise SecAggRefusal(f"'{key}' must be a list of node ids") from None
 
 
+def start_round(req: Request, context: Context, config: ConfigRecord, server_round: int, min_honest: int
+                ) -> Participant:
+    """This hospital's setup for ``server_round``: fresh keys, signed with its own key when
+    it is a deployed hospital, checked later against its policy's ``peer_keys``."""
+    return Participant.setup(int(context.node_id), server_round, ints_of(config, S.PARTICIPANTS),
+                             int(config.get(S.THRESHOLD, 0)), min_honest, run_id=req.run_id, name=req.node.name,
+                             signing_key=req.node.signing_key(), peer_keys=req.policy.peer_keys)
+
+
+def public_keys_of(config: ConfigRecord) -> dict[int, tuple[str, ...]]:
+    """The share-keys stage's keys: node -> (pk1, pk2) or (pk1, pk2, name, signature)."""
+    try:
+        rows = [line.split(":") for line in str(config[S.PUBLIC_KEYS]).splitlines() if line]
+        keys = {int(row[0]): tuple(row[1:]) for row in rows if len(row) in (3, 5)}
+    except KeyError:
+        raise SecAggRefusal(f"'{S.PUBLIC_KEYS}' is missing") from None
+    except ValueError:
+        raise SecAggRefusal(f"'{S.PUBLIC_KEYS}' must name a node id on each line") from None
+    if len(keys) != len(rows):
+        raise SecAggRefusal(f"'{S.PUBLIC_KEYS}' must have node:pk1:pk2 or node:pk1:pk2:name:signature a line, "
+                            "each node once")
+    return keys
+
+
 def lines_of(config: ConfigRecord, key: str, parts: int) -> list[list[str]]:
     try:
         rows = [line.split(":", parts - 1) for line in str(config[key]).splitlines() if line]
@@ -310,10 +334,9 @@ def _setup(req: Request, context: Context, config: ConfigRecord, s: SecureSettin
         log.warning("%s stops before round %d: %s", req.node.name, req.server_round, exc)
         return _reply(req, ReplyState.BUDGET_EXHAUSTED, ledger,
                       **{M.EPSILON: ledger.epsilon(), M.BUDGET: budget, M.DELTA: ledger.delta})
-    me = Participant.setup(int(context.node_id), req.server_round, ints_of(config, S.PARTICIPANTS),
-                           int(config.get(S.THRESHOLD, 0)), s.min_honest)
+    me = start_round(req, context, config, req.server_round, s.min_honest)
     _save(context, req, me)
-    return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required})
+    return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: me.my_keys(), S.REQUIRED_VARIANCE: required})
 
 
 def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureSettings) -> Message:
@@ -326,8 +349,7 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
     required = required_variance(SecureAsk.of(req), ledger, s)
     if not (math.isfinite(variance) and variance >= required * (1 - 1e-9)):
         raise SecAggRefusal(f"the noise variance {variance:.6g} is below the {required:.6g} this hospital requires")
-    keys = {int(node): (pk1, pk2) for node, pk1, pk2 in lines_of(config, S.PUBLIC_KEYS, 3)}
-    shares = me.share_keys(keys)
+    shares = me.share_keys(public_keys_of(config), S.agreed_settings(noise_variance=variance, scale=s.scale))
     _save(context, req, me, variance)
     return _reply(req, ReplyState.READY, None,
                   **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})
@@ -405,9 +427,8 @@ def _early_setup(req: Request, context: Context, config: ConfigRecord, s: Secure
         if upcoming != req.server_round + 1 or upcoming > req.cfg.run.rounds:
             return {}
         required = required_variance(replace(SecureAsk.of(req), server_round=upcoming), req.store.read(), s)
-        me = Participant.setup(int(context.node_id), upcoming, ints_of(config, S.PARTICIPANTS),
-                               int(config.get(S.THRESHOLD, 0)), s.min_honest)
+        me = start_round(req, context, config, upcoming, s.min_honest)
     except (PolicyRefusal, SecAggRefusal, TypeError, ValueError):
         return {}
     _save(context, req, me)
-    return {S.NEXT_ROUND: upcoming, S.MY_KEYS: f"{me.pk1}:{me.pk2}", S.REQUIRED_VARIANCE: required}
+    return {S.NEXT_ROUND: upcoming, S.MY_KEYS: me.my_keys(), S.REQUIRED_VARIANCE: required}

@@ -55,7 +55,16 @@ from .policy import PolicyRefusal
 from .replies import AfterReading, answer
 from .request import Request
 from .secagg import Participant, SecAggRefusal
-from .secure import ints_of, keep_plain_for_tests, lines_of, load_state, save_state, stage_request
+from .secure import (
+    ints_of,
+    keep_plain_for_tests,
+    lines_of,
+    load_state,
+    public_keys_of,
+    save_state,
+    stage_request,
+    start_round,
+)
 
 log = logging.getLogger("fedgru.client")
 
@@ -212,10 +221,9 @@ def answer_secure_evaluation(msg: Message, context: Context, simulation=None) ->
     required = required_variances(req, parts)
     try:
         if stage == S.Stage.SETUP:
-            me = Participant.setup(int(context.node_id), req.server_round, ints_of(config, S.PARTICIPANTS),
-                                   int(config.get(S.THRESHOLD, 0)), req.policy.min_honest)
+            me = start_round(req, context, config, req.server_round, req.policy.min_honest)
             save_state(context, req, me, STATE_KEY, what=_what(req))
-            return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: f"{me.pk1}:{me.pk2}", VARIANCES: required})
+            return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: me.my_keys(), VARIANCES: required})
         me, record = load_state(context, req, STATE_KEY)
         if str(record["what"]) != _what(req):
             raise SecAggRefusal("this stage asks for other releases than the session's setup did")
@@ -227,7 +235,8 @@ def answer_secure_evaluation(msg: Message, context: Context, simulation=None) ->
             if len(variances) != len(parts) or not all(
                     math.isfinite(v) and v >= r * (1 - 1e-9) for v, r in zip(variances, required)):
                 raise SecAggRefusal("the noise variances are fewer, or less, than this hospital requires")
-            shares = me.share_keys({int(node): (pk1, pk2) for node, pk1, pk2 in lines_of(config, S.PUBLIC_KEYS, 3)})
+            shares = me.share_keys(public_keys_of(config),
+                                   S.agreed_settings(noise_variances=variances, scale=float(config[S.SCALE])))
             save_state(context, req, me, STATE_KEY, what=_what(req), variances=variances)
             return _reply(req, ReplyState.READY, None,
                           **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})

@@ -187,7 +187,9 @@ RELEASES: tuple[Release, ...] = (
     ),
     SECAGG_RELEASE := Release(
         "secure aggregation keys and shares", "every round of secure aggregation", False,
-        "fresh public keys, encrypted Shamir shares of fresh random secrets, and the shares the protocol lets "
+        "fresh public keys (a deployed hospital's signed with its own key, with its name: the signature depends "
+        "on the keys, the run, the round and the node only), encrypted Shamir shares of fresh random secrets "
+        "(each led by a digest of the round's settings), and the shares the protocol lets "
         "the coordinator rebuild (a mask seed of each hospital in the sum, a mask key of each absent one, never "
         "both): random numbers drawn for the round, independent of every patient; and the noise variance the "
         "hospital requires, computed from the run's settings, its policy, its declared counts and its ledger, and "

@@ -24,6 +24,12 @@ The next round's ``setup`` travels with this round's ``unmask`` (fresh keys eith
 so a round after the first costs three exchanges; after a change in who takes part the
 coordinator runs the whole setup again.
 
+Against a coordinator that breaks the protocol: a deployed hospital signs its round keys
+(``keys_to_sign``) with its long-term key, and with ``peer_keys`` in its policy accepts
+only keys signed by the hospitals it lists (``client.peer_keys``); every encrypted share
+starts with a digest of the settings its sender was asked for, so a hospital asked for
+less noise than the others is seen by them (``client.secagg``).
+
 The cryptographic primitives are Flower's (``flwr.common.secure_aggregation``: ECDH key
 agreement with HKDF, Fernet encryption, Shamir sharing) and the ``cryptography`` package's
 ChaCha20, which expands a 32-byte seed into masks. Flower's own mask generator
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from enum import Enum
 
 import numpy as np
@@ -61,16 +68,35 @@ PARTICIPANTS = "secagg-participants"  # node ids of the round's participants (se
 THRESHOLD = "secagg-threshold"  # t: shares needed to rebuild a secret
 NOISE_VARIANCE = "secagg-noise-variance"  # mu_h: each hospital's Skellam variance per coordinate
 SCALE = "secagg-scale"  # integers per unit of clipped gradient
-PUBLIC_KEYS = "secagg-public-keys"  # share-keys: "node:pk1:pk2" lines (base64) of every participant
+PUBLIC_KEYS = "secagg-public-keys"  # share-keys: "node:" + each participant's MY_KEYS, a line each
 CIPHERTEXTS = "secagg-ciphertexts"  # collect: "src:ciphertext" lines addressed to this hospital
 SURVIVORS = "secagg-survivors"  # unmask: node ids whose masked vectors arrived
 NEXT_ROUND = "secagg-next-round"  # unmask: also the next round's setup (with PARTICIPANTS, THRESHOLD): one exchange fewer
 # Reply fields, hospital -> coordinator
-MY_KEYS = "secagg-my-keys"  # setup: "pk1:pk2" (base64)
+MY_KEYS = "secagg-my-keys"  # setup: "pk1:pk2" (base64), or "pk1:pk2:name:signature" from a hospital that signs them
 SHARES_OUT = "secagg-shares"  # share-keys: "dst:ciphertext" lines
 MASKED = "secagg-masked"  # collect: ArrayRecord key of the masked vector (uint32 values in int64)
 REVEALED = "secagg-revealed"  # unmask: "kind:node:share" lines (kind b or sk)
 REQUIRED_VARIANCE = "secagg-required-variance"  # setup: the least mu_h this hospital's policy and ledger accept
+
+
+# What a hospital signs in setup: its round keys, bound to the run, the round and its node,
+# with a label of their own so a signature made for anything else never verifies here.
+KEYS_SIGNATURE_LABEL = b"fedgru secure-aggregation round keys v1"
+
+
+def keys_to_sign(run_id: str, server_round: int, node_id: int, pk1: str, pk2: str) -> bytes:
+    """The bytes a hospital signs for its round keys (``client.secagg``)."""
+    fields = [KEYS_SIGNATURE_LABEL, run_id.encode(), str(server_round).encode(), str(node_id).encode(),
+              pk1.encode(), pk2.encode()]
+    return b"\n".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def agreed_settings(**values) -> str:
+    """What the coordinator asked a hospital for in share-keys (the noise variance, the
+    scale), as text every hospital of the round writes alike (``client.secagg`` checks that
+    all were asked the same)."""
+    return json.dumps(values, sort_keys=True)
 
 
 def b64(data: bytes) -> str:

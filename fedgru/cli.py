@@ -295,6 +295,10 @@ def cmd_hospital(args) -> int:
                                          args.label_column, cfg, args.recount))
         elif args.action == "approve":
             print(commands.approve(Path(args.hospital_dir), Path(args.app) if args.app else None, args.note))
+        elif args.action == "peer":
+            if args.name is None or args.key is None:
+                raise ConfigError("hospital peer needs --name (the other hospital) and --key (its <name>.pub)")
+            print(commands.add_peer(Path(args.hospital_dir), args.name, Path(args.key)))
         elif args.action == "serve":
             commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll, args.task_timeout)
         else:
@@ -482,12 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = _command(sub, "hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
-    p.add_argument("action", choices=["init", "data", "approve", "serve", "show"],
+    p.add_argument("action", choices=["init", "data", "approve", "peer", "serve", "show"],
                    help="init: make the folder; data: register a new export or data definition; approve: an app "
-                        "version; serve: the SuperNode's app; show: what each group of patients has spent")
-    p.add_argument("--hospital-dir", help="data/approve/serve/show: the hospital's folder")
+                        "version; peer: list another hospital for secure aggregation (policy.peer_keys); serve: "
+                        "the SuperNode's app; show: what each group of patients has spent")
+    p.add_argument("--hospital-dir", help="data/approve/peer/serve/show: the hospital's folder")
     p.add_argument("--out", help="init: the folder to create")
-    p.add_argument("--name", help="init: the hospital's name (letters, digits, - and _)")
+    p.add_argument("--name", help="init: the hospital's name (letters, digits, - and _); peer: the other hospital's")
+    p.add_argument("--key", help="peer: the other hospital's public key file (its <name>.pub, from its staff)")
     p.add_argument("--data", help="init/data: its stays (PhysioNet folder/.tar.gz or long CSV)")
     p.add_argument("--outcomes", help="init/data: its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
     p.add_argument("--format", choices=["physionet2012", "long_csv"],

@@ -77,8 +77,9 @@ def parse_revealed(lines: str) -> list[Revealed]:
     return out
 
 
-def key_lines(public_keys: dict[int, tuple[str, str]]) -> str:
-    return "\n".join(f"{node}:{pk1}:{pk2}" for node, (pk1, pk2) in sorted(public_keys.items()))
+def key_lines(public_keys: dict[int, tuple[str, ...]]) -> str:
+    """The share-keys stage's field: "node:" and each hospital's own setup answer, a line each."""
+    return "\n".join(":".join([str(node), *own]) for node, own in sorted(public_keys.items()))
 
 
 def default_threshold(cfg, participants: int) -> int:

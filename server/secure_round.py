@@ -131,17 +131,21 @@ class SecureRounds:
         keys, required = {}, {}
         for nid, reply in replies.items():
             try:
-                pk1, pk2 = str(reply.content[M.STATUS][S.MY_KEYS]).split(":")
+                # pk1:pk2, or pk1:pk2:name:signature from a hospital that signs its keys for the
+                # others to check (client.peer_keys): passed on whole, never read here
+                own = tuple(str(reply.content[M.STATUS][S.MY_KEYS]).split(":"))
                 raw = reply.content[M.STATUS][field]
                 variance = [float(v) for v in raw] if parts else float(raw)
-                S.unb64(pk1), S.unb64(pk2)
+                if len(own) not in (2, 4):
+                    raise ValueError("keys")
+                S.unb64(own[0]), S.unb64(own[1])
                 values = variance if parts else [variance]
                 if (parts and len(values) != parts) or not all(math.isfinite(v) and v > 0 for v in values):
                     raise ValueError("variance")
             except (KeyError, TypeError, ValueError):
                 self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
                 continue
-            keys[nid], required[nid] = (pk1, pk2), variance
+            keys[nid], required[nid] = own, variance
         return keys, required
 
     def _drop(self, server_round: int, nid: int, why: str) -> None:
@@ -209,7 +213,7 @@ class SecureRounds:
                 revealed += parse_revealed(str(reply.content[M.STATUS][S.REVEALED]))
             except (KeyError, ValueError):
                 self._drop(server_round, nid, "its revealed shares are malformed")
-        public = {nid: (S.unb64(a), S.unb64(b)) for nid, (a, b) in keys.items()}
+        public = {nid: (S.unb64(own[0]), S.unb64(own[1])) for nid, own in keys.items()}
         try:
             ring = unmasked_sum(masked_sum, survivors, sorted(outboxes), revealed, public, threshold, server_round)
         except (UnmaskFailed, ValueError) as exc:

@@ -207,6 +207,7 @@ class LocalFederation:
                                    "--data", str(data), "--outcomes", str(own), "--max-epsilon", str(max_epsilon),
                                    "--device", "cpu", "--format", data_format, *definition))
             self.check(self.fedgru("hospital", "approve", "--hospital-dir", str(self.hospital_dir(name)), "--note", "local"))
+        self.list_peers(tuple(hospitals))
         register = tuple(hospitals) if register is None else register
         keys = [a for n in register for a in ("--hospital", f"{n}={self.hospital_dir(n) / (n + '.pub')}")]
         self.check(self.fedgru("deploy", "init", "--out", str(self.root / "fed"), *keys, "--port", str(self.port)))
@@ -216,6 +217,18 @@ class LocalFederation:
         self.start_superlink()
         for name in register:
             self.check(self.flwr("supernode", "register", str(self.root / "fed" / "hospitals" / f"{name}.pub"), "fedgru"))
+
+    def list_peers(self, names: tuple[str, ...]) -> None:
+        """Each hospital lists every other one in its policy's ``peer_keys`` (what
+        ``fedgru hospital peer`` does; in-process here, to spare a process start per pair),
+        as a consortium's staff exchange their ``<name>.pub`` files: in secure aggregation
+        each then accepts only the others' signed round keys (``client.peer_keys``)."""
+        from client.commands import add_peer
+
+        for name in names:
+            for other in names:
+                if other != name:
+                    add_peer(self.hospital_dir(name), other, self.hospital_dir(other) / f"{other}.pub")
 
     @staticmethod
     def check(result: subprocess.CompletedProcess) -> None:

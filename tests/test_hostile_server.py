@@ -138,6 +138,35 @@ def test_a_hospital_without_its_own_budget_cannot_start(hospital):
     assert reply_status(reply)[M.STATE] == ReplyState.REFUSED and "max_epsilon" in reply_status(reply)[M.REASON]
 
 
+def test_listing_peers_checks_each_key_and_a_damaged_one_stops_the_hospital_naming_it(hospital, tmp_path):
+    from client.commands import add_peer
+
+    settings = hospital / "hospital.yaml"
+    before = settings.read_bytes()
+    try:
+        with pytest.raises(FolderError, match="list the others"):
+            add_peer(hospital, HospitalFolder(hospital).name, hospital / f"{HospitalFolder(hospital).name}.pub")
+        with pytest.raises(FolderError, match="not an OpenSSH public key"):
+            add_peer(hospital, "north", settings)  # not a key file
+        other = make_hospital_key(tmp_path)
+        assert "north added" in add_peer(hospital, "north", other)
+        assert "north kept" in add_peer(hospital, "north", other)
+        assert list(HospitalFolder(hospital).policy.peer_keys) == ["north"]
+        settings.write_text(settings.read_text().replace("north: ecdsa-sha2-nistp384 AAAA", "north: ecdsa-sha2-nistp384 AAAB"))
+        with pytest.raises(FolderError, match="policy.peer_keys.north"):
+            HospitalFolder(hospital)
+        reply = client_app.train(hospital_message(hospital_cfg(), "r", 1), node_context(hospital))
+        assert reply_status(reply)[M.STATE] == ReplyState.REFUSED and "peer_keys" in reply_status(reply)[M.REASON]
+    finally:
+        settings.write_bytes(before)
+
+
+def make_hospital_key(folder):
+    from client.folder import make_supernode_keypair
+
+    return make_supernode_keypair(folder, "north")[1]
+
+
 @pytest.mark.parametrize("split", ["train", "everyone"])
 def test_evaluating_the_training_split_or_an_unknown_one_is_refused(hospital, split):
     reply = client_app.evaluate(hospital_message(hospital_cfg(), "r", 1, MessageType.EVALUATE, split), node_context(hospital))

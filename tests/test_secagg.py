@@ -150,3 +150,106 @@ def test_forged_shares_are_refused():
     inbox[2] = inbox[3]  # the coordinator passes 3's shares off as 2's
     with pytest.raises(SecAggRefusal, match="node 2"):
         people[1].receive(inbox)
+
+
+# ---------------------------------------------------------------------------------------
+# Signed round keys (client.peer_keys): with peer_keys in its policy a hospital takes part
+# only with the hospitals it lists, so a coordinator cannot stand in for one of them.
+# ---------------------------------------------------------------------------------------
+
+def _identity():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return key, line
+
+
+IDENTITIES = {name: _identity() for name in ("north", "south", "east", "intruder")}
+NAMES = {1: "north", 2: "south", 3: "east"}
+
+
+def signed_participants(run="run-a", server_round=ROUND, names=NAMES, listed=("north", "south", "east")):
+    nodes = sorted(names)
+    peer_keys = {n: IDENTITIES[n][1] for n in listed}
+    people = {k: Participant.setup(k, server_round, nodes, 2, 2, run_id=run, name=names[k],
+                                   signing_key=IDENTITIES[names[k]][0], peer_keys=peer_keys) for k in nodes}
+    return people, {k: tuple(p.my_keys().split(":")) for k, p in people.items()}
+
+
+def test_signed_keys_of_listed_hospitals_give_the_exact_sum():
+    people, keys = signed_participants()
+    assert all(len(k) == 4 for k in keys.values())
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    vectors = vectors_of(sorted(people), size=20, seed=5)
+    masked = {}
+    for k, p in people.items():
+        p.receive({src: box[k] for src, box in boxes.items() if src != k})
+        masked[k] = p.masked(vectors[k])
+    assert people[1].peers == {"2": "south", "3": "east"}
+    revealed = [Revealed(kind, owner, unb64(s)) for k, p in people.items() for kind, owner, s in p.unmask(sorted(people))]
+    public = {k: (unb64(v[0]), unb64(v[1])) for k, v in keys.items()}
+    total = unmasked_sum(sum(masked.values()), sorted(people), sorted(people), revealed, public, 2, ROUND)
+    assert np.array_equal(from_ring(total), sum(vectors.values()))
+
+
+def _coordinator_keys(node: int, run="run-a", server_round=ROUND, signer=None, name="south"):
+    """Fresh round keys the coordinator made itself, passed off as ``node``'s, signed by ``signer``."""
+    from client.peer_keys import sign
+    from common.secagg import keys_to_sign
+
+    fake = Participant.setup(node, server_round, [1, 2, 3], 2, 2)
+    if signer is None:
+        return (fake.pk1, fake.pk2)
+    return (fake.pk1, fake.pk2, name, sign(signer, keys_to_sign(run, server_round, node, fake.pk1, fake.pk2)))
+
+
+@pytest.mark.parametrize("case", ["unsigned", "signed by an unlisted key", "another hospital's signature",
+                                  "signed for another round", "signed for another run", "one hospital twice",
+                                  "this hospital's own name"])
+def test_keys_a_coordinator_put_in_a_hospitals_place_are_refused(case):
+    people, keys = signed_participants()
+    me = people[1]
+    forged = dict(keys)
+    if case == "unsigned":
+        forged[2] = _coordinator_keys(2)
+    elif case == "signed by an unlisted key":
+        forged[2] = _coordinator_keys(2, signer=IDENTITIES["intruder"][0], name="south")
+    elif case == "another hospital's signature":
+        forged[2] = keys[2][:2] + (keys[2][2], keys[3][3])  # south's keys with east's signature
+    elif case == "signed for another round":
+        forged[2] = _coordinator_keys(2, server_round=ROUND - 1, signer=IDENTITIES["south"][0])
+    elif case == "signed for another run":
+        forged[2] = _coordinator_keys(2, run="run-b", signer=IDENTITIES["south"][0])
+    elif case == "one hospital twice":
+        # south's genuine keys for node 2, and south's own signature on keys it made for node 3:
+        # a hospital with two nodes would count twice towards min_honest
+        forged[3] = _coordinator_keys(3, signer=IDENTITIES["south"][0], name="south")
+    else:
+        forged[2] = _coordinator_keys(2, signer=IDENTITIES["north"][0], name="north")
+    why = "twice" if case in ("one hospital twice", "this hospital's own name") else "no valid signature"
+    with pytest.raises(SecAggRefusal, match=why):
+        Participant.from_bytes(me.to_bytes()).share_keys(forged)
+    # refused before anything was encrypted: the same participant still answers the honest keys
+    assert Participant.from_bytes(me.to_bytes()).share_keys(keys)
+
+
+def test_a_listed_hospitals_genuine_signature_is_needed_even_for_keys_with_none():
+    people, keys = signed_participants(listed=("north", "south"))  # east is not on north's list
+    with pytest.raises(SecAggRefusal, match="node 3"):
+        people[1].share_keys(keys)
+    people, keys = signed_participants()
+    with pytest.raises(SecAggRefusal, match="no valid signature"):  # every signature stripped on the way
+        people[1].share_keys({k: own[:2] for k, own in keys.items()})
+
+
+def test_a_hospital_asked_for_other_settings_than_the_others_is_noticed_in_its_shares():
+    # the coordinator asks node 3 for half the noise: 1 and 2 see it in 3's encrypted shares
+    people, keys = participants(n=3, threshold=2)
+    boxes = {k: p.share_keys(keys, '{"noise_variance": 100.0}' if k != 3 else '{"noise_variance": 50.0}')
+             for k, p in people.items()}
+    with pytest.raises(SecAggRefusal, match="node 3 was asked for other round settings"):
+        people[1].receive({src: box[1] for src, box in boxes.items() if src != 1})
+    with pytest.raises(SecAggRefusal, match="node 1 was asked"):
+        people[3].receive({src: box[3] for src, box in boxes.items() if src != 3})

@@ -79,28 +79,36 @@ def message(cfg, stage: S.Stage, fields: dict, server_round: int = 1, model: boo
     return Message(RecordDict(content), dst_node_id=ME, message_type=MessageType.TRAIN)
 
 
-def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None):
+def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None,
+                 signers: dict | None = None, forge=None, peer_variance_factor: float = 1.0):
     """One whole round with two honest peers; the hospital's four replies (and, in
-    ``parts``, the peers and everyone's public keys)."""
+    ``parts``, the peers and everyone's public keys). ``signers``: node -> (name, key) of
+    peers that sign their round keys; ``forge``: what a hostile coordinator does to the keys
+    it passes on; ``peer_variance_factor``: the noise it asks the peers for, against the
+    hospital's."""
     context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
     replies = []
     with Repeatable(seed).patches():
         nodes = sorted((*PEERS, ME))
-        peers = {p: Participant.setup(p, 1, nodes, 2, 2) for p in PEERS}
+        signers = signers or {}
+        peers = {p: Participant.setup(p, 1, nodes, 2, 2, run_id="run-1", name=signers.get(p, ("", None))[0],
+                                      signing_key=signers.get(p, ("", None))[1]) for p in PEERS}
         r1 = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: nodes, S.THRESHOLD: 2}), context)
         replies.append(r1)
         status = r1.content[M.STATUS]
         if status[M.STATE] != ReplyState.READY.value:
             return replies, context
-        pk1, pk2 = str(status[S.MY_KEYS]).split(":")
-        keys = {**{p: (q.pk1, q.pk2) for p, q in peers.items()}, ME: (pk1, pk2)}
+        own = tuple(str(status[S.MY_KEYS]).split(":"))  # pk1:pk2:name:signature (a deployed hospital signs)
+        keys = {**{p: tuple(q.my_keys().split(":")) for p, q in peers.items()}, ME: own}
         variance = float(status[S.REQUIRED_VARIANCE]) * variance_factor
-        r2 = client_app.train(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys), S.NOISE_VARIANCE: variance}),
+        sent = forge(keys) if forge else keys
+        r2 = client_app.train(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(sent), S.NOISE_VARIANCE: variance}),
                               context)
         replies.append(r2)
         if r2.content[M.STATUS][M.STATE] != ReplyState.READY.value:
             return replies, context
-        boxes = {p: q.share_keys(keys) for p, q in peers.items()}
+        asked = S.agreed_settings(noise_variance=variance * peer_variance_factor, scale=SCALE)
+        boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variance=variance)
         inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
@@ -170,7 +178,7 @@ def test_the_masked_vector_is_the_hospitals_clipped_noisy_sum_once_the_masks_are
         q.receive({**{o: box[p] for o, box in parts["boxes"].items() if o != p}, ME: theirs[p]})
         vectors.append(q.masked(np.zeros(masked.size, dtype=np.int64)))
         revealed += [Revealed(k, o, S.unb64(t)) for k, o, t in q.unmask([3, 7, 9])]
-    public = {n: (S.unb64(a), S.unb64(b)) for n, (a, b) in parts["keys"].items()}
+    public = {n: (S.unb64(own[0]), S.unb64(own[1])) for n, own in parts["keys"].items()}
     total = S.from_ring(unmasked_sum(S.to_ring(masked + sum(vectors)), [3, 7, 9], [3, 7, 9], revealed, public, 2, 1))
     declared = int(replies[2].content[M.METRICS][M.NUM_EXAMPLES])
     sens = SkellamSensitivity.of(3.0, SCALE, total.size)
@@ -190,6 +198,7 @@ HOSTILE = {
     "less noise than the hospital requires": "less-noise",
     "an unmask that leaves the hospital out of the sum": "left-out",
     "a collect before keys were shared": "out-of-order",
+    "less noise asked of the other hospitals than of this one": "others-less-noise",
 }
 
 
@@ -217,6 +226,10 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
             elif kind == "less-noise":
                 replies, context = honest_round(folder, cfg, variance_factor=0.5)
                 reply = replies[-1]
+            elif kind == "others-less-noise":  # seen in the peers' encrypted shares, refused at collect
+                replies, context = honest_round(folder, cfg, peer_variance_factor=0.5)
+                reply = replies[-1]
+                assert len(replies) == 3 and "asked for other round settings" in str(reply.content[M.STATUS][M.REASON])
             else:
                 replies, context = honest_round(folder, cfg, survivors=(3, 9))
                 reply = replies[-1]
@@ -308,3 +321,42 @@ def test_a_resumed_secure_run_keeps_its_momentum(tmp_path):
     after.load_state_dict(state)
     np.testing.assert_array_equal(after.velocity, before.velocity)
     assert list(state) == ["m_t"]
+
+
+def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(neighbours, tmp_path):  # noqa: F811
+    """The folder lists its two peers (``fedgru hospital peer``): their signed keys give a
+    whole round; keys the coordinator made itself in a peer's place are refused at
+    share-keys, before any patient data are read, and nothing is charged."""
+    from cryptography.hazmat.primitives import serialization
+
+    from client.commands import add_peer
+
+    folders, fresh = neighbours
+    folder = folders[sorted(folders)[0]]
+    settings_before = (folder / "hospital.yaml").read_bytes()
+    signers = {p: (f"peer-{p}", ec.generate_private_key(ec.SECP384R1())) for p in PEERS}
+    try:
+        _reset(folders, fresh)
+        for name, key in signers.values():
+            pub = tmp_path / f"{name}.pub"
+            pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                          serialization.PublicFormat.OpenSSH))
+            add_peer(folder, name, pub)
+        cfg = secure_cfg()
+        replies, _ = honest_round(folder, cfg, signers=signers)
+        assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]
+
+        _reset(folders, fresh)
+        before = _ledger_json(folder)
+        with patch.object(Node, "data", autospec=True, side_effect=Node.data) as reads:
+            def stand_in(keys):  # the coordinator's own round keys in peer 9's place
+                impostor = Participant.setup(PEERS[1], 1, sorted((*PEERS, ME)), 2, 2)
+                return {**keys, PEERS[1]: (impostor.pk1, impostor.pk2)}
+
+            replies, _ = honest_round(folder, cfg, signers=signers, forge=stand_in)
+            status = replies[-1].content[M.STATUS]
+            assert status[M.STATE] == ReplyState.REFUSED_POLICY.value and "peer_keys" in str(status[M.REASON]), status
+            assert reads.call_count == 0
+        assert _ledger_json(folder) == before
+    finally:
+        (folder / "hospital.yaml").write_bytes(settings_before)

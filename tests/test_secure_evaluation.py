@@ -59,21 +59,22 @@ def honest_session(folder, cfg, splits=(Split.TEST,), progress: bool = False, se
     replies = []
     with Repeatable(seed).patches():
         nodes = sorted((*PEERS, ME))
-        peers = {p: Participant.setup(p, 3, nodes, 2, 2) for p in PEERS}
+        peers = {p: Participant.setup(p, 3, nodes, 2, 2, run_id="run-1") for p in PEERS}
         r1 = client_app.evaluate(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: nodes, S.THRESHOLD: 2}, **ask), context)
         replies.append(r1)
         status = r1.content[M.STATUS]
         if status[M.STATE] != ReplyState.READY.value:
             return replies
-        pk1, pk2 = str(status[S.MY_KEYS]).split(":")
-        keys = {**{p: (q.pk1, q.pk2) for p, q in peers.items()}, ME: (pk1, pk2)}
+        own = tuple(str(status[S.MY_KEYS]).split(":"))  # pk1:pk2:name:signature (a deployed hospital signs)
+        keys = {**{p: (q.pk1, q.pk2) for p, q in peers.items()}, ME: own}
         variances = [float(v) * variance_factor for v in status[VARIANCES]]
         r2 = client_app.evaluate(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys), VARIANCES: variances},
                                          **ask), context)
         replies.append(r2)
         if r2.content[M.STATUS][M.STATE] != ReplyState.READY.value:
             return replies
-        boxes = {p: q.share_keys(keys) for p, q in peers.items()}
+        asked = S.agreed_settings(noise_variances=variances, scale=1.0)  # what the coordinator asked everyone
+        boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variances=variances)
         inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
@@ -143,7 +144,7 @@ def test_the_unmasked_sum_is_the_hospitals_exact_histograms_plus_the_noise(neigh
         q.receive({**{o: box[p] for o, box in parts["boxes"].items() if o != p}, ME: theirs[p]})
         vectors.append(q.masked(np.zeros(masked.size, dtype=np.int64)))
         revealed += [Revealed(k, o, S.unb64(t)) for k, o, t in q.unmask([3, 7, 9])]
-    public = {n: (S.unb64(a), S.unb64(b)) for n, (a, b) in parts["keys"].items()}
+    public = {n: (S.unb64(own[0]), S.unb64(own[1])) for n, own in parts["keys"].items()}
     ring = unmasked_sum(S.to_ring(masked + sum(vectors)), [3, 7, 9], [3, 7, 9], revealed, public, 2, 3)
     layout = evaluation_parts(cfg, [Split.TEST], True)
     status = replies[2].content[M.STATUS]
