@@ -124,6 +124,10 @@ def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
     except ValueError as exc:
         raise FolderError(f"{key_file}: {exc}") from None
     settings = folder.settings
+    same = [other for other, known in settings.policy.peer_keys.items()
+            if other != name and known.split()[:2] == line.split()[:2]]
+    if same:
+        raise FolderError(f"{key_file}: this key is already listed for {same[0]}; one hospital is listed once")
     before = settings.policy.peer_keys.get(name)
     settings.policy.peer_keys = {**settings.policy.peer_keys, name: line}
     write_settings(folder.path, settings)

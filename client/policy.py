@@ -110,10 +110,15 @@ class Policy:
             if not ok:
                 raise ValueError(f"{where}: 'policy.{key}' {why}")
         for name, line in self.peer_keys.items():
+            if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in str(name)):
+                raise ValueError(f"{where}: 'policy.peer_keys' names a hospital {name!r}: use letters, digits, - and _")
             try:
                 public_key_of(str(line))
             except ValueError as exc:
                 raise ValueError(f"{where}: 'policy.peer_keys.{name}' {exc}") from None
+        lines = [" ".join(str(line).split()[:2]) for line in self.peer_keys.values()]
+        if len(set(lines)) != len(lines):  # one hospital under two names could count twice towards min_honest
+            raise ValueError(f"{where}: 'policy.peer_keys' lists one key under two names")
 
     # -- what a message may ask for ---------------------------------------------------
     def check_training(self, cfg: ExperimentConfig) -> None:

@@ -13,9 +13,10 @@ protocol does not allow, whatever the coordinator says:
 - its own public keys changed, keys repeated, or participants that were not announced;
 - with ``peer_keys`` in its policy (``client.peer_keys``): another participant's round keys
   without a valid signature of a hospital the policy lists, or one hospital under two nodes;
-- shares from a hospital that was asked for other round settings (participants, threshold,
-  noise variance, scale) than this one: each hospital's encrypted shares carry a digest of
-  what it was asked, so a coordinator cannot ask one hospital for less noise than the rest;
+- shares from a hospital that was asked for other round settings than this one (the
+  participants, the threshold and the whole share-keys message: experiment, splits, scale,
+  keys, noise variance): each hospital's encrypted shares carry a digest of what it was
+  asked, so a coordinator cannot ask one hospital for less noise than the rest;
 - an unmask that names a hospital as both present and absent, arrives twice, or leaves
   fewer than ``max(t, min_honest)`` hospitals in the sum (it would leave this hospital's
   vector with too little of the others' noise).

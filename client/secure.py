@@ -17,6 +17,8 @@ within ``max_epsilon_alone`` even if the coordinator and every other hospital co
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -242,8 +244,20 @@ def _load(context: Context, req: Request) -> tuple[Participant, float]:
     return me, float(record["variance"])
 
 
-def _save(context: Context, req: Request, me: Participant, variance: float = 0.0) -> None:
-    save_state(context, req, me, variance=float(variance))
+def _save(context: Context, req: Request, me: Participant, variance: float = 0.0, pinned: str = "") -> None:
+    save_state(context, req, me, variance=float(variance), pinned=pinned)
+
+
+def pinned_settings(config: ConfigRecord) -> str:
+    """What the release is made under (the experiment and the scale), as share-keys agreed
+    it with every hospital: the collect message must ask for the same, or a coordinator
+    could agree one scale with all and then ask one hospital for a larger one (less noise
+    per unit of gradient) at collect."""
+    try:
+        text = json.dumps([str(config[M.EXPERIMENT_JSON]), repr(float(config[S.SCALE]))])
+    except (KeyError, TypeError, ValueError):
+        raise SecAggRefusal("the message must carry the experiment and a numeric scale") from None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _reply(req: Request, state: ReplyState, ledger: Ledger | None, content: dict | None = None, **extra) -> Message:
@@ -264,9 +278,13 @@ def start_round(req: Request, context: Context, config: ConfigRecord, server_rou
                 ) -> Participant:
     """This hospital's setup for ``server_round``: fresh keys, signed with its own key when
     it is a deployed hospital, checked later against its policy's ``peer_keys``."""
+    try:
+        signing_key = req.node.signing_key()
+    except (OSError, ValueError) as exc:  # FolderError too: the key file missing or not a key
+        raise SecAggRefusal(f"this hospital cannot sign its round keys: {exc}") from None
     return Participant.setup(int(context.node_id), server_round, ints_of(config, S.PARTICIPANTS),
                              int(config.get(S.THRESHOLD, 0)), min_honest, run_id=req.run_id, name=req.node.name,
-                             signing_key=req.node.signing_key(), peer_keys=req.policy.peer_keys)
+                             signing_key=signing_key, peer_keys=req.policy.peer_keys)
 
 
 def public_keys_of(config: ConfigRecord) -> dict[int, tuple[str, ...]]:
@@ -349,15 +367,19 @@ def _share_keys(req: Request, context: Context, config: ConfigRecord, s: SecureS
     required = required_variance(SecureAsk.of(req), ledger, s)
     if not (math.isfinite(variance) and variance >= required * (1 - 1e-9)):
         raise SecAggRefusal(f"the noise variance {variance:.6g} is below the {required:.6g} this hospital requires")
-    shares = me.share_keys(public_keys_of(config), S.agreed_settings(noise_variance=variance, scale=s.scale))
-    _save(context, req, me, variance)
+    shares = me.share_keys(public_keys_of(config), S.agreed_settings(config))
+    _save(context, req, me, variance, pinned=pinned_settings(config))
     return _reply(req, ReplyState.READY, None,
                   **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})
 
 
 def _collect(req: Request, context: Context, config: ConfigRecord, s: SecureSettings,
              audit: CanaryAudit | None = None) -> Message:
-    me, variance = _load(context, req)
+    me, record = load_state(context, req)
+    variance = float(record["variance"])
+    if str(record.get("pinned", "")) != pinned_settings(config):
+        raise SecAggRefusal("the collect asks for another experiment or scale than the share-keys stage agreed "
+                            "with every hospital")
     me.receive({int(src): text for src, text in lines_of(config, S.CIPHERTEXTS, 2)})
     budget = req.policy.training_budget(req.cfg, req.node.name)
     with req.store.transaction() as ledger:

@@ -235,8 +235,7 @@ def answer_secure_evaluation(msg: Message, context: Context, simulation=None) ->
             if len(variances) != len(parts) or not all(
                     math.isfinite(v) and v >= r * (1 - 1e-9) for v, r in zip(variances, required)):
                 raise SecAggRefusal("the noise variances are fewer, or less, than this hospital requires")
-            shares = me.share_keys(public_keys_of(config),
-                                   S.agreed_settings(noise_variances=variances, scale=float(config[S.SCALE])))
+            shares = me.share_keys(public_keys_of(config), S.agreed_settings(config))
             save_state(context, req, me, STATE_KEY, what=_what(req), variances=variances)
             return _reply(req, ReplyState.READY, None,
                           **{S.SHARES_OUT: "\n".join(f"{dst}:{text}" for dst, text in sorted(shares.items()))})

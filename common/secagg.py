@@ -92,11 +92,20 @@ def keys_to_sign(run_id: str, server_round: int, node_id: int, pk1: str, pk2: st
     return b"\n".join(len(f).to_bytes(4, "big") + f for f in fields)
 
 
-def agreed_settings(**values) -> str:
-    """What the coordinator asked a hospital for in share-keys (the noise variance, the
-    scale), as text every hospital of the round writes alike (``client.secagg`` checks that
-    all were asked the same)."""
-    return json.dumps(values, sort_keys=True)
+def agreed_settings(config) -> str:
+    """The share-keys message's whole config (the experiment, the run, the round, the
+    splits asked for, the scale, everyone's keys, the noise variance), as canonical text.
+    The coordinator sends every hospital of a round the same share-keys config, so every
+    hospital's text is the same unless the coordinator asked one of them for something
+    else, such as less noise (``client.secagg`` compares them through the shares)."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, bytes):
+            return value.hex()
+        return repr(value) if isinstance(value, float) else value
+
+    return json.dumps({str(k): plain(v) for k, v in config.items()}, sort_keys=True)
 
 
 def b64(data: bytes) -> str:

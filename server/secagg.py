@@ -77,6 +77,24 @@ def parse_revealed(lines: str) -> list[Revealed]:
     return out
 
 
+def parse_round_keys(text: str) -> tuple[str, ...]:
+    """A hospital's setup answer: ``pk1:pk2``, or ``pk1:pk2:name:signature`` from a hospital
+    that signs its keys for the others to check (``client.peer_keys``). The coordinator
+    passes it on whole to every hospital, so it checks here that every hospital can parse it
+    (base64 keys and signature, a name of letters, digits, '-' and '_'): one malformed answer
+    would otherwise make every other hospital refuse the round. ValueError if not."""
+    own = tuple(text.split(":"))
+    if len(own) not in (2, 4):
+        raise ValueError("round keys must be pk1:pk2 or pk1:pk2:name:signature")
+    unb64(own[0]), unb64(own[1])
+    if len(own) == 4:
+        name, signature = own[2], own[3]
+        if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+            raise ValueError("a hospital name is letters, digits, '-' and '_'")
+        unb64(signature)
+    return own
+
+
 def key_lines(public_keys: dict[int, tuple[str, ...]]) -> str:
     """The share-keys stage's field: "node:" and each hospital's own setup answer, a line each."""
     return "\n".join(":".join([str(node), *own]) for node, own in sorted(public_keys.items()))

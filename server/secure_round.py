@@ -35,7 +35,7 @@ from common.model import trainable_layout
 from common.training import training_for_round
 
 from .records import Dropped, HospitalState, Stopped, TrainPhase, TrainReport
-from .secagg import UnmaskFailed, default_threshold, key_lines, parse_revealed, unmasked_sum
+from .secagg import UnmaskFailed, default_threshold, key_lines, parse_revealed, parse_round_keys, unmasked_sum
 from .secure_evaluation import secure_evaluate
 from .validation import Evaluations
 
@@ -131,14 +131,9 @@ class SecureRounds:
         keys, required = {}, {}
         for nid, reply in replies.items():
             try:
-                # pk1:pk2, or pk1:pk2:name:signature from a hospital that signs its keys for the
-                # others to check (client.peer_keys): passed on whole, never read here
-                own = tuple(str(reply.content[M.STATUS][S.MY_KEYS]).split(":"))
+                own = parse_round_keys(str(reply.content[M.STATUS][S.MY_KEYS]))
                 raw = reply.content[M.STATUS][field]
                 variance = [float(v) for v in raw] if parts else float(raw)
-                if len(own) not in (2, 4):
-                    raise ValueError("keys")
-                S.unb64(own[0]), S.unb64(own[1])
                 values = variance if parts else [variance]
                 if (parts and len(values) != parts) or not all(math.isfinite(v) and v > 0 for v in values):
                     raise ValueError("variance")

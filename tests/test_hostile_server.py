@@ -151,6 +151,8 @@ def test_listing_peers_checks_each_key_and_a_damaged_one_stops_the_hospital_nami
         other = make_hospital_key(tmp_path)
         assert "north added" in add_peer(hospital, "north", other)
         assert "north kept" in add_peer(hospital, "north", other)
+        with pytest.raises(FolderError, match="already listed for north"):
+            add_peer(hospital, "south", other)  # one hospital under two names would count twice
         assert list(HospitalFolder(hospital).policy.peer_keys) == ["north"]
         settings.write_text(settings.read_text().replace("north: ecdsa-sha2-nistp384 AAAA", "north: ecdsa-sha2-nistp384 AAAB"))
         with pytest.raises(FolderError, match="policy.peer_keys.north"):

@@ -253,3 +253,37 @@ def test_a_hospital_asked_for_other_settings_than_the_others_is_noticed_in_its_s
         people[1].receive({src: box[1] for src, box in boxes.items() if src != 1})
     with pytest.raises(SecAggRefusal, match="node 1 was asked"):
         people[3].receive({src: box[3] for src, box in boxes.items() if src != 3})
+
+
+@pytest.mark.parametrize("text", ["a", "QUJD:REVG:x", "QUJD:REVG:name\nwith:U0lH", "QUJD:REVG:bad name:U0lH",
+                                  "QUJD:REVG::U0lH", "QUJD:REVG:north:not base64!", "QUJD:RE*G", "QUJD:REVG:a:b:c"])
+def test_the_coordinator_drops_round_keys_that_another_hospital_could_not_parse(text):
+    # passed on whole to every hospital: one malformed answer would make them all refuse
+    from server.secagg import parse_round_keys
+
+    with pytest.raises(ValueError):
+        parse_round_keys(text)
+
+
+def test_the_coordinator_passes_signed_and_unsigned_round_keys_on_whole():
+    from server.secagg import key_lines, parse_round_keys
+
+    people, keys = signed_participants()
+    own = {k: parse_round_keys(p.my_keys()) for k, p in people.items()}
+    assert own == keys
+    assert parse_round_keys("QUJD:REVG") == ("QUJD", "REVG")
+    assert key_lines(own).splitlines()[0] == "1:" + people[1].my_keys()
+
+
+def test_a_hospital_told_other_participants_or_another_threshold_is_noticed_in_its_shares():
+    nodes = [1, 2, 3, 4]
+    honest = {k: Participant.setup(k, ROUND, nodes, 3, 2) for k in (1, 2)}
+    told_otherwise = {3: Participant.setup(3, ROUND, nodes, 4, 2),  # another threshold
+                      4: Participant.setup(4, ROUND, [1, 2, 3, 4, 5], 3, 2)}  # a participant more
+    people = {**honest, **told_otherwise}
+    keys = {k: (p.pk1, p.pk2) for k, p in people.items()}
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    with pytest.raises(SecAggRefusal, match="node 3 was asked"):
+        people[1].receive({src: box[1] for src, box in boxes.items() if src != 1})
+    with pytest.raises(SecAggRefusal, match="node 4 was asked"):
+        people[2].receive({src: box[2] for src, box in boxes.items() if src not in (2, 3)})

@@ -80,7 +80,8 @@ def message(cfg, stage: S.Stage, fields: dict, server_round: int = 1, model: boo
 
 
 def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None,
-                 signers: dict | None = None, forge=None, peer_variance_factor: float = 1.0):
+                 signers: dict | None = None, forge=None, peer_variance_factor: float = 1.0,
+                 collect_fields: dict | None = None):
     """One whole round with two honest peers; the hospital's four replies (and, in
     ``parts``, the peers and everyone's public keys). ``signers``: node -> (name, key) of
     peers that sign their round keys; ``forge``: what a hostile coordinator does to the keys
@@ -102,17 +103,20 @@ def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_facto
         keys = {**{p: tuple(q.my_keys().split(":")) for p, q in peers.items()}, ME: own}
         variance = float(status[S.REQUIRED_VARIANCE]) * variance_factor
         sent = forge(keys) if forge else keys
-        r2 = client_app.train(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(sent), S.NOISE_VARIANCE: variance}),
-                              context)
+        share = {S.PUBLIC_KEYS: key_lines(sent), S.NOISE_VARIANCE: variance}
+        r2 = client_app.train(message(cfg, S.Stage.SHARE_KEYS, share), context)
         replies.append(r2)
         if r2.content[M.STATUS][M.STATE] != ReplyState.READY.value:
             return replies, context
-        asked = S.agreed_settings(noise_variance=variance * peer_variance_factor, scale=SCALE)
+        # what the coordinator asked the peers: the same share-keys message, or one with less noise
+        asked = S.agreed_settings(message(cfg, S.Stage.SHARE_KEYS, {
+            **share, S.NOISE_VARIANCE: variance * peer_variance_factor}).content[M.CONFIG])
         boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variance=variance)
         inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
-        r3 = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: inbox}, model=True), context)
+        r3 = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: inbox, **(collect_fields or {})}, model=True),
+                              context)
         replies.append(r3)
         if r3.content[M.STATUS][M.STATE] != ReplyState.TRAINED.value:
             return replies, context
@@ -199,6 +203,7 @@ HOSTILE = {
     "an unmask that leaves the hospital out of the sum": "left-out",
     "a collect before keys were shared": "out-of-order",
     "less noise asked of the other hospitals than of this one": "others-less-noise",
+    "a larger scale at collect than share-keys agreed (less noise per unit)": "rescaled",
 }
 
 
@@ -226,6 +231,10 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
             elif kind == "less-noise":
                 replies, context = honest_round(folder, cfg, variance_factor=0.5)
                 reply = replies[-1]
+            elif kind == "rescaled":
+                replies, context = honest_round(folder, cfg, collect_fields={S.SCALE: SCALE * 2})
+                reply = replies[-1]
+                assert len(replies) == 3 and "share-keys stage agreed" in str(reply.content[M.STATUS][M.REASON])
             elif kind == "others-less-noise":  # seen in the peers' encrypted shares, refused at collect
                 replies, context = honest_round(folder, cfg, peer_variance_factor=0.5)
                 reply = replies[-1]

@@ -51,9 +51,10 @@ def message(cfg, stage: S.Stage, fields: dict, splits=(Split.TEST,), progress: b
 
 
 def honest_session(folder, cfg, splits=(Split.TEST,), progress: bool = False, seed: int = 1, survivors=(3, 7, 9),
-                   variance_factor: float = 1.0, parts: dict | None = None, collect_splits=None):
+                   variance_factor: float = 1.0, parts: dict | None = None, collect_splits=None, peer_cfg=None):
     """One whole evaluation with two honest peers: the hospital's replies (and, in
-    ``parts``, the peers, keys, share boxes and agreed variances)."""
+    ``parts``, the peers, keys, share boxes and agreed variances). ``peer_cfg``: another
+    experiment a hostile coordinator put to the peers at share-keys."""
     context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
     ask = dict(splits=splits, progress=progress)
     replies = []
@@ -68,12 +69,14 @@ def honest_session(folder, cfg, splits=(Split.TEST,), progress: bool = False, se
         own = tuple(str(status[S.MY_KEYS]).split(":"))  # pk1:pk2:name:signature (a deployed hospital signs)
         keys = {**{p: (q.pk1, q.pk2) for p, q in peers.items()}, ME: own}
         variances = [float(v) * variance_factor for v in status[VARIANCES]]
-        r2 = client_app.evaluate(message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys), VARIANCES: variances},
-                                         **ask), context)
+        share = message(cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys), VARIANCES: variances}, **ask)
+        peer_share = peer_cfg and message(peer_cfg, S.Stage.SHARE_KEYS, {S.PUBLIC_KEYS: key_lines(keys),
+                                                                         VARIANCES: variances}, **ask)
+        r2 = client_app.evaluate(share, context)
         replies.append(r2)
         if r2.content[M.STATUS][M.STATE] != ReplyState.READY.value:
             return replies
-        asked = S.agreed_settings(noise_variances=variances, scale=1.0)  # what the coordinator asked everyone
+        asked = S.agreed_settings((peer_share or share).content[M.CONFIG])  # what the coordinator asked the peers
         boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variances=variances)
@@ -196,11 +199,14 @@ def test_the_secure_evaluation_noise_keeps_each_group_within_its_epsilon_and_the
             assert epsilon_of_rdp(rdp[1], 1e-5) <= alone * (1 + 1e-6)
 
 
+PEER_BINS = 8  # any other bin count: the same parts, in other places
+
 HOSTILE = {
     "a plain evaluation under secure aggregation": "plain",
     "less noise than the hospital requires": "less-noise",
     "a collect that asks for other splits than the setup": "switch",
     "a collect before keys were shared": "out-of-order",
+    "another release layout put to the other hospitals": "other-layout",
 }
 
 
@@ -226,6 +232,10 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
                 reply = client_app.evaluate(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: ""}, model=True), context)
             elif kind == "less-noise":
                 reply = honest_session(folder, cfg, variance_factor=0.5)[-1]
+            elif kind == "other-layout":  # the peers' histograms sit elsewhere: seen in their shares at collect
+                replies = honest_session(folder, cfg, peer_cfg=secure_cfg(f"evaluation.score_bins={PEER_BINS}"))
+                reply = replies[-1]
+                assert len(replies) == 3 and "other round settings" in str(reply.content[M.STATUS][M.REASON])
             else:
                 reply = honest_session(folder, cfg, splits=(Split.VAL,), collect_splits=(Split.TEST,))[-1]
             assert reply.content[M.STATUS][M.STATE] == ReplyState.REFUSED_POLICY.value, reply.content[M.STATUS]
