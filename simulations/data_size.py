@@ -4,6 +4,7 @@ training stays grow, on the same held-out folds.
     python -m simulations.data_size [--configs configs/default.yaml,configs/trained-gru.yaml]
                                     [--train-stays 500,1000,2000,all] [--runs 5] [--folds 5]
                                     [--set key=value ...] [--out DIR]
+    python -m simulations.data_size --summarize DIR/data_size.json   # the table again, from saved runs
 
 For every size and every fold, each config is a real ``fedgru simulate`` run (through
 ``simulations.utility.federated_fold``) on ``split.train_fraction`` of every hospital's
@@ -18,7 +19,10 @@ The crossover: the paired differences (second config minus first) are fitted by 
 log2 of the stays per hospital, and the size where the line crosses zero is read off it,
 with a bootstrap over the runs of each size for its uncertainty. Sizes past the largest
 measured one are an extrapolation of that line, and the output says so; where the line
-does not rise the output says that no crossover can be read from the data.
+does not rise the output says that no crossover can be read from the data. Because a line
+through every size can rise on the small sizes alone, the output also gives the difference
+at the largest size and its change over the last step, each with a 95% interval, and says
+when a crossing past the data is not supported.
 
 Writes ``data_size.json`` and ``data_size.md`` into ``--out``.
 """
@@ -114,8 +118,8 @@ def crossover(stays_per_hospital: list[float], differences: list[float], seed: i
         crossings.append(_crossing(ab, bb))
     interval = None
     if point is not None:
-        lo, hi = np.percentile(np.asarray(crossings), [2.5, 97.5])
-        interval = (float(lo), float(hi))
+        ranked = sorted(crossings)  # nearest rank: inf (no crossing) may be among them
+        interval = (float(ranked[int(0.025 * (draws - 1))]), float(ranked[int(math.ceil(0.975 * (draws - 1)))]))
     return Crossover(a, b, se, point, interval, rising / draws, float(2 ** x.max()))
 
 
@@ -153,6 +157,16 @@ def summarize(runs: list[SizeRun], configs: list[str], seed: int = 0) -> dict:
     out: dict = {"configs": configs, "sizes": rows}
     if len(set(xs)) >= 2:
         out["crossover"] = asdict(crossover(xs, ds, seed))
+    measured = [r for r in rows if r["difference"] and r["paired_runs"] > 1]
+    if len(measured) >= 2:
+        # the fit pools every size; whether the difference still rises at the top is read
+        # from the two largest sizes alone, each with its standard error
+        below, top = measured[-2], measured[-1]
+        se = lambda r: r["difference"][1] / math.sqrt(r["paired_runs"])  # noqa: E731
+        out["largest"] = {"stays_per_hospital": top["stays_per_hospital"], "difference": top["difference"][0],
+                          "se": se(top), "last_step": top["difference"][0] - below["difference"][0],
+                          "last_step_se": math.hypot(se(top), se(below)),
+                          "from_stays_per_hospital": below["stays_per_hospital"]}
     return out
 
 
@@ -186,7 +200,26 @@ def markdown(summary: dict, runs: int) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if "crossover" in summary:
         lines += ["", _crossover_text(summary["crossover"], first, second)]
+    if "largest" in summary:
+        lines += ["", _largest_text(summary["largest"])]
     return "\n".join(lines) + "\n"
+
+
+def _largest_text(top: dict) -> str:
+    """The difference at the largest size and its last step, each with a 95% interval: a
+    line fitted through every size can rise on the small sizes alone."""
+    lo, hi = top["difference"] - 1.96 * top["se"], top["difference"] + 1.96 * top["se"]
+    step_lo = top["last_step"] - 1.96 * top["last_step_se"]
+    step_hi = top["last_step"] + 1.96 * top["last_step_se"]
+    verdict = ("indistinguishable from zero" if lo <= 0 <= hi else "above zero" if lo > 0 else "below zero")
+    rising = ("still rising" if step_lo > 0 else "not shown to rise" if step_hi > 0 else "falling")
+    text = (f"At the largest size ({top['stays_per_hospital']:,.0f} stays per hospital) the paired difference is "
+            f"{top['difference']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}): {verdict}. From "
+            f"{top['from_stays_per_hospital']:,.0f} to {top['stays_per_hospital']:,.0f} stays per hospital it changed "
+            f"by {top['last_step']:+.3f} ({step_lo:+.3f} to {step_hi:+.3f}): {rising}.")
+    if not step_lo > 0:
+        text += " A crossing past the largest size is not supported by these data: measure at larger sizes."
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="folder for the runs and data_size.json / .md")
+    parser.add_argument("--summarize", type=Path, default=None, metavar="DATA_SIZE_JSON",
+                        help="print the table of an earlier (or interrupted) measurement's data_size.json; runs nothing")
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        saved = json.loads(args.summarize.read_text())
+        runs = [SizeRun(**r) for r in saved["runs"]]
+        configs = list(dict.fromkeys(r.config for r in runs))
+        print(markdown(summarize(runs, configs), saved.get("runs_per_cell", max(
+            sum(r.config == configs[0] and r.target == runs[0].target for r in runs), 1))))
+        return 0
     configs = [c for c in args.configs.split(",") if c]
     if len(configs) != 2:
         parser.error("--configs takes exactly two configs")

@@ -75,3 +75,41 @@ def test_both_configs_run_on_the_same_fold_at_two_sizes(tmp_path, physionet_file
     assert small == pytest.approx(100, abs=8) and whole > small  # stratified rounding per class and hospital
     assert all(0 <= r["auroc"] <= 1 for r in runs)
     assert "crossover" in result["summary"] and (out / "data_size.md").read_text().count("\n|") >= 3
+
+
+def _runs(differences: dict[int, list[float]]) -> list[SizeRun]:
+    """Paired runs: per hospital stays -> the second config's AUROC minus the first's, per fold."""
+    runs = []
+    for n, diffs in differences.items():
+        for fold, d in enumerate(diffs):
+            runs.append(SizeRun("a.yaml", str(n), 1.0, fold, n * 4, 4, 0.80, 1.0))
+            runs.append(SizeRun("b.yaml", str(n), 1.0, fold, n * 4, 4, 0.80 + d, 1.0))
+    return runs
+
+
+def test_a_line_that_rises_on_the_small_sizes_alone_is_not_extrapolated_past_a_flat_top():
+    # set A's shape: -0.04 at 125 and 250 stays per hospital, then flat at zero
+    flat_top = {125: [-0.05, -0.03, -0.04, -0.06, -0.02], 250: [-0.04, -0.05, -0.03, -0.04, -0.04],
+                500: [0.01, -0.01, 0.0, 0.02, -0.01], 700: [0.0, -0.01, 0.01, -0.01, 0.0]}
+    summary = summarize(_runs(flat_top), ["a.yaml", "b.yaml"])
+    assert summary["crossover"]["slope"] > 0  # the pooled line rises...
+    text = markdown(summary, runs=5)
+    assert "indistinguishable from zero" in text and "not shown to rise" in text  # ...the top does not
+    assert "not supported by these data" in text
+    rising = {125: [-0.06, -0.05, -0.07, -0.06, -0.06], 250: [-0.04, -0.03, -0.04, -0.05, -0.04],
+              500: [-0.02, -0.01, -0.02, -0.02, -0.03], 700: [0.02, 0.03, 0.02, 0.01, 0.02]}
+    text = markdown(summarize(_runs(rising), ["a.yaml", "b.yaml"]), runs=5)
+    assert "above zero" in text and "still rising" in text and "not supported" not in text
+
+
+def test_the_table_can_be_printed_again_from_a_saved_measurement(tmp_path, capsys):
+    import dataclasses
+
+    from simulations.data_size import main
+
+    runs = _runs({125: [-0.05, -0.03], 700: [0.0, 0.01]})
+    saved = tmp_path / "data_size.json"
+    saved.write_text(json.dumps({"runs_per_cell": 2, "runs": [dataclasses.asdict(r) for r in runs]}))
+    assert main(["--summarize", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "| 500 (125) | 125 |" in out and "| 2,800 (700) | 700 |" in out and "2 runs per cell" in out
