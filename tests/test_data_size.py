@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from common.metrics import exact_metrics
 from simulations.data_size import SizeRun, crossover, markdown, summarize
-from tests.conftest import ROOT
 
 SIZES = [125] * 5 + [250] * 5 + [500] * 5 + [1000] * 5
 
@@ -57,24 +54,40 @@ def test_summary_pairs_each_fold_with_itself():
     assert row["stays_per_hospital"] == 700 and row["paired_runs"] == 3
 
 
-@pytest.mark.slow
-def test_both_configs_run_on_the_same_fold_at_two_sizes(tmp_path, physionet_files):
+def test_both_configs_run_on_the_same_folds_at_every_size_on_nested_shares(tmp_path, monkeypatch, physionet_files):
+    """The harness's plan and bookkeeping, with the federated run itself replaced: each
+    (size, fold) runs both configs with one split.train_fraction, the share that makes the
+    federation's training stays the size asked for (counted on the real partition), and
+    the results are paired by fold. The real run behind federated_fold (a fedgru simulate on
+    such a share, scored on the fold's whole test split) is tested in
+    tests/test_utility.py."""
+    import simulations.data_size as data_size
+    from simulations.utility import FoldResult
+
+    calls = []
+
+    def run(config, overrides, folds, fold, out):
+        calls.append((str(config), fold, [o for o in overrides if o.startswith("split.train_fraction=")]))
+        y = np.array([0, 1] * 20)
+        risk = np.clip(y * 0.3 + 0.35 + 0.01 * fold, 0, 1)
+        return FoldResult(fold, exact_metrics(y, np.stack([1 - risk, risk], axis=1)), {}, 1.0)
+
+    monkeypatch.setattr(data_size, "federated_fold", run)
     out = tmp_path / "size"
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.data_size", "--runs", "1", "--train-stays", "100,all", "--out", str(out),
-         "--set", "run.rounds=2", "--set", "data.max_stays=400", "--set", "evaluation.validate_every=0"],
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data_size.main(["--runs", "2", "--train-stays", "100,all", "--out", str(out),
+                           "--set", "data.max_stays=400"]) == 0
+    assert [(c, f) for c, f, _ in calls] == [(c, f) for f in (0, 1) for c in data_size.DEFAULT_CONFIGS] * 2
     result = json.loads((out / "data_size.json").read_text())
     runs = result["runs"]
-    assert [(r["target"], r["config"]) for r in runs] == [
-        ("100", "configs/default.yaml"), ("100", "configs/trained-gru.yaml"),
-        ("all", "configs/default.yaml"), ("all", "configs/trained-gru.yaml")]
-    small, whole = runs[0]["training_stays"], runs[2]["training_stays"]
-    assert small == pytest.approx(100, abs=8) and whole > small  # stratified rounding per class and hospital
-    assert all(0 <= r["auroc"] <= 1 for r in runs)
-    assert "crossover" in result["summary"] and (out / "data_size.md").read_text().count("\n|") >= 3
+    small = [r for r in runs if r["target"] == "100"]
+    whole = [r for r in runs if r["target"] == "all"]
+    assert all(abs(r["training_stays"] - 100) <= 8 for r in small)  # stratified rounding per class and hospital
+    assert all(r["fraction"] == 1.0 for r in whole) and all(w["training_stays"] > 250 for w in whole)
+    # both configs of a fold on the same share; the share of the whole split everywhere else
+    assert [f for _, _, f in calls] == [[f"split.train_fraction={r['fraction']:.6f}"] for r in runs]
+    assert calls[0][2] == calls[1][2] and calls[2][2] == calls[3][2] and 0 < small[0]["fraction"] < 1
+    assert result["summary"]["sizes"][0]["paired_runs"] == 2
+    assert (out / "data_size.md").read_text().count("\n|") >= 3
 
 
 def _runs(differences: dict[int, list[float]]) -> list[SizeRun]:

@@ -48,11 +48,18 @@ def test_arguments_are_checked():
 @pytest.mark.slow
 def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_files):
     """--fold 0 --runs 2: two real federated trainings, both scored exactly on fold 0's
-    test patients; no 'all folds' AUROC (it would count each patient twice)."""
+    test patients; no 'all folds' AUROC (it would count each patient twice). Trained on
+    half of each hospital's training split (split.train_fraction, as simulations.data_size
+    runs it): the test patients are all of fold 0's all the same."""
+    from common.config import load_config
+    from common.data.dataset import load_dataset
+    from common.data.partition import make_partition
+
     out = tmp_path / "utility"
+    sets = ["run.rounds=2", "data.max_stays=400", "split.train_fraction=0.5"]
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.utility", "--runs", "2", "--fold", "0", "--no-baselines", "--out", str(out),
-         "--set", "run.rounds=2", "--set", "data.max_stays=400"],
+         *(a for item in sets for a in ("--set", item))],
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,3 +71,10 @@ def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_f
     assert "auroc_all_folds" not in result["summary"]["federated"]
     assert (out / "fold0-run0" / "model.pt").is_file() and (out / "fold0-run1" / "model.pt").is_file()
     assert "all on held-out fold 0" in (out / "utility.md").read_text()
+    whole = load_config(None, ["data.max_stays=400", "split.folds=5", "split.fold=0"])
+    hospitals = make_partition(load_dataset(whole), whole)
+    for run in ("fold0-run0", "fold0-run1"):
+        rows = json.loads((out / run / "partition.json").read_text())["hospitals"]
+        assert sum(r["test"] for r in rows) == sum(len(h.test) for h in hospitals) == runs[0]["pooled"]["n"]
+        trained, full = sum(r["train"] for r in rows), sum(len(h.train) for h in hospitals)
+        assert abs(trained - full / 2) <= len(hospitals) * 2  # half of each class of each hospital, rounded
