@@ -12,7 +12,7 @@ from pathlib import Path
 from common.config import ExperimentConfig, auto_delta, load_config
 from common.data.dataset import read_export
 from common.definition import DataDefinition
-from common.messages import Mechanism, Split
+from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
 from common.metrics import format_number
 
 from . import export as exports
@@ -111,8 +111,8 @@ def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
     The key file is that hospital's ``<name>.pub``, received from its staff, not from the
     coordinator."""
     folder = HospitalFolder(folder_path, registered=False)
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise FolderError(f"hospital name {name!r}: use letters, digits, '-' and '_' only")
+    if not is_hospital_name(name):
+        raise FolderError(f"hospital name {name!r}: {HOSPITAL_NAME_RULE}")
     if name == folder.name:
         raise FolderError(f"{name} is this hospital: list the others")
     try:

@@ -36,7 +36,7 @@ from common.config import ConfigError
 from common.definition import DataDefinition
 from common.files import atomic_write_text, json_safe, write_private
 from common.ledger import Ledger
-from common.messages import Split
+from common.messages import HOSPITAL_NAME_RULE, Split, is_hospital_name
 from common.typed import TypedDataError, build
 
 from .peer_keys import SigningKey, load_signing_key
@@ -243,8 +243,8 @@ def init_folder(
 ) -> HospitalFolder:
     """Create a hospital folder (keys, secret, empty ledger); refuses to touch an existing
     one. Its export is registered next (``client.export.register``)."""
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise FolderError(f"hospital name {name!r}: use letters, digits, '-' and '_' only")
+    if not is_hospital_name(name):
+        raise FolderError(f"hospital name {name!r}: {HOSPITAL_NAME_RULE}")
     if (out / SETTINGS_FILE).exists() or (out / SECRET_FILE).exists() or (out / LEDGER_FILE).exists():
         raise FolderError(f"{out} already holds a hospital folder; it is never overwritten")
     out.mkdir(parents=True, exist_ok=True)

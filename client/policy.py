@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from common.config import ExperimentConfig
-from common.messages import Split
+from common.messages import HOSPITAL_NAME_RULE, Split, is_hospital_name
 
 from .peer_keys import public_key_of
 
@@ -110,8 +110,8 @@ class Policy:
             if not ok:
                 raise ValueError(f"{where}: 'policy.{key}' {why}")
         for name, line in self.peer_keys.items():
-            if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in str(name)):
-                raise ValueError(f"{where}: 'policy.peer_keys' names a hospital {name!r}: use letters, digits, - and _")
+            if not is_hospital_name(str(name)):
+                raise ValueError(f"{where}: 'policy.peer_keys' names a hospital {name!r}: {HOSPITAL_NAME_RULE}")
             try:
                 public_key_of(str(line))
             except ValueError as exc:

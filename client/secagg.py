@@ -184,8 +184,9 @@ class Participant:
             if (got_src, got_dst) != (src, self.node_id):
                 raise SecAggRefusal(f"the shares said to be from node {src} name another sender or recipient")
             if digest.hex() != self.agreed:
-                raise SecAggRefusal(f"node {src} was asked for other round settings (participants, threshold, noise "
-                                    "or scale) than this hospital: the coordinator must ask every hospital alike")
+                raise SecAggRefusal(f"node {src} was asked for other round settings (participants, threshold, or the "
+                                    "share-keys message: experiment, splits, scale, keys, noise) than this hospital: "
+                                    "the coordinator must ask every hospital alike")
             self.received[str(src)] = [b64(b_share), b64(sk_share)]
         self.senders = sorted([*ciphertexts, self.node_id])
 

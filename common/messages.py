@@ -14,6 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# A hospital's name travels in messages (its reply state, its signed round keys) and names
+# files in its folder: letters, digits, '-' and '_', the same rule wherever one is given.
+HOSPITAL_NAME_RULE = "use letters, digits, '-' and '_' only"
+
+
+def is_hospital_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
 # RecordDict keys
 ARRAYS = "arrays"  # ArrayRecord: model weights (server -> hospital, hospital -> server)
 CONFIG = "config"  # ConfigRecord: round instructions (server -> hospital)

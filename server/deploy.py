@@ -16,14 +16,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from common.messages import HOSPITAL_NAME_RULE, is_hospital_name
+
 from .keys import make_ca, make_server_cert
 
 CONNECTION = "fedgru"
 
 
 def _valid_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise ValueError(f"hospital name {name!r}: use letters, digits, '-' and '_' only")
+    if not is_hospital_name(name):
+        raise ValueError(f"hospital name {name!r}: {HOSPITAL_NAME_RULE}")
     return name
 
 

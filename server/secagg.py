@@ -19,6 +19,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from common.messages import HOSPITAL_NAME_RULE, is_hospital_name
 from common.secagg import mask, pair_seed, pair_sign, to_ring, unb64
 
 
@@ -89,8 +90,8 @@ def parse_round_keys(text: str) -> tuple[str, ...]:
     unb64(own[0]), unb64(own[1])
     if len(own) == 4:
         name, signature = own[2], own[3]
-        if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
-            raise ValueError("a hospital name is letters, digits, '-' and '_'")
+        if not is_hospital_name(name):
+            raise ValueError(f"the hospital name: {HOSPITAL_NAME_RULE}")
         unb64(signature)
     return own
 

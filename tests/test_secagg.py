@@ -272,6 +272,8 @@ def test_the_coordinator_passes_signed_and_unsigned_round_keys_on_whole():
     own = {k: parse_round_keys(p.my_keys()) for k, p in people.items()}
     assert own == keys
     assert parse_round_keys("QUJD:REVG") == ("QUJD", "REVG")
+    # any name `fedgru hospital init` accepts (the same rule: common.messages.is_hospital_name)
+    assert parse_round_keys("QUJD:REVG:zürich-2_a:U0lH")[2] == "zürich-2_a"
     assert key_lines(own).splitlines()[0] == "1:" + people[1].my_keys()
 
 
