@@ -35,6 +35,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.summarize.read_text())
         runs = [SizeRun(**r) for r in saved["runs"]]
         configs = list(dict.fromkeys(r.config for r in runs))
-        print(markdown(summarize(runs, configs), saved.get("runs_per_cell", max(
-            sum(r.config == configs[0] and r.target == runs[0].target for r in runs), 1))))
+        per_cell = Counter((r.config, r.target) for r in runs)  # an interrupted measurement saved no runs_per_cell
+        print(markdown(summarize(runs, configs), saved.get("runs_per_cell", max(per_cell.values()))))
         return 0
     configs = [c for c in args.configs.split(",") if c]
     if len(configs) != 2:
