@@ -14,11 +14,11 @@ from common.data.dataset import read_export
 from common.definition import DataDefinition
 from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
 from common.metrics import format_number
+from common.signatures import public_key_of
 
 from . import export as exports
 from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder, write_settings
 from .ledger_store import FileLedgerStore
-from .peer_keys import public_key_of
 
 
 def init(

@@ -7,7 +7,8 @@ shares of its own mask seed and mask key) and can then remove all of its masks: 
 the hospital's vector with only the hospital's own share of the noise. Bell et al. (CCS
 2020) and Bonawitz et al. (CCS 2017, the malicious-server variant) close this with a
 public-key infrastructure: each client signs its round keys with a long-term key the
-others know.
+others know. The checking of a signature is shared with the coordinator
+(``common.signatures``); the signing is here.
 
 Here the long-term key is the one each hospital already has: the SuperNode key pair that
 ``fedgru hospital init`` makes (``<name>.key``, ``<name>.pub``) and the coordinator
@@ -25,24 +26,10 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-
-
-def public_key_of(text: str) -> PublicKey:
-    """A peer's public key from its ``<name>.pub`` line (OpenSSH: ``ecdsa-sha2-nistp384
-    AAAA...`` or ``ssh-ed25519 AAAA...``); ValueError for anything else."""
-    try:
-        key = serialization.load_ssh_public_key(text.strip().encode())
-    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
-        raise ValueError("is not an OpenSSH public key line (the content of a hospital's <name>.pub)") from None
-    if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
-        raise ValueError("must be an elliptic-curve or Ed25519 key (as `fedgru hospital init` makes)")
-    return key
 
 
 def load_signing_key(path: Path) -> SigningKey:
@@ -60,16 +47,3 @@ def sign(key: SigningKey, data: bytes) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return base64.b64encode(key.sign(data)).decode()
     return base64.b64encode(key.sign(data, ec.ECDSA(hashes.SHA384(), deterministic_signing=True))).decode()
-
-
-def verifies(key: PublicKey, data: bytes, signature: str) -> bool:
-    """Whether ``signature`` (base64) is ``key``'s signature of ``data``."""
-    try:
-        raw = base64.b64decode(signature.encode(), validate=True)
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(raw, data)
-        else:
-            key.verify(raw, data, ec.ECDSA(hashes.SHA384()))
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 from common.config import ExperimentConfig
 from common.messages import HOSPITAL_NAME_RULE, Split, is_hospital_name
-
-from .peer_keys import public_key_of
+from common.signatures import public_key_of
 
 # A policy written before these limits existed gets them (client.folder writes them out).
 DEFAULT_MAX_MODEL_PARAMETERS = 1_000_000  # the default model has a few hundred weights; a stacked GRU 128/64 ~90,000

@@ -47,8 +47,9 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from common.secagg import Stage, b64, keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+from common.signatures import public_key_of, verifies
 
-from .peer_keys import SigningKey, public_key_of, sign, verifies
+from .peer_keys import SigningKey, sign
 
 DIGEST_BYTES = 32  # the round settings' SHA-256 digest that leads every encrypted share
 

@@ -21,6 +21,7 @@ from common.data.dataset import load_dataset
 from common.data.partition import format_table, make_partition, partition_table
 from common.logs import attach_to_flower
 from common.paths import project_root, resolve
+from common.signatures import PublicKey
 
 from .checkpoint import RunSnapshot, load_checkpoint
 from .coordinator import Coordinator
@@ -28,6 +29,7 @@ from .discovery import Roster, who_are_you
 from .outputs import RunRecorder, make_run_dir
 from .preflight import connected_status
 from .records import Partition, RunMetrics, StartRecord, load_record
+from .secagg import load_hospital_keys
 from .start_model import StartModel, load_start_model
 
 log = logging.getLogger("fedgru.server")
@@ -48,7 +50,7 @@ def start_of_run(cfg: ExperimentConfig, run_dir: Path, resumed: bool,
 
 
 def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnapshot | None = None,
-               start: StartModel | None = None) -> Path:
+               start: StartModel | None = None, hospital_keys: dict[str, PublicKey] | None = None) -> Path:
     attach_to_flower()
     run_id = resume.run_id if resume else secrets.token_hex(6)
     # Who takes part and what they read, first: the run reads data as its hospitals do.
@@ -65,7 +67,7 @@ def run_server(cfg: ExperimentConfig, grid: Grid, run_dir: Path, resume: RunSnap
     if start is not None:
         log.info("the global model starts from %s (sha256 %s...%s)", start.path, start.sha256[:12],
                  f", the model of run {start.source_run}" if start.source_run else "")
-    coord = Coordinator(cfg, grid, recorder, run_id, start, roster)
+    coord = Coordinator(cfg, grid, recorder, run_id, start, roster, hospital_keys)
     if resume:
         # the plan agreed before the restart holds: each hospital's noise is in the checkpoint
         recorder.preflight = list(getattr(load_record(run_dir / "metrics.json", RunMetrics), "preflight", []) or [])
@@ -119,16 +121,19 @@ def main(grid: Grid, context: Context) -> None:
         for line in connected_status(grid, cfg).splitlines():
             log.info("%s", line)
         return
+    # deployed: the admitted hospitals' <name>.pub files (deploy init's hospitals/), read before anything runs
+    keys_dir = str(context.run_config.get("hospital-keys", ""))
+    hospital_keys = load_hospital_keys(resolve(keys_dir)) if keys_dir else None
     resume_dir = str(context.run_config.get("resume", ""))
     if resume_dir:
         # Same run, same config: everything comes from the run folder's checkpoint.
         run_dir = resolve(resume_dir)
         snapshot = load_checkpoint(run_dir / "checkpoint.pt")
         cfg = resumed_config(snapshot.config_json, str(run_dir / "checkpoint.pt"))
-        run_server(cfg, grid, run_dir, resume=snapshot)
+        run_server(cfg, grid, run_dir, resume=snapshot, hospital_keys=hospital_keys)
         return
     cfg = config_from_run_config(dict(context.run_config))
     start = load_start_model(cfg) if cfg.model.init_from else None  # a bad start fails before a run folder exists
     out = str(context.run_config.get("out-dir", "")) or cfg.run.out_dir
     out_dir = Path(out) if Path(out).is_absolute() else project_root() / out
-    run_server(cfg, grid, make_run_dir(out_dir), start=start)
+    run_server(cfg, grid, make_run_dir(out_dir), start=start, hospital_keys=hospital_keys)

@@ -32,6 +32,7 @@ from common.ledger import Ledger
 from common.messages import ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, format_number, pooled, with_interval
 from common.model import GRUClassifier, model_spec, output_layer_keys
+from common.signatures import PublicKey
 
 from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from .checkpoint import RunSnapshot
@@ -112,8 +113,12 @@ def initial_arrays(cfg: ExperimentConfig, start: StartModel | None = None) -> Ar
 
 class Coordinator:
     def __init__(self, cfg: ExperimentConfig, grid: Grid, recorder: RunRecorder, run_id: str,
-                 start: StartModel | None = None, roster: Roster | None = None):
+                 start: StartModel | None = None, roster: Roster | None = None,
+                 hospital_keys: dict[str, PublicKey] | None = None):
         self.cfg = cfg
+        # the admitted hospitals' public keys (run-config hospital-keys): secure rounds take
+        # only round keys one of them signed (server.secagg.signature_problem)
+        self.hospital_keys = hospital_keys or {}
         self.grid = grid
         self.recorder = recorder
         self.run_id = run_id

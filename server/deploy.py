@@ -6,7 +6,8 @@ sends only its public key; this writes into ``--out``:
 
     ca.crt, ca.key                 the federation's certificate authority (keep ca.key offline)
     superlink.crt, superlink.key   the SuperLink's TLS certificate and key
-    hospitals/<name>.pub           the public keys the hospitals sent (registered by COMMANDS.md)
+    hospitals/<name>.pub           the public keys the hospitals sent (registered by COMMANDS.md; the run
+                                   checks secure aggregation's signed round keys against them)
     flwr-config.toml               the connection entry for the Flower CLI (~/.flwr/config.toml)
     COMMANDS.md                    the commands for the coordinator and for each hospital
 """
@@ -103,7 +104,7 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         "## Researcher: start a run (resume a stopped one with --run-config 'resume=\"runs/<folder>\"')",
         "",
         f"    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {CONNECTION} --stream \\",
-        "        --run-config 'config-file=\"configs/default.yaml\"'",
+        f"        --run-config 'config-file=\"configs/default.yaml\" hospital-keys=\"{out / 'hospitals'}\"'",
         "",
     ]
     text = "\n".join(lines)

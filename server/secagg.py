@@ -13,6 +13,7 @@ holds an unmasked individual vector.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -20,7 +21,8 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from common.messages import HOSPITAL_NAME_RULE, is_hospital_name
-from common.secagg import mask, pair_seed, pair_sign, to_ring, unb64
+from common.secagg import keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+from common.signatures import PublicKey, public_key_of, verifies
 
 
 class UnmaskFailed(RuntimeError):
@@ -94,6 +96,53 @@ def parse_round_keys(text: str) -> tuple[str, ...]:
             raise ValueError(f"the hospital name: {HOSPITAL_NAME_RULE}")
         unb64(signature)
     return own
+
+
+def load_hospital_keys(folder: str | Path) -> dict[str, PublicKey]:
+    """The public keys of the hospitals the coordinator admitted (``fedgru deploy init``'s
+    ``hospitals/`` folder, one ``<name>.pub`` each): hospital name -> key. ValueError
+    naming the folder or the file for anything else, before the run starts."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"hospital-keys: {root} is not a folder (give the hospitals/ folder `fedgru deploy init` "
+                         "wrote, with each hospital's <name>.pub)")
+    keys = {}
+    for path in sorted(root.glob("*.pub")):
+        if not is_hospital_name(path.stem):
+            raise ValueError(f"hospital-keys: {path.name}: the hospital name: {HOSPITAL_NAME_RULE}")
+        try:
+            keys[path.stem] = public_key_of(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"hospital-keys: {path}: {exc}") from None
+    if not keys:
+        raise ValueError(f"hospital-keys: {root} holds no <name>.pub file")
+    return keys
+
+
+def signature_problem(hospital_keys: dict[str, PublicKey], run_id: str, server_round: int, node: int,
+                      own: tuple[str, ...], name: str, taken: set[str]) -> str | None:
+    """Why the coordinator leaves ``node``'s round keys out of a round, or None: they must
+    carry the signature, for this run, round and node, of the admitted hospital the node
+    says it is (``name``), not yet taken by another node of the round (``taken``).
+
+    The hospitals that list their peers (policy ``peer_keys``) check the same and refuse
+    the whole round if any participant fails it; checked here first, one hospital's
+    missing or stale signature leaves only that hospital out, and the round goes on from
+    the others. A coordinator that skips the check only loses rounds: the hospitals'
+    own check is what protects them."""
+    if len(own) != 4:
+        return "its round keys are not signed, and this coordinator admits only signed keys (run-config hospital-keys)"
+    signed_as, signature = own[2], own[3]
+    if signed_as != name:
+        return f"its round keys are signed as '{signed_as}', but the node said it is '{name}'"
+    key = hospital_keys.get(name)
+    if key is None:
+        return f"'{name}' has no public key among the admitted hospitals' (run-config hospital-keys)"
+    if not verifies(key, keys_to_sign(run_id, server_round, node, own[0], own[1]), signature):
+        return f"its round keys do not carry a valid signature of '{name}' for this run and round"
+    if name in taken:
+        return f"'{name}' already takes part in this round under another node"
+    return None
 
 
 def key_lines(public_keys: dict[int, tuple[str, ...]]) -> str:

@@ -35,7 +35,15 @@ from common.model import trainable_layout
 from common.training import training_for_round
 
 from .records import Dropped, HospitalState, Stopped, TrainPhase, TrainReport
-from .secagg import UnmaskFailed, default_threshold, key_lines, parse_revealed, parse_round_keys, unmasked_sum
+from .secagg import (
+    UnmaskFailed,
+    default_threshold,
+    key_lines,
+    parse_revealed,
+    parse_round_keys,
+    signature_problem,
+    unmasked_sum,
+)
 from .secure_evaluation import secure_evaluate
 from .validation import Evaluations
 
@@ -128,8 +136,8 @@ class SecureRounds:
         """Each hospital's public keys and the least noise variance it accepts (``parts``
         > 0: a list of that many, one per part of an evaluation vector), from its setup
         answer; a malformed answer is dropped."""
-        keys, required = {}, {}
-        for nid, reply in replies.items():
+        keys, required, signed = {}, {}, set()
+        for nid, reply in sorted(replies.items()):
             try:
                 own = parse_round_keys(str(reply.content[M.STATUS][S.MY_KEYS]))
                 raw = reply.content[M.STATUS][field]
@@ -140,6 +148,13 @@ class SecureRounds:
             except (KeyError, TypeError, ValueError):
                 self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
                 continue
+            if self.co.hospital_keys:  # admitted hospitals' signatures only: one bad one leaves only its sender out
+                why = signature_problem(self.co.hospital_keys, self.co.run_id, server_round, nid, own,
+                                        self.co._view(nid).name, signed)
+                if why:
+                    self._drop(server_round, nid, why)
+                    continue
+                signed.add(own[2])
             keys[nid], required[nid] = own, variance
         return keys, required
 

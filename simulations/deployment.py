@@ -171,8 +171,14 @@ class LocalFederation:
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
+    def _hospital_keys(self) -> str:
+        """The run-config entry COMMANDS.md gives (the admitted hospitals' keys): the
+        coordinator checks secure aggregation's signed round keys against them."""
+        folder = self.root / "fed" / "hospitals"
+        return f' hospital-keys="{folder}"' if folder.is_dir() else ""
+
     def _run_config(self, extra: str = "") -> str:
-        config = f'set="{self.run_settings} {extra}"'
+        config = f'set="{self.run_settings} {extra}"' + self._hospital_keys()
         return config + (f' config-file="{self.config_file}"' if self.config_file else "")
 
     def status_args(self, rounds: int = 0) -> list[str]:
@@ -187,7 +193,7 @@ class LocalFederation:
         (``rounds`` 0: the config's own)."""
         config = f'rounds={rounds} out-dir="{out}" {self._run_config(extra)}'
         if resume is not None:
-            config = f'resume="{resume}"'
+            config = f'resume="{resume}"' + self._hospital_keys()
         name = f"run-{len([k for k in self.procs if k.startswith('run-')])}-{time.monotonic_ns()}"
         return self.start(name, [str(BIN / "flwr"), "run", str(app or self.project), "fedgru", "--stream",
                                  "--run-config", config])

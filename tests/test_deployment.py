@@ -259,6 +259,8 @@ def test_deploy_init_wrote_keys_and_commands(scenario):
         commands = scenario["commands"]
         assert "flwr supernode register" in commands and f'hospital-dir=\"/srv/fedgru/{name}\"' in commands
         assert "--isolation process" in commands and "fedgru hospital serve" in commands
+    # the run checks secure aggregation's signed round keys against the admitted hospitals' keys
+    assert f'hospital-keys="{(fed_dir / "hospitals").resolve()}"' in scenario["commands"]
 
 
 def test_an_unregistered_hospital_is_refused_and_never_trains(scenario):

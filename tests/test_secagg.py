@@ -5,6 +5,8 @@ does not allow."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -289,3 +291,89 @@ def test_a_hospital_told_other_participants_or_another_threshold_is_noticed_in_i
         people[1].receive({src: box[1] for src, box in boxes.items() if src != 1})
     with pytest.raises(SecAggRefusal, match="node 4 was asked"):
         people[2].receive({src: box[2] for src, box in boxes.items() if src not in (2, 3)})
+
+
+# ---------------------------------------------------------------------------------------
+# The coordinator's own check of signed round keys (run-config hospital-keys): one
+# hospital's bad keys leave that hospital out, not the round.
+# ---------------------------------------------------------------------------------------
+
+def _admitted(names=("north", "south", "east")):
+    from common.signatures import public_key_of
+
+    return {n: public_key_of(IDENTITIES[n][1]) for n in names}
+
+
+@pytest.mark.parametrize("case, why", [
+    ("honest", None),
+    ("unsigned", "not signed"),
+    ("signed as another name", "signed as 'east'"),
+    ("not admitted", "no public key among the admitted"),
+    ("signed for another round", "do not carry a valid signature"),
+    ("signed by another key", "do not carry a valid signature"),
+    ("name already taken", "already takes part"),
+])
+def test_the_coordinator_admits_only_round_keys_an_admitted_hospital_signed_for_this_round(case, why):
+    from server.secagg import signature_problem
+
+    _, keys = signed_participants()
+    own, said, taken, admitted = keys[2], "south", set(), _admitted()
+    if case == "unsigned":
+        own = own[:2]
+    elif case == "signed as another name":
+        own = own[:2] + ("east", own[3])
+    elif case == "not admitted":
+        admitted = _admitted(("north", "east"))
+    elif case == "signed for another round":
+        own = _coordinator_keys(2, server_round=ROUND - 1, signer=IDENTITIES["south"][0])
+    elif case == "signed by another key":
+        own = _coordinator_keys(2, signer=IDENTITIES["intruder"][0], name="south")
+    elif case == "name already taken":
+        taken = {"south"}
+    found = signature_problem(admitted, "run-a", ROUND, 2, own, said, taken)
+    if why is None:
+        assert found is None
+    else:
+        assert found is not None and re.search(why, found)
+
+
+def test_a_secure_round_leaves_out_only_the_hospital_whose_keys_are_badly_signed():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
+    from common import messages as M
+    from common import secagg as S
+    from server.records import TrainPhase
+    from server.secure_round import SecureRounds
+
+    _, keys = signed_participants()
+    keys[3] = _coordinator_keys(3, signer=IDENTITIES["intruder"][0], name="east")  # east's keys, someone else's signature
+    names = {1: "north", 2: "south", 3: "east"}
+    co = SimpleNamespace(hospital_keys=_admitted(), run_id="run-a", _phase=TrainPhase(),
+                         _view=lambda nid: SimpleNamespace(name=names[nid]))
+    # setup answers as _keys reads them (a reply's status record)
+    replies = {nid: SimpleNamespace(content={M.STATUS: ConfigRecord({S.MY_KEYS: ":".join(own), S.REQUIRED_VARIANCE: 4.0})})
+               for nid, own in keys.items()}
+    found, required = SecureRounds(co)._keys(ROUND, replies)
+    assert sorted(found) == [1, 2] and found[1] == keys[1] and required == {1: 4.0, 2: 4.0}
+    assert [(d.hospital, d.node_id) for d in co._phase.dropped] == [("east", 3)]
+    assert "valid signature of 'east'" in co._phase.dropped[0].reason
+    # without admitted keys the coordinator passes every parsable answer on (the hospitals check them)
+    co.hospital_keys, co._phase = {}, TrainPhase()
+    assert sorted(SecureRounds(co)._keys(ROUND, replies)[0]) == [1, 2, 3]
+
+
+def test_the_admitted_hospitals_keys_are_read_with_errors_naming_the_file(tmp_path):
+    from server.secagg import load_hospital_keys
+
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_hospital_keys(tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no <name>.pub"):
+        load_hospital_keys(tmp_path)
+    (tmp_path / "north.pub").write_text(IDENTITIES["north"][1] + "\n")
+    (tmp_path / "south.pub").write_text(IDENTITIES["south"][1] + "\n")
+    assert sorted(load_hospital_keys(tmp_path)) == ["north", "south"]
+    (tmp_path / "east.pub").write_text("not a key\n")
+    with pytest.raises(ValueError, match=r"east\.pub: is not an OpenSSH public key"):
+        load_hospital_keys(tmp_path)
