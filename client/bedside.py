@@ -102,10 +102,13 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
     return out
 
 
-def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, thresholds: np.ndarray) -> str:
-    """Write an HTML page (plots embedded) of each stay's hourly risk against each hour's
-    threshold (``thresholds``: one per hour; the run's own, read for each hour so that
-    the same share of patients is flagged at every hour); return a text summary."""
+def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, thresholds: np.ndarray,
+                 latched: bool = False) -> str:
+    """Write an HTML page (plots embedded) of each stay's hourly risk against the risk that
+    raises a flag at each hour (``thresholds``: one per hour; the run's own, read for each
+    hour so that the same share of patients is flagged at every hour, and with
+    ``latched`` moved up by the run's margin: the flag then stays on, ``common.onset``);
+    return a text summary."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,11 +121,15 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         risks = hourly_risks(bundle, ds.subset(np.array([i])))[0]
         found = jumps(bundle, ds, i, risks)
         hours = np.arange(1, len(risks) + 1)
+        first = next((int(h) for h, r, t in zip(hours, risks, thresholds) if r >= t), None)
         fig, ax = plt.subplots(figsize=(8, 3.6))
+        if first is not None and latched:  # the flag stays on from its first hour
+            ax.axvspan(first - 0.5, len(risks) + 0.5, color="#cc0000", alpha=0.08, lw=0, label="flagged")
         ax.plot(hours, risks, "-o", ms=3, color="#3465a4", label="risk after each hour")
         same = bool(np.allclose(thresholds, thresholds[-1]))
         ax.step(hours, thresholds, where="mid", color="#cc0000", ls="--", lw=1,
-                label=f"flag at {thresholds[-1]:.3f}" if same else "flag at this hour's threshold")
+                label=(f"flag at {thresholds[-1]:.3f}" if same else "flag at this hour's threshold")
+                + (" (stays on once raised)" if latched else ""))
         for jump in found:
             label = ", ".join(name for name, _, _ in jump.movers[:2])
             ax.annotate(label, (jump.hour, jump.after), textcoords="offset points", xytext=(0, 10), fontsize=7, ha="center")
@@ -136,15 +143,16 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         png = out.with_name(f"{out.stem}-{stay_id}.png")
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        first = next((int(h) for h, r, t in zip(hours, risks, thresholds) if r >= t), None)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
                  "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers)] for j in found]
-        flag_text = f"first flagged at hour {first}" if first else "never flagged"
+        flag_text = (f"first flagged at hour {first}" + (", flagged since" if latched else "")) if first else "never flagged"
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
-                                "flagged at every hour: an early risk is judged against early risks."),
+                                "flagged at every hour: an early risk is judged against early risks.")
+            + (" A flag stays on once raised (shaded): the line is each hour's threshold moved up by the run's "
+               "margin, read so that a set share of patients is flagged at some hour of the window." if latched else ""),
             Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows,
                   empty="The risk did not change after hour 1."),
         ]))

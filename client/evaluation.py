@@ -27,7 +27,8 @@ from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, Split
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
-from common.secure_evaluation import IMPORTANCE_CLIP
+from common.onset import onset_scores
+from common.secure_evaluation import IMPORTANCE_CLIP, message_releases
 from common.subgroups import SubgroupSummary
 from common.training import hourly_logits_at, predict_proba
 
@@ -58,10 +59,11 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
     ev = cfg.evaluation
     noise = evaluation_noise(cfg.to_json(), policy.delta)
     planned_counts = cfg.planned_evaluations()
+    releases = message_releases(cfg, req.splits, req.final)
     planned, declined = [], []
     for split in req.splits:
-        items = [item for (s_, final, item) in noise if s_ == split and final == req.final]
-        if not items:
+        items = [item for s_, item in releases if s_ == split and item != Item.ONSET_HISTOGRAM]
+        if not items or any((split, req.final, item) not in noise for item in items):
             raise PolicyRefusal("evaluate", f"asks for the {split.value} split during training; test is scored once, at the end")
         if ev.dp and not all(math.isfinite(noise[(split, req.final, item)]) for item in items):
             # the run's own settings planned no such release (validate_every 0, one round):
@@ -69,28 +71,46 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
             raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
                                             "settings (evaluation.validate_every, run.rounds) do not plan")
         policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
-        n = req.declared.of(split)
-        if n == 0:
-            declined.append(f"{split.value}: this hospital declares no {split.value} stays")
-            continue
-        entries = []
-        for item in items:
-            sigma = noise[(split, req.final, item)] if ev.dp else 0.0
-            entries.append(LedgerEntry(
-                req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
-                f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
-                split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
-                steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n,
-            ))
-            entries[-1].check(f"{req.node.name}'s planned ledger entry")  # refused now, not after reading
-        if ev.dp:
-            spent = ledger.epsilon_with(entries)
-            if spent > policy.eval_max_epsilon:
-                declined.append(f"{split.value}: the budget of its patients would be passed "
-                                f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})")
-                continue
-        planned += [PlannedRelease(split, entry.item, entry.noise_multiplier, entry) for entry in entries]
+        found = _planned(req, ledger, noise, split, items, split.value)
+        planned += found[0]
+        declined += found[1]
+    # the test message's onset histogram, of the validation patients (common.onset): once per run
+    onset = [(s_, item) for s_, item in releases if item == Item.ONSET_HISTOGRAM]
+    if onset and req.hour_thresholds is None:
+        declined.append("val (onset histogram): the test message brought no hour thresholds to measure it against")
+    elif onset:
+        if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
+            raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
+        found = _planned(req, ledger, noise, Split.VAL, [Item.ONSET_HISTOGRAM], "val (onset histogram)")
+        planned += found[0]
+        declined += found[1]
     return planned, declined
+
+
+def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: list[Item], what: str
+             ) -> tuple[list[PlannedRelease], list[str]]:
+    """The releases ``items`` of ``split`` with their ledger entries, or why they are declined
+    (no stays declared; the group's budget)."""
+    ev, policy = req.cfg.evaluation, req.policy
+    n = req.declared.of(split)
+    if n == 0:
+        return [], [f"{what}: this hospital declares no {split.value} stays"]
+    entries = []
+    for item in items:
+        sigma = noise[(split, True if item == Item.ONSET_HISTOGRAM else req.final, item)] if ev.dp else 0.0
+        entries.append(LedgerEntry(
+            req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
+            f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
+            split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
+            steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n,
+        ))
+        entries[-1].check(f"{req.node.name}'s planned ledger entry")  # refused now, not after reading
+    if ev.dp:
+        spent = ledger.epsilon_with(entries)
+        if spent > policy.eval_max_epsilon:
+            return [], [f"{what}: the budget of its patients would be passed "
+                        f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})"]
+    return [PlannedRelease(split, entry.item, entry.noise_multiplier, entry) for entry in entries], []
 
 
 def global_model(req: Request, device: torch.device) -> GRUClassifier:
@@ -135,6 +155,17 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             if sigma:  # one patient moves one count per hour: L2 sensitivity sqrt(hours)
                 hist = hist + rng.normal(0.0, sigma * math.sqrt(len(hours)), hist.shape)
             records[M.HOURLY] = _record({"hourly-histograms": hist, "hours": np.asarray(hours, dtype=np.int64)})
+        elif release.item == Item.ONSET_HISTOGRAM:
+            logits = hourly_logits_at(model, data.dataset.X[idx], data.dataset.S[idx], list(range(1, len(req.hour_thresholds) + 1)),
+                                      batch=SCORING_BATCH)
+            # every validation stay's highest excess over the hour thresholds, whatever its outcome
+            # on the plain grid (an excess, not a risk: no threshold's edge to anchor)
+            plain = ScoreGrid(*ev.logit_range, ev.score_bins)
+            hist = np.bincount(plain.index(onset_scores(logits, req.hour_thresholds)), minlength=plain.bins
+                               ).astype(np.float64) if len(logits) else np.zeros(plain.bins)
+            if sigma:  # one stay moves one count
+                hist = hist + rng.normal(0.0, sigma, hist.shape)
+            records[M.ONSET] = _record({"onset-histogram": hist})
         elif release.item == Item.SUBGROUP_HISTOGRAMS:
             raw = {k: v[idx] for k, v in data.dataset.groups.items()}
             groups = SubgroupSummary.from_predictions(cfg, y, _as_probabilities(p, cfg), raw, coarse)

@@ -155,7 +155,8 @@ def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split
     """The noise multiplier of each kind of evaluation release of one run, calibrated
     once: validation within val_epsilon (the releases during the run share 1 -
     final_share; the final model's histogram and, for binary tasks with checkpoints, its
-    hourly histograms share final_share, hourly_share of it for the latter); the test
+    hourly histograms share final_share, hourly_share of it for the latter, and
+    onset_share of it for the onset histogram the monitor's margin is read from); the test
     release's parts within test_epsilon (evaluation.subgroup_share and importance_share;
     the pooled histogram gets the rest). Shares are of rho (Bun & Steinke 2016), each
     multiplier per unit of its release's sensitivity."""
@@ -164,9 +165,10 @@ def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split
     progress_count = len(cfg.validation_rounds())
     final = 1.0 if progress_count == 0 else ev.final_share
     hourly = ev.hourly_share if cfg.checkpoint_hours else 0.0
-    progress, final_histogram, hourly_histograms = calibrate_shares(
-        ev.val_epsilon, delta, [(1 - final, progress_count), (final * (1 - hourly), 1), (final * hourly, 1)],
-        cfg.privacy.accountant)
+    onset = ev.onset_share if cfg.monitors_onset else 0.0
+    progress, final_histogram, hourly_histograms, onset_histogram = calibrate_shares(
+        ev.val_epsilon, delta, [(1 - final, progress_count), (final * (1 - hourly - onset), 1), (final * hourly, 1),
+                                (final * onset, 1)], cfg.privacy.accountant)
     items = test_items(cfg)
     shares = {Item.HISTOGRAM: 1 - ev.subgroup_share - ev.importance_share, Item.SUBGROUP_HISTOGRAMS: ev.subgroup_share,
               Item.IMPORTANCE: ev.importance_share}
@@ -174,5 +176,7 @@ def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split
     noise = {(Split.VAL, False, Item.HISTOGRAM): progress, (Split.VAL, True, Item.HISTOGRAM): final_histogram}
     if hourly > 0:
         noise[(Split.VAL, True, Item.HOURLY_HISTOGRAMS)] = hourly_histograms
+    if onset > 0:  # made with the test release, charged to the validation patients
+        noise[(Split.VAL, True, Item.ONSET_HISTOGRAM)] = onset_histogram
     noise.update({(Split.TEST, True, item): sigma for item, sigma in zip(items, test)})
     return noise

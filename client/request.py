@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from common import messages as M
 from common.config import ConfigError, ExperimentConfig
+from common.data.preprocess import num_steps
 from common.messages import NodeMode, ReplyState, Split
 from common.model import GRUClassifier, model_spec
 from common.secagg import STAGE as SECAGG_STAGE
@@ -97,6 +98,7 @@ class Request:
         self.threshold = float(config.get(M.THRESHOLD, 0.0))  # a risk; 0: none given
         if not 0 <= self.threshold < 1:
             raise PolicyRefusal("threshold", "must be a risk between 0 and 1")
+        self.hour_thresholds = hour_thresholds_of(self.cfg, config, self.splits)
         self.node.check_reads_as_defined(self.cfg)
         self.policy: Policy = self.node.policy
         self.declared = self.node.declared
@@ -120,6 +122,29 @@ class Request:
     @property
     def deployed(self) -> bool:
         return self.node.mode == NodeMode.DEPLOYMENT
+
+
+def hour_thresholds_of(cfg: ExperimentConfig, config, splits: list[Split]) -> np.ndarray | None:
+    """The hour thresholds a test message brings for the onset histogram (one risk per hour
+    of the window), or None where the run asks for none or none came. Any list of risks is harmless to
+    the patients (the histogram is a DP release whatever thresholds it is measured
+    against); one of another length, or not a risk, is refused before anything is read."""
+    if not (cfg.monitors_onset and Split.TEST in splits):
+        if config.get(M.HOUR_THRESHOLDS) is not None:
+            raise PolicyRefusal("hour-thresholds", "come only with the test release of a run with evaluation.monitor_rate")
+        return None
+    raw = config.get(M.HOUR_THRESHOLDS)
+    if raw is None:
+        return None  # the onset histogram is then declined (client.evaluation)
+    steps = num_steps(cfg.features)
+    try:
+        values = np.array([float(v) for v in raw], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PolicyRefusal("hour-thresholds", f"must be a list of {steps} risks (one per hour of the window), "
+                                               "sent with the test release of a run with evaluation.monitor_rate") from None
+    if values.shape != (steps,) or not np.all((values > 0) & (values < 1)):
+        raise PolicyRefusal("hour-thresholds", f"must be {steps} risks strictly between 0 and 1, one per hour")
+    return values
 
 
 def plan_training(cfg: ExperimentConfig, policy: Policy, declared_train: int, accountant: str,

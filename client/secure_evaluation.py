@@ -44,6 +44,7 @@ from common.secure_evaluation import (
     VARIANCES,
     EvaluationPart,
     evaluation_parts,
+    part_of,
     vector_size,
 )
 from common.skellam import randomized_round, rdp_vector, skellam_noise
@@ -92,7 +93,7 @@ def secure_evaluation_variances(cfg_json: str, delta: float, min_honest: int, ma
         for (s, final, item), sigma in gaussian.items():
             if s != split or not math.isfinite(sigma):
                 continue
-            part = next(p for p in evaluation_parts(cfg, [split], final) if p.item == item)
+            part = part_of(cfg, s, final, item)
             releases = len(cfg.validation_rounds()) if (split, final) == (Split.VAL, False) else 1
             kinds.append(((s, final, item), (sigma * part.l2) ** 2, part, releases))
         if not kinds:
@@ -152,7 +153,7 @@ def plan(req: Request, ledger: Ledger, parts: list[EvaluationPart], variances: l
     for split in req.splits:
         req.policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
         n = req.declared.of(split)
-        mine = [i for i, p in enumerate(parts) if p.split == split]
+        mine = [i for i, p in enumerate(parts) if p.split == split and p.item != Item.ONSET_HISTOGRAM]
         if n == 0:
             declined.append(f"{split.value}: this hospital declares no {split.value} stays")
             continue
@@ -167,6 +168,25 @@ def plan(req: Request, ledger: Ledger, parts: list[EvaluationPart], variances: l
             continue
         included += mine
         entries += made
+    onset = [i for i, p in enumerate(parts) if p.item == Item.ONSET_HISTOGRAM]  # the test session's onset histogram
+    if onset and req.hour_thresholds is None:
+        declined.append("val (onset histogram): the test message brought no hour thresholds to measure it against")
+    elif onset:
+        if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
+            raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
+        n = req.declared.of(Split.VAL)
+        made = [release_entry(req, parts[i], variances[i], n) for i in onset] if n else []
+        for e in made:
+            e.check(f"{req.node.name}'s planned ledger entry")
+        if n == 0:
+            declined.append("val (onset histogram): this hospital declares no val stays")
+        elif ledger.epsilon_with(made) > req.policy.eval_max_epsilon:
+            declined.append("val (onset histogram): the budget of its patients would be passed")
+        elif ledger.epsilon_with(made, alone=True) > req.policy.max_epsilon_alone:
+            declined.append("val (onset histogram): its own noise alone would pass max_epsilon_alone")
+        else:
+            included += onset
+            entries += made
     return included, entries, declined
 
 
@@ -188,6 +208,8 @@ def exact_vector(req: Request, data, parts: list[EvaluationPart], included: list
                                                                      if "confusion" in arrays else []))
         elif part.item == Item.HOURLY_HISTOGRAMS:
             values = records[M.HOURLY]["hourly-histograms"].numpy().ravel()
+        elif part.item == Item.ONSET_HISTOGRAM:
+            values = records[M.ONSET]["onset-histogram"].numpy().ravel()
         elif part.item == Item.SUBGROUP_HISTOGRAMS:
             values = records[M.SUBGROUPS]["subgroup-histograms"].numpy().ravel()
         else:
@@ -201,7 +223,8 @@ def _what(req: Request) -> str:
     """What a session evaluates, under which settings; its stages must all ask the same
     (the noise agreed at share-keys was checked against these settings)."""
     settings = hashlib.sha256(req.cfg.to_json().encode()).hexdigest()
-    return json.dumps([[s.value for s in req.splits], req.final, req.threshold, settings])
+    hours = None if req.hour_thresholds is None else req.hour_thresholds.tolist()
+    return json.dumps([[s.value for s in req.splits], req.final, req.threshold, hours, settings])
 
 
 def _parts(req: Request) -> list[EvaluationPart]:

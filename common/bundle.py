@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .data.dataset import Dataset, load_dataset
 from .data.records import DataError
 from .files import atomic_torch_save
 from .model import GRUClassifier, ModelSpec
+from .onset import raising_levels
 from .training import predict_proba
 
 BUNDLE_FORMAT = "fedgru-model/1"
@@ -85,6 +87,21 @@ def guess_format(path: Path) -> str:
         "unknown format: give a PhysioNet folder or .tar.gz, or a long-format .csv "
         "(stay_id,time_hours,variable,value), or pass --format",
     )
+
+
+def onset_margin(info: dict) -> float | None:
+    """The run's monitor margin (``common.onset``; log-odds), or None (each hour flags alone)."""
+    margin = info.get("onset_margin")
+    return float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else None
+
+
+def monitor_levels(info: dict, thresholds: np.ndarray, own: bool = True) -> tuple[np.ndarray, bool]:
+    """The risk after each hour at which the monitor raises a flag, and whether the flag
+    then stays on: with the run's margin, each hour's threshold moved up by it, and on
+    (``common.onset``); without one (an older bundle, or ``own`` False: thresholds the
+    user set), each hour's threshold, on and off."""
+    margin = onset_margin(info) if own else None
+    return (thresholds, False) if margin is None else (raising_levels(thresholds, margin), True)
 
 
 def hour_thresholds(info: dict, hours: int) -> np.ndarray:

@@ -167,6 +167,10 @@ class Ledger:
         per-group histograms and importance come with its one histogram)."""
         return sum(1 for e in self.noisy(split) if e.run_id == run_id and e.item == Item.HISTOGRAM)
 
+    def items_in_run(self, run_id: str, split: Split, item: Item) -> int:
+        """How many releases of ``item`` about ``split``'s patients the run has had."""
+        return sum(1 for e in self.noisy(split) if e.run_id == run_id and e.item == item)
+
     def record(self, entry: LedgerEntry) -> None:
         """Add a release; an entry that could not be read back (say, infinite noise) is
         refused here rather than sealed into a ledger every later read would reject."""

@@ -35,6 +35,7 @@ RUN_ID = "run-id"
 SERVER_ROUND = "server-round"
 EVALUATE = "evaluate"  # space-separated Split values: score the received model on these splits
 THRESHOLD = "threshold"  # the run's decision threshold (a risk), sent with the test evaluation: bins have an edge there
+HOUR_THRESHOLDS = "hour-thresholds"  # each hour's threshold (risks, hour 1 to the window's end), sent with the test evaluation
 PROXIMAL_MU = "proximal-mu"  # FedProx's mu; Flower's FedProx strategy writes this key
 PREFLIGHT = "preflight"  # a query that carries the run's whole plan (common.preflight): accept or refuse it
 NOISE = "noise-multiplier"  # the DP-SGD noise multiplier this hospital accepted at the preflight
@@ -61,6 +62,7 @@ TRAIN_METRIC_KEYS = (NUM_EXAMPLES, UNIT_WEIGHT, EPSILON, DELTA, BUDGET, STEPS)  
 SUBGROUPS = "subgroups-test"  # ArrayRecord: the test patients' score histograms per group (hospital -> server)
 IMPORTANCE = "importance-test"  # ArrayRecord: a noisy sum of each variable's contribution size (hospital -> server)
 HOURLY = "hourly-val"  # ArrayRecord: the validation patients' score histograms after each checkpoint hour (hospital -> server)
+ONSET = "onset-val"  # ArrayRecord: the validation patients' highest excess over the hour thresholds, a histogram (hospital -> server)
 
 
 def evaluation_key(split: Split) -> str:
@@ -77,6 +79,7 @@ class Item(str, Enum):
     SUBGROUP_HISTOGRAMS = "subgroup-histograms"  # the test patients' histograms per group
     IMPORTANCE = "importance"  # the test patients' summed contribution sizes, per variable
     HOURLY_HISTOGRAMS = "hourly-histograms"  # the validation patients' histograms after each checkpoint hour
+    ONSET_HISTOGRAM = "onset-histogram"  # the validation patients' highest excess over the hour thresholds (with the test)
 
 
 class ReplyState(str, Enum):
@@ -147,6 +150,12 @@ RELEASES: tuple[Release, ...] = (
         "the validation patients' noisy score histograms of their risk after each checkpoint hour "
         "(evaluation.hourly_checkpoints), from which each hour's decision threshold is read: the Gaussian "
         "mechanism, covered by DP for the validation patients",
+    ),
+    Release(
+        "onset histogram", "once, with the test release", True,
+        "the validation patients' noisy histogram of their highest excess, over the window, of the risk over each "
+        "hour's threshold (the thresholds the coordinator sends with the test release; evaluation.monitor_rate), "
+        "from which the monitor's margin is read: the Gaussian mechanism, covered by DP for the validation patients",
     ),
     Release(NUM_EXAMPLES, "every training round", False,
             "a count the hospital declares for its training split: fixed when its staff register an export "
@@ -226,6 +235,7 @@ FIELD_RELEASES: dict[str, str] = {
     "clip": _LEDGER_RELEASE,  # the importance's clipping norm: a setting
     "hourly-histograms": "hourly histograms",  # inside the hourly-val record
     "hours": _LEDGER_RELEASE,  # the checkpoint hours: the config's setting echoed
+    "onset-histogram": "onset histogram",  # inside the onset-val record
     NUM_EXAMPLES: NUM_EXAMPLES,
     UNIT_WEIGHT: UNIT_WEIGHT,
     EPSILON: _LEDGER_RELEASE,

@@ -58,6 +58,17 @@ def evaluation_items(cfg: ExperimentConfig, split: Split, final: bool) -> list[I
     return [Item.HISTOGRAM] + ([Item.HOURLY_HISTOGRAMS] if hourly else [])
 
 
+def message_releases(cfg: ExperimentConfig, splits: list[Split], final: bool) -> list[tuple[Split, Item]]:
+    """Every release one evaluation message of ``splits`` makes, in order, as (the group of
+    patients it is charged to, what it is): each split's :func:`evaluation_items`, and with
+    the test split of a run whose monitor reads a margin, the validation patients' onset
+    histogram (it needs the hour thresholds the final validation gave)."""
+    out = [(split, item) for split in splits for item in evaluation_items(cfg, split, final or split == Split.TEST)]
+    if Split.TEST in splits and cfg.monitors_onset:
+        out.append((Split.VAL, Item.ONSET_HISTOGRAM))
+    return out
+
+
 @dataclass(frozen=True)
 class EvaluationPart:
     """One release inside the secure evaluation vector."""
@@ -83,25 +94,33 @@ def evaluation_parts(cfg: ExperimentConfig, splits: list[Split], final: bool) ->
     k = cfg.num_classes
     k_score = 1 if k == 2 else k
     parts = []
-    for split in splits:
-        for item in evaluation_items(cfg, split, final or split == Split.TEST):
-            if item == Item.HISTOGRAM:
-                # one patient: one cell per score column, and one confusion cell (multi-class)
-                cells = k_score + (1 if k > 2 else 0)
-                size = k * k_score * ev.score_bins + (k * k if k > 2 else 0)
-                parts.append(EvaluationPart(split, item, (size,), math.sqrt(cells), float(cells), 1.0))
-            elif item == Item.HOURLY_HISTOGRAMS:
-                hours = len(cfg.checkpoint_hours)  # one count per hour
-                parts.append(EvaluationPart(split, item, (hours, ev.score_bins), math.sqrt(hours), float(hours), 1.0))
-            elif item == Item.SUBGROUP_HISTOGRAMS:
-                rows = sum(len(g.groups) for g in groupings(cfg))
-                per = max(len(ev.subgroups), 1)  # one count per grouping
-                parts.append(EvaluationPart(split, item, (rows, 2, 1, ev.subgroup_bins), math.sqrt(per), float(per), 1.0))
-            else:
-                width = len(cfg.features.variables) + len(cfg.features.static)
-                sens = SkellamSensitivity.of(IMPORTANCE_CLIP, IMPORTANCE_SCALE, width)
-                parts.append(EvaluationPart(split, item, (width,), sens.l2, sens.l1, IMPORTANCE_SCALE))
+    for split, item in message_releases(cfg, splits, final):
+        if item == Item.HISTOGRAM:
+            # one patient: one cell per score column, and one confusion cell (multi-class)
+            cells = k_score + (1 if k > 2 else 0)
+            size = k * k_score * ev.score_bins + (k * k if k > 2 else 0)
+            parts.append(EvaluationPart(split, item, (size,), math.sqrt(cells), float(cells), 1.0))
+        elif item == Item.HOURLY_HISTOGRAMS:
+            hours = len(cfg.checkpoint_hours)  # one count per hour
+            parts.append(EvaluationPart(split, item, (hours, ev.score_bins), math.sqrt(hours), float(hours), 1.0))
+        elif item == Item.ONSET_HISTOGRAM:  # one count per stay
+            parts.append(EvaluationPart(split, item, (ev.score_bins,), 1.0, 1.0, 1.0))
+        elif item == Item.SUBGROUP_HISTOGRAMS:
+            rows = sum(len(g.groups) for g in groupings(cfg))
+            per = max(len(ev.subgroups), 1)  # one count per grouping
+            parts.append(EvaluationPart(split, item, (rows, 2, 1, ev.subgroup_bins), math.sqrt(per), float(per), 1.0))
+        else:
+            width = len(cfg.features.variables) + len(cfg.features.static)
+            sens = SkellamSensitivity.of(IMPORTANCE_CLIP, IMPORTANCE_SCALE, width)
+            parts.append(EvaluationPart(split, item, (width,), sens.l2, sens.l1, IMPORTANCE_SCALE))
     return parts
+
+
+def part_of(cfg: ExperimentConfig, split: Split, final: bool, item: Item) -> EvaluationPart:
+    """The part that carries a release of ``item`` about ``split``'s patients (the onset
+    histogram, of validation patients, travels in the test session)."""
+    session = [Split.TEST] if item == Item.ONSET_HISTOGRAM else [split]
+    return next(p for p in evaluation_parts(cfg, session, final) if p.item == item and p.split == split)
 
 
 def histogram_shape(cfg: ExperimentConfig) -> tuple[tuple[int, ...], tuple[int, int] | None]:

@@ -124,15 +124,16 @@ def _notes(ds) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _hour_thresholds(args, bundle, hours: int):
-    """--threshold at every hour, else the run's own threshold for each hour."""
+def _monitor_levels(args, bundle, hours: int):
+    """The risk that raises a flag after each hour, and whether a flag stays on: --threshold
+    at every hour (on and off), else the run's own (common.bundle.monitor_levels)."""
     import numpy as np
 
-    from common.bundle import hour_thresholds
+    from common.bundle import hour_thresholds, monitor_levels
 
     if args.threshold is not None:
-        return np.full(hours, _threshold(args, bundle))
-    return hour_thresholds(bundle.info, hours)
+        return np.full(hours, _threshold(args, bundle)), False
+    return monitor_levels(bundle.info, hour_thresholds(bundle.info, hours))
 
 
 def _threshold(args, bundle) -> float:
@@ -162,18 +163,19 @@ def cmd_predict(args) -> int:
 
         if len(classes) != 2:
             raise ConfigError("--hourly is for binary tasks")
+        from common.onset import monitor_flags
+
         risks = hourly_risks(bundle, ds)
-        thresholds = _hour_thresholds(args, bundle, risks.shape[1])
+        levels, latched = _monitor_levels(args, bundle, risks.shape[1])
+        flagged = monitor_flags(risks, levels, latched)
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged"])
-            for sid, row in zip(ds.stay_ids, risks):
-                writer.writerows([sid, h + 1, f"{r:.6f}", f"{thresholds[h]:.3f}", int(r >= thresholds[h])]
-                                 for h, r in enumerate(row))
-        flagged = (risks >= thresholds[None, :])
+            for sid, row, flags in zip(ds.stay_ids, risks, flagged):
+                writer.writerows([sid, h + 1, f"{r:.6f}", f"{levels[h]:.3f}", int(flags[h])] for h, r in enumerate(row))
         print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}; "
               f"{flagged[:, -1].mean():.0%} of stays flagged at hour {risks.shape[1]}, {flagged.any(axis=1).mean():.0%} "
-              "at some hour", file=sys.stderr)
+              "at some hour" + ("; a flag stays on once raised" if latched else ""), file=sys.stderr)
         return 0
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -217,7 +219,7 @@ def cmd_monitor(args) -> int:
 
     bundle, ds = _one_stay(args)
     out = Path(args.out) if args.out else Path(f"monitor-{args.stay[0]}.html")
-    print(monitor_page(bundle, ds, args.stay, out, _hour_thresholds(args, bundle, ds.X.shape[1])))
+    print(monitor_page(bundle, ds, args.stay, out, *_monitor_levels(args, bundle, ds.X.shape[1])))
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
+from common.data.preprocess import num_steps
 from common.ledger import Ledger
 from common.messages import ReplyState, Split
 from common.metrics import ScoreGrid, ScoreSummary, format_number, pooled, with_interval
@@ -381,19 +382,22 @@ class Coordinator:
         return Message(content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type,
                        group_id=message.metadata.group_id)
 
-    def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None
-                         ) -> dict[str, Evaluations]:
+    def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None,
+                         hour_thresholds: list[float] | None = None) -> dict[str, Evaluations]:
         """Every hospital scores the global model on the given splits (the test split with
-        the run's threshold); returns what each released (under secure aggregation, what
-        they released together: ``server.secure_evaluation``)."""
+        the run's threshold and, for the monitor's onset histogram, each hour's); returns
+        what each released (under secure aggregation, what they released together:
+        ``server.secure_evaluation``)."""
         if self.secure is not None:
-            return self.secure.evaluate(server_round, splits, threshold=threshold)
+            return self.secure.evaluate(server_round, splits, threshold=threshold, hour_thresholds=hour_thresholds)
         self._phase = TrainPhase()
 
         def content() -> RecordDict:
             config = self._config(server_round, splits)
             if threshold is not None:
                 config[M.THRESHOLD] = float(threshold)
+            if hour_thresholds is not None:
+                config[M.HOUR_THRESHOLDS] = [float(t) for t in hour_thresholds]
             return RecordDict({M.ARRAYS: self.arrays, M.CONFIG: config})
 
         replies = self._send(sorted(self.hospitals), MessageType.EVALUATE, content)
@@ -512,18 +516,29 @@ class Coordinator:
         rate = self.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
         if uncalibrated is not None:
             threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
-        released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None)
+        # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
+        # the hospitals can count their validation stays' highest excess over them (common.onset)
+        checkpoints = self.reader.hour_thresholds(validated, rate, grid, uncalibrated)
+        hours = every_hour(checkpoints, threshold, num_steps(self.cfg.features)) if self.cfg.is_binary else []
+        released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None,
+                                         hours if self.cfg.monitors_onset else None)
         test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
         result = self.reader.test_result(released, threshold, test_grid, self.calibration, self.final_dropped)
-        checkpoints = self.reader.hour_thresholds(validated, rate, grid, uncalibrated)
         if checkpoints:
-            steps = round(self.cfg.features.window_hours / self.cfg.features.bin_hours)
-            result.hour_thresholds = every_hour(checkpoints, threshold, steps)
+            result.hour_thresholds = hours
             result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
+        result.onset_margin = self.reader.onset_margin(released, grid)
+        if result.onset_margin is not None:
+            result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
+            result.monitor_rate = self.cfg.evaluation.monitor_rate
         if self.cfg.num_classes == 2:
             hourly = "".join(f", after hour {h} {t:.3f}" for h, t in checkpoints.items())
             log.info("decision threshold %.3f%s (a risk on the final model's %s scale)", threshold, hourly,
                      "calibrated" if uncalibrated else "own")
+            if result.onset_margin is not None:
+                log.info("monitor: a stay is flagged from the first hour its risk passes that hour's threshold by %.2f in "
+                         "log-odds, and stays flagged (%.0f%% of the validation stays at some hour)", result.onset_margin,
+                         100 * result.monitor_rate)
         arrays = {k: v.numpy() for k, v in self.arrays.items()}
         if self.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
             exact = exact_metrics_of(self.cfg, arrays, threshold)

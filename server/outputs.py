@@ -119,6 +119,8 @@ class RunRecorder:
                 info=json_safe({"run_id": self.run_id, "rounds": self.cfg.run.rounds,
                                 "test": test.pooled if test else None, "threshold": test.threshold if test else None,
                                 "hour_thresholds": test.hour_thresholds if test else [],
+                                "onset_margin": test.onset_margin if test else None,
+                                "monitor_rate": test.monitor_rate if test else None,
                                 "calibration": test.calibration if test else None}),
             )
         from .report import write_report

@@ -137,6 +137,11 @@ class TestResult:
     # the window joined in logit (the last hour's is ``threshold``): a monitor flags hour h at hour_thresholds[h-1].
     checkpoint_thresholds: dict[str, float] = field(default_factory=dict)  # hour (as text: a JSON key) -> threshold
     hour_thresholds: list[float] = field(default_factory=list)
+    # The monitor's margin (common.onset): a stay is flagged from the first hour its risk passes that hour's
+    # threshold by this much in log-odds, and stays flagged; read from the validation patients' onset histogram
+    # so that evaluation.monitor_rate of them are flagged at some hour. None: each hour flags alone.
+    onset_margin: float | None = None
+    monitor_rate: float | None = None
 
 
 @dataclass

@@ -147,6 +147,25 @@ class Reader:
             out[hour] = chosen
         return out
 
+    def onset_margin(self, released: dict[str, Evaluations], grid: ScoreGrid) -> float | None:
+        """The monitor's margin (``common.onset``), in log-odds: the excess over the hour
+        thresholds that ``evaluation.monitor_rate`` of the validation stays reach at some
+        hour, read from their pooled onset histograms (released with the test release);
+        None where none came or the noise drowns them (each hour then flags alone)."""
+        parts = [e for e in released.values() if e.onset is not None]
+        rate = self.cfg.evaluation.monitor_rate
+        if not parts or not self.cfg.monitors_onset:
+            return None
+        total = sum(e.onset for e in parts)
+        n = sum(e.onset_n for e in parts)
+        sd = math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts))  # one count per stay
+        if not self.readable(n, sd, grid.bins):
+            log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by its "
+                        "own threshold, on and off")
+            return None
+        chosen = threshold_for_rate(self.read(ScoreSummary(total[None, None, :], None, n, grid)), rate)
+        return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
+
     def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
                     calibration: Calibration | None, dropped: list[Dropped]) -> TestResult:
         """The test releases read: pooled and per-hospital metrics at the threshold (an

@@ -50,11 +50,11 @@ SECURE_SUM = "all hospitals (secure sum)"  # the one entry a secure evaluation g
 
 
 def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bool = False,
-                    threshold: float | None = None) -> dict[str, Evaluations]:
+                    threshold: float | None = None, hour_thresholds: list[float] | None = None) -> dict[str, Evaluations]:
     """One secure evaluation of the global model by the active hospitals (``rounds``: the
     coordinator's ``SecureRounds``). ``progress``: a validation during training (the
     round's drops are recorded in its phase); otherwise the final model's validation or
-    test, with ``threshold`` for the test. Returns ``{SECURE_SUM: ...}``, or ``{}`` when
+    test, with ``threshold`` (and the monitor's ``hour_thresholds``) for the test. Returns ``{SECURE_SUM: ...}``, or ``{}`` when
     the session could not complete (logged)."""
     co, cfg = rounds.co, rounds.co.cfg
     if not progress:
@@ -67,6 +67,8 @@ def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bo
     base = {M.EVALUATE: " ".join(s.value for s in splits), PROGRESS: bool(progress)}
     if threshold:
         base[M.THRESHOLD] = float(threshold)
+    if hour_thresholds is not None:
+        base[M.HOUR_THRESHOLDS] = [float(t) for t in hour_thresholds]
     ask = dict(base=base, message_type=MessageType.EVALUATE, what=what)
 
     def give_up(why: str) -> dict[str, Evaluations]:
@@ -172,6 +174,9 @@ def read_sum(cfg: ExperimentConfig, parts: list[EvaluationPart], values: np.ndar
         elif part.item == Item.HOURLY_HISTOGRAMS:
             out.hourly = cells
             out.noise[Item.HOURLY_HISTOGRAMS] = multiplier
+        elif part.item == Item.ONSET_HISTOGRAM:
+            out.onset, out.onset_n = cells, n
+            out.noise[Item.ONSET_HISTOGRAM] = multiplier
         elif part.item == Item.SUBGROUP_HISTOGRAMS:
             out.subgroups = SubgroupSummary(cells, coarse, len(cfg.evaluation.subgroups))
             out.noise[Item.SUBGROUP_HISTOGRAMS] = multiplier

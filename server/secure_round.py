@@ -316,9 +316,9 @@ class SecureRounds:
             self.velocity = np.asarray(saved["velocity"], dtype=np.float64)
 
     def evaluate(self, server_round: int, splits: list[Split], progress: bool = False,
-                 threshold: float | None = None) -> dict[str, Evaluations]:
+                 threshold: float | None = None, hour_thresholds: list[float] | None = None) -> dict[str, Evaluations]:
         """A secure evaluation (``server.secure_evaluation``)."""
-        return secure_evaluate(self, server_round, splits, progress, threshold)
+        return secure_evaluate(self, server_round, splits, progress, threshold, hour_thresholds)
 
     def _step(self, server_round: int, layout: list[tuple[str, tuple[int, ...]]], mean_gradient: np.ndarray) -> None:
         training = training_for_round(self.co.cfg, server_round)

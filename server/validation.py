@@ -166,6 +166,8 @@ class Evaluations:
     subgroups: SubgroupSummary | None = None  # test patients, per group
     importance: np.ndarray | None = None  # test patients: summed clipped contribution sizes
     hourly: np.ndarray | None = None  # validation patients: (checkpoint hours, bins), every outcome together
+    onset: np.ndarray | None = None  # validation patients: their highest excess over the hour thresholds (bins)
+    onset_n: int = 0  # the validation patients it counts (declared, from the ledger entry)
     noise: dict[Item, float] = field(default_factory=dict)  # the releases' noise multipliers by item, from the ledger
     histogram_noise: dict[Split, float] = field(default_factory=dict)  # each split's histogram's noise multiplier
 
@@ -188,7 +190,7 @@ def read_evaluations(
     out = Evaluations()
     grid, coarse = evaluation_grids(cfg, threshold)
     allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set()) | (
-        {M.HOURLY} if Split.VAL in splits else set())
+        {M.HOURLY} if Split.VAL in splits else set()) | ({M.ONSET} if Split.TEST in splits and cfg.monitors_onset else set())
     for name in msg.content.array_records:
         if name != M.ARRAYS and name not in allowed:
             raise ReplyRejected(f"reply carries a record ({name}) that was not asked for")
@@ -229,6 +231,16 @@ def read_evaluations(
         within_reach(histogram, entry.examples, entry.noise_multiplier * math.sqrt(len(hours)), "its hourly histograms")
         out.noise[Item.HOURLY_HISTOGRAMS] = entry.noise_multiplier
         out.hourly = histogram.astype(np.float64)
+    if M.ONSET in msg.content.array_records:
+        arrays = {k: v.numpy() for k, v in msg.content[M.ONSET].items()}
+        histogram = arrays.get("onset-histogram")
+        bins = cfg.evaluation.score_bins
+        if set(arrays) != {"onset-histogram"} or histogram.shape != (bins,) or not np.isfinite(histogram).all():
+            raise ReplyRejected(f"the onset histogram must be one finite array of {bins} counts")
+        entry = released(Split.VAL, Item.ONSET_HISTOGRAM)
+        within_reach(histogram, entry.examples, entry.noise_multiplier, "its onset histogram")
+        out.noise[Item.ONSET_HISTOGRAM] = entry.noise_multiplier
+        out.onset, out.onset_n = histogram.astype(np.float64), entry.examples
     if M.SUBGROUPS in msg.content.array_records:
         arrays = {k: v.numpy() for k, v in msg.content[M.SUBGROUPS].items()}
         rows = sum(len(g.groups) for g in groupings(cfg))

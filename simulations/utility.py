@@ -78,6 +78,9 @@ class FoldResult:
     covered_metrics: dict[str, bool] = field(default_factory=dict)  # each metric with an interval: held the exact value?
     y: list[int] = field(default_factory=list, repr=False)
     risk: list[float] = field(default_factory=list, repr=False)
+    monitor_sensitivity: float | None = None  # of the monitor's flag at the window's end (latched: ever flagged)
+    monitor_specificity: float | None = None
+    margin: float | None = None  # the run's monitor margin (log-odds), None: each hour flags alone
 
     @property
     def flag_rate_ratio(self) -> float | None:
@@ -122,26 +125,31 @@ def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
             for hour in hours if hour <= z.shape[1]}
 
 
-def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> tuple[dict[int, float], float]:
-    """Share of the test stays flagged after each hour (at the bundle's threshold for that
-    hour: one per hour when the run chose them, else its one threshold), and the share
-    flagged at some hour: what a monitor would have alarmed on, exactly."""
+def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> tuple[dict[int, float], float, float, float]:
+    """Share of the test stays the monitor shows flagged after each hour (the bundle's
+    levels: each hour's threshold, moved up by the run's margin with the flag staying on
+    when the run read one: common.bundle.monitor_levels), the share flagged at some hour,
+    and the sensitivity and specificity of the flag at the window's end: what a monitor
+    would have alarmed on, exactly."""
     import torch
 
-    from common.bundle import hour_thresholds
+    from common.bundle import hour_thresholds, monitor_levels
+    from common.onset import monitor_flags
 
     ds = load_dataset(cfg)
-    logits = []
+    logits, ys = [], []
     model = bundle.model.eval()
     for h in make_partition(ds, cfg):
+        ys.append(ds.y[h.test])
         with torch.no_grad():
             x = torch.as_tensor(ds.X[h.test], dtype=torch.float32)
             s = torch.as_tensor(ds.S[h.test], dtype=torch.float32)
             logits.append(model.hourly_logits(x, s)[..., 0].numpy())
     risk = 1 / (1 + np.exp(-np.concatenate(logits)))
-    thresholds = hour_thresholds(bundle.info, risk.shape[1])
-    flags = risk >= thresholds[None, :]
-    return {hour: float(flags[:, hour - 1].mean()) for hour in range(1, risk.shape[1] + 1)}, float(flags.any(axis=1).mean())
+    flags = monitor_flags(risk, *monitor_levels(bundle.info, hour_thresholds(bundle.info, risk.shape[1])))
+    y, end = np.concatenate(ys), flags[:, -1]
+    return ({hour: float(flags[:, hour - 1].mean()) for hour in range(1, risk.shape[1] + 1)}, float(flags.any(axis=1).mean()),
+            float(end[y == 1].mean()), float(1 - end[y == 0].mean()))
 
 
 def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,
@@ -163,14 +171,15 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
     pooled, per, y, p = _exact(cfg, lambda _name: bundle.model, threshold)
     released = load_record(run_dir / "metrics.json", RunMetrics)
     test = released.test if released else None
-    flagged, ever = _bedside(cfg, bundle) if p.shape[1] == 2 else ({}, None)
+    flagged, ever, monitor_se, monitor_sp = _bedside(cfg, bundle) if p.shape[1] == 2 else ({}, None, None, None)
     interval = test.auroc_interval if test else None
     intervals = (getattr(test, "intervals", None) or {}).get("pooled", {}) if test else {}
     covered = {m: bool(lo - 1e-9 <= getattr(pooled, m) <= hi + 1e-9) for m, (lo, hi) in intervals.items()}
     return FoldResult(fold, pooled, per, round(seconds, 1), test.pooled if test else None,
                       _early(cfg, lambda _name: bundle.model, list(hours)), threshold, flagged, ever, interval,
                       None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]), covered,
-                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [])
+                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], monitor_se, monitor_sp,
+                      bundle.info.get("onset_margin"))
 
 
 def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
@@ -221,6 +230,16 @@ def summarize(results: list[FoldResult]) -> dict:
             "min_sensitivity": min(r.pooled.sensitivity for r in bedside),
             "min_specificity": min(r.pooled.specificity for r in bedside),
         }
+        monitored = [r for r in bedside if r.monitor_sensitivity is not None]
+        if monitored:
+            out["bedside"].update({
+                "monitor_sensitivity": stats([r.monitor_sensitivity for r in monitored]),
+                "monitor_specificity": stats([r.monitor_specificity for r in monitored]),
+                "min_monitor_sensitivity": min(r.monitor_sensitivity for r in monitored),
+                "min_monitor_specificity": min(r.monitor_specificity for r in monitored),
+                "runs_with_margin": sum(r.margin is not None for r in monitored),
+                "margin": stats([r.margin for r in monitored if r.margin is not None]),
+            })
     intervals = [r for r in results if r.covered is not None]
     if intervals:
         out["interval_coverage"] = {"runs": len(intervals), "covered": sum(r.covered for r in intervals),
@@ -274,6 +293,12 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
                   + f" | {f(bed['ever_flagged'])} | {f(bed['largest_ratio_to_end_from_hour_6'])} | "
                   f"{f(bed['sensitivity'])} (least {bed['min_sensitivity']:.3f}) | "
                   f"{f(bed['specificity'])} (least {bed['min_specificity']:.3f}) |"]
+        if "monitor_sensitivity" in bed:
+            lines += ["", f"The monitor's flag at the window's end (a flag stays on once raised in the "
+                          f"{bed['runs_with_margin']} run(s) that read a margin): sensitivity "
+                          f"{f(bed['monitor_sensitivity'])} (least {bed['min_monitor_sensitivity']:.3f}), specificity "
+                          f"{f(bed['monitor_specificity'])} (least {bed['min_monitor_specificity']:.3f})"
+                          + (f"; margin {f(bed['margin'])} in log-odds." if bed["runs_with_margin"] else ".")]
     cov = fed.get("interval_coverage")
     if cov:
         lines += ["", f"The runs' own AUROC intervals held the exact AUROC of their test patients in {cov['covered']} of "

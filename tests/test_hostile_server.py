@@ -416,6 +416,8 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
                 split, mechanism, item = Split.TEST, Mechanism.GAUSSIAN, Item.IMPORTANCE
             elif name == M.HOURLY:
                 split, mechanism, item = Split.VAL, Mechanism.GAUSSIAN, Item.HOURLY_HISTOGRAMS
+            elif name == M.ONSET:
+                split, mechanism, item = Split.VAL, Mechanism.GAUSSIAN, Item.ONSET_HISTOGRAM
             else:
                 assert name.startswith(M.EVALUATION_PREFIX), name
                 split, mechanism, item = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN, Item.HISTOGRAM
@@ -425,10 +427,10 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
             dp_kinds.add(name)
             assert ledger is not None and any(e.split == split and e.mechanism == mechanism and e.item == item
                                               for e in ledger.entries), name
-    # the default config's final evaluation also releases per-group histograms, importance and
-    # the validation patients' histograms after each checkpoint hour
+    # the default config's final evaluation also releases per-group histograms, importance,
+    # the validation patients' histograms after each checkpoint hour and their onset histogram
     assert dp_kinds == {M.ARRAYS, M.evaluation_key(Split.VAL), M.evaluation_key(Split.TEST), M.SUBGROUPS,
-                        M.IMPORTANCE, M.HOURLY}
+                        M.IMPORTANCE, M.HOURLY, M.ONSET}
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])
@@ -474,3 +476,57 @@ def test_a_finite_model_that_overflows_on_some_patients_is_still_evaluated_with_
     for name in released:
         for key, value in released[name].items():
             assert np.isfinite(value.numpy()).all(), (name, key)
+
+
+# ---------------------------------------------------------------------------------------
+# The monitor's onset histogram (common.onset): hour thresholds come with the test release
+# ---------------------------------------------------------------------------------------
+
+def _hours(cfg, value=None) -> list[float]:
+    from common.data.preprocess import num_steps
+
+    steps = num_steps(cfg.features)
+    return [float(t) for t in np.linspace(0.4, 0.15, steps)] if value is None else [value] * steps
+
+
+@pytest.mark.parametrize("case", ["five hours", "not risks", "NaN", "with a validation release", "a text"])
+def test_hour_thresholds_a_hospital_cannot_read_are_refused_before_any_data(hospital, monkeypatch, case):
+    cfg = hospital_cfg()
+    reads = []
+    monkeypatch.setattr("client.export.load", lambda *a, **k: reads.append(1))
+    hours = {"five hours": [0.2] * 5, "not risks": _hours(cfg, 1.5), "NaN": _hours(cfg, float("nan")),
+             "with a validation release": _hours(cfg), "a text": "0.2 0.3"}[case]
+    splits = "val" if case == "with a validation release" else "test"
+    reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, splits, **{M.HOUR_THRESHOLDS: hours}),
+                                node_context(hospital))
+    _refused(reply, "hour-thresholds")
+    assert not reads and folder_ledger(hospital).entries == []
+
+
+def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hospital):
+    from client.folder import HospitalFolder
+    from client.ledger_store import FileLedgerStore
+
+    cfg = hospital_cfg()
+    reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test",
+                                                 **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)}),
+                                node_context(hospital))
+    assert reply_status(reply)[M.STATE] == ReplyState.EVALUATED
+    histogram = reply.content[M.ONSET]["onset-histogram"].numpy()
+    assert histogram.shape == (cfg.evaluation.score_bins,) and np.isfinite(histogram).all()
+    onset = [e for e in folder_ledger(hospital).noisy(Split.VAL) if e.item == Item.ONSET_HISTOGRAM]
+    assert len(onset) == 1 and onset[0].run_id == "r" and onset[0].mechanism == Mechanism.GAUSSIAN
+    # without hour thresholds the test release is made and the onset histogram declined, saying why
+    plain = client_app.evaluate(hospital_message(cfg, "r2", 3, MessageType.EVALUATE, "test", **{M.THRESHOLD: 0.15}),
+                                node_context(hospital))
+    assert reply_status(plain)[M.STATE] == ReplyState.EVALUATED and M.ONSET not in plain.content.array_records
+    assert "hour thresholds" in reply_status(plain)[M.NOT_EVALUATED]
+    # a run that already had one (its test entries gone, as if its test split had been declined) gets no second
+    f = HospitalFolder(hospital)
+    with FileLedgerStore(f.ledger_file, f.secret("ledger")).transaction() as ledger:
+        ledger.entries = [e for e in ledger.entries if not (e.run_id == "r" and e.split == Split.TEST)]
+    again = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test",
+                                                 **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)}),
+                                node_context(hospital))
+    _refused(again, "evaluate")
+    assert "second onset histogram" in reply_status(again)[M.REASON]

@@ -34,6 +34,7 @@ from client.commands import register_data
 from client.folder import HospitalFolder, split_of
 from client.hospital import Node
 from common import messages as M
+from common.data.preprocess import num_steps
 from common.messages import ReplyState, Split
 from tests.conftest import hospital_cfg, make_hospital
 
@@ -134,7 +135,7 @@ def _is_dp(record: str, key: str) -> bool:
     if record.startswith(M.EVALUATION_PREFIX):
         return key in ("histogram", "confusion")  # n and grid are not
     return (record, key) in ((M.SUBGROUPS, "subgroup-histograms"), (M.IMPORTANCE, "importance"),
-                             (M.HOURLY, "hourly-histograms"))
+                             (M.HOURLY, "hourly-histograms"), (M.ONSET, "onset-histogram"))
 
 
 def outside_dp(reply: Message) -> dict:
@@ -269,6 +270,8 @@ def hostile_message(draw) -> dict:
         "proximal_mu": draw(st.sampled_from([None] * 6 + [0.1, -1.0, float("inf")])),
         "run": draw(st.sampled_from(["run-1", "run-2"])),
         "threshold": draw(st.sampled_from([None, None, None, 0.12, 0.5, 2.0])),
+        # each hour's threshold for the monitor's onset histogram (honest: with a test release)
+        "hour_thresholds": draw(st.sampled_from([None] * 5 + ["honest", "honest", "short", "not risks", "nan"])),
         "arrays": draw(ARRAY_CHANGES),
     }
 
@@ -313,6 +316,11 @@ def build_message(spec: dict) -> Message:
               M.SERVER_ROUND: spec["round"], M.EVALUATE: " ".join(spec["evaluate"])}
     if spec["threshold"] is not None:
         config[M.THRESHOLD] = spec["threshold"]
+    if spec.get("hour_thresholds") is not None:
+        steps = num_steps(base.features)
+        config[M.HOUR_THRESHOLDS] = {
+            "honest": [float(t) for t in np.linspace(0.4, 0.15, steps)], "short": [0.2] * 5,
+            "not risks": [2.0] * steps, "nan": [float("nan")] * steps}[spec["hour_thresholds"]]
     if spec["proximal_mu"] is not None:
         config[M.PROXIMAL_MU] = spec["proximal_mu"]
     content = {M.CONFIG: ConfigRecord(config)}
@@ -342,12 +350,38 @@ def _ledger_json(folder: Path) -> str:
 REFUSALS = {ReplyState.REFUSED.value, ReplyState.REFUSED_POLICY.value}
 
 
+def _honest(kind, evaluate, round_, **changed) -> dict:
+    return {"kind": kind, "settings": {}, "evaluate": evaluate, "round": round_, "proximal_mu": None, "run": "run-1",
+            "threshold": None, "hour_thresholds": None, "arrays": "none", **changed}
+
+
+# An honest run's end, always tried: the final validation, then the test release with the
+# monitor's onset histogram (hour thresholds sent) and a second one, which must be refused
+HONEST_END = [_honest(MessageType.EVALUATE, ["val"], 3),
+              _honest(MessageType.EVALUATE, ["test"], 3, threshold=0.12, hour_thresholds="honest"),
+              _honest(MessageType.EVALUATE, ["test"], 3, threshold=0.12, hour_thresholds="honest")]
+
+
 @settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=st.lists(hostile_message(), min_size=1, max_size=3))
 def test_neighbouring_hospitals_answer_every_message_alike_outside_dp(neighbours, sequence):
+    answer_alike(neighbours, sequence, event)
+
+
+def test_the_onset_histogram_is_released_alike_and_once(neighbours):
+    answers = answer_alike(neighbours, HONEST_END)
+    assert M.ONSET in answers[1]["arrays"] and M.evaluation_key(Split.TEST) in answers[1]["arrays"]
+    assert answers[2]["configs"][M.STATUS][M.STATE] == ReplyState.REFUSED_POLICY.value  # the test split is scored once
+
+
+def answer_alike(neighbours, sequence: list[dict], note=lambda _text: None) -> list[dict]:
+    """Every message of ``sequence`` to the five neighbouring folders: equal answers outside
+    their DP releases, equal ledgers, and a refusal that read nothing and charged nothing.
+    Returns hospital a's answers (outside DP); ``note``: hypothesis's event, in a property test."""
     folders, fresh = neighbours
     _reset(folders, fresh)
+    answers = []
     contexts = {name: Context(run_id=1, node_id=7, node_config={"hospital-dir": str(f)}, state=RecordDict(),
                               run_config={}) for name, f in folders.items()}
     for step, spec in enumerate(sequence):
@@ -359,14 +393,16 @@ def test_neighbouring_hospitals_answer_every_message_alike_outside_dp(neighbours
             diff = first_difference(seen["a"], seen[other])
             assert diff is None, f"message {step + 1} {spec}: hospital a and its neighbour {other} differ at {diff}"
             assert _ledger_json(folders[other]) == _ledger_json(folders["a"]), f"message {step + 1}: ledgers differ"
+        answers.append(seen["a"])
         state = seen["a"].get("configs", {}).get(M.STATUS, {}).get(M.STATE)
         reason = seen["a"].get("configs", {}).get(M.STATUS, {}).get(M.REASON, "")
-        event(f"{spec['kind']}: {state} {reason.split(' ')[0] if reason else ''}".strip())
+        note(f"{spec['kind']}: {state} {reason.split(' ')[0] if reason else ''}".strip())
         if state in REFUSALS or "error" in seen["a"]:
             for name, folder in folders.items():
                 assert _ledger_json(folder) == before[name], f"message {step + 1} {spec} was refused but charged"
                 assert _state(contexts[name]) == state_before[name], f"message {step + 1} {spec} was refused but left state"
             assert reads.call_count == 0, f"message {step + 1} {spec} was refused after patient data were read"
+    return answers
 
 
 def _state(context: Context) -> bytes:

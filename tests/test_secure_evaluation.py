@@ -25,9 +25,19 @@ from client.secagg import Participant
 from client.secure_evaluation import secure_evaluation_variances
 from common import messages as M
 from common import secagg as S
+from common.data.preprocess import num_steps
 from common.ledger import Ledger
 from common.messages import Mechanism, ReplyState, Split
-from common.secure_evaluation import DECLARED, INCLUDED, MASKED, PROGRESS, VARIANCES, evaluation_parts, vector_size
+from common.secure_evaluation import (
+    DECLARED,
+    INCLUDED,
+    MASKED,
+    PROGRESS,
+    VARIANCES,
+    evaluation_parts,
+    part_of,
+    vector_size,
+)
 from server.coordinator import initial_arrays
 from server.secagg import Revealed, key_lines, parse_revealed, unmasked_sum
 from server.secure_evaluation import read_sum
@@ -39,11 +49,19 @@ from tests.test_secure_aggregation import ME, PEERS, Repeatable, secure_cfg
 THRESHOLD = 0.2  # the run's decision threshold, sent with the test evaluation
 
 
+def hour_thresholds(cfg) -> list[float]:
+    """Each hour's threshold, sent with the test evaluation for the onset histogram: falling
+    from 0.4 to the run's, as early risks run high."""
+    steps = num_steps(cfg.features)
+    return [float(t) for t in np.linspace(0.4, THRESHOLD, steps)]
+
+
 def message(cfg, stage: S.Stage, fields: dict, splits=(Split.TEST,), progress: bool = False, server_round: int = 3,
             model: bool = False) -> Message:
     config = {M.EXPERIMENT_JSON: cfg.to_json(), M.RUN_ID: "run-1", M.SERVER_ROUND: server_round,
               M.EVALUATE: " ".join(s.value for s in splits), S.STAGE: stage.value, S.SCALE: 1.0, PROGRESS: progress,
-              **({M.THRESHOLD: THRESHOLD} if Split.TEST in splits else {}), **fields}
+              **({M.THRESHOLD: THRESHOLD} if Split.TEST in splits else {}),
+              **({M.HOUR_THRESHOLDS: hour_thresholds(cfg)} if Split.TEST in splits and cfg.monitors_onset else {}), **fields}
     content = {M.CONFIG: ConfigRecord(config)}
     if model:
         content[M.ARRAYS] = initial_arrays(cfg)
@@ -122,7 +140,7 @@ def test_neighbouring_hospitals_answer_a_whole_secure_evaluation_alike_outside_t
             assert diff is None, f"stage {stage + 1}: hospital a and its neighbour {other} differ at {diff}"
         assert ledgers[other] == ledgers["a"]
     entries = Ledger.from_json(ledgers["a"]).noisy(splits[0])
-    expected = [p.item for p in evaluation_parts(cfg, list(splits), not progress)]
+    expected = [p.item for p in evaluation_parts(cfg, list(splits), not progress) if p.split == splits[0]]
     assert [e.item for e in entries] == expected and len(expected) == (3 if splits == (Split.TEST,) else
                                                                          1 if progress else 2)
     for e in entries:  # counted with the default policy's two hospitals' noise, and its own alone
@@ -185,7 +203,7 @@ def test_the_secure_evaluation_noise_keeps_each_group_within_its_epsilon_and_the
             for (s, final, item), variance in table.items():
                 if s != split:
                     continue
-                part = next(p for p in evaluation_parts(cfg, [s], final) if p.item == item)
+                part = part_of(cfg, s, final, item)
                 releases = len(cfg.validation_rounds()) if (s, final) == (Split.VAL, False) else 1
                 ratio = variance * min_honest / (gaussian[(s, final, item)] * part.l2) ** 2
                 assert 1.0 <= ratio < (1.6 if alone < 4 else 1.15), (min_honest, alone, s, item, ratio)
@@ -263,13 +281,15 @@ def test_a_split_over_its_budget_carries_only_noise_and_says_why(neighbours):  #
         write_settings(folder, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy,
                                                                                         eval_max_epsilon=0.5)))
         before = _ledger_json(folder)
+        # without the monitor's onset histogram: of the validation patients, within their own budget, it would be made
+        cfg = secure_cfg("evaluation.monitor_rate=0", "evaluation.onset_share=0")
         with patch.object(Node, "data", autospec=True, side_effect=Node.data) as reads:
-            replies = honest_session(folder, secure_cfg())
+            replies = honest_session(folder, cfg)
             assert reads.call_count == 0
         status = replies[2].content[M.STATUS]
         assert status[M.STATE] == ReplyState.EVALUATED.value and str(status[INCLUDED]) == ""
         assert "budget" in str(status[M.NOT_EVALUATED])
-        layout = evaluation_parts(secure_cfg(), [Split.TEST], True)
+        layout = evaluation_parts(cfg, [Split.TEST], True)
         assert replies[2].content[MASKED]["vector"].numpy().size == vector_size(layout)
         assert _ledger_json(folder) == before
     finally:

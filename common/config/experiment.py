@@ -61,6 +61,12 @@ class ExperimentConfig:
         return self.num_classes == 2
 
     @property
+    def monitors_onset(self) -> bool:
+        """Whether the test release brings the validation stays' onset histogram, from
+        which the hourly monitor's margin is read (a binary task with monitor_rate)."""
+        return self.is_binary and self.evaluation.monitor_rate > 0 and self.evaluation.onset_share > 0
+
+    @property
     def checkpoint_hours(self) -> list[int]:
         """The hours of ``evaluation.hourly_checkpoints`` that fall before the window's last
         step (a binary task's; the last step's threshold is the run's own): a shorter

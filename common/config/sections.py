@@ -434,6 +434,13 @@ class EvaluationSection:
     # so an hourly risk means the same at hour 6 as at hour 48); [] for one threshold.
     hourly_checkpoints: list[int]
     hourly_share: float  # of the final validation release's budget (in rho) for those histograms
+    # Binary tasks: the share of stays the hourly monitor flags at some hour of the window.
+    # A flag stays on once raised: the monitor flags a stay from the first hour its risk
+    # passes that hour's threshold by a margin, read (with the test release) from a noisy
+    # histogram of each validation stay's highest excess over the hour thresholds. 0: each
+    # hour flags by its own threshold alone, on and off (about 0.6 of stays at some hour).
+    monitor_rate: float
+    onset_share: float  # of the final validation release's budget (in rho) for that histogram
 
     def validate(self, check: Check) -> None:
         check(self.score_bins >= 2, "score_bins", "must be at least 2")
@@ -456,5 +463,9 @@ class EvaluationSection:
         check(self.threshold in ("auto", "event1") or 0 < self.threshold < 1, "threshold",
               "must be 'auto', 'event1' or a risk strictly between 0 and 1")
         check(0 < self.flag_rate < 1, "flag_rate", "must be a share strictly between 0 and 1")
+        check(0 <= self.monitor_rate < 1, "monitor_rate", "must be a share in [0, 1) (0: no margin, flags on and off)")
+        check(0 <= self.onset_share < 1 and (self.onset_share > 0) == (self.monitor_rate > 0)
+              and self.hourly_share + self.onset_share < 1, "onset_share",
+              "must be in (0, 1) with monitor_rate, 0 without, and leave the final histogram a share with hourly_share")
 
 
