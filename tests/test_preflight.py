@@ -22,6 +22,7 @@ from client import app as client_app
 from client.folder import HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
+from common.data.preprocess import num_steps
 from common.ledger import LedgerEntry
 from common.messages import Item, Mechanism, ReplyState, Split
 from common.preflight import PreflightAnswer
@@ -96,8 +97,12 @@ def test_an_accepted_plan_trains_and_evaluates_every_planned_release(hospital):
                                **{M.NOISE: answer.noise_multiplier})
         status = reply_status(client_app.train(msg, context))
         assert status[M.STATE] == ReplyState.TRAINED and M.NOT_EVALUATED not in status, status
+    # the test release comes, as from an honest coordinator, with each hour's threshold for the onset histogram
+    hours = {M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: [0.3] * num_steps(cfg.features)}
     for split in ("val", "test"):
-        status = reply_status(client_app.evaluate(hospital_message(cfg, "run-p", 3, MessageType.EVALUATE, split), context))
+        extra = hours if split == "test" else {}
+        status = reply_status(client_app.evaluate(hospital_message(cfg, "run-p", 3, MessageType.EVALUATE, split, **extra),
+                                                  context))
         assert status[M.STATE] == ReplyState.EVALUATED and M.NOT_EVALUATED not in status, status
     ledger = folder_ledger(hospital)
     for split in Split:

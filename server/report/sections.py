@@ -187,8 +187,24 @@ def test_results_section(run: RunFolder) -> Section | None:
          + " The Brier score reads risks at the bin centres. " if dp else
          "The histograms were exact (a comparison simulation without DP). ")
         + f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
-        f"more ({chosen}). " + calibration + intervals + exact,
+        f"more ({chosen}). " + calibration + intervals + exact + monitor_words(test),
     ])
+
+
+def monitor_words(test) -> str:
+    """What the hourly monitor (``fedgru monitor``, ``fedgru predict --hourly``) flags, in words."""
+    hours = list(getattr(test, "hour_thresholds", None) or [])
+    if not hours:
+        return ""
+    text = (f"The hourly monitor judges the risk after each hour against that hour's threshold, read from the "
+            f"validation releases so that each hour flags the same share of patients ({hours[0]:.3f} after hour 1, "
+            f"{hours[-1]:.3f} after hour {len(hours)}: early risks run high). ")
+    margin = getattr(test, "onset_margin", None)
+    if margin is None:
+        return text + "Each hour flags on its own, so a stay's flag can go on and off. "
+    return text + (f"A stay is flagged from the first hour its risk passes that hour's threshold by {margin:.2f} in "
+                   f"log-odds, and stays flagged: read from the validation patients' onset histogram (a DP release) so "
+                   f"that {getattr(test, 'monitor_rate', 0) or 0:.0%} of them are flagged at some hour. ")
 
 
 def baseline_section(run: RunFolder) -> Section | None:
