@@ -61,6 +61,7 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
     planned_counts = cfg.planned_evaluations()
     releases = message_releases(cfg, req.splits, req.final)
     planned, declined = [], []
+    wanted: dict[Split, list[Item]] = {}  # by group of patients: each group's budget is checked on all it gives
     for split in req.splits:
         items = [item for s_, item in releases if s_ == split and item != Item.ONSET_HISTOGRAM]
         if not items or any((split, req.final, item) not in noise for item in items):
@@ -71,26 +72,42 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
             raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
                                             "settings (evaluation.validate_every, run.rounds) do not plan")
         policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
+        wanted[split] = items
+    if any(item == Item.ONSET_HISTOGRAM for _, item in releases):  # the test message's, of the validation patients
+        why = onset_declined(req, ledger)
+        if why:
+            declined.append(why)
+        else:
+            wanted.setdefault(Split.VAL, []).append(Item.ONSET_HISTOGRAM)
+    for split, items in wanted.items():
         found = _planned(req, ledger, noise, split, items, split.value)
-        planned += found[0]
-        declined += found[1]
-    # the test message's onset histogram, of the validation patients (common.onset): once per run
-    onset = [(s_, item) for s_, item in releases if item == Item.ONSET_HISTOGRAM]
-    if onset and req.hour_thresholds is None:
-        declined.append("val (onset histogram): the test message brought no hour thresholds to measure it against")
-    elif onset:
-        if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
-            raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
-        found = _planned(req, ledger, noise, Split.VAL, [Item.ONSET_HISTOGRAM], "val (onset histogram)")
         planned += found[0]
         declined += found[1]
     return planned, declined
 
 
+def onset_declined(req: Request, ledger: Ledger) -> str | None:
+    """Why the monitor's onset histogram (``common.onset``), which a test message asks of
+    the validation patients, is not made, or None: it needs the hour thresholds, and the
+    hospital's policy must evaluate its validation patients (the test message names only
+    the test split, so the request's own checks do not cover them). A second one in a run
+    is refused. From the message, the policy and the ledger only, before any data is read."""
+    if req.hour_thresholds is None:
+        return "val (onset histogram): the test message brought no hour thresholds to measure it against"
+    if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
+        raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
+    try:
+        req.policy.check_evaluation(req.cfg, Split.VAL, req.cfg.planned_evaluations().get(Split.VAL.value, 0))
+        req.policy.check_evaluation_count(Split.VAL, req.cfg.planned_evaluations().get(Split.VAL.value, 0), 0)
+    except PolicyRefusal as refusal:
+        return f"val (onset histogram): {refusal}"
+    return None
+
+
 def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: list[Item], what: str
              ) -> tuple[list[PlannedRelease], list[str]]:
     """The releases ``items`` of ``split`` with their ledger entries, or why they are declined
-    (no stays declared; the group's budget)."""
+    (no stays declared; the group's budget, checked on all of them together)."""
     ev, policy = req.cfg.evaluation, req.policy
     n = req.declared.of(split)
     if n == 0:

@@ -50,7 +50,7 @@ from common.secure_evaluation import (
 from common.skellam import randomized_round, rdp_vector, skellam_noise
 from common.training import resolve_device
 
-from .evaluation import PlannedRelease, global_model, score
+from .evaluation import PlannedRelease, global_model, onset_declined, score
 from .noise import calibrated_evaluation_noise
 from .policy import PolicyRefusal
 from .replies import AfterReading, answer
@@ -150,10 +150,19 @@ def plan(req: Request, ledger: Ledger, parts: list[EvaluationPart], variances: l
     the caller) and the declared counts, before any patient data is read."""
     planned_counts = req.cfg.planned_evaluations()
     included, entries, declined = [], [], []
+    groups: dict[Split, list[int]] = {}  # by group of patients: each group's budget is checked on all it gives
     for split in req.splits:
         req.policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
+        groups[split] = [i for i, p in enumerate(parts) if p.split == split and p.item != Item.ONSET_HISTOGRAM]
+    onset = [i for i, p in enumerate(parts) if p.item == Item.ONSET_HISTOGRAM]  # the test session's, of validation stays
+    if onset:
+        why = onset_declined(req, ledger)
+        if why:
+            declined.append(why)
+        else:
+            groups.setdefault(Split.VAL, []).extend(onset)
+    for split, mine in groups.items():
         n = req.declared.of(split)
-        mine = [i for i, p in enumerate(parts) if p.split == split and p.item != Item.ONSET_HISTOGRAM]
         if n == 0:
             declined.append(f"{split.value}: this hospital declares no {split.value} stays")
             continue
@@ -168,25 +177,6 @@ def plan(req: Request, ledger: Ledger, parts: list[EvaluationPart], variances: l
             continue
         included += mine
         entries += made
-    onset = [i for i, p in enumerate(parts) if p.item == Item.ONSET_HISTOGRAM]  # the test session's onset histogram
-    if onset and req.hour_thresholds is None:
-        declined.append("val (onset histogram): the test message brought no hour thresholds to measure it against")
-    elif onset:
-        if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
-            raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
-        n = req.declared.of(Split.VAL)
-        made = [release_entry(req, parts[i], variances[i], n) for i in onset] if n else []
-        for e in made:
-            e.check(f"{req.node.name}'s planned ledger entry")
-        if n == 0:
-            declined.append("val (onset histogram): this hospital declares no val stays")
-        elif ledger.epsilon_with(made) > req.policy.eval_max_epsilon:
-            declined.append("val (onset histogram): the budget of its patients would be passed")
-        elif ledger.epsilon_with(made, alone=True) > req.policy.max_epsilon_alone:
-            declined.append("val (onset histogram): its own noise alone would pass max_epsilon_alone")
-        else:
-            included += onset
-            entries += made
     return included, entries, declined
 
 

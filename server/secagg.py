@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
@@ -106,7 +107,7 @@ def load_hospital_keys(folder: str | Path) -> dict[str, PublicKey]:
     if not root.is_dir():
         raise ValueError(f"hospital-keys: {root} is not a folder (give the hospitals/ folder `fedgru deploy init` "
                          "wrote, with each hospital's <name>.pub)")
-    keys = {}
+    keys, owners = {}, {}
     for path in sorted(root.glob("*.pub")):
         if not is_hospital_name(path.stem):
             raise ValueError(f"hospital-keys: {path.name}: the hospital name: {HOSPITAL_NAME_RULE}")
@@ -114,6 +115,11 @@ def load_hospital_keys(folder: str | Path) -> dict[str, PublicKey]:
             keys[path.stem] = public_key_of(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"hospital-keys: {path}: {exc}") from None
+        # one key under two names would let one hospital sign as two participants of a sum
+        raw = keys[path.stem].public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        if raw in owners:
+            raise ValueError(f"hospital-keys: {path.name} holds the same key as {owners[raw]}.pub: one hospital, one key")
+        owners[raw] = path.stem
     if not keys:
         raise ValueError(f"hospital-keys: {root} holds no <name>.pub file")
     return keys

@@ -530,3 +530,47 @@ def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hosp
                                 node_context(hospital))
     _refused(again, "evaluate")
     assert "second onset histogram" in reply_status(again)[M.REASON]
+
+
+def _set_policy(folder, **changes):
+    settings = folder / "hospital.yaml"
+    text = yaml.safe_load(settings.read_text())
+    text["policy"].update(changes)
+    settings.write_text(yaml.safe_dump(text))
+
+
+def test_a_hospital_that_never_evaluates_its_validation_patients_releases_nothing_about_them(hospital_data, tmp_path):
+    """Policy evaluation_splits: [test] (and no val release allowed per run): the test
+    message must not release a histogram of the validation patients."""
+    folder = make_hospital(tmp_path, *hospital_data)
+    _set_policy(folder, evaluation_splits=["test"], max_evaluations_per_run={"test": 1})
+    cfg = hospital_cfg()
+    reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test",
+                                                 **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)}),
+                                node_context(folder))
+    assert reply_status(reply)[M.STATE] == ReplyState.EVALUATED
+    assert M.ONSET not in reply.content.array_records, "val patients released against the policy"
+    assert folder_ledger(folder).noisy(Split.VAL) == []
+
+
+def test_one_message_cannot_take_the_validation_patients_past_their_budget(hospital_data, tmp_path):
+    """'val test' in one final message: the final validation and the onset histogram are
+    each checked against the ledger alone, never together."""
+    cfg = hospital_cfg()
+    msg = lambda: hospital_message(cfg, "r", 3, MessageType.EVALUATE, "val test",  # noqa: E731
+                                   **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)})
+    probe = make_hospital(tmp_path / "probe", *hospital_data)
+    assert reply_status(client_app.evaluate(msg(), node_context(probe)))[M.STATE] == ReplyState.EVALUATED
+    val = folder_ledger(probe).noisy(Split.VAL)
+    onset = [e for e in val if e.item == Item.ONSET_HISTOGRAM]
+    final = [e for e in val if e.item != Item.ONSET_HISTOGRAM]
+    fresh = folder_ledger(make_hospital(tmp_path / "fresh", *hospital_data))
+    alone = max(fresh.epsilon_with(final), fresh.epsilon_with(onset))
+    both = fresh.epsilon_with(final + onset)
+    budget = alone * 1.001
+    assert both > budget
+    folder = make_hospital(tmp_path / "h", *hospital_data, eval_epsilon=budget)
+    reply = client_app.evaluate(msg(), node_context(folder))
+    assert reply_status(reply)[M.STATE] == ReplyState.EVALUATED
+    spent = folder_ledger(folder).epsilon(Split.VAL)
+    assert spent <= budget, f"validation patients at epsilon {spent:.3f}, budget {budget:.3f}"

@@ -377,3 +377,18 @@ def test_the_admitted_hospitals_keys_are_read_with_errors_naming_the_file(tmp_pa
     (tmp_path / "east.pub").write_text("not a key\n")
     with pytest.raises(ValueError, match=r"east\.pub: is not an OpenSSH public key"):
         load_hospital_keys(tmp_path)
+
+
+def test_one_key_registered_under_two_names_is_refused(tmp_path):
+    """Hospitals refuse one peer key under two names (client.commands.add_peer); the
+    coordinator's own check should too, or one hospital signs as two participants."""
+    from client.folder import make_supernode_keypair
+    from server.secagg import load_hospital_keys
+
+    pub = make_supernode_keypair(tmp_path, "north")[1]
+    keys = tmp_path / "hospitals"
+    keys.mkdir()
+    (keys / "north.pub").write_text(pub.read_text())
+    (keys / "south.pub").write_text(pub.read_text())
+    with pytest.raises(ValueError):
+        load_hospital_keys(keys)

@@ -27,7 +27,7 @@ from common import messages as M
 from common import secagg as S
 from common.data.preprocess import num_steps
 from common.ledger import Ledger
-from common.messages import Mechanism, ReplyState, Split
+from common.messages import Item, Mechanism, ReplyState, Split
 from common.secure_evaluation import (
     DECLARED,
     INCLUDED,
@@ -318,3 +318,35 @@ def test_the_coordinator_refuses_to_read_a_sum_no_honest_hospitals_can_give():
     forged[5] += 10 ** 6
     assert not plausible(parts, forged, declared, variances, hospitals=3)
     assert not plausible(parts, -np.abs(values) - 1000, declared, variances, hospitals=3)
+
+
+def test_a_secure_val_test_session_keeps_the_validation_patients_within_their_budget():
+    """The same as above through client.secure_evaluation.plan."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from client.folder import DeclaredCounts
+    from client.policy import default_policy
+    from client.secure_evaluation import plan, release_entry, required_variances
+    from common.ledger import Ledger
+    from common.secure_evaluation import evaluation_parts
+    from tests.test_secure_aggregation import secure_cfg
+
+    cfg = secure_cfg()
+    policy = dataclasses.replace(default_policy(8.0, 1e-5, 100.0), max_epsilon_alone=100.0)
+    req = SimpleNamespace(cfg=cfg, splits=[Split.VAL, Split.TEST], policy=policy, run_id="r", server_round=3, final=True,
+                          declared=DeclaredCounts(train=100, val=50, test=50), node=SimpleNamespace(name="h"),
+                          hour_thresholds=np.array(hour_thresholds(cfg)))
+    parts = evaluation_parts(cfg, req.splits, True)
+    variances = required_variances(req, parts)
+    ledger = Ledger("h", 1e-5)
+    val = [release_entry(req, p, v, 50) for p, v in zip(parts, variances) if p.split == Split.VAL]
+    final = [e for e in val if e.item != Item.ONSET_HISTOGRAM]
+    onset = [e for e in val if e.item == Item.ONSET_HISTOGRAM]
+    budget = max(ledger.epsilon_with(final), ledger.epsilon_with(onset)) * 1.001
+    assert ledger.epsilon_with(final + onset) > budget
+    req.policy = dataclasses.replace(policy, eval_max_epsilon=budget)
+    included, entries, declined = plan(req, ledger, parts, variances)
+    charged = [e for e in entries if e.split == Split.VAL]
+    # the validation group is checked on everything it gives in the session: over its budget, it gives nothing
+    assert charged == [] and any(d.startswith("val:") and "budget" in d for d in declined), declined
