@@ -81,6 +81,7 @@ class FoldResult:
     monitor_sensitivity: float | None = None  # of the monitor's flag at the window's end (latched: ever flagged)
     monitor_specificity: float | None = None
     margin: float | None = None  # the run's monitor margin (log-odds), None: each hour flags alone
+    ever_exact_margin: float | None = None  # ever flagged with the margin read without DP noise (Bedside)
 
     @property
     def flag_rate_ratio(self) -> float | None:
@@ -125,31 +126,56 @@ def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
             for hour in hours if hour <= z.shape[1]}
 
 
-def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> tuple[dict[int, float], float, float, float]:
-    """Share of the test stays the monitor shows flagged after each hour (the bundle's
+@dataclass
+class Bedside:
+    """What the run's monitor shows on its test stays, exactly."""
+
+    flagged: dict[int, float]  # hour -> share of the test stays flagged after that hour
+    ever: float  # share flagged at some hour of the window
+    sensitivity: float  # of the flag at the window's end
+    specificity: float
+    # the same monitor with its margin read exactly from the run's validation stays (no DP noise on the
+    # onset histogram; a simulation holds them): the share of test stays it flags at some hour. None without a margin.
+    ever_exact_margin: float | None
+
+
+def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> Bedside:
+    """The share of the test stays the monitor shows flagged after each hour (the bundle's
     levels: each hour's threshold, moved up by the run's margin with the flag staying on
-    when the run read one: common.bundle.monitor_levels), the share flagged at some hour,
-    and the sensitivity and specificity of the flag at the window's end: what a monitor
-    would have alarmed on, exactly."""
+    when the run read one: common.bundle.monitor_levels), and what a monitor would have
+    alarmed on, exactly; and where the margin's DP noise goes, the same with the margin
+    read without noise from the validation stays."""
     import torch
 
-    from common.bundle import hour_thresholds, monitor_levels
-    from common.onset import monitor_flags
+    from common.bundle import hour_thresholds, monitor_levels, onset_margin
+    from common.onset import monitor_flags, onset_scores, raising_levels
 
     ds = load_dataset(cfg)
-    logits, ys = [], []
     model = bundle.model.eval()
-    for h in make_partition(ds, cfg):
-        ys.append(ds.y[h.test])
-        with torch.no_grad():
-            x = torch.as_tensor(ds.X[h.test], dtype=torch.float32)
-            s = torch.as_tensor(ds.S[h.test], dtype=torch.float32)
-            logits.append(model.hourly_logits(x, s)[..., 0].numpy())
-    risk = 1 / (1 + np.exp(-np.concatenate(logits)))
-    flags = monitor_flags(risk, *monitor_levels(bundle.info, hour_thresholds(bundle.info, risk.shape[1])))
-    y, end = np.concatenate(ys), flags[:, -1]
-    return ({hour: float(flags[:, hour - 1].mean()) for hour in range(1, risk.shape[1] + 1)}, float(flags.any(axis=1).mean()),
-            float(end[y == 1].mean()), float(1 - end[y == 0].mean()))
+
+    def hourly(split: str) -> tuple[np.ndarray, np.ndarray]:
+        logits, ys = [], []
+        for h in make_partition(ds, cfg):
+            idx = getattr(h, split)
+            ys.append(ds.y[idx])
+            with torch.no_grad():
+                x = torch.as_tensor(ds.X[idx], dtype=torch.float32)
+                s = torch.as_tensor(ds.S[idx], dtype=torch.float32)
+                logits.append(model.hourly_logits(x, s)[..., 0].numpy().astype(np.float64))
+        return np.concatenate(logits), np.concatenate(ys)
+
+    logits, y = hourly("test")
+    risk = 1 / (1 + np.exp(-logits))
+    thresholds = hour_thresholds(bundle.info, risk.shape[1])
+    flags = monitor_flags(risk, *monitor_levels(bundle.info, thresholds))
+    end = flags[:, -1]
+    exact = None
+    if onset_margin(bundle.info) is not None and cfg.monitors_onset:
+        val_scores = onset_scores(hourly("val")[0], thresholds)
+        margin = float(np.quantile(val_scores, 1 - cfg.evaluation.monitor_rate))
+        exact = float(monitor_flags(risk, raising_levels(thresholds, margin), True)[:, -1].mean())
+    return Bedside({hour: float(flags[:, hour - 1].mean()) for hour in range(1, risk.shape[1] + 1)},
+                   float(flags.any(axis=1).mean()), float(end[y == 1].mean()), float(1 - end[y == 0].mean()), exact)
 
 
 def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: int, out: Path,
@@ -171,15 +197,15 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
     pooled, per, y, p = _exact(cfg, lambda _name: bundle.model, threshold)
     released = load_record(run_dir / "metrics.json", RunMetrics)
     test = released.test if released else None
-    flagged, ever, monitor_se, monitor_sp = _bedside(cfg, bundle) if p.shape[1] == 2 else ({}, None, None, None)
+    bed = _bedside(cfg, bundle) if p.shape[1] == 2 else Bedside({}, None, None, None, None)
     interval = test.auroc_interval if test else None
     intervals = (getattr(test, "intervals", None) or {}).get("pooled", {}) if test else {}
     covered = {m: bool(lo - 1e-9 <= getattr(pooled, m) <= hi + 1e-9) for m, (lo, hi) in intervals.items()}
     return FoldResult(fold, pooled, per, round(seconds, 1), test.pooled if test else None,
-                      _early(cfg, lambda _name: bundle.model, list(hours)), threshold, flagged, ever, interval,
+                      _early(cfg, lambda _name: bundle.model, list(hours)), threshold, bed.flagged, bed.ever, interval,
                       None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]), covered,
-                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], monitor_se, monitor_sp,
-                      bundle.info.get("onset_margin"))
+                      y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], bed.sensitivity, bed.specificity,
+                      bundle.info.get("onset_margin"), bed.ever_exact_margin)
 
 
 def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
@@ -239,6 +265,7 @@ def summarize(results: list[FoldResult]) -> dict:
                 "min_monitor_specificity": min(r.monitor_specificity for r in monitored),
                 "runs_with_margin": sum(r.margin is not None for r in monitored),
                 "margin": stats([r.margin for r in monitored if r.margin is not None]),
+                "ever_flagged_exact_margin": stats([r.ever_exact_margin for r in monitored]),
             })
     intervals = [r for r in results if r.covered is not None]
     if intervals:
@@ -298,7 +325,10 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
                           f"{bed['runs_with_margin']} run(s) that read a margin): sensitivity "
                           f"{f(bed['monitor_sensitivity'])} (least {bed['min_monitor_sensitivity']:.3f}), specificity "
                           f"{f(bed['monitor_specificity'])} (least {bed['min_monitor_specificity']:.3f})"
-                          + (f"; margin {f(bed['margin'])} in log-odds." if bed["runs_with_margin"] else ".")]
+                          + (f"; margin {f(bed['margin'])} in log-odds. With the margin read without noise from "
+                             f"each run's validation stays, the share flagged at some hour would be "
+                             f"{f(bed['ever_flagged_exact_margin'])}: the rest of the spread is the onset histogram's "
+                             "DP noise." if bed["runs_with_margin"] else ".")]
     cov = fed.get("interval_coverage")
     if cov:
         lines += ["", f"The runs' own AUROC intervals held the exact AUROC of their test patients in {cov['covered']} of "
