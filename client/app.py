@@ -52,6 +52,7 @@ from common.training import (
     training_for_round,
 )
 
+from .canary import CanaryAudit
 from .evaluation import global_model, plan_evaluations, score
 from .hospital import UNASSIGNED, Node
 from .preflight import answer_plan
@@ -81,18 +82,6 @@ class LocalState:
 
     def save(self, context: Context) -> None:
         context.state[STATE_KEY] = ConfigRecord({"run-id": self.run_id, "optimizer": self.optimizer})
-
-
-@dataclass
-class CanaryAudit:
-    """A privacy audit of one simulated hospital (``simulations.audit`` sets it; a real
-    hospital never has one): its canaries train beside the model, and the audit
-    coordinates each round releases are written to ``out_dir`` for the auditor."""
-
-    hospital: str
-    included: np.ndarray  # (m,) bool: which canaries are in the hospital's data
-    out_dir: str
-    tamper: Callable | None = None  # tests only: a planted bug in the DP optimizer
 
 
 def _reply(req: Request, state: ReplyState, ledger: Ledger, content: dict | None = None, **extra) -> Message:

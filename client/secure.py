@@ -46,7 +46,7 @@ from .request import Request
 from .secagg import Participant, SecAggRefusal
 
 if TYPE_CHECKING:
-    from .app import CanaryAudit
+    from .canary import CanaryAudit
 
 log = logging.getLogger("fedgru.client")
 

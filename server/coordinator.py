@@ -6,7 +6,8 @@
    validate each reply (``server.validation``) and drop bad ones with a logged reason,
    aggregate the rest with the configured Flower strategy, evaluate the new model on
    every hospital's validation split, print one progress line and checkpoint.
-3. At the end: evaluate on the test splits and write the run folder.
+3. At the end (``server.run_end``): validate the final model, choose its thresholds,
+   evaluate on the test splits and write the run folder.
 
 A round with fewer valid replies than ``strategy.min_hospitals`` keeps the previous
 global model and is logged as skipped. What the run produces travels as the typed
@@ -22,20 +23,18 @@ from functools import partial
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
-from common.data.preprocess import num_steps
 from common.ledger import Ledger
 from common.messages import ReplyState, Split
-from common.metrics import ScoreGrid, ScoreSummary, format_number, pooled, with_interval
-from common.model import GRUClassifier, model_spec, output_layer_keys
+from common.metrics import format_number, with_interval
+from common.model import GRUClassifier, model_spec
 from common.signatures import PublicKey
 
-from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
 from .checkpoint import RunSnapshot
 from .discovery import HospitalView, Roster, who_are_you
 from .exchange import exchange, node_of  # noqa: F401 - node_of: the coordinator's pairing of replies, tested
@@ -52,7 +51,8 @@ from .records import (
     TrainPhase,
     TrainReport,
 )
-from .results import Reader, every_hour, exact_metrics_of, pooled_noise
+from .results import Reader
+from .run_end import finish_run
 from .secure_round import SecureRounds, scale_for
 from .start_model import StartModel
 from .strategies import Aggregator
@@ -61,7 +61,6 @@ from .validation import (
     ReplyRejected,
     check_identity,
     check_train_reply,
-    evaluation_grids,
     expected_layout,
     read_evaluations,
     read_ledger,
@@ -382,53 +381,6 @@ class Coordinator:
         return Message(content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type,
                        group_id=message.metadata.group_id)
 
-    def final_evaluation(self, server_round: int, splits: list[Split], threshold: float | None = None,
-                         hour_thresholds: list[float] | None = None) -> dict[str, Evaluations]:
-        """Every hospital scores the global model on the given splits (the test split with
-        the run's threshold and, for the monitor's onset histogram, each hour's); returns
-        what each released (under secure aggregation, what they released together:
-        ``server.secure_evaluation``)."""
-        if self.secure is not None:
-            return self.secure.evaluate(server_round, splits, threshold=threshold, hour_thresholds=hour_thresholds)
-        self._phase = TrainPhase()
-
-        def content() -> RecordDict:
-            config = self._config(server_round, splits)
-            if threshold is not None:
-                config[M.THRESHOLD] = float(threshold)
-            if hour_thresholds is not None:
-                config[M.HOUR_THRESHOLDS] = [float(t) for t in hour_thresholds]
-            return RecordDict({M.ARRAYS: self.arrays, M.CONFIG: config})
-
-        replies = self._send(sorted(self.hospitals), MessageType.EVALUATE, content)
-        evaluations: dict[str, Evaluations] = {}
-        for nid, reply in replies:
-            accepted = self._accept(nid, reply, f"final evaluation ({', '.join(s.value for s in splits)})")
-            if accepted is not None:
-                view, ledger = accepted
-                self._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold)
-        self._lines.flush()
-        self.final_dropped += self._phase.dropped
-        return evaluations
-
-    def recalibrate(self, val: ScoreSummary | None) -> Calibration | None:
-        """Platt scaling fitted on the pooled validation histograms, folded into the
-        global model's output layer (server.calibration); kept in ``self.calibration``.
-        None when off or not possible."""
-        if not self.cfg.evaluation.calibrate or self.cfg.num_classes != 2:
-            return None
-        fit = fit_logistic_calibration(val) if val is not None else None
-        if fit is None:
-            log.warning("no usable pooled validation histogram: the risks are left uncalibrated")
-            return None
-        scale, shift = fit
-        weight_key, bias_key = output_layer_keys(model_spec(self.cfg))
-        state = fold_into_output_layer(self.arrays.to_torch_state_dict(), weight_key, bias_key, scale, shift)
-        self.arrays = ArrayRecord(torch_state_dict=state)
-        log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
-        self.calibration = Calibration(scale, shift)
-        return self.calibration
-
     def max_epsilon(self) -> float:
         return max((h.epsilon for h in self.hospitals.values()), default=0.0)
 
@@ -491,61 +443,8 @@ class Coordinator:
         self.finish(last)
 
     def finish(self, last_round: int) -> None:
-        """Validate the final model, recalibrate it and choose the threshold from what the
-        hospitals release about their validation patients; then the calibrated model and
-        the threshold go out for the one test release; write the run's results. A run in
-        which no hospital trained asks for no release at all: nothing would be learnt of a
-        model no one trained, and each release costs its patients' budget."""
-        if not self.trained_rounds:
-            why = self.not_started or "no hospital trained in this run, so no validation or test release was asked for"
-            log.warning("%s", why)
-            self.recorder.finish(None, None, [h.status() for h in self.hospitals.values()],
-                                 self.aggregator.hospital_privacy(), not_evaluated=why)
-            return
-        ev = self.cfg.evaluation
-        grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
-        validated = self.final_evaluation(last_round, [Split.VAL])
-        val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
-        val = self.reader.read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
-        self._validated(last_round, validated)
-        uncalibrated = self.recalibrate(val)
-        val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
-        raw = pooled(list(val_parts.values()))
-        readable = raw is not None and self.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
-        threshold = self.reader.threshold(val, grid, uncalibrated, readable)
-        rate = self.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
-        if uncalibrated is not None:
-            threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
-        # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
-        # the hospitals can count their validation stays' highest excess over them (common.onset)
-        checkpoints = self.reader.hour_thresholds(validated, rate, grid, uncalibrated)
-        hours = every_hour(checkpoints, threshold, num_steps(self.cfg.features)) if self.cfg.is_binary else []
-        released = self.final_evaluation(last_round, [Split.TEST], threshold if self.cfg.is_binary else None,
-                                         hours if self.cfg.monitors_onset else None)
-        test_grid, _ = evaluation_grids(self.cfg, threshold if self.cfg.is_binary else None)
-        result = self.reader.test_result(released, threshold, test_grid, self.calibration, self.final_dropped)
-        if checkpoints:
-            result.hour_thresholds = hours
-            result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
-        result.onset_margin = self.reader.onset_margin(released, grid)
-        if result.onset_margin is not None:
-            result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
-            result.monitor_rate = self.cfg.evaluation.monitor_rate
-        if self.cfg.num_classes == 2:
-            hourly = "".join(f", after hour {h} {t:.3f}" for h, t in checkpoints.items())
-            log.info("decision threshold %.3f%s (a risk on the final model's %s scale)", threshold, hourly,
-                     "calibrated" if uncalibrated else "own")
-            if result.onset_margin is not None:
-                log.info("monitor: a stay is flagged from the first hour its risk passes that hour's threshold by %.2f in "
-                         "log-odds, and stays flagged (%.0f%% of the validation stays at some hour)", result.onset_margin,
-                         100 * result.monitor_rate)
-        arrays = {k: v.numpy() for k, v in self.arrays.items()}
-        if self.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
-            exact = exact_metrics_of(self.cfg, arrays, threshold)
-            if exact is not None:
-                result.exact, result.exact_hospitals = exact
-        self.recorder.finish(result, arrays, [h.status() for h in self.hospitals.values()],
-                             self.aggregator.hospital_privacy())
+        """The end of the run (``server.run_end``): the final releases and the results."""
+        finish_run(self, last_round)
 
     def _round_record(self, server_round: int, seconds: float, train: TrainPhase) -> RoundRecord:
         epsilons = {h.name: h.epsilon for h in self.hospitals.values()}

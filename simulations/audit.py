@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-from client.app import CanaryAudit, build_client_app
+from client.app import build_client_app
+from client.canary import CanaryAudit
 from common.config import ExperimentConfig
 from common.data.dataset import load_dataset
 from common.data.partition import make_partition

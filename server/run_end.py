@@ -1,0 +1,134 @@
+"""The end of a run (``server.coordinator``): the final model's validation, its
+recalibration, the decision threshold and each hour's, the one test release (with the
+monitor's onset histogram, ``common.onset``), and the run's results.
+
+Every number chosen here post-processes what the hospitals released (``server.results``
+reads them); the only releases asked for are the final validation and the test.
+Functions of the coordinator (``co``), as ``server.secure_evaluation`` is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, MessageType, RecordDict
+
+from common import messages as M
+from common.data.preprocess import num_steps
+from common.messages import Split
+from common.metrics import ScoreGrid, ScoreSummary, pooled
+from common.model import model_spec, output_layer_keys
+
+from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
+from .records import Calibration, TrainPhase
+from .results import every_hour, exact_metrics_of, pooled_noise
+from .validation import Evaluations, evaluation_grids
+
+log = logging.getLogger("fedgru.server")
+
+
+def final_evaluation(co, server_round: int, splits: list[Split], threshold: float | None = None,
+                     hour_thresholds: list[float] | None = None) -> dict[str, Evaluations]:
+    """Every hospital scores the global model on the given splits (the test split with
+    the run's threshold and, for the monitor's onset histogram, each hour's); returns
+    what each released (under secure aggregation, what they released together:
+    ``server.secure_evaluation``)."""
+    if co.secure is not None:
+        return co.secure.evaluate(server_round, splits, threshold=threshold, hour_thresholds=hour_thresholds)
+    co._phase = TrainPhase()
+
+    def content() -> RecordDict:
+        config = co._config(server_round, splits)
+        if threshold is not None:
+            config[M.THRESHOLD] = float(threshold)
+        if hour_thresholds is not None:
+            config[M.HOUR_THRESHOLDS] = [float(t) for t in hour_thresholds]
+        return RecordDict({M.ARRAYS: co.arrays, M.CONFIG: config})
+
+    replies = co._send(sorted(co.hospitals), MessageType.EVALUATE, content)
+    evaluations: dict[str, Evaluations] = {}
+    for nid, reply in replies:
+        accepted = co._accept(nid, reply, f"final evaluation ({', '.join(s.value for s in splits)})")
+        if accepted is not None:
+            view, ledger = accepted
+            co._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold)
+    co._lines.flush()
+    co.final_dropped += co._phase.dropped
+    return evaluations
+
+
+def recalibrate(co, val: ScoreSummary | None) -> Calibration | None:
+    """Platt scaling fitted on the pooled validation histograms, folded into the
+    global model's output layer (server.calibration); kept in ``co.calibration``.
+    None when off or not possible."""
+    if not co.cfg.evaluation.calibrate or co.cfg.num_classes != 2:
+        return None
+    fit = fit_logistic_calibration(val) if val is not None else None
+    if fit is None:
+        log.warning("no usable pooled validation histogram: the risks are left uncalibrated")
+        return None
+    scale, shift = fit
+    weight_key, bias_key = output_layer_keys(model_spec(co.cfg))
+    state = fold_into_output_layer(co.arrays.to_torch_state_dict(), weight_key, bias_key, scale, shift)
+    co.arrays = ArrayRecord(torch_state_dict=state)
+    log.info("risk recalibrated on pooled validation: logit -> %.3f x logit %+.3f", scale, shift)
+    co.calibration = Calibration(scale, shift)
+    return co.calibration
+
+
+def finish_run(co, last_round: int) -> None:
+    """Validate the final model, recalibrate it and choose the threshold from what the
+    hospitals release about their validation patients; then the calibrated model and
+    the threshold go out for the one test release; write the run's results. A run in
+    which no hospital trained asks for no release at all: nothing would be learnt of a
+    model no one trained, and each release costs its patients' budget."""
+    if not co.trained_rounds:
+        why = co.not_started or "no hospital trained in this run, so no validation or test release was asked for"
+        log.warning("%s", why)
+        co.recorder.finish(None, None, [h.status() for h in co.hospitals.values()],
+                             co.aggregator.hospital_privacy(), not_evaluated=why)
+        return
+    ev = co.cfg.evaluation
+    grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
+    validated = final_evaluation(co, last_round, [Split.VAL])
+    val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
+    val = co.reader.read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
+    co._validated(last_round, validated)
+    uncalibrated = recalibrate(co, val)
+    val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
+    raw = pooled(list(val_parts.values()))
+    readable = raw is not None and co.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
+    threshold = co.reader.threshold(val, grid, uncalibrated, readable)
+    rate = co.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
+    if uncalibrated is not None:
+        threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
+    # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
+    # the hospitals can count their validation stays' highest excess over them (common.onset)
+    checkpoints = co.reader.hour_thresholds(validated, rate, grid, uncalibrated)
+    hours = every_hour(checkpoints, threshold, num_steps(co.cfg.features)) if co.cfg.is_binary else []
+    released = final_evaluation(co, last_round, [Split.TEST], threshold if co.cfg.is_binary else None,
+                                     hours if co.cfg.monitors_onset else None)
+    test_grid, _ = evaluation_grids(co.cfg, threshold if co.cfg.is_binary else None)
+    result = co.reader.test_result(released, threshold, test_grid, co.calibration, co.final_dropped)
+    if checkpoints:
+        result.hour_thresholds = hours
+        result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
+    result.onset_margin = co.reader.onset_margin(released, grid)
+    if result.onset_margin is not None:
+        result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
+        result.monitor_rate = co.cfg.evaluation.monitor_rate
+    if co.cfg.num_classes == 2:
+        hourly = "".join(f", after hour {h} {t:.3f}" for h, t in checkpoints.items())
+        log.info("decision threshold %.3f%s (a risk on the final model's %s scale)", threshold, hourly,
+                 "calibrated" if uncalibrated else "own")
+        if result.onset_margin is not None:
+            log.info("monitor: a stay is flagged from the first hour its risk passes that hour's threshold by %.2f in "
+                     "log-odds, and stays flagged (%.0f%% of the validation stays at some hour)", result.onset_margin,
+                     100 * result.monitor_rate)
+    arrays = {k: v.numpy() for k, v in co.arrays.items()}
+    if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
+        exact = exact_metrics_of(co.cfg, arrays, threshold)
+        if exact is not None:
+            result.exact, result.exact_hospitals = exact
+    co.recorder.finish(result, arrays, [h.status() for h in co.hospitals.values()],
+                         co.aggregator.hospital_privacy())
