@@ -80,7 +80,7 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
         else:
             wanted.setdefault(Split.VAL, []).append(Item.ONSET_HISTOGRAM)
     for split, items in wanted.items():
-        found = _planned(req, ledger, noise, split, items, split.value)
+        found = _planned(req, ledger, noise, split, items)
         planned += found[0]
         declined += found[1]
     return planned, declined
@@ -96,25 +96,26 @@ def onset_declined(req: Request, ledger: Ledger) -> str | None:
         return "val (onset histogram): the test message brought no hour thresholds to measure it against"
     if ledger.items_in_run(req.run_id, Split.VAL, Item.ONSET_HISTOGRAM):
         raise PolicyRefusal("evaluate", "asks for a second onset histogram in one run; a run makes one")
+    planned = req.cfg.planned_evaluations().get(Split.VAL.value, 0)
     try:
-        req.policy.check_evaluation(req.cfg, Split.VAL, req.cfg.planned_evaluations().get(Split.VAL.value, 0))
-        req.policy.check_evaluation_count(Split.VAL, req.cfg.planned_evaluations().get(Split.VAL.value, 0), 0)
+        req.policy.check_evaluation(req.cfg, Split.VAL, planned)
+        req.policy.check_evaluation_count(Split.VAL, planned, 0)
     except PolicyRefusal as refusal:
         return f"val (onset histogram): {refusal}"
     return None
 
 
-def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: list[Item], what: str
+def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: list[Item]
              ) -> tuple[list[PlannedRelease], list[str]]:
     """The releases ``items`` of ``split`` with their ledger entries, or why they are declined
     (no stays declared; the group's budget, checked on all of them together)."""
     ev, policy = req.cfg.evaluation, req.policy
     n = req.declared.of(split)
     if n == 0:
-        return [], [f"{what}: this hospital declares no {split.value} stays"]
+        return [], [f"{split.value}: this hospital declares no {split.value} stays"]
     entries = []
     for item in items:
-        sigma = noise[(split, True if item == Item.ONSET_HISTOGRAM else req.final, item)] if ev.dp else 0.0
+        sigma = noise[(split, req.final, item)] if ev.dp else 0.0  # the onset histogram's message is final: a test
         entries.append(LedgerEntry(
             req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
             f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
@@ -125,7 +126,7 @@ def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: lis
     if ev.dp:
         spent = ledger.epsilon_with(entries)
         if spent > policy.eval_max_epsilon:
-            return [], [f"{what}: the budget of its patients would be passed "
+            return [], [f"{split.value}: the budget of its patients would be passed "
                         f"(epsilon {spent:.3f} of {policy.eval_max_epsilon:g})"]
     return [PlannedRelease(split, entry.item, entry.noise_multiplier, entry) for entry in entries], []
 
@@ -155,10 +156,11 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
     records, probs = {}, {}
     for release in planned:
         idx = data.split(release.split)
-        if release.split not in probs:
+        # each split's risks once, for the releases that read them (not the hourly ones)
+        if release.item in (Item.HISTOGRAM, Item.SUBGROUP_HISTOGRAMS) and release.split not in probs:
             probs[release.split] = predict_proba(model, data.dataset.X[idx], data.dataset.S[idx], batch=SCORING_BATCH,
                                                  pad=True)
-        p, y, sigma = probs[release.split], data.dataset.y[idx], release.noise_multiplier
+        p, y, sigma = probs.get(release.split), data.dataset.y[idx], release.noise_multiplier
         if release.item == Item.HISTOGRAM:
             # the declared size of the split, not a count of the data
             summary = replace(ScoreSummary.from_predictions(y, _as_probabilities(p, cfg), grid), n=release.entry.examples)

@@ -165,7 +165,7 @@ class Ledger:
     def releases_in_run(self, run_id: str, split: Split) -> int:
         """How many score histograms of ``split`` the run has had (a test release's
         per-group histograms and importance come with its one histogram)."""
-        return sum(1 for e in self.noisy(split) if e.run_id == run_id and e.item == Item.HISTOGRAM)
+        return self.items_in_run(run_id, split, Item.HISTOGRAM)
 
     def items_in_run(self, run_id: str, split: Split, item: Item) -> int:
         """How many releases of ``item`` about ``split``'s patients the run has had."""

@@ -175,8 +175,9 @@ class ScoreGrid:
         return ScoreGrid(self.low + shift, self.high + shift, self.bins)
 
 
-def _logits(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(probs, 1e-12, 1 - 1e-12)
+def logit(probs: np.ndarray | float) -> np.ndarray:
+    """Log-odds of risks, clipped to 1e-12 from 0 and 1 (a risk that rounds to 0 or 1 stays finite)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
     return np.log(p) - np.log1p(-p)
 
 
@@ -207,7 +208,7 @@ class ScoreSummary:
         y = np.asarray(y, dtype=np.int64)
         k = probs.shape[1]
         score_cols = [1] if k == 2 else list(range(k))
-        idx = grid.index(_logits(probs[:, score_cols]))
+        idx = grid.index(logit(probs[:, score_cols]))
         hist = np.zeros((k, len(score_cols), grid.bins), dtype=np.float64)
         for j in range(len(score_cols)):
             np.add.at(hist[:, j, :], (y, idx[:, j]), 1)

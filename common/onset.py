@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.asarray(p, dtype=np.float64)
-    return np.log(p) - np.log1p(-p)
+from .metrics import logit
 
 
 def excess(hourly_logits: np.ndarray, hour_thresholds: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ExperimentConfig, StaticSpec, SubgroupSpec
-from .metrics import Metrics, ScoreGrid, ScoreSummary
+from .metrics import Metrics, ScoreGrid, ScoreSummary, logit
 
 UNKNOWN = "unknown"
 
@@ -76,7 +76,7 @@ class SubgroupSummary:
                          raw: dict[str, np.ndarray], grid: ScoreGrid) -> SubgroupSummary:
         statics = {s.name: s for s in cfg.features.static}
         y = np.asarray(y, dtype=np.int64)
-        bins = grid.index(np.log(np.clip(probs[:, 1], 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(probs[:, 1], 1e-12, 1 - 1e-12)))
+        bins = grid.index(logit(probs[:, 1]))
         blocks = []
         for spec in cfg.evaluation.subgroups:
             static = statics[spec.column]

@@ -131,9 +131,9 @@ def _monitor_levels(args, bundle, hours: int):
 
     from common.bundle import hour_thresholds, monitor_levels
 
-    if args.threshold is not None:
-        return np.full(hours, _threshold(args, bundle)), False
-    return monitor_levels(bundle.info, hour_thresholds(bundle.info, hours))
+    own = args.threshold is None
+    thresholds = hour_thresholds(bundle.info, hours) if own else np.full(hours, _threshold(args, bundle))
+    return monitor_levels(bundle.info, thresholds, own)
 
 
 def _threshold(args, bundle) -> float:

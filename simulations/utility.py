@@ -145,24 +145,16 @@ def _bedside(cfg: ExperimentConfig, bundle: Bundle) -> Bedside:
     when the run read one: common.bundle.monitor_levels), and what a monitor would have
     alarmed on, exactly; and where the margin's DP noise goes, the same with the margin
     read without noise from the validation stays."""
-    import torch
-
     from common.bundle import hour_thresholds, monitor_levels, onset_margin
     from common.onset import monitor_flags, onset_scores, raising_levels
+    from common.training import hourly_logits_at
 
     ds = load_dataset(cfg)
     model = bundle.model.eval()
 
     def hourly(split: str) -> tuple[np.ndarray, np.ndarray]:
-        logits, ys = [], []
-        for h in make_partition(ds, cfg):
-            idx = getattr(h, split)
-            ys.append(ds.y[idx])
-            with torch.no_grad():
-                x = torch.as_tensor(ds.X[idx], dtype=torch.float32)
-                s = torch.as_tensor(ds.S[idx], dtype=torch.float32)
-                logits.append(model.hourly_logits(x, s)[..., 0].numpy().astype(np.float64))
-        return np.concatenate(logits), np.concatenate(ys)
+        idx = np.concatenate([getattr(h, split) for h in make_partition(ds, cfg)])
+        return hourly_logits_at(model, ds.X[idx], ds.S[idx], list(range(1, ds.X.shape[1] + 1))), ds.y[idx]
 
     logits, y = hourly("test")
     risk = 1 / (1 + np.exp(-logits))
