@@ -46,7 +46,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from common.secagg import Stage, b64, keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+from common.secagg import TRAINING_SESSION, Stage, b64, keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
 from common.signatures import public_key_of, verifies
 
 from .peer_keys import SigningKey, sign
@@ -88,6 +88,7 @@ class Participant:
     # and signature, and the policy's peers (name -> OpenSSH public key; {}: keys unsigned
     # and unchecked, the coordinator trusted to pass them on unchanged)
     run_id: str = ""
+    session: str = TRAINING_SESSION  # what the keys are for within the round (common.secagg.keys_to_sign)
     name: str = ""
     signature: str = ""
     peer_keys: dict[str, str] = field(default_factory=dict)
@@ -98,7 +99,7 @@ class Participant:
     @classmethod
     def setup(cls, node_id: int, server_round: int, participants: list[int], threshold: int, min_honest: int,
               run_id: str = "", name: str = "", signing_key: SigningKey | None = None,
-              peer_keys: dict[str, str] | None = None) -> Participant:
+              peer_keys: dict[str, str] | None = None, session: str = TRAINING_SESSION) -> Participant:
         people = sorted(set(participants))
         n = len(people)
         if len(people) != len(participants):
@@ -122,9 +123,9 @@ class Participant:
         sk2, pk2 = generate_key_pairs()
         me.sk1, me.pk1 = b64(private_key_to_bytes(sk1)), b64(public_key_to_bytes(pk1))
         me.sk2, me.pk2 = b64(private_key_to_bytes(sk2)), b64(public_key_to_bytes(pk2))
-        me.run_id, me.name, me.peer_keys = run_id, name, dict(peer_keys or {})
+        me.run_id, me.session, me.name, me.peer_keys = run_id, session, name, dict(peer_keys or {})
         if signing_key is not None:
-            me.signature = sign(signing_key, keys_to_sign(run_id, server_round, node_id, me.pk1, me.pk2))
+            me.signature = sign(signing_key, keys_to_sign(run_id, server_round, session, node_id, me.pk1, me.pk2))
         return me
 
     def my_keys(self) -> str:
@@ -239,7 +240,7 @@ class Participant:
             name, signature = keys[2:] if len(keys) == 4 else ("", "")
             public = self.peer_keys.get(name)
             if public is None or not verifies(public_key_of(public), keys_to_sign(
-                    self.run_id, self.server_round, node, keys[0], keys[1]), signature):
+                    self.run_id, self.server_round, self.session, node, keys[0], keys[1]), signature):
                 raise SecAggRefusal(
                     f"node {node}'s keys carry no valid signature of a hospital this hospital's policy lists "
                     "(policy peer_keys): a coordinator could otherwise put keys of its own in a hospital's place")

@@ -274,17 +274,18 @@ def ints_of(config: ConfigRecord, key: str) -> list[int]:
         raise SecAggRefusal(f"'{key}' must be a list of node ids") from None
 
 
-def start_round(req: Request, context: Context, config: ConfigRecord, server_round: int, min_honest: int
-                ) -> Participant:
-    """This hospital's setup for ``server_round``: fresh keys, signed with its own key when
-    it is a deployed hospital, checked later against its policy's ``peer_keys``."""
+def start_round(req: Request, context: Context, config: ConfigRecord, server_round: int, min_honest: int,
+                session: str = S.TRAINING_SESSION) -> Participant:
+    """This hospital's setup for ``server_round``: fresh keys, signed with its own key for
+    this run, round and ``session`` when it is a deployed hospital, checked later against
+    its policy's ``peer_keys``."""
     try:
         signing_key = req.node.signing_key()
     except (OSError, ValueError) as exc:  # FolderError too: the key file missing or not a key
         raise SecAggRefusal(f"this hospital cannot sign its round keys: {exc}") from None
     return Participant.setup(int(context.node_id), server_round, ints_of(config, S.PARTICIPANTS),
                              int(config.get(S.THRESHOLD, 0)), min_honest, run_id=req.run_id, name=req.node.name,
-                             signing_key=signing_key, peer_keys=req.policy.peer_keys)
+                             signing_key=signing_key, peer_keys=req.policy.peer_keys, session=session)
 
 
 def public_keys_of(config: ConfigRecord) -> dict[int, tuple[str, ...]]:

@@ -234,7 +234,8 @@ def answer_secure_evaluation(msg: Message, context: Context, simulation=None) ->
     required = required_variances(req, parts)
     try:
         if stage == S.Stage.SETUP:
-            me = start_round(req, context, config, req.server_round, req.policy.min_honest)
+            me = start_round(req, context, config, req.server_round, req.policy.min_honest,
+                             S.evaluation_session([s.value for s in req.splits], req.final))
             save_state(context, req, me, STATE_KEY, what=_what(req))
             return _reply(req, ReplyState.READY, None, **{S.MY_KEYS: me.my_keys(), VARIANCES: required})
         me, record = load_state(context, req, STATE_KEY)

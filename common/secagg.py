@@ -80,15 +80,26 @@ REVEALED = "secagg-revealed"  # unmask: "kind:node:share" lines (kind b or sk)
 REQUIRED_VARIANCE = "secagg-required-variance"  # setup: the least mu_h this hospital's policy and ledger accept
 
 
-# What a hospital signs in setup: its round keys, bound to the run, the round and its node,
-# with a label of their own so a signature made for anything else never verifies here.
-KEYS_SIGNATURE_LABEL = b"fedgru secure-aggregation round keys v1"
+# What a hospital signs in setup: its round keys, bound to the run, the round, the session
+# and its node, with a label of their own so a signature made for anything else never
+# verifies here. The session matters because one round can hold several: the last
+# training round, the final validation and the test share a round number, and without it
+# a coordinator could replay a hospital's signed keys from one into another.
+KEYS_SIGNATURE_LABEL = b"fedgru secure-aggregation round keys v2"
+TRAINING_SESSION = "train"
 
 
-def keys_to_sign(run_id: str, server_round: int, node_id: int, pk1: str, pk2: str) -> bytes:
-    """The bytes a hospital signs for its round keys (``client.secagg``)."""
-    fields = [KEYS_SIGNATURE_LABEL, run_id.encode(), str(server_round).encode(), str(node_id).encode(),
-              pk1.encode(), pk2.encode()]
+def evaluation_session(splits: list[str], final: bool) -> str:
+    """The session an evaluation's round keys are signed for: its splits, and whether it
+    evaluates the final model or is a validation during training."""
+    return "evaluate " + " ".join(splits) + (" final" if final else " progress")
+
+
+def keys_to_sign(run_id: str, server_round: int, session: str, node_id: int, pk1: str, pk2: str) -> bytes:
+    """The bytes a hospital signs for its round keys (``client.secagg``); ``session``:
+    :data:`TRAINING_SESSION` or :func:`evaluation_session`."""
+    fields = [KEYS_SIGNATURE_LABEL, run_id.encode(), str(server_round).encode(), session.encode(),
+              str(node_id).encode(), pk1.encode(), pk2.encode()]
     return b"\n".join(len(f).to_bytes(4, "big") + f for f in fields)
 
 

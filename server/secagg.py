@@ -125,10 +125,10 @@ def load_hospital_keys(folder: str | Path) -> dict[str, PublicKey]:
     return keys
 
 
-def signature_problem(hospital_keys: dict[str, PublicKey], run_id: str, server_round: int, node: int,
-                      own: tuple[str, ...], name: str, taken: set[str]) -> str | None:
+def signature_problem(hospital_keys: dict[str, PublicKey], run_id: str, server_round: int, session: str,
+                      node: int, own: tuple[str, ...], name: str, taken: set[str]) -> str | None:
     """Why the coordinator leaves ``node``'s round keys out of a round, or None: they must
-    carry the signature, for this run, round and node, of the admitted hospital the node
+    carry the signature, for this run, round, session and node, of the admitted hospital the node
     says it is (``name``), not yet taken by another node of the round (``taken``).
 
     The hospitals that list their peers (policy ``peer_keys``) check the same and refuse
@@ -144,8 +144,8 @@ def signature_problem(hospital_keys: dict[str, PublicKey], run_id: str, server_r
     key = hospital_keys.get(name)
     if key is None:
         return f"'{name}' has no public key among the admitted hospitals' (run-config hospital-keys)"
-    if not verifies(key, keys_to_sign(run_id, server_round, node, own[0], own[1]), signature):
-        return f"its round keys do not carry a valid signature of '{name}' for this run and round"
+    if not verifies(key, keys_to_sign(run_id, server_round, session, node, own[0], own[1]), signature):
+        return f"its round keys do not carry a valid signature of '{name}' for this run, round and session"
     if name in taken:
         return f"'{name}' already takes part in this round under another node"
     return None

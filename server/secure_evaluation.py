@@ -82,7 +82,8 @@ def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bo
         return give_up(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
     setup = rounds._ask(server_round, S.Stage.SETUP, 1.0, {nid: {S.PARTICIPANTS: nodes, S.THRESHOLD: t} for nid in nodes},
                         **ask)
-    keys, required = rounds._keys(server_round, setup, VARIANCES, len(parts))
+    keys, required = rounds._keys(server_round, setup, VARIANCES, len(parts),
+                                  S.evaluation_session([s.value for s in splits], not progress))
     if len(keys) < least:
         return give_up(f"{len(keys)} hospitals sent keys; secure aggregation needs {least}")
     declared: dict[int, int] = {}

@@ -132,10 +132,10 @@ class SecureRounds:
         return out
 
     def _keys(self, server_round: int, replies: dict[int, Message], field: str = S.REQUIRED_VARIANCE,
-              parts: int = 0) -> tuple[dict, dict]:
+              parts: int = 0, session: str = S.TRAINING_SESSION) -> tuple[dict, dict]:
         """Each hospital's public keys and the least noise variance it accepts (``parts``
         > 0: a list of that many, one per part of an evaluation vector), from its setup
-        answer; a malformed answer is dropped."""
+        answer for ``session`` (``common.secagg.keys_to_sign``); a malformed answer is dropped."""
         keys, required, signed = {}, {}, set()
         for nid, reply in sorted(replies.items()):
             try:
@@ -149,7 +149,7 @@ class SecureRounds:
                 self._drop(server_round, nid, "its secure aggregation keys or required noise are malformed")
                 continue
             if self.co.hospital_keys:  # admitted hospitals' signatures only: one bad one leaves only its sender out
-                why = signature_problem(self.co.hospital_keys, self.co.run_id, server_round, nid, own,
+                why = signature_problem(self.co.hospital_keys, self.co.run_id, server_round, session, nid, own,
                                         self.co._view(nid).name, signed)
                 if why:
                     self._drop(server_round, nid, why)

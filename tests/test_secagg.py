@@ -196,7 +196,7 @@ def test_signed_keys_of_listed_hospitals_give_the_exact_sum():
     assert np.array_equal(from_ring(total), sum(vectors.values()))
 
 
-def _coordinator_keys(node: int, run="run-a", server_round=ROUND, signer=None, name="south"):
+def _coordinator_keys(node: int, run="run-a", server_round=ROUND, signer=None, name="south", session="train"):
     """Fresh round keys the coordinator made itself, passed off as ``node``'s, signed by ``signer``."""
     from client.peer_keys import sign
     from common.secagg import keys_to_sign
@@ -204,11 +204,21 @@ def _coordinator_keys(node: int, run="run-a", server_round=ROUND, signer=None, n
     fake = Participant.setup(node, server_round, [1, 2, 3], 2, 2)
     if signer is None:
         return (fake.pk1, fake.pk2)
-    return (fake.pk1, fake.pk2, name, sign(signer, keys_to_sign(run, server_round, node, fake.pk1, fake.pk2)))
+    return (fake.pk1, fake.pk2, name, sign(signer, keys_to_sign(run, server_round, session, node, fake.pk1, fake.pk2)))
+
+
+def _replayed_from_session(node: int, session: str):
+    """``node``'s genuine keys and signature, made by the hospital itself for another
+    session of the same run and round (the final validation shares the last training
+    round's number), which a coordinator kept and plays back."""
+    elsewhere = Participant.setup(node, ROUND, [1, 2, 3], 2, 2, run_id="run-a", name=NAMES[node],
+                                  signing_key=IDENTITIES[NAMES[node]][0], session=session)
+    return tuple(elsewhere.my_keys().split(":"))
 
 
 @pytest.mark.parametrize("case", ["unsigned", "signed by an unlisted key", "another hospital's signature",
-                                  "signed for another round", "signed for another run", "one hospital twice",
+                                  "signed for another round", "signed for another run",
+                                  "signed for another session of the round", "one hospital twice",
                                   "this hospital's own name"])
 def test_keys_a_coordinator_put_in_a_hospitals_place_are_refused(case):
     people, keys = signed_participants()
@@ -224,6 +234,8 @@ def test_keys_a_coordinator_put_in_a_hospitals_place_are_refused(case):
         forged[2] = _coordinator_keys(2, server_round=ROUND - 1, signer=IDENTITIES["south"][0])
     elif case == "signed for another run":
         forged[2] = _coordinator_keys(2, run="run-b", signer=IDENTITIES["south"][0])
+    elif case == "signed for another session of the round":
+        forged[2] = _replayed_from_session(2, "evaluate val final")
     elif case == "one hospital twice":
         # south's genuine keys for node 2, and south's own signature on keys it made for node 3:
         # a hospital with two nodes would count twice towards min_honest
@@ -310,6 +322,7 @@ def _admitted(names=("north", "south", "east")):
     ("signed as another name", "signed as 'east'"),
     ("not admitted", "no public key among the admitted"),
     ("signed for another round", "do not carry a valid signature"),
+    ("signed for another session", "do not carry a valid signature"),
     ("signed by another key", "do not carry a valid signature"),
     ("name already taken", "already takes part"),
 ])
@@ -317,7 +330,7 @@ def test_the_coordinator_admits_only_round_keys_an_admitted_hospital_signed_for_
     from server.secagg import signature_problem
 
     _, keys = signed_participants()
-    own, said, taken, admitted = keys[2], "south", set(), _admitted()
+    own, said, taken, admitted, session = keys[2], "south", set(), _admitted(), "train"
     if case == "unsigned":
         own = own[:2]
     elif case == "signed as another name":
@@ -326,11 +339,14 @@ def test_the_coordinator_admits_only_round_keys_an_admitted_hospital_signed_for_
         admitted = _admitted(("north", "east"))
     elif case == "signed for another round":
         own = _coordinator_keys(2, server_round=ROUND - 1, signer=IDENTITIES["south"][0])
+    elif case == "signed for another session":
+        own = _replayed_from_session(2, "train")
+        session = "evaluate test final"
     elif case == "signed by another key":
         own = _coordinator_keys(2, signer=IDENTITIES["intruder"][0], name="south")
     elif case == "name already taken":
         taken = {"south"}
-    found = signature_problem(admitted, "run-a", ROUND, 2, own, said, taken)
+    found = signature_problem(admitted, "run-a", ROUND, session, 2, own, said, taken)
     if why is None:
         assert found is None
     else:
