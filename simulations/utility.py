@@ -82,6 +82,7 @@ class FoldResult:
     monitor_specificity: float | None = None
     margin: float | None = None  # the run's monitor margin (log-odds), None: each hour flags alone
     ever_exact_margin: float | None = None  # ever flagged with the margin read without DP noise (Bedside)
+    decision_flagged: float | None = None  # share of test stays at or above the threshold at hour 48 (what predict flags)
 
     @property
     def flag_rate_ratio(self) -> float | None:
@@ -197,7 +198,8 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
                       _early(cfg, lambda _name: bundle.model, list(hours)), threshold, bed.flagged, bed.ever, interval,
                       None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]), covered,
                       y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], bed.sensitivity, bed.specificity,
-                      bundle.info.get("onset_margin"), bed.ever_exact_margin)
+                      bundle.info.get("onset_margin"), bed.ever_exact_margin,
+                      float((p[:, 1] >= threshold).mean()) if p.shape[1] == 2 else None)
 
 
 def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
@@ -248,6 +250,9 @@ def summarize(results: list[FoldResult]) -> dict:
             "min_sensitivity": min(r.pooled.sensitivity for r in bedside),
             "min_specificity": min(r.pooled.specificity for r in bedside),
         }
+        decided = [r.decision_flagged for r in bedside if r.decision_flagged is not None]
+        if decided:
+            out["bedside"]["decision_flagged"] = {**stats(decided), "min": min(decided), "max": max(decided)}
         monitored = [r for r in bedside if r.monitor_sensitivity is not None]
         if monitored:
             out["bedside"].update({
@@ -312,6 +317,10 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
                   + f" | {f(bed['ever_flagged'])} | {f(bed['largest_ratio_to_end_from_hour_6'])} | "
                   f"{f(bed['sensitivity'])} (least {bed['min_sensitivity']:.3f}) | "
                   f"{f(bed['specificity'])} (least {bed['min_specificity']:.3f}) |"]
+        if "decision_flagged" in bed:
+            d = bed["decision_flagged"]
+            lines += ["", f"The hour-48 decision (`predict`, the sensitivity and specificity above) flags {f(d)} of the "
+                          f"test stays (from {d['min']:.3f} to {d['max']:.3f})."]
         if "monitor_sensitivity" in bed:
             lines += ["", f"The monitor's flag at the window's end (a flag stays on once raised in the "
                           f"{bed['runs_with_margin']} run(s) that read a margin): sensitivity "

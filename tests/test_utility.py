@@ -38,6 +38,19 @@ def test_summary_is_mean_and_sd_over_runs_and_the_auroc_of_all_folds_together():
     assert s["patients_all_folds"] == 800
 
 
+def test_the_bedside_summary_gives_the_hour_48_decisions_flag_share_with_its_range():
+    from simulations.utility import markdown
+
+    results = [_fold(k, seed=k) for k in range(3)]
+    for r, share in zip(results, (0.2, 0.3, 0.25)):
+        r.threshold, r.flagged, r.ever_flagged, r.decision_flagged = 0.12, {h: share for h in (1, 6, 12, 24, 36, 48)}, share, share
+    bed = summarize(results)["bedside"]
+    assert bed["decision_flagged"]["mean"] == pytest.approx(0.25)
+    assert bed["decision_flagged"]["sd"] == pytest.approx(0.05)
+    assert (bed["decision_flagged"]["min"], bed["decision_flagged"]["max"]) == (0.2, 0.3)
+    assert "flags 0.250 ± 0.050 of the test stays (from 0.200 to 0.300)" in markdown({"federated": summarize(results)}, 3)
+
+
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
         main(["--runs", "6", "--folds", "5"])  # more runs than folds, without --fold
