@@ -102,11 +102,24 @@ class Reader:
             if chosen is not None:
                 return chosen
             log.warning("no pooled validation histogram to choose a threshold from: it stays 0.5")
-        risk = 0.5 if ev.threshold in ("auto", "event1") else float(ev.threshold)
+        risk = 0.5 if ev.level is None else ev.level
         if calibration is not None:  # the calibrated threshold, back on the model's own scale
             logit = (math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale
-            risk = 1 / (1 + math.exp(-logit))
+            # a small Platt slope sends it far out: a sigmoid that neither overflows nor rounds to 0
+            risk = 1 / (1 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1 + math.exp(logit))
         return risk
+
+    def calibrated_threshold(self, threshold: float, calibration: Calibration | None) -> float:
+        """The run's threshold on the final model's scale once ``calibration`` is folded
+        into it: a configured level as it is (it is given on that scale; taken to the
+        uncalibrated scale and back, a small Platt slope clamped 0.12 into 0.20, or
+        overflowed), a threshold read from the releases moved with the scores."""
+        if calibration is None:
+            return threshold
+        from .calibration import calibrate_risk
+
+        level = self.cfg.evaluation.level
+        return level if level is not None else calibrate_risk(threshold, calibration.scale, calibration.shift)
 
     def flag_rate(self, val: ScoreSummary | None, threshold: float) -> float | None:
         """The share of the pooled validation patients the run's threshold (on the

@@ -19,7 +19,7 @@ from common.messages import Split
 from common.metrics import ScoreGrid, ScoreSummary, pooled
 from common.model import model_spec, output_layer_keys
 
-from .calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
+from .calibration import fit_logistic_calibration, fold_into_output_layer
 from .records import Calibration, TrainPhase
 from .results import every_hour, exact_metrics_of, pooled_noise
 from .validation import Evaluations, evaluation_grids
@@ -100,8 +100,7 @@ def finish_run(co, last_round: int) -> None:
     readable = raw is not None and co.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
     threshold = co.reader.threshold(val, grid, uncalibrated, readable)
     rate = co.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
-    if uncalibrated is not None:
-        threshold = calibrate_risk(threshold, uncalibrated.scale, uncalibrated.shift)
+    threshold = co.reader.calibrated_threshold(threshold, uncalibrated)
     # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
     # the hospitals can count their validation stays' highest excess over them (common.onset)
     checkpoints = co.reader.hour_thresholds(validated, rate, grid, uncalibrated)

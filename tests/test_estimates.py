@@ -346,3 +346,32 @@ def test_each_checkpoint_hour_flags_the_share_the_runs_own_threshold_flags(rule)
         row = reader.read(ScoreSummary(total[k][None, None, :], None, 5000, GRID))
         assert found[hour] == pytest.approx(threshold_for_rate(row, rate))
         assert found[hour] > threshold  # the early hours' risks run higher: their thresholds too
+
+
+@pytest.mark.parametrize("scale, shift", [(0.8, -0.3), (0.1, -1.0), (0.05, 0.0), (0.002, 0.0)])
+def test_a_clinical_level_survives_recalibration_exactly(scale, shift):
+    """With ``calibrate: true`` a configured level is given on the calibrated scale: the
+    run's threshold is the level itself, however small the Platt slope. Taken to the
+    uncalibrated scale and back, a slope of 0.05 made 0.12 into 0.20 (a clamp at 1e-12)
+    and one of 0.002 overflowed after the validation budget was spent."""
+    from server.records import Calibration
+    from server.results import Reader
+
+    reader = Reader(small_cfg("evaluation.calibrate=true", "evaluation.threshold=0.12"))
+    raw = reader.threshold(None, GRID, Calibration(scale, shift))  # on the model's own scale, before the fold
+    assert 0 <= raw < 1 and math.isfinite(raw)
+    assert reader.calibrated_threshold(raw, Calibration(scale, shift)) == 0.12
+
+
+@pytest.mark.parametrize("level, ok", [(0.12, True), (0.85, True), (0.93, False), (0.96, False), (0.0012, False)])
+def test_a_level_without_a_bin_edge_to_read_it_at_is_refused(level, ok):
+    """A decision at the level is read at a bin edge of the test and per-group histograms;
+    past the end of logit_range there is none, and the metrics were read at another risk
+    (0.93 at 0.83, per group 0.90 at 0.55) while the report said 0.93."""
+    from common.config import ConfigError
+
+    if ok:
+        assert small_cfg(f"evaluation.threshold={level}").evaluation.level == level
+    else:
+        with pytest.raises(ConfigError, match="logit_range"):
+            small_cfg(f"evaluation.threshold={level}")

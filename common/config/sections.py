@@ -405,9 +405,11 @@ class EvaluationSection:
     test_epsilon: float  # the test patients' epsilon for the run's one test release
     final_share: float  # the final model's share of val_epsilon (in rho; the progress releases split the rest)
     # Binary tasks: the risk at or above which a patient is flagged (accuracy,
-    # sensitivity, specificity, F1, event-1). "auto": after the last round, the bin edge
-    # with the best event-1 score min(Se, +P) on the pooled validation histograms (already
-    # released, so choosing it releases nothing new); the test metrics and the bundle use it.
+    # sensitivity, specificity, F1, event-1); the test metrics and the bundle use it. A
+    # risk: a clinical level for this task, read from nothing (the default's, for
+    # in-hospital death). "auto": after the last round, the risk that flags flag_rate of
+    # the patients on the pooled validation releases; "event1": the bin edge with the best
+    # event-1 score min(Se, +P) there (both read released data: nothing new is released).
     threshold: Literal["auto", "event1"] | float
     # "auto": flag this share of patients, the highest risks (read from the pooled validation
     # releases' fitted distribution: a rule that reads little from the noise). Clinicians
@@ -442,6 +444,12 @@ class EvaluationSection:
     monitor_rate: float
     onset_share: float  # of the final validation release's budget (in rho) for that histogram
 
+    @property
+    def level(self) -> float | None:
+        """The configured clinical level (a risk), or None under a rule that reads one."""
+        t = self.threshold
+        return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
     def validate(self, check: Check) -> None:
         check(self.score_bins >= 2, "score_bins", "must be at least 2")
         check(
@@ -462,6 +470,17 @@ class EvaluationSection:
               "must be in (0, 1) with hourly_checkpoints, 0 without")
         check(self.threshold in ("auto", "event1") or 0 < self.threshold < 1, "threshold",
               "must be 'auto', 'event1' or a risk strictly between 0 and 1")
+        if self.level is not None and 0 < self.level < 1 and len(self.logit_range) == 2:
+            # a decision at the level reads the histograms' bin edge at it (each grid is shifted by
+            # under half a bin to put one there); at the grid's end there is none, and the metrics
+            # would silently be read at another risk
+            low, high = self.logit_range
+            at = math.log(self.level) - math.log1p(-self.level)
+            inner = all(1 <= round((at - low) / ((high - low) / bins)) <= bins - 1
+                        for bins in (self.score_bins, self.subgroup_bins))
+            check(inner, "threshold", f"{self.level:g} (log-odds {at:+.2f}) lies at or beyond the end of "
+                  f"evaluation.logit_range [{low:g}, {high:g}], where the histograms have no bin edge to read a "
+                  "decision at: widen logit_range or choose a risk inside it")
         check(0 < self.flag_rate < 1, "flag_rate", "must be a share strictly between 0 and 1")
         check(0 <= self.monitor_rate < 1, "monitor_rate", "must be a share in [0, 1) (0: no margin, flags on and off)")
         check(0 <= self.onset_share < 1 and (self.onset_share > 0) == (self.monitor_rate > 0)
