@@ -250,7 +250,7 @@ def summarize(results: list[FoldResult]) -> dict:
             "min_sensitivity": min(r.pooled.sensitivity for r in bedside),
             "min_specificity": min(r.pooled.specificity for r in bedside),
         }
-        decided = [r.decision_flagged for r in bedside if r.decision_flagged is not None]
+        decided = [r.decision_flagged for r in bedside if r.decision_flagged is not None and math.isfinite(r.decision_flagged)]
         if decided:
             out["bedside"]["decision_flagged"] = {**stats(decided), "min": min(decided), "max": max(decided)}
         monitored = [r for r in bedside if r.monitor_sensitivity is not None]

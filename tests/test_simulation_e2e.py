@@ -106,7 +106,7 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "stay_id,risk,flagged" and len(lines) == 4001  # "risk", as --hourly names it
-    # The run chose its decision threshold on pooled validation; the bundle carries it.
+    # The run's decision threshold (the config's level, or read from pooled validation); the bundle carries it.
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     threshold = test["threshold"]
     assert 0 < threshold < 1

@@ -175,7 +175,10 @@ def test_results_section(run: RunFolder) -> Section | None:
     rule = {"auto": "'auto': the risk at which the pooled validation releases flag evaluation.flag_rate of the patients",
             "event1": "'event1': the bin edge with the best event-1 score on the pooled validation releases"}
     cfg = run.config
-    chosen = rule.get(cfg.evaluation.threshold, "a clinical level set in the config, evaluation.threshold, which no DP noise moves") if cfg is not None else "the run's rule"
+    level = ("a clinical level set in the config, evaluation.threshold, which no DP noise moves"
+             + ("; it applies to the risk after recalibration, a fit to the DP validation release"
+                if test.calibration else ""))
+    chosen = rule.get(cfg.evaluation.threshold, level) if cfg is not None else "the run's rule"
     return Section("Test results (final model)", [
         Table(header, rows, empty="No hospital's test release could be read, so there are no test results: each "
                                   "hospital's state (refused, dropped, out of budget) is in the privacy section."),
