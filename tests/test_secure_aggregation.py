@@ -332,25 +332,31 @@ def test_a_resumed_secure_run_keeps_its_momentum(tmp_path):
     assert list(state) == ["m_t"]
 
 
-def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(neighbours, tmp_path):  # noqa: F811
-    """The folder lists its two peers (``fedgru hospital peer``): their signed keys give a
-    whole round; keys the coordinator made itself in a peer's place are refused at
-    share-keys, before any patient data are read, and nothing is charged."""
+def list_peers(folder, tmp_path) -> dict[int, tuple]:
+    """Each peer node a fresh signing key, listed in ``folder``'s policy as ``fedgru
+    hospital peer`` lists one: node -> (name, private key)."""
     from cryptography.hazmat.primitives import serialization
 
     from client.commands import add_peer
 
+    signers = {p: (f"peer-{p}", ec.generate_private_key(ec.SECP384R1())) for p in PEERS}
+    for name, key in signers.values():
+        pub = tmp_path / f"{name}.pub"
+        pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        add_peer(folder, name, pub)
+    return signers
+
+
+def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(neighbours, tmp_path):  # noqa: F811
+    """The folder lists its two peers (``fedgru hospital peer``): their signed keys give a
+    whole round; keys the coordinator made itself in a peer's place are refused at
+    share-keys, before any patient data are read, and nothing is charged."""
     folders, fresh = neighbours
     folder = folders[sorted(folders)[0]]
     settings_before = (folder / "hospital.yaml").read_bytes()
-    signers = {p: (f"peer-{p}", ec.generate_private_key(ec.SECP384R1())) for p in PEERS}
     try:
         _reset(folders, fresh)
-        for name, key in signers.values():
-            pub = tmp_path / f"{name}.pub"
-            pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                          serialization.PublicFormat.OpenSSH))
-            add_peer(folder, name, pub)
+        signers = list_peers(folder, tmp_path)
         cfg = secure_cfg()
         replies, _ = honest_round(folder, cfg, signers=signers)
         assert [r.content[M.STATUS][M.STATE] for r in replies] == ["ready", "ready", "trained", "ready"]

@@ -9,8 +9,6 @@ coordinator passed every fast test)."""
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, RecordDict
 
 from client import app as client_app
@@ -22,7 +20,7 @@ from common.messages import ReplyState, Split
 from common.secure_evaluation import VARIANCES
 from server.secagg import key_lines, signature_problem
 from tests.test_neighbouring import _identity, _reset, neighbours  # noqa: F401 - fixtures (_identity autouse)
-from tests.test_secure_aggregation import ME, PEERS, Repeatable, honest_round, secure_cfg
+from tests.test_secure_aggregation import ME, PEERS, Repeatable, honest_round, list_peers, secure_cfg
 from tests.test_secure_evaluation import message as eval_message
 
 
@@ -69,19 +67,12 @@ def test_keys_sent_early_with_an_unmask_are_the_next_rounds_training_keys(neighb
 
 @pytest.mark.parametrize("peer_session", ["same", "train"])
 def test_a_hospital_listing_its_peers_accepts_their_keys_for_its_own_session_only(neighbours, tmp_path, peer_session):  # noqa: F811
-    from client.commands import add_peer
-
     folders, fresh = neighbours
     folder = folders[sorted(folders)[0]]
     before = (folder / "hospital.yaml").read_bytes()
-    signers = {p: (f"peer-{p}", ec.generate_private_key(ec.SECP384R1())) for p in PEERS}
     try:
         _reset(folders, fresh)
-        for name, key in signers.values():
-            pub = tmp_path / f"{name}.pub"
-            pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                          serialization.PublicFormat.OpenSSH))
-            add_peer(folder, name, pub)
+        signers = list_peers(folder, tmp_path)
         cfg = secure_cfg()
         splits = (Split.TEST,)
         session = S.evaluation_session(["test"], True) if peer_session == "same" else "train"
