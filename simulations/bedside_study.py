@@ -1,0 +1,222 @@
+"""What the bedside flags of a set of runs could reach, and where their spread comes from.
+
+    python -m simulations.bedside_study RUNS_DIR [--draws 100] [--levels 0.10,0.12,0.14]
+
+``RUNS_DIR`` is a ``simulations.utility`` output folder: every ``fold*/model.pt`` in it
+is scored exactly (a simulation holds every patient; nothing here is a DP release) on its
+own fold's validation stays (per hospital) and test stays, with the bundle's own hour
+thresholds. Three tables, each a question the README's "Flags at the bedside" answers:
+
+1. **An oracle.** Flag exactly the top ``r`` of each run's own test stays (no real run
+   can): at which ``r`` does every run keep sensitivity >= 0.55 and specificity >= 0.7
+   (issue 22's per-run targets)? For the hour-48 risk and for the monitor's score (a
+   stay's highest excess over the hour thresholds, ``common.onset``). A rate outside
+   every run's band cannot meet them whatever the rule.
+2. **Clinical levels.** The hour-48 decision at fixed risks, applied to the same models:
+   the share of test stays flagged (mean, sd, range, and the sd within one fold, where
+   only the training's randomness differs), and the least sensitivity and specificity.
+3. **The monitor's margin, redrawn.** For each run, ``--draws`` fresh draws of the onset
+   histogram's Gaussian noise at the run's real multiplier (per-hospital DP), read by
+   several rules; the sd of the monitor's share over runs and draws, and how often a
+   draw's sensitivity or specificity misses. The first row (no noise) is the spread the
+   models themselves leave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.metrics import ScoreGrid, ScoreSummary, threshold_for_rate
+
+MIN_SENSITIVITY, MIN_SPECIFICITY = 0.55, 0.7  # issue 22's per-run targets
+RATES = np.round(np.arange(0.15, 0.46, 0.01), 2)
+
+
+@dataclass
+class RunScores:
+    """One run's exact scores (log-odds) and what it read from its DP releases."""
+
+    name: str
+    val_onset: list[np.ndarray]  # per hospital: each validation stay's highest excess over the hour thresholds
+    test_onset: np.ndarray  # the same for the test stays
+    test_end: np.ndarray  # each test stay's logit at the window's end (what predict flags)
+    y: np.ndarray  # test outcomes
+    threshold: float  # the run's hour-48 decision threshold (a risk)
+    onset_noise: float  # the onset histogram's noise multiplier per hospital (sensitivity 1)
+    monitor_rate: float
+    grid: ScoreGrid  # the onset histogram's bins, as the run released it
+
+
+def flags_at(score: np.ndarray, y: np.ndarray, cut: float) -> tuple[float, float, float]:
+    """(share flagged, sensitivity, specificity) of flagging ``score >= cut``."""
+    flag = score >= cut
+    return float(flag.mean()), float(flag[y == 1].mean()), float(1 - flag[y == 0].mean())
+
+
+def feasible_rates(score: np.ndarray, y: np.ndarray, rates: np.ndarray = RATES) -> np.ndarray:
+    """The rates ``r`` at which flagging the top ``r`` of these stays keeps sensitivity
+    and specificity at or above the targets."""
+    keep = []
+    for r in rates:
+        _, sens, spec = flags_at(score, y, float(np.quantile(score, 1 - r)))
+        keep.append(sens >= MIN_SENSITIVITY and spec >= MIN_SPECIFICITY)
+    return rates[np.asarray(keep, dtype=bool)]
+
+
+def oracle(runs: list[RunScores], which: str) -> tuple[list[tuple[float, float] | None], list[float]]:
+    """Each run's band of feasible rates (None: no rate works) and the rates feasible in every run."""
+    bands, common = [], set(RATES.tolist())
+    for run in runs:
+        found = feasible_rates(run.test_end if which == "end" else run.test_onset, run.y)
+        bands.append((float(found.min()), float(found.max())) if len(found) else None)
+        common &= set(found.tolist())
+    return bands, sorted(common)
+
+
+def at_level(runs: list[RunScores], level: float) -> dict[str, float]:
+    """The hour-48 decision at a fixed risk on each run's test stays."""
+    cut = math.log(level) - math.log1p(-level)
+    rows = np.array([flags_at(r.test_end, r.y, cut) for r in runs])
+    folds: dict[str, list[float]] = {}
+    for run, share in zip(runs, rows[:, 0]):
+        folds.setdefault(run.name.split("-")[0], []).append(float(share))
+    within = [np.var(v, ddof=1) for v in folds.values() if len(v) > 1]
+    return {"share": float(rows[:, 0].mean()), "sd": float(rows[:, 0].std(ddof=1)) if len(rows) > 1 else math.nan,
+            "low": float(rows[:, 0].min()), "high": float(rows[:, 0].max()),
+            "within_fold_sd": float(math.sqrt(np.mean(within))) if within else math.nan,
+            "least_sensitivity": float(rows[:, 1].min()), "least_specificity": float(rows[:, 2].min())}
+
+
+Reading = Callable[[np.ndarray, int, ScoreGrid, float], float | None]  # (pooled noisy histogram, n, grid, rate) -> margin
+
+
+def fitted(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float) -> float | None:
+    """The run's own reading: the binormal fit of the pooled histogram (server.results.Reader.onset_margin)."""
+    from common.estimates import binormal_counts
+
+    chosen = threshold_for_rate(binormal_counts(ScoreSummary(hist[None, None, :], None, n, grid)), rate)
+    return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
+
+
+def binned(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float) -> float | None:
+    """The counts clipped at zero, interpolated within the bin the target falls in."""
+    chosen = threshold_for_rate(ScoreSummary(np.maximum(hist, 0)[None, None, :], None, n, grid), rate)
+    return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
+
+
+def redrawn_margins(run: RunScores, grid: ScoreGrid | None, read: Reading, draws: int, rng: np.random.Generator,
+                    noise_scale: float = 1.0) -> list[float | None]:
+    """``draws`` margins read from fresh noise on the run's exact per-hospital onset
+    histograms (``grid`` None: the run's own bins)."""
+    grid = grid or run.grid
+    hists = [np.bincount(grid.index(v), minlength=grid.bins).astype(np.float64) for v in run.val_onset]
+    n = sum(len(v) for v in run.val_onset)
+    sigma = run.onset_noise * noise_scale
+    return [read(sum(h + rng.normal(0.0, sigma, grid.bins) for h in hists), n, grid, run.monitor_rate)
+            for _ in range(draws)]
+
+
+def monitor_spread(runs: list[RunScores], margins: list[list[float | None]]) -> dict[str, float]:
+    """The monitor's flag share (a stay flagged once its onset score reaches the margin)
+    over runs x draws, and how often a draw misses the per-run targets."""
+    rows = np.array([flags_at(r.test_onset, r.y, m if m is not None else -math.inf) for r, ms in zip(runs, margins)
+                     for m in ms])
+    return {"share": float(rows[:, 0].mean()), "sd": float(rows[:, 0].std()),
+            "sensitivity_misses": float((rows[:, 1] < MIN_SENSITIVITY).mean()),
+            "specificity_misses": float((rows[:, 2] < MIN_SPECIFICITY).mean()), "over_045": float((rows[:, 0] > 0.45).mean())}
+
+
+def run_scores(run_dir: Path) -> RunScores | None:
+    """A run's exact scores, from its bundle and its fold's stays; None for a run
+    without a monitor margin."""
+    from client.noise import calibrated_evaluation_noise
+    from common.bundle import Bundle, hour_thresholds, onset_margin
+    from common.data.dataset import load_dataset
+    from common.data.partition import make_partition
+    from common.messages import Item, Split
+    from common.onset import onset_scores
+    from common.training import hourly_logits_at
+
+    bundle = Bundle(run_dir / "model.pt")
+    cfg, model = bundle.config, bundle.model.eval()
+    ds = load_dataset(cfg)
+    hospitals = make_partition(ds, cfg)
+    hours = list(range(1, ds.X.shape[1] + 1))
+    thresholds = np.asarray(hour_thresholds(bundle.info, len(hours)))
+    test = np.concatenate([h.test for h in hospitals])
+    test_logits = hourly_logits_at(model, ds.X[test], ds.S[test], hours)
+    # the hospitals' delta, as their ledgers recorded it (the run's privacy.json)
+    delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
+    noise = calibrated_evaluation_noise(cfg.to_json(), float(delta))
+    return RunScores(
+        name=run_dir.name,
+        val_onset=[onset_scores(hourly_logits_at(model, ds.X[h.val], ds.S[h.val], hours), thresholds) for h in hospitals],
+        test_onset=onset_scores(test_logits, thresholds), test_end=test_logits[:, -1], y=ds.y[test],
+        threshold=float(bundle.info.get("threshold", 0.5)),
+        onset_noise=float(noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)),
+        monitor_rate=float(bundle.info.get("monitor_rate") or cfg.evaluation.monitor_rate),
+        grid=ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins),
+    ) if onset_margin(bundle.info) is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bedside_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", type=Path, help="a simulations.utility output folder (fold*/model.pt)")
+    parser.add_argument("--draws", type=int, default=100, help="fresh noise draws of each run's onset histogram")
+    parser.add_argument("--levels", default="0.10,0.12,0.14", help="comma-separated risks for the hour-48 decision")
+    args = parser.parse_args(argv)
+    dirs = sorted(p for p in args.runs_dir.glob("fold*") if (p / "model.pt").is_file())
+    runs = [r for r in (run_scores(d) for d in dirs) if r is not None]
+    if not runs:
+        parser.error(f"{args.runs_dir}: no fold*/model.pt with a monitor margin (a binary task's utility run)")
+    print(f"{len(runs)} runs of {args.runs_dir}\n")
+    print("1. An oracle: flag exactly the top r of each run's own test stays; the rates at which every run keeps "
+          f"sensitivity >= {MIN_SENSITIVITY} and specificity >= {MIN_SPECIFICITY}:\n")
+    for which, label in (("end", "the hour-48 risk"), ("onset", "the monitor's score")):
+        bands, common = oracle(runs, which)
+        narrowest = [b for b in bands if b is not None]
+        print(f"- {label}: in every run {common[0]:.2f}-{common[-1]:.2f}" if common else f"- {label}: no rate in every run",
+              f"(runs with no rate: {bands.count(None)}; each run's band starts {min(b[0] for b in narrowest):.2f}-"
+              f"{max(b[0] for b in narrowest):.2f} and ends {min(b[1] for b in narrowest):.2f}-"
+              f"{max(b[1] for b in narrowest):.2f})" if narrowest else "")
+    print("\n2. The hour-48 decision at fixed risks (and each run's own threshold):\n")
+    print("| threshold | share flagged | sd | range | sd within a fold | least sensitivity | least specificity |")
+    print("|---|---|---|---|---|---|---|")
+    own = np.array([flags_at(r.test_end, r.y, math.log(r.threshold) - math.log1p(-r.threshold)) for r in runs])
+    print(f"| each run's own | {own[:, 0].mean():.3f} | {own[:, 0].std(ddof=1):.3f} | {own[:, 0].min():.2f}-"
+          f"{own[:, 0].max():.2f} | | {own[:, 1].min():.3f} | {own[:, 2].min():.3f} |")
+    for level in (float(v) for v in args.levels.split(",") if v.strip()):
+        s = at_level(runs, level)
+        print(f"| {level:g} | {s['share']:.3f} | {s['sd']:.3f} | {s['low']:.2f}-{s['high']:.2f} | "
+              f"{s['within_fold_sd']:.3f} | {s['least_sensitivity']:.3f} | {s['least_specificity']:.3f} |")
+    print(f"\n3. The monitor's margin, {args.draws} fresh draws of each run's onset histogram noise:\n")
+    print("| reading | share flagged | sd (runs x draws) | draws with sensitivity < 0.55 | specificity < 0.7 | share > 0.45 |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(7)
+    exact = [[float(np.quantile(np.concatenate(r.val_onset), 1 - r.monitor_rate))] for r in runs]
+    fixed = float(np.median([m[0] for m in exact]))
+    rows: list[tuple[str, list[list[float | None]]]] = [
+        ("no noise (the validation stays' exact quantile)", exact),
+        (f"a fixed margin, no release ({fixed:.2f}, the median of the exact ones)", [[fixed] for _ in runs])]
+    for label, grid, read, scale in (("the run's: a fitted normal on the run's bins", None, fitted, 1.0),
+                                     ("a fitted normal, 5 bins over [-2, 3]", ScoreGrid(-2, 3, 5), fitted, 1.0),
+                                     ("3 bins over [-1, 2], read binned", ScoreGrid(-1, 2, 3), binned, 1.0),
+                                     ("the run's, 2.5 times onset_share", None, fitted, 1 / math.sqrt(2.5))):
+        rows.append((label, [redrawn_margins(r, grid, read, args.draws, rng, scale) for r in runs]))
+    for label, margins in rows:
+        s = monitor_spread(runs, margins)
+        print(f"| {label} | {s['share']:.3f} | {s['sd']:.3f} | {s['sensitivity_misses']:.2f} | "
+              f"{s['specificity_misses']:.2f} | {s['over_045']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The bedside study (simulations.bedside_study) on synthetic runs whose answers are
+known: the oracle's feasible rates, a fixed level's share, and the margin redrawn from
+noise (none: the exact quantile; more noise: more spread)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from common.metrics import ScoreGrid
+from simulations.bedside_study import (
+    RunScores,
+    at_level,
+    feasible_rates,
+    fitted,
+    flags_at,
+    monitor_spread,
+    oracle,
+    redrawn_margins,
+)
+
+
+def _run(name: str, seed: int, n: int = 4000, separation: float = 1.5) -> RunScores:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.14).astype(np.int64)
+    end = -2.3 + rng.normal(size=n) + separation * y
+    onset = end + 0.5 + 0.3 * rng.normal(size=n)  # the highest excess runs with the end risk
+    val = [onset[: n // 4] + 0.1 * rng.normal(size=n // 4) for _ in range(4)]
+    return RunScores(name, val, onset, end, y, 0.12, 9.05, 0.3, ScoreGrid(-7, 3, 10))
+
+
+def test_flags_and_the_oracles_band_follow_their_definitions():
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    score = np.arange(10, 0, -1, dtype=float)  # the two events score highest
+    assert flags_at(score, y, 9.0) == (0.2, 1.0, 1.0)
+    assert flags_at(score, y, 10.0) == (0.1, 0.5, 1.0)
+    # flagging the top r: at 0.1 one event of two (sensitivity 0.5); from 0.2 both; at 0.4
+    # three survivors of eight flagged (specificity 0.75), at 0.45 five stays: three too many
+    found = feasible_rates(score, y, np.array([0.1, 0.2, 0.3, 0.4, 0.45]))
+    assert found.tolist() == [0.2, 0.3, 0.4]
+
+
+def test_the_oracle_finds_a_band_for_a_useful_model_and_none_for_a_useless_one():
+    runs = [_run(f"fold{k}", seed=k) for k in range(3)]
+    bands, common = oracle(runs, "end")
+    assert all(b is not None and b[0] < 0.3 < b[1] for b in bands) and 0.3 in common
+    useless = [_run("fold0", seed=9, separation=0.0)]
+    bands, common = oracle(useless, "end")
+    assert bands == [None] and common == []
+
+
+def test_a_fixed_level_flags_the_share_above_it_and_its_spread_within_folds():
+    runs = [_run("fold0", 1), _run("fold0-run5", 2), _run("fold1", 3)]
+    s = at_level(runs, 0.12)
+    cut = math.log(0.12 / 0.88)
+    shares = [float((r.test_end >= cut).mean()) for r in runs]
+    assert s["share"] == pytest.approx(np.mean(shares)) and s["sd"] == pytest.approx(np.std(shares, ddof=1))
+    assert (s["low"], s["high"]) == (min(shares), max(shares))
+    assert s["within_fold_sd"] == pytest.approx(np.std(shares[:2], ddof=1))  # fold1 alone has no spread
+
+
+def test_a_margin_redrawn_without_noise_is_the_exact_quantile_and_noise_spreads_the_monitor():
+    run = _run("fold0", 4)
+    exact = float(np.quantile(np.concatenate(run.val_onset), 0.7))
+    quiet = redrawn_margins(run, None, fitted, 5, np.random.default_rng(0), noise_scale=1e-9)
+    assert all(m == pytest.approx(quiet[0]) for m in quiet) and abs(quiet[0] - exact) < 0.15  # the fit's own bias
+    rng = np.random.default_rng(1)
+    noisy = redrawn_margins(run, None, fitted, 50, rng)
+    assert monitor_spread([run], [noisy])["sd"] > monitor_spread([run], [quiet])["sd"]
+    share = monitor_spread([run], [[exact]])["share"]
+    assert share == pytest.approx(float((run.test_onset >= exact).mean()))
