@@ -181,6 +181,11 @@ def logit(probs: np.ndarray | float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def sigmoid(z: float) -> float:
+    """The risk of a log-odds, in a form that neither overflows nor rounds a far-out one to 0."""
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 @dataclass
 class ScoreSummary:
     """What a hospital releases about its predictions on one split: per true class, how

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from common.metrics import ScoreSummary
+from common.metrics import ScoreSummary, sigmoid
 
 # A fit that stretches logits more than this comes from scores crammed into a few bins
 # (a barely trained model, a tiny validation split): not trusted, left uncalibrated.
@@ -81,7 +81,7 @@ def calibrate_risk(risk: float, scale: float, shift: float) -> float:
     """A risk before calibration -> the same patient's risk after it."""
     risk = min(max(risk, 1e-12), 1 - 1e-12)
     z = scale * (math.log(risk) - math.log1p(-risk)) + shift
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return sigmoid(z)
 
 
 def fold_into_output_layer(

@@ -20,7 +20,16 @@ import numpy as np
 from common.config import ExperimentConfig
 from common.estimates import INTERVAL_LEVEL, MIN_SIGNAL, for_metrics, metric_intervals
 from common.messages import Item, Split
-from common.metrics import Metrics, ScoreGrid, ScoreSummary, choose_threshold, pooled, rate_at_risk, threshold_for_rate
+from common.metrics import (
+    Metrics,
+    ScoreGrid,
+    ScoreSummary,
+    choose_threshold,
+    pooled,
+    rate_at_risk,
+    sigmoid,
+    threshold_for_rate,
+)
 from common.subgroups import reliability
 from common.subgroups import results as subgroup_results
 
@@ -104,9 +113,8 @@ class Reader:
             log.warning("no pooled validation histogram to choose a threshold from: it stays 0.5")
         risk = 0.5 if ev.level is None else ev.level
         if calibration is not None:  # the calibrated threshold, back on the model's own scale
-            logit = (math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale
-            # a small Platt slope sends it far out: a sigmoid that neither overflows nor rounds to 0
-            risk = 1 / (1 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1 + math.exp(logit))
+            # a small Platt slope sends it far out: hence the stable sigmoid
+            risk = sigmoid((math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale)
         return risk
 
     def calibrated_threshold(self, threshold: float, calibration: Calibration | None) -> float:

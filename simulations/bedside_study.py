@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.metrics import ScoreGrid, ScoreSummary, threshold_for_rate
+from common.metrics import ScoreGrid, ScoreSummary, logit, threshold_for_rate
 
 MIN_SENSITIVITY, MIN_SPECIFICITY = 0.55, 0.7  # issue 22's per-run targets
 RATES = np.round(np.arange(0.15, 0.46, 0.01), 2)
@@ -83,7 +83,7 @@ def oracle(runs: list[RunScores], which: str) -> tuple[list[tuple[float, float] 
 
 def at_level(runs: list[RunScores], level: float) -> dict[str, float]:
     """The hour-48 decision at a fixed risk on each run's test stays."""
-    cut = math.log(level) - math.log1p(-level)
+    cut = float(logit(level))
     rows = np.array([flags_at(r.test_end, r.y, cut) for r in runs])
     folds: dict[str, list[float]] = {}
     for run, share in zip(runs, rows[:, 0]):
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n2. The hour-48 decision at fixed risks (and each run's own threshold):\n")
     print("| threshold | share flagged | sd | range | sd within a fold | least sensitivity | least specificity |")
     print("|---|---|---|---|---|---|---|")
-    own = np.array([flags_at(r.test_end, r.y, math.log(r.threshold) - math.log1p(-r.threshold)) for r in runs])
+    own = np.array([flags_at(r.test_end, r.y, float(logit(r.threshold))) for r in runs])
     print(f"| each run's own | {own[:, 0].mean():.3f} | {own[:, 0].std(ddof=1):.3f} | {own[:, 0].min():.2f}-"
           f"{own[:, 0].max():.2f} | | {own[:, 1].min():.3f} | {own[:, 2].min():.3f} |")
     for level in (float(v) for v in args.levels.split(",") if v.strip()):
