@@ -234,6 +234,7 @@ POLICY_COMMENTS = {
     "max_micro_batch": "examples whose per-example gradients are held at once (memory)",
     "min_honest": "secure aggregation: the fewest hospitals whose noise it counts on, itself included",
     "max_epsilon_alone": "secure aggregation: the epsilon its own noise alone must keep if all others collude",
+    "max_colluding": "secure aggregation: other hospitals that may side with a hostile coordinator",
     "peer_keys": "secure aggregation: hospitals accepted in a sum, name: its <name>.pub line ({}: any)",
 }
 

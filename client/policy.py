@@ -78,6 +78,12 @@ class Policy:
     # hospital colluded with the coordinator.
     min_honest: int = DEFAULT_MIN_HONEST
     max_epsilon_alone: float = DEFAULT_MAX_EPSILON_ALONE
+    # Secure aggregation: the most other hospitals this one allows to be in league with a
+    # coordinator that breaks the protocol. Such a coordinator, telling hospitals different
+    # survivor sets, can collect both secrets of one hospital (and read its vector with its
+    # own noise only) when 2 t <= n + max_colluding; this hospital refuses those thresholds.
+    # 0: only a coordinator acting alone is held off (2 t > n).
+    max_colluding: int = 0
     # Secure aggregation: the hospitals this one accepts in a sum, name -> the line of its
     # <name>.pub, exchanged between hospitals, never through the coordinator
     # (client.peer_keys). Every other participant's round keys must then be signed by one of
@@ -102,6 +108,8 @@ class Policy:
             (isinstance(self.min_honest, int) and self.min_honest >= 1, "min_honest", "must be a whole number >= 1"),
             (self.max_epsilon_alone > 0 and math.isfinite(self.max_epsilon_alone), "max_epsilon_alone",
              "must be a positive number"),
+            (isinstance(self.max_colluding, int) and self.max_colluding >= 0, "max_colluding",
+             "must be a whole number >= 0"),
             (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
                 self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
         ]

@@ -7,7 +7,8 @@ coordinator's message before answering and refuses (:class:`SecAggRefusal`) what
 protocol does not allow, whatever the coordinator says:
 
 - too few participants or hospitals in the sum for the policy's ``min_honest``;
-- a threshold that two disjoint groups could each reach (``2 t <= n``), or below
+- a threshold that two disjoint groups could each reach (``2 t <= n``; with the policy's
+  ``max_colluding`` hospitals on the coordinator's side, ``2 t <= n + max_colluding``), or below
   ``min_honest`` (t hospitals can unmask a sum without this one, so t is the fewest
   hospitals a sum can hold);
 - its own public keys changed, keys repeated, or participants that were not announced;
@@ -59,6 +60,12 @@ def fresh_secret() -> bytes:
     return os.urandom(32)
 
 
+def least_threshold(participants: int, max_colluding: int = 0) -> int:
+    """The smallest reconstruction threshold ``t`` with ``2 t > n + max_colluding``: no two
+    disjoint groups of honest hospitals, each helped by the colluders, reach it."""
+    return (participants + max_colluding) // 2 + 1
+
+
 class SecAggRefusal(Exception):
     """The coordinator asked for something the protocol (or the policy) does not allow."""
 
@@ -99,7 +106,8 @@ class Participant:
     @classmethod
     def setup(cls, node_id: int, server_round: int, participants: list[int], threshold: int, min_honest: int,
               run_id: str = "", name: str = "", signing_key: SigningKey | None = None,
-              peer_keys: dict[str, str] | None = None, session: str = TRAINING_SESSION) -> Participant:
+              peer_keys: dict[str, str] | None = None, session: str = TRAINING_SESSION,
+              max_colluding: int = 0) -> Participant:
         people = sorted(set(participants))
         n = len(people)
         if len(people) != len(participants):
@@ -109,9 +117,20 @@ class Participant:
         if n < min_honest:
             raise SecAggRefusal(f"{n} participants; this hospital's policy counts on at least {min_honest} "
                                 "hospitals' noise (policy min_honest)")
-        if not (2 * threshold > n and threshold <= n and threshold >= 2):
-            raise SecAggRefusal(f"threshold {threshold} of {n}: it must be more than half the participants and "
-                                "at most all of them")
+        if not (threshold <= n and threshold >= 2):
+            raise SecAggRefusal(f"threshold {threshold} of {n}: it must be at least 2 and at most all participants")
+        least = least_threshold(n, max_colluding)
+        if threshold < least:
+            # A coordinator that tells one group of hospitals that a hospital sent its vector
+            # and another group that it dropped out gets its seed's shares from the first and
+            # its mask key's from the second; hospitals in league with it give both. Two
+            # groups of honest hospitals, each at least t minus the colluders, fit in n when
+            # 2 t <= n + colluders: that hospital's vector would be read with its own noise only.
+            raise SecAggRefusal(
+                f"threshold {threshold} of {n}: two disjoint groups of hospitals could each reach it"
+                + (f" with the help of the {max_colluding} this hospital allows to side with the coordinator "
+                   "(policy max_colluding)" if max_colluding else "")
+                + f", and unmask one hospital's vector; it must be at least {least} (privacy.secure_threshold)")
         if threshold < min_honest:
             # t hospitals' shares unmask a sum without this one's help, and each of them is in
             # it: below min_honest, a sum of fewer hospitals than it counts on could be read

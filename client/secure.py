@@ -285,7 +285,8 @@ def start_round(req: Request, context: Context, config: ConfigRecord, server_rou
         raise SecAggRefusal(f"this hospital cannot sign its round keys: {exc}") from None
     return Participant.setup(int(context.node_id), server_round, ints_of(config, S.PARTICIPANTS),
                              int(config.get(S.THRESHOLD, 0)), min_honest, run_id=req.run_id, name=req.node.name,
-                             signing_key=signing_key, peer_keys=req.policy.peer_keys, session=session)
+                             signing_key=signing_key, peer_keys=req.policy.peer_keys, session=session,
+                             max_colluding=req.policy.max_colluding)
 
 
 def public_keys_of(config: ConfigRecord) -> dict[int, tuple[str, ...]]:

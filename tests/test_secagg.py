@@ -10,9 +10,11 @@ import re
 import numpy as np
 import pytest
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from client.secagg import Participant, SecAggRefusal
-from common.secagg import MODULUS, from_ring, mask, unb64
+from client.secagg import Participant, SecAggRefusal, least_threshold
+from common.secagg import MODULUS, from_ring, mask, pair_seed, pair_sign, unb64
 from server.secagg import Revealed, UnmaskFailed, unmasked_sum
 
 ROUND = 7
@@ -100,8 +102,8 @@ def participants(n=4, threshold=3, min_honest=2):
 
 
 @pytest.mark.parametrize("nodes,threshold,min_honest,why", [
-    ([1, 2, 3, 4], 2, 2, "more than half"),
-    ([1, 2, 3, 4], 5, 2, "more than half"),
+    ([1, 2, 3, 4], 2, 2, "two disjoint groups"),
+    ([1, 2, 3, 4], 5, 2, "at most all"),
     ([1, 2, 3], 2, 4, "min_honest"),
     # 3 hospitals' shares could unmask a sum of 4 without this one, which counts on 5
     ([1, 2, 3, 4, 5], 3, 5, "secure_threshold >= 5"),
@@ -143,6 +145,55 @@ def test_a_hospital_never_reveals_both_secrets_of_one_hospital_and_unmasks_once(
     assert {(kind, owner) for kind, owner, _ in answer if kind == "sk"} == {("sk", 3)}
     with pytest.raises(SecAggRefusal, match="order"):
         me.unmask([1, 2, 3, 4])
+
+
+def _split_unmask(threshold: int, max_colluding: int = 0):
+    """A coordinator that breaks the protocol, with hospital 5 on its side, goes after
+    hospital 1's vector: it tells 1 and 2 that everyone sent a vector (they reveal their
+    shares of 1's mask seed) and 3 and 4 that hospital 1 dropped out (they reveal their
+    shares of 1's mask key). Hospital 5 hands over its whole state. Returns what the
+    coordinator rebuilds for hospital 1 (None when it lacks the shares) and 1's vector."""
+    nodes = [1, 2, 3, 4, 5]
+    people = {k: Participant.setup(k, ROUND, nodes, threshold, 2, max_colluding=max_colluding) for k in nodes}
+    keys = {k: (p.pk1, p.pk2) for k, p in people.items()}
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    vectors = vectors_of(nodes)
+    masked = {}
+    for k, p in people.items():
+        p.receive({src: box[k] for src, box in boxes.items() if src != k})
+        masked[k] = p.masked(vectors[k])
+    seed_shares = [unb64(share) for k in (1, 2) for kind, owner, share in people[k].unmask(nodes)
+                   if (kind, owner) == ("b", 1)]
+    key_shares = [unb64(share) for k in (3, 4) for kind, owner, share in people[k].unmask([2, 3, 4, 5])
+                  if (kind, owner) == ("sk", 1)]
+    colluder = people[5]
+    seed_shares.append(unb64(colluder.received["1"][0]))
+    key_shares.append(unb64(colluder.received["1"][1]))
+    if min(len(seed_shares), len(key_shares)) < threshold:
+        return None, vectors[1]
+    size = vectors[1].size
+    read = masked[1] - mask(combine_shares(seed_shares[:threshold]), size, ROUND, b"self")
+    sk2 = bytes_to_private_key(combine_shares(key_shares[:threshold]))
+    for other in nodes[1:]:
+        seed = pair_seed(generate_shared_key(sk2, bytes_to_public_key(unb64(keys[other][1]))))
+        read = read - pair_sign(1, other) * mask(seed, size, ROUND, b"pair")
+    return from_ring(np.mod(read, MODULUS)), vectors[1]
+
+
+def test_a_coordinator_with_one_hospital_on_its_side_reads_a_vector_at_a_bare_majority_threshold():
+    """Why ``max_colluding`` exists: at t = 3 of 5 (more than half, the default rule), the
+    split above gives the coordinator hospital 1's vector exactly, with only 1's own noise
+    in it; each honest hospital answered one unmask, as the protocol lets it."""
+    read, vector = _split_unmask(threshold=3)
+    assert np.array_equal(read, vector)
+
+
+def test_a_hospital_that_allows_one_colluder_refuses_that_threshold_and_the_next_one_holds():
+    with pytest.raises(SecAggRefusal, match=r"max_colluding.*at least 4 \(privacy.secure_threshold\)"):
+        Participant.setup(1, ROUND, [1, 2, 3, 4, 5], 3, 2, max_colluding=1)
+    read, _ = _split_unmask(threshold=4, max_colluding=1)
+    assert read is None  # 2 honest seed shares + the colluder's, 2 + 1 key shares: 3 each, 4 needed
+    assert least_threshold(5, 1) == 4 and least_threshold(4, 0) == 3 and least_threshold(3, 2) == 3
 
 
 def test_forged_shares_are_refused():

@@ -10,6 +10,8 @@ refusal comes before any patient data are read and charges nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
 from contextlib import ExitStack
@@ -23,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.secagg as secagg_module
 from client import app as client_app
+from client.folder import SETTINGS_FILE, HospitalFolder, write_settings
 from client.hospital import Node
 from client.secagg import Participant
 from common import messages as M
@@ -192,6 +195,19 @@ def test_the_masked_vector_is_the_hospitals_clipped_noisy_sum_once_the_masks_are
     assert np.abs(total).max() < 2 ** 28
 
 
+@contextlib.contextmanager
+def _policy(folder, **changes):
+    """The hospital's policy with ``changes`` for the ``with`` block, its settings file
+    restored byte for byte afterwards."""
+    kept = (folder / SETTINGS_FILE).read_bytes()
+    settings = HospitalFolder(folder).settings
+    try:
+        write_settings(folder, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, **changes)))
+        yield
+    finally:
+        (folder / SETTINGS_FILE).write_bytes(kept)
+
+
 def _reply_shares(reply: Message) -> dict[int, str]:
     return {int(d): t for d, t in (line.split(":", 1) for line in str(reply.content[M.STATUS][S.SHARES_OUT]).splitlines())}
 
@@ -204,6 +220,7 @@ HOSTILE = {
     "a collect before keys were shared": "out-of-order",
     "less noise asked of the other hospitals than of this one": "others-less-noise",
     "a larger scale at collect than share-keys agreed (less noise per unit)": "rescaled",
+    "a threshold two groups could reach with the one colluder the policy allows": "colluder",
 }
 
 
@@ -226,6 +243,11 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
                 reply = client_app.train(msg, context)
             elif kind == "alone":
                 reply = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: [ME], S.THRESHOLD: 1}), context)
+            elif kind == "colluder":  # 2 of 3: 2 t = 4 is not above 3 + 1
+                with _policy(folder, max_colluding=1):
+                    reply = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: sorted((*PEERS, ME)),
+                                                                          S.THRESHOLD: 2}), context)
+                assert "max_colluding" in str(reply.content[M.STATUS][M.REASON])
             elif kind == "out-of-order":
                 reply = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: ""}, model=True), context)
             elif kind == "less-noise":
