@@ -82,7 +82,8 @@ class Policy:
     # coordinator that breaks the protocol. Such a coordinator, telling hospitals different
     # survivor sets, can collect both secrets of one hospital (and read its vector with its
     # own noise only) when 2 t <= n + max_colluding; this hospital refuses those thresholds.
-    # 0: only a coordinator acting alone is held off (2 t > n).
+    # 0: a coordinator acting alone is held off (2 t > n, with shares from every hospital
+    # that got the keys: client.secagg.Participant.receive).
     max_colluding: int = 0
     # Secure aggregation: the hospitals this one accepts in a sum, name -> the line of its
     # <name>.pub, exchanged between hospitals, never through the coordinator

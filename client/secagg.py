@@ -18,6 +18,8 @@ protocol does not allow, whatever the coordinator says:
   participants, the threshold and the whole share-keys message: experiment, splits, scale,
   keys, noise variance): each hospital's encrypted shares carry a digest of what it was
   asked, so a coordinator cannot ask one hospital for less noise than the rest;
+- shares passed on from only some of the hospitals that got the round's keys (the
+  coordinator could then call exactly those dropped to the others and unmask this one);
 - an unmask that names a hospital as both present and absent, arrives twice, or leaves
   fewer than ``max(t, min_honest)`` hospitals in the sum (it would leave this hospital's
   vector with too little of the others' noise).
@@ -120,6 +122,10 @@ class Participant:
         if not (threshold <= n and threshold >= 2):
             raise SecAggRefusal(f"threshold {threshold} of {n}: it must be at least 2 and at most all participants")
         least = least_threshold(n, max_colluding)
+        if least > n:
+            raise SecAggRefusal(f"{n} participants: with the {max_colluding} hospitals this hospital allows to side "
+                                "with the coordinator (policy max_colluding), no threshold keeps two groups from "
+                                f"unmasking one hospital; it takes part with more than {max_colluding} participants")
         if threshold < least:
             # A coordinator that tells one group of hospitals that a hospital sent its vector
             # and another group that it dropped out gets its seed's shares from the first and
@@ -190,11 +196,17 @@ class Participant:
     def receive(self, ciphertexts: dict[int, str]) -> None:
         """Decrypt and keep the shares others sent this hospital (before its vector is made)."""
         self._expect(Stage.SHARE_KEYS, Stage.COLLECT)
-        if not set(ciphertexts) <= set(int(k) for k in self.public_keys) or self.node_id in ciphertexts:
+        others = set(int(k) for k in self.public_keys) - {self.node_id}
+        if not set(ciphertexts) <= others or self.node_id in ciphertexts:
             raise SecAggRefusal("shares arrived from hospitals that sent no public keys")
-        if len(ciphertexts) + 1 < max(self.threshold, self.min_honest):
-            raise SecAggRefusal(f"shares from {len(ciphertexts) + 1} hospitals (itself included); the round needs at "
-                                f"least {max(self.threshold, self.min_honest)}")
+        if set(ciphertexts) != others:
+            # This hospital's pair masks are with those whose shares reached it. A coordinator
+            # that passed on only some could later call exactly those "dropped" to the others
+            # and collect their mask keys with this hospital's seed: its vector, unmasked. Every
+            # hospital that got the round's keys (the same set for all: the shares' digest
+            # covers it) must have sent shares; if one did not, the setup runs again without it.
+            raise SecAggRefusal(f"shares from {len(ciphertexts)} of the {len(others)} other hospitals that got this "
+                                "round's keys; this hospital masks only with all of them")
         for src, text in ciphertexts.items():
             try:
                 plain = decrypt(self._channel_key(src), unb64(text))

@@ -10,8 +10,10 @@ CCS 2017. In one round, over four exchanges (:class:`Stage`):
 2. ``share-keys``: everyone's public keys go to everyone; each hospital draws a private
    mask seed ``b``, splits ``b`` and its mask secret key into ``t``-of-``n`` Shamir shares,
    and sends each other hospital its two shares, encrypted for it.
-3. ``collect``: each hospital gets the shares addressed to it, makes its vector (client
-   side: reads data, clips, adds its share of the noise), masks it with ``PRG(b)`` and, for
+3. ``collect``: each hospital gets the shares addressed to it (from every hospital that
+   got the keys, or it refuses: its pair masks must be with all of them), makes its
+   vector (client side: reads data, clips, adds its share of the noise), masks it with
+   ``PRG(b)`` and, for
    every other hospital ``v``, ``+-PRG(s_uv)`` (``s_uv`` agreed with ``v``: the pair's masks
    cancel in the sum), and sends the masked vector. This is the only message that
    depends on patients, and it is a DP release.

@@ -188,6 +188,11 @@ class SecureRounds:
                 self._drop(server_round, nid, "its encrypted shares are malformed")
         if len(outboxes) < least:
             return f"{len(outboxes)} hospitals shared keys; secure aggregation needs {least}"
+        if set(outboxes) != set(keys):
+            # every hospital masks only with all that got the keys (client.secagg.receive)
+            missing = ", ".join(co._view(nid).name for nid in sorted(set(keys) - set(outboxes)))
+            return (f"{missing} got the round's keys but sent no shares, and every hospital masks only with all "
+                    "that got them; the next setup leaves out whoever does not answer it")
         # 3. collect the masked vectors, adding each into the sum as it is read
         inboxes = {u: {S.CIPHERTEXTS: "\n".join(f"{src}:{box[u]}" for src, box in sorted(outboxes.items())
                                                  if src != u and u in box)} for u in outboxes}

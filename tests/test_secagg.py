@@ -71,11 +71,27 @@ def test_a_hospital_that_drops_out_before_sending_its_vector_leaves_the_others_s
     assert not any(k == "sk" and o != 33 for k, o in kinds)
 
 
-def test_a_hospital_that_never_shared_keys_is_left_out():
+def test_a_hospital_that_got_the_keys_but_never_shared_stops_the_round_and_a_new_setup_leaves_it_out():
     vectors = vectors_of([11, 22, 33, 44, 55])
-    total, _, _, survivors = run_protocol(vectors, threshold=3, drop_before_collect=(22,), drop_before_unmask=(55,))
+    with pytest.raises(SecAggRefusal, match="shares from 3 of the 4 other hospitals"):
+        run_protocol(vectors, threshold=3, drop_before_collect=(22,))
+    without = {n: v for n, v in vectors.items() if n != 22}
+    total, _, _, survivors = run_protocol(without, threshold=3, drop_before_unmask=(55,))
     assert survivors == [11, 33, 44]
     assert np.array_equal(from_ring(total), vectors[11] + vectors[33] + vectors[44])
+
+
+def test_a_coordinator_that_passes_on_only_some_shares_cannot_isolate_a_vector():
+    """The attack a review found (n = 5, t = 3, no hospital on the coordinator's side):
+    pass hospital 1 only the shares of 2 and 3, so its pair masks are with them alone; then
+    tell 4 and 5 that 2 and 3 dropped (their mask keys and 1's seed come back) and read 1's
+    vector. Hospital 1 refuses to mask with fewer than every hospital that got the keys."""
+    nodes = [1, 2, 3, 4, 5]
+    people = {k: Participant.setup(k, ROUND, nodes, 3, 2) for k in nodes}
+    keys = {k: (p.pk1, p.pk2) for k, p in people.items()}
+    boxes = {k: p.share_keys(keys) for k, p in people.items()}
+    with pytest.raises(SecAggRefusal, match="masks only with all of them"):
+        people[1].receive({src: boxes[src][1] for src in (2, 3)})
 
 
 def test_below_the_threshold_the_sum_cannot_be_unmasked():
@@ -188,12 +204,14 @@ def test_a_coordinator_with_one_hospital_on_its_side_reads_a_vector_at_a_bare_ma
     assert np.array_equal(read, vector)
 
 
-def test_a_hospital_that_allows_one_colluder_refuses_that_threshold_and_the_next_one_holds():
+def test_a_hospital_that_allows_one_colluder_refuses_that_threshold_and_at_the_least_it_accepts_the_split_fails():
     with pytest.raises(SecAggRefusal, match=r"max_colluding.*at least 4 \(privacy.secure_threshold\)"):
         Participant.setup(1, ROUND, [1, 2, 3, 4, 5], 3, 2, max_colluding=1)
     read, _ = _split_unmask(threshold=4, max_colluding=1)
     assert read is None  # 2 honest seed shares + the colluder's, 2 + 1 key shares: 3 each, 4 needed
     assert least_threshold(5, 1) == 4 and least_threshold(4, 0) == 3 and least_threshold(3, 2) == 3
+    with pytest.raises(SecAggRefusal, match="no threshold"):  # 3 colluders of 3 participants: nothing holds
+        Participant.setup(1, ROUND, [1, 2, 3], 3, 2, max_colluding=3)
 
 
 def test_forged_shares_are_refused():
@@ -342,18 +360,16 @@ def test_the_coordinator_passes_signed_and_unsigned_round_keys_on_whole():
     assert key_lines(own).splitlines()[0] == "1:" + people[1].my_keys()
 
 
-def test_a_hospital_told_other_participants_or_another_threshold_is_noticed_in_its_shares():
+@pytest.mark.parametrize("odd,told", [(3, dict(participants=[1, 2, 3, 4], threshold=4)),  # another threshold
+                                       (4, dict(participants=[1, 2, 3, 4, 5], threshold=3))])  # a participant more
+def test_a_hospital_told_other_participants_or_another_threshold_is_noticed_in_its_shares(odd, told):
     nodes = [1, 2, 3, 4]
-    honest = {k: Participant.setup(k, ROUND, nodes, 3, 2) for k in (1, 2)}
-    told_otherwise = {3: Participant.setup(3, ROUND, nodes, 4, 2),  # another threshold
-                      4: Participant.setup(4, ROUND, [1, 2, 3, 4, 5], 3, 2)}  # a participant more
-    people = {**honest, **told_otherwise}
+    people = {k: Participant.setup(k, ROUND, nodes, 3, 2) for k in nodes if k != odd}
+    people[odd] = Participant.setup(odd, ROUND, told["participants"], told["threshold"], 2)
     keys = {k: (p.pk1, p.pk2) for k, p in people.items()}
     boxes = {k: p.share_keys(keys) for k, p in people.items()}
-    with pytest.raises(SecAggRefusal, match="node 3 was asked"):
+    with pytest.raises(SecAggRefusal, match=f"node {odd} was asked"):
         people[1].receive({src: box[1] for src, box in boxes.items() if src != 1})
-    with pytest.raises(SecAggRefusal, match="node 4 was asked"):
-        people[2].receive({src: box[2] for src, box in boxes.items() if src not in (2, 3)})
 
 
 # ---------------------------------------------------------------------------------------

@@ -84,12 +84,12 @@ def message(cfg, stage: S.Stage, fields: dict, server_round: int = 1, model: boo
 
 def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None,
                  signers: dict | None = None, forge=None, peer_variance_factor: float = 1.0,
-                 collect_fields: dict | None = None):
+                 collect_fields: dict | None = None, forwarded: tuple[int, ...] = PEERS):
     """One whole round with two honest peers; the hospital's four replies (and, in
     ``parts``, the peers and everyone's public keys). ``signers``: node -> (name, key) of
     peers that sign their round keys; ``forge``: what a hostile coordinator does to the keys
     it passes on; ``peer_variance_factor``: the noise it asks the peers for, against the
-    hospital's."""
+    hospital's; ``forwarded``: the peers whose shares it passes on to the hospital."""
     context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
     replies = []
     with Repeatable(seed).patches():
@@ -117,7 +117,7 @@ def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_facto
         boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variance=variance)
-        inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
+        inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()) if p in forwarded)
         r3 = client_app.train(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: inbox, **(collect_fields or {})}, model=True),
                               context)
         replies.append(r3)
@@ -221,6 +221,7 @@ HOSTILE = {
     "less noise asked of the other hospitals than of this one": "others-less-noise",
     "a larger scale at collect than share-keys agreed (less noise per unit)": "rescaled",
     "a threshold two groups could reach with the one colluder the policy allows": "colluder",
+    "the shares of only some hospitals that got the keys (to call them dropped later)": "withheld",
 }
 
 
@@ -257,6 +258,10 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
                 replies, context = honest_round(folder, cfg, collect_fields={S.SCALE: SCALE * 2})
                 reply = replies[-1]
                 assert len(replies) == 3 and "share-keys stage agreed" in str(reply.content[M.STATUS][M.REASON])
+            elif kind == "withheld":
+                replies, context = honest_round(folder, cfg, forwarded=PEERS[:1])
+                reply = replies[-1]
+                assert len(replies) == 3 and "masks only with all" in str(reply.content[M.STATUS][M.REASON])
             elif kind == "others-less-noise":  # seen in the peers' encrypted shares, refused at collect
                 replies, context = honest_round(folder, cfg, peer_variance_factor=0.5)
                 reply = replies[-1]

@@ -44,7 +44,7 @@ from server.secure_evaluation import read_sum
 
 # the five neighbouring folders, and the task identity Flower needs, as tests/test_neighbouring.py builds them
 from tests.test_neighbouring import _identity, _ledger_json, _reset, first_difference, neighbours, outside_dp  # noqa: F401
-from tests.test_secure_aggregation import ME, PEERS, Repeatable, secure_cfg
+from tests.test_secure_aggregation import ME, PEERS, Repeatable, _policy, secure_cfg
 
 THRESHOLD = 0.2  # the run's decision threshold, sent with the test evaluation
 
@@ -69,10 +69,12 @@ def message(cfg, stage: S.Stage, fields: dict, splits=(Split.TEST,), progress: b
 
 
 def honest_session(folder, cfg, splits=(Split.TEST,), progress: bool = False, seed: int = 1, survivors=(3, 7, 9),
-                   variance_factor: float = 1.0, parts: dict | None = None, collect_splits=None, peer_cfg=None):
+                   variance_factor: float = 1.0, parts: dict | None = None, collect_splits=None, peer_cfg=None,
+                   forwarded: tuple[int, ...] = PEERS):
     """One whole evaluation with two honest peers: the hospital's replies (and, in
     ``parts``, the peers, keys, share boxes and agreed variances). ``peer_cfg``: another
-    experiment a hostile coordinator put to the peers at share-keys."""
+    experiment a hostile coordinator put to the peers at share-keys; ``forwarded``: the peers
+    whose shares it passes on to the hospital."""
     context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
     ask = dict(splits=splits, progress=progress)
     replies = []
@@ -98,7 +100,7 @@ def honest_session(folder, cfg, splits=(Split.TEST,), progress: bool = False, se
         boxes = {p: q.share_keys(keys, asked) for p, q in peers.items()}
         if parts is not None:
             parts.update(peers=peers, keys=keys, boxes=boxes, variances=variances)
-        inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()))
+        inbox = "\n".join(f"{p}:{box[ME]}" for p, box in sorted(boxes.items()) if p in forwarded)
         collect = dict(splits=collect_splits or splits, progress=progress)
         r3 = client_app.evaluate(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: inbox}, model=True, **collect), context)
         replies.append(r3)
@@ -225,6 +227,8 @@ HOSTILE = {
     "a collect that asks for other splits than the setup": "switch",
     "a collect before keys were shared": "out-of-order",
     "another release layout put to the other hospitals": "other-layout",
+    "the shares of only some hospitals that got the keys (to call them dropped later)": "withheld",
+    "a threshold two groups could reach with the one colluder the policy allows": "colluder",
 }
 
 
@@ -250,6 +254,15 @@ def test_a_hostile_coordinator_is_refused_before_any_data_and_nothing_is_charged
                 reply = client_app.evaluate(message(cfg, S.Stage.COLLECT, {S.CIPHERTEXTS: ""}, model=True), context)
             elif kind == "less-noise":
                 reply = honest_session(folder, cfg, variance_factor=0.5)[-1]
+            elif kind == "withheld":
+                replies = honest_session(folder, cfg, forwarded=PEERS[:1])
+                reply = replies[-1]
+                assert len(replies) == 3 and "masks only with all" in str(reply.content[M.STATUS][M.REASON])
+            elif kind == "colluder":  # 2 of 3: 2 t = 4 is not above 3 + 1
+                with _policy(folder, max_colluding=1):
+                    reply = client_app.evaluate(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: sorted((*PEERS, ME)),
+                                                                             S.THRESHOLD: 2}), context)
+                assert "max_colluding" in str(reply.content[M.STATUS][M.REASON])
             elif kind == "other-layout":  # the peers' histograms sit elsewhere: seen in their shares at collect
                 replies = honest_session(folder, cfg, peer_cfg=secure_cfg(f"evaluation.score_bins={PEER_BINS}"))
                 reply = replies[-1]
