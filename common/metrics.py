@@ -207,6 +207,8 @@ class ScoreSummary:
     # Never released: a model's estimate of the same counts on a finer grid (common.estimates),
     # which AUROC reads instead of the bins, whose ties lose the order within a bin.
     fine: ScoreSummary | None = None
+    # Whether AUPRC reads ``fine`` too: only for a fit that follows the upper tail (below)
+    fine_auprc: bool = False
 
     @classmethod
     def from_predictions(cls, y: np.ndarray, probs: np.ndarray, grid: ScoreGrid) -> ScoreSummary:
@@ -269,11 +271,13 @@ class ScoreSummary:
         for j, c in enumerate(classes):
             pos = ranked[c, j]
             aurocs.append(_auroc_from_counts(pos, ranked[:, j].sum(axis=0) - pos))
-            # AUPRC reads the bins even when a fit is there: it weighs the upper tail of the
-            # survivors' scores, where real models' scores are not normal (on 5 real models
-            # the fine grid read it 0.035-0.15 high, the fitted bins -0.03 to +0.05).
-            pos = counts[c, j]
-            aps.append(_ap_from_counts(pos, counts[:, j].sum(axis=0) - pos))
+            # AUPRC weighs the upper tail of the survivors' scores, where real models'
+            # scores are not normal: under a normal fit it reads the bins (on 5 real models
+            # the fine grid read it 0.035-0.15 high, the fitted bins -0.03 to +0.05); a
+            # skew-normal fit follows that tail, and its fine grid reads it (fine_auprc).
+            ap_counts = ranked if self.fine_auprc else counts
+            pos = ap_counts[c, j]
+            aps.append(_ap_from_counts(pos, ap_counts[:, j].sum(axis=0) - pos))
         centres = self.grid.centre_logits()
         if calibration is not None:
             centres = calibration[0] * centres + calibration[1]

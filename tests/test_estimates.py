@@ -1,4 +1,4 @@
-"""The binormal estimator of metrics from DP score histograms (common.estimates)."""
+"""The binormal and skew-normal estimators of metrics from DP score histograms (common.estimates)."""
 
 import json
 import math
@@ -161,7 +161,8 @@ def test_the_coordinator_reads_dp_releases_with_the_configured_estimator():
     rng = np.random.default_rng(7)
     parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
     noise = {n: TEST_NOISE for n in parts}
-    for extra, estimator in ((), "binormal"), (("evaluation.estimator=binned",), "binned"):
+    for extra, estimator in ((), "skewnormal"), (("evaluation.estimator=binormal",), "binormal"), \
+            (("evaluation.estimator=binned",), "binned"):
         result = Reader(small_cfg(*extra)).validation(parts, noise, progress=False)
         assert result.pooled.auroc == for_metrics(pooled(list(parts.values())), estimator, True).metrics().auroc
         assert result.hospitals["h1"].auroc == for_metrics(parts["h1"], estimator, True).metrics().auroc
@@ -184,7 +185,7 @@ def test_progress_validations_are_read_as_clipped_counts_the_final_one_with_the_
     progress = reader.validation(parts, noise, progress=True)
     final = reader.validation(parts, noise, progress=False)
     assert progress.pooled.auroc == for_metrics(pooled(list(parts.values())), "binned", True).metrics().auroc
-    assert final.pooled.auroc == for_metrics(pooled(list(parts.values())), "binormal", True).metrics().auroc
+    assert final.pooled.auroc == for_metrics(pooled(list(parts.values())), "skewnormal", True).metrics().auroc
     assert progress.hospitals["h0"].auroc == parts["h0"].metrics().auroc
     for result in (progress, final):
         low, high = result.pooled_interval
@@ -195,14 +196,16 @@ def test_metrics_json_says_which_estimator_produced_the_numbers(tmp_path):
     from server.outputs import RunRecorder
     from server.records import RoundRecord
 
-    for extra, said in ((), "binormal"), (("evaluation.estimator=binned",), "binned"), (("evaluation.dp=false",), "binned"):
+    for extra, said in ((), "skewnormal"), (("evaluation.estimator=binormal",), "binormal"), \
+            (("evaluation.estimator=binned",), "binned"), (("evaluation.dp=false",), "binned"):
         recorder = RunRecorder(tmp_path / said / str(len(extra)), small_cfg(*extra), "r")
         recorder.add_round(RoundRecord(1, 0.1, False, None, {}, []))
         assert json.loads((recorder.run_dir / "metrics.json").read_text())["estimator"] == said
 
 
-def test_the_estimator_is_a_choice_of_two():
-    assert small_cfg().evaluation.estimator == "binormal"
+def test_the_estimator_is_a_choice_of_three():
+    assert small_cfg().evaluation.estimator == "skewnormal"
+    assert small_cfg("evaluation.estimator=binormal").evaluation.estimator == "binormal"
     with pytest.raises(Exception, match="estimator"):
         small_cfg("evaluation.estimator=kernel")
 
@@ -375,3 +378,75 @@ def test_a_level_without_a_bin_edge_to_read_it_at_is_refused(level, ok):
     else:
         with pytest.raises(ConfigError, match="logit_range"):
             small_cfg(f"evaluation.threshold={level}")
+
+
+# ---------------------------------------------------------------------------------------
+# The skew-normal estimator (evaluation.estimator: skewnormal): real models' scores lean
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mass,loc,scale,skew", [(690.0, -3.9, 1.39, 2.8), (110.0, -2.9, 1.9, 3.6),
+                                                 (400.0, -1.0, 1.0, 0.0), (300.0, -1.5, 1.2, -2.0)])
+def test_fit_recovers_a_skew_normal_from_its_exact_expected_counts(mass, loc, scale, skew):
+    from common.estimates import fit_skew_normal
+
+    counts = mass * _shape(_edges(GRID), loc, scale, skew)
+    fit = fit_skew_normal(counts, _edges(GRID))
+    assert fit is not None
+    assert np.allclose(fit.mass * fit.shares(_edges(GRID)), counts, atol=1e-3 * mass)  # the same expected counts
+    assert fit.mass == pytest.approx(mass, rel=1e-3)
+    assert abs(fit.skew - skew) < 0.3 or skew == 0.0 and abs(fit.skew) < 0.3
+
+
+def test_the_skew_normal_cdf_is_scipys():
+    from scipy.stats import skewnorm
+
+    edges = _edges(GRID)
+    for skew in (-4.0, -0.5, 1.0, 3.0):
+        expected = np.diff(np.r_[0.0, skewnorm.cdf(edges[1:-1], skew, loc=-2.0, scale=1.3), 1.0])
+        assert np.allclose(_shape(edges, -2.0, 1.3, skew), expected, atol=1e-12)
+
+
+def _skewed_scores(rng, n=800, prevalence=0.14):
+    """Logits shaped as 20 default models' test scores were: the survivors' lean towards
+    the deaths (skew-normal shape about 3), the deaths' less."""
+    from scipy.stats import skewnorm
+
+    y = (rng.random(n) < prevalence).astype(np.int64)
+    z = np.where(y == 1, skewnorm.rvs(2.0, loc=-2.6, scale=1.6, size=n, random_state=rng),
+                 skewnorm.rvs(3.0, loc=-3.9, scale=1.4, size=n, random_state=rng))
+    risk = 1 / (1 + np.exp(-z))
+    return y, np.stack([1 - risk, risk], axis=1)
+
+
+def test_on_leaning_scores_the_normal_reads_specificity_high_and_the_skew_normal_does_not():
+    """Without noise, so the fit's shape is all that differs: at the default level's edge
+    (risk 0.12, about one sd above the survivors' mean) the normal puts too few survivors
+    above it."""
+    rng = np.random.default_rng(3)
+    y, probs = _skewed_scores(rng, n=20000)
+    edge = GRID.edge_for_risk(0.12)
+    exact = exact_metrics(y, probs, GRID.edge_risk(edge))
+    summary = ScoreSummary.from_predictions(y, probs, GRID)
+    normal = for_metrics(summary, "binormal", dp=True).metrics(edge)
+    skewed = for_metrics(summary, "skewnormal", dp=True).metrics(edge)
+    assert normal.specificity - exact.specificity > 0.02
+    assert abs(skewed.specificity - exact.specificity) < 0.005
+    assert abs(skewed.sensitivity - exact.sensitivity) < 0.01
+    assert abs(skewed.auroc - exact.auroc) < 0.01
+
+
+def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
+    from simulations.estimator_study import HeldOutScores, study
+
+    rng = np.random.default_rng(5)
+    runs = []
+    for k in range(3):
+        y, probs = _skewed_scores(rng)
+        runs.append(HeldOutScores(f"fold{k}", np.log(probs[:, 1] / probs[:, 0]), y, GRID, GRID.edge_for_risk(0.12),
+                               2 * TEST_NOISE))
+    found = study(runs, ["skewnormal", "binormal"], draws=6, intervals=1, interval_draws=40)
+    bias, sd, rmse, held, total = found["binormal"].row("specificity")
+    assert len(found["binormal"].errors["specificity"]) == 18 and total == 3
+    assert bias > 0.015  # the normal's lean, through the noise
+    s_bias, s_sd, s_rmse, s_held, s_total = found["skewnormal"].row("specificity")
+    assert abs(s_bias) < bias and s_rmse < rmse and s_total == 3

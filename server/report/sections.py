@@ -35,6 +35,9 @@ RNG_NOTE = (
 
 
 ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metrics were read
+    "skewnormal": "They are read from a skew-normal distribution of logits fitted to each class's noisy histogram "
+                  "(evaluation.estimator: skewnormal), not from its counts clipped at zero, which pull the AUROC "
+                  "towards 0.5; AUROC and AUPRC read the fitted distributions on a grid finer than the bins.",
     "binormal": "They are read from a normal distribution of logits fitted to each class's noisy histogram "
                 "(evaluation.estimator: binormal), not from its counts clipped at zero, which pull the AUROC towards "
                 "0.5; AUROC reads the fitted distributions on a grid finer than the bins, AUPRC the fitted counts "
