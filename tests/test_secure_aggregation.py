@@ -84,20 +84,22 @@ def message(cfg, stage: S.Stage, fields: dict, server_round: int = 1, model: boo
 
 def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_factor: float = 1.0, parts: dict | None = None,
                  signers: dict | None = None, forge=None, peer_variance_factor: float = 1.0,
-                 collect_fields: dict | None = None, forwarded: tuple[int, ...] = PEERS):
+                 collect_fields: dict | None = None, forwarded: tuple[int, ...] = PEERS, threshold: int = 2,
+                 next_threshold: int = 2):
     """One whole round with two honest peers; the hospital's four replies (and, in
     ``parts``, the peers and everyone's public keys). ``signers``: node -> (name, key) of
     peers that sign their round keys; ``forge``: what a hostile coordinator does to the keys
     it passes on; ``peer_variance_factor``: the noise it asks the peers for, against the
-    hospital's; ``forwarded``: the peers whose shares it passes on to the hospital."""
+    hospital's; ``forwarded``: the peers whose shares it passes on to the hospital;
+    ``threshold`` and ``next_threshold``: this round's and the next round's (sent early)."""
     context = Context(run_id=1, node_id=ME, node_config={"hospital-dir": str(folder)}, state=RecordDict(), run_config={})
     replies = []
     with Repeatable(seed).patches():
         nodes = sorted((*PEERS, ME))
         signers = signers or {}
-        peers = {p: Participant.setup(p, 1, nodes, 2, 2, run_id="run-1", name=signers.get(p, ("", None))[0],
+        peers = {p: Participant.setup(p, 1, nodes, threshold, 2, run_id="run-1", name=signers.get(p, ("", None))[0],
                                       signing_key=signers.get(p, ("", None))[1]) for p in PEERS}
-        r1 = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: nodes, S.THRESHOLD: 2}), context)
+        r1 = client_app.train(message(cfg, S.Stage.SETUP, {S.PARTICIPANTS: nodes, S.THRESHOLD: threshold}), context)
         replies.append(r1)
         status = r1.content[M.STATUS]
         if status[M.STATE] != ReplyState.READY.value:
@@ -125,7 +127,7 @@ def honest_round(folder, cfg, seed: int = 1, survivors=(3, 7, 9), variance_facto
             return replies, context
         # with the next round's setup, as the coordinator sends it
         replies.append(client_app.train(message(cfg, S.Stage.UNMASK, {
-            S.SURVIVORS: list(survivors), S.NEXT_ROUND: 2, S.PARTICIPANTS: nodes, S.THRESHOLD: 2}), context))
+            S.SURVIVORS: list(survivors), S.NEXT_ROUND: 2, S.PARTICIPANTS: nodes, S.THRESHOLD: next_threshold}), context))
     return replies, context
 
 
@@ -402,3 +404,18 @@ def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(n
         assert _ledger_json(folder) == before
     finally:
         (folder / "hospital.yaml").write_bytes(settings_before)
+
+
+def test_the_next_rounds_early_setup_keeps_the_policys_least_threshold(neighbours):  # noqa: F811
+    """With max_colluding 1, 3 of 3 is accepted; the next round's setup sent with the
+    unmask at 2 of 3 gets no keys (the full setup then says why)."""
+    folders, fresh = neighbours
+    folder = folders["a"]
+    _reset(folders, fresh)
+    with _policy(folder, max_colluding=1):
+        replies, _ = honest_round(folder, secure_cfg(), threshold=3, next_threshold=2)
+        assert replies[-1].content[M.STATUS][M.STATE] == ReplyState.READY.value
+        assert S.MY_KEYS not in replies[-1].content[M.STATUS]
+        _reset(folders, fresh)
+        replies, _ = honest_round(folder, secure_cfg(), threshold=3, next_threshold=3)
+        assert S.MY_KEYS in replies[-1].content[M.STATUS]
