@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for e in estimators:
             bias, sd, rmse, held, total = found[e].row(m)
-            cells.append(f"{bias:+.3f} | {sd:.3f} | {rmse:.3f} | {held}/{total}")
+            cells.append(f"{bias:+.3f} | {sd:.3f} | {rmse:.3f} | " + (f"{held}/{total}" if total else "not run"))
         print(f"| {m} | " + " | ".join(cells) + " |")
     return 0
 
