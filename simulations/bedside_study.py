@@ -30,6 +30,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class RunScores:
     onset_noise: float  # the onset histogram's noise multiplier per hospital (sensitivity 1)
     monitor_rate: float
     grid: ScoreGrid  # the onset histogram's bins, as the run released it
+    estimator: str = "binormal"  # how the run read its DP releases (evaluation.estimator)
 
 
 def flags_at(score: np.ndarray, y: np.ndarray, cut: float) -> tuple[float, float, float]:
@@ -98,11 +100,12 @@ def at_level(runs: list[RunScores], level: float) -> dict[str, float]:
 Reading = Callable[[np.ndarray, int, ScoreGrid, float], float | None]  # (pooled noisy histogram, n, grid, rate) -> margin
 
 
-def fitted(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float) -> float | None:
-    """The run's own reading: the binormal fit of the pooled histogram (server.results.Reader.onset_margin)."""
+def fitted(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float, estimator: str = "binormal") -> float | None:
+    """The run's own reading: the ``estimator``'s fit of the pooled histogram
+    (server.results.Reader.onset_margin)."""
     from common.estimates import binormal_counts
 
-    chosen = threshold_for_rate(binormal_counts(ScoreSummary(hist[None, None, :], None, n, grid)), rate)
+    chosen = threshold_for_rate(binormal_counts(ScoreSummary(hist[None, None, :], None, n, grid), estimator), rate)
     return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
 
 
@@ -164,6 +167,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
         onset_noise=float(noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)),
         monitor_rate=float(bundle.info.get("monitor_rate") or cfg.evaluation.monitor_rate),
         grid=ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins),
+        estimator=cfg.evaluation.estimator,
     ) if onset_margin(bundle.info) is not None else None
 
 
@@ -206,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, list[list[float | None]]]] = [
         ("no noise (the validation stays' exact quantile)", exact),
         (f"a fixed margin, no release ({fixed:.2f}, the median of the exact ones)", [[fixed] for _ in runs])]
-    for label, grid, read, scale in (("the run's: a fitted normal on the run's bins", None, fitted, 1.0),
-                                     ("a fitted normal, 5 bins over [-2, 3]", ScoreGrid(-2, 3, 5), fitted, 1.0),
+    own = partial(fitted, estimator=runs[0].estimator)  # one utility folder: one config
+    for label, grid, read, scale in ((f"the run's: a {runs[0].estimator} fit on the run's bins", None, own, 1.0),
+                                     (f"a {runs[0].estimator} fit, 5 bins over [-2, 3]", ScoreGrid(-2, 3, 5), own, 1.0),
                                      ("3 bins over [-1, 2], read binned", ScoreGrid(-1, 2, 3), binned, 1.0),
-                                     ("the run's, 2.5 times onset_share", None, fitted, 1 / math.sqrt(2.5))):
+                                     ("the run's, 2.5 times onset_share", None, own, 1 / math.sqrt(2.5))):
         rows.append((label, [redrawn_margins(r, grid, read, args.draws, rng, scale) for r in runs]))
     for label, margins in rows:
         s = monitor_spread(runs, margins)

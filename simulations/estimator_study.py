@@ -8,8 +8,8 @@ is scored exactly on its own fold's test stays (a simulation holds every patient
 here is a DP release). Each run's pooled test histogram is then released again, ``--draws``
 times, with fresh Gaussian noise of the sd the run's own release carried (per-hospital DP:
 each of its K hospitals' test multiplier, so sqrt(K) of one; secure aggregation: the sum
-of K shares counted over ``min_honest``, so sqrt(K / min_honest) of one, as long as
-``max_epsilon_alone`` does not raise them), and read by each estimator
+of K Skellam shares, each with the variance its hospital calibrates,
+``client.secure_evaluation.secure_evaluation_variances``), and read by each estimator
 (``common.estimates``) at the run's own threshold. Printed per metric: the readings'
 bias, sd and root mean square error against the exact value of the same patients at the
 same bin edge, and for the first ``--intervals`` draws of each run how often the interval
@@ -78,7 +78,7 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
     first ``intervals`` of each run's)."""
     rng = np.random.default_rng(seed)
     out = {e: Errors() for e in estimators}
-    for run in runs:
+    for index, run in enumerate(runs):
         summary, exact = exact_summary(run)
         for k in range(draws):
             noisy = ScoreSummary(summary.histogram + rng.normal(0.0, run.noise_sd, summary.histogram.shape), None,
@@ -89,7 +89,7 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
                     out[e].errors[m].append(getattr(read, m) - getattr(exact, m))
                 if k < intervals:
                     found = metric_intervals(noisy, run.noise_sd, run.edge, INTERVAL_LEVEL, interval_draws,
-                                             np.random.default_rng(seed + k), e) or {}
+                                             np.random.default_rng([seed, index, k]), e) or {}
                     for m, (low, high) in found.items():
                         out[e].held[m].append(bool(low - 1e-9 <= getattr(exact, m) <= high + 1e-9))
     return out
@@ -112,13 +112,19 @@ def test_scores(run_dir: Path) -> HeldOutScores:
     hospitals = make_partition(ds, cfg)
     test = np.concatenate([h.test for h in hospitals])
     logits = hourly_logits_at(model, ds.X[test], ds.S[test], [ds.X.shape[1]])[:, 0]
-    delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
-    sigma = calibrated_evaluation_noise(cfg.to_json(), float(delta))[(Split.TEST, True, Item.HISTOGRAM)]
-    k = len(hospitals)
-    shares = k / cfg.privacy.min_honest if cfg.privacy.aggregation == "secure" else k
+    delta = float(next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"])
+    key = (Split.TEST, True, Item.HISTOGRAM)
+    if cfg.privacy.aggregation == "secure":  # K Skellam shares, each as its hospital calibrated it
+        from client.secure_evaluation import secure_evaluation_variances
+
+        variance = secure_evaluation_variances(cfg.to_json(), delta, cfg.privacy.min_honest,
+                                               cfg.privacy.max_epsilon_alone)[key]
+        sd = math.sqrt(len(hospitals) * variance)
+    else:  # K Gaussian releases, the histogram's sensitivity 1
+        sd = calibrated_evaluation_noise(cfg.to_json(), delta)[key] * math.sqrt(len(hospitals))
     grid = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins)
     threshold = float(bundle.info.get("threshold", 0.5))
-    return HeldOutScores(run_dir.name, logits, ds.y[test], grid, grid.edge_for_risk(threshold), sigma * math.sqrt(shares))
+    return HeldOutScores(run_dir.name, logits, ds.y[test], grid, grid.edge_for_risk(threshold), sd)
 
 
 def main(argv: list[str] | None = None) -> int:

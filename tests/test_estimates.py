@@ -450,3 +450,25 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     assert bias > 0.015  # the normal's lean, through the noise
     s_bias, s_sd, s_rmse, s_held, s_total = found["skewnormal"].row("specificity")
     assert abs(s_bias) < bias and s_rmse < rmse and s_total == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    classes=st.sampled_from([2, 3]),
+    bins=st.integers(2, 20),
+    data=st.data(),
+    n=st.integers(0, 3000),
+)
+def test_skew_normal_counts_are_finite_and_nonnegative(classes, bins, data, n):
+    """The default estimator's reading of any release, however noisy: finite nonnegative
+    counts (bins and fine grid) and metrics, as the normal's."""
+    values = st.floats(-60, 600, allow_nan=False)
+    columns = 1 if classes == 2 else classes
+    hist = data.draw(arrays(np.float64, (classes, columns, bins), elements=values))
+    confusion = None if classes == 2 else data.draw(arrays(np.float64, (classes, classes), elements=values))
+    fitted = binormal_counts(ScoreSummary(hist, confusion, n, ScoreGrid(-7.0, 3.0, bins)), "skewnormal")
+    for counts in (fitted.histogram, fitted.fine.histogram):
+        assert counts.shape[:2] == hist.shape[:2]
+        assert np.isfinite(counts).all() and (counts >= 0).all()
+    m = fitted.metrics()
+    assert all(math.isfinite(v) or math.isnan(v) for v in (m.auroc, m.auprc, m.brier))
