@@ -116,6 +116,34 @@ def _jacobian(edges: np.ndarray, p: np.ndarray, skewed: bool) -> np.ndarray:
     return np.column_stack([_shape(edges, p[1], scale, skew), p[0] * np.diff(d, axis=1).T])
 
 
+def _fittable(counts: np.ndarray) -> bool:
+    """A row with finite counts and at least MIN_MASS patients, some of them in a bin."""
+    return bool(np.isfinite(counts).all() and counts.sum() >= MIN_MASS and np.maximum(counts, 0.0).sum() > 0)
+
+
+def _best_fit(counts: np.ndarray, edges: np.ndarray, starts: list[np.ndarray], lower: np.ndarray, upper: np.ndarray,
+              skewed: bool) -> np.ndarray | None:
+    """The parameters (mass, loc, log scale[, skew]) whose expected counts are nearest
+    ``counts`` in least squares, the best from ``starts`` within the bounds; None when
+    every start fails."""
+    from scipy.optimize import least_squares
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        return p[0] * _shape(edges, p[1], math.exp(p[2]), p[3] if skewed else 0.0) - counts
+
+    x_scale = [max(np.maximum(counts, 0.0).sum(), 1.0)] + [1.0] * (len(lower) - 1)
+    best = None
+    for p0 in starts:
+        try:
+            r = least_squares(residuals, np.clip(p0, lower, upper), jac=lambda q: _jacobian(edges, q, skewed),
+                              bounds=(lower, upper), x_scale=x_scale)
+        except (ValueError, FloatingPointError):
+            continue
+        if np.isfinite(r.x).all() and np.isfinite(r.cost) and (best is None or r.cost < best.cost):
+            best = r
+    return None if best is None else best.x
+
+
 def fit_normal(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float, float] | None:
     """(mass, mean, sd) of the normal distribution whose expected counts over the bins
     (``edges``: bins + 1 logits; the end bins open-ended) are nearest ``counts`` in least
@@ -127,12 +155,10 @@ def fit_normal(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float, flo
     plus one. Two starts (the clipped counts' mean and sd; their fullest bin with sd 1),
     the better fit kept.
     """
-    from scipy.optimize import least_squares
-
     counts = np.asarray(counts, dtype=np.float64)
-    clipped = np.maximum(counts, 0.0)
-    if not np.isfinite(counts).all() or counts.sum() < MIN_MASS or clipped.sum() <= 0:
+    if not _fittable(counts):
         return None
+    clipped = np.maximum(counts, 0.0)
     width, span = edges[1] - edges[0], edges[-1] - edges[0]
     lower = np.array([0.0, edges[0] - span / 2, math.log(width * MIN_SD)])
     upper = np.array([2 * clipped.sum() + 1, edges[-1] + span / 2, math.log(span)])
@@ -140,23 +166,11 @@ def fit_normal(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float, flo
     mean = float(clipped @ centres / clipped.sum())
     sd = float(np.sqrt(clipped @ (centres - mean) ** 2 / clipped.sum()))
     starts = [(clipped.sum(), mean, sd), (clipped.sum(), float(centres[np.argmax(clipped)]), 1.0)]
-
-    def residuals(p: np.ndarray) -> np.ndarray:
-        return p[0] * _shape(edges, p[1], math.exp(p[2])) - counts
-
-    best = None
-    for mass, mu, s in starts:
-        p0 = np.clip([mass, mu, math.log(max(s, 1e-9))], lower, upper)
-        try:
-            r = least_squares(residuals, p0, jac=lambda q: _jacobian(edges, q, False), bounds=(lower, upper),
-                              x_scale=[max(clipped.sum(), 1.0), 1.0, 1.0])
-        except (ValueError, FloatingPointError):
-            continue
-        if np.isfinite(r.x).all() and np.isfinite(r.cost) and (best is None or r.cost < best.cost):
-            best = r
-    if best is None:
+    found = _best_fit(counts, edges, [np.array([m, mu, math.log(max(s, 1e-9))]) for m, mu, s in starts], lower, upper,
+                      skewed=False)
+    if found is None:
         return None
-    mass, mu, log_sd = (float(v) for v in best.x)
+    mass, mu, log_sd = (float(v) for v in found)
     return mass, mu, math.exp(log_sd)
 
 
@@ -187,8 +201,8 @@ def fit_skew_normal(counts: np.ndarray, edges: np.ndarray, start: RowFit | None 
     """The skew-normal (Azzalini 1985) whose expected counts over the bins are nearest
     ``counts`` in least squares, started from :func:`fit_normal`'s normal (shape 0) and
     from a shape of 2 leaning as the counts do, with the same mean and sd; shape within
-    +-``MAX_SKEW``, the other
-    bounds as :func:`fit_normal`'s. None where that finds no normal.
+    +-``MAX_SKEW``, the other bounds as :func:`fit_normal`'s. None where that finds no
+    normal.
 
     Why a fourth parameter: a fitted model's logits for the larger class lean towards the
     other class. On 20 default models' exact test scores the survivors' logits had skewness
@@ -199,12 +213,10 @@ def fit_skew_normal(counts: np.ndarray, edges: np.ndarray, start: RowFit | None 
     ``start``: one start only, from this fit (the bootstrap's, whose releases are drawn
     from it).
     """
-    from scipy.optimize import least_squares
-
     counts = np.asarray(counts, dtype=np.float64)
     clipped = np.maximum(counts, 0.0)
     if start is not None:
-        if not np.isfinite(counts).all() or counts.sum() < MIN_MASS or clipped.sum() <= 0:
+        if not _fittable(counts):
             return None
         mass, mu, sd = start.mass, start.loc, start.scale
     else:
@@ -216,12 +228,8 @@ def fit_skew_normal(counts: np.ndarray, edges: np.ndarray, start: RowFit | None 
     lower = np.array([0.0, edges[0] - span, math.log(width * MIN_SD), -MAX_SKEW])
     upper = np.array([2 * clipped.sum() + 1, edges[-1] + span, math.log(span), MAX_SKEW])
 
-    def residuals(p: np.ndarray) -> np.ndarray:
-        return p[0] * _shape(edges, p[1], math.exp(p[2]), p[3]) - counts
-
-    best = None
     if start is not None:
-        starts = [np.clip([start.mass, start.loc, math.log(start.scale), start.skew], lower, upper)]
+        starts = [np.array([start.mass, start.loc, math.log(start.scale), start.skew])]
     else:  # from the normal, and from the shape the clipped counts lean to
         lean_of_counts = float(clipped @ (((edges[:-1] + edges[1:]) / 2 - mu) ** 3))
         starts = []
@@ -229,18 +237,11 @@ def fit_skew_normal(counts: np.ndarray, edges: np.ndarray, start: RowFit | None 
             # the skew-normal with this shape and the normal fit's mean and sd
             lean = skew / math.sqrt(1 + skew * skew)
             scale = sd / math.sqrt(1 - 2 * lean * lean / math.pi)
-            starts.append(np.clip([mass, mu - scale * lean * math.sqrt(2 / math.pi), math.log(scale), skew], lower, upper))
-    for p0 in starts:
-        try:
-            r = least_squares(residuals, p0, jac=lambda q: _jacobian(edges, q, True), bounds=(lower, upper),
-                              x_scale=[max(clipped.sum(), 1.0), 1.0, 1.0, 1.0])
-        except (ValueError, FloatingPointError):
-            continue
-        if np.isfinite(r.x).all() and np.isfinite(r.cost) and (best is None or r.cost < best.cost):
-            best = r
-    if best is None:  # the start itself (a skew-normal), or the normal the cold starts came from
+            starts.append(np.array([mass, mu - scale * lean * math.sqrt(2 / math.pi), math.log(scale), skew]))
+    found = _best_fit(counts, edges, starts, lower, upper, skewed=True)
+    if found is None:  # the start itself (a skew-normal), or the normal the cold starts came from
         return start if start is not None else RowFit(mass, mu, sd)
-    mass, loc, log_scale, skew = (float(v) for v in best.x)
+    mass, loc, log_scale, skew = (float(v) for v in found)
     return RowFit(mass, loc, math.exp(log_scale), skew)
 
 
