@@ -199,12 +199,13 @@ def test_the_masked_vector_is_the_hospitals_clipped_noisy_sum_once_the_masks_are
 
 @contextlib.contextmanager
 def _policy(folder, **changes):
-    """The hospital's policy with ``changes`` for the ``with`` block, its settings file
-    restored byte for byte afterwards."""
+    """The hospital's policy with ``changes`` (none: as it is, for a block that changes it
+    itself) for the ``with`` block, its settings file restored byte for byte afterwards."""
     kept = (folder / SETTINGS_FILE).read_bytes()
-    settings = HospitalFolder(folder).settings
     try:
-        write_settings(folder, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, **changes)))
+        if changes:
+            settings = HospitalFolder(folder).settings
+            write_settings(folder, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, **changes)))
         yield
     finally:
         (folder / SETTINGS_FILE).write_bytes(kept)
@@ -382,8 +383,7 @@ def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(n
     share-keys, before any patient data are read, and nothing is charged."""
     folders, fresh = neighbours
     folder = folders[sorted(folders)[0]]
-    settings_before = (folder / "hospital.yaml").read_bytes()
-    try:
+    with _policy(folder):  # list_peers writes the peers into it
         _reset(folders, fresh)
         signers = list_peers(folder, tmp_path)
         cfg = secure_cfg()
@@ -402,8 +402,6 @@ def test_with_peer_keys_a_hospital_aggregates_only_with_the_hospitals_it_lists(n
             assert status[M.STATE] == ReplyState.REFUSED_POLICY.value and "peer_keys" in str(status[M.REASON]), status
             assert reads.call_count == 0
         assert _ledger_json(folder) == before
-    finally:
-        (folder / "hospital.yaml").write_bytes(settings_before)
 
 
 def test_the_next_rounds_early_setup_keeps_the_policys_least_threshold(neighbours):  # noqa: F811

@@ -281,18 +281,10 @@ def test_a_split_over_its_budget_carries_only_noise_and_says_why(neighbours):  #
     """A hospital whose test patients' budget cannot take the release still sends its
     noise share (the sum's noise is what everyone counts on) but no data, reads nothing
     and charges nothing."""
-    import dataclasses
-
-    from client.folder import SETTINGS_FILE, HospitalFolder, write_settings
-
     folders, fresh = neighbours
     _reset(folders, fresh)
     folder = folders["a"]
-    kept = (folder / SETTINGS_FILE).read_bytes()
-    settings = HospitalFolder(folder).settings
-    try:  # a test budget below what one test release costs
-        write_settings(folder, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy,
-                                                                                        eval_max_epsilon=0.5)))
+    with _policy(folder, eval_max_epsilon=0.5):  # a test budget below what one test release costs
         before = _ledger_json(folder)
         # without the monitor's onset histogram: of the validation patients, within their own budget, it would be made
         cfg = secure_cfg("evaluation.monitor_rate=0", "evaluation.onset_share=0")
@@ -305,8 +297,6 @@ def test_a_split_over_its_budget_carries_only_noise_and_says_why(neighbours):  #
         layout = evaluation_parts(cfg, [Split.TEST], True)
         assert replies[2].content[MASKED]["vector"].numpy().size == vector_size(layout)
         assert _ledger_json(folder) == before
-    finally:
-        (folder / SETTINGS_FILE).write_bytes(kept)
 
 
 def test_the_coordinator_refuses_to_read_a_sum_no_honest_hospitals_can_give():

@@ -20,7 +20,7 @@ from common.messages import ReplyState, Split
 from common.secure_evaluation import VARIANCES
 from server.secagg import key_lines, signature_problem
 from tests.test_neighbouring import _identity, _reset, neighbours  # noqa: F401 - fixtures (_identity autouse)
-from tests.test_secure_aggregation import ME, PEERS, Repeatable, honest_round, list_peers, secure_cfg
+from tests.test_secure_aggregation import ME, PEERS, Repeatable, _policy, honest_round, list_peers, secure_cfg
 from tests.test_secure_evaluation import message as eval_message
 
 
@@ -69,8 +69,7 @@ def test_keys_sent_early_with_an_unmask_are_the_next_rounds_training_keys(neighb
 def test_a_hospital_listing_its_peers_accepts_their_keys_for_its_own_session_only(neighbours, tmp_path, peer_session):  # noqa: F811
     folders, fresh = neighbours
     folder = folders[sorted(folders)[0]]
-    before = (folder / "hospital.yaml").read_bytes()
-    try:
+    with _policy(folder):  # list_peers writes the peers into it
         _reset(folders, fresh)
         signers = list_peers(folder, tmp_path)
         cfg = secure_cfg()
@@ -94,5 +93,3 @@ def test_a_hospital_listing_its_peers_accepts_their_keys_for_its_own_session_onl
             assert state == ReplyState.READY.value, r2.content[M.STATUS]
         else:
             assert state == ReplyState.REFUSED_POLICY.value and "peer_keys" in str(r2.content[M.STATUS][M.REASON])
-    finally:
-        (folder / "hospital.yaml").write_bytes(before)
