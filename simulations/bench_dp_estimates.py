@@ -14,10 +14,12 @@ calibrates for the default config's test release (``evaluation.test_epsilon``, t
 histogram's share; ``--release``: the final model's validation release, or one during
 the run, each of half the test's size); the server pools them and reads metrics with
 each estimator (``evaluation.estimator``): ``binned``, the counts clipped at zero;
-``binormal``, a normal fitted per class (common.estimates); ``binormal-bins``, the same
-fit but AUROC and AUPRC read from its counts in the bins, not on its finer grid.
-``exact-binned`` reads the same histograms without noise (what binning alone costs),
-``binormal-exact`` fits them (what the normal model alone costs).
+``skewnormal`` (the default), a skew-normal fitted per class (Azzalini 1985;
+common.estimates); ``binormal``, a normal fitted per class; ``binormal-bins``, the
+normal's fit but AUROC and AUPRC read from its counts in the bins, not on its finer
+grid. ``exact-binned`` reads the same histograms without noise (what binning alone
+costs); ``skewnormal-exact`` and ``binormal-exact`` fit them (what each fit's shape alone
+costs).
 
 ``--runs DIR ...``: the same on finished runs' models (say, the fold folders of
 ``simulations.utility``), each scored exactly on its own test patients, which stay
@@ -49,9 +51,11 @@ from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, exact_metr
 SIZES = (115, 175, 296, 214)
 PREVALENCES = (0.14, 0.05, 0.19, 0.145)
 # (name, which histograms, estimator, AUROC/AUPRC on the fit's fine grid): what each variant reads
-VARIANTS = (("binned", "noisy", "binned", False), ("binormal", "noisy", "binormal", True),
-            ("binormal-bins", "noisy", "binormal", False), ("exact-binned", "exact", "binned", False),
+VARIANTS = (("binned", "noisy", "binned", False), ("skewnormal", "noisy", "skewnormal", True),
+            ("binormal", "noisy", "binormal", True), ("binormal-bins", "noisy", "binormal", False),
+            ("exact-binned", "exact", "binned", False), ("skewnormal-exact", "exact", "skewnormal", True),
             ("binormal-exact", "exact", "binormal", True))
+THRESHOLD_ESTIMATORS = ("binned", "skewnormal", "binormal")  # the threshold study's, besides the best threshold
 SHIFT = 1.09  # deaths' logits are this much higher: AUROC about 0.78 for normal scores
 NARROW = 0.3  # "narrow": the normal scores squeezed to this sd (a model whose risks are not calibrated)
 
@@ -140,13 +144,13 @@ def threshold_study(shape: str, bins: int, repeats: int, rng: np.random.Generato
     half the test's size; "best": the best threshold for those test patients, any risk."""
     sigma = release_noise(bins, "val-final")
     grid = ScoreGrid(*load_config(None, []).evaluation.logit_range, bins)
-    out: dict[str, list[float]] = {"binned": [], "binormal": [], "best": []}
+    out: dict[str, list[float]] = {**{e: [] for e in THRESHOLD_ESTIMATORS}, "best": []}
     for _ in range(repeats):
         val = pooled([ScoreSummary.from_predictions(*hospital(rng, n // 2, p, shape), grid).noised(sigma, rng)
                       for n, p in zip(SIZES, PREVALENCES)])
         test = [hospital(rng, n, p, shape) for n, p in zip(SIZES, PREVALENCES)]
         y, probs = np.concatenate([t[0] for t in test]), np.concatenate([t[1] for t in test])
-        for estimator in ("binned", "binormal"):
+        for estimator in THRESHOLD_ESTIMATORS:
             edge = choose_threshold(for_metrics(val, estimator, True))
             out[estimator].append(exact_metrics(y, probs, grid.edge_risk(edge) if edge else 0.5).event1_score)
         out["best"].append(max(exact_metrics(y, probs, t).event1_score for t in np.quantile(probs[:, 1], np.linspace(0.5, 0.99, 50))))
@@ -157,7 +161,7 @@ def print_errors(label: str, bins: int, errors: dict[str, dict[str, np.ndarray]]
     for name, per in errors.items():
         for metric, e in per.items():
             e = e[np.isfinite(e)]
-            print(f"{label:7s} {bins:4d} {name:14s} {metric:15s} {e.mean():+7.3f} {e.std():6.3f} {np.sqrt(np.mean(e**2)):6.3f}")
+            print(f"{label:7s} {bins:4d} {name:16s} {metric:15s} {e.mean():+7.3f} {e.std():6.3f} {np.sqrt(np.mean(e**2)):6.3f}")
 
 
 def real_runs(runs: list[Path], bins: list[int], repeats: int, rng: np.random.Generator) -> int:
@@ -165,7 +169,7 @@ def real_runs(runs: list[Path], bins: list[int], repeats: int, rng: np.random.Ge
     from client.evaluation import evaluation_noise
 
     print(f"{repeats} noisy test releases of each run's exact scores; error = estimate - exact")
-    print(f"{'run':7s} {'bins':>4s} {'estimator':14s} {'metric':15s} {'bias':>7s} {'sd':>6s} {'rmse':>6s}")
+    print(f"{'run':7s} {'bins':>4s} {'estimator':16s} {'metric':15s} {'bias':>7s} {'sd':>6s} {'rmse':>6s}")
     for run in runs:
         cfg, parts = run_scores(run)
         sigma = evaluation_noise(cfg.to_json(), 1e-5)[(Split.TEST, True, Item.HISTOGRAM)]
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return real_runs(args.runs, [int(b) for b in args.bins.split(",")], args.repeats, rng)
     print(f"{args.repeats} synthetic {args.release} releases each; noise multiplier "
           f"{release_noise(10, args.release):.3f} (per-cell std per hospital); error = estimate - exact")
-    print(f"{'scores':7s} {'bins':>4s} {'estimator':14s} {'metric':15s} {'bias':>7s} {'sd':>6s} {'rmse':>6s}")
+    print(f"{'scores':7s} {'bins':>4s} {'estimator':16s} {'metric':15s} {'bias':>7s} {'sd':>6s} {'rmse':>6s}")
     for shape in args.shapes.split(","):
         for bins in (int(b) for b in args.bins.split(",")):
             t0 = time.perf_counter()
