@@ -315,6 +315,38 @@ def auroc_interval(summary: ScoreSummary, noise_std: float, level: float = 0.95,
 
 
 INTERVAL_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score")
+RANKING_METRICS = ("auroc", "auprc")
+# A release ranks its patients only between bins: where at least this share of the pairs
+# of a death and a survivor share one bin, the histogram cannot say which of a pair
+# scores higher, and no fit can (a fit places a class anywhere inside one bin: a 1-round
+# model, all scores in one bin, read AUROC 0.045 for an exact 0.704, its interval
+# 0.000-0.125). Measured on synthetic default-sized releases with the logits squeezed
+# (bench_dp_estimates' "narrow" at scale 0.05-1): pairs in one bin 0.58-0.87 at scale 0.1
+# (skew-normal AUROC error -0.17, sd 0.33; intervals held 6 of 12), 0.41-0.59 at 0.2
+# (-0.09, sd 0.15; 8 of 12), 0.25-0.45 at 0.3 (+0.00, sd 0.08; 10 of 12). Five real
+# trained models' pooled test releases: 0.17-0.22 exact, at most 0.30 with the noise.
+MAX_PAIRS_IN_ONE_BIN = 0.4
+
+
+def pairs_in_one_bin(summary: ScoreSummary) -> float | None:
+    """Of all pairs of a patient with the outcome and one without, the share whose scores
+    fall into the same bin of the release (its counts clipped at zero); None for a
+    release that is not binary or lacks a class. Post-processing of the release."""
+    hist = summary.histogram
+    if hist.shape[:2] != (2, 1):
+        return None
+    neg, pos = np.maximum(hist[0, 0], 0.0), np.maximum(hist[1, 0], 0.0)
+    if not (pos.sum() > 0 and neg.sum() > 0):
+        return None
+    return float((pos * neg).sum() / (pos.sum() * neg.sum()))
+
+
+def ranks_patients(summary: ScoreSummary) -> bool:
+    """Whether the release's bins tell the two outcomes' scores apart enough to read a
+    ranking metric (AUROC, AUPRC) from it: fewer than :data:`MAX_PAIRS_IN_ONE_BIN` of
+    the pairs share a bin."""
+    share = pairs_in_one_bin(summary)
+    return share is not None and share < MAX_PAIRS_IN_ONE_BIN
 
 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
@@ -335,7 +367,8 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     It describes the error of the reading, for these patients; the metric on other
     patients differs by their sampling error on top. Post-processing of the release: no
     privacy cost. Binary tasks only; None when no normal fits either class (then no
-    number should be shown for the release at all)."""
+    number should be shown for the release at all). AUROC and AUPRC get none where the
+    bins cannot rank the patients (:func:`ranks_patients`): they cannot be estimated."""
     from .metrics import exact_metrics
 
     hist = summary.histogram
@@ -384,7 +417,10 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
         if math.isfinite(exact.auroc) and math.isfinite(binned):
             in_bins.append(binned - exact.auroc)
     out = {}
+    ranked = ranks_patients(summary)
     for m, errs in errors.items():
+        if m in RANKING_METRICS and not ranked:
+            continue  # no interval, so no number: the bins cannot rank these patients
         estimate = getattr(read, m)
         if len(errs) >= draws // 2 and math.isfinite(estimate):
             low, high = _bounds(estimate, errs, level)

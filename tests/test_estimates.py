@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from common.estimates import _edges, _shape, auroc_interval, binormal_counts, fit_normal, for_metrics
 from common.messages import Split
-from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, pooled
+from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, format_metrics, pooled
 from tests.conftest import small_cfg
 
 GRID = ScoreGrid(-7.0, 3.0, 10)
@@ -454,3 +454,52 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     s_bias, s_sd, s_rmse, s_held, s_total = found["skewnormal"].row("specificity")
     assert abs(s_bias) < bias and s_rmse < rmse and s_total == 3
 
+
+
+def _one_bin_release(rng, grid, sigma, spread):
+    """800 patients (about 110 deaths) whose logits lie within ``spread`` of -0.5, deaths
+    0.3 x spread higher (exact AUROC about 0.7), released with noise ``sigma`` per cell."""
+    y = (rng.random(800) < 0.14).astype(np.int64)
+    logits = -0.5 + spread * (rng.normal(size=800) + 1.09 * y) / 4
+    risk = 1 / (1 + np.exp(-logits))
+    probs = np.stack([1 - risk, risk], axis=1)
+    return y, probs, ScoreSummary.from_predictions(y, probs, grid).noised(sigma, rng)
+
+
+def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patients(caplog, monkeypatch):
+    """A barely trained model puts every score into one bin: a fit can place either class
+    anywhere inside it (a 1-round run read AUROC 0.045 for an exact 0.704, interval
+    0.000-0.125). Then AUROC and AUPRC get no interval, so no number, the console says
+    why, and the decisions at the threshold keep theirs; a model whose scores spread over
+    the bins keeps every interval."""
+    import logging
+
+    import server.results as results
+    from common.estimates import MAX_PAIRS_IN_ONE_BIN, metric_intervals, pairs_in_one_bin, ranks_patients
+    from common.messages import Item
+    from server.validation import Evaluations
+
+    rng = np.random.default_rng(5)
+    edge = GRID.edge_for_risk(0.2)
+    for _ in range(2):
+        y, probs, narrow = _one_bin_release(rng, GRID, 6.0, spread=0.3)
+        assert exact_metrics(y, probs).auroc > 0.6 and pairs_in_one_bin(narrow) >= MAX_PAIRS_IN_ONE_BIN
+        assert not ranks_patients(narrow)
+        found = metric_intervals(narrow, 6.0, edge, 0.99, 20, rng, "skewnormal")
+        assert found is not None and "auroc" not in found and "auprc" not in found
+        assert {"accuracy", "sensitivity", "specificity"} <= set(found)
+        _, _, wide = _one_bin_release(rng, GRID, 6.0, spread=4.0)
+        assert ranks_patients(wide) and pairs_in_one_bin(wide) < 0.3
+        assert {"auroc", "auprc"} <= set(metric_intervals(wide, 6.0, edge, 0.99, 20, rng, "skewnormal"))
+
+    released = {"a": Evaluations(summaries={Split.TEST: narrow}, noise={Item.HISTOGRAM: 6.0},
+                                 histogram_noise={Split.TEST: 6.0})}
+    monkeypatch.setattr(results, "metric_intervals",  # the real bootstrap, with fewer draws
+                        lambda summary, sd, at, level, draws, rng, estimator:
+                        metric_intervals(summary, sd, at, level, 20, rng, estimator))
+    with caplog.at_level(logging.WARNING, logger="fedgru.server"):
+        result = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
+    assert result.auroc_interval is None and "sensitivity" in result.intervals["pooled"]
+    assert "cannot rank its patients" in caplog.text and "AUROC and AUPRC" in caplog.text
+    line = format_metrics(result.pooled, result.intervals["pooled"], dp=True)
+    assert line.startswith("AUROC cannot be estimated  AUPRC cannot be estimated  accuracy 0.")

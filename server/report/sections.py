@@ -8,7 +8,7 @@ import math
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
-from common.estimates import INTERVAL_LEVEL, interval_coverage
+from common.estimates import INTERVAL_LEVEL, MAX_PAIRS_IN_ONE_BIN, interval_coverage
 from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
 
 from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
@@ -173,6 +173,11 @@ def test_results_section(run: RunFolder) -> Section | None:
         f"parametric bootstrap of the release; {interval_coverage('secure' if secure else 'per_hospital')}). A value on other patients differs by their own "
         "sampling error on top. A row the noise drowns shows no number. " if dp else ""
     )
+    if dp and any(found and "auroc" not in found for found in test.intervals.values()):
+        intervals += (f"AUROC and AUPRC cannot be estimated in a row where {MAX_PAIRS_IN_ONE_BIN:.0%} or more of the "
+                      "pairs of a patient with the outcome and one without fall into the same bin of its histogram: "
+                      "the bins cannot say which of a pair scores higher (the model's scores spread less than a bin "
+                      "of evaluation.logit_range, as a barely trained model's do). ")
     exact = ("The rows marked exact score the same model on the same test patients without noise: a simulation "
              "holds every patient; a real federation never sees them. " if test.exact is not None else "")
     rule = {"auto": "'auto': the risk at which the pooled validation releases flag evaluation.flag_rate of the patients",
