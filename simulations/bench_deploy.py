@@ -26,7 +26,7 @@ from pathlib import Path
 from common.config import load_config
 from common.files import write_json
 from common.paths import resolve
-from simulations.deployment import LocalFederation, cut_stays, wait_until
+from simulations.deployment import LocalFederation, cut_stays
 
 # The deployment test's run (tests/test_deployment.py): the default model, small batches,
 # epsilon 0.4 for each group of patients (a hospital's default policy allows at most 0.5
@@ -51,9 +51,7 @@ def bench(hospitals: int, rounds: int, stays: int, keep: Path | None = None, sec
             data = cut_stays(resolve(cfg.data.path), root / "data", names, stays)
             fed.set_up(data, resolve(cfg.data.outcomes), max_epsilon=1.0)
             started = time.monotonic()
-            for name in names:
-                fed.start_supernode(name)
-            wait_until(lambda: fed.online() == hospitals, 180, f"{hospitals} SuperNodes online")
+            fed.start_supernodes(names)
             nodes_up = time.monotonic() - started
             runs = root / "runs"
             t0 = time.monotonic()

@@ -34,7 +34,7 @@ from common.config import ExperimentConfig, load_config
 from common.data.records import natural_key
 from common.paths import resolve
 
-from .deployment import LocalFederation, wait_until
+from .deployment import LocalFederation
 
 STEP_TIMEOUT_S = 600
 
@@ -154,9 +154,7 @@ def deploy_local(config: Path | None, overrides: list[str], hospitals: int, out:
                    max_epsilon=cfg.privacy.max_epsilon, data_format=cfg.data.format, config=config, overrides=overrides)
         step("hospital folders, deploy init, SuperLink")
         progress("each hospital: flower-supernode and fedgru hospital serve")
-        for name in names:
-            fed.start_supernode(name)
-        wait_until(lambda: fed.online() == hospitals, 180, f"{hospitals} SuperNodes online")
+        fed.start_supernodes(names)
         step("SuperNodes up")
         progress("the coordinator: fedgru status")
         status = fed.flwr(*fed.status_args(rounds or 0), timeout=STEP_TIMEOUT_S)

@@ -10,7 +10,7 @@ happened; the tests below check it. The scenario:
 1. Each hospital makes its folder and approves the app; ``fedgru deploy init`` takes the
    public keys of a, b, c and registers them; d is never registered.
 2. d's SuperNode tries to join and is refused.
-3. Run 1 (12 rounds): c's SuperNode and app are killed while c trains round 1 and
+3. Run 1 (8 rounds): c's SuperNode and app are killed while c trains round 1 and
    restarted while the run goes on; once c has trained again in that live run, the
    coordinator (the ServerApp process) is killed and the run is resumed from its last
    checkpoint.
@@ -45,7 +45,12 @@ from tests.conftest import OUTCOMES, ROOT, SET_A
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 HOSPITALS = ("a", "b", "c")
-RUN1_ROUNDS = 12  # room for c to come back: a restarted SuperNode is refused for up to a minute (measured: back in round 4 or 5)
+# Room for c to come back. The SuperLink refuses a restarted SuperNode until its old
+# session's heartbeats have lapsed (up to a minute); c is frozen through round 1 (about 40 s,
+# until the SuperLink reports it unavailable) before it is killed, so it is let in at once
+# and trains again in round 2 or 3 (measured), and the run has rounds left when the
+# coordinator is killed.
+RUN1_ROUNDS = 8
 CANARY = "187.654321"  # a heart rate no log line may ever show
 # Each run plans epsilon 0.4 for every group of patients against the hospitals' budgets
 # of 1, so run 2 has budget left to spend on top of run 1 (at target 1 run 1 would spend
@@ -113,9 +118,7 @@ def scenario(tmp_path_factory, physionet_files):
         # d makes its folder like the others but is never registered
         fed.set_up({n: root / "data" / n for n in HOSPITALS + ("d",)}, OUTCOMES, max_epsilon=1.0, register=HOSPITALS)
         record["commands"] = (root / "fed" / "COMMANDS.md").read_text()
-        for name in HOSPITALS:
-            fed.start_supernode(name)
-        wait_until(lambda: fed.online() == 3, 120, "three SuperNodes online")
+        fed.start_supernodes(HOSPITALS)
 
         # 2. an unregistered hospital tries to join
         intruder = fed.start("supernode-d", [
@@ -134,7 +137,7 @@ def scenario(tmp_path_factory, physionet_files):
         # trained again in that live run, kill the coordinator and resume
         runs = root / "runs"
         t0 = time.monotonic()
-        first = fed.run_app(RUN1_ROUNDS, runs)
+        fed.run_app(RUN1_ROUNDS, runs)
         # c hangs as soon as it starts round 1, so it cannot answer it, and round 1 must
         # complete from a and b; then it crashes. (Killing it once its ledger recorded
         # round 1 raced with the reply sent right after that record: in one run of 2 the
@@ -163,10 +166,8 @@ def scenario(tmp_path_factory, physionet_files):
         for pid in serverapps:
             os.kill(int(pid), signal.SIGKILL)
         record["serverapp_killed"] = bool(serverapps)
-        try:
-            first.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
+        # the first run's `flwr run --stream` goes on streaming after its ServerApp died (it
+        # waited out the whole 60 s it was given here, measured): it is stopped at once
         for name in [k for k in fed.procs if k.startswith("run-")]:
             fed.stop(name)
         resumed = fed.run_app(RUN1_ROUNDS, runs, resume=run_dir)
