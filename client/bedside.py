@@ -109,6 +109,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
     hour so that the same share of patients is flagged at every hour, and with
     ``latched`` moved up by the run's margin: the flag then stays on, ``common.onset``);
     return a text summary."""
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,13 +118,16 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
 
     sections, lines = [], []
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The page embeds its plots: they are drawn in a folder of their own, gone once the page is written
+    plots = tempfile.TemporaryDirectory(prefix="fedgru-monitor-")
+    decision = bundle.info.get("threshold")  # what `fedgru predict` flags at, on the last hour's risk alone
     for stay_id in stay_ids:
         i = stay_index(ds, stay_id)
         risks = hourly_risks(bundle, ds.subset(np.array([i])))[0]
         found = jumps(bundle, ds, i, risks)
         hours = np.arange(1, len(risks) + 1)
         first = next((int(h) for h, r, t in zip(hours, risks, thresholds) if r >= t), None)
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = plt.subplots(figsize=(9.5, 3.6))
         if first is not None and latched:  # the flag stays on from its first hour
             ax.axvspan(first - 0.5, len(risks) + 0.5, color="#cc0000", alpha=0.08, lw=0, label="flagged")
         ax.plot(hours, risks, "-o", ms=3, color="#3465a4", label="risk after each hour")
@@ -137,10 +142,10 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         ax.set_ylabel("risk of the outcome")
         ax.set_ylim(0, max(1e-3, min(1.0, max(risks.max(), thresholds.max()) * 1.25)))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: off the curve
         ax.set_title(f"stay {stay_id}")
         fig.tight_layout()
-        png = out.with_name(f"{out.stem}-{stay_id}.png")
+        png = Path(plots.name) / f"{stay_id}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
@@ -152,14 +157,20 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
                                 "flagged at every hour: an early risk is judged against early risks.")
             + (" A flag stays on once raised (shaded): the line is each hour's threshold moved up by the run's "
-               "margin, read so that a set share of patients is flagged at some hour of the window." if latched else ""),
+               "margin, read so that a set share of patients is flagged at some hour of the window." if latched else "")
+            + (f" `fedgru predict` decides on the risk at hour {len(risks)} alone, at {float(decision):.3f}: this "
+               f"stay is {'flagged' if risks[-1] >= float(decision) else 'not flagged'} there."
+               if latched and decision is not None else ""),
             Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows,
                   empty="The risk did not change after hour 1."),
         ]))
         lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}, {flag_text}")
         lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: " + ", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers)
                   for j in found]
-    out.write_text(to_html("fedgru monitor", sections))
+    try:
+        out.write_text(to_html("fedgru monitor", sections))
+    finally:
+        plots.cleanup()
     return "\n".join(lines)
 
 

@@ -96,10 +96,11 @@ def fit_noise(cfg: ExperimentConfig, policy: Policy, declared_train: int, accoun
     if ledger is not None:
         left = smallest_noise(whole_run, budget)
         if left > MAX_NOISE_OVER_RUN * target:
-            raise PolicyRefusal("privacy", f"its remaining training budget ({budget_left(ledger, budget)} of {budget:g}) "
-                                           f"would need noise multiplier {left:.3g}, over {MAX_NOISE_OVER_RUN:g} times "
-                                           f"the run's {target:.3g}: its updates would be mostly noise; use a smaller "
-                                           "privacy.target_epsilon or fewer rounds, or run without this hospital")
+            raise PolicyRefusal("privacy.target_epsilon", f"is {pr.target_epsilon:g}, which plans noise multiplier "
+                                f"{target:.3g}; this hospital's remaining training budget ({budget_left(ledger, budget)} "
+                                f"of {budget:g}) would need {left:.3g}, over {MAX_NOISE_OVER_RUN:g} times as much, so its "
+                                "updates would be mostly noise: use a smaller privacy.target_epsilon or fewer rounds, "
+                                "or run without this hospital")
         candidates.append((left, "its remaining budget"))
     sigma, set_by = max(candidates)
     return NoiseFit(float(sigma), set_by, q, steps)

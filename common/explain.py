@@ -170,8 +170,14 @@ def denormalise(spec: VariableSpec | StaticSpec, value: float) -> float:
     if getattr(spec, "binary", False):
         return float(value)
     if spec.log:
-        return float(math.expm1(value * spec.scale + math.log1p(max(spec.center, 0.0))))
-    return float(value * spec.scale + spec.center)
+        raw = math.expm1(value * spec.scale + math.log1p(max(spec.center, 0.0)))
+    else:
+        raw = value * spec.scale + spec.center
+    # The normalised values are float32 (about 7 digits): back in clinical units they came out as
+    # 59.99999979 years or 1.06e-07 mL of urine. Six significant digits, and nothing below a millionth
+    # of the variable's own scale, keep every digit a chart has.
+    cleaned = float(f"{raw:.6g}")
+    return 0.0 if abs(cleaned) < 1e-6 * max(1.0, abs(spec.center)) else cleaned
 
 
 def last_observations(x: np.ndarray, features: FeatureSection) -> list[tuple[float | None, int | None]]:

@@ -1,15 +1,16 @@
 """The ``fedgru`` command: one entry point, each subcommand in the folder of its role.
 
-    fedgru simulate  --config FILE [--out DIR] [--rounds N] [--set key=value ...]
+    fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...]
     fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--json]
     fedgru predict   --model RUN/model.pt --data PATH --out risks.csv [--hourly]
     fedgru explain   --model RUN/model.pt --data PATH --stay ID [--json]
     fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html]
-    fedgru baseline  --config FILE --kind central|central-dp|local [--out DIR]
+    fedgru baseline  [--config FILE] --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
     fedgru hospital  data|approve|serve|show --hospital-dir DIR
+    fedgru hospital  peer --hospital-dir DIR --name OTHER --key OTHER.pub
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
     fedgru deploy    local --out DIR [--hospitals N] [--rounds R] [--set key=value ...]
     fedgru status    [--federation NAME] [--config FILE] [--set key=value ...]
@@ -170,9 +171,14 @@ def cmd_predict(args) -> int:
         flagged = monitor_flags(risks, levels, latched)
         with open(out, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged"])
+            # flagged_since: the hour the stay's flag (on at that row) was raised, so a kept flag says where it
+            # came from when the hour's own risk is below its threshold
+            writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged", "flagged_since"])
             for sid, row, flags in zip(ds.stay_ids, risks, flagged):
-                writer.writerows([sid, h + 1, f"{r:.6f}", f"{levels[h]:.3f}", int(flags[h])] for h, r in enumerate(row))
+                since = None
+                for h, r in enumerate(row):
+                    since = (since or h + 1) if flags[h] else None
+                    writer.writerow([sid, h + 1, f"{r:.6f}", f"{levels[h]:.3f}", int(flags[h]), since or ""])
         print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}; "
               f"{flagged[:, -1].mean():.0%} of stays flagged at hour {risks.shape[1]}, {flagged.any(axis=1).mean():.0%} "
               "at some hour" + ("; a flag stays on once raised" if latched else ""), file=sys.stderr)
@@ -188,8 +194,10 @@ def cmd_predict(args) -> int:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
-    of = f" (the risk of '{classes[1]}')" if len(classes) == 2 else ""
-    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {out}", file=sys.stderr)
+    of = f" (the risk of {classes[1]})" if len(classes) == 2 else ""
+    share = (f"; {flagged.mean():.0%} of stays flagged at risk >= {_threshold(args, bundle):.3f}"
+             if len(classes) == 2 else "")
+    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {out}{share}", file=sys.stderr)
     return 0
 
 
@@ -460,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hourly", action="store_true",
                    help="one row per stay and hour: the risk after each hour, from what was observed up to it")
     p.add_argument("--threshold", type=float,
-                   help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
+                   help="binary tasks: flag a patient at this risk or more (default: the run's decision threshold; "
+                        "with --hourly the run's threshold for each hour moved up by its margin, a flag kept once "
+                        "raised; --threshold T judges every hour at T alone, on and off)")
     p.set_defaults(fn=cmd_predict)
 
     p = _command(sub, "explain", help="why the model gives a stay its risk: contributions per variable and descriptor")
@@ -472,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "monitor", help="a stay's risk hour by hour, with the threshold and what moved it (HTML)")
     _stay_arguments(p, "a stay id (repeatable: one chart each)")
     p.add_argument("--out", help="HTML file (default monitor-<stay>.html)")
-    p.add_argument("--threshold", type=float, help="flag at this risk (default: the one the run chose)")
+    p.add_argument("--threshold", type=float,
+                   help="flag at this risk at every hour, on and off, without the run's margin (default: the run's "
+                        "threshold for each hour moved up by its margin, a flag kept once raised)")
     p.set_defaults(fn=cmd_monitor)
 
     p = _command(sub, "plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")

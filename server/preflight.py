@@ -74,7 +74,8 @@ def accepted_line(accepted: list[PreflightAnswer], asked: int) -> str:
         return lo if lo == hi else f"{lo} to {hi}"
 
     reasons = Counter(a.noise_set_by for a in accepted)
-    set_by = ", ".join(f"{why} at {count}" for why, count in reasons.most_common())
+    set_by = ", ".join(f"{why} at {count} {'hospital' if count == 1 else 'hospitals'}"
+                       for why, count in reasons.most_common())
     return (f"{len(accepted)} of {asked} hospitals accept the plan: noise multiplier "
             f"{span([a.noise_multiplier for a in accepted], '.3g')} (set by {set_by}), training epsilon after the run "
             f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (budget left "

@@ -122,6 +122,9 @@ class TestResult:
     calibration: Calibration | None
     calibration_curve: list[CalibrationPoint] = field(default_factory=list)  # pooled, by risk decile
     subgroups: list[GroupResult] = field(default_factory=list)  # metrics per group of test patients (DP)
+    # A group is read only when its pooled noisy deaths and survivors each reach this count (MIN_SIGNAL sds of
+    # the DP noise on a group's count over its bins, at this run's noise and hospitals); None: no per-group release.
+    subgroup_least: float | None = None
     importance: dict[str, float] = field(default_factory=dict)  # mean clipped |contribution| per input (DP), largest first
     importance_noise: float | None = None  # the standard deviation of the DP noise on each of those means
     # DP releases: rough intervals of each metric for the DP noise and the fit (common.estimates.metric_intervals;

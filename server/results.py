@@ -223,8 +223,9 @@ class Reader:
             for e in groups[1:]:
                 total_groups = total_groups + e.subgroups
             sd = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
+            result.subgroup_least = MIN_SIGNAL * sd * math.sqrt(total_groups.grid.bins)
             result.subgroups = subgroup_results(self.cfg, total_groups, total_groups.grid.edge_for_risk(threshold), None,
-                                                min_count=MIN_SIGNAL * sd * math.sqrt(total_groups.grid.bins))
+                                                min_count=result.subgroup_least)
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
         if important:
             patients = sum(parts[n].n for n, _ in important)

@@ -244,6 +244,18 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
     assert len(rows) == 48 * len(finals) and last.keys() == finals.keys()
     assert max(abs(last[k] - finals[k]) for k in finals) < 1e-5
     assert all(r["flagged"] == str(int(float(r["risk"]) >= 0.3)) for r in rows)
+    # flagged_since: the hour the flag on at that row was raised, a flagged hour whose risk passed its threshold
+    by_stay_hour = {(r["stay_id"], int(r["hour"])): r for r in rows}
+    for r in rows:
+        if r["flagged"] == "0":
+            assert r["flagged_since"] == ""
+        else:
+            since = int(r["flagged_since"])
+            assert since <= int(r["hour"]) and all(by_stay_hour[(r["stay_id"], h)]["flagged"] == "1"
+                                                    for h in range(since, int(r["hour"]) + 1))
+            raised = by_stay_hour[(r["stay_id"], since)]
+            assert float(raised["risk"]) >= float(raised["threshold"]) - 5e-4  # (the threshold printed to 3 digits)
+            assert since == 1 or by_stay_hour[(r["stay_id"], since - 1)]["flagged"] == "0"
 
 
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):

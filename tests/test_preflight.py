@@ -133,6 +133,17 @@ def test_a_spent_budget_raises_the_noise_so_the_run_fits_what_is_left(hospital):
     assert spent < answer.planned["train"] <= 1.0
 
 
+def test_a_target_far_above_the_budget_left_is_refused_naming_the_target(hospital):
+    """A target epsilon far over what is left plans so little noise that the hospital's
+    budget would need over 10 times as much: its updates would be mostly noise, so it
+    refuses, naming privacy.target_epsilon and both noise multipliers."""
+    answer = _plan(hospital, hospital_cfg("run.rounds=3", "privacy.target_epsilon=1000"))
+    assert not answer.accepted
+    assert answer.reason.startswith("'privacy.target_epsilon' is 1000, which plans noise multiplier ")
+    assert "remaining training budget (1 of 1) would need " in answer.reason and "over 10 times as much" in answer.reason
+    assert folder_ledger(hospital).entries == []
+
+
 def test_a_spent_training_budget_refuses_the_plan(hospital):
     _spend(hospital, [LedgerEntry("earlier", r, Mechanism.DP_SGD, "weights", noise_multiplier=1.0, sample_rate=0.5,
                                   steps=5, max_grad_norm=3.0, examples=100) for r in range(1, 5)])

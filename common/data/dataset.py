@@ -231,8 +231,9 @@ def load_dataset(
         if p is not None and not p.exists():
             raise DataError(
                 str(p),
-                f"{what} not found. Set data.{'path' if what == 'data' else 'outcomes'} in the config "
-                f"(or --set / --run-config) to where PhysioNet's files or your export live",
+                f"{what} not found. Set data.{'path' if what == 'data' else 'outcomes'} in the config (or "
+                f"--set data.{'path' if what == 'data' else 'outcomes'}=PATH on the command line) to where "
+                "PhysioNet's files or your export live",
             )
     fingerprint = fingerprint_files(*(p for p in (dpath, opath) if p is not None))
     if not data.cache:

@@ -79,21 +79,23 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
                   f"the coordinator: epsilon {format_number(g.epsilon_alone)}" if g.epsilon_alone is not None
                   else f"{other} accounting: epsilon {format_number(other_eps)}")
         groups.append(
-            f"its {label} patients ({what}, {g.releases} release(s)): ({format_number(g.epsilon)}, {delta:.0e})-DP "
+            f"its {label} patients ({what}, {g.releases} {'release' if g.releases == 1 else 'releases'}): "
+            f"({format_number(g.epsilon)}, {delta:.0e})-DP "
             f"({second})"
         )
     worst = max(g.epsilon for g in h.groups.values())
     exact = "" if privacy.evaluation_dp else (
         " In this run the score histograms were exact (a comparison simulation): they carry no DP guarantee."
     )
-    budget_text = (
-        f" The training patients' budget is epsilon = {format_number(h.budget)}; {format_number(h.remaining)} remains."
-        if h.budget else ""
-    )
+    left = (f"{format_number(h.remaining)} remains" if h.remaining is None or h.remaining >= 0.0005
+            else "it is spent (less than 0.001 remains)")
+    budget_text = f" The training patients' budget is epsilon = {format_number(h.budget)}; {left}." if h.budget else ""
     return (
         f"For every patient of hospital {name}, everything {name} released about that patient {scope} satisfies "
         f"differential privacy ({h.accountant.upper()} accounting), group by group: " + "; ".join(groups) + ". "
-        f"In plain words: whether or not any one patient's record was used, the probability of anything an "
+        + ("Each patient is in one of these groups only, so a patient's epsilon is that of their group: the groups' "
+           "epsilons do not add up. " if len(groups) > 1 else "")
+        + f"In plain words: whether or not any one patient's record was used, the probability of anything an "
         f"outsider can observe changes by at most a factor of {math.exp(worst):.2f} (e to the power epsilon), "
         f"except with probability {delta:.0e}. Released without DP, and about no single patient: the hospital's "
         "name, the number of stays in each split, and the settings and list of its releases (its ledger)."
@@ -318,12 +320,33 @@ def subgroup_section(run: RunFolder) -> Section | None:
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
            "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
     ]
+    unread = [g for g in test.subgroups if g.metrics is None and g.note.startswith("too few")]
+    least = getattr(test, "subgroup_least", None)
+    if unread and least:
+        blocks.append(group_size_words(run, least, len(unread) == len(test.subgroups)))
     curves = {"all test patients": test.calibration_curve}
     by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
     curves.update({g.group: g.calibration for g in by_group})
     if plot_reliability(curves, run.path / "calibration.png"):
         blocks.append(Image(run.path / "calibration.png", "Reliability diagram: observed against predicted risk by risk decile"))
     return Section("Whom the model fails: test patients by group", blocks)
+
+
+def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
+    """What size of federation a group needs before its row is read: the least pooled
+    count of deaths and of survivors in the group's test patients, and what that is in
+    the whole federation at the config's test split."""
+    cfg = run.config
+    split = (1 / cfg.split.folds if cfg.split.folds else cfg.split.test) if cfg else None
+    text = (("No group could be read at this run's size. " if none_read else "")
+            + f"A group's row is read when its pooled test patients hold at least {least:.0f} deaths and "
+            f"{least:.0f} survivors, as noisy counts (2 sds of the DP noise on a group's count, at this run's noise "
+            "and number of hospitals; the noise on a pooled count grows with the square root of the number of "
+            "hospitals, and falls as evaluation.test_epsilon or evaluation.subgroup_share rise).")
+    if split:
+        text += (f" With {split:.0%} of each hospital's stays in its test split (this run's config), that is about "
+                 f"{least / split:,.0f} deaths and as many survivors of the group across the federation.")
+    return text
 
 
 def importance_section(run: RunFolder) -> Section | None:
