@@ -351,6 +351,8 @@ def with_interval(value: float | None, interval: list[float] | tuple[float, floa
     if value is None or interval is None or not math.isfinite(value):
         return "cannot be estimated" + (f" ({what})" if what else "")
     low, high = interval
+    if round(low, digits) <= 0 and round(high, digits) >= 1:  # a share anywhere from 0 to 1: no information
+        return "cannot be estimated (its interval is all of 0-1)"
     return f"{value:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 

@@ -137,3 +137,15 @@ def test_a_nan_score_counts_once_in_the_lowest_bin():
     summary = ScoreSummary.from_predictions(np.array([0, 1, 1]), probs, ScoreGrid(-4.0, 4.0, 8))
     assert summary.histogram.sum() == 3
     assert summary.histogram[1, 0, 0] == 1  # the NaN death, in the lowest bin
+
+
+def test_a_dp_reading_shows_a_number_only_with_an_interval_that_says_something():
+    from common.metrics import with_interval
+
+    assert with_interval(0.8123, [0.761, 0.858]) == "0.812 (0.761-0.858)"
+    assert with_interval(0.8, None) == "cannot be estimated"
+    assert with_interval(float("nan"), [0.1, 0.2], what="why") == "cannot be estimated (why)"
+    # "AUPRC 0.487 (0.000-1.000)" read like a number; it is no information
+    assert with_interval(0.487, [0.0, 1.0]) == "cannot be estimated (its interval is all of 0-1)"
+    assert with_interval(0.487, [0.0004, 0.9996]) == "cannot be estimated (its interval is all of 0-1)"
+    assert with_interval(0.487, [0.0, 0.97]) == "0.487 (0.000-0.970)"

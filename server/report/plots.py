@@ -34,9 +34,10 @@ def _nan(value: float | None) -> float:
 
 def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
     """The validation AUROC of each validated round's model, pooled with its rough
-    interval and per hospital; False (no plot) when no round was validated."""
+    interval and per hospital; False (no plot) when fewer than two rounds were validated
+    (one point on an axis of its own is no curve: the default validates the final model only)."""
     validated = [r for r in metrics.rounds if r.pooled_val is not None]
-    if not validated:
+    if len(validated) < 2:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r.round for r in validated]
