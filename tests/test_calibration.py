@@ -65,3 +65,18 @@ def test_degenerate_histograms_are_left_uncalibrated():
     crammed = np.full(6, 0.3)
     assert fit_logistic_calibration(ScoreSummary.from_predictions(y, np.stack([1 - crammed, crammed], 1), GRID)) is None
     assert 0.0 <= calibrate_risk(1e-300, 40.0, 5.0) < 1e-100 and calibrate_risk(1 - 1e-16, 40.0, 5.0) == 1.0
+
+
+def test_the_report_says_when_the_risks_run_low_or_high():
+    from common.subgroups import CalibrationPoint
+    from server.report.sections import calibration_words
+
+    def curve(factor):
+        return [CalibrationPoint(predicted=p, observed=p * factor, patients=80.0) for p in (0.02, 0.1, 0.3)]
+
+    assert "about calibrated" in calibration_words(curve(1.05), False)
+    low = calibration_words(curve(1.24), False)
+    assert "1.24 times" in low and "run low (a risk understates" in low and "evaluation.calibrate: true" in low
+    high = calibration_words(curve(0.7), True)
+    assert "run high (a risk overstates" in high and "even after the recalibration" in high
+    assert calibration_words([], False) == ""

@@ -100,7 +100,7 @@ def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> b
     ax.set_xlim(0, min(1, top * 1.1))
     ax.set_ylim(0, min(1, top * 1.1))
     ax.set_xlabel("predicted risk (mean of each tenth of the patients)")
-    ax.set_ylabel("observed rate of the outcome")
+    ax.set_ylabel("observed rate of the outcome (DP reading)")
     ax.set_title("Calibration of the final model (test patients)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

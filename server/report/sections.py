@@ -324,12 +324,36 @@ def subgroup_section(run: RunFolder) -> Section | None:
     least = getattr(test, "subgroup_least", None)
     if unread and least:
         blocks.append(group_size_words(run, least, len(unread) == len(test.subgroups)))
+    overall = calibration_words(test.calibration_curve, bool(test.calibration))
+    if overall:
+        blocks.append(overall)
     curves = {"all test patients": test.calibration_curve}
     by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
     curves.update({g.group: g.calibration for g in by_group})
     if plot_reliability(curves, run.path / "calibration.png"):
-        blocks.append(Image(run.path / "calibration.png", "Reliability diagram: observed against predicted risk by risk decile"))
+        blocks.append(Image(run.path / "calibration.png", "Reliability diagram: observed rate against mean predicted risk in "
+                                                          "tenths of the test patients by risk, both read from the DP "
+                                                          "test releases (the run's estimator), not from exact counts"))
     return Section("Whom the model fails: test patients by group", blocks)
+
+
+def calibration_words(curve, recalibrated: bool) -> str:
+    """One sentence on whether the final model's risks run high or low over all test
+    patients (observed rate over mean predicted risk, both read from the DP releases)."""
+    observed = sum(p.observed * p.patients for p in curve)
+    predicted = sum(p.predicted * p.patients for p in curve)
+    if not curve or not predicted > 0:
+        return ""
+    ratio = observed / predicted
+    if 0.9 <= ratio <= 1.1:
+        return (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk: about "
+                "calibrated, as read from the DP releases.")
+    way = "low (a risk understates" if ratio > 1 else "high (a risk overstates"
+    return (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk, as read from the "
+            f"DP releases: the model's risks run {way} the chance of the outcome), so read them as a ranking and "
+            "against the run's thresholds, not as probabilities"
+            + (" (even after the recalibration above)." if recalibrated else
+               " (evaluation.calibrate: true refits the risk scale on the pooled DP validation releases)."))
 
 
 def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
