@@ -184,6 +184,13 @@ class RowFit:
     scale: float
     skew: float = 0.0
 
+    @property
+    def sd(self) -> float:
+        """The fitted distribution's standard deviation (Azzalini 1985: scale x sqrt(1 - 2 d^2 / pi),
+        d = skew / sqrt(1 + skew^2))."""
+        d2 = self.skew**2 / (1 + self.skew**2)
+        return self.scale * math.sqrt(1 - 2 * d2 / math.pi)
+
     def shares(self, edges: np.ndarray) -> np.ndarray:
         return _shape(edges, self.loc, self.scale, self.skew)
 
@@ -326,6 +333,14 @@ RANKING_METRICS = ("auroc", "auprc")
 # (-0.09, sd 0.15; 8 of 12), 0.25-0.45 at 0.3 (+0.00, sd 0.08; 10 of 12). Five real
 # trained models' pooled test releases: 0.17-0.22 exact, at most 0.30 with the noise.
 MAX_PAIRS_IN_ONE_BIN = 0.4
+# The same scores can straddle a bin edge (a grid anchored at a threshold inside them):
+# then fewer pairs share a bin, but both classes' fits are narrower than a bin. A review
+# (2026-12-06) read AUROC 0.60 (0.39-0.68) for an exact 0.80 that way. Five real trained
+# models' pooled test releases, 60 noise draws each on three grids: the wider class's
+# fitted sd at least 0.76 of a bin; squeezed synthetic scores straddling the anchored edge
+# (logit sd 0.075-0.3): the two rules together caught 18-22 of 30 releases each, and those
+# they missed read AUROC 0.12-0.15 low on average (docs/dp-estimates.md).
+MIN_RANKING_SD = 0.5  # in bin widths
 
 
 def pairs_in_one_bin(summary: ScoreSummary) -> float | None:
@@ -341,12 +356,21 @@ def pairs_in_one_bin(summary: ScoreSummary) -> float | None:
     return float((pos * neg).sum() / (pos.sum() * neg.sum()))
 
 
-def ranks_patients(summary: ScoreSummary) -> bool:
+def ranks_patients(summary: ScoreSummary, fits: list[RowFit | None] | None = None,
+                   estimator: str = "skewnormal") -> bool:
     """Whether the release's bins tell the two outcomes' scores apart enough to read a
     ranking metric (AUROC, AUPRC) from it: fewer than :data:`MAX_PAIRS_IN_ONE_BIN` of
-    the pairs share a bin."""
+    the pairs share a bin, and the wider of the two classes' fitted distributions (``fits``,
+    fitted here when not given) spreads over more than :data:`MIN_RANKING_SD` of a bin."""
     share = pairs_in_one_bin(summary)
-    return share is not None and share < MAX_PAIRS_IN_ONE_BIN
+    if share is None or share >= MAX_PAIRS_IN_ONE_BIN:
+        return False
+    if fits is None:
+        edges = _edges(summary.grid)
+        fits = [fit_row(summary.histogram[c, 0], edges, "binormal" if estimator == "binned" else estimator)
+                for c in (0, 1)]
+    spread = [f.sd for f in fits if f is not None]
+    return not spread or max(spread) > MIN_RANKING_SD * summary.grid.width
 
 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
@@ -417,7 +441,7 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
         if math.isfinite(exact.auroc) and math.isfinite(binned):
             in_bins.append(binned - exact.auroc)
     out = {}
-    ranked = ranks_patients(summary)
+    ranked = ranks_patients(summary, fits)
     for m, errs in errors.items():
         if m in RANKING_METRICS and not ranked:
             continue  # no interval, so no number: the bins cannot rank these patients

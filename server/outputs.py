@@ -172,7 +172,7 @@ def run_privacy(
         guarantee=TRAINING_GUARANTEE if cfg.privacy.enabled else "none: privacy.enabled is false",
         hospitals=entries,
         hospital_level=hospital_level,
-        # secure aggregation's keys and shares only where the run used it: an officer reads what this run released
-        non_dp_releases=[NonDPRelease(r.field, r.when, r.reveals) for r in M.RELEASES
-                         if not r.dp and (r is not M.SECAGG_RELEASE or cfg.privacy.aggregation == "secure")],
+        # every kind the protocol lets a hospital release, secure aggregation's keys included even in a run configured
+        # without it: each message carries its own config, and key stages leave no ledger entry to tell them apart
+        non_dp_releases=[NonDPRelease(r.field, r.when, r.reveals) for r in M.RELEASES if not r.dp],
     )

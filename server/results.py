@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import ExperimentConfig
-from common.estimates import INTERVAL_LEVEL, MIN_SIGNAL, for_metrics, metric_intervals, pairs_in_one_bin
+from common.estimates import (
+    INTERVAL_LEVEL,
+    MIN_SIGNAL,
+    for_metrics,
+    metric_intervals,
+    pairs_in_one_bin,
+    ranks_patients,
+)
 from common.messages import Item, Split
 from common.metrics import (
     Metrics,
@@ -209,12 +216,11 @@ class Reader:
             if found:
                 result.intervals[row] = found
         result.auroc_interval = result.intervals.get("pooled", {}).get("auroc")
-        if "pooled" in result.intervals and result.auroc_interval is None:
-            share = pairs_in_one_bin(total)
-            log.warning("the pooled test histogram cannot rank its patients: %.0f%% of the pairs of a patient with "
-                        "the outcome and one without fall into the same bin (the model's scores spread less than a "
-                        "bin of evaluation.logit_range, as a barely trained model's do), so its AUROC and AUPRC "
-                        "cannot be estimated", 100 * (share or 0))
+        if "pooled" in result.intervals and not ranks_patients(total, estimator=self.cfg.evaluation.estimator):
+            log.warning("the pooled test histogram cannot rank its patients: the model's scores spread less than a "
+                        "bin of evaluation.logit_range (%.0f%% of the pairs of a patient with the outcome and one "
+                        "without fall into the same bin), as a barely trained model's do, so its AUROC and AUPRC "
+                        "cannot be estimated", 100 * (pairs_in_one_bin(total) or 0))
         if read is not None and self.cfg.is_binary:
             result.calibration_curve = reliability(read)
         groups = [e for e in released.values() if e.subgroups is not None]

@@ -492,6 +492,15 @@ def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patie
         assert ranks_patients(wide) and pairs_in_one_bin(wide) < 0.3
         assert {"auroc", "auprc"} <= set(metric_intervals(wide, 6.0, edge, 0.99, 20, rng, "skewnormal"))
 
+    # the same squeezed scores straddling a grid anchored at a threshold inside them (seed 0: 0.31 of the pairs
+    # share a bin, under the limit): both fits are narrower than half a bin, so they cannot rank either
+    straddle = np.random.default_rng(0)
+    y = (straddle.random(800) < 0.14).astype(np.int64)
+    risk = 1 / (1 + np.exp(-(-1.5 + 0.15 * (straddle.normal(size=800) + 1.09 * y))))
+    anchored = GRID.anchored(float(np.quantile(risk, 0.8)))
+    astride = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), anchored).noised(9.7, straddle)
+    assert pairs_in_one_bin(astride) < MAX_PAIRS_IN_ONE_BIN and not ranks_patients(astride)
+
     released = {"a": Evaluations(summaries={Split.TEST: narrow}, noise={Item.HISTOGRAM: 6.0},
                                  histogram_noise={Split.TEST: 6.0})}
     monkeypatch.setattr(results, "metric_intervals",  # the real bootstrap, with fewer draws

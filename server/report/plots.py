@@ -41,7 +41,9 @@ def plot_auroc(metrics: RunMetrics, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r.round for r in validated]
-    ys = [r.pooled_val.auroc for r in validated]
+    # under DP a reading without its interval could not be estimated: no point for it (exact runs have none at all)
+    dp = any(r.pooled_val_interval for r in validated)
+    ys = [r.pooled_val.auroc if r.pooled_val_interval or not dp else math.nan for r in validated]
     ax.plot(xs, ys, "k-o", lw=2, label="pooled (bars: rough interval)")
     # A bar from the interval's ends, not an error bar around the point: the interval
     # corrects the reading's bias, so it need not hold the point read.
