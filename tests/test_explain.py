@@ -261,7 +261,8 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
     from common.bundle import Bundle
     from common.subgroups import exact_results
-    from fedgru.cli import SUBGROUP_MIN_EVENTS, main
+    from fedgru.bedside import SUBGROUP_MIN_EVENTS
+    from fedgru.cli import main
 
     path, folder, outcomes, _ = bundle_and_stays
     assert main(["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes), "--subgroups"]) == 0
