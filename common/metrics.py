@@ -128,6 +128,28 @@ def exact_metrics(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> M
     return Metrics.from_parts(ranking, _threshold_metrics(confusion))
 
 
+def sampling_intervals(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5, draws: int = 200,
+                       level: float = 0.95, rng: np.random.Generator | None = None) -> dict[str, list[float]]:
+    """Each metric's percentile bootstrap interval over the stays (Efron & Tibshirani 1993,
+    ch. 13): how far the exact metrics of these stays may be from those of the population
+    they were drawn from. For exact metrics a hospital computes on its own patients (no DP
+    noise; the sampling error is what is left). Draws lacking a class are skipped; a metric
+    defined in fewer than half the draws gets no interval."""
+    rng = rng or np.random.default_rng(0)
+    y = np.asarray(y, dtype=np.int64)
+    values: dict[str, list[float]] = {key: [] for key in METRIC_NAMES}
+    for _ in range(draws):
+        idx = rng.integers(0, len(y), len(y))
+        m = exact_metrics(y[idx], probs[idx], threshold)
+        for key in values:
+            v = getattr(m, key)
+            if math.isfinite(v):
+                values[key].append(v)
+    tail = (1 - level) / 2
+    return {key: [float(np.quantile(v, tail)), float(np.quantile(v, 1 - tail))]
+            for key, v in values.items() if len(v) >= draws // 2}
+
+
 @dataclass(frozen=True)
 class ScoreGrid:
     """Bins of equal width in logit (log-odds of the predicted risk) over [low, high]; a

@@ -120,6 +120,8 @@ class GroupResult:
     metrics: Metrics | None  # None: too few patients for a DP estimate
     calibration: list[CalibrationPoint]
     note: str = ""
+    # exact results on a hospital's own stays: each metric's sampling interval (common.metrics.sampling_intervals)
+    intervals: dict[str, list[float]] | None = None
 
 
 def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10
@@ -167,11 +169,12 @@ def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold_edge: int,
 
 
 def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: dict[str, np.ndarray],
-                  threshold: float, min_events: int = 0) -> list[GroupResult]:
+                  threshold: float, min_events: int = 0, draws: int = 0) -> list[GroupResult]:
     """The same per-group results from exact scores (a baseline, or a hospital's own data).
     A group with fewer than ``min_events`` stays with the event, or without it, gets no
-    metrics and a note instead (below about 10, its AUROC is mostly chance)."""
-    from .metrics import exact_metrics
+    metrics and a note instead (below about 10, its AUROC is mostly chance). ``draws`` > 0:
+    each group's metrics also get their sampling intervals from that many resamples."""
+    from .metrics import exact_metrics, sampling_intervals
 
     statics = {s.name: s for s in cfg.features.static}
     y = np.asarray(y, dtype=np.int64)
@@ -191,5 +194,6 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
                 order = np.argsort(pk[:, 1], kind="stable")
                 for part in np.array_split(order, min(10, int(member.sum()) // 5 or 1)):
                     points.append(CalibrationPoint(float(pk[part, 1].mean()), float(yk[part].mean()), float(len(part))))
-            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note))
+            intervals = sampling_intervals(yk, pk, threshold, draws) if metrics is not None and draws else None
+            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note, intervals))
     return out

@@ -149,3 +149,30 @@ def test_a_dp_reading_shows_a_number_only_with_an_interval_that_says_something()
     assert with_interval(0.487, [0.0, 1.0]) == "cannot be estimated (its interval is all of 0-1)"
     assert with_interval(0.487, [0.0004, 0.9996]) == "cannot be estimated (its interval is all of 0-1)"
     assert with_interval(0.487, [0.0, 0.97]) == "0.487 (0.000-0.970)"
+
+
+def test_sampling_intervals_hold_the_metrics_and_narrow_with_more_stays():
+    """evaluate's intervals for a hospital's own exact metrics: a percentile bootstrap over
+    stays. Each holds its metric, it narrows about as 1/sqrt(n), and over fresh samples of
+    one population the AUROC's 95% interval holds the population's AUROC most of the time."""
+    from common.metrics import sampling_intervals
+
+    def sample(rng, n):
+        y = (rng.random(n) < 0.15).astype(np.int64)
+        risk = 1 / (1 + np.exp(-(-2.0 + rng.normal(size=n) + 1.2 * y)))
+        return y, np.stack([1 - risk, risk], axis=1)
+
+    rng = np.random.default_rng(0)
+    widths = {}
+    for n in (400, 3600):
+        y, probs = sample(rng, n)
+        found = sampling_intervals(y, probs, 0.2, draws=200, rng=rng)
+        m = exact_metrics(y, probs, 0.2)
+        for key, (low, high) in found.items():
+            assert low <= getattr(m, key) <= high, key
+        widths[n] = found["auroc"][1] - found["auroc"][0]
+    assert 2 < widths[400] / widths[3600] < 4.5  # sqrt(9) = 3
+    truth = exact_metrics(*sample(np.random.default_rng(1), 200_000)).auroc
+    held = sum(low <= truth <= high for low, high in
+               (sampling_intervals(*sample(rng, 400), 0.2, draws=100, rng=rng)["auroc"] for _ in range(40)))
+    assert held >= 34  # nominal 95% of 40 is 38
