@@ -218,13 +218,22 @@ class LocalFederation:
         with ``config`` and ``overrides``' task and features, ``approve``), ``fedgru
         deploy init`` with the public keys of ``register`` (default: all), the SuperLink
         started and those keys registered. SuperNodes are started separately."""
+        from concurrent.futures import ThreadPoolExecutor
+
         definition = ([f"--config={config}"] if config else []) + [f"--set={o}" for o in overrides]
-        for name, data in hospitals.items():
+
+        def make_folder(name: str, data: Path) -> None:
             own = outcomes[name] if isinstance(outcomes, dict) else outcomes
             self.check(self.fedgru("hospital", "init", "--out", str(self.hospital_dir(name)), "--name", name,
                                    "--data", str(data), "--outcomes", str(own), "--max-epsilon", str(max_epsilon),
                                    "--device", "cpu", "--format", data_format, *definition))
             self.check(self.fedgru("hospital", "approve", "--hospital-dir", str(self.hospital_dir(name)), "--note", "local"))
+
+        # each hospital's staff make their own folder, at the same time as the others' (one after the other
+        # took about 11 s a hospital on 2 cores: approving hashes the app's FAB)
+        with ThreadPoolExecutor(max_workers=len(hospitals)) as pool:
+            for made in [pool.submit(make_folder, name, data) for name, data in hospitals.items()]:
+                made.result()
         self.list_peers(tuple(hospitals))
         register = tuple(hospitals) if register is None else register
         keys = [a for n in register for a in ("--hospital", f"{n}={self.hospital_dir(n) / (n + '.pub')}")]
