@@ -343,6 +343,13 @@ MAX_PAIRS_IN_ONE_BIN = 0.4
 MIN_RANKING_SD = 0.5  # in bin widths
 
 
+def class_fits(summary: ScoreSummary, estimator: str) -> list[RowFit | None]:
+    """Each outcome's fitted distribution of a binary release (the normal's for ``binned``,
+    which has no fit of its own): what the intervals draw from."""
+    edges = _edges(summary.grid)
+    return [fit_row(summary.histogram[c, 0], edges, "binormal" if estimator == "binned" else estimator) for c in (0, 1)]
+
+
 def pairs_in_one_bin(summary: ScoreSummary) -> float | None:
     """Of all pairs of a patient with the outcome and one without, the share whose scores
     fall into the same bin of the release (its counts clipped at zero); None for a
@@ -365,11 +372,7 @@ def ranks_patients(summary: ScoreSummary, fits: list[RowFit | None] | None = Non
     share = pairs_in_one_bin(summary)
     if share is None or share >= MAX_PAIRS_IN_ONE_BIN:
         return False
-    if fits is None:
-        edges = _edges(summary.grid)
-        fits = [fit_row(summary.histogram[c, 0], edges, "binormal" if estimator == "binned" else estimator)
-                for c in (0, 1)]
-    spread = [f.sd for f in fits if f is not None]
+    spread = [f.sd for f in (fits if fits is not None else class_fits(summary, estimator)) if f is not None]
     return not spread or max(spread) > MIN_RANKING_SD * summary.grid.width
 
 
@@ -400,7 +403,7 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
         return None
     read = for_metrics(summary, estimator, True).metrics(threshold_edge)
     edges = _edges(summary.grid)
-    fits = [fit_row(hist[c, 0], edges, "binormal" if estimator == "binned" else estimator) for c in (0, 1)]
+    fits = class_fits(summary, estimator)
     # A class whose counts are not 3 noise sds above nothing over the bins is not told apart
     # from the noise: its fit can sit anywhere (AUROC 1.000 with an interval of 1.000-1.000
     # on 20 deaths), and the bootstrap, drawing from that fit, would only agree with it.

@@ -446,11 +446,14 @@ METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sen
 
 def format_metrics(m: Metrics, intervals: dict[str, list[float]] | None = None, dp: bool = False) -> str:
     """One line of metrics. ``dp``: read from DP releases, so each carries its interval
-    from ``intervals`` (or says it cannot be estimated); exact ones stand alone."""
+    from ``intervals`` (or says it cannot be estimated); exact ones stand alone, or with
+    their sampling interval where ``intervals`` has one (:func:`sampling_intervals`)."""
     if dp and not intervals:
         return f"cannot be estimated: the DP noise drowns these counts (n={m.n})"
+    intervals = intervals or {}
     if dp:
         parts = [f"{label} {with_interval(getattr(m, key), intervals.get(key))}" for key, label in METRIC_NAMES.items()]
     else:
-        parts = [f"{label} {format_number(getattr(m, key))}" for key, label in METRIC_NAMES.items()]
+        parts = [f"{label} " + (with_interval(getattr(m, key), intervals[key]) if key in intervals
+                                 else format_number(getattr(m, key))) for key, label in METRIC_NAMES.items()]
     return "  ".join(parts) + f"  (n={m.n})"

@@ -15,18 +15,9 @@ SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non
 SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
 
 
-def _exact_line(m, intervals: dict[str, list[float]]) -> str:
-    """Exact metrics of a hospital's own stays, each with its sampling interval where it has one."""
-    from common.metrics import METRIC_NAMES, format_number, with_interval
-
-    parts = [f"{label} {with_interval(getattr(m, key), intervals[key]) if key in intervals else format_number(getattr(m, key))}"
-             for key, label in METRIC_NAMES.items()]
-    return "  ".join(parts) + f"  (n={m.n})"
-
-
 def cmd_evaluate(args) -> int:
     from common.bundle import Bundle
-    from common.metrics import exact_metrics, sampling_intervals
+    from common.metrics import exact_metrics, format_metrics, sampling_intervals
 
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, args.outcomes, args.format)
@@ -41,14 +32,14 @@ def cmd_evaluate(args) -> int:
                                draws=SAMPLING_DRAWS):
             if not g.patients:
                 continue  # a group no stay of this export falls in
-            shown = _exact_line(g.metrics, g.intervals or {}) if g.metrics is not None else g.note
+            shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
             print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} events: {shown}")
     if args.json:
         print(to_json(m, indent=None))
     else:
         flagged = f"  (flagged at risk >= {threshold:.3f})" if probs.shape[1] == 2 else ""
         intervals = sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS)
-        print(f"{args.data}: {_exact_line(m, intervals)}{flagged}")
+        print(f"{args.data}: {format_metrics(m, intervals)}{flagged}")
         print(f"exact on these stays; in brackets each metric's 95% interval over {SAMPLING_DRAWS} resamples of the "
               "stays: how far another sample of such patients could read", file=sys.stderr)
     return 0

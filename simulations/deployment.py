@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.paths import project_root
@@ -154,8 +155,6 @@ class LocalFederation:
         its own thread: each waits for its own SuperNode to be let in, which one after the
         other cost about 15 s a hospital on 2 cores), then until the SuperLink lists them
         all online."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             for started in [pool.submit(self.start_supernode, name, timeout) for name in names]:
                 started.result()  # a SuperNode that was never let in raises here
@@ -218,8 +217,6 @@ class LocalFederation:
         with ``config`` and ``overrides``' task and features, ``approve``), ``fedgru
         deploy init`` with the public keys of ``register`` (default: all), the SuperLink
         started and those keys registered. SuperNodes are started separately."""
-        from concurrent.futures import ThreadPoolExecutor
-
         definition = ([f"--config={config}"] if config else []) + [f"--set={o}" for o in overrides]
 
         def make_folder(name: str, data: Path) -> None:
