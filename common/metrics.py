@@ -441,7 +441,8 @@ def format_number(value: float | int | None, digits: int = 3) -> str:
 
 
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sensitivity": "sensitivity",
-                "specificity": "specificity", "f1": "F1", "brier": "Brier", "event1_score": "event-1"}
+                "specificity": "specificity", "f1": "F1", "brier": "Brier",
+                "event1_score": "min(Se,PPV)"}  # PhysioNet/CinC 2012's "event-1": a word a clinician does not know
 
 
 def format_metrics(m: Metrics, intervals: dict[str, list[float]] | None = None, dp: bool = False) -> str:

@@ -188,7 +188,9 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
             events = int(yk.sum())
             too_few = min(events, len(yk) - events) < min_events
             metrics = exact_metrics(yk, pk, threshold) if member.any() and not too_few else None
-            note = f"too few for stable metrics (fewer than {min_events} stays with or without the event)" if too_few else ""
+            negative, positive = cfg.task.classes[0], cfg.task.classes[-1]
+            note = (f"too few for stable metrics (fewer than {min_events} stays labelled {positive} or "
+                    f"{min_events} labelled {negative})" if too_few else "")
             points = []
             if member.sum() >= 10:
                 order = np.argsort(pk[:, 1], kind="stable")

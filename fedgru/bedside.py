@@ -28,12 +28,13 @@ def cmd_evaluate(args) -> int:
     if args.subgroups:
         from common.subgroups import exact_results
 
+        positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
         for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold, min_events=SUBGROUP_MIN_EVENTS,
                                draws=SAMPLING_DRAWS):
             if not g.patients:
                 continue  # a group no stay of this export falls in
             shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
-            print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} events: {shown}")
+            print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
     if args.json:
         print(to_json(m, indent=None))
     else:

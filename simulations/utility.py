@@ -4,6 +4,7 @@ baselines on the same folds, mean and sd over runs.
     python -m simulations.utility --config F --runs 5 [--set key=value ...] [--out DIR]
                                   [--no-baselines] [--baselines central,central-dp,local]
                                   [--hours 6,12,24,36,48] [--fold K]
+    python -m simulations.utility --rescore DIR [--hours ...]
 
 Run i holds out fold i of ``--folds`` (default 5) stratified folds of every hospital's
 stays (``split.folds``/``split.fold``), validates on ``split.val`` of the rest and
@@ -14,7 +15,7 @@ bundle is then scored here on the fold's test patients *exactly*: a simulation h
 every patient, so the harness can measure what the run's DP-noised report can only
 estimate. The report's own (noisy, DP) pooled test metrics are kept beside them.
 
-It reports mean and sd over runs of pooled test AUROC, AUPRC, event-1 score (at the
+It reports mean and sd over runs of pooled test AUROC, AUPRC, min(Se,PPV) (PhysioNet 2012's event-1 score, at the
 run's own threshold) and Brier; the AUROC pooled over all folds' test patients
 (n = 4,000 on set A); per-hospital AUROC; and the same for the baselines on the same
 folds: central without DP, central DP at the same epsilon, each hospital alone with DP.
@@ -29,6 +30,11 @@ for 800 patients even for a model trained without any randomness.
 
 ``--hours`` (binary tasks): also the exact AUROC of the risk after each listed hour (what
 a bedside monitor would have shown then, from the observations up to that hour).
+
+``--rescore DIR`` trains nothing: it scores again the federated runs an earlier call left
+in DIR (every ``fold*`` folder with a ``model.pt``, each with its own ``config.yaml``) and
+writes the summary of this version of the harness beside them, for a measurement the
+harness learned after those runs were made (the intervals' coverage per hospital, say).
 """
 
 from __future__ import annotations
@@ -76,6 +82,10 @@ class FoldResult:
     interval: list[float] | None = None  # the run's own rough interval of its pooled test AUROC
     covered: bool | None = None  # whether that interval holds the exact AUROC of the same patients
     covered_metrics: dict[str, bool] = field(default_factory=dict)  # each metric with an interval: held the exact value?
+    # The same for each hospital's own row of the report: hospital -> metric -> held its own test patients' exact value?
+    # A hospital whose row has no interval (too few deaths for its noise) is absent; hospital_rows counts them all.
+    covered_hospitals: dict[str, dict[str, bool]] = field(default_factory=dict)
+    hospital_rows: int = 0
     y: list[int] = field(default_factory=list, repr=False)
     risk: list[float] = field(default_factory=list, repr=False)
     monitor_sensitivity: float | None = None  # of the monitor's flag at the window's end (latched: ever flagged)
@@ -93,17 +103,23 @@ class FoldResult:
         return max(self.flagged[h] for h in self.flagged if h >= 6) / last if last > 0 else None  # undefined
 
 
-def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dict[str, float], np.ndarray, np.ndarray]:
+def _exact(cfg: ExperimentConfig, model, threshold: float) -> tuple[Metrics, dict[str, Metrics], np.ndarray, np.ndarray]:
+    """Exact metrics of the test patients, pooled and per hospital, with their labels and scores."""
     ds = load_dataset(cfg)
     hospitals = make_partition(ds, cfg)
     ys, ps, per = [], [], {}
     for h in hospitals:
         p = predict_proba(model(h.name), ds.X[h.test], ds.S[h.test])
-        per[h.name] = exact_metrics(ds.y[h.test], p, threshold).auroc
+        per[h.name] = exact_metrics(ds.y[h.test], p, threshold)
         ys.append(ds.y[h.test])
         ps.append(p)
     y, p = np.concatenate(ys), np.concatenate(ps)
     return exact_metrics(y, p, threshold), per, y, p
+
+
+def _held(intervals: dict[str, list[float]], exact: Metrics) -> dict[str, bool]:
+    """Metric -> whether its interval holds the exact value (a rounding's slack)."""
+    return {m: bool(lo - 1e-9 <= getattr(exact, m) <= hi + 1e-9) for m, (lo, hi) in intervals.items()}
 
 
 def _early(cfg: ExperimentConfig, model, hours: list[int]) -> dict[int, float]:
@@ -183,23 +199,43 @@ def federated_fold(config: Path | None, overrides: list[str], folds: int, fold: 
     proc = subprocess.run(args, cwd=project_root(), capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"fold {fold}: fedgru simulate failed:\n{proc.stderr[-3000:]}")
-    seconds = time.perf_counter() - t0
+    return score_run(run_dir, load_config(config, sets), fold, time.perf_counter() - t0, hours)
+
+
+def score_run(run_dir: Path, cfg: ExperimentConfig, fold: int, seconds: float, hours: list[int] = ()) -> FoldResult:
+    """A finished federated run's bundle, scored exactly on its fold's test patients, beside
+    what its own report read from the DP releases (and whether each interval held)."""
     bundle = Bundle(run_dir / "model.pt")
-    cfg = load_config(config, sets)
     threshold = float(bundle.info.get("threshold", 0.5))
     pooled, per, y, p = _exact(cfg, lambda _name: bundle.model, threshold)
     released = load_record(run_dir / "metrics.json", RunMetrics)
     test = released.test if released else None
     bed = _bedside(cfg, bundle) if p.shape[1] == 2 else Bedside({}, None, None, None, None)
     interval = test.auroc_interval if test else None
-    intervals = (getattr(test, "intervals", None) or {}).get("pooled", {}) if test else {}
-    covered = {m: bool(lo - 1e-9 <= getattr(pooled, m) <= hi + 1e-9) for m, (lo, hi) in intervals.items()}
-    return FoldResult(fold, pooled, per, round(seconds, 1), test.pooled if test else None,
+    intervals = (getattr(test, "intervals", None) or {}) if test else {}
+    return FoldResult(fold, pooled, {name: m.auroc for name, m in per.items()}, round(seconds, 1),
+                      test.pooled if test else None,
                       _early(cfg, lambda _name: bundle.model, list(hours)), threshold, bed.flagged, bed.ever, interval,
-                      None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]), covered,
+                      None if interval is None else bool(interval[0] <= pooled.auroc <= interval[1]),
+                      _held(intervals.get("pooled", {}), pooled),
+                      {name: _held(intervals[name], per[name]) for name in per if intervals.get(name)}, len(per),
                       y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], bed.sensitivity, bed.specificity,
                       bundle.info.get("onset_margin"), bed.ever_exact_margin,
                       float((p[:, 1] >= threshold).mean()) if p.shape[1] == 2 else None)
+
+
+def rescore(folder: Path, hours: list[int] = ()) -> list[FoldResult]:
+    """Every federated run an earlier call of this harness left in ``folder``, scored again."""
+    runs = sorted(d for d in folder.glob("fold*") if (d / "model.pt").is_file() and (d / "config.yaml").is_file())
+    if not runs:
+        raise SystemExit(f"{folder}: no run folders (fold*/ with model.pt and config.yaml) to score again")
+    results = []
+    for run_dir in runs:
+        cfg = load_config(run_dir / "config.yaml")
+        released = load_record(run_dir / "metrics.json", RunMetrics)
+        results.append(score_run(run_dir, cfg, cfg.split.fold, released.wall_seconds if released else float("nan"), hours))
+        print(f"{run_dir.name}: federated AUROC {results[-1].pooled.auroc:.3f}", flush=True)
+    return results
 
 
 def baseline_fold(config: Path | None, overrides: list[str], folds: int, fold: int, kind: str,
@@ -273,20 +309,30 @@ def summarize(results: list[FoldResult]) -> dict:
     if metrics:
         out["metric_coverage"] = {m: {"runs": sum(m in r.covered_metrics for r in results),
                                       "covered": sum(r.covered_metrics.get(m, False) for r in results)} for m in metrics}
+    rows = [held for r in results for held in r.covered_hospitals.values()]
+    if rows:
+        out["hospital_metric_coverage"] = {
+            "rows": sum(r.hospital_rows for r in results), "rows_with_interval": len(rows),
+            "with_interval_by_hospital": {n: sum(n in r.covered_hospitals for r in results)
+                                          for n in sorted({n for r in results for n in r.covered_hospitals})},
+            "metrics": {m: {"rows": sum(m in held for held in rows), "covered": sum(held.get(m, False) for held in rows)}
+                        for m in sorted({m for held in rows for m in held})}}
     return out
 
 
 def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> str:
     f = lambda s: f"{s['mean']:.3f} ± {s['sd']:.3f}"  # noqa: E731
-    design = ("one held-out fold each; 'all folds': AUROC of every fold's test patients together" if fold is None else
+    pooled_column = fold is None and any("auroc_all_folds" in s for s in summary.values())
+    design = ("one held-out fold each; 'all folds': AUROC of every fold's test patients together" if pooled_column else
+              "one held-out fold each, each fold in several runs (no AUROC of all folds together: it would count "
+              "their patients more than once)" if fold is None else
               f"all on held-out fold {fold} (the sd is the federated training's own; the baselines are seeded, "
               "so they were trained once)")
-    pooled_column = fold is None
     lines = [
         f"Mean ± sd over {runs} run(s), {design}; exact metrics of each run's test patients "
-        "(event-1 at the run's own threshold, 0.5 for baselines).",
+        "(min(Se,PPV) at the run's own threshold, 0.5 for baselines).",
         "",
-        "| model | AUROC | AUPRC | event-1 | Brier |" + (" AUROC all folds |" if pooled_column else "") + " seconds |",
+        "| model | AUROC | AUPRC | min(Se,PPV) | Brier |" + (" AUROC all folds |" if pooled_column else "") + " seconds |",
         "|---|---|---|---|---|" + ("---|" if pooled_column else "") + "---|",
     ]
     for name, s in summary.items():
@@ -340,11 +386,34 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
     if mc:
         lines += ["", "Each metric's interval held the exact value of the run's test patients in: "
                   + ", ".join(f"{m} {c['covered']}/{c['runs']}" for m, c in mc.items()) + " runs."]
+    hc = fed.get("hospital_metric_coverage")
+    if hc:
+        by = ", ".join(f"{n} {k}" for n, k in hc["with_interval_by_hospital"].items())
+        lines += ["", f"Each hospital's own row ({hc['rows_with_interval']} of {hc['rows']} rows had intervals: {by}; "
+                      "the others' noise drowned a class): its interval held the exact value of that hospital's test "
+                      "patients in: " + ", ".join(f"{m} {c['covered']}/{c['rows']}" for m, c in hc["metrics"].items())
+                  + " rows."]
     if "released" in fed:
         r = fed["released"]
         lines += ["", f"The runs' own reports (from DP score histograms): AUROC {f(r['auroc'])}, "
-                      f"event-1 {f(r['event1_score'])}, Brier {f(r['brier'])}."]
+                      f"min(Se,PPV) {f(r['event1_score'])}, Brier {f(r['brier'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _rescore_main(folder: Path, hours: list[int]) -> int:
+    results = rescore(folder, hours)
+    summary = {"federated": summarize(results)}
+    folds = [r.fold for r in results]
+    if len(set(folds)) < len(folds):  # the same patients in several runs: pooling would count them twice
+        summary["federated"].pop("auroc_all_folds", None)
+        summary["federated"].pop("patients_all_folds", None)
+    write_json(folder / "rescored.json", {
+        "rescored": str(folder), "runs": len(results), "summary": summary,
+        "folds_detail": {"federated": [{k: v for k, v in asdict(r).items() if k not in ("y", "risk")} for r in results]}})
+    text = markdown(summary, len(results), None)
+    (folder / "rescored.md").write_text(text)
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeat every run on this one held-out fold (the sd is then the training's own)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every fold this many times (fresh DP noise each): --runs 5 --repeats 2 is 10 runs")
+    parser.add_argument("--rescore", type=Path, default=None, metavar="DIR",
+                        help="train nothing: score again the federated runs an earlier call left in DIR")
     args = parser.parse_args(argv)
+    if args.rescore is not None:
+        return _rescore_main(args.rescore.resolve(), [int(h) for h in args.hours.split(",") if h.strip()])
     if args.fold is None and not 1 <= args.runs <= args.folds:
         parser.error("--runs must be between 1 and --folds (or give --fold to repeat runs on one fold)")
     if args.fold is not None and not (0 <= args.fold < args.folds and args.runs >= 1):

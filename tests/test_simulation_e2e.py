@@ -72,6 +72,23 @@ def test_simulation_writes_every_output(small_run):
     assert f"at least {least:.0f} deaths and {least:.0f} survivors" in report and f"{least / 0.2:,.0f} deaths" in report
 
 
+def test_a_hospitals_row_with_intervals_is_told_how_often_such_rows_held(small_run):
+    """The small run's hospitals are too small for intervals of their own; given one (as a
+    hospital of a default run has), the report prints the coverage measured for such rows."""
+    from common.document import markdown
+    from common.estimates import HOSPITAL_INTERVAL_COVERAGE
+    from server.report.run_folder import RunFolder
+    from server.report.sections import test_results_section
+
+    run = RunFolder.load(small_run[0])
+    for name in run.metrics.test.hospitals:  # about 20 test stays a hospital: drowned, whatever the draw
+        run.metrics.test.intervals.pop(name, None)
+    assert f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}" not in markdown("r", [test_results_section(run)])
+    name = sorted(run.metrics.test.hospitals)[0]
+    run.metrics.test.intervals[name] = {"specificity": [0.5, 0.9]}
+    assert f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}" in markdown("r", [test_results_section(run)])
+
+
 def test_the_console_is_quiet(small_run):
     """Hospitals table, one line per round, the summary: no line twice, none of Flower's
     per-round bookkeeping, no deprecation or Ray warnings, no DEBUG lines."""

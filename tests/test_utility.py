@@ -91,3 +91,35 @@ def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_f
         assert sum(r["test"] for r in rows) == sum(len(h.test) for h in hospitals) == runs[0]["pooled"]["n"]
         trained, full = sum(r["train"] for r in rows), sum(len(h.train) for h in hospitals)
         assert abs(trained - full / 2) <= len(hospitals) * 2  # half of each class of each hospital, rounded
+    # --rescore scores the same runs again from their folders (their own config.yaml): the same numbers
+    assert main(["--rescore", str(out)]) == 0
+    again = json.loads((out / "rescored.json").read_text())["folds_detail"]["federated"]
+    for first, second in zip(runs, again):
+        assert second["pooled"] == pytest.approx(first["pooled"], nan_ok=True)
+        assert (second["covered_metrics"], second["covered_hospitals"]) == (first["covered_metrics"], first["covered_hospitals"])
+        assert second["hospital_rows"] == first["hospital_rows"] > 0
+
+
+def test_each_hospitals_interval_coverage_is_counted_over_the_rows_that_had_an_interval():
+    """A hospital row without an interval (its noise drowned a class) is counted among the
+    rows but not in the coverage; every metric counts the rows it held the exact value in."""
+    from simulations.utility import markdown
+
+    results = [_fold(k, seed=k) for k in range(3)]
+    results[0].covered_hospitals = {"a": {"auroc": True, "specificity": True}, "b": {"auroc": False, "specificity": True}}
+    results[1].covered_hospitals = {"a": {"auroc": True, "specificity": False}}
+    results[2].covered_hospitals = {}
+    for r in results:
+        r.hospital_rows = 2
+    hc = summarize(results)["hospital_metric_coverage"]
+    assert (hc["rows"], hc["rows_with_interval"]) == (6, 3)
+    assert hc["with_interval_by_hospital"] == {"a": 2, "b": 1}
+    assert hc["metrics"] == {"auroc": {"rows": 3, "covered": 2}, "specificity": {"rows": 3, "covered": 2}}
+    text = markdown({"federated": summarize(results)}, 3)
+    assert "Each hospital's own row (3 of 6 rows had intervals: a 2, b 1;" in text
+    assert "auroc 2/3, specificity 2/3 rows." in text
+
+
+def test_rescore_refuses_a_folder_without_runs(tmp_path):
+    with pytest.raises(SystemExit, match="no run folders"):
+        main(["--rescore", str(tmp_path)])

@@ -8,17 +8,12 @@ import math
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
-from common.estimates import INTERVAL_LEVEL, MAX_PAIRS_IN_ONE_BIN, interval_coverage
+from common.estimates import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, MAX_PAIRS_IN_ONE_BIN, interval_coverage
 from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
 
 from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
 from .plots import plot_epsilon, plot_reliability
 from .run_folder import RunFolder
-
-METRIC_LABELS = {
-    "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy", "sensitivity": "sensitivity",
-    "specificity": "specificity", "f1": "F1", "brier": "Brier", "event1_score": "event-1", "n": "n",
-}
 
 PHYSIONET_CITATION = (
     "Data: PhysioNet/Computing in Cardiology Challenge 2012 (Open Data Commons Attribution 1.0). "
@@ -149,7 +144,7 @@ def test_results_section(run: RunFolder) -> Section | None:
         return None
     dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
     secure = is_secure(run)
-    header = ["hospital"] + [METRIC_LABELS[k] for k in METRIC_NAMES] + ["n"]
+    header = ["hospital", *METRIC_NAMES.values(), "n"]
 
     old = dp and not test.intervals and test.auroc_interval is not None  # a run folder from before intervals
 
@@ -177,6 +172,8 @@ def test_results_section(run: RunFolder) -> Section | None:
         f"parametric bootstrap of the release; {interval_coverage('secure' if secure else 'per_hospital')}). A value on other patients differs by their own "
         "sampling error on top. A row the noise drowns shows no number. " if dp else ""
     )
+    if dp and not secure and any(test.intervals.get(n) for n in test.hospitals):
+        intervals += f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}. "
     if dp and any(found and "auroc" not in found for found in test.intervals.values()):
         intervals += (f"AUROC and AUPRC cannot be estimated in a row where {MAX_PAIRS_IN_ONE_BIN:.0%} or more of the "
                       "pairs of a patient with the outcome and one without fall into the same bin of its histogram, "
@@ -186,7 +183,7 @@ def test_results_section(run: RunFolder) -> Section | None:
     exact = ("The rows marked exact score the same model on the same test patients without noise: a simulation "
              "holds every patient; a real federation never sees them. " if test.exact is not None else "")
     rule = {"auto": "'auto': the risk at which the pooled validation releases flag evaluation.flag_rate of the patients",
-            "event1": "'event1': the bin edge with the best event-1 score on the pooled validation releases"}
+            "event1": "'event1': the bin edge with the best min(Se,PPV) on the pooled validation releases"}
     cfg = run.config
     level = ("a clinical level set in the config, evaluation.threshold, which no DP noise moves"
              + ("; it applies to the risk after recalibration, a fit to the DP validation release"
@@ -202,8 +199,9 @@ def test_results_section(run: RunFolder) -> Section | None:
           "row is noisier than the pooled one. ") + ESTIMATOR_WORDS.get(run.metrics.estimator, ESTIMATOR_WORDS[""])
          + " The Brier score reads risks at the bin centres. " if dp else
          "The histograms were exact (a comparison simulation without DP). ")
-        + f"Accuracy, sensitivity, specificity, F1 and event-1 flag a patient at a risk of {test.threshold:.3f} or "
-        f"more ({chosen}). " + calibration + intervals + exact + monitor_words(test),
+        + f"Accuracy, sensitivity, specificity, F1 and min(Se,PPV) flag a patient at a risk of {test.threshold:.3f} "
+        f"or more ({chosen}); min(Se,PPV) is the lower of the sensitivity and the positive predictive value (the "
+        "PhysioNet/CinC 2012 challenge's event-1 score). " + calibration + intervals + exact + monitor_words(test),
     ])
 
 
