@@ -403,6 +403,13 @@ class Coordinator:
                         record.hospitals[name].val = m
         return result
 
+    def _progress_auroc(self, val: Evaluation) -> str:
+        """The round line's validation AUROC: with its interval, or why it has none; exact
+        releases (a comparison run without DP) stand alone."""
+        if val.pooled_interval is None and not val.pooled_note:
+            return f"{format_number(val.pooled.auroc)} (exact)"
+        return with_interval(val.pooled.auroc, val.pooled_interval, what=val.pooled_note)
+
     def run(self) -> None:
         rounds = self.cfg.run.rounds
         last = self.start_round - 1
@@ -428,8 +435,8 @@ class Coordinator:
             seconds = time.perf_counter() - t0
             self.recorder.add_round(self._round_record(server_round, seconds, train))
             eps = self.max_epsilon() if self.cfg.privacy.enabled else math.inf
-            validated = (f" | val AUROC {with_interval(val.pooled.auroc, val.pooled_interval)} (model after round "
-                         f"{server_round - 1})" if val and val.pooled else "")
+            validated = (f" | val AUROC {self._progress_auroc(val)} (model after round {server_round - 1})"
+                         if val and val.pooled else "")
             unshown.append(seconds)
             shown = shows_round(server_round, rounds, noteworthy=bool(val or train.skipped))
             pace = f"{seconds:.1f} s" if len(unshown) == 1 else f"{sum(unshown) / len(unshown):.1f} s/round"

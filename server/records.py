@@ -82,6 +82,8 @@ class Evaluation:
     hospitals: dict[str, Metrics] = field(default_factory=dict)
     dropped: list[Dropped] = field(default_factory=list)
     pooled_interval: list[float] | None = None  # the pooled AUROC's rough interval (common.estimates)
+    # why a DP reading has no pooled AUROC interval (and so no number): the noise, or bins that cannot rank
+    pooled_note: str = ""
 
 
 @dataclass

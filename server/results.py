@@ -88,8 +88,12 @@ class Reader:
         total = pooled(list(summaries.values()))
         read = self.read(total, estimator)
         result.pooled = read.metrics() if read is not None else None
-        found = self.intervals(total, pooled_noise(summaries, noise), None, estimator, PROGRESS_DRAWS)
+        noise_sd = pooled_noise(summaries, noise)
+        found = self.intervals(total, noise_sd, None, estimator, PROGRESS_DRAWS)
         result.pooled_interval = found.get("auroc") if found else None
+        if result.pooled is not None and result.pooled_interval is None and self.cfg.evaluation.dp and noise_sd > 0:
+            result.pooled_note = ("the model's scores still spread less than a bin, so the bins cannot rank its "
+                                  "patients" if found else "the DP noise drowns these counts")
         return result
 
     def readable(self, patients: int, cell_sd: float, cells: int) -> bool:

@@ -83,8 +83,8 @@ def finish_run(co, last_round: int) -> None:
     which no hospital trained asks for no release at all: nothing would be learnt of a
     model no one trained, and each release costs its patients' budget."""
     if not co.trained_rounds:
+        # said once on each stream: the run's summary (stdout, "No evaluation: ...") and the command's error (stderr)
         why = co.not_started or "no hospital trained in this run, so no validation or test release was asked for"
-        log.warning("%s", why)
         co.recorder.finish(None, None, [h.status() for h in co.hospitals.values()],
                              co.aggregator.hospital_privacy(), not_evaluated=why)
         return

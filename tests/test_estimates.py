@@ -195,6 +195,27 @@ def test_progress_validations_are_read_as_clipped_counts_the_final_one_with_the_
         assert 0 <= low <= result.pooled.auroc <= high <= 1
 
 
+def test_a_progress_reading_without_an_interval_says_why():
+    """The round line's "val AUROC cannot be estimated" names its reason: the noise (a
+    release of 40 patients under a noise sd of 60 a cell), or bins that cannot rank (every
+    score in one bin); a readable release has none, nor does an exact one."""
+    from server.results import Reader
+
+    rng, reader = np.random.default_rng(3), Reader(small_cfg())
+    parts = {f"h{i}": _release(rng, GRID)[0] for i in range(2)}
+    assert reader.validation(parts, {n: TEST_NOISE for n in parts}, progress=True).pooled_note == ""
+    assert Reader(small_cfg("evaluation.dp=false")).validation(parts, {n: 0.0 for n in parts}, True).pooled_note == ""
+    y = (rng.random(40) < 0.15).astype(np.int64)
+    few = ScoreSummary.from_predictions(y, np.stack([1 - np.full(40, 0.2), np.full(40, 0.2)], axis=1), GRID)
+    drowned = reader.validation({"h0": few.noised(60.0, rng)}, {"h0": 60.0}, progress=True)
+    assert drowned.pooled_interval is None and drowned.pooled_note == "the DP noise drowns these counts"
+    y = (rng.random(4000) < 0.3).astype(np.int64)
+    risk = 1 / (1 + np.exp(-(-1.5 + 0.05 * rng.normal(size=4000) + 0.02 * y)))  # every score in one bin of width 1
+    one_bin = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID)
+    squeezed = reader.validation({"h0": one_bin.noised(0.5, rng)}, {"h0": 0.5}, progress=True)
+    assert squeezed.pooled_interval is None and "cannot rank" in squeezed.pooled_note
+
+
 def test_metrics_json_says_which_estimator_produced_the_numbers(tmp_path):
     from server.outputs import RunRecorder
     from server.records import RoundRecord

@@ -324,7 +324,9 @@ def test_a_plan_no_hospital_accepts_stops_before_anything_is_spent(tmp_path, phy
                   "--set", "privacy.target_epsilon=0", *SMALL)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in console, console[-3000:]
-    assert "fedgru simulate: error: the run did not start: 0 of 4 hospitals accepted its plan" in console
+    assert "fedgru simulate: error: the run did not start: 0 of 4 hospitals accepted its plan" in proc.stderr
+    # once on each stream: the summary on stdout, the error on stderr (it was also a warning: three times)
+    assert proc.stdout.count("the run did not start") == proc.stderr.count("the run did not start") == 1
     assert console.count("refused the plan: 'privacy.noise_multiplier' is 0.3; this hospital's floor is 0.5: use at least "
                          "0.5") == 4
     metrics = json.loads((run_dir / "metrics.json").read_text())
