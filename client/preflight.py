@@ -108,8 +108,11 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
         planned.update(check_evaluations(cfg, policy, ledger))
     except PolicyRefusal as exc:
         return PreflightAnswer(node.name, False, str(exc), remaining=remaining)
+    secure = cfg.privacy.aggregation == "secure"
     return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining,
-                           declared_train=declared.train if cfg.privacy.aggregation == "secure" else 0)
+                           declared_train=declared.train if secure else 0,
+                           min_honest=policy.min_honest if secure else 0,
+                           max_colluding=policy.max_colluding if secure else 0)
 
 
 def _secure_plan(cfg: ExperimentConfig, node: Node, ledger: Ledger) -> tuple[NoiseFit, dict[str, float]]:

@@ -49,7 +49,18 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from common.secagg import TRAINING_SESSION, Stage, b64, keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+from common.secagg import (
+    TRAINING_SESSION,
+    Stage,
+    b64,
+    keys_to_sign,
+    least_threshold,
+    mask,
+    pair_seed,
+    pair_sign,
+    to_ring,
+    unb64,
+)
 from common.signatures import public_key_of, verifies
 
 from .peer_keys import SigningKey, sign
@@ -60,12 +71,6 @@ DIGEST_BYTES = 32  # the round settings' SHA-256 digest that leads every encrypt
 def fresh_secret() -> bytes:
     """A new 32-byte secret from the operating system's entropy (tests make it repeatable)."""
     return os.urandom(32)
-
-
-def least_threshold(participants: int, max_colluding: int = 0) -> int:
-    """The smallest reconstruction threshold ``t`` with ``2 t > n + max_colluding``: no two
-    disjoint groups of honest hospitals, each helped by the colluders, reach it."""
-    return (participants + max_colluding) // 2 + 1
 
 
 class SecAggRefusal(Exception):

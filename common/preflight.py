@@ -41,6 +41,10 @@ class PreflightAnswer:
     # secure aggregation only: the training count the hospital declares (released with every training
     # reply anyway), so the coordinator can scale the integers of the sum without it wrapping around
     declared_train: int = 0
+    # secure aggregation only: the two policy settings that set the least reconstruction threshold the
+    # hospital accepts (common.secagg.least_threshold), so the coordinator can start at it (settings, not data)
+    min_honest: int = 0
+    max_colluding: int = 0
 
     def to_status(self) -> dict:
         state = ReplyState.ACCEPTED if self.accepted else ReplyState.REFUSED_POLICY
@@ -59,8 +63,10 @@ class PreflightAnswer:
             planned={str(k): float(v) for k, v in dict(data.get("planned", {})).items() if k in GROUPS},
             remaining={str(k): float(v) for k, v in dict(data.get("remaining", {})).items() if k in GROUPS},
             declared_train=int(data.get("declared_train", 0)),
+            min_honest=int(data.get("min_honest", 0)), max_colluding=int(data.get("max_colluding", 0)),
         )
-        numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(), answer.declared_train]
+        numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(), answer.declared_train,
+                   answer.min_honest, answer.max_colluding]
         if not all(math.isfinite(v) and v >= -1e-9 for v in numbers):
             raise ValueError("a preflight answer's numbers must be finite and not negative")
         return answer

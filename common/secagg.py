@@ -91,6 +91,14 @@ KEYS_SIGNATURE_LABEL = b"fedgru secure-aggregation round keys v2"
 TRAINING_SESSION = "train"
 
 
+def least_threshold(participants: int, max_colluding: int = 0) -> int:
+    """The smallest reconstruction threshold ``t`` with ``2 t > n + max_colluding``: no two
+    disjoint groups of honest hospitals, each helped by the colluders, reach it. A hospital
+    refuses any lower threshold (``client.secagg``); the coordinator raises its own to the
+    least its hospitals' policies accept (``server.secagg.default_threshold``)."""
+    return (participants + max_colluding) // 2 + 1
+
+
 def evaluation_session(splits: list[str], final: bool) -> str:
     """The session an evaluation's round keys are signed for: its splits, and whether it
     evaluates the final model or is a validation during training."""

@@ -12,6 +12,7 @@ holds an unmasked individual vector.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from common.messages import HOSPITAL_NAME_RULE, is_hospital_name
-from common.secagg import keys_to_sign, mask, pair_seed, pair_sign, to_ring, unb64
+from common.secagg import keys_to_sign, least_threshold, mask, pair_seed, pair_sign, to_ring, unb64
 from common.signatures import PublicKey, public_key_of, verifies
 
 
@@ -156,10 +157,21 @@ def key_lines(public_keys: dict[int, tuple[str, ...]]) -> str:
     return "\n".join(":".join([str(node), *own]) for node, own in sorted(public_keys.items()))
 
 
-def default_threshold(cfg, participants: int) -> int:
+def default_threshold(cfg, participants: int, policies: Iterable[tuple[int, int]] = ()) -> int:
     """Shares that rebuild a secret: ``privacy.secure_threshold``, or a majority of the
     participants and at least the run's ``privacy.min_honest`` (a hospital refuses a
-    threshold below its own: fewer hospitals could unmask a sum without it), at most all."""
+    threshold below its own: fewer hospitals could unmask a sum without it), at most all.
+
+    ``policies``: each participant's ``(min_honest, max_colluding)`` from its preflight
+    answer. The threshold rises to the least each of them accepts (``least_threshold``),
+    so a federation whose hospitals allow colluders needs no operator to find it; a
+    hospital that no threshold of this many participants satisfies refuses the round
+    itself, and does not take the others' tolerance of dropouts with it."""
     if cfg.privacy.secure_threshold:
         return cfg.privacy.secure_threshold
-    return min(participants, max(participants // 2 + 1, cfg.privacy.min_honest))
+    threshold = max(participants // 2 + 1, cfg.privacy.min_honest)
+    for min_honest, max_colluding in policies:
+        least = max(least_threshold(participants, max_colluding), min_honest)
+        if least <= participants:
+            threshold = max(threshold, least)
+    return min(participants, threshold)

@@ -41,7 +41,6 @@ from common.secure_evaluation import (
 from common.subgroups import SubgroupSummary
 
 from .records import TrainPhase
-from .secagg import default_threshold
 from .validation import Evaluations
 
 log = logging.getLogger("fedgru.server")
@@ -60,7 +59,7 @@ def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bo
     if not progress:
         co._phase = TrainPhase()
     nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
-    t = default_threshold(cfg, len(nodes))
+    t = rounds.threshold(nodes)
     least = max(t, cfg.strategy.min_hospitals)
     parts = evaluation_parts(cfg, splits, not progress)
     what = ("validation" if progress else "final evaluation") + f" ({', '.join(s.value for s in splits)})"

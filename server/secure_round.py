@@ -93,6 +93,20 @@ class SecureRounds:
         self.velocity: np.ndarray | None = None
         # the next round's setup, answered with this round's unmask: (round, participants, threshold, keys, required)
         self.early: tuple[int, list[int], int, dict, dict] | None = None
+        self._told: set[tuple[int, int]] = set()  # (participants, threshold) raised by policies, logged once
+
+    def threshold(self, nodes: list[int]) -> int:
+        """The reconstruction threshold for a session of ``nodes``: the run's rule, raised to
+        the least the policies those hospitals stated in their preflight answers accept."""
+        names = {self.co.hospitals[nid].name for nid in nodes if nid in self.co.hospitals}
+        policies = [(a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
+                    if a.accepted and a.hospital in names]
+        threshold = default_threshold(self.co.cfg, len(nodes), policies)
+        if threshold > default_threshold(self.co.cfg, len(nodes)) and (len(nodes), threshold) not in self._told:
+            self._told.add((len(nodes), threshold))
+            log.info("secure aggregation: threshold %d of %d, the least the hospitals' policies accept "
+                     "(min_honest, max_colluding in their preflight answers)", threshold, len(nodes))
+        return threshold
 
     # -- messaging -----------------------------------------------------------------
     def _config(self, server_round: int, stage: S.Stage, scale: float, base: dict, **fields) -> ConfigRecord:
@@ -218,7 +232,7 @@ class SecureRounds:
         # 4. unmask (with the next round's setup, for this round's survivors)
         next_threshold = 0
         if following:
-            next_threshold = default_threshold(co.cfg, len(survivors))
+            next_threshold = self.threshold(survivors)
             following = {**following, S.PARTICIPANTS: survivors, S.THRESHOLD: next_threshold}
         unmasked = self._ask(server_round, S.Stage.UNMASK, scale,
                              {nid: {S.SURVIVORS: survivors, **(following or {})} for nid in survivors}, **ask)
@@ -240,7 +254,7 @@ class SecureRounds:
         co, cfg = self.co, self.co.cfg
         phase = co._phase = TrainPhase()
         nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
-        threshold = default_threshold(cfg, len(nodes))
+        threshold = self.threshold(nodes)
         least = max(threshold, cfg.strategy.min_hospitals)
 
         def skip(why: str) -> TrainPhase:

@@ -274,3 +274,57 @@ def test_no_evaluation_is_asked_for_a_model_nobody_trained(tmp_path):
     assert all(not str(m.content[M.CONFIG].get(M.EVALUATE, "")) for m in grid.sent if m.metadata.message_type == MessageType.TRAIN)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["not_evaluated"].startswith("no hospital trained in this run")
+
+
+def test_a_secure_plan_tells_the_coordinator_the_least_threshold_its_policy_accepts(hospital):
+    """Under secure aggregation the answer carries the policy's min_honest and max_colluding
+    (settings, not data), and the coordinator's threshold rises to the least they accept:
+    with max_colluding 1, 4 of 5 where the majority would be 3 (every hospital refused 3)."""
+    import dataclasses
+
+    from client.folder import HospitalFolder, write_settings
+    from common.secagg import least_threshold
+    from server.secagg import default_threshold
+
+    settings = HospitalFolder(hospital).settings
+    write_settings(hospital, dataclasses.replace(settings, policy=dataclasses.replace(settings.policy, max_colluding=1,
+                                                                                      min_honest=2)))
+    secure = hospital_cfg("privacy.aggregation=secure", "training.sample_rate=1.0", "evaluation.validate_every=0")
+    answer = _plan(hospital, secure)
+    assert answer.accepted and (answer.min_honest, answer.max_colluding) == (2, 1)
+    plain = _plan(hospital, hospital_cfg())
+    assert plain.accepted and (plain.min_honest, plain.max_colluding) == (0, 0)  # per-hospital DP: nothing to say
+    policies = [(answer.min_honest, answer.max_colluding)]
+    assert default_threshold(secure, 5) == 3 and default_threshold(secure, 5, policies) == 4 == least_threshold(5, 1)
+    assert default_threshold(secure, 3, policies) == 3  # all of 3: 2t > 3 + 1
+    # a hospital no threshold of 2 satisfies refuses that round itself; the others keep their majority
+    assert default_threshold(secure, 2, [(1, 3)]) == default_threshold(secure, 2)
+    assert default_threshold(secure, 5, [(5, 0)]) == 5  # min_honest 5: no fewer than all five
+    fixed = hospital_cfg("privacy.aggregation=secure", "privacy.secure_threshold=3")
+    assert default_threshold(fixed, 5, policies) == 3  # the operator's fixed threshold stands (hospitals refuse it)
+
+
+def test_a_preflight_answer_with_a_negative_policy_setting_is_not_read():
+    bad = PreflightAnswer("h", True, "", 1.0, "x", max_colluding=-1).to_status()
+    with pytest.raises(ValueError, match="not negative"):
+        PreflightAnswer.from_status(bad)
+
+
+def test_the_coordinator_counts_only_the_policies_of_a_sessions_own_hospitals(caplog):
+    """SecureRounds.threshold reads the accepted preflight answers of the session's
+    hospitals: a stricter hospital that dropped out no longer raises it; logged once."""
+    from types import SimpleNamespace
+
+    from server.secure_round import SecureRounds
+
+    cfg = hospital_cfg("privacy.aggregation=secure")
+    names = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
+    answers = [PreflightAnswer(n, True, "", 1.0, "x", min_honest=2, max_colluding=1 if n == "e" else 0)
+               for n in names.values()] + [PreflightAnswer("f", False, "refused", max_colluding=3)]
+    co = SimpleNamespace(cfg=cfg, hospitals={nid: SimpleNamespace(name=n) for nid, n in names.items()},
+                         recorder=SimpleNamespace(preflight=answers))
+    rounds = SecureRounds(co)
+    with caplog.at_level("INFO", logger="fedgru.server"):
+        assert rounds.threshold([1, 2, 3, 4, 5]) == 4 and rounds.threshold([1, 2, 3, 4, 5]) == 4  # e allows a colluder
+        assert rounds.threshold([1, 2, 3, 4]) == 3  # e gone: a majority of 4
+    assert sum("threshold 4 of 5" in r.getMessage() for r in caplog.records) == 1

@@ -13,8 +13,8 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from client.secagg import Participant, SecAggRefusal, least_threshold
-from common.secagg import MODULUS, from_ring, mask, pair_seed, pair_sign, unb64
+from client.secagg import Participant, SecAggRefusal
+from common.secagg import MODULUS, from_ring, least_threshold, mask, pair_seed, pair_sign, unb64
 from server.secagg import Revealed, UnmaskFailed, unmasked_sum
 
 ROUND = 7
