@@ -397,7 +397,11 @@ def importance_section(run: RunFolder) -> Section | None:
            "about the test patients. " if is_secure(run) else
            "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. ")
         + (f"The noise on each mean has a standard deviation of {test.importance_noise:.3f}: differences smaller "
-           "than about twice that are not meaningful." if test.importance_noise else ""),
+           "than about twice that are not meaningful. " if test.importance_noise else "")
+        + "Each contribution is measured against a normal patient in whom every input is recorded, so an input's "
+          "size here includes what its absence tells the model: one often not recorded (a patient's height, say) "
+          "can rank high for that alone. `fedgru explain` shows a stay's "
+          "input as 'not observed' with its own contribution.",
     ])
 
 
