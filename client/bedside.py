@@ -177,8 +177,10 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
 def explanation_text(e: Explanation, top: int) -> str:
     lines = [f"stay {e.stay_id}: risk {e.risk:.3f} (log-odds {e.logit:+.3f}); contributions to the log-odds "
              f"({e.method}):"]
-    lines += [f"  {describe(c)}" for c in e.top(top)]
-    rest = sum(c.contribution for c in e.contributions[top:])
-    lines.append(f"  the other {len(e.contributions) - top}: {rest:+.2f}; bias {e.bias:+.2f}")
+    shown = e.top(top)
+    lines += [f"  {describe(c)}" for c in shown]
+    rest = e.contributions[len(shown):]
+    lines.append((f"  the other {len(rest)}: {sum(c.contribution for c in rest):+.2f}; " if rest else "  ")
+                 + f"bias {e.bias:+.2f}")
     return "\n".join(lines)
 

@@ -102,8 +102,20 @@ def fit_noise(cfg: ExperimentConfig, policy: Policy, declared_train: int, accoun
                                 "updates would be mostly noise: use a smaller privacy.target_epsilon or fewer rounds, "
                                 "or run without this hospital")
         candidates.append((left, "its remaining budget"))
-    sigma, set_by = max(candidates)
-    return NoiseFit(float(sigma), set_by, q, steps)
+    return NoiseFit(*_largest(candidates), q, steps)
+
+
+def _largest(candidates: list[tuple[float, str]], tolerance: float = 2e-4) -> tuple[float, str]:
+    """The largest noise of ``candidates`` and what set it. One within the searches'
+    tolerance (``smallest_noise``: 1e-4 relative) of an earlier one is the same noise
+    found twice: the larger number is kept, the earlier reason named. A budget left equal
+    to the target had its noise credited to "its remaining budget" by a rounding tie."""
+    sigma, set_by = candidates[0]
+    for value, why in candidates[1:]:
+        if value > sigma * (1 + tolerance):
+            set_by = why
+        sigma = max(sigma, value)
+    return float(sigma), set_by
 
 
 @lru_cache(maxsize=256)

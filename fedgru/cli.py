@@ -39,10 +39,25 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def at_least_one(what: str):
+    """An argparse type: a whole number of ``what``, at least 1 (``--rounds 0`` is not "the config's")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} {what}: it takes at least 1")
+        return value
+
+    return parse
+
+
 def _load(args) -> object:
     path = Path(args.config) if args.config else project_root() / "configs" / "default.yaml"
     overrides = list(args.overrides)
-    if getattr(args, "rounds", None):
+    if getattr(args, "rounds", None) is not None:
         overrides.append(f"run.rounds={args.rounds}")
     return load_config(path, overrides)
 
@@ -293,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "simulate", help="run a federated simulation (Flower simulation runtime)")
     _config_arg(p)
     p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
-    p.add_argument("--rounds", type=int, help="override run.rounds")
+    p.add_argument("--rounds", type=at_least_one("rounds"), help="override run.rounds")
     p.add_argument("--cpus-per-hospital", type=int, default=1, help="CPU cores per simulated hospital (default 1)")
     p.add_argument("--gpus-per-hospital", default="auto", metavar="SHARE",
                    help="each simulated hospital's share of a GPU, e.g. 0.25 (default auto: one GPU shared equally "
@@ -334,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "explain", help="why the model gives a stay its risk: contributions per variable and descriptor")
     _stay_arguments(p, "a stay id (repeatable)")
-    p.add_argument("--top", type=int, default=8, help="contributions to print (default 8)")
+    p.add_argument("--top", type=at_least_one("contributions"), default=8,
+                   help="contributions to print, largest first (default 8; more than the model's inputs prints all)")
     p.add_argument("--json", action="store_true", help="print only JSON: one line per stay with every contribution")
     p.set_defaults(fn=cmd_explain)
 
@@ -350,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")
     p.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of every epsilon (default 1e-5)")
-    p.add_argument("--rounds", type=int, required=True, help="planned rounds")
+    p.add_argument("--rounds", type=at_least_one("rounds"), required=True, help="planned rounds")
     p.add_argument("--local-epochs", type=float, default=1.0, help="passes over the training examples per round")
     p.add_argument("--batch-size", type=int, required=True, help="expected (Poisson) batch size")
     p.add_argument("--examples", type=int, required=True, help="training examples at the hospital")
@@ -399,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="init: the SuperLink's address as hospitals reach it")
     p.add_argument("--port", type=int, default=9093, help="init: the SuperLink's port")
     p.add_argument("--hospitals", type=int, default=2, help="local: how many hospitals share the configured data")
-    p.add_argument("--rounds", type=int, help="local: override run.rounds")
+    p.add_argument("--rounds", type=at_least_one("rounds"), help="local: override run.rounds")
     _config_arg(p)
     p.set_defaults(fn=cmd_deploy)
 
@@ -407,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "each one's answer to the plan and its remaining budgets (no run, nothing spent)")
     p.add_argument("--federation", default="fedgru", help="the Flower connection in ~/.flwr/config.toml (default fedgru)")
     p.add_argument("--app", help="the project folder of the app (default: the installed fedgru)")
-    p.add_argument("--rounds", type=int, help="the plan's rounds (default: run.rounds of the config)")
+    p.add_argument("--rounds", type=at_least_one("rounds"), help="the plan's rounds (default: run.rounds of the config)")
     _config_arg(p)
     p.set_defaults(fn=cmd_status)
 

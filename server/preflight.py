@@ -78,8 +78,8 @@ def accepted_line(accepted: list[PreflightAnswer], asked: int) -> str:
                        for why, count in reasons.most_common())
     return (f"{len(accepted)} of {asked} hospitals accept the plan: noise multiplier "
             f"{span([a.noise_multiplier for a in accepted], '.3g')} (set by {set_by}), training epsilon after the run "
-            f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (budget left "
-            f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')})")
+            f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (of "
+            f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')} budget left before it)")
 
 
 def _read(view: HospitalView, reply: Message, dp: bool) -> PreflightAnswer:

@@ -133,6 +133,19 @@ def test_a_spent_budget_raises_the_noise_so_the_run_fits_what_is_left(hospital):
     assert spent < answer.planned["train"] <= 1.0
 
 
+def test_a_budget_left_equal_to_the_target_credits_the_target(hospital):
+    """A fresh hospital with budget 1 and a 40-round run at target epsilon 1: both searches find the
+    same noise, so the target set it (a rounding tie had named "its remaining budget")."""
+    answer = _plan(hospital, hospital_cfg("run.rounds=40", "privacy.target_epsilon=1.0"))
+    assert answer.accepted and answer.remaining["train"] == pytest.approx(1.0)
+    assert answer.noise_set_by == "the run's target epsilon"
+    assert answer.planned["train"] <= 1.0 + 1e-9
+    from client.noise import _largest
+
+    assert _largest([(32.4878, "target"), (32.4881, "budget")]) == (32.4881, "target")  # one noise found twice
+    assert _largest([(10.0, "target"), (11.0, "budget"), (10.5, "ceiling")]) == (11.0, "budget")
+
+
 def test_a_target_far_above_the_budget_left_is_refused_naming_the_target(hospital):
     """A target epsilon far over what is left plans so little noise that the hospital's
     budget would need over 10 times as much: its updates would be mostly noise, so it
