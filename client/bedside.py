@@ -150,7 +150,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         plt.close(fig)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
                  "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers)] for j in found]
-        flag_text = (f"first flagged at hour {first}" + (", flagged since" if latched else "")) if first else "never flagged"
+        flag_text = ((f"flagged from hour {first} on" if latched else f"first flagged at hour {first}") if first
+                     else "never flagged")
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."

@@ -42,14 +42,18 @@ def save_bundle(path: Path, state_dict: dict, spec: ModelSpec, cfg: ExperimentCo
 class Bundle:
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_dir():
+            hint = f": its model is {path / 'model.pt'}" if (path / "model.pt").is_file() else ""
+            raise DataError(str(path), f"is a folder, not a model bundle{hint}")
         if not path.is_file():
             raise DataError(str(path), "model bundle not found")
         content = path.read_bytes()  # read once: the hash is of the bytes whose weights are loaded
         self.sha256 = hashlib.sha256(content).hexdigest()
         try:
             raw = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a bundle"
-            raise DataError(str(path), f"is not a fedgru model bundle ({exc.__class__.__name__})") from None
+        except Exception:  # noqa: BLE001 - any unpickling failure means "not a bundle"
+            raise DataError(str(path), "is not a fedgru model bundle (not a file torch can read: a run's model.pt "
+                                       "is one)") from None
         if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
             raise DataError(str(path), f"is not a fedgru model bundle (expected format {BUNDLE_FORMAT})")
         self.path = path

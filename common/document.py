@@ -54,6 +54,12 @@ def _cell(value) -> str:
     return value if isinstance(value, str) else format_number(value)
 
 
+def _markdown_cell(value) -> str:
+    """A table cell in Markdown: a '|' inside it would end the cell (GitHub then shows the
+    whole table as one paragraph of pipes), so it is escaped."""
+    return _cell(value).replace("|", "\\|")
+
+
 def markdown(title: str, sections: list[Section]) -> str:
     out = [f"# {title}", ""]
     for sec in sections:
@@ -62,9 +68,9 @@ def markdown(title: str, sections: list[Section]) -> str:
             if isinstance(block, Table) and not block.rows:
                 out.append(block.empty)
             elif isinstance(block, Table):
-                out.append("| " + " | ".join(block.header) + " |")
+                out.append("| " + " | ".join(_markdown_cell(c) for c in block.header) + " |")
                 out.append("|" + "|".join("---" for _ in block.header) + "|")
-                out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
+                out += ["| " + " | ".join(_markdown_cell(c) for c in row) + " |" for row in block.rows]
             elif isinstance(block, Image):
                 out.append(f"![{block.caption}]({block.path.name})")
             elif isinstance(block, Bullets):

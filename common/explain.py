@@ -2,8 +2,8 @@
 descriptor, in clinical units, at the end of the window or after each hour.
 
 Every contribution is measured against a reference patient at the config's textbook
-normal values (:func:`reference_patient`: each variable observed at its ``center`` every
-hour, each continuous descriptor at its ``center``), so a normal value contributes
+normal values (:func:`reference_patient`: each variable observed at its ``normal``, else
+its ``center``, every hour, each continuous descriptor likewise), so a normal value contributes
 about 0 and an abnormal one its difference from normal; the reference patient's own
 logit is the ``bias``. (Measured against "nothing observed", a normal heart rate
 contributed -0.47: being measured at all, not the value, was what it said.) For the
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import FeatureSection, StaticSpec, VariableSpec
+from .data.preprocess import normalised_normal
 from .model import GRUClassifier
 
 
@@ -73,12 +74,12 @@ def _static_columns(features: FeatureSection) -> list[tuple[StaticSpec, slice]]:
 
 def reference_patient(features: FeatureSection, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """A patient at the textbook normal values the config writes: (steps, channels) and
-    (static width,). Every variable observed at its reference value (``center``, which
-    normalises to 0) at every step; every continuous descriptor at its reference and
-    known; a categorical descriptor, which has no normal, an even mix of its categories
+    (static width,). Every variable observed at its reference value (``normal`` where
+    the config gives one, else ``center``, which normalises to 0) at every step; every
+    continuous descriptor at its reference and known; a categorical descriptor, which has no normal, an even mix of its categories
     (so a category contributes how much it differs from their average)."""
     V = len(features.variables)
-    channels = [np.zeros((steps, V), dtype=np.float32)]
+    channels = [np.tile(np.asarray([normalised_normal(v) for v in features.variables], np.float32), (steps, 1))]
     if features.observed_mask:
         channels.append(np.ones((steps, V), dtype=np.float32))
     if features.time_since_last:
@@ -86,7 +87,8 @@ def reference_patient(features: FeatureSection, steps: int) -> tuple[np.ndarray,
     static = []
     for spec in features.static:
         k = len(spec.categories)
-        static.append(np.full(k, 1.0 / k, dtype=np.float32) if spec.kind == "categorical" else np.zeros(2, np.float32))
+        static.append(np.full(k, 1.0 / k, dtype=np.float32) if spec.kind == "categorical"
+                      else np.asarray([normalised_normal(spec), 0.0], np.float32))  # its value, and known
     return np.concatenate(channels, axis=1), np.concatenate(static) if static else np.zeros(0, np.float32)
 
 

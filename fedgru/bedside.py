@@ -4,6 +4,7 @@ run on; results go to stdout (or the file asked for), notes to stderr."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -73,6 +74,16 @@ def _threshold(args, bundle) -> float:
     return float(bundle.info.get("threshold", 0.5))
 
 
+@contextlib.contextmanager
+def _written(out: str):
+    """The CSV's stream: the file ``out``, or stdout for "-" (messages go to stderr)."""
+    if out == "-":
+        yield sys.stdout
+        return
+    with open(out, "w", newline="") as handle:
+        yield handle
+
+
 def cmd_predict(args) -> int:
     import csv
 
@@ -84,8 +95,9 @@ def cmd_predict(args) -> int:
     _notes(ds)
     probs = bundle.predict(ds)
     classes = bundle.config.task.classes
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    if out != "-":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if args.hourly:
         from client.bedside import hourly_risks
 
@@ -96,7 +108,7 @@ def cmd_predict(args) -> int:
         risks = hourly_risks(bundle, ds)
         levels, latched = _monitor_levels(args, bundle, risks.shape[1])
         flagged = monitor_flags(risks, levels, latched)
-        with open(out, "w", newline="") as handle:
+        with _written(out) as handle:
             writer = csv.writer(handle)
             # flagged_since: the hour the stay's flag (on at that row) was raised, so a kept flag says where it
             # came from when the hour's own risk is below its threshold
@@ -106,11 +118,13 @@ def cmd_predict(args) -> int:
                 for h, r in enumerate(row):
                     since = (since or h + 1) if flags[h] else None
                     writer.writerow([sid, h + 1, f"{r:.6f}", f"{levels[h]:.3f}", int(flags[h]), since or ""])
-        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {out}; "
+        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {'stdout' if out == '-' else out}; "
               f"{flagged[:, -1].mean():.0%} of stays flagged at hour {risks.shape[1]}, {flagged.any(axis=1).mean():.0%} "
-              "at some hour" + ("; a flag stays on once raised" if latched else ""), file=sys.stderr)
+              "at some hour" + ("; a flag stays on once raised" if latched else "")
+              + f" (plain predict's decision flags the hour-48 risk at {_threshold(args, bundle):.3f} instead)",
+              file=sys.stderr)
         return 0
-    with open(out, "w", newline="") as handle:
+    with _written(out) as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
             flagged = predicted_class(probs, _threshold(args, bundle))  # the same rule as the metrics
@@ -122,15 +136,17 @@ def cmd_predict(args) -> int:
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
     of = f" (the risk of {classes[1]})" if len(classes) == 2 else ""
-    share = (f"; {flagged.mean():.0%} of stays flagged at risk >= {_threshold(args, bundle):.3f}"
-             if len(classes) == 2 else "")
-    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {out}{share}", file=sys.stderr)
+    share = (f"; {flagged.mean():.0%} of stays flagged at risk >= {_threshold(args, bundle):.3f} (the hourly "
+             "monitor, predict --hourly, flags by each hour's own level and keeps a flag once raised: at hour 48 "
+             "it can differ)" if len(classes) == 2 else "")
+    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {'stdout' if out == '-' else out}{share}", file=sys.stderr)
     return 0
 
 
 def _one_stay(args):
     from common.bundle import Bundle
 
+    args.stay = list(dict.fromkeys(args.stay))  # a stay named twice is shown once
     bundle = Bundle(args.model)
     ds = bundle.load(args.data, None, args.format)
     missing = [s for s in args.stay if s not in set(ds.stay_ids.astype(str))]

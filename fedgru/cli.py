@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model bundle (runs/<run>/model.pt)")
     p.add_argument("--data", required=True, help="PhysioNet folder or .tar.gz, or long-format CSV")
     p.add_argument("--format", choices=["physionet2012", "long_csv"], help="data format (default: from the path)")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", required=True, help="CSV to write ('-': stdout)")
     p.add_argument("--hourly", action="store_true",
                    help="one row per stay and hour: the risk after each hour, from what was observed up to it")
     p.add_argument("--threshold", type=float,
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "monitor", help="a stay's risk hour by hour, with the threshold and what moved it (HTML)")
     _stay_arguments(p, "a stay id (repeatable: one chart each)")
-    p.add_argument("--out", help="HTML file (default monitor-<stay>.html)")
+    p.add_argument("--out", help="HTML file, one page for every --stay (default monitor-<first stay>.html)")
     p.add_argument("--threshold", type=float,
                    help="flag at this risk at every hour, on and off, without the run's margin (default: the run's "
                         "threshold for each hour moved up by its margin, a flag kept once raised)")
@@ -456,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"fedgru {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fedgru predict --out - | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

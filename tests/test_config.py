@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,15 @@ def test_selected_variables_read_the_same_channels_from_the_real_files(physionet
     assert len(full_ds) == 40 and cut_ds.X.shape == (*full_ds.X.shape[:2], per_kind * len(keep))
     assert (cut_ds.X == full_ds.X[:, :, columns]).all()
     assert (cut_ds.S == full_ds.S).all() and (cut_ds.y == full_ds.y).all()
+
+
+@pytest.mark.parametrize("row, where", [
+    ("{name: GCS, low: 3, high: 15, center: 11, scale: 4, normal: 16}", "features.variables[0].normal"),
+    ("{name: MechVent, low: 0, high: 1, binary: true, normal: 0.5}", "features.variables[0].normal"),
+])
+def test_a_normal_value_outside_what_the_variable_can_take_is_refused(tmp_path, row, where):
+    """``normal`` (explanations' reference patient) must be a value the variable can take."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"features:\n  variables:\n    - {row}\n")
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        load_config(bad)

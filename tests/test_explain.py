@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,20 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
             assert since == 1 or by_stay_hour[(r["stay_id"], since - 1)]["flagged"] == "0"
 
 
+def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path, capsys):
+    """--out -: the same CSV on stdout (the message on stderr), no file named '-'."""
+    from fedgru.cli import main
+
+    path, folder, _, _ = bundle_and_stays
+    final = tmp_path / "final.csv"
+    assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(final)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(path), "--data", str(folder), "--out", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert out.replace("\r\n", "\n") == final.read_text().replace("\r\n", "\n")
+    assert "to stdout" in err and not Path("-").exists()
+
+
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
     from common.bundle import Bundle
     from common.subgroups import exact_results
@@ -338,7 +353,8 @@ def _patient(cfg, changed: dict[str, float], age: float = 65.0):
         for j, spec in enumerate(cfg.features.variables):
             times.append(hour)
             variables.append(j)
-            values.append(changed.get(spec.name, 0.0 if spec.binary else spec.center))
+            normal = spec.normal if spec.normal is not None else 0.0 if spec.binary else spec.center
+            values.append(changed.get(spec.name, normal))
     stay = Stay("synthetic", {**NORMAL_STATIC, "Age": age}, np.asarray(times, np.float32),
                 np.asarray(variables, np.int16), np.asarray(values, np.float32))
     X, S = to_tensors([stay], cfg.features)
@@ -352,6 +368,19 @@ def test_a_normal_patient_is_explained_by_nothing(trained_on_set_a):
     e = explain(model, x, s, cfg.features, "normal")
     assert max(abs(c.contribution) for c in e.contributions if c.kind == "variable") < 0.05
     assert abs(next(c for c in e.contributions if c.name == "Age").contribution) < 0.05
+
+
+def test_a_textbook_normal_value_apart_from_the_center_explains_nothing(trained_on_set_a):
+    """GCS 15 is normal, though its center (a normalisation constant) is 11: against a
+    reference at the center GCS 15 read -0.41 in a new user's try. The config's
+    ``normal`` puts the reference patient there."""
+    cfg, model = trained_on_set_a
+    normal = {v.name: v.normal for v in cfg.features.variables if v.normal is not None}
+    assert normal == {"GCS": 15.0}
+    e = explain(model, *_patient(cfg, normal), cfg.features, "normal")
+    assert all(abs(c.contribution) < 0.05 for c in e.contributions if c.name in normal), e.contributions
+    at_center = explain(model, *_patient(cfg, {"GCS": 11.0}), cfg.features, "drowsy")
+    assert next(c for c in at_center.contributions if c.name == "GCS").contribution > 0.05  # 11 is not normal
 
 
 @pytest.mark.parametrize("name, value", ABNORMAL)

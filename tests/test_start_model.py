@@ -118,7 +118,9 @@ def test_a_resumed_run_reads_no_start_file_and_keeps_the_recorded_start(tmp_path
 
 def test_a_missing_or_foreign_file_names_the_setting_and_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
-    for name, why in (("nothere.pt", "model bundle not found"), ("notes.txt", "is not a fedgru model bundle")):
+    (tmp_path / "run").mkdir()
+    for name, why in (("nothere.pt", "model bundle not found"), ("notes.txt", r"is not a fedgru model bundle \(not a "),
+                      ("run", "is a folder, not a model bundle")):
         cfg = load_config(DEFAULT, [f"model.init_from={tmp_path / name}"])
         with pytest.raises(ConfigError, match=rf"^model\.init_from: .*{name}: {why}"):
             load_start_model(cfg)

@@ -59,6 +59,10 @@ class VariableSpec:
     log: bool = False  # apply log1p first (skewed laboratory values)
     binary: bool = False  # 0/1 indicator: used as is, no normalisation
     unit: str = ""  # clinical unit, as explanations print values
+    # The textbook normal value of the patient explanations are measured against, where
+    # ``center`` (a normalisation constant) is not it (GCS 15 against a center of 11);
+    # None: ``center`` (0 for a binary variable). It changes no input the model reads.
+    normal: float | None = None
 
 
 @dataclass
@@ -76,6 +80,7 @@ class StaticSpec:
     missing: list[float] = field(default_factory=lambda: [-1.0])  # codes meaning "unknown"
     unit: str = ""  # continuous: clinical unit, as explanations print values
     labels: dict[str, str] = field(default_factory=dict)  # categorical: category -> name in reports
+    normal: float | None = None  # continuous: explanations' reference value (None: ``center``), as for variables
 
 
 # ----------------------------------------------------------------------------------
@@ -152,9 +157,17 @@ class FeatureSection:
         for i, v in enumerate(self.variables):
             check(v.scale > 0, f"variables[{i}].scale", "must be positive")
             check(v.low is None or v.high is None or v.low <= v.high, f"variables[{i}]", "has low > high")
+            check(_plausible(v.normal, v.low, v.high) and (not v.binary or v.normal in (None, 0, 1)),
+                  f"variables[{i}].normal", "must lie within its low and high (0 or 1 for a binary variable)")
         for i, s in enumerate(self.static):
             check(s.kind != "categorical" or bool(s.categories), f"static[{i}].categories", "must list the categories")
             check(s.scale > 0, f"static[{i}].scale", "must be positive")
+            check(_plausible(s.normal, s.low, s.high) and (s.kind == "continuous" or s.normal is None),
+                  f"static[{i}].normal", "must lie within its low and high (continuous descriptors only)")
+
+
+def _plausible(value: float | None, low: float | None, high: float | None) -> bool:
+    return value is None or ((low is None or value >= low) and (high is None or value <= high))
 
 
 @dataclass

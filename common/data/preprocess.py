@@ -79,6 +79,13 @@ def static_names(features: FeatureSection) -> list[str]:
     return out
 
 
+def normalised_normal(spec: VariableSpec | StaticSpec) -> float:
+    """The input a value at the spec's textbook normal (``normal``, else ``center``) becomes:
+    0 unless the config names a normal apart from its center (explanations' reference)."""
+    normal = getattr(spec, "normal", None)
+    return 0.0 if normal is None else float(_normalise(np.asarray(normal, dtype=np.float64), spec))
+
+
 def _normalise(x: np.ndarray, spec: VariableSpec | StaticSpec) -> np.ndarray:
     if getattr(spec, "binary", False):
         return x

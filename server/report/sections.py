@@ -113,7 +113,11 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
         f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
-        f"Model: {md.architecture} GRU layers {md.gru_hidden}, head {md.head_hidden}, dropout {md.dropout} ({md.gru_impl} GRU)",
+        "Model: " + (f"one GRU per variable ({md.architecture}), hidden size "
+                      if md.architecture == "per_variable" else f"{md.architecture} GRU, hidden size ")
+        + " then ".join(str(h) for h in md.gru_hidden) + ", "
+        + (f"a head with a hidden layer of {md.head_hidden}" if md.head_hidden else "a linear head")
+        + f", dropout {md.dropout} ({md.gru_impl} GRU implementation)",
         "Start: " + (
             f"the weights of `{start.path}` (sha256 {start.sha256[:16]}..."
             + (f", the model of run `{start.source_run}`" if start.source_run else "")
@@ -322,7 +326,7 @@ def subgroup_section(run: RunFolder) -> Section | None:
         "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
         "patients and deaths are noisy counts, and a group whose counts are too small for the noise says so "
         "instead of showing noise as a number (each hospital can see its own groups exactly, and release nothing, "
-        "with `fedgru evaluate --subgroups`). Calibration is the observed death rate over the mean predicted "
+        "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
         "risk (1: calibrated; below 1: risks too high for the group)."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
            "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
@@ -384,13 +388,19 @@ def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
     return text
 
 
+MAX_IMPORTANCE_ROWS = 50  # every input of the default model (20) and of the 37-variable one (41)
+
+
 def importance_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None or not test.importance:
         return None
-    rows = [[name, value] for name, value in list(test.importance.items())[:15]]
+    rows = [[name, value] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
+    shown = (f"The {len(rows)} largest of the model's {len(test.importance)} inputs (all are in metrics.json). "
+             if len(rows) < len(test.importance) else "")
     return Section("What the model leans on (test patients, DP)", [
         Table(["input", "mean |contribution| to the log-odds"], rows),
+        shown +
         "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
         "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "
         + ("summed over the hospitals under secure aggregation, each adding its share of Skellam noise: a DP release "
