@@ -6,14 +6,29 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError
 from common.data.records import DataError
 from common.files import to_json
+from common.metrics import Metrics
+from common.subgroups import GroupResult
 
 SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
 SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
+
+
+@dataclass
+class ExactEvaluation:
+    """What ``evaluate`` measures on labelled stays, exactly (``--json`` prints it whole)."""
+
+    data: str
+    threshold: float | None  # the risk at or above which a stay is flagged (binary tasks)
+    metrics: Metrics
+    intervals: dict[str, list[float]]  # each metric's 95% interval over resamples of the stays
+    interval: str  # how the intervals were made, in words
+    subgroups: list[GroupResult] = field(default_factory=list)  # --subgroups: every group holding a stay
 
 
 def cmd_evaluate(args) -> int:
@@ -25,25 +40,28 @@ def cmd_evaluate(args) -> int:
     _notes(ds)
     probs = bundle.predict(ds)
     threshold = _threshold(args, bundle)
-    m = exact_metrics(ds.y, probs, threshold)
+    binary = probs.shape[1] == 2
+    result = ExactEvaluation(
+        str(args.data), threshold if binary else None, exact_metrics(ds.y, probs, threshold),
+        sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS),
+        f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
+        "patients could read")
     if args.subgroups:
         from common.subgroups import exact_results
 
-        positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
-        for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold, min_events=SUBGROUP_MIN_EVENTS,
-                               draws=SAMPLING_DRAWS):
-            if not g.patients:
-                continue  # a group no stay of this export falls in
-            shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
-            print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
-    if args.json:
-        print(to_json(m, indent=None))
-    else:
-        flagged = f"  (flagged at risk >= {threshold:.3f})" if probs.shape[1] == 2 else ""
-        intervals = sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS)
-        print(f"{args.data}: {format_metrics(m, intervals)}{flagged}")
-        print(f"exact on these stays; in brackets each metric's 95% interval over {SAMPLING_DRAWS} resamples of the "
-              "stays: how far another sample of such patients could read", file=sys.stderr)
+        result.subgroups = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold,
+                                                     min_events=SUBGROUP_MIN_EVENTS, draws=SAMPLING_DRAWS)
+                            if g.patients]  # a group no stay of this export falls in is left out
+    if args.json:  # one JSON object on stdout, and nothing else there
+        print(to_json(result, indent=None))
+        return 0
+    positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
+    for g in result.subgroups:
+        shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
+        print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
+    flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
+    print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
+    print(f"exact on these stays; in brackets each metric's {result.interval}")
     return 0
 
 

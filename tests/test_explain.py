@@ -274,6 +274,26 @@ def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path,
     assert "to stdout" in err and not Path("-").exists()
 
 
+def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and_stays, capsys):
+    """--json --subgroups printed the text rows and then the bare metrics; now stdout holds
+    one JSON object: metrics, their intervals, the threshold and every group."""
+    from fedgru.cli import main
+
+    path, folder, outcomes, _ = bundle_and_stays
+    args = ["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes)]
+    assert main([*args, "--subgroups"]) == 0
+    text = capsys.readouterr().out
+    assert main([*args, "--subgroups", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups"}
+    assert f"AUROC {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in text
+    rows = [line for line in text.splitlines() if " stays, " in line]
+    assert len(rows) == len(result["subgroups"]) >= 1
+    for row, g in zip(rows, result["subgroups"]):
+        assert row.startswith(f"{g['grouping']:>10s} {g['group']:<16s} {int(g['patients']):5d} stays"), row
+    assert f"(flagged at risk >= {result['threshold']:.3f})" in text
+
+
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
     from common.bundle import Bundle
     from common.subgroups import exact_results

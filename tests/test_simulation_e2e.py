@@ -126,9 +126,12 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     run_dir, _ = small_run
     proc = fedgru("evaluate", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--outcomes", str(OUTCOMES), "--json")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == {"auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n"}
-    assert result["n"] == 4000 and 0 <= result["auroc"] <= 1
+    result = json.loads(proc.stdout)  # one JSON object, and nothing else, on stdout
+    metrics = result["metrics"]
+    assert set(metrics) == {"auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "brier", "event1_score", "n"}
+    assert metrics["n"] == 4000 and 0 <= metrics["auroc"] <= 1
+    low, high = result["intervals"]["auroc"]
+    assert low <= metrics["auroc"] <= high and 0 < result["threshold"] < 1
     out = tmp_path / "risk.csv"
     proc = fedgru("predict", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
