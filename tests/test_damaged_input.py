@@ -123,6 +123,37 @@ def test_malformed_csv_in_a_long_export_names_its_line(tmp_path, row, problem):
     assert "9999" not in str(err.value) and "80" not in str(err.value).replace(str(path), "")
 
 
+def test_a_label_that_is_no_class_names_the_files_column_and_the_classes(tmp_path, physionet_files):
+    """A 2 in a binary export's 'label' column: the error names that column (not the task's
+    'In-hospital_death') and what each class index means, and suggests task.bins only for
+    a continuous (fractional) outcome."""
+    stays = tmp_path / "stays"
+    ids = _stays(stays, physionet_files[0], 6)
+    for value, bins in (("2", False), ("0.5", True)):
+        labels = tmp_path / "labels.csv"
+        labels.write_text("stay_id,label\n" + "".join(f"{i},{value if k == 3 else k % 2}\n" for k, i in enumerate(ids)))
+        cfg = load_config(DEFAULT_CONFIG, ["data.cache=false", f"data.path={stays}", f"data.outcomes={labels}"])
+        with pytest.raises(DataError) as raised:
+            load_dataset(cfg)
+        message = str(raised.value)
+        assert f"{labels}, column 'label': 1 label(s) are not a class index (0 = survived, 1 = died; first: stay " in message
+        assert ("task.bins" in message) == bins and value not in message.split("first: stay")[0]
+
+
+def test_an_outcomes_header_without_its_columns_names_the_export_alternative(tmp_path):
+    bad = _outcomes(tmp_path / "o.csv", [("1", 0)], header="id,outcome")
+    with pytest.raises(DataError, match=r"line 1: header lacks column\(s\) 'RecordID', 'In-hospital_death' \(or "
+                                        r"'stay_id' and 'label', as a long export's labels file names them\)"):
+        read_outcomes(bad, "RecordID", "In-hospital_death")
+
+
+def test_a_missing_data_path_given_on_the_command_line_is_not_told_to_use_set(tmp_path, bundle):
+    """predict has no --set: a --data that does not exist is simply not found."""
+    missing = tmp_path / "set-b.tar.gz"
+    proc = _fedgru("predict", "--model", str(bundle), "--data", str(missing), "--out", str(tmp_path / "x.csv"))
+    assert proc.returncode == 2 and f"{missing}: data not found" in proc.stderr and "--set" not in proc.stderr
+
+
 def test_a_labels_file_with_stay_id_and_label_is_read_as_documented(tmp_path, physionet_files, bundle):
     stays = tmp_path / "stays"
     ids = _stays(stays, physionet_files[0], 20)

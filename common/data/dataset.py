@@ -100,19 +100,22 @@ def fingerprint_files(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def label_classes(values: np.ndarray, task: TaskSection, source: str, ids: list[str]) -> np.ndarray:
-    """Map raw outcome values to class indices (bins, or the value itself)."""
+def label_classes(values: np.ndarray, task: TaskSection, source: str, ids: list[str], label_column: str = "") -> np.ndarray:
+    """Map raw outcome values to class indices (bins, or the value itself). ``label_column``:
+    the column the file named them in (a long export's 'label'), for the error."""
     if task.bins:
         return np.searchsorted(np.asarray(task.bins, dtype=np.float64), values, side="left").astype(np.int64)
     classes = np.rint(values).astype(np.int64)
-    bad = (np.abs(values - classes) > 1e-9) | (classes < 0) | (classes >= len(task.classes))
+    fractional = np.abs(values - classes) > 1e-9
+    bad = fractional | (classes < 0) | (classes >= len(task.classes))
     if bad.any():
         first = ids[int(np.flatnonzero(bad)[0])]
+        meaning = ", ".join(f"{k} = {name}" for k, name in enumerate(task.classes))
         raise DataError(
             source,
-            f"{int(bad.sum())} label(s) are not a class index 0..{len(task.classes) - 1} "
-            f"(first: stay {first}); set task.bins to bin a continuous outcome",
-            column=task.label_column,
+            f"{int(bad.sum())} label(s) are not a class index ({meaning}; first: stay {first})"
+            + ("; a continuous outcome needs task.bins in the experiment config" if fractional.any() else ""),
+            column=label_column or task.label_column,
         )
     return classes
 
@@ -161,7 +164,8 @@ def read_source(
                 f"(check data.id_column='{data.id_column}' and the stay ids)",
             )
         ids = [s.stay_id for s in labelled]
-        y = label_classes(np.asarray(raw_labels, dtype=np.float64), task, str(outcomes_path), ids)
+        y = label_classes(np.asarray(raw_labels, dtype=np.float64), task, str(outcomes_path), ids,
+                          getattr(outcomes, "label_column", ""))
         known = {s.stay_id for s in stays}
         outcomes_without_stay = sum(1 for k in outcomes if k not in known)
     pre = PreprocessSummary()
@@ -227,14 +231,13 @@ def load_dataset(
     if outcomes_path is None and require_labels:
         outcomes_path = data.outcomes
     opath = resolve(outcomes_path) if outcomes_path is not None else None
+    given = {"data": data_path is not None, "outcomes": outcomes_path is not None and outcomes_path != data.outcomes}
     for p, what in ((dpath, "data"), (opath, "outcomes")):
         if p is not None and not p.exists():
-            raise DataError(
-                str(p),
-                f"{what} not found. Set data.{'path' if what == 'data' else 'outcomes'} in the config (or "
-                f"--set data.{'path' if what == 'data' else 'outcomes'}=PATH on the command line) to where "
-                "PhysioNet's files or your export live",
-            )
+            key = f"data.{'path' if what == 'data' else 'outcomes'}"
+            raise DataError(str(p), f"{what} not found" if given[what] else (
+                f"{what} not found. Set {key} in the config (or --set {key}=PATH on the command line) to where "
+                "PhysioNet's files or your export live"))
     fingerprint = fingerprint_files(*(p for p in (dpath, opath) if p is not None))
     if not data.cache:
         ds = read_source(dpath, opath, data, cfg.features, cfg.task)

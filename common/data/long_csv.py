@@ -111,7 +111,13 @@ def read_long_csv(path: Path, variables: list[str], static_names: list[str], sum
     return [per_stay[stay_id].build(stay_id) for stay_id in sorted(per_stay, key=natural_key)]
 
 
-def read_outcomes(path: Path, id_column: str, label_column: str) -> dict[str, float]:
+class Outcomes(dict):
+    """``id -> label value``, and the column the labels were read from (for errors)."""
+
+    label_column: str = ""
+
+
+def read_outcomes(path: Path, id_column: str, label_column: str) -> Outcomes:
     """Read ``id -> label value`` from a CSV outcome table."""
     rows = csv_rows(_read_lines(path, "outcomes file"), str(path))
     header = _header(rows, path, "outcomes file")
@@ -119,9 +125,14 @@ def read_outcomes(path: Path, id_column: str, label_column: str) -> dict[str, fl
     id_column = id_column if id_column in header or "stay_id" not in header else "stay_id"
     label_column = label_column if label_column in header or "label" not in header else "label"
     if id_column not in header or label_column not in header:
-        raise _missing_columns(path, header, [id_column, label_column])
+        error = _missing_columns(path, header, [id_column, label_column])
+        if (id_column, label_column) != ("stay_id", "label"):
+            error = DataError(error.source, f"{error.problem} (or 'stay_id' and 'label', as a long export's labels "
+                                            "file names them)", line=error.line)
+        raise error
     id_col, label_col = header.index(id_column), header.index(label_column)
-    out: dict[str, float] = {}
+    out = Outcomes()
+    out.label_column = label_column
     for lineno, row in rows:
         if not row or all(not c.strip() for c in row):
             continue

@@ -29,6 +29,7 @@ class DataError(ValueError):
         if column is not None:
             where += f", column '{column}'"
         super().__init__(f"{where}: {problem}")
+        self.problem = problem
         self.source = source
         self.line = line
         self.column = column
