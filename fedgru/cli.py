@@ -1,9 +1,9 @@
 """The ``fedgru`` command: one entry point, each subcommand in the folder of its role.
 
     fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...]
-    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--json]
-    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv [--hourly]
-    fedgru explain   --model RUN/model.pt --data PATH --stay ID [--json]
+    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--subgroups] [--threshold T] [--json]
+    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv|- [--hourly] [--threshold T]
+    fedgru explain   --model RUN/model.pt --data PATH --stay ID [--top K] [--json]
     fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html]
     fedgru baseline  [--config FILE] --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
@@ -109,8 +109,6 @@ def cmd_report(args) -> int:
 def cmd_plan(args) -> int:
     from common.privacy import InfeasibleTarget, plan
 
-    if (args.epsilon is None) == (args.noise_multiplier is None):
-        raise ConfigError("give either --epsilon (to get sigma) or --noise-multiplier (to get epsilon)")
     for flag, value in (("--rounds", args.rounds), ("--batch-size", args.batch_size), ("--examples", args.examples)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1")
@@ -363,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_monitor)
 
     p = _command(sub, "plan", help="noise multiplier for a target epsilon, or epsilon per round for a noise multiplier")
-    p.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")
-    p.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon for the whole planned run")
+    target.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of every epsilon (default 1e-5)")
     p.add_argument("--rounds", type=at_least_one("rounds"), required=True, help="planned rounds")
     p.add_argument("--local-epochs", type=float, default=1.0, help="passes over the training examples per round")
@@ -406,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(fn=cmd_hospital)
 
-    p = _command(sub, "deploy", help="init: the coordinator's CA, SuperLink certificate and commands; local: a whole "
-                                      "real deployment on this machine, run and taken down (a try-out)")
-    p.add_argument("action", choices=["init", "local"])
+    p = _command(sub, "deploy", help="a real deployment: the coordinator's key material (init), or a whole one on "
+                                      "this machine, run and taken down (local)")
+    p.add_argument("action", choices=["init", "local"],
+                   help="init: the coordinator's CA, SuperLink certificate and the commands each side runs; local: "
+                        "SuperLink, SuperNodes and hospitals on this machine over TLS, a try-out")
     p.add_argument("--out", help="init: folder for the key material and COMMANDS.md; local: a new folder for everything")
     p.add_argument("--hospital", action="append", default=[], metavar="NAME=KEY.pub",
                    help="init: a hospital and the public key it sent (repeatable)")
@@ -434,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "audit", help="an empirical lower bound on a hospital's epsilon (one-run privacy audit)")
     _config_arg(p)
     p.add_argument("--hospital", help="the simulated hospital to audit (default: the first)")
-    p.add_argument("--canaries", type=int, default=1000, help="gradient canaries, each included with probability 1/2")
+    p.add_argument("--canaries", type=int, default=1000, help="gradient canaries, each included with probability 1/2 (default 1000)")
     p.add_argument("--out", help="run folder (default: <run.out_dir>/<timestamp>)")
     p.add_argument("--json", action="store_true", help="print only the result, as one JSON object (text to stderr)")
     p.set_defaults(fn=cmd_audit)

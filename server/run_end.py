@@ -116,14 +116,7 @@ def finish_run(co, last_round: int) -> None:
     if result.onset_margin is not None:
         result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
         result.monitor_rate = co.cfg.evaluation.monitor_rate
-    if co.cfg.num_classes == 2:
-        hourly = "".join(f", after hour {h} {t:.3f}" for h, t in checkpoints.items())
-        log.info("decision threshold %.3f%s (a risk on the final model's %s scale)", threshold, hourly,
-                 "calibrated" if uncalibrated else "own")
-        if result.onset_margin is not None:
-            log.info("monitor: a stay is flagged from the first hour its risk passes that hour's threshold by %.2f in "
-                     "log-odds, and stays flagged (%.0f%% of the validation stays at some hour)", result.onset_margin,
-                     100 * result.monitor_rate)
+    # the threshold and the monitor are results: the run's summary prints them (server.report.decision_lines)
     arrays = {k: v.numpy() for k, v in co.arrays.items()}
     if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
         exact = exact_metrics_of(co.cfg, arrays, threshold)

@@ -100,6 +100,10 @@ def test_the_console_is_quiet(small_run):
     for noise in ("DEBUG", "DEPRECATED", "configure_train", "aggregate_train", "FutureWarning", "repeated", "Ray"):
         assert noise not in text, noise
     assert "Privacy spent" in text and f"Report: {run_dir}" in text and "hospital         stays" in text
+    # results on stdout, the log on stderr: the threshold and the monitor are results a bedside user keeps
+    margin = json.loads((run_dir / "metrics.json").read_text())["test"]["onset_margin"]  # none at 80 test stays, often
+    assert "decision threshold" in proc.stdout and ("monitor: a stay is flagged" in proc.stdout) == (margin is not None)
+    assert "decision threshold" not in proc.stderr and "Pooled test" not in proc.stderr
 
 
 def test_epsilon_is_cumulative_and_matches_an_independent_replay(small_run):

@@ -87,6 +87,21 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     return title, sections
 
 
+def decision_lines(test, binary: bool) -> list[str]:
+    """What the run decided for the bedside (binary tasks): the decision threshold and each
+    checkpoint hour's, and the monitor's margin; results a bedside user keeps."""
+    if test is None or test.threshold is None or not binary:
+        return []
+    hourly = "".join(f", after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    lines = [f"decision threshold {test.threshold:.3f}{hourly} (a risk on the final model's "
+             f"{'calibrated' if test.calibration else 'own'} scale)"]
+    if test.onset_margin is not None:
+        lines.append(f"monitor: a stay is flagged from the first hour its risk passes that hour's threshold by "
+                     f"{test.onset_margin:.2f} in log-odds, and stays flagged ({100 * test.monitor_rate:.0f}% of the "
+                     "validation stays at some hour)")
+    return lines
+
+
 def summary_text(run: RunFolder) -> str:
     lines = [f"Run folder: {run.path}"]
     refused = [a for a in run.metrics.preflight if not a.accepted]
@@ -97,6 +112,7 @@ def summary_text(run: RunFolder) -> str:
     if run.metrics.not_evaluated:
         lines.append(f"No evaluation: {run.metrics.not_evaluated}")
     test = run.metrics.test
+    lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds))
     dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
     if test is not None and test.pooled is not None:
         read = f"{run.metrics.estimator} estimate from the DP releases" if dp else "exact histograms"
