@@ -123,6 +123,8 @@ class TestResult:
     threshold: float  # binary tasks: flagged at risk >= threshold
     calibration: Calibration | None
     calibration_curve: list[CalibrationPoint] = field(default_factory=list)  # pooled, by risk decile
+    # pooled observed rate over mean predicted risk: [reading, low, high] (common.estimates.observed_over_predicted)
+    calibration_ratio: list[float] | None = None
     subgroups: list[GroupResult] = field(default_factory=list)  # metrics per group of test patients (DP)
     # A group is read only when its pooled noisy deaths and survivors each reach this count (MIN_SIGNAL sds of
     # the DP noise on a group's count over its bins, at this run's noise and hospitals); None: no per-group release.

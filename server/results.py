@@ -21,8 +21,10 @@ from common.config import ExperimentConfig
 from common.estimates import (
     INTERVAL_LEVEL,
     MIN_SIGNAL,
+    OBSERVED_OVER_PREDICTED,
     for_metrics,
     metric_intervals,
+    observed_over_predicted,
     pairs_in_one_bin,
     ranks_patients,
 )
@@ -62,14 +64,15 @@ class Reader:
         return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp)
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
-                  draws: int = TEST_DRAWS) -> dict[str, list[float]] | None:
+                  draws: int = TEST_DRAWS, with_calibration: bool = False) -> dict[str, list[float]] | None:
         """Each metric's rough interval (a DP binary release), or None where none fits."""
         ev = self.cfg.evaluation
         if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
             return None
         try:
             found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
-                                     np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator)
+                                     np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator,
+                                     with_calibration)
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("an interval could not be computed", exc_info=True)
             return None
@@ -216,7 +219,10 @@ class Reader:
         rows = {"pooled": (total, pooled_noise(parts, noise))}
         rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items() if n != SECURE_SUM})
         for row, (summary, sd) in rows.items():
-            found = self.intervals(summary, sd, at)
+            found = self.intervals(summary, sd, at, with_calibration=row == "pooled" and read is not None)
+            ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)
+            if ratio is not None:  # the pooled calibration in the large, with its interval from the same draws
+                result.calibration_ratio = [observed_over_predicted(read), *ratio]
             if found:
                 result.intervals[row] = found
         result.auroc_interval = result.intervals.get("pooled", {}).get("auroc")

@@ -80,3 +80,36 @@ def test_the_report_says_when_the_risks_run_low_or_high():
     high = calibration_words(curve(0.7), True)
     assert "run high (a risk overstates" in high and "even after the recalibration" in high
     assert calibration_words([], False) == ""
+    # with the reading's interval (a run since 2026-12-06): the interval, not a fixed band, decides
+    held = calibration_words(curve(1.6), False, [1.6, 0.9, 2.4])
+    assert "1.60 (0.90-2.40) times" in held and "its interval holds 1, so no clear sign" in held
+    above = calibration_words(curve(1.6), False, [1.6, 1.2, 2.1])
+    assert "1.60 (1.20-2.10) times" in above and "run low (a risk understates" in above
+    below = calibration_words(curve(1.0), False, [0.6, 0.45, 0.8])  # the interval's reading is the one shown
+    assert "0.60 (0.45-0.80) times" in below and "run high (a risk overstates" in below
+
+
+def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_time():
+    """The calibration reading's interval (metric_intervals, with_calibration) from the same
+    draws as the metrics': over 16 default-sized noisy releases it holds the exact
+    observed/predicted of their patients in most (nominal 99%; measured in the closing
+    note of 2026-12-06), and the reading is near the exact ratio on average."""
+    from common.estimates import OBSERVED_OVER_PREDICTED, for_metrics, metric_intervals, observed_over_predicted
+
+    grid = ScoreGrid(-7.0, 3.0, 10)  # the default's test grid, and its noise (tests/test_estimates.py)
+    rng = np.random.default_rng(12)
+    held, readings = 0, []
+    for _ in range(16):
+        y = (rng.random(800) < 0.14).astype(np.int64)
+        logit = -2.3 + rng.normal(size=800) + 1.3 * y
+        risk = 1 / (1 + np.exp(-logit))
+        exact = y.mean() / risk.mean()
+        summary = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], 1), grid).noised(4.835, rng)
+        found = metric_intervals(summary, 4.835, None, 0.99, 60, rng, "skewnormal", with_calibration=True)
+        low, high = found[OBSERVED_OVER_PREDICTED]
+        reading = observed_over_predicted(for_metrics(summary, "skewnormal", True))
+        assert low <= reading <= high
+        held += low <= exact <= high
+        readings.append(reading - exact)
+    assert held >= 13, held  # nominal 99%; rough, as the metrics' intervals are
+    assert abs(np.mean(readings)) < 0.15

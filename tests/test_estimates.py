@@ -284,17 +284,21 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     released["d"] = Evaluations()  # declined: no histogram, no noise
     seen = []
 
-    def spy(summary, noise_std, edge, level, draws, rng, estimator):
-        seen.append((summary.n, noise_std, level))
-        return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8)}
+    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration):
+        seen.append((summary.n, noise_std, level, with_calibration))
+        return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8), **({"observed_over_predicted": (0.7, 1.4)}
+                                                                    if with_calibration else {})}
 
     monkeypatch.setattr(results, "metric_intervals", spy)
     result = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
     assert result.auroc_interval == [0.6, 0.9] and result.intervals["a"]["sensitivity"] == [0.5, 0.8]
     assert set(result.intervals) == {"pooled", "a", "b", "c"}
+    # the pooled row alone asks for the calibration's interval; it goes beside the metrics, not among them
+    assert [call[3] for call in seen] == [call[0] == 600 for call in seen]
+    assert "observed_over_predicted" not in result.intervals["pooled"] and result.calibration_ratio[1:] == [0.7, 1.4]
     pooled_call = next(call for call in seen if call[0] == 600)
     assert pooled_call[1] == pytest.approx(math.sqrt(4 + 9 + 36))
-    assert sorted(sd for n, sd, _ in seen if n == 200) == pytest.approx([2.0, 3.0, 6.0])
+    assert sorted(call[1] for call in seen if call[0] == 200) == pytest.approx([2.0, 3.0, 6.0])
     assert results.Reader(small_cfg("evaluation.dp=false")).test_result(released, 0.2, GRID, None, []).intervals == {}
 
     def broken(*args, **kwargs):
@@ -525,8 +529,8 @@ def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patie
     released = {"a": Evaluations(summaries={Split.TEST: narrow}, noise={Item.HISTOGRAM: 6.0},
                                  histogram_noise={Split.TEST: 6.0})}
     monkeypatch.setattr(results, "metric_intervals",  # the real bootstrap, with fewer draws
-                        lambda summary, sd, at, level, draws, rng, estimator:
-                        metric_intervals(summary, sd, at, level, 20, rng, estimator))
+                        lambda summary, sd, at, level, draws, rng, estimator, with_calibration:
+                        metric_intervals(summary, sd, at, level, 20, rng, estimator, with_calibration))
     with caplog.at_level(logging.WARNING, logger="fedgru.server"):
         result = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
     assert result.auroc_interval is None and "sensitivity" in result.intervals["pooled"]

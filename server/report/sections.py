@@ -8,7 +8,13 @@ import math
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
-from common.estimates import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, MAX_PAIRS_IN_ONE_BIN, interval_coverage
+from common.estimates import (
+    CALIBRATION_INTERVAL_COVERAGE,
+    HOSPITAL_INTERVAL_COVERAGE,
+    INTERVAL_LEVEL,
+    MAX_PAIRS_IN_ONE_BIN,
+    interval_coverage,
+)
 from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
 
 from ..records import AuditResult, HospitalPrivacy, Partition, RunPrivacy, StartRecord
@@ -335,7 +341,7 @@ def subgroup_section(run: RunFolder) -> Section | None:
     least = getattr(test, "subgroup_least", None)
     if unread and least:
         blocks.append(group_size_words(run, least, len(unread) == len(test.subgroups)))
-    overall = calibration_words(test.calibration_curve, bool(test.calibration))
+    overall = calibration_words(test.calibration_curve, bool(test.calibration), getattr(test, "calibration_ratio", None))
     if overall:
         blocks.append(overall)
     curves = {"all test patients": test.calibration_curve}
@@ -348,23 +354,33 @@ def subgroup_section(run: RunFolder) -> Section | None:
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-def calibration_words(curve, recalibrated: bool) -> str:
+def calibration_words(curve, recalibrated: bool, with_interval: list[float] | None = None) -> str:
     """One sentence on whether the final model's risks run high or low over all test
-    patients (observed rate over mean predicted risk, both read from the DP releases)."""
+    patients (observed rate over mean predicted risk, both read from the DP releases),
+    with the reading's interval (``with_interval``: [reading, low, high], from the same
+    bootstrap as the metrics'); a run folder from before it has the noise band instead."""
     observed = sum(p.observed * p.patients for p in curve)
     predicted = sum(p.predicted * p.patients for p in curve)
     if not curve or not predicted > 0:
         return ""
     ratio = observed / predicted
-    # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
-    # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
-    if 0.75 <= ratio <= 1.33:
-        return (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk, as read from "
-                "the DP releases: within what their noise alone gives a calibrated model at the default's size "
-                "(about 0.83-1.30), so no clear sign either way.")
+    if with_interval is not None:
+        ratio, low, high = with_interval
+        read = (f"Over all test patients the observed rate is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
+                f"predicted risk, as read from the DP releases (the interval as the metrics', nominal "
+                f"{INTERVAL_LEVEL:.0%}; {CALIBRATION_INTERVAL_COVERAGE})")
+        if low <= 1 <= high:
+            return read + ": its interval holds 1, so no clear sign either way."
+    else:
+        # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
+        # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
+        read = (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk, as read from "
+                "the DP releases")
+        if 0.75 <= ratio <= 1.33:
+            return (read + ": within what their noise alone gives a calibrated model at the default's size "
+                    "(about 0.83-1.30), so no clear sign either way.")
     way = "low (a risk understates" if ratio > 1 else "high (a risk overstates"
-    return (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk, as read from the "
-            f"DP releases: the model's risks run {way} the chance of the outcome), so read them as a ranking and "
+    return (read + f": the model's risks run {way} the chance of the outcome), so read them as a ranking and "
             "against the run's thresholds, not as probabilities"
             + (" (even after the recalibration above)." if recalibrated else
                " (evaluation.calibrate: true refits the risk scale on the pooled DP validation releases)."))
