@@ -42,7 +42,7 @@ class Contribution:
     value: float | None  # the last observed value in clinical units (descriptor: its value); None: not observed
     unit: str
     hour: int | None  # the hour (1..T) of that last observation
-    label: str = ""  # a categorical descriptor's value (its category's name)
+    label: str = ""  # a categorical descriptor's value (its category's name); a yes/no variable's "yes" or "no"
 
 
 @dataclass
@@ -226,7 +226,8 @@ def explain(model: GRUClassifier, x: np.ndarray, s: np.ndarray, features: Featur
     last = last_observations(x, features)
     described = descriptor_values(s, features)
     items = [
-        Contribution(spec.name, "variable", float(parts[v]), last[v][0], spec.unit, last[v][1])
+        Contribution(spec.name, "variable", float(parts[v]), last[v][0], spec.unit, last[v][1],
+                     ("yes" if last[v][0] >= 0.5 else "no") if spec.binary and last[v][0] is not None else "")
         for v, spec in enumerate(features.variables)
     ]
     items += [
@@ -254,8 +255,9 @@ def format_value(value: float, unit: str = "") -> str:
 
 def describe(c: Contribution) -> str:
     """'Lactate, last 4.1 mmol/L at hour 30: +0.42'."""
-    if c.kind == "variable":
-        seen = f"last {format_value(c.value, c.unit)} at hour {c.hour}" if c.value is not None else "not observed"
+    if c.kind == "variable":  # a yes/no indicator (MechVent) says yes or no, not 1 or 0
+        shown = c.label or (format_value(c.value, c.unit) if c.value is not None else "")
+        seen = f"last {shown} at hour {c.hour}" if c.value is not None else "not observed"
     elif c.label:
         seen = c.label
     else:

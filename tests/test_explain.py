@@ -427,3 +427,13 @@ def test_old_age_raises_the_risk(trained_on_set_a):
                                                (145.2, "mEq/L", "145 mEq/L"), (3.0, "points", "3 points")])
 def test_values_print_in_their_units_with_sensible_digits(value, unit, shown):
     assert format_value(value, unit) == shown
+
+
+def test_a_yes_no_variable_says_yes_or_no(full_dataset):
+    """MechVent is a 0/1 indicator: 'MechVent, last yes at hour 48', not 'last 1'."""
+    cfg, model = _model("per_variable")
+    j = [v.name for v in cfg.features.variables].index("MechVent")
+    ventilated = next(i for i in range(len(full_dataset.X)) if full_dataset.X[i, -1, len(cfg.features.variables) + j] > 0)
+    e = explain(model, full_dataset.X[ventilated], full_dataset.S[ventilated], cfg.features, "v")
+    mech = next(c for c in e.contributions if c.name == "MechVent")
+    assert mech.label == "yes" and describe(mech).startswith("MechVent, last yes at hour 48: ")
