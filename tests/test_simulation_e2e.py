@@ -89,6 +89,20 @@ def test_a_hospitals_row_with_intervals_is_told_how_often_such_rows_held(small_r
     assert f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}" in markdown("r", [test_results_section(run)])
 
 
+def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_noise_interval(small_run):
+    """The DP noise can take a mean |contribution| below 0 (the default run showed -0.056):
+    it shows as 0, and each mean carries the noise's 95% interval (value +- 1.96 sd)."""
+    from common.document import markdown
+    from server.report.run_folder import RunFolder
+    from server.report.sections import importance_section
+
+    run = RunFolder.load(small_run[0])
+    run.metrics.test.importance, run.metrics.test.importance_noise = {"GCS": 0.2, "Gender (descriptor)": -0.01}, 0.03
+    text = markdown("r", [importance_section(run)])
+    assert "| GCS | 0.200 (0.141-0.259) |" in text and "| Gender (descriptor) | 0.000 (0.000-0.049) |" in text
+    assert "-0.01" not in text
+
+
 def test_the_console_is_quiet(small_run):
     """Hospitals table, one line per round, the summary: no line twice, none of Flower's
     per-round bookkeeping, no deprecation or Ray warnings, no DEBUG lines."""

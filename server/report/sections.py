@@ -411,11 +411,20 @@ def importance_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None or not test.importance:
         return None
-    rows = [[name, value] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
+    sd = test.importance_noise or 0.0
+
+    def size(value: float) -> str | float:
+        """A mean size is never below 0: the noise can take it there. With the noise's 95% interval (the
+        release is the exact mean plus Gaussian noise of a known sd, so value +- 1.96 sd holds it 95% of the time)."""
+        if not sd:
+            return value
+        return f"{max(0.0, value):.3f} ({max(0.0, value - 1.96 * sd):.3f}-{value + 1.96 * sd:.3f})"
+
+    rows = [[name, size(value)] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
     shown = (f"The {len(rows)} largest of the model's {len(test.importance)} inputs (all are in metrics.json). "
              if len(rows) < len(test.importance) else "")
     return Section("What the model leans on (test patients, DP)", [
-        Table(["input", "mean |contribution| to the log-odds"], rows),
+        Table(["input", "mean |contribution| to the log-odds" + (" (95% interval for the DP noise)" if sd else "")], rows),
         shown +
         "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
         "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "
@@ -423,7 +432,8 @@ def importance_section(run: RunFolder) -> Section | None:
            "about the test patients. " if is_secure(run) else
            "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. ")
         + (f"The noise on each mean has a standard deviation of {test.importance_noise:.3f}: differences smaller "
-           "than about twice that are not meaningful. " if test.importance_noise else "")
+           "than about twice that are not meaningful, and a mean the noise took below 0 shows as 0. "
+           if test.importance_noise else "")
         + "Each contribution is measured against a normal patient in whom every input is recorded, so an input's "
           "size here includes what its absence tells the model: one often not recorded (a patient's height, say) "
           "can rank high for that alone. `fedgru explain` shows a stay's "
