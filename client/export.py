@@ -64,7 +64,8 @@ def signature(*paths: Path) -> str:
 def _definition_key(definition: DataDefinition, source: DataSource) -> str:
     from common.data.dataset import PREPROCESS_VERSION
 
-    text = f"{TENSORS_VERSION}/{PREPROCESS_VERSION}/{definition.to_json()}/{source.format}/{source.id_column}/{source.label_column}"
+    text = (f"{TENSORS_VERSION}/{PREPROCESS_VERSION}/{definition.tensors_json()}/{source.format}/{source.id_column}/"
+            f"{source.label_column}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -34,6 +34,14 @@ SIMULATED_KEYS = (
 )
 
 
+# Keys of a variable or descriptor that change how results are shown, never which stays,
+# values or labels are read, nor any input the model sees: the explanations' reference
+# value, the unit a value prints in, a category's name. Two definitions that differ only
+# there read alike, so no hospital is refused or left out for them (a definition written
+# before ``normal`` existed loads with None there and still reads as a newer one does).
+PRESENTATION_KEYS = frozenset({"normal", "unit", "labels"})
+
+
 @dataclass
 class DataDefinition:
     """The task and the features one hospital reads its stays by."""
@@ -50,6 +58,17 @@ class DataDefinition:
 
     def to_json(self) -> str:
         return json.dumps(self.to_plain(), sort_keys=True)
+
+    def tensors_json(self) -> str:
+        """What a hospital's preprocessed tensors depend on, for their cache's key: the
+        definition less ``normal``, which changes no input. Dropped rather than kept as
+        null, so the key of a folder registered before ``normal`` existed is unchanged and
+        its tensors stay valid (``unit`` and ``labels`` stay in: older keys hold them)."""
+        return json.dumps(_without_presentation(self.to_plain(), ("normal",)), sort_keys=True)
+
+    def reading_json(self) -> str:
+        """What decides how the data are read: the definition less its presentation keys."""
+        return json.dumps(_without_presentation(self.to_plain()), sort_keys=True)
 
     @classmethod
     def from_plain(cls, data: Any, origin: str) -> DataDefinition:
@@ -79,9 +98,18 @@ class DataDefinition:
         return dataclasses.replace(cfg, task=dataclasses.replace(self.task), features=dataclasses.replace(self.features))
 
     def difference(self, cfg: ExperimentConfig) -> str | None:
-        """The first key (dotted) at which ``cfg`` reads data otherwise, or None."""
+        """The first key (dotted) at which ``cfg`` reads data otherwise, or None (presentation
+        keys do not count: ``PRESENTATION_KEYS``)."""
         return first_difference({"task": dataclasses.asdict(cfg.task), "features": dataclasses.asdict(cfg.features)},
                                 self.to_plain())
+
+
+def _without_presentation(tree: Any, keys=PRESENTATION_KEYS) -> Any:
+    if isinstance(tree, dict):
+        return {k: _without_presentation(v, keys) for k, v in tree.items() if k not in keys}
+    if isinstance(tree, list):
+        return [_without_presentation(v, keys) for v in tree]
+    return tree
 
 
 def first_difference(theirs: Any, ours: Any, keys: tuple[str, ...] | None = None, path: str = "") -> str | None:
@@ -96,6 +124,8 @@ def first_difference(theirs: Any, ours: Any, keys: tuple[str, ...] | None = None
         return None
     if isinstance(theirs, dict) and isinstance(ours, dict):
         for key in sorted(set(theirs) | set(ours), key=str):
+            if key in PRESENTATION_KEYS and ("variables[" in path or "static[" in path):
+                continue  # how a value is shown, not how it is read
             child = f"{path}.{key}" if path else str(key)
             if key not in theirs or key not in ours:
                 return child

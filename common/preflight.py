@@ -26,6 +26,17 @@ from .messages import ReplyState
 GROUPS = ("train", "val", "test")
 
 
+MAX_COUNT = 10 ** 9  # a declared count or a policy setting beyond this is not a hospital's
+
+
+def _count(value) -> int:
+    """A whole, bounded count from a hospital's JSON (it may be hostile: 1e400, a 400-digit
+    number, 2.5 or "3" are refused as ValueError, never an OverflowError the caller misses)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError("a preflight answer's counts must be whole numbers from 0 to 10**9")
+    return value
+
+
 @dataclass
 class PreflightAnswer:
     """One hospital's answer to a run's plan (no patient data: see the module doc)."""
@@ -62,8 +73,8 @@ class PreflightAnswer:
             noise_multiplier=float(data.get("noise_multiplier", 0.0)), noise_set_by=str(data.get("noise_set_by", ""))[:200],
             planned={str(k): float(v) for k, v in dict(data.get("planned", {})).items() if k in GROUPS},
             remaining={str(k): float(v) for k, v in dict(data.get("remaining", {})).items() if k in GROUPS},
-            declared_train=int(data.get("declared_train", 0)),
-            min_honest=int(data.get("min_honest", 0)), max_colluding=int(data.get("max_colluding", 0)),
+            declared_train=_count(data.get("declared_train", 0)),
+            min_honest=_count(data.get("min_honest", 0)), max_colluding=_count(data.get("max_colluding", 0)),
         )
         numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(), answer.declared_train,
                    answer.min_honest, answer.max_colluding]

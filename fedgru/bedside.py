@@ -1,6 +1,7 @@
 """The commands a hospital runs on its own patients with a run's model bundle: ``evaluate``,
 ``predict``, ``explain`` and ``monitor``. Everything they read stays on the machine they
-run on; results go to stdout (or the file asked for), notes to stderr."""
+run on; results and the legend of their numbers go to stdout (or the file asked for), notes
+about the data to stderr."""
 
 from __future__ import annotations
 

@@ -166,8 +166,8 @@ class Roster:
             return cfg
         groups: dict[str, list[str]] = {}
         for name, definition in sorted(self.definitions.items()):
-            groups.setdefault(definition.to_json(), []).append(name)
-        own = DataDefinition.of(cfg).to_json()
+            groups.setdefault(definition.reading_json(), []).append(name)  # presentation keys do not split them
+        own = DataDefinition.of(cfg).reading_json()
         chosen_json = min(groups, key=lambda j: (-len(groups[j]), j != own, groups[j][0]))
         chosen = self.definitions[groups[chosen_json][0]]
         for name, definition in self.definitions.items():

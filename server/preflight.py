@@ -92,7 +92,7 @@ def _read(view: HospitalView, reply: Message, dp: bool) -> PreflightAnswer:
         if state == ReplyState.REFUSED and M.PLAN not in status:  # no ledger, an unreadable folder, ...
             return PreflightAnswer(view.name, False, str(status.get(M.REASON, ""))[:500])
         answer = PreflightAnswer.from_status(status)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # 1e400 or a 400-digit int: OverflowError
         return PreflightAnswer(view.name, False, f"its answer to the plan cannot be read ({exc.__class__.__name__})")
     if answer.hospital != view.name or answer.accepted != (state == ReplyState.ACCEPTED):
         return PreflightAnswer(view.name, False, "its answer to the plan contradicts itself or names another hospital")

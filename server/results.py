@@ -94,7 +94,8 @@ class Reader:
         noise_sd = pooled_noise(summaries, noise)
         found = self.intervals(total, noise_sd, None, estimator, PROGRESS_DRAWS)
         result.pooled_interval = found.get("auroc") if found else None
-        if result.pooled is not None and result.pooled_interval is None and self.cfg.evaluation.dp and noise_sd > 0:
+        if (result.pooled is not None and result.pooled_interval is None and self.cfg.evaluation.dp and noise_sd > 0
+                and self.cfg.is_binary):  # a multi-class reading has no intervals at all: nothing to explain
             result.pooled_note = ("the model's scores still spread less than a bin, so the bins cannot rank its "
                                   "patients" if found else "the DP noise drowns these counts")
         return result

@@ -99,13 +99,16 @@ class SecureRounds:
         """The reconstruction threshold for a session of ``nodes``: the run's rule, raised to
         the least the policies those hospitals stated in their preflight answers accept."""
         names = {self.co.hospitals[nid].name for nid in nodes if nid in self.co.hospitals}
-        policies = [(a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
-                    if a.accepted and a.hospital in names]
-        threshold = default_threshold(self.co.cfg, len(nodes), policies)
+        policies = {a.hospital: (a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
+                    if a.accepted and a.hospital in names}
+        threshold = default_threshold(self.co.cfg, len(nodes), policies.values())
         if threshold > default_threshold(self.co.cfg, len(nodes)) and (len(nodes), threshold) not in self._told:
             self._told.add((len(nodes), threshold))
-            log.info("secure aggregation: threshold %d of %d, the least the hospitals' policies accept "
-                     "(min_honest, max_colluding in their preflight answers)", threshold, len(nodes))
+            setters = sorted(n for n, policy in policies.items() if default_threshold(self.co.cfg, len(nodes), [policy])
+                             == threshold)  # whose policy set it: a round then survives only n - t dropouts
+            log.info("secure aggregation: threshold %d of %d, the least the policy of %s accepts (min_honest, "
+                     "max_colluding in the preflight answer); a round survives %d dropout(s)", threshold, len(nodes),
+                     ", ".join(setters), len(nodes) - threshold)
         return threshold
 
     # -- messaging -----------------------------------------------------------------

@@ -35,6 +35,8 @@ a bedside monitor would have shown then, from the observations up to that hour).
 in DIR (every ``fold*`` folder with a ``model.pt``, each with its own ``config.yaml``) and
 writes the summary of this version of the harness beside them, for a measurement the
 harness learned after those runs were made (the intervals' coverage per hospital, say).
+The runs' own readings and intervals are the ones their ``metrics.json`` saved, made by
+the code that ran them: only the exact scoring and the summary are this version's.
 """
 
 from __future__ import annotations

@@ -414,6 +414,47 @@ def test_the_run_reads_data_as_its_hospitals_do_and_leaves_out_one_that_differs(
         roster.agreed_config(cfg, resumed=True)
 
 
+def test_a_definition_from_before_normal_existed_still_reads_alike_and_is_not_left_out(hospital):
+    """'normal', 'unit' and 'labels' change how results are shown, not what is read: a
+    hospital whose definition.yaml predates 'normal' (None there) trains in a run whose
+    config has GCS normal 15, and a federation mixing both is not split."""
+    import dataclasses
+
+    from common.definition import DataDefinition
+    from server.discovery import Roster
+    from tests.conftest import ReplayGrid
+
+    cfg = hospital_cfg()
+    new = DataDefinition.of(cfg)
+    assert any(v.normal is not None for v in new.features.variables)
+    old = DataDefinition(new.task, dataclasses.replace(new.features, variables=[
+        dataclasses.replace(v, normal=None) for v in new.features.variables]))
+    # the tensors' cache key of a folder registered before 'normal' existed: no 'normal' key at all
+    before = old.to_plain()
+    for v in before["features"]["variables"]:
+        del v["normal"]
+    for d in before["features"]["static"]:
+        del d["normal"]
+    assert old.tensors_json() == new.tensors_json() == json.dumps(before, sort_keys=True)
+    unit_less = DataDefinition(new.task, dataclasses.replace(new.features, variables=[
+        dataclasses.replace(v, unit="") for v in new.features.variables]))
+    assert unit_less.difference(cfg) is None and unit_less.reading_json() == new.reading_json()
+    assert old.difference(cfg) is None and old.reading_json() == new.reading_json()
+    grid = ReplayGrid([_ready(1, "a", new), _ready(2, "b", old), _ready(3, "c", old)])
+    roster = Roster()
+    roster.discover(grid, lambda: RecordDict(), wait_s=5, min_hospitals=2)
+    roster.agreed_config(cfg)
+    assert all(h.active for h in roster.hospitals.values())
+    moved = DataDefinition(new.task, dataclasses.replace(new.features, variables=[
+        dataclasses.replace(v, center=v.center + 1) if v.name == "GCS" else v for v in new.features.variables]))
+    assert moved.difference(cfg).endswith(".center")  # what is read still counts
+    # the hospital's own check: a folder whose definition has no 'normal' takes the new config
+    (hospital / "definition.yaml").write_text(yaml.safe_dump(before, sort_keys=False))  # as an older fedgru wrote it
+    assert HospitalFolder(hospital).definition.difference(cfg) is None
+    status = reply_status(client_app.train(hospital_message(cfg, "r", 1), node_context(hospital)))
+    assert status[M.STATE] == "trained", status
+
+
 # ---------------------------------------------------------------------------------------
 # What the staff run: registering an export, declaring counts
 # ---------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def test_a_secure_plan_tells_the_coordinator_the_least_threshold_its_policy_acce
 
 def test_a_preflight_answer_with_a_negative_policy_setting_is_not_read():
     bad = PreflightAnswer("h", True, "", 1.0, "x", max_colluding=-1).to_status()
-    with pytest.raises(ValueError, match="not negative"):
+    with pytest.raises(ValueError, match="whole numbers from 0"):
         PreflightAnswer.from_status(bad)
 
 
@@ -340,4 +340,23 @@ def test_the_coordinator_counts_only_the_policies_of_a_sessions_own_hospitals(ca
     with caplog.at_level("INFO", logger="fedgru.server"):
         assert rounds.threshold([1, 2, 3, 4, 5]) == 4 and rounds.threshold([1, 2, 3, 4, 5]) == 4  # e allows a colluder
         assert rounds.threshold([1, 2, 3, 4]) == 3  # e gone: a majority of 4
-    assert sum("threshold 4 of 5" in r.getMessage() for r in caplog.records) == 1
+    assert sum("threshold 4 of 5, the least the policy of e accepts" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("field, value", [("min_honest", "1e400"), ("max_colluding", "1" + "0" * 400),
+                                          ("declared_train", "2.5"), ("noise_multiplier", "1" + "0" * 400)])
+def test_a_hostile_answer_with_an_overflowing_number_is_a_refusal_not_a_crash(field, value):
+    """json gives inf for 1e400 and a 400-digit int for the other: int() and float() raise
+    OverflowError, which the coordinator did not catch (one hospital ended every one's run)."""
+    from server.coordinator import HospitalView
+    from server.preflight import _read
+
+    reply = _answer(1, "a", True)
+    status = dict(reply.content[M.STATUS])
+    plan = json.loads(status[M.PLAN])
+    plan[field] = json.loads(value)
+    status[M.PLAN] = json.dumps(plan)
+    forged = Message(RecordDict({M.STATUS: ConfigRecord(status)}), reply_to=Message(
+        RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=1, message_type=MessageType.QUERY))
+    answer = _read(HospitalView("a", 1), forged, dp=True)
+    assert not answer.accepted and answer.reason.startswith("its answer to the plan cannot be read")

@@ -97,10 +97,12 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
     from server.report.sections import importance_section
 
     run = RunFolder.load(small_run[0])
-    run.metrics.test.importance, run.metrics.test.importance_noise = {"GCS": 0.2, "Gender (descriptor)": -0.01}, 0.03
+    run.metrics.test.importance = {"GCS": 0.2, "Gender (descriptor)": -0.01, "ICUType (descriptor)": -0.09}
+    run.metrics.test.importance_noise = 0.03
     text = markdown("r", [importance_section(run)])
     assert "| GCS | 0.200 (0.141-0.259) |" in text and "| Gender (descriptor) | 0.000 (0.000-0.049) |" in text
-    assert "-0.01" not in text
+    assert "| ICUType (descriptor) | 0.000 (0.000-0.000) |" in text
+    assert "| -" not in text and "(-" not in text and ".000--" not in text  # no negative size, no negative bound
 
 
 def test_the_console_is_quiet(small_run):

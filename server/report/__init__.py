@@ -97,8 +97,8 @@ def decision_lines(test, binary: bool) -> list[str]:
              f"{'calibrated' if test.calibration else 'own'} scale)"]
     if test.onset_margin is not None:
         lines.append(f"monitor: a stay is flagged from the first hour its risk passes that hour's threshold by "
-                     f"{test.onset_margin:.2f} in log-odds, and stays flagged ({100 * test.monitor_rate:.0f}% of the "
-                     "validation stays at some hour)")
+                     f"{test.onset_margin:.2f} in log-odds, and stays flagged (the margin read so that "
+                     f"{100 * test.monitor_rate:.0f}% of the validation stays are flagged at some hour)")
     return lines
 
 

@@ -418,7 +418,7 @@ def importance_section(run: RunFolder) -> Section | None:
         release is the exact mean plus Gaussian noise of a known sd, so value +- 1.96 sd holds it 95% of the time)."""
         if not sd:
             return value
-        return f"{max(0.0, value):.3f} ({max(0.0, value - 1.96 * sd):.3f}-{value + 1.96 * sd:.3f})"
+        return f"{max(0.0, value):.3f} ({max(0.0, value - 1.96 * sd):.3f}-{max(0.0, value + 1.96 * sd):.3f})"
 
     rows = [[name, size(value)] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
     shown = (f"The {len(rows)} largest of the model's {len(test.importance)} inputs (all are in metrics.json). "
