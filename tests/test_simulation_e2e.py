@@ -120,6 +120,9 @@ def test_the_console_is_quiet(small_run):
     margin = json.loads((run_dir / "metrics.json").read_text())["test"]["onset_margin"]  # none at 80 test stays, often
     assert "decision threshold" in proc.stdout and ("monitor: a stay is flagged" in proc.stdout) == (margin is not None)
     assert "decision threshold" not in proc.stderr and "Pooled test" not in proc.stderr
+    assert "Pooled test (read from the DP releases with a skew-normal fit;" in proc.stdout  # not "skewnormal estimate"
+    assert "(starting the federation itself, Ray and Flower in a simulation, is not counted)" in (
+        run_dir / "report.md").read_text()
 
 
 def test_epsilon_is_cumulative_and_matches_an_independent_replay(small_run):

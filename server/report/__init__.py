@@ -51,7 +51,9 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     title = f"fedgru run report: {cfg.run.name if cfg else run.path.name}"
     intro = Section("Run", [f"Run `{metrics.run_id}`, folder `{run.path}`."])
     if metrics.wall_seconds is not None:
-        intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds.")
+        intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds, from the "
+                            "coordinator's start to its results (starting the federation itself, Ray and Flower in a "
+                            "simulation, is not counted).")
     sections = [intro]
     if cfg is not None:
         sections.append(settings_section(cfg, run.privacy, run.metrics.start))
@@ -87,6 +89,9 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     return title, sections
 
 
+FIT_WORDS = {"skewnormal": "a skew-normal fit", "binormal": "a normal fit", "binned": "their clipped counts"}
+
+
 def decision_lines(test, binary: bool) -> list[str]:
     """What the run decided for the bedside (binary tasks): the decision threshold and each
     checkpoint hour's, and the monitor's margin; results a bedside user keeps."""
@@ -115,7 +120,8 @@ def summary_text(run: RunFolder) -> str:
     lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds))
     dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
     if test is not None and test.pooled is not None:
-        read = f"{run.metrics.estimator} estimate from the DP releases" if dp else "exact histograms"
+        fit = FIT_WORDS.get(run.metrics.estimator, f"the {run.metrics.estimator} reading")
+        read = f"read from the DP releases with {fit}" if dp else "exact histograms"
         lines.append(f"Pooled test ({read}; flagged at risk >= {test.threshold:.3f}): "
                      f"{format_metrics(test.pooled, test.intervals.get('pooled'), dp)}")
         if dp and test.intervals.get("pooled"):

@@ -5,6 +5,7 @@ patients, importance, audit, data."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Image, Section, Statement, Table
@@ -118,7 +119,9 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
     )
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
-        f"Data: `{cfg.data.path}` ({cfg.data.format}); partition `{cfg.partition.scheme}`",
+        f"Data: `{cfg.data.path}` ({cfg.data.format}"
+        + ("" if Path(cfg.data.path).is_absolute() else "; the path is relative to the project folder")
+        + f"); partition `{cfg.partition.scheme}`",
         "Model: " + (f"one GRU per variable ({md.architecture}), hidden size "
                       if md.architecture == "per_variable" else f"{md.architecture} GRU, hidden size ")
         + " then ".join(str(h) for h in md.gru_hidden) + ", "
