@@ -429,7 +429,8 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     hist = summary.histogram
     if hist.shape[:2] != (2, 1) or noise_std <= 0 or not math.isfinite(noise_std):
         return None
-    read = for_metrics(summary, estimator, True).metrics(threshold_edge)
+    reading = for_metrics(summary, estimator, True)  # fitted once: the metrics, the in-bins AUROC, the calibration
+    read = reading.metrics(threshold_edge)
     edges = _edges(summary.grid)
     fits = class_fits(summary, estimator)
     # A class whose counts are not 3 noise sds above nothing over the bins is not told apart
@@ -449,7 +450,7 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     # exact 0.856). The same reading with ties inside the bins errs the other way, so the
     # AUROC's interval spans both readings' intervals.
     in_bins: list[float] = []
-    read_in_bins = _without_fine(for_metrics(summary, estimator, True)).metrics(threshold_edge).auroc
+    read_in_bins = _without_fine(reading).metrics(threshold_edge).auroc
     for _ in range(draws):
         logits = [f.sample(rng) for f in fits]
         y = np.r_[np.zeros(len(logits[0])), np.ones(len(logits[1]))].astype(np.int64)
@@ -491,7 +492,7 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
             # ("AUPRC 0.437 (0.458-0.644)"): it is widened to hold the number it stands beside.
             top = math.inf if m == "brier" else 1.0
             out[m] = (max(0.0, min(low, estimate)), min(top, max(high, estimate)))
-    ratio = observed_over_predicted(for_metrics(summary, estimator, True)) if with_calibration else math.nan
+    ratio = observed_over_predicted(reading) if with_calibration else math.nan
     if out and len(ratio_errors) >= draws // 2 and math.isfinite(ratio):
         low, high = _bounds(ratio, ratio_errors, level)
         out[OBSERVED_OVER_PREDICTED] = (max(0.0, min(low, ratio)), max(high, ratio))
