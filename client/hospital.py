@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context
 from common.config import ExperimentConfig, config_from_run_config
 from common.data.dataset import Dataset, load_dataset
 from common.data.partition import HospitalSplit, make_partition
-from common.definition import DEPLOYED_KEYS, SIMULATED_KEYS, DataDefinition, first_difference
+from common.definition import DEPLOYED_KEYS, SIMULATED_KEYS, DataDefinition, first_difference, reading_part
 from common.messages import NodeMode, Split
 
 from . import export as exports
@@ -90,7 +90,7 @@ class Node:
         """Refuse a config that would read other stays, values or labels than this
         hospital's own definition says, naming the first such key and nothing else."""
         if self.folder is not None:
-            key = first_difference(cfg.to_dict(), self.definition.to_plain(), DEPLOYED_KEYS)
+            key = first_difference(reading_part(cfg.to_dict()), reading_part(self.definition.to_plain()), DEPLOYED_KEYS)
             if key is None and cfg.data.max_stays != 0:
                 key = "data.max_stays"  # a deployed hospital reads its whole registered export
             where = "its own data definition (definition.yaml)"

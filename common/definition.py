@@ -68,7 +68,7 @@ class DataDefinition:
 
     def reading_json(self) -> str:
         """What decides how the data are read: the definition less its presentation keys."""
-        return json.dumps(_without_presentation(self.to_plain()), sort_keys=True)
+        return json.dumps(reading_part(self.to_plain()), sort_keys=True)
 
     @classmethod
     def from_plain(cls, data: Any, origin: str) -> DataDefinition:
@@ -100,8 +100,15 @@ class DataDefinition:
     def difference(self, cfg: ExperimentConfig) -> str | None:
         """The first key (dotted) at which ``cfg`` reads data otherwise, or None (presentation
         keys do not count: ``PRESENTATION_KEYS``)."""
-        return first_difference({"task": dataclasses.asdict(cfg.task), "features": dataclasses.asdict(cfg.features)},
-                                self.to_plain())
+        return first_difference(reading_part({"task": dataclasses.asdict(cfg.task),
+                                              "features": dataclasses.asdict(cfg.features)}),
+                                reading_part(self.to_plain()))
+
+
+def reading_part(tree: Any) -> Any:
+    """A plain config or definition tree less its presentation keys: what comparisons of how
+    data are read look at."""
+    return _without_presentation(tree)
 
 
 def _without_presentation(tree: Any, keys=PRESENTATION_KEYS) -> Any:
@@ -124,8 +131,6 @@ def first_difference(theirs: Any, ours: Any, keys: tuple[str, ...] | None = None
         return None
     if isinstance(theirs, dict) and isinstance(ours, dict):
         for key in sorted(set(theirs) | set(ours), key=str):
-            if key in PRESENTATION_KEYS and ("variables[" in path or "static[" in path):
-                continue  # how a value is shown, not how it is read
             child = f"{path}.{key}" if path else str(key)
             if key not in theirs or key not in ours:
                 return child
