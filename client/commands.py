@@ -177,11 +177,12 @@ def show(folder_path: Path, as_json: bool = False) -> str:
     for split, g in groups.items():
         second = (f"{format_number(g['epsilon_alone'], 4)} with its own noise alone (secure aggregation; "
                   f"policy max_epsilon_alone {policy.max_epsilon_alone:g})" if "epsilon_alone" in g
-                  else f"{format_number(g['epsilon_prv'], 4)} (PRV)")
-        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} (RDP), {second}, "
+                  else f"{format_number(g['epsilon_prv'], 4)} by the PRV accountant")
+        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} by the RDP accountant, {second}, "
                      f"{g['releases']} DP release(s)")
     for r in runs:
         lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds" + (
-            f" ({r['secure_rounds']} by secure aggregation)" if r["secure_rounds"] else "") + ", {r['steps']} steps, {r['releases']} releases")
+            f" ({r['secure_rounds']} by secure aggregation)" if r["secure_rounds"] else "")
+            + f", {r['steps']} steps, {r['releases']} releases")
     lines.append(f"approved app versions: {len(approved)}" + "".join(f"\n  {h}" for h in approved))
     return "\n".join(lines)

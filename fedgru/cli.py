@@ -162,15 +162,10 @@ def cmd_hospital(args) -> int:
 
     try:
         if args.action == "init":
-            for flag in ("out", "name", "data", "outcomes", "max_epsilon"):
-                if getattr(args, flag) is None:
-                    raise ConfigError(f"hospital init needs --{flag.replace('_', '-')}")
             print(commands.init(
                 Path(args.out), args.name, args.data, args.outcomes, args.max_epsilon, args.delta, args.eval_epsilon,
                 args.format or "physionet2012", args.id_column, args.label_column, args.device, _load(args),
             ))
-        elif args.hospital_dir is None:
-            raise ConfigError(f"hospital {args.action} needs --hospital-dir")
         elif args.action == "data":
             cfg = _load(args) if (args.config or args.overrides) else None
             print(commands.register_data(Path(args.hospital_dir), args.data, args.outcomes, args.format, args.id_column,
@@ -178,8 +173,6 @@ def cmd_hospital(args) -> int:
         elif args.action == "approve":
             print(commands.approve(Path(args.hospital_dir), Path(args.app) if args.app else None, args.note))
         elif args.action == "peer":
-            if args.name is None or args.key is None:
-                raise ConfigError("hospital peer needs --name (the other hospital) and --key (its <name>.pub)")
             print(commands.add_peer(Path(args.hospital_dir), args.name, Path(args.key)))
         elif args.action == "serve":
             commands.serve(Path(args.hospital_dir), args.runtime_api, args.poll, args.task_timeout)
@@ -195,8 +188,6 @@ def cmd_deploy(args) -> int:
         return _deploy_local(args)
     from server.deploy import init_deployment
 
-    if not args.hospital or not args.out:
-        raise ConfigError("deploy init needs --out DIR and --hospital NAME=KEY.pub for each hospital")
     keys = {}
     for item in args.hospital:
         name, _, key = item.partition("=")
@@ -215,8 +206,6 @@ def cmd_deploy(args) -> int:
 def _deploy_local(args) -> int:
     from simulations.deploy_local import deploy_local
 
-    if args.out is None:
-        raise ConfigError("deploy local needs --out DIR (a new folder)")
     try:
         result = deploy_local(Path(args.config) if args.config else None, list(args.overrides), args.hospitals,
                               Path(args.out).resolve(), args.rounds, progress=lambda text: print(text, file=sys.stderr))
@@ -291,6 +280,20 @@ def _stay_arguments(p: argparse.ArgumentParser, stay_help: str) -> None:
     p.add_argument("--data", required=True, help="PhysioNet folder or .tar.gz, or long-format CSV")
     p.add_argument("--format", choices=["physionet2012", "long_csv"], help="data format (default: from the path)")
     p.add_argument("--stay", action="append", required=True, help=stay_help)
+
+
+def _hospital_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hospital-dir", required=True, help="the hospital's folder (made by fedgru hospital init)")
+
+
+def _export_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """The arguments of ``hospital init`` and ``hospital data`` that name a hospital's export."""
+    p.add_argument("--data", required=required, help="its stays (PhysioNet folder/.tar.gz or long CSV)")
+    p.add_argument("--outcomes", required=required, help="its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
+    p.add_argument("--format", choices=["physionet2012", "long_csv"],
+                   help="the data's format (default physionet2012, or as registered)")
+    p.add_argument("--id-column", default="", help="the outcomes file's stay id column, if not the config's")
+    p.add_argument("--label-column", default="", help="the outcomes column with the task's label, if named otherwise")
 
 
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -374,50 +377,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = _command(sub, "hospital", help="a hospital's own folder: policy, keys, ledger, approved app versions")
-    p.add_argument("action", choices=["init", "data", "approve", "peer", "serve", "show"],
-                   help="init: make the folder; data: register a new export or data definition; approve: an app "
-                        "version; peer: list another hospital for secure aggregation (policy.peer_keys); serve: "
-                        "the SuperNode's app; show: what each group of patients has spent")
-    p.add_argument("--hospital-dir", help="data/approve/peer/serve/show: the hospital's folder")
-    p.add_argument("--out", help="init: the folder to create")
-    p.add_argument("--name", help="init: the hospital's name (letters, digits, - and _); peer: the other hospital's")
-    p.add_argument("--key", help="peer: the other hospital's public key file (its <name>.pub, from its staff)")
-    p.add_argument("--data", help="init/data: its stays (PhysioNet folder/.tar.gz or long CSV)")
-    p.add_argument("--outcomes", help="init/data: its outcomes file (Outcomes-*.txt or stay_id,label CSV)")
-    p.add_argument("--format", choices=["physionet2012", "long_csv"],
-                   help="init/data: the data's format (default physionet2012, or as registered)")
-    p.add_argument("--id-column", default="", help="init/data: the outcomes file's stay id column, if not the config's")
-    p.add_argument("--label-column", default="",
-                   help="init/data: the outcomes column with the task's label, if named otherwise")
-    p.add_argument("--recount", action="store_true",
-                   help="data: declare the export's split sizes anew (they are released with every training reply)")
-    p.add_argument("--max-epsilon", type=float, help="init: the training patients' budget (required)")
-    p.add_argument("--eval-epsilon", type=float, help="init: the validation and test patients' budget (default: --max-epsilon)")
-    p.add_argument("--delta", type=float, help="init: delta of every epsilon in the ledger (default: below 1/n)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="init: where it trains")
-    p.add_argument("--app", help="approve: the project folder of the app version to approve (default: the installed one)")
-    p.add_argument("--note", default="", help="approve: who approved it and why")
-    p.add_argument("--runtime-api", default="127.0.0.1:9094", help="serve: the SuperNode's runtime API (its --host:--port)")
-    p.add_argument("--poll", type=float, default=0.2, help="serve: seconds between polls for a task")
-    p.add_argument("--task-timeout", type=float, default=6 * 3600,
-                   help="serve: seconds after which a task still running is stopped (default 6 h)")
-    p.add_argument("--json", action="store_true", help="show: one JSON object (each group's epsilon, budgets, runs)")
-    _config_arg(p)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               title="actions (each has its own --help)")
+    a = _command(actions, "init", help="make the hospital's folder: its policy, keys, ledger and data definition")
+    a.add_argument("--out", required=True, help="the folder to create")
+    a.add_argument("--name", required=True, help="the hospital's name (letters, digits, - and _)")
+    _export_arguments(a, required=True)
+    a.add_argument("--max-epsilon", type=float, required=True, help="the training patients' budget")
+    a.add_argument("--eval-epsilon", type=float, help="the validation and test patients' budget (default: --max-epsilon)")
+    a.add_argument("--delta", type=float, help="delta of every epsilon in the ledger (default: below 1/n)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where it trains (default auto: its GPU if it has one)")
+    _config_arg(a)
+    a = _command(actions, "data", help="register a new export or data definition with the hospital's folder")
+    _hospital_dir(a)
+    _export_arguments(a, required=False)
+    a.add_argument("--recount", action="store_true",
+                   help="declare the export's split sizes anew (they are released with every training reply)")
+    _config_arg(a)
+    a = _command(actions, "approve", help="approve an app version: the hospital answers only the versions its staff "
+                                          "approved")
+    _hospital_dir(a)
+    a.add_argument("--app", help="the project folder of the app version to approve (default: the installed one)")
+    a.add_argument("--note", default="", help="who approved it and why")
+    a = _command(actions, "peer", help="list another hospital for secure aggregation (policy.peer_keys)")
+    _hospital_dir(a)
+    a.add_argument("--name", required=True, help="the other hospital's name")
+    a.add_argument("--key", required=True, help="the other hospital's public key file (its <name>.pub, from its staff)")
+    a = _command(actions, "serve", help="run the hospital's app beside its SuperNode (it answers the coordinator)")
+    _hospital_dir(a)
+    a.add_argument("--runtime-api", default="127.0.0.1:9094",
+                   help="the SuperNode's runtime API, its --host:--port (default 127.0.0.1:9094)")
+    a.add_argument("--poll", type=float, default=0.2, help="seconds between polls for a task (default 0.2)")
+    a.add_argument("--task-timeout", type=float, default=6 * 3600,
+                   help="seconds after which a task still running is stopped (default 6 h)")
+    a = _command(actions, "show", help="what each group of the hospital's patients has spent, per run, and the "
+                                       "approved app versions")
+    _hospital_dir(a)
+    a.add_argument("--json", action="store_true", help="one JSON object (each group's epsilon, budgets, runs)")
     p.set_defaults(fn=cmd_hospital)
 
     p = _command(sub, "deploy", help="a real deployment: the coordinator's key material (init), or a whole one on "
                                       "this machine, run and taken down (local)")
-    p.add_argument("action", choices=["init", "local"],
-                   help="init: the coordinator's CA, SuperLink certificate and the commands each side runs; local: "
-                        "SuperLink, SuperNodes and hospitals on this machine over TLS, a try-out")
-    p.add_argument("--out", help="init: folder for the key material and COMMANDS.md; local: a new folder for everything")
-    p.add_argument("--hospital", action="append", default=[], metavar="NAME=KEY.pub",
-                   help="init: a hospital and the public key it sent (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="init: the SuperLink's address as hospitals reach it")
-    p.add_argument("--port", type=int, default=9093, help="init: the SuperLink's port")
-    p.add_argument("--hospitals", type=int, default=2, help="local: how many hospitals share the configured data")
-    p.add_argument("--rounds", type=at_least_one("rounds"), help="local: override run.rounds")
-    _config_arg(p)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               title="actions (each has its own --help)")
+    a = _command(actions, "init", help="make the coordinator's CA, the SuperLink's certificate and the commands "
+                                       "each side runs (COMMANDS.md)")
+    a.add_argument("--out", required=True, help="folder for the key material and COMMANDS.md")
+    a.add_argument("--hospital", action="append", required=True, metavar="NAME=KEY.pub",
+                   help="a hospital and the public key it sent (repeat for each hospital)")
+    a.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as hospitals reach it "
+                                                        "(default 127.0.0.1)")
+    a.add_argument("--port", type=int, default=9093, help="the SuperLink's port (default 9093)")
+    a = _command(actions, "local", help="a try-out: SuperLink, SuperNodes and hospitals on this machine over TLS, "
+                                        "run and taken down")
+    a.add_argument("--out", required=True, help="a new folder for everything (keys, hospitals, logs, the run)")
+    a.add_argument("--hospitals", type=int, default=2, help="how many hospitals share the configured data (default 2)")
+    a.add_argument("--rounds", type=at_least_one("rounds"), help="override run.rounds")
+    _config_arg(a)
     p.set_defaults(fn=cmd_deploy)
 
     p = _command(sub, "status", help="the coordinator's view: connected hospitals, whether each runs this app version, "

@@ -79,3 +79,65 @@ def test_deploy_init_gives_each_hospital_its_own_port_and_the_config_as_a_comman
     assert ports == ["9094", "9095", "9096"]
     assert f"cat {tmp_path / 'fed' / 'flwr-config.toml'} >> ~/.flwr/config.toml" in text
     assert "pkill" not in text and "kill <pid>" in text and "fedgru status" in text
+
+
+def test_hospital_show_text_lists_each_run_with_its_steps(hospital_data, tmp_path, capsys):
+    """The text form once printed "{r['steps']} steps" literally: a run in the ledger must
+    show its numbers."""
+    from client.folder import HospitalFolder
+    from client.ledger_store import FileLedgerStore
+    from common.ledger import LedgerEntry
+    from common.messages import Mechanism
+    from fedgru.cli import main
+    from tests.conftest import make_hospital
+
+    path = make_hospital(tmp_path, *hospital_data, max_epsilon=1.0)
+    folder = HospitalFolder(path, registered=False)
+    with FileLedgerStore(folder.ledger_file, folder.secret("ledger")).transaction() as ledger:
+        for r in (1, 2):
+            ledger.record(LedgerEntry("run-7", r, Mechanism.DP_SGD, "weights", noise_multiplier=2.0, sample_rate=0.1,
+                                      steps=10, max_grad_norm=1.0, examples=100))
+    assert main(["hospital", "show", "--hospital-dir", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "run run-7: 2 DP-SGD rounds, 20 steps, 2 releases" in out, out
+    assert "{" not in out and "by the RDP accountant" in out and "by the PRV accountant" in out
+
+
+def _actions(parser):
+    """(name, parser) of every command and action under ``parser``, depth first."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {inner}", p) for inner, p in _actions(sub))
+
+
+def test_every_command_and_action_has_its_own_help_with_only_its_options():
+    """A user's ``fedgru hospital show --help`` used to list init's budget and serve's
+    polling too: each action is now its own parser, and every option says what it does."""
+    from fedgru.cli import build_parser
+
+    parsers = dict(_actions(build_parser()))
+    assert {"hospital init", "hospital data", "hospital approve", "hospital peer", "hospital serve", "hospital show",
+            "deploy init", "deploy local"} <= set(parsers)
+    for name, p in parsers.items():
+        assert p.description, f"fedgru {name} has no description"
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"fedgru {name} {action.option_strings[0]} has no help"
+    options = {name: {o for a in p._actions for o in a.option_strings} for name, p in parsers.items()}
+    assert "--max-epsilon" not in options["hospital show"] and "--runtime-api" not in options["hospital init"]
+    assert "--hospital-dir" not in options["hospital init"] and "--key" in options["hospital peer"]
+    assert "--hospitals" not in options["deploy init"] and "--port" not in options["deploy local"]
+
+
+def test_a_missing_required_option_is_named_by_the_action(capsys):
+    from fedgru.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["hospital", "init", "--out", "x", "--name", "x", "--data", "d", "--outcomes", "o"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "fedgru hospital init" in err and "--max-epsilon" in err
