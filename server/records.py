@@ -32,6 +32,13 @@ class HospitalState(str, Enum):
     BUDGET_EXHAUSTED = "budget-exhausted"  # stopped at its privacy budget: a normal end
     REFUSED = "refused"  # declined to take part (its reason is recorded)
 
+    @property
+    def words(self) -> str:
+        """The state as the console and the report say it ("active" means nothing to a reader
+        once the run is over)."""
+        return {HospitalState.ACTIVE: "took part to the end", HospitalState.BUDGET_EXHAUSTED:
+                "stopped at its privacy budget", HospitalState.REFUSED: "refused"}[self]
+
 
 @dataclass
 class Dropped:

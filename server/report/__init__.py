@@ -136,23 +136,24 @@ def summary_text(run: RunFolder) -> str:
     privacy = run.privacy
     if privacy is not None and privacy.dp_enabled:
         lines.append("Privacy spent (example-level DP, everything in each hospital's ledger; training patients, "
-                     "then validation and test patients):")
+                     "then validation and test patients; the report says what the two accountants are):")
         if len(privacy.hospitals) > MAX_LISTED:
             lines += _privacy_digest(privacy)
         for name, h in sorted(privacy.hospitals.items()) if len(privacy.hospitals) <= MAX_LISTED else []:
             if h.epsilon is None or h.delta is None:
                 said = h.reason.startswith("refused the plan") and any(a.hospital == name for a in refused)
                 lines.append(f"  {name:20s} " + ("refused the plan (above): nothing released" if said else
-                                                  f"{h.state.value}: {h.reason or 'no ledger reported'}"))
+                                                  f"{h.state.words}: {h.reason or 'no ledger reported'}"))
                 continue
             others = ", ".join(
                 f"{GROUP_WORDS[split][0]} {g.epsilon:.3f}" for split, g in h.groups.items() if split != Split.TRAIN.value
             )
+            second = (f"its own noise alone: {format_number(h.epsilon_alone)}" if h.epsilon_alone is not None else
+                      "the RDP accountant reads " + format_number(h.epsilon_rdp) if h.accountant == "prv" else
+                      "the PRV accountant reads " + format_number(h.epsilon_prv))
             lines.append(
-                f"  {name:20s} epsilon {h.epsilon:.3f} (RDP {format_number(h.epsilon_rdp)}, " + (
-                    f"its own noise alone {format_number(h.epsilon_alone)}" if h.epsilon_alone is not None else
-                    f"PRV {format_number(h.epsilon_prv)}") + f") at delta {h.delta:.0e}, budget {format_number(h.budget)}, "
-                f"{h.rounds_trained} rounds, {h.state.value}" + (f"; {others}" if others else "")
+                f"  {name:20s} epsilon {h.epsilon:.3f} at delta {h.delta:.0e} ({second}), budget "
+                f"{format_number(h.budget)}, {h.rounds_trained} rounds trained, {h.state.words}" + (f"; {others}" if others else "")
             )
     elif privacy is not None:
         lines.append("Privacy: DP was off for this run; no epsilon applies.")
@@ -165,7 +166,7 @@ def _privacy_digest(privacy: RunPrivacy) -> list[str]:
     spent = [h.epsilon for h in privacy.hospitals.values() if h.epsilon is not None]
     states: dict[str, int] = {}
     for h in privacy.hospitals.values():
-        states[h.state.value] = states.get(h.state.value, 0) + 1
+        states[h.state.words] = states.get(h.state.words, 0) + 1
     lines = [f"  {len(privacy.hospitals)} hospitals: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))]
     if spent:
         lines.append(f"  training patients' epsilon: largest {max(spent):.3f}, median {statistics.median(spent):.3f}, "

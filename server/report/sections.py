@@ -69,7 +69,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
         why = f" ({h.reason})" if h.reason else ""
         return (
             f"For the patients of hospital {name}: this run holds no record of any release about them: the hospital "
-            f"was {h.state.value}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
+            f"{h.state.words}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
         )
     delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
     scope = "during this run" + (f" and the {len(h.earlier_runs)} earlier run(s) in its ledger" if h.earlier_runs else "")
@@ -254,6 +254,15 @@ def baseline_section(run: RunFolder) -> Section | None:
     ])
 
 
+# What "RDP" and "PRV" in the tables mean, for a reader who has not met the accountants.
+ACCOUNTANTS_WORDS = (
+    "Two accountants read the same ledger: RDP (Renyi differential privacy; Mironov, CSF 2017; Mironov, Talwar & "
+    "Zhang 2019 for the subsampled Gaussian), the familiar, more conservative bound, and PRV (privacy loss random "
+    "variables; Gopi, Lee & Wutschitz, NeurIPS 2021), a tighter numerical bound. They are two readings of one set of "
+    "releases, not two releases; `privacy.accountant` names the one that budgets are checked against."
+)
+
+
 def privacy_sections(run: RunFolder) -> list[Section]:
     privacy = run.privacy
     if privacy is None:
@@ -267,13 +276,14 @@ def privacy_sections(run: RunFolder) -> list[Section]:
         rows = [
             [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
              sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
-             h.history[-1].sample_rate if h.history else None, h.state.value]
+             h.history[-1].sample_rate if h.history else None, h.state.words]
             for name, h in sorted(privacy.hospitals.items())
         ]
         sec.blocks.append("Training patients (secure aggregation with distributed Skellam noise; the noise multiplier "
                           "counts the min_honest hospitals each hospital's policy counts on):" if secure
                           else "Training patients (DP-SGD):")
         sec.blocks.append(Table(header, rows))
+        sec.blocks.append(ACCOUNTANTS_WORDS)
         group_rows = [
             [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_alone if secure else g.epsilon_prv,
              format_number(h.delta), g.releases, g.this_run]
