@@ -105,6 +105,30 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
     assert "| -" not in text and "(-" not in text and ".000--" not in text  # no negative size, no negative bound
 
 
+def test_an_unread_groups_row_shows_the_range_its_noisy_counts_leave_never_below_zero(small_run):
+    """The report used to leave an unread group's counts blank, so "age unknown" (empty in
+    set A) looked like any small group: it now shows the 95% range of each noisy count,
+    clipped at 0 (a count below 0 is no number to show a clinician)."""
+    import math
+
+    from common.document import markdown
+    from common.estimates import MIN_SIGNAL
+    from server.report.run_folder import RunFolder
+    from server.report.sections import subgroup_section
+
+    run = RunFolder.load(small_run[0])
+    test = run.metrics.test
+    sd = test.subgroup_least / MIN_SIGNAL
+    text = markdown("r", [subgroup_section(run)])
+    for g in test.subgroups:
+        assert g.metrics is None  # 80 test stays: none is read
+        spread = 1.96 * math.sqrt(2) * sd
+        low, high = max(0.0, g.patients - spread), max(0.0, g.patients + spread)
+        assert f"| {g.grouping} | {g.group} | {low:.0f}-{high:.0f} |" in text, (g, text)
+    assert "a range that starts at 0 cannot tell a small group from an empty one" in text
+    assert "| -" not in text
+
+
 def test_the_console_is_quiet(small_run):
     """Hospitals table, one line per round, the summary: no line twice, none of Flower's
     per-round bookkeeping, no deprecation or Ray warnings, no DEBUG lines."""

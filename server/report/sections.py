@@ -14,6 +14,7 @@ from common.estimates import (
     HOSPITAL_INTERVAL_COVERAGE,
     INTERVAL_LEVEL,
     MAX_PAIRS_IN_ONE_BIN,
+    MIN_SIGNAL,
     interval_coverage,
 )
 from common.metrics import METRIC_NAMES, Metrics, format_number, with_interval
@@ -326,10 +327,20 @@ def subgroup_section(run: RunFolder) -> Section | None:
               "calibration: observed / predicted"]
     if exact:
         header.append("central no-DP AUROC (exact)")
+    least = getattr(test, "subgroup_least", None)
+    # The DP noise's sd on one class's count in a group (the read rule asks MIN_SIGNAL of them):
+    # an unread row shows the 95% range its noisy counts give, so a reader can tell a group that
+    # is small from one that may be empty (a data set may leave "unknown" empty; the coordinator
+    # cannot know that, and must not be told). A range, not the noisy count: a count below 0 is
+    # an impossible number to show a clinician.
+    count_sd = least / MIN_SIGNAL if least else None
     rows = []
     for g in test.subgroups:
         m = g.metrics
-        if m is None:
+        if m is None and count_sd is not None:
+            cells = [g.grouping, g.group, _count_range(g.patients, 1.96 * math.sqrt(2) * count_sd),  # two noisy sums
+                     _count_range(g.deaths, 1.96 * count_sd), g.note, "", ""]
+        elif m is None:
             cells = [g.grouping, g.group, "", "", g.note, "", ""]
         else:
             observed = sum(p.observed * p.patients for p in g.calibration)
@@ -343,15 +354,15 @@ def subgroup_section(run: RunFolder) -> Section | None:
     blocks: list = [
         Table(header, rows),
         "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
-        "patients and deaths are noisy counts, and a group whose counts are too small for the noise says so "
-        "instead of showing noise as a number (each hospital can see its own groups exactly, and release nothing, "
+        "patients and deaths are noisy counts (where a row is not read, the 95% range they give: a range that starts "
+        "at 0 cannot tell a small group from an empty one), and a group whose counts are too small for the noise says "
+        "so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
         "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
         "risk (1: calibrated; below 1: risks too high for the group)."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
            "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
     ]
     unread = [g for g in test.subgroups if g.metrics is None and g.note.startswith("too few")]
-    least = getattr(test, "subgroup_least", None)
     if unread and least:
         blocks.append(group_size_words(run, least, len(unread) == len(test.subgroups)))
     overall = calibration_words(test.calibration_curve, bool(test.calibration), getattr(test, "calibration_ratio", None))
@@ -365,6 +376,11 @@ def subgroup_section(run: RunFolder) -> Section | None:
                                                           "tenths of the test patients by risk, both read from the DP "
                                                           "test releases (the run's estimator), not from exact counts"))
     return Section("Whom the model fails: test patients by group", blocks)
+
+
+def _count_range(noisy: float, spread: float) -> str:
+    """The range of true counts a noisy count leaves (noisy ± spread, never below 0)."""
+    return f"{max(0.0, noisy - spread):.0f}-{max(0.0, noisy + spread):.0f}"
 
 
 def calibration_words(curve, recalibrated: bool, with_interval: list[float] | None = None) -> str:
