@@ -71,11 +71,17 @@ def cmd_simulate(args) -> int:
 
         load_start_model(cfg)
     run_dir = Path(args.out).resolve() if args.out else default_run_dir(cfg)
+    from simulations.faults import parse_fault
+
     faults = {}
     for item in args.fault:
         hospital, _, kind = item.partition("=")
         if not kind:
             raise ConfigError(f"--fault {item!r} must look like HOSPITAL=KIND")
+        try:
+            parse_fault(kind)
+        except ValueError as exc:  # before anything starts
+            raise ConfigError(f"--fault {item!r}: {exc}") from None
         faults[hospital] = kind
     gpus = None if args.gpus_per_hospital in (None, "auto") else float(args.gpus_per_hospital)
     try:
@@ -318,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: a Ray instance on this machine)")
     p.add_argument(
         "--fault", action="append", default=[], metavar="HOSPITAL=KIND",
-        help="fault drill: make a hospital misbehave (nan, inf, huge_count, crash); repeatable",
+        help="fault drill: make a hospital misbehave (nan, inf, huge_count, crash, crash_mid_round; KIND@N: from "
+             "training round N on, evaluations spared); repeatable",
     )
     p.add_argument("--verbose", action="store_true", help="show everything Flower and Ray log (default: progress only)")
     p.set_defaults(fn=cmd_simulate)

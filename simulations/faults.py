@@ -2,7 +2,9 @@
 
 ``fedgru simulate --fault medical=nan --fault surgical=crash`` wraps the real ClientApp
 in a Flower mod that corrupts those hospitals' training replies, so the server's
-validation and the round's robustness can be watched on a real run.
+validation and the round's robustness can be watched on a real run. ``KIND@N`` starts
+the fault at training round N and leaves evaluations alone (``crash_mid_round@2``: a
+second hospital lost from round 2 on, while the final test still hears from it).
 """
 
 from __future__ import annotations
@@ -75,17 +77,29 @@ def fault_mod(faults: dict[str, str], simulation: ExperimentConfig):
     """A Flower mod applying ``faults`` (hospital -> fault name) to the training replies of
     the simulated hospitals ``simulation`` defines (``crash_mid_round`` to their secure
     evaluations too)."""
-    unknown = sorted(set(faults.values()) - set(FAULTS))
-    if unknown:
-        raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(sorted(FAULTS))}")
+    parsed = {hospital: parse_fault(spec) for hospital, spec in faults.items()}
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
         if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE) or reply.has_error():
             return reply
-        kind = faults.get(node_hospital_name(context, simulation))
-        if msg.metadata.message_type == MessageType.EVALUATE and kind != "crash_mid_round":
+        kind, first_round = parsed.get(node_hospital_name(context, simulation), (None, None))
+        if kind is None:
+            return reply
+        if msg.metadata.message_type == MessageType.EVALUATE and (kind != "crash_mid_round" or first_round):
             return reply  # the other faults are training faults
-        return FAULTS[kind](reply) if kind else reply
+        if first_round and int(msg.content[M.CONFIG].get(M.SERVER_ROUND, 0)) < first_round:
+            return reply
+        return FAULTS[kind](reply)
 
     return mod
+
+
+def parse_fault(spec: str) -> tuple[str, int | None]:
+    """``KIND`` or ``KIND@N`` (from training round N on) -> (kind, N or None)."""
+    kind, at, first = spec.partition("@")
+    if kind not in FAULTS:
+        raise ValueError(f"unknown fault {kind!r}; known: {', '.join(sorted(FAULTS))}")
+    if at and not (first.isdigit() and int(first) >= 1):
+        raise ValueError(f"fault {spec!r}: after '@' comes the first training round it hits (1 or more)")
+    return kind, int(first) if at else None

@@ -141,3 +141,13 @@ def test_a_missing_required_option_is_named_by_the_action(capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "fedgru hospital init" in err and "--max-epsilon" in err
+
+
+@pytest.mark.parametrize("fault,said", [("medical=boom", "unknown fault 'boom'; known: crash, crash_mid_round"),
+                                        ("medical=crash@0", "after '@' comes the first training round"),
+                                        ("medical", "must look like HOSPITAL=KIND")])
+def test_a_fault_drill_that_cannot_run_is_an_error_before_anything_starts(fault, said, tmp_path, capsys):
+    from fedgru.cli import main
+
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--fault", fault]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
