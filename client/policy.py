@@ -239,7 +239,8 @@ class Policy:
         policy = default_policy(budget, cfg.privacy.delta_for(train_examples), max(budget, ev.val_epsilon, ev.test_epsilon))
         return dataclasses.replace(policy, split=SplitFractions(cfg.split.train, cfg.split.val, cfg.split.test),
                                    allow_without_dp=True, min_honest=cfg.privacy.min_honest,
-                                   max_epsilon_alone=cfg.privacy.max_epsilon_alone)
+                                   max_epsilon_alone=cfg.privacy.max_epsilon_alone,
+                                   max_colluding=cfg.privacy.max_colluding)
 
 
 def default_policy(max_epsilon: float, delta: float, eval_epsilon: float) -> Policy:

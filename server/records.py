@@ -36,7 +36,7 @@ class HospitalState(str, Enum):
     def words(self) -> str:
         """The state as the console and the report say it ("active" means nothing to a reader
         once the run is over)."""
-        return {HospitalState.ACTIVE: "took part to the end", HospitalState.BUDGET_EXHAUSTED:
+        return {HospitalState.ACTIVE: "in the run to its end", HospitalState.BUDGET_EXHAUSTED:
                 "stopped at its privacy budget", HospitalState.REFUSED: "refused"}[self]
 
 

@@ -445,6 +445,35 @@ def _kill_processes_mentioning(text: str) -> None:
                 pass
 
 
+def test_five_hospitals_that_each_allow_one_colluder_survive_one_dropout_and_skip_a_round_at_two(
+        tmp_path, physionet_files):
+    """docs/deployment.md's worked case on the real Flower simulation: five hospitals whose
+    policies allow one hospital on the coordinator's side (max_colluding 1). The
+    coordinator learns it from their preflight answers and starts at threshold 4 of 5,
+    naming them; hospital_0 dies mid-round from round 1 and hospital_1 from round 2.
+    Round 1 completes from four; round 2 (three left, below 4) is skipped, the model keeps
+    round 1's step, and the final test is read from the four that answer it."""
+    run_dir = tmp_path / "five"
+    proc = fedgru("simulate", "--config", "configs/secure.yaml", "--out", str(run_dir), "--rounds", "2",
+                  "--set", "data.max_stays=500", "--set", "partition.scheme=iid", "--set", "partition.num_hospitals=5",
+                  "--set", "privacy.max_colluding=1",
+                  "--fault", "hospital_0=crash_mid_round", "--fault", "hospital_1=crash_mid_round@2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("secure aggregation: threshold 4 of 5, the least the policy of hospital_0, hospital_1, hospital_2, "
+            "hospital_3, hospital_4 accepts") in proc.stderr and "a round survives 1 dropout(s)" in proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    first, second = metrics["rounds"]
+    assert not first["skipped"] and {d["hospital"] for d in first["dropped"]} == {"hospital_0"}, first
+    assert second["skipped"] and {d["hospital"] for d in second["dropped"]} == {"hospital_0", "hospital_1"}, second
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for name in ("hospital_2", "hospital_3", "hospital_4"):  # both rounds' vectors left: both are charged
+        h = privacy["hospitals"][name]
+        assert h["rounds_trained"] == 1 and h["epsilon"] > privacy["hospitals"]["hospital_1"]["epsilon"] > 0, name
+    test = metrics["test"]
+    # hospital_1 answers the final test (its fault starts at training round 2 and spares evaluations)
+    assert test["exact"]["n"] == 100 and test["pooled"]["n"] == 80, (test["pooled"], test["exact"])
+
+
 def test_secure_aggregation_completes_rounds_when_a_hospital_dies_mid_round(tmp_path, physionet_files):
     """configs/secure.yaml on the real Flower simulation: medical shares its keys every round
     and every evaluation and dies before its masked vector leaves; the others' sums are

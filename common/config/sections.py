@@ -321,6 +321,10 @@ class PrivacySection:
     min_honest: int
     max_epsilon_alone: float
     secure_threshold: int  # secure: shares that rebuild a secret (0: a majority of the round's hospitals)
+    # simulated hospitals' policy: the most other hospitals each allows to side with the
+    # coordinator (it refuses thresholds with 2t <= n + max_colluding); a default, so that
+    # run folders written before it still load
+    max_colluding: int = 0
 
     def budget_for(self, hospital: str) -> float:
         return self.hospital_max_epsilon.get(hospital, self.max_epsilon)
@@ -342,6 +346,8 @@ class PrivacySection:
         check(self.min_honest >= 1 and self.max_epsilon_alone > 0, "min_honest",
               "must be at least 1, and max_epsilon_alone positive")
         check(self.secure_threshold >= 0, "secure_threshold", "must be 0 (a majority) or a number of hospitals")
+        check(self.max_colluding >= 0, "max_colluding", "must be 0 or the number of other hospitals allowed to side "
+              "with the coordinator")
 
 
 @dataclass

@@ -153,7 +153,8 @@ def summary_text(run: RunFolder) -> str:
                       "the PRV accountant reads " + format_number(h.epsilon_prv))
             lines.append(
                 f"  {name:20s} epsilon {h.epsilon:.3f} at delta {h.delta:.0e} ({second}), budget "
-                f"{format_number(h.budget)}, {h.rounds_trained} rounds trained, {h.state.words}" + (f"; {others}" if others else "")
+                f"{format_number(h.budget)}, {h.rounds_trained} round{'' if h.rounds_trained == 1 else 's'} trained, "
+                f"{h.state.words}" + (f"; {others}" if others else "")
             )
     elif privacy is not None:
         lines.append("Privacy: DP was off for this run; no epsilon applies.")
