@@ -95,6 +95,11 @@ class FoldResult:
     margin: float | None = None  # the run's monitor margin (log-odds), None: each hour flags alone
     ever_exact_margin: float | None = None  # ever flagged with the margin read without DP noise (Bedside)
     decision_flagged: float | None = None  # share of test stays at or above the threshold at hour 48 (what predict flags)
+    # The report's calibration reading over all test patients, [reading, low, high] (observed rate over mean
+    # predicted risk, from the DP releases), the exact ratio on the same patients, and whether the interval held it
+    calibration_ratio: list[float] | None = None
+    calibration_exact: float | None = None
+    calibration_covered: bool | None = None
 
     @property
     def flag_rate_ratio(self) -> float | None:
@@ -223,7 +228,18 @@ def score_run(run_dir: Path, cfg: ExperimentConfig, fold: int, seconds: float, h
                       {name: _held(intervals[name], per[name]) for name in per if intervals.get(name)}, len(per),
                       y.tolist(), p[:, 1].tolist() if p.shape[1] == 2 else [], bed.sensitivity, bed.specificity,
                       bundle.info.get("onset_margin"), bed.ever_exact_margin,
-                      float((p[:, 1] >= threshold).mean()) if p.shape[1] == 2 else None)
+                      float((p[:, 1] >= threshold).mean()) if p.shape[1] == 2 else None,
+                      *_calibration(test, y, p))
+
+
+def _calibration(test, y: np.ndarray, p: np.ndarray) -> tuple[list[float] | None, float | None, bool | None]:
+    """The run's calibration reading with its interval, the exact ratio (observed rate of the
+    positive class over the mean predicted risk of the same patients) and whether it held."""
+    ratio = getattr(test, "calibration_ratio", None) if test else None
+    if p.shape[1] != 2 or not len(y):
+        return ratio, None, None
+    exact = float(np.mean(y == 1) / max(float(p[:, 1].mean()), 1e-12))
+    return ratio, exact, None if ratio is None else bool(ratio[1] - 1e-9 <= exact <= ratio[2] + 1e-9)
 
 
 def rescore(folder: Path, hours: list[int] = ()) -> list[FoldResult]:
@@ -307,6 +323,14 @@ def summarize(results: list[FoldResult]) -> dict:
         out["interval_coverage"] = {"runs": len(intervals), "covered": sum(r.covered for r in intervals),
                                     "share": sum(r.covered for r in intervals) / len(intervals),
                                     "runs_without_interval": len(results) - len(intervals)}
+    calibrated = [r for r in results if r.calibration_covered is not None]
+    if calibrated:
+        errors = [r.calibration_ratio[0] - r.calibration_exact for r in calibrated]
+        exact = [r.calibration_exact for r in calibrated]
+        out["calibration_coverage"] = {
+            "runs": len(calibrated), "covered": sum(r.calibration_covered for r in calibrated),
+            "error_mean": float(np.mean(errors)), "error_sd": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
+            "exact_mean": float(np.mean(exact)), "exact_sd": float(np.std(exact, ddof=1)) if len(exact) > 1 else 0.0}
     metrics = sorted({m for r in results for m in r.covered_metrics})
     if metrics:
         out["metric_coverage"] = {m: {"runs": sum(m in r.covered_metrics for r in results),
@@ -384,6 +408,12 @@ def markdown(summary: dict[str, dict], runs: int, fold: int | None = None) -> st
                       f"{cov['runs']} runs ({cov['share']:.0%})"
                   + (f"; {cov['runs_without_interval']} run(s) gave no interval" if cov["runs_without_interval"] else "")
                   + "."]
+    cal = fed.get("calibration_coverage")
+    if cal:
+        lines += ["", f"The calibration reading's interval (observed rate over mean predicted risk, all test patients) "
+                      f"held the exact ratio in {cal['covered']} of {cal['runs']} runs; reading minus exact "
+                      f"{cal['error_mean']:+.3f} (sd {cal['error_sd']:.3f}), exact ratio {cal['exact_mean']:.2f} "
+                      f"(sd {cal['exact_sd']:.2f})."]
     mc = fed.get("metric_coverage")
     if mc:
         lines += ["", "Each metric's interval held the exact value of the run's test patients in: "

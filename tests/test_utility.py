@@ -98,6 +98,9 @@ def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_f
         assert second["pooled"] == pytest.approx(first["pooled"], nan_ok=True)
         assert (second["covered_metrics"], second["covered_hospitals"]) == (first["covered_metrics"], first["covered_hospitals"])
         assert second["hospital_rows"] == first["hospital_rows"] > 0
+        # the calibration reading (when the run had one) scored against the exact ratio of the same patients
+        assert second["calibration_exact"] == pytest.approx(first["calibration_exact"]) and first["calibration_exact"] > 0
+        assert (first["calibration_covered"] is None) == (first["calibration_ratio"] is None)
 
 
 def test_each_hospitals_interval_coverage_is_counted_over_the_rows_that_had_an_interval():
@@ -123,3 +126,24 @@ def test_each_hospitals_interval_coverage_is_counted_over_the_rows_that_had_an_i
 def test_rescore_refuses_a_folder_without_runs(tmp_path):
     with pytest.raises(SystemExit, match="no run folders"):
         main(["--rescore", str(tmp_path)])
+
+
+def test_the_calibration_reading_is_scored_against_the_exact_ratio_of_the_same_patients():
+    """Observed rate over mean predicted risk: 2 deaths in 8 (0.25) over a mean risk of 0.2
+    is 1.25; an interval (1.1, 1.4) holds it, (0.8, 1.2) does not; the summary counts it."""
+    from types import SimpleNamespace
+
+    from simulations.utility import _calibration, markdown
+
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    p = np.stack([np.full(8, 0.8), np.full(8, 0.2)], axis=1)
+    assert _calibration(SimpleNamespace(calibration_ratio=[1.2, 1.1, 1.4]), y, p) == ([1.2, 1.1, 1.4], pytest.approx(1.25), True)
+    assert _calibration(SimpleNamespace(calibration_ratio=[1.0, 0.8, 1.2]), y, p)[2] is False
+    assert _calibration(SimpleNamespace(), y, p)[2] is None  # a run folder from before the reading had an interval
+    results = [_fold(k, seed=k) for k in range(2)]
+    results[0].calibration_ratio, results[0].calibration_exact, results[0].calibration_covered = [1.2, 1.1, 1.4], 1.25, True
+    results[1].calibration_ratio, results[1].calibration_exact, results[1].calibration_covered = [1.0, 0.8, 1.2], 1.25, False
+    summary = summarize(results)
+    assert summary["calibration_coverage"]["runs"] == 2 and summary["calibration_coverage"]["covered"] == 1
+    assert summary["calibration_coverage"]["error_mean"] == pytest.approx(-0.15)
+    assert "held the exact ratio in 1 of 2 runs; reading minus exact -0.150" in markdown({"federated": summary}, 2)
