@@ -41,6 +41,8 @@ from .secagg import (
     key_lines,
     parse_revealed,
     parse_round_keys,
+    policy_followed,
+    policy_least,
     signature_problem,
     unmasked_sum,
 )
@@ -102,6 +104,15 @@ class SecureRounds:
         policies = {a.hospital: (a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
                     if a.accepted and a.hospital in names}
         threshold = default_threshold(self.co.cfg, len(nodes), policies.values())
+        n, cfg = len(nodes), self.co.cfg
+        strict = sorted(name for name, policy in policies.items() if not cfg.privacy.secure_threshold
+                        and policy_least(n, policy) <= n and not policy_followed(cfg, n, policy))
+        if strict and (n, -1) not in self._told:
+            self._told.add((n, -1))
+            log.warning("secure aggregation: the policy of %s needs a threshold that would leave a round of %d fewer "
+                        "than privacy.secure_min_dropouts (%d) dropouts; the threshold stays at %d of %d, and %s "
+                        "refuse(s) each round itself, before reading data", ", ".join(strict), n,
+                        cfg.privacy.secure_min_dropouts, threshold, n, ", ".join(strict))
         if threshold > default_threshold(self.co.cfg, len(nodes)) and (len(nodes), threshold) not in self._told:
             self._told.add((len(nodes), threshold))
             setters = sorted(n for n, policy in policies.items() if default_threshold(self.co.cfg, len(nodes), [policy])

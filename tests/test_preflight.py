@@ -343,6 +343,37 @@ def test_the_coordinator_counts_only_the_policies_of_a_sessions_own_hospitals(ca
     assert sum("threshold 4 of 5, the least the policy of e accepts" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_an_operator_can_keep_one_strict_policy_from_taking_everyones_dropout_tolerance(caplog):
+    """privacy.secure_min_dropouts 1: e's policy (max_colluding 3 of 5 needs all five, no
+    dropout survived) is not followed; the threshold stays at the others' 4, a warning
+    names e once, and e refuses those rounds itself (its own check, before its data)."""
+    from types import SimpleNamespace
+
+    from common.config import ConfigError
+    from common.secagg import least_threshold
+    from server.secagg import default_threshold
+    from server.secure_round import SecureRounds
+
+    policies = [(2, 1)] * 4 + [(2, 3)]
+    follow_all = hospital_cfg("privacy.aggregation=secure")
+    keep_one = hospital_cfg("privacy.aggregation=secure", "privacy.secure_min_dropouts=1")
+    assert default_threshold(follow_all, 5, policies) == 5 == least_threshold(5, 3)  # today: no dropout survived
+    assert default_threshold(keep_one, 5, policies) == 4 == least_threshold(5, 1)
+    assert default_threshold(keep_one, 5, [(2, 1)] * 5) == 4  # policies that leave a dropout are followed as before
+    names = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
+    answers = [PreflightAnswer(n, True, "", 1.0, "x", min_honest=2, max_colluding=3 if n == "e" else 1)
+               for n in names.values()]
+    co = SimpleNamespace(cfg=keep_one, hospitals={nid: SimpleNamespace(name=n) for nid, n in names.items()},
+                         recorder=SimpleNamespace(preflight=answers))
+    rounds = SecureRounds(co)
+    with caplog.at_level("INFO", logger="fedgru.server"):
+        assert rounds.threshold([1, 2, 3, 4, 5]) == 4 and rounds.threshold([1, 2, 3, 4, 5]) == 4
+    warned = [r.getMessage() for r in caplog.records if "secure_min_dropouts" in r.getMessage()]
+    assert len(warned) == 1 and "the policy of e needs" in warned[0] and "threshold stays at 4 of 5" in warned[0]
+    with pytest.raises(ConfigError, match="secure_min_dropouts"):
+        hospital_cfg("privacy.aggregation=secure", "privacy.secure_min_dropouts=-1")
+
+
 @pytest.mark.parametrize("field, value", [("min_honest", "1e400"), ("max_colluding", "1" + "0" * 400),
                                           ("declared_train", "2.5"), ("noise_multiplier", "1" + "0" * 400)])
 def test_a_hostile_answer_with_an_overflowing_number_is_a_refusal_not_a_crash(field, value):

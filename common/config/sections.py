@@ -325,6 +325,10 @@ class PrivacySection:
     # coordinator (it refuses thresholds with 2t <= n + max_colluding); a default, so that
     # run folders written before it still load
     max_colluding: int = 0
+    # secure: the dropouts every round must survive, however strict a hospital's policy: a
+    # policy whose least threshold leaves fewer is not followed (that hospital refuses the
+    # rounds itself, before reading data); 0 follows every policy a round can satisfy
+    secure_min_dropouts: int = 0
 
     def budget_for(self, hospital: str) -> float:
         return self.hospital_max_epsilon.get(hospital, self.max_epsilon)
@@ -346,6 +350,7 @@ class PrivacySection:
         check(self.min_honest >= 1 and self.max_epsilon_alone > 0, "min_honest",
               "must be at least 1, and max_epsilon_alone positive")
         check(self.secure_threshold >= 0, "secure_threshold", "must be 0 (a majority) or a number of hospitals")
+        check(self.secure_min_dropouts >= 0, "secure_min_dropouts", "must be 0 or more")
         check(self.max_colluding >= 0, "max_colluding", "must be 0 or the number of other hospitals allowed to side "
               "with the coordinator")
 
