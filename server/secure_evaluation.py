@@ -58,7 +58,7 @@ def secure_evaluate(rounds, server_round: int, splits: list[Split], progress: bo
     co, cfg = rounds.co, rounds.co.cfg
     if not progress:
         co._phase = TrainPhase()
-    nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
+    nodes = rounds.session_nodes()
     t = rounds.threshold(nodes)
     least = max(t, cfg.strategy.min_hospitals)
     parts = evaluation_parts(cfg, splits, not progress)

@@ -42,7 +42,6 @@ from .secagg import (
     parse_revealed,
     parse_round_keys,
     policy_followed,
-    policy_least,
     signature_problem,
     unmasked_sum,
 )
@@ -96,23 +95,44 @@ class SecureRounds:
         # the next round's setup, answered with this round's unmask: (round, participants, threshold, keys, required)
         self.early: tuple[int, list[int], int, dict, dict] | None = None
         self._told: set[tuple[int, int]] = set()  # (participants, threshold) raised by policies, logged once
+        self._left_out: set[tuple[str, ...]] = set()  # hospitals session_nodes left out, logged once
+
+    def _policies(self, nodes: list[int]) -> dict[str, tuple[int, int]]:
+        """Hospital name -> (min_honest, max_colluding) from the accepted preflight answers of ``nodes``."""
+        names = {self.co.hospitals[nid].name for nid in nodes if nid in self.co.hospitals}
+        return {a.hospital: (a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
+                if a.accepted and a.hospital in names}
+
+    def session_nodes(self) -> list[int]:
+        """The active hospitals a session asks: with ``privacy.secure_min_dropouts``, less
+        those whose policy would leave a round fewer dropouts than that (asked, they could
+        only hold everyone to their threshold or refuse, and a refusal counts as one
+        dropout already). Leaving one out lowers the others' least threshold, so this is
+        repeated until every policy left is followed; a warning names them once."""
+        cfg = self.co.cfg
+        nodes = sorted(nid for nid, h in self.co.hospitals.items() if h.active)
+        if cfg.privacy.secure_threshold or not cfg.privacy.secure_min_dropouts:
+            return nodes
+        policies, left_out = self._policies(nodes), []
+        while True:
+            strict = {name for name, policy in policies.items() if not policy_followed(cfg, len(nodes), policy)}
+            if not strict:
+                break
+            left_out += sorted(strict)
+            nodes = [nid for nid in nodes if self.co.hospitals[nid].name not in strict]
+            policies = {name: policy for name, policy in policies.items() if name not in strict}
+        if left_out and tuple(left_out) not in self._left_out:
+            self._left_out.add(tuple(left_out))
+            log.warning("secure aggregation: left out %s: its policy's least threshold would leave a round fewer than "
+                        "privacy.secure_min_dropouts (%d) dropouts (nothing is asked of it or charged to it)",
+                        ", ".join(left_out), cfg.privacy.secure_min_dropouts)
+        return nodes
 
     def threshold(self, nodes: list[int]) -> int:
         """The reconstruction threshold for a session of ``nodes``: the run's rule, raised to
         the least the policies those hospitals stated in their preflight answers accept."""
-        names = {self.co.hospitals[nid].name for nid in nodes if nid in self.co.hospitals}
-        policies = {a.hospital: (a.min_honest, a.max_colluding) for a in self.co.recorder.preflight
-                    if a.accepted and a.hospital in names}
+        policies = self._policies(nodes)
         threshold = default_threshold(self.co.cfg, len(nodes), policies.values())
-        n, cfg = len(nodes), self.co.cfg
-        strict = sorted(name for name, policy in policies.items() if not cfg.privacy.secure_threshold
-                        and policy_least(n, policy) <= n and not policy_followed(cfg, n, policy))
-        if strict and (n, -1) not in self._told:
-            self._told.add((n, -1))
-            log.warning("secure aggregation: the policy of %s needs a threshold that would leave a round of %d fewer "
-                        "than privacy.secure_min_dropouts (%d) dropouts; the threshold stays at %d of %d, and %s "
-                        "refuse(s) each round itself, before reading data", ", ".join(strict), n,
-                        cfg.privacy.secure_min_dropouts, threshold, n, ", ".join(strict))
         if threshold > default_threshold(self.co.cfg, len(nodes)) and (len(nodes), threshold) not in self._told:
             self._told.add((len(nodes), threshold))
             setters = sorted(n for n, policy in policies.items() if default_threshold(self.co.cfg, len(nodes), [policy])
@@ -267,7 +287,7 @@ class SecureRounds:
     def round(self, server_round: int, scale: float) -> TrainPhase:
         co, cfg = self.co, self.co.cfg
         phase = co._phase = TrainPhase()
-        nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
+        nodes = self.session_nodes()
         threshold = self.threshold(nodes)
         least = max(threshold, cfg.strategy.min_hospitals)
 
@@ -283,7 +303,7 @@ class SecureRounds:
         # the model after the previous round, validated only once some round has trained it
         if server_round in cfg.validation_rounds() and co.trained_rounds:
             phase.validation = self.evaluate(server_round, [Split.VAL], progress=True)  # its drops are this round's
-            nodes = sorted(nid for nid, h in co.hospitals.items() if h.active)
+            nodes = self.session_nodes()
             if len(nodes) < least:
                 return skip(f"{len(nodes)} active hospitals; secure aggregation needs {least}")
         # 1. setup: fresh keys, and the least noise each hospital accepts (answered with the

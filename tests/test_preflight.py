@@ -345,8 +345,9 @@ def test_the_coordinator_counts_only_the_policies_of_a_sessions_own_hospitals(ca
 
 def test_an_operator_can_keep_one_strict_policy_from_taking_everyones_dropout_tolerance(caplog):
     """privacy.secure_min_dropouts 1: e's policy (max_colluding 3 of 5 needs all five, no
-    dropout survived) is not followed; the threshold stays at the others' 4, a warning
-    names e once, and e refuses those rounds itself (its own check, before its data)."""
+    dropout survived) is not followed: the sessions leave e out (a warning names it once),
+    and the other four, at their least threshold 3 of 4, survive a dropout. Asked, e could
+    only have held everyone to 5 of 5 or refused, and a refusal is a dropout already."""
     from types import SimpleNamespace
 
     from common.config import ConfigError
@@ -363,13 +364,16 @@ def test_an_operator_can_keep_one_strict_policy_from_taking_everyones_dropout_to
     names = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
     answers = [PreflightAnswer(n, True, "", 1.0, "x", min_honest=2, max_colluding=3 if n == "e" else 1)
                for n in names.values()]
-    co = SimpleNamespace(cfg=keep_one, hospitals={nid: SimpleNamespace(name=n) for nid, n in names.items()},
-                         recorder=SimpleNamespace(preflight=answers))
+    views = {nid: SimpleNamespace(name=n, active=True) for nid, n in names.items()}
+    co = SimpleNamespace(cfg=keep_one, hospitals=views, recorder=SimpleNamespace(preflight=answers))
     rounds = SecureRounds(co)
     with caplog.at_level("INFO", logger="fedgru.server"):
-        assert rounds.threshold([1, 2, 3, 4, 5]) == 4 and rounds.threshold([1, 2, 3, 4, 5]) == 4
+        assert rounds.session_nodes() == [1, 2, 3, 4] == rounds.session_nodes()
+        assert rounds.threshold([1, 2, 3, 4]) == 3 == least_threshold(4, 1)  # 4 - 3: one dropout survived
     warned = [r.getMessage() for r in caplog.records if "secure_min_dropouts" in r.getMessage()]
-    assert len(warned) == 1 and "the policy of e needs" in warned[0] and "threshold stays at 4 of 5" in warned[0]
+    assert len(warned) == 1 and "left out e:" in warned[0], warned
+    co.cfg = follow_all  # the default follows every policy a round can satisfy: all five, at 5 of 5
+    assert SecureRounds(co).session_nodes() == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="secure_min_dropouts"):
         hospital_cfg("privacy.aggregation=secure", "privacy.secure_min_dropouts=-1")
 

@@ -326,8 +326,8 @@ class PrivacySection:
     # run folders written before it still load
     max_colluding: int = 0
     # secure: the dropouts every round must survive, however strict a hospital's policy: a
-    # policy whose least threshold leaves fewer is not followed (that hospital refuses the
-    # rounds itself, before reading data); 0 follows every policy a round can satisfy
+    # hospital whose policy's least threshold leaves fewer is left out of the sessions
+    # (server.secure_round.SecureRounds.session_nodes); 0 follows every policy a round can satisfy
     secure_min_dropouts: int = 0
 
     def budget_for(self, hospital: str) -> float:
