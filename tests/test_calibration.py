@@ -87,6 +87,10 @@ def test_the_report_says_when_the_risks_run_low_or_high():
     assert "1.60 (1.20-2.10) times" in above and "run low (a risk understates" in above
     below = calibration_words(curve(1.0), False, [0.6, 0.45, 0.8])  # the interval's reading is the one shown
     assert "0.60 (0.45-0.80) times" in below and "run high (a risk overstates" in below
+    # an interval that leaves out 1 but stays within a fifth of it: a size, not an alarm
+    slight = calibration_words(curve(1.05), False, [1.05, 1.01, 1.10])
+    assert "run slightly low, by about 5%, too little to change how they are read" in slight
+    assert "understates" not in slight and "ranking" not in slight
 
 
 def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_time():

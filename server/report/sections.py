@@ -383,6 +383,11 @@ def _count_range(noisy: float, spread: float) -> str:
     return f"{max(0.0, noisy - spread):.0f}-{max(0.0, noisy + spread):.0f}"
 
 
+# An observed/predicted interval entirely inside this band is a real but small difference
+# (risks within a fifth of the rate): the report names its size instead of warning.
+SLIGHT_MISCALIBRATION = (0.8, 1.25)
+
+
 def calibration_words(curve, recalibrated: bool, with_interval: list[float] | None = None) -> str:
     """One sentence on whether the final model's risks run high or low over all test
     patients (observed rate over mean predicted risk, both read from the DP releases),
@@ -400,6 +405,10 @@ def calibration_words(curve, recalibrated: bool, with_interval: list[float] | No
                 f"{INTERVAL_LEVEL:.0%}; {CALIBRATION_INTERVAL_COVERAGE})")
         if low <= 1 <= high:
             return read + ": its interval holds 1, so no clear sign either way."
+        if SLIGHT_MISCALIBRATION[0] <= low and high <= SLIGHT_MISCALIBRATION[1]:
+            # a difference the interval proves but a clinician would not act on: say its size, not an alarm
+            return (read + f": the model's risks run slightly {'low' if ratio > 1 else 'high'}, by about "
+                    f"{abs(ratio - 1):.0%}, too little to change how they are read.")
     else:
         # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
         # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
