@@ -69,7 +69,7 @@ def test_degenerate_histograms_are_left_uncalibrated():
 
 def test_the_report_says_when_the_risks_run_low_or_high():
     from common.subgroups import CalibrationPoint
-    from server.report.sections import calibration_words
+    from server.report.groups import calibration_words
 
     def curve(factor):
         return [CalibrationPoint(predicted=p, observed=p * factor, patients=80.0) for p in (0.02, 0.1, 0.3)]

@@ -94,7 +94,7 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
     it shows as 0, and each mean carries the noise's 95% interval (value +- 1.96 sd)."""
     from common.document import markdown
     from server.report.run_folder import RunFolder
-    from server.report.sections import importance_section
+    from server.report.groups import importance_section
 
     run = RunFolder.load(small_run[0])
     run.metrics.test.importance = {"GCS": 0.2, "Gender (descriptor)": -0.01, "ICUType (descriptor)": -0.09}
@@ -114,7 +114,7 @@ def test_an_unread_groups_row_shows_the_range_its_noisy_counts_leave_never_below
     from common.document import markdown
     from common.estimates import MIN_SIGNAL
     from server.report.run_folder import RunFolder
-    from server.report.sections import subgroup_section
+    from server.report.groups import subgroup_section
 
     run = RunFolder.load(small_run[0])
     test = run.metrics.test

@@ -25,21 +25,16 @@ from common.messages import Split
 from common.metrics import format_metrics, format_number
 
 from ..records import RunPrivacy
+from .groups import importance_section, subgroup_section
 from .plots import MAX_LISTED, plot_auroc
+from .privacy_text import GROUP_WORDS, audit_section, officer_statement, preflight_section, privacy_sections
 from .run_folder import RunFolder
 from .sections import (
-    GROUP_WORDS,
     PHYSIONET_CITATION,
-    audit_section,
     baseline_section,
     data_section,
-    importance_section,
     not_evaluated_section,
-    officer_statement,
-    preflight_section,
-    privacy_sections,
     settings_section,
-    subgroup_section,
     test_results_section,
 )
 

@@ -1,0 +1,176 @@
+"""The report's clinical parts read from the DP test release: whom the model fails (test
+patients by group, with the calibration reading) and what the model leans on (the
+inputs' mean contribution)."""
+
+from __future__ import annotations
+
+import math
+
+from common.document import Image, Section, Table
+from common.estimates import CALIBRATION_INTERVAL_COVERAGE, INTERVAL_LEVEL, MIN_SIGNAL
+
+from .plots import plot_reliability
+from .run_folder import RunFolder
+from .sections import is_secure
+
+
+def subgroup_section(run: RunFolder) -> Section | None:
+    test = run.metrics.test
+    if test is None or not test.subgroups:
+        return None
+    central = run.baselines.get("central") if run.baselines else None
+    exact = {(g.grouping, g.group): g for g in central.subgroups} if central else {}
+    header = ["grouping", "group", "patients", "deaths", "AUROC", f"sensitivity at {test.threshold:.3f}",
+              "calibration: observed / predicted"]
+    if exact:
+        header.append("central no-DP AUROC (exact)")
+    least = getattr(test, "subgroup_least", None)
+    # The DP noise's sd on one class's count in a group (the read rule asks MIN_SIGNAL of them):
+    # an unread row shows the 95% range its noisy counts give, so a reader can tell a group that
+    # is small from one that may be empty (a data set may leave "unknown" empty; the coordinator
+    # cannot know that, and must not be told). A range, not the noisy count: a count below 0 is
+    # an impossible number to show a clinician.
+    count_sd = least / MIN_SIGNAL if least else None
+    rows = []
+    for g in test.subgroups:
+        m = g.metrics
+        if m is None and count_sd is not None:
+            cells = [g.grouping, g.group, _count_range(g.patients, 1.96 * math.sqrt(2) * count_sd),  # two noisy sums
+                     _count_range(g.deaths, 1.96 * count_sd), g.note, "", ""]
+        elif m is None:
+            cells = [g.grouping, g.group, "", "", g.note, "", ""]
+        else:
+            observed = sum(p.observed * p.patients for p in g.calibration)
+            predicted = sum(p.predicted * p.patients for p in g.calibration)
+            ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"
+            cells = [g.grouping, g.group, round(g.patients), round(g.deaths), m.auroc, m.sensitivity, ratio]
+        if exact:
+            ref = exact.get((g.grouping, g.group))
+            cells.append(ref.metrics.auroc if ref is not None and ref.metrics is not None else None)
+        rows.append(cells)
+    blocks: list = [
+        Table(header, rows),
+        "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
+        "patients and deaths are noisy counts (where a row is not read, the 95% range they give: a range that starts "
+        "at 0 cannot tell a small group from an empty one), and a group whose counts are too small for the noise says "
+        "so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
+        "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
+        "risk (1: calibrated; below 1: risks too high for the group)."
+        + (" The last column is the same model trained centrally without DP, scored exactly on the same "
+           "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
+    ]
+    unread = [g for g in test.subgroups if g.metrics is None and g.note.startswith("too few")]
+    if unread and least:
+        blocks.append(group_size_words(run, least, len(unread) == len(test.subgroups)))
+    overall = calibration_words(test.calibration_curve, bool(test.calibration), getattr(test, "calibration_ratio", None))
+    if overall:
+        blocks.append(overall)
+    curves = {"all test patients": test.calibration_curve}
+    by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
+    curves.update({g.group: g.calibration for g in by_group})
+    if plot_reliability(curves, run.path / "calibration.png"):
+        blocks.append(Image(run.path / "calibration.png", "Reliability diagram: observed rate against mean predicted risk in "
+                                                          "tenths of the test patients by risk, both read from the DP "
+                                                          "test releases (the run's estimator), not from exact counts"))
+    return Section("Whom the model fails: test patients by group", blocks)
+
+
+def _count_range(noisy: float, spread: float) -> str:
+    """The range of true counts a noisy count leaves (noisy ± spread, never below 0)."""
+    return f"{max(0.0, noisy - spread):.0f}-{max(0.0, noisy + spread):.0f}"
+
+
+# An observed/predicted interval entirely inside this band is a real but small difference
+# (risks within a fifth of the rate): the report names its size instead of warning.
+SLIGHT_MISCALIBRATION = (0.8, 1.25)
+
+
+def calibration_words(curve, recalibrated: bool, with_interval: list[float] | None = None) -> str:
+    """One sentence on whether the final model's risks run high or low over all test
+    patients (observed rate over mean predicted risk, both read from the DP releases),
+    with the reading's interval (``with_interval``: [reading, low, high], from the same
+    bootstrap as the metrics'); a run folder from before it has the noise band instead."""
+    observed = sum(p.observed * p.patients for p in curve)
+    predicted = sum(p.predicted * p.patients for p in curve)
+    if not curve or not predicted > 0:
+        return ""
+    ratio = observed / predicted
+    if with_interval is not None:
+        ratio, low, high = with_interval
+        read = (f"Over all test patients the observed rate is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
+                f"predicted risk, as read from the DP releases (the interval as the metrics', nominal "
+                f"{INTERVAL_LEVEL:.0%}; {CALIBRATION_INTERVAL_COVERAGE})")
+        if low <= 1 <= high:
+            return read + ": its interval holds 1, so no clear sign either way."
+        if SLIGHT_MISCALIBRATION[0] <= low and high <= SLIGHT_MISCALIBRATION[1]:
+            # a difference the interval proves but a clinician would not act on: say its size, not an alarm
+            return (read + f": the model's risks run slightly {'low' if ratio > 1 else 'high'}, by about "
+                    f"{abs(ratio - 1):.0%}, too little to change how they are read.")
+    else:
+        # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
+        # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
+        read = (f"Over all test patients the observed rate is {ratio:.2f} times the mean predicted risk, as read from "
+                "the DP releases")
+        if 0.75 <= ratio <= 1.33:
+            return (read + ": within what their noise alone gives a calibrated model at the default's size "
+                    "(about 0.83-1.30), so no clear sign either way.")
+    way = "low (a risk understates" if ratio > 1 else "high (a risk overstates"
+    return (read + f": the model's risks run {way} the chance of the outcome), so read them as a ranking and "
+            "against the run's thresholds, not as probabilities"
+            + (" (even after the recalibration above)." if recalibrated else
+               " (evaluation.calibrate: true refits the risk scale on the pooled DP validation releases)."))
+
+
+def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
+    """What size of federation a group needs before its row is read: the least pooled
+    count of deaths and of survivors in the group's test patients, and what that is in
+    the whole federation at the config's test split."""
+    cfg = run.config
+    split = (1 / cfg.split.folds if cfg.split.folds else cfg.split.test) if cfg else None
+    text = (("No group could be read at this run's size. " if none_read else "")
+            + f"A group's row is read when its pooled test patients hold at least {least:.0f} deaths and "
+            f"{least:.0f} survivors, as noisy counts (2 sds of the DP noise on a group's count, at this run's noise "
+            "and number of hospitals; the noise on a pooled count grows with the square root of the number of "
+            "hospitals, and falls as evaluation.test_epsilon or evaluation.subgroup_share rise).")
+    if split:
+        text += (f" With {split:.0%} of each hospital's stays in its test split (the run's config; a deployed hospital's "
+                 f"own policy.split decides its own), that is about {least / split:,.0f} deaths and as many survivors "
+                 "of the group across the federation.")
+    return text
+
+
+MAX_IMPORTANCE_ROWS = 50  # every input of the default model (20) and of the 37-variable one (41)
+
+
+def importance_section(run: RunFolder) -> Section | None:
+    test = run.metrics.test
+    if test is None or not test.importance:
+        return None
+    sd = test.importance_noise or 0.0
+
+    def size(value: float) -> str | float:
+        """A mean size is never below 0: the noise can take it there. With the noise's 95% interval (the
+        release is the exact mean plus Gaussian noise of a known sd, so value +- 1.96 sd holds it 95% of the time)."""
+        if not sd:
+            return value
+        return f"{max(0.0, value):.3f} ({max(0.0, value - 1.96 * sd):.3f}-{max(0.0, value + 1.96 * sd):.3f})"
+
+    rows = [[name, size(value)] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
+    shown = (f"The {len(rows)} largest of the model's {len(test.importance)} inputs (all are in metrics.json). "
+             if len(rows) < len(test.importance) else "")
+    return Section("What the model leans on (test patients, DP)", [
+        Table(["input", "mean |contribution| to the log-odds" + (" (95% interval for the DP noise)" if sd else "")], rows),
+        shown +
+        "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
+        "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "
+        + ("summed over the hospitals under secure aggregation, each adding its share of Skellam noise: a DP release "
+           "about the test patients. " if is_secure(run) else
+           "summed at each hospital with Gaussian noise, then pooled: a DP release about the test patients. ")
+        + (f"The noise on each mean has a standard deviation of {test.importance_noise:.3f}: differences smaller "
+           "than about twice that are not meaningful, and a mean the noise took below 0 shows as 0. "
+           if test.importance_noise else "")
+        + "Each contribution is measured against a normal patient in whom every input is recorded, so an input's "
+          "size here includes what its absence tells the model: one often not recorded (a patient's height, say) "
+          "can rank high for that alone. `fedgru explain` shows a stay's "
+          "input as 'not observed' with its own contribution.",
+    ])

@@ -1,0 +1,181 @@
+"""The report's privacy parts: the Privacy section (each hospital's epsilons, the
+accountants, the releases not covered by DP), each hospital's officer statement, the
+preflight's answers and the one-run audit."""
+
+from __future__ import annotations
+
+import math
+
+from common.document import Bullets, Image, Section, Statement, Table
+from common.metrics import format_number
+
+from ..records import AuditResult, HospitalPrivacy, RunPrivacy
+from .plots import plot_epsilon
+from .run_folder import RunFolder
+
+GROUP_WORDS = {
+    "train": ("training", "the model updates of every round"),
+    "val": ("validation", "noisy score histograms"),
+    "test": ("test", "noisy score histograms"),
+}
+
+
+def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str:
+    """The plain-language paragraph a hospital's privacy officer can sign."""
+    if not privacy.dp_enabled:
+        return (
+            f"For the patients of hospital {name}: this run trained without differential privacy, so the "
+            "model weights it released carry no formal privacy guarantee."
+        )
+    if h.delta is None or h.accountant is None or not h.groups:
+        why = f" ({h.reason})" if h.reason else ""
+        return (
+            f"For the patients of hospital {name}: this run holds no record of any release about them: the hospital "
+            f"{h.state.words}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
+        )
+    delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
+    scope = "during this run" + (f" and the {len(h.earlier_runs)} earlier run(s) in its ledger" if h.earlier_runs else "")
+    groups = []
+    for split, g in h.groups.items():
+        label, what = GROUP_WORDS[split]
+        other_eps = g.epsilon_prv if other == "PRV" else g.epsilon_rdp
+        second = (f"with its own share of secure aggregation's noise alone, if every other hospital colluded with "
+                  f"the coordinator: epsilon {format_number(g.epsilon_alone)}" if g.epsilon_alone is not None
+                  else f"{other} accounting: epsilon {format_number(other_eps)}")
+        groups.append(
+            f"its {label} patients ({what}, {g.releases} {'release' if g.releases == 1 else 'releases'}): "
+            f"({format_number(g.epsilon)}, {delta:.0e})-DP "
+            f"({second})"
+        )
+    worst = max(g.epsilon for g in h.groups.values())
+    exact = "" if privacy.evaluation_dp else (
+        " In this run the score histograms were exact (a comparison simulation): they carry no DP guarantee."
+    )
+    left = (f"{format_number(h.remaining)} remains" if h.remaining is None or h.remaining >= 0.0005
+            else "it is spent (less than 0.001 remains)")
+    budget_text = f" The training patients' budget is epsilon = {format_number(h.budget)}; {left}." if h.budget else ""
+    return (
+        f"For every patient of hospital {name}, everything {name} released about that patient {scope} satisfies "
+        f"differential privacy ({h.accountant.upper()} accounting), group by group: " + "; ".join(groups) + ". "
+        + ("Each stay is in one of these groups only (its split is fixed by a keyed hash of its id), so a stay's "
+           "epsilon is that of its group and the groups' epsilons do not add up for it, as long as the hospital's "
+           "split settings (policy.split) stay as they were; a patient with several stays in different groups "
+           "carries the sum of those groups' epsilons. " if len(groups) > 1 else "")
+        + f"In plain words: whether or not any one patient's record was used, the probability of anything an "
+        f"outsider can observe changes by at most a factor of {math.exp(worst):.2f} (e to the power epsilon), "
+        f"except with probability {delta:.0e}. Released without DP, and about no single patient: the hospital's "
+        "name, the number of stays in each split, and the settings and list of its releases (its ledger)."
+        + exact + budget_text
+    )
+
+
+# What "RDP" and "PRV" in the tables mean, for a reader who has not met the accountants.
+ACCOUNTANTS_WORDS = (
+    "Two accountants read the same ledger: RDP (Renyi differential privacy; Mironov, CSF 2017; Mironov, Talwar & "
+    "Zhang 2019 for the subsampled Gaussian), the familiar, more conservative bound, and PRV (privacy loss random "
+    "variables; Gopi, Lee & Wutschitz, NeurIPS 2021), a tighter numerical bound. They are two readings of one set of "
+    "releases, not two releases; `privacy.accountant` names the one that budgets are checked against."
+)
+
+
+def privacy_sections(run: RunFolder) -> list[Section]:
+    privacy = run.privacy
+    if privacy is None:
+        return []
+    sec = Section("Privacy", [f"Guarantee: {privacy.guarantee}."])
+    if privacy.dp_enabled:
+        secure = any(h.epsilon_alone is not None for h in privacy.hospitals.values())
+        # secure aggregation: the second epsilon is the hospital's own noise alone (PRV has no Skellam analysis)
+        header = ["hospital", "epsilon (RDP)", "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta",
+                  "budget", "remaining", "rounds", "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
+        rows = [
+            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
+             sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
+             h.history[-1].sample_rate if h.history else None, h.state.words]
+            for name, h in sorted(privacy.hospitals.items())
+        ]
+        sec.blocks.append("Training patients (secure aggregation with distributed Skellam noise; the noise multiplier "
+                          "counts the min_honest hospitals each hospital's policy counts on):" if secure
+                          else "Training patients (DP-SGD):")
+        sec.blocks.append(Table(header, rows))
+        sec.blocks.append(ACCOUNTANTS_WORDS)
+        group_rows = [
+            [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_alone if secure else g.epsilon_prv,
+             format_number(h.delta), g.releases, g.this_run]
+            for name, h in sorted(privacy.hospitals.items()) for split, g in h.groups.items()
+        ]
+        sec.blocks.append("Every group of patients, over each hospital's whole ledger:")
+        sec.blocks.append(Table(["hospital", "patients", "epsilon (RDP)",
+                                 "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta", "releases",
+                                 "in this run"], group_rows))
+        if plot_epsilon(run.metrics, privacy, run.path / "epsilon.png"):
+            sec.blocks.append(Image(run.path / "epsilon.png", "Cumulative epsilon per round (dotted: budgets; hospitals "
+                                                              "that spent alike draw one line over another)"))
+    sections = [sec]
+    level = privacy.hospital_level
+    if level is not None:
+        sections.append(Section("Second guarantee: hospital-level DP", [
+            f"Each hospital's update was clipped to L2 norm {level.clipping_norm} and the aggregate noised "
+            f"(noise multiplier {level.noise_multiplier}); over {level.releases} releases this gives "
+            f"epsilon = {format_number(level.epsilon)} at delta = {format_number(level.delta)} ({level.accountant}).",
+            level.guarantee,
+        ]))
+    sections.append(Section("Releases not covered by DP", [
+        Bullets([f"{r.field} ({r.when}): {r.reveals}" for r in privacy.non_dp_releases])
+    ]))
+    statements = Section("Statements for each hospital's privacy officer")
+    for name, h in sorted(privacy.hospitals.items()):
+        statements.blocks.append(Statement(officer_statement(name, h, privacy)))
+    statements.blocks.append(RNG_NOTE)
+    sections.append(statements)
+    return sections
+
+
+RNG_NOTE = (
+    "DP noise and Poisson sampling use torch's generator seeded from the operating system's entropy at "
+    "each hospital. It is not a cryptographically secure generator: Opacus's secure mode needs torchcsprng, "
+    "which does not install with current torch. Floating-point Gaussian sampling is also known to leak "
+    "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
+)
+
+
+def audit_section(audit: AuditResult | None) -> Section | None:
+    if audit is None:
+        return None
+    claimed = audit.epsilon_claimed
+    verdict = ("no claim to check (DP off)" if not math.isfinite(claimed) else
+               "consistent" if audit.epsilon_lower_bound <= claimed else "ABOVE the claim: a leak")
+    return Section("Privacy audit (one training run)", [
+        Table(["hospital", "canaries", "guesses", "right", "epsilon lower bound (95%)", "claimed epsilon", "verdict"],
+              [[audit.hospital, audit.canaries, audit.guesses, audit.correct, audit.epsilon_lower_bound, claimed, verdict]]),
+        f"An empirical check of the DP mechanism (Steinke, Nasr & Jagielski, NeurIPS 2023): {audit.canaries} "
+        f"{audit.canary_kind} were each put into {audit.hospital}'s training with probability 1/2; from what "
+        f"{audit.hospital} released, the auditor guessed which; this many right guesses rule out, at "
+        f"{audit.confidence:.0%} confidence, any epsilon below the bound. A bound above the claimed epsilon would "
+        "mean the implementation leaks more than its accounting says.",
+    ])
+
+
+def preflight_section(run: RunFolder) -> Section | None:
+    """Each hospital's answer to the run's plan: the noise it accepted to train with and
+    why, each group's epsilon after the planned releases and its budget left before;
+    or why it refused and the change that would fit."""
+    answers = run.metrics.preflight
+    if not answers:
+        return None
+    rows = []
+    for a in sorted(answers, key=lambda a: a.hospital):
+        left = " / ".join(format_number(a.remaining.get(g), 3) for g in ("train", "val", "test")) if a.remaining else ""
+        if a.accepted:
+            after = " / ".join(format_number(a.planned.get(g), 3) for g in ("train", "val", "test"))
+            rows.append([a.hospital, "accepts", f"{a.noise_multiplier:.3g} ({a.noise_set_by})", after, left])
+        else:
+            rows.append([a.hospital, f"refuses: {a.reason}", "", "", left])
+    accepted = sum(a.accepted for a in answers)
+    return Section("Preflight: the plan each hospital agreed to", [
+        Table(["hospital", "answer", "noise multiplier (set by)", "epsilon after the run: train / val / test",
+               "budget left before: train / val / test"], rows),
+        f"{accepted} of {len(answers)} hospitals accepted the run's whole plan before anything was spent; a hospital "
+        "that refused was asked nothing further. Each fits its own noise: the run's target or setting, raised where "
+        "its per-round ceiling, its remaining budget or its noise floor needs more.",
+    ])
