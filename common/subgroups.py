@@ -120,7 +120,8 @@ class GroupResult:
     metrics: Metrics | None  # None: too few patients for a DP estimate
     calibration: list[CalibrationPoint]
     note: str = ""
-    # exact results on a hospital's own stays: each metric's sampling interval (common.metrics.sampling_intervals)
+    # each metric's interval: on a hospital's own exact stays its sampling interval (common.metrics.sampling_intervals);
+    # for a DP row the reading's (common.estimates.metric_intervals, as the pooled row's)
     intervals: dict[str, list[float]] | None = None
 
 

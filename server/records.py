@@ -133,9 +133,13 @@ class TestResult:
     # pooled observed rate over mean predicted risk: [reading, low, high] (common.estimates.observed_over_predicted)
     calibration_ratio: list[float] | None = None
     subgroups: list[GroupResult] = field(default_factory=list)  # metrics per group of test patients (DP)
-    # A group is read only when its pooled noisy deaths and survivors each reach this count (MIN_SIGNAL sds of
-    # the DP noise on a group's count over its bins, at this run's noise and hospitals); None: no per-group release.
+    # A group is read only when its pooled noisy deaths and survivors each reach this count ((MIN_SIGNAL +
+    # GROUP_READ_MARGIN) sds of the DP noise on a group's count over its bins, at this run's noise and hospitals);
+    # None: no per-group release.
     subgroup_least: float | None = None
+    # The DP noise's sd on one class's count in a group (over its bins); None in run folders made before it
+    # (there subgroup_least was MIN_SIGNAL of these sds)
+    subgroup_count_sd: float | None = None
     importance: dict[str, float] = field(default_factory=dict)  # mean clipped |contribution| per input (DP), largest first
     importance_noise: float | None = None  # the standard deviation of the DP noise on each of those means
     # DP releases: rough intervals of each metric for the DP noise and the fit (common.estimates.metric_intervals;

@@ -19,6 +19,7 @@ import numpy as np
 
 from common.config import ExperimentConfig
 from common.estimates import (
+    GROUP_READ_MARGIN,
     INTERVAL_LEVEL,
     MIN_SIGNAL,
     OBSERVED_OVER_PREDICTED,
@@ -240,9 +241,13 @@ class Reader:
             for e in groups[1:]:
                 total_groups = total_groups + e.subgroups
             sd = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
-            result.subgroup_least = MIN_SIGNAL * sd * math.sqrt(total_groups.grid.bins)
-            result.subgroups = subgroup_results(self.cfg, total_groups, total_groups.grid.edge_for_risk(threshold), None,
-                                                min_count=result.subgroup_least)
+            result.subgroup_count_sd = sd * math.sqrt(total_groups.grid.bins)
+            result.subgroup_least = (MIN_SIGNAL + GROUP_READ_MARGIN) * result.subgroup_count_sd if sd > 0 else 0.0
+            edge = total_groups.grid.edge_for_risk(threshold)
+            result.subgroups = subgroup_results(self.cfg, total_groups, edge, None, min_count=result.subgroup_least)
+            for row, group in enumerate(result.subgroups):  # a read row's metrics carry their intervals too
+                if group.metrics is not None:
+                    group.intervals = self.intervals(total_groups.group(row), sd, edge)
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
         if important:
             patients = sum(parts[n].n for n, _ in important)

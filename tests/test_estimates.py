@@ -537,3 +537,47 @@ def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patie
     assert "cannot rank its patients" in caplog.text and "AUROC and AUPRC" in caplog.text
     line = format_metrics(result.pooled, result.intervals["pooled"], dp=True)
     assert line.startswith("AUROC cannot be estimated  AUPRC cannot be estimated  accuracy 0.")
+
+
+def test_a_group_is_read_only_with_a_margin_for_its_many_questions_and_then_with_intervals():
+    """13 groups ask 26 questions of one release: at MIN_SIGNAL sds alone a group whose true
+    deaths sit at 1 sd was read from noise in about every other default run. A group at 3
+    sds (read by the old rule) is now too small; one well above the margin is read, and its
+    metrics carry intervals like the pooled row's."""
+    from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL
+    from common.messages import Item
+    from common.subgroups import SubgroupSummary, groupings
+    from server.results import Reader
+    from server.validation import Evaluations
+
+    cfg = small_cfg()
+    coarse = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.subgroup_bins)
+    rows = sum(len(g.groups) for g in groupings(cfg))
+    sigma = 1.0
+    cell_sd = sigma * math.sqrt(len(cfg.evaluation.subgroups))
+    count_sd = cell_sd * math.sqrt(coarse.bins)
+    shape = np.exp(-0.5 * (np.arange(coarse.bins) - coarse.bins / 2) ** 2 / 2.0)
+    shape /= shape.sum()
+
+    def row(deaths: float, survivors: float) -> np.ndarray:  # deaths score higher than survivors
+        return np.stack([np.roll(shape, -1) * survivors, np.roll(shape, 1) * deaths])[:, None, :]
+
+    histogram = np.zeros((rows, 2, 1, coarse.bins))
+    histogram[0] = row(3 * count_sd, 40 * count_sd)  # past MIN_SIGNAL, short of the margin
+    histogram[1] = row((MIN_SIGNAL + GROUP_READ_MARGIN + 6) * count_sd, 40 * count_sd)
+    groups = SubgroupSummary(histogram, coarse, len(cfg.evaluation.subgroups))
+    rng = np.random.default_rng(5)
+    y = (rng.random(400) < 0.2).astype(np.int64)
+    risk = 1 / (1 + np.exp(-(-2.0 + rng.normal(size=400) + y)))
+    summary = ScoreSummary.from_predictions(y, np.stack([1 - risk, risk], axis=1), GRID)
+    released = {"a": Evaluations(summaries={Split.TEST: summary}, subgroups=groups,
+                                 noise={Item.HISTOGRAM: sigma, Item.SUBGROUP_HISTOGRAMS: sigma},
+                                 histogram_noise={Split.TEST: sigma})}
+    result = Reader(cfg).test_result(released, 0.2, GRID, None, [])
+    assert result.subgroup_count_sd == pytest.approx(count_sd)
+    assert result.subgroup_least == pytest.approx((MIN_SIGNAL + GROUP_READ_MARGIN) * count_sd)
+    small, large = result.subgroups[0], result.subgroups[1]
+    assert small.metrics is None and small.note.startswith("too few")
+    assert large.metrics is not None and set(large.intervals) >= {"auroc", "sensitivity"}
+    low, high = large.intervals["auroc"]
+    assert low <= large.metrics.auroc <= high

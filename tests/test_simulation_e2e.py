@@ -93,8 +93,8 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
     """The DP noise can take a mean |contribution| below 0 (the default run showed -0.056):
     it shows as 0, and each mean carries the noise's 95% interval (value +- 1.96 sd)."""
     from common.document import markdown
-    from server.report.run_folder import RunFolder
     from server.report.groups import importance_section
+    from server.report.run_folder import RunFolder
 
     run = RunFolder.load(small_run[0])
     run.metrics.test.importance = {"GCS": 0.2, "Gender (descriptor)": -0.01, "ICUType (descriptor)": -0.09}
@@ -107,24 +107,27 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
 
 def test_an_unread_groups_row_shows_the_range_its_noisy_counts_leave_never_below_zero(small_run):
     """The report used to leave an unread group's counts blank, so "age unknown" (empty in
-    set A) looked like any small group: it now shows the 95% range of each noisy count,
-    clipped at 0 (a count below 0 is no number to show a clinician)."""
+    set A) looked like any small group: it now shows the 99% range of each noisy count,
+    clipped at 0 (a count below 0 is no number to show a clinician), deaths never above
+    the patients; and a group is read only with GROUP_READ_MARGIN sds to spare."""
     import math
 
     from common.document import markdown
-    from common.estimates import MIN_SIGNAL
-    from server.report.run_folder import RunFolder
+    from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL
     from server.report.groups import subgroup_section
+    from server.report.run_folder import RunFolder
 
     run = RunFolder.load(small_run[0])
     test = run.metrics.test
-    sd = test.subgroup_least / MIN_SIGNAL
+    sd = test.subgroup_count_sd
+    assert test.subgroup_least == pytest.approx((MIN_SIGNAL + GROUP_READ_MARGIN) * sd)
     text = markdown("r", [subgroup_section(run)])
     for g in test.subgroups:
         assert g.metrics is None  # 80 test stays: none is read
-        spread = 1.96 * math.sqrt(2) * sd
+        spread = 2.576 * math.sqrt(2) * sd
         low, high = max(0.0, g.patients - spread), max(0.0, g.patients + spread)
-        assert f"| {g.grouping} | {g.group} | {low:.0f}-{high:.0f} |" in text, (g, text)
+        deaths = (min(max(0.0, g.deaths - 2.576 * sd), high), min(max(0.0, g.deaths + 2.576 * sd), high))
+        assert f"| {g.grouping} | {g.group} | {low:.0f}-{high:.0f} | {deaths[0]:.0f}-{deaths[1]:.0f} |" in text, g
     assert "a range that starts at 0 cannot tell a small group from an empty one" in text
     assert "| -" not in text
 

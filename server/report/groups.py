@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from common.document import Image, Section, Table
-from common.estimates import CALIBRATION_INTERVAL_COVERAGE, INTERVAL_LEVEL, MIN_SIGNAL
+from common.estimates import CALIBRATION_INTERVAL_COVERAGE, GROUP_READ_MARGIN, INTERVAL_LEVEL, MIN_SIGNAL
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
@@ -25,25 +25,28 @@ def subgroup_section(run: RunFolder) -> Section | None:
     if exact:
         header.append("central no-DP AUROC (exact)")
     least = getattr(test, "subgroup_least", None)
-    # The DP noise's sd on one class's count in a group (the read rule asks MIN_SIGNAL of them):
-    # an unread row shows the 95% range its noisy counts give, so a reader can tell a group that
-    # is small from one that may be empty (a data set may leave "unknown" empty; the coordinator
+    # The DP noise's sd on one class's count in a group: an unread row shows the 99% range
+    # (the metrics' nominal level) its noisy counts give, so a reader can tell a group that is
+    # small from one that may be empty (a data set may leave "unknown" empty; the coordinator
     # cannot know that, and must not be told). A range, not the noisy count: a count below 0 is
-    # an impossible number to show a clinician.
-    count_sd = least / MIN_SIGNAL if least else None
+    # an impossible number to show a clinician. (Run folders from before subgroup_count_sd
+    # read a group at MIN_SIGNAL sds.)
+    count_sd = getattr(test, "subgroup_count_sd", None) or (least / MIN_SIGNAL if least else None)
     rows = []
     for g in test.subgroups:
         m = g.metrics
         if m is None and count_sd is not None:
-            cells = [g.grouping, g.group, _count_range(g.patients, 1.96 * math.sqrt(2) * count_sd),  # two noisy sums
-                     _count_range(g.deaths, 1.96 * count_sd), g.note, "", ""]
+            patients = _count_range(g.patients, Z_99 * math.sqrt(2) * count_sd)  # two noisy sums
+            cells = [g.grouping, g.group, _range_text(patients),
+                     _range_text(_count_range(g.deaths, Z_99 * count_sd, most=patients[1])), g.note, "", ""]
         elif m is None:
             cells = [g.grouping, g.group, "", "", g.note, "", ""]
         else:
             observed = sum(p.observed * p.patients for p in g.calibration)
             predicted = sum(p.predicted * p.patients for p in g.calibration)
             ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"
-            cells = [g.grouping, g.group, round(g.patients), round(g.deaths), m.auroc, m.sensitivity, ratio]
+            cells = [g.grouping, g.group, round(g.patients), round(g.deaths), _with(m.auroc, g, "auroc"),
+                     _with(m.sensitivity, g, "sensitivity"), ratio]
         if exact:
             ref = exact.get((g.grouping, g.group))
             cells.append(ref.metrics.auroc if ref is not None and ref.metrics is not None else None)
@@ -51,9 +54,10 @@ def subgroup_section(run: RunFolder) -> Section | None:
     blocks: list = [
         Table(header, rows),
         "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
-        "patients and deaths are noisy counts (where a row is not read, the 95% range they give: a range that starts "
-        "at 0 cannot tell a small group from an empty one), and a group whose counts are too small for the noise says "
-        "so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
+        "patients and deaths are noisy counts (where a row is not read, the 99% range they give: a range that starts "
+        "at 0 cannot tell a small group from an empty one), a read row's metrics carry their intervals (nominal 99%, "
+        "as the pooled row's), and a group whose counts are too small for the noise says so instead of showing noise "
+        "as a metric (each hospital can see its own groups exactly, and release nothing, "
         "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
         "risk (1: calibrated; below 1: risks too high for the group)."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
@@ -75,9 +79,24 @@ def subgroup_section(run: RunFolder) -> Section | None:
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-def _count_range(noisy: float, spread: float) -> str:
-    """The range of true counts a noisy count leaves (noisy ± spread, never below 0)."""
-    return f"{max(0.0, noisy - spread):.0f}-{max(0.0, noisy + spread):.0f}"
+Z_99 = 2.576  # the normal's 99.5% quantile: a two-sided 99% range
+
+
+def _count_range(noisy: float, spread: float, most: float | None = None) -> tuple[float, float]:
+    """The range of true counts a noisy count leaves: noisy ± spread, never below 0, and
+    never above ``most`` (deaths: the patients' own upper end)."""
+    low, high = max(0.0, noisy - spread), max(0.0, noisy + spread)
+    return (min(low, most), min(high, most)) if most is not None else (low, high)
+
+
+def _range_text(bounds: tuple[float, float]) -> str:
+    return f"{bounds[0]:.0f}-{bounds[1]:.0f}"
+
+
+def _with(value: float, group, metric: str) -> str:
+    """A read group's metric with its interval where the row has one."""
+    found = (group.intervals or {}).get(metric)
+    return f"{value:.3f} ({found[0]:.3f}-{found[1]:.3f})" if found else f"{value:.3f}"
 
 
 # An observed/predicted interval entirely inside this band is a real but small difference
@@ -129,9 +148,13 @@ def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
     split = (1 / cfg.split.folds if cfg.split.folds else cfg.split.test) if cfg else None
     text = (("No group could be read at this run's size. " if none_read else "")
             + f"A group's row is read when its pooled test patients hold at least {least:.0f} deaths and "
-            f"{least:.0f} survivors, as noisy counts (2 sds of the DP noise on a group's count, at this run's noise "
-            "and number of hospitals; the noise on a pooled count grows with the square root of the number of "
-            "hospitals, and falls as evaluation.test_epsilon or evaluation.subgroup_share rise).")
+            f"{least:.0f} survivors, as noisy counts: {MIN_SIGNAL:g} sds of the DP noise on a group's count"
+            + (f", with {GROUP_READ_MARGIN:g} sds to spare, since {len(run.metrics.test.subgroups)} groups ask twice "
+               "as many such questions of one release and a bare 2 sds let noise read some group's row in about "
+               "every other default run" if getattr(run.metrics.test, "subgroup_count_sd", None) else "")
+            + " (at this run's noise and number of hospitals; the noise on a pooled count grows with the square "
+            "root of the number of hospitals, and falls as evaluation.test_epsilon or evaluation.subgroup_share "
+            "rise).")
     if split:
         text += (f" With {split:.0%} of each hospital's stays in its test split (the run's config; a deployed hospital's "
                  f"own policy.split decides its own), that is about {least / split:,.0f} deaths and as many survivors "
