@@ -40,6 +40,7 @@ def init(
     return (
         f"made the hospital folder {folder.path} for {name}: {reg.stays} stays read, delta {delta:g}, "
         f"budget epsilon {max_epsilon:g} (training), {eval_epsilon or max_epsilon:g} (validation, test)\n"
+        + _evaluation_runs(cfg, eval_epsilon or max_epsilon) +
         f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)\n"
         f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)\n"
         f"  what it reads:     {folder.path / 'definition.yaml'} (task and features; `fedgru hospital data` changes it)\n"
@@ -47,6 +48,20 @@ def init(
         f"  ledger and secret: {folder.ledger_file}, {folder.secret_file} (back both up together)\n"
         "  next: review the app, then `fedgru hospital approve --hospital-dir " + str(folder.path) + "`"
     )
+
+
+def _evaluation_runs(cfg: ExperimentConfig, eval_budget: float) -> str:
+    """How many runs of ``cfg`` the validation and test budgets allow: each run spends its
+    val_epsilon and test_epsilon on them, and once spent the hospital refuses every later
+    run that scores them (a new user found this out after a three-round try-out)."""
+    per_run = max(cfg.evaluation.val_epsilon, cfg.evaluation.test_epsilon)
+    if not per_run > 0:
+        return ""
+    runs = int(eval_budget / per_run + 1e-9)
+    return (f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
+            f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {eval_budget:g} allows "
+            + (f"{runs} such run{'' if runs == 1 else 's'}" if runs else "no such run")
+            + "; --eval-epsilon sets it\n")
 
 
 def _counts(c: DeclaredCounts) -> str:

@@ -89,6 +89,7 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
     remaining = {"train": max(0.0, budget - ledger.epsilon(Split.TRAIN)),
                  "val": max(0.0, policy.eval_max_epsilon - ledger.epsilon(Split.VAL)),
                  "test": max(0.0, policy.eval_max_epsilon - ledger.epsilon(Split.TEST))}
+    budgets = {"train": budget, "val": policy.eval_max_epsilon, "test": policy.eval_max_epsilon}
     try:
         node.check_reads_as_defined(cfg)
         check_model_size(cfg, policy)
@@ -107,9 +108,9 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
                                                    "set it true")
         planned.update(check_evaluations(cfg, policy, ledger))
     except PolicyRefusal as exc:
-        return PreflightAnswer(node.name, False, str(exc), remaining=remaining)
+        return PreflightAnswer(node.name, False, str(exc), remaining=remaining, budgets=budgets)
     secure = cfg.privacy.aggregation == "secure"
-    return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining,
+    return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining, budgets,
                            declared_train=declared.train if secure else 0,
                            min_honest=policy.min_honest if secure else 0,
                            max_colluding=policy.max_colluding if secure else 0)

@@ -49,6 +49,7 @@ class PreflightAnswer:
     # each group's epsilon once the run has made every planned release (the ledger's, with the plan)
     planned: dict[str, float] = field(default_factory=dict)
     remaining: dict[str, float] = field(default_factory=dict)  # each group's budget minus its epsilon, before the run
+    budgets: dict[str, float] = field(default_factory=dict)  # each group's budget (policy settings); {} from older apps
     # secure aggregation only: the training count the hospital declares (released with every training
     # reply anyway), so the coordinator can scale the integers of the sum without it wrapping around
     declared_train: int = 0
@@ -73,10 +74,12 @@ class PreflightAnswer:
             noise_multiplier=float(data.get("noise_multiplier", 0.0)), noise_set_by=str(data.get("noise_set_by", ""))[:200],
             planned={str(k): float(v) for k, v in dict(data.get("planned", {})).items() if k in GROUPS},
             remaining={str(k): float(v) for k, v in dict(data.get("remaining", {})).items() if k in GROUPS},
+            budgets={str(k): float(v) for k, v in dict(data.get("budgets", {})).items() if k in GROUPS},
             declared_train=_count(data.get("declared_train", 0)),
             min_honest=_count(data.get("min_honest", 0)), max_colluding=_count(data.get("max_colluding", 0)),
         )
-        numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(), answer.declared_train,
+        numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(),
+                   *answer.budgets.values(), answer.declared_train,
                    answer.min_honest, answer.max_colluding]
         if not all(math.isfinite(v) and v >= -1e-9 for v in numbers):
             raise ValueError("a preflight answer's numbers must be finite and not negative")

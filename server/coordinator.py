@@ -234,7 +234,8 @@ class Coordinator:
         (or ``views``); those that refuse are asked nothing further. True when enough
         hospitals accepted for the run to go on."""
         views = [v for v in self.hospitals.values() if v.active] if views is None else views
-        answers = agree_plan(self.grid, views, self.cfg, self.run_id, min(300.0, self.cfg.strategy.round_timeout_s))
+        answers = agree_plan(self.grid, views, self.cfg, self.run_id, min(300.0, self.cfg.strategy.round_timeout_s),
+                             keep_ledgers=not self.simulated)
         known = {a.hospital for a in answers}
         self.recorder.preflight = [a for a in self.recorder.preflight if a.hospital not in known] + answers
         return self.can_continue()

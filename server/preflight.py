@@ -34,11 +34,12 @@ def plan_message(cfg_json: str, run_id: str) -> RecordDict:
                                                M.SERVER_ROUND: 0})})
 
 
-def agree_plan(grid: Grid, views: list[HospitalView], cfg: ExperimentConfig, run_id: str, timeout: float
-               ) -> list[PreflightAnswer]:
+def agree_plan(grid: Grid, views: list[HospitalView], cfg: ExperimentConfig, run_id: str, timeout: float,
+               keep_ledgers: bool = True) -> list[PreflightAnswer]:
     """Send the run's plan to ``views``' hospitals; mark each accepted (its noise kept) or
     refused (its reason kept); return every answer (a hospital that did not answer gets a
-    refused one, written here)."""
+    refused one, written here). ``keep_ledgers``: the hospitals keep their ledgers after
+    the run (deployed; simulated ones start afresh), so a budget spent stays spent."""
     cfg_json = cfg.to_json()
     messages = [Message(plan_message(cfg_json, run_id), dst_node_id=v.node_id, message_type=MessageType.QUERY)
                 for v in views]
@@ -61,11 +62,11 @@ def agree_plan(grid: Grid, views: list[HospitalView], cfg: ExperimentConfig, run
             log.error("%s refuses the plan: %s", view.name, answer.reason)
     accepted = [answers[v.name] for v in views if answers[v.name].accepted]
     if accepted:
-        log.info("%s", accepted_line(accepted, len(views)))
+        log.info("%s", accepted_line(accepted, len(views), keep_ledgers))
     return [answers[v.name] for v in views]
 
 
-def accepted_line(accepted: list[PreflightAnswer], asked: int) -> str:
+def accepted_line(accepted: list[PreflightAnswer], asked: int, keep_ledgers: bool = True) -> str:
     """One console line for every accepting hospital (each one's numbers are in the
     report's preflight table): the range of their noise multipliers, what set them, and
     the range of their training epsilons after the run."""
@@ -79,7 +80,28 @@ def accepted_line(accepted: list[PreflightAnswer], asked: int) -> str:
     return (f"{len(accepted)} of {asked} hospitals accept the plan: noise multiplier "
             f"{span([a.noise_multiplier for a in accepted], '.3g')} (set by {set_by}), training epsilon after the run "
             f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (of "
-            f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')} budget left before it)")
+            f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')} budget left before it)"
+            + (spent_words(accepted) if keep_ledgers else ""))
+
+
+SPENT = 1e-3  # a budget with less than this left after the run is spent (the report's "less than 0.001 remains")
+
+
+def spent_words(accepted: list[PreflightAnswer]) -> str:
+    """Where the run spends the whole budget of a group of patients that a later run would
+    score again (validation, test): said before anything is spent, since such a hospital
+    refuses every later run that scores them (a new user's try-out of three rounds locked
+    its hospital out of every later run, and nothing said so)."""
+    words = {"val": "validation", "test": "test"}
+    spent = {g: [a.hospital for a in accepted if g in a.budgets and a.budgets[g] - a.planned.get(g, 0.0) < SPENT]
+             for g in words}
+    groups = [g for g in words if spent[g]]
+    if not groups:
+        return ""
+    hospitals = sorted({h for g in groups for h in spent[g]})
+    at = "every hospital" if len(hospitals) == len(accepted) else "hospital(s) " + ", ".join(hospitals)
+    return (f"; it spends the whole {' and '.join(words[g] for g in groups)} patients' budget at {at}, so no later "
+            "run can score them there (each hospital's policy eval_max_epsilon, `hospital init --eval-epsilon`)")
 
 
 def _read(view: HospitalView, reply: Message, dp: bool) -> PreflightAnswer:

@@ -151,3 +151,16 @@ def test_a_fault_drill_that_cannot_run_is_an_error_before_anything_starts(fault,
 
     assert main(["simulate", "--out", str(tmp_path / "run"), "--fault", fault]) == 2
     assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_hospital_init_says_how_many_runs_its_evaluation_budget_allows(hospital_data, tmp_path):
+    """One run spends the config's val_epsilon and test_epsilon for good: with an equal
+    budget a hospital can take part in one run that scores those stays, and init says so."""
+    from client.commands import init
+    from tests.conftest import hospital_cfg
+
+    cfg = hospital_cfg("evaluation.val_epsilon=1.0", "evaluation.test_epsilon=1.0")
+    said = init(tmp_path / "a", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0, cfg=cfg)
+    assert "spends epsilon 1 on validation and 1 on test stays in every run, so 1 allows 1 such run" in said
+    said = init(tmp_path / "b", "b", str(hospital_data[0]), str(hospital_data[1]), 1.0, eval_epsilon=3.0, cfg=cfg)
+    assert "so 3 allows 3 such runs" in said

@@ -395,3 +395,25 @@ def test_a_hostile_answer_with_an_overflowing_number_is_a_refusal_not_a_crash(fi
         RecordDict({M.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=1, message_type=MessageType.QUERY))
     answer = _read(HospitalView("a", 1), forged, dp=True)
     assert not answer.accepted and answer.reason.startswith("its answer to the plan cannot be read")
+
+
+def test_the_console_says_before_anything_is_spent_when_a_run_spends_an_evaluation_budget():
+    """A new user's three-round try-out spent its hospitals' whole validation and test
+    budgets (1 each, the run's val_epsilon and test_epsilon), so every later run that
+    scores them is refused, and nothing said so. The plan line now does, where hospitals
+    keep their ledgers; a simulation (fresh ledgers every run) does not."""
+    from server.preflight import accepted_line
+
+    def answer(name, val_after):
+        return PreflightAnswer(name, True, "", 3.8, "the run's target", {"train": 0.83, "val": val_after, "test": 0.5},
+                               {"train": 1.0, "val": 1.0, "test": 1.0}, {"train": 1.0, "val": 1.0, "test": 1.0})
+
+    both = accepted_line([answer("a", 0.99995), answer("b", 0.99995)], 2)
+    assert "it spends the whole validation patients' budget at every hospital, so no later run can score them" in both
+    one = accepted_line([answer("a", 0.99995), answer("b", 0.4)], 2)
+    assert "budget at hospital(s) a, so" in one and "test" not in one.split("it spends")[1].split(" patients")[0]
+    assert "it spends" not in accepted_line([answer("a", 0.4)], 1)
+    assert "it spends" not in accepted_line([answer("a", 0.99995)], 1, keep_ledgers=False)
+    old = PreflightAnswer("a", True, "", 3.8, "x", {"train": 0.8, "val": 1.0}, {"train": 1.0})  # an app without budgets
+    assert "it spends" not in accepted_line([old], 1)
+    assert PreflightAnswer.from_status(answer("a", 1.0).to_status()).budgets == {"train": 1.0, "val": 1.0, "test": 1.0}

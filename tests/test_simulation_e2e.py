@@ -308,7 +308,7 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
     for name, h in privacy["hospitals"].items():
         assert name in text
         assert f"{h['epsilon_rdp']:.3f}" in text and f"{h['epsilon_prv']:.3f}" in text
-        assert f"For every patient of hospital {name}" in text
+        assert f"For every ICU stay of hospital {name}" in text
     test = metrics["test"]
     if "auroc" in test["intervals"].get("pooled", {}):  # a number only with its interval
         assert f"{test['pooled']['auroc']:.3f}" in text and f"{test['intervals']['pooled']['auroc'][0]:.3f}" in text

@@ -15,13 +15,16 @@ from .run_folder import RunFolder
 
 GROUP_WORDS = {
     "train": ("training", "the model updates of every round"),
-    "val": ("validation", "noisy score histograms"),
-    "test": ("test", "noisy score histograms"),
+    "val": ("validation", "noisy score histograms: overall, per hour and of the monitor's onset"),
+    "test": ("test", "the noisy score histogram, the per-group histograms and the inputs' importance"),
 }
 
 
-def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str:
-    """The plain-language paragraph a hospital's privacy officer can sign."""
+def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budgets: dict[str, float] | None = None
+                      ) -> str:
+    """The plain-language paragraph a hospital's privacy officer can sign. ``budgets``:
+    each group's budget, from the hospital's preflight answer (None: only the training
+    patients' is known)."""
     if not privacy.dp_enabled:
         return (
             f"For the patients of hospital {name}: this run trained without differential privacy, so the "
@@ -34,7 +37,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
             f"{h.state.words}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
         )
     delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
-    scope = "during this run" + (f" and the {len(h.earlier_runs)} earlier run(s) in its ledger" if h.earlier_runs else "")
+    scope = "this run" + (f" and the {len(h.earlier_runs)} earlier run(s)" if h.earlier_runs else "")
     groups = []
     for split, g in h.groups.items():
         label, what = GROUP_WORDS[split]
@@ -43,30 +46,58 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy) -> str
                   f"the coordinator: epsilon {format_number(g.epsilon_alone)}" if g.epsilon_alone is not None
                   else f"{other} accounting: epsilon {format_number(other_eps)}")
         groups.append(
-            f"its {label} patients ({what}, {g.releases} {'release' if g.releases == 1 else 'releases'}): "
+            f"its {label} stays ({what}; {g.releases} {'release' if g.releases == 1 else 'releases'}): "
             f"({format_number(g.epsilon)}, {delta:.0e})-DP "
             f"({second})"
         )
-    worst = max(g.epsilon for g in h.groups.values())
+    worst_split, worst = max(((split, g.epsilon) for split, g in h.groups.items()), key=lambda item: item[1])
     exact = "" if privacy.evaluation_dp else (
         " In this run the score histograms were exact (a comparison simulation): they carry no DP guarantee."
     )
-    left = (f"{format_number(h.remaining)} remains" if h.remaining is None or h.remaining >= 0.0005
-            else "it is spent (less than 0.001 remains)")
-    budget_text = f" The training patients' budget is epsilon = {format_number(h.budget)}; {left}." if h.budget else ""
     return (
-        f"For every patient of hospital {name}, everything {name} released about that patient {scope} satisfies "
-        f"differential privacy ({h.accountant.upper()} accounting), group by group: " + "; ".join(groups) + ". "
+        f"For every ICU stay of hospital {name} (the unit of this guarantee is one stay, one example of the data "
+        f"set; patients with several stays are below), everything {name} released about that stay, over its whole "
+        f"ledger ({scope}), satisfies differential privacy ({h.accountant.upper()} accounting), group by group: "
+        + "; ".join(groups) + ". "
+        + ("A release counts once per item sent: one evaluation of the model sends several (policy "
+           "max_evaluations_per_run counts evaluations, not releases). " if len(groups) > 1 else "")
         + ("Each stay is in one of these groups only (its split is fixed by a keyed hash of its id), so a stay's "
            "epsilon is that of its group and the groups' epsilons do not add up for it, as long as the hospital's "
-           "split settings (policy.split) stay as they were; a patient with several stays in different groups "
-           "carries the sum of those groups' epsilons. " if len(groups) > 1 else "")
-        + f"In plain words: whether or not any one patient's record was used, the probability of anything an "
-        f"outsider can observe changes by at most a factor of {math.exp(worst):.2f} (e to the power epsilon), "
-        f"except with probability {delta:.0e}. Released without DP, and about no single patient: the hospital's "
-        "name, the number of stays in each split, and the settings and list of its releases (its ledger)."
-        + exact + budget_text
+           "split settings (policy.split) stay as they were. " if len(groups) > 1 else "")
+        + "A patient with several stays is protected as a group of stays: k stays in one group at up to k times "
+          "that group's epsilon (with delta growing to k e^((k-1) epsilon) times delta: group privacy, Dwork & Roth "
+          "2014, Thm 2.2 and its delta form), and stays in different groups at the sum of those groups' epsilons. "
+        + f"In plain words, for the {GROUP_WORDS[worst_split][0]} stays (epsilon {format_number(worst)}, the largest "
+        f"here; each group's factor is e to its own epsilon): whether or not any one stay's record was used, the "
+        f"probability of any outcome an outsider can observe is at most {math.exp(worst):.2f} times (e to the power "
+        f"epsilon) what it would be otherwise, plus {delta:.0e} (delta). Released without DP, and about no single "
+        "stay: the hospital's name, the number of stays in each split, and the settings and list of its releases "
+        "(its ledger)."
+        + exact + budget_words(h, budgets)
     )
+
+
+def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
+    """Each group's budget and what remains after this run; a spent validation or test
+    budget means a later run that scores those stays will be refused."""
+    known = {"train": h.budget, **{g: v for g, v in (budgets or {}).items() if g != "train"}}
+    parts, spent = [], []
+    for split, budget in known.items():
+        g = h.groups.get(split)
+        if not budget or g is None:
+            continue
+        left = budget - g.epsilon if split != "train" or h.remaining is None else h.remaining
+        words = f"{format_number(left)} remains" if left >= 0.0005 else "spent (less than 0.001 remains)"
+        parts.append(f"{GROUP_WORDS[split][0]} epsilon = {format_number(budget)}, {words}")
+        if left < 0.0005 and split != "train":
+            spent.append(GROUP_WORDS[split][0])
+    if not parts:
+        return ""
+    text = " Budgets: " + "; ".join(parts) + "."
+    if spent:
+        text += (f" With the {' and '.join(spent)} budget spent, the hospital refuses any later run that scores those "
+                 "stays, until its privacy officer raises its policy's eval_max_epsilon.")
+    return text
 
 
 # What "RDP" and "PRV" in the tables mean, for a reader who has not met the accountants.
@@ -125,7 +156,8 @@ def privacy_sections(run: RunFolder) -> list[Section]:
     ]))
     statements = Section("Statements for each hospital's privacy officer")
     for name, h in sorted(privacy.hospitals.items()):
-        statements.blocks.append(Statement(officer_statement(name, h, privacy)))
+        answer = next((a for a in (run.metrics.preflight or []) if a.hospital == name), None)
+        statements.blocks.append(Statement(officer_statement(name, h, privacy, answer.budgets if answer else None)))
     statements.blocks.append(RNG_NOTE)
     sections.append(statements)
     return sections
