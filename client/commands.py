@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,19 +29,38 @@ def init(
     label_column: str = "", device: str = "auto", cfg: ExperimentConfig | None = None,
 ) -> str:
     """Create the folder: read the export once by the federation's task and features (it
-    must load, and delta is set below 1/n), keep its tensors, declare its split sizes."""
+    must load, and delta is set below 1/n), keep its tensors, declare its split sizes.
+    Options are checked before anything is written, and a folder that fails half-way is
+    removed again (a retry found "already holds a hospital folder")."""
+    for flag, value in (("--max-epsilon", max_epsilon), ("--eval-epsilon", eval_epsilon)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise FolderError(f"{flag} {value:g}: a budget must be a positive number")
     cfg = cfg or load_config()
     definition = DataDefinition.of(cfg)
     source = DataSource(str(Path(data).expanduser().resolve()), str(Path(outcomes).expanduser().resolve()),
                         data_format, id_column or cfg.data.id_column, label_column or cfg.task.label_column)
     ds = read_export(Path(source.path), Path(source.outcomes), data_format, source.id_column,
                      replace(definition.task, label_column=source.label_column), definition.features)
+    if delta is not None and not 0 < delta < 1 / len(ds):
+        # at delta >= 1/n a mechanism that publishes one stay's record whole (each with probability delta) passes
+        raise FolderError(f"--delta {delta:g} must be below 1/n = {1 / len(ds):.2g} for the {len(ds)} stays read: at "
+                          f"1/n or above, the guarantee allows publishing a stay whole (default {auto_delta(len(ds)):g})")
     delta = delta if delta is not None else auto_delta(len(ds))
-    folder = init_folder(out, name, source, default_policy(max_epsilon, delta, eval_epsilon or max_epsilon), device)
-    reg = exports.register(folder, source, definition, ds=ds)
+    existed = out.exists()
+    try:
+        folder = init_folder(out, name, source, default_policy(max_epsilon, delta, eval_epsilon or max_epsilon), device)
+        reg = exports.register(folder, source, definition, ds=ds)
+    except BaseException:
+        if not existed:  # leave nothing half-made behind: the retry would refuse it
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    loose = max(max_epsilon, eval_epsilon or 0.0)
     return (
         f"made the hospital folder {folder.path} for {name}: {reg.stays} stays read, delta {delta:g}, "
         f"budget epsilon {max_epsilon:g} (training), {eval_epsilon or max_epsilon:g} (validation, test)\n"
+        + (f"  note: a budget of epsilon {loose:g} lets the odds of any outcome move by a factor up to e^{loose:g} = "
+           f"{math.exp(loose):.3g} for one stay; above about 10 the guarantee says little (common budgets are 1 to "
+           "8)\n" if loose > 10 else "")
         + _evaluation_runs(cfg, eval_epsilon or max_epsilon) +
         f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)\n"
         f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)\n"

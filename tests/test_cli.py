@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -164,3 +165,24 @@ def test_hospital_init_says_how_many_runs_its_evaluation_budget_allows(hospital_
     assert "spends epsilon 1 on validation and 1 on test stays in every run, so 1 allows 1 such run" in said
     said = init(tmp_path / "b", "b", str(hospital_data[0]), str(hospital_data[1]), 1.0, eval_epsilon=3.0, cfg=cfg)
     assert "so 3 allows 3 such runs" in said
+
+
+@pytest.mark.parametrize("extra,said", [({"max_epsilon": 0.0}, "--max-epsilon 0: a budget must be a positive number"),
+                                        ({"delta": 0.5}, "--delta 0.5 must be below 1/n"),
+                                        ({"name": "bad name"}, "hospital name 'bad name'")])
+def test_hospital_init_refuses_bad_options_and_leaves_no_half_made_folder(hospital_data, tmp_path, extra, said):
+    """A new user's --max-epsilon 0 left keys and a policy behind, named a file they never
+    wrote, and blocked the retry ("already holds a hospital folder"); --delta 0.5 was
+    accepted without a word. Now each is an error naming the option, nothing is left, and
+    the retry with good options works."""
+    from client.commands import init
+    from client.folder import FolderError
+    from tests.conftest import hospital_cfg
+
+    args = {"name": "a", "max_epsilon": 1.0, **extra}
+    with pytest.raises(FolderError, match=re.escape(said)):
+        init(tmp_path / "h", args["name"], str(hospital_data[0]), str(hospital_data[1]), args["max_epsilon"],
+             delta=args.get("delta"), cfg=hospital_cfg())
+    assert not (tmp_path / "h").exists()
+    assert "made the hospital folder" in init(tmp_path / "h", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0,
+                                              cfg=hospital_cfg())
