@@ -137,8 +137,35 @@ def approve(folder_path: Path, project: Path | None, note: str) -> str:
 
     folder = HospitalFolder(folder_path)
     digest = app_hash(project)
-    folder.approve(digest, note)
-    return f"{folder.name} approves app {digest} ({project or 'the installed fedgru'})"
+    version = app_version(project)
+    new = folder.approve(digest, f"[{version}] {note}".strip())
+    return (f"{folder.name} approves app {digest} ({version}, {project or 'the installed fedgru'})"
+            + ("" if new else "; it was approved before: this approval is recorded beside the earlier one")
+            + ("" if note else "; no --note: who approved it and why is worth recording"))
+
+
+def app_version(project: Path | None) -> str:
+    """What a reviewer can check an app hash against: the project's version and, where it is
+    a git checkout, its commit (the hash alone names no version a person can look up)."""
+    import subprocess
+    import tomllib
+
+    from common.paths import project_root
+
+    root = project or project_root()
+    try:
+        version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        version = "?"
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        if commit and subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip():
+            commit += " with uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"fedgru {version}" + (f", git {commit}" if commit else "")
 
 
 def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
@@ -220,5 +247,6 @@ def show(folder_path: Path, as_json: bool = False) -> str:
         lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds" + (
             f" ({r['secure_rounds']} by secure aggregation)" if r["secure_rounds"] else "")
             + f", {r['steps']} steps, {r['releases']} releases")
-    lines.append(f"approved app versions: {len(approved)}" + "".join(f"\n  {h}" for h in approved))
+    lines.append(f"approved app versions: {len(approved)} (each approval: sha256, when, [version] note)"
+                 + "".join(f"\n  {line}" for line in folder.approvals()))
     return "\n".join(lines)

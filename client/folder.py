@@ -199,12 +199,21 @@ class HospitalFolder:
             return set()
         return {line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
 
-    def approve(self, fab_hash: str, note: str) -> None:
+    def approvals(self) -> list[str]:
+        """Every approval line: the app's sha256, when, and the note (version, who, why)."""
+        path = self.path / APPROVED_FILE
+        return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")] \
+            if path.is_file() else []
+
+    def approve(self, fab_hash: str, note: str) -> bool:
+        """Record an approval: one line per approval, so a second one (with the reviewer's
+        note, say) is kept beside the first as the audit trail. True: the version was new."""
         path = self.path / APPROVED_FILE
         lines = path.read_text() if path.is_file() else "# sha256 of each approved app version (FAB), when, and a note\n"
-        if fab_hash not in self.approved():
-            lines += f"{fab_hash} {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {note}\n"
+        new = fab_hash not in self.approved()
+        lines += f"{fab_hash} {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(note.split())}\n"
         atomic_write_text(path, lines)
+        return new
 
 
 def split_of(stay_ids: list[str], key: bytes, fractions: SplitFractions) -> list[Split]:

@@ -186,3 +186,21 @@ def test_hospital_init_refuses_bad_options_and_leaves_no_half_made_folder(hospit
     assert not (tmp_path / "h").exists()
     assert "made the hospital folder" in init(tmp_path / "h", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0,
                                               cfg=hospital_cfg())
+
+
+def test_a_second_approval_with_a_note_is_kept_beside_the_first_and_names_the_version(hospital_data, tmp_path):
+    """A new user's second `hospital approve --note ...` printed the same line and kept only
+    the first, empty note; and nothing said which version a hash was."""
+    from client.commands import approve, show
+    from tests.conftest import ROOT, make_hospital
+
+    folder = make_hospital(tmp_path, *hospital_data)
+    first = approve(folder, ROOT, "")
+    assert "fedgru 0." in first and "no --note" in first
+    second = approve(folder, ROOT, "J. Doe,  privacy office")
+    assert "approved before: this approval is recorded beside the earlier one" in second
+    lines = [line for line in (folder / "approved-apps.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 and lines[0].split()[0] == lines[1].split()[0]
+    assert lines[1].endswith("] J. Doe, privacy office") and "[fedgru 0." in lines[1]
+    shown = show(folder)
+    assert "approved app versions: 1" in shown and "J. Doe, privacy office" in shown
