@@ -242,6 +242,7 @@ def cmd_status(args) -> int:
     import os
     import subprocess
 
+    _check_connection(args.federation)
     settings = " ".join(args.overrides)
     config = f'status=true rounds={args.rounds or 0} set="{settings}"' + (
         f' config-file="{Path(args.config).resolve()}"' if args.config else "")
@@ -249,6 +250,27 @@ def cmd_status(args) -> int:
     command = [str(Path(sys.executable).parent / "flwr"), "run", str(Path(args.app).resolve() if args.app else project_root()),
                args.federation, "--stream", "--run-config", config]
     return subprocess.run(command, env=env).returncode
+
+
+def _check_connection(name: str) -> None:
+    """The Flower CLI's connection ``name`` must exist before ``flwr run`` is called: without
+    it, Flower writes a default ~/.flwr/config.toml and prints its own boxed error, which
+    says nothing of where a fedgru connection comes from."""
+    import os
+    import tomllib
+
+    path = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / "config.toml"
+    try:
+        connections = tomllib.loads(path.read_text()).get("superlink", {})
+    except FileNotFoundError:
+        connections = {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    if name not in connections:
+        raise ConfigError(
+            f"no Flower connection named '{name}' in {path}: `fedgru deploy init` writes one to its flwr-config.toml; "
+            f"append that file there (mkdir -p {path.parent} && cat OUT/flwr-config.toml >> {path}), or name another "
+            "with --federation (docs/deployment.md)")
 
 
 def cmd_audit(args) -> int:

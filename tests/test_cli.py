@@ -204,3 +204,19 @@ def test_a_second_approval_with_a_note_is_kept_beside_the_first_and_names_the_ve
     assert lines[1].endswith("] J. Doe, privacy office") and "[fedgru 0." in lines[1]
     shown = show(folder)
     assert "approved app versions: 1" in shown and "J. Doe, privacy office" in shown
+
+
+def test_status_without_the_federations_connection_says_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    """A new user's `fedgru status` let Flower write a default ~/.flwr/config.toml and print
+    its own boxed error; now fedgru says which file lacks the connection and how to add it,
+    and writes nothing."""
+    from fedgru.cli import _check_connection, main
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "no Flower connection named 'fedgru'" in err and "flwr-config.toml" in err
+    assert not (tmp_path / "flwr").exists()
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text('[superlink.fedgru]\naddress = "127.0.0.1:9093"\n')
+    _check_connection("fedgru")  # present: flwr run is called
