@@ -83,9 +83,23 @@ SECURE_INTERVAL_COVERAGE = ("measured on the models of 10 secure-aggregation run
                             "Brier 30, min(Se,PPV) 28 of 30 releases")
 
 
-def interval_coverage(aggregation: str) -> str:
-    """The measured coverage of the intervals of a run with ``privacy.aggregation``."""
-    return SECURE_INTERVAL_COVERAGE if aggregation == "secure" else INTERVAL_COVERAGE
+# The setting both coverage measurements ran at: test patients, hospitals, test epsilon
+MEASURED_SETTING = (800, 4, 1.0)
+
+
+def interval_coverage(aggregation: str, patients: int | None = None, hospitals: int | None = None,
+                      test_epsilon: float | None = None) -> str:
+    """The measured coverage of the intervals of a run with ``privacy.aggregation``; with
+    this run's setting, a word where it is not the measured one (a deployed run of 2
+    hospitals printed "800 test patients, 4 hospitals" as if they were its own)."""
+    text = SECURE_INTERVAL_COVERAGE if aggregation == "secure" else INTERVAL_COVERAGE
+    n, k, eps = MEASURED_SETTING
+    if patients is None or hospitals is None or test_epsilon is None:
+        return text
+    if abs(patients - n) > 0.1 * n or hospitals != k or abs(test_epsilon - eps) > 1e-9:
+        text += (f" (this run: {patients} test patients, {hospitals} hospitals, test epsilon {test_epsilon:g}; its "
+                 "coverage was not measured and may differ)")
+    return text
 
 
 def _cdf(z: np.ndarray) -> np.ndarray:

@@ -222,12 +222,13 @@ def _deploy_local(args) -> int:
     if result.run_dir is None or result.run_exit_code != 0:
         raise ConfigError(f"the deployed run did not finish (exit code {result.run_exit_code}); its logs are in "
                           f"{Path(args.out) / 'logs'}")
-    print(f"run folder: {result.run_dir}")
     summary = result.run_dir / "report.md"
-    if summary.is_file():
+    if summary.is_file():  # its first line names the run folder
         from server.report import RunFolder, summary_text
 
         print(summary_text(RunFolder.load(result.run_dir)))
+    else:
+        print(f"Run folder: {result.run_dir}")
     for name, shown in result.hospitals.items():
         groups = shown.get("groups", {})
         spent = ", ".join(f"{g} {v['epsilon']:.3f} of {v['budget']:g}" for g, v in groups.items())

@@ -42,6 +42,11 @@ def test_the_scenario_trains_every_round_and_stops_every_process(deployed):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and not any(r["skipped"] for r in metrics["rounds"])
     assert all(a["accepted"] and a["noise_set_by"] == "its per-round ceiling" for a in metrics["preflight"])
     assert metrics["test"] is not None and (run_dir / "model.pt").is_file()
+    # the report describes a deployment, not the simulation its config could also run
+    report = (run_dir / "report.md").read_text()
+    assert "Data: each hospital's own export" in report and "partition `" not in report
+    assert "the SuperLink and the hospitals' SuperNodes" in report and "budget at most" in report
+    assert proc.stdout.lower().count("run folder:") == 1
     assert "2 hospital(s) connected, 2 accept this plan" in proc.stderr  # fedgru status, before the run
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes still running: {left}"

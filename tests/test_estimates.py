@@ -581,3 +581,13 @@ def test_a_group_is_read_only_with_a_margin_for_its_many_questions_and_then_with
     assert large.metrics is not None and set(large.intervals) >= {"auroc", "sensitivity"}
     low, high = large.intervals["auroc"]
     assert low <= large.metrics.auroc <= high
+
+
+def test_the_measured_coverage_says_when_a_run_is_not_the_setting_it_was_measured_at():
+    from common.estimates import INTERVAL_COVERAGE, interval_coverage
+
+    assert interval_coverage("per_hospital", 800, 4, 1.0) == INTERVAL_COVERAGE
+    assert interval_coverage("per_hospital", 790, 4, 1.0) == INTERVAL_COVERAGE  # within a tenth of the patients
+    other = interval_coverage("per_hospital", 772, 2, 1.0)
+    assert other.startswith(INTERVAL_COVERAGE) and "(this run: 772 test patients, 2 hospitals, test epsilon 1; its" in other
+    assert "this run" in interval_coverage("per_hospital", 800, 4, 2.0)

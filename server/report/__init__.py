@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from common.document import Image, Section, Table, markdown, to_html
-from common.estimates import INTERVAL_LEVEL, interval_coverage
+from common.estimates import INTERVAL_LEVEL
 from common.messages import Split
 from common.metrics import format_metrics, format_number
 
@@ -32,6 +32,7 @@ from .run_folder import RunFolder
 from .sections import (
     PHYSIONET_CITATION,
     baseline_section,
+    coverage_words,
     data_section,
     not_evaluated_section,
     settings_section,
@@ -47,11 +48,12 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     intro = Section("Run", [f"Run `{metrics.run_id}`, folder `{run.path}`."])
     if metrics.wall_seconds is not None:
         intro.blocks.append(f"Wall time: {metrics.wall_seconds:.1f} s for {len(metrics.rounds)} rounds, from the "
-                            "coordinator's start to its results (starting the federation itself, Ray and Flower in a "
-                            "simulation, is not counted).")
+                            "coordinator's start to its results (starting the federation itself is not counted: "
+                            + ("Ray and Flower in a simulation)." if run.partition is not None else
+                               "the SuperLink and the hospitals' SuperNodes)."))
     sections = [intro]
     if cfg is not None:
-        sections.append(settings_section(cfg, run.privacy, run.metrics.start))
+        sections.append(settings_section(cfg, run.privacy, run.metrics.start, simulated=run.partition is not None))
     if run.partition and run.partition.hospitals:
         rows = run.partition.hospitals
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
@@ -120,9 +122,8 @@ def summary_text(run: RunFolder) -> str:
         lines.append(f"Pooled test ({read}; flagged at risk >= {test.threshold:.3f}): "
                      f"{format_metrics(test.pooled, test.intervals.get('pooled'), dp)}")
         if dp and test.intervals.get("pooled"):
-            aggregation = run.config.privacy.aggregation if run.config is not None else ""
             lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; "
-                         f"{interval_coverage(aggregation)}")
+                         f"{coverage_words(run)}")
     elif test is not None:
         lines.append("Pooled test: no hospital's test release could be read (each hospital's state is in the report)")
     if test is not None and test.exact is not None:

@@ -40,21 +40,28 @@ ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metri
 }
 
 
-def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None) -> Section:
+def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None,
+                     simulated: bool = True) -> Section:
+    """The run's settings. ``simulated``: the run partitioned the config's data itself; a
+    deployed run's hospitals read their own data by their own definitions and budgets."""
     task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
     sigma = (
         f"noise multiplier {pr.noise_multiplier}" if pr.noise_multiplier > 0
         else f"target epsilon {pr.target_epsilon} for the planned run (sigma calibrated once)"
     )
     dp = (
-        f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta {pr.delta}, budget {pr.max_epsilon} per hospital, "
-        f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
+        f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta {pr.delta}, "
+        + (f"budget {pr.max_epsilon} per hospital, " if simulated else
+           f"budget at most {pr.max_epsilon} per hospital (each hospital's own policy sets its own, and its delta), ")
+        + f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
     )
     return Section("Settings", [Bullets([
         f"Task: `{task.label_column}`, classes {', '.join(task.classes)}",
-        f"Data: `{cfg.data.path}` ({cfg.data.format}"
-        + ("" if Path(cfg.data.path).is_absolute() else "; the path is relative to the project folder")
-        + f"); partition `{cfg.partition.scheme}`",
+        (f"Data: `{cfg.data.path}` ({cfg.data.format}"
+         + ("" if Path(cfg.data.path).is_absolute() else "; the path is relative to the project folder")
+         + f"); partition `{cfg.partition.scheme}`" if simulated else
+         "Data: each hospital's own export, read by its own data definition (`fedgru hospital data`); the "
+         "coordinator never sees it, and the config's data path and partition are not used"),
         "Model: " + (f"one GRU per variable ({md.architecture}), hidden size "
                       if md.architecture == "per_variable" else f"{md.architecture} GRU, hidden size ")
         + " then ".join(str(h) for h in md.gru_hidden) + ", "
@@ -82,6 +89,18 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
 def is_secure(run: RunFolder) -> bool:
     """The run used secure aggregation: its evaluation releases are sums over hospitals."""
     return run.config is not None and run.config.privacy.enabled and run.config.privacy.aggregation == "secure"
+
+
+def coverage_words(run: RunFolder) -> str:
+    """The intervals' measured coverage for this run's mode, and whether this run is the
+    setting it was measured at (its test patients, hospitals that released a test histogram,
+    test epsilon)."""
+    cfg, test, privacy = run.config, run.metrics.test, run.privacy
+    aggregation = cfg.privacy.aggregation if cfg is not None else ""
+    if cfg is None or test is None or test.pooled is None or privacy is None:
+        return interval_coverage(aggregation)
+    hospitals = sum(1 for h in privacy.hospitals.values() if (g := h.groups.get("test")) is not None and g.this_run)
+    return interval_coverage(aggregation, test.pooled.n, hospitals, cfg.evaluation.test_epsilon)
 
 
 def test_results_section(run: RunFolder) -> Section | None:
@@ -115,7 +134,7 @@ def test_results_section(run: RunFolder) -> Section | None:
     intervals = (
         f"Each value read from the DP releases is followed by its rough interval (nominal {INTERVAL_LEVEL:.0%}): how "
         "far it may be from what these test patients' exact scores give, for the DP noise and the reading (a "
-        f"parametric bootstrap of the release; {interval_coverage('secure' if secure else 'per_hospital')}). A value on other patients differs by their own "
+        f"parametric bootstrap of the release; {coverage_words(run)}). A value on other patients differs by their own "
         "sampling error on top. A row the noise drowns shows no number. " if dp else ""
     )
     if dp and not secure and any(test.intervals.get(n) for n in test.hospitals):
