@@ -94,12 +94,17 @@ class Gate:
     def serve(self, max_tasks: int | None = None) -> None:
         """Take tasks until ``max_tasks`` were started (for ever by default), then wait for
         the ones still running."""
-        log.info("%s: ready: serving app %s… for the SuperNode at %s", self.folder.name, self.installed[:16], self.address)
-        started = 0
+        # "ready" before the SuperNode answered read as connected while Flower retried for ever
+        log.info("%s: app %s… loaded; waiting for the SuperNode at %s (flower-supernode must run there; until it "
+                 "answers, Flower retries and warns)", self.folder.name, self.installed[:16], self.address)
+        started, connected = 0, False
         while max_tasks is None or started < max_tasks:
             self.reap()
             if len(self.children) < self.max_parallel:
                 res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                if not connected:
+                    connected = True
+                    log.info("%s: connected to the SuperNode at %s: serving its tasks", self.folder.name, self.address)
                 if res.HasField("task") and res.token:
                     self._start_child(res.token)
                     started += 1
