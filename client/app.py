@@ -97,8 +97,10 @@ def answer_query(msg: Message, context: Context, simulation: ExperimentConfig | 
                        reply_to=msg)
     if M.PREFLIGHT in msg.content.config_records.get(M.CONFIG, {}):
         answer = answer_plan(experiment_of(msg), node)
-        log.log(logging.INFO if answer.accepted else logging.ERROR, "%s %s the plan of run %s%s", node.name,
-                "accepts" if answer.accepted else "refuses", msg.content[M.CONFIG].get(M.RUN_ID, "?"),
+        run = str(msg.content[M.CONFIG].get(M.RUN_ID, "?"))
+        log.log(logging.INFO if answer.accepted else logging.ERROR, "%s %s the plan of %s%s", node.name,
+                "accepts" if answer.accepted else "refuses",
+                "the coordinator's status check (nothing is run)" if run == "status" else f"run {run}",
                 f": {answer.reason}" if answer.reason else f" (noise multiplier {answer.noise_multiplier:.3g}, "
                 f"set by {answer.noise_set_by})")
         return Message(RecordDict({M.STATUS: ConfigRecord({**answer.to_status(), M.MODE: node.mode.value})}),
@@ -247,6 +249,11 @@ def answer_evaluate(msg: Message, context: Context, simulation: ExperimentConfig
                 raise AfterReading() from exc
             for release in evaluations:
                 ledger.record(replace(release.entry, data=data.export))
+            # the hospital's own log names every release, as it does each training round's
+            splits = sorted({r.entry.split for r in evaluations}, key=lambda s: s.value)
+            log.info("%s round %d: evaluation released: %s; epsilon now %s", req.node.name, req.server_round,
+                     ", ".join(f"{r.entry.split.value} {r.entry.item.value}" for r in evaluations),
+                     ", ".join(f"{s.value} {ledger.epsilon(s):.3f}" for s in splits))
     not_evaluated = {M.NOT_EVALUATED: "\n".join(declined)} if declined else {}
     return _reply(req, ReplyState.EVALUATED, ledger, content, **not_evaluated)
 
