@@ -394,3 +394,24 @@ def test_the_fast_long_csv_loop_equals_the_reference_on_odd_and_interleaved_line
         for a, b in zip(fast, ref):
             _same_stay(a, b)
         assert fast_summary == ref_summary
+
+
+def test_a_cached_dataset_names_the_path_this_run_read_not_the_one_that_filled_the_cache(hospital_data, tmp_path,
+                                                                                       monkeypatch):
+    """Two checkouts read the same files by two paths and share one cache entry: a new
+    user's partition.json named the other checkout's path."""
+    import shutil
+
+    from common.config import load_config
+    from common.data.dataset import load_dataset
+
+    monkeypatch.setenv("FEDGRU_CACHE", str(tmp_path / "cache"))
+    folder, outcomes = hospital_data
+    first, second = tmp_path / "one" / "set-a", tmp_path / "two" / "set-a"
+    for copy in (first, second):
+        shutil.copytree(folder, copy)
+    for path in (first, second):
+        cfg = load_config(None, [f"data.path={path}", f"data.outcomes={outcomes}", "data.max_stays=0"])
+        ds = load_dataset(cfg)
+        assert ds.summary.data == str(path), (ds.summary.data, path)
+    assert len(list((tmp_path / "cache").glob("dataset-*.npz"))) == 1  # one entry, both reads

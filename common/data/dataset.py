@@ -258,9 +258,15 @@ def load_dataset(
     path = cache_dir() / f"dataset-{key}.npz"
     if path.is_file():
         try:
-            return _load_npz(path, fingerprint)
+            ds = _load_npz(path, fingerprint)
         except (OSError, ValueError, KeyError):  # TypedDataError is a ValueError
             pass  # a damaged cache is rebuilt below
+        else:
+            # the same files read from another path (another checkout) share the entry: the
+            # summary names the path this run read, not the one that filled the cache
+            if ds.summary is not None:
+                ds.summary.data, ds.summary.outcomes = str(dpath), (str(opath) if opath is not None else None)
+            return ds
     ds = read_source(dpath, opath, data, cfg.features, cfg.task)
     ds.fingerprint = fingerprint
     _save_npz(ds, path)
