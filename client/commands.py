@@ -17,6 +17,7 @@ from common.definition import DataDefinition
 from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
 from common.metrics import format_number
 from common.signatures import public_key_of
+from common.version import app_version
 
 from . import export as exports
 from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder, write_settings
@@ -143,29 +144,6 @@ def approve(folder_path: Path, project: Path | None, note: str) -> str:
             + ("" if new else "; it was approved before: this approval is recorded beside the earlier one")
             + ("" if note else "; no --note: who approved it and why is worth recording"))
 
-
-def app_version(project: Path | None) -> str:
-    """What a reviewer can check an app hash against: the project's version and, where it is
-    a git checkout, its commit (the hash alone names no version a person can look up)."""
-    import subprocess
-    import tomllib
-
-    from common.paths import project_root
-
-    root = project or project_root()
-    try:
-        version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        version = "?"
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        if commit and subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip():
-            commit += " with uncommitted changes"
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"fedgru {version}" + (f", git {commit}" if commit else "")
 
 
 def add_peer(folder_path: Path, name: str, key_file: Path) -> str:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from common.messages import HOSPITAL_NAME_RULE, is_hospital_name
+from common.version import app_version
 
 from .keys import make_ca, make_server_cert
 
@@ -38,10 +39,18 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
     ``hospitals``: name -> the public key file (``<name>.pub``) that hospital sent."""
     if not hospitals:
         raise ValueError("give at least one hospital and its public key")
+    seen: dict[str, str] = {}
     for name, key in hospitals.items():
         _valid_name(name)
-        if not key.is_file() or not key.read_text().startswith("ecdsa-sha2-"):
+        if not key.is_file():
+            raise ValueError(f"{key}: not found (hospital {name}'s public key, the <name>.pub its staff sent)")
+        text = key.read_text()
+        if not text.startswith("ecdsa-sha2-"):
             raise ValueError(f"{key}: not the OpenSSH public key `fedgru hospital init` writes (<name>.pub)")
+        material = " ".join(text.split()[:2])
+        if material in seen:  # one hospital under two names would be counted twice towards min_honest
+            raise ValueError(f"{key}: the same public key as hospital {seen[material]}'s; each hospital has its own")
+        seen[material] = name
     if (out / "ca.key").exists():
         raise ValueError(f"{out} already holds a federation (ca.key); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -55,8 +64,19 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         f'# Appended to ~/.flwr/config.toml (or $FLWR_HOME/config.toml) on the researcher\'s machine: see COMMANDS.md.\n'
         f'[superlink.{CONNECTION}]\naddress = "{host}:{port}"\nroot-certificates = "{ca}"\n'
     )
+    version = app_version(None)
     lines = [
         "# Commands for this federation",
+        "",
+        "Three roles: the coordinator (runs the SuperLink), each hospital (its SuperNode and",
+        "`fedgru hospital serve`), and the researcher (starts runs with the Flower CLI; often the",
+        "coordinator's own staff, on the coordinator's machine). Every side installs the same",
+        f"reviewed app version ({version}) from a checkout of it:",
+        "",
+        "    python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e .",
+        "",
+        "`/srv/fedgru/<name>` below stands for wherever that hospital keeps the folder",
+        "`fedgru hospital init` made.",
         "",
         "## Coordinator: start the SuperLink (TLS on, only registered hospitals admitted, state kept on disk)",
         "",
@@ -65,8 +85,9 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         f"        --enable-supernode-auth --database {out / 'superlink.db'} \\",
         f"        --host 0.0.0.0 --port {port} --disable-runtime-dependency-installation",
         "",
-        "Note its process id (`echo $!` after starting it with `&`, or your service manager's); stop it with",
-        "`kill <pid>`, never by name (other people's SuperLinks may run on the same host).",
+        "It runs in the foreground: run it under your service manager (or end the command with `&` and",
+        "note its process id with `echo $!`); stop it with `kill <pid>`, never by name (other people's",
+        "SuperLinks may run on the same host).",
         "",
         "## Coordinator: tell the Flower CLI where the SuperLink is (once)",
         "",
@@ -78,10 +99,13 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
     lines += [f"    flwr supernode register {out / 'hospitals' / (n + '.pub')} {CONNECTION}" for n in hospitals]
     lines += [
         "",
-        "## Each hospital (see docs/deployment.md), in the folder `fedgru hospital init` made, with ca.crt copied in",
+        "## Each hospital (see docs/deployment.md)",
         "",
+        f"The coordinator sends each hospital `{ca}` (the federation's CA certificate: public, but",
+        "its fingerprint is worth checking by phone); the hospital copies it into its folder as `ca.crt`.",
         "Approve the app version its staff reviewed, start the SuperNode with no app of its own",
-        "(`--isolation process`), and serve it the approved app only:",
+        "(`--isolation process`), and serve it the approved app only. The SuperNode and `hospital serve`",
+        "both run in the foreground: two services (or two terminals), started in this order:",
         "",
     ]
     for i, n in enumerate(hospitals):
@@ -102,6 +126,9 @@ def init_deployment(out: Path, hospitals: dict[str, Path], host: str = "127.0.0.
         f"    fedgru status --federation {CONNECTION}",
         "",
         "## Researcher: start a run (resume a stopped one with --run-config 'resume=\"runs/<folder>\"')",
+        "",
+        "From the root of the same app checkout (`.` is the app). flwr-config.toml names the CA by its path",
+        "on this machine: on another machine, copy ca.crt there and edit that path.",
         "",
         f"    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . {CONNECTION} --stream \\",
         f"        --run-config 'config-file=\"configs/default.yaml\" hospital-keys=\"{out / 'hospitals'}\"'",

@@ -220,3 +220,19 @@ def test_status_without_the_federations_connection_says_where_it_comes_from(tmp_
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text('[superlink.fedgru]\naddress = "127.0.0.1:9093"\n')
     _check_connection("fedgru")  # present: flwr run is called
+
+
+def test_deploy_init_refuses_a_missing_key_file_and_one_key_under_two_names(hospital_data, tmp_path):
+    """A new user's deploy init registered one key under two names (that hospital would
+    count twice towards every min_honest) and called a missing file "not the OpenSSH key"."""
+    from server.deploy import init_deployment
+    from tests.conftest import make_hospital
+
+    folder = make_hospital(tmp_path, *hospital_data)
+    public = folder / "st-elsewhere.pub"
+    with pytest.raises(ValueError, match="the same public key as hospital a's"):
+        init_deployment(tmp_path / "fed", {"a": public, "b": public})
+    with pytest.raises(ValueError, match="not found"):
+        init_deployment(tmp_path / "fed", {"a": tmp_path / "missing.pub"})
+    text = init_deployment(tmp_path / "fed", {"a": public})
+    assert "reviewed app version (fedgru " in text and "two services (or two terminals)" in text
