@@ -173,7 +173,7 @@ def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
     settings.policy.peer_keys = {**settings.policy.peer_keys, name: line}
     write_settings(folder.path, settings)
     verb = "kept" if before == line else "replaced" if before else "added"
-    return (f"{folder.name}: {name} {verb} in policy.peer_keys ({len(settings.policy.peer_keys)} hospitals listed). "
+    return (f"{folder.name}: {name} {verb} in policy.peer_keys ({len(settings.policy.peer_keys)} {'hospital' if len(settings.policy.peer_keys) == 1 else 'hospitals'} listed). "
             "In secure aggregation this hospital now refuses a round in which any other participant is not a "
             "listed hospital.")
 

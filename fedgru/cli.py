@@ -7,7 +7,7 @@
     fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html]
     fedgru baseline  [--config FILE] --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
-    fedgru plan      --epsilon E | --noise-multiplier S  --delta D --rounds R --local-epochs K --batch-size B --examples N
+    fedgru plan      --epsilon E | --noise-multiplier S  --rounds R --batch-size B --examples N [--delta D] [--local-epochs K]
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
     fedgru hospital  data|approve|serve|show --hospital-dir DIR
     fedgru hospital  peer --hospital-dir DIR --name OTHER --key OTHER.pub
@@ -141,7 +141,32 @@ def cmd_plan(args) -> int:
     print(f"{'round':>5}  epsilon (delta {args.delta:g}, {args.accountant})")
     for r, eps in enumerate(p.epsilon_per_round, start=1):
         print(f"{r:>5}  {eps:.4f}")
+    if args.epsilon is not None:
+        print(_ceiling_note(args, p))
     return 0
+
+
+def _ceiling_note(args, p) -> str:
+    """What a hospital with ``hospital init``'s default policy does with this plan: it
+    refuses a round that costs more than half its budget (policy.max_epsilon_per_round),
+    so a short run trains with more noise than the plan (a new user's 3-round plan said
+    3.31 where the deployed hospitals used 3.83, "its per-round ceiling")."""
+    from common.privacy import InfeasibleTarget, calibrate_noise, plan
+
+    ceiling = args.epsilon / 2
+    first = p.epsilon_per_round[0]
+    said = (f"a hospital with `fedgru hospital init`'s default policy and budget {args.epsilon:g} refuses a round that "
+            f"costs more than {ceiling:g} (policy.max_epsilon_per_round): round 1 here costs {first:.4f}")
+    if first <= ceiling + 1e-9:
+        return said + ", within it"
+    try:
+        sigma = calibrate_noise(ceiling, args.delta, p.sample_rate, p.steps_per_round, args.accountant)
+    except InfeasibleTarget:
+        return said + ", and no noise brings one round within it"
+    after = plan(args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
+                 noise_multiplier=sigma).epsilon_per_round[-1]
+    return (said + f": such a hospital trains with noise multiplier {sigma:.4f} instead (\"its per-round ceiling\"), "
+            f"ending at epsilon {after:.4f} after {args.rounds} rounds")
 
 
 def _feasible(args, exc) -> str:

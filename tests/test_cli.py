@@ -236,3 +236,14 @@ def test_deploy_init_refuses_a_missing_key_file_and_one_key_under_two_names(hosp
         init_deployment(tmp_path / "fed", {"a": tmp_path / "missing.pub"})
     text = init_deployment(tmp_path / "fed", {"a": public})
     assert "reviewed app version (fedgru " in text and "two services (or two terminals)" in text
+
+
+def test_plan_says_what_a_hospital_with_the_default_policy_does_with_a_short_run(capsys):
+    """A new user's 3-round plan said noise 3.31, where each deployed hospital trained with
+    3.83 ("its per-round ceiling": a round may cost at most half the budget)."""
+    from fedgru.cli import main
+
+    assert main(["plan", "--epsilon", "1", "--rounds", "3", "--batch-size", "256", "--examples", "1406"]) == 0
+    out = capsys.readouterr().out
+    assert "refuses a round that costs more than 0.5 (policy.max_epsilon_per_round): round 1 here costs 0.609" in out
+    assert "trains with noise multiplier 3.83" in out and "ending at epsilon 0.83" in out
