@@ -14,6 +14,7 @@ from pathlib import Path
 from common.config import ExperimentConfig, auto_delta, load_config
 from common.data.dataset import read_export
 from common.definition import DataDefinition
+from common.ledger import NOISY
 from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
 from common.metrics import format_number
 from common.signatures import public_key_of
@@ -56,34 +57,35 @@ def init(
             shutil.rmtree(out, ignore_errors=True)
         raise
     loose = max(max_epsilon, eval_epsilon or 0.0)
-    return (
+    lines = [
         f"made the hospital folder {folder.path} for {name}: {reg.stays} stays read, delta {delta:g}, "
-        f"budget epsilon {max_epsilon:g} (training), {eval_epsilon or max_epsilon:g} (validation, test)\n"
-        + (f"  note: a budget of epsilon {loose:g} lets the odds of any outcome move by a factor up to e^{loose:g} = "
-           f"{math.exp(loose):.3g} for one stay; above about 10 the guarantee says little (common budgets are 1 to "
-           "8)\n" if loose > 10 else "")
-        + _evaluation_runs(cfg, eval_epsilon or max_epsilon) +
-        f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)\n"
-        f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)\n"
-        f"  what it reads:     {folder.path / 'definition.yaml'} (task and features; `fedgru hospital data` changes it)\n"
-        f"  SuperNode key:     {folder.path / (name + '.key')} (never leaves); give the coordinator {name}.pub\n"
-        f"  ledger and secret: {folder.ledger_file}, {folder.secret_file} (back both up together)\n"
-        "  next: review the app, then `fedgru hospital approve --hospital-dir " + str(folder.path) + "`"
-    )
+        f"budget epsilon {max_epsilon:g} (training), {eval_epsilon or max_epsilon:g} (validation, test)",
+        *([f"  note: a budget of epsilon {loose:g} lets the odds of any outcome move by a factor up to e^{loose:g} = "
+           f"{math.exp(loose):.3g} for one stay; above about 10 the guarantee says little (common budgets are 1 to 8)"]
+          if loose > 10 else []),
+        *_evaluation_runs(cfg, eval_epsilon or max_epsilon),
+        *(f"  note: {n}" for n in reg.notes),
+        f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)",
+        f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)",
+        f"  what it reads:     {folder.path / 'definition.yaml'} (task and features; `fedgru hospital data` changes it)",
+        f"  SuperNode key:     {folder.path / (name + '.key')} (never leaves); give the coordinator {name}.pub",
+        f"  ledger and secret: {folder.ledger_file}, {folder.secret_file} (back both up together)",
+        f"  next: review the app, then `fedgru hospital approve --hospital-dir {folder.path}`",
+    ]
+    return "\n".join(lines)
 
 
-def _evaluation_runs(cfg: ExperimentConfig, eval_budget: float) -> str:
+def _evaluation_runs(cfg: ExperimentConfig, eval_budget: float) -> list[str]:
     """How many runs of ``cfg`` the validation and test budgets allow: each run spends its
     val_epsilon and test_epsilon on them, and once spent the hospital refuses every later
     run that scores them (a new user found this out after a three-round try-out)."""
     per_run = max(cfg.evaluation.val_epsilon, cfg.evaluation.test_epsilon)
     if not per_run > 0:
-        return ""
+        return []
     runs = int(eval_budget / per_run + 1e-9)
-    return (f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
+    return [f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
             f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {eval_budget:g} allows "
-            + (f"{runs} such run{'' if runs == 1 else 's'}" if runs else "no such run")
-            + "; --eval-epsilon sets it\n")
+            + (f"{runs} such run{'' if runs == 1 else 's'}" if runs else "no such run") + "; --eval-epsilon sets it"]
 
 
 def _counts(c: DeclaredCounts) -> str:
@@ -204,7 +206,8 @@ def show(folder_path: Path, as_json: bool = False) -> str:
         entries = [e for e in ledger.entries if e.run_id == run]
         dp = [e for e in entries if e.split == Split.TRAIN and e.noise_multiplier > 0]
         runs.append({"run_id": run, "dp_sgd_rounds": len(dp), "secure_rounds": sum(e.mechanism == Mechanism.SKELLAM
-                                                                                  for e in dp), "steps": sum(e.steps for e in dp), "releases": len(entries)})
+                                                                                  for e in dp), "steps": sum(e.steps for e in dp), "releases": len(entries),
+                     "dp_releases": sum(e.mechanism in NOISY for e in entries)})
     approved = sorted(folder.approved())
     if as_json:
         return json.dumps({"hospital": folder.name, "ledger": str(folder.ledger_file), "delta": ledger.delta,
@@ -224,7 +227,8 @@ def show(folder_path: Path, as_json: bool = False) -> str:
     for r in runs:
         lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds" + (
             f" ({r['secure_rounds']} by secure aggregation)" if r["secure_rounds"] else "")
-            + f", {r['steps']} steps, {r['releases']} releases")
+            + f", {r['steps']} steps; {r['dp_releases']} DP releases and {r['releases'] - r['dp_releases']} without "
+            "DP (declared split sizes, settings) in its ledger")
     lines.append(f"approved app versions: {len(approved)} (each approval: sha256, when, [version] note)"
                  + "".join(f"\n  {line}" for line in folder.approvals()))
     return "\n".join(lines)

@@ -100,7 +100,7 @@ def test_hospital_show_text_lists_each_run_with_its_steps(hospital_data, tmp_pat
                                       steps=10, max_grad_norm=1.0, examples=100))
     assert main(["hospital", "show", "--hospital-dir", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "run run-7: 2 DP-SGD rounds, 20 steps, 2 releases" in out, out
+    assert "run run-7: 2 DP-SGD rounds, 20 steps; 2 DP releases and 0 without DP" in out, out
     assert "{" not in out and "by the RDP accountant" in out and "by the PRV accountant" in out
 
 

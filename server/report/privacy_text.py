@@ -100,6 +100,20 @@ def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
     return text
 
 
+# What the training table's columns mean, for a privacy officer who has not met DP-SGD
+SETTINGS_WORDS = (
+    "Noise multiplier: the sd of the Gaussian noise added to each step's summed gradient, in units of the clipping "
+    "norm; clipping norm: the largest L2 norm one stay's gradient may add to a step; sample rate: each training "
+    "stay's chance of being in a step (Poisson sampling, Abadi et al. 2016); steps: the noisy steps of the whole run. "
+    "Larger noise, fewer steps and a lower sample rate each give a smaller epsilon."
+)
+SETTINGS_WORDS_SECURE = (
+    "Noise multiplier: the sd of the summed Skellam noise on each round's gradient sum, in units of the clipping "
+    "norm, counting the min_honest hospitals' shares; clipping norm: the largest L2 norm one stay's gradient may add; "
+    "sample rate 1: every training stay in every round; steps: one per round."
+)
+
+
 # What "RDP" and "PRV" in the tables mean, for a reader who has not met the accountants.
 ACCOUNTANTS_WORDS = (
     "Two accountants read the same ledger: RDP (Renyi differential privacy; Mironov, CSF 2017; Mironov, Talwar & "
@@ -129,6 +143,7 @@ def privacy_sections(run: RunFolder) -> list[Section]:
                           "counts the min_honest hospitals each hospital's policy counts on):" if secure
                           else "Training patients (DP-SGD):")
         sec.blocks.append(Table(header, rows))
+        sec.blocks.append(SETTINGS_WORDS_SECURE if secure else SETTINGS_WORDS)
         sec.blocks.append(ACCOUNTANTS_WORDS)
         group_rows = [
             [name, GROUP_WORDS[split][0], g.epsilon_rdp, g.epsilon_alone if secure else g.epsilon_prv,

@@ -50,7 +50,8 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
         else f"target epsilon {pr.target_epsilon} for the planned run (sigma calibrated once)"
     )
     dp = (
-        f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta {pr.delta}, "
+        f"on; clipping norm {pr.max_grad_norm}, {sigma}, delta "
+        + ("auto (below 1/n of each hospital's stays), " if pr.delta == "auto" else f"{pr.delta}, ")
         + (f"budget {pr.max_epsilon} per hospital, " if simulated else
            f"budget at most {pr.max_epsilon} per hospital (each hospital's own policy sets its own, and its delta), ")
         + f"{pr.accountant.upper()} accountant drives decisions" if pr.enabled else "off"
