@@ -166,14 +166,14 @@ def default_threshold(cfg, participants: int, policies: Iterable[tuple[int, int]
     answer. The threshold rises to the least each of them accepts (``least_threshold``),
     so a federation whose hospitals allow colluders needs no operator to find it; a
     hospital that no threshold of this many participants satisfies refuses the round
-    itself, and does not take the others' tolerance of dropouts with it. Nor does one
-    whose least threshold leaves a round fewer than ``privacy.secure_min_dropouts``
-    dropouts (``policy_followed``)."""
+    itself, and does not take the others' tolerance of dropouts with it (a hospital whose
+    policy the operator's ``privacy.secure_min_dropouts`` rules out is left out of the
+    session before this: ``SecureRounds.session_nodes``)."""
     if cfg.privacy.secure_threshold:
         return cfg.privacy.secure_threshold
     threshold = max(participants // 2 + 1, cfg.privacy.min_honest)
     for policy in policies:
-        if policy_followed(cfg, participants, policy):
+        if policy_least(participants, policy) <= participants:
             threshold = max(threshold, policy_least(participants, policy))
     return min(participants, threshold)
 
@@ -183,10 +183,3 @@ def policy_least(participants: int, policy: tuple[int, int]) -> int:
     min_honest, max_colluding = policy
     return max(least_threshold(participants, max_colluding), min_honest)
 
-
-def policy_followed(cfg, participants: int, policy: tuple[int, int]) -> bool:
-    """Whether the coordinator raises a session's threshold to this policy's least: some
-    threshold of ``participants`` satisfies it, and that threshold still leaves each round
-    ``privacy.secure_min_dropouts`` dropouts (the operator's limit on how much dropout
-    tolerance one strict, or hostile, hospital's policy can take from everyone)."""
-    return policy_least(participants, policy) <= participants - cfg.privacy.secure_min_dropouts

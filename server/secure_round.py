@@ -41,7 +41,7 @@ from .secagg import (
     key_lines,
     parse_revealed,
     parse_round_keys,
-    policy_followed,
+    policy_least,
     signature_problem,
     unmasked_sum,
 )
@@ -95,7 +95,7 @@ class SecureRounds:
         # the next round's setup, answered with this round's unmask: (round, participants, threshold, keys, required)
         self.early: tuple[int, list[int], int, dict, dict] | None = None
         self._told: set[tuple[int, int]] = set()  # (participants, threshold) raised by policies, logged once
-        self._left_out: set[tuple[str, ...]] = set()  # hospitals session_nodes left out, logged once
+        self._left_out: set[tuple] = set()  # what session_nodes warned of (left out, participants, threshold)
 
     def _policies(self, nodes: list[int]) -> dict[str, tuple[int, int]]:
         """Hospital name -> (min_honest, max_colluding) from the accepted preflight answers of ``nodes``."""
@@ -104,28 +104,54 @@ class SecureRounds:
                 if a.accepted and a.hospital in names}
 
     def session_nodes(self) -> list[int]:
-        """The active hospitals a session asks: with ``privacy.secure_min_dropouts``, less
-        those whose policy would leave a round fewer dropouts than that (asked, they could
-        only hold everyone to their threshold or refuse, and a refusal counts as one
-        dropout already). Leaving one out lowers the others' least threshold, so this is
-        repeated until every policy left is followed; a warning names them once."""
+        """The active hospitals a session asks. With ``privacy.secure_min_dropouts`` (the
+        dropouts every round should survive) and a threshold that leaves fewer: the
+        hospitals whose policy set it above the run's own rule (a majority, at least
+        ``privacy.min_honest``) are left out, strictest first, as long as that makes a
+        round survive more dropouts than with them (asked, they could only hold everyone to their threshold or
+        refuse, and a refusal is a dropout already). A hospital whose policy raises
+        nothing is never left out, and the run's own rule is not the policies' fault: where
+        it leaves fewer dropouts, a warning says so. Each is logged once; a hospital left
+        out is told nothing and charged nothing, and the report gives the reason."""
         cfg = self.co.cfg
         nodes = sorted(nid for nid, h in self.co.hospitals.items() if h.active)
-        if cfg.privacy.secure_threshold or not cfg.privacy.secure_min_dropouts:
+        wanted = cfg.privacy.secure_min_dropouts
+        if cfg.privacy.secure_threshold or not wanted:
             return nodes
-        policies, left_out = self._policies(nodes), []
+        left_out: list[str] = []
         while True:
-            strict = {name for name, policy in policies.items() if not policy_followed(cfg, len(nodes), policy)}
-            if not strict:
+            policies = self._policies(nodes)
+            n, t = len(nodes), default_threshold(cfg, len(nodes), policies.values())
+            if n - t >= wanted:
                 break
-            left_out += sorted(strict)
-            nodes = [nid for nid in nodes if self.co.hospitals[nid].name not in strict]
-            policies = {name: policy for name, policy in policies.items() if name not in strict}
-        if left_out and tuple(left_out) not in self._left_out:
-            self._left_out.add(tuple(left_out))
-            log.warning("secure aggregation: left out %s: its policy's least threshold would leave a round fewer than "
-                        "privacy.secure_min_dropouts (%d) dropouts (nothing is asked of it or charged to it)",
-                        ", ".join(left_out), cfg.privacy.secure_min_dropouts)
+            base = default_threshold(cfg, n)
+            # the hospitals whose policy sets this threshold above the run's own rule (the strictest)
+            raising = {name for name, policy in policies.items() if base < policy_least(n, policy) == t}
+            rest = [nid for nid in nodes if self.co.hospitals[nid].name not in raising]
+            rest_t = default_threshold(cfg, len(rest), [p for name, p in policies.items() if name not in raising])
+            if not raising or len(rest) - rest_t <= n - t:
+                break  # leaving them out would not make a round survive more dropouts
+            left_out += sorted(raising)
+            nodes = rest
+        why = (f"left out of secure aggregation: its policy's least threshold would leave a round fewer than "
+               f"privacy.secure_min_dropouts ({wanted}) dropouts")
+        for nid, view in self.co.hospitals.items():
+            if view.name in left_out and not view.reason:
+                view.reason = why
+        t = default_threshold(cfg, len(nodes), self._policies(nodes).values())
+        told = (tuple(left_out), len(nodes), t)
+        if told not in self._left_out:
+            self._left_out.add(told)
+            if left_out:
+                log.warning("secure aggregation: left out %s: its policy's least threshold would leave a round fewer "
+                            "than privacy.secure_min_dropouts (%d) dropouts (nothing is asked of it or charged to it)",
+                            ", ".join(left_out), wanted)
+            if len(nodes) - t < wanted:
+                log.warning("secure aggregation: threshold %d of %d: a round survives %d dropout(s), fewer than "
+                            "privacy.secure_min_dropouts (%d); %s", t, len(nodes), len(nodes) - t, wanted,
+                            "the run's own rule (a majority, at least privacy.min_honest) allows no more at this size"
+                            if t == default_threshold(cfg, len(nodes)) else
+                            "leaving out the hospitals whose policy raised it would not survive more")
         return nodes
 
     def threshold(self, nodes: list[int]) -> int:

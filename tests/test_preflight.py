@@ -343,39 +343,60 @@ def test_the_coordinator_counts_only_the_policies_of_a_sessions_own_hospitals(ca
     assert sum("threshold 4 of 5, the least the policy of e accepts" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_an_operator_can_keep_one_strict_policy_from_taking_everyones_dropout_tolerance(caplog):
-    """privacy.secure_min_dropouts 1: e's policy (max_colluding 3 of 5 needs all five, no
-    dropout survived) is not followed: the sessions leave e out (a warning names it once),
-    and the other four, at their least threshold 3 of 4, survive a dropout. Asked, e could
-    only have held everyone to 5 of 5 or refused, and a refusal is a dropout already."""
+def _rounds(cfg, policies: dict[str, tuple[int, int]]):
+    """SecureRounds over hospitals a, b, ... (node ids 1, 2, ...) whose accepted preflight
+    answers state ``policies``: name -> (min_honest, max_colluding)."""
     from types import SimpleNamespace
 
+    from server.secure_round import SecureRounds
+
+    answers = [PreflightAnswer(n, True, "", 1.0, "x", min_honest=h, max_colluding=c) for n, (h, c) in policies.items()]
+    views = {k: SimpleNamespace(name=n, active=True, reason="") for k, n in enumerate(policies, start=1)}
+    return SecureRounds(SimpleNamespace(cfg=cfg, hospitals=views, recorder=SimpleNamespace(preflight=answers)))
+
+
+def test_an_operator_can_keep_one_strict_policy_from_taking_everyones_dropout_tolerance(caplog):
+    """privacy.secure_min_dropouts 1: e's policy (max_colluding 3 of 5 needs all five, no
+    dropout survived) is not followed: the sessions leave e out (a warning names it once,
+    the report gives the reason), and the other four, at their least threshold 3 of 4,
+    survive a dropout. Asked, e could only have held everyone to 5 of 5 or refused, and a
+    refusal is a dropout already."""
     from common.config import ConfigError
     from common.secagg import least_threshold
     from server.secagg import default_threshold
-    from server.secure_round import SecureRounds
 
-    policies = [(2, 1)] * 4 + [(2, 3)]
-    follow_all = hospital_cfg("privacy.aggregation=secure")
     keep_one = hospital_cfg("privacy.aggregation=secure", "privacy.secure_min_dropouts=1")
-    assert default_threshold(follow_all, 5, policies) == 5 == least_threshold(5, 3)  # today: no dropout survived
-    assert default_threshold(keep_one, 5, policies) == 4 == least_threshold(5, 1)
-    assert default_threshold(keep_one, 5, [(2, 1)] * 5) == 4  # policies that leave a dropout are followed as before
-    names = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
-    answers = [PreflightAnswer(n, True, "", 1.0, "x", min_honest=2, max_colluding=3 if n == "e" else 1)
-               for n in names.values()]
-    views = {nid: SimpleNamespace(name=n, active=True) for nid, n in names.items()}
-    co = SimpleNamespace(cfg=keep_one, hospitals=views, recorder=SimpleNamespace(preflight=answers))
-    rounds = SecureRounds(co)
+    follow_all = hospital_cfg("privacy.aggregation=secure")
+    assert default_threshold(follow_all, 5, [(2, 1)] * 4 + [(2, 3)]) == 5 == least_threshold(5, 3)  # no dropout survived
+    strict = {"a": (2, 1), "b": (2, 1), "c": (2, 1), "d": (2, 1), "e": (2, 3)}
+    rounds = _rounds(keep_one, strict)
     with caplog.at_level("INFO", logger="fedgru.server"):
         assert rounds.session_nodes() == [1, 2, 3, 4] == rounds.session_nodes()
         assert rounds.threshold([1, 2, 3, 4]) == 3 == least_threshold(4, 1)  # 4 - 3: one dropout survived
     warned = [r.getMessage() for r in caplog.records if "secure_min_dropouts" in r.getMessage()]
     assert len(warned) == 1 and "left out e:" in warned[0], warned
-    co.cfg = follow_all  # the default follows every policy a round can satisfy: all five, at 5 of 5
-    assert SecureRounds(co).session_nodes() == [1, 2, 3, 4, 5]
+    assert rounds.co.hospitals[5].reason.startswith("left out of secure aggregation")
+    assert _rounds(follow_all, strict).session_nodes() == [1, 2, 3, 4, 5]  # the default follows every policy
     with pytest.raises(ConfigError, match="secure_min_dropouts"):
         hospital_cfg("privacy.aggregation=secure", "privacy.secure_min_dropouts=-1")
+
+
+@pytest.mark.parametrize("extra,policies,kept,said", [
+    # a review's collapse: 2 dropouts wanted of 5 with one max_colluding-1 hospital left everyone out;
+    # leaving e out gives 4 at 3 of 4, no more dropouts survived than 5 at 4 of 5: all kept, and said so
+    (("privacy.secure_min_dropouts=2",), {"a": (2, 0), "b": (2, 0), "c": (2, 0), "d": (2, 0), "e": (2, 1)},
+     [1, 2, 3, 4, 5], "leaving out the hospitals whose policy raised it would not survive more"),
+    # two hospitals, one dropout wanted: the run's own majority (2 of 2) is no policy's fault
+    (("privacy.secure_min_dropouts=1",), {"a": (2, 0), "b": (2, 0)}, [1, 2], "the run's own rule"),
+    # the run's min_honest 4 sets 4 of 5 whatever the policies: nobody is left out for it
+    (("privacy.secure_min_dropouts=2", "privacy.min_honest=4"),
+     {"a": (2, 0), "b": (2, 0), "c": (2, 0), "d": (2, 0), "e": (2, 0)}, [1, 2, 3, 4, 5], "the run's own rule"),
+])
+def test_the_dropout_limit_never_leaves_out_a_hospital_for_the_runs_own_rule(caplog, extra, policies, kept, said):
+    with caplog.at_level("WARNING", logger="fedgru.server"):
+        assert _rounds(hospital_cfg("privacy.aggregation=secure", *extra), policies).session_nodes() == kept
+    warned = [r.getMessage() for r in caplog.records if "secure_min_dropouts" in r.getMessage()]
+    assert len(warned) == 1 and said in warned[0] and "left out" not in warned[0], warned
 
 
 @pytest.mark.parametrize("field, value", [("min_honest", "1e400"), ("max_colluding", "1" + "0" * 400),
