@@ -23,6 +23,7 @@ from common.version import app_version
 from . import export as exports
 from .folder import DataSource, DeclaredCounts, FolderError, HospitalFolder, default_policy, init_folder, write_settings
 from .ledger_store import FileLedgerStore
+from .policy import Policy
 
 
 def init(
@@ -63,7 +64,7 @@ def init(
         *([f"  note: a budget of epsilon {loose:g} lets the odds of any outcome move by a factor up to e^{loose:g} = "
            f"{math.exp(loose):.3g} for one stay; above about 10 the guarantee says little (common budgets are 1 to 8)"]
           if loose > 10 else []),
-        *_evaluation_runs(cfg, eval_epsilon or max_epsilon),
+        *_evaluation_runs(cfg, folder.policy, delta),
         *(f"  note: {n}" for n in reg.notes),
         f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)",
         f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)",
@@ -75,17 +76,29 @@ def init(
     return "\n".join(lines)
 
 
-def _evaluation_runs(cfg: ExperimentConfig, eval_budget: float) -> list[str]:
-    """How many runs of ``cfg`` the validation and test budgets allow: each run spends its
-    val_epsilon and test_epsilon on them, and once spent the hospital refuses every later
-    run that scores them (a new user found this out after a three-round try-out)."""
-    per_run = max(cfg.evaluation.val_epsilon, cfg.evaluation.test_epsilon)
-    if not per_run > 0:
+def _evaluation_runs(cfg: ExperimentConfig, policy: Policy, delta: float) -> list[str]:
+    """How many runs of ``cfg`` the validation and test budgets allow, composed as the
+    hospital's own check composes them (the second run costs less than the first): once
+    they are spent the hospital refuses every later run that scores those stays (a new
+    user found this out after a three-round try-out)."""
+    from common.ledger import Ledger
+
+    from .preflight import planned_evaluation_entries
+
+    if not cfg.evaluation.dp:
         return []
-    runs = int(eval_budget / per_run + 1e-9)
+    empty, most = Ledger("plan", delta), 100
+    counts = []
+    for split in (Split.VAL, Split.TEST):
+        entries, runs = planned_evaluation_entries(cfg, policy, split), 0
+        while entries and runs < most and empty.epsilon_with(entries * (runs + 1)) <= policy.eval_max_epsilon + 1e-9:
+            runs += 1
+        counts.append(runs)
+    runs = min(counts)
+    said = f"{runs} such run{'' if runs == 1 else 's'}" if runs < most else f"{most} or more such runs"
     return [f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
-            f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {eval_budget:g} allows "
-            + (f"{runs} such run{'' if runs == 1 else 's'}" if runs else "no such run") + "; --eval-epsilon sets it"]
+            f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {policy.eval_max_epsilon:g} allows "
+            + (said if runs else "no such run") + "; --eval-epsilon sets it"]
 
 
 def _counts(c: DeclaredCounts) -> str:

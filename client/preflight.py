@@ -36,10 +36,12 @@ def planned_evaluation_entries(cfg: ExperimentConfig, policy: Policy, split: Spl
                         sample_rate=1.0, steps=1, max_grad_norm=1.0, examples=1) for s in sigmas if math.isfinite(s)]
 
 
-def check_evaluations(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) -> dict[str, float]:
+def evaluation_outlook(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) -> dict[str, tuple[float, float]]:
     """Every evaluation release the run plans fits the policy and each group's remaining
-    budget; returns each group's epsilon after them. Raises :class:`PolicyRefusal` with
-    the change that would fit."""
+    budget (else :class:`PolicyRefusal` with the change that would fit); returns each
+    group's epsilon after them, and if a second run of the same plan followed (composed,
+    not added: the second costs less than the first), so the coordinator can say before
+    anything is spent that a second such run would not fit."""
     planned = cfg.planned_evaluations()
     after = {}
     for split in (Split.VAL, Split.TEST):
@@ -54,7 +56,8 @@ def check_evaluations(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) -> 
             raise PolicyRefusal(key, f"plans {split.value} releases that would take those patients to epsilon {spent:.3f}; "
                                      f"this hospital's budget for them is {policy.eval_max_epsilon:g} "
                                      f"({budget_left(ledger, policy.eval_max_epsilon, split)} left): {fix}")
-        after[split.value] = spent
+        entries = planned_evaluation_entries(cfg, policy, split)
+        after[split.value] = (spent, ledger.epsilon_with(entries + entries))
     return after
 
 
@@ -89,7 +92,8 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
     remaining = {"train": max(0.0, budget - ledger.epsilon(Split.TRAIN)),
                  "val": max(0.0, policy.eval_max_epsilon - ledger.epsilon(Split.VAL)),
                  "test": max(0.0, policy.eval_max_epsilon - ledger.epsilon(Split.TEST))}
-    budgets = {"train": budget, "val": policy.eval_max_epsilon, "test": policy.eval_max_epsilon}
+    # the hospital's own budgets (a run may cap the training one lower: that is in "remaining")
+    budgets = {"train": policy.max_epsilon, "val": policy.eval_max_epsilon, "test": policy.eval_max_epsilon}
     try:
         node.check_reads_as_defined(cfg)
         check_model_size(cfg, policy)
@@ -106,12 +110,14 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
         else:
             raise PolicyRefusal("privacy.enabled", "is false; this hospital trains only with differential privacy: "
                                                    "set it true")
-        planned.update(check_evaluations(cfg, policy, ledger))
+        outlook = evaluation_outlook(cfg, policy, ledger)
+        planned.update({split: after for split, (after, _) in outlook.items()})
+        again = {split: twice for split, (_, twice) in outlook.items()}
     except PolicyRefusal as exc:
         return PreflightAnswer(node.name, False, str(exc), remaining=remaining, budgets=budgets)
     secure = cfg.privacy.aggregation == "secure"
     return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining, budgets,
-                           declared_train=declared.train if secure else 0,
+                           again=again, declared_train=declared.train if secure else 0,
                            min_honest=policy.min_honest if secure else 0,
                            max_colluding=policy.max_colluding if secure else 0)
 

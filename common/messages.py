@@ -185,7 +185,7 @@ RELEASES: tuple[Release, ...] = (
         "preflight answer", "once, before a run starts", False,
         "whether the hospital accepts the run's plan, the policy line a refused plan breaks and the change that "
         "would fit, the noise multiplier it will train with, and each group's budget and its epsilon before and "
-        "after the planned releases: computed from the plan, the hospital's policy, its declared counts and its ledger; "
+        "after the planned releases (and after a second such run): computed from the plan, the hospital's policy, its declared counts and its ledger; "
         "under secure aggregation also its declared training count and its policy's min_honest and "
         "max_colluding (the least reconstruction threshold it accepts)",
     ),

@@ -50,6 +50,8 @@ class PreflightAnswer:
     planned: dict[str, float] = field(default_factory=dict)
     remaining: dict[str, float] = field(default_factory=dict)  # each group's budget minus its epsilon, before the run
     budgets: dict[str, float] = field(default_factory=dict)  # each group's budget (policy settings); {} from older apps
+    # validation and test: each group's epsilon if a second run of the same plan followed ({} from older apps)
+    again: dict[str, float] = field(default_factory=dict)
     # secure aggregation only: the training count the hospital declares (released with every training
     # reply anyway), so the coordinator can scale the integers of the sum without it wrapping around
     declared_train: int = 0
@@ -75,11 +77,12 @@ class PreflightAnswer:
             planned={str(k): float(v) for k, v in dict(data.get("planned", {})).items() if k in GROUPS},
             remaining={str(k): float(v) for k, v in dict(data.get("remaining", {})).items() if k in GROUPS},
             budgets={str(k): float(v) for k, v in dict(data.get("budgets", {})).items() if k in GROUPS},
+            again={str(k): float(v) for k, v in dict(data.get("again", {})).items() if k in GROUPS},
             declared_train=_count(data.get("declared_train", 0)),
             min_honest=_count(data.get("min_honest", 0)), max_colluding=_count(data.get("max_colluding", 0)),
         )
         numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(),
-                   *answer.budgets.values(), answer.declared_train,
+                   *answer.budgets.values(), *answer.again.values(), answer.declared_train,
                    answer.min_honest, answer.max_colluding]
         if not all(math.isfinite(v) and v >= -1e-9 for v in numbers):
             raise ValueError("a preflight answer's numbers must be finite and not negative")

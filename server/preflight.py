@@ -84,24 +84,23 @@ def accepted_line(accepted: list[PreflightAnswer], asked: int, keep_ledgers: boo
             + (spent_words(accepted) if keep_ledgers else ""))
 
 
-SPENT = 1e-3  # a budget with less than this left after the run is spent (the report's "less than 0.001 remains")
-
-
 def spent_words(accepted: list[PreflightAnswer]) -> str:
-    """Where the run spends the whole budget of a group of patients that a later run would
-    score again (validation, test): said before anything is spent, since such a hospital
-    refuses every later run that scores them (a new user's try-out of three rounds locked
-    its hospital out of every later run, and nothing said so)."""
-    words = {"val": "validation", "test": "test"}
-    spent = {g: [a.hospital for a in accepted if g in a.budgets and a.budgets[g] - a.planned.get(g, 0.0) < SPENT]
-             for g in words}
-    groups = [g for g in words if spent[g]]
-    if not groups:
+    """Where a second run like this one would no longer fit a group of patients that a
+    later run scores again (validation, test), said before anything is spent: such a
+    hospital refuses it (a new user's try-out of three rounds locked its hospitals out of
+    every later run, and nothing said so). Each hospital's answer says, from its policy and
+    ledger, what a second run would take the group to (composed, as its own check does)."""
+    parts = []
+    for group, label in (("val", "validation"), ("test", "test")):
+        names = sorted(a.hospital for a in accepted
+                       if group in a.budgets and group in a.again and a.again[group] > a.budgets[group] + 1e-9)
+        if names:
+            parts.append(f"the {label} patients' at " + ("every hospital" if len(names) == len(accepted) else
+                                                         ", ".join(names)))
+    if not parts:
         return ""
-    hospitals = sorted({h for g in groups for h in spent[g]})
-    at = "every hospital" if len(hospitals) == len(accepted) else "hospital(s) " + ", ".join(hospitals)
-    return (f"; it spends the whole {' and '.join(words[g] for g in groups)} patients' budget at {at}, so no later "
-            "run can score them there (each hospital's policy eval_max_epsilon, `hospital init --eval-epsilon`)")
+    return ("; after it a second run like it no longer fits the budget of " + " and of ".join(parts)
+            + " (each hospital's policy eval_max_epsilon; `hospital init --eval-epsilon`)")
 
 
 def _read(view: HospitalView, reply: Message, dp: bool) -> PreflightAnswer:

@@ -418,23 +418,36 @@ def test_a_hostile_answer_with_an_overflowing_number_is_a_refusal_not_a_crash(fi
     assert not answer.accepted and answer.reason.startswith("its answer to the plan cannot be read")
 
 
-def test_the_console_says_before_anything_is_spent_when_a_run_spends_an_evaluation_budget():
+def test_the_console_says_before_anything_is_spent_when_a_second_run_would_not_fit():
     """A new user's three-round try-out spent its hospitals' whole validation and test
     budgets (1 each, the run's val_epsilon and test_epsilon), so every later run that
-    scores them is refused, and nothing said so. The plan line now does, where hospitals
-    keep their ledgers; a simulation (fresh ledgers every run) does not."""
+    scores them is refused, and nothing said so. The plan line now does, per group and
+    hospital, where hospitals keep their ledgers; a simulation (fresh ledgers every run)
+    does not. Each hospital says what a second run would take a group to."""
     from server.preflight import accepted_line
 
-    def answer(name, val_after):
-        return PreflightAnswer(name, True, "", 3.8, "the run's target", {"train": 0.83, "val": val_after, "test": 0.5},
-                               {"train": 1.0, "val": 1.0, "test": 1.0}, {"train": 1.0, "val": 1.0, "test": 1.0})
+    def answer(name, val_again, test_again=1.4):
+        return PreflightAnswer(name, True, "", 3.8, "the run's target", {"train": 0.83, "val": 0.9, "test": 0.9},
+                               {"train": 1.0, "val": 1.0, "test": 3.0}, {"train": 1.0, "val": 1.0, "test": 3.0},
+                               again={"val": val_again, "test": test_again})
 
-    both = accepted_line([answer("a", 0.99995), answer("b", 0.99995)], 2)
-    assert "it spends the whole validation patients' budget at every hospital, so no later run can score them" in both
-    one = accepted_line([answer("a", 0.99995), answer("b", 0.4)], 2)
-    assert "budget at hospital(s) a, so" in one and "test" not in one.split("it spends")[1].split(" patients")[0]
-    assert "it spends" not in accepted_line([answer("a", 0.4)], 1)
-    assert "it spends" not in accepted_line([answer("a", 0.99995)], 1, keep_ledgers=False)
-    old = PreflightAnswer("a", True, "", 3.8, "x", {"train": 0.8, "val": 1.0}, {"train": 1.0})  # an app without budgets
-    assert "it spends" not in accepted_line([old], 1)
-    assert PreflightAnswer.from_status(answer("a", 1.0).to_status()).budgets == {"train": 1.0, "val": 1.0, "test": 1.0}
+    both = accepted_line([answer("a", 1.46), answer("b", 1.46)], 2)
+    assert "after it a second run like it no longer fits the budget of the validation patients' at every hospital" in both
+    assert "test patients'" not in both  # 1.4 of 3 fits
+    split = accepted_line([answer("a", 1.46), answer("b", 0.8, test_again=3.2)], 2)
+    assert "the validation patients' at a and of the test patients' at b" in split  # not "every hospital"
+    assert "no longer fits" not in accepted_line([answer("a", 0.99)], 1)
+    assert "no longer fits" not in accepted_line([answer("a", 1.46)], 1, keep_ledgers=False)
+    old = PreflightAnswer("a", True, "", 3.8, "x", {"train": 0.8, "val": 1.0}, {"train": 1.0})  # an app without them
+    assert "no longer fits" not in accepted_line([old], 1)
+    assert PreflightAnswer.from_status(answer("a", 1.46).to_status()).again == {"val": 1.46, "test": 1.4}
+
+
+def test_a_hospital_says_what_a_second_run_of_the_plan_would_take_each_group_to(hospital):
+    """From its policy and ledger only: the composed epsilon of the plan's releases twice;
+    its training budget is its own policy's, not the run's cap."""
+    cfg = hospital_cfg("evaluation.val_epsilon=1.0", "evaluation.test_epsilon=1.0")
+    answer = _plan(hospital, cfg)
+    assert answer.accepted and answer.budgets["train"] == HospitalFolder(hospital).policy.max_epsilon
+    for group in ("val", "test"):
+        assert answer.planned[group] < answer.again[group] < 2 * answer.planned[group]  # composed, not added
