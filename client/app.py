@@ -98,9 +98,8 @@ def answer_query(msg: Message, context: Context, simulation: ExperimentConfig | 
     if M.PREFLIGHT in msg.content.config_records.get(M.CONFIG, {}):
         answer = answer_plan(experiment_of(msg), node)
         run = str(msg.content[M.CONFIG].get(M.RUN_ID, "?"))
-        log.log(logging.INFO if answer.accepted else logging.ERROR, "%s %s the plan of %s%s", node.name,
-                "accepts" if answer.accepted else "refuses",
-                "the coordinator's status check (nothing is run)" if run == "status" else f"run {run}",
+        log.log(logging.INFO if answer.accepted else logging.ERROR, "%s %s the plan of run %r%s", node.name,
+                "accepts" if answer.accepted else "refuses", run,
                 f": {answer.reason}" if answer.reason else f" (noise multiplier {answer.noise_multiplier:.3g}, "
                 f"set by {answer.noise_set_by})")
         return Message(RecordDict({M.STATUS: ConfigRecord({**answer.to_status(), M.MODE: node.mode.value})}),

@@ -49,13 +49,17 @@ def init(
         raise FolderError(f"--delta {delta:g} must be below 1/n = {1 / len(ds):.2g} for the {len(ds)} stays read: at "
                           f"1/n or above, the guarantee allows publishing a stay whole (default {auto_delta(len(ds)):g})")
     delta = delta if delta is not None else auto_delta(len(ds))
-    existed = out.exists()
+    before = set(out.iterdir()) if out.is_dir() else None  # a folder the user made beforehand is kept
     try:
         folder = init_folder(out, name, source, default_policy(max_epsilon, delta, eval_epsilon or max_epsilon), device)
         reg = exports.register(folder, source, definition, ds=ds)
     except BaseException:
-        if not existed:  # leave nothing half-made behind: the retry would refuse it
-            shutil.rmtree(out, ignore_errors=True)
+        # leave nothing half-made behind (the retry would refuse it), and nothing the user had
+        for made in ([out] if before is None else [p for p in out.iterdir() if p not in before]):
+            if made.is_dir() and not made.is_symlink():
+                shutil.rmtree(made, ignore_errors=True)
+            else:
+                made.unlink(missing_ok=True)
         raise
     loose = max(max_epsilon, eval_epsilon or 0.0)
     lines = [
@@ -67,7 +71,7 @@ def init(
         *_evaluation_runs(cfg, folder.policy, delta),
         *(f"  note: {n}" for n in reg.notes),
         f"  declared split sizes: {_counts(reg.declared)} (released with training replies and histograms)",
-        f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; edit the policy only to tighten it)",
+        f"  policy and data:   {folder.path / 'hospital.yaml'} (read it; any change to the policy is your privacy officer's decision)",
         f"  what it reads:     {folder.path / 'definition.yaml'} (task and features; `fedgru hospital data` changes it)",
         f"  SuperNode key:     {folder.path / (name + '.key')} (never leaves); give the coordinator {name}.pub",
         f"  ledger and secret: {folder.ledger_file}, {folder.secret_file} (back both up together)",

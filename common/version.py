@@ -22,9 +22,9 @@ def app_version(project: Path | None) -> str:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        if commit and subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        if commit and subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=normal"],
                                      capture_output=True, text=True, timeout=10).stdout.strip():
-            commit += " with uncommitted changes"
+            commit += " with uncommitted changes"  # untracked, not ignored files too: the app's FAB holds them
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"fedgru {version}" + (f", git {commit}" if commit else "")

@@ -89,7 +89,8 @@ def test_the_report_says_when_the_risks_run_low_or_high():
     assert "0.60 (0.45-0.80) times" in below and "run high (a risk overstates" in below
     # an interval that leaves out 1 but stays within a fifth of it: a size, not an alarm
     slight = calibration_words(curve(1.05), False, [1.05, 1.01, 1.10])
-    assert "run slightly low, by about 5%, too little to change how they are read" in slight
+    assert "the observed rate is about 5% above the mean predicted risk (1% to 10%)" in slight
+    assert "run low by a small but clear margin" in slight
     assert "understates" not in slight and "ranking" not in slight
 
 

@@ -186,6 +186,13 @@ def test_hospital_init_refuses_bad_options_and_leaves_no_half_made_folder(hospit
     assert not (tmp_path / "h").exists()
     assert "made the hospital folder" in init(tmp_path / "h", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0,
                                               cfg=hospital_cfg())
+    # a folder the user made beforehand (with a file of theirs) keeps only what was there
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("ours")
+    with pytest.raises(FolderError):
+        init(tmp_path / "mine", "bad name" if "name" in extra else "a", str(hospital_data[0]), str(hospital_data[1]),
+             args["max_epsilon"], delta=args.get("delta"), cfg=hospital_cfg())
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_a_second_approval_with_a_note_is_kept_beside_the_first_and_names_the_version(hospital_data, tmp_path):
@@ -247,3 +254,24 @@ def test_plan_says_what_a_hospital_with_the_default_policy_does_with_a_short_run
     out = capsys.readouterr().out
     assert "refuses a round that costs more than 0.5 (policy.max_epsilon_per_round): round 1 here costs 0.609" in out
     assert "trains with noise multiplier 3.83" in out and "ending at epsilon 0.83" in out
+
+
+def test_hospital_init_that_fails_after_writing_removes_only_what_it_wrote(hospital_data, tmp_path, monkeypatch):
+    """A failure half-way (here: registering the export) leaves the user's own folder as it
+    was, so the retry is not refused with "already holds a hospital folder"."""
+    import client.export
+    from client.commands import init
+    from tests.conftest import hospital_cfg
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk filled up")
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("ours")
+    monkeypatch.setattr(client.export, "register", broken)
+    with pytest.raises(RuntimeError):
+        init(tmp_path / "mine", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0, cfg=hospital_cfg())
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    assert "made the hospital folder" in init(tmp_path / "mine", "a", str(hospital_data[0]), str(hospital_data[1]), 1.0,
+                                              cfg=hospital_cfg())

@@ -148,7 +148,7 @@ def summary_text(run: RunFolder) -> str:
                       "the RDP accountant reads " + format_number(h.epsilon_rdp) if h.accountant == "prv" else
                       "the PRV accountant reads " + format_number(h.epsilon_prv))
             lines.append(
-                f"  {name:20s} epsilon {h.epsilon:.3f} at delta {h.delta:.0e} ({second}), budget "
+                f"  {name:20s} epsilon {h.epsilon:.3f} at delta {h.delta:.2g} ({second}), budget "
                 f"{format_number(h.budget)}, {h.rounds_trained} round{'' if h.rounds_trained == 1 else 's'} trained, "
                 f"{h.state.words}" + (f"; {others}" if others else "")
             )

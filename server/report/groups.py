@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from common.document import Image, Section, Table
-from common.estimates import CALIBRATION_INTERVAL_COVERAGE, GROUP_READ_MARGIN, INTERVAL_LEVEL, MIN_SIGNAL
+from common.estimates import CALIBRATION_INTERVAL_COVERAGE, GROUP_READ_MARGIN, INTERVAL_LEVEL, MIN_SIGNAL, Z_99
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
@@ -79,9 +79,6 @@ def subgroup_section(run: RunFolder) -> Section | None:
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-Z_99 = 2.576  # the normal's 99.5% quantile: a two-sided 99% range
-
-
 def _count_range(noisy: float, spread: float, most: float | None = None) -> tuple[float, float]:
     """The range of true counts a noisy count leaves: noisy ± spread, never below 0, and
     never above ``most`` (deaths: the patients' own upper end)."""
@@ -122,9 +119,11 @@ def calibration_words(curve, recalibrated: bool, with_interval: list[float] | No
         if low <= 1 <= high:
             return read + ": its interval holds 1, so no clear sign either way."
         if SLIGHT_MISCALIBRATION[0] <= low and high <= SLIGHT_MISCALIBRATION[1]:
-            # a difference the interval proves but a clinician would not act on: say its size, not an alarm
-            return (read + f": the model's risks run slightly {'low' if ratio > 1 else 'high'}, by about "
-                    f"{abs(ratio - 1):.0%}, too little to change how they are read.")
+            # a difference the interval proves, within a fifth either way: say its size and direction, not an alarm
+            return (read + f": the observed rate is about {abs(ratio - 1):.0%} {'above' if ratio > 1 else 'below'} "
+                    f"the mean predicted risk ({min(abs(low - 1), abs(high - 1)):.0%} to "
+                    f"{max(abs(low - 1), abs(high - 1)):.0%}), so the risks run "
+                    f"{'low' if ratio > 1 else 'high'} by a small but clear margin.")
     else:
         # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
         # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
@@ -149,9 +148,10 @@ def group_size_words(run: RunFolder, least: float, none_read: bool) -> str:
     text = (("No group could be read at this run's size. " if none_read else "")
             + f"A group's row is read when its pooled test patients hold at least {least:.0f} deaths and "
             f"{least:.0f} survivors, as noisy counts: {MIN_SIGNAL:g} sds of the DP noise on a group's count"
-            + (f", with {GROUP_READ_MARGIN:g} sds to spare, since {len(run.metrics.test.subgroups)} groups ask twice "
-               "as many such questions of one release and a bare 2 sds let noise read some group's row in about "
-               "every other default run" if getattr(run.metrics.test, "subgroup_count_sd", None) else "")
+            + (f", with {GROUP_READ_MARGIN:.2f} sds to spare (each count's one-sided 99.5% lower bound), since "
+               f"{len(run.metrics.test.subgroups)} groups ask twice as many such questions of one release and at 2 "
+               "sds alone noise read some group's row in 44% of default runs"
+               if getattr(run.metrics.test, "subgroup_count_sd", None) else "")
             + " (at this run's noise and number of hospitals; the noise on a pooled count grows with the square "
             "root of the number of hospitals, and falls as evaluation.test_epsilon or evaluation.subgroup_share "
             "rise).")

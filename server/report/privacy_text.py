@@ -31,10 +31,10 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
             "model weights it released carry no formal privacy guarantee."
         )
     if h.delta is None or h.accountant is None or not h.groups:
-        why = f" ({h.reason})" if h.reason else ""
+        why = f"; {h.reason}" if h.reason else ""
         return (
-            f"For the patients of hospital {name}: this run holds no record of any release about them: the hospital "
-            f"{h.state.words}{why}. What it released in other runs is in its own ledger (`fedgru hospital show`)."
+            f"For the patients of hospital {name}: this run holds no record of any release about them (its state at "
+            f"the end: {h.state.words}{why}). What it released in other runs is in its own ledger (`fedgru hospital show`)."
         )
     delta, other = h.delta, "PRV" if h.accountant == "rdp" else "RDP"
     scope = "this run" + (f" and the {len(h.earlier_runs)} earlier run(s)" if h.earlier_runs else "")
@@ -47,7 +47,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
                   else f"{other} accounting: epsilon {format_number(other_eps)}")
         groups.append(
             f"its {label} stays ({what}; {g.releases} {'release' if g.releases == 1 else 'releases'}): "
-            f"({format_number(g.epsilon)}, {delta:.0e})-DP "
+            f"({format_number(g.epsilon)}, {delta:.2g})-DP "
             f"({second})"
         )
     worst_split, worst = max(((split, g.epsilon) for split, g in h.groups.items()), key=lambda item: item[1])
@@ -65,31 +65,37 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
            "epsilon is that of its group and the groups' epsilons do not add up for it, as long as the hospital's "
            "split settings (policy.split) stay as they were. " if len(groups) > 1 else "")
         + "A patient with several stays is protected as a group of stays: k stays in one group at up to k times "
-          "that group's epsilon (with delta growing to k e^((k-1) epsilon) times delta: group privacy, Dwork & Roth "
-          "2014, Thm 2.2 and its delta form), and stays in different groups at the sum of those groups' epsilons. "
+          "that group's epsilon (with delta growing to k e^((k-1) epsilon) times delta: group privacy: Dwork & Roth "
+          "2014, Theorem 2.2, in its standard (epsilon, delta) form), and stays in different groups at the sum of those groups' epsilons. "
         + f"In plain words, for the {GROUP_WORDS[worst_split][0]} stays (epsilon {format_number(worst)}, the largest "
         f"here; each group's factor is e to its own epsilon): whether or not any one stay's record was used, the "
         f"probability of any outcome an outsider can observe is at most {math.exp(worst):.2f} times (e to the power "
-        f"epsilon) what it would be otherwise, plus {delta:.0e} (delta). Released without DP, and about no single "
-        "stay: the hospital's name, the number of stays in each split, and the settings and list of its releases "
-        "(its ledger)."
+        f"epsilon) what it would be otherwise, plus {delta:.2g} (delta). Not covered by this guarantee, "
+        "and released without DP: the hospital's name; its declared number of stays in each split (counted exactly "
+        "once, when its export was registered: they depend on every stay, so one stay more or less can show in "
+        "them); its policy settings answered at each run's preflight (budgets, min_honest, max_colluding); and the "
+        "settings and list of its releases (its ledger). The report lists every such release above."
         + exact + budget_words(h, budgets)
     )
+
+
+SPENT = 0.0005  # a budget with less left reads "less than 0.001 remains" at three decimals: spent
 
 
 def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
     """Each group's budget and what remains after this run; a spent validation or test
     budget means a later run that scores those stays will be refused."""
-    known = {"train": h.budget, **{g: v for g, v in (budgets or {}).items() if g != "train"}}
+    # the hospital's own budgets where its preflight answer gave them (a run may cap the training one lower)
+    known = {"train": h.budget, **(budgets or {})}
     parts, spent = [], []
     for split, budget in known.items():
         g = h.groups.get(split)
         if not budget or g is None:
             continue
-        left = budget - g.epsilon if split != "train" or h.remaining is None else h.remaining
-        words = f"{format_number(left)} remains" if left >= 0.0005 else "spent (less than 0.001 remains)"
+        left = budget - g.epsilon
+        words = f"{format_number(left)} remains" if left >= SPENT else "spent (less than 0.001 remains)"
         parts.append(f"{GROUP_WORDS[split][0]} epsilon = {format_number(budget)}, {words}")
-        if left < 0.0005 and split != "train":
+        if left < SPENT and split != "train":
             spent.append(GROUP_WORDS[split][0])
     if not parts:
         return ""
