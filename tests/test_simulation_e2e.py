@@ -148,7 +148,7 @@ def test_the_console_is_quiet(small_run):
     assert "decision threshold" in proc.stdout and ("monitor: a stay is flagged" in proc.stdout) == (margin is not None)
     assert "decision threshold" not in proc.stderr and "Pooled test" not in proc.stderr
     assert "Pooled test (read from the DP releases with a skew-normal fit;" in proc.stdout  # not "skewnormal estimate"
-    assert "(starting the federation itself, Ray and Flower in a simulation, is not counted)" in (
+    assert "(starting the federation itself is not counted: Ray and Flower in a simulation)" in (
         run_dir / "report.md").read_text()
 
 
