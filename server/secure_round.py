@@ -108,11 +108,12 @@ class SecureRounds:
         dropouts every round should survive) and a threshold that leaves fewer: the
         hospitals whose policy set it above the run's own rule (a majority, at least
         ``privacy.min_honest``) are left out, strictest first, as long as that makes a
-        round survive more dropouts than with them (asked, they could only hold everyone to their threshold or
-        refuse, and a refusal is a dropout already). A hospital whose policy raises
-        nothing is never left out, and the run's own rule is not the policies' fault: where
-        it leaves fewer dropouts, a warning says so. Each is logged once; a hospital left
-        out is told nothing and charged nothing, and the report gives the reason."""
+        round survive more dropouts than with them (asked, they could only hold everyone
+        to their threshold or refuse, and a refusal is a dropout already). A hospital whose
+        policy raises nothing is never left out, and the run's own rule is not the
+        policies' fault: where it leaves fewer dropouts, a warning says so. Each is logged
+        once; a hospital left out is told nothing and charged nothing, and the report gives
+        the reason."""
         cfg = self.co.cfg
         nodes = sorted(nid for nid, h in self.co.hospitals.items() if h.active)
         wanted = cfg.privacy.secure_min_dropouts
