@@ -14,7 +14,7 @@ from pathlib import Path
 from common.config import ExperimentConfig, auto_delta, load_config
 from common.data.dataset import read_export
 from common.definition import DataDefinition
-from common.ledger import NOISY
+from common.ledger import NOISY, Ledger
 from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
 from common.metrics import format_number
 from common.signatures import public_key_of
@@ -85,9 +85,7 @@ def _evaluation_runs(cfg: ExperimentConfig, policy: Policy, delta: float) -> lis
     hospital's own check composes them (the second run costs less than the first): once
     they are spent the hospital refuses every later run that scores those stays (a new
     user found this out after a three-round try-out)."""
-    from common.ledger import Ledger
-
-    from .preflight import planned_evaluation_entries
+    from .preflight import planned_evaluation_entries  # torch and Opacus behind it: only init needs them
 
     if not cfg.evaluation.dp:
         return []
@@ -192,7 +190,9 @@ def add_peer(folder_path: Path, name: str, key_file: Path) -> str:
     settings.policy.peer_keys = {**settings.policy.peer_keys, name: line}
     write_settings(folder.path, settings)
     verb = "kept" if before == line else "replaced" if before else "added"
-    return (f"{folder.name}: {name} {verb} in policy.peer_keys ({len(settings.policy.peer_keys)} {'hospital' if len(settings.policy.peer_keys) == 1 else 'hospitals'} listed). "
+    listed = len(settings.policy.peer_keys)
+    return (f"{folder.name}: {name} {verb} in policy.peer_keys ({listed} {'hospital' if listed == 1 else 'hospitals'} "
+            "listed). "
             "In secure aggregation this hospital now refuses a round in which any other participant is not a "
             "listed hospital.")
 

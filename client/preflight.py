@@ -48,7 +48,8 @@ def evaluation_outlook(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) ->
         policy.check_evaluation(cfg, split, planned[split.value])
         if not cfg.evaluation.dp:
             continue  # a comparison simulation's exact histograms (its policy allows them): outside DP, no budget
-        spent = ledger.epsilon_with(planned_evaluation_entries(cfg, policy, split))
+        entries = planned_evaluation_entries(cfg, policy, split)
+        spent = ledger.epsilon_with(entries)
         if spent > policy.eval_max_epsilon:
             key = f"evaluation.{split.value}_epsilon"
             fits = _largest_evaluation_epsilon(cfg, policy, ledger, split)
@@ -56,7 +57,6 @@ def evaluation_outlook(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) ->
             raise PolicyRefusal(key, f"plans {split.value} releases that would take those patients to epsilon {spent:.3f}; "
                                      f"this hospital's budget for them is {policy.eval_max_epsilon:g} "
                                      f"({budget_left(ledger, policy.eval_max_epsilon, split)} left): {fix}")
-        entries = planned_evaluation_entries(cfg, policy, split)
         after[split.value] = (spent, ledger.epsilon_with(entries + entries))
     return after
 
