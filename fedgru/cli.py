@@ -150,23 +150,31 @@ def _ceiling_note(args, p) -> str:
     """What a hospital with ``hospital init``'s default policy does with this plan: it
     refuses a round that costs more than half its budget (policy.max_epsilon_per_round),
     so a short run trains with more noise than the plan (a new user's 3-round plan said
-    3.31 where the deployed hospitals used 3.83, "its per-round ceiling")."""
-    from common.privacy import InfeasibleTarget, calibrate_noise, plan
+    3.31 where the deployed hospitals used 3.83, "its per-round ceiling"). Read from the
+    hospital's own noise fit (``client.noise.fit_noise``), so plan answers as it will."""
+    from client.noise import fit_noise
+    from client.policy import PolicyRefusal, default_policy
+    from common.ledger import Ledger
+    from common.privacy import plan
 
-    ceiling = args.epsilon / 2
-    first = p.epsilon_per_round[0]
+    policy = default_policy(args.epsilon, args.delta, args.epsilon)
+    ceiling, first = policy.max_epsilon_per_round, p.epsilon_per_round[0]
     said = (f"a hospital with `fedgru hospital init`'s default policy and budget {args.epsilon:g} refuses a round that "
             f"costs more than {ceiling:g} (policy.max_epsilon_per_round): round 1 here costs {first:.4f}")
     if first <= ceiling + 1e-9:
         return said + ", within it"
+    cfg = load_config(None, [f"run.rounds={args.rounds}", f"training.batch_size={args.batch_size}",
+                             f"training.local_epochs={args.local_epochs}", "training.sample_rate=0",
+                             "privacy.noise_multiplier=0", f"privacy.target_epsilon={args.epsilon}",
+                             f"privacy.delta={args.delta}"])
     try:
-        sigma = calibrate_noise(ceiling, args.delta, p.sample_rate, p.steps_per_round, args.accountant)
-    except InfeasibleTarget:
-        return said + ", and no noise brings one round within it"
+        fit = fit_noise(cfg, policy, args.examples, args.accountant, Ledger("plan", args.delta), args.epsilon)
+    except PolicyRefusal as exc:
+        return said + f", and it refuses this plan: {exc}"
     after = plan(args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
-                 noise_multiplier=sigma).epsilon_per_round[-1]
-    return (said + f": such a hospital trains with noise multiplier {sigma:.4f} instead (\"its per-round ceiling\"), "
-            f"ending at epsilon {after:.4f} after {args.rounds} rounds")
+                 noise_multiplier=fit.noise_multiplier).epsilon_per_round[-1]
+    return (said + f": such a hospital trains with noise multiplier {fit.noise_multiplier:.4f} instead "
+            f"(\"{fit.set_by}\"), ending at epsilon {after:.4f} after {args.rounds} rounds")
 
 
 def _feasible(args, exc) -> str:

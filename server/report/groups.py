@@ -8,6 +8,7 @@ import math
 
 from common.document import Image, Section, Table
 from common.estimates import CALIBRATION_INTERVAL_COVERAGE, GROUP_READ_MARGIN, INTERVAL_LEVEL, MIN_SIGNAL, Z_99
+from common.metrics import with_interval
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
@@ -91,9 +92,10 @@ def _range_text(bounds: tuple[float, float]) -> str:
 
 
 def _with(value: float, group, metric: str) -> str:
-    """A read group's metric with its interval where the row has one."""
+    """A read group's metric with its interval, as every DP reading prints
+    (``with_interval``); bare only in run folders from before groups had intervals."""
     found = (group.intervals or {}).get(metric)
-    return f"{value:.3f} ({found[0]:.3f}-{found[1]:.3f})" if found else f"{value:.3f}"
+    return with_interval(value, found) if found else f"{value:.3f}"
 
 
 # An observed/predicted interval entirely inside this band is a real but small difference
