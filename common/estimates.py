@@ -71,7 +71,8 @@ INTERVAL_LEVEL = 0.99
 # Two sets of 20 protocol runs: 4ae62e4's and 7e579c5's (2026-12-06; the code that reads the intervals is the
 # same but for the ranking rule, which fired for neither), README "What a run reports about itself"
 # ... and 11 repeated `fedgru simulate` runs of 6485b2d (2026-12-06): the same 800 test patients each time (the
-# config's seed), one drowned ("cannot be estimated"), the other 10 held far less often. Not understood yet.
+# config's seed), one drowned ("cannot be estimated"), the other 10 held less often (AUROC 7 of 10 against
+# 38 of 40: Fisher's exact p = 0.048). Not understood yet.
 INTERVAL_COVERAGE = ("measured on 40 protocol runs (default settings, five held-out folds of 800 test patients, 4 "
                      "hospitals, test epsilon 1), they held the exact value in: AUROC 38, AUPRC 29, accuracy 39, "
                      "sensitivity 38, specificity 40, F1 39, Brier 39, min(Se,PPV) 39 of 40 runs; on 10 repeated "
