@@ -257,6 +257,48 @@ def test_the_auroc_interval_mostly_covers_the_exact_auroc_of_the_released_patien
     assert 0.05 < float(np.mean(widths)) < 0.5
 
 
+def test_the_fitted_pairs_auroc_is_the_binormal_one_and_a_truth_can_be_moved_to_any_auroc():
+    """fitted_auroc of two normals is Phi(d / sqrt(sd0^2 + sd1^2)) (the slow reference: the
+    closed form), and the truths an interval's ends are tested at have the AUROC asked."""
+    from common.estimates import RowFit, _moved_to_auroc, fine_grid, fitted_auroc
+
+    edges = _edges(fine_grid(GRID)[0])
+    for d, sd0, sd1 in [(1.09, 1.0, 1.0), (2.0, 1.0, 0.6), (0.4, 0.8, 1.3), (-0.5, 1.0, 1.0)]:
+        fits = [RowFit(700, -2.3, sd0), RowFit(100, -2.3 + d, sd1)]
+        assert fitted_auroc(fits, edges) == pytest.approx(norm_cdf(d / math.hypot(sd0, sd1)), abs=0.002)
+    skewed = [RowFit(700, -2.5, 1.2, 3.0), RowFit(100, -1.4, 0.9, -1.0)]
+    for target in (0.55, 0.7, 0.82, 0.95):
+        moved = _moved_to_auroc(skewed, target, edges)
+        assert moved[0] == skewed[0] and moved[1].scale == skewed[1].scale
+        assert fitted_auroc(moved, edges) == pytest.approx(target, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", [60, 93])
+def test_an_interval_holds_the_truths_whose_own_errors_could_give_a_low_reading(seed, monkeypatch):
+    """Two default-sized synthetic releases (seeds found among 300 as reading the AUROC
+    more than 0.12 below the exact one) whose interval from the errors at the fit alone
+    stopped short of the exact AUROC: drawn from a fit that reads low, readings err
+    upwards, while the truth's readings err down. Tested also at truths at the interval's
+    ends (common.estimates.TRUTH_STEPS), the interval holds it, and it holds the fit's."""
+    from common import estimates
+
+    noise = TEST_NOISE * math.sqrt(len(SIZES))
+    release, exact = _release(np.random.default_rng(seed), GRID)
+    read = for_metrics(release, "skewnormal", dp=True).metrics().auroc
+    assert read < exact.auroc - 0.12
+
+    def interval(steps):
+        monkeypatch.setattr(estimates, "TRUTH_STEPS", steps)
+        return estimates.metric_intervals(release, noise, None, estimates.INTERVAL_LEVEL, 200,
+                                          np.random.default_rng(0), "skewnormal")
+
+    steps = estimates.TRUTH_STEPS
+    at_fit, tested = interval(0), interval(steps)
+    assert at_fit["auroc"][1] < exact.auroc <= tested["auroc"][1]
+    for metric, (low, high) in at_fit.items():
+        assert tested[metric][0] <= low and high <= tested[metric][1]
+
+
 def test_no_interval_without_noise_or_for_several_classes():
     release, _ = _release(np.random.default_rng(1), GRID)
     assert auroc_interval(release, 0.0) is None
