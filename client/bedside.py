@@ -47,6 +47,17 @@ def hourly_risks(bundle: Bundle, ds: Dataset, batch: int = 512) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, ds.X.shape[1]))
 
 
+def observed_hours(ds: Dataset, features) -> np.ndarray:
+    """(N,) each stay's last hour of the window with an observation (1-based), 0 for a
+    stay with none (descriptors alone). A stay still in the ICU has no hours after it; a
+    finished one had nothing charted there."""
+    V = len(features.variables)
+    seen = ds.X[:, :, V:2 * V] > 0.5 if features.observed_mask else ds.X[:, :, :V] != 0
+    any_seen = seen.any(axis=2)  # (N, T)
+    last = any_seen.shape[1] - np.argmax(any_seen[:, ::-1], axis=1)
+    return np.where(any_seen.any(axis=1), last, 0).astype(np.int64)
+
+
 def stay_index(ds: Dataset, stay_id: str) -> int:
     hits = np.flatnonzero(ds.stay_ids.astype(str) == str(stay_id))
     if hits.size == 0:
@@ -57,6 +68,11 @@ def stay_index(ds: Dataset, stay_id: str) -> int:
 def explain_stay(bundle: Bundle, ds: Dataset, stay_id: str) -> Explanation:
     i = stay_index(ds, stay_id)
     return explain(bundle.model, ds.X[i], ds.S[i], bundle.config.features, str(stay_id))
+
+
+MIN_JUMP = 0.01  # the least change of risk in an hour the monitor lists as a jump
+MIN_MOVE = 0.005  # the least change of a variable's contribution (log-odds) listed behind a jump
+NO_MOVER = "no value observed that hour moved it: the hours passing since the last values did"
 
 
 @dataclass
@@ -78,7 +94,8 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
     x = torch.as_tensor(ds.X[i : i + 1], dtype=torch.float32)
     s = torch.as_tensor(ds.S[i : i + 1], dtype=torch.float32)
     change = np.abs(np.diff(np.concatenate([[risks[0]], risks])))
-    hours = [int(h) for h in np.argsort(-change)[:top] if h > 0]
+    # a change below MIN_JUMP is not a jump (0.194 -> 0.186 was shown as one, labelled on the chart)
+    hours = [int(h) for h in np.argsort(-change)[:top] if h > 0 and change[h] >= MIN_JUMP]
     if is_exact(bundle.model):
         parts, _ = exact_contributions(bundle.model, x, s, features, hourly=True)
         per_hour_parts = parts[0].numpy()  # (T, V + D)
@@ -91,13 +108,15 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
             deltas[h] = (now - before)[0, :V].numpy()
     out = []
     for h in sorted(hours):
-        order = np.argsort(-np.abs(deltas[h]))[:per_hour]
         movers = []
-        for v in order:
+        for v in np.argsort(-np.abs(deltas[h])):
             spec = features.variables[v]
-            seen = features.observed_mask and ds.X[i, h, V + v] > 0.5
-            value = format_value(denormalise(spec, float(ds.X[i, h, v])), spec.unit) if seen else ""
-            movers.append((spec.name, value, float(deltas[h][v])))
+            seen = ds.X[i, h, V + v] > 0.5 if features.observed_mask else ds.X[i, h, v] != 0
+            # only what was observed that hour, as the page's column says: a variable never charted
+            # moved the risk too ("GCS -0.00") through the hours passing, not through a value
+            if seen and abs(deltas[h][v]) >= MIN_MOVE and len(movers) < per_hour:
+                value = format_value(denormalise(spec, float(ds.X[i, h, v])), spec.unit)
+                movers.append((spec.name, value, float(deltas[h][v])))
         out.append(Jump(h + 1, float(risks[h - 1]), float(risks[h]), movers))
     return out
 
@@ -121,9 +140,20 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
     # The page embeds its plots: they are drawn in a folder of their own, gone once the page is written
     plots = tempfile.TemporaryDirectory(prefix="fedgru-monitor-")
     decision = bundle.info.get("threshold")  # what `fedgru predict` flags at, on the last hour's risk alone
+    full_thresholds = thresholds
     for stay_id in stay_ids:
         i = stay_index(ds, stay_id)
-        risks = hourly_risks(bundle, ds.subset(np.array([i])))[0]
+        one = ds.subset(np.array([i]))
+        last = int(observed_hours(one, bundle.config.features)[0])
+        if not last:
+            sections.append(Section(f"Stay {stay_id}", [
+                "No observation in the window, only descriptors: no risk is shown (the descriptors alone, age and "
+                "sex, are not a reading of this stay)."]))
+            lines.append(f"stay {stay_id}: no observation in the window, not scored")
+            continue
+        whole = hourly_risks(bundle, one)[0]
+        window, risks = len(whole), whole[:last]  # up to its last observation: no hour after it is made up
+        thresholds = full_thresholds[:last]
         found = jumps(bundle, ds, i, risks)
         hours = np.arange(1, len(risks) + 1)
         first = next((int(h) for h, r, t in zip(hours, risks, thresholds) if r >= t), None)
@@ -137,7 +167,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
                 + (" (stays on once raised)" if latched else ""))
         for jump in found:
             label = ", ".join(name for name, _, _ in jump.movers[:2])
-            ax.annotate(label, (jump.hour, jump.after), textcoords="offset points", xytext=(0, 10), fontsize=7, ha="center")
+            if label:
+                ax.annotate(label, (jump.hour, jump.after), textcoords="offset points", xytext=(0, 10), fontsize=7, ha="center")
         ax.set_xlabel("hour since admission")
         ax.set_ylabel("risk of the outcome")
         ax.set_ylim(0, max(1e-3, min(1.0, max(risks.max(), thresholds.max()) * 1.25)))
@@ -149,25 +180,32 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         fig.savefig(png, dpi=110)
         plt.close(fig)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
-                 "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers)] for j in found]
+                 "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers) or NO_MOVER]
+                for j in found]
         flag_text = ((f"flagged from hour {first} on" if latched else f"first flagged at hour {first}") if first
                      else "never flagged")
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."
+            + (f" Hour {last} is this stay's last observation; the window runs to hour {window}: no later hour is "
+               "shown." if last < window else "")
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
                                 "flagged at every hour: an early risk is judged against early risks.")
             + (" A flag stays on once raised (shaded): the line is each hour's threshold moved up by the run's "
                "margin, read so that a set share of patients is flagged at some hour of the window." if latched else "")
-            + (f" `fedgru predict` decides on the risk at hour {len(risks)} alone, at {float(decision):.3f}: this "
-               f"stay is {'flagged' if risks[-1] >= float(decision) else 'not flagged'} there."
+            + (f" `fedgru predict` decides on the risk at hour {window} alone, at {float(decision):.3f}: this "
+               f"stay is {'flagged' if whole[-1] >= float(decision) else 'not flagged'} there"
+               + (" (it reads the stay as finished at its last observation)." if last < window else ".")
                if latched and decision is not None else ""),
             Table(["hour", "risk", "what moved it (observed that hour; change of its contribution to the log-odds)"], rows,
-                  empty="The risk did not change after hour 1."),
+                  empty=f"The risk did not change by {MIN_JUMP} or more in any hour."),
         ]))
-        lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}, {flag_text}")
-        lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: " + ", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers)
-                  for j in found]
+        predicted = (f"; plain predict: {'flagged' if whole[-1] >= float(decision) else 'not flagged'} at "
+                     f"{float(decision):.3f}" if latched and decision is not None else "")
+        lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}"
+                     + (" (its last observation)" if last < window else "") + f", {flag_text}{predicted}")
+        lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: "
+                  + (", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers) or NO_MOVER) for j in found]
     try:
         out.write_text(to_html("fedgru monitor", sections))
     finally:

@@ -37,10 +37,10 @@ def cmd_evaluate(args) -> int:
     from common.metrics import exact_metrics, format_metrics, sampling_intervals
 
     bundle = Bundle(args.model)
+    threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, args.outcomes, args.format)
     _notes(ds)
     probs = bundle.predict(ds)
-    threshold = _threshold(args, bundle)
     binary = probs.shape[1] == 2
     result = ExactEvaluation(
         str(args.data), threshold if binary else None, exact_metrics(ds.y, probs, threshold),
@@ -106,14 +106,21 @@ def _written(out: str):
 def cmd_predict(args) -> int:
     import csv
 
+    import numpy as np
+
     from common.bundle import Bundle
     from common.metrics import predicted_class
 
     bundle = Bundle(args.model)
+    classes = bundle.config.task.classes
+    if len(classes) == 2:
+        _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, None, args.format)
     _notes(ds)
     probs = bundle.predict(ds)
-    classes = bundle.config.task.classes
+    from client.bedside import observed_hours
+
+    seen = observed_hours(ds, bundle.config.features)
     out = args.out
     if out != "-":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -127,39 +134,65 @@ def cmd_predict(args) -> int:
         risks = hourly_risks(bundle, ds)
         levels, latched = _monitor_levels(args, bundle, risks.shape[1])
         flagged = monitor_flags(risks, levels, latched)
+        rows = 0
         with _written(out) as handle:
             writer = csv.writer(handle)
             # flagged_since: the hour the stay's flag (on at that row) was raised, so a kept flag says where it
             # came from when the hour's own risk is below its threshold
             writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged", "flagged_since"])
-            for sid, row, flags in zip(ds.stay_ids, risks, flagged):
+            for sid, row, flags, last in zip(ds.stay_ids, risks, flagged, seen):
                 since = None
-                for h, r in enumerate(row):
+                for h, r in enumerate(row[:last]):  # no row for an hour after the stay's last observation
                     since = (since or h + 1) if flags[h] else None
-                    writer.writerow([sid, h + 1, f"{r:.6f}", f"{levels[h]:.3f}", int(flags[h]), since or ""])
-        print(f"wrote {risks.size} hourly risks ({len(ds.stay_ids)} stays x {risks.shape[1]} hours) to {'stdout' if out == '-' else out}; "
-              f"{flagged[:, -1].mean():.0%} of stays flagged at hour {risks.shape[1]}, {flagged.any(axis=1).mean():.0%} "
-              "at some hour" + ("; a flag stays on once raised" if latched else "")
-              + f" (plain predict's decision flags the hour-48 risk at {_threshold(args, bundle):.3f} instead)",
-              file=sys.stderr)
+                    # the risk and its threshold with the same digits: a row never reads "0.433048 >= 0.433, not flagged"
+                    writer.writerow([sid, h + 1, f"{r:.6f}", f"{levels[h]:.6f}", int(flags[h]), since or ""])
+                    rows += 1
+        scored = seen > 0
+        at_last = flagged[np.flatnonzero(scored), seen[scored] - 1]
+        ever = [bool(f[:last].any()) for f, last in zip(flagged[scored], seen[scored])]
+        print(f"wrote {rows} hourly risks ({int(scored.sum())} stays, each up to its last observed hour) to "
+              f"{'stdout' if out == '-' else out}; {at_last.mean() if len(ever) else 0:.0%} of them flagged at that "
+              f"hour, {np.mean(ever) if ever else 0:.0%} at some hour" + ("; a flag stays on once raised" if latched else "")
+              + f" (plain predict's decision flags the hour-{risks.shape[1]} risk at {_threshold(args, bundle):.3f} "
+              "instead)", file=sys.stderr)
+        _stay_notes(seen, risks.shape[1])
         return 0
     with _written(out) as handle:
         writer = csv.writer(handle)
         if len(classes) == 2:
             flagged = predicted_class(probs, _threshold(args, bundle))  # the same rule as the metrics
-            writer.writerow(["stay_id", "risk", "flagged"])  # risk: of classes[1], as --hourly writes it
-            for sid, p, flag in zip(ds.stay_ids, probs[:, 1], flagged):
-                writer.writerow([sid, f"{p:.6f}", int(flag)])
+            # risk: of classes[1], as --hourly writes it; left blank for a stay with no observation (the
+            # descriptors alone, age and sex, are not a reading of this stay)
+            writer.writerow(["stay_id", "risk", "flagged", "hours_observed"])
+            for sid, p, flag, last in zip(ds.stay_ids, probs[:, 1], flagged, seen):
+                writer.writerow([sid, f"{p:.6f}" if last else "", int(flag) if last else "", int(last)])
         else:
             writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
             for sid, row in zip(ds.stay_ids, probs):
                 writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
-    of = f" (the risk of {classes[1]})" if len(classes) == 2 else ""
-    share = (f"; {flagged.mean():.0%} of stays flagged at risk >= {_threshold(args, bundle):.3f} (the hourly "
-             "monitor, predict --hourly, flags by each hour's own level and keeps a flag once raised: at hour 48 "
-             "it can differ)" if len(classes) == 2 else "")
-    print(f"wrote {len(ds.stay_ids)} risk scores{of} to {'stdout' if out == '-' else out}{share}", file=sys.stderr)
+    of = f" (the risk of the outcome '{classes[1]}')" if len(classes) == 2 else ""
+    hours = ds.X.shape[1]
+    share = (f"; {flagged[seen > 0].mean() if (seen > 0).any() else 0:.0%} of the stays scored flagged at risk >= "
+             f"{_threshold(args, bundle):.3f} (the hourly monitor, predict --hourly, flags by each hour's own level "
+             f"and keeps a flag once raised: at hour {hours} it can differ)" if len(classes) == 2 else "")
+    print(f"wrote {int((seen > 0).sum()) if len(classes) == 2 else len(ds.stay_ids)} risk scores{of} to "
+          f"{'stdout' if out == '-' else out}{share}", file=sys.stderr)
+    if len(classes) == 2:
+        _stay_notes(seen, hours)
     return 0
+
+
+def _stay_notes(seen, hours: int) -> None:
+    """On stderr: stays with no observation (not scored) and stays whose last observation
+    is before the window's end (counts only)."""
+    empty, short = int((seen == 0).sum()), int(((seen > 0) & (seen < hours)).sum())
+    if empty:
+        print(f"note: {empty} stay(s) have no observation in the window, only descriptors: they are not scored "
+              "(blank risk)", file=sys.stderr)
+    if short:
+        print(f"note: {short} stay(s) have their last observation before hour {hours}: plain predict reads them at "
+              f"hour {hours}, as the model was trained and validated (a finished stay); for a stay still in the ICU "
+              "read its current hour (predict --hourly, monitor)", file=sys.stderr)
 
 
 def _one_stay(args):

@@ -242,8 +242,12 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
     assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(final)]) == 0
     rows = list(csv.DictReader(hourly.open()))
     last = {r["stay_id"]: float(r["risk"]) for r in rows if r["hour"] == "48"}
-    finals = {r["stay_id"]: float(r["risk"]) for r in csv.DictReader(final.open())}
-    assert len(rows) == 48 * len(finals) and last.keys() == finals.keys()
+    plain = list(csv.DictReader(final.open()))
+    observed = {r["stay_id"]: int(r["hours_observed"]) for r in plain}
+    finals = {r["stay_id"]: float(r["risk"]) for r in plain if observed[r["stay_id"]] == 48}
+    # a stay's rows end at its last observed hour: no hour after it is made up
+    assert len(rows) == sum(observed.values()) and last.keys() == finals.keys()
+    assert {r["stay_id"]: int(r["hour"]) for r in rows} == {k: v for k, v in observed.items() if v}
     assert max(abs(last[k] - finals[k]) for k in finals) < 1e-5
     assert all(r["flagged"] == str(int(float(r["risk"]) >= 0.3)) for r in rows)
     # flagged_since: the hour the flag on at that row was raised, a flagged hour whose risk passed its threshold
@@ -256,8 +260,61 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
             assert since <= int(r["hour"]) and all(by_stay_hour[(r["stay_id"], h)]["flagged"] == "1"
                                                     for h in range(since, int(r["hour"]) + 1))
             raised = by_stay_hour[(r["stay_id"], since)]
-            assert float(raised["risk"]) >= float(raised["threshold"]) - 5e-4  # (the threshold printed to 3 digits)
+            assert float(raised["risk"]) >= float(raised["threshold"])  # both printed to 6 digits
             assert since == 1 or by_stay_hour[(r["stay_id"], since - 1)]["flagged"] == "0"
+
+
+DESCRIPTORS = {"RecordID", "Age", "Gender", "Height", "ICUType", "Weight"}
+
+
+def test_a_stay_without_data_gets_no_risk_and_a_cut_stay_no_made_up_hour(bundle_and_stays, tmp_path, capsys):
+    """A clinician's try flagged a stay with descriptors alone (risk 0.47 from age and sex),
+    and labelled a 6-hour stay 'hour 48' with 42 made-up hourly rows: the first now has no
+    risk anywhere, the second's hourly rows and monitor page end at its last observation."""
+    import csv
+
+    from client.bedside import jumps, observed_hours
+    from common.bundle import Bundle
+    from fedgru.cli import main
+
+    path, folder, _, stays = bundle_and_stays
+    export = tmp_path / "export"
+    export.mkdir()
+    empty, cut = stays
+    lines = (folder / f"{empty}.txt").read_text().splitlines()
+    (export / f"{empty}.txt").write_text("\n".join([lines[0]] + [x for x in lines[1:] if x.startswith("00:00,")
+                                                                 and x.split(",")[1] in DESCRIPTORS]) + "\n")
+    lines = (folder / f"{cut}.txt").read_text().splitlines()
+    (export / f"{cut}.txt").write_text("\n".join([lines[0]] + [x for x in lines[1:] if x < "06:00"]) + "\n")
+    plain, hourly = tmp_path / "plain.csv", tmp_path / "hourly.csv"
+    assert main(["predict", "--model", str(path), "--data", str(export), "--out", str(plain)]) == 0
+    assert "1 stay(s) have no observation in the window" in capsys.readouterr().err
+    rows = {r["stay_id"]: r for r in csv.DictReader(plain.open())}
+    assert rows[empty] == {"stay_id": empty, "risk": "", "flagged": "", "hours_observed": "0"}
+    seen = int(rows[cut]["hours_observed"])
+    assert 1 <= seen <= 6 and rows[cut]["risk"] != ""
+    assert main(["predict", "--model", str(path), "--data", str(export), "--out", str(hourly), "--hourly"]) == 0
+    hours = [int(r["hour"]) for r in csv.DictReader(hourly.open()) if r["stay_id"] == cut]
+    assert hours == list(range(1, seen + 1))
+    assert not [r for r in csv.DictReader(hourly.open()) if r["stay_id"] == empty]
+    page = tmp_path / "monitor.html"
+    assert main(["monitor", "--model", str(path), "--data", str(export), "--stay", empty, "--stay", cut,
+                 "--out", str(page)]) == 0
+    text = capsys.readouterr().out
+    assert f"stay {empty}: no observation in the window, not scored" in text
+    assert f"at hour {seen} (its last observation)" in text or seen == 48
+    html = page.read_text()
+    assert "No observation in the window" in html and html.count("data:image/png;base64,") == 1
+    # every variable listed behind a jump was observed that hour (it has a value), and moved it
+    bundle = Bundle(path)
+    ds = bundle.load(export, None, None)
+    from client.bedside import MIN_JUMP, MIN_MOVE, hourly_risks
+
+    i = int(np.flatnonzero(ds.stay_ids.astype(str) == cut)[0])
+    assert observed_hours(ds, bundle.config.features)[i] == seen
+    for jump in jumps(bundle, ds, i, hourly_risks(bundle, ds.subset(np.array([i])))[0][:seen]):
+        assert abs(jump.after - jump.before) >= MIN_JUMP
+        assert all(value and abs(change) >= MIN_MOVE for _, value, change in jump.movers)
 
 
 def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path, capsys):

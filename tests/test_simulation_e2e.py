@@ -186,7 +186,10 @@ def test_evaluate_and_predict_on_the_saved_bundle(small_run, tmp_path):
     proc = fedgru("predict", "--model", str(run_dir / "model.pt"), "--data", str(SET_A), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
-    assert lines[0] == "stay_id,risk,flagged" and len(lines) == 4001  # "risk", as --hourly names it
+    assert lines[0] == "stay_id,risk,flagged,hours_observed" and len(lines) == 4001  # "risk", as --hourly names it
+    # set A's 4 stays with descriptors alone get no risk (a blank cell), not one read from age and sex
+    unscored = [line for line in lines[1:] if line.split(",")[1] == ""]
+    assert len(unscored) == 4 and all(line.endswith(",,0") for line in unscored)
     # The run's decision threshold (the config's level, or read from pooled validation); the bundle carries it.
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     threshold = test["threshold"]
