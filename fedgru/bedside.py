@@ -30,6 +30,8 @@ class ExactEvaluation:
     intervals: dict[str, list[float]]  # each metric's 95% interval over resamples of the stays
     interval: str  # how the intervals were made, in words
     subgroups: list[GroupResult] = field(default_factory=list)  # --subgroups: every group holding a stay
+    # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]
+    calibration: list[float] | None = None
 
 
 def cmd_evaluate(args) -> int:
@@ -47,6 +49,8 @@ def cmd_evaluate(args) -> int:
         sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS),
         f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
         "patients could read")
+    if binary:
+        result.calibration = _calibration_in_the_large(ds.y, probs[:, 1])
     if args.subgroups:
         from common.subgroups import exact_results
 
@@ -62,8 +66,27 @@ def cmd_evaluate(args) -> int:
         print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
     flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
     print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
+    if result.calibration is not None:
+        ratio, low, high = result.calibration
+        lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
+        print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
+              f"predicted risk: {lean} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")
     return 0
+
+
+def _calibration_in_the_large(y, risk, draws: int = SAMPLING_DRAWS) -> list[float] | None:
+    """The observed rate of the outcome over the mean predicted risk, with its 95%
+    percentile bootstrap interval over resamples of the stays."""
+    import numpy as np
+
+    if not len(y) or not risk.mean() > 0:
+        return None
+    rng = np.random.default_rng(0)
+    draws_ = [y[i].mean() / risk[i].mean() for i in (rng.integers(0, len(y), len(y)) for _ in range(draws))
+              if risk[i].mean() > 0]
+    low, high = np.quantile(draws_, [0.025, 0.975])
+    return [float(y.mean() / risk.mean()), float(low), float(high)]
 
 
 def _notes(ds) -> None:

@@ -275,9 +275,10 @@ def pooled_noise(summaries: dict[str, ScoreSummary], noise: dict[str, float]) ->
 
 
 def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], threshold: float
-                     ) -> tuple[Metrics, dict[str, Metrics]] | None:
+                     ) -> tuple[Metrics, dict[str, Metrics], float | None] | None:
     """A simulation's final model scored exactly on its simulated hospitals' test patients
-    (pooled, and per hospital): what a real federation never sees."""
+    (pooled, and per hospital), and (binary tasks) the pooled observed rate of the outcome
+    over the mean predicted risk: what a real federation never sees."""
     import torch
 
     from common.data.dataset import load_dataset
@@ -297,4 +298,6 @@ def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], thres
         ps.append(p)
     if not ys:
         return None
-    return exact_metrics(np.concatenate(ys), np.concatenate(ps), threshold), per
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    ratio = float((y == 1).mean() / p[:, 1].mean()) if p.shape[1] == 2 and p[:, 1].mean() > 0 else None
+    return exact_metrics(y, p, threshold), per, ratio

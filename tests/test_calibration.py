@@ -118,3 +118,14 @@ def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_
         readings.append(reading - exact)
     assert held >= 13, held  # nominal 99%; rough, as the metrics' intervals are
     assert abs(np.mean(readings)) < 0.15
+
+
+def test_a_simulations_exact_calibration_is_said_in_bedside_words():
+    """A clinician's try: set A's observed deaths were 1.35 times the predicted and nothing
+    they saw said so; the simulation's report now says it from the exact test patients."""
+    from server.report.groups import exact_calibration_words
+
+    low = exact_calibration_words(1.35)
+    assert "1.35 times" in low and "run low" in low and "0.20 stands for about 0.27" in low
+    assert "run high" in exact_calibration_words(0.8) and "about 0.16" in exact_calibration_words(0.8)
+    assert "within a tenth" in exact_calibration_words(1.05)

@@ -342,7 +342,9 @@ def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and
     text = capsys.readouterr().out
     assert main([*args, "--subgroups", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups"}
+    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups", "calibration"}
+    ratio, low, high = result["calibration"]
+    assert low <= ratio <= high and f"{ratio:.2f} ({low:.2f}-{high:.2f})" in text
     assert f"AUROC {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in text
     rows = [line for line in text.splitlines() if " stays, " in line]
     assert len(rows) == len(result["subgroups"]) >= 1

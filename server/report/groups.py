@@ -70,6 +70,9 @@ def subgroup_section(run: RunFolder) -> Section | None:
     overall = calibration_words(test.calibration_curve, bool(test.calibration), getattr(test, "calibration_ratio", None))
     if overall:
         blocks.append(overall)
+    exact_ratio = getattr(test, "exact_calibration_ratio", None)
+    if exact_ratio is not None:
+        blocks.append(exact_calibration_words(exact_ratio))
     curves = {"all test patients": test.calibration_curve}
     by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
     curves.update({g.group: g.calibration for g in by_group})
@@ -101,6 +104,19 @@ def _with(value: float, group, metric: str) -> str:
 # An observed/predicted interval entirely inside this band is a real but small difference
 # (risks within a fifth of the rate): the report names its size instead of warning.
 SLIGHT_MISCALIBRATION = (0.8, 1.25)
+
+
+def exact_calibration_words(ratio: float) -> str:
+    """A simulation's exact calibration in the large, in words a bedside reader can use."""
+    text = (f"Exact on the same test patients (simulation only: a real federation does not see it), the observed "
+            f"rate is {ratio:.2f} times the mean predicted risk")
+    if ratio > 1.1:
+        return text + (f": the risks run low, so a printed risk of 0.20 stands for about {min(0.2 * ratio, 1):.2f} "
+                       "on average (read them as a ranking, or recalibrate: `evaluation.calibrate`).")
+    if ratio < 1 / 1.1:
+        return text + (f": the risks run high, so a printed risk of 0.20 stands for about {0.2 * ratio:.2f} on "
+                       "average (read them as a ranking, or recalibrate: `evaluation.calibrate`).")
+    return text + ": calibrated in the large, within a tenth."
 
 
 def calibration_words(curve, recalibrated: bool, with_interval: list[float] | None = None) -> str:
