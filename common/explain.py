@@ -75,15 +75,20 @@ def _static_columns(features: FeatureSection) -> list[tuple[StaticSpec, slice]]:
 def reference_patient(features: FeatureSection, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """A patient at the textbook normal values the config writes: (steps, channels) and
     (static width,). Every variable observed at its reference value (``normal`` where
-    the config gives one, else ``center``, which normalises to 0) at every step; every
+    the config gives one, else ``center``, which normalises to 0) at every step, but one
+    the normal patient has no charted value of (``normal_uncharted``: as preprocessing
+    writes a variable never observed, value 0, not observed, hours since growing); every
     continuous descriptor at its reference and known; a categorical descriptor, which has no normal, an even mix of its categories
     (so a category contributes how much it differs from their average)."""
     V = len(features.variables)
-    channels = [np.tile(np.asarray([normalised_normal(v) for v in features.variables], np.float32), (steps, 1))]
+    charted = np.asarray([not v.normal_uncharted for v in features.variables], np.float32)
+    channels = [np.tile(np.asarray([normalised_normal(v) for v in features.variables], np.float32) * charted,
+                        (steps, 1))]
     if features.observed_mask:
-        channels.append(np.ones((steps, V), dtype=np.float32))
-    if features.time_since_last:
-        channels.append(np.zeros((steps, V), dtype=np.float32))
+        channels.append(np.tile(charted, (steps, 1)))
+    if features.time_since_last:  # uncharted: the hours since the window opened, as preprocessing counts them
+        hours = (np.arange(1, steps + 1, dtype=np.float32) * features.bin_hours / features.delta_scale_hours)[:, None]
+        channels.append((hours * (1 - charted)).astype(np.float32))
     static = []
     for spec in features.static:
         k = len(spec.categories)

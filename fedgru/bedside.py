@@ -41,7 +41,7 @@ def cmd_evaluate(args) -> int:
     bundle = Bundle(args.model)
     threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, args.outcomes, args.format)
-    _notes(ds)
+    _notes(ds, bundle)
     probs = bundle.predict(ds)
     binary = probs.shape[1] == 2
     result = ExactEvaluation(
@@ -89,10 +89,25 @@ def _calibration_in_the_large(y, risk, draws: int = SAMPLING_DRAWS) -> list[floa
     return [float(y.mean() / risk.mean()), float(low), float(high)]
 
 
-def _notes(ds) -> None:
-    """What reading the data set aside, on stderr (counts only)."""
+def _notes(ds, bundle=None) -> None:
+    """What reading the data set aside, on stderr (counts only); with ``bundle``, which
+    charted variables its model reads and which of this export's it does not."""
     for note in ds.summary.notes() if ds.summary else []:
         print(f"note: {note}", file=sys.stderr)
+    if bundle is not None:
+        print(f"note: {variables_read(ds, bundle)}", file=sys.stderr)
+
+
+def variables_read(ds, bundle) -> str:
+    """The charted variables the model reads, and (names only) those this export charts
+    that it does not: a lactate of 21 mmol/L played no part in a risk from a model that
+    does not read lactate, and a clinician should not assume it did."""
+    read = [v.name for v in bundle.config.features.variables]
+    unread = sorted(ds.summary.read.unknown_parameters) if ds.summary else []
+    text = f"this model reads {len(read)} charted variables: {', '.join(read)}"
+    if unread:
+        text += (f"; {len(unread)} others charted in this export play no part in its risks: {', '.join(unread)}")
+    return text
 
 
 def _monitor_levels(args, bundle, hours: int):
@@ -139,7 +154,7 @@ def cmd_predict(args) -> int:
     if len(classes) == 2:
         _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, None, args.format)
-    _notes(ds)
+    _notes(ds, bundle)
     probs = bundle.predict(ds)
     from client.bedside import observed_hours
 
@@ -227,6 +242,7 @@ def _one_stay(args):
     missing = [s for s in args.stay if s not in set(ds.stay_ids.astype(str))]
     if missing:
         raise DataError(str(args.data), f"holds no stay {missing[0]}")
+    print(f"note: {variables_read(ds, bundle)}", file=sys.stderr)
     return bundle, ds
 
 

@@ -63,6 +63,10 @@ class VariableSpec:
     # ``center`` (a normalisation constant) is not it (GCS 15 against a center of 11);
     # None: ``center`` (0 for a binary variable). It changes no input the model reads.
     normal: float | None = None
+    # The normal patient has no charted value of it at all: a variable charted only when
+    # abnormal (PhysioNet charts MechVent only as 1, FiO2 only under oxygen). Explanations
+    # then measure a charted value against not being charted; changes no model input.
+    normal_uncharted: bool = False
 
 
 @dataclass
@@ -159,6 +163,8 @@ class FeatureSection:
             check(v.low is None or v.high is None or v.low <= v.high, f"variables[{i}]", "has low > high")
             check(_plausible(v.normal, v.low, v.high) and (not v.binary or v.normal in (None, 0, 1)),
                   f"variables[{i}].normal", "must lie within its low and high (0 or 1 for a binary variable)")
+            check(v.normal is None or not v.normal_uncharted, f"variables[{i}].normal_uncharted",
+                  "and normal exclude each other: the normal patient has a value of it or none")
         for i, s in enumerate(self.static):
             check(s.kind != "categorical" or bool(s.categories), f"static[{i}].categories", "must list the categories")
             check(s.scale > 0, f"static[{i}].scale", "must be positive")
