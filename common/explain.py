@@ -80,7 +80,6 @@ def reference_patient(features: FeatureSection, steps: int) -> tuple[np.ndarray,
     writes a variable never observed, value 0, not observed, hours since growing); every
     continuous descriptor at its reference and known; a categorical descriptor, which has no normal, an even mix of its categories
     (so a category contributes how much it differs from their average)."""
-    V = len(features.variables)
     charted = np.asarray([not v.normal_uncharted for v in features.variables], np.float32)
     channels = [np.tile(np.asarray([normalised_normal(v) for v in features.variables], np.float32) * charted,
                         (steps, 1))]

@@ -7,7 +7,7 @@ import torch
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics
 from common.model import GRUClassifier, output_layer_keys
 from server.calibration import calibrate_risk, fit_logistic_calibration, fold_into_output_layer
-from tests.conftest import small_spec
+from tests.conftest import DEFAULT_CONFIG, small_spec
 
 GRID = ScoreGrid(-8.0, 8.0, 400)
 
@@ -129,3 +129,27 @@ def test_a_simulations_exact_calibration_is_said_in_bedside_words():
     assert "1.35 times" in low and "run low" in low and "0.20 stands for about 0.27" in low
     assert "run high" in exact_calibration_words(0.8) and "about 0.16" in exact_calibration_words(0.8)
     assert "within a tenth" in exact_calibration_words(1.05)
+
+
+def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
+    """A clinician's try found no statement of what the number predicts, from what time,
+    or when not to use it: the report's bedside section says it, with the run's numbers."""
+    from types import SimpleNamespace
+
+    from common.config import load_config
+    from server.records import RunMetrics, TestResult
+    from server.report.bedside import bedside_section
+    from server.report.run_folder import RunFolder
+
+    cfg = load_config(DEFAULT_CONFIG, [])
+    test = TestResult(pooled=None, hospitals={}, dropped=[], calibration=None, threshold=0.12,
+                      calibration_ratio=[1.43, 0.84, 1.86], exact_calibration_ratio=1.35,
+                      subgroups=[SimpleNamespace(metrics=None)] * 3)
+    run = RunFolder(tmp_path, cfg, RunMetrics(run_id="r", test=test), None, None, None, None)
+    (bullets,) = bedside_section(run).blocks
+    text = "\n".join(bullets.items)
+    assert "probability of `died`" in text and "after hour 48" in text and "15 charted variables" in text
+    assert "Read from the DP releases, the observed rate is 1.43 (0.84-1.86)" in text and "1.35 times" in text
+    assert "risk of 0.120 or more" in text and "No group (sex, age, ICU type) could be read" in text
+    assert "no charted value in the window" in text and "`fedgru evaluate`" in text
+    assert bedside_section(RunFolder(tmp_path, cfg, RunMetrics(run_id="r"), None, None, None, None)) is None

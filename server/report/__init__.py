@@ -25,6 +25,7 @@ from common.messages import Split
 from common.metrics import format_metrics, format_number
 
 from ..records import RunPrivacy
+from .bedside import bedside_section
 from .groups import importance_section, subgroup_section
 from .plots import MAX_LISTED, plot_auroc
 from .privacy_text import GROUP_WORDS, audit_section, officer_statement, preflight_section, privacy_sections
@@ -59,7 +60,7 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]
         sections.append(Section("Hospitals", [Table(header, [r.cells() for r in rows])]))
     sections += [s for s in (preflight_section(run), not_evaluated_section(run), test_results_section(run),
-                             baseline_section(run)) if s is not None]
+                             bedside_section(run), baseline_section(run)) if s is not None]
     if plot_auroc(metrics, run.path / "auroc.png"):
         sections.append(Section("Utility per round", [
             Image(run.path / "auroc.png", "Validation AUROC of the model after each validated round"),
@@ -98,10 +99,22 @@ def decision_lines(test, binary: bool) -> list[str]:
     lines = [f"decision threshold {test.threshold:.3f}{hourly} (a risk on the final model's "
              f"{'calibrated' if test.calibration else 'own'} scale)"]
     if test.onset_margin is not None:
+        hours = test.hour_thresholds or []
+        # the risks that raise the monitor's flag, as predict --hourly's threshold column prints them: a ward
+        # setting up an alert should not have to add a margin in log-odds itself
+        raised = (f": a risk of {_moved(hours[0], test.onset_margin):.3f} after hour 1, "
+                  f"{_moved(hours[-1], test.onset_margin):.3f} after hour {len(hours)}" if hours else "")
         lines.append(f"monitor: a stay is flagged from the first hour its risk passes that hour's threshold by "
-                     f"{test.onset_margin:.2f} in log-odds, and stays flagged (the margin read so that "
+                     f"{test.onset_margin:.2f} in log-odds{raised}, and stays flagged (the margin read so that "
                      f"{100 * test.monitor_rate:.0f}% of the validation stays are flagged at some hour)")
     return lines
+
+
+def _moved(risk: float, margin: float) -> float:
+    """A risk moved up by ``margin`` in log-odds."""
+    import math
+
+    return 1 / (1 + math.exp(-(math.log(risk) - math.log1p(-risk) + margin)))
 
 
 def summary_text(run: RunFolder) -> str:

@@ -1,0 +1,73 @@
+"""The report's "Before using these risks at the bedside": what the model's risk is and
+where it cannot be trusted, in one place (a clinician's try found no statement of what
+the number predicts, from what time, or when not to use it). Binary tasks only."""
+
+from __future__ import annotations
+
+from common.document import Bullets, Section
+
+from .run_folder import RunFolder
+
+
+def bedside_section(run: RunFolder) -> Section | None:
+    """What the risk means, its calibration, the stays it cannot score, what it does not
+    read and whom it was not checked for; None without a binary task's test result."""
+    cfg, test = run.config, run.metrics.test
+    if cfg is None or not cfg.is_binary or test is None or test.threshold is None:
+        return None
+    classes, features = cfg.task.classes, cfg.features
+    read = ", ".join(v.name for v in features.variables)
+    static = ", ".join(s.name for s in features.static)
+    items = [
+        f"**What the risk is.** The model's probability of `{classes[1]}` (outcome `{cfg.task.label_column}`), "
+        f"read after hour {features.window_hours:g} of the stay from the {len(features.variables)} charted "
+        f"variables it reads ({read}) and the descriptors ({static}). A value of any other variable plays no "
+        "part: `fedgru explain`, `monitor`, `predict` and `evaluate` name those an export charts.",
+        _calibration_item(test),
+        f"**The flag.** `fedgru predict` flags a risk of {test.threshold:.3f} or more after hour "
+        f"{features.window_hours:g}; the hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own "
+        "threshold (see the decision lines above), so the two can differ for a stay.",
+        "**Stays it cannot score.** A stay with no charted value in the window (descriptors alone) gets no risk. "
+        f"Plain `predict` reads every stay after hour {features.window_hours:g}, as the model was trained and "
+        "validated: right for a finished stay. For a stay still in the ICU read its current hour with "
+        "`predict --hourly` or `monitor`, whose rows end at its last observation.",
+        _groups_item(test),
+        "**Whose patients.** The model learnt from the federation's data (its hospitals' case mix, charting "
+        "and outcomes). Before relying on it, score your own labelled stays with `fedgru evaluate` (exact, on "
+        "your machine, nothing released), overall and with `--subgroups`. It is a research tool: its risks have "
+        "not been validated prospectively.",
+    ]
+    return Section("Before using these risks at the bedside", [Bullets([item for item in items if item])])
+
+
+def _calibration_item(test) -> str:
+    """The calibration in the large: the DP reading with its interval, and in a simulation
+    the exact ratio."""
+    parts = []
+    if test.calibration_ratio:
+        ratio, low, high = test.calibration_ratio
+        parts.append(f"read from the DP releases, the observed rate is {ratio:.2f} ({low:.2f}-{high:.2f}) times the "
+                     "mean predicted risk")
+    if test.exact_calibration_ratio is not None:
+        parts.append(f"exact on the simulation's test patients, {test.exact_calibration_ratio:.2f} times")
+    if not parts:
+        return ("**Calibration.** Not read for this run: treat the risk as a ranking (higher means more likely), "
+                "not as a percentage, until `fedgru evaluate` on your stays says how it is calibrated.")
+    text = "; ".join(parts)
+    return ("**Calibration.** " + text[0].upper() + text[1:] + ". Where this is far from 1 the printed risk is "
+            "not the rate at which such patients have the outcome: read it as a ranking, or recalibrate "
+            "(`evaluation.calibrate`).")
+
+
+def _groups_item(test) -> str:
+    """Whether any group of patients could be checked from the DP releases."""
+    groups = test.subgroups or []
+    if not groups:
+        return ""
+    read = [g for g in groups if g.metrics is not None]
+    if read:
+        return (f"**Groups of patients.** {len(read)} of {len(groups)} groups could be read from the DP releases "
+                "(\"Whom the model fails\"); the others were too small for the noise.")
+    return ("**Groups of patients.** No group (sex, age, ICU type) could be read from the DP releases at this "
+            "federation's size, so how the model does for any one group was not checked here: each hospital "
+            "can check its own with `fedgru evaluate --subgroups`.")
