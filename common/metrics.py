@@ -231,6 +231,9 @@ class ScoreSummary:
     fine: ScoreSummary | None = None
     # Whether AUPRC reads ``fine`` too: only for a fit that follows the upper tail (below)
     fine_auprc: bool = False
+    # Never released: a binary fit's AUROC read from a steadier pair than ``fine``'s
+    # (common.estimates.tied_auroc), read instead of it where set
+    ranking_auroc: float | None = None
 
     @classmethod
     def from_predictions(cls, y: np.ndarray, probs: np.ndarray, grid: ScoreGrid) -> ScoreSummary:
@@ -313,7 +316,7 @@ class ScoreSummary:
             brier = sum(counts[c, j] @ (risks - (j == c)) ** 2 for c in range(k) for j in range(k))
             confusion = np.maximum(self.confusion, 0.0)
         ranking = {
-            "auroc": _nanmean(aurocs),
+            "auroc": self.ranking_auroc if k == 2 and self.ranking_auroc is not None else _nanmean(aurocs),
             "auprc": _nanmean(aps),
             "brier": float(brier) / self.n if self.n else float("nan"),
             "n": int(self.n),

@@ -1,5 +1,6 @@
 """The binormal and skew-normal estimators of metrics from DP score histograms (common.estimates)."""
 
+import dataclasses
 import json
 import math
 
@@ -273,11 +274,43 @@ def test_the_fitted_pairs_auroc_is_the_binormal_one_and_a_truth_can_be_moved_to_
         assert fitted_auroc(moved, edges) == pytest.approx(target, abs=1e-4)
 
 
-@pytest.mark.parametrize("seed", [60, 93])
+def test_the_auroc_is_read_from_the_smaller_class_tied_to_the_larger_ones_sd():
+    """tied_auroc: on exact expected counts of an equal-variance binormal pair it is the
+    closed form Phi(d / (sd sqrt 2)); it is what a skew-normal reading's AUROC says, while
+    the in-bins reading (the intervals' other reading) keeps the bins' ties; and on 100
+    noisy default-sized releases of normal scores it reads closer to the exact AUROC than
+    the free fit (rmse 0.068 against 0.076; with the deaths' sd 1.1 and 1.2 times the
+    survivors', 0.075 against 0.079 and 0.084 against 0.087: measured 2026-12-06, seed 4).
+    The case for it is real models' scores: README "What a run reports about itself"."""
+    from common.estimates import _without_fine
+
+    hist = np.stack([_normal_counts(GRID, 700, -2.3, 0.9), _normal_counts(GRID, 100, -1.0, 0.9)])[:, None, :]
+    read = for_metrics(ScoreSummary(hist, None, 800, GRID), "skewnormal", dp=True)
+    assert read.ranking_auroc == pytest.approx(norm_cdf(1.3 / (0.9 * math.sqrt(2))), abs=0.003)
+    assert read.metrics().auroc == read.ranking_auroc
+    assert _without_fine(read).ranking_auroc is None and _without_fine(read).metrics().auroc < read.ranking_auroc
+    rng = np.random.default_rng(4)
+    noise = TEST_NOISE * math.sqrt(len(SIZES))
+    tied, free = [], []
+    for _ in range(100):
+        y = (rng.random(800) < 0.14).astype(np.int64)
+        logits = np.where(y == 1, rng.normal(-1.2, 1.0, 800), rng.normal(-2.3, 1.0, 800))
+        risk = 1 / (1 + np.exp(-logits))
+        probs = np.stack([1 - risk, risk], axis=1)
+        exact = exact_metrics(y, probs).auroc
+        noisy = ScoreSummary.from_predictions(y, probs, GRID).noised(noise, rng)
+        reading = for_metrics(noisy, "skewnormal", dp=True)
+        tied.append(reading.metrics().auroc - exact)
+        free.append(dataclasses.replace(reading, ranking_auroc=None).metrics().auroc - exact)
+    assert np.sqrt(np.mean(np.square(tied))) < np.sqrt(np.mean(np.square(free)))
+
+
+@pytest.mark.parametrize("seed", [215])
 def test_an_interval_holds_the_truths_whose_own_errors_could_give_a_low_reading(seed, monkeypatch):
-    """Two default-sized synthetic releases (seeds found among 300 as reading the AUROC
-    more than 0.12 below the exact one) whose interval from the errors at the fit alone
-    stopped short of the exact AUROC: drawn from a fit that reads low, readings err
+    """A default-sized synthetic release (found among 300 as reading the AUROC more than
+    0.12 below the exact one; of the 3 such, the one whose interval from the errors at the
+    fit alone stopped short of the exact AUROC; with the free fit's AUROC, before
+    tied_auroc, seeds 60 and 93 were two more): drawn from a fit that reads low, readings err
     upwards, while the truth's readings err down. Tested also at truths at the interval's
     ends (common.estimates.TRUTH_STEPS), the interval holds it, and it holds the fit's."""
     from common import estimates
