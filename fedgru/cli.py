@@ -1,10 +1,10 @@
 """The ``fedgru`` command: one entry point, each subcommand in the folder of its role.
 
-    fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...]
-    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--subgroups] [--threshold T] [--json]
-    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv|- [--hourly] [--threshold T]
+    fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...] [--verbose]
+    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--format F] [--subgroups] [--threshold T] [--json]
+    fedgru predict   --model RUN/model.pt --data PATH --out risks.csv|- [--format F] [--hourly] [--threshold T]
     fedgru explain   --model RUN/model.pt --data PATH --stay ID [--top K] [--json]
-    fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html]
+    fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html] [--threshold T]
     fedgru baseline  [--config FILE] --kind central|central-dp|local [--out DIR]
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --rounds R --batch-size B --examples N [--delta D] [--local-epochs K]
