@@ -38,8 +38,9 @@ SIMULATED_KEYS = (
 # values or labels are read, nor any input the model sees: the explanations' reference
 # value, the unit a value prints in, a category's name. Two definitions that differ only
 # there read alike, so no hospital is refused or left out for them (a definition written
-# before ``normal`` existed loads with None there and still reads as a newer one does).
-PRESENTATION_KEYS = frozenset({"normal", "unit", "labels"})
+# before ``normal`` or ``normal_uncharted`` existed loads with its default there and still
+# reads as a newer one does).
+PRESENTATION_KEYS = frozenset({"normal", "normal_uncharted", "unit", "labels"})
 
 
 @dataclass
@@ -61,10 +62,10 @@ class DataDefinition:
 
     def tensors_json(self) -> str:
         """What a hospital's preprocessed tensors depend on, for their cache's key: the
-        definition less ``normal``, which changes no input. Dropped rather than kept as
-        null, so the key of a folder registered before ``normal`` existed is unchanged and
-        its tensors stay valid (``unit`` and ``labels`` stay in: older keys hold them)."""
-        return json.dumps(_without_presentation(self.to_plain(), ("normal",)), sort_keys=True)
+        definition less ``normal`` and ``normal_uncharted``, which change no input. Dropped
+        rather than kept, so the key of a folder registered before they existed is unchanged
+        and its tensors stay valid (``unit`` and ``labels`` stay in: older keys hold them)."""
+        return json.dumps(_without_presentation(self.to_plain(), ("normal", "normal_uncharted")), sort_keys=True)
 
     def reading_json(self) -> str:
         """What decides how the data are read: the definition less its presentation keys."""

@@ -415,9 +415,11 @@ def test_the_run_reads_data_as_its_hospitals_do_and_leaves_out_one_that_differs(
 
 
 def test_a_definition_from_before_normal_existed_still_reads_alike_and_is_not_left_out(hospital):
-    """'normal', 'unit' and 'labels' change how results are shown, not what is read: a
-    hospital whose definition.yaml predates 'normal' (None there) trains in a run whose
-    config has GCS normal 15, and a federation mixing both is not split."""
+    """'normal', 'normal_uncharted', 'unit' and 'labels' change how results are shown, not
+    what is read: a hospital whose definition.yaml predates 'normal' and 'normal_uncharted'
+    (their defaults there) trains in a run whose config has GCS normal 15 and FiO2
+    uncharted, and a federation mixing both is not split (a review found the tensors' key
+    of such a folder changed with 'normal_uncharted', so its registered export was lost)."""
     import dataclasses
 
     from common.definition import DataDefinition
@@ -427,12 +429,13 @@ def test_a_definition_from_before_normal_existed_still_reads_alike_and_is_not_le
     cfg = hospital_cfg()
     new = DataDefinition.of(cfg)
     assert any(v.normal is not None for v in new.features.variables)
+    assert any(v.normal_uncharted for v in new.features.variables)
     old = DataDefinition(new.task, dataclasses.replace(new.features, variables=[
-        dataclasses.replace(v, normal=None) for v in new.features.variables]))
+        dataclasses.replace(v, normal=None, normal_uncharted=False) for v in new.features.variables]))
     # the tensors' cache key of a folder registered before 'normal' existed: no 'normal' key at all
     before = old.to_plain()
     for v in before["features"]["variables"]:
-        del v["normal"]
+        del v["normal"], v["normal_uncharted"]
     for d in before["features"]["static"]:
         del d["normal"]
     assert old.tensors_json() == new.tensors_json() == json.dumps(before, sort_keys=True)
