@@ -327,6 +327,7 @@ def binormal_counts(summary: ScoreSummary, estimator: str = "binormal",
     # Unfitted rows: each bin's clipped count spread evenly over its sub-bins (ties, as in the bins).
     out_fine = np.zeros((k_true, k_score, fine.bins))
     out_fine[:, :, offset:offset + bins * SUB_BINS] = np.repeat(out, SUB_BINS, axis=2) / SUB_BINS
+    used: dict[int, RowFit] = {}  # the fits the counts were drawn from (binary: the one score column's)
     for j in range(k_score):
         fitted: dict[int, RowFit] = {}
         for c in range(k_true):
@@ -350,11 +351,13 @@ def binormal_counts(summary: ScoreSummary, estimator: str = "binormal",
                 continue
             out[c, j] = mass * shapes[c]
             out_fine[c, j] = mass * f.shares(fine_edges)
-    tied = (tied_auroc([fitted.get(0), fitted.get(1)], hist[:, 0], edges, fine_edges)
+            used[c] = replace(f, mass=mass)
+    # only from fits the counts above were drawn from (one whose mass the constraint took kept its clipped counts)
+    tied = (tied_auroc([used.get(0), used.get(1)], hist[:, 0], edges, fine_edges)
             if estimator == "skewnormal" and (k_true, k_score) == (2, 1) else None)
     return ScoreSummary(out, summary.confusion, summary.n, summary.grid,
-                        fine=ScoreSummary(out_fine, None, summary.n, fine), fine_auprc=estimator == "skewnormal",
-                        ranking_auroc=tied)
+                        fine=ScoreSummary(out_fine, None, summary.n, fine, ranking_auroc=tied),
+                        fine_auprc=estimator == "skewnormal")
 
 
 # The AUROC of a binary release is read from a pair whose smaller class (deaths) is a
@@ -509,8 +512,9 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     ``OBSERVED_OVER_PREDICTED``), from the same draws.
 
     The errors are also drawn where the truth would sit at each end of the AUROC's
-    interval, and every interval spans what those truths' errors give (TRUTH_STEPS: the
-    error is not the same at every truth)."""
+    interval, and every metric's interval spans what those truths' errors give
+    (TRUTH_STEPS: the error is not the same at every truth); the calibration ratio's comes
+    from the fit's draws alone."""
     hist = summary.histogram
     if hist.shape[:2] != (2, 1) or noise_std <= 0 or not math.isfinite(noise_std):
         return None
@@ -684,7 +688,7 @@ def _bounds(estimate: float, errors: list[float], level: float) -> tuple[float, 
 def _without_fine(summary: ScoreSummary) -> ScoreSummary:
     """The fitted counts in the release's bins only: ranking metrics then tie the patients
     of one bin instead of ordering them as the fitted normals do."""
-    return replace(summary, fine=None, ranking_auroc=None)
+    return replace(summary, fine=None)
 
 
 def for_metrics(summary: ScoreSummary | None, estimator: str, dp: bool) -> ScoreSummary | None:

@@ -231,8 +231,9 @@ class ScoreSummary:
     fine: ScoreSummary | None = None
     # Whether AUPRC reads ``fine`` too: only for a fit that follows the upper tail (below)
     fine_auprc: bool = False
-    # Never released: a binary fit's AUROC read from a steadier pair than ``fine``'s
-    # (common.estimates.tied_auroc), read instead of it where set
+    # Never released: on a fit's ``fine`` summary, the AUROC of a steadier pair than its
+    # counts' (common.estimates.tied_auroc), read instead of them where set; kept on ``fine``
+    # so that a summary without its fine grid reads its own counts again
     ranking_auroc: float | None = None
 
     @classmethod
@@ -289,7 +290,8 @@ class ScoreSummary:
         scores were taken before a recalibration logit -> scale x logit + shift, which
         changes no rank and no decision at an edge, only the risks the Brier score reads."""
         counts = self.counts()
-        ranked = (self.fine if self.fine is not None else self).counts()
+        ranking = self.fine if self.fine is not None else self
+        ranked = ranking.counts()
         k = counts.shape[0]
         classes = [1] if k == 2 else list(range(k))
         aurocs, aps = [], []
@@ -316,7 +318,7 @@ class ScoreSummary:
             brier = sum(counts[c, j] @ (risks - (j == c)) ** 2 for c in range(k) for j in range(k))
             confusion = np.maximum(self.confusion, 0.0)
         ranking = {
-            "auroc": self.ranking_auroc if k == 2 and self.ranking_auroc is not None else _nanmean(aurocs),
+            "auroc": ranking.ranking_auroc if k == 2 and ranking.ranking_auroc is not None else _nanmean(aurocs),
             "auprc": _nanmean(aps),
             "brier": float(brier) / self.n if self.n else float("nan"),
             "n": int(self.n),

@@ -6,6 +6,7 @@ about the data to stderr."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from common.files import to_json
 from common.metrics import Metrics
 from common.subgroups import GroupResult
 
+NOT_SCORED = "no observation in the window, only descriptors: not scored"
 SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
 SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
 
@@ -42,6 +44,7 @@ def cmd_evaluate(args) -> int:
     threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, args.outcomes, args.format)
     _notes(ds, bundle)
+    _evaluated_stays_note(ds, bundle)
     probs = bundle.predict(ds)
     binary = probs.shape[1] == 2
     result = ExactEvaluation(
@@ -73,6 +76,18 @@ def cmd_evaluate(args) -> int:
               f"predicted risk: {lean} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")
     return 0
+
+
+def _evaluated_stays_note(ds, bundle) -> None:
+    """On stderr: stays with no observation are in evaluate's metrics, as in the
+    federation's own evaluation (predict and monitor leave them unscored)."""
+    from client.bedside import observed_hours
+
+    empty = int((observed_hours(ds, bundle.config.features) == 0).sum())
+    if empty:
+        print(f"note: {empty} stay(s) have no observation in the window: they are scored from their descriptors "
+              "in these metrics, as the federation's own evaluation scores them (predict and monitor leave them "
+              "unscored)", file=sys.stderr)
 
 
 def _calibration_in_the_large(y, risk, draws: int = SAMPLING_DRAWS) -> list[float] | None:
@@ -205,18 +220,18 @@ def cmd_predict(args) -> int:
             for sid, p, flag, last in zip(ds.stay_ids, probs[:, 1], flagged, seen):
                 writer.writerow([sid, f"{p:.6f}" if last else "", int(flag) if last else "", int(last)])
         else:
-            writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted"])
-            for sid, row in zip(ds.stay_ids, probs):
-                writer.writerow([sid, *(f"{p:.6f}" for p in row), classes[int(row.argmax())]])
+            writer.writerow(["stay_id", *(f"p_{c}" for c in classes), "predicted", "hours_observed"])
+            for sid, row, last in zip(ds.stay_ids, probs, seen):
+                writer.writerow([sid, *((f"{p:.6f}" for p in row) if last else ("" for _ in row)),
+                                 classes[int(row.argmax())] if last else "", int(last)])
     of = f" (the risk of the outcome '{classes[1]}')" if len(classes) == 2 else ""
     hours = ds.X.shape[1]
     share = (f"; {flagged[seen > 0].mean() if (seen > 0).any() else 0:.0%} of the stays scored flagged at risk >= "
              f"{_threshold(args, bundle):.3f} (the hourly monitor, predict --hourly, flags by each hour's own level "
              f"and keeps a flag once raised: at hour {hours} it can differ)" if len(classes) == 2 else "")
-    print(f"wrote {int((seen > 0).sum()) if len(classes) == 2 else len(ds.stay_ids)} risk scores{of} to "
-          f"{'stdout' if out == '-' else out}{share}", file=sys.stderr)
-    if len(classes) == 2:
-        _stay_notes(seen, hours)
+    print(f"wrote {int((seen > 0).sum())} risk scores{of} to {'stdout' if out == '-' else out}{share}",
+          file=sys.stderr)
+    _stay_notes(seen, hours)
     return 0
 
 
@@ -247,10 +262,15 @@ def _one_stay(args):
 
 
 def cmd_explain(args) -> int:
-    from client.bedside import explain_stay, explanation_text
+    from client.bedside import explain_stay, explanation_text, observed_hours, stay_index
 
     bundle, ds = _one_stay(args)
+    seen = observed_hours(ds, bundle.config.features)
     for stay in args.stay:
+        if not seen[stay_index(ds, stay)]:  # as predict and monitor: no risk from the descriptors alone
+            print(json.dumps({"stay_id": stay, "risk": None, "note": NOT_SCORED}) if args.json
+                  else f"stay {stay}: {NOT_SCORED}")
+            continue
         e = explain_stay(bundle, ds, stay)
         print(to_json(e, indent=None) if args.json else explanation_text(e, args.top))
     return 0
@@ -258,7 +278,10 @@ def cmd_explain(args) -> int:
 
 def cmd_monitor(args) -> int:
     from client.bedside import monitor_page
+    from common.bundle import Bundle
 
+    if args.threshold is not None:
+        _threshold(args, Bundle(args.model))  # a bad --threshold is refused before the data is read
     bundle, ds = _one_stay(args)
     out = Path(args.out) if args.out else Path(f"monitor-{args.stay[0]}.html")
     print(monitor_page(bundle, ds, args.stay, out, *_monitor_levels(args, bundle, ds.X.shape[1])))

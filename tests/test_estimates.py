@@ -286,9 +286,11 @@ def test_the_auroc_is_read_from_the_smaller_class_tied_to_the_larger_ones_sd():
 
     hist = np.stack([_normal_counts(GRID, 700, -2.3, 0.9), _normal_counts(GRID, 100, -1.0, 0.9)])[:, None, :]
     read = for_metrics(ScoreSummary(hist, None, 800, GRID), "skewnormal", dp=True)
-    assert read.ranking_auroc == pytest.approx(norm_cdf(1.3 / (0.9 * math.sqrt(2))), abs=0.003)
-    assert read.metrics().auroc == read.ranking_auroc
-    assert _without_fine(read).ranking_auroc is None and _without_fine(read).metrics().auroc < read.ranking_auroc
+    tied = read.fine.ranking_auroc
+    assert tied == pytest.approx(norm_cdf(1.3 / (0.9 * math.sqrt(2))), abs=0.003)
+    assert read.metrics().auroc == tied
+    assert _without_fine(read).metrics().auroc < tied  # its own counts, the bins' ties
+    assert dataclasses.replace(read, fine=None).metrics().auroc == _without_fine(read).metrics().auroc
     rng = np.random.default_rng(4)
     noise = TEST_NOISE * math.sqrt(len(SIZES))
     tied, free = [], []
@@ -301,7 +303,8 @@ def test_the_auroc_is_read_from_the_smaller_class_tied_to_the_larger_ones_sd():
         noisy = ScoreSummary.from_predictions(y, probs, GRID).noised(noise, rng)
         reading = for_metrics(noisy, "skewnormal", dp=True)
         tied.append(reading.metrics().auroc - exact)
-        free.append(dataclasses.replace(reading, ranking_auroc=None).metrics().auroc - exact)
+        free.append(dataclasses.replace(reading, fine=dataclasses.replace(reading.fine, ranking_auroc=None))
+                    .metrics().auroc - exact)
     assert np.sqrt(np.mean(np.square(tied))) < np.sqrt(np.mean(np.square(free)))
 
 

@@ -3,6 +3,7 @@ and the explain / monitor / predict --hourly commands on real PhysioNet stays.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -305,6 +306,9 @@ def test_a_stay_without_data_gets_no_risk_and_a_cut_stay_no_made_up_hour(bundle_
     assert f"at hour {seen} (its last observation)" in text or seen == 48
     html = page.read_text()
     assert "No observation in the window" in html and html.count("data:image/png;base64,") == 1
+    assert main(["explain", "--model", str(path), "--data", str(export), "--stay", empty, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"stay_id": empty, "risk": None,
+                                                   "note": "no observation in the window, only descriptors: not scored"}
     # every variable listed behind a jump was observed that hour (it has a value), and moved it
     bundle = Bundle(path)
     ds = bundle.load(export, None, None)
@@ -315,6 +319,34 @@ def test_a_stay_without_data_gets_no_risk_and_a_cut_stay_no_made_up_hour(bundle_
     for jump in jumps(bundle, ds, i, hourly_risks(bundle, ds.subset(np.array([i])))[0][:seen]):
         assert abs(jump.after - jump.before) >= MIN_JUMP
         assert all(value and abs(change) >= MIN_MOVE for _, value, change in jump.movers)
+
+
+# without either channel a value exactly at its centre normalises to 0 and cannot be told from none
+@pytest.mark.parametrize("mask, since, expected", [(True, True, [6, 0]), (False, True, [6, 0]), (False, False, [0, 0])])
+def test_a_stays_last_observed_hour_is_read_from_whichever_channels_the_config_has(mask, since, expected):
+    """observed_hours: from the observed-mask channels, else from the hours-since-last ones
+    (0 where observed); a config with neither carries values forward and cannot tell, so a
+    stay with any value counts to the window's end (a review found a 6-hour stay given 48
+    hours, and a stay at exactly a centre value given none, by reading values alone)."""
+    from client.bedside import observed_hours
+    from common.data.dataset import Dataset
+    from common.data.preprocess import to_tensors
+    from common.data.records import Stay
+
+    cfg = load_config(DEFAULT_CONFIG, [f"features.observed_mask={str(mask).lower()}",
+                                       f"features.time_since_last={str(since).lower()}", "model.init=random"])
+    hr = next(j for j, v in enumerate(cfg.features.variables) if v.name == "HR")
+    centre = cfg.features.variables[hr].center  # normalises to 0: a value alone cannot say it was seen
+    stays = [Stay("cut", NORMAL_STATIC, np.asarray([0.5, 5.5], np.float32), np.asarray([hr, hr], np.int16),
+                  np.asarray([centre, centre], np.float32)),
+             Stay("empty", NORMAL_STATIC, np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, np.float32))]
+    X, S = to_tensors(stays, cfg.features)
+    ds = Dataset(np.asarray(["cut", "empty"]), X, S, np.zeros(2, np.int64))
+    assert observed_hours(ds, cfg.features).tolist() == expected
+    if not (mask or since):  # any other value: counted to the window's end, values carried forward
+        X, S = to_tensors([dataclasses.replace(stays[0], value=np.asarray([centre + 20, centre], np.float32))],
+                          cfg.features)
+        assert observed_hours(Dataset(np.asarray(["cut"]), X, S, np.zeros(1, np.int64)), cfg.features).tolist() == [48]
 
 
 def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path, capsys):

@@ -54,9 +54,10 @@ def _calibration_item(test) -> str:
         return ("**Calibration.** Not read for this run: treat the risk as a ranking (higher means more likely), "
                 "not as a percentage, until `fedgru evaluate` on your stays says how it is calibrated.")
     text = "; ".join(parts)
+    remedy = ("read it as a ranking (this run already recalibrated on its pooled validation releases)"
+              if test.calibration else "read it as a ranking, or recalibrate (`evaluation.calibrate`)")
     return ("**Calibration.** " + text[0].upper() + text[1:] + ". Where this is far from 1 the printed risk is "
-            "not the rate at which such patients have the outcome: read it as a ranking, or recalibrate "
-            "(`evaluation.calibrate`).")
+            f"not the rate at which such patients have the outcome: {remedy}.")
 
 
 def _groups_item(test) -> str:

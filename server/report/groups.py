@@ -72,7 +72,7 @@ def subgroup_section(run: RunFolder) -> Section | None:
         blocks.append(overall)
     exact_ratio = getattr(test, "exact_calibration_ratio", None)
     if exact_ratio is not None:
-        blocks.append(exact_calibration_words(exact_ratio))
+        blocks.append(exact_calibration_words(exact_ratio, bool(test.calibration)))
     curves = {"all test patients": test.calibration_curve}
     by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
     curves.update({g.group: g.calibration for g in by_group})
@@ -106,16 +106,18 @@ def _with(value: float, group, metric: str) -> str:
 SLIGHT_MISCALIBRATION = (0.8, 1.25)
 
 
-def exact_calibration_words(ratio: float) -> str:
+def exact_calibration_words(ratio: float, recalibrated: bool = False) -> str:
     """A simulation's exact calibration in the large, in words a bedside reader can use."""
     text = (f"Exact on the same test patients (simulation only: a real federation does not see it), the observed "
             f"rate is {ratio:.2f} times the mean predicted risk")
+    remedy = ("read them as a ranking: this run already recalibrated" if recalibrated
+              else "read them as a ranking, or recalibrate: `evaluation.calibrate`")
     if ratio > 1.1:
         return text + (f": the risks run low, so a printed risk of 0.20 stands for about {min(0.2 * ratio, 1):.2f} "
-                       "on average (read them as a ranking, or recalibrate: `evaluation.calibrate`).")
+                       f"on average ({remedy}).")
     if ratio < 1 / 1.1:
         return text + (f": the risks run high, so a printed risk of 0.20 stands for about {0.2 * ratio:.2f} on "
-                       "average (read them as a ranking, or recalibrate: `evaluation.calibrate`).")
+                       f"average ({remedy}).")
     return text + ": calibrated in the large, within a tenth."
 
 
