@@ -54,7 +54,9 @@ PREVALENCES = (0.14, 0.05, 0.19, 0.145)
 VARIANTS = (("binned", "noisy", "binned", False), ("skewnormal", "noisy", "skewnormal", True),
             ("binormal", "noisy", "binormal", True), ("binormal-bins", "noisy", "binormal", False),
             ("exact-binned", "exact", "binned", False), ("skewnormal-exact", "exact", "skewnormal", True),
-            ("binormal-exact", "exact", "binormal", True))
+            ("skewnormal-free-exact", "exact", "skewnormal", "free"), ("binormal-exact", "exact", "binormal", True))
+# fine: True reads the fitted fine grid (the AUROC the tied pair's, common.estimates.tied_auroc, where the
+# estimator gives one), "free" the fine grid of the free fits alone, False the fitted counts in the bins
 THRESHOLD_ESTIMATORS = ("binned", "skewnormal", "binormal")  # the threshold study's, besides the best threshold
 SHIFT = 1.09  # deaths' logits are this much higher: AUROC about 0.78 for normal scores
 NARROW = 0.3  # "narrow": the normal scores squeezed to this sd (a model whose risks are not calibrated)
@@ -104,6 +106,8 @@ def errors_of(draw: Callable[[], Parts], sigma: float, grid: ScoreGrid, repeats:
 
             def read(summary: ScoreSummary) -> ScoreSummary:
                 read = for_metrics(summary, estimator, dp=True)  # (exact ones too: what the fit alone costs)
+                if fine == "free" and read.fine is not None:
+                    return replace(read, fine=replace(read.fine, ranking_auroc=None))
                 return read if fine else replace(read, fine=None)
 
             m = read(pooled(released)).metrics()
