@@ -22,7 +22,7 @@ from pathlib import Path
 from common.document import Image, Section, Table, markdown, to_html
 from common.estimates import INTERVAL_LEVEL
 from common.messages import Split
-from common.metrics import format_metrics, format_number
+from common.metrics import format_metrics, format_number, logit, sigmoid
 
 from ..records import RunPrivacy
 from .bedside import bedside_section
@@ -112,9 +112,7 @@ def decision_lines(test, binary: bool) -> list[str]:
 
 def _moved(risk: float, margin: float) -> float:
     """A risk moved up by ``margin`` in log-odds."""
-    import math
-
-    return 1 / (1 + math.exp(-(math.log(risk) - math.log1p(-risk) + margin)))
+    return sigmoid(float(logit(risk)) + margin)
 
 
 def summary_text(run: RunFolder) -> str:
