@@ -47,20 +47,28 @@ def hourly_risks(bundle: Bundle, ds: Dataset, batch: int = 512) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, ds.X.shape[1]))
 
 
+def charted(X: np.ndarray, features) -> np.ndarray | None:
+    """(N, T, V) whether each variable was charted in each hour of ``X``: from the
+    observed-mask channels, else from the hours-since-last channels (0 where charted);
+    None for a config with neither (values carried forward do not say which hour had one)."""
+    V = len(features.variables)
+    if features.observed_mask:
+        return X[:, :, V:2 * V] > 0.5
+    if features.time_since_last:
+        return X[:, :, V:2 * V] == 0
+    return None
+
+
 def observed_hours(ds: Dataset, features) -> np.ndarray:
     """(N,) each stay's last hour of the window with an observation (1-based), 0 for a
     stay with none (descriptors alone). A stay still in the ICU has no hours after it; a
     finished one had nothing charted there. Read from the observed-mask channels, else
     from the hours-since-last channels (0 where observed); a config with neither carries
     values forward, so a stay with any value counts as observed to the window's end."""
-    V = len(features.variables)
-    if features.observed_mask:
-        seen = ds.X[:, :, V:2 * V] > 0.5
-    elif features.time_since_last:
-        seen = ds.X[:, :, V:2 * V] == 0
-    else:
+    seen = charted(ds.X, features)
+    if seen is None:
         seen = np.zeros(ds.X.shape[:2] + (1,), dtype=bool)
-        seen[:, -1, 0] = (ds.X[:, :, :V] != 0).any(axis=(1, 2))
+        seen[:, -1, 0] = (ds.X[:, :, :len(features.variables)] != 0).any(axis=(1, 2))
     any_seen = seen.any(axis=2)  # (N, T)
     last = any_seen.shape[1] - np.argmax(any_seen[:, ::-1], axis=1)
     return np.where(any_seen.any(axis=1), last, 0).astype(np.int64)
@@ -114,13 +122,14 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
             now, _ = integrated_gradients(bundle.model, x, s, features, hour=h + 1)
             before, _ = integrated_gradients(bundle.model, x, s, features, hour=h)
             deltas[h] = (now - before)[0, :V].numpy()
+    was_charted = charted(ds.X[i : i + 1], features)
     out = []
     for h in sorted(hours):
         movers = []
         for v in np.argsort(-np.abs(deltas[h])):
             spec = features.variables[v]
-            seen = (ds.X[i, h, V + v] > 0.5 if features.observed_mask else ds.X[i, h, V + v] == 0
-                    if features.time_since_last else h == 0 or ds.X[i, h, v] != ds.X[i, h - 1, v])
+            seen = (was_charted[0, h, v] if was_charted is not None
+                    else h == 0 or ds.X[i, h, v] != ds.X[i, h - 1, v])
             # only what was observed that hour, as the page's column says: a variable never charted
             # moved the risk too ("GCS -0.00") through the hours passing, not through a value
             if seen and abs(deltas[h][v]) >= MIN_MOVE and len(movers) < per_hour:
