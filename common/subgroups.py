@@ -123,6 +123,8 @@ class GroupResult:
     # each metric's interval: on a hospital's own exact stays its sampling interval (common.metrics.sampling_intervals);
     # for a DP row the reading's (common.estimates.metric_intervals, as the pooled row's)
     intervals: dict[str, list[float]] | None = None
+    # on a hospital's own exact stays (binary): [observed rate over mean predicted risk, its sampling interval]
+    observed_over_predicted: list[float] | None = None
 
 
 def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10
@@ -175,7 +177,7 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
     A group with fewer than ``min_events`` stays with the event, or without it, gets no
     metrics and a note instead (below about 10, its AUROC is mostly chance). ``draws`` > 0:
     each group's metrics also get their sampling intervals from that many resamples."""
-    from .metrics import exact_metrics, sampling_intervals
+    from .metrics import calibration_in_the_large, exact_metrics, sampling_intervals
 
     statics = {s.name: s for s in cfg.features.static}
     y = np.asarray(y, dtype=np.int64)
@@ -198,5 +200,10 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
                 for part in np.array_split(order, min(10, int(member.sum()) // 5 or 1)):
                     points.append(CalibrationPoint(float(pk[part, 1].mean()), float(yk[part].mean()), float(len(part))))
             intervals = sampling_intervals(yk, pk, threshold, draws) if metrics is not None and draws else None
-            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note, intervals))
+            # how far this group's risks run from its observed rate (a model calibrated overall can be
+            # off in a group): for the groups that get metrics, from the same resampling
+            ratio = (calibration_in_the_large(yk, pk[:, 1], draws)
+                     if metrics is not None and draws and pk.shape[1] == 2 else None)
+            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note, intervals,
+                                   ratio))
     return out

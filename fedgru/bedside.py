@@ -38,7 +38,7 @@ class ExactEvaluation:
 
 def cmd_evaluate(args) -> int:
     from common.bundle import Bundle
-    from common.metrics import exact_metrics, format_metrics, sampling_intervals
+    from common.metrics import calibration_in_the_large, exact_metrics, format_metrics, sampling_intervals
 
     bundle = Bundle(args.model)
     threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
@@ -53,7 +53,7 @@ def cmd_evaluate(args) -> int:
         f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
         "patients could read")
     if binary:
-        result.calibration = _calibration_in_the_large(ds.y, probs[:, 1])
+        result.calibration = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
     if args.subgroups:
         from common.subgroups import exact_results
 
@@ -66,6 +66,9 @@ def cmd_evaluate(args) -> int:
     positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
     for g in result.subgroups:
         shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
+        if g.observed_over_predicted is not None:
+            ratio, low, high = g.observed_over_predicted
+            shown += f"  observed/predicted {ratio:.2f} ({low:.2f}-{high:.2f})"
         print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
     flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
     print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
@@ -75,6 +78,9 @@ def cmd_evaluate(args) -> int:
         print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
               f"predicted risk: {lean} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")
+    if any(g.observed_over_predicted is not None for g in result.subgroups):
+        print(f"observed/predicted: a group's observed rate of '{positive}' over its mean predicted risk (1: "
+              "calibrated in the large; above 1 its risks run low)")
     return 0
 
 
@@ -88,20 +94,6 @@ def _evaluated_stays_note(ds, bundle) -> None:
         print(f"note: {empty} stay(s) have no observation in the window: they are scored from their descriptors "
               "in these metrics, as the federation's own evaluation scores them (predict and monitor leave them "
               "unscored)", file=sys.stderr)
-
-
-def _calibration_in_the_large(y, risk, draws: int = SAMPLING_DRAWS) -> list[float] | None:
-    """The observed rate of the outcome over the mean predicted risk, with its 95%
-    percentile bootstrap interval over resamples of the stays."""
-    import numpy as np
-
-    if not len(y) or not risk.mean() > 0:
-        return None
-    rng = np.random.default_rng(0)
-    draws_ = [y[i].mean() / risk[i].mean() for i in (rng.integers(0, len(y), len(y)) for _ in range(draws))
-              if risk[i].mean() > 0]
-    low, high = np.quantile(draws_, [0.025, 0.975])
-    return [float(y.mean() / risk.mean()), float(low), float(high)]
 
 
 def _notes(ds, bundle=None) -> None:

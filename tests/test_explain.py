@@ -382,6 +382,12 @@ def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and
     assert len(rows) == len(result["subgroups"]) >= 1
     for row, g in zip(rows, result["subgroups"]):
         assert row.startswith(f"{g['grouping']:>10s} {g['group']:<16s} {int(g['patients']):5d} stays"), row
+        if g["metrics"] is None:  # too few for metrics: no calibration either
+            assert g["observed_over_predicted"] is None
+            continue
+        # each group's own calibration in the large, with its interval (a model calibrated overall can be off in one)
+        ratio, low, high = g["observed_over_predicted"]
+        assert low <= ratio <= high and row.endswith(f"observed/predicted {ratio:.2f} ({low:.2f}-{high:.2f})")
     assert f"(flagged at risk >= {result['threshold']:.3f})" in text
 
 
@@ -405,6 +411,20 @@ def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_
         assert ("too few for stable metrics" in line) == small, line
         if not small:  # each exact metric with its sampling interval: "AUROC 0.812 (0.761-0.858)"
             assert re.search(rf"AUROC {g.metrics.auroc:.3f} \(\d\.\d{{3}}-\d\.\d{{3}}\)", line), line
+    # the group's own observed rate over its own mean predicted risk, as the whole export's is read
+    with_draws = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, 0.3, SUBGROUP_MIN_EVENTS, 50)
+                  if g.metrics is not None]
+    assert with_draws
+    spec = bundle.config.evaluation.subgroups[0]
+    from common.subgroups import assign, group_names
+
+    index = assign(spec, {s.name: s for s in bundle.config.features.static}[spec.column], ds.groups[spec.column])
+    names = group_names(spec, {s.name: s for s in bundle.config.features.static}[spec.column])
+    checked = [g for g in with_draws if g.grouping == spec.name]
+    assert checked, "the fixture's first grouping has a group with metrics"
+    for g in checked:
+        member = index == names.index(g.group)
+        assert g.observed_over_predicted[0] == pytest.approx(ds.y[member].mean() / probs[member, 1].mean())
 
 
 @pytest.mark.parametrize("head_hidden", [0, 2])  # 0: exact contributions; 2: integrated gradients
