@@ -59,10 +59,12 @@ class Reader:
 
     cfg: ExperimentConfig
 
-    def read(self, summary: ScoreSummary | None, estimator: str | None = None) -> ScoreSummary | None:
+    def read(self, summary: ScoreSummary | None, estimator: str | None = None, noise_sd: float | None = None
+             ) -> ScoreSummary | None:
         """Under DP, the counts of ``estimator`` (default ``evaluation.estimator``;
-        common.estimates); exact ones as they are."""
-        return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp)
+        common.estimates); exact ones as they are. ``noise_sd``: the release's noise on
+        each cell, where a metric is read (it chooses how the AUROC is read)."""
+        return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp, noise_sd)
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
                   draws: int = TEST_DRAWS, with_calibration: bool = False) -> dict[str, list[float]] | None:
@@ -87,12 +89,13 @@ class Reader:
         histogram can land anywhere in [0, 1]); the pooled AUROC gets its interval, so a
         reading of 0.45 with an interval of 0.2-0.9 says it knows nothing."""
         estimator = "binned" if progress else None
-        result = Evaluation(Split.VAL.value, hospitals={n: self.read(s, estimator).metrics() for n, s in summaries.items()
-                                                        if n != SECURE_SUM})
+        result = Evaluation(Split.VAL.value, hospitals={
+            n: self.read(s, estimator, noise.get(n, 0.0) * s.sensitivity).metrics()
+            for n, s in summaries.items() if n != SECURE_SUM})
         total = pooled(list(summaries.values()))
-        read = self.read(total, estimator)
-        result.pooled = read.metrics() if read is not None else None
         noise_sd = pooled_noise(summaries, noise)
+        read = self.read(total, estimator, noise_sd)
+        result.pooled = read.metrics() if read is not None else None
         found = self.intervals(total, noise_sd, None, estimator, PROGRESS_DRAWS)
         result.pooled_interval = found.get("auroc") if found else None
         if (result.pooled is not None and result.pooled_interval is None and self.cfg.evaluation.dp and noise_sd > 0
@@ -212,14 +215,14 @@ class Reader:
         parts = {n: e.summaries[Split.TEST] for n, e in released.items() if Split.TEST in e.summaries}
         noise = {n: e.histogram_noise.get(Split.TEST, 0.0) for n, e in released.items()}
         total = pooled(list(parts.values()))
-        read = self.read(total)
-        result = TestResult(
-            pooled=read.metrics(at) if read is not None else None,
-            hospitals={n: self.read(s).metrics(at) for n, s in parts.items() if n != SECURE_SUM},
-            dropped=dropped, threshold=threshold, calibration=calibration,
-        )
         rows = {"pooled": (total, pooled_noise(parts, noise))}
         rows.update({n: (s, noise[n] * s.sensitivity) for n, s in parts.items() if n != SECURE_SUM})
+        read = self.read(total, noise_sd=rows["pooled"][1])
+        result = TestResult(
+            pooled=read.metrics(at) if read is not None else None,
+            hospitals={n: self.read(s, noise_sd=rows[n][1]).metrics(at) for n, s in parts.items() if n != SECURE_SUM},
+            dropped=dropped, threshold=threshold, calibration=calibration,
+        )
         for row, (summary, sd) in rows.items():
             found = self.intervals(summary, sd, at, with_calibration=row == "pooled" and read is not None)
             ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)

@@ -47,6 +47,7 @@ from common.config import ExperimentConfig, load_config
 from common.estimates import for_metrics
 from common.messages import Item, Split
 from common.metrics import ScoreGrid, ScoreSummary, choose_threshold, exact_metrics, pooled
+from simulations.estimator_study import AUROC_READINGS, read_release
 
 SIZES = (115, 175, 296, 214)
 PREVALENCES = (0.14, 0.05, 0.19, 0.145)
@@ -54,9 +55,12 @@ PREVALENCES = (0.14, 0.05, 0.19, 0.145)
 VARIANTS = (("binned", "noisy", "binned", False), ("skewnormal", "noisy", "skewnormal", True),
             ("binormal", "noisy", "binormal", True), ("binormal-bins", "noisy", "binormal", False),
             ("exact-binned", "exact", "binned", False), ("skewnormal-exact", "exact", "skewnormal", True),
-            ("skewnormal-free-exact", "exact", "skewnormal", "free"), ("binormal-exact", "exact", "binormal", True))
-# fine: True reads the fitted fine grid (the AUROC the tied pair's, common.estimates.tied_auroc, where the
-# estimator gives one), "free" the fine grid of the free fits alone, False the fitted counts in the bins
+            ("skewnormal-free-exact", "exact", "skewnormal", "free"), ("skewnormal-tied-exact", "exact", "skewnormal", "tied"),
+            ("binormal-exact", "exact", "binormal", True))
+# fine: True reads the fitted fine grid as a run does, told the release's noise (the skew-normal's AUROC from
+# the tied pair where the noise is large for the deaths, common.estimates.reads_tied, else the free fits'),
+# "free" the fine grid of the free fits alone, "tied" the tied pair's AUROC whatever the noise, False the
+# fitted counts in the bins
 THRESHOLD_ESTIMATORS = ("binned", "skewnormal", "binormal")  # the threshold study's, besides the best threshold
 SHIFT = 1.09  # deaths' logits are this much higher: AUROC about 0.78 for normal scores
 NARROW = 0.3  # "narrow": the normal scores squeezed to this sd (a model whose risks are not calibrated)
@@ -104,18 +108,18 @@ def errors_of(draw: Callable[[], Parts], sigma: float, grid: ScoreGrid, repeats:
         for name, which, estimator, fine in VARIANTS:
             released = noisy if which == "noisy" else exact
 
-            def read(summary: ScoreSummary) -> ScoreSummary:
-                read = for_metrics(summary, estimator, dp=True)  # (exact ones too: what the fit alone costs)
-                if fine == "free" and read.fine is not None:
-                    return replace(read, fine=replace(read.fine, ranking_auroc=None))
+            def read(summary: ScoreSummary, noise_sd: float) -> ScoreSummary:
+                # (exact ones too: what the fit alone costs; their noise is none)
+                read = read_release(summary, estimator, noise_sd, fine if fine in AUROC_READINGS else "rule")
                 return read if fine else replace(read, fine=None)
 
-            m = read(pooled(released)).metrics()
+            sds = [sigma * s.sensitivity if which == "noisy" else 0.0 for s in released]  # each cell's, as noised()
+            m = read(pooled(released), float(np.sqrt(np.sum(np.square(sds))))).metrics()
             errors[name]["AUROC"].append(m.auroc - truth.auroc)
             errors[name]["AUPRC"].append(m.auprc - truth.auprc)
             errors[name]["Brier"].append(m.brier - truth.brier)
-            for summary, t in zip(released, truth_h):
-                errors[name]["hospital AUROC"].append(read(summary).metrics().auroc - t)
+            for summary, t, sd in zip(released, truth_h, sds):
+                errors[name]["hospital AUROC"].append(read(summary, sd).metrics().auroc - t)
     return {k: {m: np.asarray(v) for m, v in d.items()} for k, d in errors.items()}
 
 

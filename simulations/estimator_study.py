@@ -2,6 +2,7 @@
 
     python -m simulations.estimator_study RUNS_DIR [--draws 10] [--intervals 2]
                                           [--estimators skewnormal,binormal]
+                                          [--noise-scale 1] [--auroc-reading rule|tied|free]
 
 ``RUNS_DIR`` is a ``simulations.utility`` output folder: every ``fold*/model.pt`` in it
 is scored exactly on its own fold's test stays (a simulation holds every patient; nothing
@@ -15,6 +16,11 @@ bias, sd and root mean square error against the exact value of the same patients
 same bin edge, and for the first ``--intervals`` draws of each run how often the interval
 (``metric_intervals``, the report's nominal level) held that exact value.
 
+``--noise-scale`` releases with that many times the run's noise (a larger federation, a
+larger test epsilon; 0: exact counts), and ``--auroc-reading`` forces the skew-normal's
+AUROC from the tied pair or the free fits, to see what ``common.estimates.reads_tied``
+chooses between.
+
 Fresh noise on the exact counts is, in distribution, what the run's hospitals added, so
 20 runs x 10 draws measure an estimator's error with less chance than 20 runs' single
 releases; what it does not vary is the models. Why it exists: the normal fit read
@@ -26,7 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,23 +78,36 @@ def exact_summary(run: HeldOutScores) -> tuple[ScoreSummary, object]:
             exact_metrics(run.y, probs, run.grid.edge_risk(run.edge)))
 
 
+AUROC_READINGS = ("rule", "tied", "free")  # as a run reads it (common.estimates.reads_tied), or forced
+
+
+def read_release(noisy: ScoreSummary, estimator: str, noise_sd: float, auroc_reading: str = "rule") -> ScoreSummary:
+    """``noisy`` read as a run reads it, told its noise; ``auroc_reading`` tied or free:
+    the skew-normal's AUROC from the tied pair, or from the free fits, whatever the noise."""
+    read = for_metrics(noisy, estimator, True, None if auroc_reading == "tied" else noise_sd)
+    if auroc_reading == "free" and read.fine is not None:
+        read = replace(read, fine=replace(read.fine, ranking_auroc=None))
+    return read
+
+
 def study(runs: list[HeldOutScores], estimators: list[str], draws: int, intervals: int, seed: int = 0,
-          interval_draws: int = 200) -> dict[str, Errors]:
+          interval_draws: int = 200, noise_scale: float = 1.0, auroc_reading: str = "rule") -> dict[str, Errors]:
     """Each estimator's errors over ``runs`` x ``draws`` fresh releases (intervals on the
-    first ``intervals`` of each run's)."""
+    first ``intervals`` of each run's), with ``noise_scale`` times each run's noise."""
     rng = np.random.default_rng(seed)
     out = {e: Errors() for e in estimators}
     for index, run in enumerate(runs):
         summary, exact = exact_summary(run)
+        noise_sd = run.noise_sd * noise_scale
         for k in range(draws):
-            noisy = ScoreSummary(summary.histogram + rng.normal(0.0, run.noise_sd, summary.histogram.shape), None,
+            noisy = ScoreSummary(summary.histogram + rng.normal(0.0, noise_sd, summary.histogram.shape), None,
                                  summary.n, run.grid)
             for e in estimators:
-                read = for_metrics(noisy, e, True).metrics(run.edge)
+                read = read_release(noisy, e, noise_sd, auroc_reading).metrics(run.edge)
                 for m in INTERVAL_METRICS:
                     out[e].errors[m].append(getattr(read, m) - getattr(exact, m))
                 if k < intervals:
-                    found = metric_intervals(noisy, run.noise_sd, run.edge, INTERVAL_LEVEL, interval_draws,
+                    found = metric_intervals(noisy, noise_sd, run.edge, INTERVAL_LEVEL, interval_draws,
                                              np.random.default_rng([seed, index, k]), e) or {}
                     for m, (low, high) in found.items():
                         out[e].held[m].append(bool(low - 1e-9 <= getattr(exact, m) <= high + 1e-9))
@@ -134,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intervals", type=int, default=2, help="of those, how many also get intervals (slow)")
     parser.add_argument("--estimators", default="skewnormal,binormal",
                         help=f"comma-separated, of {', '.join(e for e in ESTIMATORS if e != 'binned')}")
+    parser.add_argument("--noise-scale", type=float, default=1.0,
+                        help="each release's noise, times the run's own (0: exact counts; the reading is told the same)")
+    parser.add_argument("--auroc-reading", choices=AUROC_READINGS, default="rule",
+                        help="the skew-normal's AUROC as a run reads it (rule), or always from the tied pair or the "
+                             "free fits (common.estimates.reads_tied)")
     args = parser.parse_args(argv)
+    if not args.noise_scale >= 0:
+        parser.error("--noise-scale must be 0 or more")
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
@@ -144,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.runs_dir}: no fold*/model.pt (a simulations.utility output folder)")
     runs = [test_scores(d) for d in dirs]
     print(f"{len(runs)} runs of {args.runs_dir}, {args.draws} fresh releases each (noise sd per cell "
-          f"{min(r.noise_sd for r in runs):.2f}-{max(r.noise_sd for r in runs):.2f}), intervals on {args.intervals}\n",
+          f"{min(r.noise_sd for r in runs):.2f}-{max(r.noise_sd for r in runs):.2f}, times {args.noise_scale}), "
+          f"intervals on {args.intervals}, the AUROC read: {args.auroc_reading}\n",
           file=sys.stderr)
-    found = study(runs, estimators, args.draws, args.intervals)
+    draws = args.draws if args.noise_scale > 0 else 1  # exact counts: one reading each
+    found = study(runs, estimators, draws, args.intervals, noise_scale=args.noise_scale,
+                  auroc_reading=args.auroc_reading)
     print("| metric | " + " | ".join(f"{e}: bias | sd | rmse | intervals held" for e in estimators) + " |")
     print("|---|" + "---|---|---|---|" * len(estimators))
     for m in INTERVAL_METRICS:
