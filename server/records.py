@@ -142,8 +142,8 @@ class TestResult:
     subgroup_count_sd: float | None = None
     importance: dict[str, float] = field(default_factory=dict)  # mean clipped |contribution| per input (DP), largest first
     importance_noise: float | None = None  # the standard deviation of the DP noise on each of those means
-    # DP releases: rough intervals of each metric for the DP noise and the fit (common.estimates.metric_intervals;
-    # nominal INTERVAL_LEVEL, their measured coverage in common.estimates.INTERVAL_COVERAGE): row -> metric ->
+    # DP releases: rough intervals of each metric for the DP noise and the fit (common.intervals.metric_intervals;
+    # nominal INTERVAL_LEVEL, their measured coverage in common.intervals.INTERVAL_COVERAGE): row -> metric ->
     # [low, high]; rows "pooled" and each hospital. A row without intervals could not be estimated.
     intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     auroc_interval: list[float] | None = None  # the pooled AUROC's (run folders from before ``intervals``)

@@ -4,7 +4,7 @@ rough intervals, the decision threshold, the recalibration, and the test result.
 Everything here is post-processing of what was released (no privacy cost): the pooled
 validation releases give the threshold and the calibration; the test releases give the
 metrics, each with a rough interval for the DP noise and the reading
-(``common.estimates.metric_intervals``, whose coverage of the exact value is measured on
+(``common.intervals.metric_intervals``, whose coverage of the exact value is measured on
 the protocol, not assumed), per-group metrics and the importance. A release whose counts
 the noise drowns gets no number, and the result says so.
 """
@@ -20,15 +20,13 @@ import numpy as np
 from common.config import ExperimentConfig
 from common.estimates import (
     GROUP_READ_MARGIN,
-    INTERVAL_LEVEL,
     MIN_SIGNAL,
-    OBSERVED_OVER_PREDICTED,
     for_metrics,
-    metric_intervals,
     observed_over_predicted,
     pairs_in_one_bin,
     ranks_patients,
 )
+from common.intervals import INTERVAL_LEVEL, OBSERVED_OVER_PREDICTED, metric_intervals
 from common.messages import Item, Split
 from common.metrics import (
     Metrics,

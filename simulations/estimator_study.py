@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.estimates import ESTIMATORS, INTERVAL_LEVEL, INTERVAL_METRICS, for_metrics, metric_intervals
+from common.estimates import ESTIMATORS, for_metrics
+from common.intervals import INTERVAL_LEVEL, INTERVAL_METRICS, metric_intervals
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics
 
 

@@ -99,7 +99,8 @@ def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_
     draws as the metrics': over 16 default-sized noisy releases it holds the exact
     observed/predicted of their patients in most (nominal 99%; measured in the closing
     note of 2026-12-06), and the reading is near the exact ratio on average."""
-    from common.estimates import OBSERVED_OVER_PREDICTED, for_metrics, metric_intervals, observed_over_predicted
+    from common.estimates import for_metrics, observed_over_predicted
+    from common.intervals import OBSERVED_OVER_PREDICTED, metric_intervals
 
     grid = ScoreGrid(-7.0, 3.0, 10)  # the default's test grid, and its noise (tests/test_estimates.py)
     rng = np.random.default_rng(12)

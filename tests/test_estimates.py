@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.estimates import _edges, _shape, auroc_interval, binormal_counts, fit_normal, for_metrics
+from common.estimates import _shape, binormal_counts, fit_normal, for_metrics, grid_edges
+from common.intervals import auroc_interval
 from common.messages import Split
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics, format_metrics, pooled
 from tests.conftest import small_cfg
@@ -23,13 +24,13 @@ SIZES, PREVALENCES = (115, 175, 296, 214), (0.14, 0.05, 0.19, 0.145)
 
 
 def _normal_counts(grid, mass, mu, sd):
-    return mass * _shape(_edges(grid), mu, sd)
+    return mass * _shape(grid_edges(grid), mu, sd)
 
 
 @pytest.mark.parametrize("grid", [GRID, ScoreGrid(-7.0, 3.0, 20)])
 @pytest.mark.parametrize("mass,mu,sd", [(500.0, -2.3, 1.0), (80.0, -1.0, 0.6), (40.0, 2.5, 1.5), (300.0, -6.0, 2.0)])
 def test_fit_recovers_a_normal_from_its_exact_expected_counts(grid, mass, mu, sd):
-    fit = fit_normal(_normal_counts(grid, mass, mu, sd), _edges(grid))
+    fit = fit_normal(_normal_counts(grid, mass, mu, sd), grid_edges(grid))
     assert fit is not None
     assert fit == pytest.approx((mass, mu, sd), rel=1e-4, abs=1e-4)
 
@@ -245,7 +246,7 @@ def test_the_auroc_interval_mostly_covers_the_exact_auroc_of_the_released_patien
     synthetic default-sized releases, 4 hospitals' noise pooled, the reports' nominal
     level): a rough interval, as its docstring says (measured 85-92% on 60 releases),
     narrower than the whole range and always around the estimate."""
-    from common.estimates import INTERVAL_LEVEL
+    from common.intervals import INTERVAL_LEVEL
 
     rng = np.random.default_rng(11)
     noise = TEST_NOISE * math.sqrt(len(SIZES))  # four hospitals' independent noises, pooled
@@ -265,9 +266,10 @@ def test_the_auroc_interval_mostly_covers_the_exact_auroc_of_the_released_patien
 def test_the_fitted_pairs_auroc_is_the_binormal_one_and_a_truth_can_be_moved_to_any_auroc():
     """fitted_auroc of two normals is Phi(d / sqrt(sd0^2 + sd1^2)) (the slow reference: the
     closed form), and the truths an interval's ends are tested at have the AUROC asked."""
-    from common.estimates import RowFit, _moved_to_auroc, fine_grid, fitted_auroc
+    from common.estimates import RowFit, fine_grid, fitted_auroc
+    from common.intervals import _moved_to_auroc
 
-    edges = _edges(fine_grid(GRID)[0])
+    edges = grid_edges(fine_grid(GRID)[0])
     for d, sd0, sd1 in [(1.09, 1.0, 1.0), (2.0, 1.0, 0.6), (0.4, 0.8, 1.3), (-0.5, 1.0, 1.0)]:
         fits = [RowFit(700, -2.3, sd0), RowFit(100, -2.3 + d, sd1)]
         assert fitted_auroc(fits, edges) == pytest.approx(norm_cdf(d / math.hypot(sd0, sd1)), abs=0.002)
@@ -286,15 +288,15 @@ def test_the_auroc_is_read_from_the_smaller_class_tied_to_the_larger_ones_sd():
     the free fit (rmse 0.068 against 0.076; with the deaths' sd 1.1 and 1.2 times the
     survivors', 0.075 against 0.079 and 0.084 against 0.087: measured 2026-12-06, seed 4).
     The case for it is real models' scores: README "What a run reports about itself"."""
-    from common.estimates import _without_fine
+    from common.estimates import without_fine
 
     hist = np.stack([_normal_counts(GRID, 700, -2.3, 0.9), _normal_counts(GRID, 100, -1.0, 0.9)])[:, None, :]
     read = for_metrics(ScoreSummary(hist, None, 800, GRID), "skewnormal", dp=True)
     tied = read.fine.ranking_auroc
     assert tied == pytest.approx(norm_cdf(1.3 / (0.9 * math.sqrt(2))), abs=0.003)
     assert read.metrics().auroc == tied
-    assert _without_fine(read).metrics().auroc < tied  # its own counts, the bins' ties
-    assert dataclasses.replace(read, fine=None).metrics().auroc == _without_fine(read).metrics().auroc
+    assert without_fine(read).metrics().auroc < tied  # its own counts, the bins' ties
+    assert dataclasses.replace(read, fine=None).metrics().auroc == without_fine(read).metrics().auroc
     rng = np.random.default_rng(4)
     noise = TEST_NOISE * math.sqrt(len(SIZES))
     tied, free = [], []
@@ -342,8 +344,8 @@ def test_an_interval_holds_the_truths_whose_own_errors_could_give_a_low_reading(
     fit alone stopped short of the exact AUROC; with the free fit's AUROC, before
     tied_auroc, seeds 60 and 93 were two more): drawn from a fit that reads low, readings err
     upwards, while the truth's readings err down. Tested also at truths at the interval's
-    ends (common.estimates.TRUTH_STEPS), the interval holds it, and it holds the fit's."""
-    from common import estimates
+    ends (common.intervals.TRUTH_STEPS), the interval holds it, and it holds the fit's."""
+    from common import intervals
 
     noise = TEST_NOISE * math.sqrt(len(SIZES))
     release, exact = _release(np.random.default_rng(seed), GRID)
@@ -351,11 +353,11 @@ def test_an_interval_holds_the_truths_whose_own_errors_could_give_a_low_reading(
     assert read < exact.auroc - 0.12
 
     def interval(steps):
-        monkeypatch.setattr(estimates, "TRUTH_STEPS", steps)
-        return estimates.metric_intervals(release, noise, None, estimates.INTERVAL_LEVEL, 200,
+        monkeypatch.setattr(intervals, "TRUTH_STEPS", steps)
+        return intervals.metric_intervals(release, noise, None, intervals.INTERVAL_LEVEL, 200,
                                           np.random.default_rng(0), "skewnormal")
 
-    steps = estimates.TRUTH_STEPS
+    steps = intervals.TRUTH_STEPS
     at_fit, tested = interval(0), interval(steps)
     assert at_fit["auroc"][1] < exact.auroc <= tested["auroc"][1]
     for metric, (low, high) in at_fit.items():
@@ -522,10 +524,10 @@ def test_a_level_without_a_bin_edge_to_read_it_at_is_refused(level, ok):
 def test_fit_recovers_a_skew_normal_from_its_exact_expected_counts(mass, loc, scale, skew):
     from common.estimates import fit_skew_normal
 
-    counts = mass * _shape(_edges(GRID), loc, scale, skew)
-    fit = fit_skew_normal(counts, _edges(GRID))
+    counts = mass * _shape(grid_edges(GRID), loc, scale, skew)
+    fit = fit_skew_normal(counts, grid_edges(GRID))
     assert fit is not None
-    assert np.allclose(fit.mass * fit.shares(_edges(GRID)), counts, atol=1e-3 * mass)  # the same expected counts
+    assert np.allclose(fit.mass * fit.shares(grid_edges(GRID)), counts, atol=1e-3 * mass)  # the same expected counts
     assert fit.mass == pytest.approx(mass, rel=1e-3)
     assert abs(fit.skew - skew) < 0.3 or skew == 0.0 and abs(fit.skew) < 0.3
 
@@ -533,7 +535,7 @@ def test_fit_recovers_a_skew_normal_from_its_exact_expected_counts(mass, loc, sc
 def test_the_skew_normal_cdf_is_scipys():
     from scipy.stats import skewnorm
 
-    edges = _edges(GRID)
+    edges = grid_edges(GRID)
     for skew in (-4.0, -0.5, 1.0, 3.0):
         expected = np.diff(np.r_[0.0, skewnorm.cdf(edges[1:-1], skew, loc=-2.0, scale=1.3), 1.0])
         assert np.allclose(_shape(edges, -2.0, 1.3, skew), expected, atol=1e-12)
@@ -609,7 +611,8 @@ def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patie
     import logging
 
     import server.results as results
-    from common.estimates import MAX_PAIRS_IN_ONE_BIN, metric_intervals, pairs_in_one_bin, ranks_patients
+    from common.estimates import MAX_PAIRS_IN_ONE_BIN, pairs_in_one_bin, ranks_patients
+    from common.intervals import metric_intervals
     from common.messages import Item
     from server.validation import Evaluations
 
@@ -693,7 +696,7 @@ def test_a_group_is_read_only_with_a_margin_for_its_many_questions_and_then_with
 
 
 def test_the_measured_coverage_says_when_a_run_is_not_the_setting_it_was_measured_at():
-    from common.estimates import INTERVAL_COVERAGE, interval_coverage
+    from common.intervals import INTERVAL_COVERAGE, interval_coverage
 
     assert interval_coverage("per_hospital", 800, 4, 1.0) == INTERVAL_COVERAGE
     assert interval_coverage("per_hospital", 790, 4, 1.0) == INTERVAL_COVERAGE  # within a tenth of the patients

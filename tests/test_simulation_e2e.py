@@ -76,7 +76,7 @@ def test_a_hospitals_row_with_intervals_is_told_how_often_such_rows_held(small_r
     """The small run's hospitals are too small for intervals of their own; given one (as a
     hospital of a default run has), the report prints the coverage measured for such rows."""
     from common.document import markdown
-    from common.estimates import HOSPITAL_INTERVAL_COVERAGE
+    from common.intervals import HOSPITAL_INTERVAL_COVERAGE
     from server.report.run_folder import RunFolder
     from server.report.sections import test_results_section
 

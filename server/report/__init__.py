@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from common.document import Image, Section, Table, markdown, to_html
-from common.estimates import INTERVAL_LEVEL
+from common.intervals import INTERVAL_LEVEL
 from common.messages import Split
 from common.metrics import format_metrics, format_number, logit, sigmoid
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 from common.document import Image, Section, Table
-from common.estimates import CALIBRATION_INTERVAL_COVERAGE, GROUP_READ_MARGIN, INTERVAL_LEVEL, MIN_SIGNAL, Z_99
+from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL, Z_99
+from common.intervals import CALIBRATION_INTERVAL_COVERAGE, INTERVAL_LEVEL
 from common.metrics import with_interval
 
 from .plots import plot_reliability

@@ -8,12 +8,8 @@ from pathlib import Path
 
 from common.config import ExperimentConfig
 from common.document import Bullets, Section, Table
-from common.estimates import (
-    HOSPITAL_INTERVAL_COVERAGE,
-    INTERVAL_LEVEL,
-    MAX_PAIRS_IN_ONE_BIN,
-    interval_coverage,
-)
+from common.estimates import MAX_PAIRS_IN_ONE_BIN
+from common.intervals import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, interval_coverage
 from common.metrics import METRIC_NAMES, Metrics, with_interval
 
 from ..records import Partition, RunPrivacy, StartRecord
