@@ -340,11 +340,11 @@ TIED_FROM = 0.1
 
 def reads_tied(fits: dict[int, RowFit], grid: ScoreGrid, noise_sd: float | None) -> bool:
     """Whether the AUROC of a binary release with these class ``fits`` is read from the
-    tied pair: where its noise is not known, or where the noise on the smaller class's
-    total is at least TIED_FROM of its fitted mass."""
-    if noise_sd is None:
-        return True
-    small = min((f.mass for f in fits.values()), default=0.0)
+    tied pair: where its noise is not known (None, NaN, negative), or where the noise on
+    the smaller class's total is at least TIED_FROM of its fitted mass."""
+    if noise_sd is None or not noise_sd >= 0 or not math.isfinite(noise_sd) or len(fits) < 2:
+        return True  # unknown (or not a noise at all), or a class missing: as before the rule
+    small = min(f.mass for f in fits.values())
     return small <= 0 or noise_sd * math.sqrt(grid.bins) >= TIED_FROM * small
 
 

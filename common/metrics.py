@@ -154,15 +154,18 @@ def calibration_in_the_large(y: np.ndarray, risk: np.ndarray, draws: int = 200, 
                              rng: np.random.Generator | None = None) -> list[float] | None:
     """[the observed rate of the outcome over the mean predicted risk, and its percentile
     bootstrap interval over resamples of the stays] (1: calibrated in the large; above 1
-    the risks run low): exact, for a hospital's own patients. None without stays or risk."""
+    the risks run low): exact, for a hospital's own patients. None without stays or risk,
+    or where fewer than half the resamples hold any risk."""
     y, risk = np.asarray(y, dtype=np.float64), np.asarray(risk, dtype=np.float64)
     if not len(y) or not risk.mean() > 0:
         return None
     rng = rng or np.random.default_rng(0)
     ratios = [y[i].mean() / risk[i].mean() for i in (rng.integers(0, len(y), len(y)) for _ in range(draws))
               if risk[i].mean() > 0]
+    if len(ratios) < draws // 2 or not ratios:
+        return None  # too few resamples held a risk to say how far the ratio may be
     tail = (1 - level) / 2
-    low, high = np.quantile(ratios, [tail, 1 - tail]) if ratios else (math.nan, math.nan)
+    low, high = np.quantile(ratios, [tail, 1 - tail])
     return [float(y.mean() / risk.mean()), float(low), float(high)]
 
 

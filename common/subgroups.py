@@ -121,7 +121,7 @@ class GroupResult:
     calibration: list[CalibrationPoint]
     note: str = ""
     # each metric's interval: on a hospital's own exact stays its sampling interval (common.metrics.sampling_intervals);
-    # for a DP row the reading's (common.intervals.metric_intervals, as the pooled row's)
+    # for a DP row the reading's (common.intervals.metric_intervals, of the row's counts in the bins as printed)
     intervals: dict[str, list[float]] | None = None
     # on a hospital's own exact stays (binary): [observed rate over mean predicted risk, its sampling interval]
     observed_over_predicted: list[float] | None = None

@@ -88,7 +88,7 @@ class Evaluation:
     pooled: Metrics | None = None
     hospitals: dict[str, Metrics] = field(default_factory=dict)
     dropped: list[Dropped] = field(default_factory=list)
-    pooled_interval: list[float] | None = None  # the pooled AUROC's rough interval (common.estimates)
+    pooled_interval: list[float] | None = None  # the pooled AUROC's rough interval (common.intervals)
     # why a DP reading has no pooled AUROC interval (and so no number): the noise, or bins that cannot rank
     pooled_note: str = ""
 

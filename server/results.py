@@ -57,11 +57,12 @@ class Reader:
 
     cfg: ExperimentConfig
 
-    def read(self, summary: ScoreSummary | None, estimator: str | None = None, noise_sd: float | None = None
+    def read(self, summary: ScoreSummary | None, estimator: str | None = None, *, noise_sd: float
              ) -> ScoreSummary | None:
         """Under DP, the counts of ``estimator`` (default ``evaluation.estimator``;
         common.estimates); exact ones as they are. ``noise_sd``: the release's noise on
-        each cell, where a metric is read (it chooses how the AUROC is read)."""
+        each cell (it chooses how the AUROC is read: common.estimates.reads_tied), asked
+        of every caller so that no reading falls back on a default without it."""
         return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp, noise_sd)
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
@@ -88,11 +89,11 @@ class Reader:
         reading of 0.45 with an interval of 0.2-0.9 says it knows nothing."""
         estimator = "binned" if progress else None
         result = Evaluation(Split.VAL.value, hospitals={
-            n: self.read(s, estimator, noise.get(n, 0.0) * s.sensitivity).metrics()
+            n: self.read(s, estimator, noise_sd=noise.get(n, 0.0) * s.sensitivity).metrics()
             for n, s in summaries.items() if n != SECURE_SUM})
         total = pooled(list(summaries.values()))
         noise_sd = pooled_noise(summaries, noise)
-        read = self.read(total, estimator, noise_sd)
+        read = self.read(total, estimator, noise_sd=noise_sd)
         result.pooled = read.metrics() if read is not None else None
         found = self.intervals(total, noise_sd, None, estimator, PROGRESS_DRAWS)
         result.pooled_interval = found.get("auroc") if found else None
@@ -175,7 +176,7 @@ class Reader:
         out = {}
         for k, hour in enumerate(hours):
             summary = ScoreSummary(total[k][None, None, :], None, n, grid)
-            chosen = threshold_for_rate(self.read(summary), rate)
+            chosen = threshold_for_rate(self.read(summary, noise_sd=sd), rate)
             if chosen is None:
                 continue  # this hour keeps the interpolation of its neighbours
             if calibration is not None:
@@ -201,7 +202,7 @@ class Reader:
             log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by its "
                         "own threshold, on and off")
             return None
-        chosen = threshold_for_rate(self.read(ScoreSummary(total[None, None, :], None, n, grid)), rate)
+        chosen = threshold_for_rate(self.read(ScoreSummary(total[None, None, :], None, n, grid), noise_sd=sd), rate)
         return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
 
     def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
@@ -248,7 +249,9 @@ class Reader:
             result.subgroups = subgroup_results(self.cfg, total_groups, edge, None, min_count=result.subgroup_least)
             for row, group in enumerate(result.subgroups):  # a read row's metrics carry their intervals too
                 if group.metrics is not None:
-                    group.intervals = self.intervals(total_groups.group(row), sd, edge)
+                    # read as the row is printed (its counts in the bins, common.subgroups.results), so
+                    # the interval describes the printed number; the pooled row's fit would not
+                    group.intervals = self.intervals(total_groups.group(row), sd, edge, "binned")
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
         if important:
             patients = sum(parts[n].n for n, _ in important)

@@ -92,10 +92,11 @@ def finish_run(co, last_round: int) -> None:
     grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
     validated = final_evaluation(co, last_round, [Split.VAL])
     val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
-    val = co.reader.read(pooled(list(val_parts.values())))  # pooled first: the fit reads the sum of the releases
+    val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
+    # pooled first: the fit reads the sum of the releases
+    val = co.reader.read(pooled(list(val_parts.values())), noise_sd=pooled_noise(val_parts, val_noise))
     co._validated(last_round, validated)
     uncalibrated = recalibrate(co, val)
-    val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
     raw = pooled(list(val_parts.values()))
     readable = raw is not None and co.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
     threshold = co.reader.threshold(val, grid, uncalibrated, readable)
