@@ -221,7 +221,7 @@ def preflight_section(run: RunFolder) -> Section | None:
         left = " / ".join(format_number(a.remaining.get(g), 3) for g in ("train", "val", "test")) if a.remaining else ""
         if a.accepted:
             after = " / ".join(format_number(a.planned.get(g), 3) for g in ("train", "val", "test"))
-            rows.append([a.hospital, "accepts", f"{a.noise_multiplier:.3g} ({a.noise_set_by})", after, left])
+            rows.append([a.hospital, "accepts", f"{format_number(a.noise_multiplier, 3)} ({a.noise_set_by})", after, left])
         else:
             rows.append([a.hospital, f"refuses: {a.reason}", "", "", left])
     accepted = sum(a.accepted for a in answers)
