@@ -323,8 +323,6 @@ def binormal_counts(summary: ScoreSummary, estimator: str = "binormal",
 # -0.006 (the deaths' exact sd was 1.14 times the survivors' on average). Only the AUROC:
 # the same tie read AUPRC 0.067 low (it weighs the deaths' upper tail), and sensitivity,
 # F1 and the thresholds keep the free fits.
-
-
 #
 # The tie pays for its steadiness with the bias of a shape it imposes, so it is used only
 # where the noise is large for the smaller class: its noise on the class's total

@@ -93,12 +93,11 @@ def finish_run(co, last_round: int) -> None:
     validated = final_evaluation(co, last_round, [Split.VAL])
     val_parts = {n: e.summaries[Split.VAL] for n, e in validated.items() if Split.VAL in e.summaries}
     val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
-    # pooled first: the fit reads the sum of the releases
-    val = co.reader.read(pooled(list(val_parts.values())), noise_sd=pooled_noise(val_parts, val_noise))
+    raw, val_sd = pooled(list(val_parts.values())), pooled_noise(val_parts, val_noise)
+    val = co.reader.read(raw, noise_sd=val_sd)  # pooled first: the fit reads the sum of the releases
     co._validated(last_round, validated)
     uncalibrated = recalibrate(co, val)
-    raw = pooled(list(val_parts.values()))
-    readable = raw is not None and co.reader.readable(raw.n, pooled_noise(val_parts, val_noise), raw.histogram.size)
+    readable = raw is not None and co.reader.readable(raw.n, val_sd, raw.histogram.size)
     threshold = co.reader.threshold(val, grid, uncalibrated, readable)
     rate = co.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
     threshold = co.reader.calibrated_threshold(threshold, uncalibrated)
