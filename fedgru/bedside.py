@@ -1,5 +1,5 @@
-"""The commands a hospital runs on its own patients with a run's model bundle: ``evaluate``,
-``predict``, ``explain`` and ``monitor``. Everything they read stays on the machine they
+"""The commands a hospital runs on its own patients with a run's model bundle: ``predict``,
+``explain`` and ``monitor`` (``evaluate``: :mod:`fedgru.evaluate`). Everything they read stays on the machine they
 run on; results and the legend of their numbers go to stdout (or the file asked for), notes
 about the data to stderr."""
 
@@ -8,92 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError
 from common.data.records import DataError
 from common.files import to_json
-from common.metrics import Metrics
-from common.subgroups import GroupResult
 
 NOT_SCORED = "no observation in the window, only descriptors: not scored"
-SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
-SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
-
-
-@dataclass
-class ExactEvaluation:
-    """What ``evaluate`` measures on labelled stays, exactly (``--json`` prints it whole)."""
-
-    data: str
-    threshold: float | None  # the risk at or above which a stay is flagged (binary tasks)
-    metrics: Metrics
-    intervals: dict[str, list[float]]  # each metric's 95% interval over resamples of the stays
-    interval: str  # how the intervals were made, in words
-    subgroups: list[GroupResult] = field(default_factory=list)  # --subgroups: every group holding a stay
-    # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]
-    calibration: list[float] | None = None
-
-
-def cmd_evaluate(args) -> int:
-    from common.bundle import Bundle
-    from common.metrics import calibration_in_the_large, exact_metrics, format_metrics, sampling_intervals
-
-    bundle = Bundle(args.model)
-    threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
-    ds = bundle.load(args.data, args.outcomes, args.format)
-    _notes(ds, bundle)
-    _evaluated_stays_note(ds, bundle)
-    probs = bundle.predict(ds)
-    binary = probs.shape[1] == 2
-    result = ExactEvaluation(
-        str(args.data), threshold if binary else None, exact_metrics(ds.y, probs, threshold),
-        sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS),
-        f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
-        "patients could read")
-    if binary:
-        result.calibration = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
-    if args.subgroups:
-        from common.subgroups import exact_results
-
-        result.subgroups = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold,
-                                                     min_events=SUBGROUP_MIN_EVENTS, draws=SAMPLING_DRAWS)
-                            if g.patients]  # a group no stay of this export falls in is left out
-    if args.json:  # one JSON object on stdout, and nothing else there
-        print(to_json(result, indent=None))
-        return 0
-    positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
-    for g in result.subgroups:
-        shown = format_metrics(g.metrics, g.intervals) if g.metrics is not None else g.note
-        if g.observed_over_predicted is not None:
-            ratio, low, high = g.observed_over_predicted
-            shown += f"  observed/predicted {ratio:.2f} ({low:.2f}-{high:.2f})"
-        print(f"{g.grouping:>10s} {g.group:<16s} {int(g.patients):5d} stays, {int(g.deaths):4d} {positive}: {shown}")
-    flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
-    print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
-    if result.calibration is not None:
-        ratio, low, high = result.calibration
-        lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
-        print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
-              f"predicted risk: {lean} (1: calibrated in the large)")
-    print(f"exact on these stays; in brackets each metric's {result.interval}")
-    if any(g.observed_over_predicted is not None for g in result.subgroups):
-        print(f"observed/predicted: a group's observed rate of '{positive}' over its mean predicted risk (1: "
-              "calibrated in the large; above 1 its risks run low)")
-    return 0
-
-
-def _evaluated_stays_note(ds, bundle) -> None:
-    """On stderr: stays with no observation are in evaluate's metrics, as in the
-    federation's own evaluation (predict and monitor leave them unscored)."""
-    from client.bedside import observed_hours
-
-    empty = int((observed_hours(ds, bundle.config.features) == 0).sum())
-    if empty:
-        print(f"note: {empty} stay(s) have no observation in the window: they are scored from their descriptors "
-              "in these metrics, as the federation's own evaluation scores them (predict and monitor leave them "
-              "unscored)", file=sys.stderr)
 
 
 def _notes(ds, bundle=None) -> None:

@@ -1,7 +1,7 @@
 """The ``fedgru`` command: one entry point, each subcommand in the folder of its role.
 
     fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...] [--verbose]
-    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--format F] [--subgroups] [--threshold T] [--json]
+    fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--format F] [--subgroups] [--threshold T] [--json] [--csv FILE]
     fedgru predict   --model RUN/model.pt --data PATH --out risks.csv|- [--format F] [--hourly] [--threshold T]
     fedgru explain   --model RUN/model.pt --data PATH --stay ID [--top K] [--json]
     fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html] [--threshold T]
@@ -28,7 +28,8 @@ from common.config import ConfigError, load_config
 from common.data.records import DataError
 from common.files import to_json
 from common.paths import project_root
-from fedgru.bedside import cmd_evaluate, cmd_explain, cmd_monitor, cmd_predict
+from fedgru.bedside import cmd_explain, cmd_monitor, cmd_predict
+from fedgru.evaluate import cmd_evaluate
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -395,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="binary tasks: flag a patient at this risk or more (default: the one the run chose)")
     p.add_argument("--subgroups", action="store_true",
-                   help="also the metrics per group of patients (evaluation.subgroups), exact: nothing leaves")
+                   help="also a table of the groups of patients (evaluation.subgroups): AUROC, sensitivity, "
+                        "specificity and observed/predicted, exact: nothing leaves")
+    p.add_argument("--csv", metavar="FILE",
+                   help="also write every metric with its interval, for the whole export and (with --subgroups) "
+                        "each group, one row each, to FILE ('-': stdout, instead of the text)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = _command(sub, "predict", help="write per-stay risk scores to a CSV")

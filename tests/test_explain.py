@@ -374,34 +374,88 @@ def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and
     text = capsys.readouterr().out
     assert main([*args, "--subgroups", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups", "calibration"}
+    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups", "calibration",
+                           "patients", "positives"}
     ratio, low, high = result["calibration"]
     assert low <= ratio <= high and f"{ratio:.2f} ({low:.2f}-{high:.2f})" in text
     assert f"AUROC {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in text
-    rows = [line for line in text.splitlines() if " stays, " in line]
-    assert len(rows) == len(result["subgroups"]) >= 1
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("group "))
+    assert lines[header].split()[:3] == ["group", "stays", "died"] and lines[header].endswith("observed/predicted")
+    rows = lines[header + 1:header + 2 + len(result["subgroups"])]
+    assert len(result["subgroups"]) >= 1 and rows[-1].split()[:4] == ["all", "stays", str(result["patients"]),
+                                                                       str(result["positives"])]
     for row, g in zip(rows, result["subgroups"]):
-        assert row.startswith(f"{g['grouping']:>10s} {g['group']:<16s} {int(g['patients']):5d} stays"), row
+        assert row.startswith(f"{g['grouping']} {g['group']} "), row
+        counts = row[len(f"{g['grouping']} {g['group']}"):].split()[:2]
+        assert counts == [str(int(g["patients"])), str(int(g["deaths"]))], row
         if g["metrics"] is None:  # too few for metrics: no calibration either
-            assert g["observed_over_predicted"] is None
+            assert g["observed_over_predicted"] is None and row.endswith(g["note"])
             continue
+        assert f"{g['metrics']['auroc']:.3f} ({g['intervals']['auroc'][0]:.3f}-{g['intervals']['auroc'][1]:.3f})" in row
         # each group's own calibration in the large, with its interval (a model calibrated overall can be off in one)
         ratio, low, high = g["observed_over_predicted"]
-        assert low <= ratio <= high and row.endswith(f"observed/predicted {ratio:.2f} ({low:.2f}-{high:.2f})")
+        assert low <= ratio <= high and row.endswith(f"  {ratio:.2f} ({low:.2f}-{high:.2f})")
     assert f"(flagged at risk >= {result['threshold']:.3f})" in text
+
+
+def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_and_stays, capsys, tmp_path):
+    """The table shows three metrics a group; --csv writes all of them with their
+    intervals, a row for the whole export and one per group, as --json has them."""
+    import csv
+
+    from common.metrics import METRIC_NAMES
+    from fedgru.cli import main
+
+    path, folder, outcomes, _ = bundle_and_stays
+    args = ["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes), "--subgroups"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    out = tmp_path / "deep" / "metrics.csv"
+    assert main([*args, "--csv", str(out)]) == 0
+    text, err = capsys.readouterr()
+    assert f"every group's AUPRC, accuracy, F1, Brier, min(Se,PPV) too: in {out}" in text and f"to {out}" in err
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [(r["grouping"], r["group"]) for r in rows] == [("", "all stays")] + [
+        (g["grouping"], g["group"]) for g in result["subgroups"]]
+    for row, expected in zip(rows, [{**result, "patients": result["patients"], "deaths": result["positives"],
+                                     "observed_over_predicted": result["calibration"], "note": ""},
+                                    *result["subgroups"]]):
+        assert (int(row["stays"]), int(row["died"])) == (int(expected["patients"]), int(expected["deaths"]))
+        assert row["note"] == expected["note"]
+        for key in METRIC_NAMES:
+            if expected["metrics"] is None:  # too few: blank, not a number that means nothing
+                assert row[key] == row[f"{key}_low"] == row[f"{key}_high"] == ""
+                continue
+            assert float(row[key]) == pytest.approx(expected["metrics"][key], abs=1e-6)
+            low, high = expected["intervals"][key]
+            assert (float(row[f"{key}_low"]), float(row[f"{key}_high"])) == pytest.approx((low, high), abs=1e-6)
+        ratio = expected["observed_over_predicted"]
+        assert [float(v) if v else None for v in (row["observed_over_predicted"], row["observed_over_predicted_low"],
+                                                   row["observed_over_predicted_high"])] == (
+            pytest.approx(ratio, abs=1e-6) if ratio else [None] * 3)
+    # '-': the CSV alone on stdout; with --json too, refused before any data is read
+    assert main([*args, "--csv", "-"]) == 0
+    assert capsys.readouterr().out.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+    assert main([*args[:-1], "--data", str(tmp_path / "absent"), "--json", "--csv", "-"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--csv FILE" in err and "absent" not in err
 
 
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
     from common.bundle import Bundle
     from common.subgroups import exact_results
-    from fedgru.bedside import SUBGROUP_MIN_EVENTS
     from fedgru.cli import main
+    from fedgru.evaluate import SUBGROUP_MIN_EVENTS
 
     path, folder, outcomes, _ = bundle_and_stays
     assert main(["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes), "--subgroups"]) == 0
     bundle = Bundle(path)
     positive = bundle.config.task.classes[-1]  # "died": the outcome's own word, not "events"
-    lines = [line for line in capsys.readouterr().out.splitlines() if f" {positive}: " in line]
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("group "))
+    assert positive in out[header].split()  # "died": the outcome's own word, not "events"
+    lines = out[header + 1:out.index(next(line for line in out if line.startswith("all stays ")))]
     ds = bundle.load(folder, outcomes, None)
     probs = bundle.predict(ds)
     results = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, 0.3) if g.patients]
@@ -409,8 +463,9 @@ def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_
     for line, g in zip(lines, results):
         small = min(g.deaths, g.patients - g.deaths) < SUBGROUP_MIN_EVENTS
         assert ("too few for stable metrics" in line) == small, line
-        if not small:  # each exact metric with its sampling interval: "AUROC 0.812 (0.761-0.858)"
-            assert re.search(rf"AUROC {g.metrics.auroc:.3f} \(\d\.\d{{3}}-\d\.\d{{3}}\)", line), line
+        if not small:  # each exact metric with its sampling interval, AUROC first: "0.812 (0.761-0.858)"
+            assert re.search(rf"^{re.escape(f'{g.grouping} {g.group}')} +\d+ +\d+  {g.metrics.auroc:.3f} \(\d\.\d{{3}}-\d\.\d{{3}}\)  ",
+                             line), line
     # the group's own observed rate over its own mean predicted risk, as the whole export's is read
     with_draws = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, 0.3, SUBGROUP_MIN_EVENTS, 50)
                   if g.metrics is not None]

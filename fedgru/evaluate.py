@@ -1,0 +1,190 @@
+"""``fedgru evaluate``: a run's model on a hospital's own labelled stays, exactly, with each
+metric's sampling interval; with ``--subgroups`` a table of the groups of patients
+(``evaluation.subgroups``), with ``--csv`` every metric of every group in a file a
+spreadsheet opens. Nothing it reads or computes leaves the machine it runs on."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import ConfigError
+from common.files import to_json
+from common.metrics import METRIC_NAMES, Metrics
+from common.subgroups import GroupResult
+from fedgru.bedside import _notes, _threshold, _written
+
+SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
+SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
+# The table's columns: what a clinician weighs for a group (ranks, flags, calibration); the rest
+# (AUPRC, accuracy, F1, Brier, min(Se,PPV)) is in --csv and --json, where a wide row costs nothing.
+TABLE_METRICS = ("auroc", "sensitivity", "specificity")
+ALL_STAYS = "all stays"
+
+
+@dataclass
+class ExactEvaluation:
+    """What ``evaluate`` measures on labelled stays, exactly (``--json`` prints it whole)."""
+
+    data: str
+    threshold: float | None  # the risk at or above which a stay is flagged (binary tasks)
+    metrics: Metrics
+    intervals: dict[str, list[float]]  # each metric's 95% interval over resamples of the stays
+    interval: str  # how the intervals were made, in words
+    subgroups: list[GroupResult] = field(default_factory=list)  # --subgroups: every group holding a stay
+    # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]
+    calibration: list[float] | None = None
+    patients: int = 0
+    positives: int = 0  # stays labelled with the task's last class ("died")
+
+
+def cmd_evaluate(args) -> int:
+    from common.bundle import Bundle
+    from common.metrics import calibration_in_the_large, exact_metrics, format_metrics, sampling_intervals
+
+    csv_out = getattr(args, "csv", None)
+    if args.json and csv_out == "-":  # refused before the data is read: stdout holds one of them
+        raise ConfigError("--json and --csv - both print on stdout: write the CSV to a file (--csv FILE)")
+    bundle = Bundle(args.model)
+    threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
+    ds = bundle.load(args.data, args.outcomes, args.format)
+    _notes(ds, bundle)
+    _evaluated_stays_note(ds, bundle)
+    probs = bundle.predict(ds)
+    binary = probs.shape[1] == 2
+    result = ExactEvaluation(
+        str(args.data), threshold if binary else None, exact_metrics(ds.y, probs, threshold),
+        sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS),
+        f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
+        "patients could read", patients=len(ds.y), positives=int((ds.y == probs.shape[1] - 1).sum()))
+    if binary:
+        result.calibration = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
+    if args.subgroups:
+        from common.subgroups import exact_results
+
+        result.subgroups = [g for g in exact_results(bundle.config, ds.y, probs, ds.groups, threshold,
+                                                     min_events=SUBGROUP_MIN_EVENTS, draws=SAMPLING_DRAWS)
+                            if g.patients]  # a group no stay of this export falls in is left out
+    positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
+    if csv_out is not None:
+        if csv_out != "-":
+            Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
+        with _written(csv_out) as handle:
+            write_csv(handle, result, positive)
+        print(f"wrote {1 + len(result.subgroups)} rows of metrics to {'stdout' if csv_out == '-' else csv_out}",
+              file=sys.stderr)
+        if csv_out == "-":
+            return 0
+    if args.json:  # one JSON object on stdout, and nothing else there
+        print(to_json(result, indent=None))
+        return 0
+    if result.subgroups:
+        for line in subgroup_table(result, positive):
+            print(line)
+    flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
+    print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
+    if result.calibration is not None:
+        ratio, low, high = result.calibration
+        lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
+        print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
+              f"predicted risk: {lean} (1: calibrated in the large)")
+    print(f"exact on these stays; in brackets each metric's {result.interval}")
+    if any(g.observed_over_predicted is not None for g in result.subgroups):
+        print(f"observed/predicted: a group's observed rate of '{positive}' over its mean predicted risk (1: "
+              "calibrated in the large; above 1 its risks run low)")
+    if result.subgroups:
+        rest = ", ".join(METRIC_NAMES[k] for k in METRIC_NAMES if k not in TABLE_METRICS)
+        where = f"in {csv_out}" if csv_out else "--csv FILE (a spreadsheet) or --json"
+        print(f"every group's {rest} too: {where}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table and of the CSV: a group, or the whole export (grouping "")."""
+
+    grouping: str
+    group: str
+    stays: int
+    positives: int
+    metrics: Metrics | None  # None: too few stays for stable metrics (``note`` says so)
+    intervals: dict[str, list[float]]
+    observed_over_predicted: list[float] | None
+    note: str = ""
+
+
+def rows(result: ExactEvaluation) -> list[Row]:
+    """The whole export first, then each group as ``evaluate --subgroups`` found it."""
+    return [Row("", ALL_STAYS, result.patients, result.positives, result.metrics, result.intervals,
+                result.calibration)] + [
+        Row(g.grouping, g.group, int(g.patients), int(g.deaths), g.metrics, g.intervals or {},
+            g.observed_over_predicted, g.note) for g in result.subgroups]
+
+
+def _interval_text(value: float | None, interval, digits: int) -> str:
+    """"0.795 (0.769-0.819)" in a table cell; "-" where the value is undefined."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if not interval:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
+
+
+def subgroup_table(result: ExactEvaluation, positive: str) -> list[str]:
+    """The groups as one aligned table, a row each and the whole export last: AUROC,
+    sensitivity and specificity with their intervals, and the group's calibration in the
+    large. A group too small for stable metrics says so across the metric columns."""
+    whole, *groups = rows(result)
+    named = [(f"{r.grouping} {r.group}" if r.grouping else r.group, r) for r in [*groups, whole]]
+    label = max(len(name) for name, _ in named)
+    count = max(len(positive), 5)
+    cell = len("0.000 (0.000-0.000)")
+    header = (f"{'group':<{label}}  {'stays':>6} {positive:>{count}}  "
+              + "  ".join(f"{METRIC_NAMES[k]:<{cell}}" for k in TABLE_METRICS) + "  observed/predicted")
+    lines = [header]
+    for name, r in named:
+        head = f"{name:<{label}}  {r.stays:>6d} {r.positives:>{count}d}  "
+        if r.metrics is None:
+            lines.append(head + r.note)
+            continue
+        cells = [f"{_interval_text(getattr(r.metrics, k), r.intervals.get(k), 3):<{cell}}" for k in TABLE_METRICS]
+        ratio = r.observed_over_predicted
+        calibration = _interval_text(ratio[0], ratio[1:], 2) if ratio else "-"
+        lines.append(head + "  ".join(cells) + "  " + calibration)
+    return lines
+
+
+def write_csv(handle, result: ExactEvaluation, positive: str) -> None:
+    """One row for the whole export and one per group: counts, every metric with its 95%
+    interval (``<metric>_low``, ``<metric>_high``), the group's observed over predicted
+    rate, and the note of a group too small for metrics. Blank where a value is undefined."""
+
+    def number(value: float | None) -> str:
+        return f"{value:.6f}" if value is not None and math.isfinite(value) else ""
+
+    writer = csv.writer(handle)
+    metric_columns = [c for k in METRIC_NAMES for c in (k, f"{k}_low", f"{k}_high")]
+    writer.writerow(["grouping", "group", "stays", positive, *metric_columns, "observed_over_predicted",
+                     "observed_over_predicted_low", "observed_over_predicted_high", "note"])
+    for r in rows(result):
+        values = []
+        for key in METRIC_NAMES:
+            low, high = r.intervals.get(key) or (None, None)
+            values += [number(getattr(r.metrics, key) if r.metrics else None), number(low), number(high)]
+        ratio = r.observed_over_predicted or (None,) * 3
+        writer.writerow([r.grouping, r.group, r.stays, r.positives, *values, *(number(v) for v in ratio), r.note])
+
+
+def _evaluated_stays_note(ds, bundle) -> None:
+    """On stderr: stays with no observation are in evaluate's metrics, as in the
+    federation's own evaluation (predict and monitor leave them unscored)."""
+    from client.bedside import observed_hours
+
+    empty = int((observed_hours(ds, bundle.config.features) == 0).sum())
+    if empty:
+        print(f"note: {empty} stay(s) have no observation in the window: they are scored from their descriptors "
+              "in these metrics, as the federation's own evaluation scores them (predict and monitor leave them "
+              "unscored)", file=sys.stderr)
