@@ -188,7 +188,7 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
         for k, name in enumerate(group_names(spec, static)):
             member = index == k
             yk, pk = y[member], probs[member]
-            events = int(yk.sum())
+            events = int((yk == probs.shape[1] - 1).sum())  # stays of the last class ("died"); not a sum of labels
             too_few = min(events, len(yk) - events) < min_events
             metrics = exact_metrics(yk, pk, threshold) if member.any() and not too_few else None
             negative, positive = cfg.task.classes[0], cfg.task.classes[-1]
@@ -204,6 +204,6 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
             # off in a group): for the groups that get metrics, from the same resampling
             ratio = (calibration_in_the_large(yk, pk[:, 1], draws)
                      if metrics is not None and draws and pk.shape[1] == 2 else None)
-            out.append(GroupResult(spec.name, name, float(member.sum()), float(yk.sum()), metrics, points, note, intervals,
+            out.append(GroupResult(spec.name, name, float(member.sum()), float(events), metrics, points, note, intervals,
                                    ratio))
     return out

@@ -23,6 +23,9 @@ SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95
 # (AUPRC, accuracy, F1, Brier, min(Se,PPV)) is in --csv and --json, where a wide row costs nothing.
 TABLE_METRICS = ("auroc", "sensitivity", "specificity")
 ALL_STAYS = "all stays"
+# The CSV's names of the metrics: METRIC_NAMES' words as column names (the JSON keeps the field names)
+CSV_NAMES = {"auroc": "auroc", "auprc": "auprc", "accuracy": "accuracy", "sensitivity": "sensitivity",
+             "specificity": "specificity", "f1": "f1", "brier": "brier", "event1_score": "min_se_ppv"}
 
 
 @dataclass
@@ -38,16 +41,14 @@ class ExactEvaluation:
     # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]
     calibration: list[float] | None = None
     patients: int = 0
-    positives: int = 0  # stays labelled with the task's last class ("died")
+    deaths: int = 0  # stays of the task's last class ("died"), as each group's ``deaths``
 
 
 def cmd_evaluate(args) -> int:
     from common.bundle import Bundle
     from common.metrics import calibration_in_the_large, exact_metrics, format_metrics, sampling_intervals
 
-    csv_out = getattr(args, "csv", None)
-    if args.json and csv_out == "-":  # refused before the data is read: stdout holds one of them
-        raise ConfigError("--json and --csv - both print on stdout: write the CSV to a file (--csv FILE)")
+    csv_out = _csv_target(args)  # a CSV that cannot be written is refused before the data is read
     bundle = Bundle(args.model)
     threshold = _threshold(args, bundle)  # a bad --threshold is refused before the data is read
     ds = bundle.load(args.data, args.outcomes, args.format)
@@ -59,9 +60,12 @@ def cmd_evaluate(args) -> int:
         str(args.data), threshold if binary else None, exact_metrics(ds.y, probs, threshold),
         sampling_intervals(ds.y, probs, threshold, SAMPLING_DRAWS),
         f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
-        "patients could read", patients=len(ds.y), positives=int((ds.y == probs.shape[1] - 1).sum()))
+        "patients could read", patients=len(ds.y), deaths=int((ds.y == probs.shape[1] - 1).sum()))
     if binary:
         result.calibration = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
+    if args.subgroups and not bundle.config.evaluation.subgroups:
+        print("note: --subgroups: this model's config defines no groups of patients (evaluation.subgroups), so "
+              "there is no table of groups", file=sys.stderr)
     if args.subgroups:
         from common.subgroups import exact_results
 
@@ -70,10 +74,11 @@ def cmd_evaluate(args) -> int:
                             if g.patients]  # a group no stay of this export falls in is left out
     positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
     if csv_out is not None:
-        if csv_out != "-":
-            Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
-        with _written(csv_out) as handle:
-            write_csv(handle, result, positive)
+        try:
+            with _written(csv_out) as handle:
+                write_csv(handle, result, positive)
+        except OSError as exc:
+            raise ConfigError(f"--csv {csv_out}: cannot write it ({exc.strerror or exc})") from None
         print(f"wrote {1 + len(result.subgroups)} rows of metrics to {'stdout' if csv_out == '-' else csv_out}",
               file=sys.stderr)
         if csv_out == "-":
@@ -81,11 +86,19 @@ def cmd_evaluate(args) -> int:
     if args.json:  # one JSON object on stdout, and nothing else there
         print(to_json(result, indent=None))
         return 0
-    if result.subgroups:
-        for line in subgroup_table(result, positive):
-            print(line)
     flagged = f"  (flagged at risk >= {threshold:.3f})" if binary else ""
-    print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
+    if result.subgroups:
+        for line in subgroup_table(result, positive, bundle.config.task.classes[0]):
+            print(line)
+        others = [f"{METRIC_NAMES[k]} {_interval_text(getattr(result.metrics, k), result.intervals.get(k), 3)}"
+                  for k in METRIC_NAMES if k not in TABLE_METRICS]
+        lead = f"{ALL_STAYS}, also: "
+        for start in range(0, len(others), 3):  # three a line: the table's width
+            print((lead if start == 0 else " " * len(lead)) + "  ".join(others[start:start + 3]))
+        if binary:
+            print(f"flagged at risk >= {threshold:.3f} (sensitivity, specificity, accuracy, F1, min(Se,PPV))")
+    else:
+        print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
     if result.calibration is not None:
         ratio, low, high = result.calibration
         lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
@@ -93,8 +106,8 @@ def cmd_evaluate(args) -> int:
               f"predicted risk: {lean} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")
     if any(g.observed_over_predicted is not None for g in result.subgroups):
-        print(f"observed/predicted: a group's observed rate of '{positive}' over its mean predicted risk (1: "
-              "calibrated in the large; above 1 its risks run low)")
+        print(f"observed/predicted: a group's (or all stays') observed rate of '{positive}' over its mean predicted "
+              "risk (1: calibrated in the large; above 1 its risks run low)")
     if result.subgroups:
         rest = ", ".join(METRIC_NAMES[k] for k in METRIC_NAMES if k not in TABLE_METRICS)
         where = f"in {csv_out}" if csv_out else "--csv FILE (a spreadsheet) or --json"
@@ -104,12 +117,12 @@ def cmd_evaluate(args) -> int:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table and of the CSV: a group, or the whole export (grouping "")."""
+    """One line of the table and of the CSV: a group, or the whole export (grouping "all")."""
 
     grouping: str
     group: str
     stays: int
-    positives: int
+    deaths: int  # stays of the task's last class
     metrics: Metrics | None  # None: too few stays for stable metrics (``note`` says so)
     intervals: dict[str, list[float]]
     observed_over_predicted: list[float] | None
@@ -117,11 +130,29 @@ class Row:
 
 
 def rows(result: ExactEvaluation) -> list[Row]:
-    """The whole export first, then each group as ``evaluate --subgroups`` found it."""
-    return [Row("", ALL_STAYS, result.patients, result.positives, result.metrics, result.intervals,
-                result.calibration)] + [
-        Row(g.grouping, g.group, int(g.patients), int(g.deaths), g.metrics, g.intervals or {},
-            g.observed_over_predicted, g.note) for g in result.subgroups]
+    """Each group as ``evaluate --subgroups`` found it, then the whole export (to compare
+    each group against, as the table shows it)."""
+    return [Row(g.grouping, g.group, int(g.patients), int(g.deaths), g.metrics, g.intervals or {},
+                g.observed_over_predicted, g.note) for g in result.subgroups] + [
+        Row("all", ALL_STAYS, result.patients, result.deaths, result.metrics, result.intervals, result.calibration)]
+
+
+def _csv_target(args) -> str | None:
+    """--csv, checked before any data is read: stdout ('-', not beside --json), or a file
+    whose folder can be made and which is not itself a folder."""
+    out = getattr(args, "csv", None)
+    if out is None or out == "-":
+        if out == "-" and args.json:
+            raise ConfigError("--json and --csv - both print on stdout: write the CSV to a file (--csv FILE)")
+        return out
+    path = Path(out)
+    if not out.strip() or path.is_dir():
+        raise ConfigError(f"--csv {out!r}: give a file name to write the CSV to (it names a folder or nothing)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--csv {out}: cannot make its folder ({exc.strerror or exc})") from None
+    return out
 
 
 def _interval_text(value: float | None, interval, digits: int) -> str:
@@ -133,22 +164,23 @@ def _interval_text(value: float | None, interval, digits: int) -> str:
     return f"{value:.{digits}f} ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
 
 
-def subgroup_table(result: ExactEvaluation, positive: str) -> list[str]:
+def subgroup_table(result: ExactEvaluation, positive: str, negative: str) -> list[str]:
     """The groups as one aligned table, a row each and the whole export last: AUROC,
     sensitivity and specificity with their intervals, and the group's calibration in the
-    large. A group too small for stable metrics says so across the metric columns."""
-    whole, *groups = rows(result)
-    named = [(f"{r.grouping} {r.group}" if r.grouping else r.group, r) for r in [*groups, whole]]
+    large. A group too small for stable metrics says so across the metric columns (the
+    CSV and the JSON keep the note whole). Fits 120 columns for the default's groups."""
+    named = [(r.group if r.grouping == "all" else f"{r.grouping} {r.group}", r) for r in rows(result)]
     label = max(len(name) for name, _ in named)
-    count = max(len(positive), 5)
+    stays = max(5, len(str(result.patients)))
+    count = max(len(positive), 4)
     cell = len("0.000 (0.000-0.000)")
-    header = (f"{'group':<{label}}  {'stays':>6} {positive:>{count}}  "
+    header = (f"{'group':<{label}}  {'stays':>{stays}} {positive:>{count}}  "
               + "  ".join(f"{METRIC_NAMES[k]:<{cell}}" for k in TABLE_METRICS) + "  observed/predicted")
     lines = [header]
     for name, r in named:
-        head = f"{name:<{label}}  {r.stays:>6d} {r.positives:>{count}d}  "
+        head = f"{name:<{label}}  {r.stays:>{stays}d} {r.deaths:>{count}d}  "
         if r.metrics is None:
-            lines.append(head + r.note)
+            lines.append(head + f"too few: under {SUBGROUP_MIN_EVENTS} stays labelled {positive} or {negative}")
             continue
         cells = [f"{_interval_text(getattr(r.metrics, k), r.intervals.get(k), 3):<{cell}}" for k in TABLE_METRICS]
         ratio = r.observed_over_predicted
@@ -158,24 +190,29 @@ def subgroup_table(result: ExactEvaluation, positive: str) -> list[str]:
 
 
 def write_csv(handle, result: ExactEvaluation, positive: str) -> None:
-    """One row for the whole export and one per group: counts, every metric with its 95%
-    interval (``<metric>_low``, ``<metric>_high``), the group's observed over predicted
-    rate, and the note of a group too small for metrics. Blank where a value is undefined."""
+    """One row per group and one for the whole export (grouping "all"): counts, every
+    metric with its 95% interval (``<metric>_low``, ``<metric>_high``; names as
+    CSV_NAMES), the group's observed over predicted rate, the risk its decisions flag at,
+    and the note of a group too small for metrics. Blank where a value is undefined."""
 
     def number(value: float | None) -> str:
         return f"{value:.6f}" if value is not None and math.isfinite(value) else ""
 
     writer = csv.writer(handle)
-    metric_columns = [c for k in METRIC_NAMES for c in (k, f"{k}_low", f"{k}_high")]
+    metric_columns = [c for k in METRIC_NAMES for c in (CSV_NAMES[k], f"{CSV_NAMES[k]}_low", f"{CSV_NAMES[k]}_high")]
     writer.writerow(["grouping", "group", "stays", positive, *metric_columns, "observed_over_predicted",
-                     "observed_over_predicted_low", "observed_over_predicted_high", "note"])
+                     "observed_over_predicted_low", "observed_over_predicted_high", "flagged_at_risk", "note"])
+    threshold = number(result.threshold)
     for r in rows(result):
         values = []
         for key in METRIC_NAMES:
+            value = getattr(r.metrics, key) if r.metrics else None
             low, high = r.intervals.get(key) or (None, None)
-            values += [number(getattr(r.metrics, key) if r.metrics else None), number(low), number(high)]
+            if not number(value):  # an undefined value has no interval either
+                low = high = None
+            values += [number(value), number(low), number(high)]
         ratio = r.observed_over_predicted or (None,) * 3
-        writer.writerow([r.grouping, r.group, r.stays, r.positives, *values, *(number(v) for v in ratio), r.note])
+        writer.writerow([r.grouping, r.group, r.stays, r.deaths, *values, *(number(v) for v in ratio), threshold, r.note])
 
 
 def _evaluated_stays_note(ds, bundle) -> None:

@@ -363,6 +363,18 @@ def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path,
     assert "to stdout" in err and not Path("-").exists()
 
 
+def test_exact_results_count_the_last_class_of_a_multi_class_task(default_cfg, full_dataset):
+    """A group's "deaths" are its stays of the task's last class: with four classes (the
+    length-of-stay config) the labels' sum read 1075 of a group of 692 stays."""
+    y = np.arange(len(full_dataset.y)) % 4
+    probs = np.full((len(y), 4), 0.25)
+    found = exact_results(default_cfg, y, probs, full_dataset.groups, 0.5)
+    for grouping in groupings(default_cfg):
+        mine = [g for g in found if g.grouping == grouping.name]
+        assert sum(g.deaths for g in mine) == (y == 3).sum()
+        assert all(g.deaths <= g.patients for g in mine)
+
+
 def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and_stays, capsys):
     """--json --subgroups printed the text rows and then the bare metrics; now stdout holds
     one JSON object: metrics, their intervals, the threshold and every group."""
@@ -375,28 +387,75 @@ def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and
     assert main([*args, "--subgroups", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups", "calibration",
-                           "patients", "positives"}
+                           "patients", "deaths"}
     ratio, low, high = result["calibration"]
     assert low <= ratio <= high and f"{ratio:.2f} ({low:.2f}-{high:.2f})" in text
-    assert f"AUROC {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in text
+    whole = next(line for line in text.splitlines() if line.startswith("all stays "))
+    assert f"  {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in whole
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("group "))
     assert lines[header].split()[:3] == ["group", "stays", "died"] and lines[header].endswith("observed/predicted")
     rows = lines[header + 1:header + 2 + len(result["subgroups"])]
     assert len(result["subgroups"]) >= 1 and rows[-1].split()[:4] == ["all", "stays", str(result["patients"]),
-                                                                       str(result["positives"])]
+                                                                       str(result["deaths"])]
     for row, g in zip(rows, result["subgroups"]):
         assert row.startswith(f"{g['grouping']} {g['group']} "), row
         counts = row[len(f"{g['grouping']} {g['group']}"):].split()[:2]
         assert counts == [str(int(g["patients"])), str(int(g["deaths"]))], row
         if g["metrics"] is None:  # too few for metrics: no calibration either
-            assert g["observed_over_predicted"] is None and row.endswith(g["note"])
+            assert g["observed_over_predicted"] is None and "too few: under 10 stays labelled died" in row
+            assert g["note"].startswith("too few for stable metrics (fewer than 10 stays labelled died")
             continue
         assert f"{g['metrics']['auroc']:.3f} ({g['intervals']['auroc'][0]:.3f}-{g['intervals']['auroc'][1]:.3f})" in row
         # each group's own calibration in the large, with its interval (a model calibrated overall can be off in one)
         ratio, low, high = g["observed_over_predicted"]
         assert low <= ratio <= high and row.endswith(f"  {ratio:.2f} ({low:.2f}-{high:.2f})")
-    assert f"(flagged at risk >= {result['threshold']:.3f})" in text
+    assert f"flagged at risk >= {result['threshold']:.3f}" in text
+
+
+def test_evaluate_table_cells_are_each_groups_exact_metrics_under_their_headers(bundle_and_stays, capsys):
+    """Every cell of the --subgroups table, recomputed here from the stays and the model's
+    risks (scikit-learn's AUROC, the flags counted by hand) at a --threshold other than the
+    bundle's, and found under its own header: swapped columns, the whole export's row
+    taken from a group, or the bundle's threshold used instead would each fail."""
+    from common.bundle import Bundle
+    from common.subgroups import assign, group_names
+    from fedgru.cli import main
+
+    path, folder, outcomes, _ = bundle_and_stays
+    bundle = Bundle(path)
+    ds = bundle.load(folder, outcomes, None)
+    risk = bundle.predict(ds)[:, 1]
+    threshold = round(float(np.quantile(risk, 0.4)), 3)  # sensitivity and specificity both between 0 and 1
+    assert threshold != pytest.approx(0.3, abs=1e-3)  # the bundle's own
+    assert main(["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes),
+                 "--subgroups", "--threshold", str(threshold)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("group "))
+    start = {word: header.index(word) for word in ("AUROC", "sensitivity", "specificity", "observed/predicted")}
+    end = {word: header.index(word) + len(word) for word in ("stays", "died")}  # right-aligned counts
+
+    def check(name: str, member: np.ndarray) -> None:
+        row = next(line for line in lines if line.startswith(name + " ") and line[len(name):].lstrip()[:1].isdigit())
+        y, p = ds.y[member], risk[member]
+        assert row[:end["stays"]].endswith(f" {int(member.sum())}") and row[:end["died"]].endswith(f" {int(y.sum())}")
+        if min(y.sum(), (1 - y).sum()) < 10:  # SUBGROUP_MIN_EVENTS
+            assert row[start["AUROC"]:].startswith("too few: under 10 stays labelled died or survived"), row
+            return
+        expected = {"AUROC": roc_auc_score(y, p), "sensitivity": (p[y == 1] >= threshold).mean(),
+                    "specificity": (p[y == 0] < threshold).mean()}
+        for word, value in expected.items():
+            assert row[start[word]:].startswith(f"{value:.3f} ("), (word, row)
+        assert row[start["observed/predicted"]:].startswith(f"{y.mean() / p.mean():.2f} ("), row
+
+    statics = {s.name: s for s in bundle.config.features.static}
+    for spec in bundle.config.evaluation.subgroups:
+        index = assign(spec, statics[spec.column], ds.groups[spec.column])
+        for k, group in enumerate(group_names(spec, statics[spec.column])):
+            if (index == k).any():
+                check(f"{spec.name} {group}", index == k)
+    check("all stays", np.ones(len(ds.y), dtype=bool))
+    assert f"flagged at risk >= {threshold:.3f} (sensitivity, specificity" in "\n".join(lines)
 
 
 def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_and_stays, capsys, tmp_path):
@@ -406,6 +465,7 @@ def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_
 
     from common.metrics import METRIC_NAMES
     from fedgru.cli import main
+    from fedgru.evaluate import CSV_NAMES
 
     path, folder, outcomes, _ = bundle_and_stays
     args = ["evaluate", "--model", str(path), "--data", str(folder), "--outcomes", str(outcomes), "--subgroups"]
@@ -416,13 +476,15 @@ def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_
     text, err = capsys.readouterr()
     assert f"every group's AUPRC, accuracy, F1, Brier, min(Se,PPV) too: in {out}" in text and f"to {out}" in err
     rows = list(csv.DictReader(out.open(newline="")))
-    assert [(r["grouping"], r["group"]) for r in rows] == [("", "all stays")] + [
-        (g["grouping"], g["group"]) for g in result["subgroups"]]
-    for row, expected in zip(rows, [{**result, "patients": result["patients"], "deaths": result["positives"],
-                                     "observed_over_predicted": result["calibration"], "note": ""},
-                                    *result["subgroups"]]):
+    assert [(r["grouping"], r["group"]) for r in rows] == [(g["grouping"], g["group"]) for g in result["subgroups"]] + [
+        ("all", "all stays")]  # the whole export last, as in the table
+    whole = {**result, "observed_over_predicted": result["calibration"], "note": ""}
+    for row, expected in zip(rows, [*result["subgroups"], whole]):
         assert (int(row["stays"]), int(row["died"])) == (int(expected["patients"]), int(expected["deaths"]))
         assert row["note"] == expected["note"]
+        assert float(row["flagged_at_risk"]) == pytest.approx(result["threshold"])
+        for name, column in CSV_NAMES.items():  # min(Se,PPV) as min_se_ppv: a spreadsheet's column name
+            row.update({k.replace(column, name, 1): v for k, v in row.items() if k.startswith(column)})
         for key in METRIC_NAMES:
             if expected["metrics"] is None:  # too few: blank, not a number that means nothing
                 assert row[key] == row[f"{key}_low"] == row[f"{key}_high"] == ""
@@ -440,6 +502,10 @@ def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_
     assert main([*args[:-1], "--data", str(tmp_path / "absent"), "--json", "--csv", "-"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "--csv FILE" in err and "absent" not in err
+    # a folder for a file: refused before the data is read (the data path does not exist), no traceback
+    assert main([*args[:-1], "--data", str(tmp_path / "absent"), "--csv", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "give a file name" in err and "absent" not in err
 
 
 def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_and_stays, capsys):
@@ -462,7 +528,7 @@ def test_evaluate_subgroups_leaves_out_empty_groups_and_names_small_ones(bundle_
     assert len(lines) == len(results) >= 1
     for line, g in zip(lines, results):
         small = min(g.deaths, g.patients - g.deaths) < SUBGROUP_MIN_EVENTS
-        assert ("too few for stable metrics" in line) == small, line
+        assert ("too few: under 10 stays labelled died or survived" in line) == small, line
         if not small:  # each exact metric with its sampling interval, AUROC first: "0.812 (0.761-0.858)"
             assert re.search(rf"^{re.escape(f'{g.grouping} {g.group}')} +\d+ +\d+  {g.metrics.auroc:.3f} \(\d\.\d{{3}}-\d\.\d{{3}}\)  ",
                              line), line
