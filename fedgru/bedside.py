@@ -59,14 +59,34 @@ def _threshold(args, bundle) -> float:
     return float(bundle.info.get("threshold", 0.5))
 
 
+def checked_output(out: str, flag: str) -> str:
+    """An output path, checked before any data is read (a bad one failed with a traceback
+    after all the scoring): "-" (stdout) as it is, else a file name that is not a folder,
+    whose folder is made here."""
+    if out == "-":
+        return out
+    path = Path(out)
+    if not out.strip() or path.is_dir():
+        raise ConfigError(f"{flag} {out!r}: give a file name to write to (it names a folder or nothing)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {out}: cannot make its folder ({exc.strerror or exc})") from None
+    return out
+
+
 @contextlib.contextmanager
 def _written(out: str):
-    """The CSV's stream: the file ``out``, or stdout for "-" (messages go to stderr)."""
+    """The CSV's stream: the file ``out``, or stdout for "-" (messages go to stderr). A file
+    that cannot be written is a ConfigError naming it, not a traceback."""
     if out == "-":
         yield sys.stdout
         return
-    with open(out, "w", newline="") as handle:
-        yield handle
+    try:
+        with open(out, "w", newline="") as handle:
+            yield handle
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write it ({exc.strerror or exc})") from None
 
 
 def cmd_predict(args) -> int:
@@ -77,19 +97,17 @@ def cmd_predict(args) -> int:
     from common.bundle import Bundle
     from common.metrics import predicted_class
 
+    out = checked_output(args.out, "--out")  # as a bad --threshold, refused before the data is read
     bundle = Bundle(args.model)
     classes = bundle.config.task.classes
     if len(classes) == 2:
-        _threshold(args, bundle)  # a bad --threshold is refused before the data is read
+        _threshold(args, bundle)
     ds = bundle.load(args.data, None, args.format)
     _notes(ds, bundle)
     probs = bundle.predict(ds)
     from client.bedside import observed_hours
 
     seen = observed_hours(ds, bundle.config.features)
-    out = args.out
-    if out != "-":
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if args.hourly:
         from client.bedside import hourly_risks
 
@@ -193,10 +211,10 @@ def cmd_monitor(args) -> int:
     from client.bedside import monitor_page
     from common.bundle import Bundle
 
+    out = Path(checked_output(args.out or f"monitor-{args.stay[0]}.html", "--out"))
     if args.threshold is not None:
-        _threshold(args, Bundle(args.model))  # a bad --threshold is refused before the data is read
+        _threshold(args, Bundle(args.model))  # a bad --threshold (or --out) is refused before the data is read
     bundle, ds = _one_stay(args)
-    out = Path(args.out) if args.out else Path(f"monitor-{args.stay[0]}.html")
     print(monitor_page(bundle, ds, args.stay, out, *_monitor_levels(args, bundle, ds.X.shape[1])))
     print(f"wrote {out}")
     return 0

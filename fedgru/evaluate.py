@@ -9,13 +9,12 @@ import csv
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from common.config import ConfigError
 from common.files import to_json
 from common.metrics import METRIC_NAMES, Metrics
 from common.subgroups import GroupResult
-from fedgru.bedside import _notes, _threshold, _written
+from fedgru.bedside import _notes, _threshold, _written, checked_output
 
 SUBGROUP_MIN_EVENTS = 10  # evaluate --subgroups: below this many events (or non-events) a group's AUROC is mostly chance
 SAMPLING_DRAWS = 200  # evaluate: resamples of the stays behind each metric's 95% interval
@@ -74,11 +73,8 @@ def cmd_evaluate(args) -> int:
                             if g.patients]  # a group no stay of this export falls in is left out
     positive = bundle.config.task.classes[-1]  # the outcome the risk is of ("died" for mortality)
     if csv_out is not None:
-        try:
-            with _written(csv_out) as handle:
-                write_csv(handle, result, positive)
-        except OSError as exc:
-            raise ConfigError(f"--csv {csv_out}: cannot write it ({exc.strerror or exc})") from None
+        with _written(csv_out) as handle:
+            write_csv(handle, result, positive)
         print(f"wrote {1 + len(result.subgroups)} rows of metrics to {'stdout' if csv_out == '-' else csv_out}",
               file=sys.stderr)
         if csv_out == "-":
@@ -141,18 +137,9 @@ def _csv_target(args) -> str | None:
     """--csv, checked before any data is read: stdout ('-', not beside --json), or a file
     whose folder can be made and which is not itself a folder."""
     out = getattr(args, "csv", None)
-    if out is None or out == "-":
-        if out == "-" and args.json:
-            raise ConfigError("--json and --csv - both print on stdout: write the CSV to a file (--csv FILE)")
-        return out
-    path = Path(out)
-    if not out.strip() or path.is_dir():
-        raise ConfigError(f"--csv {out!r}: give a file name to write the CSV to (it names a folder or nothing)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--csv {out}: cannot make its folder ({exc.strerror or exc})") from None
-    return out
+    if out == "-" and args.json:
+        raise ConfigError("--json and --csv - both print on stdout: write the CSV to a file (--csv FILE)")
+    return None if out is None else checked_output(out, "--csv")
 
 
 def _interval_text(value: float | None, interval, digits: int) -> str:

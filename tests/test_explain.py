@@ -363,6 +363,20 @@ def test_predict_writes_its_csv_to_stdout_for_a_dash(bundle_and_stays, tmp_path,
     assert "to stdout" in err and not Path("-").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "monitor"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_data_is_read(bundle_and_stays, tmp_path, capsys,
+                                                                                   command):
+    """--out naming a folder failed with a traceback after all the scoring; now it is
+    refused first, by name (the data path here does not even exist)."""
+    from fedgru.cli import main
+
+    path, _, _, stays = bundle_and_stays
+    args = [command, "--model", str(path), "--data", str(tmp_path / "absent"), "--out", str(tmp_path)]
+    assert main(args + (["--stay", stays[0]] if command == "monitor" else [])) == 2
+    out, err = capsys.readouterr()
+    assert "--out" in err and "give a file name" in err and "absent" not in err and "Traceback" not in err
+
+
 def test_exact_results_count_the_last_class_of_a_multi_class_task(default_cfg, full_dataset):
     """A group's "deaths" are its stays of the task's last class: with four classes (the
     length-of-stay config) the labels' sum read 1075 of a group of 692 stays."""
