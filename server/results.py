@@ -21,6 +21,7 @@ from common.config import ExperimentConfig
 from common.estimates import (
     GROUP_READ_MARGIN,
     MIN_SIGNAL,
+    estimator_used,
     for_metrics,
     observed_over_predicted,
     pairs_in_one_bin,
@@ -38,7 +39,7 @@ from common.metrics import (
     sigmoid,
     threshold_for_rate,
 )
-from common.subgroups import reliability
+from common.subgroups import decision_edge, reliability
 from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
@@ -66,7 +67,8 @@ class Reader:
         return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp, noise_sd)
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
-                  draws: int = TEST_DRAWS, with_calibration: bool = False) -> dict[str, list[float]] | None:
+                  draws: int = TEST_DRAWS, with_calibration: bool = False, decide_on_fine: bool = False
+                  ) -> dict[str, list[float]] | None:
         """Each metric's rough interval (a DP binary release), or None where none fits."""
         ev = self.cfg.evaluation
         if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
@@ -74,7 +76,7 @@ class Reader:
         try:
             found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
                                      np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator,
-                                     with_calibration)
+                                     with_calibration, decide_on_fine=decide_on_fine)
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("an interval could not be computed", exc_info=True)
             return None
@@ -245,13 +247,17 @@ class Reader:
             sd = math.sqrt(sum((e.noise[Item.SUBGROUP_HISTOGRAMS] * e.subgroups.sensitivity) ** 2 for e in groups))
             result.subgroup_count_sd = sd * math.sqrt(total_groups.grid.bins)
             result.subgroup_least = (MIN_SIGNAL + GROUP_READ_MARGIN) * result.subgroup_count_sd if sd > 0 else 0.0
-            edge = total_groups.grid.edge_for_risk(threshold)
-            result.subgroups = subgroup_results(self.cfg, total_groups, edge, None, min_count=result.subgroup_least)
+            estimator = estimator_used(self.cfg.evaluation.estimator, self.cfg.evaluation.dp)  # exact: binned
+            result.subgroups = subgroup_results(self.cfg, total_groups, threshold, estimator, sd,
+                                                min_count=result.subgroup_least)
             for row, group in enumerate(result.subgroups):  # a read row's metrics carry their intervals too
                 if group.metrics is not None:
-                    # read as the row is printed (its counts in the bins, common.subgroups.results), so
-                    # the interval describes the printed number; the pooled row's fit would not
-                    group.intervals = self.intervals(total_groups.group(row), sd, edge, "binned")
+                    # read as the row is printed (common.subgroups.read_group: a fit deciding on its finer grid)
+                    summary = total_groups.group(row)
+                    edge, _ = decision_edge(summary, estimator, threshold)
+                    found = self.intervals(summary, sd, edge, estimator, decide_on_fine=estimator != "binned")
+                    # a DP row with none gets {}: the report then says "cannot be estimated", not a bare number
+                    group.intervals = found if found is not None or not (self.cfg.evaluation.dp and sd > 0) else {}
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
         if important:
             patients = sum(parts[n].n for n, _ in important)

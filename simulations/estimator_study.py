@@ -53,6 +53,12 @@ class HeldOutScores:
     grid: ScoreGrid
     edge: int
     noise_sd: float
+    # for simulations.subgroup_study: the run's config, its test stays' descriptors (raw, as
+    # evaluation.subgroups groups them) and the sd of its pooled subgroup release's noise per cell
+    cfg: object = None
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    subgroup_noise_sd: float = math.nan
+    threshold: float = math.nan  # the run's decision threshold (a risk)
 
 
 @dataclass
@@ -134,17 +140,25 @@ def test_scores(run_dir: Path) -> HeldOutScores:
     logits = hourly_logits_at(model, ds.X[test], ds.S[test], [ds.X.shape[1]])[:, 0]
     delta = float(next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"])
     key = (Split.TEST, True, Item.HISTOGRAM)
+    group_key = (Split.TEST, True, Item.SUBGROUP_HISTOGRAMS)
+    # a patient is in one group of each grouping: the subgroup release's sensitivity is sqrt(groupings)
+    group_sensitivity = math.sqrt(max(len(cfg.evaluation.subgroups), 1))
     if cfg.privacy.aggregation == "secure":  # K Skellam shares, each as its hospital calibrated it
         from client.secure_evaluation import secure_evaluation_variances
 
-        variance = secure_evaluation_variances(cfg.to_json(), delta, cfg.privacy.min_honest,
-                                               cfg.privacy.max_epsilon_alone)[key]
-        sd = math.sqrt(len(hospitals) * variance)
+        variances = secure_evaluation_variances(cfg.to_json(), delta, cfg.privacy.min_honest,
+                                                cfg.privacy.max_epsilon_alone)
+        sd = math.sqrt(len(hospitals) * variances[key])
+        group_sd = math.sqrt(len(hospitals) * variances[group_key]) if group_key in variances else math.nan
     else:  # K Gaussian releases, the histogram's sensitivity 1
-        sd = calibrated_evaluation_noise(cfg.to_json(), delta)[key] * math.sqrt(len(hospitals))
+        multipliers = calibrated_evaluation_noise(cfg.to_json(), delta)
+        sd = multipliers[key] * math.sqrt(len(hospitals))
+        group_sd = (multipliers[group_key] * group_sensitivity * math.sqrt(len(hospitals)) if group_key in multipliers
+                    else math.nan)
     grid = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins)
     threshold = float(bundle.info.get("threshold", 0.5))
-    return HeldOutScores(run_dir.name, logits, ds.y[test], grid, grid.edge_for_risk(threshold), sd)
+    return HeldOutScores(run_dir.name, logits, ds.y[test], grid, grid.edge_for_risk(threshold), sd, cfg,
+                         {name: values[test] for name, values in ds.groups.items()}, group_sd, threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,7 +403,7 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     released["d"] = Evaluations()  # declined: no histogram, no noise
     seen = []
 
-    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration):
+    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False):
         seen.append((summary.n, noise_std, level, with_calibration))
         return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8), **({"observed_over_predicted": (0.7, 1.4)}
                                                                     if with_calibration else {})}
@@ -613,6 +613,32 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     assert exact["rule"] == exact["free"] != exact["tied"]
 
 
+def test_the_subgroup_study_reads_only_the_rows_a_run_would_and_measures_both_readings():
+    from common.subgroups import groupings
+    from simulations.estimator_study import HeldOutScores
+    from simulations.subgroup_study import study
+
+    cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, subgroups=cfg.evaluation.subgroups[:1]))
+    rng = np.random.default_rng(3)
+    y = (rng.random(3000) < 0.3).astype(np.int64)
+    # spread over more than half a coarse bin (2 log-odds), or a row's AUROC is not printed (ranks_patients)
+    logits = np.where(y == 1, rng.normal(-0.5, 1.5, len(y)), rng.normal(-3.5, 1.5, len(y)))
+    column = cfg.evaluation.subgroups[0].column
+    run = HeldOutScores("fold0", logits, y, GRID, GRID.edge_for_risk(0.12), 1.0, cfg, {column: np.zeros(len(y))},
+                        subgroup_noise_sd=300.0, threshold=0.12)
+    found = study([run], ["binned", "skewnormal"], [1.0, 0.01], draws=2, intervals=1, interval_draws=30)
+    rows = sum(len(g.groups) for g in groupings(cfg))
+    for reading in ("binned", "skewnormal"):
+        assert found[(1.0, reading)]["offered"] == 2 * rows and found[(1.0, reading)]["read"] == 0  # noise drowns it
+        assert found[(0.01, reading)]["read"] == 2  # the one full group, twice
+    binned = np.mean(found[(0.01, "binned")]["errors"]["auroc"])
+    fitted = np.mean(found[(0.01, "skewnormal")]["errors"]["auroc"])
+    assert binned < -0.02 and abs(fitted) < abs(binned) / 2  # the 5 bins' ties, and the fit that reads through them
+    assert len(found[(0.01, "skewnormal")]["held"]["auroc"]) == 1  # the first draw's interval, checked
+    assert found[(0.01, "skewnormal")]["ranked"] == 2
+
+
 
 def _one_bin_release(rng, grid, sigma, spread):
     """800 patients (about 110 deaths) whose logits lie within ``spread`` of -0.5, deaths
@@ -663,8 +689,8 @@ def test_auroc_and_auprc_cannot_be_estimated_when_the_bins_cannot_rank_the_patie
     released = {"a": Evaluations(summaries={Split.TEST: narrow}, noise={Item.HISTOGRAM: 6.0},
                                  histogram_noise={Split.TEST: 6.0})}
     monkeypatch.setattr(results, "metric_intervals",  # the real bootstrap, with fewer draws
-                        lambda summary, sd, at, level, draws, rng, estimator, with_calibration:
-                        metric_intervals(summary, sd, at, level, 20, rng, estimator, with_calibration))
+                        lambda summary, sd, at, level, draws, rng, estimator, with_calibration, **kw:
+                        metric_intervals(summary, sd, at, level, 20, rng, estimator, with_calibration, **kw))
     with caplog.at_level(logging.WARNING, logger="fedgru.server"):
         result = results.Reader(small_cfg()).test_result(released, 0.2, GRID, None, [])
     assert result.auroc_interval is None and "sensitivity" in result.intervals["pooled"]
@@ -713,10 +739,86 @@ def test_a_group_is_read_only_with_a_margin_for_its_many_questions_and_then_with
     small, large = result.subgroups[0], result.subgroups[1]
     assert small.metrics is None and small.note.startswith("too few")
     assert large.metrics is not None and set(large.intervals) >= {"auroc", "sensitivity"}
-    # the interval is of the number printed beside it: the row's counts read in the bins, as it is printed
-    # (before, its interval was drawn for the pooled row's skew-normal reading)
+    # the interval is of the number printed beside it: the row read as it is printed (common.subgroups.read_group)
     for metric, (low, high) in large.intervals.items():
         assert low <= getattr(large.metrics, metric) <= high, metric
+
+
+def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins():
+    """A group's row was read in its 5 coarse bins, which tie the patients of a bin: its
+    AUROC read 0.1 low on real models' groups. It is now read as the pooled row is, by
+    the run's estimator, deciding on the fit's finer grid at the run's threshold (an edge
+    of the grid the hospitals anchor there), and its intervals are of that reading."""
+    from common.intervals import metric_intervals
+    from common.messages import Item
+    from common.subgroups import SubgroupSummary, decision_edge, groupings, read_group
+    from server.results import Reader
+    from server.validation import Evaluations
+
+    cfg = small_cfg()
+    # one grouping: one row read (its intervals are the slow part)
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, estimator="skewnormal",
+                                                                  subgroups=cfg.evaluation.subgroups[:1]))
+    threshold = 0.12
+    coarse = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.subgroup_bins).anchored(threshold)
+    rng = np.random.default_rng(11)
+    y = (rng.random(4000) < 0.3).astype(np.int64)
+    logits = np.where(y == 1, rng.normal(-1.0, 1.0, len(y)), rng.normal(-3.5, 1.0, len(y)))
+    probs = np.stack([1 - 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-logits))], axis=1)
+    raw = {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups}
+    sigma = 0.5
+    noisy = SubgroupSummary.from_predictions(cfg, y, probs, raw, coarse).noised(sigma, rng)
+    released = {"a": Evaluations(summaries={Split.TEST: ScoreSummary.from_predictions(y, probs, GRID)},
+                                 subgroups=noisy, noise={Item.HISTOGRAM: sigma, Item.SUBGROUP_HISTOGRAMS: sigma},
+                                 histogram_noise={Split.TEST: sigma})}
+    result = Reader(cfg).test_result(released, threshold, GRID, None, [])
+    exact = exact_metrics(y, probs, threshold)
+    read = [g for g in result.subgroups if g.metrics is not None]
+    assert len(read) == len(groupings(cfg))  # the grouping's one full group (all raw values 0) is read
+    group, row = read[0], noisy.group(0)
+    cell_sd = sigma * noisy.sensitivity
+    assert group.metrics == read_group(row, "skewnormal", cell_sd, threshold)
+    assert group.metrics.auroc == pytest.approx(exact.auroc, abs=0.02)
+    assert group.metrics.sensitivity == pytest.approx(exact.sensitivity, abs=0.03)
+    assert group.metrics.specificity == pytest.approx(exact.specificity, abs=0.03)
+    binned = read_group(row, "binned", cell_sd, threshold)
+    assert exact.auroc - binned.auroc > 0.03  # the 5 bins' ties: why a fit reads the rows now
+    assert binned.sensitivity == pytest.approx(exact.sensitivity, abs=0.03)  # the anchored edge is the threshold
+    for metric, (low, high) in group.intervals.items():  # the intervals are of the number printed
+        assert low <= getattr(group.metrics, metric) <= high, metric
+    edge, fine = decision_edge(row, "skewnormal", threshold)
+    assert fine.edge_risk(edge) == pytest.approx(threshold)
+    # the bootstrap's truths decide on the same grid as the reading: the anchored threshold is an edge of both
+    # grids, so the fine edge's intervals are the coarse edge's (a truth taken at the coarse grid's fine index
+    # read sensitivity 0.000-0.677 here, and every interval still held its own number)
+    on_fine = metric_intervals(row, cell_sd, edge, 0.99, 30, np.random.default_rng(2), "skewnormal", decide_on_fine=True)
+    on_coarse = metric_intervals(row, cell_sd, coarse.edge_for_risk(threshold), 0.99, 30, np.random.default_rng(2),
+                                 "skewnormal")
+    for metric in ("sensitivity", "specificity"):
+        assert on_fine[metric] == pytest.approx(on_coarse[metric], abs=1e-9)
+        low, high = on_fine[metric]
+        assert low <= getattr(exact, metric) <= high and high - low < 0.1, metric
+    with pytest.raises(ValueError, match="fitting estimator"):  # a binned reading has no finer grid to decide on
+        metric_intervals(row, cell_sd, edge, estimator="binned", decide_on_fine=True)
+    # exact histograms (evaluation.dp false) are read in their bins, as the pooled row is
+    exact_cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, dp=False))
+    plain = SubgroupSummary.from_predictions(cfg, y, probs, raw, coarse)
+    released["a"].subgroups = plain
+    unnoised = Reader(exact_cfg).test_result(released, threshold, GRID, None, [])
+    assert unnoised.subgroups[0].metrics == plain.group(0).metrics(coarse.edge_for_risk(threshold))
+
+
+def test_a_group_rows_metric_without_an_interval_is_not_printed_as_a_number():
+    """A read row whose bins cannot rank its patients gets no AUROC interval; the report
+    printed its AUROC bare (a number with nothing to say how far it may be)."""
+    from types import SimpleNamespace
+
+    from server.report.groups import _with
+
+    row = SimpleNamespace(intervals={"sensitivity": [0.5, 0.8]})
+    assert _with(0.71, row, "auroc") == "cannot be estimated (its bins cannot rank these patients)"
+    assert _with(0.64, row, "sensitivity") == "0.640 (0.500-0.800)"
+    assert _with(0.71, SimpleNamespace(intervals=None), "auroc") == "0.710"  # a run folder from before intervals
 
 
 def test_the_measured_coverage_says_when_a_run_is_not_the_setting_it_was_measured_at():

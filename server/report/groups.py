@@ -8,7 +8,7 @@ import math
 
 from common.document import Image, Section, Table
 from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL, Z_99
-from common.intervals import CALIBRATION_INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.intervals import CALIBRATION_INTERVAL_COVERAGE, GROUP_INTERVAL_COVERAGE, INTERVAL_LEVEL
 from common.metrics import with_interval
 
 from .plots import plot_reliability
@@ -57,9 +57,9 @@ def subgroup_section(run: RunFolder) -> Section | None:
         Table(header, rows),
         "Pooled over hospitals from their test patients' score histograms per group, released with DP noise: "
         "patients and deaths are noisy counts (where a row is not read, the 99% range they give: a range that starts "
-        "at 0 cannot tell a small group from an empty one), a read row's metrics carry their intervals (nominal 99%, "
-        "as the pooled row's), and a group whose counts are too small for the noise says so instead of showing noise "
-        "as a metric (each hospital can see its own groups exactly, and release nothing, "
+        "at 0 cannot tell a small group from an empty one), a read row's metrics are read as the pooled row's (the "
+        f"run's estimator) and carry their intervals (nominal 99%; {GROUP_INTERVAL_COVERAGE}), and a group "
+        "whose counts are too small for the noise says so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
         "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
         "risk (1: calibrated; below 1: risks too high for the group)."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
@@ -97,9 +97,14 @@ def _range_text(bounds: tuple[float, float]) -> str:
 
 def _with(value: float, group, metric: str) -> str:
     """A read group's metric with its interval, as every DP reading prints
-    (``with_interval``); bare only in run folders from before groups had intervals."""
-    found = (group.intervals or {}).get(metric)
-    return with_interval(value, found) if found else f"{value:.3f}"
+    (``with_interval``); bare only in run folders from before groups had intervals. A
+    metric the intervals left out cannot be estimated: the AUROC of a row whose 5 bins
+    cannot rank its patients (common.estimates.ranks_patients) printed a bare number."""
+    if group.intervals is None:
+        return f"{value:.3f}"
+    what = ("no interval could be drawn for this row" if not group.intervals
+            else "its bins cannot rank these patients" if metric in ("auroc", "auprc") else "")
+    return with_interval(value, group.intervals.get(metric), what=what)
 
 
 # An observed/predicted interval entirely inside this band is a real but small difference
