@@ -124,7 +124,8 @@ class GroupResult:
     # each metric's interval: on a hospital's own exact stays its sampling interval (common.metrics.sampling_intervals);
     # for a DP row the reading's (common.intervals.metric_intervals, of the reading printed: read_group)
     intervals: dict[str, list[float]] | None = None
-    # on a hospital's own exact stays (binary): [observed rate over mean predicted risk, its sampling interval]
+    # binary: [observed rate over mean predicted risk, its interval]: on a hospital's own exact stays the sampling
+    # interval; for a read DP row the reading's (common.intervals.metric_intervals with_calibration)
     observed_over_predicted: list[float] | None = None
 
 

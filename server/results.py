@@ -255,7 +255,12 @@ class Reader:
                     # read as the row is printed (common.subgroups.read_group: a fit deciding on its finer grid)
                     summary = total_groups.group(row)
                     edge, _ = decision_edge(summary, estimator, threshold)
-                    found = self.intervals(summary, sd, edge, estimator, decide_on_fine=estimator != "binned")
+                    found = self.intervals(summary, sd, edge, estimator, decide_on_fine=estimator != "binned",
+                                           with_calibration=True)
+                    ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)
+                    if ratio is not None:  # the group's calibration in the large, with its interval from the same draws
+                        read = for_metrics(summary, estimator, True, sd)  # as metric_intervals read it
+                        group.observed_over_predicted = [observed_over_predicted(read), *ratio]
                     # a DP row with none gets {}: the report then says "cannot be estimated", not a bare number
                     group.intervals = found if found is not None or not (self.cfg.evaluation.dp and sd > 0) else {}
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]

@@ -744,7 +744,7 @@ def test_a_group_is_read_only_with_a_margin_for_its_many_questions_and_then_with
         assert low <= getattr(large.metrics, metric) <= high, metric
 
 
-def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins():
+def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
     """A group's row was read in its 5 coarse bins, which tie the patients of a bin: its
     AUROC read 0.1 low on real models' groups. It is now read as the pooled row is, by
     the run's estimator, deciding on the fit's finer grid at the run's threshold (an edge
@@ -786,6 +786,17 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins():
     assert binned.sensitivity == pytest.approx(exact.sensitivity, abs=0.03)  # the anchored edge is the threshold
     for metric, (low, high) in group.intervals.items():  # the intervals are of the number printed
         assert low <= getattr(group.metrics, metric) <= high, metric
+    # the group's calibration in the large carries its interval too (the report printed a bare ratio)
+    ratio, low, high = group.observed_over_predicted
+    assert low <= ratio <= high and ratio == pytest.approx(y.mean() / probs[:, 1].mean(), rel=0.1)
+    from types import SimpleNamespace
+
+    from common.document import markdown
+    from server.report.groups import subgroup_section
+
+    run = SimpleNamespace(metrics=SimpleNamespace(test=result), baselines=None, path=tmp_path, config=cfg)
+    text = markdown("r", [subgroup_section(run)])
+    assert f"| {ratio:.2f} ({low:.2f}-{high:.2f}) |" in text, text
     edge, fine = decision_edge(row, "skewnormal", threshold)
     assert fine.edge_risk(edge) == pytest.approx(threshold)
     # the bootstrap's truths decide on the same grid as the reading: the anchored threshold is an edge of both

@@ -46,7 +46,10 @@ def subgroup_section(run: RunFolder) -> Section | None:
         else:
             observed = sum(p.observed * p.patients for p in g.calibration)
             predicted = sum(p.predicted * p.patients for p in g.calibration)
-            ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"
+            ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"  # run folders from before its interval
+            found = getattr(g, "observed_over_predicted", None)
+            if found is not None:  # read from the DP release with its interval, as the pooled ratio is
+                ratio = with_interval(found[0], found[1:], digits=2)
             cells = [g.grouping, g.group, round(g.patients), round(g.deaths), _with(m.auroc, g, "auroc"),
                      _with(m.sensitivity, g, "sensitivity"), ratio]
         if exact:
