@@ -64,7 +64,8 @@ def subgroup_section(run: RunFolder) -> Section | None:
         f"run's estimator) and carry their intervals (nominal 99%; {GROUP_INTERVAL_COVERAGE}), and a group "
         "whose counts are too small for the noise says so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
         "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
-        "risk (1: calibrated; below 1: risks too high for the group)."
+        "risk (1: calibrated; below 1: risks too high for the group); a read row's carries its interval (nominal 99%, "
+        "not yet measured for groups)."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
            "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
     ]
