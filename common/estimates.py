@@ -422,16 +422,18 @@ def pairs_in_one_bin(summary: ScoreSummary) -> float | None:
 
 
 def ranks_patients(summary: ScoreSummary, fits: list[RowFit | None] | None = None,
-                   estimator: str = "skewnormal") -> bool:
+                   estimator: str = "skewnormal", spread_unit: float | None = None) -> bool:
     """Whether the release's bins tell the two outcomes' scores apart enough to read a
     ranking metric (AUROC, AUPRC) from it: fewer than :data:`MAX_PAIRS_IN_ONE_BIN` of
     the pairs share a bin, and the wider of the two classes' fitted distributions (``fits``,
-    fitted here when not given) spreads over more than :data:`MIN_RANKING_SD` of a bin."""
+    fitted here when not given) spreads over more than :data:`MIN_RANKING_SD` of a bin.
+    ``spread_unit``: the width in log-odds that spread is counted in, where it is not the
+    release's own bin (a group's coarse row: :data:`GROUP_SPREAD_UNIT`)."""
     share = pairs_in_one_bin(summary)
     if share is None or share >= MAX_PAIRS_IN_ONE_BIN:
         return False
     spread = [f.sd for f in (fits if fits is not None else class_fits(summary, estimator)) if f is not None]
-    return not spread or max(spread) > MIN_RANKING_SD * summary.grid.width
+    return not spread or max(spread) > MIN_RANKING_SD * (spread_unit or summary.grid.width)
 
 
 def observed_over_predicted(summary: ScoreSummary) -> float:

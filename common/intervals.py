@@ -120,8 +120,8 @@ CALIBRATION_INTERVAL_COVERAGE = ("on 20 default runs it held the exact ratio in 
 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
                      draws: int = 200, rng: np.random.Generator | None = None, estimator: str = "binormal",
-                     with_calibration: bool = False, decide_on_fine: bool = False
-                     ) -> dict[str, tuple[float, float]] | None:
+                     with_calibration: bool = False, decide_on_fine: bool = False,
+                     fitted: ScoreSummary | None = None, spread_unit: float | None = None) -> dict[str, tuple[float, float]] | None:
     """How far each metric read from a DP release (by ``estimator``, decisions at
     ``threshold_edge``) may be from the value its patients' exact scores give, read from
     the release alone: a parametric bootstrap (Efron & Tibshirani 1993, ch. 6 and 13) of
@@ -143,6 +143,9 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     ``OBSERVED_OVER_PREDICTED``), from the same draws. ``decide_on_fine``: ``threshold_edge``
     is an edge of the fit's finer grid (``common.estimates.fine_grid``), and the decisions
     are read there, as ``common.subgroups.read_group`` reads a group's coarse row.
+    ``fitted``: the release as the caller already read it (``for_metrics`` of the same
+    estimator and noise), so that it is not fitted again. ``spread_unit``: as
+    :func:`ranks_patients` counts the classes' spread.
 
     The errors are also drawn where the truth would sit at each end of the AUROC's
     interval, and every metric's interval spans what those truths' errors give
@@ -153,7 +156,8 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
         return None
     if decide_on_fine and estimator == "binned":
         raise ValueError("decide_on_fine reads a fit's finer grid: it needs a fitting estimator")
-    reading = for_metrics(summary, estimator, True, noise_std)  # fitted once: the metrics, the in-bins AUROC, the calibration
+    # fitted once: the metrics, the in-bins AUROC, the calibration
+    reading = fitted if fitted is not None else for_metrics(summary, estimator, True, noise_std)
     decision_grid = fine_grid(summary.grid)[0] if decide_on_fine else summary.grid
     at = decision_grid.edge_for_risk(0.5) if threshold_edge is None else threshold_edge
     read = _decided(reading, at, decide_on_fine)
@@ -172,7 +176,7 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     read_in_bins = without_fine(reading).metrics().auroc  # the AUROC does not depend on the edge
     drawn = _reading_errors(fits, summary, noise_std, at, draws, rng, estimator, with_calibration, decide_on_fine)
     out: dict[str, tuple[float, float]] = {}
-    ranked = ranks_patients(summary, fits)
+    ranked = ranks_patients(summary, fits, spread_unit=spread_unit)
     _widen(out, drawn, read, read_in_bins, level, draws, ranked)
     if "auroc" in out:
         _over_plausible_truths(out, fits, summary, noise_std, at, read, read_in_bins, level, draws, rng, estimator,

@@ -14,12 +14,14 @@ is marked so instead of given numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import ExperimentConfig, StaticSpec, SubgroupSpec
-from .estimates import fine_grid, for_metrics
+from .estimates import fine_grid, for_metrics, observed_over_predicted
+from .intervals import OBSERVED_OVER_PREDICTED
 from .metrics import Metrics, ScoreGrid, ScoreSummary, logit
 
 UNKNOWN = "unknown"
@@ -164,26 +166,46 @@ def decision_edge(summary: ScoreSummary, reading: str, threshold: float) -> tupl
     return fine.edge_for_risk(threshold), fine
 
 
-def read_group(summary: ScoreSummary, reading: str, noise_sd: float, threshold: float) -> Metrics:
-    """A group row's metrics: its counts in the bins (``binned``), or a fit of
+@dataclass(frozen=True)
+class GroupReading:
+    """A group row as read (:func:`read_group`): the counts its numbers come from (a fit's,
+    with its finer grid; or the row's own clipped bins), the edge its decisions are read at
+    (on that finer grid for a fit), and its metrics there. Fitted once: its metrics, its
+    calibration and its intervals all read these counts."""
+
+    counts: ScoreSummary
+    edge: int
+    metrics: Metrics
+
+
+def read_group(summary: ScoreSummary, reading: str, noise_sd: float, threshold: float) -> GroupReading:
+    """A group row read: its counts in the bins (``binned``), or a fit of
     ``common.estimates`` (``binormal``, ``skewnormal``) read on its finer grid, deciding at
     :func:`decision_edge`."""
     edge, _ = decision_edge(summary, reading, threshold)
     if reading == "binned":
-        return summary.metrics(edge)
+        return GroupReading(summary, edge, summary.metrics(edge))
     # a fit always gives its finer grid; a class it could not fit is its clipped counts spread over the sub-bins
-    return for_metrics(summary, reading, True, noise_sd).fine.metrics(edge)
+    counts = for_metrics(summary, reading, True, noise_sd)
+    return GroupReading(counts, edge, counts.fine.metrics(edge))
+
+
+# A row's intervals, given the row as released and as read (server.results.Reader: the
+# bootstrap of common.intervals.metric_intervals, with OBSERVED_OVER_PREDICTED's); None:
+# the run draws none (exact releases); {}: none could be drawn, and the report says so.
+IntervalsOf = Callable[[ScoreSummary, GroupReading], "dict[str, list[float]] | None"]
 
 
 def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold: float, estimator: str, noise_sd: float,
-            min_count: float) -> list[GroupResult]:
+            min_count: float, intervals_of: IntervalsOf | None = None) -> list[GroupResult]:
     """Metrics per group, read by the run's ``estimator`` as the pooled row is
     (:func:`read_group`): read in its 5 coarse bins, a group's AUROC ties the patients of
     a bin. On 41 default models' test groups, at a tenth of the default's noise (their
     counts against the noise as in a federation of about 40,000 stays), the bins read it
     0.098 low (rmse 0.113) and the skew-normal fit 0.008 low (rmse 0.062;
     ``simulations.subgroup_study``, README). A group with fewer than ``min_count`` noisy
-    deaths or survivors is reported as too small instead."""
+    deaths or survivors is reported as too small instead. ``intervals_of``: each read
+    row's intervals, and its calibration in the large's, of the same reading."""
     out, row = [], 0
     for grouping in groupings(cfg):
         for name in grouping.groups:
@@ -195,9 +217,15 @@ def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold: float, est
                 out.append(GroupResult(grouping.name, name, deaths + survivors, deaths, None, [],
                                        "too few patients for a DP estimate"))
                 continue
-            fitted = summary if estimator == "binned" else for_metrics(summary, estimator, True, noise_sd)
-            out.append(GroupResult(grouping.name, name, deaths + survivors, deaths,
-                                   read_group(summary, estimator, noise_sd, threshold), reliability(fitted)))
+            read = read_group(summary, estimator, noise_sd, threshold)
+            group = GroupResult(grouping.name, name, deaths + survivors, deaths, read.metrics, reliability(read.counts))
+            if intervals_of is not None:
+                found = intervals_of(summary, read)
+                ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)
+                if ratio is not None:  # the group's calibration in the large, with its interval from the same draws
+                    group.observed_over_predicted = [observed_over_predicted(read.counts), *ratio]
+                group.intervals = found
+            out.append(group)
     return out
 
 

@@ -39,7 +39,7 @@ from common.metrics import (
     sigmoid,
     threshold_for_rate,
 )
-from common.subgroups import decision_edge, reliability
+from common.subgroups import GroupReading, reliability
 from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
@@ -67,16 +67,17 @@ class Reader:
         return for_metrics(summary, estimator or self.cfg.evaluation.estimator, self.cfg.evaluation.dp, noise_sd)
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
-                  draws: int = TEST_DRAWS, with_calibration: bool = False, decide_on_fine: bool = False
-                  ) -> dict[str, list[float]] | None:
-        """Each metric's rough interval (a DP binary release), or None where none fits."""
+                  draws: int = TEST_DRAWS, with_calibration: bool = False, decide_on_fine: bool = False,
+                  fitted: ScoreSummary | None = None) -> dict[str, list[float]] | None:
+        """Each metric's rough interval (a DP binary release), or None where none fits.
+        ``fitted``: ``summary`` as already read by ``estimator`` (not fitted again)."""
         ev = self.cfg.evaluation
         if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
             return None
         try:
             found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
                                      np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator,
-                                     with_calibration, decide_on_fine=decide_on_fine)
+                                     with_calibration, decide_on_fine=decide_on_fine, fitted=fitted)
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("an interval could not be computed", exc_info=True)
             return None
@@ -248,21 +249,17 @@ class Reader:
             result.subgroup_count_sd = sd * math.sqrt(total_groups.grid.bins)
             result.subgroup_least = (MIN_SIGNAL + GROUP_READ_MARGIN) * result.subgroup_count_sd if sd > 0 else 0.0
             estimator = estimator_used(self.cfg.evaluation.estimator, self.cfg.evaluation.dp)  # exact: binned
+            dp = self.cfg.evaluation.dp and sd > 0
+
+            def intervals_of(summary: ScoreSummary, read: GroupReading) -> dict[str, list[float]] | None:
+                # of the reading printed (common.subgroups.read_group: a fit deciding on its finer grid)
+                found = self.intervals(summary, sd, read.edge, estimator, decide_on_fine=estimator != "binned",
+                                       with_calibration=True, fitted=read.counts)
+                # a DP row with none gets {}: the report then says "cannot be estimated", not a bare number
+                return found if found is not None or not dp else {}
+
             result.subgroups = subgroup_results(self.cfg, total_groups, threshold, estimator, sd,
-                                                min_count=result.subgroup_least)
-            for row, group in enumerate(result.subgroups):  # a read row's metrics carry their intervals too
-                if group.metrics is not None:
-                    # read as the row is printed (common.subgroups.read_group: a fit deciding on its finer grid)
-                    summary = total_groups.group(row)
-                    edge, _ = decision_edge(summary, estimator, threshold)
-                    found = self.intervals(summary, sd, edge, estimator, decide_on_fine=estimator != "binned",
-                                           with_calibration=True)
-                    ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)
-                    if ratio is not None:  # the group's calibration in the large, with its interval from the same draws
-                        read = for_metrics(summary, estimator, True, sd)  # as metric_intervals read it
-                        group.observed_over_predicted = [observed_over_predicted(read), *ratio]
-                    # a DP row with none gets {}: the report then says "cannot be estimated", not a bare number
-                    group.intervals = found if found is not None or not (self.cfg.evaluation.dp and sd > 0) else {}
+                                                min_count=result.subgroup_least, intervals_of=intervals_of)
         important = [(n, e) for n, e in released.items() if e.importance is not None and n in parts]
         if important:
             patients = sum(parts[n].n for n, _ in important)

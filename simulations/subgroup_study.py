@@ -35,13 +35,23 @@ from pathlib import Path
 
 import numpy as np
 
-from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL, ranks_patients
-from common.intervals import INTERVAL_LEVEL, metric_intervals
+from common.estimates import (
+    GROUP_READ_MARGIN,
+    MAX_PAIRS_IN_ONE_BIN,
+    MIN_RANKING_SD,
+    MIN_SIGNAL,
+    class_fits,
+    observed_over_predicted,
+    pairs_in_one_bin,
+    ranks_patients,
+)
+from common.intervals import INTERVAL_LEVEL, OBSERVED_OVER_PREDICTED, metric_intervals
 from common.metrics import ScoreGrid, exact_metrics
 from common.subgroups import SubgroupSummary, decision_edge, exact_results, read_group
 from simulations.estimator_study import HeldOutScores, test_scores
 
 METRICS = ("auroc", "sensitivity", "specificity")
+RATIO = OBSERVED_OVER_PREDICTED  # each row's calibration in the large, beside METRICS in the table
 
 
 def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], draws: int, intervals: int,
@@ -50,15 +60,20 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
     the intervals' hits."""
     rng = np.random.default_rng(seed)
     out: dict[tuple[float, str], dict] = defaultdict(lambda: {"errors": defaultdict(list), "held": defaultdict(list),
-                                                               "offered": 0, "read": 0, "ranked": 0})
+                                                               "offered": 0, "read": 0, "ranked": 0,
+                                                               "why": defaultdict(list), "why_held": defaultdict(list)})
     for index, run in enumerate(runs):
         cfg = run.cfg
         # anchored at the threshold, as the hospitals bin their test release (server.validation.grids)
         coarse = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.subgroup_bins).anchored(run.threshold)
+        unit = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins).width  # the pooled release's bin
         risk = 1 / (1 + np.exp(-run.logits))
         probs = np.stack([1 - risk, risk], axis=1)
         total = SubgroupSummary.from_predictions(cfg, run.y, probs, run.groups, coarse)
         truths = exact_results(cfg, run.y, probs, run.groups, run.threshold)
+        members = [_members(cfg, run, truth) for truth in truths]
+        # each group's calibration in the large: its observed rate over its mean predicted risk
+        ratios = [run.y[m].mean() / risk[m].mean() if m.any() else math.nan for m in members]
         for scale in scales:
             sd = run.subgroup_noise_sd * scale
             least = (MIN_SIGNAL + GROUP_READ_MARGIN) * sd * math.sqrt(coarse.bins)
@@ -76,21 +91,50 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
                         cell["read"] += 1
                         read = read_group(summary, reading, sd, run.threshold)
                         ranked = ranks_patients(summary, estimator=reading)  # else its AUROC is not printed
+                        why = _why_unranked(summary, reading, unit) if reading != "binned" else "printed"
+                        if reading != "binned":
+                            cell["why"][why].append(read.metrics.auroc - truth.metrics.auroc)
                         cell["ranked"] += ranked
                         for m in METRICS:
                             if m != "auroc" or ranked:
-                                cell["errors"][m].append(getattr(read, m) - getattr(truth.metrics, m))
+                                cell["errors"][m].append(getattr(read.metrics, m) - getattr(truth.metrics, m))
+                        cell["errors"][RATIO].append(observed_over_predicted(read.counts) - ratios[row])
                         if k < intervals:
                             edge, grid_of = decision_edge(summary, reading, run.threshold)
+                            # the spread counted in the pooled release's bins: also the rows the rule withholds
+                            # for a spread under a coarse bin get their AUROC interval, held apart by `why`
                             found = metric_intervals(summary, sd, edge, INTERVAL_LEVEL, interval_draws,
                                                      np.random.default_rng([seed, index, row, k]), reading,
-                                                     decide_on_fine=reading != "binned") or {}
-                            member = _members(cfg, run, truth)
+                                                     decide_on_fine=reading != "binned", fitted=read.counts,
+                                                     spread_unit=unit if reading != "binned" else None,
+                                                     with_calibration=True) or {}
+                            member = members[row]
                             at_edge = exact_metrics(run.y[member], probs[member], grid_of.edge_risk(edge))
+                            if RATIO in found:
+                                low, high = found[RATIO]
+                                cell["held"][RATIO].append(bool(low - 1e-9 <= ratios[row] <= high + 1e-9))
                             for m, (low, high) in found.items():
                                 if m in METRICS:
-                                    cell["held"][m].append(bool(low - 1e-9 <= getattr(at_edge, m) <= high + 1e-9))
+                                    hit = bool(low - 1e-9 <= getattr(at_edge, m) <= high + 1e-9)
+                                    if m != "auroc" or ranked:
+                                        cell["held"][m].append(hit)
+                                    if m == "auroc":
+                                        cell["why_held"][why].append(hit)
     return out
+
+
+def _why_unranked(summary, reading: str, unit: float) -> str:
+    """Which part of ``common.estimates.ranks_patients`` withholds a row's AUROC: too many
+    pairs in one bin, or the wider class's fitted spread under MIN_RANKING_SD of a coarse
+    bin (split at the same share of ``unit``, the pooled release's bin); else "printed"."""
+    if (pairs_in_one_bin(summary) or 1.0) >= MAX_PAIRS_IN_ONE_BIN:
+        return "pairs in one bin"
+    spread = [f.sd for f in class_fits(summary, reading) if f is not None]
+    widest = max(spread) if spread else math.inf
+    if widest > MIN_RANKING_SD * summary.grid.width:
+        return "printed"
+    return (f"spread {MIN_RANKING_SD * unit:g}-{MIN_RANKING_SD * summary.grid.width:g} log-odds"
+            if widest > MIN_RANKING_SD * unit else f"spread under {MIN_RANKING_SD * unit:g} log-odds")
 
 
 def _members(cfg, run: HeldOutScores, truth) -> np.ndarray:
@@ -126,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
           f"cell {min(r.subgroup_noise_sd for r in runs):.1f}-{max(r.subgroup_noise_sd for r in runs):.1f} at scale 1)",
           file=sys.stderr)
     found = study(runs, readings, scales, args.draws, args.intervals)
+    columns = (*METRICS, RATIO)
     print("| noise scale | reading | rows read (AUROC printed) | "
-          + " | ".join(f"{m}: bias / sd / rmse / held" for m in METRICS) + " |")
-    print("|---|---|---|" + "---|" * len(METRICS))
+          + " | ".join(f"{m}: bias / sd / rmse / held" for m in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for scale in scales:
         for reading in readings:
             cell = found[(scale, reading)]
             parts = []
-            for m in METRICS:
+            for m in columns:
                 e = np.array([v for v in cell["errors"][m] if math.isfinite(v)])
                 held = cell["held"][m]
                 hits = f"{sum(held)}/{len(held)}" if held else "-"
@@ -141,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
                              if len(e) else "-")
             print(f"| {scale:g} | {reading} | {cell['read']}/{cell['offered']} ({cell['ranked']}) | "
                   + " | ".join(parts) + " |")
+    print("\nThe read rows' AUROC by what the ranking rule says of them (common.estimates.ranks_patients); held: "
+          "intervals drawn with the spread counted in the pooled release's bins\n")
+    print("| noise scale | reading | rule | rows | AUROC bias / sd / rmse | held |")
+    print("|---|---|---|---|---|---|")
+    for scale in scales:
+        for reading in readings:
+            cell = found[(scale, reading)]
+            for why, errors in sorted(cell["why"].items()):
+                e = np.array([v for v in errors if math.isfinite(v)])
+                held = cell["why_held"][why]
+                stats = f"{e.mean():+.3f} / {e.std():.3f} / {math.sqrt((e ** 2).mean()):.3f}" if len(e) else "-"
+                print(f"| {scale:g} | {reading} | {why} | {len(errors)} | {stats} | "
+                      f"{f'{sum(held)}/{len(held)}' if held else '-'} |")
     return 0
 
 

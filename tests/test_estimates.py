@@ -403,7 +403,8 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     released["d"] = Evaluations()  # declined: no histogram, no noise
     seen = []
 
-    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False):
+    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False,
+            fitted=None):
         seen.append((summary.n, noise_std, level, with_calibration))
         return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8), **({"observed_over_predicted": (0.7, 1.4)}
                                                                     if with_calibration else {})}
@@ -777,11 +778,11 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
     assert len(read) == len(groupings(cfg))  # the grouping's one full group (all raw values 0) is read
     group, row = read[0], noisy.group(0)
     cell_sd = sigma * noisy.sensitivity
-    assert group.metrics == read_group(row, "skewnormal", cell_sd, threshold)
+    assert group.metrics == read_group(row, "skewnormal", cell_sd, threshold).metrics
     assert group.metrics.auroc == pytest.approx(exact.auroc, abs=0.02)
     assert group.metrics.sensitivity == pytest.approx(exact.sensitivity, abs=0.03)
     assert group.metrics.specificity == pytest.approx(exact.specificity, abs=0.03)
-    binned = read_group(row, "binned", cell_sd, threshold)
+    binned = read_group(row, "binned", cell_sd, threshold).metrics
     assert exact.auroc - binned.auroc > 0.03  # the 5 bins' ties: why a fit reads the rows now
     assert binned.sensitivity == pytest.approx(exact.sensitivity, abs=0.03)  # the anchored edge is the threshold
     for metric, (low, high) in group.intervals.items():  # the intervals are of the number printed
@@ -805,6 +806,10 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
     on_fine = metric_intervals(row, cell_sd, edge, 0.99, 30, np.random.default_rng(2), "skewnormal", decide_on_fine=True)
     on_coarse = metric_intervals(row, cell_sd, coarse.edge_for_risk(threshold), 0.99, 30, np.random.default_rng(2),
                                  "skewnormal")
+    # the row is fitted once: the intervals given its reading are those that fit it again
+    given = metric_intervals(row, cell_sd, edge, 0.99, 30, np.random.default_rng(2), "skewnormal", decide_on_fine=True,
+                             fitted=read_group(row, "skewnormal", cell_sd, threshold).counts)
+    assert given == on_fine
     for metric in ("sensitivity", "specificity"):
         assert on_fine[metric] == pytest.approx(on_coarse[metric], abs=1e-9)
         low, high = on_fine[metric]
