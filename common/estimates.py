@@ -399,6 +399,18 @@ MAX_PAIRS_IN_ONE_BIN = 0.4
 # (logit sd 0.075-0.3): the two rules together caught 18-22 of 30 releases each, and those
 # they missed read AUROC 0.12-0.15 low on average (docs/dp-estimates.md).
 MIN_RANKING_SD = 0.5  # in bin widths
+# A group's row has 5 bins of 2 log-odds, where the pooled release has 10 of 1: counted in
+# its own bins, the rule withheld the AUROC of rows whose wider class spread 0.5-1 log-odds,
+# yet those read it as well as the rows it printed. 10 default models' test groups (400
+# stays each) released with 0.1 to 0.015 of the default's noise, 5 draws (simulations.
+# subgroup_study, 2026-12-06): withheld for that spread alone 173 rows, AUROC bias -0.010
+# to +0.021, rmse 0.035-0.068; printed 640 rows, bias -0.025 to -0.006, rmse 0.047-0.095.
+# So a group's row counts the spread in the pooled release's bins (server.results); too
+# many pairs in one bin still withholds it (291 rows, rmse 0.070-0.087, bias -0.03 to -0.08).
+# What it gives up: squeezed scores (logit sd 0.15-0.5) astride the anchored edge of a
+# coarse grid fit spreads of 0.5-0.96 log-odds, so the spread rule no longer withholds
+# them; only the pairs rule does (a review, 2026-12-06: 86 of 96 such synthetic rows
+# printed, AUROC off by -0.08 to +0.01, the five intervals drawn all held the exact value).
 
 
 def class_fits(summary: ScoreSummary, estimator: str) -> list[RowFit | None]:
@@ -428,7 +440,7 @@ def ranks_patients(summary: ScoreSummary, fits: list[RowFit | None] | None = Non
     the pairs share a bin, and the wider of the two classes' fitted distributions (``fits``,
     fitted here when not given) spreads over more than :data:`MIN_RANKING_SD` of a bin.
     ``spread_unit``: the width in log-odds that spread is counted in, where it is not the
-    release's own bin (a group's coarse row: :data:`GROUP_SPREAD_UNIT`)."""
+    release's own bin (a group's coarse row: the pooled release's bin; see MIN_RANKING_SD)."""
     share = pairs_in_one_bin(summary)
     if share is None or share >= MAX_PAIRS_IN_ONE_BIN:
         return False

@@ -103,8 +103,11 @@ class SubgroupSummary:
         return SubgroupSummary(self.histogram + other.histogram, self.grid, self.n_groupings)
 
     def group(self, row: int) -> ScoreSummary:
+        """One group's row, its patients counted by its noisy total: zero-mean noise leaves
+        the sum unbiased, where the sum of its counts clipped at zero adds the noise's
+        positive half of every empty bin (its fit then spreads patients who are not there)."""
         counts = self.histogram[row]
-        return ScoreSummary(counts, None, int(round(max(np.maximum(counts, 0).sum(), 0))), self.grid)
+        return ScoreSummary(counts, None, int(round(max(counts.sum(), 0))), self.grid)
 
 
 @dataclass
@@ -170,8 +173,9 @@ def decision_edge(summary: ScoreSummary, reading: str, threshold: float) -> tupl
 class GroupReading:
     """A group row as read (:func:`read_group`): the counts its numbers come from (a fit's,
     with its finer grid; or the row's own clipped bins), the edge its decisions are read at
-    (on that finer grid for a fit), and its metrics there. Fitted once: its metrics, its
-    calibration and its intervals all read these counts."""
+    (on that finer grid for a fit), and its metrics there. Its metrics, its calibration and
+    its intervals all read these counts: the row's reading is not fitted again (the
+    intervals still fit each class alone, unconstrained, to draw from)."""
 
     counts: ScoreSummary
     edge: int

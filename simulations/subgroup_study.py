@@ -90,8 +90,10 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
                             continue
                         cell["read"] += 1
                         read = read_group(summary, reading, sd, run.threshold)
-                        ranked = ranks_patients(summary, estimator=reading)  # else its AUROC is not printed
-                        why = _why_unranked(summary, reading, unit) if reading != "binned" else "printed"
+                        # else its AUROC is not printed (a fit counts the spread in the pooled release's bins)
+                        ranked = ranks_patients(summary, estimator=reading,
+                                                spread_unit=unit if reading != "binned" else None)
+                        why = _ranking_rule(summary, reading, unit) if reading != "binned" else ""
                         if reading != "binned":
                             cell["why"][why].append(read.metrics.auroc - truth.metrics.auroc)
                         cell["ranked"] += ranked
@@ -101,8 +103,7 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
                         cell["errors"][RATIO].append(observed_over_predicted(read.counts) - ratios[row])
                         if k < intervals:
                             edge, grid_of = decision_edge(summary, reading, run.threshold)
-                            # the spread counted in the pooled release's bins: also the rows the rule withholds
-                            # for a spread under a coarse bin get their AUROC interval, held apart by `why`
+                            # as the report draws them (server.results: the spread counted in the pooled bins)
                             found = metric_intervals(summary, sd, edge, INTERVAL_LEVEL, interval_draws,
                                                      np.random.default_rng([seed, index, row, k]), reading,
                                                      decide_on_fine=reading != "binned", fitted=read.counts,
@@ -123,18 +124,20 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
     return out
 
 
-def _why_unranked(summary, reading: str, unit: float) -> str:
-    """Which part of ``common.estimates.ranks_patients`` withholds a row's AUROC: too many
-    pairs in one bin, or the wider class's fitted spread under MIN_RANKING_SD of a coarse
-    bin (split at the same share of ``unit``, the pooled release's bin); else "printed"."""
-    if (pairs_in_one_bin(summary) or 1.0) >= MAX_PAIRS_IN_ONE_BIN:
-        return "pairs in one bin"
+def _ranking_rule(summary, reading: str, unit: float) -> str:
+    """What ``common.estimates.ranks_patients`` sees in a row: too many pairs in one bin
+    (withheld), or the wider class's fitted spread against MIN_RANKING_SD of ``unit`` (the
+    pooled release's bin: under it withheld) and of the row's own coarse bin (the rule
+    counted it there before 2026-12-06: the rows between were withheld then)."""
+    share = pairs_in_one_bin(summary)
+    if share is None or share >= MAX_PAIRS_IN_ONE_BIN:
+        return "withheld: pairs in one bin"
     spread = [f.sd for f in class_fits(summary, reading) if f is not None]
     widest = max(spread) if spread else math.inf
-    if widest > MIN_RANKING_SD * summary.grid.width:
-        return "printed"
-    return (f"spread {MIN_RANKING_SD * unit:g}-{MIN_RANKING_SD * summary.grid.width:g} log-odds"
-            if widest > MIN_RANKING_SD * unit else f"spread under {MIN_RANKING_SD * unit:g} log-odds")
+    low, high = MIN_RANKING_SD * unit, MIN_RANKING_SD * summary.grid.width
+    if widest <= low:
+        return f"withheld: spread under {low:g} log-odds"
+    return f"spread {low:g}-{high:g} log-odds (withheld before)" if widest <= high else f"spread over {high:g} log-odds"
 
 
 def _members(cfg, run: HeldOutScores, truth) -> np.ndarray:
@@ -186,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                              if len(e) else "-")
             print(f"| {scale:g} | {reading} | {cell['read']}/{cell['offered']} ({cell['ranked']}) | "
                   + " | ".join(parts) + " |")
-    print("\nThe read rows' AUROC by what the ranking rule says of them (common.estimates.ranks_patients); held: "
-          "intervals drawn with the spread counted in the pooled release's bins\n")
+    print("\nThe read rows' AUROC by what the ranking rule sees in them (common.estimates.ranks_patients); held: "
+          "their intervals held the exact AUROC (withheld rows have none)\n")
     print("| noise scale | reading | rule | rows | AUROC bias / sd / rmse | held |")
     print("|---|---|---|---|---|---|")
     for scale in scales:

@@ -403,8 +403,7 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     released["d"] = Evaluations()  # declined: no histogram, no noise
     seen = []
 
-    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False,
-            fitted=None):
+    def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False, **kw):
         seen.append((summary.n, noise_std, level, with_calibration))
         return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8), **({"observed_over_predicted": (0.7, 1.4)}
                                                                     if with_calibration else {})}
@@ -638,7 +637,93 @@ def test_the_subgroup_study_reads_only_the_rows_a_run_would_and_measures_both_re
     assert binned < -0.02 and abs(fitted) < abs(binned) / 2  # the 5 bins' ties, and the fit that reads through them
     assert len(found[(0.01, "skewnormal")]["held"]["auroc"]) == 1  # the first draw's interval, checked
     assert found[(0.01, "skewnormal")]["ranked"] == 2
+    # what the ranking rule saw in the two read rows: classes wider than a coarse bin's half
+    assert {k: len(v) for k, v in found[(0.01, "skewnormal")]["why"].items()} == {"spread over 1 log-odds": 2}
 
+
+
+def test_a_group_row_counts_its_patients_by_its_noisy_total_not_its_clipped_counts():
+    """A group's fit spreads its patients count over the classes' shapes. Counted by the
+    sum of its counts clipped at zero, that count carried the positive half of the noise
+    of every empty bin, and the row's observed/predicted leaned high (on 10 default models'
+    groups at a tenth of the default's noise +0.256, +0.201 by the noisy total)."""
+    from common.subgroups import SubgroupSummary
+
+    coarse = ScoreGrid(-7.0, 3.0, 5)
+    counts = np.zeros((1, 2, 1, 5))
+    counts[0, 0, 0, :3] = [60, 30, 10]  # 100 survivors in the low bins, 10 deaths above
+    counts[0, 1, 0, 2:4] = [6, 4]
+    rng = np.random.default_rng(4)
+    sd = 8.0
+    totals = [SubgroupSummary(counts + rng.normal(0, sd, counts.shape), coarse, 1).group(0).n for _ in range(400)]
+    # 10 cells of noise sd 8: the total's sd is about 25, its mean over 400 draws within about 1.3 of 110
+    assert abs(np.mean(totals) - 110) < 5
+    clipped = np.mean([np.maximum(counts + rng.normal(0, sd, counts.shape), 0).sum() for _ in range(400)])
+    assert clipped > 125  # what the clipped sum gave: the noise's positive half in 5 empty cells
+
+
+def _one_group_run(y, probs, coarse, sigma, rng):
+    """A skew-normal run whose one grouping puts every patient into one group, and one
+    hospital's release of these patients' test and group histograms with noise ``sigma``."""
+    from common.messages import Item
+    from common.subgroups import SubgroupSummary
+    from server.validation import Evaluations
+
+    cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, estimator="skewnormal",
+                                                                  subgroups=cfg.evaluation.subgroups[:1]))
+    raw = {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups}
+    noisy = SubgroupSummary.from_predictions(cfg, y, probs, raw, coarse).noised(sigma, rng)
+    released = {"a": Evaluations(summaries={Split.TEST: ScoreSummary.from_predictions(y, probs, GRID)},
+                                 subgroups=noisy, noise={Item.HISTOGRAM: sigma, Item.SUBGROUP_HISTOGRAMS: sigma},
+                                 histogram_noise={Split.TEST: sigma})}
+    return cfg, noisy, released
+
+
+def test_a_group_rows_auroc_is_printed_where_its_scores_spread_over_a_pooled_bin(monkeypatch):
+    """A group's row has 5 bins of 2 log-odds. Counted in those bins, the ranking rule
+    withheld the AUROC of a row whose classes spread 0.5-1 log-odds, though such rows read
+    it as well as the rows it printed (10 default models' groups: common.estimates.
+    MIN_RANKING_SD). The spread is counted in the pooled release's bin now."""
+    from common.estimates import class_fits, ranks_patients
+    from common.intervals import metric_intervals
+
+    rng = np.random.default_rng(8)
+    y = (rng.random(3000) < 0.25).astype(np.int64)
+    logits = np.where(y == 1, rng.normal(-1.2, 0.8, len(y)), rng.normal(-2.8, 0.8, len(y)))
+    probs = np.stack([1 - 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-logits))], axis=1)
+    coarse = ScoreGrid(GRID.low, GRID.high, 5).anchored(0.12)
+    row = ScoreSummary.from_predictions(y, probs, coarse).noised(2.0, rng)
+    widest = max(f.sd for f in class_fits(row, "skewnormal"))
+    assert GRID.width * 0.5 < widest < coarse.width * 0.5  # between the two units
+    assert not ranks_patients(row) and ranks_patients(row, spread_unit=GRID.width)
+    from common.subgroups import decision_edge
+
+    edge, _ = decision_edge(row, "skewnormal", 0.12)
+    found = metric_intervals(row, 2.0, edge, 0.99, 30, np.random.default_rng(1), "skewnormal", decide_on_fine=True,
+                             spread_unit=GRID.width)
+    low, high = found["auroc"]
+    assert low <= exact_metrics(y, probs).auroc <= high
+
+    # and the run's reader counts a group row's spread so: the row prints its AUROC with that interval
+    import server.results as results
+
+    cfg, noisy, released = _one_group_run(y, probs, coarse, 2.0, rng)
+    called = []
+
+    def fewer_draws(summary, sd, at, level, draws, rng, estimator, with_calibration, **kw):
+        called.append(kw.get("spread_unit"))
+        return metric_intervals(summary, sd, at, level, 30, rng, estimator, with_calibration, **kw)
+
+    monkeypatch.setattr(results, "metric_intervals", fewer_draws)
+    result = results.Reader(cfg).test_result(released, 0.12, GRID.anchored(0.12), None, [])
+    group = next(g for g in result.subgroups if g.metrics is not None)
+    assert not ranks_patients(noisy.group(0))  # its own bins' rule would withhold it
+    assert "auroc" in group.intervals and called[-1] == pytest.approx(GRID.width)
+    # a row read in its bins (evaluation.estimator: binned) keeps the rule of its own bins: measured for fits only
+    binned = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, estimator="binned"))
+    results.Reader(binned).test_result(released, 0.12, GRID.anchored(0.12), None, [])
+    assert called[-1] is None
 
 
 def _one_bin_release(rng, grid, sigma, spread):
@@ -751,27 +836,18 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
     the run's estimator, deciding on the fit's finer grid at the run's threshold (an edge
     of the grid the hospitals anchor there), and its intervals are of that reading."""
     from common.intervals import metric_intervals
-    from common.messages import Item
     from common.subgroups import SubgroupSummary, decision_edge, groupings, read_group
     from server.results import Reader
-    from server.validation import Evaluations
 
-    cfg = small_cfg()
-    # one grouping: one row read (its intervals are the slow part)
-    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, estimator="skewnormal",
-                                                                  subgroups=cfg.evaluation.subgroups[:1]))
     threshold = 0.12
-    coarse = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.subgroup_bins).anchored(threshold)
+    evaluation = small_cfg().evaluation
+    coarse = ScoreGrid(*evaluation.logit_range, evaluation.subgroup_bins).anchored(threshold)
     rng = np.random.default_rng(11)
     y = (rng.random(4000) < 0.3).astype(np.int64)
     logits = np.where(y == 1, rng.normal(-1.0, 1.0, len(y)), rng.normal(-3.5, 1.0, len(y)))
     probs = np.stack([1 - 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-logits))], axis=1)
-    raw = {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups}
     sigma = 0.5
-    noisy = SubgroupSummary.from_predictions(cfg, y, probs, raw, coarse).noised(sigma, rng)
-    released = {"a": Evaluations(summaries={Split.TEST: ScoreSummary.from_predictions(y, probs, GRID)},
-                                 subgroups=noisy, noise={Item.HISTOGRAM: sigma, Item.SUBGROUP_HISTOGRAMS: sigma},
-                                 histogram_noise={Split.TEST: sigma})}
+    cfg, noisy, released = _one_group_run(y, probs, coarse, sigma, rng)  # one grouping: its intervals are slow
     result = Reader(cfg).test_result(released, threshold, GRID, None, [])
     exact = exact_metrics(y, probs, threshold)
     read = [g for g in result.subgroups if g.metrics is not None]
@@ -818,7 +894,8 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
         metric_intervals(row, cell_sd, edge, estimator="binned", decide_on_fine=True)
     # exact histograms (evaluation.dp false) are read in their bins, as the pooled row is
     exact_cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, dp=False))
-    plain = SubgroupSummary.from_predictions(cfg, y, probs, raw, coarse)
+    plain = SubgroupSummary.from_predictions(cfg, y, probs, {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups},
+                                             coarse)
     released["a"].subgroups = plain
     unnoised = Reader(exact_cfg).test_result(released, threshold, GRID, None, [])
     assert unnoised.subgroups[0].metrics == plain.group(0).metrics(coarse.edge_for_risk(threshold))
