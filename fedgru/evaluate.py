@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 from common.config import ConfigError
@@ -151,21 +152,35 @@ def _interval_text(value: float | None, interval, digits: int) -> str:
     return f"{value:.{digits}f} ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
 
 
+def _shown_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: a wide character (CJK) two, a combining mark
+    none. Padding by ``len`` shifted a row whose group or class name holds either."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _left(text: str, width: int) -> str:
+    return text + " " * max(0, width - _shown_width(text))
+
+
+def _right(text: str, width: int) -> str:
+    return " " * max(0, width - _shown_width(text)) + text
+
+
 def subgroup_table(result: ExactEvaluation, positive: str, negative: str) -> list[str]:
     """The groups as one aligned table, a row each and the whole export last: AUROC,
     sensitivity and specificity with their intervals, and the group's calibration in the
     large. A group too small for stable metrics says so across the metric columns (the
     CSV and the JSON keep the note whole). Fits 120 columns for the default's groups."""
     named = [(r.group if r.grouping == "all" else f"{r.grouping} {r.group}", r) for r in rows(result)]
-    label = max(len(name) for name, _ in named)
+    label = max(_shown_width(name) for name, _ in named)
     stays = max(5, len(str(result.patients)))
-    count = max(len(positive), 4)
+    count = max(_shown_width(positive), 4)
     cell = len("0.000 (0.000-0.000)")
-    header = (f"{'group':<{label}}  {'stays':>{stays}} {positive:>{count}}  "
+    header = (f"{_left('group', label)}  {'stays':>{stays}} {_right(positive, count)}  "
               + "  ".join(f"{METRIC_NAMES[k]:<{cell}}" for k in TABLE_METRICS) + "  observed/predicted")
     lines = [header]
     for name, r in named:
-        head = f"{name:<{label}}  {r.stays:>{stays}d} {r.deaths:>{count}d}  "
+        head = f"{_left(name, label)}  {r.stays:>{stays}d} {r.deaths:>{count}d}  "
         if r.metrics is None:
             lines.append(head + f"too few: under {SUBGROUP_MIN_EVENTS} stays labelled {positive} or {negative}")
             continue

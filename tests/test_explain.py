@@ -689,3 +689,22 @@ def test_a_yes_no_variable_says_yes_or_no(full_dataset):
     e = explain(model, full_dataset.X[ventilated], full_dataset.S[ventilated], cfg.features, "v")
     mech = next(c for c in e.contributions if c.name == "MechVent")
     assert mech.label == "yes" and describe(mech).startswith("MechVent, last yes at hour 48: ")
+
+
+def test_evaluate_table_aligns_group_and_class_names_in_wide_scripts():
+    """The table padded by characters: a group or class name in a wide script (CJK) took
+    two terminal columns a character, and its row's numbers stood right of the others'."""
+    from common.metrics import Metrics
+    from common.subgroups import GroupResult
+    from fedgru.evaluate import ExactEvaluation, _shown_width, subgroup_table
+
+    metrics = Metrics(auroc=0.8, auprc=0.4, accuracy=0.8, sensitivity=0.7, specificity=0.8, f1=0.4, brier=0.1,
+                      event1_score=0.3, n=100)
+    groups = [GroupResult("sex", name, 100.0, 20.0, metrics, [], "", {"auroc": [0.7, 0.9]}, [1.0, 0.8, 1.2])
+              for name in ("男性", "female", "Zoë")]
+    result = ExactEvaluation("d", 0.12, metrics, {"auroc": [0.7, 0.9]}, "", groups, [1.0, 0.9, 1.1], 300, 60)
+    lines = subgroup_table(result, "死亡", "survived")
+    for line in lines[1:]:  # each row's AUROC starts in the header's AUROC column
+        before = line[:line.index("0.800")]
+        assert _shown_width(before) == _shown_width(lines[0][:lines[0].index("AUROC")]), line
+    assert _shown_width("Zoe\u0308") == 3 and _shown_width("男性") == 4
