@@ -121,7 +121,8 @@ CALIBRATION_INTERVAL_COVERAGE = ("on 20 default runs it held the exact ratio in 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
                      draws: int = 200, rng: np.random.Generator | None = None, estimator: str = "binormal",
                      with_calibration: bool = False, decide_on_fine: bool = False,
-                     fitted: ScoreSummary | None = None, spread_unit: float | None = None) -> dict[str, tuple[float, float]] | None:
+                     fitted: ScoreSummary | None = None, spread_unit: float | None = None
+                     ) -> dict[str, tuple[float, float]] | None:
     """How far each metric read from a DP release (by ``estimator``, decisions at
     ``threshold_edge``) may be from the value its patients' exact scores give, read from
     the release alone: a parametric bootstrap (Efron & Tibshirani 1993, ch. 6 and 13) of

@@ -894,8 +894,8 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
         metric_intervals(row, cell_sd, edge, estimator="binned", decide_on_fine=True)
     # exact histograms (evaluation.dp false) are read in their bins, as the pooled row is
     exact_cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, dp=False))
-    plain = SubgroupSummary.from_predictions(cfg, y, probs, {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups},
-                                             coarse)
+    one_group = {s.column: np.zeros(len(y)) for s in cfg.evaluation.subgroups}
+    plain = SubgroupSummary.from_predictions(cfg, y, probs, one_group, coarse)
     released["a"].subgroups = plain
     unnoised = Reader(exact_cfg).test_result(released, threshold, GRID, None, [])
     assert unnoised.subgroups[0].metrics == plain.group(0).metrics(coarse.edge_for_risk(threshold))
