@@ -138,7 +138,8 @@ def test_scores(run_dir: Path) -> HeldOutScores:
     hospitals = make_partition(ds, cfg)
     test = np.concatenate([h.test for h in hospitals])
     logits = hourly_logits_at(model, ds.X[test], ds.S[test], [ds.X.shape[1]])[:, 0]
-    delta = float(next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"])
+    # each hospital calibrates its own noise to its own delta (delta: auto depends on its stays)
+    deltas = [float(h["delta"]) for h in json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()]
     key = (Split.TEST, True, Item.HISTOGRAM)
     group_key = (Split.TEST, True, Item.SUBGROUP_HISTOGRAMS)
     # a patient is in one group of each grouping: the subgroup release's sensitivity is sqrt(groupings)
@@ -146,15 +147,15 @@ def test_scores(run_dir: Path) -> HeldOutScores:
     if cfg.privacy.aggregation == "secure":  # K Skellam shares, each as its hospital calibrated it
         from client.secure_evaluation import secure_evaluation_variances
 
-        variances = secure_evaluation_variances(cfg.to_json(), delta, cfg.privacy.min_honest,
-                                                cfg.privacy.max_epsilon_alone)
-        sd = math.sqrt(len(hospitals) * variances[key])
-        group_sd = math.sqrt(len(hospitals) * variances[group_key]) if group_key in variances else math.nan
+        variances = [secure_evaluation_variances(cfg.to_json(), delta, cfg.privacy.min_honest,
+                                                 cfg.privacy.max_epsilon_alone) for delta in deltas]
+        sd = math.sqrt(sum(v[key] for v in variances))
+        group_sd = math.sqrt(sum(v[group_key] for v in variances)) if group_key in variances[0] else math.nan
     else:  # K Gaussian releases, the histogram's sensitivity 1
-        multipliers = calibrated_evaluation_noise(cfg.to_json(), delta)
-        sd = multipliers[key] * math.sqrt(len(hospitals))
-        group_sd = (multipliers[group_key] * group_sensitivity * math.sqrt(len(hospitals)) if group_key in multipliers
-                    else math.nan)
+        multipliers = [calibrated_evaluation_noise(cfg.to_json(), delta) for delta in deltas]
+        sd = math.sqrt(sum(m[key] ** 2 for m in multipliers))
+        group_sd = (group_sensitivity * math.sqrt(sum(m[group_key] ** 2 for m in multipliers))
+                    if group_key in multipliers[0] else math.nan)
     grid = ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins)
     threshold = float(bundle.info.get("threshold", 0.5))
     return HeldOutScores(run_dir.name, logits, ds.y[test], grid, grid.edge_for_risk(threshold), sd, cfg,
