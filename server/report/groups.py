@@ -8,7 +8,12 @@ import math
 
 from common.document import Image, Section, Table
 from common.estimates import GROUP_READ_MARGIN, MIN_SIGNAL, Z_99
-from common.intervals import CALIBRATION_INTERVAL_COVERAGE, GROUP_INTERVAL_COVERAGE, INTERVAL_LEVEL
+from common.intervals import (
+    CALIBRATION_INTERVAL_COVERAGE,
+    GROUP_INTERVAL_COVERAGE,
+    GROUP_RATIO_COVERAGE,
+    INTERVAL_LEVEL,
+)
 from common.metrics import with_interval
 
 from .plots import plot_reliability
@@ -64,8 +69,8 @@ def subgroup_section(run: RunFolder) -> Section | None:
         f"run's estimator) and carry their intervals (nominal 99%; {GROUP_INTERVAL_COVERAGE}), and a group "
         "whose counts are too small for the noise says so instead of showing noise as a metric (each hospital can see its own groups exactly, and release nothing, "
         "with `fedgru evaluate --model model.pt --data EXPORT --outcomes OUTCOMES --subgroups`). Calibration is the observed death rate over the mean predicted "
-        "risk (1: calibrated; below 1: risks too high for the group); a read row's carries its interval (nominal 99%, "
-        "not yet measured for groups)."
+        "risk (1: calibrated; below 1: risks too high for the group); a read row's carries its interval (nominal 99%; "
+        f"{GROUP_RATIO_COVERAGE})."
         + (" The last column is the same model trained centrally without DP, scored exactly on the same "
            "patients: where it differs much more than elsewhere, DP or federation hurts that group more." if exact else ""),
     ]
