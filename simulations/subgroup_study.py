@@ -23,6 +23,12 @@ at the run's decision threshold, the risk the report's header names. With
 (``common.intervals.metric_intervals`` of the reading) and the share that held the exact
 value at the threshold the reading decides at. A row's AUROC counts only where the report
 prints it (``common.estimates.ranks_patients``: its bins can rank its patients).
+
+Beside them, each read row's calibration in the large (observed rate over mean
+predicted risk) against the group's exact one, and with ``--intervals`` whether its
+interval held it; and a second table: each fitted row's AUROC by what the ranking rule
+sees in it (pairs in one bin; its wider class's spread against half a pooled bin and
+half a coarse one), so that a change of the rule can be judged on the rows it moves.
 """
 
 from __future__ import annotations
