@@ -31,6 +31,7 @@ from common.explain import (
     integrated_gradients,
     is_exact,
 )
+from common.files import atomic_write_text
 
 
 def hourly_risks(bundle: Bundle, ds: Dataset, batch: int = 512) -> np.ndarray:
@@ -225,7 +226,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: "
                   + (", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers) or NO_MOVER) for j in found]
     try:
-        out.write_text(to_html("fedgru monitor", sections))
+        atomic_write_text(out, to_html("fedgru monitor", sections))  # patients' risks: 0600, whole or not at all
     finally:
         plots.cleanup()
     return "\n".join(lines)

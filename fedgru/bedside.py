@@ -6,13 +6,14 @@ about the data to stderr."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 from pathlib import Path
 
 from common.config import ConfigError
 from common.data.records import DataError
-from common.files import to_json
+from common.files import atomic_open, to_json
 
 NOT_SCORED = "no observation in the window, only descriptors: not scored"
 
@@ -31,10 +32,21 @@ def variables_read(ds, bundle) -> str:
     that it does not: a lactate of 21 mmol/L played no part in a risk from a model that
     does not read lactate, and a clinician should not assume it did."""
     read = [v.name for v in bundle.config.features.variables]
+    descriptors = [s.name for s in bundle.config.features.static]
     unread = sorted(ds.summary.read.unknown_parameters) if ds.summary else []
     text = f"this model reads {len(read)} charted variables: {', '.join(read)}"
+    if descriptors:
+        text += f", and {len(descriptors)} admission descriptors: {', '.join(descriptors)}"
+    # A descriptor charted again during the stay (PhysioNet's Weight) is read at admission
+    # only: "Weight plays no part" beside explain's "Weight, 118 kg: -0.11" told a
+    # clinician two opposite things (a new user's try, 2026-12-06).
+    again = [name for name in unread if name in descriptors]
+    unread = [name for name in unread if name not in descriptors]
     if unread:
-        text += (f"; {len(unread)} others charted in this export play no part in its risks: {', '.join(unread)}")
+        text += f"; {len(unread)} others charted in this export play no part in its risks: {', '.join(unread)}"
+    if again:
+        text += (f"; {', '.join(again)} {'is' if len(again) == 1 else 'are'} read at admission only: "
+                 "the values charted later play no part")
     return text
 
 
@@ -78,13 +90,18 @@ def checked_output(out: str, flag: str) -> str:
 @contextlib.contextmanager
 def _written(out: str):
     """The CSV's stream: the file ``out``, or stdout for "-" (messages go to stderr). A file
-    that cannot be written is a ConfigError naming it, not a traceback."""
+    that cannot be written is a ConfigError naming it, not a traceback. The file holds
+    patients' risks: readable by its owner only (0600, as the run folder's files), and
+    written whole or not at all (common.files.atomic_open)."""
     if out == "-":
         yield sys.stdout
         return
     try:
-        with open(out, "w", newline="") as handle:
+        with atomic_open(out) as raw:
+            handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             yield handle
+            handle.flush()
+            handle.detach()  # atomic_open flushes, syncs and closes the file itself
     except OSError as exc:
         raise ConfigError(f"{out}: cannot write it ({exc.strerror or exc})") from None
 
@@ -135,8 +152,8 @@ def cmd_predict(args) -> int:
         at_last = flagged[np.flatnonzero(scored), seen[scored] - 1]
         ever = [bool(f[:last].any()) for f, last in zip(flagged[scored], seen[scored])]
         print(f"wrote {rows} hourly risks ({int(scored.sum())} stays, each up to its last observed hour) to "
-              f"{'stdout' if out == '-' else out}; {at_last.mean() if len(ever) else 0:.0%} of them flagged at that "
-              f"hour, {np.mean(ever) if ever else 0:.0%} at some hour" + ("; a flag stays on once raised" if latched else "")
+              f"{'stdout' if out == '-' else out}; {at_last.mean() if len(ever) else 0:.0%} of the stays flagged at "
+              f"their last hour, {np.mean(ever) if ever else 0:.0%} at some hour" + ("; a flag stays on once raised" if latched else "")
               + f" (plain predict's decision flags the hour-{risks.shape[1]} risk at {_threshold(args, bundle):.3f} "
               "instead)", file=sys.stderr)
         _stay_notes(seen, risks.shape[1])

@@ -211,6 +211,21 @@ def test_explain_command_prints_text_and_json(bundle_and_stays, capsys):
     assert total == pytest.approx(record["logit"], abs=1e-5)
 
 
+def test_the_note_on_unread_variables_does_not_disown_a_descriptor_the_model_reads(bundle_and_stays, capsys):
+    """PhysioNet charts Weight at admission (a descriptor the model reads) and again later
+    (a series it does not): the note named Weight among those that "play no part" while
+    explain printed its contribution."""
+    from fedgru.cli import main
+
+    path, folder, _, stays = bundle_and_stays
+    assert main(["explain", "--model", str(path), "--data", str(folder), "--stay", stays[0]]) == 0
+    note = next(line for line in capsys.readouterr().err.splitlines() if "charted variables" in line)
+    no_part = note.split("play no part in its risks: ")[1].split(";")[0].split(", ")
+    assert "Lactate" in no_part and "Weight" not in no_part
+    assert "admission descriptors: Age, Gender, Height, ICUType, Weight" in note
+    assert "Weight is read at admission only: the values charted later play no part" in note
+
+
 def test_explain_names_a_missing_stay(bundle_and_stays, capsys):
     from fedgru.cli import main
 
@@ -230,6 +245,7 @@ def test_monitor_writes_one_html_page_with_the_plot_inside(bundle_and_stays, tmp
     assert f"stay {stays[0]}: risk" in text and f"stay {stays[1]}: risk" in text
     page = out.read_text()
     assert page.count("data:image/png;base64,") == 2 and "threshold 0.300" in page
+    assert out.stat().st_mode & 0o777 == 0o600  # patients' risks: the owner's only, as the run folder's files
 
 
 def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
@@ -239,8 +255,13 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
 
     path, folder, _, _ = bundle_and_stays
     hourly, final = tmp_path / "hourly.csv", tmp_path / "final.csv"
+    final.write_text("an older file, readable by all\n")
+    final.chmod(0o644)
     assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(hourly), "--hourly"]) == 0
     assert main(["predict", "--model", str(path), "--data", str(folder), "--out", str(final)]) == 0
+    # patients' risks: readable by their owner only, an existing file's mode replaced with it
+    assert [p.stat().st_mode & 0o777 for p in (hourly, final)] == [0o600, 0o600]
+    assert list(tmp_path.glob(".*.tmp")) == []
     rows = list(csv.DictReader(hourly.open()))
     last = {r["stay_id"]: float(r["risk"]) for r in rows if r["hour"] == "48"}
     plain = list(csv.DictReader(final.open()))
