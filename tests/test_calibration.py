@@ -153,4 +153,12 @@ def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
     assert "Read from the DP releases, the observed rate is 1.43 (0.84-1.86)" in text and "1.35 times" in text
     assert "risk of 0.120 or more" in text and "No group (sex, age, ICU type) could be read" in text
     assert "no charted value in the window" in text and "`fedgru evaluate`" in text
+    assert "above" not in text  # the report holds no decision lines to point to
+    # the monitor's own levels, as the console gives them (the report gave only the decision's 0.120)
+    test.hour_thresholds, test.onset_margin, test.monitor_rate = [0.3] + [0.2] * 46 + [0.12], 1.33, 0.3
+    test.checkpoint_thresholds = {6: 0.196, 48: 0.12}
+    (bullets,) = bedside_section(run).blocks
+    flag = next(item for item in bullets.items if item.startswith("**The flag.**"))
+    assert ("flags a stay from the first hour its risk passes that hour's threshold by 1.33 in log-odds: a risk of "
+            "0.618 after hour 1, 0.340 after hour 48 and keeps the flag on (the margin read so that 30% of") in flag
     assert bedside_section(RunFolder(tmp_path, cfg, RunMetrics(run_id="r"), None, None, None, None)) is None

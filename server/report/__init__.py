@@ -22,10 +22,10 @@ from pathlib import Path
 from common.document import Image, Section, Table, markdown, to_html
 from common.intervals import INTERVAL_LEVEL
 from common.messages import Split
-from common.metrics import format_metrics, format_number, logit, sigmoid
+from common.metrics import format_metrics, format_number
 
 from ..records import RunPrivacy
-from .bedside import bedside_section
+from .bedside import bedside_section, decision_lines
 from .groups import importance_section, subgroup_section
 from .plots import MAX_LISTED, plot_auroc
 from .privacy_text import GROUP_WORDS, audit_section, officer_statement, preflight_section, privacy_sections
@@ -88,31 +88,6 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
 
 
 FIT_WORDS = {"skewnormal": "a skew-normal fit", "binormal": "a normal fit", "binned": "their clipped counts"}
-
-
-def decision_lines(test, binary: bool) -> list[str]:
-    """What the run decided for the bedside (binary tasks): the decision threshold and each
-    checkpoint hour's, and the monitor's margin; results a bedside user keeps."""
-    if test is None or test.threshold is None or not binary:
-        return []
-    hourly = "".join(f", after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
-    lines = [f"decision threshold {test.threshold:.3f}{hourly} (a risk on the final model's "
-             f"{'calibrated' if test.calibration else 'own'} scale)"]
-    if test.onset_margin is not None:
-        hours = test.hour_thresholds or []
-        # the risks that raise the monitor's flag, as predict --hourly's threshold column prints them: a ward
-        # setting up an alert should not have to add a margin in log-odds itself
-        raised = (f": a risk of {_moved(hours[0], test.onset_margin):.3f} after hour 1, "
-                  f"{_moved(hours[-1], test.onset_margin):.3f} after hour {len(hours)}" if hours else "")
-        lines.append(f"monitor: a stay is flagged from the first hour its risk passes that hour's threshold by "
-                     f"{test.onset_margin:.2f} in log-odds{raised}, and stays flagged (the margin read so that "
-                     f"{100 * test.monitor_rate:.0f}% of the validation stays are flagged at some hour)")
-    return lines
-
-
-def _moved(risk: float, margin: float) -> float:
-    """A risk moved up by ``margin`` in log-odds."""
-    return sigmoid(float(logit(risk)) + margin)
 
 
 def summary_text(run: RunFolder) -> str:

@@ -5,6 +5,7 @@ the number predicts, from what time, or when not to use it). Binary tasks only."
 from __future__ import annotations
 
 from common.document import Bullets, Section
+from common.metrics import logit, sigmoid
 
 from .run_folder import RunFolder
 
@@ -24,9 +25,7 @@ def bedside_section(run: RunFolder) -> Section | None:
         f"variables it reads ({read}) and the descriptors ({static}). A value of any other variable plays no "
         "part: `fedgru explain`, `monitor`, `predict` and `evaluate` name those an export charts.",
         _calibration_item(test),
-        f"**The flag.** `fedgru predict` flags a risk of {test.threshold:.3f} or more after hour "
-        f"{features.window_hours:g}; the hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own "
-        "threshold (see the decision lines above), so the two can differ for a stay.",
+        _flag_item(test, features.window_hours),
         "**Stays it cannot score.** A stay with no charted value in the window (descriptors alone) gets no risk. "
         f"Plain `predict` reads every stay after hour {features.window_hours:g}, as the model was trained and "
         "validated: right for a finished stay. For a stay still in the ICU read its current hour with "
@@ -38,6 +37,52 @@ def bedside_section(run: RunFolder) -> Section | None:
         "not been validated prospectively.",
     ]
     return Section("Before using these risks at the bedside", [Bullets([item for item in items if item])])
+
+
+def _flag_item(test, window_hours: float) -> str:
+    """The decision and the monitor's levels, as the console's decision lines give them: the
+    report said "see the decision lines above" and held none, and gave 0.120 after hour 48
+    where the monitor flagged from 0.339 (a new user's try, 2026-12-06)."""
+    text = f"**The flag.** `fedgru predict` flags a risk of {test.threshold:.3f} or more after hour {window_hours:g}. "
+    hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    rule = monitor_rule(test)
+    if rule is not None:
+        text += f"The hourly monitor (`predict --hourly`, `monitor`) flags a stay {rule[0]} and keeps the flag on {rule[1]}. "
+    elif hourly:
+        text += f"The hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own threshold ({hourly}). "
+    return text + "The two can differ for a stay."
+
+
+def decision_lines(test, binary: bool) -> list[str]:
+    """What the run decided for the bedside (binary tasks): the decision threshold and each
+    checkpoint hour's, and the monitor's margin; results a bedside user keeps."""
+    if test is None or test.threshold is None or not binary:
+        return []
+    hourly = "".join(f", after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    lines = [f"decision threshold {test.threshold:.3f}{hourly} (a risk on the final model's "
+             f"{'calibrated' if test.calibration else 'own'} scale)"]
+    rule = monitor_rule(test)
+    if rule is not None:
+        lines.append(f"monitor: a stay is flagged {rule[0]}, and stays flagged {rule[1]}")
+    return lines
+
+
+def monitor_rule(test) -> tuple[str, str] | None:
+    """When the hourly monitor raises its flag (with the risks that raise it, as predict
+    --hourly's threshold column prints them: a ward setting up an alert should not have to
+    add a margin in log-odds itself) and how its margin was read; None without a margin."""
+    if test.onset_margin is None:
+        return None
+    hours = test.hour_thresholds or []
+    raised = (f": a risk of {_moved(hours[0], test.onset_margin):.3f} after hour 1, "
+              f"{_moved(hours[-1], test.onset_margin):.3f} after hour {len(hours)}" if hours else "")
+    return (f"from the first hour its risk passes that hour's threshold by {test.onset_margin:.2f} in log-odds{raised}",
+            f"(the margin read so that {100 * test.monitor_rate:.0f}% of the validation stays are flagged at some hour)")
+
+
+def _moved(risk: float, margin: float) -> float:
+    """A risk moved up by ``margin`` in log-odds."""
+    return sigmoid(float(logit(risk)) + margin)
 
 
 def _calibration_item(test) -> str:
