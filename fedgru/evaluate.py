@@ -182,7 +182,7 @@ def subgroup_table(result: ExactEvaluation, positive: str, negative: str) -> lis
     for name, r in named:
         head = f"{_left(name, label)}  {r.stays:>{stays}d} {r.deaths:>{count}d}  "
         if r.metrics is None:
-            lines.append(head + f"too few: under {SUBGROUP_MIN_EVENTS} stays labelled {positive} or {negative}")
+            lines.append(head + f"too few: under {SUBGROUP_MIN_EVENTS} stays labelled {positive} or under {SUBGROUP_MIN_EVENTS} {negative}")
             continue
         cells = [f"{_interval_text(getattr(r.metrics, k), r.intervals.get(k), 3):<{cell}}" for k in TABLE_METRICS]
         ratio = r.observed_over_predicted
