@@ -121,7 +121,7 @@ class CalibrationPoint:
 class GroupResult:
     grouping: str
     group: str
-    patients: float  # a noisy count under DP
+    patients: float  # a noisy count under DP; on exact stays a whole number (evaluate --json: 1751, not 1751.0)
     deaths: float
     metrics: Metrics | None  # None: too few patients for a DP estimate
     calibration: list[CalibrationPoint]
@@ -266,6 +266,6 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
             # off in a group): for the groups that get metrics, from the same resampling
             ratio = (calibration_in_the_large(yk, pk[:, 1], draws)
                      if metrics is not None and draws and pk.shape[1] == 2 else None)
-            out.append(GroupResult(spec.name, name, float(member.sum()), float(events), metrics, points, note, intervals,
+            out.append(GroupResult(spec.name, name, int(member.sum()), events, metrics, points, note, intervals,
                                    ratio))
     return out

@@ -38,8 +38,9 @@ class ExactEvaluation:
     intervals: dict[str, list[float]]  # each metric's 95% interval over resamples of the stays
     interval: str  # how the intervals were made, in words
     subgroups: list[GroupResult] = field(default_factory=list)  # --subgroups: every group holding a stay
-    # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]
-    calibration: list[float] | None = None
+    # binary tasks: [observed rate over mean predicted risk, and its 95% interval over the same resamples]; named
+    # as each group's (GroupResult.observed_over_predicted), whose ``calibration`` is its reliability curve
+    observed_over_predicted: list[float] | None = None
     patients: int = 0
     deaths: int = 0  # stays of the task's last class ("died"), as each group's ``deaths``
 
@@ -62,7 +63,7 @@ def cmd_evaluate(args) -> int:
         f"95% percentile bootstrap over {SAMPLING_DRAWS} resamples of the stays: how far another sample of such "
         "patients could read", patients=len(ds.y), deaths=int((ds.y == probs.shape[1] - 1).sum()))
     if binary:
-        result.calibration = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
+        result.observed_over_predicted = calibration_in_the_large(ds.y, probs[:, 1], SAMPLING_DRAWS)
     if args.subgroups and not bundle.config.evaluation.subgroups:
         print("note: --subgroups: this model's config defines no groups of patients (evaluation.subgroups), so "
               "there is no table of groups", file=sys.stderr)
@@ -96,8 +97,8 @@ def cmd_evaluate(args) -> int:
             print(f"flagged at risk >= {threshold:.3f} (sensitivity, specificity, accuracy, F1, min(Se,PPV))")
     else:
         print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
-    if result.calibration is not None:
-        ratio, low, high = result.calibration
+    if result.observed_over_predicted is not None:
+        ratio, low, high = result.observed_over_predicted
         lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
         print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
               f"predicted risk: {lean} (1: calibrated in the large)")
@@ -131,7 +132,8 @@ def rows(result: ExactEvaluation) -> list[Row]:
     each group against, as the table shows it)."""
     return [Row(g.grouping, g.group, int(g.patients), int(g.deaths), g.metrics, g.intervals or {},
                 g.observed_over_predicted, g.note) for g in result.subgroups] + [
-        Row("all", ALL_STAYS, result.patients, result.deaths, result.metrics, result.intervals, result.calibration)]
+        Row("all", ALL_STAYS, result.patients, result.deaths, result.metrics, result.intervals,
+            result.observed_over_predicted)]
 
 
 def _csv_target(args) -> str | None:

@@ -421,9 +421,12 @@ def test_evaluate_json_is_one_object_with_the_subgroups_and_intervals(bundle_and
     text = capsys.readouterr().out
     assert main([*args, "--subgroups", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups", "calibration",
-                           "patients", "deaths"}
-    ratio, low, high = result["calibration"]
+    assert set(result) == {"data", "threshold", "metrics", "intervals", "interval", "subgroups",
+                           "observed_over_predicted", "patients", "deaths"}
+    ratio, low, high = result["observed_over_predicted"]
+    # named as each group's ratio is (a group's "calibration" is its reliability curve); counts of stays are whole
+    assert all(set(g) >= {"observed_over_predicted", "calibration"} for g in result["subgroups"])
+    assert all(type(g[k]) is int for g in result["subgroups"] for k in ("patients", "deaths"))
     assert low <= ratio <= high and f"{ratio:.2f} ({low:.2f}-{high:.2f})" in text
     whole = next(line for line in text.splitlines() if line.startswith("all stays "))
     assert f"  {result['metrics']['auroc']:.3f} ({result['intervals']['auroc'][0]:.3f}-" in whole
@@ -513,7 +516,7 @@ def test_evaluate_csv_holds_every_metric_of_every_group_as_the_json_does(bundle_
     rows = list(csv.DictReader(out.open(newline="")))
     assert [(r["grouping"], r["group"]) for r in rows] == [(g["grouping"], g["group"]) for g in result["subgroups"]] + [
         ("all", "all stays")]  # the whole export last, as in the table
-    whole = {**result, "observed_over_predicted": result["calibration"], "note": ""}
+    whole = {**result, "note": ""}
     for row, expected in zip(rows, [*result["subgroups"], whole]):
         assert (int(row["stays"]), int(row["died"])) == (int(expected["patients"]), int(expected["deaths"]))
         assert row["note"] == expected["note"]
