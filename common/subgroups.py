@@ -233,6 +233,15 @@ def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold: float, est
     return out
 
 
+def exact_reliability(outcome: np.ndarray, risk: np.ndarray, parts: int = 10) -> list[CalibrationPoint]:
+    """Observed against predicted risk in ``parts`` groups of about equal size by risk (at
+    least 5 stays each), from exact scores: the reliability diagram's points."""
+    outcome, risk = np.asarray(outcome, dtype=np.float64), np.asarray(risk, dtype=np.float64)
+    order = np.argsort(risk, kind="stable")
+    return [CalibrationPoint(float(risk[part].mean()), float(outcome[part].mean()), float(len(part)))
+            for part in np.array_split(order, min(parts, len(order) // 5 or 1)) if len(part)]
+
+
 def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: dict[str, np.ndarray],
                   threshold: float, min_events: int = 0, draws: int = 0) -> list[GroupResult]:
     """The same per-group results from exact scores (a baseline, or a hospital's own data).
@@ -256,11 +265,7 @@ def exact_results(cfg: ExperimentConfig, y: np.ndarray, probs: np.ndarray, raw: 
             negative, positive = cfg.task.classes[0], cfg.task.classes[-1]
             note = (f"too few for stable metrics (fewer than {min_events} stays labelled {positive} or "
                     f"{min_events} labelled {negative})" if too_few else "")
-            points = []
-            if member.sum() >= 10:
-                order = np.argsort(pk[:, 1], kind="stable")
-                for part in np.array_split(order, min(10, int(member.sum()) // 5 or 1)):
-                    points.append(CalibrationPoint(float(pk[part, 1].mean()), float(yk[part].mean()), float(len(part))))
+            points = exact_reliability(yk == 1, pk[:, 1]) if member.sum() >= 10 else []  # class 1: its risk column
             intervals = sampling_intervals(yk, pk, threshold, draws) if metrics is not None and draws else None
             # how far this group's risks run from its observed rate (a model calibrated overall can be
             # off in a group): for the groups that get metrics, from the same resampling

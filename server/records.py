@@ -151,8 +151,10 @@ class TestResult:
     # hospital), which a real federation never sees.
     exact: Metrics | None = None
     exact_hospitals: dict[str, Metrics] = field(default_factory=dict)
-    # a simulation's exact observed death rate over mean predicted risk, pooled (binary tasks)
+    # a simulation's exact observed death rate over mean predicted risk, pooled (binary tasks), and by tenths of
+    # its test patients by risk (the reliability diagram draws it beside the DP reading)
     exact_calibration_ratio: float | None = None
+    exact_calibration_curve: list[CalibrationPoint] = field(default_factory=list)
     # The threshold of each checkpoint hour read from the hourly validation releases, and one for every hour of
     # the window joined in logit (the last hour's is ``threshold``): a monitor flags hour h at hour_thresholds[h-1].
     checkpoint_thresholds: dict[str, float] = field(default_factory=dict)  # hour (as text: a JSON key) -> threshold

@@ -39,7 +39,7 @@ from common.metrics import (
     sigmoid,
     threshold_for_rate,
 )
-from common.subgroups import GroupReading, reliability
+from common.subgroups import CalibrationPoint, GroupReading, exact_reliability, reliability
 from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
@@ -292,11 +292,21 @@ def pooled_noise(summaries: dict[str, ScoreSummary], noise: dict[str, float]) ->
     return math.sqrt(sum((noise.get(n, 0.0) * s.sensitivity) ** 2 for n, s in summaries.items()))
 
 
-def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], threshold: float
-                     ) -> tuple[Metrics, dict[str, Metrics], float | None] | None:
+@dataclass
+class ExactTest:
+    """A simulation's final model scored exactly on its test patients: what a real
+    federation never sees, shown beside the DP readings (labelled as exact)."""
+
+    pooled: Metrics
+    hospitals: dict[str, Metrics]
+    calibration_ratio: float | None  # binary: the observed rate of the outcome over the mean predicted risk
+    calibration_curve: list[CalibrationPoint]  # binary: the reliability diagram's points, by tenths of the patients
+
+
+def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], threshold: float) -> ExactTest | None:
     """A simulation's final model scored exactly on its simulated hospitals' test patients
-    (pooled, and per hospital), and (binary tasks) the pooled observed rate of the outcome
-    over the mean predicted risk: what a real federation never sees."""
+    (pooled, and per hospital), and (binary tasks) the pooled calibration: the observed
+    rate of the outcome over the mean predicted risk, and by tenths of the patients."""
     import torch
 
     from common.data.dataset import load_dataset
@@ -317,5 +327,6 @@ def exact_metrics_of(cfg: ExperimentConfig, arrays: dict[str, np.ndarray], thres
     if not ys:
         return None
     y, p = np.concatenate(ys), np.concatenate(ps)
-    ratio = float((y == 1).mean() / p[:, 1].mean()) if p.shape[1] == 2 and p[:, 1].mean() > 0 else None
-    return exact_metrics(y, p, threshold), per, ratio
+    binary = p.shape[1] == 2
+    ratio = float((y == 1).mean() / p[:, 1].mean()) if binary and p[:, 1].mean() > 0 else None
+    return ExactTest(exact_metrics(y, p, threshold), per, ratio, exact_reliability(y == 1, p[:, 1]) if binary else [])

@@ -121,6 +121,7 @@ def finish_run(co, last_round: int) -> None:
     if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
         exact = exact_metrics_of(co.cfg, arrays, threshold)
         if exact is not None:
-            result.exact, result.exact_hospitals, result.exact_calibration_ratio = exact
+            result.exact, result.exact_hospitals = exact.pooled, exact.hospitals
+            result.exact_calibration_ratio, result.exact_calibration_curve = exact.calibration_ratio, exact.calibration_curve
     co.recorder.finish(result, arrays, [h.status() for h in co.hospitals.values()],
                          co.aggregator.hospital_privacy())

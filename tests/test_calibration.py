@@ -76,7 +76,9 @@ def test_the_report_says_when_the_risks_run_low_or_high():
 
     assert "no clear sign either way" in calibration_words(curve(1.24), False)  # within the DP noise alone
     low = calibration_words(curve(1.6), False)
-    assert "1.60 times" in low and "run low (a risk understates" in low and "evaluation.calibrate: true" in low
+    assert "1.60 times" in low and "run low (a risk understates" in low
+    # measured to make the risks worse at the default's size: named with that, not offered as the remedy
+    assert "`evaluation.calibrate`, made the risks worse in a federation of 4,000 stays" in low
     high = calibration_words(curve(0.7), True)
     assert "run high (a risk overstates" in high and "even after the recalibration" in high
     assert calibration_words([], False) == ""
@@ -162,3 +164,21 @@ def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
     assert ("flags a stay from the first hour its risk passes that hour's threshold by 1.33 in log-odds: a risk of "
             "0.618 after hour 1, 0.340 after hour 48 and keeps the flag on (the margin read so that 30% of") in flag
     assert bedside_section(RunFolder(tmp_path, cfg, RunMetrics(run_id="r"), None, None, None, None)) is None
+
+
+def test_the_exact_reliability_diagram_splits_the_patients_into_tenths_by_risk():
+    """A simulation's exact curve, drawn beside the DP reading (a DP curve alone looked
+    exact to a new user): ten groups of about equal size, in order of risk, whose
+    observed rates average to the outcome's rate."""
+    from common.subgroups import exact_reliability
+
+    rng = np.random.default_rng(0)
+    risk = rng.beta(1, 6, 803)
+    outcome = rng.random(803) < 1.3 * risk  # risks that run low, as the default's
+    points = exact_reliability(outcome, risk)
+    sizes = [p.patients for p in points]
+    assert len(points) == 10 and sum(sizes) == 803 and max(sizes) - min(sizes) <= 1
+    assert [p.predicted for p in points] == sorted(p.predicted for p in points)
+    assert sum(p.observed * p.patients for p in points) / 803 == pytest.approx(outcome.mean())
+    assert sum(p.predicted * p.patients for p in points) / 803 == pytest.approx(risk.mean())
+    assert len(exact_reliability(outcome[:12], risk[:12])) == 2  # at least 5 patients a point

@@ -7,6 +7,7 @@ from __future__ import annotations
 from common.document import Bullets, Section
 from common.metrics import logit, sigmoid
 
+from .groups import RECALIBRATION_CAVEAT
 from .run_folder import RunFolder
 
 
@@ -100,7 +101,7 @@ def _calibration_item(test) -> str:
                 "not as a percentage, until `fedgru evaluate` on your stays says how it is calibrated.")
     text = "; ".join(parts)
     remedy = ("read it as a ranking (this run already recalibrated on its pooled validation releases)"
-              if test.calibration else "read it as a ranking, or recalibrate (`evaluation.calibrate`)")
+              if test.calibration else f"read it as a ranking ({RECALIBRATION_CAVEAT})")
     return ("**Calibration.** " + text[0].upper() + text[1:] + ". Where this is far from 1 the printed risk is "
             f"not the rate at which such patients have the outcome: {remedy}.")
 

@@ -86,11 +86,13 @@ def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
     return True
 
 
-def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> bool:
+def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path,
+                     exact: list[CalibrationPoint] | None = None) -> bool:
     """Observed against predicted risk in groups of about a tenth of the patients each
-    (a reliability diagram)."""
+    (a reliability diagram); ``exact``: a simulation's exact points of all its test
+    patients, drawn apart (dashed, black) so that the DP reading is seen against them."""
     curves = {name: points for name, points in curves.items() if points}
-    if not curves:
+    if not curves and not exact:
         return False
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
@@ -99,10 +101,14 @@ def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path) -> b
         xs, ys = [p.predicted for p in points], [p.observed for p in points]
         top = max(top, *xs, *ys)
         ax.plot(xs, ys, "-o", ms=4, label=name)
+    if exact:
+        xs, ys = [p.predicted for p in exact], [p.observed for p in exact]
+        top = max(top, *xs, *ys)
+        ax.plot(xs, ys, "--s", ms=3.5, color="black", lw=1.2, label="all test patients, exact (simulation only)")
     ax.set_xlim(0, min(1, top * 1.1))
     ax.set_ylim(0, min(1, top * 1.1))
     ax.set_xlabel("predicted risk (mean of each tenth of the patients)")
-    ax.set_ylabel("observed rate of the outcome (DP reading)")
+    ax.set_ylabel("observed rate of the outcome")
     ax.set_title("Calibration of the final model (test patients)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
