@@ -182,3 +182,27 @@ def test_the_exact_reliability_diagram_splits_the_patients_into_tenths_by_risk()
     assert sum(p.observed * p.patients for p in points) / 803 == pytest.approx(outcome.mean())
     assert sum(p.predicted * p.patients for p in points) / 803 == pytest.approx(risk.mean())
     assert len(exact_reliability(outcome[:12], risk[:12])) == 2  # at least 5 patients a point
+
+
+def test_a_dp_reliability_diagram_has_no_hook_and_keeps_the_observed_rate():
+    """Two fitted classes whose spreads differ meet again in a far tail: a default run's
+    lowest tenth read a death rate of 0.38 (exact 0.00). The curve is made non-decreasing
+    (PAV, as the CORP diagram) without moving the observed over predicted ratio."""
+    from common.estimates import observed_over_predicted
+    from common.subgroups import reliability
+
+    deaths = np.array([30, 1, 2, 3, 5, 8, 12, 20, 30, 60], dtype=float)
+    survivors = np.array([50, 100, 100, 90, 80, 70, 60, 40, 20, 10], dtype=float)
+    summary = ScoreSummary(np.stack([survivors, deaths])[:, None, :], None, int(deaths.sum() + survivors.sum()),
+                           ScoreGrid(-7, 3, 10))
+    points = reliability(summary)
+    observed = [p.observed for p in points]
+    assert observed == sorted(observed) and observed[0] < 30 / 80  # the hook is pooled away
+    assert all(0 <= o <= 1 for o in observed)
+    kept = sum(p.observed * p.patients for p in points) / sum(p.predicted * p.patients for p in points)
+    assert kept == pytest.approx(observed_over_predicted(summary))
+    # a curve already in order is left as it is
+    from common.subgroups import CalibrationPoint, _non_decreasing
+
+    rising = [CalibrationPoint(0.01 * k, 0.012 * k, 80.0) for k in range(1, 11)]
+    assert [p.observed for p in _non_decreasing(rising)] == pytest.approx([p.observed for p in rising])

@@ -91,7 +91,9 @@ def subgroup_section(run: RunFolder) -> Section | None:
         # A DP curve drawn alone looked exact: a new user read "observed 0.59 at predicted 0.33" off it
         caption = ("Reliability diagram: observed rate against mean predicted risk in tenths of the test patients by "
                    "risk. A DP reading is read from the noisy test releases (the run's estimator), not from exact "
-                   "counts: each point carries the noise (the ratio's interval above says how much)")
+                   "counts: each point carries the noise (the ratio's interval above says how much), and the points "
+                   "are made to rise with the risk (pool-adjacent-violators, as the CORP reliability diagram), since "
+                   "a fit's far tail can read a false rise at the lowest risks")
         if exact_curve:
             caption += ("; the dashed black line is the same diagram from the simulation's exact scores, which a real "
                         "federation does not see")
