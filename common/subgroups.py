@@ -148,11 +148,12 @@ def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None =
     classes whose spreads differ meet again in a far tail (the binormal "hook", Metz & Pan
     1999), and the lowest tenth of a DP reading's patients read a death rate of 0.38 where
     the exact one was 0.00. Measured on 150 noisy releases of 15 default models'
-    test scores (2026-12-06, skew-normal reading, against their exact tenths): the lowest
-    tenth read 0.081 on average against an exact 0.009 (0.1 or more too high in 21% of the
-    releases), with PAV 0.031 (5%); the largest error on a release's curve 0.221 on
-    average (90th centile 0.420), with PAV 0.177 (0.275); over all tenths 0.070 against
-    0.061."""
+    test scores (``python -m simulations.estimator_study U10 U5 --estimators skewnormal
+    --intervals 0``, 2026-12-06, against their exact tenths): the lowest tenth read 0.072
+    on average against an exact 0.009 (0.1 or more too high in 19% of the releases), with
+    PAV 0.031 (6%); the largest error on a release's curve 0.233 on average (90th centile
+    0.421, most 1.000), with PAV 0.194 (0.322, 0.532); over all tenths 0.070 against 0.062.
+    The top tenth stays the noisiest (0.162 with PAV)."""
     summary = summary.fine if summary.fine is not None else summary
     counts = summary.counts()
     pos, neg = counts[1, 0], counts[0, 0]

@@ -1,6 +1,6 @@
 """How well each estimator reads a run's test metrics from its DP release, on real models.
 
-    python -m simulations.estimator_study RUNS_DIR [--draws 10] [--intervals 2]
+    python -m simulations.estimator_study RUNS_DIR [RUNS_DIR ...] [--draws 10] [--intervals 2]
                                           [--estimators skewnormal,binormal]
                                           [--noise-scale 1] [--auroc-reading rule|tied|free]
 
@@ -14,7 +14,9 @@ of K Skellam shares, each with the variance its hospital calibrates,
 (``common.estimates``) at the run's own threshold. Printed per metric: the readings'
 bias, sd and root mean square error against the exact value of the same patients at the
 same bin edge, and for the first ``--intervals`` draws of each run how often the interval
-(``metric_intervals``, the report's nominal level) held that exact value.
+(``metric_intervals``, the report's nominal level) held that exact value. Then each
+estimator's reliability diagram (``common.subgroups.reliability``, as the report draws
+it) against the exact tenths of the same patients.
 
 ``--noise-scale`` releases with that many times the run's noise (a larger federation, a
 larger test epsilon; 0: exact counts), and ``--auroc-reading`` forces the skew-normal's
@@ -67,6 +69,22 @@ class Errors:
 
     errors: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
     held: dict[str, list[bool]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
+    # the reliability diagram (common.subgroups.reliability) against the exact tenths of the same patients:
+    # each release's observed rates read, and the exact ones
+    curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def reliability_row(self) -> str:
+        """Mean absolute error of each tenth's observed rate; the lowest tenth read against
+        exact (and the share read 0.1 or more too high); each curve's largest error."""
+        if not self.curves:
+            return "no curve with ten points"
+        read, exact = np.array([c[0] for c in self.curves]), np.array([c[1] for c in self.curves])
+        error = np.abs(read - exact)
+        largest = error.max(axis=1)
+        return (f"{len(read)} curves; mean error per tenth {' '.join(f'{e:.3f}' for e in error.mean(axis=0))} "
+                f"(all {error.mean():.3f}); lowest tenth read {read[:, 0].mean():.3f} against {exact[:, 0].mean():.3f} "
+                f"exact, 0.1 or more too high in {np.mean(read[:, 0] > exact[:, 0] + 0.1):.0%}; a curve's largest "
+                f"error {largest.mean():.3f} (90th centile {np.quantile(largest, 0.9):.3f}, most {largest.max():.3f})")
 
     def row(self, metric: str) -> tuple[float, float, float, int, int]:
         """(bias, sd, rmse, intervals that held, intervals)"""
@@ -101,16 +119,23 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
           interval_draws: int = 200, noise_scale: float = 1.0, auroc_reading: str = "rule") -> dict[str, Errors]:
     """Each estimator's errors over ``runs`` x ``draws`` fresh releases (intervals on the
     first ``intervals`` of each run's), with ``noise_scale`` times each run's noise."""
+    from common.subgroups import exact_reliability, reliability
+
     rng = np.random.default_rng(seed)
     out = {e: Errors() for e in estimators}
     for index, run in enumerate(runs):
         summary, exact = exact_summary(run)
+        tenths = np.array([p.observed for p in exact_reliability(run.y == 1, 1 / (1 + np.exp(-run.logits)))])
         noise_sd = run.noise_sd * noise_scale
         for k in range(draws):
             noisy = ScoreSummary(summary.histogram + rng.normal(0.0, noise_sd, summary.histogram.shape), None,
                                  summary.n, run.grid)
             for e in estimators:
-                read = read_release(noisy, e, noise_sd, auroc_reading).metrics(run.edge)
+                counts = read_release(noisy, e, noise_sd, auroc_reading)
+                curve = np.array([p.observed for p in reliability(counts)])
+                if len(curve) == len(tenths):
+                    out[e].curves.append((curve, tenths))
+                read = counts.metrics(run.edge)
                 for m in INTERVAL_METRICS:
                     out[e].errors[m].append(getattr(read, m) - getattr(exact, m))
                 if k < intervals:
@@ -167,7 +192,7 @@ def test_scores(run_dir: Path) -> HeldOutScores:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.estimator_study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, help="a simulations.utility output folder (fold*/model.pt)")
+    parser.add_argument("runs_dirs", type=Path, nargs="+", help="simulations.utility output folders (fold*/model.pt)")
     parser.add_argument("--draws", type=int, default=10, help="fresh noise draws of each run's test release")
     parser.add_argument("--intervals", type=int, default=2, help="of those, how many also get intervals (slow)")
     parser.add_argument("--estimators", default="skewnormal,binormal",
@@ -184,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         parser.error(f"--estimators: unknown {', '.join(unknown)} (one of {', '.join(ESTIMATORS)})")
-    dirs = sorted(p for p in args.runs_dir.glob("fold*") if (p / "model.pt").is_file())
-    if not dirs:
-        parser.error(f"{args.runs_dir}: no fold*/model.pt (a simulations.utility output folder)")
+    dirs = []
+    for runs_dir in args.runs_dirs:
+        found_here = sorted(p for p in runs_dir.glob("fold*") if (p / "model.pt").is_file())
+        if not found_here:
+            parser.error(f"{runs_dir}: no fold*/model.pt (a simulations.utility output folder)")
+        dirs += found_here
     runs = [test_scores(d) for d in dirs]
-    print(f"{len(runs)} runs of {args.runs_dir}, {args.draws} fresh releases each (noise sd per cell "
+    print(f"{len(runs)} runs of {', '.join(map(str, args.runs_dirs))}, {args.draws} fresh releases each (noise sd per cell "
           f"{min(r.noise_sd for r in runs):.2f}-{max(r.noise_sd for r in runs):.2f}, times {args.noise_scale}), "
           f"intervals on {args.intervals}, the AUROC read: {args.auroc_reading}\n",
           file=sys.stderr)
@@ -203,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             bias, sd, rmse, held, total = found[e].row(m)
             cells.append(f"{bias:+.3f} | {sd:.3f} | {rmse:.3f} | " + (f"{held}/{total}" if total else "not run"))
         print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\nThe reliability diagram (observed rate in tenths of the patients by risk, as the report draws it) "
+          "against the exact tenths:")
+    for e in estimators:
+        print(f"- {e}: {found[e].reliability_row()}")
     return 0
 
 

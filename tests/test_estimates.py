@@ -607,6 +607,10 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     assert bias > 0.015  # the normal's lean, through the noise
     s_bias, s_sd, s_rmse, s_held, s_total = found["skewnormal"].row("specificity")
     assert abs(s_bias) < bias and s_rmse < rmse and s_total == 3
+    # each release's reliability diagram against the same patients' exact tenths
+    curves = found["skewnormal"].curves
+    assert len(curves) == 18 and all(len(read) == len(exact) == 10 for read, exact in curves)
+    assert "18 curves; mean error per tenth" in found["skewnormal"].reliability_row()
     # exact counts (--noise-scale 0): a run's reading is the free fits', not the tied pair's
     exact = {r: study(runs, ["skewnormal"], draws=1, intervals=0, noise_scale=0.0, auroc_reading=r)
              ["skewnormal"].errors["auroc"] for r in ("rule", "tied", "free")}
