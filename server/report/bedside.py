@@ -40,6 +40,13 @@ def bedside_section(run: RunFolder) -> Section | None:
     return Section("Before using these risks at the bedside", [Bullets([item for item in items if item])])
 
 
+# How far the monitor's share strays from its aim (a new user's run flagged 17% of set A where the console
+# said 30%): simulations.utility on 15 default runs, 2026-12-05/06 (10 with --folds 10, 400 test stays each:
+# 0.312 +- 0.054; 5 with 800 each: 0.353 +- 0.056; with the margin read without noise 0.314 +- 0.029).
+MONITOR_SHARE_MEASURED = ("at the default's settings, on 15 runs, it flagged 0.22 to 0.45 of the test stays at some "
+                          "hour (mean 0.33)")
+
+
 def _flag_item(test, window_hours: float) -> str:
     """The decision and the monitor's levels, as the console's decision lines give them: the
     report said "see the decision lines above" and held none, and gave 0.120 after hour 48
@@ -48,7 +55,8 @@ def _flag_item(test, window_hours: float) -> str:
     hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
     rule = monitor_rule(test)
     if rule is not None:
-        text += f"The hourly monitor (`predict --hourly`, `monitor`) flags a stay {rule[0]} and keeps the flag on {rule[1]}. "
+        text += (f"The hourly monitor (`predict --hourly`, `monitor`) flags a stay {rule[0]} and keeps the flag on "
+                 f"{rule[1]}. The release's noise moves that share: {MONITOR_SHARE_MEASURED}. ")
     elif hourly:
         text += f"The hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own threshold ({hourly}). "
     return text + "The two can differ for a stay."
@@ -78,7 +86,8 @@ def monitor_rule(test) -> tuple[str, str] | None:
     raised = (f": a risk of {_moved(hours[0], test.onset_margin):.3f} after hour 1, "
               f"{_moved(hours[-1], test.onset_margin):.3f} after hour {len(hours)}" if hours else "")
     return (f"from the first hour its risk passes that hour's threshold by {test.onset_margin:.2f} in log-odds{raised}",
-            f"(the margin read so that {100 * test.monitor_rate:.0f}% of the validation stays are flagged at some hour)")
+            f"(the margin read from a DP release, aiming at {100 * test.monitor_rate:.0f}% of the validation stays "
+            "flagged at some hour)")
 
 
 def _moved(risk: float, margin: float) -> float:
