@@ -3,18 +3,20 @@
     fedgru simulate  [--config FILE] [--out DIR] [--rounds N] [--set key=value ...] [--verbose]
     fedgru evaluate  --model RUN/model.pt --data PATH --outcomes FILE [--format F] [--subgroups] [--threshold T] [--json] [--csv FILE]
     fedgru predict   --model RUN/model.pt --data PATH --out risks.csv|- [--format F] [--hourly] [--threshold T]
-    fedgru explain   --model RUN/model.pt --data PATH --stay ID [--top K] [--json]
-    fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--out FILE.html] [--threshold T]
-    fedgru baseline  [--config FILE] --kind central|central-dp|local [--out DIR]
+    fedgru explain   --model RUN/model.pt --data PATH --stay ID [--stay ID ...] [--top K] [--json]
+    fedgru monitor   --model RUN/model.pt --data PATH --stay ID [--stay ID ...] [--out FILE.html] [--threshold T]
+    fedgru baseline  [--config FILE] --kind central|central-dp|local [--epsilon E] [--out DIR]
     fedgru report    RUN_DIR
-    fedgru plan      --epsilon E | --noise-multiplier S  --rounds R --batch-size B --examples N [--delta D] [--local-epochs K]
+    fedgru plan      --epsilon E | --noise-multiplier S  --rounds R --batch-size B --examples N [--delta D] [--local-epochs K] [--json]
     fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
     fedgru hospital  data|approve|serve|show --hospital-dir DIR
     fedgru hospital  peer --hospital-dir DIR --name OTHER --key OTHER.pub
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
     fedgru deploy    local --out DIR [--hospitals N] [--rounds R] [--set key=value ...]
-    fedgru status    [--federation NAME] [--config FILE] [--set key=value ...]
-    fedgru audit     [--config FILE] [--set key=value ...] [--hospital NAME] [--canaries M] [--json]
+    fedgru status    [--federation NAME] [--config FILE] [--set key=value ...] [--app DIR] [--rounds N]
+    fedgru audit     [--config FILE] [--set key=value ...] [--hospital NAME] [--canaries M] [--json] [--out DIR]
+
+Each command's every option, with its default: fedgru COMMAND --help.
 """
 
 from __future__ import annotations
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--noise-multiplier", type=float, help="a fixed noise multiplier (prints epsilon per round)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of every epsilon (default 1e-5)")
     p.add_argument("--rounds", type=at_least_one("rounds"), required=True, help="planned rounds")
-    p.add_argument("--local-epochs", type=float, default=1.0, help="passes over the training examples per round")
+    p.add_argument("--local-epochs", type=float, default=1.0, help="passes over the training examples per round (default: 1)")
     p.add_argument("--batch-size", type=int, required=True, help="expected (Poisson) batch size")
     p.add_argument("--examples", type=int, required=True, help="training examples at the hospital")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant (default rdp)")
