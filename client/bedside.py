@@ -140,6 +140,29 @@ def jumps(bundle: Bundle, ds: Dataset, i: int, risks: np.ndarray, top: int = 3, 
     return out
 
 
+def variables_read(ds, bundle) -> str:
+    """The charted variables the model reads, and (names only) those this export charts
+    that it does not: a lactate of 21 mmol/L played no part in a risk from a model that
+    does not read lactate, and a clinician should not assume it did."""
+    read = [v.name for v in bundle.config.features.variables]
+    descriptors = [s.name for s in bundle.config.features.static]
+    unread = sorted(ds.summary.read.unknown_parameters) if ds.summary else []
+    text = f"this model reads {len(read)} charted variables: {', '.join(read)}"
+    if descriptors:
+        text += f", and {len(descriptors)} admission descriptors: {', '.join(descriptors)}"
+    # A descriptor charted again during the stay (PhysioNet's Weight) is read at admission
+    # only: "Weight plays no part" beside explain's "Weight, 118 kg: -0.11" told a
+    # clinician two opposite things (a new user's try, 2026-12-06).
+    again = [name for name in unread if name in descriptors]
+    unread = [name for name in unread if name not in descriptors]
+    if unread:
+        text += f"; {len(unread)} others charted in this export play no part in its risks: {', '.join(unread)}"
+    if again:
+        text += (f"; {', '.join(again)} {'is' if len(again) == 1 else 'are'} read at admission only: "
+                 "the values charted later play no part")
+    return text
+
+
 def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, thresholds: np.ndarray,
                  latched: bool = False) -> str:
     """Write an HTML page (plots embedded) of each stay's hourly risk against the risk that
@@ -225,6 +248,10 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
                      + (" (its last observation)" if last < window else "") + f", {flag_text}{predicted}")
         lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: "
                   + (", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers) or NO_MOVER) for j in found]
+    # what the risk reads, on the page a clinician keeps open (it went to the console only: a lactate the
+    # model does not read plays no part in any risk shown here)
+    read = variables_read(ds, bundle)
+    sections.append(Section("What these risks read", [read[0].upper() + read[1:] + "."]))
     try:
         atomic_write_text(out, to_html("fedgru monitor", sections))  # patients' risks: 0600, whole or not at all
     finally:

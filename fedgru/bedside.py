@@ -24,30 +24,9 @@ def _notes(ds, bundle=None) -> None:
     for note in ds.summary.notes() if ds.summary else []:
         print(f"note: {note}", file=sys.stderr)
     if bundle is not None:
+        from client.bedside import variables_read
+
         print(f"note: {variables_read(ds, bundle)}", file=sys.stderr)
-
-
-def variables_read(ds, bundle) -> str:
-    """The charted variables the model reads, and (names only) those this export charts
-    that it does not: a lactate of 21 mmol/L played no part in a risk from a model that
-    does not read lactate, and a clinician should not assume it did."""
-    read = [v.name for v in bundle.config.features.variables]
-    descriptors = [s.name for s in bundle.config.features.static]
-    unread = sorted(ds.summary.read.unknown_parameters) if ds.summary else []
-    text = f"this model reads {len(read)} charted variables: {', '.join(read)}"
-    if descriptors:
-        text += f", and {len(descriptors)} admission descriptors: {', '.join(descriptors)}"
-    # A descriptor charted again during the stay (PhysioNet's Weight) is read at admission
-    # only: "Weight plays no part" beside explain's "Weight, 118 kg: -0.11" told a
-    # clinician two opposite things (a new user's try, 2026-12-06).
-    again = [name for name in unread if name in descriptors]
-    unread = [name for name in unread if name not in descriptors]
-    if unread:
-        text += f"; {len(unread)} others charted in this export play no part in its risks: {', '.join(unread)}"
-    if again:
-        text += (f"; {', '.join(again)} {'is' if len(again) == 1 else 'are'} read at admission only: "
-                 "the values charted later play no part")
-    return text
 
 
 def _monitor_levels(args, bundle, hours: int):
@@ -205,6 +184,8 @@ def _one_stay(args):
     missing = [s for s in args.stay if s not in set(ds.stay_ids.astype(str))]
     if missing:
         raise DataError(str(args.data), f"holds no stay {missing[0]}")
+    from client.bedside import variables_read
+
     print(f"note: {variables_read(ds, bundle)}", file=sys.stderr)
     return bundle, ds
 

@@ -246,6 +246,8 @@ def test_monitor_writes_one_html_page_with_the_plot_inside(bundle_and_stays, tmp
     page = out.read_text()
     assert page.count("data:image/png;base64,") == 2 and "threshold 0.300" in page
     assert out.stat().st_mode & 0o777 == 0o600  # patients' risks: the owner's only, as the run folder's files
+    # what the risks read, on the page itself (it was on the console only)
+    assert "What these risks read" in page and "This model reads" in page and "admission descriptors" in page
 
 
 def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
