@@ -30,7 +30,7 @@ from .estimates import (
     ranks_patients,
     without_fine,
 )
-from .metrics import ScoreSummary
+from .metrics import ScoreSummary, noisy_total
 
 # metric_intervals' nominal level for reports (the measurements below were made with the
 # normal fit; the skew-normal's are in docs/dp-estimates.md). The intervals run short of it (the
@@ -131,8 +131,8 @@ CALIBRATION_INTERVAL_COVERAGE = ("on 20 default runs it held the exact ratio in 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
                      draws: int = 200, rng: np.random.Generator | None = None, estimator: str = "binormal",
                      with_calibration: bool = False, decide_on_fine: bool = False,
-                     fitted: ScoreSummary | None = None, spread_unit: float | None = None
-                     ) -> dict[str, tuple[float, float]] | None:
+                     fitted: ScoreSummary | None = None, spread_unit: float | None = None,
+                     counted_by_noisy_total: bool = False) -> dict[str, tuple[float, float]] | None:
     """How far each metric read from a DP release (by ``estimator``, decisions at
     ``threshold_edge``) may be from the value its patients' exact scores give, read from
     the release alone: a parametric bootstrap (Efron & Tibshirani 1993, ch. 6 and 13) of
@@ -156,7 +156,11 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     are read there, as ``common.subgroups.read_group`` reads a group's coarse row.
     ``fitted``: the release as the caller already read it (``for_metrics`` of the same
     estimator and noise), so that it is not fitted again. ``spread_unit``: as
-    :func:`ranks_patients` counts the classes' spread.
+    :func:`ranks_patients` counts the classes' spread. ``counted_by_noisy_total``: the
+    release's ``n`` is its own noisy total (a group's row: ``SubgroupSummary.group``), not
+    a count known apart from the noise, so each draw's is too: a fit held to an exact ``n``
+    is held closer to the truth than the row's reading was, and the bootstrap's errors were
+    too small (the group ratio's interval held 737 of 767, nominal 99%).
 
     The errors are also drawn where the truth would sit at each end of the AUROC's
     interval, and every metric's interval spans what those truths' errors give
@@ -185,13 +189,14 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     # exact 0.856). The same reading with ties inside the bins errs the other way, so the
     # AUROC's interval spans both readings' intervals.
     read_in_bins = without_fine(reading).metrics().auroc  # the AUROC does not depend on the edge
-    drawn = _reading_errors(fits, summary, noise_std, at, draws, rng, estimator, with_calibration, decide_on_fine)
+    drawn = _reading_errors(fits, summary, noise_std, at, draws, rng, estimator, with_calibration, decide_on_fine,
+                            counted_by_noisy_total)
     out: dict[str, tuple[float, float]] = {}
     ranked = ranks_patients(summary, fits, spread_unit=spread_unit)
     _widen(out, drawn, read, read_in_bins, level, draws, ranked)
     if "auroc" in out:
         _over_plausible_truths(out, fits, summary, noise_std, at, read, read_in_bins, level, draws, rng, estimator,
-                               ranked, decide_on_fine)
+                               ranked, decide_on_fine, counted_by_noisy_total)
     ratio = observed_over_predicted(reading) if with_calibration else math.nan
     if out and len(drawn.ratio) >= draws // 2 and math.isfinite(ratio):
         low, high = _bounds(ratio, drawn.ratio, level)
@@ -216,8 +221,8 @@ class _Errors:
 
 
 def _reading_errors(fits: list[RowFit], summary: ScoreSummary, noise_std: float, at: int, draws: int,
-                    rng: np.random.Generator, estimator: str, with_calibration: bool, on_fine: bool = False
-                    ) -> _Errors:
+                    rng: np.random.Generator, estimator: str, with_calibration: bool, on_fine: bool = False,
+                    counted_by_noisy_total: bool = False) -> _Errors:
     """``draws`` releases drawn from ``fits`` (patients, their bins, the release's noise),
     each read again: the reading's errors against those patients' exact metrics."""
     from .metrics import exact_metrics
@@ -235,7 +240,9 @@ def _reading_errors(fits: list[RowFit], summary: ScoreSummary, noise_std: float,
         exact = exact_metrics(y, np.stack([1 - p, p], axis=1), risk)
         counts = np.stack([np.bincount(np.searchsorted(inner, z, side="right"), minlength=summary.grid.bins)
                            for z in logits]).astype(np.float64)[:, None, :]
-        noisy = ScoreSummary(counts + rng.normal(0.0, noise_std, hist.shape), None, len(y), summary.grid)
+        released = counts + rng.normal(0.0, noise_std, hist.shape)
+        n = noisy_total(released) if counted_by_noisy_total else len(y)
+        noisy = ScoreSummary(released, None, n, summary.grid)
         # A skew-normal refit starts from the fit the release was drawn from (one start, not
         # the reading's two or three): about 2.6 times faster. On 70 synthetic releases (a
         # review, 2026-12-05) the warm intervals were 2-5% narrower than cold ones and held
@@ -296,7 +303,8 @@ TRUTH_SHARE = 0.5  # draws per truth tried, as a share of the fit's (rough 99% q
 
 def _over_plausible_truths(out: dict[str, tuple[float, float]], fits: list[RowFit], summary: ScoreSummary,
                            noise_std: float, at: int, read, read_in_bins: float, level: float, fit_draws: int,
-                           rng: np.random.Generator, estimator: str, ranked: bool, on_fine: bool = False) -> None:
+                           rng: np.random.Generator, estimator: str, ranked: bool, on_fine: bool = False,
+                           counted_by_noisy_total: bool = False) -> None:
     """Widens ``out`` with the errors of truths at the AUROC interval's ends (see TRUTH_STEPS)."""
     for end in (0, 1):
         for _ in range(TRUTH_STEPS):
@@ -305,7 +313,8 @@ def _over_plausible_truths(out: dict[str, tuple[float, float]], fits: list[RowFi
             if truth is None:
                 break
             draws = max(20, int(TRUTH_SHARE * fit_draws))
-            drawn = _reading_errors(truth, summary, noise_std, at, draws, rng, estimator, False, on_fine)
+            drawn = _reading_errors(truth, summary, noise_std, at, draws, rng, estimator, False, on_fine,
+                                    counted_by_noisy_total)
             _widen(out, drawn, read, read_in_bins, level, draws, ranked)
             if abs(out["auroc"][end] - target) < 0.01:
                 break

@@ -227,6 +227,13 @@ def sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
+def noisy_total(counts: np.ndarray) -> int:
+    """Patients counted by a release's own noisy cells: their unclipped sum (zero-mean
+    noise leaves it unbiased; clipping each cell at zero first adds the positive half of
+    the noise in every empty one), never below 0."""
+    return int(round(max(float(np.sum(counts)), 0.0)))
+
+
 @dataclass
 class ScoreSummary:
     """What a hospital releases about its predictions on one split: per true class, how

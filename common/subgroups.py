@@ -22,7 +22,7 @@ import numpy as np
 from .config import ExperimentConfig, StaticSpec, SubgroupSpec
 from .estimates import fine_grid, for_metrics, observed_over_predicted
 from .intervals import OBSERVED_OVER_PREDICTED
-from .metrics import Metrics, ScoreGrid, ScoreSummary, logit
+from .metrics import Metrics, ScoreGrid, ScoreSummary, logit, noisy_total
 
 UNKNOWN = "unknown"
 
@@ -107,7 +107,7 @@ class SubgroupSummary:
         the sum unbiased, where the sum of its counts clipped at zero adds the noise's
         positive half of every empty bin (its fit then spreads patients who are not there)."""
         counts = self.histogram[row]
-        return ScoreSummary(counts, None, int(round(max(counts.sum(), 0))), self.grid)
+        return ScoreSummary(counts, None, noisy_total(counts), self.grid)
 
 
 @dataclass

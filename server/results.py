@@ -68,11 +68,12 @@ class Reader:
 
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
                   draws: int = TEST_DRAWS, with_calibration: bool = False, decide_on_fine: bool = False,
-                  fitted: ScoreSummary | None = None, spread_unit: float | None = None
-                  ) -> dict[str, list[float]] | None:
+                  fitted: ScoreSummary | None = None, spread_unit: float | None = None,
+                  counted_by_noisy_total: bool = False) -> dict[str, list[float]] | None:
         """Each metric's rough interval (a DP binary release), or None where none fits.
         ``fitted``: ``summary`` as already read by ``estimator`` (not fitted again);
-        ``spread_unit``: as common.estimates.ranks_patients counts the classes' spread."""
+        ``spread_unit``: as common.estimates.ranks_patients counts the classes' spread;
+        ``counted_by_noisy_total``: a group's row, whose patients are its noisy total."""
         ev = self.cfg.evaluation
         if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
             return None
@@ -80,7 +81,7 @@ class Reader:
             found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
                                      np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator,
                                      with_calibration, decide_on_fine=decide_on_fine, fitted=fitted,
-                                     spread_unit=spread_unit)
+                                     spread_unit=spread_unit, counted_by_noisy_total=counted_by_noisy_total)
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("an interval could not be computed", exc_info=True)
             return None
@@ -260,7 +261,8 @@ class Reader:
                                        with_calibration=True, fitted=read.counts,
                                        # a fit on its 5 coarse bins ranks patients whose scores spread over
                                        # a pooled bin (common.estimates.MIN_RANKING_SD: measured for fits)
-                                       spread_unit=grid.width if estimator != "binned" else None)
+                                       spread_unit=grid.width if estimator != "binned" else None,
+                                       counted_by_noisy_total=True)  # common.subgroups.SubgroupSummary.group
                 # a DP row with none gets {}: the report then says "cannot be estimated", not a bare number
                 return found if found is not None or not dp else {}
 

@@ -114,7 +114,7 @@ def study(runs: list[HeldOutScores], readings: list[str], scales: list[float], d
                                                      np.random.default_rng([seed, index, row, k]), reading,
                                                      decide_on_fine=reading != "binned", fitted=read.counts,
                                                      spread_unit=unit if reading != "binned" else None,
-                                                     with_calibration=True) or {}
+                                                     with_calibration=True, counted_by_noisy_total=True) or {}
                             member = members[row]
                             at_edge = exact_metrics(run.y[member], probs[member], grid_of.edge_risk(edge))
                             if RATIO in found:

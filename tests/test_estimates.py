@@ -715,8 +715,11 @@ def test_a_group_rows_auroc_is_printed_where_its_scores_spread_over_a_pooled_bin
     cfg, noisy, released = _one_group_run(y, probs, coarse, 2.0, rng)
     called = []
 
+    counted = []
+
     def fewer_draws(summary, sd, at, level, draws, rng, estimator, with_calibration, **kw):
         called.append(kw.get("spread_unit"))
+        counted.append(kw.get("counted_by_noisy_total"))
         return metric_intervals(summary, sd, at, level, 30, rng, estimator, with_calibration, **kw)
 
     monkeypatch.setattr(results, "metric_intervals", fewer_draws)
@@ -724,6 +727,7 @@ def test_a_group_rows_auroc_is_printed_where_its_scores_spread_over_a_pooled_bin
     group = next(g for g in result.subgroups if g.metrics is not None)
     assert not ranks_patients(noisy.group(0))  # its own bins' rule would withhold it
     assert "auroc" in group.intervals and called[-1] == pytest.approx(GRID.width)
+    assert counted[-1] is True  # a group row's patients are its noisy total: so are each draw's
     # a row read in its bins (evaluation.estimator: binned) keeps the rule of its own bins: measured for fits only
     binned = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, estimator="binned"))
     results.Reader(binned).test_result(released, 0.12, GRID.anchored(0.12), None, [])
@@ -926,3 +930,33 @@ def test_the_measured_coverage_says_when_a_run_is_not_the_setting_it_was_measure
     other = interval_coverage("per_hospital", 772, 2, 1.0)
     assert other.startswith(INTERVAL_COVERAGE) and "(this run: 772 test patients, 2 hospitals, test epsilon 1; its" in other
     assert "this run" in interval_coverage("per_hospital", 800, 4, 2.0)
+
+
+@pytest.mark.parametrize("noisy_total_counted", [False, True])
+def test_a_group_rows_bootstrap_counts_each_draws_patients_as_the_row_does(monkeypatch, noisy_total_counted):
+    """A group row's n is its own noisy total (SubgroupSummary.group); a draw given its
+    drawn patients' exact number instead held the fit closer to the truth than the row's
+    reading was, and the group ratio's interval held 737 of 767 (nominal 99%)."""
+    import common.intervals as intervals
+    from common.metrics import noisy_total
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(600) < 0.2).astype(np.int64)
+    logits = np.where(y == 1, rng.normal(-0.5, 1.2, 600), rng.normal(-2.5, 1.2, 600))
+    probs = np.stack([1 - 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-logits))], axis=1)
+    row = ScoreSummary.from_predictions(y, probs, GRID).noised(3.0, rng)
+    seen = []
+    fit = intervals.binormal_counts
+
+    def spy(noisy, *args, **kw):
+        seen.append((noisy.n, noisy_total(noisy.histogram), float(noisy.histogram.sum())))
+        return fit(noisy, *args, **kw)
+
+    monkeypatch.setattr(intervals, "binormal_counts", spy)
+    found = intervals.metric_intervals(row, 3.0, GRID.edge_for_risk(0.2), 0.99, 20, np.random.default_rng(1),
+                                       "skewnormal", with_calibration=True, counted_by_noisy_total=noisy_total_counted)
+    assert found and len(seen) >= 20
+    if noisy_total_counted:
+        assert all(n == total for n, total, _ in seen)
+    else:  # the patients drawn, known apart from the noise (a pooled release's count)
+        assert any(n != total for n, total, _ in seen) and all(abs(n - raw) < 60 for n, _, raw in seen)
