@@ -31,7 +31,7 @@ from common.explain import (
     integrated_gradients,
     is_exact,
 )
-from common.files import atomic_write_text
+from common.files import patient_output
 
 
 def hourly_risks(bundle: Bundle, ds: Dataset, batch: int = 512) -> np.ndarray:
@@ -234,7 +234,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
                                 "flagged at every hour: an early risk is judged against early risks.")
             + (" A flag stays on once raised (shaded): the line is each hour's threshold moved up by the run's "
-               "margin, read so that a set share of patients is flagged at some hour of the window." if latched else "")
+               "margin, read from a DP release, aiming at a set share of patients flagged at some hour of the window." if latched else "")
             + (f" `fedgru predict` decides on the risk at hour {window} alone, at {float(decision):.3f}: this "
                f"stay is {'flagged' if whole[-1] >= float(decision) else 'not flagged'} there"
                + (" (it reads the stay as finished at its last observation)." if last < window else ".")
@@ -253,7 +253,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
     read = variables_read(ds, bundle)
     sections.append(Section("What these risks read", [read[0].upper() + read[1:] + "."]))
     try:
-        atomic_write_text(out, to_html("fedgru monitor", sections))  # patients' risks: 0600, whole or not at all
+        with patient_output(out) as handle:  # patients' risks: 0600, whole or not at all
+            handle.write(to_html("fedgru monitor", sections))
     finally:
         plots.cleanup()
     return "\n".join(lines)

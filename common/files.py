@@ -39,6 +39,27 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
             os.unlink(tmp)
 
 
+@contextmanager
+def patient_output(path: str | Path) -> Iterator[IO[str]]:
+    """A text handle for a file a user named that holds patients' data (risks, a monitor
+    page): a new or regular file is written readable by its owner only and whole
+    (:func:`atomic_open`: mkstemp makes it 0600); a device or a symbolic link the user
+    named (``/dev/stdout``, a link into a shared folder) is written through as it is, since
+    renaming over it would replace the device or the link itself (a review, 2026-12-06)."""
+    import io
+
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            yield handle
+        return
+    with atomic_open(path) as raw:
+        handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        yield handle
+        handle.flush()
+        handle.detach()  # atomic_open flushes, syncs and closes the file itself
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path) as handle:
         handle.write(data)

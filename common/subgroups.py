@@ -134,22 +134,23 @@ class GroupResult:
     observed_over_predicted: list[float] | None = None
 
 
-def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10
-                ) -> list[CalibrationPoint]:
+def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None = None, deciles: int = 10,
+                monotone: bool = True) -> list[CalibrationPoint]:
     """Observed against predicted risk in ``deciles`` groups of about equal size, from a
     binary summary's counts (bins in order of risk; a fitted summary's finer grid where it
     has one, so that ten groups can be told apart: ten coarse bins gave four).
 
-    The observed rates are then made non-decreasing in the predicted risk by the
-    pool-adjacent-violators algorithm (isotonic regression, weighted by each group's
-    patients), as the CORP reliability diagram does (Dimitriadis, Gneiting & Jordan 2021,
-    "Stable reliability diagrams for probabilistic classifiers", PNAS 118(8)): it keeps
-    the weighted mean, so the observed over predicted ratio is unchanged. Why: two fitted
-    classes whose spreads differ meet again in a far tail (the binormal "hook", Metz & Pan
-    1999), and the lowest tenth of a DP reading's patients read a death rate of 0.38 where
-    the exact one was 0.00. Measured on 150 noisy releases of 15 default models'
-    test scores (``python -m simulations.estimator_study U10 U5 --estimators skewnormal
-    --intervals 0``, 2026-12-06, against their exact tenths): the lowest tenth read 0.072
+    With ``monotone`` (a DP release's reading), the observed rates are then made
+    non-decreasing in the predicted risk by the pool-adjacent-violators algorithm
+    (isotonic regression, weighted by each group's patients), as the CORP reliability
+    diagram does (Dimitriadis, Gneiting & Jordan 2021, "Stable reliability diagrams for
+    probabilistic classifiers", PNAS 118(8)): it keeps the weighted mean, so the observed
+    over predicted ratio is unchanged. Why: two fitted classes whose spreads differ meet
+    again in a far tail (the binormal "hook", Metz & Pan 1999), and the lowest tenth of a
+    DP reading's patients read a death rate of 0.38 where the exact one was 0.00. Measured
+    on 150 noisy releases of 15 default models' test scores (``python -m
+    simulations.estimator_study U10 U5 --estimators skewnormal --intervals 0``,
+    2026-12-06, against their exact tenths; it prints both): the lowest tenth read 0.072
     on average against an exact 0.009 (0.1 or more too high in 19% of the releases), with
     PAV 0.031 (6%); the largest error on a release's curve 0.233 on average (90th centile
     0.421, most 1.000), with PAV 0.194 (0.322, 0.532); over all tenths 0.070 against 0.062.
@@ -170,10 +171,10 @@ def reliability(summary: ScoreSummary, calibration: tuple[float, float] | None =
         n = total[part].sum()
         if n > 0:
             out.append(CalibrationPoint(float(total[part] @ risk[part] / n), float(pos[part].sum() / n), float(n)))
-    return _non_decreasing(out)
+    return non_decreasing(out) if monotone else out
 
 
-def _non_decreasing(points: list[CalibrationPoint]) -> list[CalibrationPoint]:
+def non_decreasing(points: list[CalibrationPoint]) -> list[CalibrationPoint]:
     """``points`` (in order of predicted risk) with their observed rates made
     non-decreasing by weighted isotonic regression (scikit-learn's PAV), kept in [0, 1]."""
     if len(points) < 2:
@@ -249,7 +250,8 @@ def results(cfg: ExperimentConfig, total: SubgroupSummary, threshold: float, est
                                        "too few patients for a DP estimate"))
                 continue
             read = read_group(summary, estimator, noise_sd, threshold)
-            group = GroupResult(grouping.name, name, deaths + survivors, deaths, read.metrics, reliability(read.counts))
+            group = GroupResult(grouping.name, name, deaths + survivors, deaths, read.metrics,
+                                reliability(read.counts, monotone=noise_sd > 0))
             if intervals_of is not None:
                 found = intervals_of(summary, read)
                 ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)

@@ -6,14 +6,13 @@ about the data to stderr."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
 from common.config import ConfigError
 from common.data.records import DataError
-from common.files import atomic_open, to_json
+from common.files import patient_output, to_json
 
 NOT_SCORED = "no observation in the window, only descriptors: not scored"
 
@@ -71,16 +70,13 @@ def _written(out: str):
     """The CSV's stream: the file ``out``, or stdout for "-" (messages go to stderr). A file
     that cannot be written is a ConfigError naming it, not a traceback. The file holds
     patients' risks: readable by its owner only (0600, as the run folder's files), and
-    written whole or not at all (common.files.atomic_open)."""
+    written whole or not at all (common.files.patient_output)."""
     if out == "-":
         yield sys.stdout
         return
     try:
-        with atomic_open(out) as raw:
-            handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        with patient_output(out) as handle:
             yield handle
-            handle.flush()
-            handle.detach()  # atomic_open flushes, syncs and closes the file itself
     except OSError as exc:
         raise ConfigError(f"{out}: cannot write it ({exc.strerror or exc})") from None
 

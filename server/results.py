@@ -243,7 +243,7 @@ class Reader:
                         "without fall into the same bin), as a barely trained model's do, so its AUROC and AUPRC "
                         "cannot be estimated", 100 * (pairs_in_one_bin(total) or 0))
         if read is not None and self.cfg.is_binary:
-            result.calibration_curve = reliability(read)
+            result.calibration_curve = reliability(read, monotone=self.cfg.evaluation.dp)
         groups = [e for e in released.values() if e.subgroups is not None]
         if groups:
             total_groups = groups[0].subgroups

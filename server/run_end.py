@@ -116,7 +116,7 @@ def finish_run(co, last_round: int) -> None:
     if result.onset_margin is not None:
         result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
         result.monitor_rate = co.cfg.evaluation.monitor_rate
-    # the threshold and the monitor are results: the run's summary prints them (server.report.decision_lines)
+    # the threshold and the monitor are results: the run's summary prints them (server.report.bedside.decision_lines)
     arrays = {k: v.numpy() for k, v in co.arrays.items()}
     if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates
         exact = exact_metrics_of(co.cfg, arrays, threshold)

@@ -69,16 +69,19 @@ class Errors:
 
     errors: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
     held: dict[str, list[bool]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
-    # the reliability diagram (common.subgroups.reliability) against the exact tenths of the same patients:
-    # each release's observed rates read, and the exact ones
+    # the reliability diagram (common.subgroups.reliability, as the report draws it: made non-decreasing)
+    # against the exact tenths of the same patients: each release's observed rates read, and the exact ones;
+    # and the same without the PAV step
     curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    raw_curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
-    def reliability_row(self) -> str:
+    def reliability_row(self, raw: bool = False) -> str:
         """Mean absolute error of each tenth's observed rate; the lowest tenth read against
         exact (and the share read 0.1 or more too high); each curve's largest error."""
-        if not self.curves:
+        curves = self.raw_curves if raw else self.curves
+        if not curves:
             return "no curve with ten points"
-        read, exact = np.array([c[0] for c in self.curves]), np.array([c[1] for c in self.curves])
+        read, exact = np.array([c[0] for c in curves]), np.array([c[1] for c in curves])
         error = np.abs(read - exact)
         largest = error.max(axis=1)
         return (f"{len(read)} curves; mean error per tenth {' '.join(f'{e:.3f}' for e in error.mean(axis=0))} "
@@ -119,7 +122,7 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
           interval_draws: int = 200, noise_scale: float = 1.0, auroc_reading: str = "rule") -> dict[str, Errors]:
     """Each estimator's errors over ``runs`` x ``draws`` fresh releases (intervals on the
     first ``intervals`` of each run's), with ``noise_scale`` times each run's noise."""
-    from common.subgroups import exact_reliability, reliability
+    from common.subgroups import exact_reliability, non_decreasing, reliability
 
     rng = np.random.default_rng(seed)
     out = {e: Errors() for e in estimators}
@@ -132,9 +135,10 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
                                  summary.n, run.grid)
             for e in estimators:
                 counts = read_release(noisy, e, noise_sd, auroc_reading)
-                curve = np.array([p.observed for p in reliability(counts)])
-                if len(curve) == len(tenths):
-                    out[e].curves.append((curve, tenths))
+                points = reliability(counts, monotone=False)
+                if len(points) == len(tenths):
+                    out[e].raw_curves.append((np.array([p.observed for p in points]), tenths))
+                    out[e].curves.append((np.array([p.observed for p in non_decreasing(points)]), tenths))
                 read = counts.metrics(run.edge)
                 for m in INTERVAL_METRICS:
                     out[e].errors[m].append(getattr(read, m) - getattr(exact, m))
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
           "against the exact tenths:")
     for e in estimators:
         print(f"- {e}: {found[e].reliability_row()}")
+        print(f"- {e}, without making the curve non-decreasing (PAV): {found[e].reliability_row(raw=True)}")
     return 0
 
 

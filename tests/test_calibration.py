@@ -1,5 +1,7 @@
 """Platt scaling from released histograms, against a direct fit on the patients."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -159,12 +161,19 @@ def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
     # the monitor's own levels, as the console gives them (the report gave only the decision's 0.120)
     test.hour_thresholds, test.onset_margin, test.monitor_rate = [0.3] + [0.2] * 46 + [0.12], 1.33, 0.3
     test.checkpoint_thresholds = {6: 0.196, 48: 0.12}
+    test.hospitals = dict.fromkeys(["a", "b", "c", "d"])  # the default's 4: its measured spread applies
     (bullets,) = bedside_section(run).blocks
     flag = next(item for item in bullets.items if item.startswith("**The flag.**"))
     assert ("flags a stay from the first hour its risk passes that hour's threshold by 1.33 in log-odds: a risk of "
             "0.618 after hour 1, 0.340 after hour 48 and keeps the flag on (the margin read from a DP release, aiming at 30% "
             "of the validation stays") in flag
     assert "The release's noise moves that share: at the default's settings, on 15 runs, it flagged 0.22 to 0.45" in flag
+    # a run aiming elsewhere is not told the default's spread
+    aiming = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, monitor_rate=0.1))
+    (bullets,) = bedside_section(RunFolder(tmp_path, aiming, RunMetrics(run_id="r", test=test), None, None, None,
+                                           None)).blocks
+    flag = next(item for item in bullets.items if item.startswith("**The flag.**"))
+    assert "0.22 to 0.45" not in flag and "measured only at the default's settings" in flag
     assert bedside_section(RunFolder(tmp_path, cfg, RunMetrics(run_id="r"), None, None, None, None)) is None
 
 
@@ -204,7 +213,27 @@ def test_a_dp_reliability_diagram_has_no_hook_and_keeps_the_observed_rate():
     kept = sum(p.observed * p.patients for p in points) / sum(p.predicted * p.patients for p in points)
     assert kept == pytest.approx(observed_over_predicted(summary))
     # a curve already in order is left as it is
-    from common.subgroups import CalibrationPoint, _non_decreasing
+    from common.subgroups import CalibrationPoint, non_decreasing
 
     rising = [CalibrationPoint(0.01 * k, 0.012 * k, 80.0) for k in range(1, 11)]
-    assert [p.observed for p in _non_decreasing(rising)] == pytest.approx([p.observed for p in rising])
+    assert [p.observed for p in non_decreasing(rising)] == pytest.approx([p.observed for p in rising])
+
+
+def test_the_reliability_diagram_draws_the_exact_curve_and_says_what_it_draws(tmp_path):
+    """The exact curve (simulation only) is drawn beside the DP reading, or alone where no
+    curve could be read; the caption says which, and that a DP point carries noise."""
+    from common.subgroups import CalibrationPoint
+    from server.report.groups import reliability_caption
+    from server.report.plots import plot_reliability
+
+    read = [CalibrationPoint(0.02 * k, 0.025 * k, 80.0) for k in range(1, 11)]
+    exact = [CalibrationPoint(0.02 * k, 0.03 * k, 80.0) for k in range(1, 11)]
+    assert plot_reliability({"all test patients (DP reading)": read}, tmp_path / "both.png", exact)
+    assert plot_reliability({"all test patients (DP reading)": []}, tmp_path / "exact.png", exact)
+    assert not plot_reliability({"all test patients (DP reading)": []}, tmp_path / "none.png", [])
+    assert (tmp_path / "both.png").stat().st_size > 10_000 and not (tmp_path / "none.png").exists()
+    both = reliability_caption(dp=True, read=True, exact=True)
+    assert "each point carries the noise" in both and "pool-adjacent-violators" in both and "dashed black" in both
+    assert "no curve could be read from the DP releases" in reliability_caption(dp=True, read=False, exact=True)
+    plain = reliability_caption(dp=False, read=True, exact=False)
+    assert "exact counts" in plain and "noise" not in plain.replace("no DP noise", "")

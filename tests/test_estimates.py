@@ -611,6 +611,9 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     curves = found["skewnormal"].curves
     assert len(curves) == 18 and all(len(read) == len(exact) == 10 for read, exact in curves)
     assert "18 curves; mean error per tenth" in found["skewnormal"].reliability_row()
+    assert len(found["skewnormal"].raw_curves) == 18
+    for (pav, _), (raw, _) in zip(curves, found["skewnormal"].raw_curves):  # the same mean, non-decreasing
+        assert np.all(np.diff(pav) >= -1e-12) and pav.mean() == pytest.approx(raw.mean(), abs=0.02)
     # exact counts (--noise-scale 0): a run's reading is the free fits', not the tied pair's
     exact = {r: study(runs, ["skewnormal"], draws=1, intervals=0, noise_scale=0.0, auroc_reading=r)
              ["skewnormal"].errors["auroc"] for r in ("rule", "tied", "free")}

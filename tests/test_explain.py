@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -734,3 +735,27 @@ def test_evaluate_table_aligns_group_and_class_names_in_wide_scripts():
         before = line[:line.index("0.800")]
         assert _shown_width(before) == _shown_width(lines[0][:lines[0].index("AUROC")]), line
     assert _shown_width("Zoe\u0308") == 3 and _shown_width("男性") == 4
+
+
+def test_a_named_device_or_link_is_written_through_not_replaced(tmp_path):
+    """Renaming a private temporary file over the output replaced /dev/null (as root) or
+    a symbolic link with a plain file: a device or a link the user named is written
+    through; a regular file is replaced whole, 0600, and a failure leaves nothing behind."""
+    from common.files import patient_output
+
+    target = tmp_path / "shared" / "risks.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "risks.csv"
+    link.symlink_to(target)
+    with patient_output(link) as handle:
+        handle.write("stay_id,risk\n")
+    assert link.is_symlink() and target.read_text() == "stay_id,risk\n"
+    with patient_output("/dev/null") as handle:  # a character device: still one afterwards
+        handle.write("stay_id,risk\n")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    plain = tmp_path / "plain.csv"
+    with pytest.raises(RuntimeError), patient_output(plain) as handle:
+        handle.write("half")
+        raise RuntimeError("the data failed mid-write")
+    assert not plain.exists() and list(tmp_path.glob(".*.tmp")) == []

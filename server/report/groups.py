@@ -15,10 +15,11 @@ from common.intervals import (
     INTERVAL_LEVEL,
 )
 from common.metrics import with_interval
+from common.subgroups import non_decreasing
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
-from .sections import is_secure
+from .sections import evaluation_dp, is_secure
 
 
 def subgroup_section(run: RunFolder) -> Section | None:
@@ -83,22 +84,37 @@ def subgroup_section(run: RunFolder) -> Section | None:
     exact_ratio = getattr(test, "exact_calibration_ratio", None)
     if exact_ratio is not None:
         blocks.append(exact_calibration_words(exact_ratio, bool(test.calibration)))
-    curves = {"all test patients (DP reading)": test.calibration_curve}
+    dp = evaluation_dp(run)
+    # a DP reading made non-decreasing here too, for a run folder from before the run did it (a no-op since)
+    shown = non_decreasing if dp else (lambda points: points)
+    label = " (DP reading)" if dp else ""
+    curves = {f"all test patients{label}": shown(test.calibration_curve)}
     by_group = [g for g in test.subgroups if g.metrics is not None and g.grouping == test.subgroups[0].grouping]
-    curves.update({f"{g.group} (DP reading)": g.calibration for g in by_group})
+    curves.update({f"{g.group}{label}": shown(g.calibration) for g in by_group})
     exact_curve = getattr(test, "exact_calibration_curve", None)
     if plot_reliability(curves, run.path / "calibration.png", exact_curve):
-        # A DP curve drawn alone looked exact: a new user read "observed 0.59 at predicted 0.33" off it
-        caption = ("Reliability diagram: observed rate against mean predicted risk in tenths of the test patients by "
-                   "risk. A DP reading is read from the noisy test releases (the run's estimator), not from exact "
-                   "counts: each point carries the noise (the ratio's interval above says how much), and the points "
-                   "are made to rise with the risk (pool-adjacent-violators, as the CORP reliability diagram), since "
-                   "a fit's far tail can read a false rise at the lowest risks")
-        if exact_curve:
-            caption += ("; the dashed black line is the same diagram from the simulation's exact scores, which a real "
-                        "federation does not see")
-        blocks.append(Image(run.path / "calibration.png", caption))
+        blocks.append(Image(run.path / "calibration.png", reliability_caption(dp, any(curves.values()), bool(exact_curve))))
     return Section("Whom the model fails: test patients by group", blocks)
+
+
+def reliability_caption(dp: bool, read: bool, exact: bool) -> str:
+    """What the reliability diagram draws: a DP reading (with its noise and the PAV step
+    said: a DP curve drawn alone looked exact to a new user, who read "observed 0.59 at
+    predicted 0.33" off it), a run's exact counts, and a simulation's exact curve."""
+    caption = "Reliability diagram: observed rate against mean predicted risk in tenths of the test patients by risk"
+    if read and dp:
+        caption += (". A DP reading is read from the noisy test releases (the run's estimator), not from exact counts: "
+                    "each point carries the noise (the ratio's interval above says how much), and the points are made "
+                    "to rise with the risk (pool-adjacent-violators, as the CORP reliability diagram), since a fit's "
+                    "far tail can read a false rise at the lowest risks")
+    elif read:
+        caption += ", from the test releases' exact counts (this run added no DP noise to them)"
+    if exact:
+        caption += ("; the dashed black line is the same diagram from the simulation's exact scores, which a real "
+                    "federation does not see" if read else
+                    "; the dashed black line is the diagram from the simulation's exact scores, which a real "
+                    "federation does not see (no curve could be read from the DP releases)")
+    return caption
 
 
 def _count_range(noisy: float, spread: float, most: float | None = None) -> tuple[float, float]:

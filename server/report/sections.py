@@ -100,11 +100,17 @@ def coverage_words(run: RunFolder) -> str:
     return interval_coverage(aggregation, test.pooled.n, hospitals, cfg.evaluation.test_epsilon)
 
 
+def evaluation_dp(run: RunFolder) -> bool:
+    """Whether the run's score histograms carried DP noise (always, outside comparison
+    simulations); a folder without privacy.json tells by the estimator it read them with."""
+    return bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
+
+
 def test_results_section(run: RunFolder) -> Section | None:
     test = run.metrics.test
     if test is None:
         return None
-    dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
+    dp = evaluation_dp(run)
     secure = is_secure(run)
     header = ["hospital", *METRIC_NAMES.values(), "n"]
 
