@@ -877,12 +877,13 @@ def test_a_group_row_is_read_through_the_runs_fit_not_its_five_bins(tmp_path):
     # the group's calibration in the large carries its interval too (the report printed a bare ratio)
     ratio, low, high = group.observed_over_predicted
     assert low <= ratio <= high and ratio == pytest.approx(y.mean() / probs[:, 1].mean(), rel=0.1)
-    from types import SimpleNamespace
-
     from common.document import markdown
+    from server.records import RunMetrics
     from server.report.groups import subgroup_section
+    from server.report.run_folder import RunFolder
 
-    run = SimpleNamespace(metrics=SimpleNamespace(test=result), baselines=None, path=tmp_path, config=cfg)
+    # a run folder as the report loads it (a partial stand-in missed what the report reads: privacy, estimator)
+    run = RunFolder(tmp_path, cfg, RunMetrics(run_id="r", test=result, estimator="skewnormal"), None, None, None, None)
     text = markdown("r", [subgroup_section(run)])
     assert f"| {ratio:.2f} ({low:.2f}-{high:.2f}) |" in text, text
     edge, fine = decision_edge(row, "skewnormal", threshold)
