@@ -1,6 +1,6 @@
 """What the bedside flags of a set of runs could reach, and where their spread comes from.
 
-    python -m simulations.bedside_study RUNS_DIR [--draws 100] [--levels 0.10,0.12,0.14]
+    python -m simulations.bedside_study RUNS_DIR [--draws 100] [--levels 0.13,0.15,0.17] [--split val]
 
 ``RUNS_DIR`` is a ``simulations.utility`` output folder: every ``fold*/model.pt`` in it
 is scored exactly (a simulation holds every patient; nothing here is a DP release) on its
@@ -15,6 +15,8 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
 2. **Clinical levels.** The hour-48 decision at fixed risks, applied to the same models:
    the share of test stays flagged (mean, sd, range, and the sd within one fold, where
    only the training's randomness differs), and the least sensitivity and specificity.
+   ``--split val`` reads each run's validation stays instead: the split a default level
+   may be chosen on, leaving the test stays to judge it.
 3. **The monitor's margin, redrawn.** For each run, ``--draws`` fresh draws of the onset
    histogram's Gaussian noise at the run's real multiplier (per-hospital DP), read by
    several rules; the sd of the monitor's share over runs and draws, and how often a
@@ -55,6 +57,8 @@ class RunScores:
     monitor_rate: float
     grid: ScoreGrid  # the onset histogram's bins, as the run released it
     estimator: str = "binormal"  # how the run read its DP releases (evaluation.estimator)
+    val_end: np.ndarray | None = None  # each validation stay's logit at the window's end
+    y_val: np.ndarray | None = None  # validation outcomes
 
 
 def flags_at(score: np.ndarray, y: np.ndarray, cut: float) -> tuple[float, float, float]:
@@ -83,10 +87,12 @@ def oracle(runs: list[RunScores], which: str) -> tuple[list[tuple[float, float] 
     return bands, sorted(common)
 
 
-def at_level(runs: list[RunScores], level: float) -> dict[str, float]:
-    """The hour-48 decision at a fixed risk on each run's test stays."""
+def at_level(runs: list[RunScores], level: float, split: str = "test") -> dict[str, float]:
+    """The hour-48 decision at a fixed risk on each run's test stays (``split="val"``: its
+    validation stays)."""
     cut = float(logit(level))
-    rows = np.array([flags_at(r.test_end, r.y, cut) for r in runs])
+    scored = [(r.test_end, r.y) if split == "test" else (r.val_end, r.y_val) for r in runs]
+    rows = np.array([flags_at(score, y, cut) for score, y in scored])
     folds: dict[str, list[float]] = {}
     for run, share in zip(runs, rows[:, 0]):
         folds.setdefault(run.name.split("-")[0], []).append(float(share))
@@ -156,6 +162,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
     thresholds = np.asarray(hour_thresholds(bundle.info, len(hours)))
     test = np.concatenate([h.test for h in hospitals])
     test_logits = hourly_logits_at(model, ds.X[test], ds.S[test], hours)
+    val = np.concatenate([h.val for h in hospitals])
     # the hospitals' delta, as their ledgers recorded it (the run's privacy.json)
     delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
     noise = calibrated_evaluation_noise(cfg.to_json(), float(delta))
@@ -168,6 +175,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
         monitor_rate=float(bundle.info.get("monitor_rate") or cfg.evaluation.monitor_rate),
         grid=ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins),
         estimator=cfg.evaluation.estimator,
+        val_end=hourly_logits_at(model, ds.X[val], ds.S[val], [hours[-1]])[:, -1], y_val=ds.y[val],
     ) if onset_margin(bundle.info) is not None else None
 
 
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bedside_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path, help="a simulations.utility output folder (fold*/model.pt)")
     parser.add_argument("--draws", type=int, default=100, help="fresh noise draws of each run's onset histogram")
-    parser.add_argument("--levels", default="0.10,0.12,0.14", help="comma-separated risks for the hour-48 decision")
+    parser.add_argument("--levels", default="0.13,0.15,0.17", help="comma-separated risks for the hour-48 decision")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="the stays table 2 scores the levels on: test (judge a level), val (choose one)")
     args = parser.parse_args(argv)
     dirs = sorted(p for p in args.runs_dir.glob("fold*") if (p / "model.pt").is_file())
     runs = [r for r in (run_scores(d) for d in dirs) if r is not None]
@@ -191,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(runs with no rate: {bands.count(None)}; each run's band starts {min(b[0] for b in narrowest):.2f}-"
               f"{max(b[0] for b in narrowest):.2f} and ends {min(b[1] for b in narrowest):.2f}-"
               f"{max(b[1] for b in narrowest):.2f})" if narrowest else "")
-    print("\n2. The hour-48 decision at fixed risks (and each run's own threshold):\n")
+    stays = "test" if args.split == "test" else "validation"
+    print(f"\n2. The hour-48 decision at fixed risks (and each run's own threshold), on each run's {stays} stays:\n")
     print("| threshold | share flagged | sd | range | sd within a fold | least sensitivity | least specificity |")
     print("|---|---|---|---|---|---|---|")
-    own = np.array([flags_at(r.test_end, r.y, float(logit(r.threshold))) for r in runs])
+    scored = [(r.test_end, r.y) if args.split == "test" else (r.val_end, r.y_val) for r in runs]
+    own = np.array([flags_at(score, y, float(logit(r.threshold))) for r, (score, y) in zip(runs, scored)])
     print(f"| each run's own | {own[:, 0].mean():.3f} | {own[:, 0].std(ddof=1):.3f} | {own[:, 0].min():.2f}-"
           f"{own[:, 0].max():.2f} | | {own[:, 1].min():.3f} | {own[:, 2].min():.3f} |")
     for level in (float(v) for v in args.levels.split(",") if v.strip()):
-        s = at_level(runs, level)
+        s = at_level(runs, level, args.split)
         print(f"| {level:g} | {s['share']:.3f} | {s['sd']:.3f} | {s['low']:.2f}-{s['high']:.2f} | "
               f"{s['within_fold_sd']:.3f} | {s['least_sensitivity']:.3f} | {s['least_specificity']:.3f} |")
     print(f"\n3. The monitor's margin, {args.draws} fresh draws of each run's onset histogram noise:\n")

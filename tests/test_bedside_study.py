@@ -61,6 +61,21 @@ def test_a_fixed_level_flags_the_share_above_it_and_its_spread_within_folds():
     assert s["within_fold_sd"] == pytest.approx(np.std(shares[:2], ddof=1))  # fold1 alone has no spread
 
 
+def test_a_level_is_read_on_the_validation_stays_when_asked_not_on_the_test_stays():
+    # A default level is chosen on validation stays and judged on test stays: the split
+    # must really change which stays are scored.
+    runs = [_run("fold0", 1), _run("fold1", 2)]
+    for k, run in enumerate(runs):
+        rng = np.random.default_rng(10 + k)
+        run.y_val = (rng.random(800) < 0.14).astype(np.int64)
+        run.val_end = np.where(run.y_val == 1, 0.0, -5.0)  # every death above 0.12, every survivor below
+    val = at_level(runs, 0.12, "val")
+    assert (val["share"], val["least_sensitivity"], val["least_specificity"]) == pytest.approx(
+        (np.mean([r.y_val.mean() for r in runs]), 1.0, 1.0))
+    test = at_level(runs, 0.12)
+    assert test["least_specificity"] < 1.0 and test["share"] != pytest.approx(val["share"])
+
+
 def test_a_margin_redrawn_without_noise_is_the_exact_quantile_and_noise_spreads_the_monitor():
     run = _run("fold0", 4)
     exact = float(np.quantile(np.concatenate(run.val_onset), 0.7))
