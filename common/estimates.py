@@ -451,7 +451,7 @@ def ranks_patients(summary: ScoreSummary, fits: list[RowFit | None] | None = Non
 def observed_over_predicted(summary: ScoreSummary) -> float:
     """The observed rate of the outcome over the mean predicted risk (1: calibrated in the
     large), from a binary summary's counts at its bins' centre risks (a fitted summary's
-    finer grid where it has one, as ``common.subgroups.reliability`` reads them)."""
+    finer grid where it has one, as ``common.reliability.reliability`` reads them)."""
     summary = summary.fine if summary.fine is not None else summary
     counts = summary.counts()
     total = counts[0, 0] + counts[1, 0]

@@ -19,7 +19,8 @@ from common.data.partition import HospitalRow
 from common.files import json_safe
 from common.metrics import Metrics
 from common.preflight import PreflightAnswer
-from common.subgroups import CalibrationPoint, GroupResult
+from common.reliability import CalibrationPoint
+from common.subgroups import GroupResult
 from common.typed import TypedDataError, build
 
 T = TypeVar("T")

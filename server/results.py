@@ -39,7 +39,8 @@ from common.metrics import (
     sigmoid,
     threshold_for_rate,
 )
-from common.subgroups import CalibrationPoint, GroupReading, exact_reliability, reliability
+from common.reliability import CalibrationPoint, exact_reliability, reliability
+from common.subgroups import GroupReading
 from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult

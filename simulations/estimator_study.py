@@ -15,7 +15,7 @@ of K Skellam shares, each with the variance its hospital calibrates,
 bias, sd and root mean square error against the exact value of the same patients at the
 same bin edge, and for the first ``--intervals`` draws of each run how often the interval
 (``metric_intervals``, the report's nominal level) held that exact value. Then each
-estimator's reliability diagram (``common.subgroups.reliability``, as the report draws
+estimator's reliability diagram (``common.reliability.reliability``, as the report draws
 it) against the exact tenths of the same patients.
 
 ``--noise-scale`` releases with that many times the run's noise (a larger federation, a
@@ -69,7 +69,7 @@ class Errors:
 
     errors: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
     held: dict[str, list[bool]] = field(default_factory=lambda: {m: [] for m in INTERVAL_METRICS})
-    # the reliability diagram (common.subgroups.reliability, as the report draws it: made non-decreasing)
+    # the reliability diagram (common.reliability.reliability, as the report draws it: made non-decreasing)
     # against the exact tenths of the same patients: each release's observed rates read, and the exact ones;
     # and the same without the PAV step
     curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -122,7 +122,7 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
           interval_draws: int = 200, noise_scale: float = 1.0, auroc_reading: str = "rule") -> dict[str, Errors]:
     """Each estimator's errors over ``runs`` x ``draws`` fresh releases (intervals on the
     first ``intervals`` of each run's), with ``noise_scale`` times each run's noise."""
-    from common.subgroups import exact_reliability, non_decreasing, reliability
+    from common.reliability import exact_reliability, non_decreasing, reliability
 
     rng = np.random.default_rng(seed)
     out = {e: Errors() for e in estimators}

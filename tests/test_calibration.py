@@ -70,7 +70,7 @@ def test_degenerate_histograms_are_left_uncalibrated():
 
 
 def test_the_report_says_when_the_risks_run_low_or_high():
-    from common.subgroups import CalibrationPoint
+    from common.reliability import CalibrationPoint
     from server.report.groups import calibration_words
 
     def curve(factor):
@@ -181,7 +181,7 @@ def test_the_exact_reliability_diagram_splits_the_patients_into_tenths_by_risk()
     """A simulation's exact curve, drawn beside the DP reading (a DP curve alone looked
     exact to a new user): ten groups of about equal size, in order of risk, whose
     observed rates average to the outcome's rate."""
-    from common.subgroups import exact_reliability
+    from common.reliability import exact_reliability
 
     rng = np.random.default_rng(0)
     risk = rng.beta(1, 6, 803)
@@ -200,7 +200,7 @@ def test_a_dp_reliability_diagram_has_no_hook_and_keeps_the_observed_rate():
     lowest tenth read a death rate of 0.38 (exact 0.00). The curve is made non-decreasing
     (PAV, as the CORP diagram) without moving the observed over predicted ratio."""
     from common.estimates import observed_over_predicted
-    from common.subgroups import reliability
+    from common.reliability import reliability
 
     deaths = np.array([30, 1, 2, 3, 5, 8, 12, 20, 30, 60], dtype=float)
     survivors = np.array([50, 100, 100, 90, 80, 70, 60, 40, 20, 10], dtype=float)
@@ -213,7 +213,7 @@ def test_a_dp_reliability_diagram_has_no_hook_and_keeps_the_observed_rate():
     kept = sum(p.observed * p.patients for p in points) / sum(p.predicted * p.patients for p in points)
     assert kept == pytest.approx(observed_over_predicted(summary))
     # a curve already in order is left as it is
-    from common.subgroups import CalibrationPoint, non_decreasing
+    from common.reliability import CalibrationPoint, non_decreasing
 
     rising = [CalibrationPoint(0.01 * k, 0.012 * k, 80.0) for k in range(1, 11)]
     assert [p.observed for p in non_decreasing(rising)] == pytest.approx([p.observed for p in rising])
@@ -222,7 +222,7 @@ def test_a_dp_reliability_diagram_has_no_hook_and_keeps_the_observed_rate():
 def test_the_reliability_diagram_draws_the_exact_curve_and_says_what_it_draws(tmp_path):
     """The exact curve (simulation only) is drawn beside the DP reading, or alone where no
     curve could be read; the caption says which, and that a DP point carries noise."""
-    from common.subgroups import CalibrationPoint
+    from common.reliability import CalibrationPoint
     from server.report.groups import reliability_caption
     from server.report.plots import plot_reliability
 

@@ -15,7 +15,7 @@ from common.intervals import (
     INTERVAL_LEVEL,
 )
 from common.metrics import with_interval
-from common.subgroups import non_decreasing
+from common.reliability import non_decreasing
 
 from .plots import plot_reliability
 from .run_folder import RunFolder

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.subgroups import CalibrationPoint  # noqa: E402
+from common.reliability import CalibrationPoint  # noqa: E402
 
 from ..records import RunMetrics, RunPrivacy  # noqa: E402
 
