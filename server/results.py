@@ -27,7 +27,13 @@ from common.estimates import (
     pairs_in_one_bin,
     ranks_patients,
 )
-from common.intervals import INTERVAL_LEVEL, OBSERVED_OVER_PREDICTED, metric_intervals
+from common.intervals import (
+    INTERVAL_LEVEL,
+    OBSERVED_OVER_PREDICTED,
+    RELIABILITY_PREFIX,
+    metric_intervals,
+    reliability_bands,
+)
 from common.messages import Item, Split
 from common.metrics import (
     Metrics,
@@ -70,11 +76,12 @@ class Reader:
     def intervals(self, summary: ScoreSummary | None, noise_sd: float, edge: int | None, estimator: str | None = None,
                   draws: int = TEST_DRAWS, with_calibration: bool = False, decide_on_fine: bool = False,
                   fitted: ScoreSummary | None = None, spread_unit: float | None = None,
-                  counted_by_noisy_total: bool = False) -> dict[str, list[float]] | None:
+                  counted_by_noisy_total: bool = False, with_reliability: bool = False) -> dict[str, list[float]] | None:
         """Each metric's rough interval (a DP binary release), or None where none fits.
         ``fitted``: ``summary`` as already read by ``estimator`` (not fitted again);
         ``spread_unit``: as common.estimates.ranks_patients counts the classes' spread;
-        ``counted_by_noisy_total``: a group's row, whose patients are its noisy total."""
+        ``counted_by_noisy_total``: a group's row, whose patients are its noisy total;
+        ``with_reliability``: the reliability points' bands too (common.intervals.reliability_key)."""
         ev = self.cfg.evaluation
         if summary is None or not (ev.dp and self.cfg.is_binary) or not noise_sd > 0:
             return None
@@ -82,7 +89,8 @@ class Reader:
             found = metric_intervals(summary, noise_sd, edge, INTERVAL_LEVEL, draws,
                                      np.random.default_rng(self.cfg.run.seed), estimator or ev.estimator,
                                      with_calibration, decide_on_fine=decide_on_fine, fitted=fitted,
-                                     spread_unit=spread_unit, counted_by_noisy_total=counted_by_noisy_total)
+                                     spread_unit=spread_unit, counted_by_noisy_total=counted_by_noisy_total,
+                                     with_reliability=with_reliability)
         except Exception:  # noqa: BLE001 - post-processing for the report; the run's results come first
             log.warning("an interval could not be computed", exc_info=True)
             return None
@@ -230,8 +238,13 @@ class Reader:
             hospitals={n: self.read(s, noise_sd=rows[n][1]).metrics(at) for n, s in parts.items() if n != SECURE_SUM},
             dropped=dropped, threshold=threshold, calibration=calibration,
         )
+        bands: dict[str, list[float]] = {}  # the pooled reliability points' (common.intervals.reliability_key)
         for row, (summary, sd) in rows.items():
-            found = self.intervals(summary, sd, at, with_calibration=row == "pooled" and read is not None)
+            pooled_read = row == "pooled" and read is not None
+            found = self.intervals(summary, sd, at, with_calibration=pooled_read,
+                                   with_reliability=pooled_read and self.cfg.is_binary)
+            if found:
+                bands.update({k: found.pop(k) for k in [k for k in found if k.startswith(RELIABILITY_PREFIX)]})
             ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)
             if ratio is not None:  # the pooled calibration in the large, with its interval from the same draws
                 result.calibration_ratio = [observed_over_predicted(read), *ratio]
@@ -244,7 +257,7 @@ class Reader:
                         "without fall into the same bin), as a barely trained model's do, so its AUROC and AUPRC "
                         "cannot be estimated", 100 * (pairs_in_one_bin(total) or 0))
         if read is not None and self.cfg.is_binary:
-            result.calibration_curve = reliability(read, monotone=self.cfg.evaluation.dp)
+            result.calibration_curve = reliability_bands(reliability(read, monotone=self.cfg.evaluation.dp), bands)
         groups = [e for e in released.values() if e.subgroups is not None]
         if groups:
             total_groups = groups[0].subgroups

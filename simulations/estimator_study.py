@@ -16,7 +16,8 @@ bias, sd and root mean square error against the exact value of the same patients
 same bin edge, and for the first ``--intervals`` draws of each run how often the interval
 (``metric_intervals``, the report's nominal level) held that exact value. Then each
 estimator's reliability diagram (``common.reliability.reliability``, as the report draws
-it) against the exact tenths of the same patients.
+it) against the exact tenths of the same patients, and how often each point's band held
+its exact tenth.
 
 ``--noise-scale`` releases with that many times the run's noise (a larger federation, a
 larger test epsilon; 0: exact counts), and ``--auroc-reading`` forces the skew-normal's
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from common.estimates import ESTIMATORS, for_metrics
-from common.intervals import INTERVAL_LEVEL, INTERVAL_METRICS, metric_intervals
+from common.intervals import INTERVAL_LEVEL, INTERVAL_METRICS, metric_intervals, reliability_bands
 from common.metrics import ScoreGrid, ScoreSummary, exact_metrics
 
 
@@ -74,6 +75,16 @@ class Errors:
     # and the same without the PAV step
     curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     raw_curves: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # per tenth, whether the point's band (metric_intervals with_reliability) held the exact tenth's rate
+    bands_held: dict[int, list[bool]] = field(default_factory=dict)
+
+    def bands_row(self) -> str:
+        """How often each reliability point's band held its exact tenth, and in all."""
+        if not self.bands_held:
+            return "no band drawn"
+        held = [h for k in sorted(self.bands_held) for h in self.bands_held[k]]
+        return (f"{sum(held)} of {len(held)} ({np.mean(held):.0%}); by tenth "
+                + " ".join(f"{sum(self.bands_held[k])}/{len(self.bands_held[k])}" for k in sorted(self.bands_held)))
 
     def reliability_row(self, raw: bool = False) -> str:
         """Mean absolute error of each tenth's observed rate; the lowest tenth read against
@@ -144,7 +155,13 @@ def study(runs: list[HeldOutScores], estimators: list[str], draws: int, interval
                     out[e].errors[m].append(getattr(read, m) - getattr(exact, m))
                 if k < intervals:
                     found = metric_intervals(noisy, noise_sd, run.edge, INTERVAL_LEVEL, interval_draws,
-                                             np.random.default_rng([seed, index, k]), e) or {}
+                                             np.random.default_rng([seed, index, k]), e, with_reliability=True) or {}
+                    banded = reliability_bands(non_decreasing(points), found)  # takes the bands out of found
+                    if len(banded) == len(tenths):
+                        for t, (point, truth) in enumerate(zip(banded, tenths)):
+                            if point.low is not None:
+                                out[e].bands_held.setdefault(t, []).append(
+                                    bool(point.low - 1e-9 <= truth <= point.high + 1e-9))
                     for m, (low, high) in found.items():
                         out[e].held[m].append(bool(low - 1e-9 <= getattr(exact, m) <= high + 1e-9))
     return out
@@ -240,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in estimators:
         print(f"- {e}: {found[e].reliability_row()}")
         print(f"- {e}, without making the curve non-decreasing (PAV): {found[e].reliability_row(raw=True)}")
+        print(f"- {e}: each point's band (the report's nominal level) held the exact tenth's rate in "
+              f"{found[e].bands_row()}")
     return 0
 
 

@@ -235,5 +235,15 @@ def test_the_reliability_diagram_draws_the_exact_curve_and_says_what_it_draws(tm
     both = reliability_caption(dp=True, read=True, exact=True)
     assert "each point carries the noise" in both and "pool-adjacent-violators" in both and "dashed black" in both
     assert "no curve could be read from the DP releases" in reliability_caption(dp=True, read=False, exact=True)
+    # a DP reading's points with their bands: drawn as bars, and the caption gives their measured coverage
+    from common.intervals import RELIABILITY_BAND_COVERAGE
+
+    banded = [CalibrationPoint(p.predicted, p.observed, p.patients, max(0.0, p.observed - 0.05), p.observed + 0.1)
+              for p in read]
+    assert plot_reliability({"all test patients (DP reading)": banded}, tmp_path / "bars.png", exact)
+    assert (tmp_path / "bars.png").read_bytes() != (tmp_path / "both.png").read_bytes()
+    with_bars = reliability_caption(dp=True, read=True, exact=True, bands=True)
+    assert "its bar is its interval" in with_bars and RELIABILITY_BAND_COVERAGE in with_bars and "99%" in with_bars
+    assert "bar" not in both
     plain = reliability_caption(dp=False, read=True, exact=False)
     assert "exact counts" in plain and "noise" not in plain.replace("no DP noise", "")

@@ -404,9 +404,10 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     seen = []
 
     def spy(summary, noise_std, edge, level, draws, rng, estimator, with_calibration, decide_on_fine=False, **kw):
-        seen.append((summary.n, noise_std, level, with_calibration))
+        seen.append((summary.n, noise_std, level, with_calibration, kw.get("with_reliability", False)))
+        bands = {f"reliability_{k}": (0.01 * k, 0.01 * k + 0.2) for k in range(30)} if kw.get("with_reliability") else {}
         return {"auroc": (0.6, 0.9), "sensitivity": (0.5, 0.8), **({"observed_over_predicted": (0.7, 1.4)}
-                                                                    if with_calibration else {})}
+                                                                    if with_calibration else {}), **bands}
 
     monkeypatch.setattr(results, "metric_intervals", spy)
     real_read, told = results.for_metrics, []
@@ -424,6 +425,12 @@ def test_the_test_result_gives_intervals_from_the_pooled_release_and_its_pooled_
     # the pooled row alone asks for the calibration's interval; it goes beside the metrics, not among them
     assert [call[3] for call in seen] == [call[0] == 600 for call in seen]
     assert "observed_over_predicted" not in result.intervals["pooled"] and result.calibration_ratio[1:] == [0.7, 1.4]
+    # and its reliability points' bands, which go onto the points (the k-th band onto the k-th point)
+    assert [call[4] for call in seen] == [call[0] == 600 for call in seen]
+    assert not any(k.startswith("reliability_") for row in result.intervals.values() for k in row)
+    curve = result.calibration_curve
+    assert curve and [p.low for p in curve] == pytest.approx([0.01 * k for k in range(len(curve))])
+    assert [p.high for p in curve] == pytest.approx([0.01 * k + 0.2 for k in range(len(curve))])
     pooled_call = next(call for call in seen if call[0] == 600)
     assert pooled_call[1] == pytest.approx(math.sqrt(4 + 9 + 36))
     assert sorted(call[1] for call in seen if call[0] == 200) == pytest.approx([2.0, 3.0, 6.0])
@@ -614,6 +621,11 @@ def test_the_estimator_study_measures_each_estimators_error_on_fresh_releases():
     assert len(found["skewnormal"].raw_curves) == 18
     for (pav, _), (raw, _) in zip(curves, found["skewnormal"].raw_curves):  # the same mean, non-decreasing
         assert np.all(np.diff(pav) >= -1e-12) and pav.mean() == pytest.approx(raw.mean(), abs=0.02)
+    # with the intervals, each point's band against its exact tenth: one per tenth of each run's first release
+    bands = found["skewnormal"].bands_held
+    assert sorted(bands) == list(range(10)) and all(len(v) == 3 for v in bands.values())
+    assert found["skewnormal"].bands_row().startswith(f"{sum(sum(v) for v in bands.values())} of 30 (")
+    assert sum(sum(v) for v in bands.values()) >= 20  # rough bands, but bands: most hold
     # exact counts (--noise-scale 0): a run's reading is the free fits', not the tied pair's
     exact = {r: study(runs, ["skewnormal"], draws=1, intervals=0, noise_scale=0.0, auroc_reading=r)
              ["skewnormal"].errors["auroc"] for r in ("rule", "tied", "free")}

@@ -322,6 +322,10 @@ def test_html_report_renders_in_headless_chromium(small_run, tmp_path):
     # the exact reliability diagram of the same test patients, drawn beside the DP reading
     assert sum(p["patients"] for p in test["exact_calibration_curve"]) == test["exact"]["n"]
     assert "the dashed black line is" in text and "from the simulation's exact scores" in text
+    # a DP point's band (where the bootstrap drew one) holds the point, and the caption then says what the bars are
+    banded = [p for p in test["calibration_curve"] if p["low"] is not None]
+    assert all(0 <= p["low"] <= p["observed"] <= p["high"] <= 1 for p in banded)
+    assert ("its bar is its interval" in text) == bool(banded)
     _looks_finished(text)
     assert shot > 20_000  # a real page with plots, not a blank one
 

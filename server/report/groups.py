@@ -13,6 +13,7 @@ from common.intervals import (
     GROUP_INTERVAL_COVERAGE,
     GROUP_RATIO_COVERAGE,
     INTERVAL_LEVEL,
+    RELIABILITY_BAND_COVERAGE,
 )
 from common.metrics import with_interval
 from common.reliability import non_decreasing
@@ -93,18 +94,24 @@ def subgroup_section(run: RunFolder) -> Section | None:
     curves.update({f"{g.group}{label}": shown(g.calibration) for g in by_group})
     exact_curve = getattr(test, "exact_calibration_curve", None)
     if plot_reliability(curves, run.path / "calibration.png", exact_curve):
-        blocks.append(Image(run.path / "calibration.png", reliability_caption(dp, any(curves.values()), bool(exact_curve))))
+        banded = any(p.low is not None for p in test.calibration_curve or [])
+        blocks.append(Image(run.path / "calibration.png",
+                            reliability_caption(dp, any(curves.values()), bool(exact_curve), banded)))
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-def reliability_caption(dp: bool, read: bool, exact: bool) -> str:
+def reliability_caption(dp: bool, read: bool, exact: bool, bands: bool = False) -> str:
     """What the reliability diagram draws: a DP reading (with its noise and the PAV step
     said: a DP curve drawn alone looked exact to a new user, who read "observed 0.59 at
-    predicted 0.33" off it), a run's exact counts, and a simulation's exact curve."""
+    predicted 0.33" off it), a run's exact counts, and a simulation's exact curve.
+    ``bands``: the DP points carry bars (their intervals), with the bars' measured coverage."""
     caption = "Reliability diagram: observed rate against mean predicted risk in tenths of the test patients by risk"
     if read and dp:
+        noise = (f"each point carries the noise, and its bar is its interval from the same bootstrap as the metrics' "
+                 f"(nominal {INTERVAL_LEVEL:.0%}; {RELIABILITY_BAND_COVERAGE})" if bands else
+                 "each point carries the noise (the ratio's interval above says how much)")
         caption += (". A DP reading is read from the noisy test releases (the run's estimator), not from exact counts: "
-                    "each point carries the noise (the ratio's interval above says how much), and the points are made "
+                    f"{noise}, and the points are made "
                     "to rise with the risk (pool-adjacent-violators, as the CORP reliability diagram), since a fit's "
                     "far tail can read a false rise at the lowest risks")
     elif read:

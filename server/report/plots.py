@@ -90,23 +90,32 @@ def plot_reliability(curves: dict[str, list[CalibrationPoint]], path: Path,
                      exact: list[CalibrationPoint] | None = None) -> bool:
     """Observed against predicted risk in groups of about a tenth of the patients each
     (a reliability diagram); ``exact``: a simulation's exact points of all its test
-    patients, drawn apart (dashed, black) so that the DP reading is seen against them."""
+    patients, drawn apart (dashed, black) so that the DP reading is seen against them. A
+    point with a band (a DP reading's, ``CalibrationPoint.low``/``high``) gets it as an
+    error bar."""
     curves = {name: points for name, points in curves.items() if points}
     if not curves and not exact:
         return False
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
-    top = 0.05
+    top = bar_top = 0.05
     for name, points in curves.items():
         xs, ys = [p.predicted for p in points], [p.observed for p in points]
         top = max(top, *xs, *ys)
-        ax.plot(xs, ys, "-o", ms=4, label=name)
+        (line,) = ax.plot(xs, ys, "-o", ms=4, label=name)
+        banded = [p for p in points if p.low is not None and p.high is not None]
+        if banded:
+            bar_top = max(bar_top, *(p.high for p in banded))
+            ax.errorbar([p.predicted for p in banded], [p.observed for p in banded],
+                        yerr=[[max(0.0, p.observed - p.low) for p in banded],
+                              [max(0.0, p.high - p.observed) for p in banded]],
+                        fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=2.5, alpha=0.7)
     if exact:
         xs, ys = [p.predicted for p in exact], [p.observed for p in exact]
         top = max(top, *xs, *ys)
         ax.plot(xs, ys, "--s", ms=3.5, color="black", lw=1.2, label="all test patients, exact (simulation only)")
     ax.set_xlim(0, min(1, top * 1.1))
-    ax.set_ylim(0, min(1, top * 1.1))
+    ax.set_ylim(0, min(1, max(top, bar_top) * 1.05 if bar_top > top else top * 1.1))  # a bar is not cut off
     ax.set_xlabel("predicted risk (mean of each tenth of the patients)")
     ax.set_ylabel("observed rate of the outcome")
     ax.set_title("Calibration of the final model (test patients)")
