@@ -114,13 +114,27 @@ def interval_coverage(aggregation: str, patients: int | None = None, hospitals: 
     this run's setting, a word where it is not the measured one (a deployed run of 2
     hospitals printed "800 test patients, 4 hospitals" as if they were its own)."""
     text = SECURE_INTERVAL_COVERAGE if aggregation == "secure" else INTERVAL_COVERAGE
+    return text + _unmeasured_setting(patients, hospitals, test_epsilon)
+
+
+def band_coverage(aggregation: str, patients: int | None = None, hospitals: int | None = None,
+                  test_epsilon: float | None = None) -> str:
+    """The reliability bars' measured coverage (RELIABILITY_BAND_COVERAGE), said only of
+    the mode and setting it was measured at (per-hospital DP, MEASURED_SETTING)."""
+    if aggregation == "secure":
+        return "their coverage was measured only for per-hospital DP, not for secure aggregation's sums"
+    return RELIABILITY_BAND_COVERAGE + _unmeasured_setting(patients, hospitals, test_epsilon)
+
+
+def _unmeasured_setting(patients: int | None, hospitals: int | None, test_epsilon: float | None) -> str:
+    """A word where this run's setting is not the measured one; nothing where it is or is unknown."""
     n, k, eps = MEASURED_SETTING
     if patients is None or hospitals is None or test_epsilon is None:
-        return text
+        return ""
     if abs(patients - n) > 0.1 * n or hospitals != k or abs(test_epsilon - eps) > 1e-9:
-        text += (f" (this run: {patients} test patients, {hospitals} hospitals, test epsilon {test_epsilon:g}; its "
-                 "coverage was not measured and may differ)")
-    return text
+        return (f" (this run: {patients} test patients, {hospitals} hospitals, test epsilon {test_epsilon:g}; its "
+                "coverage was not measured and may differ)")
+    return ""
 
 
 def auroc_interval(summary: ScoreSummary, noise_std: float, level: float = 0.95, draws: int = 200,
@@ -140,6 +154,11 @@ OBSERVED_OVER_PREDICTED = "observed_over_predicted"  # metric_intervals(with_cal
 # reading minus exact -0.019 (sd 0.066) and +0.020 (sd 0.114). Not yet measured on real runs.
 CALIBRATION_INTERVAL_COVERAGE = ("on 20 default runs it held the exact ratio in 19, and on 120 synthetic releases of "
                                  "the default's size in 118")
+
+
+RELIABILITY_PREFIX = "reliability_"  # metric_intervals' keys of the reliability points' bands
+TENTHS = 10  # the reliability diagram's groups (common.reliability.reliability's default): bars only on full curves
+MIN_BAND_DRAWS = 10  # draws a band's quantiles need at the least (a run with fewer draws gets no bars)
 
 
 def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: int | None = None, level: float = 0.95,
@@ -207,7 +226,13 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     # exact 0.856). The same reading with ties inside the bins errs the other way, so the
     # AUROC's interval spans both readings' intervals.
     read_in_bins = without_fine(reading).metrics().auroc  # the AUROC does not depend on the edge
-    curve = reliability(reading, monotone=True) if with_reliability else []
+    try:
+        curve = reliability(reading, monotone=True) if with_reliability else []
+    except (ValueError, FloatingPointError):  # no diagram, no bars: the metrics' intervals go on without them
+        curve = []
+    # Bars only on a curve of full tenths: a coarse reading's points are whole bins of unequal size, and set
+    # against equal-sized exact groups their errors would be partly a grouping mismatch (a review, 2026-12-07).
+    curve = curve if len(curve) == TENTHS else []
     drawn = _reading_errors(fits, summary, noise_std, at, draws, rng, estimator, with_calibration, decide_on_fine,
                             counted_by_noisy_total, len(curve))
     out: dict[str, tuple[float, float]] = {}
@@ -221,17 +246,14 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
     if out and len(drawn.ratio) >= draws // 2 and math.isfinite(ratio):
         low, high = _bounds(ratio, drawn.ratio, level)
         out[OBSERVED_OVER_PREDICTED] = (max(0.0, min(low, ratio)), max(high, ratio))
-    if out and len(drawn.tenths) >= draws // 2:
+    if out and len(drawn.tenths) >= max(MIN_BAND_DRAWS, draws // 2):
         for k, point in enumerate(curve):
             # as every metric's: the widest of the bounds that the fit's and each truth's errors give
             bounds = [_bounds(point.observed, [errors[k] for errors in found], level) for found in tenth_sets
-                      if len(found) >= 10]
-            low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+                      if len(found) >= MIN_BAND_DRAWS]
+            low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)  # the fit's set is always among them
             out[reliability_key(k)] = (max(0.0, min(low, point.observed)), min(1.0, max(high, point.observed)))
     return out or None
-
-
-RELIABILITY_PREFIX = "reliability_"  # metric_intervals' keys of the reliability points' bands
 
 
 def reliability_key(k: int) -> str:
@@ -312,7 +334,10 @@ def _reading_errors(fits: list[RowFit], summary: ScoreSummary, noise_std: float,
             if math.isfinite(error):
                 ratio_errors.append(error)
         if tenths:
-            read_points, exact_points = reliability(fitted, monotone=True), exact_reliability(y == 1, p, tenths)
+            try:
+                read_points, exact_points = reliability(fitted, monotone=True), exact_reliability(y == 1, p, tenths)
+            except (ValueError, FloatingPointError):  # a draw the diagram cannot be made of: the bars go without it
+                read_points = []
             if len(read_points) == len(exact_points) == tenths:
                 tenth_errors.append([r.observed - e.observed for r, e in zip(read_points, exact_points)])
     return _Errors(errors, in_bins, ratio_errors, tenth_errors)

@@ -242,7 +242,8 @@ class Reader:
         for row, (summary, sd) in rows.items():
             pooled_read = row == "pooled" and read is not None
             found = self.intervals(summary, sd, at, with_calibration=pooled_read,
-                                   with_reliability=pooled_read and self.cfg.is_binary)
+                                   with_reliability=pooled_read and self.cfg.is_binary,
+                                   fitted=read if pooled_read else None)  # the bars' curve is the one shown
             if found:
                 bands.update({k: found.pop(k) for k in [k for k in found if k.startswith(RELIABILITY_PREFIX)]})
             ratio = (found or {}).pop(OBSERVED_OVER_PREDICTED, None)

@@ -240,9 +240,23 @@ def test_the_reliability_diagram_draws_the_exact_curve_and_says_what_it_draws(tm
 
     banded = [CalibrationPoint(p.predicted, p.observed, p.patients, max(0.0, p.observed - 0.05), p.observed + 0.1)
               for p in read]
-    assert plot_reliability({"all test patients (DP reading)": banded}, tmp_path / "bars.png", exact)
-    assert (tmp_path / "bars.png").read_bytes() != (tmp_path / "both.png").read_bytes()
-    with_bars = reliability_caption(dp=True, read=True, exact=True, bands=True)
+    import matplotlib.axes
+
+    bars = []
+    real_errorbar = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        bars.append((list(x), list(y), kwargs.get("yerr")))
+        return real_errorbar(self, x, y, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+        assert plot_reliability({"all test patients (DP reading)": banded}, tmp_path / "bars.png", exact)
+        assert plot_reliability({"all test patients (DP reading)": read}, tmp_path / "plain.png", exact)
+    ((xs, ys, (below, above)),) = bars  # one call, for the banded curve only; each bar from low to high
+    assert xs == [p.predicted for p in banded] and ys == [p.observed for p in banded]
+    assert below == pytest.approx([p.observed - p.low for p in banded]) and above == pytest.approx([0.1] * 10)
+    with_bars = reliability_caption(dp=True, read=True, exact=True, bands=RELIABILITY_BAND_COVERAGE)
     assert "its bar is its interval" in with_bars and RELIABILITY_BAND_COVERAGE in with_bars and "99%" in with_bars
     assert "bar" not in both
     plain = reliability_caption(dp=False, read=True, exact=False)

@@ -976,3 +976,31 @@ def test_a_group_rows_bootstrap_counts_each_draws_patients_as_the_row_does(monke
         assert all(n == total for n, total, _ in seen)
     else:  # the patients drawn, known apart from the noise (a pooled release's count)
         assert any(n != total for n, total, _ in seen) and all(abs(n - raw) < 60 for n, _, raw in seen)
+
+
+def test_the_reliability_bars_come_from_the_same_bootstrap_and_hold_their_points():
+    """metric_intervals(with_reliability=True) on a default-sized release: one bar per tenth
+    of the reading's (non-decreasing) diagram, each holding its point, inside [0, 1], wider
+    at the noisier top tenths than at the bottom; reliability_bands moves them onto the
+    points and out of the metrics; a reading too coarse for ten points gets none."""
+    from common.intervals import INTERVAL_LEVEL, RELIABILITY_PREFIX, TENTHS, metric_intervals, reliability_bands
+    from common.reliability import reliability
+
+    rng = np.random.default_rng(8)
+    noise = TEST_NOISE * math.sqrt(len(SIZES))
+    release, _ = _release(rng, GRID)
+    found = metric_intervals(release, noise, None, INTERVAL_LEVEL, 60, np.random.default_rng(1), "skewnormal",
+                             with_reliability=True)
+    points = reliability(for_metrics(release, "skewnormal", True, noise), monotone=True)
+    assert len(points) == TENTHS and {f"{RELIABILITY_PREFIX}{k}" for k in range(TENTHS)} <= set(found)
+    banded = reliability_bands(points, found)
+    assert not any(k.startswith(RELIABILITY_PREFIX) for k in found) and "auroc" in found  # the metrics stay
+    assert all(0 <= p.low <= p.observed <= p.high <= 1 for p in banded)
+    widths = [p.high - p.low for p in banded]
+    assert np.mean(widths[-3:]) > np.mean(widths[:3]) > 0
+    # without the flag, no bars; a coarse reading (clipped counts in 10 bins: fewer than ten groups) gets none
+    assert not any(k.startswith(RELIABILITY_PREFIX) for k in metric_intervals(
+        release, noise, None, INTERVAL_LEVEL, 30, np.random.default_rng(1), "skewnormal"))
+    coarse = metric_intervals(release, noise, None, INTERVAL_LEVEL, 30, np.random.default_rng(1), "binned",
+                              with_reliability=True) or {}
+    assert len(reliability(release, monotone=True)) < TENTHS and not any(k.startswith(RELIABILITY_PREFIX) for k in coarse)

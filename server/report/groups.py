@@ -13,14 +13,14 @@ from common.intervals import (
     GROUP_INTERVAL_COVERAGE,
     GROUP_RATIO_COVERAGE,
     INTERVAL_LEVEL,
-    RELIABILITY_BAND_COVERAGE,
+    band_coverage,
 )
 from common.metrics import with_interval
 from common.reliability import non_decreasing
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
-from .sections import evaluation_dp, is_secure
+from .sections import coverage_words, evaluation_dp, is_secure
 
 
 def subgroup_section(run: RunFolder) -> Section | None:
@@ -95,20 +95,21 @@ def subgroup_section(run: RunFolder) -> Section | None:
     exact_curve = getattr(test, "exact_calibration_curve", None)
     if plot_reliability(curves, run.path / "calibration.png", exact_curve):
         banded = any(p.low is not None for p in test.calibration_curve or [])
+        bars = coverage_words(run, band_coverage) if banded else None
         blocks.append(Image(run.path / "calibration.png",
-                            reliability_caption(dp, any(curves.values()), bool(exact_curve), banded)))
+                            reliability_caption(dp, any(curves.values()), bool(exact_curve), bars)))
     return Section("Whom the model fails: test patients by group", blocks)
 
 
-def reliability_caption(dp: bool, read: bool, exact: bool, bands: bool = False) -> str:
+def reliability_caption(dp: bool, read: bool, exact: bool, bands: str | None = None) -> str:
     """What the reliability diagram draws: a DP reading (with its noise and the PAV step
     said: a DP curve drawn alone looked exact to a new user, who read "observed 0.59 at
     predicted 0.33" off it), a run's exact counts, and a simulation's exact curve.
-    ``bands``: the DP points carry bars (their intervals), with the bars' measured coverage."""
+    ``bands``: the DP points carry bars (their intervals); the bars' measured coverage, in words."""
     caption = "Reliability diagram: observed rate against mean predicted risk in tenths of the test patients by risk"
     if read and dp:
         noise = (f"each point carries the noise, and its bar is its interval from the same bootstrap as the metrics' "
-                 f"(nominal {INTERVAL_LEVEL:.0%}; {RELIABILITY_BAND_COVERAGE})" if bands else
+                 f"(nominal {INTERVAL_LEVEL:.0%}; {bands})" if bands else
                  "each point carries the noise (the ratio's interval above says how much)")
         caption += (". A DP reading is read from the noisy test releases (the run's estimator), not from exact counts: "
                     f"{noise}, and the points are made "

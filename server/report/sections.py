@@ -88,16 +88,16 @@ def is_secure(run: RunFolder) -> bool:
     return run.config is not None and run.config.privacy.enabled and run.config.privacy.aggregation == "secure"
 
 
-def coverage_words(run: RunFolder) -> str:
+def coverage_words(run: RunFolder, coverage=interval_coverage) -> str:
     """The intervals' measured coverage for this run's mode, and whether this run is the
     setting it was measured at (its test patients, hospitals that released a test histogram,
-    test epsilon)."""
+    test epsilon). ``coverage``: whose (common.intervals.band_coverage: the reliability bars')."""
     cfg, test, privacy = run.config, run.metrics.test, run.privacy
     aggregation = cfg.privacy.aggregation if cfg is not None else ""
     if cfg is None or test is None or test.pooled is None or privacy is None:
-        return interval_coverage(aggregation)
+        return coverage(aggregation)
     hospitals = sum(1 for h in privacy.hospitals.values() if (g := h.groups.get("test")) is not None and g.this_run)
-    return interval_coverage(aggregation, test.pooled.n, hospitals, cfg.evaluation.test_epsilon)
+    return coverage(aggregation, test.pooled.n, hospitals, cfg.evaluation.test_epsilon)
 
 
 def evaluation_dp(run: RunFolder) -> bool:
