@@ -1,6 +1,6 @@
 """What the bedside flags of a set of runs could reach, and where their spread comes from.
 
-    python -m simulations.bedside_study RUNS_DIR [--draws 100] [--levels 0.13,0.15,0.17] [--split val]
+    python -m simulations.bedside_study RUNS_DIR [--draws 100] [--levels 0.15,0.17,0.19] [--split val]
 
 ``RUNS_DIR`` is a ``simulations.utility`` output folder: every ``fold*/model.pt`` in it
 is scored exactly (a simulation holds every patient; nothing here is a DP release) on its
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bedside_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path, help="a simulations.utility output folder (fold*/model.pt)")
     parser.add_argument("--draws", type=int, default=100, help="fresh noise draws of each run's onset histogram")
-    parser.add_argument("--levels", default="0.13,0.15,0.17", help="comma-separated risks for the hour-48 decision")
+    parser.add_argument("--levels", default="0.15,0.17,0.19", help="comma-separated risks for the hour-48 decision")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="the stays table 2 scores the levels on: test (judge a level), val (choose one)")
     args = parser.parse_args(argv)
