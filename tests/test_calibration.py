@@ -167,13 +167,23 @@ def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
     assert ("flags a stay from the first hour its risk passes that hour's threshold by 1.33 in log-odds: a risk of "
             "0.618 after hour 1, 0.340 after hour 48 and keeps the flag on (the margin read from a DP release, aiming at 30% "
             "of the validation stays") in flag
-    assert "The release's noise moves that share: at the default's settings, on 15 runs, it flagged 0.22 to 0.45" in flag
+    from server.report.bedside import MONITOR_SHARE_MEASURED
+
+    assert f"The release's noise moves that share: {MONITOR_SHARE_MEASURED}" in flag
     # a run aiming elsewhere is not told the default's spread
     aiming = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, monitor_rate=0.1))
     (bullets,) = bedside_section(RunFolder(tmp_path, aiming, RunMetrics(run_id="r", test=test), None, None, None,
                                            None)).blocks
     flag = next(item for item in bullets.items if item.startswith("**The flag.**"))
-    assert "0.22 to 0.45" not in flag and "measured only at the default's settings" in flag
+    assert MONITOR_SHARE_MEASURED not in flag and "measured only at the default's settings" in flag
+    # nor a run trained at another clipping norm (its risks, so its hour thresholds, sit elsewhere), nor at another level
+    for changed in (dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, max_grad_norm=3.0)),
+                    dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, threshold=0.12)),
+                    dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, threshold="auto"))):
+        (bullets,) = bedside_section(RunFolder(tmp_path, changed, RunMetrics(run_id="r", test=test), None, None, None,
+                                               None)).blocks
+        flag = next(item for item in bullets.items if item.startswith("**The flag.**"))
+        assert MONITOR_SHARE_MEASURED not in flag and "measured only at the default's settings" in flag
     assert bedside_section(RunFolder(tmp_path, cfg, RunMetrics(run_id="r"), None, None, None, None)) is None
 
 
