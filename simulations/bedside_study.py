@@ -60,6 +60,14 @@ class RunScores:
     val_end: np.ndarray | None = None  # each validation stay's logit at the window's end
     y_val: np.ndarray | None = None  # validation outcomes
 
+    def end_scores(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(logit at the window's end, outcome) of the ``split`` ("test" or "val") stays."""
+        if split == "test":
+            return self.test_end, self.y
+        if self.val_end is None or self.y_val is None:
+            raise ValueError(f"{self.name}: no validation scores were loaded")
+        return self.val_end, self.y_val
+
 
 def flags_at(score: np.ndarray, y: np.ndarray, cut: float) -> tuple[float, float, float]:
     """(share flagged, sensitivity, specificity) of flagging ``score >= cut``."""
@@ -91,7 +99,7 @@ def at_level(runs: list[RunScores], level: float, split: str = "test") -> dict[s
     """The hour-48 decision at a fixed risk on each run's test stays (``split="val"``: its
     validation stays)."""
     cut = float(logit(level))
-    scored = [(r.test_end, r.y) if split == "test" else (r.val_end, r.y_val) for r in runs]
+    scored = [r.end_scores(split) for r in runs]
     rows = np.array([flags_at(score, y, cut) for score, y in scored])
     folds: dict[str, list[float]] = {}
     for run, share in zip(runs, rows[:, 0]):
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n2. The hour-48 decision at fixed risks (and each run's own threshold), on each run's {stays} stays:\n")
     print("| threshold | share flagged | sd | range | sd within a fold | least sensitivity | least specificity |")
     print("|---|---|---|---|---|---|---|")
-    scored = [(r.test_end, r.y) if args.split == "test" else (r.val_end, r.y_val) for r in runs]
+    scored = [r.end_scores(args.split) for r in runs]
     own = np.array([flags_at(score, y, float(logit(r.threshold))) for r, (score, y) in zip(runs, scored)])
     print(f"| each run's own | {own[:, 0].mean():.3f} | {own[:, 0].std(ddof=1):.3f} | {own[:, 0].min():.2f}-"
           f"{own[:, 0].max():.2f} | | {own[:, 1].min():.3f} | {own[:, 2].min():.3f} |")
