@@ -21,7 +21,8 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
    histogram's Gaussian noise at the run's real multiplier (per-hospital DP), read by
    several rules; the sd of the monitor's share over runs and draws, and how often a
    draw's sensitivity or specificity misses. The first row (no noise) is the spread the
-   models themselves leave.
+   models themselves leave; the last, a bound: one noisy count at the exact margin with
+   the final validation release's whole budget, which no reading of a histogram beats.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class RunScores:
     estimator: str = "binormal"  # how the run read its DP releases (evaluation.estimator)
     val_end: np.ndarray | None = None  # each validation stay's logit at the window's end
     y_val: np.ndarray | None = None  # validation outcomes
+    # the noise multiplier per hospital of one count (sensitivity 1) given the final validation release's
+    # whole budget (its histogram's, the hourly histograms' and the onset histogram's rho together)
+    one_count_noise: float = 0.0
 
     def end_scores(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(logit at the window's end, outcome) of the ``split`` ("test" or "val") stays."""
@@ -141,6 +145,18 @@ def redrawn_margins(run: RunScores, grid: ScoreGrid | None, read: Reading, draws
             for _ in range(draws)]
 
 
+def one_count_margins(run: RunScores, draws: int, rng: np.random.Generator) -> list[float | None]:
+    """A bound no reading of a histogram beats: the margin set by one noisy count, the
+    number of validation stays at or above it, at the margin where the exact count is
+    ``monitor_rate`` of them, with the final validation release's whole budget spent on
+    that count (``one_count_noise``, each hospital's noise summed). A real rule cannot
+    know where to put it and must read more than one count from the same budget."""
+    pooled = np.concatenate(run.val_onset)
+    sd = run.one_count_noise * math.sqrt(len(run.val_onset))
+    rates = np.clip(run.monitor_rate + rng.normal(0.0, sd, draws) / len(pooled), 1e-6, 1 - 1e-6)
+    return [float(np.quantile(pooled, 1 - rate)) for rate in rates]
+
+
 def monitor_spread(runs: list[RunScores], margins: list[list[float | None]]) -> dict[str, float]:
     """The monitor's flag share (a stay flagged once its onset score reaches the margin)
     over runs x draws, and how often a draw misses the per-run targets."""
@@ -174,6 +190,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
     # the hospitals' delta, as their ledgers recorded it (the run's privacy.json)
     delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
     noise = calibrated_evaluation_noise(cfg.to_json(), float(delta))
+    final_val = [sigma for (split, final, _), sigma in noise.items() if split == Split.VAL and final and sigma > 0]
     return RunScores(
         name=run_dir.name,
         val_onset=[onset_scores(hourly_logits_at(model, ds.X[h.val], ds.S[h.val], hours), thresholds) for h in hospitals],
@@ -184,6 +201,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
         grid=ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins),
         estimator=cfg.evaluation.estimator,
         val_end=hourly_logits_at(model, ds.X[val], ds.S[val], [hours[-1]])[:, -1], y_val=ds.y[val],
+        one_count_noise=1 / math.sqrt(sum(sigma ** -2 for sigma in final_val)) if final_val else 0.0,
     ) if onset_margin(bundle.info) is not None else None
 
 
@@ -236,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                                      ("3 bins over [-1, 2], read binned", ScoreGrid(-1, 2, 3), binned, 1.0),
                                      ("the run's, 2.5 times onset_share", None, own, 1 / math.sqrt(2.5))):
         rows.append((label, [redrawn_margins(r, grid, read, args.draws, rng, scale) for r in runs]))
+    if all(r.one_count_noise > 0 for r in runs):
+        rows.append(("a bound: one count at the exact margin, with the final validation release's whole budget",
+                     [one_count_margins(r, args.draws, rng) for r in runs]))
     for label, margins in rows:
         s = monitor_spread(runs, margins)
         print(f"| {label} | {s['share']:.3f} | {s['sd']:.3f} | {s['sensitivity_misses']:.2f} | "

@@ -17,6 +17,7 @@ from simulations.bedside_study import (
     fitted,
     flags_at,
     monitor_spread,
+    one_count_margins,
     oracle,
     redrawn_margins,
 )
@@ -86,3 +87,19 @@ def test_a_margin_redrawn_without_noise_is_the_exact_quantile_and_noise_spreads_
     assert monitor_spread([run], [noisy])["sd"] > monitor_spread([run], [quiet])["sd"]
     share = monitor_spread([run], [[exact]])["share"]
     assert share == pytest.approx(float((run.test_onset >= exact).mean()))
+
+
+def test_the_one_count_bound_moves_the_validation_share_by_the_counts_noise():
+    """The bound's margin flags monitor_rate of the validation stays plus the count's
+    noise over their number: without noise the exact quantile, with noise sigma per
+    hospital a share spread of sigma * sqrt(hospitals) / stays."""
+    run = _run("fold0", 4)
+    pooled = np.concatenate(run.val_onset)
+    run.one_count_noise = 0.0
+    exact = one_count_margins(run, 3, np.random.default_rng(0))
+    assert exact == [pytest.approx(float(np.quantile(pooled, 0.7)))] * 3
+    run.one_count_noise = 40.0
+    margins = one_count_margins(run, 400, np.random.default_rng(1))
+    shares = np.array([(pooled >= m).mean() for m in margins])
+    assert shares.mean() == pytest.approx(0.3, abs=0.01)
+    assert shares.std() == pytest.approx(40.0 * 2 / len(pooled), rel=0.15)
