@@ -89,8 +89,8 @@ def test_a_margin_redrawn_without_noise_is_the_exact_quantile_and_noise_spreads_
     assert share == pytest.approx(float((run.test_onset >= exact).mean()))
 
 
-def test_the_one_count_bound_moves_the_validation_share_by_the_counts_noise():
-    """The bound's margin flags monitor_rate of the validation stays plus the count's
+def test_the_one_count_benchmark_moves_the_validation_share_by_the_counts_noise():
+    """The benchmark's margin flags monitor_rate of the validation stays plus the count's
     noise over their number: without noise the exact quantile, with noise sigma per
     hospital a share spread of sigma * sqrt(hospitals) / stays."""
     run = _run("fold0", 4)
