@@ -24,7 +24,9 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
    models themselves leave; the last two spend the final validation release's whole
    budget: on the run's reading, and on one Gaussian count put at the exact margin (a
    benchmark no reading of a Gaussian histogram of that budget reached; a pure-DP
-   Laplace count could spread less). Secure aggregation's runs get the no-noise rows only.
+   Laplace count could spread less). The very last row measures that: the onset
+   histogram as a pure-DP Laplace release at its share of the validation epsilon, a
+   mechanism fedgru does not use. Secure aggregation's runs get the no-noise rows only.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class RunScores:
     # whole budget (its histogram's, the hourly histograms' and the onset histogram's rho together)
     one_count_noise: float = 0.0
     per_hospital: bool = True  # each hospital's own Gaussian noise (not secure aggregation's summed Skellam shares)
+    # the onset histogram's share of the validation epsilon, spent as pure epsilon-DP (a Laplace histogram, not
+    # fedgru's mechanism: what a change of mechanism could give; the shares composed in epsilon, not rho)
+    laplace_epsilon: float = 0.0
 
     def end_scores(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(logit at the window's end, outcome) of the ``split`` ("test" or "val") stays."""
@@ -137,15 +142,23 @@ def binned(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float) -> float | No
 
 
 def redrawn_margins(run: RunScores, grid: ScoreGrid | None, read: Reading, draws: int, rng: np.random.Generator,
-                    noise_scale: float = 1.0) -> list[float | None]:
+                    noise_scale: float = 1.0, laplace_epsilon: float | None = None) -> list[float | None]:
     """``draws`` margins read from fresh noise on the run's exact per-hospital onset
-    histograms (``grid`` None: the run's own bins)."""
+    histograms (``grid`` None: the run's own bins): the run's Gaussian noise times
+    ``noise_scale``, or with ``laplace_epsilon`` each hospital's pure epsilon-DP Laplace
+    histogram (a stay is in one bin: L1 sensitivity 1 under adding or removing a stay, so
+    scale 1/epsilon per bin; Dwork & Roth 2014, 3.3)."""
     grid = grid or run.grid
     hists = [np.bincount(grid.index(v), minlength=grid.bins).astype(np.float64) for v in run.val_onset]
     n = sum(len(v) for v in run.val_onset)
     sigma = run.onset_noise * noise_scale
-    return [read(sum(h + rng.normal(0.0, sigma, grid.bins) for h in hists), n, grid, run.monitor_rate)
-            for _ in range(draws)]
+
+    def noise() -> np.ndarray:
+        if laplace_epsilon is not None:
+            return rng.laplace(0.0, 1.0 / laplace_epsilon, grid.bins)
+        return rng.normal(0.0, sigma, grid.bins)
+
+    return [read(sum(h + noise() for h in hists), n, grid, run.monitor_rate) for _ in range(draws)]
 
 
 def one_count_margins(run: RunScores, draws: int, rng: np.random.Generator) -> list[float | None]:
@@ -208,6 +221,8 @@ def run_scores(run_dir: Path) -> RunScores | None:
         val_end=hourly_logits_at(model, ds.X[val], ds.S[val], [hours[-1]])[:, -1], y_val=ds.y[val],
         one_count_noise=1 / math.sqrt(sum(sigma ** -2 for sigma in final_val)) if final_val else 0.0,
         per_hospital=cfg.privacy.aggregation == "per_hospital",
+        laplace_epsilon=cfg.evaluation.onset_share * cfg.evaluation.val_epsilon
+        * (cfg.evaluation.final_share if cfg.validation_rounds() else 1.0),
     ) if onset_margin(bundle.info) is not None else None
 
 
@@ -269,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                      [redrawn_margins(r, None, own, args.draws, rng, r.one_count_noise / r.onset_noise) for r in runs]))
         rows.append(("a benchmark: one Gaussian count at the exact margin, the whole budget",
                      [one_count_margins(r, args.draws, rng) for r in runs]))
+    if all(r.per_hospital and r.laplace_epsilon > 0 for r in runs):
+        rows.append((f"not fedgru's mechanism: a pure-DP Laplace histogram at the onset's share of the validation "
+                     f"epsilon ({runs[0].laplace_epsilon:g}), the run's reading",
+                     [redrawn_margins(r, None, own, args.draws, rng, laplace_epsilon=r.laplace_epsilon) for r in runs]))
     for label, margins in rows:
         s = monitor_spread(runs, margins)
         print(f"| {label} | {s['share']:.3f} | {s['sd']:.3f} | {s['sensitivity_misses']:.2f} | "

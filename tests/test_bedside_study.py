@@ -103,3 +103,16 @@ def test_the_one_count_benchmark_moves_the_validation_share_by_the_counts_noise(
     shares = np.array([(pooled >= m).mean() for m in margins])
     assert shares.mean() == pytest.approx(0.3, abs=0.01)
     assert shares.std() == pytest.approx(40.0 * 2 / len(pooled), rel=0.15)
+
+
+def test_a_laplace_histogram_spreads_the_margin_as_its_epsilon_says():
+    """Laplace noise of scale 1/epsilon per bin: a huge epsilon reads the exact histogram's
+    margin, a small one spreads it more than a larger one."""
+    run = _run("fold0", 5)
+    exact = fitted(sum(np.bincount(run.grid.index(v), minlength=run.grid.bins).astype(float) for v in run.val_onset),
+                   sum(len(v) for v in run.val_onset), run.grid, run.monitor_rate)
+    near = redrawn_margins(run, None, fitted, 5, np.random.default_rng(0), laplace_epsilon=1e6)
+    assert near == [pytest.approx(exact, abs=1e-3)] * 5
+    spread = {eps: np.std(redrawn_margins(run, None, fitted, 200, np.random.default_rng(1), laplace_epsilon=eps))
+              for eps in (0.05, 1.0)}
+    assert spread[0.05] > 2 * spread[1.0] > 0
