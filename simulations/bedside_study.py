@@ -21,12 +21,11 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
    histogram's Gaussian noise at the run's real multiplier (per-hospital DP), read by
    several rules; the sd of the monitor's share over runs and draws, and how often a
    draw's sensitivity or specificity misses. The first row (no noise) is the spread the
-   models themselves leave; the last two spend the final validation release's whole
-   budget: on the run's reading, and on one Gaussian count put at the exact margin (a
-   benchmark no reading of a Gaussian histogram of that budget reached; a pure-DP
-   Laplace count could spread less). The very last row measures that: the onset
-   histogram as a pure-DP Laplace release at its share of the validation epsilon, a
-   mechanism fedgru does not use. Secure aggregation's runs get the no-noise rows only.
+   models themselves leave. Two rows spend the final validation release's whole budget:
+   on the run's reading, and on one Gaussian count put at the exact margin (a benchmark
+   no reading of a Gaussian histogram of that budget reached). The last row is a
+   mechanism fedgru does not use: the onset histogram as a pure-DP Laplace release at its
+   share of the validation epsilon. Secure aggregation's runs get the no-noise rows only.
 """
 
 from __future__ import annotations
@@ -270,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         ("no noise (the validation stays' exact quantile)", exact),
         (f"a fixed margin, no release ({fixed:.2f}, the median of the exact ones)", [[fixed] for _ in runs])]
     own = partial(fitted, estimator=runs[0].estimator)  # one utility folder: one config
-    if not all(r.per_hospital for r in runs):
+    per_hospital = all(r.per_hospital for r in runs)  # the redrawn noise is each hospital's own
+    if not per_hospital:
         print("(secure aggregation: the rows below that redraw noise assume each hospital's own Gaussian noise, so "
               "they are left out)\n")
     else:
@@ -278,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                                   (f"a {runs[0].estimator} fit, 5 bins over [-2, 3]", ScoreGrid(-2, 3, 5), own),
                                   ("3 bins over [-1, 2], read binned", ScoreGrid(-1, 2, 3), binned)):
             rows.append((label, [redrawn_margins(r, grid, read, args.draws, rng) for r in runs]))
-    if all(r.per_hospital and r.one_count_noise > 0 for r in runs):
+    if per_hospital and all(r.one_count_noise > 0 for r in runs):
         # the same reading with the final validation release's whole budget on the onset histogram
         rows.append(("the run's, with the final validation release's whole budget",
                      [redrawn_margins(r, None, own, args.draws, rng, r.one_count_noise / r.onset_noise) for r in runs]))
         rows.append(("a benchmark: one Gaussian count at the exact margin, the whole budget",
                      [one_count_margins(r, args.draws, rng) for r in runs]))
-    if all(r.per_hospital and r.laplace_epsilon > 0 for r in runs):
+    if per_hospital and all(r.laplace_epsilon > 0 for r in runs):
         rows.append((f"not fedgru's mechanism: a pure-DP Laplace histogram at the onset's share of the validation "
                      f"epsilon ({runs[0].laplace_epsilon:g}), the run's reading",
                      [redrawn_margins(r, None, own, args.draws, rng, laplace_epsilon=r.laplace_epsilon) for r in runs]))
