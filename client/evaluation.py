@@ -1,5 +1,5 @@
-"""A hospital's evaluation releases: noisy score histograms (the Gaussian mechanism),
-budgeted per group of patients.
+"""A hospital's evaluation releases: noisy score histograms (the Gaussian mechanism; the
+monitor's onset histogram the Laplace one by default), budgeted per group of patients.
 
 :func:`plan_evaluations` decides, with the ledger locked and before any patient data is
 read, which requested releases fit their group's budget and the run's per-run count, and
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common import laplace
 from common import messages as M
 from common.config import ExperimentConfig
 from common.explain import contribution_sizes
 from common.ledger import Ledger, LedgerEntry
-from common.messages import Item, Mechanism, Split
+from common.messages import Item, Mechanism, Split, evaluation_mechanism
 from common.metrics import ScoreGrid, ScoreSummary
 from common.model import GRUClassifier, model_spec
 from common.onset import onset_scores
@@ -116,9 +117,11 @@ def _planned(req: Request, ledger: Ledger, noise: dict, split: Split, items: lis
     entries = []
     for item in items:
         sigma = noise[(split, req.final, item)] if ev.dp else 0.0  # the onset histogram's message is final: a test
+        mechanism = evaluation_mechanism(req.cfg, item) if ev.dp else Mechanism.NONE
         entries.append(LedgerEntry(
-            req.run_id, req.server_round, Mechanism.GAUSSIAN if ev.dp else Mechanism.NONE,
-            f"{item.value.replace('-', ' ')} of the {split.value} split" + (" (Gaussian noise)" if ev.dp else " (exact)"),
+            req.run_id, req.server_round, mechanism,
+            f"{item.value.replace('-', ' ')} of the {split.value} split" + (f" ({mechanism.value.capitalize()} noise)"
+                                                                            if ev.dp else " (exact)"),
             split=split, item=item, noise_multiplier=sigma, sample_rate=1.0 if ev.dp else 0.0,
             steps=1 if ev.dp else 0, max_grad_norm=1.0 if ev.dp else 0.0, examples=n,
         ))
@@ -182,8 +185,9 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             plain = ScoreGrid(*ev.logit_range, ev.score_bins)
             hist = np.bincount(plain.index(onset_scores(logits, req.hour_thresholds)), minlength=plain.bins
                                ).astype(np.float64) if len(logits) else np.zeros(plain.bins)
-            if sigma:  # one stay moves one count
-                hist = hist + rng.normal(0.0, sigma, hist.shape)
+            if sigma:  # one stay moves one count: L1 and L2 sensitivity 1
+                hist = hist + (laplace.sample(sigma, hist.shape, rng) if release.entry.mechanism == Mechanism.LAPLACE
+                               else rng.normal(0.0, sigma, hist.shape))
             records[M.ONSET] = _record({"onset-histogram": hist})
         elif release.item == Item.SUBGROUP_HISTOGRAMS:
             raw = {k: v[idx] for k, v in data.dataset.groups.items()}

@@ -15,7 +15,7 @@ import math
 
 from common.config import ExperimentConfig
 from common.ledger import Ledger, LedgerEntry
-from common.messages import Item, Mechanism, Split
+from common.messages import Item, Split, evaluation_mechanism
 from common.preflight import PreflightAnswer
 
 from .hospital import Node
@@ -26,14 +26,15 @@ from .secure import NOMINAL_UNITS, SecureAsk, release_entry, required_variance, 
 
 
 def planned_evaluation_entries(cfg: ExperimentConfig, policy: Policy, split: Split) -> list[LedgerEntry]:
-    """The Gaussian releases of ``split`` the run plans, as ledger entries: every
-    validation during the run, the final one's parts; the test release's parts."""
+    """The DP releases of ``split`` the run plans, as ledger entries: every validation
+    during the run, the final one's parts; the test release's parts."""
     noise = evaluation_noise(cfg.to_json(), policy.delta)
-    sigmas = [sigma for (s, final, _), sigma in noise.items() if s == split and final]
+    planned = [(item, sigma) for (s, final, item), sigma in noise.items() if s == split and final]
     if split == Split.VAL:
-        sigmas += [noise[(Split.VAL, False, Item.HISTOGRAM)]] * len(cfg.validation_rounds())
-    return [LedgerEntry("plan", 0, Mechanism.GAUSSIAN, "planned", split=split, item=Item.HISTOGRAM, noise_multiplier=s,
-                        sample_rate=1.0, steps=1, max_grad_norm=1.0, examples=1) for s in sigmas if math.isfinite(s)]
+        planned += [(Item.HISTOGRAM, noise[(Split.VAL, False, Item.HISTOGRAM)])] * len(cfg.validation_rounds())
+    return [LedgerEntry("plan", 0, evaluation_mechanism(cfg, item), "planned", split=split, item=item,
+                        noise_multiplier=s, sample_rate=1.0, steps=1, max_grad_norm=1.0, examples=1)
+            for item, s in planned if math.isfinite(s)]
 
 
 def evaluation_outlook(cfg: ExperimentConfig, policy: Policy, ledger: Ledger) -> dict[str, tuple[float, float]]:

@@ -32,12 +32,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .laplace import laplace_rdp
 from .messages import Item, Mechanism, Split
 from .privacy import NoisyRelease, epsilon, epsilon_of_rdp, rdp_of
 from .skellam import SkellamSensitivity, rdp_vector
 
 LEDGER_FORMAT = "fedgru-ledger/2"
-NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN, Mechanism.SKELLAM)
+NOISY = (Mechanism.DP_SGD, Mechanism.GAUSSIAN, Mechanism.LAPLACE, Mechanism.SKELLAM)
+# mechanisms only the RDP accountant analyses (Opacus's PRV accountant knows the Gaussian only)
+RDP_ONLY = (Mechanism.LAPLACE, Mechanism.SKELLAM)
 
 
 class LedgerError(RuntimeError):
@@ -52,7 +55,7 @@ class LedgerEntry:
     released: str  # what left the hospital, in words
     split: Split = Split.TRAIN  # whose patients it is about
     item: Item = Item.WEIGHTS  # what it released, for machines
-    noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms)
+    noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms; Laplace: per unit of L1 sensitivity)
     sample_rate: float = 0.0  # Poisson rate (DP-SGD); 1 for a release about everyone in the split
     steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
     max_grad_norm: float = 0.0  # the sensitivity the noise was scaled to (DP-SGD: clipping norm)
@@ -72,6 +75,8 @@ class LedgerEntry:
             sigma = self.alone_noise_multiplier if alone else self.noise_multiplier
             sens = SkellamSensitivity(self.max_grad_norm, self.l1_sensitivity)
             return rdp_vector(self.sample_rate, (sigma * sens.l2) ** 2, sens, self.steps)
+        if self.mechanism == Mechanism.LAPLACE:
+            return laplace_rdp(self.noise_multiplier, self.steps)
         return rdp_of(self.sample_rate, self.noise_multiplier, self.steps)
 
     def as_release(self) -> NoisyRelease:
@@ -91,6 +96,9 @@ class LedgerEntry:
                     f"{where}: a {self.mechanism.value} release needs noise multiplier > 0, sample rate in (0, 1], "
                     "at least one step and one patient"
                 )
+        if self.mechanism == Mechanism.LAPLACE and self.sample_rate != 1:
+            raise LedgerError(f"{where}: a laplace release is about everyone in its split (sample rate 1): its "
+                              "accounting has no subsampling")
         if self.mechanism == Mechanism.SKELLAM and not (
                 0 < self.alone_noise_multiplier <= self.noise_multiplier and self.max_grad_norm >= 1
                 and self.l1_sensitivity >= self.max_grad_norm):
@@ -111,8 +119,8 @@ class Ledger:
     # Keyed (group, alone): ``alone`` counts secure aggregation's releases with this
     # hospital's own noise only (the same vector when it made none).
     _rdp: dict[tuple[Split, bool], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # whether a group holds a Skellam release (kept by record() too)
-    _secure: dict[Split, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # whether a group holds a release only RDP analyses (Skellam, Laplace; kept by record() too)
+    _rdp_only: dict[Split, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- accounting ------------------------------------------------------------
     def noisy(self, split: Split = Split.TRAIN) -> list[LedgerEntry]:
@@ -130,13 +138,14 @@ class Ledger:
         return self._rdp[(split, alone)]
 
     def _uses_rdp(self, split: Split, accountant: str | None, planned: list[LedgerEntry] = ()) -> bool:
-        """RDP when asked, and whenever a Skellam release is among the group's (PRV has no
-        Skellam analysis; RDP's epsilon is an upper bound on PRV's)."""
-        if (accountant or self.accountant) == "rdp" or any(e.mechanism == Mechanism.SKELLAM for e in planned):
+        """RDP when asked, and whenever a Skellam or Laplace release is among the group's
+        (Opacus's PRV accountant analyses the Gaussian only; RDP's epsilon is an upper bound
+        on PRV's)."""
+        if (accountant or self.accountant) == "rdp" or any(e.mechanism in RDP_ONLY for e in planned):
             return True
-        if split not in self._secure:
-            self._secure[split] = any(e.mechanism == Mechanism.SKELLAM for e in self.noisy(split))
-        return self._secure[split]
+        if split not in self._rdp_only:
+            self._rdp_only[split] = any(e.mechanism in RDP_ONLY for e in self.noisy(split))
+        return self._rdp_only[split]
 
     def epsilon(self, split: Split = Split.TRAIN, accountant: str | None = None) -> float:
         """Epsilon of everything ever released about one group of patients."""
@@ -176,8 +185,8 @@ class Ledger:
         refused here rather than sealed into a ledger every later read would reject."""
         entry.check(f"{self.hospital}'s new ledger entry")
         self.entries.append(entry)
-        if entry.mechanism == Mechanism.SKELLAM:
-            self._secure[entry.split] = True
+        if entry.mechanism in RDP_ONLY:
+            self._rdp_only[entry.split] = True
         if entry.mechanism in NOISY:
             for alone in (False, True):
                 if (entry.split, alone) in self._rdp:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 # A hospital's name travels in messages (its reply state, its signed round keys) and names
 # files in its folder: letters, digits, '-' and '_', the same rule wherever one is given.
@@ -113,8 +117,21 @@ class Mechanism(str, Enum):
 
     DP_SGD = "dp-sgd"  # model weights after DP-SGD: composes into the training patients' epsilon
     GAUSSIAN = "gaussian"  # a noisy score histogram: composes into its split's epsilon
+    LAPLACE = "laplace"  # a noisy histogram with Laplace noise (a stay in one cell): composes in RDP (common.laplace)
     SKELLAM = "skellam"  # secure aggregation: a share of distributed Skellam noise on one full step (common.skellam)
     NONE = "none"  # a release outside the DP guarantee, recorded so nothing leaves unrecorded
+
+
+def evaluation_mechanism(cfg: ExperimentConfig, item: Item) -> Mechanism:
+    """The mechanism of a hospital's own DP evaluation release of ``item`` (each hospital
+    noising its own; under secure aggregation the sessions' Skellam shares): Gaussian, but
+    the monitor's onset histogram follows ``evaluation.onset_noise``. Both sides read it:
+    the hospital noises and records the release by it, the coordinator checks the ledger
+    entry against it and reads the noise's tails by it."""
+    if (item == Item.ONSET_HISTOGRAM and cfg.evaluation.onset_noise == "laplace"
+            and cfg.privacy.aggregation == "per_hospital"):
+        return Mechanism.LAPLACE
+    return Mechanism.GAUSSIAN
 
 
 SUMMARY_FIELDS = {"histogram", "n", "grid"}  # an evaluation record's arrays (multi-class tasks add "confusion")
@@ -155,7 +172,8 @@ RELEASES: tuple[Release, ...] = (
         "onset histogram", "once, with the test release", True,
         "the validation patients' noisy histogram of their highest excess, over the window, of the risk over each "
         "hour's threshold (the thresholds the coordinator sends with the test release; evaluation.monitor_rate), "
-        "from which the monitor's margin is read: the Gaussian mechanism, covered by DP for the validation patients",
+        "from which the monitor's margin is read: the Laplace mechanism (evaluation.onset_noise; the Gaussian under "
+        "secure aggregation), covered by DP for the validation patients",
     ),
     Release(NUM_EXAMPLES, "every training round", False,
             "a count the hospital declares for its training split: fixed when its staff register an export "

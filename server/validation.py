@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Message
 from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger, LedgerEntry, LedgerError
-from common.messages import Item, Mechanism, Split
+from common.messages import Item, Mechanism, Split, evaluation_mechanism
 from common.metrics import ScoreGrid, ScoreSummary
 from common.privacy import steps_per_round
 from common.subgroups import SubgroupSummary, groupings
@@ -196,12 +196,14 @@ def read_evaluations(
             raise ReplyRejected(f"reply carries a record ({name}) that was not asked for")
 
     def released(split: Split, item: Item, n: int | None = None) -> LedgerEntry:
+        mechanism = evaluation_mechanism(cfg, item)  # the run's, for a DP release
         entries = [e for e in _entries(ledger, run_id, server_round, split) if e.item == item
-                   and e.mechanism in (Mechanism.GAUSSIAN, Mechanism.NONE) and (n is None or e.examples == n)]
+                   and e.mechanism in (mechanism, Mechanism.NONE) and (n is None or e.examples == n)]
         if not entries:
             raise ReplyRejected(f"its ledger does not record the {item.value} of the {split.value} split it sends")
-        if cfg.evaluation.dp and entries[-1].mechanism != Mechanism.GAUSSIAN:
-            raise ReplyRejected(f"its {item.value} of the {split.value} split is not recorded as a DP (Gaussian) release")
+        if cfg.evaluation.dp and entries[-1].mechanism != mechanism:
+            raise ReplyRejected(f"its {item.value} of the {split.value} split is not recorded as a DP "
+                                f"({mechanism.value.capitalize()}) release")
         return entries[-1]
 
     for split in splits:
@@ -238,7 +240,7 @@ def read_evaluations(
         if set(arrays) != {"onset-histogram"} or histogram.shape != (bins,) or not np.isfinite(histogram).all():
             raise ReplyRejected(f"the onset histogram must be one finite array of {bins} counts")
         entry = released(Split.VAL, Item.ONSET_HISTOGRAM)
-        within_reach(histogram, entry.examples, entry.noise_multiplier, "its onset histogram")
+        within_reach(histogram, entry.examples, entry.noise_multiplier, "its onset histogram", entry.mechanism)
         out.noise[Item.ONSET_HISTOGRAM] = entry.noise_multiplier
         out.onset, out.onset_n = histogram.astype(np.float64), entry.examples
     if M.SUBGROUPS in msg.content.array_records:
@@ -271,14 +273,18 @@ def read_evaluations(
 
 
 REACH_SD = 10  # an honest cell passes its range by this many noise sd with probability ~1e-23
+# Laplace noise has heavier tails: the same chance, P(|X| > t) = exp(-t / b) with sd sqrt(2) b, needs this many sd (37.1)
+REACH_SD_LAPLACE = -math.log(math.erfc(REACH_SD / math.sqrt(2))) / math.sqrt(2)
 
 
-def within_reach(cells: np.ndarray, n: int, noise_sd: float, what: str) -> None:
+def within_reach(cells: np.ndarray, n: int, noise_sd: float, what: str,
+                 mechanism: Mechanism = Mechanism.GAUSSIAN) -> None:
     """Every cell of a release about ``n`` patients (each adding at most 1 to a cell) with
-    Gaussian noise of ``noise_sd`` lies in [0, n] give or take ``REACH_SD`` noise sd.
-    A cell beyond (1e308 from a hostile hospital, which would make the pooled sum
-    infinite) can only be forged: the reply is dropped."""
-    slack = REACH_SD * noise_sd + 1e-9
+    noise of sd ``noise_sd`` lies in [0, n] give or take what an honest cell passes with
+    probability ~1e-23 (``REACH_SD`` sd of Gaussian noise, ``REACH_SD_LAPLACE`` of
+    Laplace noise). A cell beyond (1e308 from a hostile hospital, which would make the
+    pooled sum infinite) can only be forged: the reply is dropped."""
+    slack = (REACH_SD_LAPLACE if mechanism == Mechanism.LAPLACE else REACH_SD) * noise_sd + 1e-9
     values = np.asarray(cells, dtype=np.float64)
     if not (values.min(initial=0.0) >= -slack and values.max(initial=0.0) <= n + slack):
         raise ReplyRejected(f"{what} holds a count no {n} patients with the noise its ledger records can give")

@@ -31,6 +31,7 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -57,7 +58,7 @@ class RunScores:
     test_end: np.ndarray  # each test stay's logit at the window's end (what predict flags)
     y: np.ndarray  # test outcomes
     threshold: float  # the run's hour-48 decision threshold (a risk)
-    onset_noise: float  # the onset histogram's noise multiplier per hospital (sensitivity 1)
+    onset_noise: float  # the onset histogram's noise sd per hospital (sensitivity 1), as its ledger entry records it
     monitor_rate: float
     grid: ScoreGrid  # the onset histogram's bins, as the run released it
     estimator: str = "binormal"  # how the run read its DP releases (evaluation.estimator)
@@ -66,9 +67,10 @@ class RunScores:
     # the noise multiplier per hospital of one count (sensitivity 1) given the final validation release's
     # whole budget (its histogram's, the hourly histograms' and the onset histogram's rho together)
     one_count_noise: float = 0.0
-    per_hospital: bool = True  # each hospital's own Gaussian noise (not secure aggregation's summed Skellam shares)
-    # the onset histogram's share of the validation epsilon, spent as pure epsilon-DP (a Laplace histogram, not
-    # fedgru's mechanism: what a change of mechanism could give; the shares composed in epsilon, not rho)
+    per_hospital: bool = True  # each hospital's own noise (not secure aggregation's summed Skellam shares)
+    onset_laplace: bool = False  # the onset histogram's noise was discrete Laplace (common.laplace), not Gaussian
+    # the onset histogram's share of the validation epsilon, spent as pure epsilon-DP (a Laplace histogram composed
+    # in epsilon, not in RDP as fedgru does: what a change of accounting could give)
     laplace_epsilon: float = 0.0
 
     def end_scores(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,21 +143,24 @@ def binned(hist: np.ndarray, n: int, grid: ScoreGrid, rate: float) -> float | No
 
 
 def redrawn_margins(run: RunScores, grid: ScoreGrid | None, read: Reading, draws: int, rng: np.random.Generator,
-                    noise_scale: float = 1.0, laplace_epsilon: float | None = None) -> list[float | None]:
+                    noise_sd: float | None = None, laplace_epsilon: float | None = None) -> list[float | None]:
     """``draws`` margins read from fresh noise on the run's exact per-hospital onset
-    histograms (``grid`` None: the run's own bins): the run's Gaussian noise times
-    ``noise_scale``, or with ``laplace_epsilon`` each hospital's pure epsilon-DP Laplace
-    histogram (a stay is in one bin: L1 sensitivity 1 under adding or removing a stay, so
-    scale 1/epsilon per bin; Dwork & Roth 2014, 3.3)."""
+    histograms (``grid`` None: the run's own bins): the run's own noise (its mechanism and
+    sd), or Gaussian noise of ``noise_sd``, or with ``laplace_epsilon`` each hospital's pure
+    epsilon-DP Laplace histogram (a stay is in one bin: L1 sensitivity 1 under adding or
+    removing a stay, so scale 1/epsilon per bin; Dwork & Roth 2014, 3.3)."""
+    from common import laplace
+
     grid = grid or run.grid
     hists = [np.bincount(grid.index(v), minlength=grid.bins).astype(np.float64) for v in run.val_onset]
     n = sum(len(v) for v in run.val_onset)
-    sigma = run.onset_noise * noise_scale
 
     def noise() -> np.ndarray:
         if laplace_epsilon is not None:
             return rng.laplace(0.0, 1.0 / laplace_epsilon, grid.bins)
-        return rng.normal(0.0, sigma, grid.bins)
+        if noise_sd is None and run.onset_laplace:
+            return laplace.sample(run.onset_noise, (grid.bins,), rng)
+        return rng.normal(0.0, run.onset_noise if noise_sd is None else noise_sd, grid.bins)
 
     return [read(sum(h + noise() for h in hists), n, grid, run.monitor_rate) for _ in range(draws)]
 
@@ -184,6 +189,21 @@ def monitor_spread(runs: list[RunScores], margins: list[list[float | None]]) -> 
             "specificity_misses": float((rows[:, 2] < MIN_SPECIFICITY).mean()), "over_045": float((rows[:, 0] > 0.45).mean())}
 
 
+def onset_entry(run_dir: Path):
+    """The ledger entry of a run's onset histogram (its mechanism and noise sd), from the
+    first hospital's ledger in its privacy.json; None where none was made."""
+    from common.ledger import Ledger
+    from common.messages import Item, Split
+
+    hospitals = json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()
+    for hospital in hospitals:
+        if hospital.get("ledger"):
+            ledger = Ledger.from_plain(hospital["ledger"], source=str(run_dir / "privacy.json"))
+            entries = [e for e in ledger.noisy(Split.VAL) if e.item == Item.ONSET_HISTOGRAM]
+            return entries[-1] if entries else None
+    return None
+
+
 def run_scores(run_dir: Path) -> RunScores | None:
     """A run's exact scores, from its bundle and its fold's stays; None for a run
     without a monitor margin."""
@@ -191,7 +211,7 @@ def run_scores(run_dir: Path) -> RunScores | None:
     from common.bundle import Bundle, hour_thresholds, onset_margin
     from common.data.dataset import load_dataset
     from common.data.partition import make_partition
-    from common.messages import Item, Split
+    from common.messages import Item, Mechanism, Split
     from common.onset import onset_scores
     from common.training import hourly_logits_at
 
@@ -206,14 +226,18 @@ def run_scores(run_dir: Path) -> RunScores | None:
     val = np.concatenate([h.val for h in hospitals])
     # the hospitals' delta, as their ledgers recorded it (the run's privacy.json)
     delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
-    noise = calibrated_evaluation_noise(cfg.to_json(), float(delta))
+    onset = onset_entry(run_dir)
+    # the one-count benchmark is of Gaussian releases: the final validation release's Gaussian calibration
+    gaussian = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian"))
+    noise = calibrated_evaluation_noise(gaussian.to_json(), float(delta))
     final_val = [sigma for (split, final, _), sigma in noise.items() if split == Split.VAL and final and sigma > 0]
     return RunScores(
         name=run_dir.name,
         val_onset=[onset_scores(hourly_logits_at(model, ds.X[h.val], ds.S[h.val], hours), thresholds) for h in hospitals],
         test_onset=onset_scores(test_logits, thresholds), test_end=test_logits[:, -1], y=ds.y[test],
         threshold=float(bundle.info.get("threshold", 0.5)),
-        onset_noise=float(noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)),
+        onset_noise=onset.noise_multiplier if onset else float(noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)),
+        onset_laplace=bool(onset and onset.mechanism == Mechanism.LAPLACE),
         monitor_rate=float(bundle.info.get("monitor_rate") or cfg.evaluation.monitor_rate),
         grid=ScoreGrid(*cfg.evaluation.logit_range, cfg.evaluation.score_bins),
         estimator=cfg.evaluation.estimator,
@@ -281,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if per_hospital and all(r.one_count_noise > 0 for r in runs):
         # the same reading with the final validation release's whole budget on the onset histogram
         rows.append(("the run's, with the final validation release's whole budget",
-                     [redrawn_margins(r, None, own, args.draws, rng, r.one_count_noise / r.onset_noise) for r in runs]))
+                     [redrawn_margins(r, None, own, args.draws, rng, r.one_count_noise) for r in runs]))
         rows.append(("a benchmark: one Gaussian count at the exact margin, the whole budget",
                      [one_count_margins(r, args.draws, rng) for r in runs]))
     if per_hospital and all(r.laplace_epsilon > 0 for r in runs):

@@ -80,7 +80,7 @@ def test_a_level_is_read_on_the_validation_stays_when_asked_not_on_the_test_stay
 def test_a_margin_redrawn_without_noise_is_the_exact_quantile_and_noise_spreads_the_monitor():
     run = _run("fold0", 4)
     exact = float(np.quantile(np.concatenate(run.val_onset), 0.7))
-    quiet = redrawn_margins(run, None, fitted, 5, np.random.default_rng(0), noise_scale=1e-9)
+    quiet = redrawn_margins(run, None, fitted, 5, np.random.default_rng(0), noise_sd=1e-9)
     assert all(m == pytest.approx(quiet[0]) for m in quiet) and abs(quiet[0] - exact) < 0.15  # the fit's own bias
     rng = np.random.default_rng(1)
     noisy = redrawn_margins(run, None, fitted, 50, rng)
@@ -116,3 +116,16 @@ def test_a_laplace_histogram_spreads_the_margin_as_its_epsilon_says():
     spread = {eps: np.std(redrawn_margins(run, None, fitted, 200, np.random.default_rng(1), laplace_epsilon=eps))
               for eps in (0.05, 1.0)}
     assert spread[0.05] > 2 * spread[1.0] > 0
+
+
+def test_a_run_that_released_discrete_laplace_noise_is_redrawn_with_it():
+    """The run's own mechanism (its ledger's onset entry): near-zero discrete Laplace noise
+    reads the exact margin, and at one sd the margins spread about as Gaussian ones do."""
+    run = _run("fold0", 6)
+    exact = redrawn_margins(run, None, fitted, 3, np.random.default_rng(0), noise_sd=1e-9)
+    run.onset_laplace, run.onset_noise = True, 1e-9
+    assert redrawn_margins(run, None, fitted, 3, np.random.default_rng(0)) == pytest.approx(exact, abs=1e-9)
+    run.onset_noise = 6.0
+    laplace = np.std(redrawn_margins(run, None, fitted, 300, np.random.default_rng(2)))
+    gaussian = np.std(redrawn_margins(run, None, fitted, 300, np.random.default_rng(2), noise_sd=6.0))
+    assert 0.6 < laplace / gaussian < 1.5

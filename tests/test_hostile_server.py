@@ -423,7 +423,7 @@ def test_every_value_a_whole_run_releases_is_dp_or_declared(tmp_path, physionet_
             elif name == M.HOURLY:
                 split, mechanism, item = Split.VAL, Mechanism.GAUSSIAN, Item.HOURLY_HISTOGRAMS
             elif name == M.ONSET:
-                split, mechanism, item = Split.VAL, Mechanism.GAUSSIAN, Item.ONSET_HISTOGRAM
+                split, mechanism, item = Split.VAL, Mechanism.LAPLACE, Item.ONSET_HISTOGRAM  # the default's
             else:
                 assert name.startswith(M.EVALUATION_PREFIX), name
                 split, mechanism, item = Split(name[len(M.EVALUATION_PREFIX):]), Mechanism.GAUSSIAN, Item.HISTOGRAM
@@ -509,11 +509,12 @@ def test_hour_thresholds_a_hospital_cannot_read_are_refused_before_any_data(hosp
     assert not reads and folder_ledger(hospital).entries == []
 
 
-def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hospital):
+@pytest.mark.parametrize("noise", ["laplace", "gaussian"])
+def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hospital, noise):
     from client.folder import HospitalFolder
     from client.ledger_store import FileLedgerStore
 
-    cfg = hospital_cfg()
+    cfg = hospital_cfg(f"evaluation.onset_noise={noise}")
     reply = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test",
                                                  **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)}),
                                 node_context(hospital))
@@ -521,7 +522,9 @@ def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hosp
     histogram = reply.content[M.ONSET]["onset-histogram"].numpy()
     assert histogram.shape == (cfg.evaluation.score_bins,) and np.isfinite(histogram).all()
     onset = [e for e in folder_ledger(hospital).noisy(Split.VAL) if e.item == Item.ONSET_HISTOGRAM]
-    assert len(onset) == 1 and onset[0].run_id == "r" and onset[0].mechanism == Mechanism.GAUSSIAN
+    assert len(onset) == 1 and onset[0].run_id == "r" and onset[0].mechanism == Mechanism(noise)
+    # discrete Laplace noise keeps the counts whole: no low bits of a floating-point sample leave
+    assert (noise == "laplace") == bool(np.all(histogram == np.round(histogram)))
     # without hour thresholds the test release is made and the onset histogram declined, saying why
     plain = client_app.evaluate(hospital_message(cfg, "r2", 3, MessageType.EVALUATE, "test", **{M.THRESHOLD: 0.15}),
                                 node_context(hospital))

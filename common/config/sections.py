@@ -475,6 +475,10 @@ class EvaluationSection:
     # hour flags by its own threshold alone, on and off (about 0.6 of stays at some hour).
     monitor_rate: float
     onset_share: float  # of the final validation release's budget (in rho) for that histogram
+    # "laplace": each hospital's onset histogram gets discrete Laplace noise, which in the
+    # same room carries less noise than the Gaussian (common.laplace); "gaussian". Under
+    # secure aggregation it is a sum of Skellam shares like every release, whatever this says.
+    onset_noise: Literal["laplace", "gaussian"]
 
     @property
     def level(self) -> float | None:

@@ -125,7 +125,9 @@ ACCOUNTANTS_WORDS = (
     "Two accountants read the same ledger: RDP (Renyi differential privacy; Mironov, CSF 2017; Mironov, Talwar & "
     "Zhang 2019 for the subsampled Gaussian), the familiar, more conservative bound, and PRV (privacy loss random "
     "variables; Gopi, Lee & Wutschitz, NeurIPS 2021), a tighter numerical bound. They are two readings of one set of "
-    "releases, not two releases; `privacy.accountant` names the one that budgets are checked against."
+    "releases, not two releases; `privacy.accountant` names the one that budgets are checked against. RDP also "
+    "reads the Laplace release of the monitor's onset histogram (Mironov 2017, Prop. 6); PRV has no analysis of it, "
+    "so where a group holds one its PRV column repeats the RDP epsilon."
 )
 
 
@@ -187,7 +189,7 @@ def privacy_sections(run: RunFolder) -> list[Section]:
 RNG_NOTE = (
     "DP noise and Poisson sampling use torch's generator seeded from the operating system's entropy at "
     "each hospital. It is not a cryptographically secure generator: Opacus's secure mode needs torchcsprng, "
-    "which does not install with current torch. Floating-point Gaussian sampling is also known to leak "
+    "which does not install with current torch. Floating-point Gaussian and Laplace sampling are also known to leak "
     "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
 )
 
