@@ -55,7 +55,7 @@ class LedgerEntry:
     released: str  # what left the hospital, in words
     split: Split = Split.TRAIN  # whose patients it is about
     item: Item = Item.WEIGHTS  # what it released, for machines
-    noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms; Laplace: per unit of L1 sensitivity)
+    noise_multiplier: float = 0.0  # noise std / sensitivity (noisy mechanisms; Laplace: its sd, sensitivity 1)
     sample_rate: float = 0.0  # Poisson rate (DP-SGD); 1 for a release about everyone in the split
     steps: int = 0  # Gaussian releases made (DP-SGD steps; 1 for a histogram)
     max_grad_norm: float = 0.0  # the sensitivity the noise was scaled to (DP-SGD: clipping norm)
@@ -96,9 +96,9 @@ class LedgerEntry:
                     f"{where}: a {self.mechanism.value} release needs noise multiplier > 0, sample rate in (0, 1], "
                     "at least one step and one patient"
                 )
-        if self.mechanism == Mechanism.LAPLACE and self.sample_rate != 1:
-            raise LedgerError(f"{where}: a laplace release is about everyone in its split (sample rate 1): its "
-                              "accounting has no subsampling")
+        if self.mechanism == Mechanism.LAPLACE and (self.sample_rate != 1 or self.max_grad_norm != 1):
+            raise LedgerError(f"{where}: a laplace release is a count of everyone in its split (sample rate 1, "
+                              "sensitivity 1): its accounting has neither subsampling nor another sensitivity")
         if self.mechanism == Mechanism.SKELLAM and not (
                 0 < self.alone_noise_multiplier <= self.noise_multiplier and self.max_grad_norm >= 1
                 and self.l1_sensitivity >= self.max_grad_norm):

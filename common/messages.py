@@ -172,8 +172,8 @@ RELEASES: tuple[Release, ...] = (
         "onset histogram", "once, with the test release", True,
         "the validation patients' noisy histogram of their highest excess, over the window, of the risk over each "
         "hour's threshold (the thresholds the coordinator sends with the test release; evaluation.monitor_rate), "
-        "from which the monitor's margin is read: the Laplace mechanism (evaluation.onset_noise; the Gaussian under "
-        "secure aggregation), covered by DP for the validation patients",
+        "from which the monitor's margin is read: the discrete Laplace mechanism (evaluation.onset_noise; a share of "
+        "Skellam noise under secure aggregation), covered by DP for the validation patients",
     ),
     Release(NUM_EXAMPLES, "every training round", False,
             "a count the hospital declares for its training split: fixed when its staff register an export "

@@ -1,10 +1,12 @@
 """Privacy accounting at a hospital (the maths; the ledger builds on it).
 
-Everything a hospital releases under DP is a Gaussian mechanism, recorded as a
+Nearly everything a hospital releases under DP is a Gaussian mechanism, recorded as a
 :class:`NoisyRelease` ``(noise_multiplier, sample_rate, steps)``: a DP-SGD round is
 ``steps`` subsampled Gaussian steps at rate ``sample_rate`` (Abadi et al., CCS 2016); a
 noisy score histogram of the validation or test patients is one plain Gaussian release
-(``sample_rate`` 1, ``steps`` 1). Epsilon is always computed from the *whole* history of
+(``sample_rate`` 1, ``steps`` 1). The monitor's onset histogram is a discrete Laplace
+release (``common.laplace``) and secure aggregation's are Skellam shares
+(``common.skellam``): both join the same RDP ledger. Epsilon is always computed from the *whole* history of
 one group of patients by a fresh Opacus accountant, so it is the epsilon of everything
 released about them so far, never of one round:
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from common import laplace
 from common import messages as M
 from common.config import ExperimentConfig
 from common.ledger import Ledger, LedgerEntry, LedgerError
@@ -273,19 +274,26 @@ def read_evaluations(
 
 
 REACH_SD = 10  # an honest cell passes its range by this many noise sd with probability ~1e-23
-# Laplace noise has heavier tails: the same chance, P(|X| > t) = exp(-t / b) with sd sqrt(2) b, needs this many sd (37.1)
-REACH_SD_LAPLACE = -math.log(math.erfc(REACH_SD / math.sqrt(2))) / math.sqrt(2)
+REACH_CHANCE = math.erfc(REACH_SD / math.sqrt(2))  # that probability, which Laplace tails are read at too
 
 
 def within_reach(cells: np.ndarray, n: int, noise_sd: float, what: str,
                  mechanism: Mechanism = Mechanism.GAUSSIAN) -> None:
     """Every cell of a release about ``n`` patients (each adding at most 1 to a cell) with
     noise of sd ``noise_sd`` lies in [0, n] give or take what an honest cell passes with
-    probability ~1e-23 (``REACH_SD`` sd of Gaussian noise, ``REACH_SD_LAPLACE`` of
-    Laplace noise). A cell beyond (1e308 from a hostile hospital, which would make the
-    pooled sum infinite) can only be forged: the reply is dropped."""
-    slack = (REACH_SD_LAPLACE if mechanism == Mechanism.LAPLACE else REACH_SD) * noise_sd + 1e-9
+    probability ``REACH_CHANCE`` (``REACH_SD`` sd of Gaussian noise; for discrete Laplace
+    noise, whose tails are heavier, about 37 sd: common.laplace.reach), and a discrete
+    Laplace release holds whole numbers only (an honest count plus integer noise). A cell
+    beyond (1e308 from a hostile hospital, which would make the pooled sum infinite) can
+    only be forged: the reply is dropped."""
     values = np.asarray(cells, dtype=np.float64)
+    if mechanism == Mechanism.LAPLACE:
+        slack = laplace.reach(noise_sd, REACH_CHANCE) if noise_sd > 0 else 0.0
+        if not np.array_equal(values, np.round(values)):
+            raise ReplyRejected(f"{what} holds a count that is not a whole number, which discrete Laplace noise "
+                                "cannot give")
+    else:
+        slack = REACH_SD * noise_sd + 1e-9
     if not (values.min(initial=0.0) >= -slack and values.max(initial=0.0) <= n + slack):
         raise ReplyRejected(f"{what} holds a count no {n} patients with the noise its ledger records can give")
 

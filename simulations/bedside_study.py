@@ -18,14 +18,16 @@ thresholds. Three tables, each a question the README's "Flags at the bedside" an
    ``--split val`` reads each run's validation stays instead: the split a default level
    may be chosen on, leaving the test stays to judge it.
 3. **The monitor's margin, redrawn.** For each run, ``--draws`` fresh draws of the onset
-   histogram's Gaussian noise at the run's real multiplier (per-hospital DP), read by
-   several rules; the sd of the monitor's share over runs and draws, and how often a
+   histogram's noise as its ledger recorded it (discrete Laplace or Gaussian, its sd;
+   per-hospital DP), read by several rules; the sd of the monitor's share over runs and draws, and how often a
    draw's sensitivity or specificity misses. The first row (no noise) is the spread the
    models themselves leave. Two rows spend the final validation release's whole budget:
    on the run's reading, and on one Gaussian count put at the exact margin (a benchmark
-   no reading of a Gaussian histogram of that budget reached). The last row is a
-   mechanism fedgru does not use: the onset histogram as a pure-DP Laplace release at its
-   share of the validation epsilon. Secure aggregation's runs get the no-noise rows only.
+   no reading of a Gaussian histogram of that budget reached). The last row is an
+   accounting fedgru does not use: the onset histogram as a pure-DP Laplace release at its
+   share of the validation epsilon, the shares composed in epsilon (fedgru composes its
+   Laplace release in RDP with the Gaussian ones). Secure aggregation's runs get the
+   no-noise rows only.
 """
 
 from __future__ import annotations
@@ -309,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("a benchmark: one Gaussian count at the exact margin, the whole budget",
                      [one_count_margins(r, args.draws, rng) for r in runs]))
     if per_hospital and all(r.laplace_epsilon > 0 for r in runs):
-        rows.append((f"not fedgru's mechanism: a pure-DP Laplace histogram at the onset's share of the validation "
-                     f"epsilon ({runs[0].laplace_epsilon:g}), the run's reading",
+        rows.append((f"not fedgru's accounting: a pure-DP Laplace histogram at the onset's share of the validation "
+                     f"epsilon ({runs[0].laplace_epsilon:g}, composed in epsilon), the run's reading",
                      [redrawn_margins(r, None, own, args.draws, rng, laplace_epsilon=r.laplace_epsilon) for r in runs]))
     for label, margins in rows:
         s = monitor_spread(runs, margins)

@@ -180,7 +180,8 @@ def test_the_report_says_what_the_risk_is_and_where_not_to_trust_it(tmp_path):
     for changed in (dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, max_grad_norm=3.0)),
                     dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, threshold=0.12)),
                     dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, threshold="auto")),
-                    dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, hourly_share=0.4))):
+                    dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, hourly_share=0.4)),
+                    dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian"))):
         (bullets,) = bedside_section(RunFolder(tmp_path, changed, RunMetrics(run_id="r", test=test), None, None, None,
                                                None)).blocks
         flag = next(item for item in bullets.items if item.startswith("**The flag.**"))

@@ -14,6 +14,7 @@ from scipy import special
 from client.noise import calibrated_evaluation_noise
 from client.policy import default_policy
 from client.preflight import planned_evaluation_entries
+from common import laplace
 from common.config import DEFAULT_CONFIG, load_config
 from common.laplace import calibrate_laplace, decay, laplace_rdp, sample
 from common.ledger import Ledger, LedgerEntry, LedgerError
@@ -105,21 +106,27 @@ def test_the_default_onset_histogram_is_laplace_with_less_noise_in_the_room_its_
     assert {e.mechanism for e in secure} == {Mechanism.GAUSSIAN}
 
 
-def test_a_laplace_entry_must_be_about_the_whole_split():
+@pytest.mark.parametrize("rate, sensitivity", [(0.5, 1.0), (1.0, 2.0)])
+def test_a_laplace_entry_must_be_a_count_of_the_whole_split(rate, sensitivity):
     entry = LedgerEntry("r", 1, Mechanism.LAPLACE, "onset", split=Split.VAL, item=Item.ONSET_HISTOGRAM,
-                        noise_multiplier=4.0, sample_rate=0.5, steps=1, max_grad_norm=1.0, examples=10)
-    with pytest.raises(LedgerError, match="sample rate 1"):
+                        noise_multiplier=4.0, sample_rate=rate, steps=1, max_grad_norm=sensitivity, examples=10)
+    with pytest.raises(LedgerError, match="sample rate 1, sensitivity 1"):
         Ledger("h", 1e-5).record(entry)
 
 
 def test_the_coordinator_reads_laplace_tails_as_far_as_gaussian_ones_by_probability():
-    from server.validation import REACH_SD, REACH_SD_LAPLACE, ReplyRejected, within_reach
+    from server.validation import REACH_CHANCE, ReplyRejected, within_reach
 
-    # the chance an honest cell passes its range: the same for both mechanisms (~1e-23)
-    assert math.exp(-REACH_SD_LAPLACE * math.sqrt(2)) == pytest.approx(math.erfc(REACH_SD / math.sqrt(2)), rel=1e-9)
-    cells = np.array([-30.0 * 4.0, 50.0])  # 30 sd below zero: a Laplace tail, never a Gaussian one
-    within_reach(cells, 100, 4.0, "onset", Mechanism.LAPLACE)
+    sd = 4.0
+    k = laplace.reach(sd, REACH_CHANCE)  # the least k an honest cell passes with at most that chance
+    r = decay(sd)
+    assert 2 * r ** k / (1 + r) <= REACH_CHANCE < 2 * r ** (k - 1) / (1 + r) and 30 * sd < k < 40 * sd
+    cells = np.array([-(k - 1), 50.0])  # far below zero: a Laplace tail, never a Gaussian one
+    within_reach(cells, 100, sd, "onset", Mechanism.LAPLACE)
     with pytest.raises(ReplyRejected):
-        within_reach(cells, 100, 4.0, "onset", Mechanism.GAUSSIAN)
-    with pytest.raises(ReplyRejected):
-        within_reach(np.array([-40.0 * 4.0]), 100, 4.0, "onset", Mechanism.LAPLACE)
+        within_reach(cells, 100, sd, "onset", Mechanism.GAUSSIAN)
+    with pytest.raises(ReplyRejected, match="can give"):
+        within_reach(np.array([-(k + 1)]), 100, sd, "onset", Mechanism.LAPLACE)
+    # an honest count plus discrete noise is a whole number: anything else is forged
+    with pytest.raises(ReplyRejected, match="whole number"):
+        within_reach(np.array([3.5, 7.0]), 100, sd, "onset", Mechanism.LAPLACE)

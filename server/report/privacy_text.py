@@ -126,8 +126,8 @@ ACCOUNTANTS_WORDS = (
     "Zhang 2019 for the subsampled Gaussian), the familiar, more conservative bound, and PRV (privacy loss random "
     "variables; Gopi, Lee & Wutschitz, NeurIPS 2021), a tighter numerical bound. They are two readings of one set of "
     "releases, not two releases; `privacy.accountant` names the one that budgets are checked against. RDP also "
-    "reads the Laplace release of the monitor's onset histogram (Mironov 2017, Prop. 6); PRV has no analysis of it, "
-    "so where a group holds one its PRV column repeats the RDP epsilon."
+    "reads the discrete Laplace release of the monitor's onset histogram (in closed form: common/laplace.py); "
+    "Opacus's PRV accountant has no analysis of it, so where a group holds one its PRV column repeats the RDP epsilon."
 )
 
 
@@ -187,10 +187,13 @@ def privacy_sections(run: RunFolder) -> list[Section]:
 
 
 RNG_NOTE = (
-    "DP noise and Poisson sampling use torch's generator seeded from the operating system's entropy at "
-    "each hospital. It is not a cryptographically secure generator: Opacus's secure mode needs torchcsprng, "
-    "which does not install with current torch. Floating-point Gaussian and Laplace sampling are also known to leak "
-    "slightly more than the idealised mechanism; the epsilons above are those of the idealised mechanism."
+    "DP-SGD's noise and Poisson sampling use torch's generator, the evaluation releases' noise numpy's (PCG64), "
+    "both seeded from the operating system's entropy at each hospital. Neither is a cryptographically secure "
+    "generator: Opacus's secure mode needs torchcsprng, which does not install with current torch. Floating-point "
+    "Gaussian sampling is also known to leak slightly more than the idealised mechanism. The monitor's onset "
+    "histogram carries discrete Laplace noise: whole numbers, which leave no low bits to read, drawn by "
+    "floating-point inversion, so its distribution is the mechanism's to double rounding, not exactly. The "
+    "epsilons above are those of the idealised mechanisms."
 )
 
 
