@@ -176,10 +176,11 @@ def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split
     the pooled histogram gets the rest). Shares are of rho (Bun & Steinke 2016), each
     multiplier per unit of its release's sensitivity (an sd).
 
-    With ``evaluation.onset_noise: laplace`` the onset histogram is a Laplace release
-    instead (common.messages.evaluation_mechanism): the Gaussian parts keep the multipliers their shares
-    give, and the Laplace takes the least noise that keeps the whole within val_epsilon
-    (common.laplace), all read by the RDP accountant (PRV has no Laplace analysis)."""
+    With ``evaluation.onset_noise: laplace`` the onset histogram is a discrete Laplace
+    release instead (common.messages.evaluation_mechanism): the Gaussian parts keep the
+    multipliers their shares give, and the Laplace takes the least noise that keeps the
+    whole within val_epsilon (common.laplace), all read by the RDP accountant (Opacus's
+    PRV accountant has no Laplace analysis)."""
     cfg = ExperimentConfig.from_json(cfg_json)
     ev = cfg.evaluation
     progress_count = len(cfg.validation_rounds())
@@ -191,7 +192,8 @@ def calibrated_evaluation_noise(cfg_json: str, delta: float) -> dict[tuple[Split
     progress, final_histogram, hourly_histograms, onset_histogram = calibrate_shares(
         ev.val_epsilon, delta, parts, "rdp" if laplace else cfg.privacy.accountant)
     if laplace:
-        gaussian = [(m, k) for m, (_, k) in zip((progress, final_histogram, hourly_histograms), parts) if math.isfinite(m) and k > 0]
+        gaussian = [(m, k) for m, (_, k) in zip((progress, final_histogram, hourly_histograms), parts)
+                    if math.isfinite(m) and k > 0]
         others = sum((rdp_of(1.0, m, k) for m, k in gaussian), rdp_of(1.0, 1.0, 0))
         onset_histogram = calibrate_laplace(ev.val_epsilon, delta, others)
     items = test_items(cfg)
