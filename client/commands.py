@@ -4,6 +4,7 @@ has spent."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from common.config import ExperimentConfig, auto_delta, load_config
 from common.data.dataset import read_export
 from common.definition import DataDefinition
 from common.ledger import NOISY, Ledger
-from common.messages import HOSPITAL_NAME_RULE, Mechanism, Split, is_hospital_name
+from common.messages import HOSPITAL_NAME_RULE, Item, Mechanism, Split, evaluation_mechanism, is_hospital_name
 from common.metrics import format_number
 from common.signatures import public_key_of
 from common.version import app_version
@@ -89,18 +90,32 @@ def _evaluation_runs(cfg: ExperimentConfig, policy: Policy, delta: float) -> lis
 
     if not cfg.evaluation.dp:
         return []
-    empty, most = Ledger("plan", delta), 100
-    counts = []
-    for split in (Split.VAL, Split.TEST):
-        entries, runs = planned_evaluation_entries(cfg, policy, split), 0
-        while entries and runs < most and empty.epsilon_with(entries * (runs + 1)) <= policy.eval_max_epsilon + 1e-9:
-            runs += 1
-        counts.append(runs)
-    runs = min(counts)
-    said = f"{runs} such run{'' if runs == 1 else 's'}" if runs < most else f"{most} or more such runs"
-    return [f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
+    most = 100
+
+    def allowed(config: ExperimentConfig) -> int:
+        empty, counts = Ledger("plan", delta), []
+        for split in (Split.VAL, Split.TEST):
+            entries, runs = planned_evaluation_entries(config, policy, split), 0
+            while entries and runs < most and empty.epsilon_with(entries * (runs + 1)) <= policy.eval_max_epsilon + 1e-9:
+                runs += 1
+            counts.append(runs)
+        return min(counts)
+
+    def said(runs: int) -> str:
+        return ("no such run" if not runs else f"{runs} such run{'' if runs == 1 else 's'}" if runs < most
+                else f"{most} or more such runs")
+
+    runs = allowed(cfg)
+    line = (f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
             f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {policy.eval_max_epsilon:g} allows "
-            + (said if runs else "no such run") + "; --eval-epsilon sets it"]
+            f"{said(runs)}; --eval-epsilon sets it")
+    if evaluation_mechanism(cfg, Item.ONSET_HISTOGRAM) == Mechanism.LAPLACE:
+        # the onset histogram's Laplace noise is the smaller in one run, but composes less well over many
+        gaussian = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian"))
+        if allowed(gaussian) > runs:
+            line += (f" (with evaluation.onset_noise gaussian, {said(allowed(gaussian))}: the monitor's Laplace noise "
+                     "is the smaller in one run and composes less well over many)")
+    return [line]
 
 
 def _counts(c: DeclaredCounts) -> str:
