@@ -105,17 +105,16 @@ def _evaluation_runs(cfg: ExperimentConfig, policy: Policy, delta: float) -> lis
         return ("no such run" if not runs else f"{runs} such run{'' if runs == 1 else 's'}" if runs < most
                 else f"{most} or more such runs")
 
-    runs = allowed(cfg)
-    line = (f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
-            f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {policy.eval_max_epsilon:g} allows "
-            f"{said(runs)}; --eval-epsilon sets it")
+    runs, other = allowed(cfg), ""
     if evaluation_mechanism(cfg, Item.ONSET_HISTOGRAM) == Mechanism.LAPLACE:
         # the onset histogram's Laplace noise is the smaller in one run, but composes less well over many
-        gaussian = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian"))
-        if allowed(gaussian) > runs:
-            line += (f" (with evaluation.onset_noise gaussian, {said(allowed(gaussian))}: the monitor's Laplace noise "
-                     "is the smaller in one run and composes less well over many)")
-    return [line]
+        gaussian = allowed(dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian")))
+        if gaussian > runs:
+            other = (f" (with evaluation.onset_noise gaussian, {said(gaussian)}: the monitor's Laplace noise is the "
+                     "smaller in one run and composes less well over many)")
+    return [f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
+            f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {policy.eval_max_epsilon:g} allows "
+            f"{said(runs)}{other}; --eval-epsilon sets it"]
 
 
 def _counts(c: DeclaredCounts) -> str:
