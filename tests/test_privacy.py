@@ -72,3 +72,27 @@ def test_the_remembering_accountant_gives_opacus_epsilon_exactly(history, delta)
         memo = MemoRDPAccountant()
         memo.history = list(history)
         assert memo.get_epsilon(delta=delta) == reference.get_epsilon(delta=delta)
+
+
+def test_prv_is_not_asked_where_its_domain_would_not_fit_in_memory():
+    """A simulation with privacy.accountant prv killed every hospital: the per-round
+    ceiling's noise search asked PRV about sigma 0.001 first, and Opacus allocated 7.5 GiB
+    for one array. Above PRV_EPSILON_CAP the RDP bound (an upper bound on PRV's) is read;
+    the noise fit then takes seconds and little memory."""
+    import resource
+
+    from client.noise import fit_noise
+    from client.policy import default_policy
+    from common.config import DEFAULT_CONFIG, load_config
+    from common.ledger import Ledger
+    from common.privacy import PRV_EPSILON_CAP
+
+    tiny = [NoisyRelease(0, 1e-3, 0.63, 2, 1.0)]
+    assert epsilon(tiny, 1e-5, "prv") == epsilon(tiny, 1e-5, "rdp") > PRV_EPSILON_CAP
+    usual = [NoisyRelease(0, 1.0, 0.63, 2, 1.0)]
+    assert epsilon(usual, 1e-5, "prv") < epsilon(usual, 1e-5, "rdp") < PRV_EPSILON_CAP  # PRV's own, tighter
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = load_config(DEFAULT_CONFIG, ["privacy.accountant=prv", "run.rounds=10"])
+    fit = fit_noise(cfg, default_policy(1.0, 1e-5, 1.0), 404, "prv", Ledger("h", 1e-5, "prv"), 1.0)
+    assert fit.noise_multiplier > 1 and fit.set_by == "the run's target epsilon"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2_000_000  # KiB: under 2 GiB more
