@@ -44,7 +44,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .privacy import MAX_NOISE, RDP_ORDERS, InfeasibleTarget, epsilon_of_rdp
+from .privacy import MAX_NOISE, RDP_ORDERS, InfeasibleTarget, epsilon_of_rdp, smallest_noise
 
 
 def privacy_loss(noise_multiplier: float) -> float:
@@ -108,14 +108,7 @@ def calibrate_laplace(target_epsilon: float, delta: float, others: np.ndarray) -
     def spent(sigma: float) -> float:
         return epsilon_of_rdp(others + laplace_rdp(sigma), delta)
 
-    low, high = 1e-3, 1.0
-    while spent(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > MAX_NOISE:
-            raise InfeasibleTarget(target_epsilon, spent(high), delta, "rdp")
-    for _ in range(80):
-        mid = (low + high) / 2
-        low, high = (mid, high) if spent(mid) > target_epsilon else (low, mid)
-        if high - low < 1e-6 * high:
-            break
-    return high
+    sigma = smallest_noise(spent, target_epsilon, tolerance=1e-6)
+    if not math.isfinite(sigma):
+        raise InfeasibleTarget(target_epsilon, spent(MAX_NOISE), delta, "rdp")
+    return sigma

@@ -214,7 +214,8 @@ class Reader:
         total = sum(e.onset for e in parts)
         n = sum(e.onset_n for e in parts)
         # one count per stay; the reading takes only the noise's sd, as for a Gaussian: the default's discrete
-        # Laplace noise, summed over the hospitals, is near it (README "The monitor's budget" measures the result)
+        # Laplace noise, summed over the hospitals, is near it (README "The onset histogram's mechanism" measures the
+        # result)
         sd = math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts))
         if not self.readable(n, sd, grid.bins):
             log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by its "
