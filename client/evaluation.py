@@ -186,7 +186,7 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             hist = np.bincount(plain.index(onset_scores(logits, req.hour_thresholds)), minlength=plain.bins
                                ).astype(np.float64) if len(logits) else np.zeros(plain.bins)
             if sigma:  # one stay moves one count: L1 and L2 sensitivity 1
-                hist = hist + (laplace.sample(sigma, hist.shape, rng) if release.entry.mechanism == Mechanism.LAPLACE
+                hist = hist + (laplace.release_noise(sigma, hist.shape) if release.entry.mechanism == Mechanism.LAPLACE
                                else rng.normal(0.0, sigma, hist.shape))
             records[M.ONSET] = _record({"onset-histogram": hist})
         elif release.item == Item.SUBGROUP_HISTOGRAMS:

@@ -30,16 +30,23 @@ the formula holds for that sensitivity only: the ledger refuses another), as a G
 entry's is its standard deviation per unit of L2 sensitivity: every reader of a
 release's noise sd (the coordinator's readings and range checks) reads both the same way.
 
-Caveats: numpy's geometric sampler inverts in floating point, so the noise follows the
-mechanism's distribution to double rounding, not exactly (an exact integer sampler is
-Canonne, Kamath & Steinke, NeurIPS 2020); the epsilons are those of the idealised
-mechanism. Opacus's PRV accountant has no analysis of it, so a group holding one is read
-by RDP under either accountant (as with secure aggregation's Skellam shares).
+Sampling: a hospital's release draws with :func:`release_noise`, the exact integer sampler
+of Canonne, Kamath & Steinke ("The Discrete Gaussian for Differential Privacy", NeurIPS
+2020, Algorithm 2, with their Algorithm 1 for Bernoulli(exp(-gamma))), fed by the
+operating system's entropy (``secrets``) and rational arithmetic only: no floating-point
+step decides a count. Its scale is a fraction at or above the calibrated one
+(:func:`exact_scale`), so a release is at least as private as its ledger entry says.
+:func:`sample` (numpy's floating-point inversion, the distribution to double rounding) is
+for studies that redraw the noise many times, never for a release. Opacus's PRV accountant
+has no analysis of the mechanism, so a group holding one is read by RDP under either
+accountant (as with secure aggregation's Skellam shares).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -60,12 +67,75 @@ def decay(noise_multiplier: float) -> float:
 
 
 def sample(noise_multiplier: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Discrete Laplace noise of sd ``noise_multiplier``: the difference of two geometric
-    variables of success probability ``1 - r`` (integers, as floats to add to counts).
-    numpy's geometric draws by floating-point inversion, so the distribution is the
-    mechanism's to double rounding, not exactly; the counts it gives are whole numbers."""
+    """Discrete Laplace noise of sd ``noise_multiplier`` for studies that redraw it many times:
+    the difference of two geometric variables of success probability ``1 - r``. numpy's
+    geometric draws by floating-point inversion, so the distribution is the mechanism's to
+    double rounding, not exactly: a release draws with :func:`release_noise`."""
     p = -math.expm1(-privacy_loss(noise_multiplier))
     return (rng.geometric(p, shape) - rng.geometric(p, shape)).astype(np.float64)
+
+
+# The exact sampler's scale is a fraction over this denominator: rounding it up adds less
+# than 1e-8 of the scale wherever the scale is 0.1 or more (noise sd 0.1 and more: every
+# calibration fedgru makes), and Python's integers keep the arithmetic exact at any size.
+SCALE_DENOMINATOR = 2**32
+
+
+def exact_scale(noise_multiplier: float) -> Fraction:
+    """The scale ``t`` (``P(k)`` proportional to ``exp(-|k|/t)``) the exact sampler draws with
+    for noise of sd ``noise_multiplier``: the least fraction over :data:`SCALE_DENOMINATOR`
+    strictly above ``1 / privacy_loss``, so its privacy loss is at most the one the ledger
+    accounts (one more than the floor: the float division may round either way)."""
+    return Fraction(math.floor(SCALE_DENOMINATOR / privacy_loss(noise_multiplier)) + 1, SCALE_DENOMINATOR)
+
+
+def _bernoulli(p: Fraction) -> bool:
+    """True with probability exactly ``p`` (in [0, 1])."""
+    return secrets.randbelow(p.denominator) < p.numerator
+
+
+def bernoulli_exp(gamma: Fraction) -> bool:
+    """True with probability exactly ``exp(-gamma)``, ``gamma >= 0`` rational (Canonne, Kamath
+    & Steinke 2020, Algorithm 1: for gamma <= 1 the parity of the first failure of
+    Bernoulli(gamma/k), k = 1, 2, ...; above 1, one exp(-1) trial per whole unit first)."""
+    if gamma < 0:
+        raise ValueError("bernoulli_exp needs gamma >= 0")
+    while gamma > 1:
+        if not bernoulli_exp(Fraction(1)):
+            return False
+        gamma -= 1
+    k = 1
+    while _bernoulli(gamma / k):
+        k += 1
+    return k % 2 == 1
+
+
+def exact_draw(scale: Fraction) -> int:
+    """One integer with ``P(k)`` proportional to ``exp(-|k| / scale)``, exactly (Canonne, Kamath
+    & Steinke 2020, Algorithm 2, ``scale = t/s``): a geometric ``X`` of scale ``t`` built from a
+    uniform remainder accepted with ``exp(-u/t)`` and whole units accepted with ``exp(-1)``,
+    then ``floor(X/s)`` with a random sign (the doubled zero rejected)."""
+    t, s = scale.numerator, scale.denominator
+    while True:
+        u = secrets.randbelow(t)
+        if not bernoulli_exp(Fraction(u, t)):
+            continue
+        v = 0
+        while bernoulli_exp(Fraction(1)):
+            v += 1
+        y = (u + t * v) // s
+        negative = secrets.randbits(1) == 1
+        if negative and y == 0:
+            continue
+        return -y if negative else y
+
+
+def release_noise(noise_multiplier: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The noise a hospital adds to a release of sensitivity 1 (whole numbers, as floats to
+    add to counts): exact discrete Laplace draws at :func:`exact_scale`, from the operating
+    system's entropy, which the coordinator cannot know."""
+    scale = exact_scale(noise_multiplier)
+    return np.asarray([exact_draw(scale) for _ in range(math.prod(shape))], dtype=np.float64).reshape(shape)
 
 
 def reach(noise_multiplier: float, chance: float) -> float:

@@ -6,6 +6,7 @@ sides do with it (the hospital's planned entries, the coordinator's range check)
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from client.policy import default_policy
 from client.preflight import planned_evaluation_entries
 from common import laplace
 from common.config import DEFAULT_CONFIG, load_config
-from common.laplace import calibrate_laplace, decay, laplace_rdp, sample
+from common.laplace import bernoulli_exp, calibrate_laplace, decay, exact_scale, laplace_rdp, release_noise, sample
 from common.ledger import Ledger, LedgerEntry, LedgerError
 from common.messages import Item, Mechanism, Split
 from common.privacy import RDP_ORDERS, epsilon_of_rdp, rdp_of
@@ -56,8 +57,8 @@ def test_it_is_pure_dp_at_every_order_and_steps_compose_by_adding():
         laplace_rdp(0.0)
 
 
-def test_the_sampler_draws_the_mass_function_and_whole_numbers():
-    """200,000 draws: the frequencies of -6..6 and of the two tails beyond match the mass
+def test_the_study_sampler_draws_the_mass_function_and_whole_numbers():
+    """The studies' fast sampler, 200,000 draws: the frequencies of -6..6 and of the two tails beyond match the mass
     function (a chi-square test that fails one honest sampler in 10^4), the sd matches."""
     from scipy import stats
 
@@ -70,6 +71,55 @@ def test_the_sampler_draws_the_mass_function_and_whole_numbers():
     observed = np.array([np.sum(draws < -6), *[np.sum(draws == v) for v in k], np.sum(draws > 6)])
     chi2 = float(np.sum((observed - np.array([tail, *expected, tail])) ** 2 / np.array([tail, *expected, tail])))
     assert chi2 < stats.chi2.ppf(1 - 1e-4, len(observed) - 1)
+
+
+def chi_square_against_the_mass(draws: np.ndarray, sd: float, reach: int) -> tuple[float, int]:
+    """Pearson's statistic of the frequencies of -reach..reach and the two tails beyond
+    against the mass function, and its degrees of freedom."""
+    n, k = len(draws), np.arange(-reach, reach + 1)
+    expected = np.exp(log_pmf(k, sd)) * n
+    tail = (n - expected.sum()) / 2
+    observed = np.array([np.sum(draws < -reach), *[np.sum(draws == v) for v in k], np.sum(draws > reach)])
+    expected = np.array([tail, *expected, tail])
+    return float(np.sum((observed - expected) ** 2 / expected)), len(observed) - 1
+
+
+@pytest.mark.parametrize("sd", [0.7, 4.18, 25.0])
+def test_the_release_sampler_draws_the_mass_function_exactly(sd):
+    """The hospital's sampler (exact, rational arithmetic, the OS's entropy): 40,000 draws
+    against the mass function of the sd its ledger records (a chi-square test failing one
+    honest sampler in 10^4), whole numbers, symmetric."""
+    from scipy import stats
+
+    draws = release_noise(sd, (40_000,))
+    assert np.all(draws == np.round(draws)) and draws.std() == pytest.approx(sd, rel=0.03)
+    chi2, dof = chi_square_against_the_mass(draws, sd, reach=max(3, int(1.5 * sd)))
+    assert chi2 < stats.chi2.ppf(1 - 1e-4, dof)
+
+
+def test_the_release_sampler_is_never_less_private_than_its_ledger_entry():
+    """Its scale is a fraction at or above the calibrated one (privacy loss at most the
+    accounted one), and less than 1e-8 above it."""
+    for sd in (0.1, 0.3, 0.7, 4.177101135253906, 25.0, 400.0):
+        loss = laplace.privacy_loss(sd)
+        scale = exact_scale(sd)
+        assert scale >= Fraction(1 / loss) and 1 / float(scale) <= loss
+        assert float(scale) * loss - 1 < 1e-8
+
+
+@pytest.mark.parametrize("gamma", [Fraction(0), Fraction(3, 10), Fraction(1), Fraction(17, 7)])
+def test_bernoulli_exp_comes_true_with_probability_exp_minus_gamma(gamma):
+    from scipy import stats
+
+    n = 20_000
+    hits = sum(bernoulli_exp(gamma) for _ in range(n))
+    p = math.exp(-float(gamma))
+    if p == 1:
+        assert hits == n
+    else:
+        assert stats.binomtest(hits, n, p).pvalue > 1e-4
+    with pytest.raises(ValueError):
+        bernoulli_exp(Fraction(-1, 2))
 
 
 def test_the_calibration_spends_the_target_to_its_tolerance():

@@ -191,9 +191,9 @@ RNG_NOTE = (
     "both seeded from the operating system's entropy at each hospital. Neither is a cryptographically secure "
     "generator: Opacus's secure mode needs torchcsprng, which does not install with current torch. Floating-point "
     "Gaussian sampling is also known to leak slightly more than the idealised mechanism. The monitor's onset "
-    "histogram carries discrete Laplace noise: whole numbers, which leave no low bits to read, drawn by "
-    "floating-point inversion, so its distribution is the mechanism's to double rounding, not exactly. The "
-    "epsilons above are those of the idealised mechanisms."
+    "histogram carries discrete Laplace noise: whole numbers, which leave no low bits to read, drawn exactly "
+    "(Canonne, Kamath & Steinke 2020: rational arithmetic on the operating system's entropy, at a scale at or "
+    "above the accounted one). The epsilons above are those of the idealised mechanisms."
 )
 
 
