@@ -111,7 +111,7 @@ def _evaluation_runs(cfg: ExperimentConfig, policy: Policy, delta: float) -> lis
         gaussian = allowed(dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, onset_noise="gaussian")))
         if gaussian > runs:
             other = (f" (with evaluation.onset_noise gaussian, {said(gaussian)}: the monitor's Laplace noise is the "
-                     "smaller in one run and composes less well over many)")
+                     "smaller in one run and composes less well over many; policy.onset_noise: [gaussian] keeps to it)")
     return [f"  evaluation budget: the config spends epsilon {cfg.evaluation.val_epsilon:g} on validation and "
             f"{cfg.evaluation.test_epsilon:g} on test stays in every run, so {policy.eval_max_epsilon:g} allows "
             f"{said(runs)}{other}; --eval-epsilon sets it"]

@@ -245,6 +245,7 @@ POLICY_COMMENTS = {
     "max_epsilon_alone": "secure aggregation: the epsilon its own noise alone must keep if all others collude",
     "max_colluding": "secure aggregation: other hospitals that may side with a hostile coordinator",
     "peer_keys": "secure aggregation: hospitals accepted in a sum, name: its <name>.pub line ({}: any)",
+    "onset_noise": "the monitor's onset histogram's noise it accepts: laplace (one run), gaussian (many)",
 }
 
 

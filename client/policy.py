@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from common.config import ExperimentConfig
-from common.messages import HOSPITAL_NAME_RULE, Split, is_hospital_name
+from common.messages import HOSPITAL_NAME_RULE, Item, Mechanism, Split, evaluation_mechanism, is_hospital_name
 from common.signatures import public_key_of
 
 # A policy written before these limits existed gets them (client.folder writes them out).
@@ -36,6 +36,7 @@ DEFAULT_MAX_MICRO_BATCH = 512
 # delta) if the coordinator and every other hospital collude (issue 23's example).
 DEFAULT_MIN_HONEST = 2
 DEFAULT_MAX_EPSILON_ALONE = 4.0
+ONSET_NOISES = ("laplace", "gaussian")  # evaluation.onset_noise's settings
 
 
 class PolicyRefusal(Exception):
@@ -90,6 +91,10 @@ class Policy:
     # (client.peer_keys). Every other participant's round keys must then be signed by one of
     # them; {}: the coordinator is trusted to pass the round keys on unchanged.
     peer_keys: dict[str, str] = field(default_factory=dict)
+    # The noise this hospital accepts on the monitor's onset histogram (common.laplace): the
+    # discrete Laplace spends less of one run's validation budget, the Gaussian composes
+    # better over many runs; a hospital that plans many runs may keep only "gaussian".
+    onset_noise: list[str] = field(default_factory=lambda: list(ONSET_NOISES))
     allow_without_dp: bool = field(default=False)  # simulations only: a deployment never sets it
 
     def validate(self, where: str) -> None:
@@ -111,6 +116,8 @@ class Policy:
              "must be a positive number"),
             (isinstance(self.max_colluding, int) and self.max_colluding >= 0, "max_colluding",
              "must be a whole number >= 0"),
+            (bool(self.onset_noise) and set(self.onset_noise) <= set(ONSET_NOISES), "onset_noise",
+             f"must list one or both of: {', '.join(ONSET_NOISES)}"),
             (abs(self.split.train + self.split.val + self.split.test - 1) < 1e-6 and min(
                 self.split.train, self.split.val, self.split.test) >= 0, "split", "fractions must add up to 1"),
         ]
@@ -190,6 +197,8 @@ class Policy:
                         f"evaluation.subgroups[{i}]", f"makes {len(grouping.groups)} groups; this hospital releases at "
                         f"most {self.max_histogram_bins} bins (groups) per grouping: use fewer bands",
                     )
+        if split == Split.VAL and cfg.monitors_onset and cfg.evaluation.dp:
+            self.check_onset_noise(cfg)
         if not cfg.evaluation.dp and not self.allow_without_dp:
             raise PolicyRefusal("evaluation.dp", "is false; this hospital releases score histograms only with DP noise: "
                                                  "set it true")
@@ -201,6 +210,15 @@ class Policy:
             raise PolicyRefusal("evaluation.validate_every", f"plans {planned} validation releases in this run; this "
                                                              f"hospital allows {allowed} per run: {fix}")
         self.check_evaluation_count(split, planned, 0)
+
+    def check_onset_noise(self, cfg: ExperimentConfig) -> None:
+        """The mechanism of the monitor's onset histogram (a release about the validation
+        patients) is one the policy lists (secure aggregation's Skellam shares are its own)."""
+        mechanism = evaluation_mechanism(cfg, Item.ONSET_HISTOGRAM)
+        if mechanism in (Mechanism.LAPLACE, Mechanism.GAUSSIAN) and mechanism.value not in self.onset_noise:
+            allowed = " or ".join(self.onset_noise)
+            raise PolicyRefusal("evaluation.onset_noise", f"is {mechanism.value}; this hospital releases the monitor's "
+                                f"onset histogram only with {allowed} noise: use evaluation.onset_noise={self.onset_noise[0]}")
 
     def check_evaluation_count(self, split: Split, planned: int, released_this_run: int) -> None:
         """The run's plan, and the releases of ``split`` this run has already had (counted in

@@ -11,15 +11,17 @@ accept take part, and a run in which no hospital trained asks for no release at 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
+import yaml
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.folder import HospitalFolder
+from client.folder import FolderError, HospitalFolder
 from client.ledger_store import FileLedgerStore
 from common import messages as M
 from common.data.preprocess import num_steps
@@ -451,3 +453,40 @@ def test_a_hospital_says_what_a_second_run_of_the_plan_would_take_each_group_to(
     assert answer.accepted and answer.budgets["train"] == HospitalFolder(hospital).policy.max_epsilon
     for group in ("val", "test"):
         assert answer.planned[group] < answer.again[group] < 2 * answer.planned[group]  # composed, not added
+
+
+def test_a_hospital_that_keeps_only_gaussian_onset_noise_refuses_a_laplace_plan_before_reading_data(
+        hospital, monkeypatch):
+    """policy.onset_noise: [gaussian] (a hospital planning many runs, where the Gaussian
+    composes better): a plan with the default's discrete Laplace is refused at the
+    preflight, naming the setting and the fix, before any patient is read; the same plan
+    with Gaussian noise, or under secure aggregation (its Skellam shares), is accepted.
+    A policy naming an unknown noise does not open."""
+    from client import export
+
+    settings = hospital / "hospital.yaml"
+    text = yaml.safe_load(settings.read_text())
+    assert text["policy"]["onset_noise"] == ["laplace", "gaussian"]  # hospital init writes both
+    text["policy"]["onset_noise"] = ["gaussian"]
+    settings.write_text(yaml.safe_dump(text))
+    reads = []
+    monkeypatch.setattr(export, "load", lambda folder: reads.append(1))
+    refused = _plan(hospital, hospital_cfg("run.rounds=3"))
+    assert not refused.accepted and "evaluation.onset_noise" in refused.reason
+    assert "use evaluation.onset_noise=gaussian" in refused.reason
+    assert _plan(hospital, hospital_cfg("run.rounds=3", "evaluation.onset_noise=gaussian")).accepted
+    assert not reads and folder_ledger(hospital).entries == []
+    text["policy"]["onset_noise"] = ["gaussian", "uniform"]
+    settings.write_text(yaml.safe_dump(text))
+    with pytest.raises(FolderError, match="onset_noise"):
+        HospitalFolder(hospital)
+
+
+def test_the_onset_noise_a_policy_lists_binds_only_the_mechanisms_it_names():
+    from client.policy import PolicyRefusal, default_policy
+
+    policy = dataclasses.replace(default_policy(1.0, 1e-5, 1.0), onset_noise=["gaussian"])
+    with pytest.raises(PolicyRefusal, match="onset histogram only with gaussian"):
+        policy.check_evaluation(hospital_cfg(), Split.VAL, 1)
+    policy.check_evaluation(hospital_cfg("privacy.aggregation=secure"), Split.VAL, 1)  # Skellam shares: its own
+    policy.check_evaluation(hospital_cfg(), Split.TEST, 1)  # the test split's own releases are Gaussian
