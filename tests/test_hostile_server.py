@@ -193,6 +193,29 @@ def test_more_evaluations_than_the_policy_allows_are_refused(hospital):
     _refused(again, "evaluation")  # the test patients are scored once per run
 
 
+def test_more_validations_than_the_run_plans_are_refused_and_cost_nothing(hospital):
+    """Each progress validation's noise is calibrated for the number the run's settings
+    plan; a coordinator asking one more in the same run (within the policy's count of 10)
+    would take the validation patients past the epsilon the plan agreed: refused, nothing
+    released, nothing charged."""
+    cfg = hospital_cfg("run.rounds=6", "evaluation.validate_every=3")
+    progress = len(cfg.validation_rounds())
+    assert 1 <= progress < cfg.planned_evaluations()["val"] <= 10  # the policy's count would allow more
+    context = node_context(hospital)
+    for r in range(1, progress + 1):
+        reply = client_app.train(hospital_message(cfg, "r", r, evaluate="val"), context)
+        assert reply_status(reply)[M.STATE] == ReplyState.TRAINED and M.NOT_EVALUATED not in reply_status(reply)
+    charged = folder_ledger(hospital).epsilon(Split.VAL)
+    final = client_app.evaluate(hospital_message(cfg, "r", 6, MessageType.EVALUATE, "val"), context)
+    assert reply_status(final)[M.STATE] == ReplyState.EVALUATED
+    after_final = folder_ledger(hospital).epsilon(Split.VAL)
+    assert charged < after_final <= cfg.evaluation.val_epsilon + 1e-9
+    more = client_app.train(hospital_message(cfg, "r", progress + 1, evaluate="val"), context)
+    _refused(more, "evaluation")
+    assert "releases its settings plan" in reply_status(more)[M.REASON]
+    assert folder_ledger(hospital).epsilon(Split.VAL) == after_final
+
+
 def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hospital_data):
     """Before: a model whose logit is one weight on Age read back every validation
     patient's age with their outcome. Now the release is a few bins per class

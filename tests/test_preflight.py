@@ -488,5 +488,14 @@ def test_the_onset_noise_a_policy_lists_binds_only_the_mechanisms_it_names():
     policy = dataclasses.replace(default_policy(1.0, 1e-5, 1.0), onset_noise=["gaussian"])
     with pytest.raises(PolicyRefusal, match="onset histogram only with gaussian"):
         policy.check_evaluation(hospital_cfg(), Split.VAL, 1)
-    policy.check_evaluation(hospital_cfg("privacy.aggregation=secure"), Split.VAL, 1)  # Skellam shares: its own
     policy.check_evaluation(hospital_cfg(), Split.TEST, 1)  # the test split's own releases are Gaussian
+    # under secure aggregation the histogram is a sum of Skellam shares whatever onset_noise says: neither
+    # list refuses it (a refusal there would name a fix that changes nothing)
+    for kept in (["gaussian"], ["laplace"]):
+        listed = dataclasses.replace(policy, onset_noise=kept)
+        for noise in ("laplace", "gaussian"):
+            listed.check_evaluation(hospital_cfg("privacy.aggregation=secure", f"evaluation.onset_noise={noise}"),
+                                    Split.VAL, 1)
+    with pytest.raises(PolicyRefusal, match="use evaluation.onset_noise=laplace"):
+        dataclasses.replace(policy, onset_noise=["laplace"]).check_evaluation(
+            hospital_cfg("evaluation.onset_noise=gaussian"), Split.VAL, 1)
