@@ -175,6 +175,10 @@ def integer_gradient_sum(model: GRUClassifier, X: torch.Tensor, S_: torch.Tensor
             loss.backward()
             grads = torch.cat([p.grad_sample.reshape(piece_rows, -1) for p in params], dim=1).detach().double().cpu()
             grads[~real] = 0.0
+            # as DP-SGD's path does (common.dp_optimizer.zero_non_finite_grad_samples): a model that overflows
+            # on one patient gives that patient's row NaN or infinity, which must add 0 to the clipped sum by
+            # rule, not by how a platform casts NaN to an integer (numpy warns and x86 and ARM differ)
+            torch.nan_to_num_(grads, nan=0.0, posinf=0.0, neginf=0.0)
             norms = grads.norm(dim=1, keepdim=True)
             clipped = grads * (s.clip / norms.clamp(min=1e-12)).clamp(max=1.0)
             total += randomized_round(clipped.numpy() * s.scale, rng).sum(axis=0)

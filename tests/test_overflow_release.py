@@ -8,6 +8,8 @@ such a patient was in the data showed in the release."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,42 @@ def test_an_overflowing_patient_leaves_every_other_patients_gradient_as_it_was(a
     for name in benign:
         assert torch.isfinite(benign[name]).all(), name
         torch.testing.assert_close(targeted[name], benign[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["stacked", "per_variable"])
+def test_under_secure_aggregation_an_overflowing_patient_adds_at_most_one_clipped_gradient(architecture):
+    """The secure path's integer sum (client.secure.integer_gradient_sum) cleans a patient's
+    non-finite gradient row before clipping, as DP-SGD's does: the targeted patient moves
+    the sum by at most one clipped gradient in integers (clip x scale, plus the rounding),
+    never through a platform's cast of NaN to an integer, and no warning is raised."""
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from client.policy import default_policy
+    from client.secure import SecureSettings, integer_gradient_sum
+
+    gen = torch.Generator().manual_seed(3)
+    B = 8
+    X, S = torch.randn(B, 6, 6, generator=gen), torch.randn(B, 3, generator=gen)
+    y = torch.tensor([0, 1] * (B // 2))
+    cfg = load_config(DEFAULT_CONFIG, ["model.train_gru=true", "training.sample_rate=1.0"])
+    req = SimpleNamespace(cfg=cfg, server_round=1, policy=default_policy(1.0, 1e-5, 1.0))
+    scale = 2.0**10
+    settings = SecureSettings(1.0, C, scale, None, 2)
+
+    def total(S_):
+        model = _crafted_model(architecture)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value in cast" would be one
+            return integer_gradient_sum(model, X, S_, y, req, settings, np.random.default_rng(0),
+                                        torch.Generator().manual_seed(0)).astype(np.float64)
+
+    benign = total(S)
+    S_target = S.clone()
+    S_target[0, 0] = 100.0
+    targeted = total(S_target)
+    assert np.isfinite(targeted).all()
+    # patient 0's row replaced: at most 2 clipped gradients apart, each coordinate's rounding at most 1 per patient
+    assert float(np.linalg.norm(targeted - benign)) <= 2 * C * scale + 2 * math.sqrt(B * len(benign))
