@@ -5,10 +5,12 @@ DP releases their ledgers count.
 Five real hospital folders share one secret (so one split of every stay), one policy and
 one set of declared counts: ``a`` reads an export of set A's stays, ``b`` the same
 export without one training stay, ``c`` with one training stay's outcome flipped, ``d``
-without one test stay, ``e`` with one validation stay's outcome flipped. The same
-battery of hostile messages (every config key the coordinator can set, fuzzed with
-hypothesis: subsets, labels, batch sizes, sample rates, noise, clipping, splits, bins,
-extra or misshapen arrays, repeated evaluations) goes to all three, each sequence
+without one test stay, ``e`` with one validation stay's outcome flipped, ``f`` without
+one validation stay (the hourly and onset histograms count every validation stay
+whatever its outcome, so only a stay's absence reaches them). The same battery of
+hostile messages (every config key the coordinator can set, fuzzed with hypothesis:
+subsets, labels, batch sizes, sample rates, noise, clipping, splits, bins, extra or
+misshapen arrays, repeated evaluations) goes to all six, each sequence
 starting from the same ledger. Every reply, with its DP arrays' values left out (their
 names, shapes and types stay in), must be the same bytes; so must the ledgers; and a
 refused message must charge nothing.
@@ -66,7 +68,7 @@ def _point_at(folder: Path, data: Path, outcomes: Path) -> None:
 @pytest.fixture(scope="module")
 def neighbours(tmp_path_factory, physionet_files):
     """Folders a (the export), b (one training stay fewer), c (one training label flipped),
-    d (one test stay fewer), e (one validation label flipped)."""
+    d (one test stay fewer), e (one validation label flipped), f (one validation stay fewer)."""
     import tarfile
 
     set_a, outcomes_file = physionet_files
@@ -102,8 +104,10 @@ def neighbours(tmp_path_factory, physionet_files):
                      "\n".join([header] + [rows[i] for i in ids if i != tested]) + "\n")
     data_e = _export(root / "export-e", files,
                      "\n".join([header] + [flip(rows[i]) if i == validated else rows[i] for i in ids]) + "\n")
+    data_f = _export(root / "export-f", {k: v for k, v in files.items() if k != f"{validated}.txt"},
+                     "\n".join([header] + [rows[i] for i in ids if i != validated]) + "\n")
     folders = {}
-    for name, data in (("a", data_a), ("b", data_b), ("c", data_c), ("d", data_d), ("e", data_e)):
+    for name, data in (("a", data_a), ("b", data_b), ("c", data_c), ("d", data_d), ("e", data_e), ("f", data_f)):
         copy = root / f"hospital-{name}"
         shutil.copytree(a, copy)
         _point_at(copy, *data)
@@ -215,6 +219,17 @@ HOSTILE_SETTINGS = {
         [],
     ]),
     "evaluation.validate_every": st.sampled_from([0, 1, 20]),
+    # the monitor's releases about the validation patients: their mechanism, shares and hours
+    "evaluation.onset_noise": st.sampled_from(["laplace", "gaussian"]),
+    "evaluation.onset_share": st.sampled_from([0.0, 0.2, 0.9]),
+    "evaluation.monitor_rate": st.sampled_from([0.01, 0.3, 0.99]),
+    "evaluation.hourly_checkpoints": st.sampled_from([[], [1], [1, 6, 12, 24], list(range(1, 48))]),
+    "evaluation.hourly_share": st.sampled_from([0.0, 0.3, 0.99]),
+    "evaluation.final_share": st.sampled_from([0.1, 0.75, 1.0]),
+    "evaluation.logit_range": st.sampled_from([[-7, 3], [-50, 50], [3, -7]]),
+    "training.hourly_loss": st.booleans(),
+    "training.positive_weight": st.sampled_from([1.0, 50.0]),
+    "privacy.aggregation": st.sampled_from(["per_hospital", "secure"]),
     "evaluation.dp": st.booleans(),
     "evaluation.val_epsilon": st.sampled_from([0.01, 1.0, 100.0]),
     "evaluation.test_epsilon": st.sampled_from([0.01, 1.0, 100.0]),
