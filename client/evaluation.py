@@ -72,7 +72,16 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
             # its noise is calibrated for none, so none is made
             raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
                                             "settings (evaluation.validate_every, run.rounds) do not plan")
-        policy.check_evaluation_count(split, planned_counts.get(split.value, 0), ledger.releases_in_run(req.run_id, split))
+        released = ledger.releases_in_run(req.run_id, split)
+        policy.check_evaluation_count(split, planned_counts.get(split.value, 0), released)
+        if ev.dp and released >= planned_counts.get(split.value, 0):
+            # each release's noise is calibrated for the number the run plans: one more would take the run past
+            # the epsilon its preflight agreed (a resumed coordinator replaying a validated round with another
+            # model asks for one): declined, the training goes on
+            declined.append(f"{split.value}: this run has had the {planned_counts.get(split.value, 0)} "
+                            f"{split.value} releases its settings plan (evaluation.validate_every, run.rounds); "
+                            "their noise is calibrated for that many")
+            continue
         wanted[split] = items
     if any(item == Item.ONSET_HISTOGRAM for _, item in releases):  # the test message's, of the validation patients
         why = onset_declined(req, ledger)

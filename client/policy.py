@@ -224,20 +224,12 @@ class Policy:
 
     def check_evaluation_count(self, split: Split, planned: int, released_this_run: int) -> None:
         """The run's plan, and the releases of ``split`` this run has already had (counted in
-        the ledger while it is locked), against the policy's per-run count and the plan's own:
-        the noise of each release is calibrated for the planned number, so one more would
-        take the run past the epsilon its preflight agreed (a coordinator asking more than it
-        planned is refused, as one asking more than the policy allows)."""
+        the ledger while it is locked), against the policy's per-run count."""
         allowed = self.max_evaluations_per_run.get(split.value, 0)
         if planned > allowed or released_this_run >= allowed:
             raise PolicyRefusal(
                 "evaluation", f"this run asks for {max(planned, released_this_run + 1)} {split.value} releases; "
                 f"this hospital allows {allowed} per run",
-            )
-        if released_this_run >= planned:
-            raise PolicyRefusal(
-                "evaluation", f"this run has had the {planned} {split.value} releases its settings plan "
-                "(evaluation.validate_every, run.rounds); their noise is calibrated for that many",
             )
 
     def check_model(self, parameters: int, message_bytes: int) -> None:
