@@ -30,6 +30,7 @@ from common.explain import (
     format_value,
     integrated_gradients,
     is_exact,
+    signed,
 )
 from common.files import patient_output
 
@@ -222,7 +223,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         fig.savefig(png, dpi=110)
         plt.close(fig)
         rows = [[j.hour, f"{j.before:.3f} -> {j.after:.3f}",
-                 "; ".join(f"{n}{' ' + v if v else ''} ({d:+.2f})" for n, v, d in j.movers) or NO_MOVER]
+                 "; ".join(f"{n}{' ' + v if v else ''} ({signed(d)})" for n, v, d in j.movers) or NO_MOVER]
                 for j in found]
         flag_text = ((f"flagged from hour {first} on" if latched else f"first flagged at hour {first}") if first
                      else "never flagged")
@@ -247,7 +248,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         lines.append(f"stay {stay_id}: risk {risks[0]:.3f} at hour 1 -> {risks[-1]:.3f} at hour {len(risks)}"
                      + (" (its last observation)" if last < window else "") + f", {flag_text}{predicted}")
         lines += [f"  hour {j.hour}: {j.before:.3f} -> {j.after:.3f}: "
-                  + (", ".join(f"{n} {d:+.2f}" for n, _, d in j.movers) or NO_MOVER) for j in found]
+                  + (", ".join(f"{n} {signed(d)}" for n, _, d in j.movers) or NO_MOVER) for j in found]
     # what the risk reads, on the page a clinician keeps open (it went to the console only: a lactate the
     # model does not read plays no part in any risk shown here)
     read = variables_read(ds, bundle)
@@ -261,12 +262,12 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
 
 
 def explanation_text(e: Explanation, top: int) -> str:
-    lines = [f"stay {e.stay_id}: risk {e.risk:.3f} (log-odds {e.logit:+.3f}); contributions to the log-odds "
+    lines = [f"stay {e.stay_id}: risk {e.risk:.3f} (log-odds {signed(e.logit, 3)}); contributions to the log-odds "
              f"({e.method}):"]
     shown = e.top(top)
     lines += [f"  {describe(c)}" for c in shown]
     rest = e.contributions[len(shown):]
-    lines.append((f"  the other {len(rest)}: {sum(c.contribution for c in rest):+.2f}; " if rest else "  ")
-                 + f"bias {e.bias:+.2f}")
+    lines.append((f"  the other {len(rest)}: {signed(sum(c.contribution for c in rest))}; " if rest else "  ")
+                 + f"bias {signed(e.bias)}")
     return "\n".join(lines)
 

@@ -257,6 +257,13 @@ def format_value(value: float, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
+def signed(x: float, digits: int = 2) -> str:
+    """"+0.42", and "+0.00" for a value that rounds to zero from below: "-0.00" reads as a
+    contribution that lowers the risk."""
+    rounded = round(float(x), digits)
+    return f"{rounded + 0.0 if rounded else 0.0:+.{digits}f}"
+
+
 def describe(c: Contribution) -> str:
     """'Lactate, last 4.1 mmol/L at hour 30: +0.42'."""
     if c.kind == "variable":  # a yes/no indicator (MechVent) says yes or no, not 1 or 0
@@ -266,7 +273,7 @@ def describe(c: Contribution) -> str:
         seen = c.label
     else:
         seen = format_value(c.value, c.unit) if c.value is not None else "unknown"
-    return f"{c.name}, {seen}: {c.contribution:+.2f}"
+    return f"{c.name}, {seen}: {signed(c.contribution)}"
 
 
 

@@ -131,7 +131,7 @@ def cmd_predict(args) -> int:
               f"their last hour, {np.mean(ever) if ever else 0:.0%} at some hour" + ("; a flag stays on once raised" if latched else "")
               + f" (plain predict's decision flags the hour-{risks.shape[1]} risk at {_threshold(args, bundle):.3f} "
               "instead)", file=sys.stderr)
-        _stay_notes(seen, risks.shape[1])
+        _stay_notes(seen, risks.shape[1], hourly=True)
         return 0
     with _written(out) as handle:
         writer = csv.writer(handle)
@@ -158,13 +158,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _stay_notes(seen, hours: int) -> None:
-    """On stderr: stays with no observation (not scored) and stays whose last observation
-    is before the window's end (counts only)."""
+def _stay_notes(seen, hours: int, hourly: bool = False) -> None:
+    """On stderr: stays with no observation (not scored: a blank risk in plain predict's
+    rows, no row at all in --hourly's, which has a row per observed hour) and stays whose
+    last observation is before the window's end (counts only)."""
     empty, short = int((seen == 0).sum()), int(((seen > 0) & (seen < hours)).sum())
     if empty:
         print(f"note: {empty} stay(s) have no observation in the window, only descriptors: they are not scored "
-              "(blank risk)", file=sys.stderr)
+              + ("(no rows: an hourly row is written for each observed hour only)" if hourly else "(blank risk)"),
+              file=sys.stderr)
     if short:
         print(f"note: {short} stay(s) have their last observation before hour {hours}: plain predict reads them at "
               f"hour {hours}, as the model was trained and validated (a finished stay); for a stay still in the ICU "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from common.config import ConfigError
 from common.files import to_json
 from common.metrics import METRIC_NAMES, Metrics
+from common.reliability import calibration_lean, ratio_text
 from common.subgroups import GroupResult
 from fedgru.bedside import _notes, _threshold, _written, checked_output
 
@@ -99,9 +100,12 @@ def cmd_evaluate(args) -> int:
         print(f"{args.data}: {format_metrics(result.metrics, result.intervals)}{flagged}")
     if result.observed_over_predicted is not None:
         ratio, low, high = result.observed_over_predicted
-        lean = ("the risks run low" if low > 1 else "the risks run high" if high < 1 else "no clear sign either way")
-        print(f"calibration: the observed rate of '{positive}' is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
-              f"predicted risk: {lean} (1: calibrated in the large)")
+        lean = calibration_lean(low, high)
+        said = ("no clear sign either way" if lean.way == "none" else
+                f"the risks run {lean.way}, the observed rate {lean.size} {'above' if lean.way == 'low' else 'below'} "
+                "the mean predicted risk")
+        print(f"calibration: the observed rate of '{positive}' is {ratio_text(ratio, low, high)} times the mean "
+              f"predicted risk: {said} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")
     if any(g.observed_over_predicted is not None for g in result.subgroups):
         print(f"observed/predicted: a group's (or all stays') observed rate of '{positive}' over its mean predicted "
@@ -188,7 +192,7 @@ def subgroup_table(result: ExactEvaluation, positive: str, negative: str) -> lis
             continue
         cells = [f"{_interval_text(getattr(r.metrics, k), r.intervals.get(k), 3):<{cell}}" for k in TABLE_METRICS]
         ratio = r.observed_over_predicted
-        calibration = _interval_text(ratio[0], ratio[1:], 2) if ratio else "-"
+        calibration = ratio_text(*ratio) if ratio else "-"
         lines.append(head + "  ".join(cells) + "  " + calibration)
     return lines
 

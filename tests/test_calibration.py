@@ -96,6 +96,26 @@ def test_the_report_says_when_the_risks_run_low_or_high():
     assert "the observed rate is about 5% above the mean predicted risk (1% to 10%)" in slight
     assert "run low by a small but clear margin" in slight
     assert "understates" not in slight and "ranking" not in slight
+    # an interval that leaves out 1 but reaches from a small difference to a large one (a
+    # default run's 0.70, 0.37-0.943, whose exact ratio was 0.94): its size, no bedside alarm
+    unsized = calibration_words(curve(0.7), False, [0.704, 0.374, 0.943])
+    assert "0.70 (0.37-0.94) times" in unsized and "6% to 63% below the mean predicted risk" in unsized
+    assert "cannot tell a small difference from a large one" in unsized and "fedgru evaluate" in unsized
+    assert "ranking" not in unsized and "overstates" not in unsized
+
+
+def test_an_observed_over_predicted_interval_is_read_by_one_rule_with_its_size():
+    from common.reliability import calibration_lean, ratio_text
+
+    assert calibration_lean(0.9, 1.2).way == "none"
+    slight = calibration_lean(0.87, 0.996)
+    assert (slight.way, slight.proven, slight.size) == ("high", "slight", "0.4% to 13%")
+    assert (calibration_lean(0.45, 0.8).way, calibration_lean(0.45, 0.8).proven) == ("high", "large")
+    assert calibration_lean(1.2, 2.1).proven == "large" and calibration_lean(1.05, 2.0).proven == "unsized"
+    assert calibration_lean(0.374, 0.943).proven == "unsized"
+    # an end two decimals would print as 1.00 gets a third: the interval must not read as holding 1
+    assert ratio_text(0.93, 0.87, 0.996) == "0.93 (0.87-0.996)" and ratio_text(1.1, 1.004, 1.2) == "1.10 (1.004-1.20)"
+    assert ratio_text(0.98, 0.9, 1.0) == "0.98 (0.90-1.00)"
 
 
 def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_time():

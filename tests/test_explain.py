@@ -322,6 +322,8 @@ def test_a_stay_without_data_gets_no_risk_and_a_cut_stay_no_made_up_hour(bundle_
     hours = [int(r["hour"]) for r in csv.DictReader(hourly.open()) if r["stay_id"] == cut]
     assert hours == list(range(1, seen + 1))
     assert not [r for r in csv.DictReader(hourly.open()) if r["stay_id"] == empty]
+    assert "1 stay(s) have no observation in the window, only descriptors: they are not scored (no rows" in \
+        capsys.readouterr().err  # the note says what the file holds: no row, not a blank risk
     page = tmp_path / "monitor.html"
     assert main(["monitor", "--model", str(path), "--data", str(export), "--stay", empty, "--stay", cut,
                  "--out", str(page)]) == 0

@@ -16,7 +16,7 @@ from common.intervals import (
     band_coverage,
 )
 from common.metrics import with_interval
-from common.reliability import non_decreasing
+from common.reliability import calibration_lean, non_decreasing, ratio_text
 
 from .plots import plot_reliability
 from .run_folder import RunFolder
@@ -156,11 +156,6 @@ RECALIBRATION_CAVEAT = ("recalibrating on the DP validation releases, `evaluatio
                         "in a federation of 4,000 stays, as measured in the README")
 
 
-# An observed/predicted interval entirely inside this band is a real but small difference
-# (risks within a fifth of the rate): the report names its size instead of warning.
-SLIGHT_MISCALIBRATION = (0.8, 1.25)
-
-
 def exact_calibration_words(ratio: float, recalibrated: bool = False) -> str:
     """A simulation's exact calibration in the large, in words a bedside reader can use."""
     text = (f"Exact on the same test patients (simulation only: a real federation does not see it), the observed "
@@ -188,17 +183,22 @@ def calibration_words(curve, recalibrated: bool, with_interval: list[float] | No
     ratio = observed / predicted
     if with_interval is not None:
         ratio, low, high = with_interval
-        read = (f"Over all test patients the observed rate is {ratio:.2f} ({low:.2f}-{high:.2f}) times the mean "
+        read = (f"Over all test patients the observed rate is {ratio_text(ratio, low, high)} times the mean "
                 f"predicted risk, as read from the DP releases (the interval as the metrics', nominal "
                 f"{INTERVAL_LEVEL:.0%}; {CALIBRATION_INTERVAL_COVERAGE})")
-        if low <= 1 <= high:
+        lean = calibration_lean(low, high)
+        side = "above" if lean.way == "low" else "below"
+        if lean.way == "none":
             return read + ": its interval holds 1, so no clear sign either way."
-        if SLIGHT_MISCALIBRATION[0] <= low and high <= SLIGHT_MISCALIBRATION[1]:
+        if lean.proven == "slight":
             # a difference the interval proves, within a fifth either way: say its size and direction, not an alarm
-            return (read + f": the observed rate is about {abs(ratio - 1):.0%} {'above' if ratio > 1 else 'below'} "
-                    f"the mean predicted risk ({min(abs(low - 1), abs(high - 1)):.0%} to "
-                    f"{max(abs(low - 1), abs(high - 1)):.0%}), so the risks run "
-                    f"{'low' if ratio > 1 else 'high'} by a small but clear margin.")
+            return (read + f": the observed rate is about {abs(ratio - 1):.0%} {side} the mean predicted risk "
+                    f"({lean.size}), so the risks run {lean.way} by a small but clear margin.")
+        if lean.proven == "unsized":
+            # it leaves out 1 but reaches a small difference: no alarm the releases cannot back
+            return (read + f": the observed rate is {lean.size} {side} the mean predicted risk, so the risks run "
+                    f"{lean.way}, but these releases cannot tell a small difference from a large one. Measure it "
+                    "on a hospital's own stays (`fedgru evaluate`, exact) before reading them as probabilities.")
     else:
         # The DP noise alone moves this reading: a model calibrated by construction read 0.83-1.30 (5-95%) over 40
         # default-sized releases (a review, 2026-12-06), so only a reading beyond that says anything.
@@ -247,17 +247,18 @@ def importance_section(run: RunFolder) -> Section | None:
     sd = test.importance_noise or 0.0
 
     def size(value: float) -> str | float:
-        """A mean size is never below 0: the noise can take it there. With the noise's 95% interval (the
-        release is the exact mean plus Gaussian noise of a known sd, so value +- 1.96 sd holds it 95% of the time)."""
+        """A mean size is never below 0: the noise can take it there. With the noise's 99% interval, the
+        report's level everywhere (the release is the exact mean plus Gaussian noise of a known sd, so value
+        +- 2.576 sd holds it 99% of the time)."""
         if not sd:
             return value
-        return f"{max(0.0, value):.3f} ({max(0.0, value - 1.96 * sd):.3f}-{max(0.0, value + 1.96 * sd):.3f})"
+        return f"{max(0.0, value):.3f} ({max(0.0, value - Z_99 * sd):.3f}-{max(0.0, value + Z_99 * sd):.3f})"
 
     rows = [[name, size(value)] for name, value in list(test.importance.items())[:MAX_IMPORTANCE_ROWS]]
     shown = (f"The {len(rows)} largest of the model's {len(test.importance)} inputs (all are in metrics.json). "
              if len(rows) < len(test.importance) else "")
     return Section("What the model leans on (test patients, DP)", [
-        Table(["input", "mean |contribution| to the log-odds" + (" (95% interval for the DP noise)" if sd else "")], rows),
+        Table(["input", "mean |contribution| to the log-odds" + (" (99% interval for the DP noise)" if sd else "")], rows),
         shown +
         "For each test patient, the size of each variable's and descriptor's contribution to the log-odds of "
         "the risk (exact for the per-variable model, integrated gradients otherwise), clipped per patient and "

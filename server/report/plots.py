@@ -82,7 +82,8 @@ def plot_epsilon(metrics: RunMetrics, privacy: RunPrivacy, path: Path) -> bool:
     if many:
         for budget in sorted({h.budget for h in privacy.hospitals.values() if h.budget}):
             ax.axhline(budget, color="k", ls=":", lw=1)
-    _finish(fig, ax, path, "cumulative epsilon (dotted: budget)", "Privacy spent per hospital")
+    _finish(fig, ax, path, "cumulative epsilon (dotted: budget)",
+            "Training patients' epsilon per hospital, by round")
     return True
 
 

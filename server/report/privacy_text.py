@@ -163,8 +163,10 @@ def privacy_sections(run: RunFolder) -> list[Section]:
                                  "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta", "releases",
                                  "in this run"], group_rows))
         if plot_epsilon(run.metrics, privacy, run.path / "epsilon.png"):
-            sec.blocks.append(Image(run.path / "epsilon.png", "Cumulative epsilon per round (dotted: budgets; hospitals "
-                                                              "that spent alike draw one line over another)"))
+            sec.blocks.append(Image(run.path / "epsilon.png", "The training patients' cumulative epsilon per round "
+                                                              "(dotted: budgets; hospitals that spent alike draw one "
+                                                              "line over another; validation and test patients: the "
+                                                              "table above)"))
     sections = [sec]
     level = privacy.hospital_level
     if level is not None:
