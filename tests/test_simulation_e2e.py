@@ -87,11 +87,17 @@ def test_a_hospitals_row_with_intervals_is_told_how_often_such_rows_held(small_r
     name = sorted(run.metrics.test.hospitals)[0]
     run.metrics.test.intervals[name] = {"specificity": [0.5, 0.9]}
     assert f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}" in markdown("r", [test_results_section(run)])
+    assert "reaches below 0.5" not in markdown("r", [test_results_section(run)])
+    # an AUROC interval reaching below a coin's 0.5 (a default run's medical row: 0.768, 0.388-1.000) is said
+    run.metrics.test.intervals[name] = {"auroc": [0.388, 1.0], "specificity": [0.5, 0.9]}
+    text = markdown("r", [test_results_section(run)])
+    assert f"The AUROC interval of {name} reaches below 0.5, a coin's" in text
 
 
 def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_noise_interval(small_run):
     """The DP noise can take a mean |contribution| below 0 (the default run showed -0.056):
-    it shows as 0, and each mean carries the noise's 95% interval (value +- 1.96 sd)."""
+    it shows as 0, and each mean carries the noise's 99% interval (value +- 2.576 sd), the
+    report's level everywhere (it was 95% here alone)."""
     from common.document import markdown
     from server.report.groups import importance_section
     from server.report.run_folder import RunFolder
@@ -100,7 +106,8 @@ def test_the_importance_table_shows_no_mean_size_below_zero_and_each_with_its_no
     run.metrics.test.importance = {"GCS": 0.2, "Gender (descriptor)": -0.01, "ICUType (descriptor)": -0.09}
     run.metrics.test.importance_noise = 0.03
     text = markdown("r", [importance_section(run)])
-    assert "| GCS | 0.200 (0.141-0.259) |" in text and "| Gender (descriptor) | 0.000 (0.000-0.049) |" in text
+    assert "| GCS | 0.200 (0.123-0.277) |" in text and "| Gender (descriptor) | 0.000 (0.000-0.067) |" in text
+    assert "99% interval for the DP noise" in text
     assert "| ICUType (descriptor) | 0.000 (0.000-0.000) |" in text
     assert "| -" not in text and "(-" not in text and ".000--" not in text  # no negative size, no negative bound
 

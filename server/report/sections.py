@@ -142,6 +142,14 @@ def test_results_section(run: RunFolder) -> Section | None:
     )
     if dp and not secure and any(test.intervals.get(n) for n in test.hospitals):
         intervals += f"For one hospital's row: {HOSPITAL_INTERVAL_COVERAGE}. "
+    chance = [n for n, found in sorted(test.intervals.items())  # (an interval of all of 0-1 prints no number)
+              if dp and found and found.get("auroc") and found["auroc"][0] < 0.5
+              and "cannot" not in with_interval(0.5, found["auroc"])]
+    if chance:
+        # an interval reaching below 0.5 cannot tell the row's ranking from a coin's: say so beside the number
+        intervals += (f"The AUROC interval of {', '.join(chance)} reaches below 0.5, a coin's: at that end the "
+                      "releases cannot tell the ranking from chance (for AUPRC chance is the share of patients with "
+                      "the outcome). ")
     if dp and any(found and "auroc" not in found for found in test.intervals.values()):
         intervals += (f"AUROC and AUPRC cannot be estimated in a row where {MAX_PAIRS_IN_ONE_BIN:.0%} or more of the "
                       "pairs of a patient with the outcome and one without fall into the same bin of its histogram, "
