@@ -229,7 +229,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
                      else "never flagged")
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
-            f"Risk at hour {len(risks)}: {risks[-1]:.3f} (threshold {thresholds[-1]:.3f}; {flag_text})."
+            f"Risk at hour {len(risks)}: {risks[-1]:.3f} (the monitor's flag level at that hour "
+            f"{thresholds[-1]:.3f}; {flag_text})."
             + (f" Hour {last} is this stay's last observation; the window runs to hour {window}: no later hour is "
                "shown." if last < window else "")
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "

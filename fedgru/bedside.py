@@ -115,7 +115,7 @@ def cmd_predict(args) -> int:
             writer = csv.writer(handle)
             # flagged_since: the hour the stay's flag (on at that row) was raised, so a kept flag says where it
             # came from when the hour's own risk is below its threshold
-            writer.writerow(["stay_id", "hour", "risk", "threshold", "flagged", "flagged_since"])
+            writer.writerow(["stay_id", "hour", "risk", "flag_level", "flagged", "flagged_since"])
             for sid, row, flags, last in zip(ds.stay_ids, risks, flagged, seen):
                 since = None
                 for h, r in enumerate(row[:last]):  # no row for an hour after the stay's last observation

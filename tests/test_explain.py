@@ -245,7 +245,7 @@ def test_monitor_writes_one_html_page_with_the_plot_inside(bundle_and_stays, tmp
     text = capsys.readouterr().out
     assert f"stay {stays[0]}: risk" in text and f"stay {stays[1]}: risk" in text
     page = out.read_text()
-    assert page.count("data:image/png;base64,") == 2 and "threshold 0.300" in page
+    assert page.count("data:image/png;base64,") == 2 and "flag level at that hour 0.300" in page
     assert out.stat().st_mode & 0o777 == 0o600  # patients' risks: the owner's only, as the run folder's files
     # what the risks read, on the page itself (it was on the console only)
     assert "What these risks read" in page and "This model reads" in page and "admission descriptors" in page
@@ -285,7 +285,7 @@ def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
             assert since <= int(r["hour"]) and all(by_stay_hour[(r["stay_id"], h)]["flagged"] == "1"
                                                     for h in range(since, int(r["hour"]) + 1))
             raised = by_stay_hour[(r["stay_id"], since)]
-            assert float(raised["risk"]) >= float(raised["threshold"])  # both printed to 6 digits
+            assert float(raised["risk"]) >= float(raised["flag_level"])  # both printed to 6 digits
             assert since == 1 or by_stay_hour[(r["stay_id"], since - 1)]["flagged"] == "0"
 
 
