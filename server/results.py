@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from common.intervals import (
 )
 from common.messages import Item, Split
 from common.metrics import (
+    METRIC_NAMES,
     Metrics,
     ScoreGrid,
     ScoreSummary,
@@ -254,6 +255,12 @@ class Reader:
                 result.calibration_ratio = [observed_over_predicted(read), *ratio]
             if found:
                 result.intervals[row] = found
+        for n, (_, sd) in rows.items():
+            if n != "pooled" and self.cfg.evaluation.dp and self.cfg.is_binary and sd > 0:
+                # what the report calls "cannot be estimated" is no number in metrics.json either (null): a script
+                # read a drowned hospital row's AUROC as 0.9999999999998956
+                found = result.intervals.get(n) or {}
+                result.hospitals[n] = replace(result.hospitals[n], **{k: math.nan for k in METRIC_NAMES if k not in found})
         result.auroc_interval = result.intervals.get("pooled", {}).get("auroc")
         if "pooled" in result.intervals and not ranks_patients(total, estimator=self.cfg.evaluation.estimator):
             log.warning("the pooled test histogram cannot rank its patients: the model's scores spread less than a "

@@ -293,3 +293,23 @@ def test_the_reliability_diagram_draws_the_exact_curve_and_says_what_it_draws(tm
     assert "bar" not in both
     plain = reliability_caption(dp=False, read=True, exact=False)
     assert "exact counts" in plain and "noise" not in plain.replace("no DP noise", "")
+
+
+def test_the_summary_says_which_thresholds_are_settings_and_which_dp_readings():
+    """A new user read 'decision threshold 0.170, after hour 1 0.428' as five settings: the
+    hour thresholds are read from DP releases (so is an 'auto' threshold); a configured
+    level is not."""
+    from types import SimpleNamespace
+
+    from server.report.bedside import decision_lines
+
+    test = SimpleNamespace(threshold=0.17, calibration=None, checkpoint_thresholds={"1": 0.428, "6": 0.261},
+                           onset_margin=None, hour_thresholds=None)
+    line = decision_lines(test, True, level=0.17)[0]
+    assert line.startswith("decision threshold 0.170 (a configured level); each hour's, read from the DP validation "
+                           "releases: after hour 1 0.428, after hour 6 0.261")
+    auto = decision_lines(test, True, level=None)[0]
+    assert auto.startswith("decision threshold 0.170 (read from the DP validation releases)")
+    test.checkpoint_thresholds = {}
+    assert decision_lines(test, True, level=0.17)[0] == ("decision threshold 0.170 (a configured level) (risks on the "
+                                                         "final model's own scale)")

@@ -100,7 +100,8 @@ def summary_text(run: RunFolder) -> str:
     if run.metrics.not_evaluated:
         lines.append(f"No evaluation: {run.metrics.not_evaluated}")
     test = run.metrics.test
-    lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds))
+    lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds),
+                            run.config.evaluation.level if run.config is not None else None)
     dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
     if test is not None and test.pooled is not None:
         fit = FIT_WORDS.get(run.metrics.estimator, f"the {run.metrics.estimator} reading")

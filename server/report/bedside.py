@@ -84,13 +84,18 @@ def _flag_item(test, window_hours: float, spread: str) -> str:
     return text + "The two can differ for a stay."
 
 
-def decision_lines(test, binary: bool) -> list[str]:
+def decision_lines(test, binary: bool, level: float | None = None) -> list[str]:
     """What the run decided for the bedside (binary tasks): the decision threshold and each
-    checkpoint hour's, and the monitor's margin; results a bedside user keeps."""
+    checkpoint hour's, and the monitor's margin; results a bedside user keeps. ``level``:
+    the config's clinical level, which no release moves (the hour thresholds are read from
+    DP releases whatever the rule: said, so they do not read as fixed settings)."""
     if test is None or test.threshold is None or not binary:
         return []
-    hourly = "".join(f", after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
-    lines = [f"decision threshold {test.threshold:.3f}{hourly} (a risk on the final model's "
+    how = ("a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9)
+           else "read from the DP validation releases")
+    hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    hourly = f"; each hour's, read from the DP validation releases: {hourly}" if hourly else ""
+    lines = [f"decision threshold {test.threshold:.3f} ({how}){hourly} (risks on the final model's "
              f"{'calibrated' if test.calibration else 'own'} scale)"]
     rule = monitor_rule(test)
     if rule is not None:
@@ -100,7 +105,7 @@ def decision_lines(test, binary: bool) -> list[str]:
 
 def monitor_rule(test) -> tuple[str, str] | None:
     """When the hourly monitor raises its flag (with the risks that raise it, as predict
-    --hourly's threshold column prints them: a ward setting up an alert should not have to
+    --hourly's flag_level column prints them: a ward setting up an alert should not have to
     add a margin in log-odds itself) and how its margin was read; None without a margin."""
     if test.onset_margin is None:
         return None
