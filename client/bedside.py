@@ -206,7 +206,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
         ax.plot(hours, risks, "-o", ms=3, color="#3465a4", label="risk after each hour")
         same = bool(np.allclose(thresholds, thresholds[-1]))
         ax.step(hours, thresholds, where="mid", color="#cc0000", ls="--", lw=1,
-                label=(f"flag at {thresholds[-1]:.3f}" if same else "flag at this hour's threshold")
+                label=(f"flag at {thresholds[-1]:.3f}" if same else "flag level at this hour")
                 + (" (stays on once raised)" if latched else ""))
         for jump in found:
             label = ", ".join(name for name, _, _ in jump.movers[:2])

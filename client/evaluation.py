@@ -72,16 +72,16 @@ def plan_evaluations(req: Request, ledger: Ledger) -> tuple[list[PlannedRelease]
             # its noise is calibrated for none, so none is made
             raise PolicyRefusal("evaluate", f"asks for a {split.value} release during training that this run's "
                                             "settings (evaluation.validate_every, run.rounds) do not plan")
-        released = ledger.releases_in_run(req.run_id, split)
-        policy.check_evaluation_count(split, planned_counts.get(split.value, 0), released)
-        if ev.dp and released >= planned_counts.get(split.value, 0):
-            # each release's noise is calibrated for the number the run plans: one more would take the run past
-            # the epsilon its preflight agreed (a resumed coordinator replaying a validated round with another
-            # model asks for one): declined, the training goes on
-            declined.append(f"{split.value}: this run has had the {planned_counts.get(split.value, 0)} "
-                            f"{split.value} releases its settings plan (evaluation.validate_every, run.rounds); "
-                            "their noise is calibrated for that many")
+        released, plan = ledger.releases_in_run(req.run_id, split), planned_counts.get(split.value, 0)
+        if ev.dp and split == Split.VAL and released >= plan:
+            # each release's noise is calibrated for the number the run plans (at most the policy's count: a
+            # larger plan was refused above): one more would take the run past the epsilon its preflight
+            # agreed. A resumed coordinator replaying a validated round with another model asks for one: declined,
+            # the round's training goes on (a second test release comes alone, and is refused below)
+            declined.append(f"{split.value}: this run has had the {plan} {split.value} releases its settings plan "
+                            "(evaluation.validate_every, run.rounds); their noise is calibrated for that many")
             continue
+        policy.check_evaluation_count(split, plan, released)
         wanted[split] = items
     if any(item == Item.ONSET_HISTOGRAM for _, item in releases):  # the test message's, of the validation patients
         why = onset_declined(req, ledger)

@@ -115,6 +115,12 @@ class CalibrationLean:
     far: float  # the other end
 
     @property
+    def side(self) -> str:
+        """Where the observed rate lies against the mean predicted risk: "above" (risks run
+        low), "below" (risks run high)."""
+        return "above" if self.way == "low" else "below"
+
+    @property
     def size(self) -> str:
         """The difference's size: "6% to 63%"."""
         return f"{_percent(self.near)} to {_percent(self.far)}"
@@ -134,7 +140,7 @@ def calibration_lean(low: float, high: float) -> CalibrationLean:
     slight_low, slight_high = SLIGHT_MISCALIBRATION
     if slight_low <= low and high <= slight_high:
         proven = "slight"
-    elif near >= CLEAR_MISCALIBRATION:
+    elif near >= CLEAR_MISCALIBRATION - 1e-9:  # 1 - 0.9 is 0.0999...: an end at 0.90 is a tenth off
         proven = "large"
     else:
         proven = "unsized"
@@ -142,9 +148,13 @@ def calibration_lean(low: float, high: float) -> CalibrationLean:
 
 
 def ratio_text(ratio: float, low: float, high: float) -> str:
-    """"0.93 (0.87-0.996)": two decimals, three for an end that two would round to 1
-    (0.996 printed 1.00 reads as an interval that holds 1)."""
-    def end(x: float) -> str:
-        return f"{x:.3f}" if x != 1 and round(x, 2) == 1 else f"{x:.2f}"
+    """"0.93 (0.87-0.996)": two decimals, more for a number that two would round to 1
+    (0.996 printed 1.00 reads as an interval that holds 1; a reading of 0.997 inside
+    0.993-0.999 printed 1.00 lies outside its own interval)."""
+    def shown(x: float) -> str:
+        digits = 2
+        while x != 1 and round(x, digits) == 1 and digits < 6:
+            digits += 1
+        return f"{x:.{digits}f}"
 
-    return f"{ratio:.2f} ({end(low)}-{end(high)})"
+    return f"{shown(ratio)} ({shown(low)}-{shown(high)})"

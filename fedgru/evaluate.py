@@ -102,8 +102,7 @@ def cmd_evaluate(args) -> int:
         ratio, low, high = result.observed_over_predicted
         lean = calibration_lean(low, high)
         said = ("no clear sign either way" if lean.way == "none" else
-                f"the risks run {lean.way}, the observed rate {lean.size} {'above' if lean.way == 'low' else 'below'} "
-                "the mean predicted risk")
+                f"the risks run {lean.way}, the observed rate {lean.size} {lean.side} the mean predicted risk")
         print(f"calibration: the observed rate of '{positive}' is {ratio_text(ratio, low, high)} times the mean "
               f"predicted risk: {said} (1: calibrated in the large)")
     print(f"exact on these stays; in brackets each metric's {result.interval}")

@@ -116,6 +116,10 @@ def test_an_observed_over_predicted_interval_is_read_by_one_rule_with_its_size()
     # an end two decimals would print as 1.00 gets a third: the interval must not read as holding 1
     assert ratio_text(0.93, 0.87, 0.996) == "0.93 (0.87-0.996)" and ratio_text(1.1, 1.004, 1.2) == "1.10 (1.004-1.20)"
     assert ratio_text(0.98, 0.9, 1.0) == "0.98 (0.90-1.00)"
+    # the reading too, and as many digits as it takes: never a 1.00 outside its own interval
+    assert ratio_text(0.997, 0.993, 0.9996) == "0.997 (0.99-0.9996)"
+    assert calibration_lean(0.5, 0.9).proven == "large"  # an end exactly a tenth off (1 - 0.9 is 0.0999... in floats)
+    assert calibration_lean(0.5, 0.9).side == "below" and calibration_lean(1.2, 2.1).side == "above"
 
 
 def test_the_observed_over_predicted_interval_holds_the_exact_ratio_most_of_the_time():
@@ -310,6 +314,8 @@ def test_the_summary_says_which_thresholds_are_settings_and_which_dp_readings():
                            "releases: after hour 1 0.428, after hour 6 0.261")
     auto = decision_lines(test, True, level=None)[0]
     assert auto.startswith("decision threshold 0.170 (read from the DP validation releases)")
+    exact = decision_lines(test, True, level=None, dp=False)[0]  # a comparison simulation without DP
+    assert "DP" not in exact.replace("(no DP)", "") and "read from the exact validation histograms (no DP)" in exact
     test.checkpoint_thresholds = {}
     assert decision_lines(test, True, level=0.17)[0] == ("decision threshold 0.170 (a configured level) (risks on the "
                                                          "final model's own scale)")

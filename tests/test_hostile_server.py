@@ -217,6 +217,36 @@ def test_more_validations_than_the_run_plans_are_declined_and_cost_nothing(hospi
     assert folder_ledger(hospital).epsilon(Split.VAL) == after_final
 
 
+def test_a_validation_past_a_plan_that_fills_the_policys_count_is_declined_too(hospital_data, tmp_path):
+    """The policy's own fix ('use evaluation.validate_every >= N') makes the plan equal its
+    per-run count: a replayed validation is then past both, and still only declined."""
+    cfg = hospital_cfg("run.rounds=6", "evaluation.validate_every=3")
+    plan = cfg.planned_evaluations()["val"]
+    folder = make_hospital(tmp_path, *hospital_data, max_epsilon=2.5)
+    _set_policy(folder, max_evaluations_per_run={"val": plan, "test": 1})
+    context = node_context(folder)
+    rounds = cfg.validation_rounds()
+    for r in rounds:
+        assert reply_status(client_app.train(hospital_message(cfg, "r", r, evaluate="val"), context))[M.STATE] == \
+            ReplyState.TRAINED
+    final = client_app.evaluate(hospital_message(cfg, "r", 6, MessageType.EVALUATE, "val"), context)
+    assert reply_status(final)[M.STATE] == ReplyState.EVALUATED and M.NOT_EVALUATED not in reply_status(final)
+    spent = folder_ledger(folder).epsilon(Split.VAL)
+    replayed = client_app.train(hospital_message(cfg, "r", rounds[0], evaluate="val",
+                                                 arrays=_other_model(cfg)), context)
+    assert reply_status(replayed)[M.STATE] == ReplyState.TRAINED
+    assert "releases its settings plan" in reply_status(replayed)[M.NOT_EVALUATED]
+    assert folder_ledger(folder).epsilon(Split.VAL) == spent
+
+
+def _other_model(cfg):
+    """The run's initial weights moved a little: another global model (a replayed round's)."""
+    from flwr.app import Array
+
+    arrays = initial_arrays(cfg)
+    return ArrayRecord({k: Array(v.numpy() + np.float32(0.01)) for k, v in arrays.items()})
+
+
 def test_a_crafted_model_reads_back_only_a_noisy_coarse_histogram(hospital, hospital_data):
     """Before: a model whose logit is one weight on Age read back every validation
     patient's age with their outcome. Now the release is a few bins per class

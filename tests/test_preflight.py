@@ -460,7 +460,7 @@ def test_a_hospital_that_keeps_only_gaussian_onset_noise_refuses_a_laplace_plan_
     """policy.onset_noise: [gaussian] (a hospital planning many runs, where the Gaussian
     composes better): a plan with the default's discrete Laplace is refused at the
     preflight, naming the setting and the fix, before any patient is read; the same plan
-    with Gaussian noise, or under secure aggregation (its Skellam shares), is accepted.
+    with Gaussian noise is accepted (secure aggregation's Skellam shares: the next test).
     A policy naming an unknown noise does not open."""
     from client import export
 

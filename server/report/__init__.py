@@ -35,6 +35,7 @@ from .sections import (
     baseline_section,
     coverage_words,
     data_section,
+    evaluation_dp,
     not_evaluated_section,
     settings_section,
     test_results_section,
@@ -100,9 +101,9 @@ def summary_text(run: RunFolder) -> str:
     if run.metrics.not_evaluated:
         lines.append(f"No evaluation: {run.metrics.not_evaluated}")
     test = run.metrics.test
+    dp = evaluation_dp(run)
     lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds),
-                            run.config.evaluation.level if run.config is not None else None)
-    dp = bool(run.privacy.evaluation_dp) if run.privacy else run.metrics.estimator != "binned"
+                            run.config.evaluation.level if run.config is not None else None, dp)
     if test is not None and test.pooled is not None:
         fit = FIT_WORDS.get(run.metrics.estimator, f"the {run.metrics.estimator} reading")
         read = f"read from the DP releases with {fit}" if dp else "exact histograms"

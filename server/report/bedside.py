@@ -84,17 +84,18 @@ def _flag_item(test, window_hours: float, spread: str) -> str:
     return text + "The two can differ for a stay."
 
 
-def decision_lines(test, binary: bool, level: float | None = None) -> list[str]:
+def decision_lines(test, binary: bool, level: float | None = None, dp: bool = True) -> list[str]:
     """What the run decided for the bedside (binary tasks): the decision threshold and each
     checkpoint hour's, and the monitor's margin; results a bedside user keeps. ``level``:
     the config's clinical level, which no release moves (the hour thresholds are read from
-    DP releases whatever the rule: said, so they do not read as fixed settings)."""
+    the validation releases whatever the rule: said, so they do not read as fixed settings);
+    ``dp``: whether those releases carried DP noise (a comparison simulation's did not)."""
     if test is None or test.threshold is None or not binary:
         return []
-    how = ("a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9)
-           else "read from the DP validation releases")
+    source = "read from the DP validation releases" if dp else "read from the exact validation histograms (no DP)"
+    how = "a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9) else source
     hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
-    hourly = f"; each hour's, read from the DP validation releases: {hourly}" if hourly else ""
+    hourly = f"; each hour's, {source}: {hourly}" if hourly else ""
     lines = [f"decision threshold {test.threshold:.3f} ({how}){hourly} (risks on the final model's "
              f"{'calibrated' if test.calibration else 'own'} scale)"]
     rule = monitor_rule(test)

@@ -56,7 +56,7 @@ def subgroup_section(run: RunFolder) -> Section | None:
             ratio = f"{observed / predicted:.2f}" if predicted > 0 else "n/a"  # run folders from before its interval
             found = getattr(g, "observed_over_predicted", None)
             if found is not None:  # read from the DP release with its interval, as the pooled ratio is
-                ratio = with_interval(found[0], found[1:], digits=2)
+                ratio = ratio_text(*found)  # a ratio, not a share: no "all of 0-1"; an end near 1 not shown as 1
             cells = [g.grouping, g.group, round(g.patients), round(g.deaths), _with(m.auroc, g, "auroc"),
                      _with(m.sensitivity, g, "sensitivity"), ratio]
         if exact:
@@ -187,16 +187,15 @@ def calibration_words(curve, recalibrated: bool, with_interval: list[float] | No
                 f"predicted risk, as read from the DP releases (the interval as the metrics', nominal "
                 f"{INTERVAL_LEVEL:.0%}; {CALIBRATION_INTERVAL_COVERAGE})")
         lean = calibration_lean(low, high)
-        side = "above" if lean.way == "low" else "below"
         if lean.way == "none":
             return read + ": its interval holds 1, so no clear sign either way."
         if lean.proven == "slight":
             # a difference the interval proves, within a fifth either way: say its size and direction, not an alarm
-            return (read + f": the observed rate is about {abs(ratio - 1):.0%} {side} the mean predicted risk "
+            return (read + f": the observed rate is about {abs(ratio - 1):.0%} {lean.side} the mean predicted risk "
                     f"({lean.size}), so the risks run {lean.way} by a small but clear margin.")
         if lean.proven == "unsized":
             # it leaves out 1 but reaches a small difference: no alarm the releases cannot back
-            return (read + f": the observed rate is {lean.size} {side} the mean predicted risk, so the risks run "
+            return (read + f": the observed rate is {lean.size} {lean.side} the mean predicted risk, so the risks run "
                     f"{lean.way}, but these releases cannot tell a small difference from a large one. Measure it "
                     "on a hospital's own stays (`fedgru evaluate`, exact) before reading them as probabilities.")
     else:

@@ -147,7 +147,8 @@ def test_results_section(run: RunFolder) -> Section | None:
               and "cannot" not in with_interval(0.5, found["auroc"])]
     if chance:
         # an interval reaching below 0.5 cannot tell the row's ranking from a coin's: say so beside the number
-        intervals += (f"The AUROC interval of {', '.join(chance)} reaches below 0.5, a coin's: at that end the "
+        rows_named = ", ".join("the pooled row" if n == "pooled" else n for n in chance)
+        intervals += (f"The AUROC interval of {rows_named} reaches below 0.5, a coin's: at that end the "
                       "releases cannot tell the ranking from chance (for AUPRC chance is the share of patients with "
                       "the outcome). ")
     if dp and any(found and "auroc" not in found for found in test.intervals.values()):
