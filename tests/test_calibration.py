@@ -319,3 +319,20 @@ def test_the_summary_says_which_thresholds_are_settings_and_which_dp_readings():
     test.checkpoint_thresholds = {}
     assert decision_lines(test, True, level=0.17)[0] == ("decision threshold 0.170 (a configured level) (risks on the "
                                                          "final model's own scale)")
+
+
+def test_the_bedside_calibration_item_follows_the_same_rule():
+    """The report's 'Before using these risks' item said 'where this is far from 1 ... read
+    it as a ranking' whatever the reading; it now follows calibration_lean."""
+    from types import SimpleNamespace
+
+    from server.report.bedside import _calibration_item
+
+    def item(ratio):
+        return _calibration_item(SimpleNamespace(calibration_ratio=ratio, exact_calibration_ratio=None, calibration=None))
+
+    assert item([0.96, 0.53, 1.31]).endswith("0.96 (0.53-1.31) times the mean predicted risk: the DP reading's "
+                                             "interval holds 1.")
+    unsized = item([0.704, 0.374, 0.943])
+    assert "may run high, by 6% to 63%" in unsized and "fedgru evaluate" in unsized and "ranking" not in unsized
+    assert "read it as a ranking" in item([0.6, 0.45, 0.8])

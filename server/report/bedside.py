@@ -8,6 +8,7 @@ import math
 
 from common.document import Bullets, Section
 from common.metrics import logit, sigmoid
+from common.reliability import calibration_lean
 
 from .groups import RECALIBRATION_CAVEAT
 from .run_folder import RunFolder
@@ -139,6 +140,14 @@ def _calibration_item(test) -> str:
     text = "; ".join(parts)
     remedy = ("read it as a ranking (this run already recalibrated on its pooled validation releases)"
               if test.calibration else f"read it as a ranking ({RECALIBRATION_CAVEAT})")
+    if test.calibration_ratio:  # the DP reading's interval decides, by the rule the calibration section words
+        lean = calibration_lean(*test.calibration_ratio[1:])
+        if lean.way == "none":
+            return "**Calibration.** " + text[0].upper() + text[1:] + ": the DP reading's interval holds 1."
+        if lean.proven != "large":
+            return ("**Calibration.** " + text[0].upper() + text[1:] + f": the risks may run {lean.way}, by "
+                    f"{lean.size}; `fedgru evaluate` on a hospital's own stays measures it before anyone reads "
+                    "the risk as a probability.")
     return ("**Calibration.** " + text[0].upper() + text[1:] + ". Where this is far from 1 the printed risk is "
             f"not the rate at which such patients have the outcome: {remedy}.")
 
