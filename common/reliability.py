@@ -8,6 +8,7 @@ that measure both against exact tenths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -151,6 +152,9 @@ def ratio_text(ratio: float, low: float, high: float) -> str:
     """"0.93 (0.87-0.996)": two decimals, more for a number that two would round to 1
     (0.996 printed 1.00 reads as an interval that holds 1; a reading of 0.997 inside
     0.993-0.999 printed 1.00 lies outside its own interval)."""
+    if not all(math.isfinite(x) for x in (ratio, low, high)):
+        return "cannot be estimated"  # as common.metrics.with_interval says of a metric with no number
+
     def shown(x: float) -> str:
         digits = 2
         while x != 1 and round(x, digits) == 1 and digits < 6:

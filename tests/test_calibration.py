@@ -115,7 +115,7 @@ def test_an_observed_over_predicted_interval_is_read_by_one_rule_with_its_size()
     assert calibration_lean(0.374, 0.943).proven == "unsized"
     # an end two decimals would print as 1.00 gets a third: the interval must not read as holding 1
     assert ratio_text(0.93, 0.87, 0.996) == "0.93 (0.87-0.996)" and ratio_text(1.1, 1.004, 1.2) == "1.10 (1.004-1.20)"
-    assert ratio_text(0.98, 0.9, 1.0) == "0.98 (0.90-1.00)"
+    assert ratio_text(0.98, 0.9, 1.0) == "0.98 (0.90-1.00)" and ratio_text(float("nan"), 0.9, 1.1) == "cannot be estimated"
     # the reading too, and as many digits as it takes: never a 1.00 outside its own interval
     assert ratio_text(0.997, 0.993, 0.9996) == "0.997 (0.99-0.9996)"
     assert calibration_lean(0.5, 0.9).proven == "large"  # an end exactly a tenth off (1 - 0.9 is 0.0999... in floats)
