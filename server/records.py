@@ -130,6 +130,9 @@ class TestResult:
     dropped: list[Dropped]
     threshold: float  # binary tasks: flagged at risk >= threshold
     calibration: Calibration | None
+    # where the threshold came from: "read" (the rule on the validation releases), "level" (the config's),
+    # "fallback" (0.5: the releases could not be read); "" in run folders from before it
+    threshold_source: str = ""
     calibration_curve: list[CalibrationPoint] = field(default_factory=list)  # pooled, by risk decile
     # pooled observed rate over mean predicted risk: [reading, low, high] (common.estimates.observed_over_predicted)
     calibration_ratio: list[float] | None = None

@@ -133,6 +133,13 @@ class Reader:
         (``auto``: the risk that flags ``flag_rate`` of them; ``event1``: the bin edge
         with the best event-1 score), or the configured risk (given on the calibrated
         scale)."""
+        return self.threshold_and_source(val, grid, calibration, readable)[0]
+
+    def threshold_and_source(self, val: ScoreSummary | None, grid: ScoreGrid, calibration: Calibration | None,
+                             readable: bool = True) -> tuple[float, str]:
+        """:meth:`threshold`, and where it came from: "read" (the rule, on the releases),
+        "level" (the config's), "fallback" (0.5: the rule could read nothing), so the
+        summary never calls a fallback a reading."""
         ev = self.cfg.evaluation
         if ev.threshold in ("auto", "event1") and self.cfg.num_classes == 2 and not readable:
             log.warning("the pooled validation releases hold too few patients for their noise to choose a threshold "
@@ -144,13 +151,13 @@ class Reader:
                 edge = choose_threshold(val) if val is not None else None
                 chosen = grid.edge_risk(edge) if edge is not None else None
             if chosen is not None:
-                return chosen
+                return chosen, "read"
             log.warning("no pooled validation histogram to choose a threshold from: it stays 0.5")
         risk = 0.5 if ev.level is None else ev.level
         if calibration is not None:  # the calibrated threshold, back on the model's own scale
             # a small Platt slope sends it far out: hence the stable sigmoid
             risk = sigmoid((math.log(risk) - math.log1p(-risk) - calibration.shift) / calibration.scale)
-        return risk
+        return risk, "fallback" if ev.level is None else "level"
 
     def calibrated_threshold(self, threshold: float, calibration: Calibration | None) -> float:
         """The run's threshold on the final model's scale once ``calibration`` is folded

@@ -98,7 +98,7 @@ def finish_run(co, last_round: int) -> None:
     co._validated(last_round, validated)
     uncalibrated = recalibrate(co, val)
     readable = raw is not None and co.reader.readable(raw.n, val_sd, raw.histogram.size)
-    threshold = co.reader.threshold(val, grid, uncalibrated, readable)
+    threshold, threshold_source = co.reader.threshold_and_source(val, grid, uncalibrated, readable)
     rate = co.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
     threshold = co.reader.calibrated_threshold(threshold, uncalibrated)
     # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
@@ -109,6 +109,7 @@ def finish_run(co, last_round: int) -> None:
                                      hours if co.cfg.monitors_onset else None)
     test_grid, _ = evaluation_grids(co.cfg, threshold if co.cfg.is_binary else None)
     result = co.reader.test_result(released, threshold, test_grid, co.calibration, co.final_dropped)
+    result.threshold_source = threshold_source
     if checkpoints:
         result.hour_thresholds = hours
         result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}

@@ -336,3 +336,24 @@ def test_the_bedside_calibration_item_follows_the_same_rule():
     unsized = item([0.704, 0.374, 0.943])
     assert "may run high, by 6% to 63%" in unsized and "fedgru evaluate" in unsized and "ranking" not in unsized
     assert "read it as a ranking" in item([0.6, 0.45, 0.8])
+
+
+def test_a_threshold_that_fell_back_to_one_half_is_not_called_a_reading():
+    """A federation too small for its validation releases keeps 0.5 under `auto` (a warning
+    in the log); the summary said 'read from the DP validation releases' of it."""
+    from types import SimpleNamespace
+
+    from server.report.bedside import decision_lines
+    from server.results import Reader
+    from tests.conftest import small_cfg
+
+    grid = ScoreGrid(-7.0, 3.0, 10)
+    assert Reader(small_cfg("evaluation.threshold=auto")).threshold_and_source(None, grid, None, False) == (0.5, "fallback")
+    assert Reader(small_cfg("evaluation.threshold=auto")).threshold_and_source(None, grid, None, True) == (0.5, "fallback")
+    assert Reader(small_cfg("evaluation.threshold=0.17")).threshold_and_source(None, grid, None, True) == (0.17, "level")
+    test = SimpleNamespace(threshold=0.5, calibration=None, checkpoint_thresholds={}, onset_margin=None,
+                           hour_thresholds=None, threshold_source="fallback")
+    line = decision_lines(test, True, level=None)[0]
+    assert "(a fallback: the validation releases could not choose one" in line and "DP" not in line
+    test.threshold_source = "read"
+    assert "(read from the DP validation releases)" in decision_lines(test, True, level=None)[0]

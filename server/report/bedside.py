@@ -94,7 +94,10 @@ def decision_lines(test, binary: bool, level: float | None = None, dp: bool = Tr
     if test is None or test.threshold is None or not binary:
         return []
     source = "read from the DP validation releases" if dp else "read from the exact validation histograms (no DP)"
-    how = "a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9) else source
+    how = {"level": "a configured level", "read": source,
+           "fallback": "a fallback: the validation releases could not choose one, the run's log says why"}.get(
+        getattr(test, "threshold_source", ""),
+        "a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9) else source)
     hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
     hourly = f"; each hour's, {source}: {hourly}" if hourly else ""
     lines = [f"decision threshold {test.threshold:.3f} ({how}){hourly} (risks on the final model's "
