@@ -120,7 +120,7 @@ def answer_plan(cfg: ExperimentConfig, node: Node) -> PreflightAnswer:
     return PreflightAnswer(node.name, True, "", fit.noise_multiplier, fit.set_by, planned, remaining, budgets,
                            again=again, declared_train=declared.train if secure else 0,
                            min_honest=policy.min_honest if secure else 0,
-                           max_colluding=policy.max_colluding if secure else 0)
+                           max_colluding=policy.max_colluding if secure else 0, delta=policy.delta)
 
 
 def _secure_plan(cfg: ExperimentConfig, node: Node, ledger: Ledger) -> tuple[NoiseFit, dict[str, float]]:

@@ -4,7 +4,7 @@ the per-group histograms and the importance), summed over hospitals through the 
 stages of ``common.secagg``, each hospital adding its share of Skellam noise.
 
 How much noise: the run's evaluation budget is calibrated as without secure aggregation
-(``client.noise.calibrated_evaluation_noise``: a Gaussian multiplier per kind of
+(``common.evaluation_noise.calibrated_evaluation_noise``: a Gaussian multiplier per kind of
 release); here each kind's release becomes a Skellam one whose variance, counted over
 ``min_honest`` hospitals, keeps each group's epsilon (validation, test) within
 ``evaluation.val_epsilon`` / ``test_epsilon``, and whose share from one hospital alone

@@ -59,6 +59,10 @@ class PreflightAnswer:
     # hospital accepts (common.secagg.least_threshold), so the coordinator can start at it (settings, not data)
     min_honest: int = 0
     max_colluding: int = 0
+    # the delta its policy states every epsilon at (a setting, not data): the coordinator computes each
+    # evaluation release's noise at it (common.evaluation_noise) and drops a release whose ledger entry
+    # records other noise; 0 from older apps (no check)
+    delta: float = 0.0
 
     def to_status(self) -> dict:
         state = ReplyState.ACCEPTED if self.accepted else ReplyState.REFUSED_POLICY
@@ -80,10 +84,13 @@ class PreflightAnswer:
             again={str(k): float(v) for k, v in dict(data.get("again", {})).items() if k in GROUPS},
             declared_train=_count(data.get("declared_train", 0)),
             min_honest=_count(data.get("min_honest", 0)), max_colluding=_count(data.get("max_colluding", 0)),
+            delta=float(data.get("delta", 0.0)),
         )
         numbers = [answer.noise_multiplier, *answer.planned.values(), *answer.remaining.values(),
                    *answer.budgets.values(), *answer.again.values(), answer.declared_train,
-                   answer.min_honest, answer.max_colluding]
+                   answer.min_honest, answer.max_colluding, answer.delta]
         if not all(math.isfinite(v) and v >= -1e-9 for v in numbers):
             raise ValueError("a preflight answer's numbers must be finite and not negative")
+        if not answer.delta < 1:
+            raise ValueError("a preflight answer's delta must be below 1")
         return answer

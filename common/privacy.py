@@ -269,17 +269,3 @@ def calibrate_shares(
         if high - low < 1e-6 * high:
             break
     return multipliers(high)
-
-
-def calibrate_evaluation_noise(
-    target_epsilon: float, delta: float, progress_releases: int, final_share: float, accountant: str = "rdp"
-) -> tuple[float, float]:
-    """Noise multipliers ``(progress, final)`` for one run's validation releases:
-    ``progress_releases`` histograms during the run and one of the final model, which
-    the calibration and the decision threshold read and which gets ``final_share`` of
-    the budget (:func:`calibrate_shares`)."""
-    if not 0 < final_share <= 1:
-        raise ValueError("final_share must be in (0, 1]")
-    share = 1.0 if progress_releases == 0 else final_share
-    progress, final = calibrate_shares(target_epsilon, delta, [(1 - share, progress_releases), (share, 1)], accountant)
-    return progress, final

@@ -29,10 +29,12 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import messages as M
 from common.config import ExperimentConfig
+from common.evaluation_noise import EvaluationNoise, calibrated_evaluation_noise
 from common.ledger import Ledger
 from common.messages import ReplyState, Split
 from common.metrics import format_number, with_interval
 from common.model import GRUClassifier, model_spec
+from common.privacy import InfeasibleTarget
 from common.signatures import PublicKey
 
 from .checkpoint import RunSnapshot
@@ -277,11 +279,27 @@ class Coordinator:
                             "%s: %s did not evaluate: %s", context, view.name, declined)
         return view, ledger
 
+    def _expected_evaluation_noise(self, hospital: str) -> EvaluationNoise | None:
+        """The noise each evaluation release of ``hospital`` must record: the run's calibration
+        at the delta its accepted preflight answer stated. None where there is nothing to
+        check against: no such answer (an older app's, without its delta), a comparison
+        without DP, or secure aggregation (whose sums are checked in server.secure_evaluation)."""
+        if not (self.cfg.evaluation.dp and self.cfg.privacy.aggregation == "per_hospital"):
+            return None
+        answer = next((a for a in self.recorder.preflight if a.hospital == hospital and a.accepted), None)
+        if answer is None or not 0 < answer.delta < 1:
+            return None
+        try:
+            return calibrated_evaluation_noise(self.cfg.to_json(), answer.delta)
+        except InfeasibleTarget:  # the hospital accepted a plan it could not calibrate: its releases say so
+            return None
+
     def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
                      splits: list[Split], into: dict[str, Evaluations], threshold: float | None = None) -> None:
         try:
             try:
-                into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold)
+                into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold,
+                                                   self._expected_evaluation_noise(view.name))
             except ReplyRejected:
                 raise
             except Exception as exc:  # noqa: BLE001 - a malformed array raises what numpy's reader raises

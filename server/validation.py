@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, Message
 from common import laplace
 from common import messages as M
 from common.config import ExperimentConfig
+from common.evaluation_noise import EvaluationNoise
 from common.ledger import Ledger, LedgerEntry, LedgerError
 from common.messages import Item, Mechanism, Split, evaluation_mechanism
 from common.metrics import ScoreGrid, ScoreSummary
@@ -183,11 +184,15 @@ def evaluation_grids(cfg: ExperimentConfig, threshold: float | None) -> tuple[Sc
 
 def read_evaluations(
     msg: Message, cfg: ExperimentConfig, ledger: Ledger, run_id: str, server_round: int, splits: list[Split],
-    threshold: float | None = None,
+    threshold: float | None = None, expected_noise: EvaluationNoise | None = None,
 ) -> Evaluations:
     """The score summaries (and, with the test split, the subgroup histograms and the
     importance) a reply carries, each checked against the config and against the entry
-    of the hospital's ledger that released it."""
+    of the hospital's ledger that released it. ``expected_noise``: the run's calibration
+    at the delta the hospital's preflight stated (common.evaluation_noise): an entry that
+    records other noise is forged (more noise would widen the release's range check and
+    drown the pooled readings); a validation histogram may record the final's or the
+    progress releases' noise."""
     out = Evaluations()
     grid, coarse = evaluation_grids(cfg, threshold)
     allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set()) | (
@@ -205,7 +210,14 @@ def read_evaluations(
         if cfg.evaluation.dp and entries[-1].mechanism != mechanism:
             raise ReplyRejected(f"its {item.value} of the {split.value} split is not recorded as a DP "
                                 f"({mechanism.value.capitalize()}) release")
-        return entries[-1]
+        entry = entries[-1]
+        allowed = [v for (s, _, it), v in (expected_noise or {}).items() if s == split and it == item]
+        if (cfg.evaluation.dp and allowed
+                and not any(math.isclose(entry.noise_multiplier, v, rel_tol=1e-9) for v in allowed)):
+            raise ReplyRejected(f"its ledger records noise {entry.noise_multiplier:.6g} for its {item.value} of the "
+                                f"{split.value} split; the run's calibration at the delta its preflight stated gives "
+                                + " or ".join(f"{v:.6g}" for v in sorted(set(allowed))))
+        return entry
 
     for split in splits:
         key = M.evaluation_key(split)

@@ -358,6 +358,51 @@ def test_a_forged_ledger_is_dropped_with_the_node_and_the_run_goes_on(tmp_path, 
     assert (dropped.hospital, dropped.node_id) == ("c", 3) and reason in dropped.reason
 
 
+@pytest.mark.parametrize("onset_noise", ["laplace", "gaussian"])
+def test_an_evaluation_recorded_with_more_noise_than_the_runs_calibration_is_dropped(hospital, onset_noise):
+    """A hostile hospital that records more noise than it was calibrated for widens its own
+    range check (10 sd of the noise it claims) and drowns the pooled readings. The
+    coordinator computes every release's noise from the run's config and the delta the
+    hospital's preflight stated (common.evaluation_noise) and drops a release recording
+    other noise; an honest hospital's final release (validation, hourly, test, subgroups,
+    importance, onset histogram) passes."""
+    from flwr.app import ConfigRecord
+
+    from common.evaluation_noise import calibrated_evaluation_noise
+    from common.preflight import PreflightAnswer
+    from server.validation import ReplyRejected, read_evaluations
+
+    cfg = hospital_cfg(f"evaluation.onset_noise={onset_noise}")
+    delta = HospitalFolder(hospital).policy.delta
+    expected = calibrated_evaluation_noise(cfg.to_json(), delta)
+    context = node_context(hospital)
+    val = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "val"), context)
+    test = client_app.evaluate(hospital_message(cfg, "r", 3, MessageType.EVALUATE, "test",
+                                                **{M.THRESHOLD: 0.15, M.HOUR_THRESHOLDS: _hours(cfg)}), context)
+    for reply, splits in ((val, [Split.VAL]), (test, [Split.TEST])):
+        ledger = Ledger.from_json(reply_status(reply)[M.LEDGER])
+        read = read_evaluations(reply, cfg, ledger, "r", 3, splits, 0.15 if splits == [Split.TEST] else None, expected)
+        assert splits[0] in read.summaries
+    assert M.ONSET in test.content.array_records
+    # the same test reply with its onset histogram's entry recording ten times the noise
+    plain = json.loads(reply_status(test)[M.LEDGER])
+    for entry in plain["entries"]:
+        if entry.get("item") == Item.ONSET_HISTOGRAM.value:
+            entry["noise_multiplier"] *= 10
+    status = dict(test.content[M.STATUS])
+    status[M.LEDGER] = json.dumps(plain)
+    test.content[M.STATUS] = ConfigRecord(status)
+    forged = Ledger.from_json(status[M.LEDGER])
+    with pytest.raises(ReplyRejected, match="records noise .* onset-histogram of the val split; the run's calibration"):
+        read_evaluations(test, cfg, forged, "r", 3, [Split.TEST], 0.15, expected)
+    read_evaluations(test, cfg, forged, "r", 3, [Split.TEST], 0.15, None)  # an older app's answer: no delta, no check
+    # the delta travels in the preflight answer (a policy setting, listed with the non-DP values)
+    answer = PreflightAnswer.from_status(PreflightAnswer("h", True, delta=delta).to_status())
+    assert answer.delta == delta
+    with pytest.raises(ValueError):
+        PreflightAnswer.from_status(PreflightAnswer("h", True, delta=2.0).to_status())
+
+
 def test_a_claimed_huge_count_and_a_huge_update_are_dropped(tmp_path):
     cfg = small_cfg()
     base = {k: v.numpy().copy() for k, v in initial_arrays(cfg).items()}

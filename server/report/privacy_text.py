@@ -73,7 +73,7 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
         f"epsilon) what it would be otherwise, plus {delta:.2g} (delta). Not covered by this guarantee, "
         "and released without DP: the hospital's name; its declared number of stays in each split (counted exactly "
         "once, when its export was registered: they depend on every stay, so one stay more or less can show in "
-        "them); its policy settings answered at each run's preflight (budgets, min_honest, max_colluding); and the "
+        "them); its policy settings answered at each run's preflight (budgets, delta, min_honest, max_colluding); and the "
         "settings and list of its releases (its ledger). The report lists every such release above."
         + exact + budget_words(h, budgets)
     )
