@@ -22,7 +22,7 @@ Why fedgru has it: the Laplace's RDP curve is flat at the high orders that decid
 conversion to (epsilon, delta) at delta 1e-5, where the Gaussian's grows with the order.
 So in the room a Gaussian part of the final validation release would take, a Laplace
 release carries less noise (the default's onset histogram: standard deviation 4.18 per
-hospital against the Gaussian's 5.72, every other part unchanged; ``client.noise``).
+hospital against the Gaussian's 5.72, every other part unchanged; ``common.evaluation_noise``).
 
 Ledger convention: a Laplace entry's ``noise_multiplier`` is the noise's standard
 deviation, ``sqrt(2 r) / (1 - r)``, for a count of sensitivity exactly 1 (on the integers

@@ -59,9 +59,10 @@ class PreflightAnswer:
     # hospital accepts (common.secagg.least_threshold), so the coordinator can start at it (settings, not data)
     min_honest: int = 0
     max_colluding: int = 0
-    # the delta its policy states every epsilon at (a setting, not data): the coordinator computes each
-    # evaluation release's noise at it (common.evaluation_noise) and drops a release whose ledger entry
-    # records other noise; 0 from older apps (no check)
+    # the delta its policy states every epsilon at (a setting; under a simulation's delta: auto, below 1/n of its
+    # declared training count, so it shows that count's order of magnitude, as every ledger copy does): the
+    # coordinator computes each evaluation release's noise at it (common.evaluation_noise) and drops a release
+    # whose ledger entry records other noise; 0 in run folders from before it (the ledger's delta is used)
     delta: float = 0.0
 
     def to_status(self) -> dict:

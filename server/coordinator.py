@@ -279,27 +279,33 @@ class Coordinator:
                             "%s: %s did not evaluate: %s", context, view.name, declined)
         return view, ledger
 
-    def _expected_evaluation_noise(self, hospital: str) -> EvaluationNoise | None:
+    def _expected_evaluation_noise(self, hospital: str, ledger: Ledger) -> EvaluationNoise | None:
         """The noise each evaluation release of ``hospital`` must record: the run's calibration
-        at the delta its accepted preflight answer stated. None where there is nothing to
-        check against: no such answer (an older app's, without its delta), a comparison
-        without DP, or secure aggregation (whose sums are checked in server.secure_evaluation)."""
+        at the delta its accepted preflight answer stated, or, where the answer has none (a
+        run folder from before it), at its ledger's. None only where nothing is checked this
+        way: a comparison without DP, or secure aggregation (whose sums are checked in
+        server.secure_evaluation). A delta that admits no calibration is the hospital's
+        error: :class:`ReplyRejected`, so no hospital escapes the check by its delta."""
         if not (self.cfg.evaluation.dp and self.cfg.privacy.aggregation == "per_hospital"):
             return None
         answer = next((a for a in self.recorder.preflight if a.hospital == hospital and a.accepted), None)
-        if answer is None or not 0 < answer.delta < 1:
-            return None
+        delta = answer.delta if answer is not None and 0 < answer.delta < 1 else ledger.delta
         try:
-            return calibrated_evaluation_noise(self.cfg.to_json(), answer.delta)
-        except InfeasibleTarget:  # the hospital accepted a plan it could not calibrate: its releases say so
-            return None
+            return calibrated_evaluation_noise(self.cfg.to_json(), delta)
+        except InfeasibleTarget:
+            raise ReplyRejected(f"at its delta {delta:g} the run's evaluation budgets admit no noise calibration, so "
+                                "no release of its can be checked") from None
 
     def _evaluations(self, view: HospitalView, nid: int, reply: Message, ledger: Ledger, server_round: int,
-                     splits: list[Split], into: dict[str, Evaluations], threshold: float | None = None) -> None:
+                     splits: list[Split], into: dict[str, Evaluations], threshold: float | None = None,
+                     final: bool = False) -> None:
+        """``final``: the final model's evaluation (run_end), whose releases carry the final
+        share's noise; else a validation during training, with the progress releases'."""
         try:
             try:
+                expected = self._expected_evaluation_noise(view.name, ledger)
                 into[view.name] = read_evaluations(reply, self.cfg, ledger, self.run_id, server_round, splits, threshold,
-                                                   self._expected_evaluation_noise(view.name))
+                                                   expected, final)
             except ReplyRejected:
                 raise
             except Exception as exc:  # noqa: BLE001 - a malformed array raises what numpy's reader raises

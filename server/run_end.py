@@ -51,7 +51,7 @@ def final_evaluation(co, server_round: int, splits: list[Split], threshold: floa
         accepted = co._accept(nid, reply, f"final evaluation ({', '.join(s.value for s in splits)})")
         if accepted is not None:
             view, ledger = accepted
-            co._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold)
+            co._evaluations(view, nid, reply, ledger, server_round, splits, evaluations, threshold, final=True)
     co._lines.flush()
     co.final_dropped += co._phase.dropped
     return evaluations

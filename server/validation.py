@@ -184,15 +184,15 @@ def evaluation_grids(cfg: ExperimentConfig, threshold: float | None) -> tuple[Sc
 
 def read_evaluations(
     msg: Message, cfg: ExperimentConfig, ledger: Ledger, run_id: str, server_round: int, splits: list[Split],
-    threshold: float | None = None, expected_noise: EvaluationNoise | None = None,
+    threshold: float | None = None, expected_noise: EvaluationNoise | None = None, final: bool = True,
 ) -> Evaluations:
     """The score summaries (and, with the test split, the subgroup histograms and the
     importance) a reply carries, each checked against the config and against the entry
     of the hospital's ledger that released it. ``expected_noise``: the run's calibration
-    at the delta the hospital's preflight stated (common.evaluation_noise): an entry that
-    records other noise is forged (more noise would widen the release's range check and
-    drown the pooled readings); a validation histogram may record the final's or the
-    progress releases' noise."""
+    at the hospital's delta (common.evaluation_noise), for the final model's releases
+    (``final``) or a validation during training: an entry that records other noise, or a
+    release the calibration does not plan, is forged (more noise would widen the
+    release's range check and drown the pooled readings)."""
     out = Evaluations()
     grid, coarse = evaluation_grids(cfg, threshold)
     allowed = {M.evaluation_key(s) for s in splits} | ({M.SUBGROUPS, M.IMPORTANCE} if Split.TEST in splits else set()) | (
@@ -211,12 +211,15 @@ def read_evaluations(
             raise ReplyRejected(f"its {item.value} of the {split.value} split is not recorded as a DP "
                                 f"({mechanism.value.capitalize()}) release")
         entry = entries[-1]
-        allowed = [v for (s, _, it), v in (expected_noise or {}).items() if s == split and it == item]
-        if (cfg.evaluation.dp and allowed
-                and not any(math.isclose(entry.noise_multiplier, v, rel_tol=1e-9) for v in allowed)):
-            raise ReplyRejected(f"its ledger records noise {entry.noise_multiplier:.6g} for its {item.value} of the "
-                                f"{split.value} split; the run's calibration at the delta its preflight stated gives "
-                                + " or ".join(f"{v:.6g}" for v in sorted(set(allowed))))
+        if cfg.evaluation.dp and expected_noise is not None:
+            calibrated = expected_noise.get((split, final, item), math.inf)
+            if not math.isfinite(calibrated):
+                raise ReplyRejected(f"it sends a {item.value} of the {split.value} split that the run's settings do "
+                                    "not plan")
+            # 1e-5: far inside what would widen a range check, and wide enough for another build's bisection
+            if not math.isclose(entry.noise_multiplier, calibrated, rel_tol=1e-5):
+                raise ReplyRejected(f"its ledger records noise {entry.noise_multiplier:.6g} for its {item.value} of "
+                                    f"the {split.value} split; the run's calibration at its delta gives {calibrated:.6g}")
         return entry
 
     for split in splits:

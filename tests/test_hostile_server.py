@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -395,12 +396,51 @@ def test_an_evaluation_recorded_with_more_noise_than_the_runs_calibration_is_dro
     forged = Ledger.from_json(status[M.LEDGER])
     with pytest.raises(ReplyRejected, match="records noise .* onset-histogram of the val split; the run's calibration"):
         read_evaluations(test, cfg, forged, "r", 3, [Split.TEST], 0.15, expected)
-    read_evaluations(test, cfg, forged, "r", 3, [Split.TEST], 0.15, None)  # an older app's answer: no delta, no check
+    # a release the run's calibration does not plan is dropped
+    progress = {k: v for k, v in expected.items()}
+    progress[(Split.VAL, True, Item.ONSET_HISTOGRAM)] = math.inf
+    with pytest.raises(ReplyRejected, match="settings do not plan"):
+        read_evaluations(test, cfg, Ledger.from_json(reply_status(test)[M.LEDGER]), "r", 3, [Split.TEST], 0.15,
+                         progress)
     # the delta travels in the preflight answer (a policy setting, listed with the non-DP values)
     answer = PreflightAnswer.from_status(PreflightAnswer("h", True, delta=delta).to_status())
     assert answer.delta == delta
     with pytest.raises(ValueError):
         PreflightAnswer.from_status(PreflightAnswer("h", True, delta=2.0).to_status())
+
+
+def test_a_validation_during_training_is_checked_against_the_progress_noise(hospital):
+    """An honest validation sent with a training round records the progress releases'
+    noise and passes as such (final=False); read as a final release it would not."""
+    from common.evaluation_noise import calibrated_evaluation_noise
+    from server.validation import ReplyRejected, read_evaluations
+
+    cfg = hospital_cfg("run.rounds=6", "evaluation.validate_every=3")
+    expected = calibrated_evaluation_noise(cfg.to_json(), HospitalFolder(hospital).policy.delta)
+    assert not math.isclose(expected[(Split.VAL, False, Item.HISTOGRAM)], expected[(Split.VAL, True, Item.HISTOGRAM)])
+    reply = client_app.train(hospital_message(cfg, "r", 3, evaluate="val"), node_context(hospital))
+    assert M.evaluation_key(Split.VAL) in reply.content.array_records
+    ledger = Ledger.from_json(reply_status(reply)[M.LEDGER])
+    assert Split.VAL in read_evaluations(reply, cfg, ledger, "r", 3, [Split.VAL], None, expected, final=False).summaries
+    with pytest.raises(ReplyRejected, match="records noise"):
+        read_evaluations(reply, cfg, ledger, "r", 3, [Split.VAL], None, expected, final=True)
+
+
+def test_the_coordinator_checks_every_hospital_whatever_delta_it_states(tmp_path):
+    """No delta in its answer (a run folder from before it): its ledger's; a delta that
+    admits no calibration: its releases are dropped, never left unchecked."""
+    from common.evaluation_noise import calibrated_evaluation_noise
+    from common.preflight import PreflightAnswer
+    from server.validation import ReplyRejected
+
+    cfg = small_cfg()
+    coord = coordinator_for(cfg, [], tmp_path)
+    coord.recorder.preflight = [PreflightAnswer("a", True, delta=1e-6), PreflightAnswer("b", True),
+                                PreflightAnswer("c", True, delta=1e-300)]
+    assert coord._expected_evaluation_noise("a", Ledger("a", 1e-5)) == calibrated_evaluation_noise(cfg.to_json(), 1e-6)
+    assert coord._expected_evaluation_noise("b", Ledger("b", 1e-5)) == calibrated_evaluation_noise(cfg.to_json(), 1e-5)
+    with pytest.raises(ReplyRejected, match="admit no noise calibration"):
+        coord._expected_evaluation_noise("c", Ledger("c", 1e-5))
 
 
 def test_a_claimed_huge_count_and_a_huge_update_are_dropped(tmp_path):
