@@ -291,7 +291,7 @@ class Coordinator:
         answer = next((a for a in self.recorder.preflight if a.hospital == hospital and a.accepted), None)
         delta = answer.delta if answer is not None and 0 < answer.delta < 1 else ledger.delta
         try:
-            return calibrated_evaluation_noise(self.cfg.to_json(), delta)
+            return calibrated_evaluation_noise(self.cfg_json, delta)  # the JSON every message carries, made once
         except InfeasibleTarget:
             raise ReplyRejected(f"at its delta {delta:g} the run's evaluation budgets admit no noise calibration, so "
                                 "no release of its can be checked") from None
