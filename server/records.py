@@ -163,10 +163,14 @@ class TestResult:
     # the window joined in logit (the last hour's is ``threshold``): a monitor flags hour h at hour_thresholds[h-1].
     checkpoint_thresholds: dict[str, float] = field(default_factory=dict)  # hour (as text: a JSON key) -> threshold
     hour_thresholds: list[float] = field(default_factory=list)
+    # each checkpoint threshold's rough interval [low, high] (server.threshold_intervals; nominal INTERVAL_LEVEL,
+    # measured coverage in THRESHOLD_INTERVAL_COVERAGE): hour (as text) -> interval; an hour without one has none
+    checkpoint_intervals: dict[str, list[float]] = field(default_factory=dict)
     # The monitor's margin (common.onset): a stay is flagged from the first hour its risk passes that hour's
     # threshold by this much in log-odds, and stays flagged; read from the validation patients' onset histogram
     # so that evaluation.monitor_rate of them are flagged at some hour. None: each hour flags alone.
     onset_margin: float | None = None
+    onset_margin_interval: list[float] | None = None  # its rough interval in log-odds, as the hours' (None: none)
     monitor_rate: float | None = None
 
 

@@ -34,7 +34,7 @@ from common.intervals import (
     metric_intervals,
     reliability_bands,
 )
-from common.messages import Item, Split
+from common.messages import Item, Mechanism, Split
 from common.metrics import (
     METRIC_NAMES,
     Metrics,
@@ -52,12 +52,16 @@ from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
 from .secure_evaluation import SECURE_SUM
+from .threshold_intervals import RateDraws, ReleaseNoise, quantile_interval, rate_draws
 from .validation import Evaluations
 
 log = logging.getLogger("fedgru.server")
 
 PROGRESS_DRAWS = 100  # a validation line's interval: the console's, cheaper
 TEST_DRAWS = 200
+THRESHOLD_DRAWS = 200  # each hour threshold's and the margin's interval (about 1 s each at 400 validation stays)
+# the clinical level's flag rate redrawn for them (two classes refit each time, 2-4 s for 100 at 400 stays)
+RATE_DRAWS = 100
 
 
 @dataclass
@@ -179,6 +183,21 @@ class Reader:
             return self.cfg.evaluation.flag_rate
         return rate_at_risk(val, threshold) if val is not None else None
 
+    def _hourly_rows(self, validated: dict[str, Evaluations], grid: ScoreGrid) -> tuple[list[ScoreSummary], float] | None:
+        """The pooled hourly validation releases, one one-row summary per checkpoint hour,
+        and the noise's sd on each cell; None where there are none or the noise drowns
+        them (said once, by :meth:`hour_thresholds`)."""
+        hours = self.cfg.checkpoint_hours
+        parts = [e for e in validated.values() if e.hourly is not None and Split.VAL in e.summaries]
+        if not hours or not parts or not self.cfg.is_binary:
+            return None
+        total = sum(e.hourly for e in parts)
+        n = sum(e.summaries[Split.VAL].n for e in parts)
+        sd = math.sqrt(sum((e.noise.get(Item.HOURLY_HISTOGRAMS, 0.0) * math.sqrt(len(hours))) ** 2 for e in parts))
+        if not self.readable(n, sd, grid.bins):
+            return None
+        return [ScoreSummary(total[k][None, None, :], None, n, grid) for k in range(len(hours))], sd
+
     def hour_thresholds(self, validated: dict[str, Evaluations], rate: float | None, grid: ScoreGrid,
                         calibration: Calibration | None) -> dict[int, float]:
         """Each checkpoint hour's threshold: the risk that flags ``rate`` of the validation
@@ -186,51 +205,103 @@ class Reader:
         end, :meth:`flag_rate`), read from their pooled hourly releases, so a flag means
         the same at every hour whatever the rule; calibrated as the run's threshold is; {}
         where the run has none to read."""
-        hours = self.cfg.checkpoint_hours
-        parts = [e for e in validated.values() if e.hourly is not None and Split.VAL in e.summaries]
-        if rate is None or not 0 < rate < 1 or not hours or not parts or not self.cfg.is_binary:
+        if rate is None or not 0 < rate < 1 or not self.cfg.checkpoint_hours or not self.cfg.is_binary:
             return {}
-        total = sum(e.hourly for e in parts)
-        n = sum(e.summaries[Split.VAL].n for e in parts)
-        sd = math.sqrt(sum((e.noise.get(Item.HOURLY_HISTOGRAMS, 0.0) * math.sqrt(len(hours))) ** 2 for e in parts))
-        if not self.readable(n, sd, grid.bins):
+        if not any(e.hourly is not None and Split.VAL in e.summaries for e in validated.values()):
+            return {}
+        rows = self._hourly_rows(validated, grid)
+        if rows is None:  # there were releases: their noise drowned them
             log.warning("the hourly validation releases hold too few patients for their noise: every hour keeps "
                         "the run's one threshold")
             return {}
         out = {}
-        for k, hour in enumerate(hours):
-            summary = ScoreSummary(total[k][None, None, :], None, n, grid)
-            chosen = threshold_for_rate(self.read(summary, noise_sd=sd), rate)
+        for hour, row in zip(self.cfg.checkpoint_hours, rows[0]):
+            chosen = threshold_for_rate(self.read(row, noise_sd=rows[1]), rate)
             if chosen is None:
                 continue  # this hour keeps the interpolation of its neighbours
-            if calibration is not None:
-                from .calibration import calibrate_risk
-
-                chosen = calibrate_risk(chosen, calibration.scale, calibration.shift)
-            out[hour] = chosen
+            out[hour] = _calibrated(chosen, calibration)
         return out
+
+    def hour_threshold_intervals(self, validated: dict[str, Evaluations], checkpoints: dict[int, float],
+                                 rate: float | None, val: ScoreSummary | None, val_sd: float, risk: float,
+                                 grid: ScoreGrid, calibration: Calibration | None) -> dict[int, list[float]]:
+        """Each checkpoint threshold's rough interval (server.threshold_intervals, nominal
+        INTERVAL_LEVEL), calibrated as the threshold is: the hourly releases' noise and,
+        where the share aimed at is read from the pooled validation release ``val`` (raw,
+        with noise ``val_sd`` on each cell: a clinical level ``risk`` on the release's
+        scale), that reading's too. {} for exact releases or where none can be drawn."""
+        rows = self._hourly_rows(validated, grid) if checkpoints and rate is not None else None
+        if rows is None or not self.cfg.evaluation.dp or not rows[1] > 0:
+            return {}
+        rng = np.random.default_rng(self.cfg.run.seed)
+        estimator = self.cfg.evaluation.estimator
+        # ``auto`` aims every hour at flag_rate, a setting; a level's share (and event1's, whose own edge is read
+        # from the same release: that choice is not redrawn) is a reading of ``val``
+        rates = (RateDraws.fixed(rate, 1) if self.cfg.evaluation.threshold == "auto" or val is None
+                 else rate_draws(val, ReleaseNoise(val_sd), risk, RATE_DRAWS, rng, estimator))
+        out = {}
+        for hour, row in zip(self.cfg.checkpoint_hours, rows[0]):
+            if hour not in checkpoints:
+                continue
+            chosen = threshold_for_rate(self.read(row, noise_sd=rows[1]), rate)
+            if chosen is None or not 0 < chosen < 1:
+                continue
+            found = quantile_interval(row, ReleaseNoise(rows[1]), math.log(chosen) - math.log1p(-chosen), rates,
+                                      INTERVAL_LEVEL, THRESHOLD_DRAWS, rng, estimator)
+            if found is not None:
+                out[hour] = sorted(_calibrated(sigmoid(z), calibration) for z in found)
+        return out
+
+    def _onset_parts(self, released: dict[str, Evaluations], grid: ScoreGrid
+                     ) -> tuple[ScoreSummary, list[Evaluations], float] | None:
+        """The pooled onset releases as one one-row summary, the releases, and the noise's
+        sd on each cell; None where none came or the noise drowns them."""
+        parts = [e for e in released.values() if e.onset is not None]
+        if not parts or not self.cfg.monitors_onset:
+            return None
+        total = sum(e.onset for e in parts)
+        n = sum(e.onset_n for e in parts)
+        sd = math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts))
+        if not self.readable(n, sd, grid.bins):
+            return None
+        return ScoreSummary(total[None, None, :], None, n, grid), parts, sd
 
     def onset_margin(self, released: dict[str, Evaluations], grid: ScoreGrid) -> float | None:
         """The monitor's margin (``common.onset``), in log-odds: the excess over the hour
         thresholds that ``evaluation.monitor_rate`` of the validation stays reach at some
         hour, read from their pooled onset histograms (released with the test release);
         None where none came or the noise drowns them (each hour then flags alone)."""
-        parts = [e for e in released.values() if e.onset is not None]
-        rate = self.cfg.evaluation.monitor_rate
-        if not parts or not self.cfg.monitors_onset:
+        found = self._onset_parts(released, grid)
+        if found is None:
+            if any(e.onset is not None for e in released.values()) and self.cfg.monitors_onset:
+                log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by "
+                            "its own threshold, on and off")
             return None
-        total = sum(e.onset for e in parts)
-        n = sum(e.onset_n for e in parts)
+        row, _, sd = found
         # one count per stay; the reading takes only the noise's sd, as for a Gaussian: the default's discrete
         # Laplace noise, summed over the hospitals, is near it (README "The onset histogram's mechanism" measures the
         # result)
-        sd = math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts))
-        if not self.readable(n, sd, grid.bins):
-            log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by its "
-                        "own threshold, on and off")
-            return None
-        chosen = threshold_for_rate(self.read(ScoreSummary(total[None, None, :], None, n, grid), noise_sd=sd), rate)
+        chosen = threshold_for_rate(self.read(row, noise_sd=sd), self.cfg.evaluation.monitor_rate)
         return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
+
+    def margin_interval(self, released: dict[str, Evaluations], grid: ScoreGrid, margin: float | None
+                        ) -> list[float] | None:
+        """The margin's rough interval in log-odds (server.threshold_intervals, nominal
+        INTERVAL_LEVEL): the onset releases' noise redrawn as each hospital drew it
+        (discrete Laplace or Gaussian). None for exact releases or where none can be drawn."""
+        found = self._onset_parts(released, grid) if margin is not None and self.cfg.evaluation.dp else None
+        if found is None or not found[2] > 0:
+            return None
+        row, parts, _ = found
+        noise = ReleaseNoise(
+            gaussian_sd=math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts
+                                      if e.onset_mechanism != Mechanism.LAPLACE)),
+            laplace_sds=tuple(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) for e in parts
+                              if e.onset_mechanism == Mechanism.LAPLACE))
+        rate = self.cfg.evaluation.monitor_rate
+        interval = quantile_interval(row, noise, margin, RateDraws.fixed(rate, 1), INTERVAL_LEVEL, THRESHOLD_DRAWS,
+                                     np.random.default_rng(self.cfg.run.seed), self.cfg.evaluation.estimator)
+        return list(interval) if interval is not None else None
 
     def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
                     calibration: Calibration | None, dropped: list[Dropped]) -> TestResult:
@@ -308,6 +379,15 @@ class Reader:
             result.importance = dict(sorted(zip(names, map(float, mean)), key=lambda kv: -kv[1]))
             result.importance_noise = math.sqrt(sum(e.noise[Item.IMPORTANCE] ** 2 for _, e in important)) / max(patients, 1)
         return result
+
+
+def _calibrated(risk: float, calibration: Calibration | None) -> float:
+    """A risk on the model's own scale moved by ``calibration`` (None: as it is)."""
+    if calibration is None:
+        return risk
+    from .calibration import calibrate_risk  # it brings torch: imported only when a calibration is folded in
+
+    return calibrate_risk(risk, calibration.scale, calibration.shift)
 
 
 def every_hour(checkpoints: dict[int, float], threshold: float, steps: int) -> list[float]:

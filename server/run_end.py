@@ -100,7 +100,7 @@ def finish_run(co, last_round: int) -> None:
     readable = raw is not None and co.reader.readable(raw.n, val_sd, raw.histogram.size)
     threshold, threshold_source = co.reader.threshold_and_source(val, grid, uncalibrated, readable)
     rate = co.reader.flag_rate(val, threshold) if readable else None  # before the threshold is calibrated
-    threshold = co.reader.calibrated_threshold(threshold, uncalibrated)
+    own_scale_threshold, threshold = threshold, co.reader.calibrated_threshold(threshold, uncalibrated)
     # each hour's threshold, from the validation releases: the monitor's, sent with the test release so
     # the hospitals can count their validation stays' highest excess over them (common.onset)
     checkpoints = co.reader.hour_thresholds(validated, rate, grid, uncalibrated)
@@ -113,7 +113,11 @@ def finish_run(co, last_round: int) -> None:
     if checkpoints:
         result.hour_thresholds = hours
         result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
+        found = co.reader.hour_threshold_intervals(validated, checkpoints, rate, raw, val_sd, own_scale_threshold, grid,
+                                                   uncalibrated)
+        result.checkpoint_intervals = {str(h): v for h, v in found.items()}
     result.onset_margin = co.reader.onset_margin(released, grid)
+    result.onset_margin_interval = co.reader.margin_interval(released, grid, result.onset_margin)
     if result.onset_margin is not None:
         result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
         result.monitor_rate = co.cfg.evaluation.monitor_rate

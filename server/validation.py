@@ -170,6 +170,7 @@ class Evaluations:
     hourly: np.ndarray | None = None  # validation patients: (checkpoint hours, bins), every outcome together
     onset: np.ndarray | None = None  # validation patients: their highest excess over the hour thresholds (bins)
     onset_n: int = 0  # the validation patients it counts (declared, from the ledger entry)
+    onset_mechanism: Mechanism = Mechanism.GAUSSIAN  # its noise's (the ledger entry's): its interval redraws it
     noise: dict[Item, float] = field(default_factory=dict)  # the releases' noise multipliers by item, from the ledger
     histogram_noise: dict[Split, float] = field(default_factory=dict)  # each split's histogram's noise multiplier
 
@@ -259,6 +260,7 @@ def read_evaluations(
         within_reach(histogram, entry.examples, entry.noise_multiplier, "its onset histogram", entry.mechanism)
         out.noise[Item.ONSET_HISTOGRAM] = entry.noise_multiplier
         out.onset, out.onset_n = histogram.astype(np.float64), entry.examples
+        out.onset_mechanism = entry.mechanism
     if M.SUBGROUPS in msg.content.array_records:
         arrays = {k: v.numpy() for k, v in msg.content[M.SUBGROUPS].items()}
         rows = sum(len(g.groups) for g in groupings(cfg))

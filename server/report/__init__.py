@@ -39,6 +39,7 @@ from .sections import (
     not_evaluated_section,
     settings_section,
     test_results_section,
+    threshold_coverage_words,
 )
 
 __all__ = ["RunFolder", "build", "officer_statement", "summary_text", "write_report"]
@@ -103,7 +104,8 @@ def summary_text(run: RunFolder) -> str:
     test = run.metrics.test
     dp = evaluation_dp(run)
     lines += decision_lines(test, run.config.is_binary if run.config is not None else bool(test and test.hour_thresholds),
-                            run.config.evaluation.level if run.config is not None else None, dp)
+                            run.config.evaluation.level if run.config is not None else None, dp,
+                            threshold_coverage_words(run.config, len(test.hospitals) if test else 0))
     if test is not None and test.pooled is not None:
         fit = FIT_WORDS.get(run.metrics.estimator, f"the {run.metrics.estimator} reading")
         read = f"read from the DP releases with {fit}" if dp else "exact histograms"

@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 
 from common.document import Bullets, Section
+from common.intervals import INTERVAL_LEVEL
 from common.metrics import logit, sigmoid
 from common.reliability import calibration_lean
 
+from ..threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
 from .groups import RECALIBRATION_CAVEAT
 from .run_folder import RunFolder
+from .sections import at_monitor_setting, hour_list
 
 
 def bedside_section(run: RunFolder) -> Section | None:
@@ -51,22 +54,11 @@ def bedside_section(run: RunFolder) -> Section | None:
 # it had been 0.22 to 0.45, mean 0.33.
 MONITOR_SHARE_MEASURED = ("at the default's settings, on 20 runs, it flagged 0.25 to 0.35 of the test stays at some "
                           "hour (mean 0.29)")
-# the settings it was measured at: monitor_rate, onset_share, hourly_share, onset_noise, val_epsilon, aggregation,
-# hospitals, and the training's clipping norm and the decision level (the model's scale and the hour thresholds move
-# the share)
-MONITOR_MEASURED_SETTING = (0.3, 0.5, 0.3, "laplace", 1.0, "per_hospital", 4, 6.0, 0.17)
-
-
 def monitor_spread_words(cfg, hospitals: int) -> str:
     """How far the release's noise moved the monitor's share, where it was measured at
     this run's settings; else that it was not (a run aiming at 10% was told of a 30%
     aim's spread: a review)."""
-    ev = cfg.evaluation
-    setting = (ev.monitor_rate, ev.onset_share, ev.hourly_share, ev.onset_noise, ev.val_epsilon,
-               cfg.privacy.aggregation, hospitals, cfg.privacy.max_grad_norm,
-               math.nan if isinstance(ev.threshold, str) else float(ev.threshold))
-    measured = all(a == b if isinstance(b, str) else abs(a - b) < 1e-9 for a, b in zip(setting, MONITOR_MEASURED_SETTING))
-    return (f"The release's noise moves that share: {MONITOR_SHARE_MEASURED}. " if measured else
+    return (f"The release's noise moves that share: {MONITOR_SHARE_MEASURED}. " if at_monitor_setting(cfg, hospitals) else
             "How far the release's noise moves that share was measured only at the default's settings. ")
 
 
@@ -75,7 +67,7 @@ def _flag_item(test, window_hours: float, spread: str) -> str:
     report said "see the decision lines above" and held none, and gave 0.120 after hour 48
     where the monitor flagged from 0.339 (a new user's try, 2026-12-06)."""
     text = f"**The flag.** `fedgru predict` flags a risk of {test.threshold:.3f} or more after hour {window_hours:g}. "
-    hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    hourly = hour_list(test)
     rule = monitor_rule(test)
     if rule is not None:
         text += (f"The hourly monitor (`predict --hourly`, `monitor`) flags a stay {rule[0]} and keeps the flag on "
@@ -85,12 +77,14 @@ def _flag_item(test, window_hours: float, spread: str) -> str:
     return text + "The two can differ for a stay."
 
 
-def decision_lines(test, binary: bool, level: float | None = None, dp: bool = True) -> list[str]:
+def decision_lines(test, binary: bool, level: float | None = None, dp: bool = True,
+                   coverage: str = THRESHOLD_INTERVAL_COVERAGE) -> list[str]:
     """What the run decided for the bedside (binary tasks): the decision threshold and each
     checkpoint hour's, and the monitor's margin; results a bedside user keeps. ``level``:
     the config's clinical level, which no release moves (the hour thresholds are read from
     the validation releases whatever the rule: said, so they do not read as fixed settings);
-    ``dp``: whether those releases carried DP noise (a comparison simulation's did not)."""
+    ``dp``: whether those releases carried DP noise (a comparison simulation's did not);
+    ``coverage``: the thresholds' intervals' measured coverage, in words (sections.threshold_coverage_words)."""
     if test is None or test.threshold is None or not binary:
         return []
     source = "read from the DP validation releases" if dp else "read from the exact validation histograms (no DP)"
@@ -98,13 +92,16 @@ def decision_lines(test, binary: bool, level: float | None = None, dp: bool = Tr
            "fallback": "a fallback: the validation releases could not choose one, the run's log says why"}.get(
         getattr(test, "threshold_source", ""),
         "a configured level" if level is not None and math.isclose(test.threshold, level, rel_tol=1e-9) else source)
-    hourly = ", ".join(f"after hour {h} {t:.3f}" for h, t in (test.checkpoint_thresholds or {}).items())
+    hourly = hour_list(test)
     hourly = f"; each hour's, {source}: {hourly}" if hourly else ""
     lines = [f"decision threshold {test.threshold:.3f} ({how}){hourly} (risks on the final model's "
              f"{'calibrated' if test.calibration else 'own'} scale)"]
     rule = monitor_rule(test)
     if rule is not None:
         lines.append(f"monitor: a stay is flagged {rule[0]}, and stays flagged {rule[1]}")
+    if getattr(test, "checkpoint_intervals", None) or getattr(test, "onset_margin_interval", None):
+        lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; "
+                     f"{coverage}")
     return lines
 
 
@@ -117,7 +114,10 @@ def monitor_rule(test) -> tuple[str, str] | None:
     hours = test.hour_thresholds or []
     raised = (f": a risk of {_moved(hours[0], test.onset_margin):.3f} after hour 1, "
               f"{_moved(hours[-1], test.onset_margin):.3f} after hour {len(hours)}" if hours else "")
-    return (f"from the first hour its risk passes that hour's threshold by {test.onset_margin:.2f} in log-odds{raised}",
+    interval = getattr(test, "onset_margin_interval", None)
+    within = f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
+    return (f"from the first hour its risk passes that hour's threshold by {test.onset_margin:.2f}{within} in "
+            f"log-odds{raised}",
             f"(the margin read from a DP release, aiming at {100 * test.monitor_rate:.0f}% of the validation stays "
             "flagged at some hour)")
 

@@ -4,6 +4,7 @@ groups of patients and the inputs' importance in ``groups``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from common.config import ExperimentConfig
@@ -13,6 +14,7 @@ from common.intervals import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, interva
 from common.metrics import METRIC_NAMES, Metrics, with_interval
 
 from ..records import Partition, RunPrivacy, StartRecord
+from ..threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
 from .run_folder import RunFolder
 
 PHYSIONET_CITATION = (
@@ -178,24 +180,67 @@ def test_results_section(run: RunFolder) -> Section | None:
          "The histograms were exact (a comparison simulation without DP). ")
         + f"Accuracy, sensitivity, specificity, F1 and min(Se,PPV) flag a patient at a risk of {test.threshold:.3f} "
         f"or more ({chosen}); min(Se,PPV) is the lower of the sensitivity and the positive predictive value (the "
-        "PhysioNet/CinC 2012 challenge's event-1 score). " + calibration + intervals + exact + monitor_words(test),
+        "PhysioNet/CinC 2012 challenge's event-1 score). " + calibration + intervals + exact
+        + monitor_words(test, threshold_coverage_words(cfg, len(test.hospitals))),
     ])
 
 
-def monitor_words(test) -> str:
+# the settings the monitor's spread and its thresholds' intervals were measured at (20 protocol runs, 2026-12-07):
+# monitor_rate, onset_share, hourly_share, onset_noise, val_epsilon, aggregation, hospitals, and the training's
+# clipping norm and the decision level (the model's scale and the hour thresholds move both)
+MONITOR_MEASURED_SETTING = (0.3, 0.5, 0.3, "laplace", 1.0, "per_hospital", 4, 6.0, 0.17)
+
+
+def at_monitor_setting(cfg, hospitals: int) -> bool:
+    """Whether a run's settings are those MONITOR_MEASURED_SETTING names (``hospitals``:
+    those with a test row)."""
+    ev = cfg.evaluation
+    setting = (ev.monitor_rate, ev.onset_share, ev.hourly_share, ev.onset_noise, ev.val_epsilon,
+               cfg.privacy.aggregation, hospitals, cfg.privacy.max_grad_norm,
+               math.nan if isinstance(ev.threshold, str) else float(ev.threshold))
+    return all(a == b if isinstance(b, str) else abs(a - b) < 1e-9 for a, b in zip(setting, MONITOR_MEASURED_SETTING))
+
+
+def threshold_coverage_words(cfg, hospitals: int) -> str:
+    """The hour thresholds' and the margin's intervals' measured coverage, where measured
+    at this run's settings; else that it was not."""
+    if cfg is not None and at_monitor_setting(cfg, hospitals):
+        return THRESHOLD_INTERVAL_COVERAGE
+    return ("their coverage was measured only at the default's settings (4 hospitals, about 400 validation stays), "
+            f"where each {THRESHOLD_INTERVAL_COVERAGE.split(', each ', 1)[-1]}")
+
+
+def hour_list(test) -> str:
+    """The checkpoint thresholds, each with its interval where it has one (a DP reading
+    printed bare read as a setting: issue 22 asks every DP number's uncertainty on its line)."""
+    intervals = getattr(test, "checkpoint_intervals", None) or {}
+    return ", ".join(f"after hour {h} {t:.3f}" + (f" ({intervals[h][0]:.3f}-{intervals[h][1]:.3f})" if h in intervals else "")
+                     for h, t in (test.checkpoint_thresholds or {}).items())
+
+
+def monitor_words(test, coverage: str = THRESHOLD_INTERVAL_COVERAGE) -> str:
     """What the hourly monitor (``fedgru monitor``, ``fedgru predict --hourly``) flags, in words."""
     hours = list(getattr(test, "hour_thresholds", None) or [])
     if not hours:
         return ""
+    checkpoints = hour_list(test)
+    listed = (f"{checkpoints}, after hour {len(hours)} {hours[-1]:.3f}" if checkpoints else
+              f"{hours[0]:.3f} after hour 1, {hours[-1]:.3f} after hour {len(hours)}")
     text = (f"The hourly monitor judges the risk after each hour against that hour's threshold, read from the "
-            f"validation releases so that each hour flags the same share of patients ({hours[0]:.3f} after hour 1, "
-            f"{hours[-1]:.3f} after hour {len(hours)}: early risks run high). ")
+            f"validation releases so that each hour flags the same share of patients ({listed}: early risks run "
+            "high; hours in between are interpolated). ")
     margin = getattr(test, "onset_margin", None)
+    interval = getattr(test, "onset_margin_interval", None)
+    if getattr(test, "checkpoint_intervals", None) or interval:
+        text += (f"Each hour's threshold and the margin are followed by a rough interval (nominal {INTERVAL_LEVEL:.0%}): "
+                 "how far the release's noise and its reading may have moved them from what these validation "
+                 f"patients' exact risks give ({coverage}). ")
     if margin is None:
         return text + "Each hour flags on its own, so a stay's flag can go on and off. "
-    return text + (f"A stay is flagged from the first hour its risk passes that hour's threshold by {margin:.2f} in "
-                   f"log-odds, and stays flagged: read from the validation patients' onset histogram (a DP release) so "
-                   f"that {getattr(test, 'monitor_rate', 0) or 0:.0%} of them are flagged at some hour. ")
+    within = f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
+    return text + (f"A stay is flagged from the first hour its risk passes that hour's threshold by {margin:.2f}{within} "
+                   f"in log-odds, and stays flagged: read from the validation patients' onset histogram (a DP release) "
+                   f"so that {getattr(test, 'monitor_rate', 0) or 0:.0%} of them are flagged at some hour. ")
 
 
 def baseline_section(run: RunFolder) -> Section | None:
