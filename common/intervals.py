@@ -249,12 +249,12 @@ def metric_intervals(summary: ScoreSummary, noise_std: float, threshold_edge: in
                                ranked, decide_on_fine, counted_by_noisy_total, tenth_sets, len(curve))
     ratio = observed_over_predicted(reading) if with_calibration else math.nan
     if out and len(drawn.ratio) >= draws // 2 and math.isfinite(ratio):
-        low, high = _bounds(ratio, drawn.ratio, level)
+        low, high = reading_bounds(ratio, drawn.ratio, level)
         out[OBSERVED_OVER_PREDICTED] = (max(0.0, min(low, ratio)), max(high, ratio))
     if out and len(drawn.tenths) >= max(MIN_BAND_DRAWS, draws // 2):
         for k, point in enumerate(curve):
             # as every metric's: the widest of the bounds that the fit's and each truth's errors give
-            bounds = [_bounds(point.observed, [errors[k] for errors in found], level) for found in tenth_sets
+            bounds = [reading_bounds(point.observed, [errors[k] for errors in found], level) for found in tenth_sets
                       if len(found) >= MIN_BAND_DRAWS]
             low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)  # the fit's set is always among them
             out[reliability_key(k)] = (max(0.0, min(low, point.observed)), min(1.0, max(high, point.observed)))
@@ -358,9 +358,9 @@ def _widen(out: dict[str, tuple[float, float]], drawn: _Errors, read, read_in_bi
         estimate = getattr(read, m)
         if len(errs) < draws // 2 or not math.isfinite(estimate):
             continue
-        low, high = _bounds(estimate, errs, level)
+        low, high = reading_bounds(estimate, errs, level)
         if m == "auroc" and len(drawn.in_bins) >= draws // 2 and math.isfinite(read_in_bins):
-            other = _bounds(read_in_bins, drawn.in_bins, level)
+            other = reading_bounds(read_in_bins, drawn.in_bins, level)
             low, high = min(low, other[0]), max(high, other[1])
         # An interval corrected for the reading's bias can leave the reading outside it
         # ("AUPRC 0.437 (0.458-0.644)"): it is widened to hold the number it stands beside.
@@ -426,7 +426,8 @@ def _moved_to_auroc(fits: list[RowFit], target: float, edges: np.ndarray) -> lis
     return [fits[0], replace(fits[1], loc=fits[1].loc + (low + high) / 2)]
 
 
-def _bounds(estimate: float, errors: list[float], level: float) -> tuple[float, float]:
-    """The reading ``estimate`` less the errors' central ``level`` quantiles."""
+def reading_bounds(estimate: float, errors: list[float], level: float) -> tuple[float, float]:
+    """The reading ``estimate`` less the errors' central ``level`` quantiles (a basic
+    bootstrap interval; server.threshold_intervals reads its thresholds' so too)."""
     low, high = np.quantile(errors, [(1 - level) / 2, (1 + level) / 2])
     return estimate - float(high), estimate - float(low)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from common.metrics import (
     ScoreGrid,
     ScoreSummary,
     choose_threshold,
+    logit,
     pooled,
     rate_at_risk,
     sigmoid,
@@ -62,6 +64,28 @@ TEST_DRAWS = 200
 THRESHOLD_DRAWS = 200  # each hour threshold's and the margin's interval (about 1 s each at 400 validation stays)
 # the clinical level's flag rate redrawn for them (two classes refit each time, 2-4 s for 100 at 400 stays)
 RATE_DRAWS = 100
+
+
+class HourlyRows(NamedTuple):
+    """The pooled hourly validation releases: one one-row summary per checkpoint hour (every
+    outcome together), and the noise's sd on each cell."""
+
+    rows: list[ScoreSummary]
+    noise_sd: float
+
+
+class OnsetRelease(NamedTuple):
+    """The pooled onset releases as one one-row summary, the hospitals' releases it sums,
+    and the noise's sd on each cell."""
+
+    row: ScoreSummary
+    parts: list[Evaluations]
+    noise_sd: float
+
+
+# Each interval's bootstrap draws from its own stream of the run's seed (the metrics' use the seed itself), so the
+# margin's draws do not repeat the hours'.
+HOURS_STREAM, MARGIN_STREAM = 1, 2
 
 
 @dataclass
@@ -168,12 +192,8 @@ class Reader:
         into it: a configured level as it is (it is given on that scale; taken to the
         uncalibrated scale and back, a small Platt slope clamped 0.12 into 0.20, or
         overflowed), a threshold read from the releases moved with the scores."""
-        if calibration is None:
-            return threshold
-        from .calibration import calibrate_risk
-
         level = self.cfg.evaluation.level
-        return level if level is not None else calibrate_risk(threshold, calibration.scale, calibration.shift)
+        return level if level is not None and calibration is not None else _calibrated(threshold, calibration)
 
     def flag_rate(self, val: ScoreSummary | None, threshold: float) -> float | None:
         """The share of the pooled validation patients the run's threshold (on the
@@ -183,10 +203,9 @@ class Reader:
             return self.cfg.evaluation.flag_rate
         return rate_at_risk(val, threshold) if val is not None else None
 
-    def _hourly_rows(self, validated: dict[str, Evaluations], grid: ScoreGrid) -> tuple[list[ScoreSummary], float] | None:
-        """The pooled hourly validation releases, one one-row summary per checkpoint hour,
-        and the noise's sd on each cell; None where there are none or the noise drowns
-        them (said once, by :meth:`hour_thresholds`)."""
+    def _hourly_rows(self, validated: dict[str, Evaluations], grid: ScoreGrid) -> HourlyRows | None:
+        """The pooled hourly validation releases; None where there are none or the noise
+        drowns them (said once, by :meth:`hour_thresholds`)."""
         hours = self.cfg.checkpoint_hours
         parts = [e for e in validated.values() if e.hourly is not None and Split.VAL in e.summaries]
         if not hours or not parts or not self.cfg.is_binary:
@@ -196,7 +215,7 @@ class Reader:
         sd = math.sqrt(sum((e.noise.get(Item.HOURLY_HISTOGRAMS, 0.0) * math.sqrt(len(hours))) ** 2 for e in parts))
         if not self.readable(n, sd, grid.bins):
             return None
-        return [ScoreSummary(total[k][None, None, :], None, n, grid) for k in range(len(hours))], sd
+        return HourlyRows([ScoreSummary(total[k][None, None, :], None, n, grid) for k in range(len(hours))], sd)
 
     def hour_thresholds(self, validated: dict[str, Evaluations], rate: float | None, grid: ScoreGrid,
                         calibration: Calibration | None) -> dict[int, float]:
@@ -209,53 +228,62 @@ class Reader:
             return {}
         if not any(e.hourly is not None and Split.VAL in e.summaries for e in validated.values()):
             return {}
-        rows = self._hourly_rows(validated, grid)
-        if rows is None:  # there were releases: their noise drowned them
+        hourly = self._hourly_rows(validated, grid)
+        if hourly is None:  # there were releases: their noise drowned them
             log.warning("the hourly validation releases hold too few patients for their noise: every hour keeps "
                         "the run's one threshold")
             return {}
         out = {}
-        for hour, row in zip(self.cfg.checkpoint_hours, rows[0]):
-            chosen = threshold_for_rate(self.read(row, noise_sd=rows[1]), rate)
+        for hour, row in zip(self.cfg.checkpoint_hours, hourly.rows):
+            chosen = threshold_for_rate(self.read(row, noise_sd=hourly.noise_sd), rate)
             if chosen is None:
                 continue  # this hour keeps the interpolation of its neighbours
             out[hour] = _calibrated(chosen, calibration)
         return out
 
     def hour_threshold_intervals(self, validated: dict[str, Evaluations], checkpoints: dict[int, float],
-                                 rate: float | None, val: ScoreSummary | None, val_sd: float, risk: float,
+                                 rate: float | None, raw_val: ScoreSummary | None, val_sd: float, risk: float,
                                  grid: ScoreGrid, calibration: Calibration | None) -> dict[int, list[float]]:
         """Each checkpoint threshold's rough interval (server.threshold_intervals, nominal
         INTERVAL_LEVEL), calibrated as the threshold is: the hourly releases' noise and,
-        where the share aimed at is read from the pooled validation release ``val`` (raw,
-        with noise ``val_sd`` on each cell: a clinical level ``risk`` on the release's
-        scale), that reading's too. {} for exact releases or where none can be drawn."""
-        rows = self._hourly_rows(validated, grid) if checkpoints and rate is not None else None
-        if rows is None or not self.cfg.evaluation.dp or not rows[1] > 0:
+        where the share aimed at is read from the pooled validation release ``raw_val`` (as
+        released, with noise ``val_sd`` on each cell: a clinical level ``risk`` on the
+        release's scale), that reading's too. {} for exact releases or where none can be
+        drawn; post-processing for the report, so a failure is logged, not raised (the
+        run's releases are made by then)."""
+        hourly = self._hourly_rows(validated, grid) if checkpoints and rate is not None else None
+        if hourly is None or not self.cfg.evaluation.dp or not hourly.noise_sd > 0:
             return {}
-        rng = np.random.default_rng(self.cfg.run.seed)
+        try:
+            return self._hour_intervals(hourly, checkpoints, rate, raw_val, val_sd, risk, calibration)
+        except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
+            log.warning("the hour thresholds' intervals could not be computed", exc_info=True)
+            return {}
+
+    def _hour_intervals(self, hourly: HourlyRows, checkpoints: dict[int, float], rate: float,
+                        raw_val: ScoreSummary | None, val_sd: float, risk: float,
+                        calibration: Calibration | None) -> dict[int, list[float]]:
+        rng = np.random.default_rng([self.cfg.run.seed, HOURS_STREAM])
         estimator = self.cfg.evaluation.estimator
         # ``auto`` aims every hour at flag_rate, a setting; a level's share (and event1's, whose own edge is read
-        # from the same release: that choice is not redrawn) is a reading of ``val``
-        rates = (RateDraws.fixed(rate, 1) if self.cfg.evaluation.threshold == "auto" or val is None
-                 else rate_draws(val, ReleaseNoise(val_sd), risk, RATE_DRAWS, rng, estimator))
+        # from the same release: that choice is not redrawn) is a reading of ``raw_val``
+        rates = (RateDraws.fixed(rate, 1) if self.cfg.evaluation.threshold == "auto" or raw_val is None
+                 else rate_draws(raw_val, ReleaseNoise(val_sd), risk, RATE_DRAWS, rng, estimator))
         out = {}
-        for hour, row in zip(self.cfg.checkpoint_hours, rows[0]):
+        for hour, row in zip(self.cfg.checkpoint_hours, hourly.rows):
             if hour not in checkpoints:
                 continue
-            chosen = threshold_for_rate(self.read(row, noise_sd=rows[1]), rate)
+            chosen = threshold_for_rate(self.read(row, noise_sd=hourly.noise_sd), rate)
             if chosen is None or not 0 < chosen < 1:
                 continue
-            found = quantile_interval(row, ReleaseNoise(rows[1]), math.log(chosen) - math.log1p(-chosen), rates,
+            found = quantile_interval(row, ReleaseNoise(hourly.noise_sd), float(logit(chosen)), rates,
                                       INTERVAL_LEVEL, THRESHOLD_DRAWS, rng, estimator)
             if found is not None:
                 out[hour] = sorted(_calibrated(sigmoid(z), calibration) for z in found)
         return out
 
-    def _onset_parts(self, released: dict[str, Evaluations], grid: ScoreGrid
-                     ) -> tuple[ScoreSummary, list[Evaluations], float] | None:
-        """The pooled onset releases as one one-row summary, the releases, and the noise's
-        sd on each cell; None where none came or the noise drowns them."""
+    def _onset_release(self, released: dict[str, Evaluations], grid: ScoreGrid) -> OnsetRelease | None:
+        """The pooled onset releases; None where none came or the noise drowns them."""
         parts = [e for e in released.values() if e.onset is not None]
         if not parts or not self.cfg.monitors_onset:
             return None
@@ -264,43 +292,45 @@ class Reader:
         sd = math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts))
         if not self.readable(n, sd, grid.bins):
             return None
-        return ScoreSummary(total[None, None, :], None, n, grid), parts, sd
+        return OnsetRelease(ScoreSummary(total[None, None, :], None, n, grid), parts, sd)
 
     def onset_margin(self, released: dict[str, Evaluations], grid: ScoreGrid) -> float | None:
         """The monitor's margin (``common.onset``), in log-odds: the excess over the hour
         thresholds that ``evaluation.monitor_rate`` of the validation stays reach at some
         hour, read from their pooled onset histograms (released with the test release);
         None where none came or the noise drowns them (each hour then flags alone)."""
-        found = self._onset_parts(released, grid)
-        if found is None:
+        onset = self._onset_release(released, grid)
+        if onset is None:
             if any(e.onset is not None for e in released.values()) and self.cfg.monitors_onset:
                 log.warning("the onset releases hold too few patients for their noise: the monitor flags each hour by "
                             "its own threshold, on and off")
             return None
-        row, _, sd = found
         # one count per stay; the reading takes only the noise's sd, as for a Gaussian: the default's discrete
         # Laplace noise, summed over the hospitals, is near it (README "The onset histogram's mechanism" measures the
         # result)
-        chosen = threshold_for_rate(self.read(row, noise_sd=sd), self.cfg.evaluation.monitor_rate)
-        return None if chosen is None else math.log(chosen) - math.log1p(-chosen)
+        chosen = threshold_for_rate(self.read(onset.row, noise_sd=onset.noise_sd), self.cfg.evaluation.monitor_rate)
+        return None if chosen is None else float(logit(chosen))
 
     def margin_interval(self, released: dict[str, Evaluations], grid: ScoreGrid, margin: float | None
                         ) -> list[float] | None:
         """The margin's rough interval in log-odds (server.threshold_intervals, nominal
         INTERVAL_LEVEL): the onset releases' noise redrawn as each hospital drew it
-        (discrete Laplace or Gaussian). None for exact releases or where none can be drawn."""
-        found = self._onset_parts(released, grid) if margin is not None and self.cfg.evaluation.dp else None
-        if found is None or not found[2] > 0:
+        (discrete Laplace or Gaussian). None for exact releases or where none can be drawn;
+        a failure is logged, not raised, as :meth:`hour_threshold_intervals`'."""
+        onset = self._onset_release(released, grid) if margin is not None and self.cfg.evaluation.dp else None
+        if onset is None or not onset.noise_sd > 0:
             return None
-        row, parts, _ = found
-        noise = ReleaseNoise(
-            gaussian_sd=math.sqrt(sum(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) ** 2 for e in parts
-                                      if e.onset_mechanism != Mechanism.LAPLACE)),
-            laplace_sds=tuple(e.noise.get(Item.ONSET_HISTOGRAM, 0.0) for e in parts
-                              if e.onset_mechanism == Mechanism.LAPLACE))
-        rate = self.cfg.evaluation.monitor_rate
-        interval = quantile_interval(row, noise, margin, RateDraws.fixed(rate, 1), INTERVAL_LEVEL, THRESHOLD_DRAWS,
-                                     np.random.default_rng(self.cfg.run.seed), self.cfg.evaluation.estimator)
+        laplace = [e.noise.get(Item.ONSET_HISTOGRAM, 0.0) for e in onset.parts if e.onset_mechanism == Mechanism.LAPLACE]
+        gaussian = [e.noise.get(Item.ONSET_HISTOGRAM, 0.0) for e in onset.parts if e.onset_mechanism != Mechanism.LAPLACE]
+        noise = ReleaseNoise(gaussian_sd=math.sqrt(sum(sd**2 for sd in gaussian)), laplace_sds=tuple(laplace))
+        try:
+            interval = quantile_interval(onset.row, noise, margin, RateDraws.fixed(self.cfg.evaluation.monitor_rate, 1),
+                                         INTERVAL_LEVEL, THRESHOLD_DRAWS,
+                                         np.random.default_rng([self.cfg.run.seed, MARGIN_STREAM]),
+                                         self.cfg.evaluation.estimator)
+        except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
+            log.warning("the margin's interval could not be computed", exc_info=True)
+            return None
         return list(interval) if interval is not None else None
 
     def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,

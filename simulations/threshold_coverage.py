@@ -19,7 +19,9 @@ each interval is checked against the exact value of the same patients:
   validation stays reach at some hour.
 
 Printed: each reading's bias and sd against the exact value, and how many intervals held
-it (the report's THRESHOLD_INTERVAL_COVERAGE comes from here). Fresh noise on the exact
+it (the report's THRESHOLD_INTERVAL_COVERAGE comes from here); and the error of the share
+each hour aims at (the share the run's threshold flags of the hour-48 risks, read from the
+pooled validation release, less its exact value), which has no interval of its own. Fresh noise on the exact
 counts is, in distribution, what the run's hospitals added.
 """
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from common.messages import Item, Mechanism, Split
-from common.metrics import ScoreGrid, ScoreSummary, pooled
+from common.metrics import ScoreGrid, ScoreSummary, logit, pooled
 
 
 @dataclass
@@ -62,14 +64,12 @@ class Held:
     widths: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, what: str, read: float, interval: list[float] | None, exact: float) -> None:
+        """One release's reading; a reading without an interval counts as one that missed
+        (the report would print it bare)."""
         self.errors.setdefault(what, []).append(read - exact)
+        self.held.setdefault(what, []).append(interval is not None and interval[0] <= exact <= interval[1])
         if interval is not None:
-            self.held.setdefault(what, []).append(interval[0] <= exact <= interval[1])
             self.widths.setdefault(what, []).append(interval[1] - interval[0])
-
-
-def _logit(risk: float) -> float:
-    return math.log(risk) - math.log1p(-risk)
 
 
 def validation_scores(run_dir: Path) -> ValidationScores | None:
@@ -155,15 +155,17 @@ def study(runs: list[ValidationScores], draws: int, seed: int = 0) -> Held:
             val = reader.read(raw, noise_sd=sd)
             threshold, _ = reader.threshold_and_source(val, grid, None)
             rate = reader.flag_rate(val, threshold)
-            exact_rate = float((end >= _logit(threshold)).mean())
+            exact_rate = float((end >= float(logit(threshold))).mean())
+            if rate is not None:  # the share every hour aims at: read from the validation release under a level
+                held.errors.setdefault("share", []).append(rate - exact_rate)
             checkpoints = reader.hour_thresholds(evaluations, rate, grid, None)
             intervals = reader.hour_threshold_intervals(evaluations, checkpoints, rate, raw, sd, threshold, grid, None)
             for j, hour in enumerate(run.cfg.checkpoint_hours):
                 if hour in checkpoints:
                     exact = float(np.quantile(hourly[:, j], 1 - exact_rate))
                     found = intervals.get(hour)
-                    held.add(f"hour {hour}", _logit(checkpoints[hour]), [_logit(t) for t in found] if found else None,
-                             exact)
+                    held.add(f"hour {hour}", float(logit(checkpoints[hour])),
+                             [float(logit(t)) for t in found] if found else None, exact)
             margin = reader.onset_margin(evaluations, grid)
             if margin is not None:
                 held.add("margin", margin, reader.margin_interval(evaluations, grid, margin),
@@ -183,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         print("no run with hour thresholds under " + ", ".join(map(str, args.runs_dirs)), file=sys.stderr)
         return 1
     held = study(runs, args.draws, args.seed)
-    print(f"{len(runs)} runs x {args.draws} fresh releases; errors in log-odds (reading - exact); intervals nominal 99%")
+    print(f"{len(runs)} runs x {args.draws} fresh releases; errors in log-odds (reading - exact); intervals nominal 99% "
+          "(a reading without one counts as a miss)")
     print(f"{'':10} {'bias':>7} {'sd':>6} {'held':>10} {'share':>6} {'width':>6}")
     for what, errors in held.errors.items():
         hits = held.held.get(what, [])
-        width = float(np.mean(held.widths[what])) if hits else math.nan
+        if what == "share":  # no interval of its own: its error is drawn into each hour's
+            print(f"{'aimed share':10} {np.mean(errors):+7.3f} {np.std(errors):6.3f}   (the share the level flags at hour 48, "
+                  "read from the validation release, less the exact share; not log-odds)")
+            continue
+        width = float(np.mean(held.widths[what])) if held.widths.get(what) else math.nan
         print(f"{what:10} {np.mean(errors):+7.3f} {np.std(errors):6.3f} {sum(hits):>4} of {len(hits):<3} "
               f"{(sum(hits) / len(hits) if hits else math.nan):6.3f} {width:6.3f}")
     return 0

@@ -13,7 +13,7 @@ from common.metrics import ScoreGrid, ScoreSummary, pooled, threshold_for_rate
 from server.threshold_intervals import RateDraws, ReleaseNoise, quantile_interval, rate_draws
 from tests.conftest import small_cfg
 
-GRID = ScoreGrid(-6.0, 4.0, 40)  # the default's validation grid
+GRID = ScoreGrid(-7.0, 3.0, 10)  # the default's validation grid (evaluation.logit_range, score_bins)
 
 
 def _logit(risk: float) -> float:
@@ -40,7 +40,7 @@ def test_a_quantiles_interval_holds_its_patients_exact_quantile(noise):
     often as its nominal 99% says, and is no wider than it needs (not all of the grid).
     This checks the redraw (the noise, each mechanism, the reading); a shape the fit cannot
     take is what the coverage measured on real models (THRESHOLD_INTERVAL_COVERAGE) covers:
-    survivors and 14% deaths pooled, each its own shape, held 12 of these 16."""
+    survivors and 14% deaths pooled, each its own shape, held 14 of these 16 (Gaussian)."""
     from scipy.stats import skewnorm
 
     rng = np.random.default_rng(11)
@@ -55,12 +55,13 @@ def test_a_quantiles_interval_holds_its_patients_exact_quantile(noise):
         assert low <= estimate <= high
         held += low <= float(np.quantile(logits, 0.7)) <= high
         widths.append(high - low)
-    # rough, as the metrics' intervals are without their truths' widening (common.intervals.TRUTH_STEPS): 14 and
-    # 15 of 16 here; drawing each release's truth from a refit of its fit to fresh noise held 22 of 24 at 2.5 times
-    # the width, so it was not taken
+    # rough, as the metrics' intervals are without their truths' widening (common.intervals.TRUTH_STEPS): 13
+    # (Gaussian) and 16 (Laplace) of 16 here; on a finer grid (40 bins), drawing each release's truth from a refit
+    # of its fit to fresh noise held 22 of 24 at 2.5 times the width, so it was not taken
     assert held >= releases - 3
-    # no wider than it needs: most span well under the grid (a release the noise threw far reads far, and says so)
-    assert np.median(widths) < 0.5 * (GRID.high - GRID.low)
+    # no wider than it needs: most span well under the grid's 10 log-odds (median 1.5 and 0.9 here; a release the
+    # noise threw far reads far, and says so), so an interval of a fixed width that held everything would fail
+    assert np.median(widths) < 2.5
 
 
 def test_the_share_a_clinical_level_aims_at_is_redrawn_into_the_hours_intervals():
@@ -71,7 +72,7 @@ def test_the_share_a_clinical_level_aims_at_is_redrawn_into_the_hours_intervals(
     y = (rng.random(400) < 0.14).astype(np.int64)
     z = -2.3 + rng.normal(size=400) + 1.5 * y
     p = 1 / (1 + np.exp(-z))
-    val = ScoreSummary.from_predictions(y, np.stack([1 - p, p], axis=1), GRID).noised(18.0 / math.sqrt(1.0), rng)
+    val = ScoreSummary.from_predictions(y, np.stack([1 - p, p], axis=1), GRID).noised(18.0, rng)
     rates = rate_draws(val, ReleaseNoise(18.0), 0.17, 40, rng, "skewnormal")
     assert np.isfinite(rates.read).all() and np.isfinite(rates.exact).all()
     assert 0.1 < float(np.mean(rates.exact)) < 0.5 and float(np.std(rates.read - rates.exact)) > 0.01
@@ -91,15 +92,15 @@ def test_a_row_no_fit_takes_is_drawn_from_its_clipped_counts():
     from server.threshold_intervals import BinnedRow, _generator
 
     counts = np.zeros(GRID.bins)
-    counts[[5, 20]] = [30.0, 10.0]
+    counts[[2, 6]] = [30.0, 10.0]
     noisy = counts.copy()
-    noisy[30] = -12.0  # a cell the noise took below zero
+    noisy[8] = -12.0  # a cell the noise took below zero
     edges = grid_edges(GRID)
     row = BinnedRow(np.maximum(noisy, 0.0), edges, 400.0)
     drawn = row.sample(np.random.default_rng(0))
     assert len(drawn) == 400
-    assert set(np.unique(GRID.index(drawn))) == {5, 20}
-    assert float((GRID.index(drawn) == 5).mean()) == pytest.approx(0.75, abs=0.06)
+    assert set(np.unique(GRID.index(drawn))) == {2, 6}
+    assert float((GRID.index(drawn) == 2).mean()) == pytest.approx(0.75, abs=0.06)
     assert isinstance(_generator(np.full(GRID.bins, -1.0), edges, "skewnormal"), BinnedRow)
 
 
@@ -159,12 +160,19 @@ def test_the_runs_hour_thresholds_carry_intervals_that_hold_the_exact_ones():
     assert exact.hour_threshold_intervals(validated, checkpoints, rate, raw, 0.0, threshold, GRID, None) == {}
 
 
-def test_the_margins_interval_redraws_each_hospitals_own_mechanism():
+def test_the_margins_interval_redraws_each_hospitals_own_mechanism(monkeypatch):
     """The margin's interval redraws the onset histogram's noise as each hospital drew it:
-    a Laplace hospital's as discrete Laplace, whose tails are heavier than the Gaussian
-    of the same sd."""
+    a Laplace hospital's as discrete Laplace (whole numbers, heavier tails), a Gaussian
+    one's as Gaussian, at the monitor's rate."""
+    import server.results
     from server.results import Reader
     from server.validation import Evaluations
+
+    asked = []
+    real = server.results.quantile_interval
+    monkeypatch.setattr(server.results, "quantile_interval",
+                        lambda row, noise, estimate, rates, *args: asked.append((noise, rates))
+                        or real(row, noise, estimate, rates, *args))
 
     cfg = small_cfg("evaluation.threshold=0.17")
     rng = np.random.default_rng(2)
@@ -178,7 +186,64 @@ def test_the_margins_interval_redraws_each_hospitals_own_mechanism():
     margin = reader.onset_margin(released, GRID)
     low, high = reader.margin_interval(released, GRID, margin)
     assert low <= margin <= high and high - low < 1.5
+    (noise, rates), = asked
+    assert noise.laplace_sds == (4.0,) and noise.gaussian_sd == pytest.approx(4.0)
+    assert set(rates.read) == set(rates.exact) == {cfg.evaluation.monitor_rate}
+    drawn = noise.draw((2000,), np.random.default_rng(0)) - np.random.default_rng(0).normal(0.0, 4.0, 2000)
+    assert np.allclose(drawn, np.round(drawn)) and np.std(drawn) == pytest.approx(4.0, rel=0.1)  # the Laplace part
     assert reader.margin_interval(released, GRID, None) is None
+
+
+@pytest.mark.parametrize("rule", ["auto", "0.17"])
+def test_a_levels_share_is_redrawn_and_a_flag_rate_is_not(monkeypatch, rule):
+    """What each hour's interval draws its shares from: under a clinical level, the share
+    read anew from each redrawn validation release (it moves); under ``auto``, the
+    configured flag rate (it does not)."""
+    import server.results
+    from server.results import Reader, pooled_noise
+
+    asked = []
+    real = server.results.quantile_interval
+    monkeypatch.setattr(server.results, "quantile_interval",
+                        lambda row, noise, estimate, rates, *args: asked.append(rates) or real(row, noise, estimate,
+                                                                                                rates, *args))
+    cfg = small_cfg(f"evaluation.threshold={rule}", "evaluation.hourly_checkpoints=[6]")
+    reader = Reader(cfg)
+    validated, _, _ = _validated(np.random.default_rng(1), cfg.checkpoint_hours, hourly_noise=5.0, val_noise=6.0)
+    parts = {n: e.summaries[Split.VAL] for n, e in validated.items()}
+    raw = pooled(list(parts.values()))
+    sd = pooled_noise(parts, {n: e.histogram_noise[Split.VAL] for n, e in validated.items()})
+    threshold = reader.threshold(reader.read(raw, noise_sd=sd), GRID, None)
+    rate = reader.flag_rate(reader.read(raw, noise_sd=sd), threshold)
+    checkpoints = reader.hour_thresholds(validated, rate, GRID, None)
+    assert reader.hour_threshold_intervals(validated, checkpoints, rate, raw, sd, threshold, GRID, None)
+    (rates,) = asked
+    if rule == "auto":
+        assert set(rates.read) == set(rates.exact) == {cfg.evaluation.flag_rate}
+    else:
+        assert np.std(rates.read - rates.exact) > 0.005 and len(rates.read) > 1
+
+
+def test_a_row_of_no_positive_count_gets_no_interval_rather_than_an_error():
+    """A noise-only onset release whose every cell came out below zero: nothing to draw
+    from, so no interval (the run's results were written before; a crash would lose them)."""
+    row = ScoreSummary(np.full((1, 1, GRID.bins), -3.0), None, 40, GRID)
+    assert quantile_interval(row, ReleaseNoise(5.0), -1.0, RateDraws.fixed(0.3, 1), 0.99, 50,
+                             np.random.default_rng(0), "skewnormal") is None
+
+
+def test_a_run_at_other_settings_is_not_told_the_default_coverage():
+    from common.config import load_config
+    from server.report.sections import threshold_coverage_words
+    from server.threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
+    from tests.conftest import DEFAULT_CONFIG
+
+    assert threshold_coverage_words(load_config(DEFAULT_CONFIG, []), 4) == THRESHOLD_INTERVAL_COVERAGE
+    for change in ("evaluation.calibrate=true", "evaluation.hourly_checkpoints=[1,6,12,24,36]",
+                   "evaluation.val_epsilon=2", "evaluation.score_bins=20"):
+        words = threshold_coverage_words(load_config(DEFAULT_CONFIG, [change]), 4)
+        assert words.startswith("their coverage was not measured at this run's settings"), change
+    assert threshold_coverage_words(load_config(DEFAULT_CONFIG, []), 3).startswith("their coverage was not measured")
 
 
 def test_the_summary_prints_each_dp_threshold_with_its_interval():
@@ -190,7 +255,9 @@ def test_the_summary_prints_each_dp_threshold_with_its_interval():
                            checkpoint_intervals={"1": [0.35, 0.52]}, onset_margin=0.67,
                            onset_margin_interval=[0.31, 1.02], hour_thresholds=[0.428] * 47 + [0.17],
                            monitor_rate=0.3)
-    lines = decision_lines(test, True, level=0.17)
+    lines = decision_lines(test, True, level=0.17, coverage="measured somewhere")
     assert "after hour 1 0.428 (0.350-0.520), after hour 6 0.261 (risks" in lines[0]  # an hour without one prints none
     assert "by 0.67 (0.31 to 1.02) in log-odds" in lines[1]
-    assert lines[2].startswith("  intervals: nominal 99%") and "held the exact threshold in" in lines[2]  # measured
+    assert lines[2] == "  intervals: nominal 99% for the DP noise and the reading; measured somewhere"
+    # a caller that says nothing of the run's settings is not told the default's coverage was measured for it
+    assert "not measured at this run's settings" in decision_lines(test, True, level=0.17)[2]

@@ -11,10 +11,9 @@ from common.intervals import INTERVAL_LEVEL
 from common.metrics import logit, sigmoid
 from common.reliability import calibration_lean
 
-from ..threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
 from .groups import RECALIBRATION_CAVEAT
 from .run_folder import RunFolder
-from .sections import at_monitor_setting, hour_list
+from .sections import at_monitor_setting, hour_list, threshold_coverage_words
 
 
 def bedside_section(run: RunFolder) -> Section | None:
@@ -54,6 +53,8 @@ def bedside_section(run: RunFolder) -> Section | None:
 # it had been 0.22 to 0.45, mean 0.33.
 MONITOR_SHARE_MEASURED = ("at the default's settings, on 20 runs, it flagged 0.25 to 0.35 of the test stays at some "
                           "hour (mean 0.29)")
+
+
 def monitor_spread_words(cfg, hospitals: int) -> str:
     """How far the release's noise moved the monitor's share, where it was measured at
     this run's settings; else that it was not (a run aiming at 10% was told of a 30%
@@ -73,18 +74,20 @@ def _flag_item(test, window_hours: float, spread: str) -> str:
         text += (f"The hourly monitor (`predict --hourly`, `monitor`) flags a stay {rule[0]} and keeps the flag on "
                  f"{rule[1]}. {spread}")
     elif hourly:
-        text += f"The hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own threshold ({hourly}). "
+        text += (f"The hourly monitor (`predict --hourly`, `monitor`) flags by each hour's own threshold, read from DP "
+                 f"releases ({hourly}; in brackets, where given, each one's rough interval). ")
     return text + "The two can differ for a stay."
 
 
 def decision_lines(test, binary: bool, level: float | None = None, dp: bool = True,
-                   coverage: str = THRESHOLD_INTERVAL_COVERAGE) -> list[str]:
+                   coverage: str | None = None) -> list[str]:
     """What the run decided for the bedside (binary tasks): the decision threshold and each
     checkpoint hour's, and the monitor's margin; results a bedside user keeps. ``level``:
     the config's clinical level, which no release moves (the hour thresholds are read from
     the validation releases whatever the rule: said, so they do not read as fixed settings);
     ``dp``: whether those releases carried DP noise (a comparison simulation's did not);
-    ``coverage``: the thresholds' intervals' measured coverage, in words (sections.threshold_coverage_words)."""
+    ``coverage``: the thresholds' intervals' measured coverage, in words (sections.threshold_coverage_words;
+    None: as for a run of no known settings)."""
     if test is None or test.threshold is None or not binary:
         return []
     source = "read from the DP validation releases" if dp else "read from the exact validation histograms (no DP)"
@@ -101,7 +104,7 @@ def decision_lines(test, binary: bool, level: float | None = None, dp: bool = Tr
         lines.append(f"monitor: a stay is flagged {rule[0]}, and stays flagged {rule[1]}")
     if getattr(test, "checkpoint_intervals", None) or getattr(test, "onset_margin_interval", None):
         lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; "
-                     f"{coverage}")
+                     f"{coverage or threshold_coverage_words(None, 0)}")
     return lines
 
 

@@ -14,7 +14,7 @@ from common.intervals import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, interva
 from common.metrics import METRIC_NAMES, Metrics, with_interval
 
 from ..records import Partition, RunPrivacy, StartRecord
-from ..threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
+from ..threshold_intervals import THRESHOLD_COVERAGE_HELD, THRESHOLD_COVERAGE_SETTING, THRESHOLD_INTERVAL_COVERAGE
 from .run_folder import RunFolder
 
 PHYSIONET_CITATION = (
@@ -203,11 +203,17 @@ def at_monitor_setting(cfg, hospitals: int) -> bool:
 
 def threshold_coverage_words(cfg, hospitals: int) -> str:
     """The hour thresholds' and the margin's intervals' measured coverage, where measured
-    at this run's settings; else that it was not."""
-    if cfg is not None and at_monitor_setting(cfg, hospitals):
+    at this run's settings (the monitor's, and the release's grid, checkpoints, reading
+    and no recalibration, whose own noise the intervals do not redraw); else that it was
+    not, and what it was where it was."""
+    ev = cfg.evaluation if cfg is not None else None
+    measured = (ev is not None and at_monitor_setting(cfg, hospitals) and not ev.calibrate
+                and cfg.checkpoint_hours == [1, 6, 12, 24] and ev.score_bins == 10 and list(ev.logit_range) == [-7, 3]
+                and ev.estimator == "skewnormal" and not cfg.validation_rounds())
+    if measured:
         return THRESHOLD_INTERVAL_COVERAGE
-    return ("their coverage was measured only at the default's settings (4 hospitals, about 400 validation stays), "
-            f"where each {THRESHOLD_INTERVAL_COVERAGE.split(', each ', 1)[-1]}")
+    return ("their coverage was not measured at this run's settings; on " + THRESHOLD_COVERAGE_SETTING + ", "
+            + THRESHOLD_COVERAGE_HELD)
 
 
 def hour_list(test) -> str:
@@ -218,7 +224,7 @@ def hour_list(test) -> str:
                      for h, t in (test.checkpoint_thresholds or {}).items())
 
 
-def monitor_words(test, coverage: str = THRESHOLD_INTERVAL_COVERAGE) -> str:
+def monitor_words(test, coverage: str) -> str:
     """What the hourly monitor (``fedgru monitor``, ``fedgru predict --hourly``) flags, in words."""
     hours = list(getattr(test, "hour_thresholds", None) or [])
     if not hours:
