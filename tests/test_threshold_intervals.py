@@ -258,6 +258,7 @@ def test_the_summary_prints_each_dp_threshold_with_its_interval():
     lines = decision_lines(test, True, level=0.17, coverage="measured somewhere")
     assert "after hour 1 0.428 (0.350-0.520), after hour 6 0.261 (risks" in lines[0]  # an hour without one prints none
     assert "by 0.67 (0.31 to 1.02) in log-odds" in lines[1]
-    assert lines[2] == "  intervals: nominal 99% for the DP noise and the reading; measured somewhere"
+    assert lines[2] == ("  intervals: nominal 99% for the DP noise and the reading (not a range of patients' risks); "
+                        "measured somewhere")
     # a caller that says nothing of the run's settings is not told the default's coverage was measured for it
     assert "not measured at this run's settings" in decision_lines(test, True, level=0.17)[2]

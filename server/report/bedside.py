@@ -103,8 +103,8 @@ def decision_lines(test, binary: bool, level: float | None = None, dp: bool = Tr
     if rule is not None:
         lines.append(f"monitor: a stay is flagged {rule[0]}, and stays flagged {rule[1]}")
     if getattr(test, "checkpoint_intervals", None) or getattr(test, "onset_margin_interval", None):
-        lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading; "
-                     f"{coverage or threshold_coverage_words(None, 0)}")
+        lines.append(f"  intervals: nominal {INTERVAL_LEVEL:.0%} for the DP noise and the reading (not a range of "
+                     f"patients' risks); {coverage or threshold_coverage_words(None, 0)}")
     return lines
 
 

@@ -180,8 +180,9 @@ def test_results_section(run: RunFolder) -> Section | None:
          "The histograms were exact (a comparison simulation without DP). ")
         + f"Accuracy, sensitivity, specificity, F1 and min(Se,PPV) flag a patient at a risk of {test.threshold:.3f} "
         f"or more ({chosen}); min(Se,PPV) is the lower of the sensitivity and the positive predictive value (the "
-        "PhysioNet/CinC 2012 challenge's event-1 score). " + calibration + intervals + exact
-        + monitor_words(test, threshold_coverage_words(cfg, len(test.hospitals))),
+        "PhysioNet/CinC 2012 challenge's event-1 score). " + calibration + intervals + exact,
+        # the monitor in a paragraph of its own: appended to the metrics' one it made 3,000 characters (a new user's read)
+        *[words for words in [monitor_words(test, threshold_coverage_words(cfg, len(test.hospitals))).strip()] if words],
     ])
 
 
@@ -240,7 +241,8 @@ def monitor_words(test, coverage: str) -> str:
     if getattr(test, "checkpoint_intervals", None) or interval:
         text += (f"Each hour's threshold and the margin are followed by a rough interval (nominal {INTERVAL_LEVEL:.0%}): "
                  "how far the release's noise and its reading may have moved them from what these validation "
-                 f"patients' exact risks give ({coverage}). ")
+                 "patients' exact risks give, not a range of patients' risks; other patients would move them by "
+                 f"their own sampling error on top. {coverage[0].upper() + coverage[1:]}. ")
     if margin is None:
         return text + "Each hour flags on its own, so a stay's flag can go on and off. "
     within = f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
