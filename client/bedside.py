@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bundle import Bundle
+from common.bundle import Bundle, monitor_readings
 from common.data.dataset import Dataset
 from common.document import Image, Section, Table, to_html
 from common.explain import (
@@ -227,6 +227,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
                 for j in found]
         flag_text = ((f"flagged from hour {first} on" if latched else f"first flagged at hour {first}") if first
                      else "never flagged")
+        readings = monitor_readings(bundle.info)
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (the monitor's flag level at that hour "
@@ -236,7 +237,8 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
             + ("" if same else " Each hour has its own threshold, read so that the same share of patients is "
                                 "flagged at every hour: an early risk is judged against early risks.")
             + (" A flag stays on once raised (shaded): the line is each hour's threshold moved up by the run's "
-               "margin, read from a DP release, aiming at a set share of patients flagged at some hour of the window." if latched else "")
+               "margin, read from a DP release, aiming at a set share of patients flagged at some hour of the window."
+               + (f" {readings}" if readings else "") if latched else "")
             + (f" `fedgru predict` decides on the risk at hour {window} alone, at {float(decision):.3f}: this "
                f"stay is {'flagged' if whole[-1] >= float(decision) else 'not flagged'} there"
                + (" (it reads the stay as finished at its last observation)." if last < window else ".")

@@ -99,6 +99,33 @@ def onset_margin(info: dict) -> float | None:
     return float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else None
 
 
+def checkpoint_words(thresholds: dict, intervals: dict | None = None) -> str:
+    """Each checkpoint hour's threshold, with its interval where it has one: "after hour 1
+    0.332 (0.242-0.438), after hour 6 ..." (the run's summary, its report and the monitor
+    say them alike). Keys: hours as text, as metrics.json and a bundle hold them."""
+    intervals = intervals or {}
+    return ", ".join(f"after hour {h} {t:.3f}" + (f" ({intervals[h][0]:.3f}-{intervals[h][1]:.3f})" if h in intervals else "")
+                     for h, t in thresholds.items())
+
+
+def monitor_readings(info: dict) -> str:
+    """What a bundle's run read from DP releases for its monitor, with the intervals it
+    printed (a bundle of a run before them: the readings alone); "" where it read none.
+    The flag levels a user sees are these moved by the margin: numbers with noise in them,
+    not settings to copy."""
+    checkpoints = info.get("checkpoint_thresholds") or {}
+    margin, interval = onset_margin(info), info.get("onset_margin_interval")
+    if not checkpoints and margin is None:
+        return ""
+    parts = [f"each hour's threshold {checkpoint_words(checkpoints, info.get('checkpoint_intervals'))}"] if checkpoints else []
+    if margin is not None:
+        parts.append(f"the margin {margin:.2f}" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
+                     + " in log-odds")
+    bracketed = " (in brackets, rough 99% intervals for the releases' noise; the run's report gives their measured " \
+        "coverage)" if info.get("checkpoint_intervals") or interval else ""
+    return f"The run read its monitor from DP releases: {'; '.join(parts)}{bracketed}."
+
+
 def monitor_levels(info: dict, thresholds: np.ndarray, own: bool = True) -> tuple[np.ndarray, bool]:
     """The risk after each hour at which the monitor raises a flag, and whether the flag
     then stays on: with the run's margin, each hour's threshold moved up by it, and on

@@ -120,6 +120,11 @@ class RunRecorder:
                                 "test": test.pooled if test else None, "threshold": test.threshold if test else None,
                                 "hour_thresholds": test.hour_thresholds if test else [],
                                 "onset_margin": test.onset_margin if test else None,
+                                # what the run read from DP releases for its monitor, with their intervals: the
+                                # monitor page says them (common.bundle.monitor_readings)
+                                "checkpoint_thresholds": test.checkpoint_thresholds if test else {},
+                                "checkpoint_intervals": test.checkpoint_intervals if test else {},
+                                "onset_margin_interval": test.onset_margin_interval if test else None,
                                 "monitor_rate": test.monitor_rate if test else None,
                                 "calibration": test.calibration if test else None}),
             )

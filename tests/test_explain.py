@@ -251,6 +251,36 @@ def test_monitor_writes_one_html_page_with_the_plot_inside(bundle_and_stays, tmp
     assert "What these risks read" in page and "This model reads" in page and "admission descriptors" in page
 
 
+def test_the_monitor_says_its_flag_levels_were_read_from_dp_releases_with_their_intervals(
+        bundle_and_stays, tmp_path, capsys):
+    """The monitor's flag levels are each hour's threshold moved by the margin: DP readings.
+    The page and predict --hourly say what the run read, with the intervals it printed,
+    so a ward does not copy them as settings (issue 22: every DP number with its
+    uncertainty); a bundle without readings says nothing of them."""
+    import html
+
+    from common.bundle import Bundle, save_bundle
+    from fedgru.cli import main
+
+    path, folder, _, stays = bundle_and_stays
+    bundle = Bundle(path)
+    info = {"threshold": 0.17, "hour_thresholds": [0.33] * 47 + [0.17], "onset_margin": 0.886,
+            "checkpoint_thresholds": {"1": 0.332, "6": 0.206}, "checkpoint_intervals": {"1": [0.242, 0.438]},
+            "onset_margin_interval": [0.73, 1.03]}
+    read = tmp_path / "read.pt"
+    save_bundle(read, bundle.model.state_dict(), bundle.model.spec, bundle.config, info)
+    out = tmp_path / "monitor.html"
+    assert main(["monitor", "--model", str(read), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
+    said = ("The run read its monitor from DP releases: each hour's threshold after hour 1 0.332 (0.242-0.438), "
+            "after hour 6 0.206; the margin 0.89 (0.73 to 1.03) in log-odds (in brackets, rough 99% intervals")
+    assert said in html.unescape(out.read_text())
+    assert main(["predict", "--model", str(read), "--data", str(folder), "--out", str(tmp_path / "h.csv"),
+                 "--hourly"]) == 0
+    assert "note: the run read its monitor from DP releases: each hour's threshold after hour 1" in capsys.readouterr().err
+    assert main(["monitor", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
+    assert "read its monitor" not in out.read_text()
+
+
 def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):
     import csv
 

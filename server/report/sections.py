@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from common.bundle import checkpoint_words
 from common.config import ExperimentConfig
 from common.document import Bullets, Section, Table
 from common.estimates import MAX_PAIRS_IN_ONE_BIN
@@ -220,9 +221,7 @@ def threshold_coverage_words(cfg, hospitals: int) -> str:
 def hour_list(test) -> str:
     """The checkpoint thresholds, each with its interval where it has one (a DP reading
     printed bare read as a setting: issue 22 asks every DP number's uncertainty on its line)."""
-    intervals = getattr(test, "checkpoint_intervals", None) or {}
-    return ", ".join(f"after hour {h} {t:.3f}" + (f" ({intervals[h][0]:.3f}-{intervals[h][1]:.3f})" if h in intervals else "")
-                     for h, t in (test.checkpoint_thresholds or {}).items())
+    return checkpoint_words(test.checkpoint_thresholds or {}, getattr(test, "checkpoint_intervals", None))
 
 
 def monitor_words(test, coverage: str) -> str:
