@@ -99,13 +99,30 @@ def onset_margin(info: dict) -> float | None:
     return float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else None
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _interval(value) -> list[float] | None:
+    """A [low, high] pair of finite numbers, or None (anything else a bundle may hold)."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value)
+    return [float(v) for v in value] if ok else None
+
+
 def checkpoint_words(thresholds: dict, intervals: dict | None = None) -> str:
     """Each checkpoint hour's threshold, with its interval where it has one: "after hour 1
     0.332 (0.242-0.438), after hour 6 ..." (the run's summary, its report and the monitor
-    say them alike). Keys: hours as text, as metrics.json and a bundle hold them."""
-    intervals = intervals or {}
-    return ", ".join(f"after hour {h} {t:.3f}" + (f" ({intervals[h][0]:.3f}-{intervals[h][1]:.3f})" if h in intervals else "")
-                     for h, t in thresholds.items())
+    say them alike). Keys: hours as text, as metrics.json and a bundle hold them; a key
+    that is not a whole number, or a value that is not a finite number, is left out (a
+    bundle's text reaches a hospital's page and terminal: nothing but hours and numbers)."""
+    intervals = intervals if isinstance(intervals, dict) else {}
+    words = []
+    for hour, risk in (thresholds.items() if isinstance(thresholds, dict) else []):
+        if not (isinstance(hour, str) and hour.isdigit() and hour.isascii() and _finite(risk)):
+            continue
+        bounds = _interval(intervals.get(hour))
+        words.append(f"after hour {int(hour)} {risk:.3f}" + (f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""))
+    return ", ".join(words)
 
 
 def monitor_readings(info: dict) -> str:
@@ -113,17 +130,24 @@ def monitor_readings(info: dict) -> str:
     printed (a bundle of a run before them: the readings alone); "" where it read none.
     The flag levels a user sees are these moved by the margin: numbers with noise in them,
     not settings to copy."""
-    checkpoints = info.get("checkpoint_thresholds") or {}
-    margin, interval = onset_margin(info), info.get("onset_margin_interval")
+    from .intervals import INTERVAL_LEVEL, THRESHOLD_COVERAGE_SHORT
+
+    checkpoints = checkpoint_words(info.get("checkpoint_thresholds"), info.get("checkpoint_intervals"))
+    margin, interval = onset_margin(info), _interval(info.get("onset_margin_interval"))
     if not checkpoints and margin is None:
         return ""
-    parts = [f"each hour's threshold {checkpoint_words(checkpoints, info.get('checkpoint_intervals'))}"] if checkpoints else []
+    parts = [f"each hour's threshold {checkpoints}"] if checkpoints else []
     if margin is not None:
         parts.append(f"the margin {margin:.2f}" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
                      + " in log-odds")
-    bracketed = " (in brackets, rough 99% intervals for the releases' noise; the run's report gives their measured " \
-        "coverage)" if info.get("checkpoint_intervals") or interval else ""
-    return f"The run read its monitor from DP releases: {'; '.join(parts)}{bracketed}."
+    text = f"The run read its monitor from DP releases: {'; '.join(parts)}"
+    if "(" not in text:  # no interval printed: nothing to explain
+        return text + "."
+    level = info.get("interval_level")
+    level = float(level) if _finite(level) and 0 < level < 1 else INTERVAL_LEVEL
+    return (f"{text} (in brackets, nominal {level:.0%} intervals for the releases' noise and their reading, not "
+            f"ranges of patients' risks; {THRESHOLD_COVERAGE_SHORT}, and the run's report says whether its settings "
+            "were those).")
 
 
 def monitor_levels(info: dict, thresholds: np.ndarray, own: bool = True) -> tuple[np.ndarray, bool]:

@@ -27,6 +27,7 @@ from common.bundle import save_bundle
 from common.config import ExperimentConfig
 from common.estimates import estimator_used
 from common.files import atomic_write_text, json_safe, write_json
+from common.intervals import INTERVAL_LEVEL
 from common.ledger import Ledger
 from common.messages import Mechanism, Split
 from common.model import model_spec
@@ -116,17 +117,7 @@ class RunRecorder:
         if arrays is not None:
             save_bundle(
                 self.run_dir / "model.pt", arrays, model_spec(self.cfg), self.cfg,
-                info=json_safe({"run_id": self.run_id, "rounds": self.cfg.run.rounds,
-                                "test": test.pooled if test else None, "threshold": test.threshold if test else None,
-                                "hour_thresholds": test.hour_thresholds if test else [],
-                                "onset_margin": test.onset_margin if test else None,
-                                # what the run read from DP releases for its monitor, with their intervals: the
-                                # monitor page says them (common.bundle.monitor_readings)
-                                "checkpoint_thresholds": test.checkpoint_thresholds if test else {},
-                                "checkpoint_intervals": test.checkpoint_intervals if test else {},
-                                "onset_margin_interval": test.onset_margin_interval if test else None,
-                                "monitor_rate": test.monitor_rate if test else None,
-                                "calibration": test.calibration if test else None}),
+                info=bundle_info(self.run_id, self.cfg.run.rounds, test),
             )
         from .report import write_report
 
@@ -134,6 +125,22 @@ class RunRecorder:
         if SUMMARY_TO_LOG:
             for line in summary.splitlines():
                 log.info("%s", line)
+
+
+def bundle_info(run_id: str, rounds: int, test: TestResult | None) -> dict:
+    """What a model bundle says of the run that made it: its test reading, its thresholds
+    and, for its monitor, what the run read from DP releases with their intervals (the
+    monitor page and predict --hourly say them: common.bundle.monitor_readings)."""
+    return json_safe({"run_id": run_id, "rounds": rounds,
+                      "test": test.pooled if test else None, "threshold": test.threshold if test else None,
+                      "hour_thresholds": test.hour_thresholds if test else [],
+                      "onset_margin": test.onset_margin if test else None,
+                      "checkpoint_thresholds": test.checkpoint_thresholds if test else {},
+                      "checkpoint_intervals": test.checkpoint_intervals if test else {},
+                      "onset_margin_interval": test.onset_margin_interval if test else None,
+                      "interval_level": INTERVAL_LEVEL,
+                      "monitor_rate": test.monitor_rate if test else None,
+                      "calibration": test.calibration if test else None})
 
 
 def run_privacy(

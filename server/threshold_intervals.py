@@ -13,7 +13,8 @@ clinical level the share an hour aims at is itself read from the hour-48 validat
 release (:meth:`~server.results.Reader.flag_rate`), so each draw also redraws that
 release and the share's error travels into the hour's. Post-processing of the releases:
 no privacy cost. Rough, as the metrics' intervals are: their coverage of the exact value
-is measured over runs (``simulations.threshold_coverage``) and printed, not assumed.
+is measured over runs (``simulations.threshold_coverage``) and printed, not assumed
+(``common.intervals.THRESHOLD_INTERVAL_COVERAGE``).
 """
 
 from __future__ import annotations
@@ -27,19 +28,6 @@ from common import laplace
 from common.estimates import RowFit, binormal_counts, fit_row, for_metrics, grid_edges
 from common.intervals import reading_bounds
 from common.metrics import ScoreGrid, ScoreSummary, logit, rate_at_risk, threshold_for_rate
-
-# python -m simulations.threshold_coverage on 20 default protocol runs: what a report prints beside the intervals
-# (a different setting prints that it was not measured there)
-# python -m simulations.threshold_coverage RUNS --draws 6 (this file's code as committed with these numbers,
-# 2026-12-07) on the 20 runs of README "Flags at the bedside, now" (simulations.utility --runs 5 --repeats 4 --hours
-# 1,6,12,24,48 --no-baselines), 6 fresh releases each; errors' sd over them 0.28-0.40 log-odds at the hours, 0.064
-# for the margin; mean widths 1.4-2.2 and 0.30. Where it was measured, and what the intervals held there:
-THRESHOLD_COVERAGE_SETTING = ("120 fresh validation releases of 20 default models (default settings, about 400 "
-                              "validation stays, 4 hospitals)")
-THRESHOLD_COVERAGE_HELD = ("each hour's interval held the exact threshold in 103 (after hour 1), 120 (hour 6), 113 "
-                           "(hour 12) and 106 (hour 24) of 120, and the margin's held the exact margin in 114 of 120 "
-                           "(86%, 100%, 94%, 88% and 95%: below the nominal 99% except at hour 6)")
-THRESHOLD_INTERVAL_COVERAGE = f"measured on {THRESHOLD_COVERAGE_SETTING}, {THRESHOLD_COVERAGE_HELD}"
 
 
 @dataclass(frozen=True)

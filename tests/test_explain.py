@@ -272,13 +272,29 @@ def test_the_monitor_says_its_flag_levels_were_read_from_dp_releases_with_their_
     out = tmp_path / "monitor.html"
     assert main(["monitor", "--model", str(read), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
     said = ("The run read its monitor from DP releases: each hour's threshold after hour 1 0.332 (0.242-0.438), "
-            "after hour 6 0.206; the margin 0.89 (0.73 to 1.03) in log-odds (in brackets, rough 99% intervals")
+            "after hour 6 0.206; the margin 0.89 (0.73 to 1.03) in log-odds (in brackets, nominal 99% intervals for "
+            "the releases' noise and their reading, not ranges of patients' risks; at the default's settings they held")
     assert said in html.unescape(out.read_text())
     assert main(["predict", "--model", str(read), "--data", str(folder), "--out", str(tmp_path / "h.csv"),
                  "--hourly"]) == 0
     assert "note: the run read its monitor from DP releases: each hour's threshold after hour 1" in capsys.readouterr().err
-    assert main(["monitor", "--model", str(path), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
-    assert "read its monitor" not in out.read_text()
+    # a bundle of a run before the intervals: its margin alone, nothing in brackets to explain
+    older = tmp_path / "older.pt"
+    save_bundle(older, bundle.model.state_dict(), bundle.model.spec, bundle.config,
+                {k: info[k] for k in ("threshold", "hour_thresholds", "onset_margin")})
+    assert main(["monitor", "--model", str(older), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
+    page = html.unescape(out.read_text())
+    assert "The run read its monitor from DP releases: the margin 0.89 in log-odds." in page and "in brackets" not in page
+    # a bundle's text reaches the hospital's page and terminal: only hours and numbers of it are said, and a
+    # malformed entry is left out rather than failing the page
+    hostile = tmp_path / "hostile.pt"
+    save_bundle(hostile, bundle.model.state_dict(), bundle.model.spec, bundle.config,
+                {**info, "checkpoint_thresholds": {"1": 0.332, "**9** `x`": 0.5, "\x1b[31m": 0.1, "6": None},
+                 "checkpoint_intervals": {"1": [None, 1.0]}, "onset_margin_interval": "wide"})
+    assert main(["monitor", "--model", str(hostile), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
+    page = html.unescape(out.read_text())
+    assert "each hour's threshold after hour 1 0.332; the margin 0.89 in log-odds." in page
+    assert "<strong>9" not in page and "\x1b" not in page
 
 
 def test_predict_hourly_ends_at_the_models_risk(bundle_and_stays, tmp_path):

@@ -234,13 +234,15 @@ def test_a_row_of_no_positive_count_gets_no_interval_rather_than_an_error():
 
 def test_a_run_at_other_settings_is_not_told_the_default_coverage():
     from common.config import load_config
+    from common.intervals import THRESHOLD_INTERVAL_COVERAGE
     from server.report.sections import threshold_coverage_words
-    from server.threshold_intervals import THRESHOLD_INTERVAL_COVERAGE
     from tests.conftest import DEFAULT_CONFIG
 
     assert threshold_coverage_words(load_config(DEFAULT_CONFIG, []), 4) == THRESHOLD_INTERVAL_COVERAGE
     for change in ("evaluation.calibrate=true", "evaluation.hourly_checkpoints=[1,6,12,24,36]",
-                   "evaluation.val_epsilon=2", "evaluation.score_bins=20"):
+                   "evaluation.val_epsilon=2", "evaluation.score_bins=20", "evaluation.estimator=binormal",
+                   "evaluation.threshold=auto", "data.max_stays=500", "privacy.target_epsilon=8",
+                   "evaluation.validate_every=20"):
         words = threshold_coverage_words(load_config(DEFAULT_CONFIG, [change]), 4)
         assert words.startswith("their coverage was not measured at this run's settings"), change
     assert threshold_coverage_words(load_config(DEFAULT_CONFIG, []), 3).startswith("their coverage was not measured")
@@ -262,3 +264,18 @@ def test_the_summary_prints_each_dp_threshold_with_its_interval():
                         "measured somewhere")
     # a caller that says nothing of the run's settings is not told the default's coverage was measured for it
     assert "not measured at this run's settings" in decision_lines(test, True, level=0.17)[2]
+
+
+def test_the_bundle_keeps_what_the_monitor_read_with_its_intervals():
+    """The monitor page and predict --hourly say the run's readings from the bundle
+    (common.bundle.monitor_readings): the coordinator writes them there, with the level."""
+    from server.outputs import bundle_info
+    from server.records import TestResult
+
+    test = TestResult(pooled=None, hospitals={}, dropped=[], calibration=None, threshold=0.17,
+                      checkpoint_thresholds={"1": 0.332}, checkpoint_intervals={"1": [0.242, 0.438]},
+                      onset_margin=0.886, onset_margin_interval=[0.73, 1.03], hour_thresholds=[0.332] * 47 + [0.17])
+    info = bundle_info("run", 80, test)
+    assert info["checkpoint_thresholds"] == {"1": 0.332} and info["checkpoint_intervals"] == {"1": [0.242, 0.438]}
+    assert info["onset_margin_interval"] == [0.73, 1.03] and info["interval_level"] == 0.99
+    assert bundle_info("run", 80, None)["checkpoint_intervals"] == {}

@@ -11,11 +11,17 @@ from common.bundle import checkpoint_words
 from common.config import ExperimentConfig
 from common.document import Bullets, Section, Table
 from common.estimates import MAX_PAIRS_IN_ONE_BIN
-from common.intervals import HOSPITAL_INTERVAL_COVERAGE, INTERVAL_LEVEL, interval_coverage
+from common.intervals import (
+    HOSPITAL_INTERVAL_COVERAGE,
+    INTERVAL_LEVEL,
+    THRESHOLD_COVERAGE_HELD,
+    THRESHOLD_COVERAGE_SETTING,
+    THRESHOLD_INTERVAL_COVERAGE,
+    interval_coverage,
+)
 from common.metrics import METRIC_NAMES, Metrics, with_interval
 
 from ..records import Partition, RunPrivacy, StartRecord
-from ..threshold_intervals import THRESHOLD_COVERAGE_HELD, THRESHOLD_COVERAGE_SETTING, THRESHOLD_INTERVAL_COVERAGE
 from .run_folder import RunFolder
 
 PHYSIONET_CITATION = (
@@ -205,13 +211,16 @@ def at_monitor_setting(cfg, hospitals: int) -> bool:
 
 def threshold_coverage_words(cfg, hospitals: int) -> str:
     """The hour thresholds' and the margin's intervals' measured coverage, where measured
-    at this run's settings (the monitor's, and the release's grid, checkpoints, reading
-    and no recalibration, whose own noise the intervals do not redraw); else that it was
-    not, and what it was where it was."""
+    at this run's settings (the monitor's; the release's grid, checkpoints and reading; no
+    recalibration, whose own noise the intervals do not redraw; the data, the outcome and
+    the training budget); else that it was not, and what it was where it was."""
     ev = cfg.evaluation if cfg is not None else None
     measured = (ev is not None and at_monitor_setting(cfg, hospitals) and not ev.calibrate
                 and cfg.checkpoint_hours == [1, 6, 12, 24] and ev.score_bins == 10 and list(ev.logit_range) == [-7, 3]
-                and ev.estimator == "skewnormal" and not cfg.validation_rounds())
+                and ev.estimator == "skewnormal" and not cfg.validation_rounds()
+                # the data and the training the 20 models had: set A whole, the mortality outcome, epsilon 1
+                and not cfg.data.max_stays and Path(cfg.data.path).name == "set-a.tar.gz"
+                and cfg.task.label_column == "In-hospital_death" and cfg.privacy.target_epsilon == 1.0)
     if measured:
         return THRESHOLD_INTERVAL_COVERAGE
     return ("their coverage was not measured at this run's settings; on " + THRESHOLD_COVERAGE_SETTING + ", "
@@ -238,7 +247,9 @@ def monitor_words(test, coverage: str) -> str:
     margin = getattr(test, "onset_margin", None)
     interval = getattr(test, "onset_margin_interval", None)
     if getattr(test, "checkpoint_intervals", None) or interval:
-        text += (f"Each hour's threshold and the margin are followed by a rough interval (nominal {INTERVAL_LEVEL:.0%}): "
+        which = {(True, True): "Each hour's threshold and the margin are", (True, False): "Each hour's threshold is",
+                 (False, True): "The margin is"}[(bool(getattr(test, "checkpoint_intervals", None)), bool(interval))]
+        text += (f"{which} followed, where it has one, by a rough interval (nominal {INTERVAL_LEVEL:.0%}): "
                  "how far the release's noise and its reading may have moved them from what these validation "
                  "patients' exact risks give, not a range of patients' risks; other patients would move them by "
                  f"their own sampling error on top. {coverage[0].upper() + coverage[1:]}. ")
