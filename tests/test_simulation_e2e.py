@@ -545,3 +545,30 @@ def test_secure_aggregation_completes_rounds_when_a_hospital_dies_mid_round(tmp_
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert b"secagg-masked" not in path.read_bytes(), f"{path} holds a hospital's masked vector"
+
+
+def test_the_summary_and_report_say_the_monitors_readings_with_their_intervals(small_run, tmp_path):
+    """The wiring from metrics.json to the summary and the report (the small run's hourly
+    releases are drowned, so it read none: they are written in as a larger run reads
+    them). Its settings are not the default's, so its coverage is said to be unmeasured."""
+    import shutil
+
+    run_dir, _ = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["test"].update({"checkpoint_thresholds": {"1": 0.332, "6": 0.206},
+                            "checkpoint_intervals": {"1": [0.242, 0.438], "6": [0.15, 0.29]},
+                            "onset_margin": 0.886, "onset_margin_interval": [0.73, 1.03], "monitor_rate": 0.3,
+                            "hour_thresholds": [0.332] * 47 + [metrics["test"]["threshold"]]})
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    proc = fedgru("report", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    assert "after hour 1 0.332 (0.242-0.438), after hour 6 0.206 (0.150-0.290)" in proc.stdout
+    assert "by 0.89 (0.73 to 1.03) in log-odds" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("  intervals: nominal 99% for the DP noise and the "
+                                                                     "reading (not a range of patients' risks)"))
+    assert "their coverage was not measured at this run's settings" in line  # 400 stays, not set A whole
+    report = (copy / "report.md").read_text()
+    paragraph = next(p for p in report.split("\n\n") if p.startswith("The hourly monitor judges"))
+    assert "after hour 1 0.332 (0.242-0.438)" in paragraph and "not measured at this run's settings" in paragraph
