@@ -184,6 +184,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
     plots = tempfile.TemporaryDirectory(prefix="fedgru-monitor-")
     decision = bundle.info.get("threshold")  # what `fedgru predict` flags at, on the last hour's risk alone
     full_thresholds = thresholds
+    readings = monitor_readings(bundle.info)  # the run's, the same for every stay
     for stay_id in stay_ids:
         i = stay_index(ds, stay_id)
         one = ds.subset(np.array([i]))
@@ -227,7 +228,6 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
                 for j in found]
         flag_text = ((f"flagged from hour {first} on" if latched else f"first flagged at hour {first}") if first
                      else "never flagged")
-        readings = monitor_readings(bundle.info)
         sections.append(Section(f"Stay {stay_id}", [
             Image(png, f"risk of stay {stay_id} after each hour"),
             f"Risk at hour {len(risks)}: {risks[-1]:.3f} (the monitor's flag level at that hour "

@@ -339,8 +339,7 @@ def _reading_errors(fits: list[RowFit], summary: ScoreSummary, noise_std: float,
         # the reading's two or three): about 2.6 times faster. On 70 synthetic releases (a
         # review, 2026-12-05) the warm intervals were 2-5% narrower than cold ones and held
         # as often (AUROC 62 against 63, specificity 68 against 68 of 70).
-        fitted = (binormal_counts(noisy, estimator, starts=dict(enumerate(fits)), noise_sd=noise_std)
-                  if estimator == "skewnormal" else for_metrics(noisy, estimator, True, noise_std))
+        fitted = read_redrawn(noisy, estimator, dict(enumerate(fits)), noise_std)
         value = _decided(fitted, at, on_fine)
         for m in INTERVAL_METRICS:
             e, v = getattr(exact, m), getattr(value, m)
@@ -361,6 +360,15 @@ def _reading_errors(fits: list[RowFit], summary: ScoreSummary, noise_std: float,
             if len(read_points) == len(exact_points) == tenths:
                 tenth_errors.append([r.observed - e.observed for r, e in zip(read_points, exact_points)])
     return _Errors(errors, in_bins, ratio_errors, tenth_errors)
+
+
+def read_redrawn(noisy: ScoreSummary, estimator: str, starts: dict[int, RowFit], noise_sd: float) -> ScoreSummary:
+    """A bootstrap's drawn release read as the run read its own: by ``estimator``, a
+    skew-normal refit warm from ``starts`` (the fits the release was drawn from, by row;
+    see _reading_errors for why warm). Shared with server.threshold_intervals."""
+    if estimator == "skewnormal":
+        return binormal_counts(noisy, estimator, starts=starts, noise_sd=noise_sd)
+    return for_metrics(noisy, estimator, True, noise_sd)
 
 
 def _widen(out: dict[str, tuple[float, float]], drawn: _Errors, read, read_in_bins: float, level: float, draws: int,

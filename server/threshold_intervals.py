@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from common import laplace
-from common.estimates import RowFit, binormal_counts, fit_row, for_metrics, grid_edges
-from common.intervals import reading_bounds
+from common.estimates import RowFit, fit_row, grid_edges
+from common.intervals import read_redrawn, reading_bounds
 from common.metrics import ScoreGrid, ScoreSummary, logit, rate_at_risk, threshold_for_rate
 
 
@@ -114,10 +114,7 @@ def _bins(logits: np.ndarray, grid: ScoreGrid) -> np.ndarray:
 
 def _read(released: np.ndarray, n: int, grid: ScoreGrid, estimator: str, sd: float,
           starts: dict[int, RowFit]) -> ScoreSummary:
-    noisy = ScoreSummary(released, None, n, grid)
-    # a skew-normal refit warm from the fit the release was drawn from (common.intervals._reading_errors: the same)
-    return (binormal_counts(noisy, estimator, starts=starts, noise_sd=sd) if estimator == "skewnormal"
-            else for_metrics(noisy, estimator, True, sd))
+    return read_redrawn(ScoreSummary(released, None, n, grid), estimator, starts, sd)
 
 
 def _declared(fits: list[RowFit | BinnedRow], n: int) -> list[RowFit | BinnedRow]:
