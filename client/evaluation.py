@@ -24,6 +24,7 @@ from common import laplace
 from common import messages as M
 from common.config import ExperimentConfig
 from common.explain import contribution_sizes
+from common.gaussian_noise import gaussian_release
 from common.ledger import Ledger, LedgerEntry
 from common.messages import Item, Mechanism, Split, evaluation_mechanism
 from common.metrics import ScoreGrid, ScoreSummary
@@ -184,7 +185,7 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             hist = np.stack([np.bincount(grid.index(logits[:, k]), minlength=grid.bins) for k in range(len(hours))],
                             axis=0).astype(np.float64) if len(logits) else np.zeros((len(hours), grid.bins))
             if sigma:  # one patient moves one count per hour: L2 sensitivity sqrt(hours)
-                hist = hist + rng.normal(0.0, sigma * math.sqrt(len(hours)), hist.shape)
+                hist = gaussian_release(hist, sigma * math.sqrt(len(hours)), rng)
             records[M.HOURLY] = _record({"hourly-histograms": hist, "hours": np.asarray(hours, dtype=np.int64)})
         elif release.item == Item.ONSET_HISTOGRAM:
             logits = hourly_logits_at(model, data.dataset.X[idx], data.dataset.S[idx], list(range(1, len(req.hour_thresholds) + 1)),
@@ -195,8 +196,8 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
             hist = np.bincount(plain.index(onset_scores(logits, req.hour_thresholds)), minlength=plain.bins
                                ).astype(np.float64) if len(logits) else np.zeros(plain.bins)
             if sigma:  # one stay moves one count: L1 and L2 sensitivity 1
-                hist = hist + (laplace.release_noise(sigma, hist.shape) if release.entry.mechanism == Mechanism.LAPLACE
-                               else rng.normal(0.0, sigma, hist.shape))
+                hist = (hist + laplace.release_noise(sigma, hist.shape) if release.entry.mechanism == Mechanism.LAPLACE
+                        else gaussian_release(hist, sigma, rng))
             records[M.ONSET] = _record({"onset-histogram": hist})
         elif release.item == Item.SUBGROUP_HISTOGRAMS:
             raw = {k: v[idx] for k, v in data.dataset.groups.items()}
@@ -207,7 +208,7 @@ def score(req: Request, data: HospitalData, model: GRUClassifier, planned: list[
                                        batch=SCORING_BATCH)
             total = sizes.sum(axis=0)
             if sigma:
-                total = total + rng.normal(0.0, sigma * IMPORTANCE_CLIP, total.shape)
+                total = gaussian_release(total, sigma * IMPORTANCE_CLIP, rng)
             records[M.IMPORTANCE] = _record({"importance": total, "clip": np.array([IMPORTANCE_CLIP])})
     return records
 

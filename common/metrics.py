@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .gaussian_noise import gaussian_release
+
 
 @dataclass
 class Metrics:
@@ -285,10 +287,11 @@ class ScoreSummary:
 
     def noised(self, noise_multiplier: float, rng: np.random.Generator) -> ScoreSummary:
         """The Gaussian mechanism (Dwork & Roth 2014, Thm A.1; accounted in RDP, Mironov
-        2017): every count plus N(0, (noise_multiplier x sensitivity)^2)."""
+        2017): every count plus N(0, (noise_multiplier x sensitivity)^2), snapped to a grid
+        so no low bits of the sample are released (common.gaussian_noise)."""
         std = noise_multiplier * self.sensitivity
-        confusion = None if self.confusion is None else self.confusion + rng.normal(0.0, std, self.confusion.shape)
-        return ScoreSummary(self.histogram + rng.normal(0.0, std, self.histogram.shape), confusion, self.n, self.grid)
+        confusion = None if self.confusion is None else gaussian_release(self.confusion, std, rng)
+        return ScoreSummary(gaussian_release(self.histogram, std, rng), confusion, self.n, self.grid)
 
     def __add__(self, other: ScoreSummary) -> ScoreSummary:
         if self.grid != other.grid or self.histogram.shape != other.histogram.shape:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import ExperimentConfig, StaticSpec, SubgroupSpec
 from .estimates import fine_grid, for_metrics, observed_over_predicted
+from .gaussian_noise import gaussian_release
 from .intervals import OBSERVED_OVER_PREDICTED
 from .metrics import Metrics, ScoreGrid, ScoreSummary, logit, noisy_total
 from .reliability import CalibrationPoint, exact_reliability, reliability
@@ -95,8 +96,9 @@ class SubgroupSummary:
         return math.sqrt(max(self.n_groupings, 1))
 
     def noised(self, noise_multiplier: float, rng: np.random.Generator) -> SubgroupSummary:
+        """The Gaussian mechanism on every count, snapped (common.gaussian_noise)."""
         std = noise_multiplier * self.sensitivity
-        return SubgroupSummary(self.histogram + rng.normal(0.0, std, self.histogram.shape), self.grid, self.n_groupings)
+        return SubgroupSummary(gaussian_release(self.histogram, std, rng), self.grid, self.n_groupings)
 
     def __add__(self, other: SubgroupSummary) -> SubgroupSummary:
         if self.histogram.shape != other.histogram.shape or self.grid != other.grid:

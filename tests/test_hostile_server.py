@@ -664,6 +664,17 @@ def test_the_onset_histogram_is_made_once_per_run_with_its_own_ledger_entry(hosp
     assert len(onset) == 1 and onset[0].run_id == "r" and onset[0].mechanism == Mechanism(noise)
     # discrete Laplace noise keeps the counts whole: no low bits of a floating-point sample leave
     assert (noise == "laplace") == bool(np.all(histogram == np.round(histogram)))
+    # and the Gaussian releases are snapped (common.gaussian_noise): every value a multiple of one power-of-two step,
+    # the onset histogram's and the test histogram's alike
+    from common.gaussian_noise import snap_step
+
+    test = ScoreSummary.from_arrays({k: v.numpy() for k, v in reply.content[M.evaluation_key(Split.TEST)].items()})
+    (test_entry,) = [e for e in folder_ledger(hospital).entries if (e.split, e.item) == (Split.TEST, Item.HISTOGRAM)]
+    released = [(test.histogram, snap_step(test_entry.noise_multiplier * test.sensitivity))]
+    if noise == "gaussian":
+        released.append((histogram, snap_step(onset[0].noise_multiplier)))
+    for values, step in released:
+        assert np.array_equal(values / step, np.round(values / step)) and not np.array_equal(values, np.round(values))
     # without hour thresholds the test release is made and the onset histogram declined, saying why
     plain = client_app.evaluate(hospital_message(cfg, "r2", 3, MessageType.EVALUATE, "test", **{M.THRESHOLD: 0.15}),
                                 node_context(hospital))
