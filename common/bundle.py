@@ -140,6 +140,9 @@ def monitor_readings(info: dict) -> str:
     if margin is not None:
         parts.append(f"the margin {margin:.2f}" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
                      + " in log-odds")
+        levels = _flag_levels(info, margin)
+        if levels:
+            parts.append(f"so the flag levels (each hour's threshold moved up by the margin) {levels}")
     text = f"The run read its monitor from DP releases: {'; '.join(parts)}"
     if "(" not in text:  # no interval printed: nothing to explain
         return text + "."
@@ -148,6 +151,20 @@ def monitor_readings(info: dict) -> str:
     return (f"{text} (in brackets, nominal {level:.0%} intervals for the releases' noise and their reading, not "
             f"ranges of patients' risks; {THRESHOLD_COVERAGE_SHORT}, and the run's report says whether its settings "
             "were those).")
+
+
+def _flag_levels(info: dict, margin: float) -> str:
+    """The flag levels at the hours whose intervals the bundle holds, with them ("after hour
+    1 0.546 (0.410-0.680), ..."); "" for a bundle of a run before them (or none it can say)."""
+    intervals = info.get("flag_level_intervals")
+    per_hour = info.get("hour_thresholds")
+    if not isinstance(intervals, dict) or not isinstance(per_hour, list) or not all(_finite(t) for t in per_hour):
+        return ""
+    levels = raising_levels(np.asarray(per_hour, dtype=np.float64), margin)
+    at = {h: float(levels[int(h) - 1]) for h in intervals
+          if isinstance(h, str) and h.isdigit() and h.isascii() and 1 <= int(h) <= len(levels)
+          and _interval(intervals[h]) is not None}
+    return checkpoint_words(at, intervals)
 
 
 def monitor_levels(info: dict, thresholds: np.ndarray, own: bool = True) -> tuple[np.ndarray, bool]:

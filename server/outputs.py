@@ -138,6 +138,7 @@ def bundle_info(run_id: str, rounds: int, test: TestResult | None) -> dict:
                       "checkpoint_thresholds": test.checkpoint_thresholds if test else {},
                       "checkpoint_intervals": test.checkpoint_intervals if test else {},
                       "onset_margin_interval": test.onset_margin_interval if test else None,
+                      "flag_level_intervals": test.flag_level_intervals if test else {},
                       "interval_level": INTERVAL_LEVEL,
                       "monitor_rate": test.monitor_rate if test else None,
                       "calibration": test.calibration if test else None})

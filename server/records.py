@@ -171,6 +171,9 @@ class TestResult:
     # so that evaluation.monitor_rate of them are flagged at some hour. None: each hour flags alone.
     onset_margin: float | None = None
     onset_margin_interval: list[float] | None = None  # its rough interval in log-odds, as the hours' (None: none)
+    # the flag levels' (each hour's threshold moved by the margin) rough intervals, as risks, by hour: at the
+    # checkpoints and, under a clinical level, the last hour (server.results.flag_level_intervals)
+    flag_level_intervals: dict[str, list[float]] = field(default_factory=dict)
     monitor_rate: float | None = None
 
 

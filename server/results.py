@@ -54,7 +54,14 @@ from common.subgroups import results as subgroup_results
 
 from .records import Calibration, Dropped, Evaluation, TestResult
 from .secure_evaluation import SECURE_SUM
-from .threshold_intervals import RateDraws, ReleaseNoise, quantile_interval, rate_draws
+from .threshold_intervals import (
+    RateDraws,
+    ReadingInterval,
+    ReleaseNoise,
+    flag_level_interval,
+    quantile_interval,
+    rate_draws,
+)
 from .validation import Evaluations
 
 log = logging.getLogger("fedgru.server")
@@ -243,26 +250,26 @@ class Reader:
 
     def hour_threshold_intervals(self, validated: dict[str, Evaluations], checkpoints: dict[int, float],
                                  rate: float | None, raw_val: ScoreSummary | None, val_sd: float, risk: float,
-                                 grid: ScoreGrid, calibration: Calibration | None) -> dict[int, list[float]]:
-        """Each checkpoint threshold's rough interval (server.threshold_intervals, nominal
-        INTERVAL_LEVEL), calibrated as the threshold is: the hourly releases' noise and,
-        where the share aimed at is read from the pooled validation release ``raw_val`` (as
-        released, with noise ``val_sd`` on each cell: a clinical level ``risk`` on the
-        release's scale), that reading's too. {} for exact releases or where none can be
-        drawn; post-processing for the report, so a failure is logged, not raised (the
-        run's releases are made by then)."""
+                                 grid: ScoreGrid) -> dict[int, ReadingInterval]:
+        """Each checkpoint threshold's reading with its rough interval, in log-odds on the
+        model's own scale (server.threshold_intervals, nominal INTERVAL_LEVEL; shown as
+        risks by :func:`risk_interval`): the hourly releases' noise and, where the share
+        aimed at is read from the pooled validation release ``raw_val`` (as released, with
+        noise ``val_sd`` on each cell: a clinical level ``risk`` on the release's scale),
+        that reading's too. {} for exact releases or where none can be drawn;
+        post-processing for the report, so a failure is logged, not raised (the run's
+        releases are made by then)."""
         hourly = self._hourly_rows(validated, grid) if checkpoints and rate is not None else None
         if hourly is None or not self.cfg.evaluation.dp or not hourly.noise_sd > 0:
             return {}
         try:
-            return self._hour_intervals(hourly, checkpoints, rate, raw_val, val_sd, risk, calibration)
+            return self._hour_intervals(hourly, checkpoints, rate, raw_val, val_sd, risk)
         except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
             log.warning("the hour thresholds' intervals could not be computed", exc_info=True)
             return {}
 
     def _hour_intervals(self, hourly: HourlyRows, checkpoints: dict[int, float], rate: float,
-                        raw_val: ScoreSummary | None, val_sd: float, risk: float,
-                        calibration: Calibration | None) -> dict[int, list[float]]:
+                        raw_val: ScoreSummary | None, val_sd: float, risk: float) -> dict[int, ReadingInterval]:
         rng = np.random.default_rng([self.cfg.run.seed, HOURS_STREAM])
         estimator = self.cfg.evaluation.estimator
         # ``auto`` aims every hour at flag_rate, a setting; a level's share (and event1's, whose own edge is read
@@ -279,7 +286,7 @@ class Reader:
             found = quantile_interval(row, ReleaseNoise(hourly.noise_sd), float(logit(chosen)), rates,
                                       INTERVAL_LEVEL, THRESHOLD_DRAWS, rng, estimator)
             if found is not None:
-                out[hour] = sorted(_calibrated(sigmoid(z), calibration) for z in found)
+                out[hour] = found
         return out
 
     def _onset_release(self, released: dict[str, Evaluations], grid: ScoreGrid) -> OnsetRelease | None:
@@ -312,9 +319,9 @@ class Reader:
         return None if chosen is None else float(logit(chosen))
 
     def margin_interval(self, released: dict[str, Evaluations], grid: ScoreGrid, margin: float | None
-                        ) -> list[float] | None:
-        """The margin's rough interval in log-odds (server.threshold_intervals, nominal
-        INTERVAL_LEVEL): the onset releases' noise redrawn as each hospital drew it
+                        ) -> ReadingInterval | None:
+        """The margin's reading with its rough interval in log-odds (server.threshold_intervals,
+        nominal INTERVAL_LEVEL): the onset releases' noise redrawn as each hospital drew it
         (discrete Laplace or Gaussian). None for exact releases or where none can be drawn;
         a failure is logged, not raised, as :meth:`hour_threshold_intervals`'."""
         onset = self._onset_release(released, grid) if margin is not None and self.cfg.evaluation.dp else None
@@ -324,14 +331,13 @@ class Reader:
         gaussian = [e.noise.get(Item.ONSET_HISTOGRAM, 0.0) for e in onset.parts if e.onset_mechanism != Mechanism.LAPLACE]
         noise = ReleaseNoise(gaussian_sd=math.sqrt(sum(sd**2 for sd in gaussian)), laplace_sds=tuple(laplace))
         try:
-            interval = quantile_interval(onset.row, noise, margin, RateDraws.fixed(self.cfg.evaluation.monitor_rate, 1),
-                                         INTERVAL_LEVEL, THRESHOLD_DRAWS,
-                                         np.random.default_rng([self.cfg.run.seed, MARGIN_STREAM]),
-                                         self.cfg.evaluation.estimator)
+            return quantile_interval(onset.row, noise, margin, RateDraws.fixed(self.cfg.evaluation.monitor_rate, 1),
+                                     INTERVAL_LEVEL, THRESHOLD_DRAWS,
+                                     np.random.default_rng([self.cfg.run.seed, MARGIN_STREAM]),
+                                     self.cfg.evaluation.estimator)
         except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
             log.warning("the margin's interval could not be computed", exc_info=True)
             return None
-        return list(interval) if interval is not None else None
 
     def test_result(self, released: dict[str, Evaluations], threshold: float, grid: ScoreGrid,
                     calibration: Calibration | None, dropped: list[Dropped]) -> TestResult:
@@ -418,6 +424,35 @@ def _calibrated(risk: float, calibration: Calibration | None) -> float:
     from .calibration import calibrate_risk  # it brings torch: imported only when a calibration is folded in
 
     return calibrate_risk(risk, calibration.scale, calibration.shift)
+
+
+def risk_interval(reading: ReadingInterval, calibration: Calibration | None) -> list[float]:
+    """A threshold's interval read on the model's own scale, as risks on the scale it is
+    shown on (calibrated as the threshold is)."""
+    return sorted(_calibrated(sigmoid(z), calibration) for z in (reading.low, reading.high))
+
+
+def flag_level_intervals(hours: list[float], checkpoints: dict[int, ReadingInterval], margin: ReadingInterval | None,
+                         last_is_setting: bool, calibration: Calibration | None) -> dict[str, list[float]]:
+    """The monitor's flag levels' rough intervals, as risks, by hour: at each checkpoint hour
+    whose threshold has an interval, and at the last hour where its threshold is a setting
+    (a clinical level, or the fallback 0.5: the margin's alone). ``hours``: every hour's threshold, as shown;
+    ``checkpoints``: their readings (:meth:`Reader.hour_threshold_intervals`); {} without the
+    margin's interval (server.threshold_intervals.flag_level_interval says what is drawn)."""
+    if margin is None or not hours:
+        return {}
+    scale = calibration.scale if calibration is not None else 1.0
+    # the last hour's threshold is the decision's, whatever the checkpoints (every_hour): a setting, or a reading
+    # with no interval of its own
+    at = {hour: reading for hour, reading in checkpoints.items() if 1 <= hour < len(hours)}
+    if last_is_setting:
+        at[len(hours)] = None
+    out = {}
+    for hour, reading in sorted(at.items()):
+        found = flag_level_interval(float(logit(hours[hour - 1])), reading, margin, INTERVAL_LEVEL, scale)
+        if found is not None:
+            out[str(hour)] = [sigmoid(found.low), sigmoid(found.high)]
+    return out
 
 
 def every_hour(checkpoints: dict[int, float], threshold: float, steps: int) -> list[float]:

@@ -21,7 +21,7 @@ from common.model import model_spec, output_layer_keys
 
 from .calibration import fit_logistic_calibration, fold_into_output_layer
 from .records import Calibration, TrainPhase
-from .results import every_hour, exact_metrics_of, pooled_noise
+from .results import every_hour, exact_metrics_of, flag_level_intervals, pooled_noise, risk_interval
 from .validation import Evaluations, evaluation_grids
 
 log = logging.getLogger("fedgru.server")
@@ -110,17 +110,21 @@ def finish_run(co, last_round: int) -> None:
     test_grid, _ = evaluation_grids(co.cfg, threshold if co.cfg.is_binary else None)
     result = co.reader.test_result(released, threshold, test_grid, co.calibration, co.final_dropped)
     result.threshold_source = threshold_source
+    readings = {}
     if checkpoints:
         result.hour_thresholds = hours
         result.checkpoint_thresholds = {str(h): t for h, t in checkpoints.items()}
-        found = co.reader.hour_threshold_intervals(validated, checkpoints, rate, raw, val_sd, own_scale_threshold, grid,
-                                                   uncalibrated)
-        result.checkpoint_intervals = {str(h): v for h, v in found.items()}
+        readings = co.reader.hour_threshold_intervals(validated, checkpoints, rate, raw, val_sd, own_scale_threshold,
+                                                      grid)
+        result.checkpoint_intervals = {str(h): risk_interval(r, uncalibrated) for h, r in readings.items()}
     result.onset_margin = co.reader.onset_margin(released, grid)
-    result.onset_margin_interval = co.reader.margin_interval(released, grid, result.onset_margin)
+    margin = co.reader.margin_interval(released, grid, result.onset_margin)
+    result.onset_margin_interval = [margin.low, margin.high] if margin is not None else None
     if result.onset_margin is not None:
         result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
         result.monitor_rate = co.cfg.evaluation.monitor_rate
+        result.flag_level_intervals = flag_level_intervals(hours, readings, margin, threshold_source != "read",
+                                                           uncalibrated)
     # the threshold and the monitor are results: the run's summary prints them (server.report.bedside.decision_lines)
     arrays = {k: v.numpy() for k, v in co.arrays.items()}
     if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates

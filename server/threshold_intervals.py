@@ -158,16 +158,26 @@ def rate_draws(val: ScoreSummary, noise: ReleaseNoise, risk: float, draws: int, 
     return RateDraws(exact, read)
 
 
-def quantile_interval(row: ScoreSummary, noise: ReleaseNoise, estimate: float, rates: RateDraws, level: float,
-                      draws: int, rng: np.random.Generator, estimator: str) -> tuple[float, float] | None:
-    """The interval, in log-odds, of a quantile read from a one-row release ``row`` (every
-    outcome together) at the shares ``rates``: ``estimate`` (the reading, in log-odds) less
-    the central ``level`` quantiles of the reading's errors over ``draws`` drawn releases,
-    widened to hold ``estimate``. The patients are drawn from the row's fit or,
-    where none fits, its clipped counts. None where fewer than half the draws can be read."""
-    if not math.isfinite(estimate):
-        return None
-    # as many patients as the release declared
+@dataclass(frozen=True)
+class ReadingInterval:
+    """A quantile read from a DP release, in log-odds: the reading, its rough interval, and
+    the bootstrap's errors of the reading that gave the interval (each drawn release's
+    reading less its drawn patients' exact quantile), kept so that a sum of readings, the
+    monitor's flag level, gets its interval from the same draws (:func:`flag_level_interval`)."""
+
+    estimate: float
+    low: float
+    high: float
+    errors: np.ndarray
+
+
+def quantile_errors(row: ScoreSummary, noise: ReleaseNoise, rates: RateDraws, draws: int, rng: np.random.Generator,
+                    estimator: str) -> np.ndarray:
+    """The errors, in log-odds, of a quantile read from a one-row release ``row`` (every
+    outcome together) at the shares ``rates``, over ``draws`` drawn releases: the patients
+    drawn from the row's fit or, where none fits, its clipped counts, as many as the release
+    declared; the reading of each drawn release less the drawn patients' exact quantile.
+    Draws that cannot be read are left out."""
     fit = _generator(row.histogram[0, 0], grid_edges(row.grid), estimator, mass=row.n)
     starts = {0: fit} if isinstance(fit, RowFit) else {}
     errors = []
@@ -185,7 +195,51 @@ def quantile_interval(row: ScoreSummary, noise: ReleaseNoise, estimate: float, r
         chosen = threshold_for_rate(_read(released, len(logits), row.grid, estimator, noise.sd, starts), read_rate)
         if chosen is not None and 0 < chosen < 1:
             errors.append(float(logit(chosen)) - exact)
-    if len(errors) < draws // 2:
+    return np.asarray(errors, dtype=np.float64)
+
+
+def _bounded(estimate: float, errors: np.ndarray, level: float, draws: int) -> ReadingInterval | None:
+    """``estimate`` less the central ``level`` quantiles of ``errors``, widened to hold
+    ``estimate``; None where fewer than half the ``draws`` could be read."""
+    if not math.isfinite(estimate) or len(errors) < draws // 2 or not len(errors):
         return None
     low, high = reading_bounds(estimate, errors, level)
-    return min(low, estimate), max(high, estimate)
+    return ReadingInterval(estimate, min(low, estimate), max(high, estimate), errors)
+
+
+def quantile_interval(row: ScoreSummary, noise: ReleaseNoise, estimate: float, rates: RateDraws, level: float,
+                      draws: int, rng: np.random.Generator, estimator: str) -> ReadingInterval | None:
+    """The interval, in log-odds, of the quantile ``estimate`` read from ``row`` at the
+    shares ``rates``: ``estimate`` less the central ``level`` quantiles of the reading's
+    errors over ``draws`` drawn releases (:func:`quantile_errors`), widened to hold
+    ``estimate``. None where fewer than half the draws can be read."""
+    if not math.isfinite(estimate):
+        return None
+    return _bounded(estimate, quantile_errors(row, noise, rates, draws, rng, estimator), level, draws)
+
+
+def flag_level_interval(threshold: float, threshold_reading: ReadingInterval | None, margin: ReadingInterval,
+                        level: float, scale: float = 1.0) -> ReadingInterval | None:
+    """The interval, in log-odds, of the monitor's flag level at an hour: that hour's
+    threshold ``threshold`` (log-odds, on the scale the risks are shown on) moved up by the
+    margin. ``threshold_reading``: the threshold's own reading where it was read from the
+    hourly release, None where it is a setting (the hour-48 threshold under a clinical
+    level); ``scale``: the recalibration's slope in log-odds, which the threshold's errors
+    (read on the model's own scale) are moved by, and the margin's (read over the
+    calibrated thresholds) are not.
+
+    The threshold and the margin are read from different releases (the hourly histograms
+    and the onset histogram, each noised apart), so their drawn errors are added draw by
+    draw. Not drawn: the margin's pull back towards the truth. The onset histogram counts
+    each stay's excess over the thresholds the run read, so thresholds read too high lower
+    the excesses and the margin read from them, which moves the flag level back (wholly, for
+    an error every hour shares, as the share aimed at under a clinical level); the sum of
+    the two errors overstates the flag level's error there, and cannot see the pull where
+    the hours' errors differ. Its coverage of the exact flag level
+    (exact thresholds, and the margin over them) is measured by
+    ``simulations.threshold_coverage``, not assumed."""
+    errors = margin.errors
+    if threshold_reading is not None:
+        draws = max(len(threshold_reading.errors), len(margin.errors))
+        errors = scale * np.resize(threshold_reading.errors, draws) + np.resize(margin.errors, draws)
+    return _bounded(threshold + margin.estimate, errors, level, len(errors))

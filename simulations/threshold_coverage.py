@@ -7,22 +7,27 @@ scored exactly on its own fold's validation stays, per hospital (a simulation ho
 patient; nothing here is a DP release). Each run's final validation releases are then
 made again, ``--draws`` times, with fresh noise of the multipliers the run's config
 calibrates (``common.evaluation_noise``) and the onset histogram's mechanism its ledger
-recorded: each hospital's pooled-validation histogram, hourly histograms and onset
-histogram (over the bundle's own hour thresholds, as the run sent them). They are read as
-a run reads them (``server.results.Reader``: the threshold's flag rate, each checkpoint
-hour's threshold, the margin) with their intervals (``server.threshold_intervals``), and
-each interval is checked against the exact value of the same patients:
+recorded: each hospital's pooled-validation histogram and hourly histograms, then its
+onset histogram over the hour thresholds read from them (as a run sends the ones it
+read). They are read as a run reads them (``server.results.Reader``: the threshold's flag
+rate, each checkpoint hour's threshold, the margin, the flag levels) with their intervals
+(``server.threshold_intervals``), and each interval is checked against the exact value of
+the same patients:
 
 - a checkpoint hour's exact threshold: the risk that flags, among the validation stays'
   risks after that hour, the share the run's own threshold flags of their hour-48 risks;
-- the exact margin: the excess over the hour thresholds that ``monitor_rate`` of the
-  validation stays reach at some hour.
+- the exact margin: the excess over the hour thresholds this release read that
+  ``monitor_rate`` of the validation stays reach at some hour (what the margin's interval
+  is about: the onset histogram counts over the thresholds the run read);
+- a flag level's (an hour's threshold moved up by the margin) exact value: the exact
+  hour thresholds moved up by the exact margin over them, at each checkpoint hour and, under
+  a clinical level, the last hour.
 
 Printed: each reading's bias and sd against the exact value, and how many intervals held
 it (the report's THRESHOLD_INTERVAL_COVERAGE comes from here); and the error of the share
 each hour aims at (the share the run's threshold flags of the hour-48 risks, read from the
-pooled validation release, less its exact value), which has no interval of its own. Fresh noise on the exact
-counts is, in distribution, what the run's hospitals added.
+pooled validation release, less its exact value), which has no interval of its own. Fresh
+noise on the exact counts is, in distribution, what the run's hospitals added.
 """
 
 from __future__ import annotations
@@ -47,10 +52,10 @@ class ValidationScores:
 
     name: str
     cfg: object
+    every: list[np.ndarray]  # per hospital: (stays, hours of the window): the onset scores are made over each draw's
     hourly: list[np.ndarray]  # per hospital: (stays, checkpoint hours)
     end: list[np.ndarray]  # per hospital: each stay's logit at the window's end
     y: list[np.ndarray]
-    onset: list[np.ndarray]  # per hospital: each stay's highest excess over the hour thresholds
     noise: dict  # (split, final, item) -> multiplier (common.evaluation_noise)
     onset_laplace: bool
 
@@ -75,11 +80,10 @@ class Held:
 def validation_scores(run_dir: Path) -> ValidationScores | None:
     """A run's exact validation scores, from its bundle and its fold's stays; None for a
     run without hour thresholds."""
-    from common.bundle import Bundle, hour_thresholds
+    from common.bundle import Bundle
     from common.data.dataset import load_dataset
     from common.data.partition import make_partition
     from common.evaluation_noise import calibrated_evaluation_noise
-    from common.onset import onset_scores
     from common.training import hourly_logits_at
     from simulations.bedside_study import onset_entry
 
@@ -93,58 +97,78 @@ def validation_scores(run_dir: Path) -> ValidationScores | None:
     ds = load_dataset(cfg)
     hospitals = make_partition(ds, cfg)
     steps = list(range(1, ds.X.shape[1] + 1))
-    thresholds = np.asarray(hour_thresholds(bundle.info, len(steps)))
     every = [hourly_logits_at(model, ds.X[h.val], ds.S[h.val], steps) for h in hospitals]
     at = [h - 1 for h in cfg.checkpoint_hours]
     delta = next(iter(json.loads((run_dir / "privacy.json").read_text())["hospitals"].values()))["delta"]
     entry = onset_entry(run_dir)
     return ValidationScores(
-        name=f"{run_dir.parent.name}/{run_dir.name}", cfg=cfg, hourly=[e[:, at] for e in every],
+        name=f"{run_dir.parent.name}/{run_dir.name}", cfg=cfg, every=every, hourly=[e[:, at] for e in every],
         end=[e[:, -1] for e in every], y=[ds.y[h.val] for h in hospitals],
-        onset=[onset_scores(e, thresholds) for e in every],
         noise=calibrated_evaluation_noise(cfg.to_json(), float(delta)),
         onset_laplace=bool(entry and entry.mechanism == Mechanism.LAPLACE))
 
 
 def released(run: ValidationScores, rng: np.random.Generator) -> dict:
     """Each hospital's final validation releases (pooled-validation histogram, hourly
-    histograms) and onset histogram, with fresh noise, as server.validation.Evaluations."""
-    from common import laplace
+    histograms) with fresh noise, as server.validation.Evaluations."""
     from server.validation import Evaluations
 
     ev = run.cfg.evaluation
     grid = ScoreGrid(*ev.logit_range, ev.score_bins)
     val_sigma = run.noise.get((Split.VAL, True, Item.HISTOGRAM), 0.0)
     hourly_sigma = run.noise.get((Split.VAL, True, Item.HOURLY_HISTOGRAMS), 0.0)
-    onset_sigma = run.noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)
     hours = len(run.cfg.checkpoint_hours)
     out = {}
-    for k, (hourly, end, y, onset) in enumerate(zip(run.hourly, run.end, run.y, run.onset)):
+    for k, (hourly, end, y) in enumerate(zip(run.hourly, run.end, run.y)):
         p = 1 / (1 + np.exp(-end))
         summary = ScoreSummary.from_predictions(y, np.stack([1 - p, p], axis=1), grid).noised(val_sigma, rng)
         counts = np.stack([np.bincount(grid.index(hourly[:, j]), minlength=grid.bins) for j in range(hours)]).astype(float)
-        onset_counts = np.bincount(grid.index(onset), minlength=grid.bins).astype(float)
-        onset_noise = (laplace.sample(onset_sigma, onset_counts.shape, rng) if run.onset_laplace
-                       else rng.normal(0.0, onset_sigma, onset_counts.shape))
         out[f"h{k}"] = Evaluations(
             summaries={Split.VAL: summary}, histogram_noise={Split.VAL: val_sigma},
             hourly=counts + rng.normal(0.0, hourly_sigma * math.sqrt(hours), counts.shape),
-            onset=onset_counts + onset_noise, onset_n=len(onset),
-            onset_mechanism=Mechanism.LAPLACE if run.onset_laplace else Mechanism.GAUSSIAN,
-            noise={Item.HOURLY_HISTOGRAMS: hourly_sigma, Item.ONSET_HISTOGRAM: onset_sigma})
+            noise={Item.HOURLY_HISTOGRAMS: hourly_sigma})
     return out
+
+
+def with_onset(run: ValidationScores, evaluations: dict, hours: list[float], rng: np.random.Generator) -> dict:
+    """The same releases with each hospital's onset histogram, fresh noise on its validation
+    stays' highest excess over ``hours`` (the thresholds this draw read, as a run sends
+    the ones it read), by the mechanism the run's ledger recorded."""
+    from common import laplace
+    from common.onset import onset_scores
+
+    ev = run.cfg.evaluation
+    grid = ScoreGrid(*ev.logit_range, ev.score_bins)
+    sigma = run.noise.get((Split.VAL, True, Item.ONSET_HISTOGRAM), 0.0)
+    out = {}
+    for (name, e), every in zip(evaluations.items(), run.every):
+        counts = np.bincount(grid.index(onset_scores(every, np.asarray(hours))), minlength=grid.bins).astype(float)
+        noise = (laplace.sample(sigma, counts.shape, rng) if run.onset_laplace else rng.normal(0.0, sigma, counts.shape))
+        out[name] = replace(e, onset=counts + noise, onset_n=len(every),
+                            onset_mechanism=Mechanism.LAPLACE if run.onset_laplace else Mechanism.GAUSSIAN,
+                            noise={**e.noise, Item.ONSET_HISTOGRAM: sigma})
+    return out
+
+
+def exact_margin(run: ValidationScores, hours: list[float]) -> float:
+    """The margin these validation stays' exact highest excesses over ``hours`` give."""
+    from common.onset import onset_scores
+
+    onset = np.concatenate([onset_scores(every, np.asarray(hours)) for every in run.every])
+    return float(np.quantile(onset, 1 - run.cfg.evaluation.monitor_rate))
 
 
 def study(runs: list[ValidationScores], draws: int, seed: int = 0) -> Held:
     """``draws`` fresh releases of each run, read with their intervals, against the exact values."""
-    from server.results import Reader, pooled_noise
+    from server.results import Reader, every_hour, flag_level_intervals, pooled_noise, risk_interval
 
     rng = np.random.default_rng(seed)
     held = Held()
     for run in runs:
         ev = run.cfg.evaluation
         grid = ScoreGrid(*ev.logit_range, ev.score_bins)
-        end, hourly, onset = np.concatenate(run.end), np.concatenate(run.hourly), np.concatenate(run.onset)
+        end, hourly = np.concatenate(run.end), np.concatenate(run.hourly)
+        steps = run.every[0].shape[1]
         for _ in range(draws):
             # each release's bootstrap draws its own, as each run's does
             reader = Reader(replace(run.cfg, run=replace(run.cfg.run, seed=int(rng.integers(2**31)))))
@@ -153,23 +177,42 @@ def study(runs: list[ValidationScores], draws: int, seed: int = 0) -> Held:
             raw = pooled(list(parts.values()))
             sd = pooled_noise(parts, {n: e.histogram_noise[Split.VAL] for n, e in evaluations.items()})
             val = reader.read(raw, noise_sd=sd)
-            threshold, _ = reader.threshold_and_source(val, grid, None)
+            threshold, source = reader.threshold_and_source(val, grid, None)
             rate = reader.flag_rate(val, threshold)
             exact_rate = float((end >= float(logit(threshold))).mean())
             if rate is not None:  # the share every hour aims at: read from the validation release under a level
                 held.errors.setdefault("share", []).append(rate - exact_rate)
             checkpoints = reader.hour_thresholds(evaluations, rate, grid, None)
-            intervals = reader.hour_threshold_intervals(evaluations, checkpoints, rate, raw, sd, threshold, grid, None)
+            readings = reader.hour_threshold_intervals(evaluations, checkpoints, rate, raw, sd, threshold, grid)
+            exact = {}
             for j, hour in enumerate(run.cfg.checkpoint_hours):
                 if hour in checkpoints:
-                    exact = float(np.quantile(hourly[:, j], 1 - exact_rate))
-                    found = intervals.get(hour)
+                    exact[hour] = float(np.quantile(hourly[:, j], 1 - exact_rate))
+                    found = readings.get(hour)
                     held.add(f"hour {hour}", float(logit(checkpoints[hour])),
-                             [float(logit(t)) for t in found] if found else None, exact)
+                             [float(logit(t)) for t in risk_interval(found, None)] if found else None, exact[hour])
+            if not checkpoints:
+                continue
+            hours = every_hour(checkpoints, threshold, steps)
+            evaluations = with_onset(run, evaluations, hours, rng)
             margin = reader.onset_margin(evaluations, grid)
-            if margin is not None:
-                held.add("margin", margin, reader.margin_interval(evaluations, grid, margin),
-                         float(np.quantile(onset, 1 - ev.monitor_rate)))
+            if margin is None:
+                continue
+            margin_reading = reader.margin_interval(evaluations, grid, margin)
+            # the margin's truth: over the thresholds this draw read, as the onset histogram counted
+            held.add("margin", margin, [margin_reading.low, margin_reading.high] if margin_reading else None,
+                     exact_margin(run, hours))
+            # a flag level's: the exact thresholds, and the exact margin over them
+            exact_hours = every_hour({h: float(1 / (1 + np.exp(-z))) for h, z in exact.items()}, threshold, steps)
+            exact_level = exact_margin(run, exact_hours)
+            levels = flag_level_intervals(hours, readings, margin_reading, source != "read", None)
+            for hour in [*sorted(exact), steps]:
+                if hour == steps and source == "read":
+                    continue
+                found = levels.get(str(hour))
+                held.add(f"flag {hour}", float(logit(hours[hour - 1])) + margin,
+                         [float(logit(t)) for t in found] if found else None,
+                         float(logit(exact_hours[hour - 1])) + exact_level)
         print(f"{run.name}: done", file=sys.stderr, flush=True)
     return held
 

@@ -266,13 +266,15 @@ def test_the_monitor_says_its_flag_levels_were_read_from_dp_releases_with_their_
     bundle = Bundle(path)
     info = {"threshold": 0.17, "hour_thresholds": [0.33] * 47 + [0.17], "onset_margin": 0.886,
             "checkpoint_thresholds": {"1": 0.332, "6": 0.206}, "checkpoint_intervals": {"1": [0.242, 0.438]},
-            "onset_margin_interval": [0.73, 1.03]}
+            "onset_margin_interval": [0.73, 1.03], "flag_level_intervals": {"1": [0.45, 0.66], "48": [0.30, 0.36]}}
     read = tmp_path / "read.pt"
     save_bundle(read, bundle.model.state_dict(), bundle.model.spec, bundle.config, info)
     out = tmp_path / "monitor.html"
     assert main(["monitor", "--model", str(read), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
     said = ("The run read its monitor from DP releases: each hour's threshold after hour 1 0.332 (0.242-0.438), "
-            "after hour 6 0.206; the margin 0.89 (0.73 to 1.03) in log-odds (in brackets, nominal 99% intervals for "
+            "after hour 6 0.206; the margin 0.89 (0.73 to 1.03) in log-odds; so the flag levels (each hour's threshold "
+            "moved up by the margin) after hour 1 0.544 (0.450-0.660), after hour 48 0.332 (0.300-0.360) (in brackets, "
+            "nominal 99% intervals for "
             "the releases' noise and their reading, not ranges of patients' risks; at the default's settings they held")
     assert said in html.unescape(out.read_text())
     assert main(["predict", "--model", str(read), "--data", str(folder), "--out", str(tmp_path / "h.csv"),
@@ -290,7 +292,8 @@ def test_the_monitor_says_its_flag_levels_were_read_from_dp_releases_with_their_
     hostile = tmp_path / "hostile.pt"
     save_bundle(hostile, bundle.model.state_dict(), bundle.model.spec, bundle.config,
                 {**info, "checkpoint_thresholds": {"1": 0.332, "**9** `x`": 0.5, "\x1b[31m": 0.1, "6": None},
-                 "checkpoint_intervals": {"1": [None, 1.0]}, "onset_margin_interval": "wide"})
+                 "checkpoint_intervals": {"1": [None, 1.0]}, "onset_margin_interval": "wide",
+                 "flag_level_intervals": {"**9**": [0.1, 0.2], "1": "x", "99": [0.1, 0.2]}})
     assert main(["monitor", "--model", str(hostile), "--data", str(folder), "--stay", stays[0], "--out", str(out)]) == 0
     page = html.unescape(out.read_text())
     assert "each hour's threshold after hour 1 0.332; the margin 0.89 in log-odds." in page

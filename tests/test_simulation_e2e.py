@@ -560,15 +560,17 @@ def test_the_summary_and_report_say_the_monitors_readings_with_their_intervals(s
     metrics["test"].update({"checkpoint_thresholds": {"1": 0.332, "6": 0.206},
                             "checkpoint_intervals": {"1": [0.242, 0.438], "6": [0.15, 0.29]},
                             "onset_margin": 0.886, "onset_margin_interval": [0.73, 1.03], "monitor_rate": 0.3,
+                            "flag_level_intervals": {"1": [0.45, 0.66]},
                             "hour_thresholds": [0.332] * 47 + [metrics["test"]["threshold"]]})
     (copy / "metrics.json").write_text(json.dumps(metrics))
     proc = fedgru("report", str(copy))
     assert proc.returncode == 0, proc.stderr
     assert "after hour 1 0.332 (0.242-0.438), after hour 6 0.206 (0.150-0.290)" in proc.stdout
-    assert "by 0.89 (0.73 to 1.03) in log-odds" in proc.stdout
+    assert "by 0.89 (0.73 to 1.03) in log-odds: a risk of 0.547 (0.450-0.660) after hour 1, " in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("  intervals: nominal 99% for the DP noise and the "
                                                                      "reading (not a range of patients' risks)"))
     assert "their coverage was not measured at this run's settings" in line  # 400 stays, not set A whole
     report = (copy / "report.md").read_text()
     paragraph = next(p for p in report.split("\n\n") if p.startswith("The hourly monitor judges"))
     assert "after hour 1 0.332 (0.242-0.438)" in paragraph and "not measured at this run's settings" in paragraph
+    assert "a risk of 0.547 (0.450-0.660) after hour 1" in report  # the flag item, beside the decision

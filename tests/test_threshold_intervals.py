@@ -51,7 +51,8 @@ def test_a_quantiles_interval_holds_its_patients_exact_quantile(noise):
         logits = skewnorm.rvs(2.5, loc=-3.0, scale=1.6, size=400, random_state=rng)
         row = _row(logits, noise, rng)
         estimate = _read(row, noise, 0.3)
-        low, high = quantile_interval(row, noise, estimate, RateDraws.fixed(0.3, 1), 0.99, 100, rng, "skewnormal")
+        found = quantile_interval(row, noise, estimate, RateDraws.fixed(0.3, 1), 0.99, 100, rng, "skewnormal")
+        low, high = found.low, found.high
         assert low <= estimate <= high
         held += low <= float(np.quantile(logits, 0.7)) <= high
         widths.append(high - low)
@@ -81,7 +82,7 @@ def test_the_share_a_clinical_level_aims_at_is_redrawn_into_the_hours_intervals(
     drawn = quantile_interval(row, ReleaseNoise(30.0), estimate, rates, 0.99, 100, rng, "skewnormal")
     fixed = quantile_interval(row, ReleaseNoise(30.0), estimate, RateDraws.fixed(float(np.mean(rates.read)), 1), 0.99,
                               100, rng, "skewnormal")
-    assert drawn[1] - drawn[0] > fixed[1] - fixed[0]
+    assert drawn.high - drawn.low > fixed.high - fixed.low
 
 
 def test_a_row_no_fit_takes_is_drawn_from_its_clipped_counts():
@@ -130,7 +131,7 @@ def test_the_runs_hour_thresholds_carry_intervals_that_hold_the_exact_ones():
     clinical level; over fresh releases they hold the threshold these validation stays'
     exact risks give (the share the level flags of their exact hour-48 risks, at each
     hour); exact releases (a comparison simulation) get none."""
-    from server.results import Reader, pooled_noise
+    from server.results import Reader, pooled_noise, risk_interval
 
     cfg = small_cfg("evaluation.threshold=0.17", "evaluation.hourly_checkpoints=[1,12]")
     hours = cfg.checkpoint_hours
@@ -147,17 +148,17 @@ def test_the_runs_hour_thresholds_carry_intervals_that_hold_the_exact_ones():
         threshold = reader.threshold(val, GRID, None)
         rate = reader.flag_rate(val, threshold)
         checkpoints = reader.hour_thresholds(validated, rate, GRID, None)
-        found = reader.hour_threshold_intervals(validated, checkpoints, rate, raw, sd, threshold, GRID, None)
+        found = reader.hour_threshold_intervals(validated, checkpoints, rate, raw, sd, threshold, GRID)
         assert sorted(found) == sorted(checkpoints) == hours
         exact_rate = float((end >= _logit(threshold)).mean())
         for k, hour in enumerate(hours):
-            low, high = found[hour]
+            low, high = risk_interval(found[hour], None)
             assert low <= checkpoints[hour] <= high
             total += 1
             held += low <= 1 / (1 + math.exp(-float(np.quantile(early[:, k], 1 - exact_rate)))) <= high
     assert held >= total - 1
     exact = Reader(small_cfg("evaluation.dp=false", "evaluation.hourly_checkpoints=[1,12]"))
-    assert exact.hour_threshold_intervals(validated, checkpoints, rate, raw, 0.0, threshold, GRID, None) == {}
+    assert exact.hour_threshold_intervals(validated, checkpoints, rate, raw, 0.0, threshold, GRID) == {}
 
 
 def test_the_margins_interval_redraws_each_hospitals_own_mechanism(monkeypatch):
@@ -184,8 +185,8 @@ def test_the_margins_interval_redraws_each_hospitals_own_mechanism(monkeypatch):
                                      onset_mechanism=mechanism, noise={Item.ONSET_HISTOGRAM: 4.0})
     reader = Reader(cfg)
     margin = reader.onset_margin(released, GRID)
-    low, high = reader.margin_interval(released, GRID, margin)
-    assert low <= margin <= high and high - low < 1.5
+    found = reader.margin_interval(released, GRID, margin)
+    assert found.low <= margin <= found.high and found.high - found.low < 1.5
     (noise, rates), = asked
     assert noise.laplace_sds == (4.0,) and noise.gaussian_sd == pytest.approx(4.0)
     assert set(rates.read) == set(rates.exact) == {cfg.evaluation.monitor_rate}
@@ -216,7 +217,7 @@ def test_a_levels_share_is_redrawn_and_a_flag_rate_is_not(monkeypatch, rule):
     threshold = reader.threshold(reader.read(raw, noise_sd=sd), GRID, None)
     rate = reader.flag_rate(reader.read(raw, noise_sd=sd), threshold)
     checkpoints = reader.hour_thresholds(validated, rate, GRID, None)
-    assert reader.hour_threshold_intervals(validated, checkpoints, rate, raw, sd, threshold, GRID, None)
+    assert reader.hour_threshold_intervals(validated, checkpoints, rate, raw, sd, threshold, GRID)
     (rates,) = asked
     if rule == "auto":
         assert set(rates.read) == set(rates.exact) == {cfg.evaluation.flag_rate}
@@ -256,10 +257,14 @@ def test_the_summary_prints_each_dp_threshold_with_its_interval():
     test = SimpleNamespace(threshold=0.17, calibration=None, checkpoint_thresholds={"1": 0.428, "6": 0.261},
                            checkpoint_intervals={"1": [0.35, 0.52]}, onset_margin=0.67,
                            onset_margin_interval=[0.31, 1.02], hour_thresholds=[0.428] * 47 + [0.17],
-                           monitor_rate=0.3)
+                           monitor_rate=0.3, flag_level_intervals={"1": [0.51, 0.71], "48": [0.226, 0.291]})
     lines = decision_lines(test, True, level=0.17, coverage="measured somewhere")
     assert "after hour 1 0.428 (0.350-0.520), after hour 6 0.261 (risks" in lines[0]  # an hour without one prints none
     assert "by 0.67 (0.31 to 1.02) in log-odds" in lines[1]
+    # the risks that raise the flag: DP readings too, each with its interval
+    assert ": a risk of 0.594 (0.510-0.710) after hour 1, 0.286 (0.226-0.291) after hour 48" in lines[1]
+    test.flag_level_intervals = {}  # a run before them: the levels alone
+    assert ": a risk of 0.594 after hour 1, 0.286 after hour 48" in decision_lines(test, True, level=0.17)[1]
     assert lines[2] == ("  intervals: nominal 99% for the DP noise and the reading (not a range of patients' risks); "
                         "measured somewhere")
     # a caller that says nothing of the run's settings is not told the default's coverage was measured for it
@@ -275,7 +280,93 @@ def test_the_bundle_keeps_what_the_monitor_read_with_its_intervals():
     test = TestResult(pooled=None, hospitals={}, dropped=[], calibration=None, threshold=0.17,
                       checkpoint_thresholds={"1": 0.332}, checkpoint_intervals={"1": [0.242, 0.438]},
                       onset_margin=0.886, onset_margin_interval=[0.73, 1.03], hour_thresholds=[0.332] * 47 + [0.17])
+    test.flag_level_intervals = {"1": [0.45, 0.66], "48": [0.30, 0.36]}
     info = bundle_info("run", 80, test)
     assert info["checkpoint_thresholds"] == {"1": 0.332} and info["checkpoint_intervals"] == {"1": [0.242, 0.438]}
+    assert info["flag_level_intervals"] == {"1": [0.45, 0.66], "48": [0.30, 0.36]}
     assert info["onset_margin_interval"] == [0.73, 1.03] and info["interval_level"] == 0.99
     assert bundle_info("run", 80, None)["checkpoint_intervals"] == {}
+
+
+def test_a_flag_levels_interval_adds_the_thresholds_and_the_margins_errors_draw_by_draw():
+    """A flag level is an hour's threshold moved up by the margin, two readings of separate
+    releases: its interval is the basic bootstrap interval of the two drawn errors added
+    pair by pair (the threshold's moved by the recalibration's slope), as a slow reference
+    computes it; where the hour's threshold is a setting, the margin's interval moved."""
+    from common.intervals import reading_bounds
+    from server.threshold_intervals import ReadingInterval, flag_level_interval
+
+    rng = np.random.default_rng(5)
+    hour = ReadingInterval(-0.7, -1.9, 0.6, rng.normal(0.1, 0.45, 200))
+    margin = ReadingInterval(0.9, 0.75, 1.05, rng.normal(0.0, 0.06, 200))
+    for scale in (1.0, 1.6):
+        found = flag_level_interval(-0.5, hour, margin, 0.99, scale)
+        summed = [scale * a + b for a, b in zip(hour.errors, margin.errors)]
+        low, high = reading_bounds(-0.5 + 0.9, summed, 0.99)
+        assert (found.estimate, found.low, found.high) == pytest.approx((0.4, min(low, 0.4), max(high, 0.4)))
+    wide, narrow = flag_level_interval(-0.5, hour, margin, 0.99, 1.6), flag_level_interval(-0.5, hour, margin, 0.99)
+    assert wide.high - wide.low > narrow.high - narrow.low
+    setting = flag_level_interval(float(_logit(0.17)), None, margin, 0.99)
+    low, high = reading_bounds(0.9, list(margin.errors), 0.99)
+    assert (setting.low, setting.high) == pytest.approx((float(_logit(0.17)) + min(low, 0.9),
+                                                         float(_logit(0.17)) + max(high, 0.9)))
+
+
+def test_the_runs_flag_levels_get_intervals_at_the_checkpoints_and_at_a_levels_last_hour():
+    """Which flag levels a run gives an interval: each checkpoint hour whose threshold has
+    one, and the last hour where its threshold is a clinical level (a setting); under
+    ``auto`` the last hour's threshold is a reading with none of its own, so none; and
+    none without the margin's."""
+    from server.records import Calibration
+    from server.results import flag_level_intervals
+    from server.threshold_intervals import ReadingInterval
+
+    rng = np.random.default_rng(6)
+    hours = [0.33] * 5 + list(np.linspace(0.33, 0.17, 43))
+    readings = {1: ReadingInterval(float(_logit(0.33)), -1.1, -0.2, rng.normal(0, 0.3, 200)),
+                6: ReadingInterval(float(_logit(0.33)), -1.2, -0.1, rng.normal(0, 0.4, 200))}
+    margin = ReadingInterval(0.9, 0.75, 1.05, rng.normal(0.0, 0.06, 200))
+    found = flag_level_intervals(hours, readings, margin, True, None)
+    assert sorted(found, key=int) == ["1", "6", "48"]
+    for hour, (low, high) in found.items():
+        level = 1 / (1 + math.exp(-(float(_logit(hours[int(hour) - 1])) + 0.9)))
+        assert 0 < low <= level <= high < 1
+    assert found["48"][1] - found["48"][0] < found["6"][1] - found["6"][0]  # the margin's noise alone
+    assert sorted(flag_level_intervals(hours, readings, margin, False, None), key=int) == ["1", "6"]
+    assert flag_level_intervals(hours, readings, None, True, None) == {}
+    steeper = flag_level_intervals(hours, readings, margin, True, Calibration(scale=1.5, shift=0.0))
+    assert steeper["6"][1] - steeper["6"][0] > found["6"][1] - found["6"][0]
+
+
+def test_the_coverage_study_checks_each_hour_the_margin_and_each_flag_level_against_exact_values():
+    """simulations.threshold_coverage on synthetic validation stays (4 hospitals of 100,
+    the default's settings and noise): every checkpoint hour, the margin and every flag
+    level (the checkpoints', and the last hour's under the clinical level) are read from
+    fresh releases with an interval and counted against the exact value, and most hold."""
+    from common.config import load_config
+    from common.evaluation_noise import calibrated_evaluation_noise
+    from simulations.threshold_coverage import ValidationScores, study
+    from tests.conftest import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG, [])
+    rng = np.random.default_rng(3)
+    every, ys = [], []
+    for _ in range(4):
+        y = (rng.random(100) < 0.14).astype(np.int64)
+        drift = np.linspace(0.0, 1.0, 48)[None, :]
+        every.append(-2.2 + rng.normal(0.0, 0.9, (100, 1)) + 1.6 * y[:, None] * drift
+                     + rng.normal(0.0, 0.4, (100, 48)))
+        ys.append(y)
+    at = [h - 1 for h in cfg.checkpoint_hours]
+    run = ValidationScores(name="synthetic", cfg=cfg, every=every, hourly=[e[:, at] for e in every],
+                           end=[e[:, -1] for e in every], y=ys,
+                           noise=calibrated_evaluation_noise(cfg.to_json(), 1e-5), onset_laplace=True)
+    held = study([run], draws=1)
+    hours = [f"hour {h}" for h in cfg.checkpoint_hours]
+    flags = [f"flag {h}" for h in cfg.checkpoint_hours] + ["flag 48"]
+    assert set(hours + flags + ["margin"]) <= set(held.held)
+    for what in hours + flags + ["margin"]:
+        assert len(held.held[what]) == 1 and np.isfinite(held.errors[what]).all(), what
+    assert all(w > 0 for what in flags for w in held.widths[what])
+    hits = [h for what in hours + flags + ["margin"] for h in held.held[what]]
+    assert sum(hits) >= 0.8 * len(hits)
