@@ -184,7 +184,7 @@ def monitor_page(bundle: Bundle, ds: Dataset, stay_ids: list[str], out: Path, th
     plots = tempfile.TemporaryDirectory(prefix="fedgru-monitor-")
     decision = bundle.info.get("threshold")  # what `fedgru predict` flags at, on the last hour's risk alone
     full_thresholds = thresholds
-    readings = monitor_readings(bundle.info)  # the run's, the same for every stay
+    readings = monitor_readings(bundle.info, thresholds if latched else None)  # the run's, the same for every stay
     for stay_id in stay_ids:
         i = stay_index(ds, stay_id)
         one = ds.subset(np.array([i]))

@@ -96,11 +96,28 @@ def guess_format(path: Path) -> str:
 def onset_margin(info: dict) -> float | None:
     """The run's monitor margin (``common.onset``; log-odds), or None (each hour flags alone)."""
     margin = info.get("onset_margin")
-    return float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else None
+    return float(margin) if _finite(margin) else None
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number a bundle may say: not a bool, finite, within a float's range (a pickled
+    whole number of 400 digits is not one, and must not crash a page)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+MAX_HOUR_DIGITS = 4  # a bundle's hour keys: whole hours, far past any window
+
+
+def _hour(key) -> int | None:
+    """A bundle's hour key ("6") as a whole number; None for anything else (markup, escapes,
+    a number too long to convert)."""
+    ok = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= MAX_HOUR_DIGITS
+    return int(key) if ok else None
 
 
 def _interval(value) -> list[float] | None:
@@ -118,18 +135,19 @@ def checkpoint_words(thresholds: dict, intervals: dict | None = None) -> str:
     intervals = intervals if isinstance(intervals, dict) else {}
     words = []
     for hour, risk in (thresholds.items() if isinstance(thresholds, dict) else []):
-        if not (isinstance(hour, str) and hour.isdigit() and hour.isascii() and _finite(risk)):
+        if _hour(hour) is None or not _finite(risk):
             continue
         bounds = _interval(intervals.get(hour))
-        words.append(f"after hour {int(hour)} {risk:.3f}" + (f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""))
+        words.append(f"after hour {_hour(hour)} {risk:.3f}" + (f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""))
     return ", ".join(words)
 
 
-def monitor_readings(info: dict) -> str:
+def monitor_readings(info: dict, levels: np.ndarray | None = None) -> str:
     """What a bundle's run read from DP releases for its monitor, with the intervals it
     printed (a bundle of a run before them: the readings alone); "" where it read none.
     The flag levels a user sees are these moved by the margin: numbers with noise in them,
-    not settings to copy."""
+    not settings to copy. ``levels``: the flag level at each hour that the caller flags
+    at (:func:`monitor_levels`), said with the bundle's intervals for them; None: not said."""
     from .intervals import INTERVAL_LEVEL, THRESHOLD_COVERAGE_SHORT
 
     checkpoints = checkpoint_words(info.get("checkpoint_thresholds"), info.get("checkpoint_intervals"))
@@ -140,9 +158,9 @@ def monitor_readings(info: dict) -> str:
     if margin is not None:
         parts.append(f"the margin {margin:.2f}" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
                      + " in log-odds")
-        levels = _flag_levels(info, margin)
-        if levels:
-            parts.append(f"so the flag levels (each hour's threshold moved up by the margin) {levels}")
+        flag_levels = _flag_levels(info, levels) if levels is not None else ""
+        if flag_levels:
+            parts.append(f"so the flag levels (each hour's threshold moved up by the margin) {flag_levels}")
     text = f"The run read its monitor from DP releases: {'; '.join(parts)}"
     if "(" not in text:  # no interval printed: nothing to explain
         return text + "."
@@ -153,17 +171,23 @@ def monitor_readings(info: dict) -> str:
             "were those).")
 
 
-def _flag_levels(info: dict, margin: float) -> str:
-    """The flag levels at the hours whose intervals the bundle holds, with them ("after hour
-    1 0.546 (0.410-0.680), ..."); "" for a bundle of a run before them (or none it can say)."""
+def _flag_levels(info: dict, levels: np.ndarray) -> str:
+    """The flag levels the caller flags at (``levels``, one per hour), at the hours whose
+    intervals the bundle holds, with them ("after hour 1 0.546 (0.410-0.680), ..."); "" for a
+    bundle of a run before them. An hour whose level its interval does not hold is left out:
+    the bundle's intervals are not about the levels flagged at (another window, a hostile
+    or damaged bundle)."""
     intervals = info.get("flag_level_intervals")
-    per_hour = info.get("hour_thresholds")
-    if not isinstance(intervals, dict) or not isinstance(per_hour, list) or not all(_finite(t) for t in per_hour):
+    if not isinstance(intervals, dict):
         return ""
-    levels = raising_levels(np.asarray(per_hour, dtype=np.float64), margin)
-    at = {h: float(levels[int(h) - 1]) for h in intervals
-          if isinstance(h, str) and h.isdigit() and h.isascii() and 1 <= int(h) <= len(levels)
-          and _interval(intervals[h]) is not None}
+    at = {}
+    for key, value in intervals.items():
+        hour, bounds = _hour(key), _interval(value)
+        if hour is None or bounds is None or not 1 <= hour <= len(levels):
+            continue
+        level = float(levels[hour - 1])
+        if bounds[0] - 5e-4 <= level <= bounds[1] + 5e-4:  # as printed, to 3 digits
+            at[key] = level
     return checkpoint_words(at, intervals)
 
 
@@ -181,6 +205,9 @@ def hour_thresholds(info: dict, hours: int) -> np.ndarray:
     per-hour thresholds when it chose them (``info["hour_thresholds"]``, one per hour of
     the window), else its one threshold (``info["threshold"]``, 0.5 if none) at every hour."""
     per_hour = info.get("hour_thresholds")
-    if per_hour and len(per_hour) == hours:
-        return np.asarray(per_hour, dtype=np.float64)
-    return np.full(hours, float(info.get("threshold") or 0.5))
+    threshold = info.get("threshold")
+    chosen = per_hour if per_hour and len(per_hour) == hours else [0.5 if threshold is None else threshold] * hours
+    if not all(_finite(t) and 0 <= t <= 1 for t in chosen):  # not a run's: a damaged or forged bundle
+        raise DataError("model bundle", "its thresholds are not risks between 0 and 1: the bundle is damaged or was "
+                        "not written by a fedgru run; ask the coordinator for the run's model.pt")
+    return np.asarray(chosen, dtype=np.float64)

@@ -38,13 +38,21 @@ def snap_step(sd: float) -> float:
     ``sd / GRID_PER_SD`` (exact in binary, so snapping a double loses nothing else)."""
     if not (math.isfinite(sd) and sd > 0):
         raise ValueError(f"a Gaussian release needs a positive, finite noise sd (got {sd!r})")
-    return 2.0 ** math.floor(math.log2(sd / GRID_PER_SD))
+    step = 2.0 ** (math.floor(math.log2(sd)) - round(math.log2(GRID_PER_SD)))
+    if not step > 0:  # an sd so small its grid underflows: no release of this noise can be snapped
+        raise ValueError(f"a Gaussian release's noise sd {sd!r} is too small to snap to a grid")
+    return step
 
 
 def snapped(values: np.ndarray, sd: float) -> np.ndarray:
     """``values`` rounded to the nearest multiple of :func:`snap_step` of ``sd``."""
     step = snap_step(sd)
-    return np.round(np.asarray(values, dtype=np.float64) / step) * step
+    values = np.asarray(values, dtype=np.float64)
+    # a grid finer than the doubles near the values would leave their low bits as they are: refused, not pretended
+    if values.size and step < np.spacing(float(np.abs(values).max())):
+        raise ValueError(f"values up to {float(np.abs(values).max()):.3g} are too large for noise of sd {sd!r} to "
+                         "snap: the grid would be finer than the numbers")
+    return np.round(values / step) * step
 
 
 def gaussian_release(values: np.ndarray, sd: float, rng: np.random.Generator) -> np.ndarray:

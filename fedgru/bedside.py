@@ -132,7 +132,7 @@ def cmd_predict(args) -> int:
               f"their last hour, {np.mean(ever) if ever else 0:.0%} at some hour" + ("; a flag stays on once raised" if latched else "")
               + f" (plain predict's decision flags the hour-{risks.shape[1]} risk at {_threshold(args, bundle):.3f} "
               "instead)", file=sys.stderr)
-        if latched and (readings := monitor_readings(bundle.info)):
+        if latched and (readings := monitor_readings(bundle.info, levels)):
             print(f"note: {readings[0].lower() + readings[1:]}", file=sys.stderr)  # flag levels with noise in them
         _stay_notes(seen, risks.shape[1], hourly=True)
         return 0

@@ -58,6 +58,7 @@ from .threshold_intervals import (
     RateDraws,
     ReadingInterval,
     ReleaseNoise,
+    flag_level_errors,
     flag_level_interval,
     quantile_interval,
     rate_draws,
@@ -438,18 +439,24 @@ def flag_level_intervals(hours: list[float], checkpoints: dict[int, ReadingInter
     whose threshold has an interval, and at the last hour where its threshold is a setting
     (a clinical level, or the fallback 0.5: the margin's alone). ``hours``: every hour's threshold, as shown;
     ``checkpoints``: their readings (:meth:`Reader.hour_threshold_intervals`); {} without the
-    margin's interval (server.threshold_intervals.flag_level_interval says what is drawn)."""
+    margin's interval (server.threshold_intervals.flag_level_errors says what is drawn)."""
     if margin is None or not hours:
         return {}
+    try:
+        return _flag_level_intervals(hours, checkpoints, margin, last_is_setting, calibration)
+    except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
+        log.warning("the flag levels' intervals could not be computed", exc_info=True)
+        return {}
+
+
+def _flag_level_intervals(hours: list[float], checkpoints: dict[int, ReadingInterval], margin: ReadingInterval,
+                          last_is_setting: bool, calibration: Calibration | None) -> dict[str, list[float]]:
     scale = calibration.scale if calibration is not None else 1.0
-    # the last hour's threshold is the decision's, whatever the checkpoints (every_hour): a setting, or a reading
-    # with no interval of its own
-    at = {hour: reading for hour, reading in checkpoints.items() if 1 <= hour < len(hours)}
-    if last_is_setting:
-        at[len(hours)] = None
+    errors = flag_level_errors(len(hours), {h: r.errors for h, r in checkpoints.items()}, margin.errors,
+                               last_is_setting, scale)
     out = {}
-    for hour, reading in sorted(at.items()):
-        found = flag_level_interval(float(logit(hours[hour - 1])), reading, margin, INTERVAL_LEVEL, scale)
+    for hour, drawn in sorted(errors.items()):
+        found = flag_level_interval(float(logit(hours[hour - 1])) + margin.estimate, drawn, INTERVAL_LEVEL)
         if found is not None:
             out[str(hour)] = [sigmoid(found.low), sigmoid(found.high)]
     return out

@@ -177,13 +177,16 @@ def quantile_errors(row: ScoreSummary, noise: ReleaseNoise, rates: RateDraws, dr
     outcome together) at the shares ``rates``, over ``draws`` drawn releases: the patients
     drawn from the row's fit or, where none fits, its clipped counts, as many as the release
     declared; the reading of each drawn release less the drawn patients' exact quantile.
-    Draws that cannot be read are left out."""
+    One entry per draw, NaN where the draw could not be read: draw ``i`` of every hour
+    uses the same share's draw, so the hours' errors stay paired by index (a flag level
+    reads several hours' together, :func:`flag_level_errors`)."""
     fit = _generator(row.histogram[0, 0], grid_edges(row.grid), estimator, mass=row.n)
     starts = {0: fit} if isinstance(fit, RowFit) else {}
     errors = []
     # each hour's draw pairs with a share's draw, cycling through them (the shares' draws refit two classes: the
     # slow part, so a run draws fewer of them and every hour reuses them)
     for exact_rate, read_rate in zip(np.resize(rates.exact, draws), np.resize(rates.read, draws)):
+        errors.append(math.nan)
         if not (0 < exact_rate < 1 and 0 < read_rate < 1):
             continue
         logits = fit.sample(rng)
@@ -194,16 +197,18 @@ def quantile_errors(row: ScoreSummary, noise: ReleaseNoise, rates: RateDraws, dr
         released = counts + noise.draw(counts.shape, rng)
         chosen = threshold_for_rate(_read(released, len(logits), row.grid, estimator, noise.sd, starts), read_rate)
         if chosen is not None and 0 < chosen < 1:
-            errors.append(float(logit(chosen)) - exact)
+            errors[-1] = float(logit(chosen)) - exact
     return np.asarray(errors, dtype=np.float64)
 
 
 def _bounded(estimate: float, errors: np.ndarray, level: float, draws: int) -> ReadingInterval | None:
-    """``estimate`` less the central ``level`` quantiles of ``errors``, widened to hold
-    ``estimate``; None where fewer than half the ``draws`` could be read."""
-    if not math.isfinite(estimate) or len(errors) < draws // 2 or not len(errors):
+    """``estimate`` less the central ``level`` quantiles of ``errors`` (NaN: a draw that
+    could not be read), widened to hold ``estimate``; None where fewer than half the
+    ``draws`` could be read."""
+    read = errors[np.isfinite(errors)]
+    if not math.isfinite(estimate) or len(read) < draws // 2 or not len(read):
         return None
-    low, high = reading_bounds(estimate, errors, level)
+    low, high = reading_bounds(estimate, read, level)
     return ReadingInterval(estimate, min(low, estimate), max(high, estimate), errors)
 
 
@@ -218,28 +223,47 @@ def quantile_interval(row: ScoreSummary, noise: ReleaseNoise, estimate: float, r
     return _bounded(estimate, quantile_errors(row, noise, rates, draws, rng, estimator), level, draws)
 
 
-def flag_level_interval(threshold: float, threshold_reading: ReadingInterval | None, margin: ReadingInterval,
-                        level: float, scale: float = 1.0) -> ReadingInterval | None:
-    """The interval, in log-odds, of the monitor's flag level at an hour: that hour's
-    threshold ``threshold`` (log-odds, on the scale the risks are shown on) moved up by the
-    margin. ``threshold_reading``: the threshold's own reading where it was read from the
-    hourly release, None where it is a setting (the hour-48 threshold under a clinical
-    level); ``scale``: the recalibration's slope in log-odds, which the threshold's errors
-    (read on the model's own scale) are moved by, and the margin's (read over the
-    calibrated thresholds) are not.
+def flag_level_errors(hours: int, checkpoints: dict[int, np.ndarray], margin: np.ndarray, last_is_setting: bool = True,
+                      scale: float = 1.0) -> dict[int, np.ndarray]:
+    """The drawn errors, in log-odds, of the monitor's flag level (an hour's threshold moved
+    up by the margin) at each checkpoint hour and the last, paired draw by draw.
 
-    The threshold and the margin are read from different releases (the hourly histograms
-    and the onset histogram, each noised apart), so their drawn errors are added draw by
-    draw. Not drawn: the margin's pull back towards the truth. The onset histogram counts
-    each stay's excess over the thresholds the run read, so thresholds read too high lower
-    the excesses and the margin read from them, which moves the flag level back (wholly, for
-    an error every hour shares, as the share aimed at under a clinical level); the sum of
-    the two errors overstates the flag level's error there, and cannot see the pull where
-    the hours' errors differ. Its coverage of the exact flag level
-    (exact thresholds, and the margin over them) is measured by
-    ``simulations.threshold_coverage``, not assumed."""
-    errors = margin.errors
-    if threshold_reading is not None:
-        draws = max(len(threshold_reading.errors), len(margin.errors))
-        errors = scale * np.resize(threshold_reading.errors, draws) + np.resize(margin.errors, draws)
-    return _bounded(threshold + margin.estimate, errors, level, len(errors))
+    ``checkpoints``: each checkpoint hour's threshold errors (:func:`quantile_errors`, on the
+    model's own scale; ``scale``: the recalibration's slope, which moves them onto the scale
+    shown); ``margin``: the margin's, a release of its own, so paired by index with them;
+    ``hours``: the window's last hour, whose threshold is the decision's: with
+    ``last_is_setting`` (a clinical level) it has no error, and its flag level gets errors
+    too; else it is a reading whose errors are not drawn (taken as none in the pull) and
+    its flag level gets none.
+
+    A flag level's error is its threshold's plus the margin's, less the margin's pull back:
+    the onset histogram counts each stay's highest excess over the thresholds the run read,
+    so thresholds read too high lower the excesses, and the margin read from them, by a
+    weighted mean of the hours' errors, weighted by the hours at which the stays near the
+    margin reach their highest excess. The coordinator does not see those hours (one more
+    release would tell them), so the pull is drawn as the mean over every hour of the
+    window of the hours' errors, joined between checkpoints as the thresholds are
+    (``server.results.every_hour``). An assumption: the coverage it gives is measured
+    (``simulations.threshold_coverage``), not assumed. Without the pull the last hour's
+    interval held its exact level in 34 of 54 fresh releases (the margin's noise alone)
+    and the checkpoints' were 2 log-odds wide for errors of sd 0.3."""
+    drawn = sorted(h for h in checkpoints if 1 <= h < hours)
+    if not drawn:
+        return {}
+    paired = min(min(len(checkpoints[h]) for h in drawn), len(margin))
+    at = np.array([*drawn, hours], dtype=np.float64)
+    # draws x checkpoint hours (and the last, at no error): each draw's errors, joined over the window's hours
+    errors = np.column_stack([scale * checkpoints[h][:paired] for h in drawn] + [np.zeros(paired)])
+    every = np.arange(1, hours + 1, dtype=np.float64)
+    joined = np.stack([np.interp(every, at, row) for row in errors])
+    pull = joined.mean(axis=1)
+    out = {h: joined[:, h - 1] - pull + margin[:paired] for h in drawn}
+    if last_is_setting:
+        out[hours] = -pull + margin[:paired]
+    return out
+
+
+def flag_level_interval(level_logit: float, errors: np.ndarray, level: float) -> ReadingInterval | None:
+    """The interval, in log-odds, of a flag level read as ``level_logit`` with the drawn
+    ``errors`` of :func:`flag_level_errors` (NaN: a draw one of its readings lacked)."""
+    return _bounded(level_logit, errors, level, len(errors))

@@ -42,3 +42,13 @@ def test_the_snapped_release_is_the_gaussian_mechanism_to_a_thousandth_of_its_sd
 def test_a_release_without_a_positive_finite_sd_is_refused(sd):
     with pytest.raises(ValueError, match="positive, finite noise sd"):
         gaussian_release(np.zeros(3), sd, np.random.default_rng(0))
+
+
+def test_a_noise_too_small_to_snap_its_values_is_refused_rather_than_released_unsnapped():
+    """A grid finer than the doubles near the values would leave their low bits as they
+    are, and one that underflows has no steps at all: both refused (no realistic release
+    comes near: the default's sds are 4 to 100)."""
+    with pytest.raises(ValueError, match="too small to snap"):
+        snap_step(5e-324)
+    with pytest.raises(ValueError, match="too large for noise of sd"):
+        gaussian_release(np.array([1000.0]), 1e-12, np.random.default_rng(0))

@@ -288,28 +288,40 @@ def test_the_bundle_keeps_what_the_monitor_read_with_its_intervals():
     assert bundle_info("run", 80, None)["checkpoint_intervals"] == {}
 
 
-def test_a_flag_levels_interval_adds_the_thresholds_and_the_margins_errors_draw_by_draw():
-    """A flag level is an hour's threshold moved up by the margin, two readings of separate
-    releases: its interval is the basic bootstrap interval of the two drawn errors added
-    pair by pair (the threshold's moved by the recalibration's slope), as a slow reference
-    computes it; where the hour's threshold is a setting, the margin's interval moved."""
-    from common.intervals import reading_bounds
-    from server.threshold_intervals import ReadingInterval, flag_level_interval
+def test_a_flag_levels_errors_are_its_hours_and_the_margins_less_the_margins_pull_as_a_slow_reference_has_them():
+    """A flag level is an hour's threshold moved up by the margin. Its drawn error, draw by
+    draw: the hour's threshold error (moved by the recalibration's slope) plus the margin's,
+    less the pull (the mean over the window's hours of the thresholds' errors, joined
+    between checkpoints, none at a clinical level's last hour), as a loop over the hours
+    computes it; a draw an hour could not read drops out."""
+    from server.threshold_intervals import flag_level_errors, flag_level_interval
 
     rng = np.random.default_rng(5)
-    hour = ReadingInterval(-0.7, -1.9, 0.6, rng.normal(0.1, 0.45, 200))
-    margin = ReadingInterval(0.9, 0.75, 1.05, rng.normal(0.0, 0.06, 200))
+    hour_errors = {1: rng.normal(0.1, 0.3, 50), 6: rng.normal(0.0, 0.4, 50)}
+    hour_errors[6][7] = np.nan
+    margin = rng.normal(0.0, 0.06, 60)  # more draws than the hours': paired as they came, the rest unused
     for scale in (1.0, 1.6):
-        found = flag_level_interval(-0.5, hour, margin, 0.99, scale)
-        summed = [scale * a + b for a, b in zip(hour.errors, margin.errors)]
-        low, high = reading_bounds(-0.5 + 0.9, summed, 0.99)
-        assert (found.estimate, found.low, found.high) == pytest.approx((0.4, min(low, 0.4), max(high, 0.4)))
-    wide, narrow = flag_level_interval(-0.5, hour, margin, 0.99, 1.6), flag_level_interval(-0.5, hour, margin, 0.99)
-    assert wide.high - wide.low > narrow.high - narrow.low
-    setting = flag_level_interval(float(_logit(0.17)), None, margin, 0.99)
-    low, high = reading_bounds(0.9, list(margin.errors), 0.99)
-    assert (setting.low, setting.high) == pytest.approx((float(_logit(0.17)) + min(low, 0.9),
-                                                         float(_logit(0.17)) + max(high, 0.9)))
+        found = flag_level_errors(48, hour_errors, margin, True, scale)
+        assert sorted(found) == [1, 6, 48]
+        for i in range(50):
+            e1, e6 = scale * hour_errors[1][i], scale * hour_errors[6][i]
+            joined = [e1 if h <= 1 else e1 + (e6 - e1) * (h - 1) / 5 if h <= 6 else e6 * (48 - h) / 42
+                      for h in range(1, 49)]
+            pull = sum(joined) / 48
+            want = {1: e1 - pull + margin[i], 6: e6 - pull + margin[i], 48: -pull + margin[i]}
+            for hour, value in want.items():
+                if i == 7:
+                    assert np.isnan(found[hour][i])
+                else:
+                    assert found[hour][i] == pytest.approx(value)
+    # under ``auto`` the last hour's threshold is a reading whose errors are not drawn: no flag level there
+    assert sorted(flag_level_errors(48, hour_errors, margin, False)) == [1, 6]
+    assert flag_level_errors(48, {}, margin) == {}
+    # the interval: the errors' central quantiles, the unread draw left out, widened to hold the reading
+    drawn = flag_level_errors(48, hour_errors, margin, True)[6]
+    found = flag_level_interval(0.4, drawn, 0.99)
+    low, high = np.quantile(drawn[np.isfinite(drawn)], [0.005, 0.995])
+    assert (found.low, found.high) == pytest.approx((min(0.4 - high, 0.4), max(0.4 - low, 0.4)))
 
 
 def test_the_runs_flag_levels_get_intervals_at_the_checkpoints_and_at_a_levels_last_hour():
@@ -331,7 +343,6 @@ def test_the_runs_flag_levels_get_intervals_at_the_checkpoints_and_at_a_levels_l
     for hour, (low, high) in found.items():
         level = 1 / (1 + math.exp(-(float(_logit(hours[int(hour) - 1])) + 0.9)))
         assert 0 < low <= level <= high < 1
-    assert found["48"][1] - found["48"][0] < found["6"][1] - found["6"][0]  # the margin's noise alone
     assert sorted(flag_level_intervals(hours, readings, margin, False, None), key=int) == ["1", "6"]
     assert flag_level_intervals(hours, readings, None, True, None) == {}
     steeper = flag_level_intervals(hours, readings, margin, True, Calibration(scale=1.5, shift=0.0))
@@ -370,3 +381,28 @@ def test_the_coverage_study_checks_each_hour_the_margin_and_each_flag_level_agai
     assert all(w > 0 for what in flags for w in held.widths[what])
     hits = [h for what in hours + flags + ["margin"] for h in held.held[what]]
     assert sum(hits) >= 0.8 * len(hits)
+
+
+def test_a_forged_bundles_readings_are_left_unsaid_and_its_thresholds_refused_with_a_clear_error():
+    """A bundle is the coordinator's text on a hospital's page and terminal: numbers past a
+    float's range, hour keys too long to convert, and flag levels their intervals do not
+    hold are left out, not raised; thresholds that are not risks stop the command with an
+    error that says what is wrong and what to do."""
+    from common.bundle import hour_thresholds, monitor_readings
+    from common.data.records import DataError
+
+    levels = np.array([0.544] * 47 + [0.332])
+    info = {"onset_margin": 10**400, "checkpoint_thresholds": {"1": 10**400, "9" * 5000: 0.2, "6": 0.206},
+            "checkpoint_intervals": {"6": [10**400, 1]},
+            "flag_level_intervals": {"1": [10**400, 1.0], "9" * 5000: [0.1, 0.2], "48": [0.9, 0.95], "6": [0.45, 0.6]}}
+    said = monitor_readings(info, levels)
+    assert said == "The run read its monitor from DP releases: each hour's threshold after hour 6 0.206."
+    good = {**info, "onset_margin": 0.886}
+    assert ("so the flag levels (each hour's threshold moved up by the margin) after hour 6 0.544 (0.450-0.600)"
+            in monitor_readings(good, levels))  # hour 48's interval does not hold its level: not said
+    for forged in ({"hour_thresholds": [10**400] + [0.2] * 47}, {"hour_thresholds": [1.5] * 48},
+                   {"threshold": float("nan")}):
+        with pytest.raises(DataError, match="not risks between 0 and 1: the bundle is damaged"):
+            hour_thresholds(forged, 48)
+    assert hour_thresholds({"threshold": 0.17}, 3).tolist() == [0.17] * 3
+    assert hour_thresholds({}, 2).tolist() == [0.5, 0.5]
