@@ -205,9 +205,24 @@ def hour_thresholds(info: dict, hours: int) -> np.ndarray:
     per-hour thresholds when it chose them (``info["hour_thresholds"]``, one per hour of
     the window), else its one threshold (``info["threshold"]``, 0.5 if none) at every hour."""
     per_hour = info.get("hour_thresholds")
+    if isinstance(per_hour, list) and per_hour and len(per_hour) == hours:
+        if not all(_finite(t) and 0 <= t <= 1 for t in per_hour):
+            raise DataError("model bundle", FORGED_THRESHOLDS)
+        return np.asarray(per_hour, dtype=np.float64)
+    return np.full(hours, bundle_threshold(info))
+
+
+FORGED_THRESHOLDS = ("its thresholds are not risks between 0 and 1: the bundle is damaged or was not written by a "
+                     "fedgru run; ask the coordinator for the run's model.pt")
+
+
+def bundle_threshold(info: dict) -> float:
+    """The decision threshold the run saved in its bundle (0.5 where it saved none, as a
+    multi-class run); a value that is not a risk is refused (a damaged or forged bundle),
+    not flagged at."""
     threshold = info.get("threshold")
-    chosen = per_hour if per_hour and len(per_hour) == hours else [0.5 if threshold is None else threshold] * hours
-    if not all(_finite(t) and 0 <= t <= 1 for t in chosen):  # not a run's: a damaged or forged bundle
-        raise DataError("model bundle", "its thresholds are not risks between 0 and 1: the bundle is damaged or was "
-                        "not written by a fedgru run; ask the coordinator for the run's model.pt")
-    return np.asarray(chosen, dtype=np.float64)
+    if threshold is None:
+        return 0.5
+    if not (_finite(threshold) and 0 <= threshold <= 1):
+        raise DataError("model bundle", FORGED_THRESHOLDS)
+    return float(threshold)

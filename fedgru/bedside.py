@@ -46,7 +46,9 @@ def _threshold(args, bundle) -> float:
         if not 0 < args.threshold < 1:
             raise ConfigError("--threshold must be a risk strictly between 0 and 1")
         return float(args.threshold)
-    return float(bundle.info.get("threshold", 0.5))
+    from common.bundle import bundle_threshold
+
+    return bundle_threshold(bundle.info)
 
 
 def checked_output(out: str, flag: str) -> str:

@@ -433,33 +433,31 @@ def risk_interval(reading: ReadingInterval, calibration: Calibration | None) -> 
     return sorted(_calibrated(sigmoid(z), calibration) for z in (reading.low, reading.high))
 
 
-def flag_level_intervals(hours: list[float], checkpoints: dict[int, ReadingInterval], margin: ReadingInterval | None,
-                         last_is_setting: bool, calibration: Calibration | None) -> dict[str, list[float]]:
+def flag_level_intervals(hours: list[float], read: list[int], checkpoints: dict[int, ReadingInterval],
+                         margin: ReadingInterval | None, last_is_setting: bool, calibration: Calibration | None
+                         ) -> dict[str, list[float]]:
     """The monitor's flag levels' rough intervals, as risks, by hour: at each checkpoint hour
-    whose threshold has an interval, and at the last hour where its threshold is a setting
-    (a clinical level, or the fallback 0.5: the margin's alone). ``hours``: every hour's threshold, as shown;
-    ``checkpoints``: their readings (:meth:`Reader.hour_threshold_intervals`); {} without the
-    margin's interval (server.threshold_intervals.flag_level_errors says what is drawn)."""
+    and, where the last hour's threshold is a setting (a clinical level, or the fallback
+    0.5), at the last hour. ``hours``: every hour's threshold, as shown; ``read``: the
+    checkpoint hours whose thresholds were read; ``checkpoints``: their readings
+    (:meth:`Reader.hour_threshold_intervals`). {} without the margin's interval, or where a
+    read hour has none (server.threshold_intervals.flag_level_errors says what is drawn);
+    post-processing, so a failure is logged, not raised."""
     if margin is None or not hours:
         return {}
     try:
-        return _flag_level_intervals(hours, checkpoints, margin, last_is_setting, calibration)
+        scale = calibration.scale if calibration is not None else 1.0
+        errors = flag_level_errors(len(hours), read, {h: r.errors for h, r in checkpoints.items()}, margin.errors,
+                                   last_is_setting, scale)
+        out = {}
+        for hour, drawn in sorted(errors.items()):
+            found = flag_level_interval(float(logit(hours[hour - 1])) + margin.estimate, drawn, INTERVAL_LEVEL)
+            if found is not None:
+                out[str(hour)] = [sigmoid(found.low), sigmoid(found.high)]
+        return out
     except Exception:  # noqa: BLE001 - as Reader.intervals: the run's results come first
         log.warning("the flag levels' intervals could not be computed", exc_info=True)
         return {}
-
-
-def _flag_level_intervals(hours: list[float], checkpoints: dict[int, ReadingInterval], margin: ReadingInterval,
-                          last_is_setting: bool, calibration: Calibration | None) -> dict[str, list[float]]:
-    scale = calibration.scale if calibration is not None else 1.0
-    errors = flag_level_errors(len(hours), {h: r.errors for h, r in checkpoints.items()}, margin.errors,
-                               last_is_setting, scale)
-    out = {}
-    for hour, drawn in sorted(errors.items()):
-        found = flag_level_interval(float(logit(hours[hour - 1])) + margin.estimate, drawn, INTERVAL_LEVEL)
-        if found is not None:
-            out[str(hour)] = [sigmoid(found.low), sigmoid(found.high)]
-    return out
 
 
 def every_hour(checkpoints: dict[int, float], threshold: float, steps: int) -> list[float]:

@@ -123,8 +123,8 @@ def finish_run(co, last_round: int) -> None:
     if result.onset_margin is not None:
         result.hour_thresholds = hours  # the margin is over these, whether or not the hours have their own
         result.monitor_rate = co.cfg.evaluation.monitor_rate
-        result.flag_level_intervals = flag_level_intervals(hours, readings, margin, threshold_source != "read",
-                                                           uncalibrated)
+        result.flag_level_intervals = flag_level_intervals(hours, sorted(checkpoints), readings, margin,
+                                                           threshold_source != "read", uncalibrated)
     # the threshold and the monitor are results: the run's summary prints them (server.report.bedside.decision_lines)
     arrays = {k: v.numpy() for k, v in co.arrays.items()}
     if co.simulated:  # the simulation holds every patient: the exact metrics beside the estimates

@@ -223,13 +223,15 @@ def quantile_interval(row: ScoreSummary, noise: ReleaseNoise, estimate: float, r
     return _bounded(estimate, quantile_errors(row, noise, rates, draws, rng, estimator), level, draws)
 
 
-def flag_level_errors(hours: int, checkpoints: dict[int, np.ndarray], margin: np.ndarray, last_is_setting: bool = True,
-                      scale: float = 1.0) -> dict[int, np.ndarray]:
+def flag_level_errors(hours: int, read: list[int], checkpoints: dict[int, np.ndarray], margin: np.ndarray,
+                      last_is_setting: bool = True, scale: float = 1.0) -> dict[int, np.ndarray]:
     """The drawn errors, in log-odds, of the monitor's flag level (an hour's threshold moved
     up by the margin) at each checkpoint hour and the last, paired draw by draw.
 
-    ``checkpoints``: each checkpoint hour's threshold errors (:func:`quantile_errors`, on the
-    model's own scale; ``scale``: the recalibration's slope, which moves them onto the scale
+    ``read``: the checkpoint hours whose thresholds the run read (the hours joined between,
+    as ``server.results.every_hour`` joins them); ``checkpoints``: their threshold errors
+    (:func:`quantile_errors`, on the model's own scale; an hour read without errors leaves
+    the pull undrawn, so no flag level gets any); ``scale``: the recalibration's slope, which moves them onto the scale
     shown); ``margin``: the margin's, a release of its own, so paired by index with them;
     ``hours``: the window's last hour, whose threshold is the decision's: with
     ``last_is_setting`` (a clinical level) it has no error, and its flag level gets errors
@@ -247,9 +249,11 @@ def flag_level_errors(hours: int, checkpoints: dict[int, np.ndarray], margin: np
     (``simulations.threshold_coverage``), not assumed. Without the pull the last hour's
     interval held its exact level in 34 of 54 fresh releases (the margin's noise alone)
     and the checkpoints' were 2 log-odds wide for errors of sd 0.3."""
-    drawn = sorted(h for h in checkpoints if 1 <= h < hours)
-    if not drawn:
+    drawn = sorted(h for h in read if 1 <= h < hours)
+    if any(h not in checkpoints for h in drawn):
         return {}
+    if not drawn:  # every hour's threshold is the last one's: a setting moved by the margin alone, or a reading
+        return {hours: margin} if last_is_setting else {}
     paired = min(min(len(checkpoints[h]) for h in drawn), len(margin))
     at = np.array([*drawn, hours], dtype=np.float64)
     # draws x checkpoint hours (and the last, at no error): each draw's errors, joined over the window's hours

@@ -205,7 +205,7 @@ def study(runs: list[ValidationScores], draws: int, seed: int = 0) -> Held:
             # a flag level's: the exact thresholds, and the exact margin over them
             exact_hours = every_hour({h: float(1 / (1 + np.exp(-z))) for h, z in exact.items()}, threshold, steps)
             exact_level = exact_margin(run, exact_hours)
-            levels = flag_level_intervals(hours, readings, margin_reading, source != "read", None)
+            levels = flag_level_intervals(hours, sorted(checkpoints), readings, margin_reading, source != "read", None)
             for hour in [*sorted(exact), steps]:
                 if hour == steps and source == "read":
                     continue

@@ -301,7 +301,7 @@ def test_a_flag_levels_errors_are_its_hours_and_the_margins_less_the_margins_pul
     hour_errors[6][7] = np.nan
     margin = rng.normal(0.0, 0.06, 60)  # more draws than the hours': paired as they came, the rest unused
     for scale in (1.0, 1.6):
-        found = flag_level_errors(48, hour_errors, margin, True, scale)
+        found = flag_level_errors(48, [1, 6], hour_errors, margin, True, scale)
         assert sorted(found) == [1, 6, 48]
         for i in range(50):
             e1, e6 = scale * hour_errors[1][i], scale * hour_errors[6][i]
@@ -315,10 +315,14 @@ def test_a_flag_levels_errors_are_its_hours_and_the_margins_less_the_margins_pul
                 else:
                     assert found[hour][i] == pytest.approx(value)
     # under ``auto`` the last hour's threshold is a reading whose errors are not drawn: no flag level there
-    assert sorted(flag_level_errors(48, hour_errors, margin, False)) == [1, 6]
-    assert flag_level_errors(48, {}, margin) == {}
+    assert sorted(flag_level_errors(48, [1, 6], hour_errors, margin, False)) == [1, 6]
+    # an hour read without errors leaves the pull undrawn: no flag level gets an interval (not one joined otherwise)
+    assert flag_level_errors(48, [1, 6, 12], hour_errors, margin) == {}
+    # no checkpoints: every hour's threshold is the level, so the margin's errors alone (under auto: none)
+    assert flag_level_errors(48, [], {}, margin, True) == {48: margin}
+    assert flag_level_errors(48, [], {}, margin, False) == {}
     # the interval: the errors' central quantiles, the unread draw left out, widened to hold the reading
-    drawn = flag_level_errors(48, hour_errors, margin, True)[6]
+    drawn = flag_level_errors(48, [1, 6], hour_errors, margin, True)[6]
     found = flag_level_interval(0.4, drawn, 0.99)
     low, high = np.quantile(drawn[np.isfinite(drawn)], [0.005, 0.995])
     assert (found.low, found.high) == pytest.approx((min(0.4 - high, 0.4), max(0.4 - low, 0.4)))
@@ -338,14 +342,15 @@ def test_the_runs_flag_levels_get_intervals_at_the_checkpoints_and_at_a_levels_l
     readings = {1: ReadingInterval(float(_logit(0.33)), -1.1, -0.2, rng.normal(0, 0.3, 200)),
                 6: ReadingInterval(float(_logit(0.33)), -1.2, -0.1, rng.normal(0, 0.4, 200))}
     margin = ReadingInterval(0.9, 0.75, 1.05, rng.normal(0.0, 0.06, 200))
-    found = flag_level_intervals(hours, readings, margin, True, None)
+    found = flag_level_intervals(hours, [1, 6], readings, margin, True, None)
     assert sorted(found, key=int) == ["1", "6", "48"]
     for hour, (low, high) in found.items():
         level = 1 / (1 + math.exp(-(float(_logit(hours[int(hour) - 1])) + 0.9)))
         assert 0 < low <= level <= high < 1
-    assert sorted(flag_level_intervals(hours, readings, margin, False, None), key=int) == ["1", "6"]
-    assert flag_level_intervals(hours, readings, None, True, None) == {}
-    steeper = flag_level_intervals(hours, readings, margin, True, Calibration(scale=1.5, shift=0.0))
+    assert sorted(flag_level_intervals(hours, [1, 6], readings, margin, False, None), key=int) == ["1", "6"]
+    assert flag_level_intervals(hours, [1, 6], readings, None, True, None) == {}
+    assert flag_level_intervals(hours, [1, 6, 12], readings, margin, True, None) == {}  # hour 12 read, no interval
+    steeper = flag_level_intervals(hours, [1, 6], readings, margin, True, Calibration(scale=1.5, shift=0.0))
     assert steeper["6"][1] - steeper["6"][0] > found["6"][1] - found["6"][0]
 
 
@@ -401,8 +406,15 @@ def test_a_forged_bundles_readings_are_left_unsaid_and_its_thresholds_refused_wi
     assert ("so the flag levels (each hour's threshold moved up by the margin) after hour 6 0.544 (0.450-0.600)"
             in monitor_readings(good, levels))  # hour 48's interval does not hold its level: not said
     for forged in ({"hour_thresholds": [10**400] + [0.2] * 47}, {"hour_thresholds": [1.5] * 48},
-                   {"threshold": float("nan")}):
+                   {"threshold": float("nan")}, {"threshold": "x"}, {"threshold": 7.0}):
         with pytest.raises(DataError, match="not risks between 0 and 1: the bundle is damaged"):
             hour_thresholds(forged, 48)
     assert hour_thresholds({"threshold": 0.17}, 3).tolist() == [0.17] * 3
+    assert hour_thresholds({"hour_thresholds": 5, "threshold": 0.2}, 2).tolist() == [0.2, 0.2]
     assert hour_thresholds({}, 2).tolist() == [0.5, 0.5]
+    # plain predict's decision reads the same checked threshold
+    from common.bundle import bundle_threshold
+
+    assert bundle_threshold({"threshold": None}) == 0.5 and bundle_threshold({"threshold": 0.17}) == 0.17
+    with pytest.raises(DataError, match="not risks between 0 and 1"):
+        bundle_threshold({"threshold": "x"})
