@@ -14,7 +14,9 @@ release (:meth:`~server.results.Reader.flag_rate`), so each draw also redraws th
 release and the share's error travels into the hour's. Post-processing of the releases:
 no privacy cost. Rough, as the metrics' intervals are: their coverage of the exact value
 is measured over runs (``simulations.threshold_coverage``) and printed, not assumed
-(``common.intervals.THRESHOLD_INTERVAL_COVERAGE``).
+(``common.intervals.THRESHOLD_INTERVAL_COVERAGE``). The monitor's flag levels (an hour's
+threshold moved up by the margin) get theirs from the same draws, paired
+(:func:`flag_level_errors`).
 """
 
 from __future__ import annotations
@@ -231,8 +233,9 @@ def flag_level_errors(hours: int, read: list[int], checkpoints: dict[int, np.nda
     ``read``: the checkpoint hours whose thresholds the run read (the hours joined between,
     as ``server.results.every_hour`` joins them); ``checkpoints``: their threshold errors
     (:func:`quantile_errors`, on the model's own scale; an hour read without errors leaves
-    the pull undrawn, so no flag level gets any); ``scale``: the recalibration's slope, which moves them onto the scale
-    shown); ``margin``: the margin's, a release of its own, so paired by index with them;
+    the pull undrawn, so no flag level gets any); ``scale``: the recalibration's slope,
+    which moves them onto the scale shown; ``margin``: the margin's errors, a release of its
+    own, so paired by index with them;
     ``hours``: the window's last hour, whose threshold is the decision's: with
     ``last_is_setting`` (a clinical level) it has no error, and its flag level gets errors
     too; else it is a reading whose errors are not drawn (taken as none in the pull) and
