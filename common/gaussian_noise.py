@@ -31,34 +31,38 @@ import math
 import numpy as np
 
 GRID_PER_SD = 256  # the grid's step is at most sd / GRID_PER_SD
+# The largest number a Gaussian release may hold (counts of patients, sums of clipped contributions: none comes
+# near). A grid finer than the doubles near it would leave low bits as they are, so such a noise is refused; the
+# bound is fixed, not the release's own largest value, so whether a release is refused never depends on its patients.
+MAX_MAGNITUDE = 2.0**32
 
 
 def snap_step(sd: float) -> float:
     """The grid a release of noise ``sd`` is snapped to: the largest power of two at most
-    ``sd / GRID_PER_SD`` (exact in binary, so snapping a double loses nothing else)."""
+    ``sd / GRID_PER_SD`` (exact in binary, so snapping a double loses nothing else). A
+    noise whose grid would be finer than the doubles near ``MAX_MAGNITUDE`` is refused."""
     if not (math.isfinite(sd) and sd > 0):
         raise ValueError(f"a Gaussian release needs a positive, finite noise sd (got {sd!r})")
     step = 2.0 ** (math.floor(math.log2(sd)) - round(math.log2(GRID_PER_SD)))
-    if not step > 0:  # an sd so small its grid underflows: no release of this noise can be snapped
-        raise ValueError(f"a Gaussian release's noise sd {sd!r} is too small to snap to a grid")
+    if not step >= np.spacing(MAX_MAGNITUDE):
+        raise ValueError(f"a Gaussian release's noise sd {sd!r} is too small to snap to a grid coarser than the "
+                         f"numbers a release may hold (up to {MAX_MAGNITUDE:.3g})")
     return step
+
+
+def _on_grid(values: np.ndarray, step: float) -> np.ndarray:
+    return np.round(values / step) * step
 
 
 def snapped(values: np.ndarray, sd: float) -> np.ndarray:
     """``values`` rounded to the nearest multiple of :func:`snap_step` of ``sd``."""
-    step = snap_step(sd)
-    values = np.asarray(values, dtype=np.float64)
-    # a grid finer than the doubles near the values would leave their low bits as they are: refused, not pretended
-    if values.size and step < np.spacing(float(np.abs(values).max())):
-        raise ValueError(f"values up to {float(np.abs(values).max()):.3g} are too large for noise of sd {sd!r} to "
-                         "snap: the grid would be finer than the numbers")
-    return np.round(values / step) * step
+    return _on_grid(np.asarray(values, dtype=np.float64), snap_step(sd))
 
 
 def gaussian_release(values: np.ndarray, sd: float, rng: np.random.Generator) -> np.ndarray:
     """``values`` (counts, or sums of clipped contributions) plus N(0, sd^2) on each, snapped
     to the grid: what leaves the hospital. ``rng`` is the hospital's, seeded from the
     operating system's entropy (the coordinator must not know it)."""
-    snap_step(sd)  # refuses a noise it cannot release before drawing any
+    step = snap_step(sd)  # refuses a noise it cannot release before drawing any
     values = np.asarray(values, dtype=np.float64)
-    return snapped(values + rng.normal(0.0, sd, values.shape), sd)
+    return _on_grid(values + rng.normal(0.0, sd, values.shape), step)

@@ -45,10 +45,13 @@ def test_a_release_without_a_positive_finite_sd_is_refused(sd):
 
 
 def test_a_noise_too_small_to_snap_its_values_is_refused_rather_than_released_unsnapped():
-    """A grid finer than the doubles near the values would leave their low bits as they
-    are, and one that underflows has no steps at all: both refused (no realistic release
-    comes near: the default's sds are 4 to 100)."""
+    """A grid finer than the doubles near the largest number a release may hold would leave
+    low bits as they are, and one that underflows has no steps at all: both refused (no
+    realistic release comes near: the default's sds are 4 to 100), whatever the values, so
+    the refusal never depends on the patients."""
     with pytest.raises(ValueError, match="too small to snap"):
         snap_step(5e-324)
-    with pytest.raises(ValueError, match="too large for noise of sd"):
-        gaussian_release(np.array([1000.0]), 1e-12, np.random.default_rng(0))
+    for values in (np.array([1000.0]), np.array([0.0])):
+        with pytest.raises(ValueError, match="too small to snap"):
+            gaussian_release(values, 1e-12, np.random.default_rng(0))
+    assert snap_step(1e-3) == 2.0**-18
