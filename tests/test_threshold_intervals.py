@@ -269,6 +269,12 @@ def test_the_summary_prints_each_dp_threshold_with_its_interval():
                         "measured somewhere")
     # a caller that says nothing of the run's settings is not told the default's coverage was measured for it
     assert "not measured at this run's settings" in decision_lines(test, True, level=0.17)[2]
+    # the report's paragraph on the monitor says the same levels, with the same intervals
+    from server.report.sections import monitor_words
+
+    test.flag_level_intervals = {"1": [0.51, 0.71], "48": [0.226, 0.291]}
+    words = monitor_words(test, "measured somewhere")
+    assert "flagged at some hour: a risk of 0.594 (0.510-0.710) after hour 1, 0.286 (0.226-0.291) after hour 48. " in words
 
 
 def test_the_bundle_keeps_what_the_monitor_read_with_its_intervals():

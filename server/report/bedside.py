@@ -8,12 +8,11 @@ import math
 
 from common.document import Bullets, Section
 from common.intervals import INTERVAL_LEVEL
-from common.metrics import logit, sigmoid
 from common.reliability import calibration_lean
 
 from .groups import RECALIBRATION_CAVEAT
 from .run_folder import RunFolder
-from .sections import at_monitor_setting, hour_list, threshold_coverage_words
+from .sections import at_monitor_setting, flag_levels_words, hour_list, threshold_coverage_words
 
 
 def bedside_section(run: RunFolder) -> Section | None:
@@ -114,28 +113,13 @@ def monitor_rule(test) -> tuple[str, str] | None:
     add a margin in log-odds itself) and how its margin was read; None without a margin."""
     if test.onset_margin is None:
         return None
-    hours = test.hour_thresholds or []
-    raised = (f": a risk of {_level(test, hours, 1)} after hour 1, {_level(test, hours, len(hours))} after hour "
-              f"{len(hours)}" if hours else "")
+    raised = flag_levels_words(test)
     interval = getattr(test, "onset_margin_interval", None)
     within = f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
     return (f"from the first hour its risk passes that hour's threshold by {test.onset_margin:.2f}{within} in "
-            f"log-odds{raised}",
+            f"log-odds{': ' + raised if raised else ''}",
             f"(the margin read from a DP release, aiming at {100 * test.monitor_rate:.0f}% of the validation stays "
             "flagged at some hour)")
-
-
-def _level(test, hours: list[float], hour: int) -> str:
-    """The monitor's flag level after ``hour``, with its interval where it has one
-    (server.results.flag_level_intervals): a DP reading, not a setting."""
-    bounds = (getattr(test, "flag_level_intervals", None) or {}).get(str(hour))
-    within = f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
-    return f"{_moved(hours[hour - 1], test.onset_margin):.3f}{within}"
-
-
-def _moved(risk: float, margin: float) -> float:
-    """A risk moved up by ``margin`` in log-odds."""
-    return sigmoid(float(logit(risk)) + margin)
 
 
 def _calibration_item(test) -> str:

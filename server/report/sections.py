@@ -19,7 +19,7 @@ from common.intervals import (
     THRESHOLD_INTERVAL_COVERAGE,
     interval_coverage,
 )
-from common.metrics import METRIC_NAMES, Metrics, with_interval
+from common.metrics import METRIC_NAMES, Metrics, logit, sigmoid, with_interval
 
 from ..records import Partition, RunPrivacy, StartRecord
 from .run_folder import RunFolder
@@ -258,7 +258,29 @@ def monitor_words(test, coverage: str) -> str:
     within = f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
     return text + (f"A stay is flagged from the first hour its risk passes that hour's threshold by {margin:.2f}{within} "
                    f"in log-odds, and stays flagged: read from the validation patients' onset histogram (a DP release) "
-                   f"so that {getattr(test, 'monitor_rate', 0) or 0:.0%} of them are flagged at some hour. ")
+                   f"so that {getattr(test, 'monitor_rate', 0) or 0:.0%} of them are flagged at some hour"
+                   f"{': ' + levels if (levels := flag_levels_words(test)) else ''}. ")
+
+
+def flag_levels_words(test) -> str:
+    """The risks that raise the monitor's flag, after hour 1 and after the last hour, each
+    with its interval where it has one (server.results.flag_level_intervals: DP readings,
+    not settings), as predict --hourly's flag_level column prints them: a ward setting up
+    an alert should not have to add a margin in log-odds itself. "" without a margin."""
+    hours = list(getattr(test, "hour_thresholds", None) or [])
+    margin = getattr(test, "onset_margin", None)
+    if not hours or margin is None:
+        return ""
+    return (f"a risk of {_flag_level(test, hours, 1, margin)} after hour 1, "
+            f"{_flag_level(test, hours, len(hours), margin)} after hour {len(hours)}")
+
+
+def _flag_level(test, hours: list[float], hour: int, margin: float) -> str:
+    """The flag level after ``hour`` (that hour's threshold moved up by the margin in
+    log-odds), with its interval where it has one."""
+    bounds = (getattr(test, "flag_level_intervals", None) or {}).get(str(hour))
+    within = f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
+    return f"{sigmoid(float(logit(hours[hour - 1])) + margin):.3f}{within}"
 
 
 def baseline_section(run: RunFolder) -> Section | None:
