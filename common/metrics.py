@@ -399,6 +399,12 @@ def choose_threshold(summary: ScoreSummary) -> int | None:
     return 1 + int(np.argmax(score[1:]))
 
 
+# An interval this wide (of metrics that live in 0-1) says no more than a guess: a new
+# user's report showed a hospital's "AUROC 0.785 (0.008-1.000)", which a clinician reads as
+# an AUROC near 0.8 and which the release cannot tell from a coin or its mirror image.
+UNINFORMATIVE_SPAN = 0.9
+
+
 def with_interval(value: float | None, interval: list[float] | tuple[float, float] | None, digits: int = 3,
                   what: str = "") -> str:
     """A metric read from DP releases as the console and the report show it: its value
@@ -409,6 +415,8 @@ def with_interval(value: float | None, interval: list[float] | tuple[float, floa
     low, high = interval
     if round(low, digits) <= 0 and round(high, digits) >= 1:  # a share anywhere from 0 to 1: no information
         return "cannot be estimated (its interval is all of 0-1)"
+    if high - low >= UNINFORMATIVE_SPAN:
+        return (f"cannot be estimated (its interval, {low:.{digits}f}-{high:.{digits}f}, spans nearly all of 0-1)")
     return f"{value:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 

@@ -148,7 +148,12 @@ def test_a_dp_reading_shows_a_number_only_with_an_interval_that_says_something()
     # "AUPRC 0.487 (0.000-1.000)" read like a number; it is no information
     assert with_interval(0.487, [0.0, 1.0]) == "cannot be estimated (its interval is all of 0-1)"
     assert with_interval(0.487, [0.0004, 0.9996]) == "cannot be estimated (its interval is all of 0-1)"
-    assert with_interval(0.487, [0.0, 0.97]) == "0.487 (0.000-0.970)"
+    # nearly all of it is no better: a hospital's row read "AUROC 0.785 (0.008-1.000)"
+    assert with_interval(0.785, [0.008, 1.0]) == ("cannot be estimated (its interval, 0.008-1.000, spans nearly all "
+                                                  "of 0-1)")
+    assert "cannot be estimated" in with_interval(0.487, [0.0, 0.97])
+    assert with_interval(0.758, [0.553, 0.923]) == "0.758 (0.553-0.923)"
+    assert with_interval(0.5, [0.06, 0.95]) == "0.500 (0.060-0.950)"  # just under the span: a number, with its width
 
 
 def test_sampling_intervals_hold_the_metrics_and_narrow_with_more_stays():
