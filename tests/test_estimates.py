@@ -1004,3 +1004,13 @@ def test_the_reliability_bars_come_from_the_same_bootstrap_and_hold_their_points
     coarse = metric_intervals(release, noise, None, INTERVAL_LEVEL, 30, np.random.default_rng(1), "binned",
                               with_reliability=True) or {}
     assert len(reliability(release, monotone=True)) < TENTHS and not any(k.startswith(RELIABILITY_PREFIX) for k in coarse)
+
+
+def test_a_group_count_the_noise_drew_far_below_zero_is_not_shown_as_a_sure_zero():
+    """A new user's report showed "0-0" deaths for a group whose noisy count was -189 with
+    sd 70: its whole 99% range lay below 0, and clipping it to 0 read as "certainly none"."""
+    from server.report.groups import _count_range, _range_text
+
+    assert _range_text(_count_range(-188.8, 2.576 * 70)) == "no count fits (the noise drew it below 0)"
+    assert _range_text(_count_range(-100.0, 2.576 * 70)) == "0-80"  # a range from 0: small or empty, as it says
+    assert _range_text(_count_range(300.0, 180.0, most=250.0)) == "120-250"  # deaths never above the patients

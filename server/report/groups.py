@@ -46,8 +46,8 @@ def subgroup_section(run: RunFolder) -> Section | None:
         m = g.metrics
         if m is None and count_sd is not None:
             patients = _count_range(g.patients, Z_99 * math.sqrt(2) * count_sd)  # two noisy sums
-            cells = [g.grouping, g.group, _range_text(patients),
-                     _range_text(_count_range(g.deaths, Z_99 * count_sd, most=patients[1])), g.note, "", ""]
+            deaths = _count_range(g.deaths, Z_99 * count_sd, most=patients[1] if patients else None)
+            cells = [g.grouping, g.group, _range_text(patients), _range_text(deaths), g.note, "", ""]
         elif m is None:
             cells = [g.grouping, g.group, "", "", g.note, "", ""]
         else:
@@ -125,15 +125,20 @@ def reliability_caption(dp: bool, read: bool, exact: bool, bands: str | None = N
     return caption
 
 
-def _count_range(noisy: float, spread: float, most: float | None = None) -> tuple[float, float]:
+def _count_range(noisy: float, spread: float, most: float | None = None) -> tuple[float, float] | None:
     """The range of true counts a noisy count leaves: noisy ± spread, never below 0, and
-    never above ``most`` (deaths: the patients' own upper end)."""
-    low, high = max(0.0, noisy - spread), max(0.0, noisy + spread)
+    never above ``most`` (deaths: the patients' own upper end). None when no count fits:
+    the noise drew the count more than ``spread`` below 0, and clipping that range to 0
+    would print "0-0", which reads as a sure zero (a new user's report showed "0-0" deaths
+    for a count the noise drew to -189 with sd 70)."""
+    if noisy + spread < 0:
+        return None
+    low, high = max(0.0, noisy - spread), noisy + spread
     return (min(low, most), min(high, most)) if most is not None else (low, high)
 
 
-def _range_text(bounds: tuple[float, float]) -> str:
-    return f"{bounds[0]:.0f}-{bounds[1]:.0f}"
+def _range_text(bounds: tuple[float, float] | None) -> str:
+    return "no count fits (the noise drew it below 0)" if bounds is None else f"{bounds[0]:.0f}-{bounds[1]:.0f}"
 
 
 def _with(value: float, group, metric: str) -> str:
