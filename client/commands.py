@@ -250,12 +250,12 @@ def show(folder_path: Path, as_json: bool = False) -> str:
          f"{policy.eval_max_epsilon:g} each"),
     ]
     for split, g in groups.items():
-        second = (f"{format_number(g['epsilon_alone'], 4)} with its own noise alone (secure aggregation; "
+        second = (f"{format_number(g['epsilon_alone'])} with its own noise alone (secure aggregation; "
                   f"policy max_epsilon_alone {policy.max_epsilon_alone:g})" if "epsilon_alone" in g
-                  else f"{format_number(g['epsilon_prv'], 4)} by the PRV accountant" + (
+                  else f"{format_number(g['epsilon_prv'])} by the PRV accountant" + (
                       " (which has no analysis of the Laplace release among them: RDP's)"
                       if any(e.mechanism == Mechanism.LAPLACE for e in ledger.noisy(Split(split))) else ""))
-        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'], 4)} by the RDP accountant, {second}, "
+        lines.append(f"  {split:5s} patients: epsilon {format_number(g['epsilon'])} by the RDP accountant, {second}, "
                      f"{g['releases']} DP release(s)")
     for r in runs:
         lines.append(f"  run {r['run_id']}: {r['dp_sgd_rounds']} DP-SGD rounds" + (

@@ -8,7 +8,7 @@
     fedgru baseline  [--config FILE] --kind central|central-dp|local [--epsilon E] [--out DIR]
     fedgru report    RUN_DIR
     fedgru plan      --epsilon E | --noise-multiplier S  --rounds R --batch-size B --examples N [--delta D] [--local-epochs K] [--json]
-    fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E
+    fedgru hospital  init --out DIR --name NAME --data PATH --outcomes FILE --max-epsilon E [--config FILE]
     fedgru hospital  data|approve|serve|show --hospital-dir DIR
     fedgru hospital  peer --hospital-dir DIR --name OTHER --key OTHER.pub
     fedgru deploy    init --out DIR --hospital NAME=KEY.pub ... [--host HOST --port PORT]
@@ -29,6 +29,7 @@ from pathlib import Path
 from common.config import ConfigError, load_config
 from common.data.records import DataError
 from common.files import to_json
+from common.metrics import format_number
 from common.paths import project_root
 from fedgru.bedside import cmd_explain, cmd_monitor, cmd_predict
 from fedgru.evaluate import cmd_evaluate
@@ -137,13 +138,13 @@ def cmd_plan(args) -> int:
     if args.batch_size >= args.examples:
         print(f"note: the batch ({args.batch_size}) is not smaller than the {args.examples} examples: every step "
               "uses each of them (sample rate 1), with no amplification by sampling")
-    print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {p.sample_rate:.4f}, "
+    print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {format_number(p.sample_rate)}, "
           f"{p.steps_per_round} noisy steps per round, {p.steps_per_round * args.rounds} in {args.rounds} rounds")
     if args.epsilon is not None:
-        print(f"noise multiplier for epsilon {args.epsilon} at delta {args.delta:g} ({args.accountant}): {p.noise_multiplier:.4f}")
+        print(f"noise multiplier for epsilon {args.epsilon} at delta {args.delta:g} ({args.accountant}): {format_number(p.noise_multiplier)}")
     print(f"{'round':>5}  epsilon (delta {args.delta:g}, {args.accountant})")
     for r, eps in enumerate(p.epsilon_per_round, start=1):
-        print(f"{r:>5}  {eps:.4f}")
+        print(f"{r:>5}  {format_number(eps)}")
     if args.epsilon is not None:
         print(_ceiling_note(args, p))
     return 0
@@ -163,7 +164,7 @@ def _ceiling_note(args, p) -> str:
     policy = default_policy(args.epsilon, args.delta, args.epsilon)
     ceiling, first = policy.max_epsilon_per_round, p.epsilon_per_round[0]
     said = (f"a hospital with `fedgru hospital init`'s default policy and budget {args.epsilon:g} refuses a round that "
-            f"costs more than {ceiling:g} (policy.max_epsilon_per_round): round 1 here costs {first:.4f}")
+            f"costs more than {ceiling:g} (policy.max_epsilon_per_round): round 1 here costs {format_number(first)}")
     if first <= ceiling + 1e-9:
         return said + ", within it"
     cfg = load_config(None, [f"run.rounds={args.rounds}", f"training.batch_size={args.batch_size}",
@@ -176,8 +177,8 @@ def _ceiling_note(args, p) -> str:
         return said + f", and it refuses this plan: {exc}"
     after = plan(args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, args.accountant,
                  noise_multiplier=fit.noise_multiplier).epsilon_per_round[-1]
-    return (said + f": such a hospital trains with noise multiplier {fit.noise_multiplier:.4f} instead "
-            f"(\"{fit.set_by}\"), ending at epsilon {after:.4f} after {args.rounds} rounds")
+    return (said + f": such a hospital trains with noise multiplier {format_number(fit.noise_multiplier)} instead "
+            f"(\"{fit.set_by}\"), ending at epsilon {format_number(after)} after {args.rounds} rounds")
 
 
 def _feasible(args, exc) -> str:
@@ -192,7 +193,7 @@ def _feasible(args, exc) -> str:
     try:
         sigma = plan(args.examples, args.batch_size, args.local_epochs, args.rounds, args.delta, other,
                      target_epsilon=args.epsilon).noise_multiplier
-        options.append(f"--accountant {other} (noise multiplier {sigma:.4g})")
+        options.append(f"--accountant {other} (noise multiplier {format_number(sigma)})")
     except InfeasibleTarget:
         pass
     return ", or ".join(options) + ", or a larger --delta"

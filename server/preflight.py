@@ -78,7 +78,7 @@ def accepted_line(accepted: list[PreflightAnswer], asked: int, keep_ledgers: boo
     set_by = ", ".join(f"{why} at {count} {'hospital' if count == 1 else 'hospitals'}"
                        for why, count in reasons.most_common())
     return (f"{len(accepted)} of {asked} hospitals accept the plan: noise multiplier "
-            f"{span([a.noise_multiplier for a in accepted], '.3g')} (set by {set_by}), training epsilon after the run "
+            f"{span([a.noise_multiplier for a in accepted], '.3f')} (set by {set_by}), training epsilon after the run "
             f"{span([a.planned.get('train', 0.0) for a in accepted], '.3f')} (of "
             f"{span([a.remaining.get('train', 0.0) for a in accepted], '.3f')} budget left before it)"
             + (spent_words(accepted) if keep_ledgers else ""))

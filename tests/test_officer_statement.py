@@ -48,3 +48,12 @@ def test_a_hospital_with_no_release_gets_a_whole_sentence_with_its_state_and_rea
                         reason="left out of secure aggregation: its policy's least threshold would leave ...")
     text = officer_statement("e", h, _privacy(h))
     assert "no record of any release about them (its state at the end: in the run to its end; left out of secure" in text
+
+
+def test_the_privacy_tables_print_a_remaining_budget_at_the_precision_of_every_epsilon():
+    """A new user's report printed "remaining 6.65e-05" in a column of epsilons at three
+    decimals, where the officer's statement beside it says "less than 0.001 remains"."""
+    from server.report.privacy_text import _remaining
+
+    assert _remaining(6.65e-05) == "under 0.001"
+    assert _remaining(0.168) == "0.168" and _remaining(0.0) == "0.000" and _remaining(None) == "n/a"

@@ -75,7 +75,9 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
         sections.append(Section("Utility per round", [
             "No validation release was made during training (evaluation.validate_every is 0, the default, which "
             "keeps the validation budget for the final model, or the run was too short), so there is no curve to "
-            "show; the final model was validated once, and its test results are above."]))
+            "show. The final model's validation releases were read once, for the monitor's hour thresholds and margin "
+            "(with their intervals, above; under evaluation.threshold auto, the decision threshold too), and its "
+            "test results are above."]))
     sections += [s for s in (subgroup_section(run), importance_section(run)) if s is not None]
     sections += privacy_sections(run)
     audit = audit_section(run.audit)

@@ -82,6 +82,14 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
 SPENT = 0.0005  # a budget with less left reads "less than 0.001 remains" at three decimals: spent
 
 
+def _remaining(left: float | None) -> str:
+    """A budget's remaining epsilon at the three decimals every epsilon prints with: a
+    budget spent to its last 1e-5 reads "under 0.001", not 6.65e-05 beside 1.000."""
+    if left is not None and 0 < left < SPENT:
+        return "under 0.001"
+    return format_number(left, 3)
+
+
 def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
     """Each group's budget and what remains after this run; a spent validation or test
     budget means a later run that scores those stays will be refused."""
@@ -142,7 +150,7 @@ def privacy_sections(run: RunFolder) -> list[Section]:
         header = ["hospital", "epsilon (RDP)", "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta",
                   "budget", "remaining", "rounds", "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
         rows = [
-            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, h.remaining, h.rounds_trained,
+            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, _remaining(h.remaining), h.rounds_trained,
              sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
              h.history[-1].sample_rate if h.history else None, h.state.words]
             for name, h in sorted(privacy.hospitals.items())
@@ -229,7 +237,7 @@ def preflight_section(run: RunFolder) -> Section | None:
         return None
     rows = []
     for a in sorted(answers, key=lambda a: a.hospital):
-        left = " / ".join(format_number(a.remaining.get(g), 3) for g in ("train", "val", "test")) if a.remaining else ""
+        left = " / ".join(_remaining(a.remaining.get(g)) for g in ("train", "val", "test")) if a.remaining else ""
         if a.accepted:
             after = " / ".join(format_number(a.planned.get(g), 3) for g in ("train", "val", "test"))
             rows.append([a.hospital, "accepts", f"{format_number(a.noise_multiplier, 3)} ({a.noise_set_by})", after, left])
