@@ -37,6 +37,7 @@ from common.model import GRUClassifier, model_spec
 from common.privacy import InfeasibleTarget
 from common.signatures import PublicKey
 
+from .averaging import ModelAverage
 from .checkpoint import RunSnapshot
 from .discovery import HospitalView, Roster, who_are_you
 from .exchange import exchange, node_of  # noqa: F401 - node_of: the coordinator's pairing of replies, tested
@@ -128,6 +129,7 @@ class Coordinator:
         self._aggregator: Aggregator | None = None
         self.hospital_dp_exhausted = False
         self.arrays = initial_arrays(cfg, start)  # a resumed run replaces them in restore()
+        self.average = ModelAverage(cfg.strategy.average_decay)  # the final model (server.averaging)
         self.start_round = 1
         self.cfg_json = cfg.to_json()
         self.calibration: Calibration | None = None  # Platt scaling folded into the final model
@@ -149,7 +151,8 @@ class Coordinator:
             round=server_round,
             config_json=self.cfg_json,
             arrays={k: v.numpy() for k, v in self.arrays.items()},
-            strategy_state={**self.aggregator.state_dict(), **(self.secure.state_dict() if self.secure else {})},
+            strategy_state={**self.aggregator.state_dict(), **(self.secure.state_dict() if self.secure else {}),
+                            **self.average.state_dict()},
             hospital_dp_state=accountant.state_dict() if accountant is not None else None,
             hospitals=[h.status() for h in self.hospitals.values()],
             rounds=list(self.recorder.rounds),
@@ -166,6 +169,7 @@ class Coordinator:
         self.start_round = snapshot.round + 1
         self.arrays = ArrayRecord({k: Array(v) for k, v in snapshot.arrays.items()})
         state = dict(snapshot.strategy_state)
+        self.average.load_state_dict(state)  # takes its own part out
         if self.secure is not None:
             self.secure.load_state_dict(state)  # takes its own part out
         self.aggregator.load_state_dict(state)
@@ -455,6 +459,8 @@ class Coordinator:
             train = self.train_round(server_round)
             if self.hospital_dp_exhausted:
                 break
+            if not train.skipped:
+                self.average.update(self.arrays)
             last = server_round
             val = self._validated(server_round - 1, train.validation, progress=True) if train.validation else None
             seconds = time.perf_counter() - t0

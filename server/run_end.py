@@ -88,6 +88,9 @@ def finish_run(co, last_round: int) -> None:
         co.recorder.finish(None, None, [h.status() for h in co.hospitals.values()],
                              co.aggregator.hospital_privacy(), not_evaluated=why)
         return
+    # the model the run releases: the average of the rounds' global models (server.averaging), which every
+    # final release, the bundle and the exact metrics read from here on
+    co.arrays = co.average.final(co.arrays)
     ev = co.cfg.evaluation
     grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
     validated = final_evaluation(co, last_round, [Split.VAL])

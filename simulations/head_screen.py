@@ -40,6 +40,7 @@ from common.data.dataset import load_dataset
 from common.data.partition import HospitalSplit, make_partition
 from common.model import GRUClassifier, model_spec
 from common.privacy import calibrate_noise, steps_per_round
+from server.averaging import decay_at
 
 _calibrate = functools.lru_cache(maxsize=256)(calibrate_noise)  # the same hospitals, fold after fold
 
@@ -50,7 +51,7 @@ class Screen:
     lr: float | None = None  # None: training.lr
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    ema: float = 0.0  # > 0: also score an exponential average of the global models (decay per round)
+    ema: float = 0.0  # > 0: also score an exponential average of the global models (strategy.average_decay)
     tail: int = 0  # > 0: also score the mean of the last `tail` global models
     noise_weighted: bool = False  # weight hospitals by the inverse variance of their update's noise
     units: list[int] | None = None  # keep only these GRU units of every variable (all descriptors kept)
@@ -62,6 +63,7 @@ class Screen:
     public_fraction: float = 0.0  # > 0: this share of all stays is a public data set, out of every hospital
     public_start: bool = True  # ... and the head starts at a non-private fit of it (False: at zero)
     lr_final: float | None = None  # cosine decay of the learning rate to this by the last round (None: constant)
+    level: float | None = None  # also the share of test stays each model flags at this risk (a clinical level)
 
 
 def head_features(cfg) -> tuple[np.ndarray, np.ndarray, list[HospitalSplit]]:
@@ -154,14 +156,21 @@ def screen(cfg, s: Screen) -> dict[str, list[float]]:
         momentum = s.server_momentum * momentum + step
         W = W + s.server_lr * momentum
         if s.ema:
-            ema = W.clone() if ema is None else s.ema * ema + (1 - s.ema) * W
+            kept = decay_at(s.ema, r + 1)  # as the coordinator averages (server.averaging), warm-up included
+            ema = W.clone() if ema is None else kept * ema + (1 - kept) * W
         if s.tail and r >= cfg.run.rounds - s.tail:
             tail.append(W.clone())
     models = {"last": W, **({"start": W0} if s.public_fraction else {}), **({"ema": ema} if ema is not None else {}),
               **({"tail": sum(tail) / len(tail)} if tail else {})}
     test = np.concatenate([h.test for h in hospitals])
     Xt = torch.as_tensor(np.concatenate([features[test], np.ones((len(test), 1))], 1))
-    return {name: [float(roc_auc_score(y[test], row)) for row in (M @ Xt.T).numpy()] for name, M in models.items()}
+    scores = {name: (M @ Xt.T).numpy() for name, M in models.items()}
+    found = {name: [float(roc_auc_score(y[test], row)) for row in rows] for name, rows in scores.items()}
+    if s.level is not None:  # a risk >= level is a logit >= logit(level)
+        cut = math.log(s.level / (1 - s.level))
+        found.update({f"{name} flagged at {s.level:g}": [float((row >= cut).mean()) for row in rows]
+                      for name, rows in scores.items()})
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,18 +196,25 @@ def main(argv: list[str] | None = None) -> int:
                              "at a non-private fit of it (scored as 'start')")
     parser.add_argument("--zero-start", action="store_true", help="with --public-fraction: start at zero all the same")
     parser.add_argument("--lr-final", type=float, default=None, help="cosine decay of the learning rate to this")
+    parser.add_argument("--level", type=float, default=None,
+                        help="also the share of test stays each model flags at this risk, with its sd within a fold "
+                             "(the training noise's part of the spread) beside the sd over all runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     s = Screen(args.runs, args.lr, args.server_lr, args.server_momentum, args.ema, args.tail, args.noise_weighted,
                [int(u) for u in args.units.split(",")] if args.units else None, args.central,
                args.ideal_secure_aggregation, args.noise_scale, oracle_init=args.oracle_init, lr_final=args.lr_final,
-               public_fraction=args.public_fraction, public_start=not args.zero_start)
+               public_fraction=args.public_fraction, public_start=not args.zero_start, level=args.level)
     results: dict[str, list[float]] = {}
+    within: dict[str, list[float]] = {}  # each fold's variance over its runs: the training noise's part
     for fold in (int(f) for f in args.folds.split(",")):
         cfg = load_config(args.config, args.overrides + ["split.folds=5", f"split.fold={fold}"])
         for name, values in screen(cfg, s).items():
             results.setdefault(name, []).extend(values)
-    summary = {name: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else float("nan"), "n": len(v)}
+            if len(values) > 1:
+                within.setdefault(name, []).append(statistics.variance(values))
+    summary = {name: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else float("nan"), "n": len(v),
+                      **({"sd within a fold": math.sqrt(statistics.fmean(within[name]))} if name in within else {})}
                for name, v in results.items()}
     print(json.dumps(summary))
     return 0

@@ -398,12 +398,14 @@ class StrategySection:
     discovery_timeout_s: float  # bound on the wait for min_hospitals to say who they are
     max_examples: int  # replies claiming more examples are rejected
     max_update_norm: float  # a reply whose update (its weights - the global model) is longer, in L2, is rejected
+    average_decay: float  # the final model: an exponential average of the rounds' global models (0: the last one)
 
     def validate(self, check: Check) -> None:
         check(self.min_hospitals >= 1, "min_hospitals", "must be at least 1")
         check(self.max_update_norm > 0, "max_update_norm", "must be positive")
         check(self.round_timeout_s > 0, "round_timeout_s", "must be positive")
         check(self.discovery_timeout_s > 0, "discovery_timeout_s", "must be positive")
+        check(0 <= self.average_decay < 1, "average_decay", "must be at least 0 and below 1 (0: the last round's model)")
 
 
 @dataclass
