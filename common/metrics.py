@@ -406,18 +406,21 @@ UNINFORMATIVE_SPAN = 0.9
 
 
 def with_interval(value: float | None, interval: list[float] | tuple[float, float] | None, digits: int = 3,
-                  what: str = "") -> str:
+                  what: str = "", dp: bool = True) -> str:
     """A metric read from DP releases as the console and the report show it: its value
     and its rough interval ("0.812 (0.761-0.858)"); no interval, no number: it could not
-    be estimated (a fit that fails on counts the noise drowns gave numbers like 5e-185)."""
+    be estimated (a fit that fails on counts the noise drowns gave numbers like 5e-185).
+    ``dp`` False: an exact value with its sampling interval (a hospital's own stays), a
+    number whatever its interval's width."""
     if value is None or interval is None or not math.isfinite(value):
         return "cannot be estimated" + (f" ({what})" if what else "")
     low, high = interval
-    if round(low, digits) <= 0 and round(high, digits) >= 1:  # a share anywhere from 0 to 1: no information
+    shown = f"{low:.{digits}f}-{high:.{digits}f}"
+    if dp and round(low, digits) <= 0 and round(high, digits) >= 1:  # a share anywhere from 0 to 1: no information
         return "cannot be estimated (its interval is all of 0-1)"
-    if high - low >= UNINFORMATIVE_SPAN:
-        return (f"cannot be estimated (its interval, {low:.{digits}f}-{high:.{digits}f}, spans nearly all of 0-1)")
-    return f"{value:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+    if dp and round(high, digits) - round(low, digits) >= UNINFORMATIVE_SPAN - 10 ** -(digits + 3):  # as printed
+        return f"cannot be estimated (its interval, {shown}, spans nearly all of 0-1)"
+    return f"{value:.{digits}f} ({shown})"
 
 
 def threshold_for_rate(summary: ScoreSummary, rate: float) -> float | None:
@@ -497,6 +500,6 @@ def format_metrics(m: Metrics, intervals: dict[str, list[float]] | None = None, 
     if dp:
         parts = [f"{label} {with_interval(getattr(m, key), intervals.get(key))}" for key, label in METRIC_NAMES.items()]
     else:
-        parts = [f"{label} " + (with_interval(getattr(m, key), intervals[key]) if key in intervals
+        parts = [f"{label} " + (with_interval(getattr(m, key), intervals[key], dp=False) if key in intervals
                                  else format_number(getattr(m, key))) for key, label in METRIC_NAMES.items()]
     return "  ".join(parts) + f"  (n={m.n})"

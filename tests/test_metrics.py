@@ -154,6 +154,9 @@ def test_a_dp_reading_shows_a_number_only_with_an_interval_that_says_something()
     assert "cannot be estimated" in with_interval(0.487, [0.0, 0.97])
     assert with_interval(0.758, [0.553, 0.923]) == "0.758 (0.553-0.923)"
     assert with_interval(0.5, [0.06, 0.95]) == "0.500 (0.060-0.950)"  # just under the span: a number, with its width
+    assert "cannot be estimated" in with_interval(0.5, [0.05, 0.95])  # 0.900 as printed (0.8999... in floats)
+    # an exact value on a hospital's own stays is a number whatever its sampling interval's width
+    assert with_interval(0.667, [0.0, 1.0], dp=False) == "0.667 (0.000-1.000)"
 
 
 def test_sampling_intervals_hold_the_metrics_and_narrow_with_more_stays():
