@@ -90,7 +90,8 @@ def finish_run(co, last_round: int) -> None:
         return
     # the model the run releases: the average of the rounds' global models (server.averaging), which every
     # final release, the bundle and the exact metrics read from here on
-    co.arrays = co.average.final(co.arrays)
+    final_model = co.average.final(co.arrays)
+    averaged, co.arrays = final_model is not co.arrays, final_model
     ev = co.cfg.evaluation
     grid = ScoreGrid(ev.logit_range[0], ev.logit_range[1], ev.score_bins)
     validated = final_evaluation(co, last_round, [Split.VAL])
@@ -98,7 +99,8 @@ def finish_run(co, last_round: int) -> None:
     val_noise = {n: e.histogram_noise.get(Split.VAL, 0.0) for n, e in validated.items()}
     raw, val_sd = pooled(list(val_parts.values())), pooled_noise(val_parts, val_noise)
     val = co.reader.read(raw, noise_sd=val_sd)  # pooled first: the fit reads the sum of the releases
-    co._validated(last_round, validated)
+    if not averaged:  # the last round's own model: its validation goes into that round's record, as every
+        co._validated(last_round, validated)  # progress validation does (an average is no round's model)
     uncalibrated = recalibrate(co, val)
     readable = raw is not None and co.reader.readable(raw.n, val_sd, raw.histogram.size)
     threshold, threshold_source = co.reader.threshold_and_source(val, grid, uncalibrated, readable)

@@ -89,7 +89,17 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
            f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
            f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
            f"DP-SGD: {dp}"]),
+        released_model_words(cfg.strategy.average_decay),
     ])])
+
+
+def released_model_words(decay: float) -> str:
+    """Which model the run evaluated, released and saved (server.averaging)."""
+    if decay == 0:
+        return "Released model: the last round's global model"
+    return (f"Released model: an exponential average of the rounds' global models (decay {decay:g}, warming up "
+            "over the first rounds), post-processing of what the coordinator held, free under DP; every final "
+            "release, `model.pt` and the exact metrics are of it")
 
 
 def is_secure(run: RunFolder) -> bool:
