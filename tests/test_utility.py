@@ -101,6 +101,15 @@ def test_runs_repeated_on_one_fold_score_the_same_patients(tmp_path, physionet_f
         # the calibration reading (when the run had one) scored against the exact ratio of the same patients
         assert second["calibration_exact"] == pytest.approx(first["calibration_exact"]) and first["calibration_exact"] > 0
         assert (first["calibration_covered"] is None) == (first["calibration_ratio"] is None)
+    # the released model (the rounds' average) beside the last round's, on the same runs: the released row is
+    # the model utility scored (the same AUROC and share flagged on the same patients)
+    from simulations.average_study import score
+
+    for run, scored in zip(("fold0-run0", "fold0-run1"), runs):
+        both = score(out / run)
+        assert both["released"]["auroc"] == pytest.approx(scored["pooled"]["auroc"])
+        assert both["released"]["flagged"] == pytest.approx(scored["decision_flagged"])
+        assert 0 <= both["last round"]["auroc"] <= 1
 
 
 def test_each_hospitals_interval_coverage_is_counted_over_the_rows_that_had_an_interval():
