@@ -138,7 +138,7 @@ def cmd_plan(args) -> int:
     if args.batch_size >= args.examples:
         print(f"note: the batch ({args.batch_size}) is not smaller than the {args.examples} examples: every step "
               "uses each of them (sample rate 1), with no amplification by sampling")
-    print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {format_number(p.sample_rate)}, "
+    print(f"{args.examples} training examples, expected batch {args.batch_size}: sample rate {p.sample_rate:.4f}, "
           f"{p.steps_per_round} noisy steps per round, {p.steps_per_round * args.rounds} in {args.rounds} rounds")
     if args.epsilon is not None:
         print(f"noise multiplier for epsilon {args.epsilon} at delta {args.delta:g} ({args.accountant}): {format_number(p.noise_multiplier)}")

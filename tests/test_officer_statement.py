@@ -56,4 +56,5 @@ def test_the_privacy_tables_print_a_remaining_budget_at_the_precision_of_every_e
     from server.report.privacy_text import _remaining
 
     assert _remaining(6.65e-05) == "under 0.001"
-    assert _remaining(0.168) == "0.168" and _remaining(0.0) == "0.000" and _remaining(None) == "n/a"
+    assert _remaining(0.168) == "0.168" and _remaining(None) == "n/a"
+    assert _remaining(0.0) == _remaining(-1e-06) == "under 0.001"  # spent, as the statement says, never "-1e-06"

@@ -85,7 +85,7 @@ SPENT = 0.0005  # a budget with less left reads "less than 0.001 remains" at thr
 def _remaining(left: float | None) -> str:
     """A budget's remaining epsilon at the three decimals every epsilon prints with: a
     budget spent to its last 1e-5 reads "under 0.001", not 6.65e-05 beside 1.000."""
-    if left is not None and 0 < left < SPENT:
+    if left is not None and left < SPENT:  # a rounding error's -1e-06 too: spent, as budget_words says
         return "under 0.001"
     return format_number(left, 3)
 
