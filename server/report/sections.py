@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from common.bundle import checkpoint_words
 from common.config import ExperimentConfig
 from common.document import Bullets, Section, Table
@@ -19,7 +21,8 @@ from common.intervals import (
     THRESHOLD_INTERVAL_COVERAGE,
     interval_coverage,
 )
-from common.metrics import METRIC_NAMES, Metrics, logit, sigmoid, with_interval
+from common.metrics import METRIC_NAMES, Metrics, with_interval
+from common.onset import raising_levels
 
 from ..records import Partition, RunPrivacy, StartRecord
 from .run_folder import RunFolder
@@ -281,16 +284,14 @@ def flag_levels_words(test) -> str:
     margin = getattr(test, "onset_margin", None)
     if not hours or margin is None:
         return ""
-    return (f"a risk of {_flag_level(test, hours, 1, margin)} after hour 1, "
-            f"{_flag_level(test, hours, len(hours), margin)} after hour {len(hours)}")
+    levels = raising_levels(np.asarray(hours, dtype=np.float64), margin)  # what the monitor flags at
+    intervals = getattr(test, "flag_level_intervals", None) or {}
 
+    def level(hour: int) -> str:
+        bounds = intervals.get(str(hour))
+        return f"{levels[hour - 1]:.3f}" + (f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
 
-def _flag_level(test, hours: list[float], hour: int, margin: float) -> str:
-    """The flag level after ``hour`` (that hour's threshold moved up by the margin in
-    log-odds), with its interval where it has one."""
-    bounds = (getattr(test, "flag_level_intervals", None) or {}).get(str(hour))
-    within = f" ({bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
-    return f"{sigmoid(float(logit(hours[hour - 1])) + margin):.3f}{within}"
+    return f"a risk of {level(1)} after hour 1, {level(len(hours))} after hour {len(hours)}"
 
 
 def baseline_section(run: RunFolder) -> Section | None:
