@@ -472,6 +472,18 @@ def pooled(summaries: list[ScoreSummary]) -> ScoreSummary | None:
     return total
 
 
+BUDGET_SPENT = 0.0005  # a budget with less left reads "less than 0.001 remains" at three decimals: spent
+
+
+def format_budget_left(left: float | None) -> str:
+    """A budget's remaining epsilon at the three decimals every epsilon prints with: a
+    budget spent to its last 1e-5 reads "under 0.001", not 6.65e-05 or 0.000 beside 1.000
+    (the report, the officer's statement and `fedgru status` say it alike)."""
+    if left is not None and left < BUDGET_SPENT:  # a rounding error's -1e-06 too: spent
+        return "under 0.001"
+    return format_number(left, 3)
+
+
 def format_number(value: float | int | None, digits: int = 3) -> str:
     """How fedgru prints a number: fixed digits, tiny values in g-notation, 'n/a' for
     missing, NaN and infinite values."""

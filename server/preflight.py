@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from common import messages as M
 from common.config import ExperimentConfig
 from common.messages import ReplyState
+from common.metrics import format_budget_left
 from common.preflight import PreflightAnswer
 
 from .discovery import HospitalView
@@ -139,7 +140,7 @@ def connected_status(grid: Grid, cfg: ExperimentConfig, wait_s: float = 30.0) ->
     rows = []
     for view in sorted(roster.hospitals.values(), key=lambda v: v.name):
         answer = answers.get(view.name)
-        left = " / ".join(f"{answer.remaining.get(g, 0.0):.3f}" for g in ("train", "val", "test")) if answer else ""
+        left = " / ".join(format_budget_left(answer.remaining.get(g, 0.0)) for g in ("train", "val", "test")) if answer else ""
         if answer is not None and answer.accepted:
             plan = f"accepts (noise {answer.noise_multiplier:.3g}, set by {answer.noise_set_by})"
         else:

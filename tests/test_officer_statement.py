@@ -53,8 +53,8 @@ def test_a_hospital_with_no_release_gets_a_whole_sentence_with_its_state_and_rea
 def test_the_privacy_tables_print_a_remaining_budget_at_the_precision_of_every_epsilon():
     """A new user's report printed "remaining 6.65e-05" in a column of epsilons at three
     decimals, where the officer's statement beside it says "less than 0.001 remains"."""
-    from server.report.privacy_text import _remaining
+    from common.metrics import format_budget_left
 
-    assert _remaining(6.65e-05) == "under 0.001"
-    assert _remaining(0.168) == "0.168" and _remaining(None) == "n/a"
-    assert _remaining(0.0) == _remaining(-1e-06) == "under 0.001"  # spent, as the statement says, never "-1e-06"
+    assert format_budget_left(6.65e-05) == "under 0.001"
+    assert format_budget_left(0.168) == "0.168" and format_budget_left(None) == "n/a"
+    assert format_budget_left(0.0) == format_budget_left(-1e-06) == "under 0.001"  # spent, as the statement says, never "-1e-06"

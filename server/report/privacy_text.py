@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from common.document import Bullets, Image, Section, Statement, Table
-from common.metrics import format_number
+from common.metrics import BUDGET_SPENT, format_budget_left, format_number
 
 from ..records import AuditResult, HospitalPrivacy, RunPrivacy
 from .plots import plot_epsilon
@@ -79,17 +79,6 @@ def officer_statement(name: str, h: HospitalPrivacy, privacy: RunPrivacy, budget
     )
 
 
-SPENT = 0.0005  # a budget with less left reads "less than 0.001 remains" at three decimals: spent
-
-
-def _remaining(left: float | None) -> str:
-    """A budget's remaining epsilon at the three decimals every epsilon prints with: a
-    budget spent to its last 1e-5 reads "under 0.001", not 6.65e-05 beside 1.000."""
-    if left is not None and left < SPENT:  # a rounding error's -1e-06 too: spent, as budget_words says
-        return "under 0.001"
-    return format_number(left, 3)
-
-
 def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
     """Each group's budget and what remains after this run; a spent validation or test
     budget means a later run that scores those stays will be refused."""
@@ -101,9 +90,9 @@ def budget_words(h: HospitalPrivacy, budgets: dict[str, float] | None) -> str:
         if not budget or g is None:
             continue
         left = budget - g.epsilon
-        words = f"{format_number(left)} remains" if left >= SPENT else "spent (less than 0.001 remains)"
+        words = f"{format_number(left)} remains" if left >= BUDGET_SPENT else "spent (less than 0.001 remains)"
         parts.append(f"{GROUP_WORDS[split][0]} epsilon = {format_number(budget)}, {words}")
-        if left < SPENT and split != "train":
+        if left < BUDGET_SPENT and split != "train":
             spent.append(GROUP_WORDS[split][0])
     if not parts:
         return ""
@@ -150,7 +139,7 @@ def privacy_sections(run: RunFolder) -> list[Section]:
         header = ["hospital", "epsilon (RDP)", "epsilon, own noise alone" if secure else "epsilon (PRV)", "delta",
                   "budget", "remaining", "rounds", "steps", "noise multiplier", "clipping norm", "sample rate", "state"]
         rows = [
-            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, _remaining(h.remaining), h.rounds_trained,
+            [name, h.epsilon_rdp, h.epsilon_alone if secure else h.epsilon_prv, format_number(h.delta), h.budget, format_budget_left(h.remaining), h.rounds_trained,
              sum(e.steps for e in h.history), h.noise_multiplier, h.max_grad_norm,
              h.history[-1].sample_rate if h.history else None, h.state.words]
             for name, h in sorted(privacy.hospitals.items())
@@ -237,7 +226,7 @@ def preflight_section(run: RunFolder) -> Section | None:
         return None
     rows = []
     for a in sorted(answers, key=lambda a: a.hospital):
-        left = " / ".join(_remaining(a.remaining.get(g)) for g in ("train", "val", "test")) if a.remaining else ""
+        left = " / ".join(format_budget_left(a.remaining.get(g)) for g in ("train", "val", "test")) if a.remaining else ""
         if a.accepted:
             after = " / ".join(format_number(a.planned.get(g), 3) for g in ("train", "val", "test"))
             rows.append([a.hospital, "accepts", f"{format_number(a.noise_multiplier, 3)} ({a.noise_set_by})", after, left])
