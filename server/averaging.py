@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord
 # The key of the average's state in a checkpoint's strategy state.
 STATE_KEY = "model_average"
 UPDATES_KEY = "#updates"  # beside the arrays' names, which hold no "#"
+ROUNDS_KEY = "#rounds"  # the first and last round averaged
 
 
 def decay_at(decay: float, updates: int) -> float:
@@ -44,17 +45,21 @@ class ModelAverage:
             raise ValueError(f"the average's decay must be in [0, 1), not {decay}")
         self.decay = decay
         self.updates = 0
+        # the first and last round whose models are in the average (the report names them: a run resumed
+        # from a checkpoint that held no average starts one at the resume); None before any
+        self.rounds: tuple[int, int] | None = None
         self._average: dict[str, np.ndarray] | None = None
 
-    def update(self, arrays: ArrayRecord) -> None:
-        """Take in the global model after a round that trained."""
+    def update(self, arrays: ArrayRecord, server_round: int) -> None:
+        """Take in the global model after round ``server_round``, which trained."""
         if self.decay == 0:  # the last model is the release: nothing to keep
             return
         model = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         if self._average is None or self._average.keys() != model.keys():
-            self._average, self.updates = model, 1
+            self._average, self.updates, self.rounds = model, 1, (server_round, server_round)
             return
         self.updates += 1
+        self.rounds = (self.rounds[0] if self.rounds else server_round, server_round)
         d = decay_at(self.decay, self.updates)
         for key, value in model.items():
             self._average[key] = d * self._average[key] + (1 - d) * value
@@ -69,10 +74,13 @@ class ModelAverage:
     def state_dict(self) -> dict:
         if self._average is None:
             return {}
-        return {STATE_KEY: {**self._average, UPDATES_KEY: np.asarray(self.updates)}}
+        rounds = {ROUNDS_KEY: np.asarray(self.rounds)} if self.rounds else {}
+        return {STATE_KEY: {**self._average, UPDATES_KEY: np.asarray(self.updates), **rounds}}
 
     def load_state_dict(self, state: dict) -> None:
         """Takes its own part out of a checkpoint's strategy state (``state`` is changed)."""
         saved = dict(state.pop(STATE_KEY, None) or {})
         self.updates = int(saved.pop(UPDATES_KEY, 0))
+        rounds = saved.pop(ROUNDS_KEY, None)  # None: a checkpoint from before the rounds were kept
+        self.rounds = (int(rounds[0]), int(rounds[1])) if rounds is not None else None
         self._average = {k: np.asarray(v, dtype=np.float64) for k, v in saved.items()} or None

@@ -460,7 +460,7 @@ class Coordinator:
             if self.hospital_dp_exhausted:
                 break
             if not train.skipped:
-                self.average.update(self.arrays)
+                self.average.update(self.arrays, server_round)
             last = server_round
             val = self._validated(server_round - 1, train.validation, progress=True) if train.validation else None
             seconds = time.perf_counter() - t0

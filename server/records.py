@@ -133,6 +133,9 @@ class TestResult:
     # where the threshold came from: "read" (the rule on the validation releases), "level" (the config's),
     # "fallback" (0.5: the releases could not be read); "" in run folders from before it
     threshold_source: str = ""
+    # the released model is the average of these rounds' global models, [first, last] (server.averaging);
+    # empty: the last round's own model, or a run folder from before the rounds were kept
+    averaged_rounds: list[int] = field(default_factory=list)
     calibration_curve: list[CalibrationPoint] = field(default_factory=list)  # pooled, by risk decile
     # pooled observed rate over mean predicted risk: [reading, low, high] (common.estimates.observed_over_predicted)
     calibration_ratio: list[float] | None = None

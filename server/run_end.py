@@ -115,6 +115,7 @@ def finish_run(co, last_round: int) -> None:
     test_grid, _ = evaluation_grids(co.cfg, threshold if co.cfg.is_binary else None)
     result = co.reader.test_result(released, threshold, test_grid, co.calibration, co.final_dropped)
     result.threshold_source = threshold_source
+    result.averaged_rounds = list(co.average.rounds) if averaged and co.average.rounds else []
     readings = {}
     if checkpoints:
         result.hour_thresholds = hours

@@ -56,7 +56,9 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
                                "the SuperLink and the hospitals' SuperNodes)."))
     sections = [intro]
     if cfg is not None:
-        sections.append(settings_section(cfg, run.privacy, run.metrics.start, simulated=run.partition is not None))
+        averaged = run.metrics.test.averaged_rounds if run.metrics.test is not None else []
+        sections.append(settings_section(cfg, run.privacy, run.metrics.start, simulated=run.partition is not None,
+                                         averaged_rounds=averaged))
     if run.partition and run.partition.hospitals:
         rows = run.partition.hospitals
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]

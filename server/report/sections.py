@@ -49,7 +49,7 @@ ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metri
 
 
 def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None,
-                     simulated: bool = True) -> Section:
+                     simulated: bool = True, averaged_rounds: list[int] | None = None) -> Section:
     """The run's settings. ``simulated``: the run partitioned the config's data itself; a
     deployed run's hospitals read their own data by their own definitions and budgets."""
     task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
@@ -92,15 +92,21 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
            f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
            f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
            f"DP-SGD: {dp}"]),
-        released_model_words(cfg.strategy.average_decay),
+        released_model_words(cfg.strategy.average_decay, averaged_rounds or []),
     ])])
 
 
-def released_model_words(decay: float) -> str:
-    """Which model the run evaluated, released and saved (server.averaging)."""
+def released_model_words(decay: float, averaged_rounds: list[int]) -> str:
+    """Which model the run evaluated, released and saved (server.averaging), with the
+    rounds it averages when the run kept them (a run resumed from a checkpoint that held
+    no average averages only the rounds after its resume, and says so here)."""
     if decay == 0:
         return "Released model: the last round's global model"
-    return (f"Released model: an exponential average of the rounds' global models (decay {decay:g}, warming up "
+    first, last = averaged_rounds if len(averaged_rounds) == 2 else (None, None)
+    which = ("the rounds' global models" if first is None else
+             f"the global models of round {first}" if first == last else
+             f"the global models of rounds {first}-{last}")
+    return (f"Released model: an exponential average of {which} (decay {decay:g}, warming up "
             "over the first rounds), post-processing of what the coordinator held, free under DP; every final "
             "release, `model.pt` and the exact metrics are of it")
 
