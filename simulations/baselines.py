@@ -8,7 +8,10 @@
   hospital's own model for its own patients.
 
 All train for ``run.rounds x training.local_epochs`` passes over their data with the
-config's optimizer settings, so the compute matches the federated run.
+config's optimizer settings, so the compute matches the federated run, and each releases
+what the federation releases: the exponential average of its models after each round
+(``strategy.average_decay``, server.averaging), so that a federation's utility is compared
+with a reference post-processed alike.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 from common.config import ExperimentConfig
 from common.data.dataset import load_dataset
@@ -29,13 +33,17 @@ from common.model import GRUClassifier, model_spec
 from common.privacy import NoisyRelease, calibrate_noise, epsilon, steps_per_round
 from common.subgroups import exact_results
 from common.training import DPSettings, TensorData, predict_proba, resolve_device, train_local, training_for_round
+from server.averaging import ModelAverage
 from server.records import BaselineResult, load_records
 
 KINDS = ("central", "central-dp", "local")
 
 
-def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) -> tuple[GRUClassifier, float]:
-    """Train on (X, S, y) for rounds x local_epochs passes; returns the model and epsilon."""
+def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int,
+           average: ModelAverage | None = None) -> tuple[GRUClassifier, float]:
+    """Train on (X, S, y) for rounds x local_epochs passes; returns the model, holding the
+    average of its models after each round (``average``; default: the config's decay, as
+    the coordinator keeps it), and the epsilon spent."""
     device = resolve_device(cfg.training.device)
     torch.manual_seed(seed)
     model = GRUClassifier(model_spec(cfg), cfg.model.gru_impl if dp_epsilon else "torch").to(device)
@@ -52,13 +60,23 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int) 
     batches = torch.Generator().manual_seed(seed)
     noise = torch.Generator(device=device).manual_seed(seed + 1) if dp else None
     state = None
+    average = average if average is not None else ModelAverage(cfg.strategy.average_decay)
     for r in range(1, rounds + 1):
         out = train_local(model, data, training_for_round(cfg, r), steps, dp, batches, noise, optimizer_state=state)
         state = out.optimizer_state if cfg.training.keep_optimizer_state else None
+        average.update(_arrays(model), r)
         if dp:
             history.append(NoisyRelease(r, dp.noise_multiplier, q, out.steps, dp.max_grad_norm))
+    last = _arrays(model)
+    released = average.final(last)
+    if released is not last:  # post-processing of the models trained: the epsilon is the same
+        model.load_state_dict({k: torch.from_numpy(v.numpy()).to(device) for k, v in released.items()})
     eps = epsilon(history, delta, cfg.privacy.accountant) if dp else math.inf
     return model, eps
+
+
+def _arrays(model: GRUClassifier) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items()})
 
 
 def train_baseline_models(cfg: ExperimentConfig, kind: str, target_epsilon: float | None = None,

@@ -66,3 +66,39 @@ def test_a_dp_baseline_needs_an_epsilon(cfg):
     no_target = replace(cfg, privacy=replace(cfg.privacy, target_epsilon=0.0, noise_multiplier=1.0))
     with pytest.raises(ValueError, match="target epsilon"):
         run_baseline(no_target, "central-dp")
+
+
+def test_a_baseline_releases_the_average_of_its_rounds_models_as_the_federation_does(cfg):
+    """The honest reference is post-processed as the federation's release is: the model a
+    baseline scores is the exponential average (server.averaging) of its model after each
+    round, checked here against the recursion written out over the models it took in."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from common.data.dataset import load_dataset
+    from server.averaging import ModelAverage, decay_at
+    from simulations.baselines import _train
+
+    class Recording(ModelAverage):
+        def __init__(self, decay):
+            super().__init__(decay)
+            self.models = []
+
+        def update(self, arrays, server_round):
+            self.models.append({k: v.numpy().astype(np.float64) for k, v in arrays.items()})
+            super().update(arrays, server_round)
+
+    small = replace(cfg, run=replace(cfg.run, rounds=3), data=replace(cfg.data, max_stays=300))
+    ds = load_dataset(small)
+    average = Recording(0.9)
+    model, _ = _train(small, ds.X, ds.S, ds.y, 0.5, seed=3, average=average)
+    assert len(average.models) == 3 and average.rounds == (1, 3)
+    expected = average.models[0]
+    for t, m in enumerate(average.models[1:], start=2):
+        d = decay_at(0.9, t)
+        expected = {k: d * expected[k] + (1 - d) * m[k] for k in m}
+    released = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    for key, value in expected.items():
+        np.testing.assert_allclose(released[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(released[k], average.models[-1][k]) for k in released)  # not the last model
