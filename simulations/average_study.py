@@ -2,6 +2,7 @@
 model, on the same runs: paired, exactly, on each run's own test patients.
 
     python -m simulations.average_study RUNS_DIR [RUNS_DIR ...]
+    python -m simulations.average_study --central-dp [--folds 5] [--seeds 2] [--set KEY=VALUE ...]
 
 Each run folder a ``simulations.utility`` call left (``fold*/``) holds both: ``model.pt``
 is what the run released (since ``strategy.average_decay``, an exponential average of
@@ -10,6 +11,10 @@ model. Both are scored on the run's fold's test patients at the run's own hour-4
 threshold: AUROC, the share flagged, sensitivity and specificity. The runs are the same,
 so the differences are the average's alone (no training noise between the columns), and
 the sd over runs of the share flagged is issue 22's target for the decision (<= 0.03).
+
+``--central-dp`` does the same for the honest reference: central DP-SGD at the config's
+epsilon (simulations.baselines) on each fold, once per seed, each training giving both its
+last model and the average it releases, scored at the config's level.
 """
 
 from __future__ import annotations
@@ -63,16 +68,59 @@ def score(run_dir: Path) -> dict[str, dict[str, float]]:
     return {"released": _row(y, released, threshold), "last round": _row(y, plain, threshold)}
 
 
+def score_central_dp(overrides: list[str], folds: int, fold: int, seed: int) -> dict[str, dict[str, float]]:
+    """Central DP-SGD on one fold: the average it releases and its last model, one training."""
+    from server.averaging import ModelAverage
+    from simulations.baselines import _train
+
+    class KeepsLast(ModelAverage):
+        def update(self, arrays, server_round):
+            self.last = {k: torch.as_tensor(v.numpy().copy()) for k, v in arrays.items()}
+            super().update(arrays, server_round)
+
+    cfg = load_config(None, overrides + [f"split.folds={folds}", f"split.fold={fold}"])
+    if isinstance(cfg.evaluation.threshold, str):
+        raise SystemExit("--central-dp compares at a fixed level: set evaluation.threshold to a number")
+    ds = load_dataset(cfg)
+    train = np.concatenate([h.train for h in make_partition(ds, cfg)])
+    average = KeepsLast(cfg.strategy.average_decay)
+    released, _ = _train(cfg, ds.X[train], ds.S[train], ds.y[train], cfg.privacy.target_epsilon, seed, average)
+    last = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    last.load_state_dict(average.last, strict=True)
+    plain = GRUClassifier(model_spec(cfg), gru_impl="torch")
+    plain.load_state_dict(released.state_dict(), strict=True)
+    y, (averaged, final) = _scores(cfg, [plain.eval(), last.eval()])
+    threshold = float(cfg.evaluation.threshold)
+    return {"released": _row(y, averaged, threshold), "last round": _row(y, final, threshold)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="simulations.utility output folders")
+    parser.add_argument("folders", nargs="*", type=Path, help="simulations.utility output folders")
+    parser.add_argument("--central-dp", action="store_true", help="train and compare the central DP baseline instead")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=2, help="--central-dp: trainings per fold")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.central_dp:
+        rows = []
+        for seed in range(args.seeds):
+            for fold in range(args.folds):
+                rows.append(score_central_dp(args.overrides, args.folds, fold, seed))
+                print(f"seed {seed} fold {fold}: AUROC released {rows[-1]['released']['auroc']:.3f}, "
+                      f"last {rows[-1]['last round']['auroc']:.3f}", flush=True)
+        return _print(rows, "central DP-SGD trainings; each model at the config's level, exactly, on its fold's test "
+                            "patients")
     runs = sorted(d for f in args.folders for d in f.glob("fold*")
                   if (d / "model.pt").is_file() and (d / "checkpoint.pt").is_file())
     if len(runs) < 2:
         raise SystemExit("need at least 2 finished run folders (fold*/ with model.pt and checkpoint.pt)")
     rows = [score(d) for d in runs]
-    print(f"{len(runs)} runs; each model at its run's threshold, exactly, on the run's test patients")
+    return _print(rows, "runs; each model at its run's threshold, exactly, on the run's test patients")
+
+
+def _print(rows: list[dict[str, dict[str, float]]], what: str) -> int:
+    print(f"{len(rows)} {what}")
     print(f"{'':12s}" + "".join(f"{c:>26s}" for c in COLUMNS))
     for model in ("released", "last round"):
         cells = []

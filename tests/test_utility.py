@@ -156,3 +156,19 @@ def test_the_calibration_reading_is_scored_against_the_exact_ratio_of_the_same_p
     assert summary["calibration_coverage"]["runs"] == 2 and summary["calibration_coverage"]["covered"] == 1
     assert summary["calibration_coverage"]["error_mean"] == pytest.approx(-0.15)
     assert "held the exact ratio in 1 of 2 runs; reading minus exact -0.150" in markdown({"federated": summary}, 2)
+
+
+def test_the_central_dp_study_scores_the_model_the_baseline_releases(physionet_files):
+    """``average_study --central-dp``: one training gives the average the baseline releases
+    (the very model ``simulations.utility`` scores as central DP, same seed, same fold) and
+    its last model, scored on the same patients at the config's level."""
+    from common.config import load_config
+    from simulations.average_study import score_central_dp
+    from simulations.utility import baseline_fold
+
+    overrides = ["data.max_stays=400", "run.rounds=3"]
+    both = score_central_dp(overrides, 2, 0, seed=load_config(None, overrides).run.seed)
+    reference = baseline_fold(None, overrides, 2, 0, "central-dp")
+    assert both["released"]["auroc"] == pytest.approx(reference.pooled.auroc)
+    assert both["released"]["auroc"] != both["last round"]["auroc"]  # three rounds averaged, not the last alone
+    assert set(both["released"]) == {"auroc", "flagged", "sensitivity", "specificity"}
