@@ -46,7 +46,7 @@ class ModelAverage:
         self.decay = decay
         self.updates = 0
         # the first and last round whose models are in the average (the report names them: a run resumed
-        # from a checkpoint that held no average starts one at the resume); None before any
+        # from a checkpoint that held no average starts one at the resume); None before any, or unknown
         self.rounds: tuple[int, int] | None = None
         self._average: dict[str, np.ndarray] | None = None
 
@@ -59,7 +59,8 @@ class ModelAverage:
             self._average, self.updates, self.rounds = model, 1, (server_round, server_round)
             return
         self.updates += 1
-        self.rounds = (self.rounds[0] if self.rounds else server_round, server_round)
+        if self.rounds is not None:  # None with an average: resumed from a checkpoint that did not keep them
+            self.rounds = (self.rounds[0], server_round)
         d = decay_at(self.decay, self.updates)
         for key, value in model.items():
             self._average[key] = d * self._average[key] + (1 - d) * value
@@ -81,6 +82,8 @@ class ModelAverage:
         """Takes its own part out of a checkpoint's strategy state (``state`` is changed)."""
         saved = dict(state.pop(STATE_KEY, None) or {})
         self.updates = int(saved.pop(UPDATES_KEY, 0))
-        rounds = saved.pop(ROUNDS_KEY, None)  # None: a checkpoint from before the rounds were kept
+        # None: no average, or one from a checkpoint written before the rounds were kept, whose first round is
+        # unknown (the report then says "the rounds' global models", never a span that leaves rounds out)
+        rounds = saved.pop(ROUNDS_KEY, None)
         self.rounds = (int(rounds[0]), int(rounds[1])) if rounds is not None else None
         self._average = {k: np.asarray(v, dtype=np.float64) for k, v in saved.items()} or None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from server.averaging import STATE_KEY, ModelAverage
+from server.averaging import ROUNDS_KEY, STATE_KEY, ModelAverage
 
 
 def _model(value: float) -> ArrayRecord:
@@ -73,6 +73,14 @@ def test_a_resumed_run_continues_the_same_average():
     fresh.load_state_dict({})  # a checkpoint from before the average: it starts again, at the resume
     fresh.update(_model(2.0), 3)
     assert fresh.final(_model(2.0))["head.bias"].numpy()[0] == 2.0 and fresh.rounds == (3, 3)
+    # a checkpoint that kept an average but not its rounds (written before they were kept): the first round is
+    # unknown, and stays unknown rather than becoming the resume's
+    older = {k: v for k, v in first.state_dict()[STATE_KEY].items() if k != ROUNDS_KEY}
+    unknown = ModelAverage(0.8)
+    unknown.load_state_dict({STATE_KEY: older})
+    unknown.update(_model(4.0), 3)
+    assert unknown.rounds is None and unknown.updates == 3
+    assert ROUNDS_KEY not in unknown.state_dict()[STATE_KEY]
 
 
 def test_the_average_survives_the_checkpoint_file(tmp_path):
@@ -95,7 +103,7 @@ def test_the_report_names_the_rounds_the_released_model_averages():
     its resume: the settings say which rounds, not "the rounds' global models"."""
     from server.report.sections import released_model_words
 
-    assert "of the global models of rounds 31-60 (decay 0.9" in released_model_words(0.9, [31, 60])
+    assert "of the global models of the rounds that trained from 31 to 60 (decay 0.9" in released_model_words(0.9, [31, 60])
     assert "of the global models of round 5 (" in released_model_words(0.9, [5, 5])
     assert "of the rounds' global models (" in released_model_words(0.9, [])  # a run folder from before
     assert released_model_words(0.0, []) == "Released model: the last round's global model"

@@ -71,7 +71,7 @@ def test_simulation_writes_every_output(small_run):
     assert "Silva" in report and "## Privacy" in report
     # the released model is the average of both rounds' models, and the settings say which rounds
     assert metrics["test"]["averaged_rounds"] == [1, 2]
-    assert "Released model: an exponential average of the global models of rounds 1-2" in report
+    assert "Released model: an exponential average of the global models of the rounds that trained from 1 to 2" in report
     # at 80 test patients no group's row can be read: the report says what size it would take
     least = metrics["test"]["subgroup_least"]
     assert all(g["metrics"] is None for g in metrics["test"]["subgroups"])

@@ -105,7 +105,7 @@ def released_model_words(decay: float, averaged_rounds: list[int]) -> str:
     first, last = averaged_rounds if len(averaged_rounds) == 2 else (None, None)
     which = ("the rounds' global models" if first is None else
              f"the global models of round {first}" if first == last else
-             f"the global models of rounds {first}-{last}")
+             f"the global models of the rounds that trained from {first} to {last}")
     return (f"Released model: an exponential average of {which} (decay {decay:g}, warming up "
             "over the first rounds), post-processing of what the coordinator held, free under DP; every final "
             "release, `model.pt` and the exact metrics are of it")
