@@ -140,7 +140,9 @@ def connected_status(grid: Grid, cfg: ExperimentConfig, wait_s: float = 30.0) ->
     rows = []
     for view in sorted(roster.hospitals.values(), key=lambda v: v.name):
         answer = answers.get(view.name)
-        left = " / ".join(format_budget_left(answer.remaining.get(g, 0.0)) for g in ("train", "val", "test")) if answer else ""
+        # a group the answer did not state prints n/a, never "under 0.001" (spent)
+        left = " / ".join(format_budget_left(answer.remaining.get(g)) for g in ("train", "val", "test")) \
+            if answer and answer.remaining else ""
         if answer is not None and answer.accepted:
             plan = f"accepts (noise {answer.noise_multiplier:.3g}, set by {answer.noise_set_by})"
         else:
