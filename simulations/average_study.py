@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if args.central_dp:
+        if args.folds * args.seeds < 2:
+            raise SystemExit("--central-dp needs at least 2 trainings (--folds x --seeds) for a spread")
         rows = []
         for seed in range(args.seeds):
             for fold in range(args.folds):
