@@ -277,17 +277,24 @@ def cut_stays(archive: Path, out: Path, names: tuple[str, ...], per_hospital: in
     return folders
 
 
-def serverapp_pids() -> list[int]:
-    """Process ids of the running ServerApp processes (a SuperLink's ``flwr-serverapp``)."""
+def serverapp_pids(flwr_home: Path | None = None) -> list[int]:
+    """Process ids of the running ServerApp processes (a SuperLink's ``flwr-serverapp``);
+    with ``flwr_home``, only those of the federation run under that FLWR_HOME (the
+    SuperLink passes its environment on through flower-superexec), so a test never
+    touches another federation's coordinator on the same machine (a second test worker's)."""
+    mark = f"FLWR_HOME={flwr_home}".encode() if flwr_home is not None else None
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                if not any(part.endswith(b"flwr-serverapp") for part in argv[:2]):
+                    continue
+                if mark is not None and mark not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+            except OSError:  # gone meanwhile, or not ours to read
                 continue
-            if any(part.endswith(b"flwr-serverapp") for part in argv[:2]):
-                pids.append(int(entry.name))
+            pids.append(int(entry.name))
     return pids
 
 
@@ -298,7 +305,11 @@ def memory_holds(pid: int, patterns: dict[str, bytes]) -> dict[str, bool]:
     found = {name: False for name in patterns}
     overlap = max(len(p) for p in patterns.values())
     chunk = 1 << 24
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+    try:
+        maps, mem = open(f"/proc/{pid}/maps"), open(f"/proc/{pid}/mem", "rb", buffering=0)
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile: nothing of it to search
+        return found
+    with maps, mem:
         for line in maps:
             fields = line.split()
             span, perms = fields[0], fields[1]

@@ -99,7 +99,8 @@ def _c_rounds(fed: LocalFederation) -> set[int]:
 def _changed_app(root: Path) -> Path:
     """The project with one changed line: another app version, which nobody approved."""
     copy = root / "fedgru-changed"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info",
+                                                                 ".hypothesis", ".pytest_cache", "build", "dist"))
     app = copy / "client" / "app.py"
     app.write_text(app.read_text().replace('STATE_KEY = "fedgru-local-state"', 'STATE_KEY = "fedgru-local-state"  # changed'))
     return copy
@@ -162,9 +163,9 @@ def scenario(tmp_path_factory, physionet_files):
                    "c to train again in the live run")
         record["c_live_rounds"] = sorted(_c_rounds(fed) - {1})
         record["checkpoint_at_kill"] = _checkpoint_round(run_dir)
-        serverapps = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
+        serverapps = serverapp_pids(fed.home)  # this federation's only: another test worker may run one too
         for pid in serverapps:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         record["serverapp_killed"] = bool(serverapps)
         # the first run's `flwr run --stream` goes on streaming after its ServerApp died (it
         # waited out the whole 60 s it was given here, measured): it is stopped at once
@@ -202,7 +203,7 @@ def scenario(tmp_path_factory, physionet_files):
         wait_until(lambda: serve_log.read_text(errors="replace").count("c round 1: training") > trained_before, 300,
                    "c to start its secure round", interval=0.02)
         fed.freeze_hospital("c")
-        record["coordinator_memory"] = [_search_coordinator_memory(root, runs4, kind)
+        record["coordinator_memory"] = [_search_coordinator_memory(root, runs4, kind, fed.home)
                                         for kind in ("train-1", "evaluate-val-1")]
         secure.wait(timeout=600)
         fed.stop_hospital("c", signal.SIGKILL)
@@ -215,12 +216,13 @@ def scenario(tmp_path_factory, physionet_files):
     return record
 
 
-def _search_coordinator_memory(root: Path, runs: Path, kind: str) -> dict:
+def _search_coordinator_memory(root: Path, runs: Path, kind: str, home: Path) -> dict:
     """Once a's and b's vectors of ``kind`` (``train-1``: round 1's training; ``evaluate-val-1``:
     the final validation) have been masked and sent, and round 1 is checkpointed (the
     coordinator then waits on c in the evaluations that follow), search the ServerApp's
     memory for them (as sent to the mask: int64, and reduced to Z_2^32 as int64 and as
-    uint32), and for the model's weights (which it must hold: the search works)."""
+    uint32), and for the model's weights (which it must hold: the search works). ``home``: the
+    federation's FLWR_HOME, whose ServerApp is searched (not another test worker's)."""
     import numpy as np
     import torch
 
@@ -241,7 +243,7 @@ def _search_coordinator_memory(root: Path, runs: Path, kind: str) -> dict:
         ring = vectors[name] % MODULUS
         patterns.update({f"{name} int64": vectors[name].tobytes(), f"{name} ring int64": ring.tobytes(),
                          f"{name} ring uint32": ring.astype(np.uint32).tobytes()})
-    pids = serverapp_pids()
+    pids = serverapp_pids(home)
     found = [memory_holds(pid, patterns) for pid in pids]
     return {"pids": pids, "found": {k: any(f[k] for f in found) for k in patterns},
             "vectors": {n: v.tobytes() for n, v in vectors.items()}}
