@@ -30,7 +30,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert commands[1] == "bash .ci/run"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "apt-get install" in ci and "chromium" in ci
-    assert 'pip install --quiet -c constraints.txt -e ".[test]"' in ci and ci.rstrip().endswith("python -m pytest")
+    assert 'pip install --quiet -c constraints.txt -e ".[test]"' in ci and ci.rstrip().endswith("python -m pytest -n 2 --dist loadfile --no-loadscope-reorder")
 
 
 def test_plan_answers_an_unreachable_target_with_the_limit_and_the_nearest_settings(capsys):
