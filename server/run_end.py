@@ -88,6 +88,10 @@ def finish_run(co, last_round: int) -> None:
         co.recorder.finish(None, None, [h.status() for h in co.hospitals.values()],
                              co.aggregator.hospital_privacy(), not_evaluated=why)
         return
+    # said before the run's longest silence: the final releases, then their reading, whose intervals redraw the
+    # noise and refit each draw (server thread, about a minute of a default run's end on 2 cores)
+    log.info("final releases: the hospitals validate and test the released model; then the releases are read, "
+             "with intervals (about a minute on 2 cores)")
     # the model the run releases: the average of the rounds' global models (server.averaging), which every
     # final release, the bundle and the exact metrics read from here on
     final_model = co.average.final(co.arrays)
