@@ -289,6 +289,8 @@ def test_no_evaluation_is_asked_for_a_model_nobody_trained(tmp_path):
     assert all(not str(m.content[M.CONFIG].get(M.EVALUATE, "")) for m in grid.sent if m.metadata.message_type == MessageType.TRAIN)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["not_evaluated"].startswith("no hospital trained in this run")
+    report = (tmp_path / "report.md").read_text()  # no model was released, and the settings do not claim one
+    assert "Released model: none (no round trained" in report and "exponential average" not in report
 
 
 def test_a_secure_plan_tells_the_coordinator_the_least_threshold_its_policy_accepts(hospital):

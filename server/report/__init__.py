@@ -58,7 +58,7 @@ def build(run: RunFolder) -> tuple[str, list[Section]]:
     if cfg is not None:
         averaged = run.metrics.test.averaged_rounds if run.metrics.test is not None else []
         sections.append(settings_section(cfg, run.privacy, run.metrics.start, simulated=run.partition is not None,
-                                         averaged_rounds=averaged))
+                                         averaged_rounds=averaged, released=not run.metrics.not_evaluated))
     if run.partition and run.partition.hospitals:
         rows = run.partition.hospitals
         header = ["hospital", "stays", *rows[0].classes, "train", "val", "test"]

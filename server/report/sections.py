@@ -49,7 +49,8 @@ ESTIMATOR_WORDS = {  # metrics.json's estimator -> how the report says the metri
 
 
 def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: StartRecord | None,
-                     simulated: bool = True, averaged_rounds: list[int] | None = None) -> Section:
+                     simulated: bool = True, averaged_rounds: list[int] | None = None,
+                     released: bool = True) -> Section:
     """The run's settings. ``simulated``: the run partitioned the config's data itself; a
     deployed run's hospitals read their own data by their own definitions and budgets."""
     task, tr, pr, md = cfg.task, cfg.training, cfg.privacy, cfg.model
@@ -92,7 +93,8 @@ def settings_section(cfg: ExperimentConfig, privacy: RunPrivacy | None, start: S
            f"{tr.optimizer} lr {tr.lr} ({tr.lr_schedule})",
            f"Aggregation: {cfg.strategy.name}; {cfg.run.rounds} rounds planned",
            f"DP-SGD: {dp}"]),
-        released_model_words(cfg.strategy.average_decay, averaged_rounds or []),
+        released_model_words(cfg.strategy.average_decay, averaged_rounds or []) if released else
+        "Released model: none (no round trained, so the run released no model and made no evaluation release)",
     ])])
 
 
