@@ -306,26 +306,25 @@ def memory_holds(pid: int, patterns: dict[str, bytes]) -> dict[str, bool]:
     overlap = max(len(p) for p in patterns.values())
     chunk = 1 << 24
     try:
-        maps, mem = open(f"/proc/{pid}/maps"), open(f"/proc/{pid}/mem", "rb", buffering=0)
-    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile: nothing of it to search
-        return found
-    with maps, mem:
-        for line in maps:
-            fields = line.split()
-            span, perms = fields[0], fields[1]
-            if "r" not in perms or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
-                continue
-            start, end = (int(x, 16) for x in span.split("-"))
-            at, tail = start, b""
-            while at < end:
-                try:
-                    mem.seek(at)
-                    data = tail + mem.read(min(chunk, end - at))
-                except (OSError, ValueError, OverflowError):
-                    break
-                for name, pattern in patterns.items():
-                    if not found[name] and pattern in data:
-                        found[name] = True
-                tail = data[-overlap:]
-                at += chunk
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            for line in maps:
+                fields = line.split()
+                span, perms = fields[0], fields[1]
+                if "r" not in perms or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                    continue
+                start, end = (int(x, 16) for x in span.split("-"))
+                at, tail = start, b""
+                while at < end:
+                    try:
+                        mem.seek(at)
+                        data = tail + mem.read(min(chunk, end - at))
+                    except (OSError, ValueError, OverflowError):
+                        break
+                    for name, pattern in patterns.items():
+                        if not found[name] and pattern in data:
+                            found[name] = True
+                    tail = data[-overlap:]
+                    at += chunk
+    except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile: what was found so far stands
+        pass
     return found
