@@ -75,7 +75,7 @@ def score_central_dp(overrides: list[str], folds: int, fold: int, seed: int) -> 
 
     class KeepsLast(ModelAverage):
         def update(self, arrays, server_round):
-            self.last = {k: torch.as_tensor(v.numpy().copy()) for k, v in arrays.items()}
+            self.last = arrays.to_torch_state_dict()
             super().update(arrays, server_round)
 
     cfg = load_config(None, overrides + [f"split.folds={folds}", f"split.fold={fold}"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from common.config import ExperimentConfig
 from common.data.dataset import load_dataset
@@ -70,13 +70,14 @@ def _train(cfg: ExperimentConfig, X, S, y, dp_epsilon: float | None, seed: int,
     last = _arrays(model)
     released = average.final(last)
     if released is not last:  # post-processing of the models trained: the epsilon is the same
-        model.load_state_dict({k: torch.from_numpy(v.numpy()).to(device) for k, v in released.items()})
+        model.load_state_dict(released.to_torch_state_dict())
     eps = epsilon(history, delta, cfg.privacy.accountant) if dp else math.inf
     return model, eps
 
 
 def _arrays(model: GRUClassifier) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items()})
+    """The model's weights as the coordinator holds a global model (a copy, on the CPU)."""
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
 def train_baseline_models(cfg: ExperimentConfig, kind: str, target_epsilon: float | None = None,
